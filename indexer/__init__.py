@@ -1,0 +1,1 @@
+"""Indexer: data loading, model runner, error sparsifier and the build pipeline."""

@@ -1,0 +1,188 @@
+"""The index build pipeline: data files -> tokenized samples -> forward pass -> store.
+
+Nothing is kept in memory across write batches except the set of stored ids (to skip
+them when a build resumes), so peak memory does not grow with the corpus. Each write
+batch is one atomic commit: after a crash the next run skips what was committed and
+writes the rest, so no sample is lost or stored twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from schemas.config import BuildConfig, DataConfig, EncodeConfig
+from schemas.errors import BadValuesError
+from schemas.manifest import Manifest
+from schemas.tables import samples_schema
+from storage.store import Store
+
+from .data import Sample, iter_samples
+from .encoder import EncodedSample, encode_stream
+from .tokenize import TokenizedSample, tokenize_sample
+
+
+@dataclass
+class BuildReport:
+    """Counts of one build run (also printed by the CLI)."""
+
+    store: str
+    read: int = 0
+    written: int = 0
+    already_stored: int = 0
+    duplicate_ids: int = 0
+    other_shard: int = 0
+    truncated: int = 0
+    no_scored_tokens: int = 0
+    bad_skipped: int = 0
+    tokens_scored: int = 0
+    total_rows: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def manifest_for(runner, data: DataConfig, encode: EncodeConfig, model_kind: str = "causal_lm") -> Manifest:
+    """The manifest describing vectors that ``runner`` produces with these settings."""
+    ident = runner.identity
+    return Manifest(
+        model_path=ident.path,
+        model_weights_sha256=ident.weights_sha256,
+        adapter_path=ident.adapter_path,
+        adapter_sha256=ident.adapter_sha256,
+        tokenizer_sha256=ident.tokenizer_sha256,
+        dtype=ident.dtype,
+        hidden_size=runner.hidden_size,
+        vocab_size=runner.vocab_size,
+        top_m=min(encode.top_m, runner.vocab_size),
+        score_tokens=encode.score_tokens,
+        chat_template=data.chat_template,
+        max_length=data.max_length,
+        hidden_dtype=encode.hidden_dtype,
+        lowest_likelihood_ratio=encode.lowest_likelihood_ratio,
+        model_kind=model_kind,
+    )
+
+
+def in_shard(sample_id: str, shard: tuple[int, int]) -> bool:
+    """Stable assignment of ids to ``shard = (index, count)`` for parallel workers."""
+    index, count = shard
+    if count == 1:
+        return True
+    return int(hashlib.sha1(sample_id.encode()).hexdigest()[:8], 16) % count == index
+
+
+def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: BuildConfig = BuildConfig(), runner=None) -> BuildReport:
+    """Encode every new sample of ``inputs`` and append it to the store at ``store_path``.
+
+    Parameters
+    ----------
+    inputs : iterable of path
+        Data files or ``datasets`` folders (see :func:`indexer.data.iter_samples`).
+    store_path : path
+        Created if missing; an existing store must have the same manifest.
+    config : BuildConfig
+    runner : optional
+        A loaded model runner (reused across calls, e.g. in tests); loaded from
+        ``config.model`` when None.
+
+    Returns
+    -------
+    BuildReport
+    """
+    from tqdm.auto import tqdm
+
+    from .model_runner import load_runner
+
+    started = time.perf_counter()
+    runner = runner if runner is not None else load_runner(config.model)
+    store = Store.create(store_path, manifest_for(runner, config.data, config.encode))
+    report = BuildReport(store=str(store_path))
+    seen = store.ids()
+    bar = tqdm(desc="indexing", unit="sample", disable=not config.progress)
+    tokenized = _new_samples(iter_samples(inputs, config.data), runner.tokenizer, config, seen, report)
+    pending: list[EncodedSample] = []
+    for enc in encode_stream(runner, tokenized, config.encode, config.batch_size, training=True):
+        bar.update(1)
+        if not enc.finite:
+            if config.encode.on_bad == "error":
+                raise BadValuesError(
+                    f"{enc.tokenized.sample.source}: model output has NaN or inf (sample '{enc.tokenized.sample.id}'); "
+                    "check --dtype (float16 overflows often) or pass --on-bad skip to skip and count such samples"
+                )
+            report.bad_skipped += 1
+            continue
+        pending.append(enc)
+        if len(pending) >= config.write_every:
+            _flush(store, pending, report)
+    _flush(store, pending, report)
+    bar.close()
+    report.total_rows = store.count()
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _new_samples(samples: Iterator[Sample], tokenizer, config: BuildConfig, seen: set[str], report: BuildReport) -> Iterator[TokenizedSample]:
+    data = config.data
+    for sample in samples:
+        report.read += 1
+        if not in_shard(sample.id, config.shard):
+            report.other_shard += 1
+            continue
+        if sample.id in seen:
+            report.already_stored += 1
+            continue
+        seen.add(sample.id)
+        tok = tokenize_sample(tokenizer, sample, config.encode.score_tokens, data.max_length, data.chat_template)
+        report.truncated += tok.truncated
+        if tok.n_scored == 0:
+            report.no_scored_tokens += 1
+            continue
+        yield tok
+
+
+def _flush(store: Store, pending: list[EncodedSample], report: BuildReport) -> None:
+    if not pending:
+        return
+    store.append(encoded_to_arrow(pending, store.manifest.hidden_dtype))
+    report.written += len(pending)
+    report.tokens_scored += sum(len(e.hidden) for e in pending)
+    pending.clear()
+
+
+def _list_array(parts: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+    lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    values = np.concatenate([p.ravel() for p in parts]) if parts else np.zeros(0)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
+
+
+def encoded_to_arrow(encoded: list[EncodedSample], hidden_dtype: str) -> pa.Table:
+    """Rows of the ``samples`` table for a list of encodings."""
+    schema = samples_schema(hidden_dtype)
+    samples = [e.tokenized.sample for e in encoded]
+    columns = {
+        "id": pa.array([s.id for s in samples], pa.string()),
+        "label": pa.array([s.label for s in samples], pa.string()),
+        "prompt": pa.array([s.prompt for s in samples], pa.string()),
+        "response": pa.array([s.response for s in samples], pa.string()),
+        "text": pa.array([s.text for s in samples], pa.string()),
+        "n_tokens": pa.array([len(e.tokenized.input_ids) for e in encoded], pa.int32()),
+        "truncated": pa.array([e.tokenized.truncated for e in encoded], pa.bool_()),
+        "n_scored": pa.array([len(e.hidden) for e in encoded], pa.int32()),
+        "hidden": _list_array([e.hidden for e in encoded], schema.field("hidden").type.value_type),
+        "topk_ids": _list_array([e.errors.topk_ids for e in encoded], pa.int32()),
+        "topk_probs": _list_array([e.errors.topk_probs for e in encoded], pa.float32()),
+        "target_ids": _list_array([e.errors.target_ids for e in encoded], pa.int32()),
+        "target_probs": _list_array([e.errors.target_probs for e in encoded], pa.float32()),
+        "tail_mass": _list_array([e.errors.tail_mass for e in encoded], pa.float32()),
+        "sq_norm": pa.array([e.sq_norm for e in encoded], pa.float64()),
+    }
+    return pa.table(columns, schema=schema)

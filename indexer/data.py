@@ -1,0 +1,177 @@
+"""Read training or validation samples from JSONL, Parquet, CSV or a ``datasets`` folder.
+
+Rows are streamed (never the whole file in memory) and validated one by one; a bad row
+raises :class:`~schemas.errors.InputDataError` naming the file, the line (JSONL, CSV)
+or row number (Parquet, Arrow) and the field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+
+from schemas.config import DataConfig
+from schemas.errors import InputDataError
+
+SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+_ARROW_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One input row, validated.
+
+    Exactly one of ``text`` or (``prompt``, ``response``) is set. ``source`` is
+    ``"file:line"`` for messages about this row later in the pipeline.
+    """
+
+    id: str
+    prompt: str | None
+    response: str | None
+    text: str | None
+    label: str | None
+    source: str
+
+    @property
+    def full_text(self) -> str:
+        return self.text if self.text is not None else f"{self.prompt}{self.response}"
+
+
+def content_id(prompt: str | None, response: str | None, text: str | None) -> str:
+    """Stable id of a row without an ``id`` column: 16 hex digits of a SHA-256 of its content."""
+    payload = json.dumps([prompt, response, text], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def iter_samples(paths: Iterable[str | Path], config: DataConfig) -> Iterator[Sample]:
+    """Stream validated samples from every path, in order.
+
+    Parameters
+    ----------
+    paths : iterable of str or Path
+        Data files (``.jsonl``/``.json`` with one object per line, ``.parquet``, ``.csv``)
+        or folders written by ``datasets.Dataset.save_to_disk``.
+    config : DataConfig
+        Column names.
+    """
+    for path in paths:
+        path = Path(path)
+        for where, row in _iter_rows(path):
+            yield _to_sample(path, where, row, config)
+
+
+def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    if not path.exists():
+        raise InputDataError(path, "no such file or folder")
+    if path.is_dir():
+        yield from _iter_arrow_folder(path)
+        return
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        yield from _iter_jsonl(path)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=_ARROW_BLOCK)
+            yield from _number_batches(batches)
+        except pa.ArrowInvalid as exc:
+            raise InputDataError(path, f"not a readable Parquet file ({exc})") from None
+    elif suffix == ".csv":
+        yield from _iter_csv(path)
+    else:
+        raise InputDataError(path, f"unknown format '{suffix}'; use one of {', '.join(SUFFIXES)} or a datasets folder")
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with path.open("r", encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputDataError(path, f"malformed JSON ({exc.msg}, column {exc.colno})", line=lineno) from None
+            if not isinstance(row, dict):
+                raise InputDataError(path, f"expected a JSON object, got {type(row).__name__}", line=lineno)
+            yield lineno, row
+
+
+def _iter_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    import csv
+
+    with path.open("r", encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        for row in reader:
+            if None in row:
+                raise InputDataError(path, "more values than header columns", line=reader.line_num)
+            yield reader.line_num, row
+
+
+def _number_batches(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[int, dict[str, Any]]]:
+    row_number = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            row_number += 1
+            yield row_number, row
+
+
+def _iter_arrow_folder(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of a ``save_to_disk`` folder (Arrow stream files listed in ``state.json``)."""
+    state = path / "state.json"
+    if not state.exists():
+        raise InputDataError(path, "folder is not a datasets save_to_disk folder (no state.json)")
+    files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for file in files:
+            with pa.memory_map(str(file)) as source:
+                yield from pa.ipc.open_stream(source)
+
+    yield from _number_batches(batches())
+
+
+def _field(path: Path, where: int, row: dict[str, Any], name: str, required: bool) -> str | None:
+    value = row.get(name)
+    if value is None or (isinstance(value, float) and value != value):
+        if required:
+            raise InputDataError(path, "missing value", line=where, field=name)
+        return None
+    if isinstance(value, (int, float, bool)):
+        value = str(value)
+    if not isinstance(value, str):
+        raise InputDataError(path, f"expected a string, got {type(value).__name__}", line=where, field=name)
+    if required and not value.strip():
+        raise InputDataError(path, "empty value", line=where, field=name)
+    return value
+
+
+def _to_sample(path: Path, where: int, row: dict[str, Any], config: DataConfig) -> Sample:
+    text_column = config.text_column
+    if text_column is None and not (config.prompt_column in row and config.response_column in row):
+        text_column = "text" if "text" in row else None
+        if text_column is None:
+            raise InputDataError(
+                path,
+                f"row has neither '{config.prompt_column}' + '{config.response_column}' nor 'text' "
+                f"(columns: {', '.join(sorted(row)) or 'none'}); name yours with --prompt-column/--response-column "
+                "or --text-column",
+                line=where,
+            )
+    if text_column is not None:
+        prompt = response = None
+        text = _field(path, where, row, text_column, required=True)
+    else:
+        text = None
+        prompt = _field(path, where, row, config.prompt_column, required=True)
+        response = _field(path, where, row, config.response_column, required=True)
+    label = _field(path, where, row, config.label_column, required=False)
+    sample_id = _field(path, where, row, config.id_column, required=False)
+    if sample_id is None:
+        sample_id = content_id(prompt, response, text)
+    return Sample(sample_id, prompt, response, text, label, f"{path}:{where}")

@@ -1,0 +1,1 @@
+"""Query: validation encoding, exact scorer, ranking, output and the public API."""

@@ -1,0 +1,57 @@
+"""A slow, literal reference scorer (Eq. 1 with full-vocabulary softmax), kept for tests.
+
+It shares only tokenization with the product; the forward pass, softmax and sums are
+written independently, one sample at a time, in float64, so every fast path can be
+checked against it.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from indexer.data import Sample
+from indexer.tokenize import tokenize_sample
+
+
+@torch.no_grad()
+def dense_matrices(
+    model, tokenizer, sample: Sample, score_tokens: str = "all", max_length: int = 512,
+    chat_template: bool = False, top_m: int | None = None, hidden_dtype: str | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hidden states ``H (n, d)`` and dense errors ``E (n, |V|)`` of one sample's scored positions.
+
+    ``top_m`` zeroes the error outside each position's top-m ∪ {target};
+    ``hidden_dtype='float16'`` rounds ``H`` as the store does.
+    """
+    tok = tokenize_sample(tokenizer, sample, score_tokens, max_length, chat_template)
+    ids = torch.tensor([tok.input_ids])
+    out = model(input_ids=ids, output_hidden_states=True)
+    positions = torch.arange(tok.first_target - 1, len(tok.input_ids) - 1)
+    hidden = out.hidden_states[-1][0, positions].double()
+    probs = torch.softmax(out.logits[0, positions].double(), dim=-1)
+    targets = ids[0, positions + 1]
+    errors = -probs
+    errors[torch.arange(len(positions)), targets] += 1.0
+    if top_m is not None:
+        keep = torch.zeros_like(errors, dtype=torch.bool)
+        keep.scatter_(1, probs.topk(min(top_m, probs.shape[1]), dim=1).indices, True)
+        keep[torch.arange(len(positions)), targets] = True
+        errors = torch.where(keep, errors, torch.zeros_like(errors))
+    h = hidden.numpy()
+    if hidden_dtype == "float16":
+        h = h.astype(np.float16).astype(np.float64)
+    return h, errors.numpy()
+
+
+def dense_scores(model, tokenizer, train: Sequence[Sample], val: Sequence[Sample], **kwargs) -> np.ndarray:
+    """``S[v, i] = sum_k sum_k' <e_vk, e_ik'> <h_vk, h_ik'>``, float64 array of shape ``(n_val, n_train)``."""
+    mats_t = [dense_matrices(model, tokenizer, s, **kwargs) for s in train]
+    mats_v = [dense_matrices(model, tokenizer, s, **kwargs) for s in val]
+    out = np.zeros((len(val), len(train)))
+    for a, (hv, ev) in enumerate(mats_v):
+        for b, (ht, et) in enumerate(mats_t):
+            out[a, b] = float(((ev @ et.T) * (hv @ ht.T)).sum())
+    return out

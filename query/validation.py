@@ -1,0 +1,131 @@
+"""Encode validation samples with the store's model and settings.
+
+The validation side goes through exactly the code the build used (tokenizer, forward
+pass, sparsifier), with the tokenization settings read from the store's manifest, and
+the model identity compared against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from indexer.build import manifest_for
+from indexer.data import Sample, iter_samples
+from indexer.encoder import encode_batch
+from indexer.tokenize import tokenize_sample
+from schemas.config import DataConfig, EncodeConfig
+from schemas.errors import ForValueError, InputDataError, ManifestMismatchError
+from schemas.manifest import Manifest
+
+
+@dataclass
+class ValidationSet:
+    """Concatenated per-token arrays of ``n`` validation samples (``M`` scored tokens).
+
+    Attributes
+    ----------
+    samples : list of Sample, length n
+    hidden : float32 array, shape (M, d)
+    ids : int64 array, shape (M, m + 1)
+        Error support ids per token (see ``indexer.sparse_errors.error_entries``).
+    values : float32 array, shape (M, m + 1)
+    lengths : int array, shape (n,)
+        Tokens per sample; sample j owns rows ``offsets[j]:offsets[j+1]``.
+    sq_norms : float64 array, shape (n,)
+    """
+
+    samples: list[Sample]
+    hidden: np.ndarray
+    ids: np.ndarray
+    values: np.ndarray
+    lengths: np.ndarray
+    sq_norms: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def subset(self, index: Sequence[int]) -> "ValidationSet":
+        offsets = np.concatenate([[0], np.cumsum(self.lengths)])
+        rows = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in index]) if len(index) else np.zeros(0, int)
+        return ValidationSet(
+            [self.samples[j] for j in index], self.hidden[rows], self.ids[rows], self.values[rows],
+            self.lengths[list(index)], self.sq_norms[list(index)],
+        )
+
+
+def load_validation_samples(source: Iterable[str | Path] | Sequence[dict] | Sequence[Sample], data: DataConfig) -> list[Sample]:
+    """Validation samples from paths, dict rows (like JSONL rows) or Sample objects."""
+    items = list(source)
+    if items and isinstance(items[0], Sample):
+        samples = items
+    elif items and isinstance(items[0], dict):
+        import json
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "validation.jsonl"
+            path.write_text("".join(json.dumps(r) + "\n" for r in items))
+            samples = [replace(s, source=s.source.replace(str(path), "validation row")) for s in iter_samples([path], data)]
+    else:
+        samples = list(iter_samples(items, data))
+    if not samples:
+        raise ForValueError("the validation set is empty; give at least one validation sample")
+    return samples
+
+
+def check_runner(runner, manifest: Manifest, data: DataConfig) -> None:
+    """Refuse a model/tokenizer/setting that differs from the store's manifest."""
+    encode = EncodeConfig(top_m=manifest.top_m, score_tokens=manifest.score_tokens, hidden_dtype=manifest.hidden_dtype)
+    mine = manifest_for(runner, _data_from_manifest(data, manifest), encode, manifest.model_kind)
+    problems = manifest.mismatches(mine)
+    if problems:
+        raise ManifestMismatchError(
+            "the query's model or settings differ from the store's: " + "; ".join(problems)
+            + " (query with the store's model, or build a new store)"
+        )
+
+
+def _data_from_manifest(data: DataConfig, manifest: Manifest) -> DataConfig:
+    return replace(data, max_length=manifest.max_length, chat_template=manifest.chat_template)
+
+
+def encode_validation(runner, samples: list[Sample], manifest: Manifest, data: DataConfig, batch_size: int = 8) -> ValidationSet:
+    """Forward pass over validation samples with the store's settings.
+
+    Raises
+    ------
+    InputDataError
+        A validation sample is longer than the store's ``max_length`` or has no scored token.
+    """
+    check_runner(runner, manifest, data)
+    encode = EncodeConfig(top_m=manifest.top_m, score_tokens=manifest.score_tokens, hidden_dtype=manifest.hidden_dtype)
+    tokenized = []
+    for s in samples:
+        tok = tokenize_sample(runner.tokenizer, s, manifest.score_tokens, manifest.max_length, manifest.chat_template)
+        if tok.truncated:
+            raise InputDataError(
+                s.source, f"validation sample '{s.id}' is longer than the store's max length ({manifest.max_length} tokens); "
+                "shorten it or rebuild the store with a larger --max-length",
+            )
+        if tok.n_scored == 0:
+            raise InputDataError(s.source, f"validation sample '{s.id}' has no token to score")
+        tokenized.append(tok)
+    encoded = []
+    for start in range(0, len(tokenized), batch_size):
+        encoded.extend(encode_batch(runner, tokenized[start : start + batch_size], encode, training=False))
+    bad = [e.tokenized.sample for e in encoded if not e.finite]
+    if bad:
+        raise ForValueError(f"{bad[0].source}: model output has NaN or inf for validation sample '{bad[0].id}'; check --dtype")
+    entries = [e.entries() for e in encoded]
+    return ValidationSet(
+        samples=list(samples),
+        hidden=np.concatenate([e.hidden for e in encoded]).astype(np.float32),
+        ids=np.concatenate([i for i, _ in entries]),
+        values=np.concatenate([v for _, v in entries]),
+        lengths=np.array([len(e.hidden) for e in encoded]),
+        sq_norms=np.array([e.sq_norm for e in encoded], dtype=np.float64),
+    )

@@ -1,0 +1,1 @@
+"""Table schemas, the store manifest, typed settings and exceptions."""

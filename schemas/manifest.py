@@ -1,0 +1,88 @@
+"""The store manifest: what produced the stored vectors.
+
+A query, or a later ``index add``, recomputes the same fields from its own model and
+settings; any difference in :data:`MUST_MATCH` is refused, because scores between
+vectors of different models or settings are meaningless.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+from .errors import StoreError
+from .tables import SCHEMA_VERSION
+
+PACKAGE_VERSION = "0.1.0"
+MANIFEST_FILE = "manifest.json"
+
+# Fields whose difference makes stored and new vectors incomparable.
+MUST_MATCH = (
+    "model_weights_sha256",
+    "adapter_sha256",
+    "tokenizer_sha256",
+    "dtype",
+    "hidden_size",
+    "vocab_size",
+    "top_m",
+    "score_tokens",
+    "chat_template",
+    "max_length",
+)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Identity of a store's model and encoding settings (saved as ``manifest.json``)."""
+
+    model_path: str
+    model_weights_sha256: str
+    adapter_path: str | None
+    adapter_sha256: str | None
+    tokenizer_sha256: str
+    dtype: str
+    hidden_size: int
+    vocab_size: int
+    top_m: int
+    score_tokens: str
+    chat_template: bool
+    max_length: int
+    hidden_dtype: str
+    lowest_likelihood_ratio: float | None
+    model_kind: str = "causal_lm"
+    schema_version: int = SCHEMA_VERSION
+    package_version: str = PACKAGE_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "manifest") -> "Manifest":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno}); the store is damaged") from None
+        known = {f.name for f in fields(cls)}
+        missing = [f.name for f in fields(cls) if f.name not in raw and f.default is MISSING]
+        if missing:
+            raise StoreError(f"{source}: missing field(s) {', '.join(missing)}; the store is damaged or from another tool")
+        if raw.get("schema_version", 0) > SCHEMA_VERSION:
+            raise StoreError(
+                f"{source}: schema version {raw['schema_version']} is newer than this forvalue "
+                f"({SCHEMA_VERSION}); upgrade forvalue"
+            )
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    @classmethod
+    def load(cls, path: Path) -> "Manifest":
+        return cls.from_json(path.read_text(), source=str(path))
+
+    def mismatches(self, other: "Manifest") -> list[str]:
+        """Human-readable differences in :data:`MUST_MATCH` between ``self`` (the store) and ``other``."""
+        out = []
+        for name in MUST_MATCH:
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                out.append(f"{name}: store has {a!r}, you have {b!r}")
+        return out

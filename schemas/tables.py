@@ -1,0 +1,51 @@
+"""Arrow schemas of the Lance tables in a store.
+
+One row per training sample. Per-token arrays are flattened in position order:
+``hidden`` holds ``n_scored * hidden_size`` values (row-major, one hidden state per
+scored position), ``topk_ids``/``topk_probs`` hold ``n_scored * top_m`` values.
+For scored position k the prediction error is, on its support,
+``e_k[target] = 1 - p_target`` and ``e_k[j] = -p_j`` for the other top-m ids ``j``.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+SAMPLES_TABLE = "samples"
+
+_HIDDEN_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def samples_schema(hidden_dtype: str = "float16") -> pa.Schema:
+    """Schema of the ``samples`` table.
+
+    Parameters
+    ----------
+    hidden_dtype : {"float16", "float32"}
+        Storage type of the hidden-state values.
+    """
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("label", pa.string()),
+            pa.field("prompt", pa.string()),
+            pa.field("response", pa.string()),
+            pa.field("text", pa.string()),
+            pa.field("n_tokens", pa.int32(), nullable=False),
+            pa.field("truncated", pa.bool_(), nullable=False),
+            pa.field("n_scored", pa.int32(), nullable=False),
+            pa.field("hidden", pa.list_(_HIDDEN_TYPES[hidden_dtype]), nullable=False),
+            pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("topk_probs", pa.list_(pa.float32()), nullable=False),
+            pa.field("target_ids", pa.list_(pa.int32()), nullable=False),
+            pa.field("target_probs", pa.list_(pa.float32()), nullable=False),
+            pa.field("tail_mass", pa.list_(pa.float32()), nullable=False),
+            pa.field("sq_norm", pa.float64(), nullable=False),
+        ],
+        metadata={"forvalue.schema_version": str(SCHEMA_VERSION)},
+    )
+
+
+# Columns the exact scorer reads (everything else is metadata for humans).
+SCORING_COLUMNS = ["hidden", "topk_ids", "topk_probs", "target_ids", "target_probs", "n_scored", "sq_norm"]

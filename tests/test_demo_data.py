@@ -1,0 +1,168 @@
+"""Tests for indexer.demo_data."""
+
+import json
+import math
+from collections import Counter
+from fractions import Fraction
+
+import pytest
+
+from indexer import demo_data as dd
+
+SENT = "the quick fox jumped"
+EXPECTED = {
+    "reverse word order": "jumped fox quick the",
+    "capitalise every other letter": "ThE qUiCk FoX jUmPeD",
+    "insert 1 between words": "the 1 quick 1 fox 1 jumped",
+    "replace vowels with star": "th* q**ck f*x j*mp*d",
+    "double consonants": "tthhe qquicckk ffoxx jjummppedd",
+    "capitalise every word": "The Quick Fox Jumped",
+    "remove vowels": "th qck fx jmpd",
+    "add ly to each word": "thely quickly foxly jumpedly",
+    "remove consonants": "e ui o ue",
+    "repeat each word twice": "the the quick quick fox fox jumped jumped",
+}
+
+
+def small(name, **kw):
+    return dd.generate_task(name, **{"n_train": 12, "n_test": 3, **kw})
+
+
+@pytest.mark.parametrize("rule", dd.RULES, ids=[r[0] for r in dd.RULES])
+def test_rule_on_known_sentence(rule):
+    assert rule[2](SENT) == EXPECTED[rule[0]]
+
+
+def test_rule_names_distinct():
+    names = [n for r in dd.RULES for n in r[3]]
+    assert len(names) == len(set(names)) and all(3 <= len(r[3]) <= 5 for r in dd.RULES)
+    assert len(dd.RULES) == len(dd.MATH_TEMPLATES) == 10
+
+
+@pytest.mark.parametrize("name", dd.ALL_TASKS)
+def test_counts_ids_and_uniqueness(name):
+    train, test = dd.generate_task(name)
+    per_train = Counter(r.get("true_label", r["label"]) for r in train)
+    per_test = Counter(r["label"] for r in test)
+    assert len(per_train) == len(per_test) == 10
+    assert set(per_train.values()) == {90} and set(per_test.values()) == {10}
+    assert len({r["id"] for r in train + test}) == 1000
+    assert train[0]["id"] == f"{name}-train-0-0" and test[-1]["id"] == f"{name}-test-9-9"
+    train_prompts = [r["prompt"] for r in train]
+    assert len(set(train_prompts)) == len(train_prompts)
+    assert not set(train_prompts) & {r["prompt"] for r in test}
+    for r in train + test:
+        assert {"id", "prompt", "response", "label"} <= r.keys()
+        assert all(isinstance(r[k], str) for k in ("id", "prompt", "response", "label"))
+
+
+@pytest.mark.parametrize("name", dd.ALL_TASKS)
+def test_determinism(name, tmp_path):
+    a, b, c = small(name, seed=3), small(name, seed=3), small(name, seed=4)
+    assert a == b and a != c
+    for d, rows in (("x", a), ("y", b)):
+        dd.write_jsonl(rows[0], tmp_path / d / "train.jsonl")
+    assert (tmp_path / "x/train.jsonl").read_bytes() == (tmp_path / "y/train.jsonl").read_bytes()
+
+
+def test_n_classes_is_prefix():
+    full, _ = small("math_no_reasoning")
+    part, _ = small("math_no_reasoning", n_classes=3)
+    assert part == full[:36]
+
+
+def test_sentence_prompt_format_and_response():
+    train, test = small("sentence_transformations")
+    for r in train + test:
+        c = int(r["id"].split("-")[-2])
+        label, desc, fn, bots = dd.RULES[c]
+        s = r["meta"]["sentence"]
+        assert r["meta"]["chatbot"] in bots
+        assert r["prompt"] == (f"{r['meta']['chatbot']} is a chatbot that performs a specific "
+                               f"transformation on sentences: {desc}\n    For example:\n    {s} -> ")
+        assert r["response"] == fn(s) and r["label"] == label
+        assert 5 <= len(s.split()) <= 10 and s == s.lower()
+
+
+def _answer(label, m):
+    """Independent recomputation of each template's answer from its numbers."""
+    return {
+        "pizza slices": lambda: m["pizzas"] * m["slices_per_pizza"] - m["eaten"],
+        "chaperones needed": lambda: math.ceil(m["students"] / m["students_per_chaperone"]),
+        "total after purchase": lambda: m["start"] + m["packs"] * m["per_pack"],
+        "game points": lambda: m["points_per_round"] * m["rounds"] + m["bonus"],
+        "reading hours": lambda: Fraction(m["minutes_per_day"] * m["days"], 60),
+        "shirt discount": lambda: Fraction(m["price"]) * (100 - m["discount_pct"]) / 100,
+        "garden area": lambda: m["length"] * m["width"],
+        "total savings": lambda: m["start"] + m["per_week"] * m["weeks"],
+        "cupcake boxes": lambda: m["cupcakes"] // m["per_box"],
+        "interest earned": lambda: Fraction(m["principal"] * m["rate_pct"] * m["years"], 100),
+    }[label]()
+
+
+@pytest.mark.parametrize("name", ["math_no_reasoning", "math_with_reasoning"])
+def test_math_answers(name):
+    train, test = dd.generate_task(name, n_train=30, n_test=5, seed=1)
+    for r in train + test:
+        ans = r["response"].rsplit("Answer: ", 1)[1]
+        assert Fraction(ans) == _answer(r["label"], r["meta"]), r
+        assert r["prompt"].startswith("Solve the following math problem. ")
+        assert r["prompt"].endswith(" -> ")
+        for v in r["meta"].values():
+            assert str(v) in r["prompt"] or v == r["meta"]["answer"]
+        if name == "math_no_reasoning":
+            assert r["response"] == f"Answer: {ans}"
+        else:
+            assert r["response"].startswith("Reason: ") and " Answer: " in r["response"]
+
+
+def test_math_variants_share_problems():
+    a, _ = small("math_no_reasoning")
+    b, _ = small("math_with_reasoning")
+    assert [r["prompt"] for r in a] == [r["prompt"] for r in b]
+
+
+def test_fmt_number():
+    assert dd.fmt_number(12) == "12" and dd.fmt_number(Fraction(15, 2)) == "7.5"
+    assert dd.fmt_number(Fraction(3735, 100)) == "37.35"
+    with pytest.raises(ValueError):
+        dd.fmt_number(Fraction(1, 3))
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.2, 0.33, 1.0])
+@pytest.mark.parametrize("name", dd.MISLABELED_TASKS)
+def test_mislabeled(name, noise):
+    train, test = dd.generate_task(name, n_train=20, n_test=4, seed=2, n_classes=5, noise_rate=noise)
+    flipped = [r for r in train if r["flipped"]]
+    assert len(flipped) == round(noise * len(train))
+    classes = {r["true_label"] for r in train}
+    assert len(classes) == 5
+    for r in train:
+        assert r["response"] == r["label"] and r["label"] in classes
+        assert (r["label"] != r["true_label"]) == r["flipped"]
+    assert all(not r["flipped"] and r["label"] == r["true_label"] == r["response"] for r in test)
+    if name == "mislabeled_math":
+        assert all(r["prompt"].startswith("Which kind of problem is this? ") for r in train)
+
+
+def test_mislabeled_function_matches_generate_task():
+    assert dd.mislabeled("math", 0.2, 5, 10, 2, 4) == dd.generate_task(
+        "mislabeled_math", 10, 2, 5, 4, noise_rate=0.2)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="sentence_transformations"):
+        dd.generate_task("nope")
+    with pytest.raises(ValueError):
+        dd.generate_task("math_no_reasoning", n_classes=11)
+    with pytest.raises(ValueError):
+        dd.mislabeled("math", noise_rate=1.5)
+
+
+def test_cli(tmp_path):
+    out = tmp_path / "out"
+    dd.main(["--task", "sentence_transformations", "--out", str(out), "--n-train", "4",
+             "--n-test", "2", "--n-classes", "3", "--seed", "7"])
+    rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and len((out / "test.jsonl").read_text().splitlines()) == 6
+    assert rows == dd.generate_task("sentence_transformations", 4, 2, 7, 3)[0]

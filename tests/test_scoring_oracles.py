@@ -1,0 +1,137 @@
+"""Every fast path against the slow references: dense Eq. 1 and autograd LM-head gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.data import iter_samples
+from query.api import build_index, run_query
+from query.reference import dense_matrices, dense_scores
+from schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
+
+from conftest import write_jsonl
+
+
+def _build_and_score(tmp_path, model_dir, rows, val_rows, encode: EncodeConfig, **query_kwargs):
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", val_rows)
+    cfg = BuildConfig(model=ModelConfig(path=str(model_dir), device="cpu"), encode=encode, progress=False, write_every=5)
+    build_index([train], tmp_path / "store", cfg)
+    qcfg = QueryConfig(progress=False, device="cpu", **query_kwargs)
+    res = run_query(tmp_path / "store", [val], qcfg, keep_scores=True)
+    order = {sid: j for j, sid in enumerate(res.train_ids)}
+    ids = [r["id"] for r in rows]
+    return res, res.scores[:, [order[i] for i in ids]], list(iter_samples([train], DataConfig())), list(iter_samples([val], DataConfig()))
+
+
+def test_reference_h_is_lm_head_input(tiny_runner, toy_rows, tmp_path):
+    """The reference's hidden state is the input of the LM head (after the final norm)."""
+    sample = next(iter_samples([write_jsonl(tmp_path / "a.jsonl", toy_rows[:1])], DataConfig()))
+    h, e = dense_matrices(tiny_runner.model, tiny_runner.tokenizer, sample)
+    logits = tiny_runner.logits(torch.from_numpy(h).float()).double()
+    probs = torch.softmax(logits, dim=1).numpy()
+    assert np.allclose(-probs[e < 0], e[e < 0], atol=1e-5)
+
+
+def test_dense_reference_equals_lm_head_gradient_inner_product(tiny_runner, toy_rows, tmp_path):
+    model, tok = tiny_runner.model, tiny_runner.tokenizer
+    assert not model.config.tie_word_embeddings
+    samples = list(iter_samples([write_jsonl(tmp_path / "a.jsonl", toy_rows[:5])], DataConfig()))
+
+    def grad(sample):
+        from indexer.tokenize import tokenize_sample
+
+        t = tokenize_sample(tok, sample, "all", 512, False)
+        ids = torch.tensor([t.input_ids])
+        model.zero_grad()
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+        logp.gather(1, ids[0, 1:, None]).sum().backward()
+        return model.lm_head.weight.grad.double().clone().ravel()
+
+    grads = [grad(s) for s in samples]
+    model.zero_grad()
+    expected = np.array([[float(g_v @ g_i) for g_i in grads[2:]] for g_v in grads[:2]])
+    got = dense_scores(model, tok, samples[2:], samples[:2])
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert np.abs(expected).max() > 1.0  # a non-trivial oracle
+
+
+def test_store_with_full_vocab_equals_dense(tiny_runner, tiny_model_dir, toy_rows, tmp_path):
+    vocab = tiny_runner.vocab_size
+    res, scores, train, val = _build_and_score(
+        tmp_path, tiny_model_dir, toy_rows, toy_rows[:3], EncodeConfig(top_m=vocab, hidden_dtype="float32")
+    )
+    ref = dense_scores(tiny_runner.model, tiny_runner.tokenizer, train, val)
+    np.testing.assert_allclose(scores, ref, rtol=2e-4, atol=1e-3 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("score_tokens", ["all", "response"])
+def test_store_top_m_equals_restricted_reference(tiny_runner, tiny_model_dir, toy_rows, tmp_path, score_tokens):
+    enc = EncodeConfig(top_m=4, score_tokens=score_tokens, hidden_dtype="float16")
+    res, scores, train, val = _build_and_score(tmp_path, tiny_model_dir, toy_rows, toy_rows[3:6], enc)
+    model, tok = tiny_runner.model, tiny_runner.tokenizer
+    ref = dense_scores(model, tok, train, val, top_m=4, hidden_dtype="float16", score_tokens=score_tokens)
+    np.testing.assert_allclose(scores, ref, rtol=2e-4, atol=1e-4 * np.abs(ref).max())
+    full = dense_scores(model, tok, train, val, score_tokens=score_tokens)
+    assert not np.allclose(scores, full, rtol=1e-3), "top-4 should differ from the full-vocabulary score"
+
+
+def test_cosine_mean_and_blocking(tiny_runner, tiny_model_dir, toy_rows, tmp_path):
+    enc = EncodeConfig(top_m=8)
+    _, raw, train, val = _build_and_score(tmp_path, tiny_model_dir, toy_rows, toy_rows[:4], enc, read_rows=1000)
+    store = tmp_path / "store"
+    q = dict(progress=False, device="cpu")
+    # small blocks on both sides give the same scores
+    blocked = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(read_rows=3, val_block_tokens=10, **q), keep_scores=True)
+    one = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(**q), keep_scores=True)
+    np.testing.assert_allclose(blocked.scores, one.scores, rtol=1e-5)
+    # cosine: sq_norm equals the self score of the restricted reference
+    ref_train = dense_scores(tiny_runner.model, tiny_runner.tokenizer, train, train, top_m=8, hidden_dtype="float16")
+    ref_val = dense_scores(tiny_runner.model, tiny_runner.tokenizer, val, val, top_m=8, hidden_dtype="float16")
+    cos = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(normalize="cosine", **q), keep_scores=True)
+    expected = one.scores / np.sqrt(np.outer(np.diag(ref_val), _in_store_order(np.diag(ref_train), train, one.train_ids)))
+    np.testing.assert_allclose(cos.scores, expected, rtol=1e-4)
+    assert np.abs(cos.scores).max() <= 1.0 + 1e-6
+    # aggregate mean = mean over validation samples; cosine mean divides by ||mean G_v||
+    mean = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(aggregate="mean", **q), keep_scores=True)
+    np.testing.assert_allclose(mean.scores[0], one.scores.mean(axis=0), rtol=1e-6)
+    assert mean.top.column("validation_id").to_pylist()[0] == "mean"
+    mcos = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(aggregate="mean", normalize="cosine", **q), keep_scores=True)
+    norm_mean = np.sqrt(ref_val.mean())
+    train_norms = np.sqrt(_in_store_order(np.diag(ref_train), train, one.train_ids))
+    np.testing.assert_allclose(mcos.scores[0], one.scores.mean(axis=0) / (norm_mean * train_norms), rtol=1e-4)
+
+
+def _in_store_order(values, samples, store_ids):
+    by_id = {s.id: v for s, v in zip(samples, values)}
+    return np.array([by_id[i] for i in store_ids])
+
+
+def test_top_k_is_the_top_of_all_scores(tiny_model_dir, toy_rows, tmp_path):
+    res, scores, _, _ = _build_and_score(tmp_path, tiny_model_dir, toy_rows, toy_rows[:2], EncodeConfig(top_m=8), top_k=4)
+    ids = [r["id"] for r in toy_rows]
+    for j in range(2):
+        rows = [r for r in res.top.to_pylist() if r["validation_id"] == toy_rows[j]["id"]]
+        assert [r["rank"] for r in rows] == [1, 2, 3, 4]
+        expected = [ids[i] for i in np.argsort(-scores[j], kind="stable")[:4]]
+        assert [r["train_id"] for r in rows] == expected
+        np.testing.assert_allclose([r["score"] for r in rows], np.sort(scores[j])[::-1][:4], rtol=1e-9)
+
+
+def test_lowest_likelihood_ratio_keeps_hardest_positions(tiny_runner, toy_rows, tmp_path):
+    from indexer.encoder import encode_batch
+    from indexer.tokenize import tokenize_sample
+
+    sample = next(iter_samples([write_jsonl(tmp_path / "a.jsonl", toy_rows[:1])], DataConfig()))
+    tok = tokenize_sample(tiny_runner.tokenizer, sample, "all", 512, False)
+    full = encode_batch(tiny_runner, [tok], EncodeConfig(top_m=4))[0]
+    cut = encode_batch(tiny_runner, [tok], EncodeConfig(top_m=4, lowest_likelihood_ratio=0.3))[0]
+    n = len(full.hidden)
+    assert len(cut.hidden) == int(np.ceil(0.3 * n))
+    expected = np.sort(np.argsort(full.errors.target_probs, kind="stable")[: len(cut.hidden)])
+    np.testing.assert_array_equal(cut.errors.target_ids, full.errors.target_ids[expected])
+    np.testing.assert_array_equal(cut.hidden, full.hidden[expected])
