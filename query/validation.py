@@ -19,7 +19,7 @@ from indexer.encoder import encode_batch
 from indexer.tokenize import tokenize_sample
 from schemas.config import DataConfig, EncodeConfig
 from schemas.errors import ForValueError, InputDataError, ManifestMismatchError
-from schemas.manifest import Manifest
+from schemas.manifest import MUST_MATCH, Manifest
 
 
 @dataclass
@@ -120,12 +120,58 @@ def encode_validation(runner, samples: list[Sample], manifest: Manifest, data: D
     bad = [e.tokenized.sample for e in encoded if not e.finite]
     if bad:
         raise ForValueError(f"{bad[0].source}: model output has NaN or inf for validation sample '{bad[0].id}'; check --dtype")
-    entries = [e.entries() for e in encoded]
+    parts = []
+    for e in encoded:
+        ids, values = e.entries()
+        parts.append((e.hidden.astype(np.float32), ids, values, e.sq_norm))
+    return assemble(samples, parts)
+
+
+def assemble(samples: list[Sample], parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]) -> ValidationSet:
+    """A ValidationSet from per-sample ``(hidden, ids, values, sq_norm)`` in sample order."""
     return ValidationSet(
         samples=list(samples),
-        hidden=np.concatenate([e.hidden for e in encoded]).astype(np.float32),
-        ids=np.concatenate([i for i, _ in entries]),
-        values=np.concatenate([v for _, v in entries]),
-        lengths=np.array([len(e.hidden) for e in encoded]),
-        sq_norms=np.array([e.sq_norm for e in encoded], dtype=np.float64),
+        hidden=np.concatenate([p[0] for p in parts]).astype(np.float32),
+        ids=np.concatenate([p[1] for p in parts]),
+        values=np.concatenate([p[2] for p in parts]),
+        lengths=np.array([len(p[0]) for p in parts]),
+        sq_norms=np.array([p[3] for p in parts], dtype=np.float64),
     )
+
+
+def cache_key(sample: Sample, manifest: Manifest) -> str:
+    """Content hash of a validation sample under a store's model and settings."""
+    import hashlib
+    import json
+
+    ident = [getattr(manifest, name) for name in MUST_MATCH] + [manifest.hidden_dtype]
+    payload = json.dumps([ident, sample.prompt, sample.response, sample.text], ensure_ascii=False)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def encode_validation_cached(samples: list[Sample], manifest: Manifest, data: DataConfig, get_runner, cache, batch_size: int = 8) -> tuple[ValidationSet, int]:
+    """Like :func:`encode_validation`, reusing cached encodings; only new samples run the model.
+
+    Parameters
+    ----------
+    get_runner : callable
+        Returns the runner; called only when some sample is not cached.
+    cache : storage.audits.ValidationCache
+
+    Returns
+    -------
+    (ValidationSet, number of samples encoded now)
+    """
+    keys = [cache_key(s, manifest) for s in samples]
+    found = cache.get(keys)
+    missing = [j for j, k in enumerate(keys) if k not in found]
+    if missing:
+        fresh = encode_validation(get_runner(), [samples[j] for j in missing], manifest, data, batch_size)
+        offsets = np.concatenate([[0], np.cumsum(fresh.lengths)])
+        new = {}
+        for n, j in enumerate(missing):
+            rows = slice(offsets[n], offsets[n + 1])
+            new[keys[j]] = (fresh.hidden[rows], fresh.ids[rows], fresh.values[rows], float(fresh.sq_norms[n]))
+        cache.put(new)
+        found.update(new)
+    return assemble(samples, [found[k] for k in keys]), len(set(keys[j] for j in missing))

@@ -1,0 +1,209 @@
+"""Validation-set audits: value every training sample, flag the lowest, compare audits, select subsets.
+
+An audit scores every stored training sample against a validation set (mean over the
+validation samples, per-sample max, and the mean per validation label when labels exist)
+and saves the result as a versioned Lance table inside the store. Validation encodings are
+cached by content hash, so re-running an audit with an unchanged validation set runs no
+forward pass, and editing a few validation samples re-encodes only those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from indexer.model_runner import resolve_device
+from schemas.config import DataConfig, ModelConfig, QueryConfig
+from schemas.errors import ForValueError
+from storage.audits import ValidationCache, list_audits, read_audit, write_audit
+from storage.store import Store
+
+from .api import _open, load_store_runner, score_all
+from .validation import encode_validation_cached, load_validation_samples
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Settings of one audit.
+
+    Parameters
+    ----------
+    normalize : {"none", "cosine"}
+    flag_fraction : float or None
+        Flag this fraction of the training set with the lowest mean score.
+    flag_threshold : float or None
+        Flag samples whose mean score is below this value (combined with OR).
+    """
+
+    normalize: str = "none"
+    flag_fraction: float | None = 0.1
+    flag_threshold: float | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    read_rows: int = 1024
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.flag_fraction is not None and not 0.0 <= self.flag_fraction <= 1.0:
+            raise ForValueError(f"--flag-fraction must be in [0, 1], got {self.flag_fraction}")
+
+
+@dataclass
+class AuditSummary:
+    name: str
+    version: int
+    n_train: int
+    n_validation: int
+    encoded_now: int
+    flagged: int
+    seconds: float
+    validation_sha256: str
+
+
+def validation_hash(samples) -> str:
+    payload = json.dumps(sorted([s.prompt, s.response, s.text, s.label] for s in samples), ensure_ascii=False, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def run_audit(
+    store: str | Path | Store,
+    validation: Iterable[str | Path] | Sequence[dict],
+    name: str,
+    config: AuditConfig = AuditConfig(),
+    data: DataConfig = DataConfig(),
+    model: ModelConfig | None = None,
+    runner=None,
+) -> AuditSummary:
+    """Score every training sample against ``validation`` and save audit ``name`` in the store."""
+    started = time.perf_counter()
+    store = _open(store)
+    samples = load_validation_samples(validation, data)
+    loaded = {}
+
+    def get_runner():
+        if "runner" not in loaded:
+            loaded["runner"] = runner or load_store_runner(store, replace(model or ModelConfig(), device=config.device))
+        return loaded["runner"]
+
+    if model is not None and model.path is not None:
+        get_runner()  # an explicit model is always checked against the manifest
+    val, encoded_now = encode_validation_cached(samples, store.manifest, data, get_runner, ValidationCache(store), config.batch_size)
+    device = loaded["runner"].device if loaded else resolve_device(config.device)
+    val_labels = [s.label for s in samples]
+    groups = sorted({l for l in val_labels if l is not None})
+    qcfg = QueryConfig(normalize=config.normalize, read_rows=config.read_rows, progress=False, device=config.device)
+    ids, labels, means, maxes, per_label = [], [], [], [], {g: [] for g in groups}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=store.count(), desc=f"audit {name}", unit="sample", disable=not config.progress)
+    for _, batch_ids, batch_labels, scores in score_all(store, val, qcfg, device):
+        ids.extend(batch_ids)
+        labels.extend(batch_labels)
+        means.append(scores.mean(axis=1))
+        maxes.append(scores.max(axis=1))
+        for g in groups:
+            cols = [j for j, l in enumerate(val_labels) if l == g]
+            per_label[g].append(scores[:, cols].mean(axis=1))
+        bar.update(len(batch_ids))
+    bar.close()
+    mean = np.concatenate(means)
+    order = np.argsort(-mean, kind="stable")
+    rank = np.empty(len(mean), np.int64)
+    rank[order] = np.arange(1, len(mean) + 1)
+    flagged = np.zeros(len(mean), bool)
+    if config.flag_fraction:
+        flagged |= rank > len(mean) - int(round(config.flag_fraction * len(mean)))
+    if config.flag_threshold is not None:
+        flagged |= mean < config.flag_threshold
+    columns = {
+        "id": pa.array(ids, pa.string()), "label": pa.array(labels, pa.string()),
+        "score_mean": pa.array(mean), "score_max": pa.array(np.concatenate(maxes)),
+        "rank": pa.array(rank), "flagged": pa.array(flagged),
+    }
+    for g in groups:
+        columns[f"mean_vs_label:{g}"] = pa.array(np.concatenate(per_label[g]))
+    vhash = validation_hash(samples)
+    meta = {
+        "name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "validation_sha256": vhash,
+        "n_validation": len(samples), "n_train": len(ids), "store_version": store.version(),
+        "settings": asdict(config), "validation_labels": groups, "flagged": int(flagged.sum()),
+    }
+    version = write_audit(store, name, pa.table(columns), meta)
+    return AuditSummary(name, version, len(ids), len(samples), encoded_now, int(flagged.sum()),
+                        time.perf_counter() - started, vhash)
+
+
+def audits(store: str | Path) -> list[dict]:
+    return list_audits(Store.open(store))
+
+
+def load_audit(store: str | Path | Store, name: str) -> tuple[pa.Table, dict]:
+    store = store if isinstance(store, Store) else Store.open(store)
+    return read_audit(store, name)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    r = np.empty(len(x))
+    r[order] = np.arange(len(x))
+    return r
+
+
+def compare_audits(store: str | Path, a: str, b: str, n_moved: int = 10) -> dict:
+    """Spearman rank correlation of two audits' mean scores, biggest rank moves, newly flagged ids."""
+    st = Store.open(store)
+    ta, _ = read_audit(st, a)
+    tb, _ = read_audit(st, b)
+    da = {r["id"]: r for r in ta.select(["id", "score_mean", "rank", "flagged"]).to_pylist()}
+    db_ = {r["id"]: r for r in tb.select(["id", "score_mean", "rank", "flagged"]).to_pylist()}
+    common = [i for i in da if i in db_]
+    if len(common) < 2:
+        raise ForValueError(f"audits '{a}' and '{b}' share fewer than 2 training samples; nothing to compare")
+    sa = np.array([da[i]["score_mean"] for i in common])
+    sb = np.array([db_[i]["score_mean"] for i in common])
+    spearman = float(np.corrcoef(_ranks(sa), _ranks(sb))[0, 1])
+    moves = sorted(common, key=lambda i: -abs(da[i]["rank"] - db_[i]["rank"]))[:n_moved]
+    return {
+        "a": a, "b": b, "common": len(common), "spearman": spearman,
+        "moved": [{"id": i, "rank_a": da[i]["rank"], "rank_b": db_[i]["rank"]} for i in moves],
+        "newly_flagged": [i for i in common if db_[i]["flagged"] and not da[i]["flagged"]],
+        "no_longer_flagged": [i for i in common if da[i]["flagged"] and not db_[i]["flagged"]],
+        "scores": (sa, sb),
+    }
+
+
+def parse_amount(text: str, total: int) -> int:
+    """``'10%'`` -> that share of ``total`` (rounded), ``'100'`` -> 100."""
+    try:
+        n = round(float(text[:-1]) / 100.0 * total) if text.endswith("%") else int(text)
+    except ValueError:
+        raise ForValueError(f"'{text}' is not a count or a percentage like 10%") from None
+    if n < 0:
+        raise ForValueError(f"'{text}' must not be negative")
+    return min(n, total)
+
+
+def select_subset(store: str | Path, audit: str, top: str | None = None, drop_bottom: str | None = None) -> list[dict]:
+    """Training rows (id, prompt, response or text, label) chosen by an audit, best first."""
+    if (top is None) == (drop_bottom is None):
+        raise ForValueError("give exactly one of --top or --drop-bottom")
+    st = Store.open(store)
+    table, _ = read_audit(st, audit)
+    rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
+    n = len(rows)
+    keep = rows[: parse_amount(top, n)] if top is not None else rows[: n - parse_amount(drop_bottom, n)]
+    wanted = {r["id"]: k for k, r in enumerate(keep)}
+    out: list[dict | None] = [None] * len(keep)
+    for batch in st.scan(["id", "prompt", "response", "text", "label"], batch_size=8192):
+        for row in batch.to_pylist():
+            k = wanted.get(row["id"])
+            if k is not None:
+                out[k] = {key: v for key, v in row.items() if v is not None}
+    return [r for r in out if r is not None]

@@ -1,0 +1,113 @@
+"""Self-contained HTML reports of audits (plots embedded as PNG data URIs)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from storage.store import Store
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _texts(store: Store, ids: list[str]) -> dict[str, str]:
+    wanted, out = set(ids), {}
+    for batch in store.scan(["id", "prompt", "response", "text"], batch_size=8192):
+        for r in batch.to_pylist():
+            if r["id"] in wanted:
+                out[r["id"]] = r["text"] if r["text"] is not None else f"{r['prompt']}{r['response']}"
+    return out
+
+
+def _examples_table(title: str, rows: list[dict], texts: dict[str, str]) -> str:
+    body = "".join(
+        f"<tr><td>{r['rank']}</td><td>{html.escape(str(r['id']))}</td><td>{html.escape(str(r['label']))}</td>"
+        f"<td>{r['score_mean']:.4g}</td><td>{'yes' if r['flagged'] else ''}</td>"
+        f"<td><pre>{html.escape(texts.get(r['id'], '')[:400])}</pre></td></tr>"
+        for r in rows
+    )
+    return (f"<h2>{html.escape(title)}</h2><table><tr><th>rank</th><th>id</th><th>label</th><th>mean score</th>"
+            f"<th>flagged</th><th>text</th></tr>{body}</table>")
+
+
+_STYLE = """<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ccc;padding:4px;vertical-align:top}pre{white-space:pre-wrap;margin:0}img{max-width:100%}</style>"""
+
+
+def audit_report(store_path: str | Path, table: pa.Table, meta: dict, out: str | Path, n_examples: int = 10) -> Path:
+    """Write an HTML report: score histogram, per-label box plots, top and bottom examples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    store = Store.open(store_path)
+    scores = table.column("score_mean").to_numpy()
+    flagged = table.column("flagged").to_numpy(zero_copy_only=False)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.hist(scores, bins=50, color="#4477aa")
+    if flagged.any():
+        ax.axvline(scores[flagged].max(), color="#cc3311", linestyle="--", label="flag cut")
+        ax.legend()
+    ax.set_xlabel("mean score against the validation set")
+    ax.set_ylabel("training samples")
+    hist = _png(fig)
+    labels = table.column("label").to_pylist()
+    groups = sorted({str(l) for l in labels})
+    box = ""
+    if 1 < len(groups) <= 40:
+        lab = np.array([str(l) for l in labels])
+        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(groups)), 3.5))
+        ax.boxplot([scores[lab == g] for g in groups])
+        ax.set_xticks(range(1, len(groups) + 1), groups, rotation=45, ha="right")
+        ax.set_ylabel("mean score")
+        box = f"<h2>Scores by training label</h2><img src='{_png(fig)}'>"
+    rows = sorted(table.select(["id", "label", "score_mean", "rank", "flagged"]).to_pylist(), key=lambda r: r["rank"])
+    top, bottom = rows[:n_examples], rows[-n_examples:][::-1]
+    texts = _texts(store, [r["id"] for r in top + bottom])
+    summary = (f"<p>{meta['n_train']} training samples scored against {meta['n_validation']} validation samples "
+               f"(validation set sha256 {meta['validation_sha256'][:12]}…); {meta['flagged']} flagged; "
+               f"settings: {html.escape(str(meta['settings']))}; created {meta['created']}.</p>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>audit {html.escape(meta['name'])}</title>{_STYLE}"
+            f"</head><body><h1>Audit {html.escape(meta['name'])}</h1>{summary}<h2>Score distribution</h2>"
+            f"<img src='{hist}'>{box}{_examples_table('Most valuable', top, texts)}"
+            f"{_examples_table('Least valuable (flag candidates)', bottom, texts)}</body></html>")
+    out = Path(out)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def compare_report(comparison: dict, out: str | Path) -> Path:
+    """Write an HTML page with the scatter of two audits' scores and the biggest moves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sa, sb = comparison["scores"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.scatter(sa, sb, s=6, alpha=0.6)
+    ax.set_xlabel(f"audit {comparison['a']}: mean score")
+    ax.set_ylabel(f"audit {comparison['b']}: mean score")
+    moved = "".join(f"<tr><td>{html.escape(m['id'])}</td><td>{m['rank_a']}</td><td>{m['rank_b']}</td></tr>" for m in comparison["moved"])
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>compare</title>{_STYLE}</head><body>"
+            f"<h1>Audit {html.escape(comparison['a'])} vs {html.escape(comparison['b'])}</h1>"
+            f"<p>{comparison['common']} common samples, Spearman rank correlation {comparison['spearman']:.4f}; "
+            f"{len(comparison['newly_flagged'])} newly flagged.</p><img src='{_png(fig)}'>"
+            f"<h2>Moved most</h2><table><tr><th>id</th><th>rank {html.escape(comparison['a'])}</th>"
+            f"<th>rank {html.escape(comparison['b'])}</th></tr>{moved}</table></body></html>")
+    out = Path(out)
+    out.write_text(page, encoding="utf-8")
+    return out

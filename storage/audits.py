@@ -1,0 +1,134 @@
+"""Audit tables and the validation-encoding cache, inside a store (Lance tables via LanceDB).
+
+::
+
+    STORE/
+      audit_<NAME>.lance/      one row per training sample: scores, rank, flag (versioned:
+                               re-running an audit writes a new Lance version)
+      validation_cache.lance/  encoded validation samples, keyed by content + model hash
+
+Audits never write to the ``samples`` table.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from schemas.errors import ForValueError
+
+from .store import Store
+
+AUDIT_PREFIX = "audit_"
+CACHE_TABLE = "validation_cache"
+_META_KEY = b"forvalue.audit"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+CACHE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("n_scored", pa.int32(), nullable=False),
+        pa.field("hidden", pa.list_(pa.float32()), nullable=False),
+        pa.field("ids", pa.list_(pa.int64()), nullable=False),
+        pa.field("values", pa.list_(pa.float32()), nullable=False),
+        pa.field("sq_norm", pa.float64(), nullable=False),
+    ]
+)
+
+
+def check_audit_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ForValueError(f"audit name '{name}' is not valid; use letters, digits, '_', '-', '.' (max 64)")
+    return name
+
+
+def _db(store: Store):
+    import lancedb
+
+    return lancedb.connect(str(store.path))
+
+
+def _tables(store: Store) -> list[str]:
+    db = _db(store)
+    names = db.list_tables() if hasattr(db, "list_tables") else db.table_names()
+    names = getattr(names, "tables", names)
+    return list(names)
+
+
+def write_audit(store: Store, name: str, table: pa.Table, meta: dict) -> int:
+    """Write (or overwrite, as a new version) audit ``name``; returns the table version."""
+    check_audit_name(name)
+    schema = table.schema.with_metadata({_META_KEY: json.dumps(meta).encode()})
+    table = table.cast(schema)
+    db = _db(store)
+    exists = AUDIT_PREFIX + name in _tables(store)
+    tbl = db.create_table(AUDIT_PREFIX + name, table, mode="overwrite" if exists else "create")
+    return int(tbl.version)
+
+
+def list_audits(store: Store) -> list[dict]:
+    """Metadata of every audit in the store, sorted by name."""
+    out = []
+    for table in sorted(_tables(store)):
+        if table.startswith(AUDIT_PREFIX):
+            out.append(read_audit(store, table[len(AUDIT_PREFIX):])[1])
+    return out
+
+
+def read_audit(store: Store, name: str) -> tuple[pa.Table, dict]:
+    """The audit table and its metadata; a clear error for an unknown name."""
+    check_audit_name(name)
+    if AUDIT_PREFIX + name not in _tables(store):
+        known = [t[len(AUDIT_PREFIX):] for t in _tables(store) if t.startswith(AUDIT_PREFIX)]
+        raise ForValueError(f"{store.path}: no audit named '{name}' (known: {', '.join(known) or 'none'}); run 'forvalue audit run'")
+    tbl = _db(store).open_table(AUDIT_PREFIX + name)
+    data = tbl.to_arrow()
+    meta = json.loads((tbl.schema.metadata or {}).get(_META_KEY, b"{}"))
+    meta["version"] = int(tbl.version)
+    return data, meta
+
+
+class ValidationCache:
+    """Encoded validation samples keyed by a content hash (see ``query.validation.cache_key``)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        db = _db(store)
+        if CACHE_TABLE in _tables(store):
+            self._table = db.open_table(CACHE_TABLE)
+        else:
+            try:
+                self._table = db.create_table(CACHE_TABLE, schema=CACHE_SCHEMA, exist_ok=True)
+            except (OSError, ValueError, RuntimeError):
+                self._table = db.open_table(CACHE_TABLE)
+
+    def get(self, keys: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+        """Cached ``(hidden (n, d), ids (n, m+1), values (n, m+1), sq_norm)`` by key, for the keys present."""
+        wanted = set(keys)
+        out = {}
+        self._table.checkout_latest()
+        for batch in self._table.to_lance().to_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                if row["key"] in wanted and row["key"] not in out:
+                    n = row["n_scored"]
+                    ids = np.asarray(row["ids"], np.int64).reshape(n, -1)
+                    out[row["key"]] = (
+                        np.asarray(row["hidden"], np.float32).reshape(n, -1), ids,
+                        np.asarray(row["values"], np.float32).reshape(ids.shape), row["sq_norm"],
+                    )
+        return out
+
+    def put(self, items: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]) -> None:
+        """Append new entries in one commit."""
+        if not items:
+            return
+        rows = [
+            {"key": k, "n_scored": int(h.shape[0]), "hidden": h.ravel().tolist(), "ids": i.ravel().tolist(),
+             "values": v.ravel().tolist(), "sq_norm": float(s)}
+            for k, (h, i, v, s) in items.items()
+        ]
+        self._table.add(pa.Table.from_pylist(rows, schema=CACHE_SCHEMA))

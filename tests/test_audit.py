@@ -1,0 +1,124 @@
+"""Audits: scores, the validation cache (no forward pass when unchanged), flags, compare, select, report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import query.audit as audit_mod
+from query.api import build_index, run_query
+from query.audit import AuditConfig, compare_audits, load_audit, run_audit, select_subset
+from query.report import audit_report, compare_report
+from schemas.config import BuildConfig, ModelConfig, QueryConfig
+from schemas.errors import ForValueError, ManifestMismatchError
+from storage.store import Store
+
+from conftest import make_model_dir, write_jsonl
+
+
+@pytest.fixture
+def audited_store(tmp_path, tiny_model_dir, toy_rows):
+    write_jsonl(tmp_path / "train.jsonl", toy_rows)
+    write_jsonl(tmp_path / "val.jsonl", toy_rows[:3])
+    build_index([tmp_path / "train.jsonl"], tmp_path / "store", BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False))
+    return tmp_path
+
+
+def test_audit_scores_match_query(audited_store, tiny_runner):
+    store = audited_store / "store"
+    version = Store.open(store).version()
+    run_audit(store, [audited_store / "val.jsonl"], "a", AuditConfig(progress=False, device="cpu"), runner=tiny_runner)
+    table, meta = load_audit(store, "a")
+    res = run_query(store, [audited_store / "val.jsonl"], QueryConfig(progress=False, device="cpu"), runner=tiny_runner, keep_scores=True)
+    by_id = dict(zip(res.train_ids, res.scores.T))
+    for row in table.to_pylist():
+        np.testing.assert_allclose(row["score_mean"], by_id[row["id"]].mean(), rtol=1e-9)
+        np.testing.assert_allclose(row["score_max"], by_id[row["id"]].max(), rtol=1e-9)
+    means = table.column("score_mean").to_numpy()
+    assert sorted(table.column("rank").to_pylist()) == list(range(1, len(means) + 1))
+    assert table.column("rank").to_numpy()[np.argmax(means)] == 1
+    flagged = table.column("flagged").to_numpy(zero_copy_only=False)
+    assert flagged.sum() == round(0.1 * len(means)) and means[flagged].max() <= means[~flagged].min()
+    assert {"mean_vs_label:reverse", "mean_vs_label:math"} <= set(table.column_names)
+    # audits never touch the training table
+    assert Store.open(store).version() == version and Store.open(store).count() == len(means)
+
+
+def test_unchanged_validation_runs_no_forward_pass(audited_store, toy_rows, monkeypatch):
+    store = audited_store / "store"
+    first = run_audit(store, [audited_store / "val.jsonl"], "a", AuditConfig(progress=False, device="cpu"))
+    assert first.encoded_now == 3
+    scores1 = load_audit(store, "a")[0].column("score_mean").to_numpy()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for a cached validation set")
+
+    monkeypatch.setattr(audit_mod, "load_store_runner", no_model)
+    second = run_audit(store, [audited_store / "val.jsonl"], "a", AuditConfig(progress=False, device="cpu"))
+    assert second.encoded_now == 0 and second.version == first.version + 1
+    np.testing.assert_array_equal(load_audit(store, "a")[0].column("score_mean").to_numpy(), scores1)
+    monkeypatch.undo()
+    edited = [dict(toy_rows[0], response=" the fox quick"), toy_rows[1], toy_rows[2]]
+    write_jsonl(audited_store / "val2.jsonl", edited)
+    third = run_audit(store, [audited_store / "val2.jsonl"], "b", AuditConfig(progress=False, device="cpu"))
+    assert third.encoded_now == 1
+
+
+def test_compare_select_and_report(audited_store, toy_rows, tiny_runner, tmp_path):
+    store = audited_store / "store"
+    cfg = AuditConfig(progress=False, device="cpu")
+    run_audit(store, [audited_store / "val.jsonl"], "a", cfg, runner=tiny_runner)
+    run_audit(store, [audited_store / "val.jsonl"], "same", cfg, runner=tiny_runner)
+    write_jsonl(audited_store / "math.jsonl", [r for r in toy_rows if r["label"] == "math"][:2])
+    run_audit(store, [audited_store / "math.jsonl"], "m", cfg, runner=tiny_runner)
+    assert compare_audits(store, "a", "same")["spearman"] == pytest.approx(1.0)
+    c = compare_audits(store, "a", "m")
+    assert c["spearman"] < 1.0 and len(c["moved"]) > 0
+    table, meta = load_audit(store, "a")
+    ranked = sorted(table.to_pylist(), key=lambda r: r["rank"])
+    top = select_subset(store, "a", top="25%")
+    assert [r["id"] for r in top] == [r["id"] for r in ranked[:3]]
+    assert set(top[0]) == {"id", "prompt", "response", "label"}
+    kept = select_subset(store, "a", drop_bottom="2")
+    assert [r["id"] for r in kept] == [r["id"] for r in ranked[:-2]]
+    page = audit_report(store, table, meta, tmp_path / "r.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and ranked[0]["id"] in page
+    assert "data:image/png;base64," in compare_report(c, tmp_path / "c.html").read_text()
+
+
+def test_audit_errors(audited_store, tmp_path, tiny_runner):
+    store = audited_store / "store"
+    with pytest.raises(ForValueError, match="no audit named 'nope'"):
+        load_audit(store, "nope")
+    write_jsonl(tmp_path / "empty.jsonl", [])
+    with pytest.raises(ForValueError, match="validation set is empty"):
+        run_audit(store, [tmp_path / "empty.jsonl"], "x", AuditConfig(progress=False), runner=tiny_runner)
+    other = make_model_dir(tmp_path / "other", seed=1)
+    with pytest.raises(ManifestMismatchError, match="model_weights_sha256"):
+        run_audit(store, [audited_store / "val.jsonl"], "x", AuditConfig(progress=False, device="cpu"), model=ModelConfig(path=str(other)))
+    with pytest.raises(ForValueError, match="not valid"):
+        run_audit(store, [audited_store / "val.jsonl"], "../bad", AuditConfig(progress=False), runner=tiny_runner)
+
+
+def test_audit_cli(audited_store, tmp_path):
+    from query.cli import main
+
+    store = str(audited_store / "store")
+    cli = CliRunner()
+    run = cli.invoke(main, ["audit", "run", "--store", store, "-v", str(audited_store / "val.jsonl"), "--name", "a",
+                            "--device", "cpu", "--quiet", "--report", str(tmp_path / "a.html")])
+    assert run.exit_code == 0, run.output
+    assert (tmp_path / "a.html").exists()
+    for args in (["audit", "list", "--store", store], ["audit", "show", "--store", store, "a"],
+                 ["audit", "compare", "--store", store, "a", "a"]):
+        res = cli.invoke(main, args)
+        assert res.exit_code == 0 and "a" in res.output, res.output
+    out = tmp_path / "subset.jsonl"
+    res = cli.invoke(main, ["select", "--store", store, "--audit", "a", "--top", "50%", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert len(out.read_text().splitlines()) == 6 and "prompt" in json.loads(out.read_text().splitlines()[0])
+    bad = cli.invoke(main, ["audit", "show", "--store", store, "missing"])
+    assert bad.exit_code == 2 and "no audit named 'missing'" in bad.output
