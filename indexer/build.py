@@ -23,8 +23,9 @@ from schemas.manifest import Manifest
 from schemas.tables import samples_schema
 from storage.store import Store
 
-from .data import Sample, iter_samples
+from .data import Sample, check_paths, iter_samples
 from .encoder import EncodedSample, encode_stream
+from .sketch import SketchSpec, get_sketcher
 from .tokenize import TokenizedSample, tokenize_sample
 
 
@@ -68,6 +69,10 @@ def manifest_for(runner, data: DataConfig, encode: EncodeConfig, model_kind: str
         hidden_dtype=encode.hidden_dtype,
         lowest_likelihood_ratio=encode.lowest_likelihood_ratio,
         model_kind=model_kind,
+        sketch_dim=encode.sketch_dim or None,
+        sketch_vocab_buckets=encode.sketch_vocab_buckets,
+        sketch_hidden_cols=encode.sketch_hidden_cols,
+        sketch_seed=encode.sketch_seed,
     )
 
 
@@ -102,12 +107,14 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
     from .model_runner import load_runner
 
     started = time.perf_counter()
+    inputs = list(inputs)
+    check_paths(inputs)
     runner = runner if runner is not None else load_runner(config.model)
     store = Store.create(store_path, manifest_for(runner, config.data, config.encode))
     report = BuildReport(store=str(store_path))
-    seen = store.ids()
+    stored = store.ids()
     bar = tqdm(desc="indexing", unit="sample", disable=not config.progress)
-    tokenized = _new_samples(iter_samples(inputs, config.data), runner.tokenizer, config, seen, report)
+    tokenized = _new_samples(iter_samples(inputs, config.data), runner.tokenizer, config, stored, report)
     pending: list[EncodedSample] = []
     for enc in encode_stream(runner, tokenized, config.encode, config.batch_size, training=True):
         bar.update(1)
@@ -124,20 +131,28 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
             _flush(store, pending, report)
     _flush(store, pending, report)
     bar.close()
+    if store.manifest.sketch_dim and report.written:
+        from storage.faiss_index import ensure
+
+        ensure(store)  # extends (or builds) the prefilter index to cover every committed row
     report.total_rows = store.count()
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _new_samples(samples: Iterator[Sample], tokenizer, config: BuildConfig, seen: set[str], report: BuildReport) -> Iterator[TokenizedSample]:
+def _new_samples(samples: Iterator[Sample], tokenizer, config: BuildConfig, stored: set[str], report: BuildReport) -> Iterator[TokenizedSample]:
     data = config.data
+    seen: set[str] = set()  # ids met in this run's inputs (a repeated id keeps its first row)
     for sample in samples:
         report.read += 1
         if not in_shard(sample.id, config.shard):
             report.other_shard += 1
             continue
-        if sample.id in seen:
+        if sample.id in stored:
             report.already_stored += 1
+            continue
+        if sample.id in seen:
+            report.duplicate_ids += 1
             continue
         seen.add(sample.id)
         tok = tokenize_sample(tokenizer, sample, config.encode.score_tokens, data.max_length, data.chat_template)
@@ -151,7 +166,7 @@ def _new_samples(samples: Iterator[Sample], tokenizer, config: BuildConfig, seen
 def _flush(store: Store, pending: list[EncodedSample], report: BuildReport) -> None:
     if not pending:
         return
-    store.append(encoded_to_arrow(pending, store.manifest.hidden_dtype))
+    store.append(encoded_to_arrow(pending, store.manifest.hidden_dtype, sketch_spec=SketchSpec.from_manifest(store.manifest)))
     report.written += len(pending)
     report.tokens_scored += sum(len(e.hidden) for e in pending)
     pending.clear()
@@ -164,9 +179,9 @@ def _list_array(parts: list[np.ndarray], value_type: pa.DataType) -> pa.ListArra
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
 
-def encoded_to_arrow(encoded: list[EncodedSample], hidden_dtype: str) -> pa.Table:
-    """Rows of the ``samples`` table for a list of encodings."""
-    schema = samples_schema(hidden_dtype)
+def encoded_to_arrow(encoded: list[EncodedSample], hidden_dtype: str, sketch_spec: SketchSpec | None = None) -> pa.Table:
+    """Rows of the ``samples`` table for a list of encodings (with their sketches when ``sketch_spec``)."""
+    schema = samples_schema(hidden_dtype, sketch_spec.dim if sketch_spec else None)
     samples = [e.tokenized.sample for e in encoded]
     columns = {
         "id": pa.array([s.id for s in samples], pa.string()),
@@ -185,4 +200,16 @@ def encoded_to_arrow(encoded: list[EncodedSample], hidden_dtype: str) -> pa.Tabl
         "tail_mass": _list_array([e.errors.tail_mass for e in encoded], pa.float32()),
         "sq_norm": pa.array([e.sq_norm for e in encoded], pa.float64()),
     }
+    if sketch_spec is not None:
+        columns["sketch"] = sketch_column(encoded, sketch_spec)
     return pa.table(columns, schema=schema)
+
+
+def sketch_column(encoded: list[EncodedSample], spec: SketchSpec) -> pa.FixedSizeListArray:
+    """The ``sketch`` column (``indexer.sketch``) of a list of encodings."""
+    entries = [e.entries() for e in encoded]
+    z = get_sketcher(spec).sketch(
+        np.concatenate([e.hidden for e in encoded]), np.concatenate([i for i, _ in entries]),
+        np.concatenate([v for _, v in entries]), np.array([len(e.hidden) for e in encoded]),
+    )
+    return pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), spec.dim)

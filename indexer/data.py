@@ -65,9 +65,20 @@ def iter_samples(paths: Iterable[str | Path], config: DataConfig) -> Iterator[Sa
             yield _to_sample(path, where, row, config)
 
 
+def check_paths(paths: Iterable[str | Path]) -> None:
+    """Fail fast (before a model is loaded or a store created) on a missing path or unknown format."""
+    for path in map(Path, paths):
+        if not path.exists():
+            raise InputDataError(path, "no such file or folder")
+        if path.is_dir():
+            if not (path / "state.json").exists():
+                raise InputDataError(path, "folder is not a datasets save_to_disk folder (no state.json)")
+        elif path.suffix.lower() not in SUFFIXES:
+            raise InputDataError(path, f"unknown format '{path.suffix}'; use one of {', '.join(SUFFIXES)} or a datasets folder")
+
+
 def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    if not path.exists():
-        raise InputDataError(path, "no such file or folder")
+    check_paths([path])
     if path.is_dir():
         yield from _iter_arrow_folder(path)
         return
@@ -82,15 +93,17 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield from _number_batches(batches)
         except pa.ArrowInvalid as exc:
             raise InputDataError(path, f"not a readable Parquet file ({exc})") from None
-    elif suffix == ".csv":
+    else:  # ".csv" (check_paths refused the rest)
         yield from _iter_csv(path)
-    else:
-        raise InputDataError(path, f"unknown format '{suffix}'; use one of {', '.join(SUFFIXES)} or a datasets folder")
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open("r", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputDataError(path, f"not UTF-8 text (byte {exc.start + 1}); re-save the file as UTF-8", line=lineno) from None
             if not line.strip():
                 continue
             try:
@@ -105,12 +118,17 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def _iter_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     import csv
 
-    with path.open("r", encoding="utf-8", newline="") as handle:
+    with path.open("r", encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
-        for row in reader:
-            if None in row:
-                raise InputDataError(path, "more values than header columns", line=reader.line_num)
-            yield reader.line_num, row
+        try:
+            for row in reader:
+                if None in row:
+                    raise InputDataError(path, "more values than header columns", line=reader.line_num)
+                yield reader.line_num, row
+        except UnicodeDecodeError:
+            raise InputDataError(path, "not UTF-8 text; re-save the file as UTF-8") from None
+        except csv.Error as exc:
+            raise InputDataError(path, f"malformed CSV ({exc})", line=reader.line_num) from None
 
 
 def _number_batches(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -124,14 +142,21 @@ def _number_batches(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[int, di
 def _iter_arrow_folder(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Rows of a ``save_to_disk`` folder (Arrow stream files listed in ``state.json``)."""
     state = path / "state.json"
-    if not state.exists():
-        raise InputDataError(path, "folder is not a datasets save_to_disk folder (no state.json)")
-    files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    try:
+        files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError):
+        raise InputDataError(state, "not a datasets state.json (needs '_data_files': [{'filename': ...}])") from None
 
     def batches() -> Iterator[pa.RecordBatch]:
         for file in files:
+            if not file.is_file():
+                raise InputDataError(file, "listed in state.json but missing; the datasets folder is incomplete")
             with pa.memory_map(str(file)) as source:
-                yield from pa.ipc.open_stream(source)
+                try:
+                    reader = pa.ipc.open_stream(source)
+                except pa.ArrowInvalid as exc:
+                    raise InputDataError(file, f"not an Arrow stream file ({exc})") from None
+                yield from reader
 
     yield from _number_batches(batches())
 
@@ -140,14 +165,18 @@ def _field(path: Path, where: int, row: dict[str, Any], name: str, required: boo
     value = row.get(name)
     if value is None or (isinstance(value, float) and value != value):
         if required:
-            raise InputDataError(path, "missing value", line=where, field=name)
+            what = "missing value" if name in row else f"missing column (row has: {', '.join(sorted(row)) or 'none'})"
+            raise InputDataError(path, what, line=where, field=name)
         return None
     if isinstance(value, (int, float, bool)):
         value = str(value)
     if not isinstance(value, str):
         raise InputDataError(path, f"expected a string, got {type(value).__name__}", line=where, field=name)
-    if required and not value.strip():
-        raise InputDataError(path, "empty value", line=where, field=name)
+    if not value.strip():
+        # An empty optional cell (CSV has no null) is a missing value, like an absent key in JSONL.
+        if required:
+            raise InputDataError(path, "empty value", line=where, field=name)
+        return None
     return value
 
 
@@ -155,6 +184,12 @@ def _to_sample(path: Path, where: int, row: dict[str, Any], config: DataConfig) 
     text_column = config.text_column
     if text_column is None and not (config.prompt_column in row and config.response_column in row):
         text_column = "text" if "text" in row else None
+        if text_column is None and (config.prompt_column in row or config.response_column in row):
+            missing = config.response_column if config.prompt_column in row else config.prompt_column
+            raise InputDataError(
+                path, f"missing column (row has: {', '.join(sorted(row))}); name yours with "
+                "--prompt-column/--response-column, or use --text-column", line=where, field=missing,
+            )
         if text_column is None:
             raise InputDataError(
                 path,

@@ -55,6 +55,7 @@ class QueryResult:
     seconds: float
     scores: np.ndarray | None = None
     train_ids: list[str] | None = None
+    prefiltered: bool = False
 
 
 def store_info(path: str | Path) -> dict:
@@ -170,8 +171,13 @@ def run_query(
     writer = _ScoreWriter(all_scores_path, col_names) if all_scores_path else None
     kept_scores, kept_ids = [], []
     total = store.count()
-    bar = tqdm(total=total, desc="scoring", unit="sample", disable=not config.progress)
-    for first, ids, labels, scores in score_all(store, val, config, runner.device):
+    from .prefilter import prefilter_topk, use_prefilter
+
+    prefiltered = use_prefilter(store, config, full_scores=keep_scores or all_scores_path is not None)
+    if prefiltered:  # FAISS candidates + exact rerank (query.prefilter, docs/prefilter.md)
+        top = prefilter_topk(store, val, config, runner.device)
+    bar = tqdm(total=total, desc="scoring", unit="sample", disable=not config.progress or prefiltered)
+    for first, ids, labels, scores in () if prefiltered else score_all(store, val, config, runner.device):
         top.update(scores, first)
         if writer:
             writer.write(ids, labels, scores)
@@ -190,6 +196,7 @@ def run_query(
         seconds=time.perf_counter() - started,
         scores=np.concatenate(kept_scores).T if keep_scores else None,
         train_ids=kept_ids if keep_scores else None,
+        prefiltered=prefiltered,
     )
 
 

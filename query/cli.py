@@ -106,8 +106,18 @@ def index() -> None:
     """Build, extend and inspect a store."""
 
 
+_BUILD_HELP = (
+    "Encode DATA files (JSONL, Parquet, CSV or datasets folders) into a new or existing store.\n\n"
+    "Re-running skips ids already stored, so an interrupted build resumes where it stopped."
+)
+_ADD_HELP = (
+    "Append DATA to an existing store with the store's model and settings (ids already stored are skipped).\n\n"
+    "The store's model, adapter, dtype and encoding settings are used unless --model/--adapter/--dtype are given."
+)
+
+
 def _build_command(name: str, must_exist: bool):
-    @index.command(name)
+    @index.command(name, help=_ADD_HELP if must_exist else _BUILD_HELP)
     @click.argument("data", nargs=-1, required=True, type=click.Path(path_type=Path))
     @click.option("--store", required=True, type=click.Path(path_type=Path), help="Store folder (created by build).")
     @_model_options
@@ -128,59 +138,67 @@ def _build_command(name: str, must_exist: bool):
         from indexer.build import build_index
         from storage.store import Store
 
-        if must_exist:
-            Store.open(store)
-        manifest_defaults = _existing_settings(store) if must_exist else {}
+        manifest = Store.open(store).manifest if must_exist else None
+        manifest_defaults = _existing_settings(manifest) if manifest else {}
         cfg = BuildConfig(
             data=_data_config(kw, chat_template=manifest_defaults.get("chat_template", kw["chat_template"]),
                               max_length=manifest_defaults.get("max_length", kw["max_length"])),
-            model=_model_config(kw),
+            model=_model_config(kw) if manifest is None else _existing_model(manifest, kw),
             encode=EncodeConfig(
                 top_m=manifest_defaults.get("top_m", kw["top_m"]),
                 score_tokens=manifest_defaults.get("score_tokens", kw["score_tokens"]),
-                lowest_likelihood_ratio=kw["lowest_likelihood_ratio"],
+                lowest_likelihood_ratio=manifest_defaults.get("lowest_likelihood_ratio", kw["lowest_likelihood_ratio"]),
                 hidden_dtype=manifest_defaults.get("hidden_dtype", kw["hidden_dtype"]), on_bad=kw["on_bad"],
             ),
             batch_size=kw["batch_size"], write_every=kw["write_every"], shard=_parse_shard(kw["shard"]),
             progress=not kw["quiet"],
         )
-        if must_exist and kw["model_path"] is None:
-            cfg = BuildConfig(**{**cfg.__dict__, "model": ModelConfig(**{**cfg.model.__dict__, "path": _existing_model(store)})})
         report = build_index(data, store, cfg)
         if kw["as_json"]:
             click.echo(json.dumps(report.as_dict()))
         else:
             click.echo(
                 f"{report.store}: wrote {report.written} samples ({report.tokens_scored} scored tokens) in {report.seconds:.1f}s; "
-                f"skipped {report.already_stored} already stored, {report.no_scored_tokens} without scored tokens, "
+                f"skipped {report.already_stored} already stored, {report.duplicate_ids} repeated ids, "
+                f"{report.no_scored_tokens} without scored tokens, "
                 f"{report.bad_skipped} with NaN/inf; {report.truncated} truncated to {cfg.data.max_length} tokens; "
                 f"store now holds {report.total_rows} samples"
             )
 
-    command.__doc__ = (
-        "Encode DATA files (JSONL, Parquet, CSV or datasets folders) into a new or existing store.\n\n"
-        "Re-running skips ids already stored, so an interrupted build resumes where it stopped."
-        if not must_exist
-        else "Append DATA to an existing store with the store's model and settings (ids already stored are skipped)."
-    )
     return command
 
 
-def _existing_settings(store: Path) -> dict:
-    from storage.store import Store
+def _existing_settings(m) -> dict:
+    """Encoding settings of a store's manifest, which ``index add`` uses instead of its options."""
+    return {"chat_template": m.chat_template, "max_length": m.max_length, "top_m": m.top_m, "score_tokens": m.score_tokens,
+            "hidden_dtype": m.hidden_dtype, "lowest_likelihood_ratio": m.lowest_likelihood_ratio}
 
-    m = Store.open(store).manifest
-    return {"chat_template": m.chat_template, "max_length": m.max_length, "top_m": m.top_m, "score_tokens": m.score_tokens, "hidden_dtype": m.hidden_dtype}
 
-
-def _existing_model(store: Path) -> str:
-    from storage.store import Store
-
-    return Store.open(store).manifest.model_path
+def _existing_model(m, kw) -> ModelConfig:
+    """The store's model, adapter and dtype, each unless given on the command line."""
+    return ModelConfig(
+        path=kw["model_path"] or m.model_path, adapter=kw["adapter"] or m.adapter_path,
+        dtype=m.dtype if kw["dtype"] == "auto" else kw["dtype"], device=kw["device"], trust_remote_code=kw["trust_remote_code"],
+    )
 
 
 _build_command("build", must_exist=False)
 _build_command("add", must_exist=True)
+
+
+@index.command("sketch")
+@click.option("--store", required=True, type=click.Path(path_type=Path), help="Store folder.")
+@click.option("--rebuild", is_flag=True, help="Recompute the sketch column even if the store has one.")
+@click.option("--sketch-dim", type=int, default=None, help="Sketch length (default: the store's, else 1024).")
+@click.option("--sketch-seed", type=int, default=None, help="Seed of the sketch's random tables (default: the store's, else 0).")
+@click.option("--faiss-index", "kind", default=None, help="auto (Flat below 100k rows, IVF-SQ8 above), flat, ivf, hnsw or a FAISS factory string.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def sketch_command(store, rebuild, sketch_dim, sketch_seed, kind, as_json):
+    """Add (or rebuild) the prefilter sketches of a store and its FAISS index (run while no build writes)."""
+    from query.prefilter import sketch_store
+
+    report = sketch_store(store, rebuild=rebuild, dim=sketch_dim, seed=sketch_seed, kind=kind)
+    click.echo(json.dumps(report) if as_json else ", ".join(f"{k}: {v}" for k, v in report.items()))
 
 
 @index.command("info")
@@ -216,16 +234,20 @@ def info(store, as_json):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--batch-size", default=8, show_default=True, help="Validation samples per forward pass.")
 @click.option("--read-rows", default=1024, show_default=True, help="Stored rows scored per block.")
+@click.option("--candidates", type=int, default=None, help="Prefilter: FAISS returns this many candidates per validation sample, reranked exactly (default: automatic, see docs/prefilter.md).")
+@click.option("--exact", is_flag=True, help="Score every stored sample (full scan), never the prefilter.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_data_options
 def query_command(store, validation, output, all_scores, model_path, dtype, quiet, **kw):
     """Rank the stored training samples by their value for each validation sample (exact scores)."""
     from query.api import run_query
-    from query.output import write_table
+    from query.output import check_output_path, write_table
 
+    check_output_path(output)
     cfg = QueryConfig(
         top_k=kw["top_k"], normalize=kw["normalize"], aggregate=kw["aggregate"], include_text=kw["include_text"],
         read_rows=kw["read_rows"], batch_size=kw["batch_size"], progress=not quiet, device=kw["device"],
+        candidates=kw["candidates"], exact=kw["exact"],
     )
     data = _data_config(kw)
     model = ModelConfig(path=model_path, dtype=dtype, device=kw["device"])
@@ -249,6 +271,8 @@ def demo(workdir, train_per_class, model_path, device):
 
     run_demo(workdir, train_per_class=train_per_class, model_path=model_path, device=device, echo=click.echo)
 
+
+from . import cli_audit  # noqa: E402,F401  (registers `audit` and `select`)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

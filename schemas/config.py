@@ -84,8 +84,18 @@ class EncodeConfig:
     lowest_likelihood_ratio: float | None = None
     hidden_dtype: str = "float16"
     on_bad: OnBad = "error"
+    # Prefilter sketch of G stored per sample (indexer.sketch); sketch_dim=0 stores none.
+    sketch_dim: int = 1024
+    sketch_vocab_buckets: int = 1
+    sketch_hidden_cols: int = 4
+    sketch_seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.sketch_dim < 0 or (self.sketch_dim and self.sketch_dim % (self.sketch_vocab_buckets * self.sketch_hidden_cols)):
+            raise ForValueError(
+                f"--sketch-dim must be 0 (no sketch) or a positive multiple of "
+                f"{self.sketch_vocab_buckets * self.sketch_hidden_cols}, got {self.sketch_dim}"
+            )
         if self.top_m < 1:
             raise ForValueError(f"--top-m must be >= 1, got {self.top_m}")
         if self.score_tokens not in ("all", "response"):
@@ -143,8 +153,16 @@ class QueryConfig:
     batch_size: int = 8
     progress: bool = True
     device: str = "auto"
+    # Prefilter (query.prefilter): candidates=None lets run_query choose (see docs/prefilter.md);
+    # exact=True forces the full scan.
+    candidates: int | None = None
+    exact: bool = False
 
     def __post_init__(self) -> None:
+        if self.candidates is not None and self.candidates < 1:
+            raise ForValueError(f"--candidates must be >= 1, got {self.candidates}")
+        if self.candidates is not None and self.exact:
+            raise ForValueError("--candidates and --exact exclude each other; give one")
         if self.top_k < 1:
             raise ForValueError(f"--top-k must be >= 1, got {self.top_k}")
         if self.normalize not in ("none", "cosine"):

@@ -51,6 +51,11 @@ class Manifest:
     hidden_dtype: str
     lowest_likelihood_ratio: float | None
     model_kind: str = "causal_lm"
+    # Prefilter sketch (indexer.sketch.SketchSpec); None: the store has no sketch column.
+    sketch_dim: int | None = None
+    sketch_vocab_buckets: int = 1
+    sketch_hidden_cols: int = 1
+    sketch_seed: int = 0
     schema_version: int = SCHEMA_VERSION
     package_version: str = PACKAGE_VERSION
 

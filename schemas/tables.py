@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+# 2: optional fixed-size ``sketch`` column (stores of version 1 have none and stay readable).
+SCHEMA_VERSION = 2
 SAMPLES_TABLE = "samples"
 
 _HIDDEN_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
 
 
-def samples_schema(hidden_dtype: str = "float16") -> pa.Schema:
+def samples_schema(hidden_dtype: str = "float16", sketch_dim: int | None = None) -> pa.Schema:
     """Schema of the ``samples`` table.
 
     Parameters
     ----------
     hidden_dtype : {"float16", "float32"}
         Storage type of the hidden-state values.
+    sketch_dim : int or None
+        Length of the ``sketch`` column (the prefilter sketch of ``G``, float32,
+        ``indexer.sketch``); None for stores without one (schema version 1 stores).
     """
+    sketch = [pa.field("sketch", pa.list_(pa.float32(), sketch_dim))] if sketch_dim else []
     return pa.schema(
         [
             pa.field("id", pa.string(), nullable=False),
@@ -42,7 +47,8 @@ def samples_schema(hidden_dtype: str = "float16") -> pa.Schema:
             pa.field("target_probs", pa.list_(pa.float32()), nullable=False),
             pa.field("tail_mass", pa.list_(pa.float32()), nullable=False),
             pa.field("sq_norm", pa.float64(), nullable=False),
-        ],
+        ]
+        + sketch,
         metadata={"forvalue.schema_version": str(SCHEMA_VERSION)},
     )
 

@@ -75,7 +75,7 @@ class Store:
         db = lancedb.connect(str(path))
         if SAMPLES_TABLE not in db.table_names():
             try:
-                db.create_table(SAMPLES_TABLE, schema=samples_schema(stored.hidden_dtype), exist_ok=True)
+                db.create_table(SAMPLES_TABLE, schema=samples_schema(stored.hidden_dtype, stored.sketch_dim), exist_ok=True)
             except (OSError, ValueError, RuntimeError):
                 if SAMPLES_TABLE not in db.table_names():
                     raise
@@ -84,7 +84,7 @@ class Store:
     # -- writing -----------------------------------------------------------------
     def append(self, rows: pa.Table) -> None:
         """Commit ``rows`` (schema :func:`samples_schema`) as one atomic Lance append."""
-        self._table.add(rows.cast(samples_schema(self.manifest.hidden_dtype)))
+        self._table.add(rows.cast(samples_schema(self.manifest.hidden_dtype, self.manifest.sketch_dim)))
         self.refresh()
 
     def refresh(self) -> None:
@@ -110,6 +110,37 @@ class Store:
         """Stream ``columns`` of every row, in storage order, ``batch_size`` rows at a time."""
         dataset = self._dataset()
         yield from dataset.to_batches(columns=list(columns), batch_size=batch_size, scan_in_order=True)
+
+    def scan_from(self, start: int, columns: Sequence[str], batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
+        """Like :meth:`scan`, skipping the first ``start`` rows (extends derived indexes)."""
+        total = self.count()
+        for first in range(start, total, batch_size):
+            yield from self._dataset().take(list(range(first, min(total, first + batch_size))), columns=list(columns)).to_batches()
+
+    def has_column(self, name: str) -> bool:
+        return name in self._dataset().schema.names
+
+    def set_column(self, name: str, field: pa.Field, fn, read_columns: Sequence[str], manifest: Manifest, batch_size: int = 1024) -> None:
+        """Add (or replace) column ``name`` computed by ``fn(batch) -> pa.Array`` from ``read_columns``,
+        streaming the table ``batch_size`` rows at a time, then replace the manifest with ``manifest``.
+
+        Not safe against a concurrent :meth:`append` (run it while no build writes).
+        """
+        dataset = self._dataset()
+        if name in dataset.schema.names:
+            dataset.drop_columns([name])
+            self.refresh()
+            dataset = self._dataset()
+
+        def udf(batch: pa.RecordBatch) -> pa.RecordBatch:
+            return pa.RecordBatch.from_arrays([fn(batch)], schema=pa.schema([field]))
+
+        dataset.add_columns(udf, read_columns=list(read_columns), reader_schema=pa.schema([field]), batch_size=batch_size)
+        tmp = self.path / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(manifest.to_json())
+        os.replace(tmp, self.path / MANIFEST_FILE)
+        self.manifest = manifest
+        self.refresh()
 
     def take(self, offsets: Sequence[int], columns: Sequence[str]) -> pa.Table:
         """Rows at the given positions (storage order, as yielded by :meth:`scan`)."""

@@ -1,0 +1,226 @@
+"""The FAISS prefilter index over the ``sketch`` column of a store.
+
+Layout (beside the Lance table)::
+
+    STORE/prefilter/
+      prefilter.json          what the index covers: rows, table version, sketch spec, type
+      index-<rows>.faiss      the FAISS index (ids = row positions in storage order)
+
+``prefilter.json`` is replaced atomically *after* its index file is written, so it is the
+commit point: a process killed at any moment leaves either the previous consistent pair or
+the new one. The table is append-only, so an index that covers the first ``rows`` rows is
+extended from the table (rows ``rows..count-1``) when it is behind (``index add``, a resumed
+build, a build killed between its last commit and the index update); an index whose sketch
+spec or type no longer matches, or that claims more rows than the table holds, is rebuilt.
+
+Index type (``kind``): ``auto`` is ``Flat`` (exact inner product) below
+:data:`IVF_MIN_ROWS` rows and ``IVF<nlist>,SQ8`` (inverted lists, 8-bit scalar codes)
+above; ``flat``, ``ivf``, ``hnsw`` or any FAISS factory string override it. The index is
+built from the table in blocks of rows: memory holds the sketches of one block and the
+index, never hidden states.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from schemas.errors import StoreError
+
+from .store import Store
+
+INDEX_DIR = "prefilter"
+META_FILE = "prefilter.json"
+IVF_MIN_ROWS = 100_000
+SKETCH_COLUMN = "sketch"
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover
+        raise StoreError("the prefilter needs FAISS: pip install faiss-cpu (or faiss-gpu)") from None
+    return faiss
+
+
+@dataclass
+class PrefilterIndex:
+    """A loaded FAISS index and what it covers."""
+
+    index: object
+    meta: dict = field(default_factory=dict)
+    _gpu: object = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.meta["rows"])
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, rows)`` of the ``k`` best rows per query (rows -1 where fewer exist)."""
+        faiss = _faiss()
+        index = self._gpu or self.index
+        if nprobe is None:
+            nprobe = self.meta.get("nprobe")
+        if nprobe:
+            try:
+                faiss.extract_index_ivf(self.index).nprobe = int(nprobe)
+                if self._gpu is not None:
+                    faiss.GpuParameterSpace().set_index_parameter(self._gpu, "nprobe", int(nprobe))
+            except RuntimeError:
+                pass
+        if "HNSW" in self.meta.get("factory", ""):
+            faiss.downcast_index(self.index).hnsw.efSearch = max(64, 2 * k)
+        k = min(k, self.index.ntotal)
+        return index.search(np.ascontiguousarray(queries, np.float32), k)
+
+    def to_gpu(self) -> None:
+        """Search on the GPU(s) when FAISS sees any (``faiss.get_num_gpus() > 0``)."""
+        faiss = _faiss()
+        if getattr(faiss, "get_num_gpus", lambda: 0)() > 0 and hasattr(faiss, "index_cpu_to_all_gpus"):
+            try:
+                self._gpu = faiss.index_cpu_to_all_gpus(self.index)
+            except RuntimeError:  # an index type without GPU support (e.g. HNSW): stay on CPU
+                self._gpu = None
+
+
+def choose_factory(rows: int, kind: str = "auto") -> tuple[str, int | None]:
+    """FAISS factory string and default ``nprobe`` for ``rows`` rows and a ``kind``."""
+    nlist = int(2 ** round(math.log2(max(16.0, math.sqrt(max(rows, 1))))))
+    if kind == "auto":
+        kind = "flat" if rows < IVF_MIN_ROWS else "ivf"
+    if kind == "flat":
+        return "Flat", None
+    if kind == "ivf":
+        return f"IVF{nlist},SQ8", max(1, nlist // 16)
+    if kind == "hnsw":
+        return "HNSW32,Flat", None
+    return kind, (max(1, nlist // 16) if kind.upper().startswith("IVF") else None)
+
+
+def _index_dir(store: Store) -> Path:
+    return Path(store.path) / INDEX_DIR
+
+
+def load(store: Store) -> PrefilterIndex | None:
+    """The saved index of ``store``, or None when there is none (or it is unreadable)."""
+    meta_path = _index_dir(store) / META_FILE
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        path = _index_dir(store) / meta["file"]
+        if path.stat().st_size != meta["bytes"]:
+            return None
+        index = _faiss().read_index(str(path))
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return None
+    if index.ntotal != meta["rows"]:
+        return None
+    return PrefilterIndex(index, meta)
+
+
+def save(store: Store, pre: PrefilterIndex) -> None:
+    """Write the index file, then commit by replacing ``prefilter.json``; old files are removed."""
+    faiss = _faiss()
+    folder = _index_dir(store)
+    folder.mkdir(exist_ok=True)
+    name = f"index-{pre.rows}-{os.getpid()}-{time.time_ns()}.faiss"
+    faiss.write_index(pre.index, str(folder / name))
+    meta = dict(pre.meta, file=name, bytes=(folder / name).stat().st_size)
+    tmp = folder / f".{META_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp, folder / META_FILE)
+    pre.meta = meta
+    for old in folder.glob("index-*.faiss"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def _sketch_blocks(store: Store, start: int, block_rows: int):
+    for batch in store.scan_from(start, [SKETCH_COLUMN], batch_size=block_rows):
+        col = batch.column(0)
+        if col.null_count:
+            raise StoreError(f"{store.path}: {col.null_count} rows have no sketch; run 'forvalue index sketch --rebuild'")
+        yield col.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1).astype(np.float32, copy=False)
+
+
+def _spec_of(store: Store) -> dict:
+    m = store.manifest
+    return {"dim": m.sketch_dim, "vocab_buckets": m.sketch_vocab_buckets, "hidden_cols": m.sketch_hidden_cols, "seed": m.sketch_seed}
+
+
+def build(store: Store, kind: str = "auto", block_rows: int = 16384, train_rows: int | None = None, seed: int = 0) -> PrefilterIndex:
+    """A new index over every row of ``store`` (not saved)."""
+    faiss = _faiss()
+    if not store.manifest.sketch_dim or not store.has_column(SKETCH_COLUMN):
+        raise StoreError(f"{store.path}: the store has no sketches; run 'forvalue index sketch --store {store.path}'")
+    rows = store.count()
+    dim = int(store.manifest.sketch_dim)
+    factory, nprobe = choose_factory(rows, kind)
+    started = time.perf_counter()
+    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        nlist = faiss.extract_index_ivf(index).nlist if "IVF" in factory else 256
+        n_train = min(rows, train_rows or max(64 * nlist, 50_000))
+        if n_train < nlist:
+            raise StoreError(f"{store.path}: {rows} rows are too few to train '{factory}'; use --faiss-index flat")
+        pick = np.sort(np.random.default_rng(seed).choice(rows, n_train, replace=False))
+        train = []
+        for first in range(0, n_train, block_rows):
+            col = store.take(pick[first : first + block_rows].tolist(), [SKETCH_COLUMN]).column(0).combine_chunks()
+            train.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim).astype(np.float32))
+        index.train(np.concatenate(train))
+        del train
+    trained = time.perf_counter()
+    pre = PrefilterIndex(index, {"rows": 0, "factory": factory, "kind": kind, "nprobe": nprobe, "dim": dim, "sketch": _spec_of(store)})
+    extend(store, pre, block_rows)
+    pre.meta.update(train_seconds=round(trained - started, 3), add_seconds=round(time.perf_counter() - trained, 3))
+    return pre
+
+
+def extend(store: Store, pre: PrefilterIndex, block_rows: int = 16384) -> int:
+    """Add the table's rows ``pre.rows ..`` to the index; returns how many were added."""
+    start = pre.rows
+    added = 0
+    for block in _sketch_blocks(store, start, block_rows):
+        pre.index.add(block)
+        added += block.shape[0]
+    pre.meta.update(rows=start + added, table_version=store.version())
+    return added
+
+
+def ensure(store: Store, kind: str | None = None, persist: bool = True, rebuild: bool = False) -> PrefilterIndex:
+    """The store's index, brought up to date with the table.
+
+    Rebuilt when missing, unreadable, of another sketch spec, covering more rows than the
+    table, when ``rebuild``, or when ``kind`` (None: keep the saved kind, else ``auto``)
+    now selects another FAISS type; extended when it covers fewer rows. Saved when it
+    changed and ``persist`` (a read-only store is simply not updated on disk).
+    """
+    pre = None if rebuild else load(store)
+    rows = store.count()
+    if pre is not None:
+        want_kind = kind or pre.meta.get("kind", "auto")
+        outgrown = want_kind == "auto" and pre.meta.get("factory") == "Flat" and choose_factory(rows, "auto")[0] != "Flat"
+        stale = pre.meta.get("sketch") != _spec_of(store) or pre.rows > rows or outgrown
+        if stale or (kind is not None and kind != pre.meta.get("kind")):
+            pre = None
+    changed = False
+    if pre is None:
+        pre = build(store, kind or "auto")
+        changed = True
+    elif pre.rows < rows:
+        extend(store, pre)
+        changed = True
+    if changed and persist:
+        try:
+            save(store, pre)
+        except OSError:
+            pass
+    return pre

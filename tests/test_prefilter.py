@@ -1,0 +1,214 @@
+"""The prefilter: sketch estimates For-Value scores, FAISS index stays consistent, prefilter + rerank recall."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from indexer.sketch import SketchSpec, Sketcher
+from indexer.sparse_errors import error_entries, pair_score
+from query.api import build_index, run_query
+from schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
+from storage import faiss_index
+from storage.store import Store
+
+from conftest import write_jsonl
+
+
+def _random_samples(rng, n_samples=24, vocab=500, d=32, m=8):
+    """Random sparse errors + hidden states with shared structure (so scores vary a lot)."""
+    lengths = rng.integers(3, 9, n_samples)
+    n = int(lengths.sum())
+    topic = np.repeat(rng.integers(0, 4, n_samples), lengths)
+    centres = rng.standard_normal((4, d)) * 2
+    hidden = (centres[topic] + rng.standard_normal((n, d)) + 1.0).astype(np.float32)
+    topk_ids = np.stack([rng.choice(np.arange(t * 40, t * 40 + 60), m, replace=False) for t in topic]).astype(np.int32)
+    probs = np.sort(rng.dirichlet(np.ones(m + 1), n)[:, :m], axis=1)[:, ::-1].astype(np.float32)
+    target = np.where(rng.random(n) < 0.7, topk_ids[:, 0], rng.integers(0, vocab, n)).astype(np.int32)
+    tprob = np.where(target == topk_ids[:, 0], probs[:, 0], 0.01).astype(np.float32)
+    ids, values = error_entries(topk_ids, np.ascontiguousarray(probs), target, tprob)
+    return hidden, ids, values, lengths
+
+
+def _exact_matrix(hidden, ids, values, lengths):
+    off = np.concatenate([[0], np.cumsum(lengths)])
+    parts = [(hidden[a:b], ids[a:b], values[a:b]) for a, b in zip(off[:-1], off[1:])]
+    return np.array([[pair_score(*p, *q) for q in parts] for p in parts])
+
+
+@pytest.mark.parametrize("buckets,cols", [(1, 1), (1, 4), (4, 4)])
+def test_sketch_inner_product_is_unbiased_and_accurate(buckets, cols):
+    rng = np.random.default_rng(0)
+    hidden, ids, values, lengths = _random_samples(rng)
+    exact = _exact_matrix(hidden, ids, values, lengths)
+    off = np.triu_indices(len(lengths), 1)
+
+    def estimate(seed, dim, flip=False):
+        spec = SketchSpec(dim, buckets, cols, seed, 500, 32)
+        z_store = Sketcher(spec).sketch(hidden, ids, values, lengths)
+        z_query = Sketcher(spec, flip_signs=True).sketch(hidden, ids, values, lengths) if flip else z_store
+        return z_query.astype(np.float64) @ z_store.T.astype(np.float64)
+
+    # unbiased: the mean over independent seeds converges to the exact scores
+    mean = np.mean([estimate(seed, 512) for seed in range(200)], axis=0)
+    scale = np.abs(exact).max()
+    assert np.abs(mean - exact).max() < 0.06 * scale
+    # accurate: one large sketch ranks pairs like the exact score
+    one = estimate(7, 4096)
+    assert np.corrcoef(one[off], exact[off])[0, 1] > 0.75
+    # a sketch whose query-side hash signs disagree with the store's is useless
+    wrong = estimate(7, 4096, flip=True)
+    assert abs(np.corrcoef(wrong[off], exact[off])[0, 1]) < 0.3
+    # and another seed on one side (a seed not taken from the manifest) too
+    spec_a, spec_b = SketchSpec(4096, buckets, cols, 1, 500, 32), SketchSpec(4096, buckets, cols, 2, 500, 32)
+    cross = Sketcher(spec_a).sketch(hidden, ids, values, lengths) @ Sketcher(spec_b).sketch(hidden, ids, values, lengths).T
+    assert abs(np.corrcoef(cross[off], exact[off])[0, 1]) < 0.3
+
+
+def test_sketch_is_deterministic_and_linear():
+    rng = np.random.default_rng(1)
+    hidden, ids, values, lengths = _random_samples(rng, n_samples=6)
+    spec = SketchSpec(256, 1, 4, 3, 500, 32)
+    a = Sketcher(spec).sketch(hidden, ids, values, lengths)
+    b = Sketcher(spec).sketch(hidden, ids, values, lengths)
+    np.testing.assert_array_equal(a, b)
+    whole = Sketcher(spec).sketch(hidden, ids, values, np.array([lengths.sum()]))
+    np.testing.assert_allclose(whole[0], a.sum(0), rtol=1e-4, atol=1e-3)
+
+
+def _task_rows(n_train, n_test, seed=0):
+    from indexer.demo_data import generate_task
+
+    train, test = generate_task("sentence_transformations", n_train=n_train, n_test=n_test, seed=seed)
+    return [{k: r[k] for k in ("id", "prompt", "response", "label")} for r in train], [
+        {k: r[k] for k in ("id", "prompt", "response", "label")} for r in test
+    ]
+
+
+@pytest.fixture(scope="module")
+def sketched_store(tmp_path_factory, tiny_model_dir, tiny_runner):
+    tmp = tmp_path_factory.mktemp("prefilter")
+    train, test = _task_rows(12, 2)
+    write_jsonl(tmp / "train.jsonl", train)
+    write_jsonl(tmp / "val.jsonl", test)
+    cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False, write_every=40,
+                      encode=EncodeConfig(sketch_dim=2048))
+    build_index([tmp / "train.jsonl"], tmp / "store", cfg, runner=tiny_runner)
+    return tmp, train, test
+
+
+def _top_ids(res, k):
+    out = {}
+    for row in res.top.to_pylist():
+        out.setdefault(row["validation_id"], []).append(row["train_id"])
+    return {v: ids[:k] for v, ids in out.items()}
+
+
+def _recall(exact, approx):
+    return float(np.mean([len(set(exact[v]) & set(approx[v])) / len(exact[v]) for v in exact]))
+
+
+def test_prefilter_recall_matches_exact_and_wrong_sketch_breaks_it(sketched_store, tiny_runner, monkeypatch):
+    tmp, train, test = sketched_store
+    store = Store.open(tmp / "store")
+    assert store.count() == len(train) and store.has_column("sketch")
+    pre = faiss_index.load(store)
+    assert pre is not None and pre.rows == len(train) and pre.meta["factory"] == "Flat"
+    k, cand = 10, len(train) // 5
+    exact = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, exact=True), runner=tiny_runner)
+    approx = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, candidates=cand), runner=tiny_runner)
+    assert not exact.prefiltered and approx.prefiltered
+    e, a = _top_ids(exact, k), _top_ids(approx, k)
+    assert _recall(e, a) >= 0.9
+    # scores of the rows both return are the exact ones
+    es = {(r["validation_id"], r["train_id"]): r["score"] for r in exact.top.to_pylist()}
+    for r in approx.top.to_pylist():
+        if (r["validation_id"], r["train_id"]) in es:
+            assert r["score"] == pytest.approx(es[(r["validation_id"], r["train_id"])], rel=1e-9)
+    # aggregated queries: same top-k when the candidates cover it
+    em = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, aggregate="mean", progress=False, exact=True), runner=tiny_runner)
+    am = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, aggregate="mean", progress=False, candidates=cand), runner=tiny_runner)
+    assert _recall(_top_ids(em, k), _top_ids(am, k)) >= 0.9
+
+    # a query-side sketch with wrong hash signs: recall collapses to about chance (cand / rows)
+    import query.prefilter as qp
+
+    monkeypatch.setattr(qp, "get_sketcher", lambda spec: Sketcher(spec, flip_signs=True))
+    broken = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, candidates=cand), runner=tiny_runner)
+    assert _recall(e, _top_ids(broken, k)) < 0.6
+
+
+def test_faiss_index_follows_appends_and_recovers(sketched_store, tiny_model_dir, tiny_runner):
+    tmp, train, _ = sketched_store
+    more, _ = _task_rows(2, 1, seed=5)
+    more = [dict(r, id="extra-" + r["id"]) for r in more]
+    write_jsonl(tmp / "more.jsonl", more)
+    cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False, encode=EncodeConfig(sketch_dim=2048))
+    build_index([tmp / "more.jsonl"], tmp / "store", cfg, runner=tiny_runner)
+    store = Store.open(tmp / "store")
+    total = store.count()
+    assert total == len(train) + len(more)
+    assert faiss_index.load(store).rows == total
+    # an index left behind (e.g. a build killed after its last commit): extended on next use
+    meta_path = tmp / "store" / faiss_index.INDEX_DIR / faiss_index.META_FILE
+    stale = faiss_index.build(store)
+    stale.index.remove_ids(np.arange(total - 5, total))
+    stale.meta["rows"] = total - 5
+    faiss_index.save(store, stale)
+    assert json.loads(meta_path.read_text())["rows"] == total - 5
+    fresh = faiss_index.ensure(store)
+    assert fresh.rows == total and faiss_index.load(store).rows == total
+    # the extended index equals a rebuilt one
+    q = np.random.default_rng(0).standard_normal((3, store.manifest.sketch_dim)).astype(np.float32)
+    np.testing.assert_array_equal(fresh.search(q, 7)[1], faiss_index.build(store).search(q, 7)[1])
+    # a damaged index file is rebuilt
+    (tmp / "store" / faiss_index.INDEX_DIR / json.loads(meta_path.read_text())["file"]).write_bytes(b"junk")
+    assert faiss_index.load(store) is None
+    assert faiss_index.ensure(store).rows == total
+
+
+def test_choose_factory():
+    assert faiss_index.choose_factory(5000)[0] == "Flat"
+    factory, nprobe = faiss_index.choose_factory(1_000_000)
+    assert factory.startswith("IVF") and factory.endswith(",SQ8") and nprobe >= 1
+    assert faiss_index.choose_factory(10, "hnsw")[0].startswith("HNSW")
+
+
+def test_cli_sketch_old_store_and_query_candidates(tmp_path, tiny_model_dir, tiny_runner, toy_rows):
+    from click.testing import CliRunner
+
+    from query.cli import main
+
+    write_jsonl(tmp_path / "train.jsonl", toy_rows)
+    write_jsonl(tmp_path / "val.jsonl", toy_rows[:2])
+    cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False, encode=EncodeConfig(sketch_dim=0))
+    build_index([tmp_path / "train.jsonl"], tmp_path / "store", cfg, runner=tiny_runner)
+    store = Store.open(tmp_path / "store")
+    assert not store.has_column("sketch") and store.manifest.sketch_dim is None
+    cli = CliRunner()
+    res = cli.invoke(main, ["query", "--store", str(tmp_path / "store"), "-v", str(tmp_path / "val.jsonl"), "--candidates", "5", "--quiet"])
+    assert res.exit_code == 2 and "index sketch" in res.output
+    res = cli.invoke(main, ["index", "sketch", "--store", str(tmp_path / "store"), "--sketch-dim", "512", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output.strip().splitlines()[-1])
+    assert report["sketched"] and report["faiss_rows"] == len(toy_rows)
+    store = Store.open(tmp_path / "store")
+    assert store.manifest.sketch_dim == 512 and store.has_column("sketch")
+    # the column equals what a build would have computed
+    built = tmp_path / "built"
+    build_index([tmp_path / "train.jsonl"], built, BuildConfig(model=cfg.model, progress=False, encode=EncodeConfig(sketch_dim=512)), runner=tiny_runner)
+    a = {r["id"]: r["sketch"] for r in store.take(list(range(store.count())), ["id", "sketch"]).to_pylist()}
+    b_store = Store.open(built)
+    b = {r["id"]: r["sketch"] for r in b_store.take(list(range(b_store.count())), ["id", "sketch"]).to_pylist()}
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-4)
+    args = ["query", "--store", str(tmp_path / "store"), "-v", str(tmp_path / "val.jsonl"), "--top-k", "3", "--quiet",
+            "--model", str(tiny_model_dir), "--device", "cpu"]
+    exact = cli.invoke(main, args + ["--exact"])
+    approx = cli.invoke(main, args + ["--candidates", str(len(toy_rows))])
+    assert exact.exit_code == 0 and approx.exit_code == 0, approx.output
+    assert [json.loads(x)["train_id"] for x in exact.output.splitlines()] == [json.loads(x)["train_id"] for x in approx.output.splitlines()]
+    bad = cli.invoke(main, args + ["--candidates", "3", "--exact"])
+    assert bad.exit_code == 2

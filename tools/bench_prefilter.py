@@ -1,0 +1,109 @@
+"""Benchmark of the FAISS prefilter + exact rerank against the exact full scan (synthetic store).
+
+    python tools/make_synthetic_store.py --out runs/synth --rows 1000000
+    python tools/bench_prefilter.py --store runs/synth --candidates 500,2000,10000,20000 --out runs/prefilter.md
+
+Measures, on one store and in one run: FAISS build time and index size; the exact full scan
+(all validation samples scored together, per-sample time = total / n); per validation sample,
+prefilter + rerank latency (median, p90) for each candidate count and Recall@k of its top-k
+against the exact top-k. Memory stays bounded: the index is built from sketch blocks and both
+paths read hidden states block by block (exact) or only for candidates (prefilter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from query.api import score_all  # noqa: E402
+from query.prefilter import prefilter_topk  # noqa: E402
+from query.ranking import TopK  # noqa: E402
+from query.validation import ValidationSet  # noqa: E402
+from schemas.config import QueryConfig  # noqa: E402
+from storage import faiss_index  # noqa: E402
+from storage.store import Store  # noqa: E402
+
+
+def load_val(path: Path) -> tuple[ValidationSet, np.ndarray]:
+    z = np.load(path)
+    n = len(z["lengths"])
+    return ValidationSet(list(range(n)), z["hidden"], z["ids"].astype(np.int64), z["values"], z["lengths"], z["sq_norms"]), z["topics"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--store", type=Path, required=True)
+    p.add_argument("--candidates", default="500,2000,10000")
+    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--n-val", type=int, default=20)
+    p.add_argument("--faiss-index", default="auto")
+    p.add_argument("--nprobe", default="", help="comma list of nprobe values to try (IVF only)")
+    p.add_argument("--rebuild", action="store_true")
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args()
+    import torch
+
+    dev = torch.device("cpu")
+    store = Store.open(a.store)
+    rows = store.count()
+    val, topics = load_val(a.store / "validation.npz")
+    val = val.subset(list(range(min(a.n_val, len(val)))))
+    lines = [f"Store `{a.store}`: {rows} samples, d={store.manifest.hidden_size}, top_m={store.manifest.top_m}, "
+             f"sketch {store.manifest.sketch_dim} (r={store.manifest.sketch_vocab_buckets}, c={store.manifest.sketch_hidden_cols}), "
+             f"{store.size_bytes() / 1e9:.2f} GB on disk; {len(val)} validation samples; top-k {a.top_k}; "
+             f"{torch.get_num_threads()} torch threads.", ""]
+
+    t0 = time.perf_counter()
+    pre = faiss_index.ensure(store, kind=a.faiss_index, rebuild=a.rebuild)
+    t_faiss = time.perf_counter() - t0
+    pre.to_gpu()
+    lines += ["| FAISS index | rows | build+save s (this run) | train s | add s | size MB |", "|---|---|---|---|---|---|",
+              f"| {pre.meta['factory']} | {pre.rows} | {t_faiss:.1f} | {pre.meta.get('train_seconds', '-')} | "
+              f"{pre.meta.get('add_seconds', '-')} | {pre.meta.get('bytes', 0) / 1e6:.1f} |", ""]
+    print("\n".join(lines), flush=True)
+
+    cfg = QueryConfig(top_k=a.top_k, progress=False, read_rows=2048)
+    t0 = time.perf_counter()
+    top = TopK(a.top_k, len(val))
+    for first, _ids, _labels, scores in score_all(store, val, cfg, dev):
+        top.update(scores, first)
+    t_exact = time.perf_counter() - t0
+    _, exact_rows = top.result()
+    print(f"exact scan: {t_exact:.1f}s for {len(val)} samples", flush=True)
+
+    table = ["| candidates | % of store | nprobe | Recall@{k} median / min | latency p50 ms | p90 ms | sketch+search ms | read ms | score ms | speedup vs exact (per sample) |".replace("{k}", str(a.top_k)),
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    nprobes = [int(x) for x in a.nprobe.split(",") if x] or [None]
+    for c in [int(x) for x in a.candidates.split(",")]:
+        for nprobe in nprobes:
+            lat, rec, parts = [], [], {"sketch": 0.0, "search": 0.0, "read": 0.0, "score": 0.0}
+            for j in range(len(val)):
+                one = val.subset([j])
+                t0 = time.perf_counter()
+                res = prefilter_topk(store, one, cfg, dev, candidates=c, index=pre, nprobe=nprobe, timings=parts)
+                lat.append(time.perf_counter() - t0)
+                rec.append(len(set(res.result()[1][0].tolist()) & set(exact_rows[j].tolist())) / a.top_k)
+            n = len(val)
+            p50 = float(np.median(lat))
+            table.append(
+                f"| {c} | {100 * c / rows:.2f} | {nprobe or pre.meta.get('nprobe') or '-'} | {np.median(rec):.3f} / {np.min(rec):.3f} (mean {np.mean(rec):.3f}) | "
+                f"{1000 * p50:.0f} | {1000 * np.percentile(lat, 90):.0f} | {1000 * (parts['sketch'] + parts['search']) / n:.0f} | "
+                f"{1000 * parts['read'] / n:.0f} | {1000 * parts['score'] / n:.0f} | {t_exact / n / p50:.0f}x |"
+            )
+            print(table[-1], flush=True)
+    lines += [f"Exact full scan: {t_exact:.1f} s for {len(val)} validation samples scored together "
+              f"({1000 * t_exact / len(val):.0f} ms per sample, amortised).", ""] + table
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if a.out:
+        a.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
