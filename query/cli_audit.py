@@ -21,12 +21,15 @@ def audit() -> None:
 @click.option("--name", required=True, help="Audit name (re-using a name writes a new version).")
 @click.option("--normalize", type=click.Choice(["none", "cosine"]), default="none", show_default=True)
 @click.option("--flag-fraction", type=float, default=0.1, show_default=True, help="Flag this fraction with the lowest mean score.")
-@click.option("--flag-threshold", type=float, default=None, help="Also flag samples whose mean score is below this.")
+@click.option("--flag-threshold", type=float, default=None, help="Also flag samples whose flag score is below this.")
+@click.option("--flag-by", type=click.Choice(["mean", "max", "label"]), default="mean", show_default=True,
+              help="Score that flags: mean or max over validation samples, or mean over those with the sample's own label "
+                   "(for mislabeled data use --normalize cosine --flag-by max).")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write a self-contained HTML report here.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_data_options
-def audit_run(store, validation, name, normalize, flag_fraction, flag_threshold, report, device, quiet, **kw):
+def audit_run(store, validation, name, normalize, flag_fraction, flag_threshold, flag_by, report, device, quiet, **kw):
     """Score every training sample against the validation set and save the audit in the store.
 
     Validation encodings are cached by content: an unchanged validation set runs no forward
@@ -34,7 +37,8 @@ def audit_run(store, validation, name, normalize, flag_fraction, flag_threshold,
     """
     from .audit import AuditConfig, load_audit, run_audit
 
-    cfg = AuditConfig(normalize=normalize, flag_fraction=flag_fraction, flag_threshold=flag_threshold, device=device, progress=not quiet)
+    cfg = AuditConfig(normalize=normalize, flag_fraction=flag_fraction, flag_threshold=flag_threshold, flag_by=flag_by,
+                      device=device, progress=not quiet)
     s = run_audit(store, validation, name, cfg, data=_data_config(kw))
     click.echo(f"audit '{s.name}' v{s.version}: {s.n_train} training samples against {s.n_validation} validation samples "
                f"({s.encoded_now} encoded now, the rest cached) in {s.seconds:.1f}s; {s.flagged} flagged")

@@ -43,6 +43,13 @@ def test_audit_scores_match_query(audited_store, tiny_runner):
     flagged = table.column("flagged").to_numpy(zero_copy_only=False)
     assert flagged.sum() == round(0.1 * len(means)) and means[flagged].max() <= means[~flagged].min()
     assert {"mean_vs_label:reverse", "mean_vs_label:math"} <= set(table.column_names)
+    for flag_by, column in (("max", "score_max"), ("label", None)):
+        run_audit(store, [audited_store / "val.jsonl"], flag_by, AuditConfig(progress=False, device="cpu", flag_by=flag_by, flag_fraction=0.25), runner=tiny_runner)
+        t = load_audit(store, flag_by)[0].to_pylist()
+        score = [r[column] if column else r[f"mean_vs_label:{r['label']}"] for r in t]
+        assert [r["flag_score"] for r in t] == score
+        cut = sorted(score)[2]
+        assert {r["id"] for r in t if r["flagged"]} == {r["id"] for r, s_ in zip(t, score) if s_ <= cut} and sum(r["flagged"] for r in t) == 3
     # audits never touch the training table
     assert Store.open(store).version() == version and Store.open(store).count() == len(means)
 
