@@ -135,7 +135,8 @@ class QueryConfig:
         ``||G_v|| * ||G_i||``.
     aggregate : {"none", "mean"}
         ``mean`` scores the training set against the mean of the validation samples'
-        ``G_v`` (identical to the mean of their scores).
+        ``G_v`` (identical to the mean of their raw scores; with ``normalize="cosine"`` it
+        divides by ``||mean G_v||``, which is not the mean of per-sample cosines).
     include_text : bool
         Add the training sample's text to each result row.
     read_rows : int

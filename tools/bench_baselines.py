@@ -1,0 +1,166 @@
+"""Baseline scorers for ``tools/bench_quality.py``: the Emb ablation and gradient baselines.
+
+Everything here runs the pretrained model as loaded by the product's runner; nothing is
+fine-tuned and the model's weights are never modified.
+
+Emb (alpha = 1 ablation of For-Value)
+    ``S(v, i) = < sum_k h_vk , sum_k' h_ik' >`` with ``h`` the last hidden state (input of
+    the LM head) at the same scored positions For-Value uses (``score_tokens``).
+
+Gradient baselines (TracIn / "Hessian-free" and DataInf)
+    Parameters: LoRA-style rank-``r`` adapters on ``q_proj`` and ``v_proj`` of *every*
+    transformer layer (the setting of the paper's LoRA baselines), initialised like PEFT
+    LoRA: ``A`` (r x d_in) Kaiming-uniform(a=sqrt(5)) from a fixed seed, ``B`` (d_out x r)
+    zero, scaling 1. With ``B = 0`` the adapted model equals the pretrained one and
+    ``d/dA = 0``; the per-sample gradient of the summed log-likelihood with respect to
+    ``B`` is ``sum_t delta_t (A x_t)^T`` (``delta_t`` = gradient at the module output,
+    ``x_t`` its input), i.e. the full ``q``/``v`` weight gradient times the fixed random
+    matrix ``A^T`` -- a random projection on the input side built into LoRA. No other
+    projection is applied (r * (576 + 192) * 30 = 184,320 numbers per sample for r = 8).
+
+    Per-sample gradients are exact and computed with one backward pass per *batch* of
+    samples: the loss is the sum of the samples' log-likelihoods and samples do not
+    interact (causal attention, right padding, per-token norms), so the gradient at each
+    module output of sample ``b`` only depends on sample ``b``; forward/backward hooks
+    collect ``x`` and ``delta`` and form ``sum_t delta_bt (A x_bt)^T`` per sample.
+    ``grad_batch = 1`` gives the textbook one-backward-per-sample loop (same numbers).
+
+    TracIn (single checkpoint, unit learning rate) = Hessian-free: ``S = <g_v, g_i>``.
+    DataInf (Kwon et al., 2024), per adapter module l with the training gradients
+    ``g_il``: ``lambda_l = 0.1 * mean_i ||g_il||^2`` and
+    ``S(v, k) = sum_l (1 / (n lambda_l)) sum_i (g_vl - (g_vl.g_il)/(lambda_l + ||g_il||^2) g_il) . g_kl``
+    (sign chosen so that larger = more valuable, like the other scores).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from indexer.tokenize import tokenize_sample
+
+
+def tokenize_rows(tokenizer, samples, score_tokens: str, max_length: int = 512):
+    """TokenizedSample for each Sample, exactly as the product tokenizes them."""
+    return [tokenize_sample(tokenizer, s, score_tokens, max_length, False) for s in samples]
+
+
+def _batches(tokenized, batch_size: int):
+    """Length-sorted batches; yields (indices, ids, mask)."""
+    order = sorted(range(len(tokenized)), key=lambda j: len(tokenized[j].input_ids))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        longest = max(len(tokenized[j].input_ids) for j in idx)
+        ids = torch.zeros((len(idx), longest), dtype=torch.long)
+        mask = torch.zeros((len(idx), longest), dtype=torch.long)
+        for row, j in enumerate(idx):
+            t = tokenized[j].input_ids
+            ids[row, : len(t)] = torch.tensor(t)
+            mask[row, : len(t)] = 1
+        yield idx, ids, mask
+
+
+def _target_mask(tokenized, idx, longest: int) -> torch.Tensor:
+    """(B, T) bool: position p is scored iff it predicts a scored target p + 1."""
+    m = torch.zeros((len(idx), longest), dtype=torch.bool)
+    for row, j in enumerate(idx):
+        t = tokenized[j]
+        m[row, t.first_target - 1 : len(t.input_ids) - 1] = True
+    return m
+
+
+@torch.no_grad()
+def emb_vectors(runner, tokenized, batch_size: int = 8) -> np.ndarray:
+    """Sum of last hidden states over the scored positions, float64 (n, d)."""
+    out = np.zeros((len(tokenized), runner.hidden_size), np.float64)
+    for idx, ids, mask in _batches(tokenized, batch_size):
+        hidden = runner.hidden_states(ids, mask).float().cpu()
+        sel = _target_mask(tokenized, idx, ids.shape[1])
+        summed = (hidden * sel[:, :, None]).sum(dim=1).double().numpy()
+        out[idx] = summed
+    return out
+
+
+class LoraGradients:
+    """Per-sample gradients w.r.t. zero-initialised LoRA ``B`` factors (see module doc)."""
+
+    def __init__(self, model, rank: int = 8, targets=("q_proj", "v_proj"), seed: int = 0):
+        self.model = model
+        self.rank = rank
+        gen = torch.Generator().manual_seed(seed)
+        self.modules = []  # (name, module, A)
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+                a = torch.empty((rank, module.in_features), dtype=torch.float32)
+                bound = 1.0 / math.sqrt(module.in_features)  # kaiming_uniform_(a=sqrt(5))
+                a.uniform_(-bound, bound, generator=gen)
+                self.modules.append((name, module, a.to(module.weight.device)))
+        self.sizes = [m.out_features * rank for _, m, _ in self.modules]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
+        self.n_params = int(self.offsets[-1])
+
+    def compute(self, tokenized, batch_size: int = 8, device=None) -> np.ndarray:
+        """float32 array (n, n_params): per-sample gradient of the summed log-likelihood."""
+        model = self.model
+        device = device or next(model.parameters()).device
+        out = np.zeros((len(tokenized), self.n_params), np.float32)
+        saved_x: dict[int, torch.Tensor] = {}
+        grads: dict[int, torch.Tensor] = {}
+        handles = []
+
+        def fwd_hook(k):
+            def hook(module, inputs, output):
+                saved_x[k] = inputs[0].detach() @ self.modules[k][2].T  # (B, T, r)
+                output.register_hook(lambda g: grads.__setitem__(k, torch.einsum("bto,btr->bor", g, saved_x[k])))
+            return hook
+
+        for k, (_, module, _) in enumerate(self.modules):
+            handles.append(module.register_forward_hook(fwd_hook(k)))
+        requires = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            embed = model.get_input_embeddings()
+            for idx, ids, mask in _batches(tokenized, batch_size):
+                ids, mask = ids.to(device), mask.to(device)
+                saved_x.clear()
+                grads.clear()
+                inputs = embed(ids).detach().requires_grad_(True)
+                logits = model(inputs_embeds=inputs, attention_mask=mask).logits.float()
+                sel = _target_mask(tokenized, idx, ids.shape[1]).to(device)
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                tgt = logp.gather(2, ids[:, 1:, None]).squeeze(2)
+                loglik = (tgt * sel[:, :-1]).sum()
+                loglik.backward()
+                for k in range(len(self.modules)):
+                    out[idx, self.offsets[k] : self.offsets[k + 1]] = grads[k].reshape(len(idx), -1).cpu().numpy()
+        finally:
+            for h in handles:
+                h.remove()
+            for p, r in zip(model.parameters(), requires):
+                p.requires_grad_(r)
+        return out
+
+
+def tracin_scores(g_val: np.ndarray, g_train: np.ndarray) -> np.ndarray:
+    return g_val.astype(np.float64) @ g_train.astype(np.float64).T
+
+
+def datainf_scores(g_val: np.ndarray, g_train: np.ndarray, offsets: np.ndarray, damping_ratio: float = 0.1) -> np.ndarray:
+    """DataInf scores (n_val, n_train), per-module closed-form inverse (see module doc)."""
+    n = g_train.shape[0]
+    total = np.zeros((g_val.shape[0], n), np.float64)
+    for k in range(len(offsets) - 1):
+        sl = slice(int(offsets[k]), int(offsets[k + 1]))
+        G = g_train[:, sl].astype(np.float64)
+        V = g_val[:, sl].astype(np.float64)
+        sq = (G * G).sum(axis=1)
+        lam = damping_ratio * sq.mean()
+        if lam <= 0:
+            continue
+        VG = V @ G.T  # (m, n)
+        R = (n * V - (VG / (lam + sq)[None, :]) @ G) / (n * lam)
+        total += R @ G.T
+    return total
