@@ -77,12 +77,16 @@ def sparsify(
     chunk = max(1, _CHUNK_FLOATS // vocab_size)
     for start in range(0, n, chunk):
         logits = logits_fn(hidden[start : start + chunk])
-        finite_parts.append(torch.isfinite(logits).all(dim=1).cpu())
-        logits = torch.nan_to_num(logits, nan=0.0, posinf=0.0, neginf=0.0)
-        probs = torch.softmax(logits, dim=1)
-        top_p, top_i = probs.topk(m, dim=1)
-        tgt = targets[start : start + chunk].to(probs.device).long()
-        tgt_p = probs.gather(1, tgt[:, None]).squeeze(1)
+        # top-m on the logits (softmax is monotonic) and probabilities from the log-normaliser:
+        # one pass over |V| fewer than materialising the softmax. A NaN or +inf logit makes
+        # log_z non-finite, so the finiteness check needs no pass of its own (-inf logits are
+        # legitimate zero probabilities).
+        log_z = torch.logsumexp(logits, dim=1, keepdim=True)
+        finite_parts.append(torch.isfinite(log_z[:, 0]).cpu())
+        top_l, top_i = logits.topk(m, dim=1)
+        top_p = (top_l - log_z).exp()
+        tgt = targets[start : start + chunk].to(logits.device).long()
+        tgt_p = (logits.gather(1, tgt[:, None]) - log_z).exp().squeeze(1)
         in_top = (top_i == tgt[:, None]).any(dim=1)
         tail = 1.0 - top_p.sum(dim=1) - torch.where(in_top, torch.zeros_like(tgt_p), tgt_p)
         outs.append((top_i.int(), top_p, tgt.int(), tgt_p, tail.clamp_min(0.0)))
