@@ -77,3 +77,22 @@ def toy_rows() -> list[dict]:
         rows.append({"id": f"rev-{i}", "prompt": f"reverse the words {i}: the quick fox ->", "response": " fox quick the", "label": "reverse"})
         rows.append({"id": f"math-{i}", "prompt": f"solve the math problem {i} ->", "response": f" answer {i * 7}", "label": "math"})
     return rows
+
+
+def cli(*args: str):
+    """Run the forvalue CLI in-process (click's CliRunner)."""
+    from click.testing import CliRunner
+
+    from query.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, *needles: str) -> str:
+    """A user error: exit status 2 and one ``error:`` line on stderr containing every needle."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    err = result.stderr.strip()
+    assert err.startswith("error:") and "\n" not in err, err
+    for needle in needles:
+        assert needle in err, f"{needle!r} not in {err!r}"
+    return err

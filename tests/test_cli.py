@@ -11,19 +11,17 @@ import numpy as np
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 from indexer.build import manifest_for
 from indexer.model_runner import CausalLMRunner
 from indexer.tokenize import tokenize_sample
 from indexer.data import Sample
 from query.api import build_index, run_query
-from query.cli import main
 from schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
 from schemas.errors import BadValuesError, ManifestMismatchError
 from storage.store import Store
 
-from conftest import make_model_dir, write_jsonl
+from conftest import assert_one_line_error, cli, make_model_dir, write_jsonl
 
 TRAIN = [
     {"id": f"t{i}", "prompt": f"{p} {i} ->", "response": r, "label": label}
@@ -36,19 +34,6 @@ TRAIN = [
 VAL = [{"id": "v-rev", "prompt": "reverse the words: the brown fox ->", "response": " fox brown the"},
        {"id": "v-math", "prompt": "solve the math problem 9 ->", "response": " answer 63"}]
 QCFG = QueryConfig(progress=False, device="cpu")
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    err = result.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err, err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in {err!r}"
-    return err
 
 
 def store_state(path: Path) -> tuple:

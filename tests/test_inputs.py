@@ -14,15 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from click.testing import CliRunner
 
 from indexer.data import iter_samples
 from query.api import build_index, run_query
-from query.cli import main
 from schemas.config import BuildConfig, DataConfig, ModelConfig, QueryConfig
 from storage.store import Store
 
-from conftest import write_jsonl
+from conftest import assert_one_line_error, cli, write_jsonl
 
 # Quotes, commas, newlines and non-ASCII exercise CSV quoting and UTF-8 handling; two rows have no label.
 ROWS = [
@@ -118,19 +116,6 @@ def _build(tmp: Path, inputs, model_dir, runner, name="store", data=DataConfig()
 def _scores(store: Path, runner) -> dict[str, np.ndarray]:
     res = run_query(store, VAL, QueryConfig(progress=False, device="cpu", top_k=3), runner=runner, keep_scores=True)
     return dict(zip(res.train_ids, res.scores.T))
-
-
-def cli(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    err = result.stderr.strip()
-    assert err.startswith("error:") and "\n" not in err, err
-    for needle in needles:
-        assert needle in err, f"{needle!r} not in {err!r}"
-    return err
 
 
 # -- formats --------------------------------------------------------------------------

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import add_common_args, apply_threads, emit, machine_info, md_table, median, resolve, sync  # noqa: E402
+from _bench_common import quiet_transformers, add_common_args, apply_threads, emit, machine_info, md_table, median, resolve, sync  # noqa: E402
 
 TASKS = ("sentence_transformations", "math_no_reasoning", "math_with_reasoning")
 
@@ -482,10 +482,7 @@ def main() -> None:
     args = p.parse_args()
     apply_threads(args.threads)
     device = resolve(args.device)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_transformers()
     out = []
     with tempfile.TemporaryDirectory(prefix="forvalue-bench-build-") as tmp:
         workdir = Path(tmp)

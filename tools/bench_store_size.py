@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import add_common_args, apply_threads, emit, machine_info, md_table, resolve  # noqa: E402
+from _bench_common import quiet_transformers, add_common_args, apply_threads, emit, machine_info, md_table, resolve  # noqa: E402
 from bench_build import make_rows, write_rows  # noqa: E402
 
 ERROR_COLUMNS = ("topk_ids", "topk_probs", "target_ids", "target_probs", "tail_mass")
@@ -53,10 +53,7 @@ def main() -> None:
     args = p.parse_args()
     apply_threads(args.threads)
     device = resolve(args.device)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_transformers()
     from indexer.build import build_index
     from indexer.model_runner import load_runner
     from schemas.config import BuildConfig, EncodeConfig, ModelConfig

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import add_common_args, apply_threads, emit, machine_info, md_table, resolve  # noqa: E402
+from _bench_common import quiet_transformers, add_common_args, apply_threads, emit, machine_info, md_table, resolve  # noqa: E402
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -80,10 +80,7 @@ def main() -> None:
     args = p.parse_args()
     apply_threads(args.threads)
     device = resolve(args.device)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    quiet_transformers()
     from indexer.build import build_index
     from indexer.data import iter_samples
     from indexer.demo_data import generate_task, write_jsonl
