@@ -25,8 +25,9 @@ from storage.store import Store
 
 from .data import Sample, check_paths, iter_samples
 from .encoder import EncodedSample, encode_stream
+from .images import ImageError
 from .sketch import SketchSpec, get_sketcher
-from .tokenize import TokenizedSample, tokenize_sample
+from .tokenize import TokenizedSample, tokenize_for
 
 
 @dataclass
@@ -51,8 +52,14 @@ class BuildReport:
 
 
 def manifest_for(runner, data: DataConfig, encode: EncodeConfig, model_kind: str = "causal_lm") -> Manifest:
-    """The manifest describing vectors that ``runner`` produces with these settings."""
+    """The manifest describing vectors that ``runner`` produces with these settings.
+
+    The runner's own ``model_kind`` wins over the argument. A vision-language runner
+    always scores response tokens with its chat template, and records its image settings.
+    """
     ident = runner.identity
+    model_kind = getattr(runner, "model_kind", model_kind)
+    vlm = model_kind == "vlm"
     return Manifest(
         model_path=ident.path,
         model_weights_sha256=ident.weights_sha256,
@@ -63,12 +70,15 @@ def manifest_for(runner, data: DataConfig, encode: EncodeConfig, model_kind: str
         hidden_size=runner.hidden_size,
         vocab_size=runner.vocab_size,
         top_m=min(encode.top_m, runner.vocab_size),
-        score_tokens=encode.score_tokens,
-        chat_template=data.chat_template,
+        score_tokens="response" if vlm else encode.score_tokens,
+        chat_template=data.chat_template or vlm,
         max_length=data.max_length,
         hidden_dtype=encode.hidden_dtype,
         lowest_likelihood_ratio=encode.lowest_likelihood_ratio,
         model_kind=model_kind,
+        image_column=data.image_column if vlm else None,
+        image_max_pixels=getattr(runner, "image_max_pixels", None) if vlm else None,
+        processor_sha256=getattr(runner, "processor_sha256", None) if vlm else None,
         sketch_dim=encode.sketch_dim or None,
         sketch_vocab_buckets=encode.sketch_vocab_buckets,
         sketch_hidden_cols=encode.sketch_hidden_cols,
@@ -114,7 +124,7 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
     report = BuildReport(store=str(store_path))
     stored = store.ids()
     bar = tqdm(desc="indexing", unit="sample", disable=not config.progress)
-    tokenized = _new_samples(iter_samples(inputs, config.data), runner.tokenizer, config, stored, report)
+    tokenized = _new_samples(iter_samples(inputs, config.data), runner, config, stored, report)
     pending: list[EncodedSample] = []
     for enc in encode_stream(runner, tokenized, config.encode, config.batch_size, training=True):
         bar.update(1)
@@ -140,7 +150,7 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
     return report
 
 
-def _new_samples(samples: Iterator[Sample], tokenizer, config: BuildConfig, stored: set[str], report: BuildReport) -> Iterator[TokenizedSample]:
+def _new_samples(samples: Iterator[Sample], runner, config: BuildConfig, stored: set[str], report: BuildReport) -> Iterator[TokenizedSample]:
     data = config.data
     seen: set[str] = set()  # ids met in this run's inputs (a repeated id keeps its first row)
     for sample in samples:
@@ -155,7 +165,13 @@ def _new_samples(samples: Iterator[Sample], tokenizer, config: BuildConfig, stor
             report.duplicate_ids += 1
             continue
         seen.add(sample.id)
-        tok = tokenize_sample(tokenizer, sample, config.encode.score_tokens, data.max_length, data.chat_template)
+        try:
+            tok = tokenize_for(runner, sample, config.encode.score_tokens, data.max_length, data.chat_template)
+        except ImageError:  # a missing or undecodable image: a bad row like NaN/inf outputs
+            if config.encode.on_bad == "error":
+                raise
+            report.bad_skipped += 1
+            continue
         report.truncated += tok.truncated
         if tok.n_scored == 0:
             report.no_scored_tokens += 1

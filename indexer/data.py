@@ -18,6 +18,8 @@ import pyarrow as pa
 from schemas.config import DataConfig
 from schemas.errors import InputDataError
 
+from .images import ImageRef, parse_image_cell
+
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 _ARROW_BLOCK = 1024
 
@@ -27,7 +29,8 @@ class Sample:
     """One input row, validated.
 
     Exactly one of ``text`` or (``prompt``, ``response``) is set. ``source`` is
-    ``"file:line"`` for messages about this row later in the pipeline.
+    ``"file:line"`` for messages about this row later in the pipeline. ``image`` says
+    where the row's image is (vision-language data); it is decoded only when encoded.
     """
 
     id: str
@@ -36,15 +39,21 @@ class Sample:
     text: str | None
     label: str | None
     source: str
+    image: ImageRef | None = None
 
     @property
     def full_text(self) -> str:
         return self.text if self.text is not None else f"{self.prompt}{self.response}"
 
 
-def content_id(prompt: str | None, response: str | None, text: str | None) -> str:
-    """Stable id of a row without an ``id`` column: 16 hex digits of a SHA-256 of its content."""
-    payload = json.dumps([prompt, response, text], ensure_ascii=False)
+def content_id(prompt: str | None, response: str | None, text: str | None, image_key: str | None = None) -> str:
+    """Stable id of a row without an ``id`` column: 16 hex digits of a SHA-256 of its content.
+
+    ``image_key`` (the image path as written, or the hash of its bytes) is part of the
+    content of an image row, so rows that differ only in their image get different ids.
+    """
+    content = [prompt, response, text] if image_key is None else [prompt, response, text, image_key]
+    payload = json.dumps(content, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
@@ -206,7 +215,19 @@ def _to_sample(path: Path, where: int, row: dict[str, Any], config: DataConfig) 
         prompt = _field(path, where, row, config.prompt_column, required=True)
         response = _field(path, where, row, config.response_column, required=True)
     label = _field(path, where, row, config.label_column, required=False)
+    image = _image(path, where, row, config.image_column)
     sample_id = _field(path, where, row, config.id_column, required=False)
     if sample_id is None:
-        sample_id = content_id(prompt, response, text)
-    return Sample(sample_id, prompt, response, text, label, f"{path}:{where}")
+        sample_id = content_id(prompt, response, text, image.key if image else None)
+    return Sample(sample_id, prompt, response, text, label, f"{path}:{where}", image)
+
+
+def _image(path: Path, where: int, row: dict[str, Any], column: str | None) -> ImageRef | None:
+    """The row's image reference (not read yet); relative paths are taken from the data's folder."""
+    if column is None:
+        return None
+    value = row.get(column)
+    if value is None or (isinstance(value, float) and value != value):
+        what = "missing value" if column in row else f"missing column (row has: {', '.join(sorted(row)) or 'none'}); name it with --image-column"
+        raise InputDataError(path, what, line=where, field=column)
+    return parse_image_cell(value, path if path.is_dir() else path.parent, f"{path}:{where}", column)

@@ -86,7 +86,11 @@ def encode_batch(runner, batch: list[TokenizedSample], config: EncodeConfig, tra
     for row, s in enumerate(batch):
         ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
         mask[row, : len(s.input_ids)] = 1
-    hidden = runner.hidden_states(ids, mask)
+    vision = [s.vision for s in batch]
+    if any(v is not None for v in vision):  # a vision-language runner: image inputs per row
+        hidden = runner.hidden_states(ids, mask, vision=vision)
+    else:
+        hidden = runner.hidden_states(ids, mask)
     rows, cols = [], []
     for row, s in enumerate(batch):
         positions = torch.arange(s.first_target - 1, len(s.input_ids) - 1)

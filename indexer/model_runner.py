@@ -66,6 +66,8 @@ class CausalLMRunner:
     device : torch.device
     """
 
+    model_kind = "causal_lm"
+
     def __init__(self, model, tokenizer, device: torch.device, identity: ModelIdentity | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -94,7 +96,11 @@ class CausalLMRunner:
 
 
 def load_runner(config: ModelConfig) -> CausalLMRunner:
-    """Load the model and tokenizer named by ``config`` (offline) and wrap them in a runner."""
+    """Load the model and tokenizer named by ``config`` (offline) and wrap them in a runner.
+
+    A folder whose ``config.json`` has a ``vision_config`` is a vision-language model and
+    gets an :class:`indexer.vlm_runner.VisionLanguageRunner` (same interface).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(config.device)
@@ -118,6 +124,10 @@ def load_runner(config: ModelConfig) -> CausalLMRunner:
         if not (source / "config.json").exists():
             raise ModelLoadError(f"model folder '{path}' has no config.json; is it a Hugging Face model folder?")
         folder = str(source)
+        from .vlm_runner import is_vlm_folder, load_vlm_runner
+
+        if is_vlm_folder(source):
+            return load_vlm_runner(config, source, device, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=_TORCH_DTYPES[dtype], **kwargs)

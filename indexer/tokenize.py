@@ -25,16 +25,28 @@ class TokenizedSample:
         Targets ``first_target .. T-1`` are scored (``first_target >= 1``).
     truncated : bool
         True if the text was longer than ``max_length`` tokens and was cut.
+    vision : dict of str to Tensor, or None
+        Image inputs of a vision-language model (e.g. ``pixel_values`` and
+        ``image_grid_thw``, first dimension per image or patch); None for text.
     """
 
     sample: Sample
     input_ids: list[int]
     first_target: int
     truncated: bool
+    vision: dict | None = None
 
     @property
     def n_scored(self) -> int:
         return max(0, len(self.input_ids) - self.first_target)
+
+
+def tokenize_for(runner, sample: Sample, score_tokens: str, max_length: int, chat_template: bool) -> TokenizedSample:
+    """Tokenize with the runner's own inputs builder when it has one (vision-language runners), else the text path."""
+    own = getattr(runner, "tokenize", None)
+    if own is not None:
+        return own(sample, score_tokens, max_length, chat_template)
+    return tokenize_sample(runner.tokenizer, sample, score_tokens, max_length, chat_template)
 
 
 def tokenize_sample(tokenizer, sample: Sample, score_tokens: str, max_length: int, chat_template: bool) -> TokenizedSample:
@@ -43,6 +55,11 @@ def tokenize_sample(tokenizer, sample: Sample, score_tokens: str, max_length: in
     The prompt and the response are tokenized separately so the boundary between them
     is exact; the response gets no special tokens of its own.
     """
+    if sample.image is not None:
+        raise InputDataError(
+            sample.source, "this row has an image but the model is a text-only causal LM; use a vision-language "
+            "model (its config.json has a vision_config) or drop --image-column", field=sample.image.column,
+        )
     if sample.text is not None:
         if score_tokens == "response":
             raise InputDataError(

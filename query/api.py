@@ -28,7 +28,7 @@ from storage.store import Store
 
 from .ranking import TopK
 from .scorer import BlockedScorer, TrainBlock, decode_block
-from .validation import ValidationSet, encode_validation, load_validation_samples
+from .validation import ValidationSet, data_for_store, encode_validation, load_validation_samples
 
 __all__ = ["build_index", "BuildReport", "run_query", "QueryResult", "store_info", "load_store_runner", "score_all"]
 
@@ -93,6 +93,7 @@ def load_store_runner(store: Store, model: ModelConfig | None = None):
             path=model.path or manifest.model_path,
             adapter=model.adapter or manifest.adapter_path,
             dtype=manifest.dtype if model.dtype == "auto" else model.dtype,
+            image_max_pixels=model.image_max_pixels if manifest.image_max_pixels is None else manifest.image_max_pixels,
         )
     )
 
@@ -163,7 +164,7 @@ def run_query(
     store = _open(store)
     if runner is None:
         runner = load_store_runner(store, replace(model or ModelConfig(), device=config.device))
-    samples = load_validation_samples(validation, data)
+    samples = load_validation_samples(validation, data_for_store(data, store.manifest))
     val = encode_validation(runner, samples, store.manifest, data, config.batch_size)
     n_cols = 1 if config.aggregate == "mean" else len(val)
     col_names = ["mean"] if config.aggregate == "mean" else [s.id for s in samples]

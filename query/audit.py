@@ -26,7 +26,7 @@ from storage.audits import ValidationCache, list_audits, read_audit, write_audit
 from storage.store import Store
 
 from .api import _open, load_store_runner, score_all
-from .validation import encode_validation_cached, load_validation_samples
+from .validation import data_for_store, encode_validation_cached, load_validation_samples
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ class AuditSummary:
 
 
 def validation_hash(samples) -> str:
-    payload = json.dumps(sorted([s.prompt, s.response, s.text, s.label] for s in samples), ensure_ascii=False, default=str)
+    rows = [[s.prompt, s.response, s.text, s.label] + ([s.image.content_sha256()] if s.image is not None else []) for s in samples]
+    payload = json.dumps(sorted(rows), ensure_ascii=False, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -93,6 +94,7 @@ def run_audit(
     """Score every training sample against ``validation`` and save audit ``name`` in the store."""
     started = time.perf_counter()
     store = _open(store)
+    data = data_for_store(data, store.manifest)
     samples = load_validation_samples(validation, data)
     loaded = {}
 

@@ -45,6 +45,7 @@ def _data_options(f):
         click.option("--text-column", default=None, help="Use this single text column instead of prompt/response (default: 'text' when prompt/response are absent)."),
         click.option("--id-column", default="id", show_default=True, help="Column with sample ids (else a content hash)."),
         click.option("--label-column", default="label", show_default=True, help="Optional label column, kept for reports."),
+        click.option("--image-column", default=None, help="Vision-language data: column with each row's image (path relative to the data file's folder, bytes, or a datasets image dict); queries default to the store's."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -67,12 +68,13 @@ def _model_options(f):
 def _data_config(kw, **extra) -> DataConfig:
     return DataConfig(
         prompt_column=kw["prompt_column"], response_column=kw["response_column"], text_column=kw["text_column"],
-        id_column=kw["id_column"], label_column=kw["label_column"], **extra,
+        id_column=kw["id_column"], label_column=kw["label_column"], image_column=kw["image_column"], **extra,
     )
 
 
 def _model_config(kw) -> ModelConfig:
-    return ModelConfig(path=kw["model_path"], adapter=kw["adapter"], dtype=kw["dtype"], device=kw["device"], trust_remote_code=kw["trust_remote_code"])
+    return ModelConfig(path=kw["model_path"], adapter=kw["adapter"], dtype=kw["dtype"], device=kw["device"],
+                       trust_remote_code=kw["trust_remote_code"], image_max_pixels=kw["image_max_pixels"])
 
 
 def _parse_shard(value: str) -> tuple[int, int]:
@@ -128,7 +130,8 @@ def _build_command(name: str, must_exist: bool):
     @click.option("--score-tokens", type=click.Choice(["all", "response"]), default="all", show_default=True, help="Positions scored: whole text (paper default for text tasks) or response only.")
     @click.option("--lowest-likelihood-ratio", type=float, default=None, help="Keep only this fraction of positions, those with the lowest target probability.")
     @click.option("--hidden-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage dtype of hidden states.")
-    @click.option("--on-bad", type=click.Choice(["error", "skip"]), default="error", show_default=True, help="Samples with NaN/inf model outputs: stop, or skip and count.")
+    @click.option("--on-bad", type=click.Choice(["error", "skip"]), default="error", show_default=True, help="Samples with NaN/inf model outputs or a missing/undecodable image: stop, or skip and count.")
+    @click.option("--image-max-pixels", default=512 * 28 * 28, show_default=True, help="Vision-language models: downscale images to at most this many pixels before the processor (0 = no limit).")
     @click.option("--batch-size", default=8, show_default=True, help="Samples per forward pass.")
     @click.option("--write-every", default=256, show_default=True, help="Samples per atomic commit to the store.")
     @click.option("--shard", default="0/1", show_default=True, help="I/N: this worker takes the ids whose hash falls in shard I of N.")
@@ -140,6 +143,8 @@ def _build_command(name: str, must_exist: bool):
 
         manifest = Store.open(store).manifest if must_exist else None
         manifest_defaults = _existing_settings(manifest) if manifest else {}
+        if manifest is not None and kw["image_column"] is None:
+            kw["image_column"] = manifest.image_column
         cfg = BuildConfig(
             data=_data_config(kw, chat_template=manifest_defaults.get("chat_template", kw["chat_template"]),
                               max_length=manifest_defaults.get("max_length", kw["max_length"])),
@@ -161,7 +166,7 @@ def _build_command(name: str, must_exist: bool):
                 f"{report.store}: wrote {report.written} samples ({report.tokens_scored} scored tokens) in {report.seconds:.1f}s; "
                 f"skipped {report.already_stored} already stored, {report.duplicate_ids} repeated ids, "
                 f"{report.no_scored_tokens} without scored tokens, "
-                f"{report.bad_skipped} with NaN/inf; {report.truncated} truncated to {cfg.data.max_length} tokens; "
+                f"{report.bad_skipped} bad (NaN/inf or unreadable image); {report.truncated} truncated to {cfg.data.max_length} tokens; "
                 f"store now holds {report.total_rows} samples"
             )
 
@@ -179,6 +184,7 @@ def _existing_model(m, kw) -> ModelConfig:
     return ModelConfig(
         path=kw["model_path"] or m.model_path, adapter=kw["adapter"] or m.adapter_path,
         dtype=m.dtype if kw["dtype"] == "auto" else kw["dtype"], device=kw["device"], trust_remote_code=kw["trust_remote_code"],
+        image_max_pixels=kw["image_max_pixels"] if m.image_max_pixels is None else m.image_max_pixels,
     )
 
 
@@ -218,6 +224,9 @@ def info(store, as_json):
     for key in ("model_path", "model_weights_sha256", "dtype", "hidden_size", "vocab_size", "top_m", "score_tokens",
                 "chat_template", "max_length", "hidden_dtype", "lowest_likelihood_ratio", "schema_version", "package_version"):
         click.echo(f"{key:>18}: {m[key]}")
+    if m.get("model_kind") == "vlm":
+        for key in ("model_kind", "image_column", "image_max_pixels", "processor_sha256"):
+            click.echo(f"{key:>18}: {m[key]}")
 
 
 @main.command("query")

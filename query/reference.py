@@ -7,6 +7,7 @@ checked against it.
 
 from __future__ import annotations
 
+import inspect
 from typing import Sequence
 
 import numpy as np
@@ -19,16 +20,21 @@ from indexer.tokenize import tokenize_sample
 @torch.no_grad()
 def dense_matrices(
     model, tokenizer, sample: Sample, score_tokens: str = "all", max_length: int = 512,
-    chat_template: bool = False, top_m: int | None = None, hidden_dtype: str | None = None,
+    chat_template: bool = False, top_m: int | None = None, hidden_dtype: str | None = None, tokenize=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hidden states ``H (n, d)`` and dense errors ``E (n, |V|)`` of one sample's scored positions.
 
     ``top_m`` zeroes the error outside each position's top-m ∪ {target};
-    ``hidden_dtype='float16'`` rounds ``H`` as the store does.
+    ``hidden_dtype='float16'`` rounds ``H`` as the store does. ``tokenize`` (a
+    vision-language runner's ``tokenize``) replaces the text tokenizer; the image inputs
+    it returns go to the full model's forward, unbatched.
     """
-    tok = tokenize_sample(tokenizer, sample, score_tokens, max_length, chat_template)
+    if tokenize is not None:
+        tok = tokenize(sample, score_tokens, max_length, chat_template)
+    else:
+        tok = tokenize_sample(tokenizer, sample, score_tokens, max_length, chat_template)
     ids = torch.tensor([tok.input_ids])
-    out = model(input_ids=ids, output_hidden_states=True)
+    out = model(input_ids=ids, output_hidden_states=True, **_image_inputs(model, ids, tok.vision))
     positions = torch.arange(tok.first_target - 1, len(tok.input_ids) - 1)
     hidden = out.hidden_states[-1][0, positions].double()
     probs = torch.softmax(out.logits[0, positions].double(), dim=-1)
@@ -44,6 +50,17 @@ def dense_matrices(
     if hidden_dtype == "float16":
         h = h.astype(np.float16).astype(np.float64)
     return h, errors.numpy()
+
+
+def _image_inputs(model, ids: torch.Tensor, vision: dict | None) -> dict:
+    """A VLM's image inputs for one unpadded row, with Qwen-VL's token types (1 = image token) when it takes them."""
+    if vision is None:
+        return {}
+    extra = dict(vision)
+    image_token = getattr(model.config, "image_token_id", None)
+    if image_token is not None and "mm_token_type_ids" in inspect.signature(model.forward).parameters:
+        extra["mm_token_type_ids"] = (ids == image_token).long()
+    return extra
 
 
 def dense_scores(model, tokenizer, train: Sequence[Sample], val: Sequence[Sample], **kwargs) -> np.ndarray:

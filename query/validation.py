@@ -16,7 +16,7 @@ import numpy as np
 from indexer.build import manifest_for
 from indexer.data import Sample, iter_samples
 from indexer.encoder import encode_batch
-from indexer.tokenize import tokenize_sample
+from indexer.tokenize import tokenize_for
 from schemas.config import DataConfig, EncodeConfig
 from schemas.errors import ForValueError, InputDataError, ManifestMismatchError
 from schemas.manifest import MUST_MATCH, Manifest
@@ -89,6 +89,13 @@ def check_runner(runner, manifest: Manifest, data: DataConfig) -> None:
         )
 
 
+def data_for_store(data: DataConfig, manifest: Manifest) -> DataConfig:
+    """``data`` with the store's image column when none is given (vision-language stores)."""
+    if manifest.model_kind == "vlm" and data.image_column is None and manifest.image_column is not None:
+        return replace(data, image_column=manifest.image_column)
+    return data
+
+
 def _data_from_manifest(data: DataConfig, manifest: Manifest) -> DataConfig:
     return replace(data, max_length=manifest.max_length, chat_template=manifest.chat_template)
 
@@ -105,7 +112,7 @@ def encode_validation(runner, samples: list[Sample], manifest: Manifest, data: D
     encode = EncodeConfig(top_m=manifest.top_m, score_tokens=manifest.score_tokens, hidden_dtype=manifest.hidden_dtype)
     tokenized = []
     for s in samples:
-        tok = tokenize_sample(runner.tokenizer, s, manifest.score_tokens, manifest.max_length, manifest.chat_template)
+        tok = tokenize_for(runner, s, manifest.score_tokens, manifest.max_length, manifest.chat_template)
         if tok.truncated:
             raise InputDataError(
                 s.source, f"validation sample '{s.id}' is longer than the store's max length ({manifest.max_length} tokens); "
@@ -145,7 +152,10 @@ def cache_key(sample: Sample, manifest: Manifest) -> str:
     import json
 
     ident = [getattr(manifest, name) for name in MUST_MATCH] + [manifest.hidden_dtype]
-    payload = json.dumps([ident, sample.prompt, sample.response, sample.text], ensure_ascii=False)
+    content = [ident, sample.prompt, sample.response, sample.text]
+    if sample.image is not None:  # the image's bytes, not its path: an edited image is re-encoded
+        content.append(sample.image.content_sha256())
+    payload = json.dumps(content, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 

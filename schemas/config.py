@@ -37,6 +37,9 @@ class DataConfig:
     label_column: str = "label"
     chat_template: bool = False
     max_length: int = 512
+    # Vision-language data: the column with each row's image (a path relative to the data
+    # file's folder, bytes, or a datasets {"bytes", "path"} dict); None for text data.
+    image_column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,15 @@ class ModelConfig:
     dtype: str = "auto"
     device: str = "auto"
     trust_remote_code: bool = False
+    # Vision-language models only: images are downscaled to at most this many pixels
+    # before the model's processor runs (0 = keep their size); recorded in the manifest.
+    image_max_pixels: int = 512 * 28 * 28
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ForValueError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
+        if self.image_max_pixels < 0:
+            raise ForValueError(f"--image-max-pixels must be >= 0 (0 = no limit), got {self.image_max_pixels}")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,9 @@ MUST_MATCH = (
     "score_tokens",
     "chat_template",
     "max_length",
+    "model_kind",
+    "processor_sha256",
+    "image_max_pixels",
 )
 
 
@@ -51,6 +54,11 @@ class Manifest:
     hidden_dtype: str
     lowest_likelihood_ratio: float | None
     model_kind: str = "causal_lm"
+    # Vision-language stores ("vlm"): the image column (the default for queries), the
+    # downscaling bound of images and a SHA-256 of the image preprocessing + chat template.
+    image_column: str | None = None
+    image_max_pixels: int | None = None
+    processor_sha256: str | None = None
     # Prefilter sketch (indexer.sketch.SketchSpec); None: the store has no sketch column.
     sketch_dim: int | None = None
     sketch_vocab_buckets: int = 1

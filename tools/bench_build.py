@@ -136,7 +136,7 @@ class Probe:
         import indexer.encoder as encoder
         from storage.store import Store
 
-        self.wrap(build, "tokenize_sample", "tokenize")
+        self.wrap(build, "tokenize_for", "tokenize")
         self.wrap(runner, "hidden_states", "forward (decoder)", bound_instance=True)
         self.wrap(runner, "logits", "LM head matmul", bound_instance=True)
         self.wrap(encoder, "sparsify", "_sparsify")
