@@ -127,7 +127,7 @@ def _build_command(name: str, must_exist: bool):
     @click.option("--chat-template", is_flag=True, help="Wrap prompts in the tokenizer's chat template.")
     @click.option("--max-length", default=512, show_default=True, help="Tokens kept per sample; longer ones are truncated and counted.")
     @click.option("--top-m", default=32, show_default=True, help="Most likely tokens kept per position (the target is always kept).")
-    @click.option("--score-tokens", type=click.Choice(["all", "response"]), default="all", show_default=True, help="Positions scored: whole text (paper default for text tasks) or response only.")
+    @click.option("--score-tokens", type=click.Choice(["all", "response"]), default="all", show_default=True, help="Positions scored: whole text (paper default for text tasks) or response only (vision-language models: always response).")
     @click.option("--lowest-likelihood-ratio", type=float, default=None, help="Keep only this fraction of positions, those with the lowest target probability.")
     @click.option("--hidden-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage dtype of hidden states.")
     @click.option("--on-bad", type=click.Choice(["error", "skip"]), default="error", show_default=True, help="Samples with NaN/inf model outputs or a missing/undecodable image: stop, or skip and count.")
