@@ -21,13 +21,17 @@ from schemas.config import BuildConfig, DataConfig, EncodeConfig
 from schemas.errors import BadValuesError
 from schemas.manifest import Manifest
 from schemas.tables import samples_schema
+from storage.sketch_basis import load_basis, publish_basis
 from storage.store import Store
 
 from .data import Sample, check_paths, iter_samples
 from .encoder import EncodedSample, encode_stream
 from .images import ImageError
-from .sketch import SketchSpec, get_sketcher
+from .sketch import SketchSpec, fit_basis, get_sketcher
 from .tokenize import TokenizedSample, tokenize_for
+
+# Hidden states (tokens) used to fit a store's sketch basis: the first ones written.
+BASIS_FIT_TOKENS = 200_000
 
 
 @dataclass
@@ -83,6 +87,7 @@ def manifest_for(runner, data: DataConfig, encode: EncodeConfig, model_kind: str
         sketch_vocab_buckets=encode.sketch_vocab_buckets,
         sketch_hidden_cols=encode.sketch_hidden_cols,
         sketch_seed=encode.sketch_seed,
+        sketch_basis=encode.sketch_basis,
     )
 
 
@@ -182,7 +187,9 @@ def _new_samples(samples: Iterator[Sample], runner, config: BuildConfig, stored:
 def _flush(store: Store, pending: list[EncodedSample], report: BuildReport) -> None:
     if not pending:
         return
-    store.append(encoded_to_arrow(pending, store.manifest.hidden_dtype, sketch_spec=SketchSpec.from_manifest(store.manifest)))
+    spec = SketchSpec.from_manifest(store.manifest)
+    basis = store_basis(store.path, spec, lambda: np.concatenate([e.hidden for e in pending]))
+    store.append(encoded_to_arrow(pending, store.manifest.hidden_dtype, sketch_spec=spec, sketch_basis=basis))
     report.written += len(pending)
     report.tokens_scored += sum(len(e.hidden) for e in pending)
     pending.clear()
@@ -195,7 +202,23 @@ def _list_array(parts: list[np.ndarray], value_type: pa.DataType) -> pa.ListArra
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
 
-def encoded_to_arrow(encoded: list[EncodedSample], hidden_dtype: str, sketch_spec: SketchSpec | None = None) -> pa.Table:
+def store_basis(store_path, spec: SketchSpec | None, hidden_sample) -> np.ndarray | None:
+    """The fitted sketch basis of a store, fitted and published first if it has none.
+
+    ``hidden_sample()`` returns hidden states ``(N, d)`` to fit from (the rows about to be
+    written); only called when the store has no basis yet. None for stores without a
+    fitted sketch.
+    """
+    if spec is None or spec.basis != "fitted":
+        return None
+    basis = load_basis(store_path)
+    if basis is None:
+        basis = publish_basis(store_path, fit_basis(hidden_sample()[:BASIS_FIT_TOKENS], spec.hidden_cols))
+    return basis
+
+
+def encoded_to_arrow(encoded: list[EncodedSample], hidden_dtype: str, sketch_spec: SketchSpec | None = None,
+                     sketch_basis: np.ndarray | None = None) -> pa.Table:
     """Rows of the ``samples`` table for a list of encodings (with their sketches when ``sketch_spec``)."""
     schema = samples_schema(hidden_dtype, sketch_spec.dim if sketch_spec else None)
     samples = [e.tokenized.sample for e in encoded]
@@ -217,14 +240,14 @@ def encoded_to_arrow(encoded: list[EncodedSample], hidden_dtype: str, sketch_spe
         "sq_norm": pa.array([e.sq_norm for e in encoded], pa.float64()),
     }
     if sketch_spec is not None:
-        columns["sketch"] = sketch_column(encoded, sketch_spec)
+        columns["sketch"] = sketch_column(encoded, sketch_spec, sketch_basis)
     return pa.table(columns, schema=schema)
 
 
-def sketch_column(encoded: list[EncodedSample], spec: SketchSpec) -> pa.FixedSizeListArray:
+def sketch_column(encoded: list[EncodedSample], spec: SketchSpec, basis: np.ndarray | None = None) -> pa.FixedSizeListArray:
     """The ``sketch`` column (``indexer.sketch``) of a list of encodings."""
     entries = [e.entries() for e in encoded]
-    z = get_sketcher(spec).sketch(
+    z = get_sketcher(spec, basis).sketch(
         np.concatenate([e.hidden for e in encoded]), np.concatenate([i for i, _ in entries]),
         np.concatenate([v for _, v in entries]), np.array([len(e.hidden) for e in encoded]),
     )

@@ -17,13 +17,25 @@ outer products and the sketch is linear, ``z(G) = sum_k (C e_k) (x) (P^T h_k)`` 
 from the stored sparse errors and hidden states alone, token by token, with no |V| x d matrix.
 Everything is fixed by ``(seed, vocab_size, hidden_size, dim, r, c)``, recorded in the manifest,
 so the query side builds the very same sketch.
+
+Fitted hidden basis (``basis="fitted"``, the default of new stores). The Gaussian ``P`` treats
+every hidden direction alike, but LLM hidden states share a large common direction and most
+of their variance lies in few others; and the vocabulary side is where samples differ most
+(``<e_v, e_i>`` is non-zero only where their supports overlap), so a fine vocabulary
+count-sketch matters more than many hidden columns. With ``U`` (d x c, orthonormal: the mean
+hidden direction, then the top principal directions of the hidden states orthogonal to it,
+:func:`fit_basis`) in place of ``P``, ``z(G) = C G U`` estimates ``<G_v U, G_i U>``: the score
+restricted to the subspace of ``U``, with the count-sketch's collisions as the only noise (no
+longer unbiased for the full score, but far more accurate for ranking, see docs/prefilter.md).
+``U`` is fitted once per store from the first hidden states written and saved beside the table
+(``storage.sketch_basis``); the query side loads the same ``U``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import torch
@@ -44,8 +56,13 @@ class SketchSpec:
     seed: int
     vocab_size: int
     hidden_size: int
+    basis: str = "gaussian"  # "gaussian" (random P) or "fitted" (a stored basis U, see fit_basis)
 
     def __post_init__(self) -> None:
+        if self.basis not in ("gaussian", "fitted"):
+            raise ForValueError(f"sketch basis must be 'gaussian' or 'fitted', got {self.basis!r}")
+        if self.basis == "fitted" and self.hidden_cols > self.hidden_size:
+            raise ForValueError(f"--sketch-hidden-cols ({self.hidden_cols}) must be <= the hidden size ({self.hidden_size})")
         per_block = self.vocab_buckets * self.hidden_cols
         if self.dim < 1 or per_block < 1 or self.dim % per_block:
             raise ForValueError(
@@ -62,13 +79,15 @@ class SketchSpec:
         if not getattr(manifest, "sketch_dim", None):
             return None
         return cls(manifest.sketch_dim, manifest.sketch_vocab_buckets, manifest.sketch_hidden_cols,
-                   manifest.sketch_seed, manifest.vocab_size, manifest.hidden_size)
+                   manifest.sketch_seed, manifest.vocab_size, manifest.hidden_size,
+                   getattr(manifest, "sketch_basis", "gaussian"))
 
 
 class Sketcher:
     """Computes sketches for one :class:`SketchSpec` (random tables built once, deterministically)."""
 
-    def __init__(self, spec: SketchSpec, device: torch.device | str = "cpu", flip_signs: bool = False):
+    def __init__(self, spec: SketchSpec, device: torch.device | str = "cpu", flip_signs: bool = False,
+                 basis: np.ndarray | None = None):
         self.spec = spec
         self.device = torch.device(device)
         T, r, c = spec.blocks, spec.vocab_buckets, spec.hidden_cols
@@ -80,8 +99,15 @@ class Sketcher:
         # Dense (|V|, T * r) count-sketch table, used through embedding_bag.
         table = np.zeros((spec.vocab_size, T * r), np.float32)
         np.put_along_axis(table, buckets + np.arange(T) * r, signs, axis=1)
-        rng_hidden = np.random.default_rng([spec.seed, 2])
-        proj = rng_hidden.standard_normal((spec.hidden_size, T * c)).astype(np.float32) / math.sqrt(c)
+        if spec.basis == "fitted":
+            if basis is None or basis.shape != (spec.hidden_size, c):
+                got = None if basis is None else basis.shape
+                raise ForValueError(f"a fitted sketch needs its ({spec.hidden_size}, {c}) basis, got {got}; "
+                                    "run 'forvalue index sketch --rebuild' if the store's sketch_basis.npy is missing")
+            proj = np.tile(np.asarray(basis, np.float32), (1, T))
+        else:
+            rng_hidden = np.random.default_rng([spec.seed, 2])
+            proj = rng_hidden.standard_normal((spec.hidden_size, T * c)).astype(np.float32) / math.sqrt(c)
         self.table = torch.from_numpy(table).to(self.device)
         self.proj = torch.from_numpy(proj).to(self.device)
 
@@ -124,7 +150,55 @@ class Sketcher:
         return out.cpu().numpy()
 
 
-@lru_cache(maxsize=4)
-def get_sketcher(spec: SketchSpec, device: str = "cpu") -> Sketcher:
-    """Cached :class:`Sketcher` (its random tables take a moment to build for large vocabularies)."""
-    return Sketcher(spec, device)
+_CACHE: dict = {}
+
+
+def get_sketcher(spec: SketchSpec, basis: np.ndarray | None = None, device: str = "cpu") -> Sketcher:
+    """Cached :class:`Sketcher` (its random tables take a moment to build for large vocabularies).
+
+    ``basis`` is the store's fitted basis (``storage.sketch_basis.load_basis``) when
+    ``spec.basis == "fitted"``; it is ignored for the Gaussian sketch.
+    """
+    if spec.basis != "fitted":
+        basis = None
+    key = (spec, device, None if basis is None else hashlib.sha256(np.ascontiguousarray(basis, np.float32).tobytes()).hexdigest())
+    if key not in _CACHE:
+        if len(_CACHE) >= 4:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = Sketcher(spec, device, basis=basis)
+    return _CACHE[key]
+
+
+def fit_basis(hidden: np.ndarray, cols: int) -> np.ndarray:
+    """An orthonormal hidden-side basis for the fitted sketch.
+
+    Column 0 is the mean hidden direction; columns ``1..cols-1`` are the top principal
+    directions of the hidden states after removing that direction.
+
+    Parameters
+    ----------
+    hidden : array, shape (N, d)
+        Hidden states of stored tokens (any float dtype; a few thousand tokens suffice).
+    cols : int
+        Number of columns ``c`` (``1 <= c <= d``).
+
+    Returns
+    -------
+    float32 array, shape (d, cols)
+    """
+    h = np.asarray(hidden, np.float64)
+    if h.ndim != 2 or h.shape[0] == 0:
+        raise ForValueError("fitting the sketch basis needs at least one stored token")
+    d = h.shape[1]
+    if not 1 <= cols <= d:
+        raise ForValueError(f"the sketch basis needs 1 <= cols <= {d}, got {cols}")
+    mean = h.mean(axis=0)
+    norm = np.linalg.norm(mean)
+    first = mean / norm if norm > 0 else np.eye(d)[0]
+    rest = h - np.outer(h @ first, first)  # hidden states with the mean direction removed
+    rest = rest - rest.mean(axis=0)
+    _, vecs = np.linalg.eigh(rest.T @ rest)  # ascending eigenvalues; eigenvectors span R^d
+    basis = np.concatenate([first[:, None], vecs[:, ::-1][:, : cols - 1]], axis=1)
+    q, r = np.linalg.qr(basis)  # exactly orthonormal; signs fixed so column 0 is the mean direction
+    q = q * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
+    return q.astype(np.float32)

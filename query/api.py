@@ -24,6 +24,7 @@ from indexer.model_runner import load_runner
 from schemas.config import DataConfig, ModelConfig, QueryConfig
 from schemas.errors import StoreError
 from schemas.tables import SCORING_COLUMNS
+from storage import faiss_index
 from storage.store import Store
 
 from .ranking import TopK
@@ -79,8 +80,25 @@ def store_info(path: str | Path) -> dict:
         "table_version": store.version(),
         "bytes_on_disk": size,
         "bytes_per_token": round(size / tokens, 1) if tokens else None,
+        "sketch": _sketch_state(store),
+        "prefilter_index": _prefilter_state(store, rows),
         "manifest": store.manifest.__dict__,
     }
+
+
+def _sketch_state(store: Store) -> str:
+    m = store.manifest
+    if not m.sketch_dim or not store.has_column(faiss_index.SKETCH_COLUMN):
+        return "none (add with 'forvalue index sketch')"
+    return f"D={m.sketch_dim} (vocab buckets {m.sketch_vocab_buckets}, hidden cols {m.sketch_hidden_cols}, {m.sketch_basis} basis)"
+
+
+def _prefilter_state(store: Store, rows: int) -> str:
+    meta = faiss_index.describe(store)
+    if meta is None:
+        return "none"
+    behind = f", {rows - meta['rows']} rows behind (extended on next use)" if meta["rows"] < rows else ""
+    return f"{meta.get('factory')} over {meta['rows']} rows, {meta.get('bytes', 0) / 1e6:.1f} MB{behind}"
 
 
 def load_store_runner(store: Store, model: ModelConfig | None = None):

@@ -72,6 +72,25 @@ def _data_config(kw, **extra) -> DataConfig:
     )
 
 
+def _sketch_options(f):
+    options = [
+        click.option("--sketch-dim", type=int, default=None, help="Prefilter sketch length D per sample, 0 = no sketch (build default: 2048; see docs/prefilter.md)."),
+        click.option("--sketch-vocab-buckets", type=int, default=None, help="Vocabulary count-sketch buckets R (default 512)."),
+        click.option("--sketch-hidden-cols", type=int, default=None, help="Hidden-side columns c (default 4); D must be a multiple of R x c."),
+        click.option("--sketch-basis", type=click.Choice(["fitted", "gaussian"]), default=None, help="Hidden-side basis: fitted (mean + principal directions of the stored hidden states, default) or gaussian (random)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _sketch_settings(kw) -> dict:
+    """EncodeConfig keyword arguments of the sketch options that were given."""
+    names = {"sketch_dim": "sketch_dim", "sketch_vocab_buckets": "sketch_vocab_buckets",
+             "sketch_hidden_cols": "sketch_hidden_cols", "sketch_basis": "sketch_basis"}
+    return {field: kw[opt] for opt, field in names.items() if kw.get(opt) is not None}
+
+
 def _model_config(kw) -> ModelConfig:
     return ModelConfig(path=kw["model_path"], adapter=kw["adapter"], dtype=kw["dtype"], device=kw["device"],
                        trust_remote_code=kw["trust_remote_code"], image_max_pixels=kw["image_max_pixels"])
@@ -132,6 +151,7 @@ def _build_command(name: str, must_exist: bool):
     @click.option("--hidden-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True, help="Storage dtype of hidden states.")
     @click.option("--on-bad", type=click.Choice(["error", "skip"]), default="error", show_default=True, help="Samples with NaN/inf model outputs or a missing/undecodable image: stop, or skip and count.")
     @click.option("--image-max-pixels", default=512 * 28 * 28, show_default=True, help="Vision-language models: downscale images to at most this many pixels before the processor (0 = no limit).")
+    @_sketch_options
     @click.option("--batch-size", default=8, show_default=True, help="Samples per forward pass.")
     @click.option("--write-every", default=256, show_default=True, help="Samples per atomic commit to the store.")
     @click.option("--shard", default="0/1", show_default=True, help="I/N: this worker takes the ids whose hash falls in shard I of N.")
@@ -154,6 +174,7 @@ def _build_command(name: str, must_exist: bool):
                 score_tokens=manifest_defaults.get("score_tokens", kw["score_tokens"]),
                 lowest_likelihood_ratio=manifest_defaults.get("lowest_likelihood_ratio", kw["lowest_likelihood_ratio"]),
                 hidden_dtype=manifest_defaults.get("hidden_dtype", kw["hidden_dtype"]), on_bad=kw["on_bad"],
+                **(manifest_defaults["sketch"] if manifest else _sketch_settings(kw)),
             ),
             batch_size=kw["batch_size"], write_every=kw["write_every"], shard=_parse_shard(kw["shard"]),
             progress=not kw["quiet"],
@@ -176,7 +197,9 @@ def _build_command(name: str, must_exist: bool):
 def _existing_settings(m) -> dict:
     """Encoding settings of a store's manifest, which ``index add`` uses instead of its options."""
     return {"chat_template": m.chat_template, "max_length": m.max_length, "top_m": m.top_m, "score_tokens": m.score_tokens,
-            "hidden_dtype": m.hidden_dtype, "lowest_likelihood_ratio": m.lowest_likelihood_ratio}
+            "hidden_dtype": m.hidden_dtype, "lowest_likelihood_ratio": m.lowest_likelihood_ratio,
+            "sketch": {"sketch_dim": m.sketch_dim or 0, "sketch_vocab_buckets": m.sketch_vocab_buckets,
+                       "sketch_hidden_cols": m.sketch_hidden_cols, "sketch_seed": m.sketch_seed, "sketch_basis": m.sketch_basis}}
 
 
 def _existing_model(m, kw) -> ModelConfig:
@@ -195,15 +218,20 @@ _build_command("add", must_exist=True)
 @index.command("sketch")
 @click.option("--store", required=True, type=click.Path(path_type=Path), help="Store folder.")
 @click.option("--rebuild", is_flag=True, help="Recompute the sketch column even if the store has one.")
-@click.option("--sketch-dim", type=int, default=None, help="Sketch length (default: the store's, else 1024).")
+@_sketch_options
 @click.option("--sketch-seed", type=int, default=None, help="Seed of the sketch's random tables (default: the store's, else 0).")
 @click.option("--faiss-index", "kind", default=None, help="auto (Flat below 100k rows, IVF-SQ8 above), flat, ivf, hnsw or a FAISS factory string.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def sketch_command(store, rebuild, sketch_dim, sketch_seed, kind, as_json):
-    """Add (or rebuild) the prefilter sketches of a store and its FAISS index (run while no build writes)."""
+def sketch_command(store, rebuild, sketch_dim, sketch_vocab_buckets, sketch_hidden_cols, sketch_basis, sketch_seed, kind, as_json):
+    """Add (or rebuild) the prefilter sketches of a store and its FAISS index (run while no build writes).
+
+    Sketch options not given keep the store's values (else the defaults); giving any of
+    --sketch-vocab-buckets/--sketch-hidden-cols/--sketch-basis starts from the defaults.
+    """
     from query.prefilter import sketch_store
 
-    report = sketch_store(store, rebuild=rebuild, dim=sketch_dim, seed=sketch_seed, kind=kind)
+    report = sketch_store(store, rebuild=rebuild, dim=sketch_dim, seed=sketch_seed, kind=kind, vocab_buckets=sketch_vocab_buckets,
+                          hidden_cols=sketch_hidden_cols, basis=sketch_basis)
     click.echo(json.dumps(report) if as_json else ", ".join(f"{k}: {v}" for k, v in report.items()))
 
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexer.sketch import SketchSpec, get_sketcher
+from indexer.sketch import SketchSpec, fit_basis, get_sketcher
 from schemas.config import QueryConfig
 from schemas.errors import ForValueError
 from schemas.tables import SCORING_COLUMNS
 from storage import faiss_index
+from storage.sketch_basis import load_basis, publish_basis
 from storage.store import Store
 
 from .ranking import TopK
@@ -59,9 +60,12 @@ def use_prefilter(store: Store, config: QueryConfig, full_scores: bool) -> bool:
     return store.count() >= AUTO_MIN_ROWS and faiss_index.load(store) is not None
 
 
-def validation_sketches(val: ValidationSet, spec: SketchSpec, aggregate: str = "none") -> np.ndarray:
-    """``(n_val, D)`` sketches of the validation samples, or ``(1, D)`` (their mean) for ``mean``."""
-    z = get_sketcher(spec).sketch(val.hidden, val.ids, val.values, val.lengths)
+def validation_sketches(val: ValidationSet, spec: SketchSpec, aggregate: str = "none", basis: np.ndarray | None = None) -> np.ndarray:
+    """``(n_val, D)`` sketches of the validation samples, or ``(1, D)`` (their mean) for ``mean``.
+
+    ``basis``: the store's fitted basis (``storage.sketch_basis.load_basis``) for fitted sketches.
+    """
+    z = get_sketcher(spec, basis).sketch(val.hidden, val.ids, val.values, val.lengths)
     return z.mean(axis=0, keepdims=True) if aggregate == "mean" else z
 
 
@@ -98,7 +102,7 @@ def prefilter_topk(
     if index is None:
         index = faiss_index.ensure(store)
         index.to_gpu()
-    queries = validation_sketches(val, spec, config.aggregate)
+    queries = validation_sketches(val, spec, config.aggregate, load_basis(store.path))
     t1 = time.perf_counter()
     _, found = index.search(queries, candidates, nprobe=nprobe)
     t2 = time.perf_counter()
@@ -147,35 +151,47 @@ def _score_rows(store: Store, val: ValidationSet, rows: np.ndarray, config: Quer
 
 
 def sketch_store(path, rebuild: bool = False, dim: int | None = None, seed: int | None = None, kind: str | None = None,
-                 vocab_buckets: int | None = None, hidden_cols: int | None = None, block_rows: int = 1024) -> dict:
+                 vocab_buckets: int | None = None, hidden_cols: int | None = None, basis: str | None = None,
+                 block_rows: int = 1024) -> dict:
     """Add the ``sketch`` column to a store that lacks it (or recompute it), then build its FAISS index.
 
     Streams the table ``block_rows`` rows at a time (Lance ``add_columns``); the manifest records
-    the new sketch spec. Not safe while another process appends to the store.
+    the new sketch spec. A fitted sketch refits its basis from the first stored hidden states.
+    Not safe while another process appends to the store.
     """
     import dataclasses
     import time
 
     import pyarrow as pa
 
+    from indexer.build import BASIS_FIT_TOKENS
     from schemas.config import EncodeConfig
 
     store = Store.open(path)
     m = store.manifest
     default = EncodeConfig()
+    had = bool(m.sketch_dim)
+    shape_given = vocab_buckets is not None or hidden_cols is not None or basis is not None
     new = dataclasses.replace(
         m,
-        sketch_dim=dim or m.sketch_dim or default.sketch_dim,
-        sketch_seed=seed if seed is not None else (m.sketch_seed if m.sketch_dim else default.sketch_seed),
-        sketch_vocab_buckets=vocab_buckets or (m.sketch_vocab_buckets if m.sketch_dim else default.sketch_vocab_buckets),
-        sketch_hidden_cols=hidden_cols or (m.sketch_hidden_cols if m.sketch_dim else default.sketch_hidden_cols),
+        sketch_dim=dim or (m.sketch_dim if had and not shape_given else default.sketch_dim),
+        sketch_seed=seed if seed is not None else (m.sketch_seed if had else default.sketch_seed),
+        sketch_vocab_buckets=vocab_buckets or (m.sketch_vocab_buckets if had and not shape_given else default.sketch_vocab_buckets),
+        sketch_hidden_cols=hidden_cols or (m.sketch_hidden_cols if had and not shape_given else default.sketch_hidden_cols),
+        sketch_basis=basis or (m.sketch_basis if had else default.sketch_basis),
         schema_version=max(m.schema_version, 2),
     )
     spec = SketchSpec.from_manifest(new)
-    report = {"store": str(path), "rows": store.count(), "sketch_dim": spec.dim, "sketched": False}
+    report = {"store": str(path), "rows": store.count(), "sketch_dim": spec.dim, "sketch_basis": spec.basis,
+              "vocab_buckets": spec.vocab_buckets, "hidden_cols": spec.hidden_cols, "sketched": False}
     started = time.perf_counter()
-    if rebuild or new != m or not store.has_column(faiss_index.SKETCH_COLUMN):
-        sketcher = get_sketcher(spec)
+    missing_basis = spec.basis == "fitted" and load_basis(store.path) is None
+    if rebuild or new != m or missing_basis or not store.has_column(faiss_index.SKETCH_COLUMN):
+        fitted = None
+        if spec.basis == "fitted":
+            fitted = publish_basis(store.path, fit_basis(_first_hidden(store, BASIS_FIT_TOKENS, block_rows), spec.hidden_cols),
+                                   replace=True)
+        sketcher = get_sketcher(spec, fitted)
         field = pa.field(faiss_index.SKETCH_COLUMN, pa.list_(pa.float32(), spec.dim))
 
         def fn(batch):
@@ -191,3 +207,17 @@ def sketch_store(path, rebuild: bool = False, dim: int | None = None, seed: int 
     report.update(faiss=pre.meta.get("factory"), faiss_rows=pre.rows, faiss_seconds=round(time.perf_counter() - t0, 2),
                   faiss_bytes=pre.meta.get("bytes"))
     return report
+
+
+def _first_hidden(store: Store, tokens: int, block_rows: int) -> np.ndarray:
+    """Hidden states of the first stored tokens (up to ``tokens``), float32 ``(N, d)``."""
+    parts, n = [], 0
+    for batch in store.scan(["hidden", "n_scored"], batch_size=block_rows):
+        h = batch.column("hidden").flatten().to_numpy(zero_copy_only=False).reshape(-1, store.manifest.hidden_size)
+        parts.append(h.astype(np.float32))
+        n += h.shape[0]
+        if n >= tokens:
+            break
+    if not parts:
+        raise ForValueError(f"{store.path}: the store is empty; nothing to fit a sketch basis from")
+    return np.concatenate(parts)[:tokens]

@@ -93,10 +93,11 @@ class EncodeConfig:
     hidden_dtype: str = "float16"
     on_bad: OnBad = "error"
     # Prefilter sketch of G stored per sample (indexer.sketch); sketch_dim=0 stores none.
-    sketch_dim: int = 1024
-    sketch_vocab_buckets: int = 1
+    sketch_dim: int = 2048
+    sketch_vocab_buckets: int = 512
     sketch_hidden_cols: int = 4
     sketch_seed: int = 0
+    sketch_basis: str = "fitted"
 
     def __post_init__(self) -> None:
         if self.sketch_dim < 0 or (self.sketch_dim and self.sketch_dim % (self.sketch_vocab_buckets * self.sketch_hidden_cols)):

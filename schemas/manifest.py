@@ -64,6 +64,9 @@ class Manifest:
     sketch_vocab_buckets: int = 1
     sketch_hidden_cols: int = 1
     sketch_seed: int = 0
+    # "gaussian" (random hidden projection) or "fitted" (STORE/sketch_basis.npy); stores
+    # written before the fitted basis existed have no such field and are "gaussian".
+    sketch_basis: str = "gaussian"
     schema_version: int = SCHEMA_VERSION
     package_version: str = PACKAGE_VERSION
 

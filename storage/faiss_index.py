@@ -33,6 +33,7 @@ import numpy as np
 
 from schemas.errors import StoreError
 
+from .sketch_basis import basis_sha256, load_basis
 from .store import Store
 
 INDEX_DIR = "prefilter"
@@ -107,6 +108,14 @@ def _index_dir(store: Store) -> Path:
     return Path(store.path) / INDEX_DIR
 
 
+def describe(store: Store) -> dict | None:
+    """What the saved index covers (``prefilter.json``), without loading it; None when absent."""
+    try:
+        return json.loads((_index_dir(store) / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def load(store: Store) -> PrefilterIndex | None:
     """The saved index of ``store``, or None when there is none (or it is unreadable)."""
     meta_path = _index_dir(store) / META_FILE
@@ -152,7 +161,10 @@ def _sketch_blocks(store: Store, start: int, block_rows: int):
 
 def _spec_of(store: Store) -> dict:
     m = store.manifest
-    return {"dim": m.sketch_dim, "vocab_buckets": m.sketch_vocab_buckets, "hidden_cols": m.sketch_hidden_cols, "seed": m.sketch_seed}
+    spec = {"dim": m.sketch_dim, "vocab_buckets": m.sketch_vocab_buckets, "hidden_cols": m.sketch_hidden_cols, "seed": m.sketch_seed}
+    if m.sketch_basis != "gaussian":  # (older indexes have no such keys and stay valid for gaussian stores)
+        spec.update(basis=m.sketch_basis, basis_sha256=basis_sha256(load_basis(store.path)))
+    return spec
 
 
 def build(store: Store, kind: str = "auto", block_rows: int = 16384, train_rows: int | None = None, seed: int = 0) -> PrefilterIndex:

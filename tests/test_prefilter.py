@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from indexer.sketch import SketchSpec, Sketcher
+from indexer.sketch import SketchSpec, Sketcher, fit_basis
 from indexer.sparse_errors import error_entries, pair_score
 from query.api import build_index, run_query
 from schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
 from storage import faiss_index
+from storage.sketch_basis import load_basis, publish_basis
 from storage.store import Store
 
 from conftest import write_jsonl
@@ -87,6 +88,54 @@ def _task_rows(n_train, n_test, seed=0):
     ]
 
 
+def test_fit_basis_is_orthonormal_and_starts_with_the_mean_direction():
+    rng = np.random.default_rng(2)
+    hidden, *_ = _random_samples(rng, n_samples=40)
+    u = fit_basis(hidden, 6)
+    assert u.shape == (32, 6) and u.dtype == np.float32
+    np.testing.assert_allclose(u.T @ u, np.eye(6), atol=1e-5)
+    mean = hidden.mean(0) / np.linalg.norm(hidden.mean(0))
+    np.testing.assert_allclose(u[:, 0], mean, atol=1e-5)
+    # the next column is the top principal direction once the mean direction is removed
+    rest = hidden - np.outer(hidden @ mean, mean)
+    rest = rest - rest.mean(0)
+    top = np.linalg.eigh(rest.T @ rest)[1][:, -1]
+    assert abs(float(u[:, 1] @ top)) > 0.999
+
+
+def test_fitted_sketch_equals_its_dense_definition():
+    """z(G) = C G U: the token-by-token sketch against the dense |V| x d matrices."""
+    rng = np.random.default_rng(3)
+    hidden, ids, values, lengths = _random_samples(rng, n_samples=8)
+    basis = fit_basis(hidden, 4)
+    spec = SketchSpec(2 * 64 * 4, 64, 4, 5, 500, 32, "fitted")  # two blocks of 64 buckets x 4 columns
+    sk = Sketcher(spec, basis=basis)
+    z = sk.sketch(hidden, ids, values, lengths).astype(np.float64)
+    off = np.concatenate([[0], np.cumsum(lengths)])
+    table = sk.table.numpy().astype(np.float64)  # (|V|, T * R): one +-1 per block and vocabulary id
+    for j in range(len(lengths)):
+        g = np.zeros((500, 32))
+        for k in range(off[j], off[j + 1]):
+            np.add.at(g, ids[k], values[k][:, None] * hidden[k][None, :].astype(np.float64))
+        blocks = [table[:, t * 64:(t + 1) * 64].T @ g @ basis for t in range(2)]  # (R, c) each
+        want = np.concatenate([b.ravel() for b in blocks]) / np.sqrt(2)
+        np.testing.assert_allclose(z[j], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # a fitted sketch refuses a missing or misshaped basis
+    with pytest.raises(Exception, match="basis"):
+        Sketcher(spec)
+    with pytest.raises(Exception, match="basis"):
+        Sketcher(spec, basis=basis[:, :2])
+
+
+def test_basis_is_published_once(tmp_path):
+    a, b = np.eye(8, 2, dtype=np.float32), np.eye(8, 2, k=-1, dtype=np.float32)
+    assert load_basis(tmp_path) is None
+    np.testing.assert_array_equal(publish_basis(tmp_path, a), a)
+    np.testing.assert_array_equal(publish_basis(tmp_path, b), a)  # a second worker gets the first one's
+    np.testing.assert_array_equal(publish_basis(tmp_path, b, replace=True), b)  # index sketch --rebuild
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 @pytest.fixture(scope="module")
 def sketched_store(tmp_path_factory, tiny_model_dir, tiny_runner):
     tmp = tmp_path_factory.mktemp("prefilter")
@@ -132,10 +181,13 @@ def test_prefilter_recall_matches_exact_and_wrong_sketch_breaks_it(sketched_stor
     am = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, aggregate="mean", progress=False, candidates=cand), runner=tiny_runner)
     assert _recall(_top_ids(em, k), _top_ids(am, k)) >= 0.9
 
-    # a query-side sketch with wrong hash signs: recall collapses to about chance (cand / rows)
+    # a query-side sketch with other hash tables (a seed not taken from the manifest): recall
+    # collapses to about chance (cand / rows)
+    import dataclasses
+
     import query.prefilter as qp
 
-    monkeypatch.setattr(qp, "get_sketcher", lambda spec: Sketcher(spec, flip_signs=True))
+    monkeypatch.setattr(qp, "get_sketcher", lambda spec, basis=None: Sketcher(dataclasses.replace(spec, seed=spec.seed + 1), basis=basis))
     broken = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, candidates=cand), runner=tiny_runner)
     assert _recall(e, _top_ids(broken, k)) < 0.6
 
@@ -190,15 +242,18 @@ def test_cli_sketch_old_store_and_query_candidates(tmp_path, tiny_model_dir, tin
     cli = CliRunner()
     res = cli.invoke(main, ["query", "--store", str(tmp_path / "store"), "-v", str(tmp_path / "val.jsonl"), "--candidates", "5", "--quiet"])
     assert res.exit_code == 2 and "index sketch" in res.output
-    res = cli.invoke(main, ["index", "sketch", "--store", str(tmp_path / "store"), "--sketch-dim", "512", "--json"])
+    res = cli.invoke(main, ["index", "sketch", "--store", str(tmp_path / "store"), "--sketch-dim", "512", "--sketch-vocab-buckets", "128", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.output.strip().splitlines()[-1])
     assert report["sketched"] and report["faiss_rows"] == len(toy_rows)
     store = Store.open(tmp_path / "store")
     assert store.manifest.sketch_dim == 512 and store.has_column("sketch")
+    assert (store.manifest.sketch_vocab_buckets, store.manifest.sketch_hidden_cols, store.manifest.sketch_basis) == (128, 4, "fitted")
+    assert load_basis(store.path).shape == (store.manifest.hidden_size, 4)
     # the column equals what a build would have computed
     built = tmp_path / "built"
-    build_index([tmp_path / "train.jsonl"], built, BuildConfig(model=cfg.model, progress=False, encode=EncodeConfig(sketch_dim=512)), runner=tiny_runner)
+    build_index([tmp_path / "train.jsonl"], built, BuildConfig(model=cfg.model, progress=False, encode=EncodeConfig(sketch_dim=512, sketch_vocab_buckets=128)), runner=tiny_runner)
+    np.testing.assert_allclose(load_basis(built), load_basis(store.path), atol=1e-5)
     a = {r["id"]: r["sketch"] for r in store.take(list(range(store.count())), ["id", "sketch"]).to_pylist()}
     b_store = Store.open(built)
     b = {r["id"]: r["sketch"] for r in b_store.take(list(range(b_store.count())), ["id", "sketch"]).to_pylist()}

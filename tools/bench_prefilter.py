@@ -55,7 +55,7 @@ def main() -> None:
     val, topics = load_val(a.store / "validation.npz")
     val = val.subset(list(range(min(a.n_val, len(val)))))
     lines = [f"Store `{a.store}`: {rows} samples, d={store.manifest.hidden_size}, top_m={store.manifest.top_m}, "
-             f"sketch {store.manifest.sketch_dim} (r={store.manifest.sketch_vocab_buckets}, c={store.manifest.sketch_hidden_cols}), "
+             f"sketch {store.manifest.sketch_dim} (r={store.manifest.sketch_vocab_buckets}, c={store.manifest.sketch_hidden_cols}, {store.manifest.sketch_basis} basis), "
              f"{store.size_bytes() / 1e9:.2f} GB on disk; {len(val)} validation samples; top-k {a.top_k}; "
              f"{torch.get_num_threads()} torch threads.", ""]
 

@@ -1,0 +1,65 @@
+"""The fitted hidden-side basis of a store's prefilter sketch (``STORE/sketch_basis.npy``).
+
+A store whose manifest says ``sketch_basis = "fitted"`` computes every sketch with one
+``(d, c)`` basis ``U`` (``indexer.sketch.fit_basis``), fitted from the first hidden states
+written. It is published *before* the first row that uses it is committed, with an atomic
+create-if-absent (like the manifest): when several build workers start at once each may fit
+one, the first to publish wins and every worker then sketches with the published one.
+``forvalue index sketch --rebuild`` replaces it (and recomputes every sketch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from schemas.errors import StoreError
+
+BASIS_FILE = "sketch_basis.npy"
+
+
+def basis_path(store_path: str | Path) -> Path:
+    return Path(store_path) / BASIS_FILE
+
+
+def load_basis(store_path: str | Path) -> np.ndarray | None:
+    """The published basis, float32 ``(d, c)``, or None when there is none."""
+    path = basis_path(store_path)
+    if not path.exists():
+        return None
+    try:
+        basis = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"{path}: unreadable sketch basis ({exc}); run 'forvalue index sketch --rebuild'") from None
+    return np.asarray(basis, np.float32)
+
+
+def publish_basis(store_path: str | Path, basis: np.ndarray, replace: bool = False) -> np.ndarray:
+    """Publish ``basis`` unless one exists (or ``replace``); returns the basis now on disk."""
+    path = basis_path(store_path)
+    tmp = path.with_name(f".{BASIS_FILE}.{os.getpid()}.{time.time_ns()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.asarray(basis, np.float32), allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic create-if-absent
+            except FileExistsError:
+                pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return load_basis(store_path)
+
+
+def basis_sha256(basis: np.ndarray | None) -> str | None:
+    if basis is None:
+        return None
+    return hashlib.sha256(np.ascontiguousarray(basis, np.float32).tobytes()).hexdigest()
