@@ -1,7 +1,8 @@
 """Baseline scorers for ``tools/bench_quality.py``: the Emb ablation and gradient baselines.
 
-Everything here runs the pretrained model as loaded by the product's runner; nothing is
-fine-tuned and the model's weights are never modified.
+Everything here runs the pretrained model as loaded by the product's runner; the model's
+weights are never modified (the optional LoRA fine-tune of the gradient baselines trains
+adapters held outside the model, in forward hooks).
 
 Emb (alpha = 1 ablation of For-Value)
     ``S(v, i) = < sum_k h_vk , sum_k' h_ik' >`` with ``h`` the last hidden state (input of
@@ -84,22 +85,82 @@ def emb_vectors(runner, tokenized, batch_size: int = 8) -> np.ndarray:
 
 
 class LoraGradients:
-    """Per-sample gradients w.r.t. zero-initialised LoRA ``B`` factors (see module doc)."""
+    """Per-sample gradients w.r.t. LoRA ``B`` factors (see module doc).
+
+    ``B`` starts at zero (the pretrained model); :meth:`finetune` trains ``A`` and ``B`` first
+    (the paper's baselines are computed after a LoRA fine-tune). The adapters live in forward
+    hooks (``out + (x A^T) B^T``); the model's own weights are never modified.
+    """
 
     def __init__(self, model, rank: int = 8, targets=("q_proj", "v_proj"), seed: int = 0):
         self.model = model
         self.rank = rank
         gen = torch.Generator().manual_seed(seed)
         self.modules = []  # (name, module, A)
+        self.B = []
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
                 a = torch.empty((rank, module.in_features), dtype=torch.float32)
                 bound = 1.0 / math.sqrt(module.in_features)  # kaiming_uniform_(a=sqrt(5))
                 a.uniform_(-bound, bound, generator=gen)
                 self.modules.append((name, module, a.to(module.weight.device)))
+                self.B.append(torch.zeros((module.out_features, rank), device=module.weight.device))
         self.sizes = [m.out_features * rank for _, m, _ in self.modules]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.n_params = int(self.offsets[-1])
+        self.finetune_seconds = 0.0
+
+    def _adapter_hooks(self):
+        def make(k):
+            def hook(module, inputs, output):
+                if not bool(self.B[k].any()) and not self.B[k].requires_grad:
+                    return None
+                return output + (inputs[0] @ self.modules[k][2].T) @ self.B[k].T
+            return hook
+        return [module.register_forward_hook(make(k)) for k, (_, module, _) in enumerate(self.modules)]
+
+    def finetune(self, tokenized, epochs: int, lr: float = 3e-4, batch_size: int = 8, device=None, seed: int = 0) -> float:
+        """Train the adapters (``A`` and ``B``, AdamW) for ``epochs`` over ``tokenized``; returns seconds.
+
+        Loss: mean negative log-likelihood of the scored tokens of a batch (the model's own
+        weights frozen). Batches are length-sorted, visited in a seeded random order per epoch.
+        """
+        import time
+
+        started = time.perf_counter()
+        model = self.model
+        device = device or next(model.parameters()).device
+        params = [a for _, _, a in self.modules] + self.B
+        for t in params:
+            t.requires_grad_(True)
+        requires = [p.requires_grad for p in model.parameters()]
+        for p in model.parameters():
+            p.requires_grad_(False)
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        handles = self._adapter_hooks()
+        rng = np.random.default_rng(seed)
+        try:
+            batches = list(_batches(tokenized, batch_size))
+            for _ in range(epochs):
+                for b in rng.permutation(len(batches)):
+                    idx, ids, mask = batches[b]
+                    ids, mask = ids.to(device), mask.to(device)
+                    logits = model(input_ids=ids, attention_mask=mask).logits.float()
+                    sel = _target_mask(tokenized, idx, ids.shape[1]).to(device)[:, :-1]
+                    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
+                    loss = -(logp * sel).sum() / sel.sum().clamp(min=1)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+        finally:
+            for h in handles:
+                h.remove()
+            for t in params:
+                t.requires_grad_(False)
+            for p, r in zip(model.parameters(), requires):
+                p.requires_grad_(r)
+        self.finetune_seconds = time.perf_counter() - started
+        return self.finetune_seconds
 
     def compute(self, tokenized, batch_size: int = 8, device=None) -> np.ndarray:
         """float32 array (n, n_params): per-sample gradient of the summed log-likelihood."""
@@ -116,6 +177,7 @@ class LoraGradients:
                 output.register_hook(lambda g: grads.__setitem__(k, torch.einsum("bto,btr->bor", g, saved_x[k])))
             return hook
 
+        handles = self._adapter_hooks()  # first: the gradient hooks see the adapted output
         for k, (_, module, _) in enumerate(self.modules):
             handles.append(module.register_forward_hook(fwd_hook(k)))
         requires = [p.requires_grad for p in model.parameters()]
