@@ -134,6 +134,12 @@ def load_runner(config: ModelConfig) -> CausalLMRunner:
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model '{path}': {first}") from None
+    model, identity = place_model(model, config, source, tokenizer, device, dtype)
+    return CausalLMRunner(model, tokenizer, device, identity)
+
+
+def place_model(model, config: ModelConfig, source: Path, tokenizer, device: torch.device, dtype: str):
+    """Merge the adapter (if any), move ``model`` to ``device``; returns ``(model, ModelIdentity)``."""
     adapter_sha = None
     if config.adapter is not None:
         model, adapter_sha = _apply_adapter(model, config.adapter)
@@ -146,7 +152,7 @@ def load_runner(config: ModelConfig) -> CausalLMRunner:
         tokenizer_sha256=tokenizer_sha256(tokenizer),
         dtype=dtype,
     )
-    return CausalLMRunner(model, tokenizer, device, identity)
+    return model, identity
 
 
 def _apply_adapter(model, adapter: str):

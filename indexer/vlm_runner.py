@@ -18,7 +18,6 @@ import torch
 from schemas.config import ModelConfig
 from schemas.errors import ModelLoadError
 
-from .fingerprint import tokenizer_sha256, weights_sha256
 from .vlm_inputs import VisionTextInputs
 
 # Per-token arrays some VLMs need (Qwen-VL's multimodal RoPE): 0 text, 1 image, 2 video.
@@ -130,7 +129,7 @@ def load_vlm_runner(config: ModelConfig, source: Path, device: torch.device, dty
     """
     import transformers
 
-    from .model_runner import _TORCH_DTYPES, ModelIdentity, _apply_adapter
+    from .model_runner import _TORCH_DTYPES, place_model
 
     folder = str(source)
     kwargs: dict = {"local_files_only": True, "trust_remote_code": config.trust_remote_code}
@@ -140,18 +139,7 @@ def load_vlm_runner(config: ModelConfig, source: Path, device: torch.device, dty
     except (OSError, ValueError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load vision-language model '{folder}': {first}") from None
-    adapter_sha = None
-    if config.adapter is not None:
-        model, adapter_sha = _apply_adapter(model, config.adapter)
-    model.to(device)
-    identity = ModelIdentity(
-        path=str(source.resolve()),
-        weights_sha256=weights_sha256(source),
-        adapter_path=None if config.adapter is None else str(Path(config.adapter).resolve()),
-        adapter_sha256=adapter_sha,
-        tokenizer_sha256=tokenizer_sha256(inputs.tokenizer),
-        dtype=dtype,
-    )
+    model, identity = place_model(model, config, source, inputs.tokenizer, device, dtype)
     return VisionLanguageRunner(model, inputs, device, identity)
 
 
