@@ -17,7 +17,9 @@ makes influence search meaningful:
 ``sq_norm`` is the restricted-vocabulary ``||G||_F^2`` (G accumulated in float32), the ``sketch`` column is computed
 by ``indexer.sketch`` exactly as a real build does (a fitted basis is fitted from the first
 block and published before its commit, as ``indexer.build`` does). Each block of rows is one atomic commit,
-generated from ``(seed, block)`` alone, so a killed run resumes where it stopped.
+generated from ``(seed, block)`` alone, so a killed run resumes where it stopped, and
+``--workers N --worker I`` processes write disjoint blocks into one store at once (row order
+then interleaves blocks; ids stay ``s<row number>``).
 
     python tools/make_synthetic_store.py --out runs/synth1m --rows 1000000
     python tools/make_synthetic_store.py --out runs/synth1m --validation-only --n-val 50
@@ -152,6 +154,8 @@ def main() -> None:
     p.add_argument("--sketch-basis", choices=["fitted", "gaussian"], default=EncodeConfig.sketch_basis)
     p.add_argument("--block", type=int, default=8192, help="rows per commit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="parallel generator processes (blocks are split by index)")
+    p.add_argument("--worker", type=int, default=0, help="this process's index in 0..workers-1")
     p.add_argument("--n-val", type=int, default=50)
     p.add_argument("--validation-only", action="store_true")
     a = p.parse_args()
@@ -163,17 +167,19 @@ def main() -> None:
     store = None if a.validation_only else Store.create(a.out, man)
     val = gen.samples(np.random.default_rng([a.seed, 10**9]), a.n_val)
     a.out.mkdir(parents=True, exist_ok=True)
-    np.savez(a.out / "validation.npz", hidden=val["hidden"].astype(np.float32), ids=val["ids"], values=val["values"],
-             lengths=val["lengths"], topics=val["topics"],
-             sq_norms=sq_norms(val["hidden"], val["ids"], val["values"], val["lengths"], a.vocab))
+    if a.worker == 0:
+        np.savez(a.out / "validation.npz", hidden=val["hidden"].astype(np.float32), ids=val["ids"], values=val["values"],
+                 lengths=val["lengths"], topics=val["topics"],
+                 sq_norms=sq_norms(val["hidden"], val["ids"], val["values"], val["lengths"], a.vocab))
     if a.validation_only:
         return
     schema = samples_schema("float16", man.sketch_dim)
-    done = store.count()
-    if done % a.block:
-        raise SystemExit(f"{a.out}: {done} rows is not a multiple of --block {a.block}; use the block size of the first run")
+    # a block is one atomic commit, so its first id marks it done (resume, parallel workers)
+    done = store.ids() if store.count() else set()
     started, sketch_s = time.perf_counter(), 0.0
-    for b in range(done // a.block, -(-a.rows // a.block)):
+    for b in range(-(-a.rows // a.block)):
+        if b % a.workers != a.worker or f"s{b * a.block:08d}" in done:
+            continue
         rows = min(a.block, a.rows - b * a.block)
         s = gen.samples(np.random.default_rng([a.seed, b + 1]), rows)
         L = s["lengths"]
