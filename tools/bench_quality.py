@@ -152,11 +152,15 @@ def run_forvalue(runner, train_path: Path, test_path: Path, workdir: Path, opts:
     from query.api import build_index, run_query
     from schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
 
+    import dataclasses
+
     encode = EncodeConfig()
     if "top_m" in opts:
-        encode = EncodeConfig(top_m=int(opts["top_m"]), score_tokens=encode.score_tokens)
+        encode = dataclasses.replace(encode, top_m=int(opts["top_m"]))
     if "score_tokens" in opts:
-        encode = EncodeConfig(top_m=encode.top_m, score_tokens=opts["score_tokens"])
+        encode = dataclasses.replace(encode, score_tokens=opts["score_tokens"])
+    if "llr" in opts:  # keep only this fraction of positions, those with the lowest target probability
+        encode = dataclasses.replace(encode, lowest_likelihood_ratio=float(opts["llr"]))
     normalize = opts.get("normalize", "none")
     store = Path(tempfile.mkdtemp(prefix="store-", dir=workdir))
     build = BuildConfig(model=ModelConfig(device=device), encode=encode, progress=False)
@@ -168,7 +172,8 @@ def run_forvalue(runner, train_path: Path, test_path: Path, workdir: Path, opts:
         "scores": result.scores, "train_ids": result.train_ids, "store": str(store),
         "extra": {"index_seconds": report.seconds, "query_seconds": result.seconds,
                   "tokens_scored": report.tokens_scored, "top_m": encode.top_m,
-                  "score_tokens": encode.score_tokens, "normalize": normalize},
+                  "score_tokens": encode.score_tokens, "normalize": normalize,
+                  "lowest_likelihood_ratio": encode.lowest_likelihood_ratio},
         "_t_index": t_index,
     }
 
@@ -317,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-classes", type=int, default=10)
     ap.add_argument("--noise-rates", type=float, nargs="+", default=[0.2, 0.5])
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                    help="forvalue[:top_m=M,score_tokens=all|response,normalize=none|cosine], emb, grad[:rank=R,batch=B,finetune=E,lr=LR], datainf")
+                    help="forvalue[:top_m=M,score_tokens=all|response,normalize=none|cosine,llr=R], emb, grad[:rank=R,batch=B,finetune=E,lr=LR], datainf")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default=None, help="model folder (default: the product's default model)")
     ap.add_argument("--seed", type=int, default=0)
