@@ -77,15 +77,21 @@ def _encode_window(runner, window, config, batch_size, training):
         yield from encode_batch(runner, window[start : start + batch_size], config, training)
 
 
-@torch.no_grad()
-def encode_batch(runner, batch: list[TokenizedSample], config: EncodeConfig, training: bool = True) -> list[EncodedSample]:
-    """One padded forward pass over ``batch``; returns the encodings in the same order."""
+def pad_batch(batch: list[TokenizedSample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(ids, mask)``, both int64 of shape ``(len(batch), longest)``."""
     longest = max(len(s.input_ids) for s in batch)
-    ids = torch.full((len(batch), longest), runner.pad_id, dtype=torch.long)
+    ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), longest), dtype=torch.long)
     for row, s in enumerate(batch):
         ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
         mask[row, : len(s.input_ids)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def encode_batch(runner, batch: list[TokenizedSample], config: EncodeConfig, training: bool = True) -> list[EncodedSample]:
+    """One padded forward pass over ``batch``; returns the encodings in the same order."""
+    ids, mask = pad_batch(batch, runner.pad_id)
     vision = [s.vision for s in batch]
     if any(v is not None for v in vision):  # a vision-language runner: image inputs per row
         hidden = runner.hidden_states(ids, mask, vision=vision)

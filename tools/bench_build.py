@@ -81,13 +81,7 @@ def bare_batches(runner, data_path: Path, batch_size: int) -> list[tuple[torch.T
     for w in range(0, len(toks), window):
         part = sorted(toks[w : w + window], key=lambda s: len(s.input_ids))
         for b in range(0, len(part), batch_size):
-            batch = part[b : b + batch_size]
-            longest = max(len(s.input_ids) for s in batch)
-            ids = torch.full((len(batch), longest), runner.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), longest), dtype=torch.long)
-            for row, s in enumerate(batch):
-                ids[row, : len(s.input_ids)] = torch.tensor(s.input_ids)
-                mask[row, : len(s.input_ids)] = 1
+            ids, mask = encoder.pad_batch(part[b : b + batch_size], runner.pad_id)
             batches.append((ids.to(runner.device), mask.to(runner.device)))
     return batches
 
