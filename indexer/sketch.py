@@ -42,6 +42,8 @@ import torch
 
 from schemas.errors import ForValueError
 
+# Rows of hidden states per float64 block when fitting a basis.
+_FIT_ROWS = 16384
 # Floats allowed in one (tokens x D) intermediate.
 _CHUNK_FLOATS = 1 << 24
 
@@ -186,18 +188,23 @@ def fit_basis(hidden: np.ndarray, cols: int) -> np.ndarray:
     -------
     float32 array, shape (d, cols)
     """
-    h = np.asarray(hidden, np.float64)
-    if h.ndim != 2 or h.shape[0] == 0:
+    if hidden.ndim != 2 or hidden.shape[0] == 0:
         raise ForValueError("fitting the sketch basis needs at least one stored token")
-    d = h.shape[1]
+    n, d = hidden.shape
     if not 1 <= cols <= d:
         raise ForValueError(f"the sketch basis needs 1 <= cols <= {d}, got {cols}")
-    mean = h.mean(axis=0)
+    # mean and second moment in float64, a block of rows at a time (no float64 copy of all rows)
+    total, gram = np.zeros(d), np.zeros((d, d))
+    for start in range(0, n, _FIT_ROWS):
+        block = np.asarray(hidden[start : start + _FIT_ROWS], np.float64)
+        total += block.sum(axis=0)
+        gram += block.T @ block
+    mean = total / n
+    cov = gram - n * np.outer(mean, mean)  # scatter of the centred hidden states
     norm = np.linalg.norm(mean)
     first = mean / norm if norm > 0 else np.eye(d)[0]
-    rest = h - np.outer(h @ first, first)  # hidden states with the mean direction removed
-    rest = rest - rest.mean(axis=0)
-    _, vecs = np.linalg.eigh(rest.T @ rest)  # ascending eigenvalues; eigenvectors span R^d
+    proj = np.eye(d) - np.outer(first, first)  # removes the mean direction
+    _, vecs = np.linalg.eigh(proj @ cov @ proj)  # ascending eigenvalues; eigenvectors span R^d
     basis = np.concatenate([first[:, None], vecs[:, ::-1][:, : cols - 1]], axis=1)
     q, r = np.linalg.qr(basis)  # exactly orthonormal; signs fixed so column 0 is the mean direction
     q = q * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
