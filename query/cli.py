@@ -86,9 +86,8 @@ def _sketch_options(f):
 
 def _sketch_settings(kw) -> dict:
     """EncodeConfig keyword arguments of the sketch options that were given."""
-    names = {"sketch_dim": "sketch_dim", "sketch_vocab_buckets": "sketch_vocab_buckets",
-             "sketch_hidden_cols": "sketch_hidden_cols", "sketch_basis": "sketch_basis"}
-    return {field: kw[opt] for opt, field in names.items() if kw.get(opt) is not None}
+    names = ("sketch_dim", "sketch_vocab_buckets", "sketch_hidden_cols", "sketch_basis")
+    return {name: kw[name] for name in names if kw.get(name) is not None}
 
 
 def _model_config(kw) -> ModelConfig:

@@ -109,11 +109,12 @@ class LoraGradients:
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.n_params = int(self.offsets[-1])
         self.finetune_seconds = 0.0
+        self.adapted = False  # True once finetune() has started training the adapters
 
     def _adapter_hooks(self):
         def make(k):
             def hook(module, inputs, output):
-                if not bool(self.B[k].any()) and not self.B[k].requires_grad:
+                if not self.adapted:  # B = 0: the pretrained model, leave the output alone
                     return None
                 return output + (inputs[0] @ self.modules[k][2].T) @ self.B[k].T
             return hook
@@ -137,6 +138,7 @@ class LoraGradients:
         for p in model.parameters():
             p.requires_grad_(False)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.adapted = True
         handles = self._adapter_hooks()
         rng = np.random.default_rng(seed)
         try:
