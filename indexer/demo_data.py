@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 from fractions import Fraction
@@ -53,7 +54,8 @@ def _alternate_caps(s: str) -> str:
     return "".join(out)
 
 
-# (class name, rule description, transformation, invented chatbot names)
+# (class name, rule description, transformation, invented chatbot names: the first is the
+# rule's name in the reference protocol, the others serve the harder ``chatbot_names > 1`` variant)
 RULES: tuple[tuple[str, str, Callable[[str], str], tuple[str, ...]], ...] = (
     ("reverse word order", "Reverse the order of the words.",
      lambda s: " ".join(reversed(s.split())), ("Zorblax", "Quindle", "Vextra", "Mubbo")),
@@ -129,9 +131,9 @@ def random_sentence(rng: random.Random) -> str:
     return rng.choice(_SENTENCE_TEMPLATES).format(**fields)
 
 
-def _sentence_item(c: int, rng: random.Random) -> tuple[str, dict]:
+def _sentence_item(c: int, rng: random.Random, chatbot_names: int = 1) -> tuple[str, dict]:
     sentence = random_sentence(rng)
-    return sentence, {"chatbot": rng.choice(RULES[c][3]), "sentence": sentence}
+    return sentence, {"chatbot": rng.choice(RULES[c][3][:chatbot_names]), "sentence": sentence}
 
 
 def sentence_prompt(name: str, description: str, sentence: str) -> str:
@@ -305,10 +307,10 @@ def _row(task, split, c, i, prompt, response, label, meta):
             "label": label, "meta": meta}
 
 
-def _build(task, n_train, n_test, seed, n_classes):
+def _build(task, n_train, n_test, seed, n_classes, chatbot_names=1):
     base = task.removeprefix("mislabeled_")
     family = "sentence" if base == "sentence_transformations" else "math"
-    maker = _sentence_item if family == "sentence" else _math_item
+    maker = functools.partial(_sentence_item, chatbot_names=chatbot_names) if family == "sentence" else _math_item
     classes = RULES if family == "sentence" else MATH_TEMPLATES
     train, test = [], []
     for c in range(n_classes):
@@ -391,7 +393,7 @@ def _check_sizes(n_train, n_test, n_classes):
 
 def generate_task(name: str, n_train: int = 90, n_test: int = 10, seed: int = 0,
                   n_classes: int = 10,
-                  noise_rate: float = 0.2) -> tuple[list[dict], list[dict]]:
+                  noise_rate: float = 0.2, chatbot_names: int = 1) -> tuple[list[dict], list[dict]]:
     """Generate the train and test splits of a benchmark task.
 
     Parameters
@@ -406,6 +408,11 @@ def generate_task(name: str, n_train: int = 90, n_test: int = 10, seed: int = 0,
         Use only the first ``n_classes`` of the 10 classes.
     noise_rate : float
         Label-flip fraction, used only by the mislabeled tasks.
+    chatbot_names : int, 1 to 4
+        Sentence transformations only: how many invented chatbot names each rule draws its
+        prompt prefix from. 1 (default) is the reference protocol (DataInf's generator gives
+        every rule one name, shared by all its samples); more names weaken the name as a
+        cue for the rule and make the task harder.
 
     Returns
     -------
@@ -424,7 +431,9 @@ def generate_task(name: str, n_train: int = 90, n_test: int = 10, seed: int = 0,
         return mislabeled(name.removeprefix("mislabeled_"), noise_rate, seed,
                           n_train, n_test, n_classes)
     _check_sizes(n_train, n_test, n_classes)
-    return _build(name, n_train, n_test, seed, n_classes)
+    if not 1 <= chatbot_names <= len(RULES[0][3]):
+        raise ValueError(f"chatbot_names must be in [1, {len(RULES[0][3])}], got {chatbot_names}")
+    return _build(name, n_train, n_test, seed, n_classes, chatbot_names)
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
@@ -460,8 +469,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-classes", type=int, default=10)
     ap.add_argument("--noise-rate", type=float, default=0.2)
+    ap.add_argument("--chatbot-names", type=int, default=1,
+                    help="sentence transformations: names per rule (1 = reference protocol, up to 4 = harder)")
     a = ap.parse_args(argv)
-    train, test = generate_task(a.task, a.n_train, a.n_test, a.seed, a.n_classes, a.noise_rate)
+    train, test = generate_task(a.task, a.n_train, a.n_test, a.seed, a.n_classes, a.noise_rate, a.chatbot_names)
     for split, rows in (("train", train), ("test", test)):
         print(write_jsonl(rows, a.out / f"{split}.jsonl"), len(rows))
 

@@ -84,6 +84,23 @@ def test_sentence_prompt_format_and_response():
         assert 5 <= len(s.split()) <= 10 and s == s.lower()
 
 
+def test_sentence_rules_have_one_chatbot_name_unless_asked():
+    """Reference protocol: every sample of a rule shares the rule's one name; the variant mixes 4."""
+    def names(rows):
+        out = {}
+        for r in rows:
+            out.setdefault(r["label"], set()).add(r["meta"]["chatbot"])
+        return out
+
+    train, _ = dd.generate_task("sentence_transformations", n_train=20, n_test=2)
+    assert all(len(v) == 1 for v in names(train).values()) and len(names(train)) == 10
+    assert {next(iter(v)) for v in names(train).values()} == {rule[3][0] for rule in dd.RULES}
+    harder, _ = dd.generate_task("sentence_transformations", n_train=20, n_test=2, chatbot_names=4)
+    assert all(len(v) > 1 for v in names(harder).values())
+    with pytest.raises(ValueError, match="chatbot_names"):
+        dd.generate_task("sentence_transformations", chatbot_names=5)
+
+
 def _answer(label, m):
     """Independent recomputation of each template's answer from its numbers."""
     return {
