@@ -31,6 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _bench_common import emit  # noqa: E402
+
 
 def load_task(task_dir: Path, method_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Scores (n_val, n_train) in ``train_ids`` order, training labels, validation labels."""
@@ -88,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                      + ", ".join(f"{c} {np.mean(r):.2f}" for c, r in sorted(per_class.items()))
                      + f"; the class taking most wrong top-list slots: {worst} ({share:.0%} of them).")
     report = "\n".join(lines + [""] + notes)
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report + "\n")
+    emit(report, Path(args.out) if args.out else None)
     return 0
 
 

@@ -13,7 +13,6 @@ the training sample's *given* label (``own-class``).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -23,6 +22,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from _bench_common import emit  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -95,9 +96,7 @@ def main(argv=None) -> int:
                     lines.append(line)
                     print(line, flush=True)
     report = "\n".join(lines)
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report + "\n")
+    emit(report, Path(args.out) if args.out else None)
     return 0
 
 

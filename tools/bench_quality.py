@@ -58,6 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
+from _bench_common import emit  # noqa: E402
+
 DEFAULT_TASKS = ["math_no_reasoning", "math_with_reasoning", "sentence_transformations", "mislabeled_math"]
 # DataInf's reference fine-tune (the defaults of its src/sft_trainer.py): LoRA r=8 on q/v, lr 3e-4, 10 epochs.
 # It is the slowest method by far, so by default it runs on the first task only.
@@ -524,9 +526,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                         if k not in ('task', 'method') and not k.endswith('seconds') and k != 'tokens_scored')
                                        for e in extras})))
     report = "\n".join(lines)
-    print(report)
-    if args.out:
-        Path(args.out).write_text(report + "\n")
+    emit(report, Path(args.out) if args.out else None)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": info, "rows": rows, "repro": repro_rows, "extras": extras,
                                                "total_seconds": total}, indent=1, default=float))
