@@ -172,21 +172,32 @@ def fmt_number(x: int | Fraction) -> str:
     return f"{float(x):.2f}".rstrip("0")
 
 
+# Each template returns (problem, (named reason, bare reason), exact answer, meta). The named
+# reason labels every step with the quantity it computes ("Slices left = ..."), as the reference
+# generator's reasons do, so the reasoning text itself is specific to the problem type; the bare
+# reason is the arithmetic alone (this generator's reasons before 2026-11-25, kept as the
+# ``math_reasons="bare"`` variant), which reads the same for several templates.
+
 def _pizza(r, n):
     p, s = r.randint(2, 6), r.choice([6, 8, 10, 12])
     e = r.randint(1, p * s - 1)
     ans = p * s - e
     return (f"{n} ordered {p} pizzas, and each pizza was cut into {s} slices. {n}'s friends "
             f"ate {e} slices. How many slices are left?",
-            f"{p} x {s} = {p * s} slices, and {p * s} - {e} = {ans}.",
+            (f"Total slices = {p} x {s} = {p * s}. Slices left = {p * s} - {e} = {ans}.",
+             f"{p} x {s} = {p * s} slices, and {p * s} - {e} = {ans}."),
             ans, {"pizzas": p, "slices_per_pizza": s, "eaten": e})
 
 
 def _chaperones(r, n):
     k, per = r.randint(12, 150), r.randint(5, 12)
     ans = -(-k // per)
-    reason = (f"{k} / {per} = {ans}." if k % per == 0 else
-              f"{k} / {per} is {k // per} with {k % per} left over, so round up to {ans}.")
+    if k % per == 0:
+        reason = (f"Chaperones needed = {k} / {per} = {ans}.", f"{k} / {per} = {ans}.")
+    else:
+        reason = (f"Chaperones needed = {k} / {per} = {k // per} with {k % per} students left "
+                  f"over, rounded up to {ans}.",
+                  f"{k} / {per} is {k // per} with {k % per} left over, so round up to {ans}.")
     return (f"{n}'s school is taking {k} students on a field trip and needs one chaperone "
             f"for every {per} students. How many chaperones are needed?",
             reason, ans, {"students": k, "students_per_chaperone": per})
@@ -197,7 +208,9 @@ def _purchase(r, n):
     ans = a + b * c
     return (f"{n} has {a} {item}. {n} buys {b} packs with {c} {item} in each pack. "
             f"How many {item} does {n} have now?",
-            f"{b} x {c} = {b * c} new {item}, and {a} + {b * c} = {ans}.",
+            (f"{item.capitalize()} bought = {b} x {c} = {b * c}. {item.capitalize()} in total = "
+             f"{a} + {b * c} = {ans}.",
+             f"{b} x {c} = {b * c} new {item}, and {a} + {b * c} = {ans}."),
             ans, {"start": a, "packs": b, "per_pack": c})
 
 
@@ -206,7 +219,9 @@ def _points(r, n):
     ans = a * k + b
     return (f"In a video game, {n} scores {a} points in each of {k} rounds and then earns a "
             f"bonus of {b} points. How many points does {n} have in total?",
-            f"{a} x {k} = {a * k} points, and {a * k} + {b} = {ans}.",
+            (f"Points from rounds = {a} x {k} = {a * k}. Total points with bonus = {a * k} + {b} "
+             f"= {ans}.",
+             f"{a} x {k} = {a * k} points, and {a * k} + {b} = {ans}."),
             ans, {"points_per_round": a, "rounds": k, "bonus": b})
 
 
@@ -215,7 +230,8 @@ def _reading(r, n):
     ans = Fraction(m * d, 60)
     return (f"{n} reads for {m} minutes every day for {d} days. How many hours does {n} "
             f"spend reading in total?",
-            f"{m} x {d} = {m * d} minutes, and {m * d} / 60 = {fmt_number(ans)} hours.",
+            (f"Minutes read = {m} x {d} = {m * d}. Hours read = {m * d} / 60 = {fmt_number(ans)}.",
+             f"{m} x {d} = {m * d} minutes, and {m * d} / 60 = {fmt_number(ans)} hours."),
             ans, {"minutes_per_day": m, "days": d})
 
 
@@ -225,7 +241,9 @@ def _shirt(r, n):
     ans = p - disc
     return (f"A shirt costs ${p}. {n} buys it during a sale with {d}% off. How much does {n} "
             f"pay for the shirt?",
-            f"{d}% of {p} is {fmt_number(disc)}, and {p} - {fmt_number(disc)} = {fmt_number(ans)}.",
+            (f"Discount = {d}% of ${p} = ${fmt_number(disc)}. Price after discount = ${p} - "
+             f"${fmt_number(disc)} = ${fmt_number(ans)}.",
+             f"{d}% of {p} is {fmt_number(disc)}, and {p} - {fmt_number(disc)} = {fmt_number(ans)}."),
             ans, {"price": p, "discount_pct": d})
 
 
@@ -234,7 +252,8 @@ def _garden(r, n):
     ans = length * width
     return (f"{n}'s rectangular garden is {length} meters long and {width} meters wide. "
             f"What is the area of the garden in square meters?",
-            f"The area is {length} x {width} = {ans} square meters.",
+            (f"Garden area = length x width = {length} x {width} = {ans} square meters.",
+             f"The area is {length} x {width} = {ans} square meters."),
             ans, {"length": length, "width": width})
 
 
@@ -243,7 +262,8 @@ def _savings(r, n):
     ans = a + s * w
     return (f"{n} already has ${a} and saves ${s} every week for {w} weeks. How much money "
             f"does {n} have saved in total?",
-            f"{s} x {w} = {s * w}, and {a} + {s * w} = {ans}.",
+            (f"Saved from weekly deposits = ${s} x {w} weeks = ${s * w}. Total savings = ${a} + ${s * w} = ${ans}.",
+             f"{s} x {w} = {s * w}, and {a} + {s * w} = {ans}."),
             ans, {"start": a, "per_week": s, "weeks": w})
 
 
@@ -251,8 +271,12 @@ def _cupcakes(r, n):
     b = r.choice([4, 6, 8, 12])
     c = r.randint(b, 120)
     ans = c // b
-    reason = (f"{c} / {b} = {ans}." if c % b == 0 else
-              f"{c} / {b} is {ans} with {c % b} left over, so {ans} full boxes.")
+    if c % b == 0:
+        reason = (f"Boxes filled = {c} cupcakes / {b} per box = {ans}.", f"{c} / {b} = {ans}.")
+    else:
+        reason = (f"Boxes filled = {c} cupcakes / {b} per box = {ans} full boxes, with {c % b} "
+                  f"cupcakes left over.",
+                  f"{c} / {b} is {ans} with {c % b} left over, so {ans} full boxes.")
     return (f"{n} baked {c} cupcakes and packs them into boxes that hold {b} cupcakes each. "
             f"How many boxes can {n} fill completely?",
             reason, ans, {"cupcakes": c, "per_box": b})
@@ -264,11 +288,13 @@ def _interest(r, n):
     ans = yearly * t
     return (f"{n} deposits ${p} in a savings account that pays {rate}% simple interest per "
             f"year. How much interest does {n} earn after {t} years?",
-            f"{rate}% of {p} is {yearly} per year, and {yearly} x {t} = {ans}.",
+            (f"Interest per year = {rate}% of ${p} = ${yearly}. Interest earned = ${yearly} x {t} "
+             f"years = ${ans}.",
+             f"{rate}% of {p} is {yearly} per year, and {yearly} x {t} = {ans}."),
             ans, {"principal": p, "rate_pct": rate, "years": t})
 
 
-# (class name, generator(rng, person) -> (problem, reason, exact answer, meta))
+# (class name, generator(rng, person) -> (problem, (named, bare) reasons, exact answer, meta))
 MATH_TEMPLATES = (
     ("pizza slices", _pizza), ("chaperones needed", _chaperones),
     ("total after purchase", _purchase), ("game points", _points),
@@ -277,10 +303,13 @@ MATH_TEMPLATES = (
 )
 
 
-def _math_item(c: int, rng: random.Random) -> tuple[str, dict]:
-    problem, reason, ans, meta = MATH_TEMPLATES[c][1](rng, rng.choice(PEOPLE))
-    return problem, {**meta, "person_problem": problem, "reason": reason,
-                     "answer": fmt_number(ans)}
+MATH_REASONS = ("named", "bare")
+
+
+def _math_item(c: int, rng: random.Random, math_reasons: str = "named") -> tuple[str, dict]:
+    problem, reasons, ans, meta = MATH_TEMPLATES[c][1](rng, rng.choice(PEOPLE))
+    return problem, {**meta, "person_problem": problem,
+                     "reason": reasons[MATH_REASONS.index(math_reasons)], "answer": fmt_number(ans)}
 
 
 # --------------------------------------------------------------------------
@@ -307,10 +336,11 @@ def _row(task, split, c, i, prompt, response, label, meta):
             "label": label, "meta": meta}
 
 
-def _build(task, n_train, n_test, seed, n_classes, chatbot_names=1):
+def _build(task, n_train, n_test, seed, n_classes, chatbot_names=1, math_reasons="named"):
     base = task.removeprefix("mislabeled_")
     family = "sentence" if base == "sentence_transformations" else "math"
-    maker = functools.partial(_sentence_item, chatbot_names=chatbot_names) if family == "sentence" else _math_item
+    maker = (functools.partial(_sentence_item, chatbot_names=chatbot_names) if family == "sentence"
+             else functools.partial(_math_item, math_reasons=math_reasons))
     classes = RULES if family == "sentence" else MATH_TEMPLATES
     train, test = [], []
     for c in range(n_classes):
@@ -393,7 +423,8 @@ def _check_sizes(n_train, n_test, n_classes):
 
 def generate_task(name: str, n_train: int = 90, n_test: int = 10, seed: int = 0,
                   n_classes: int = 10,
-                  noise_rate: float = 0.2, chatbot_names: int = 1) -> tuple[list[dict], list[dict]]:
+                  noise_rate: float = 0.2, chatbot_names: int = 1,
+                  math_reasons: str = "named") -> tuple[list[dict], list[dict]]:
     """Generate the train and test splits of a benchmark task.
 
     Parameters
@@ -413,6 +444,11 @@ def generate_task(name: str, n_train: int = 90, n_test: int = 10, seed: int = 0,
         prompt prefix from. 1 (default) is the reference protocol (DataInf's generator gives
         every rule one name, shared by all its samples); more names weaken the name as a
         cue for the rule and make the task harder.
+    math_reasons : {"named", "bare"}
+        Math with reasoning only. ``"named"`` (default) labels each step of the reason with
+        the quantity it computes (``"Slices left = 24 - 5 = 19."``), as the reference
+        generator does; ``"bare"`` writes the arithmetic alone (``"24 - 5 = 19."``), which
+        reads alike across templates and makes the task harder.
 
     Returns
     -------
@@ -433,7 +469,9 @@ def generate_task(name: str, n_train: int = 90, n_test: int = 10, seed: int = 0,
     _check_sizes(n_train, n_test, n_classes)
     if not 1 <= chatbot_names <= len(RULES[0][3]):
         raise ValueError(f"chatbot_names must be in [1, {len(RULES[0][3])}], got {chatbot_names}")
-    return _build(name, n_train, n_test, seed, n_classes, chatbot_names)
+    if math_reasons not in MATH_REASONS:
+        raise ValueError(f"math_reasons must be one of {MATH_REASONS}, got {math_reasons!r}")
+    return _build(name, n_train, n_test, seed, n_classes, chatbot_names, math_reasons)
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
@@ -471,8 +509,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--noise-rate", type=float, default=0.2)
     ap.add_argument("--chatbot-names", type=int, default=1,
                     help="sentence transformations: names per rule (1 = reference protocol, up to 4 = harder)")
+    ap.add_argument("--math-reasons", choices=MATH_REASONS, default="named",
+                    help="math with reasoning: 'named' steps (reference protocol) or 'bare' arithmetic (harder)")
     a = ap.parse_args(argv)
-    train, test = generate_task(a.task, a.n_train, a.n_test, a.seed, a.n_classes, a.noise_rate, a.chatbot_names)
+    train, test = generate_task(a.task, a.n_train, a.n_test, a.seed, a.n_classes, a.noise_rate,
+                                a.chatbot_names, a.math_reasons)
     for split, rows in (("train", train), ("test", test)):
         print(write_jsonl(rows, a.out / f"{split}.jsonl"), len(rows))
 

@@ -139,6 +139,29 @@ def test_math_variants_share_problems():
     assert [r["prompt"] for r in a] == [r["prompt"] for r in b]
 
 
+def test_math_reasons_name_their_steps_unless_asked():
+    """Named reasons open with a label ("Slices left = ...") that belongs to one template;
+    bare reasons are the same problems and answers with the arithmetic alone."""
+    def opening(r):  # the words before the first "=", or None where they hold a number
+        first = r["response"].removeprefix("Reason: ").split(" = ", 1)[0]
+        return None if any(ch.isdigit() for ch in first) else first
+
+    named, _ = dd.generate_task("math_with_reasoning", n_train=20, n_test=2)
+    by_class = {}
+    for r in named:
+        by_class.setdefault(r["label"], set()).add(opening(r))
+    assert len(by_class) == 10 and all(None not in v for v in by_class.values())
+    labels = [w for v in by_class.values() for w in v]
+    assert len(labels) == len(set(labels)), "a reason label is used by several templates"
+    bare, _ = dd.generate_task("math_with_reasoning", n_train=20, n_test=2, math_reasons="bare")
+    assert [r["prompt"] for r in bare] == [r["prompt"] for r in named]
+    assert [r["response"].rsplit(" Answer: ", 1)[1] for r in bare] == \
+        [r["response"].rsplit(" Answer: ", 1)[1] for r in named]
+    assert {opening(r) for r in bare} == {None}
+    with pytest.raises(ValueError, match="math_reasons"):
+        dd.generate_task("math_with_reasoning", math_reasons="verbose")
+
+
 def test_fmt_number():
     assert dd.fmt_number(12) == "12" and dd.fmt_number(Fraction(15, 2)) == "7.5"
     assert dd.fmt_number(Fraction(3735, 100)) == "37.35"

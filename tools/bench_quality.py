@@ -352,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chatbot-names", type=int, default=1,
                     help="sentence transformations: chatbot names per rule (1 = the reference protocol; "
                          "4 = the harder variant of earlier runs)")
+    ap.add_argument("--math-reasons", choices=["named", "bare"], default="named",
+                    help="math with reasoning: 'named' steps as the reference generator (default) or "
+                         "'bare' arithmetic (the generator of earlier runs)")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                     help="forvalue[:top_m=M,score_tokens=all|response,normalize=none|cosine,llr=R], emb, "
                          "grad[:rank=R,batch=B,finetune=E,lr=LR], datainf; a suffix @PREFIX runs a method only on "
@@ -399,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     for run_no, (task, noise) in enumerate(task_runs(args.tasks, args.noise_rates)):
         tag = task if noise is None else f"{task}@{noise:g}"
         tdir = workdir / tag.replace("@", "-noise")
-        kwargs = {"noise_rate": noise} if noise is not None else {"chatbot_names": args.chatbot_names}
+        kwargs = ({"noise_rate": noise} if noise is not None else
+                  {"chatbot_names": args.chatbot_names, "math_reasons": args.math_reasons})
         train, test = generate_task(task, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
                                     n_classes=args.n_classes, **kwargs)
         write_jsonl(train, tdir / "train.jsonl")
@@ -477,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
       "methods are compared within one run).")
     w(f"Model: {args.model or 'default SmolLM2-135M-Instruct (float32)'}. Data: `indexer.demo_data.generate_task`, seed {args.seed}, "
       f"{args.n_classes} classes x {args.n_train} train + {args.n_test} validation per class; noise rates {args.noise_rates}; "
-      f"chatbot names per sentence rule {args.chatbot_names}.")
+      f"chatbot names per sentence rule {args.chatbot_names}; math reasons {args.math_reasons}.")
     w(f"Command: `python tools/bench_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`; total {total:.0f} s.")
     w("")
     w("| task | method | AUC | recall | time (s) | peak RSS Δ (MiB) | detect AUC: mean / own label |")
