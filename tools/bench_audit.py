@@ -69,7 +69,7 @@ def main() -> None:
                 cfg = AuditConfig(normalize=norm, progress=False, device=args.device)
                 name = f"a_{norm}"
                 t0 = time.perf_counter()
-                first = run_audit(tmp / "store", [tmp / "val.jsonl"], name, cfg)  # loads the model: a user's first run
+                run_audit(tmp / "store", [tmp / "val.jsonl"], name, cfg)  # loads the model: a user's first run
                 t1 = time.perf_counter()
                 second = run_audit(tmp / "store", [tmp / "val.jsonl"], name, cfg)
                 t2 = time.perf_counter()

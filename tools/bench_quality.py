@@ -16,9 +16,11 @@ default SmolLM2-135M-Instruct unless ``--model`` is given):
   ``datainf`` is the gradient pass plus its own solve. ``grad:finetune=E`` first fine-tunes the
   LoRA adapters for ``E`` epochs on the training set (AdamW, ``lr=3e-4``; the paper's
   baselines are computed after fine-tuning) and includes that time. The default method list runs
-  ``grad:finetune=10`` (DataInf's reference recipe: 10 epochs, lr 3e-4, r=8 on q/v) on the first
-  task only, because it costs about 20 For-Value runs; a method spec ending in ``@PREFIX`` runs
-  only on the tasks whose name starts with PREFIX.
+  ``grad:finetune=10`` (DataInf's reference recipe: 10 epochs, lr 3e-4, r=8 on q/v; here with
+  one AdamW step per micro-batch of 8) on the first task only, because it costs about 20 For-Value
+  runs; ``accum=A`` makes one step per ``A`` micro-batches (``accum=128`` = the reference's one
+  step per epoch at 900 samples: its batch 64 x 16 accumulation). A method spec ending in
+  ``@PREFIX`` runs only on the tasks whose name starts with PREFIX.
 
 Per method and task: AUC and recall (mean +- std over validation samples; AUC against
 same-class pseudo-labels, recall = share of the top-(class size) training samples that have
@@ -254,7 +256,8 @@ def worker(spec: dict) -> None:
             tok_train = tokenize_rows(runner.tokenizer, train, score_tokens)
             epochs = int(opts.get("finetune", 0))
             if epochs:  # the paper's setting: gradients of a LoRA fine-tuned model
-                lg.finetune(tok_train, epochs, float(opts.get("lr", 3e-4)), bs, runner.device, spec["seed"])
+                lg.finetune(tok_train, epochs, float(opts.get("lr", 3e-4)), bs, runner.device, spec["seed"],
+                            accum=int(opts.get("accum", 1)))
             g_val = lg.compute(tokenize_rows(runner.tokenizer, test, score_tokens), bs, runner.device)
             g_train = lg.compute(tok_train, bs, runner.device)
             t_grads = time.perf_counter()
@@ -266,6 +269,7 @@ def worker(spec: dict) -> None:
                 label = "datainf" + spec["method"][len("grad"):]
                 outputs[label] = (di, (t_grads - started) + (time.perf_counter() - t_tracin))
             result["extra"] = {"n_params": lg.n_params, "rank": rank, "grad_batch": bs, "finetune_epochs": epochs,
+                               "finetune_accum": int(opts.get("accum", 1)),
                                "finetune_seconds": lg.finetune_seconds,
                                "gradient_seconds": t_grads - started, "score_tokens": score_tokens}
             if spec.get("save_grads"):
@@ -357,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                          "'bare' arithmetic (the generator of earlier runs)")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                     help="forvalue[:top_m=M,score_tokens=all|response,normalize=none|cosine,llr=R], emb, "
-                         "grad[:rank=R,batch=B,finetune=E,lr=LR], datainf; a suffix @PREFIX runs a method only on "
+                         "grad[:rank=R,batch=B,finetune=E,lr=LR,accum=A], datainf; a suffix @PREFIX runs a method only on "
                          "the tasks whose name starts with PREFIX")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default=None, help="model folder (default: the product's default model)")
