@@ -24,7 +24,8 @@ def audit() -> None:
 @click.option("--flag-threshold", type=float, default=None, help="Also flag samples whose flag score is below this.")
 @click.option("--flag-by", type=click.Choice(["mean", "max", "label"]), default="mean", show_default=True,
               help="Score that flags: mean or max over validation samples, or mean over those with the sample's own label "
-                   "(for mislabeled data use --normalize cosine --flag-by max).")
+                   "(mislabeled data: --flag-by label when validation rows carry labels, else a "
+                   "--score-tokens response store with --normalize cosine --flag-by max).")
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write a self-contained HTML report here.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
