@@ -191,13 +191,11 @@ def _pizza(r, n):
 
 def _chaperones(r, n):
     k, per = r.randint(12, 150), r.randint(5, 12)
-    ans = -(-k // per)
-    if k % per == 0:
-        reason = (f"Chaperones needed = {k} / {per} = {ans}.", f"{k} / {per} = {ans}.")
-    else:
-        reason = (f"Chaperones needed = {k} / {per} = {k // per} with {k % per} students left "
-                  f"over, rounded up to {ans}.",
-                  f"{k} / {per} is {k // per} with {k % per} left over, so round up to {ans}.")
+    ans, left = -(-k // per), k % per
+    named = f"Chaperones needed = {k} / {per} = " + (
+        f"{ans}." if not left else f"{k // per} with {left} students left over, rounded up to {ans}.")
+    bare = f"{k} / {per} = {ans}." if not left else f"{k} / {per} is {k // per} with {left} left over, so round up to {ans}."
+    reason = (named, bare)
     return (f"{n}'s school is taking {k} students on a field trip and needs one chaperone "
             f"for every {per} students. How many chaperones are needed?",
             reason, ans, {"students": k, "students_per_chaperone": per})
@@ -270,13 +268,11 @@ def _savings(r, n):
 def _cupcakes(r, n):
     b = r.choice([4, 6, 8, 12])
     c = r.randint(b, 120)
-    ans = c // b
-    if c % b == 0:
-        reason = (f"Boxes filled = {c} cupcakes / {b} per box = {ans}.", f"{c} / {b} = {ans}.")
-    else:
-        reason = (f"Boxes filled = {c} cupcakes / {b} per box = {ans} full boxes, with {c % b} "
-                  f"cupcakes left over.",
-                  f"{c} / {b} is {ans} with {c % b} left over, so {ans} full boxes.")
+    ans, left = c // b, c % b
+    named = f"Boxes filled = {c} cupcakes / {b} per box = {ans}" + (
+        "." if not left else f" full boxes, with {left} cupcakes left over.")
+    bare = f"{c} / {b} = {ans}." if not left else f"{c} / {b} is {ans} with {left} left over, so {ans} full boxes."
+    reason = (named, bare)
     return (f"{n} baked {c} cupcakes and packs them into boxes that hold {b} cupcakes each. "
             f"How many boxes can {n} fill completely?",
             reason, ans, {"cupcakes": c, "per_box": b})

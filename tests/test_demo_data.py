@@ -2,8 +2,10 @@
 
 import json
 import math
+import sys
 from collections import Counter
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 
@@ -206,3 +208,34 @@ def test_cli(tmp_path):
     rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and len((out / "test.jsonl").read_text().splitlines()) == 6
     assert rows == dd.generate_task("sentence_transformations", 4, 2, 7, 3)[0]
+
+
+def _generate_tasks_script():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import generate_tasks
+
+    return generate_tasks
+
+
+def test_generate_tasks_script_writes_every_task(tmp_path):
+    gen = _generate_tasks_script()
+    small_args = ["--n-train", "3", "--n-test", "1", "--n-classes", "2"]
+    assert gen.main(["--out", str(tmp_path / "a"), *small_args]) == 0
+    folders = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert folders == ["math_no_reasoning", "math_with_reasoning", "mislabeled_math-noise0.2",
+                       "mislabeled_math-noise0.5", "sentence_transformations"]
+    lines = (tmp_path / "a" / "mislabeled_math-noise0.5" / "train.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == 6 and sum(r["flipped"] for r in rows) == 3
+    assert all({"id", "prompt", "response", "label"} <= r.keys() for r in rows)
+    gen.main(["--out", str(tmp_path / "b"), *small_args])
+    for f in (tmp_path / "a").rglob("*.jsonl"):  # seeded: byte-identical on a second run
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
+
+
+def test_generate_tasks_script_bad_size_is_one_line_error(tmp_path, capsys):
+    gen = _generate_tasks_script()
+    with pytest.raises(SystemExit) as exc:
+        gen.main(["--out", str(tmp_path), "--tasks", "math_no_reasoning", "--n-classes", "11"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and "n_classes must be in [1, 10]" in err[-1]

@@ -1,6 +1,6 @@
 """Quality / cost benchmark of For-Value against Emb and gradient baselines (paper Table 1 protocol).
 
-For every task it generates the data once (``indexer.demo_data.generate_task``), then runs
+For every task it writes the data once (``tools/generate_tasks.py``), then runs
 each method in its own subprocess on the same rows and the same model (the product's
 default SmolLM2-135M-Instruct unless ``--model`` is given):
 
@@ -61,8 +61,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from _bench_common import emit  # noqa: E402
+from generate_tasks import DEFAULT_TASKS, add_data_options, run_tag, task_runs, write_task  # noqa: E402
 
-DEFAULT_TASKS = ["math_no_reasoning", "math_with_reasoning", "sentence_transformations", "mislabeled_math"]
 # DataInf's reference fine-tune (the defaults of its src/sft_trainer.py): LoRA r=8 on q/v, lr 3e-4, 10 epochs.
 # It is the slowest method by far, so by default it runs on the first task only.
 FINETUNE_EPOCHS = 10
@@ -297,16 +297,6 @@ def worker(spec: dict) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def task_runs(tasks: list[str], noise_rates: list[float]) -> list[tuple[str, float | None]]:
-    runs = []
-    for task in tasks:
-        if task.startswith("mislabeled_"):
-            runs.extend((task, r) for r in noise_rates)
-        else:
-            runs.append((task, None))
-    return runs
-
-
 def run_worker(spec: dict, log) -> dict:
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
@@ -348,24 +338,13 @@ def fmt_mib(b: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="For-Value vs Emb vs gradient baselines on the paper's text tasks.")
-    ap.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS)
-    ap.add_argument("--n-train", type=int, default=90, help="training samples per class")
-    ap.add_argument("--n-test", type=int, default=10, help="validation samples per class")
-    ap.add_argument("--n-classes", type=int, default=10)
-    ap.add_argument("--noise-rates", type=float, nargs="+", default=[0.2, 0.5])
-    ap.add_argument("--chatbot-names", type=int, default=1,
-                    help="sentence transformations: chatbot names per rule (1 = the reference protocol; "
-                         "4 = the harder variant of earlier runs)")
-    ap.add_argument("--math-reasons", choices=["named", "bare"], default="named",
-                    help="math with reasoning: 'named' steps as the reference generator (default) or "
-                         "'bare' arithmetic (the generator of earlier runs)")
+    add_data_options(ap)
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                     help="forvalue[:top_m=M,score_tokens=all|response,normalize=none|cosine,llr=R], emb, "
                          "grad[:rank=R,batch=B,finetune=E,lr=LR,accum=A], datainf; a suffix @PREFIX runs a method only on "
                          "the tasks whose name starts with PREFIX")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default=None, help="model folder (default: the product's default model)")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=8, help="forward batch of the Emb baseline (For-Value's default is 8)")
     ap.add_argument("--grad-batch", type=int, default=8, help="samples per backward pass of the gradient baseline")
     ap.add_argument("--lora-rank", type=int, default=8)
@@ -382,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(Path(args.worker).read_text()))
         return 0
 
-    from indexer.demo_data import generate_task, write_jsonl
     from query.metrics import class_retrieval, roc_auc
 
     methods = list(args.methods)
@@ -404,14 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     started_all = time.perf_counter()
     rows, repro_rows, extras = [], [], []
     for run_no, (task, noise) in enumerate(task_runs(args.tasks, args.noise_rates)):
-        tag = task if noise is None else f"{task}@{noise:g}"
-        tdir = workdir / tag.replace("@", "-noise")
-        kwargs = ({"noise_rate": noise} if noise is not None else
-                  {"chatbot_names": args.chatbot_names, "math_reasons": args.math_reasons})
-        train, test = generate_task(task, n_train=args.n_train, n_test=args.n_test, seed=args.seed,
-                                    n_classes=args.n_classes, **kwargs)
-        write_jsonl(train, tdir / "train.jsonl")
-        write_jsonl(test, tdir / "test.jsonl")
+        tag = run_tag(task, noise)
+        tdir, train, test = write_task(workdir, task, noise, args.n_train, args.n_test, args.seed,
+                                       args.n_classes, args.chatbot_names, args.math_reasons)
         train_label = {r["id"]: r["label"] for r in train}
         flipped = {r["id"]: bool(r.get("flipped", False)) for r in train}
         val_labels = [r["label"] for r in test]
