@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-
 from indexer.demo_data import generate_task, write_jsonl
 from schemas.config import BuildConfig, ModelConfig, QueryConfig
 

@@ -254,10 +254,10 @@ def worker(spec: dict) -> None:
             bs = int(opts.get("batch", spec["grad_batch"]))
             lg = LoraGradients(runner.model, rank=rank, seed=spec["seed"])
             tok_train = tokenize_rows(runner.tokenizer, train, score_tokens)
-            epochs = int(opts.get("finetune", 0))
+            epochs, accum = int(opts.get("finetune", 0)), int(opts.get("accum", 1))
             if epochs:  # the paper's setting: gradients of a LoRA fine-tuned model
                 lg.finetune(tok_train, epochs, float(opts.get("lr", 3e-4)), bs, runner.device, spec["seed"],
-                            accum=int(opts.get("accum", 1)))
+                            accum=accum)
             g_val = lg.compute(tokenize_rows(runner.tokenizer, test, score_tokens), bs, runner.device)
             g_train = lg.compute(tok_train, bs, runner.device)
             t_grads = time.perf_counter()
@@ -269,7 +269,7 @@ def worker(spec: dict) -> None:
                 label = "datainf" + spec["method"][len("grad"):]
                 outputs[label] = (di, (t_grads - started) + (time.perf_counter() - t_tracin))
             result["extra"] = {"n_params": lg.n_params, "rank": rank, "grad_batch": bs, "finetune_epochs": epochs,
-                               "finetune_accum": int(opts.get("accum", 1)),
+                               "finetune_accum": accum,
                                "finetune_seconds": lg.finetune_seconds,
                                "gradient_seconds": t_grads - started, "score_tokens": score_tokens}
             if spec.get("save_grads"):
