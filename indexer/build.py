@@ -17,18 +17,18 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from schemas.config import BuildConfig, DataConfig, EncodeConfig
-from schemas.errors import BadValuesError
-from schemas.manifest import Manifest
-from schemas.tables import samples_schema
-from storage.sketch_basis import load_basis, publish_basis
-from storage.store import Store
+from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig
+from forvalue.schemas.errors import BadValuesError
+from forvalue.schemas.manifest import Manifest
+from forvalue.schemas.tables import samples_schema
+from forvalue.storage.sketch_basis import load_basis, publish_basis
+from forvalue.storage.store import Store
 
-from .data import Sample, check_paths, iter_samples
-from .encoder import EncodedSample, encode_stream
-from .images import ImageError
-from .sketch import SketchSpec, fit_basis, get_sketcher
-from .tokenize import TokenizedSample, tokenize_for
+from forvalue.indexer.data import Sample, check_paths, iter_samples
+from forvalue.indexer.encoder import EncodedSample, encode_stream
+from forvalue.indexer.images import ImageError
+from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
+from forvalue.indexer.tokenize import TokenizedSample, tokenize_for
 
 # Hidden states (tokens) used to fit a store's sketch basis: the first ones written.
 BASIS_FIT_TOKENS = 200_000
@@ -105,7 +105,7 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
     Parameters
     ----------
     inputs : iterable of path
-        Data files or ``datasets`` folders (see :func:`indexer.data.iter_samples`).
+        Data files or ``datasets`` folders (see :func:`forvalue.indexer.data.iter_samples`).
     store_path : path
         Created if missing; an existing store must have the same manifest.
     config : BuildConfig
@@ -119,7 +119,7 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
     """
     from tqdm.auto import tqdm
 
-    from .model_runner import load_runner
+    from forvalue.indexer.model_runner import load_runner
 
     started = time.perf_counter()
     inputs = list(inputs)
@@ -147,7 +147,7 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
     _flush(store, pending, report)
     bar.close()
     if store.manifest.sketch_dim and report.written:
-        from storage.faiss_index import ensure
+        from forvalue.storage.faiss_index import ensure
 
         ensure(store)  # extends (or builds) the prefilter index to cover every committed row
     report.total_rows = store.count()
@@ -245,7 +245,7 @@ def encoded_to_arrow(encoded: list[EncodedSample], hidden_dtype: str, sketch_spe
 
 
 def sketch_column(encoded: list[EncodedSample], spec: SketchSpec, basis: np.ndarray | None = None) -> pa.FixedSizeListArray:
-    """The ``sketch`` column (``indexer.sketch``) of a list of encodings."""
+    """The ``sketch`` column (``forvalue.indexer.sketch``) of a list of encodings."""
     entries = [e.entries() for e in encoded]
     z = get_sketcher(spec, basis).sketch(
         np.concatenate([e.hidden for e in encoded]), np.concatenate([i for i, _ in entries]),

@@ -1,7 +1,7 @@
 """Read training or validation samples from JSONL, Parquet, CSV or a ``datasets`` folder.
 
 Rows are streamed (never the whole file in memory) and validated one by one; a bad row
-raises :class:`~schemas.errors.InputDataError` naming the file, the line (JSONL, CSV)
+raises :class:`~forvalue.schemas.errors.InputDataError` naming the file, the line (JSONL, CSV)
 or row number (Parquet, Arrow) and the field.
 """
 
@@ -15,10 +15,10 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
-from schemas.config import DataConfig
-from schemas.errors import InputDataError
+from forvalue.schemas.config import DataConfig
+from forvalue.schemas.errors import InputDataError
 
-from .images import ImageRef, parse_image_cell
+from forvalue.indexer.images import ImageRef, parse_image_cell
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 _ARROW_BLOCK = 1024

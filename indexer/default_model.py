@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from schemas.errors import ModelLoadError
+from forvalue.schemas.errors import ModelLoadError
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

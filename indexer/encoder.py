@@ -13,10 +13,10 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from schemas.config import EncodeConfig
+from forvalue.schemas.config import EncodeConfig
 
-from .sparse_errors import SparseErrors, error_entries, pair_score, sparsify
-from .tokenize import TokenizedSample
+from forvalue.indexer.sparse_errors import SparseErrors, error_entries, pair_score, sparsify
+from forvalue.indexer.tokenize import TokenizedSample
 
 _NP_HIDDEN = {"float16": np.float16, "float32": np.float32}
 # Samples read ahead and sorted by length, so batches pad little.

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from .default_model import cache_dir
+from forvalue.indexer.default_model import cache_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.errors import InputDataError
+from forvalue.schemas.errors import InputDataError
 
 # 512 visual tokens of Qwen2-VL (28 x 28 pixels each): about 634 x 634 pixels.
 DEFAULT_IMAGE_MAX_PIXELS = 512 * 28 * 28
@@ -68,7 +68,7 @@ class ImageRef:
 
 
 def parse_image_cell(value: Any, base_dir: Path, source: str, column: str) -> ImageRef:
-    """An :class:`ImageRef` for one cell; raises :class:`~schemas.errors.InputDataError` on a cell of the wrong type.
+    """An :class:`ImageRef` for one cell; raises :class:`~forvalue.schemas.errors.InputDataError` on a cell of the wrong type.
 
     Parameters
     ----------

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from schemas.config import ModelConfig
-from schemas.errors import ModelLoadError
+from forvalue.schemas.config import ModelConfig
+from forvalue.schemas.errors import ModelLoadError
 
-from .fingerprint import tokenizer_sha256, weights_sha256
+from forvalue.indexer.fingerprint import tokenizer_sha256, weights_sha256
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,7 +99,7 @@ def load_runner(config: ModelConfig) -> CausalLMRunner:
     """Load the model and tokenizer named by ``config`` (offline) and wrap them in a runner.
 
     A folder whose ``config.json`` has a ``vision_config`` is a vision-language model and
-    gets an :class:`indexer.vlm_runner.VisionLanguageRunner` (same interface).
+    gets an :class:`forvalue.indexer.vlm_runner.VisionLanguageRunner` (same interface).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -107,7 +107,7 @@ def load_runner(config: ModelConfig) -> CausalLMRunner:
     dtype = resolve_dtype(config.dtype, device)
     path = config.path
     if path is None:
-        from .default_model import default_model_dir
+        from forvalue.indexer.default_model import default_model_dir
 
         path = str(default_model_dir())
     source = Path(path)
@@ -124,7 +124,7 @@ def load_runner(config: ModelConfig) -> CausalLMRunner:
         if not (source / "config.json").exists():
             raise ModelLoadError(f"model folder '{path}' has no config.json; is it a Hugging Face model folder?")
         folder = str(source)
-        from .vlm_runner import is_vlm_folder, load_vlm_runner
+        from forvalue.indexer.vlm_runner import is_vlm_folder, load_vlm_runner
 
         if is_vlm_folder(source):
             return load_vlm_runner(config, source, device, dtype)

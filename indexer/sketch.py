@@ -28,7 +28,7 @@ hidden direction, then the top principal directions of the hidden states orthogo
 restricted to the subspace of ``U``, with the count-sketch's collisions as the only noise (no
 longer unbiased for the full score, but far more accurate for ranking, see docs/prefilter.md).
 ``U`` is fitted once per store from the first hidden states written and saved beside the table
-(``storage.sketch_basis``); the query side loads the same ``U``.
+(``forvalue.storage.sketch_basis``); the query side loads the same ``U``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from schemas.errors import ForValueError
+from forvalue.schemas.errors import ForValueError
 
 # Rows of hidden states per float64 block when fitting a basis.
 _FIT_ROWS = 16384
@@ -122,7 +122,7 @@ class Sketcher:
         hidden : array, shape (N, d)
             Hidden states of all scored tokens, samples concatenated.
         ids, values : arrays, shape (N, m + 1)
-            Error support (``indexer.sparse_errors.error_entries``).
+            Error support (``forvalue.indexer.sparse_errors.error_entries``).
         lengths : int array, shape (rows,)
             Tokens per sample.
 
@@ -158,7 +158,7 @@ _CACHE: dict = {}
 def get_sketcher(spec: SketchSpec, basis: np.ndarray | None = None, device: str = "cpu") -> Sketcher:
     """Cached :class:`Sketcher` (its random tables take a moment to build for large vocabularies).
 
-    ``basis`` is the store's fitted basis (``storage.sketch_basis.load_basis``) when
+    ``basis`` is the store's fitted basis (``forvalue.storage.sketch_basis.load_basis``) when
     ``spec.basis == "fitted"``; it is ignored for the Gaussian sketch.
     """
     if spec.basis != "fitted":

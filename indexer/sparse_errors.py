@@ -124,7 +124,7 @@ def pair_score(h_a: np.ndarray, ids_a: np.ndarray, vals_a: np.ndarray, h_b: np.n
     """``<G_a, G_b>`` of two samples from their hidden states and error entries (Eq. 1), in float64.
 
     Used for the squared norm ``||G_i||^2`` at build time; the batched scorer in
-    ``query.scorer`` does the same for blocks of samples. Picks the cheaper of the Gram
+    ``forvalue.engine.scorer`` does the same for blocks of samples. Picks the cheaper of the Gram
     form (Eq. 1, cost ~ n_a n_b (|U| + d)) and the restricted-G form (Eq. 2, ~ (n_a + n_b) |U| d).
     """
     vocab, inverse = np.unique(np.concatenate([ids_a.ravel(), ids_b.ravel()]), return_inverse=True)

@@ -1,4 +1,4 @@
-"""Turn a :class:`~indexer.data.Sample` into token ids and the positions to score.
+"""Turn a :class:`~forvalue.indexer.data.Sample` into token ids and the positions to score.
 
 Position convention: the hidden state at index ``t - 1`` predicts token ``ids[t]``; a
 sample "scores target t" for ``t`` in ``1..T-1``. ``score_tokens='all'`` scores every
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.errors import InputDataError
+from forvalue.schemas.errors import InputDataError
 
-from .data import Sample
+from forvalue.indexer.data import Sample
 
 
 @dataclass(frozen=True)

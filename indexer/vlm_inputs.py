@@ -5,7 +5,7 @@ content entry, then the text), the assistant turn opens with the template's gene
 prompt, and the response follows as the answer. Only response tokens are scored, never
 the prompt, the template's markers or the image placeholder tokens: with ``P`` the
 prompt ids (image tokens expanded), ``first_target = P`` and targets ``P .. T-1`` are
-the response tokens (the same convention as ``indexer.tokenize``). As on the text
+the response tokens (the same convention as ``forvalue.indexer.tokenize``). As on the text
 path, the response is tokenized on its own (no special tokens), so the boundary is
 exact, and the template's end-of-turn marker after the answer is not scored.
 
@@ -23,11 +23,11 @@ import json
 
 import torch
 
-from schemas.errors import InputDataError, ModelLoadError
+from forvalue.schemas.errors import InputDataError, ModelLoadError
 
-from .data import Sample
-from .images import open_image
-from .tokenize import TokenizedSample
+from forvalue.indexer.data import Sample
+from forvalue.indexer.images import open_image
+from forvalue.indexer.tokenize import TokenizedSample
 
 # Keys of a processor's output that are not image inputs: the text ids, and per-token
 # arrays that the runner recomputes for the padded batch.
@@ -35,7 +35,7 @@ _TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_id
 
 
 class VisionTextInputs:
-    """Builds :class:`~indexer.tokenize.TokenizedSample` s (with image inputs) for a VLM.
+    """Builds :class:`~forvalue.indexer.tokenize.TokenizedSample` s (with image inputs) for a VLM.
 
     Parameters
     ----------
@@ -116,7 +116,7 @@ class VisionTextInputs:
         ------
         InputDataError
             A row with a single text column (a VLM needs prompt/response).
-        indexer.images.ImageError
+        forvalue.indexer.images.ImageError
             The image is missing or does not decode.
         """
         if sample.text is not None:

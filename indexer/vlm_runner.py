@@ -1,9 +1,9 @@
 """Load a vision-language model and run the forward pass the method needs, split at the LM head.
 
-Same interface as :class:`indexer.model_runner.CausalLMRunner` (``hidden_states``,
+Same interface as :class:`forvalue.indexer.model_runner.CausalLMRunner` (``hidden_states``,
 ``logits``, ``hidden_size``, ``vocab_size``, ``pad_id``, ``identity``) plus
 ``tokenize`` (image + prompt + response to ids and image inputs, see
-:mod:`indexer.vlm_inputs`) and the image settings the manifest records. A model folder
+:mod:`forvalue.indexer.vlm_inputs`) and the image settings the manifest records. A model folder
 is a VLM when its ``config.json`` has a ``vision_config``.
 """
 
@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from schemas.config import ModelConfig
-from schemas.errors import ModelLoadError
+from forvalue.schemas.config import ModelConfig
+from forvalue.schemas.errors import ModelLoadError
 
-from .vlm_inputs import VisionTextInputs
+from forvalue.indexer.vlm_inputs import VisionTextInputs
 
 # Per-token arrays some VLMs need (Qwen-VL's multimodal RoPE): 0 text, 1 image, 2 video.
 _TOKEN_TYPES = "mm_token_type_ids"
@@ -72,7 +72,7 @@ class VisionLanguageRunner:
         self._float_dtype = dtypes[0] if dtypes else torch.float32
 
     def tokenize(self, sample, score_tokens: str, max_length: int, chat_template: bool):
-        """See :meth:`indexer.vlm_inputs.VisionTextInputs.tokenize` (response tokens only)."""
+        """See :meth:`forvalue.indexer.vlm_inputs.VisionTextInputs.tokenize` (response tokens only)."""
         return self.inputs.tokenize(sample, score_tokens, max_length, chat_template)
 
     def batch_vision(self, vision: list[dict | None], input_ids: torch.Tensor) -> dict:
@@ -129,7 +129,7 @@ def load_vlm_runner(config: ModelConfig, source: Path, device: torch.device, dty
     """
     import transformers
 
-    from .model_runner import _TORCH_DTYPES, place_model
+    from forvalue.indexer.model_runner import _TORCH_DTYPES, place_model
 
     folder = str(source)
     kwargs: dict = {"local_files_only": True, "trust_remote_code": config.trust_remote_code}
@@ -155,7 +155,7 @@ def _load_model(transformers, folder: str, kwargs: dict, torch_dtype):
 
 
 def _load_inputs(folder: str, kwargs: dict, max_pixels: int) -> VisionTextInputs:
-    """The model's processor when it loads, else its tokenizer + image processor (see :mod:`indexer.vlm_inputs`)."""
+    """The model's processor when it loads, else its tokenizer + image processor (see :mod:`forvalue.indexer.vlm_inputs`)."""
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     try:

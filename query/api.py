@@ -2,7 +2,7 @@
 
 Example
 -------
->>> from query.api import build_index, run_query
+>>> from forvalue.api import build_index, run_query
 >>> build_index(["train.jsonl"], "store/")                     # doctest: +SKIP
 >>> result = run_query("store/", ["val.jsonl"])                # doctest: +SKIP
 >>> result.top.to_pandas().head()                              # doctest: +SKIP
@@ -18,18 +18,18 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from indexer.build import BuildReport, build_index
-from indexer.data import Sample
-from indexer.model_runner import load_runner
-from schemas.config import DataConfig, ModelConfig, QueryConfig
-from schemas.errors import StoreError
-from schemas.tables import SCORING_COLUMNS
-from storage import faiss_index
-from storage.store import Store
+from forvalue.indexer.build import BuildReport, build_index
+from forvalue.indexer.data import Sample
+from forvalue.indexer.model_runner import load_runner
+from forvalue.schemas.config import DataConfig, ModelConfig, QueryConfig
+from forvalue.schemas.errors import StoreError
+from forvalue.schemas.tables import SCORING_COLUMNS
+from forvalue.storage import faiss_index
+from forvalue.storage.store import Store
 
-from .ranking import TopK
-from .scorer import BlockedScorer, TrainBlock, decode_block
-from .validation import ValidationSet, data_for_store, encode_validation, load_validation_samples
+from forvalue.engine.ranking import TopK
+from forvalue.engine.scorer import BlockedScorer, TrainBlock, decode_block
+from forvalue.engine.validation import ValidationSet, data_for_store, encode_validation, load_validation_samples
 
 __all__ = ["build_index", "BuildReport", "run_query", "QueryResult", "store_info", "load_store_runner", "score_all"]
 
@@ -190,10 +190,10 @@ def run_query(
     writer = _ScoreWriter(all_scores_path, col_names) if all_scores_path else None
     kept_scores, kept_ids = [], []
     total = store.count()
-    from .prefilter import prefilter_topk, use_prefilter
+    from forvalue.engine.prefilter import prefilter_topk, use_prefilter
 
     prefiltered = use_prefilter(store, config, full_scores=keep_scores or all_scores_path is not None)
-    if prefiltered:  # FAISS candidates + exact rerank (query.prefilter, docs/prefilter.md)
+    if prefiltered:  # FAISS candidates + exact rerank (forvalue.engine.prefilter, docs/prefilter.md)
         top = prefilter_topk(store, val, config, runner.device)
     bar = tqdm(total=total, desc="scoring", unit="sample", disable=not config.progress or prefiltered)
     for first, ids, labels, scores in () if prefiltered else score_all(store, val, config, runner.device):

@@ -19,14 +19,14 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from indexer.model_runner import resolve_device
-from schemas.config import DataConfig, ModelConfig, QueryConfig
-from schemas.errors import ForValueError
-from storage.audits import ValidationCache, list_audits, read_audit, write_audit
-from storage.store import Store
+from forvalue.indexer.model_runner import resolve_device
+from forvalue.schemas.config import DataConfig, ModelConfig, QueryConfig
+from forvalue.schemas.errors import ForValueError
+from forvalue.storage.audits import ValidationCache, list_audits, read_audit, write_audit
+from forvalue.storage.store import Store
 
-from .api import _open, load_store_runner, score_all
-from .validation import data_for_store, encode_validation_cached, load_validation_samples
+from forvalue.api import _open, load_store_runner, score_all
+from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from indexer.demo_data import generate_task, write_jsonl
-from schemas.config import BuildConfig, ModelConfig, QueryConfig
+from forvalue.tasks.text import generate_task, write_jsonl
+from forvalue.schemas.config import BuildConfig, ModelConfig, QueryConfig
 
-from .api import build_index, run_query
-from .metrics import class_retrieval
+from forvalue.api import build_index, run_query
+from forvalue.tasks.metrics import class_retrieval
 
 
 def run_demo(workdir: str | Path, train_per_class: int = 20, test_per_class: int = 1, model_path: str | None = None,
@@ -32,7 +32,7 @@ def run_demo(workdir: str | Path, train_per_class: int = 20, test_per_class: int
     result = run_query(workdir / "store", [workdir / "validation.jsonl"], QueryConfig(top_k=5, include_text=True, device=device),
                        keep_scores=True)
     result_path = workdir / "top5.jsonl"
-    from .output import write_table
+    from forvalue.present.output import write_table
 
     write_table(result.top, result_path)
     first = test[0]

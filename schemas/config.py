@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .errors import ForValueError
+from forvalue.schemas.errors import ForValueError
 
 ScoreTokens = Literal["all", "response"]
 OnBad = Literal["error", "skip"]
@@ -92,7 +92,7 @@ class EncodeConfig:
     lowest_likelihood_ratio: float | None = None
     hidden_dtype: str = "float16"
     on_bad: OnBad = "error"
-    # Prefilter sketch of G stored per sample (indexer.sketch); sketch_dim=0 stores none.
+    # Prefilter sketch of G stored per sample (forvalue.indexer.sketch); sketch_dim=0 stores none.
     sketch_dim: int = 2048
     sketch_vocab_buckets: int = 512
     sketch_hidden_cols: int = 4
@@ -163,7 +163,7 @@ class QueryConfig:
     batch_size: int = 8
     progress: bool = True
     device: str = "auto"
-    # Prefilter (query.prefilter): candidates=None lets run_query choose (see docs/prefilter.md);
+    # Prefilter (forvalue.engine.prefilter): candidates=None lets run_query choose (see docs/prefilter.md);
     # exact=True forces the full scan.
     candidates: int | None = None
     exact: bool = False

@@ -11,8 +11,8 @@ import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import StoreError
-from .tables import SCHEMA_VERSION
+from forvalue.schemas.errors import StoreError
+from forvalue.schemas.tables import SCHEMA_VERSION
 
 PACKAGE_VERSION = "0.1.0"
 MANIFEST_FILE = "manifest.json"
@@ -59,7 +59,7 @@ class Manifest:
     image_column: str | None = None
     image_max_pixels: int | None = None
     processor_sha256: str | None = None
-    # Prefilter sketch (indexer.sketch.SketchSpec); None: the store has no sketch column.
+    # Prefilter sketch (forvalue.indexer.sketch.SketchSpec); None: the store has no sketch column.
     sketch_dim: int | None = None
     sketch_vocab_buckets: int = 1
     sketch_hidden_cols: int = 1

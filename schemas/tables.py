@@ -27,7 +27,7 @@ def samples_schema(hidden_dtype: str = "float16", sketch_dim: int | None = None)
         Storage type of the hidden-state values.
     sketch_dim : int or None
         Length of the ``sketch`` column (the prefilter sketch of ``G``, float32,
-        ``indexer.sketch``); None for stores without one (schema version 1 stores).
+        ``forvalue.indexer.sketch``); None for stores without one (schema version 1 stores).
     """
     sketch = [pa.field("sketch", pa.list_(pa.float32(), sketch_dim))] if sketch_dim else []
     return pa.schema(

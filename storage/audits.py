@@ -19,9 +19,9 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from schemas.errors import ForValueError
+from forvalue.schemas.errors import ForValueError
 
-from .store import Store
+from forvalue.storage.store import Store
 
 AUDIT_PREFIX = "audit_"
 CACHE_TABLE = "validation_cache"
@@ -93,7 +93,7 @@ def read_audit(store: Store, name: str) -> tuple[pa.Table, dict]:
 
 
 class ValidationCache:
-    """Encoded validation samples keyed by a content hash (see ``query.validation.cache_key``)."""
+    """Encoded validation samples keyed by a content hash (see ``forvalue.engine.validation.cache_key``)."""
 
     def __init__(self, store: Store):
         self.store = store

@@ -31,10 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.errors import StoreError
+from forvalue.schemas.errors import StoreError
 
-from .sketch_basis import basis_sha256, load_basis
-from .store import Store
+from forvalue.storage.sketch_basis import basis_sha256, load_basis
+from forvalue.storage.store import Store
 
 INDEX_DIR = "prefilter"
 META_FILE = "prefilter.json"

@@ -1,7 +1,7 @@
 """The fitted hidden-side basis of a store's prefilter sketch (``STORE/sketch_basis.npy``).
 
 A store whose manifest says ``sketch_basis = "fitted"`` computes every sketch with one
-``(d, c)`` basis ``U`` (``indexer.sketch.fit_basis``), fitted from the first hidden states
+``(d, c)`` basis ``U`` (``forvalue.indexer.sketch.fit_basis``), fitted from the first hidden states
 written. It is published *before* the first row that uses it is committed, with an atomic
 create-if-absent (like the manifest): when several build workers start at once each may fit
 one, the first to publish wins and every worker then sketches with the published one.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.errors import StoreError
+from forvalue.schemas.errors import StoreError
 
 BASIS_FILE = "sketch_basis.npy"
 

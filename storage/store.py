@@ -3,8 +3,8 @@
 Layout::
 
     STORE/
-      manifest.json        model + settings identity (schemas.manifest.Manifest)
-      samples.lance/       one row per training sample (schemas.tables.samples_schema)
+      manifest.json        model + settings identity (forvalue.schemas.manifest.Manifest)
+      samples.lance/       one row per training sample (forvalue.schemas.tables.samples_schema)
 
 Every :meth:`Store.append` is one Lance commit: a batch of rows becomes visible whole or
 not at all, so a process killed at any moment leaves a store that opens, holding exactly
@@ -20,9 +20,9 @@ from typing import Iterator, Sequence
 
 import pyarrow as pa
 
-from schemas.errors import ManifestMismatchError, StoreError
-from schemas.manifest import MANIFEST_FILE, Manifest
-from schemas.tables import SAMPLES_TABLE, samples_schema
+from forvalue.schemas.errors import ManifestMismatchError, StoreError
+from forvalue.schemas.manifest import MANIFEST_FILE, Manifest
+from forvalue.schemas.tables import SAMPLES_TABLE, samples_schema
 
 
 class Store:

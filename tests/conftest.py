@@ -58,8 +58,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_runner(tiny_model_dir):
-    from indexer.model_runner import load_runner
-    from schemas.config import ModelConfig
+    from forvalue.indexer.model_runner import load_runner
+    from forvalue.schemas.config import ModelConfig
 
     return load_runner(ModelConfig(path=str(tiny_model_dir), device="cpu"))
 
@@ -83,7 +83,7 @@ def cli(*args: str):
     """Run the forvalue CLI in-process (click's CliRunner)."""
     from click.testing import CliRunner
 
-    from query.cli import main
+    from forvalue.cli import main
 
     return CliRunner().invoke(main, [str(a) for a in args])
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import query.audit as audit_mod
-from query.api import build_index, run_query
-from query.audit import AuditConfig, compare_audits, load_audit, run_audit, select_subset
-from query.report import audit_report, compare_report
-from schemas.config import BuildConfig, ModelConfig, QueryConfig
-from schemas.errors import ForValueError, ManifestMismatchError
-from storage.store import Store
+import forvalue.audit as audit_mod
+from forvalue.api import build_index, run_query
+from forvalue.audit import AuditConfig, compare_audits, load_audit, run_audit, select_subset
+from forvalue.present.report import audit_report, compare_report
+from forvalue.schemas.config import BuildConfig, ModelConfig, QueryConfig
+from forvalue.schemas.errors import ForValueError, ManifestMismatchError
+from forvalue.storage.store import Store
 
 from conftest import make_model_dir, write_jsonl
 
@@ -111,7 +111,7 @@ def test_audit_errors(audited_store, tmp_path, tiny_runner):
 
 
 def test_audit_cli(audited_store, tmp_path):
-    from query.cli import main
+    from forvalue.cli import main
 
     store = str(audited_store / "store")
     cli = CliRunner()

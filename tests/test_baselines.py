@@ -17,8 +17,8 @@ from bench_baselines import LoraGradients, tokenize_rows  # noqa: E402
 
 @pytest.fixture
 def tokenized(tiny_runner, toy_rows, tmp_path):
-    from indexer.data import iter_samples
-    from schemas.config import DataConfig
+    from forvalue.indexer.data import iter_samples
+    from forvalue.schemas.config import DataConfig
 
     samples = list(iter_samples([write_jsonl(tmp_path / "rows.jsonl", toy_rows)], DataConfig()))
     return tokenize_rows(tiny_runner.tokenizer, samples, "all")

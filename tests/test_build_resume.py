@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 from click.testing import CliRunner
 
-from query.cli import main
-from storage.store import Store
+from forvalue.cli import main
+from forvalue.storage.store import Store
 
 from conftest import write_jsonl
 
@@ -45,7 +45,7 @@ def stored(path: Path) -> pa.Table:
 
 def forvalue_command() -> list[str]:
     script = Path(sys.executable).with_name("forvalue")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "query.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "forvalue.cli"]
 
 
 def test_second_build_writes_nothing(tmp_path, tiny_model_dir):

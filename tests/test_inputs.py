@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from indexer.data import iter_samples
-from query.api import build_index, run_query
-from schemas.config import BuildConfig, DataConfig, ModelConfig, QueryConfig
-from storage.store import Store
+from forvalue.indexer.data import iter_samples
+from forvalue.api import build_index, run_query
+from forvalue.schemas.config import BuildConfig, DataConfig, ModelConfig, QueryConfig
+from forvalue.storage.store import Store
 
 from conftest import assert_one_line_error, cli, write_jsonl
 
@@ -211,7 +211,7 @@ def test_missing_id_gets_stable_content_hash(tmp_path, tiny_runner, tiny_model_d
     relabelled = write_jsonl(tmp_path / "relabel.jsonl", [{**r, "label": "other"} for r in rows])
     assert [s.id for s in iter_samples([relabelled], DataConfig())] == ids
     # same ids in another process with another hash seed (no use of Python's salted hash())
-    code = ("import json, sys; from indexer.data import iter_samples; from schemas.config import DataConfig; "
+    code = ("import json, sys; from forvalue.indexer.data import iter_samples; from forvalue.schemas.config import DataConfig; "
             "print(json.dumps([s.id for s in iter_samples([sys.argv[1]], DataConfig())]))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from indexer.sketch import SketchSpec, Sketcher, fit_basis
-from indexer.sparse_errors import error_entries, pair_score
-from query.api import build_index, run_query
-from schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
-from storage import faiss_index
-from storage.sketch_basis import load_basis, publish_basis
-from storage.store import Store
+from forvalue.indexer.sketch import SketchSpec, Sketcher, fit_basis
+from forvalue.indexer.sparse_errors import error_entries, pair_score
+from forvalue.api import build_index, run_query
+from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
+from forvalue.storage import faiss_index
+from forvalue.storage.sketch_basis import load_basis, publish_basis
+from forvalue.storage.store import Store
 
 from conftest import write_jsonl
 
@@ -80,7 +80,7 @@ def test_sketch_is_deterministic_and_linear():
 
 
 def _task_rows(n_train, n_test, seed=0):
-    from indexer.demo_data import generate_task
+    from forvalue.tasks.text import generate_task
 
     train, test = generate_task("sentence_transformations", n_train=n_train, n_test=n_test, seed=seed)
     return [{k: r[k] for k in ("id", "prompt", "response", "label")} for r in train], [
@@ -185,7 +185,7 @@ def test_prefilter_recall_matches_exact_and_wrong_sketch_breaks_it(sketched_stor
     # collapses to about chance (cand / rows)
     import dataclasses
 
-    import query.prefilter as qp
+    import forvalue.engine.prefilter as qp
 
     monkeypatch.setattr(qp, "get_sketcher", lambda spec, basis=None: Sketcher(dataclasses.replace(spec, seed=spec.seed + 1), basis=basis))
     broken = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, candidates=cand), runner=tiny_runner)
@@ -231,7 +231,7 @@ def test_choose_factory():
 def test_cli_sketch_old_store_and_query_candidates(tmp_path, tiny_model_dir, tiny_runner, toy_rows):
     from click.testing import CliRunner
 
-    from query.cli import main
+    from forvalue.cli import main
 
     write_jsonl(tmp_path / "train.jsonl", toy_rows)
     write_jsonl(tmp_path / "val.jsonl", toy_rows[:2])

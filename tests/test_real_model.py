@@ -13,10 +13,10 @@ import importlib.util
 import numpy as np
 import pytest
 
-from indexer.demo_data import generate_task, write_jsonl
-from query.api import build_index, run_query
-from query.metrics import class_retrieval
-from schemas.config import BuildConfig, ModelConfig, QueryConfig
+from forvalue.tasks.text import generate_task, write_jsonl
+from forvalue.api import build_index, run_query
+from forvalue.tasks.metrics import class_retrieval
+from forvalue.schemas.config import BuildConfig, ModelConfig, QueryConfig
 
 pytestmark = [
     pytest.mark.real_model,
@@ -26,7 +26,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def real_runner():
-    from indexer.model_runner import load_runner
+    from forvalue.indexer.model_runner import load_runner
 
     return load_runner(ModelConfig(device="cpu"))
 
@@ -51,7 +51,7 @@ def test_real_model_retrieves_same_class(real_runner, tmp_path, task):
 
 def test_default_model_manifest_and_mismatch_refusal(real_runner, tiny_model_dir, tmp_path):
     """A store built with the default model refuses a query with another model."""
-    from schemas.errors import ManifestMismatchError
+    from forvalue.schemas.errors import ManifestMismatchError
 
     train, test = generate_task("sentence_transformations", n_train=2, n_test=1, n_classes=2, seed=2)
     write_jsonl(train, tmp_path / "train.jsonl")

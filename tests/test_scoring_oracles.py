@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.data import iter_samples
-from query.api import build_index, run_query
-from query.reference import dense_matrices, dense_scores
-from schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
+from forvalue.indexer.data import iter_samples
+from forvalue.api import build_index, run_query
+from forvalue.engine.reference import dense_matrices, dense_scores
+from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
 
 from conftest import write_jsonl
 
@@ -41,7 +41,7 @@ def test_dense_reference_equals_lm_head_gradient_inner_product(tiny_runner, toy_
     samples = list(iter_samples([write_jsonl(tmp_path / "a.jsonl", toy_rows[:5])], DataConfig()))
 
     def grad(sample):
-        from indexer.tokenize import tokenize_sample
+        from forvalue.indexer.tokenize import tokenize_sample
 
         t = tokenize_sample(tok, sample, "all", 512, False)
         ids = torch.tensor([t.input_ids])
@@ -121,8 +121,8 @@ def test_top_k_is_the_top_of_all_scores(tiny_model_dir, toy_rows, tmp_path):
 
 
 def test_lowest_likelihood_ratio_keeps_hardest_positions(tiny_runner, toy_rows, tmp_path):
-    from indexer.encoder import encode_batch
-    from indexer.tokenize import tokenize_sample
+    from forvalue.indexer.encoder import encode_batch
+    from forvalue.indexer.tokenize import tokenize_sample
 
     sample = next(iter_samples([write_jsonl(tmp_path / "a.jsonl", toy_rows[:1])], DataConfig()))
     tok = tokenize_sample(tiny_runner.tokenizer, sample, "all", 512, False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from indexer.sparse_errors import error_entries, sparsify
+from forvalue.indexer.sparse_errors import error_entries, sparsify
 
 
 def _setup(n=40, vocab=300, d=16, seed=0):

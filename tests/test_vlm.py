@@ -11,14 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from indexer.data import iter_samples
-from indexer.demo_images import generate
-from query.api import build_index, run_query
-from query.reference import dense_scores
-from schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
+from forvalue.indexer.data import iter_samples
+from forvalue.tasks.images import generate
+from forvalue.api import build_index, run_query
+from forvalue.engine.reference import dense_scores
+from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
 
 from conftest import assert_one_line_error, cli, write_jsonl
-from tiny_vlm import make_vlm_dir, qwen2vl_processor
+from forvalue.testing import make_vlm_dir, qwen2vl_processor
 
 IMG = DataConfig(image_column="image")
 
@@ -30,7 +30,7 @@ def vlm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vlm_runner(vlm_dir):
-    from indexer.model_runner import load_runner
+    from forvalue.indexer.model_runner import load_runner
 
     return load_runner(ModelConfig(path=str(vlm_dir), device="cpu"))
 
@@ -58,7 +58,7 @@ def _scores_in_order(res, samples):
 
 
 def test_vlm_folder_is_detected(vlm_runner):
-    from indexer.vlm_runner import VisionLanguageRunner
+    from forvalue.indexer.vlm_runner import VisionLanguageRunner
 
     assert isinstance(vlm_runner, VisionLanguageRunner) and vlm_runner.model_kind == "vlm"
     assert vlm_runner.vocab_size == len(vlm_runner.tokenizer) and vlm_runner.hidden_size == 48
@@ -66,7 +66,7 @@ def test_vlm_folder_is_detected(vlm_runner):
 
 def test_fallback_inputs_equal_the_qwen2vl_processor(vlm_runner, vlm_dir, task):
     """Without torchvision the runner expands image tokens itself; the real processor gives the same ids and pixels."""
-    from indexer.vlm_inputs import VisionTextInputs
+    from forvalue.indexer.vlm_inputs import VisionTextInputs
 
     assert vlm_runner.inputs.processor is None  # the fallback is what the runner uses here
     proc = qwen2vl_processor(vlm_dir)
@@ -102,7 +102,7 @@ def test_only_response_tokens_are_scored(vlm_runner, task):
 
 
 def test_stored_targets_are_the_responses(vlm_runner, vlm_dir, task, tmp_path):
-    from storage.store import Store
+    from forvalue.storage.store import Store
 
     report = _build(tmp_path, vlm_dir, task[0], EncodeConfig(top_m=8), runner=vlm_runner)
     samples = {s.id: s for s in _samples(task[0])}
@@ -118,7 +118,7 @@ def test_stored_targets_are_the_responses(vlm_runner, vlm_dir, task, tmp_path):
 
 def test_dense_reference_equals_lm_head_gradient_inner_product(vlm_runner, task):
     """For the VLM too, the reference score is the inner product of LM-head gradients of the response log-likelihood."""
-    from query.reference import _image_inputs
+    from forvalue.engine.reference import _image_inputs
 
     model = vlm_runner.model
     samples = _samples(task[0])[:2] + _samples(task[1])[:2]
@@ -159,7 +159,7 @@ def test_store_equals_dense_reference(vlm_runner, vlm_dir, task, tmp_path):
 
 def test_image_changes_the_score(vlm_runner, task, tmp_path):
     """The image is model input, not decoration: the same text with another image encodes differently."""
-    from indexer.encoder import encode_batch
+    from forvalue.indexer.encoder import encode_batch
 
     a = _samples(task[0])[0]
     other = _samples(task[0])[-1]  # another class's image
@@ -201,7 +201,7 @@ def test_index_add_keeps_the_store_image_settings(vlm_dir, task, tmp_path):
     r = cli("index", "add", task[1], "--store", store, "--device", "cpu", "--quiet", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["total_rows"] == 12
-    from storage.store import Store
+    from forvalue.storage.store import Store
 
     assert Store.open(store).manifest.image_max_pixels == 2500
 
@@ -238,8 +238,8 @@ def test_missing_and_corrupt_images(vlm_dir, task, tmp_path):
 
 
 def test_image_cell_errors_name_the_row(vlm_dir, tmp_path):
-    from indexer.data import iter_samples as rows_of
-    from schemas.errors import InputDataError
+    from forvalue.indexer.data import iter_samples as rows_of
+    from forvalue.schemas.errors import InputDataError
 
     path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": "r", "image": 3}])
     with pytest.raises(InputDataError, match=r"x.jsonl:1: field 'image': missing column .*--image-column"):
@@ -276,8 +276,8 @@ def test_parquet_bytes_and_datasets_dicts_equal_paths(vlm_runner, vlm_dir, task,
 
 
 def test_query_refuses_other_image_settings(vlm_dir, vlm_runner, task, tmp_path):
-    from indexer.model_runner import load_runner
-    from schemas.errors import ManifestMismatchError
+    from forvalue.indexer.model_runner import load_runner
+    from forvalue.schemas.errors import ManifestMismatchError
 
     _build(tmp_path, vlm_dir, task[0], EncodeConfig(top_m=8), runner=vlm_runner)
     other = load_runner(ModelConfig(path=str(vlm_dir), device="cpu", image_max_pixels=1000))
@@ -288,9 +288,9 @@ def test_query_refuses_other_image_settings(vlm_dir, vlm_runner, task, tmp_path)
 def test_open_image_downscales_and_cache_key_follows_image_bytes(vlm_runner, tmp_path):
     from PIL import Image
 
-    from indexer.images import open_image, parse_image_cell
-    from query.validation import cache_key
-    from schemas.manifest import Manifest
+    from forvalue.indexer.images import open_image, parse_image_cell
+    from forvalue.engine.validation import cache_key
+    from forvalue.schemas.manifest import Manifest
 
     Image.new("RGB", (200, 100), (10, 20, 30)).save(tmp_path / "a.png")
     ref = parse_image_cell("a.png", tmp_path, "rows.jsonl:1", "image")

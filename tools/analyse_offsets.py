@@ -67,7 +67,7 @@ def crowding(scores: np.ndarray, train_labels: np.ndarray, val_labels: np.ndarra
 
 
 def main(argv: list[str] | None = None) -> int:
-    from query.metrics import class_retrieval, recall_at_class_size
+    from forvalue.tasks.metrics import class_retrieval, recall_at_class_size
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workdir", help="a tools/bench_quality.py --workdir folder")

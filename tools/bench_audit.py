@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from indexer.demo_data import generate_task, write_jsonl
-from indexer.model_runner import load_runner
-from query.api import build_index
-from query.audit import AuditConfig, load_audit, run_audit
-from query.metrics import roc_auc
-from schemas.config import BuildConfig, EncodeConfig, ModelConfig
+from forvalue.tasks.text import generate_task, write_jsonl
+from forvalue.indexer.model_runner import load_runner
+from forvalue.api import build_index
+from forvalue.audit import AuditConfig, load_audit, run_audit
+from forvalue.tasks.metrics import roc_auc
+from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig
 
 
 def machine() -> str:

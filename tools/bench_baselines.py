@@ -40,7 +40,7 @@ import math
 import numpy as np
 import torch
 
-from indexer.tokenize import tokenize_sample
+from forvalue.indexer.tokenize import tokenize_sample
 
 
 def tokenize_rows(tokenizer, samples, score_tokens: str, max_length: int = 512):

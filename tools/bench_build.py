@@ -1,6 +1,6 @@
 """Benchmark of the index build: throughput, overhead over a bare forward pass, peak memory.
 
-Part 1 (real default model, SmolLM2-135M-Instruct): ``indexer.build.build_index`` over
+Part 1 (real default model, SmolLM2-135M-Instruct): ``forvalue.indexer.build.build_index`` over
 ``--samples`` generated rows (the three DataInf tasks, round-robin, more seeds for more
 rows) against the bare forward pass of the same model, ``model(input_ids,
 attention_mask)`` computing the full logits, over the same length-sorted batches (same
@@ -47,7 +47,7 @@ TASKS = ("sentence_transformations", "math_no_reasoning", "math_with_reasoning")
 # ----------------------------------------------------------------------------- data
 def make_rows(n: int) -> list[dict]:
     """``n`` training rows: the three tasks round-robin, seeds 0, 1, ... for more rows."""
-    from indexer.demo_data import generate_task
+    from forvalue.tasks.text import generate_task
 
     rows: list[dict] = []
     seed = 0
@@ -61,7 +61,7 @@ def make_rows(n: int) -> list[dict]:
 
 
 def write_rows(rows: list[dict], path: Path) -> Path:
-    from indexer.demo_data import write_jsonl
+    from forvalue.tasks.text import write_jsonl
 
     return write_jsonl(rows, path)
 
@@ -69,10 +69,10 @@ def write_rows(rows: list[dict], path: Path) -> Path:
 # ----------------------------------------------------------------------------- bare pass
 def bare_batches(runner, data_path: Path, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Padded ``(ids, mask)`` batches exactly as ``encode_stream`` forms them."""
-    from indexer import encoder
-    from indexer.data import iter_samples
-    from indexer.tokenize import tokenize_sample
-    from schemas.config import DataConfig
+    from forvalue.indexer import encoder
+    from forvalue.indexer.data import iter_samples
+    from forvalue.indexer.tokenize import tokenize_sample
+    from forvalue.schemas.config import DataConfig
 
     data = DataConfig()
     toks = [tokenize_sample(runner.tokenizer, s, "all", data.max_length, data.chat_template) for s in iter_samples([data_path], data)]
@@ -126,9 +126,9 @@ class Probe:
             self._undo.append(lambda: setattr(owner, name, original))
 
     def install(self, runner) -> None:
-        import indexer.build as build
-        import indexer.encoder as encoder
-        from storage.store import Store
+        import forvalue.indexer.build as build
+        import forvalue.indexer.encoder as encoder
+        from forvalue.storage.store import Store
 
         self.wrap(build, "tokenize_for", "tokenize")
         self.wrap(runner, "hidden_states", "forward (decoder)", bound_instance=True)
@@ -152,8 +152,8 @@ class Probe:
 
 
 def run_build(runner, data_path: Path, store_path: Path, batch_size: int, device, probe: Probe | None):
-    from indexer.build import build_index
-    from schemas.config import BuildConfig, ModelConfig
+    from forvalue.indexer.build import build_index
+    from forvalue.schemas.config import BuildConfig, ModelConfig
 
     shutil.rmtree(store_path, ignore_errors=True)
     config = BuildConfig(model=ModelConfig(device=str(device)), batch_size=batch_size, progress=False)
@@ -167,9 +167,9 @@ def run_build(runner, data_path: Path, store_path: Path, batch_size: int, device
 
 
 def part1(args, device, workdir: Path) -> str:
-    from indexer import encoder
-    from indexer.model_runner import load_runner
-    from schemas.config import ModelConfig
+    from forvalue.indexer import encoder
+    from forvalue.indexer.model_runner import load_runner
+    from forvalue.schemas.config import ModelConfig
 
     runner = load_runner(ModelConfig(device=str(device)))
     rows = make_rows(args.samples)
@@ -287,7 +287,7 @@ def make_random_model(folder: Path) -> Path:
     """Random 2-layer Llama with SmolLM2-135M shapes, saved with the SmolLM2 tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from indexer.default_model import default_model_dir
+    from forvalue.indexer.default_model import default_model_dir
 
     src = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(src)
@@ -317,8 +317,8 @@ class StubRunner:
     def __init__(self, tokenizer_dir: str, device: torch.device, rank: int = 16):
         from transformers import AutoTokenizer
 
-        from indexer.fingerprint import tokenizer_sha256
-        from indexer.model_runner import ModelIdentity
+        from forvalue.indexer.fingerprint import tokenizer_sha256
+        from forvalue.indexer.model_runner import ModelIdentity
 
         real = json.loads((Path(tokenizer_dir) / "config.json").read_text())
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -351,10 +351,10 @@ def _status_kb(field: str) -> int:
 
 def rss_child(model_kind: str, model_dir: str, data_path: str, store_path: str, batch_size: int, device: str) -> None:
     """Runs in a fresh process: load the model, reset the RSS high-water mark, build, report."""
-    from indexer.build import build_index
-    from indexer.model_runner import load_runner
-    from schemas.config import BuildConfig, ModelConfig
-    from storage.store import Store
+    from forvalue.indexer.build import build_index
+    from forvalue.indexer.model_runner import load_runner
+    from forvalue.schemas.config import BuildConfig, ModelConfig
+    from forvalue.storage.store import Store
 
     dev = resolve(device)
     if model_kind == "stub":
@@ -404,7 +404,7 @@ def part2(args, workdir: Path) -> str:
     if not sizes:
         return ""
     if args.rss_model == "stub":
-        from indexer.default_model import default_model_dir
+        from forvalue.indexer.default_model import default_model_dir
 
         model_dir = default_model_dir()  # tokenizer and shapes only
     else:

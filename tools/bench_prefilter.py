@@ -21,13 +21,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from query.api import score_all  # noqa: E402
-from query.prefilter import prefilter_topk  # noqa: E402
-from query.ranking import TopK  # noqa: E402
-from query.validation import ValidationSet  # noqa: E402
-from schemas.config import QueryConfig  # noqa: E402
-from storage import faiss_index  # noqa: E402
-from storage.store import Store  # noqa: E402
+from forvalue.api import score_all  # noqa: E402
+from forvalue.engine.prefilter import prefilter_topk  # noqa: E402
+from forvalue.engine.ranking import TopK  # noqa: E402
+from forvalue.engine.validation import ValidationSet  # noqa: E402
+from forvalue.schemas.config import QueryConfig  # noqa: E402
+from forvalue.storage import faiss_index  # noqa: E402
+from forvalue.storage.store import Store  # noqa: E402
 
 
 def load_val(path: Path) -> tuple[ValidationSet, np.ndarray]:

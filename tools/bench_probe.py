@@ -44,11 +44,11 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from indexer.demo_data import generate_task, write_jsonl
-    from indexer.model_runner import load_runner
-    from query.api import build_index, run_query
-    from query.metrics import class_retrieval, roc_auc
-    from schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
+    from forvalue.tasks.text import generate_task, write_jsonl
+    from forvalue.indexer.model_runner import load_runner
+    from forvalue.api import build_index, run_query
+    from forvalue.tasks.metrics import class_retrieval, roc_auc
+    from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
 
     runner = load_runner(ModelConfig(device=args.device))
     noises = args.noise_rates if args.task.startswith("mislabeled_") else [None]

@@ -4,8 +4,8 @@ For every task it writes the data once (``tools/generate_tasks.py``), then runs
 each method in its own subprocess on the same rows and the same model (the product's
 default SmolLM2-135M-Instruct unless ``--model`` is given):
 
-* ``forvalue``  -- the product's public API only: ``query.api.build_index`` into a fresh
-  temporary store, then ``query.api.run_query(keep_scores=True)``. Variants for
+* ``forvalue``  -- the product's public API only: ``forvalue.api.build_index`` into a fresh
+  temporary store, then ``forvalue.api.run_query(keep_scores=True)``. Variants for
   experiments: ``forvalue:top_m=8,score_tokens=response,normalize=cosine``.
 * ``emb``       -- alpha = 1 ablation: ``<sum_k h_vk, sum_k' h_ik'>`` of last hidden states
   over the same scored positions (see ``tools/bench_baselines.py``).
@@ -160,15 +160,15 @@ def parse_method(spec: str) -> tuple[str, dict]:
 
 
 def _samples(path: Path):
-    from indexer.data import iter_samples
-    from schemas.config import DataConfig
+    from forvalue.indexer.data import iter_samples
+    from forvalue.schemas.config import DataConfig
 
     return list(iter_samples([path], DataConfig()))
 
 
 def run_forvalue(runner, train_path: Path, test_path: Path, workdir: Path, opts: dict, device: str) -> dict:
-    from query.api import build_index, run_query
-    from schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
+    from forvalue.api import build_index, run_query
+    from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
 
     import dataclasses
 
@@ -198,8 +198,8 @@ def run_forvalue(runner, train_path: Path, test_path: Path, workdir: Path, opts:
 
 def forvalue_aggregate(runner, store: str, test_path: Path, device: str, normalize: str) -> tuple[np.ndarray, list]:
     """Mislabeled detection through the product: run_query(aggregate='mean')."""
-    from query.api import run_query
-    from schemas.config import QueryConfig
+    from forvalue.api import run_query
+    from forvalue.schemas.config import QueryConfig
 
     res = run_query(store, [test_path], QueryConfig(device=device, progress=False, aggregate="mean", normalize=normalize),
                     runner=runner, keep_scores=True)
@@ -211,8 +211,8 @@ def worker(spec: dict) -> None:
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
-    from indexer.model_runner import load_runner
-    from schemas.config import ModelConfig
+    from forvalue.indexer.model_runner import load_runner
+    from forvalue.schemas.config import ModelConfig
 
     out = Path(spec["out"])
     name, opts = parse_method(spec["method"])
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(Path(args.worker).read_text()))
         return 0
 
-    from query.metrics import class_retrieval, roc_auc
+    from forvalue.tasks.metrics import class_retrieval, roc_auc
 
     methods = list(args.methods)
     want_datainf = "datainf" in methods
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
       f"device `{args.device}`{' (' + info['cuda'] + ')' if info['cuda'] else ''}. "
       f"Load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f} (shared machine: timings are noisy; "
       "methods are compared within one run).")
-    w(f"Model: {args.model or 'default SmolLM2-135M-Instruct (float32)'}. Data: `indexer.demo_data.generate_task`, seed {args.seed}, "
+    w(f"Model: {args.model or 'default SmolLM2-135M-Instruct (float32)'}. Data: `forvalue.tasks.text.generate_task`, seed {args.seed}, "
       f"{args.n_classes} classes x {args.n_train} train + {args.n_test} validation per class; noise rates {args.noise_rates}; "
       f"chatbot names per sentence rule {args.chatbot_names}; math reasons {args.math_reasons}.")
     w(f"Command: `python tools/bench_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`; total {total:.0f} s.")

@@ -1,14 +1,14 @@
 """Benchmark of the exact query: training tokens scored per second vs a plain matmul.
 
-A synthetic store is written directly with ``storage.store.Store`` (rows matching
-``schemas.tables.samples_schema``: random float16 hidden states of width ``--dim``,
+A synthetic store is written directly with ``forvalue.storage.store.Store`` (rows matching
+``forvalue.schemas.tables.samples_schema``: random float16 hidden states of width ``--dim``,
 random sparse errors with ``--top-m`` entries, ~``--tokens`` scored tokens per sample),
 and validation sets of ``--val-sizes`` samples are built directly as
-``query.validation.ValidationSet`` from random arrays (no model involved).
+``forvalue.engine.validation.ValidationSet`` from random arrays (no model involved).
 
 For each validation size, these run interleaved (order alternates per repetition):
 
-* ``run_query``: ``query.api.run_query`` end to end (Lance scan + decode + exact scorer +
+* ``run_query``: ``forvalue.api.run_query`` end to end (Lance scan + decode + exact scorer +
   streaming top-k + result table); the validation encoding is replaced by the random set.
 * ``read + decode``: the same Lance scan and ``decode_block`` without scoring (I/O part).
 * ``scorer (in memory)``: ``BlockedScorer.score`` over blocks decoded beforehand.
@@ -52,9 +52,9 @@ def random_errors(rng: np.random.Generator, n: int, m: int, vocab: int):
 
 
 def write_synthetic_store(path: Path, n_samples: int, tokens: int, d: int, m: int, vocab: int, seed: int = 0) -> tuple[int, int]:
-    from schemas.manifest import Manifest
-    from schemas.tables import samples_schema
-    from storage.store import Store
+    from forvalue.schemas.manifest import Manifest
+    from forvalue.schemas.tables import samples_schema
+    from forvalue.storage.store import Store
 
     manifest = Manifest(
         model_path="synthetic", model_weights_sha256="0" * 64, adapter_path=None, adapter_sha256=None,
@@ -98,9 +98,9 @@ def write_synthetic_store(path: Path, n_samples: int, tokens: int, d: int, m: in
 
 
 def random_validation(n_val: int, tokens: int, d: int, m: int, vocab: int, seed: int):
-    from indexer.data import Sample
-    from indexer.sparse_errors import error_entries
-    from query.validation import ValidationSet
+    from forvalue.indexer.data import Sample
+    from forvalue.indexer.sparse_errors import error_entries
+    from forvalue.engine.validation import ValidationSet
 
     rng = np.random.default_rng(1000 + seed)
     lengths = rng.integers(tokens // 2, tokens + tokens // 2 + 1, n_val).astype(np.int64)
@@ -122,8 +122,8 @@ class _DeviceOnly:
 
 
 def time_run_query(store, val, device) -> float:
-    import query.api as api
-    from schemas.config import QueryConfig
+    import forvalue.api as api
+    from forvalue.schemas.config import QueryConfig
 
     original = api.encode_validation
     api.encode_validation = lambda runner, samples, manifest, data, batch_size=8: val
@@ -140,8 +140,8 @@ def time_run_query(store, val, device) -> float:
 
 
 def time_read_decode(store, config_rows: int, d: int) -> float:
-    from query.scorer import decode_block
-    from schemas.tables import SCORING_COLUMNS
+    from forvalue.engine.scorer import decode_block
+    from forvalue.schemas.tables import SCORING_COLUMNS
 
     start = time.perf_counter()
     for batch in store.scan(SCORING_COLUMNS + ["id", "label"], batch_size=config_rows):
@@ -150,7 +150,7 @@ def time_read_decode(store, config_rows: int, d: int) -> float:
 
 
 def time_scorer(blocks, val, device) -> float:
-    from query.scorer import BlockedScorer
+    from forvalue.engine.scorer import BlockedScorer
 
     sync(device)
     start = time.perf_counter()
@@ -162,7 +162,7 @@ def time_scorer(blocks, val, device) -> float:
 
 
 def time_matmul(train_hidden: list[torch.Tensor], val, device) -> float:
-    from query import scorer as scorer_mod
+    from forvalue.engine import scorer as scorer_mod
 
     m_tokens = int(val.lengths.sum())
     chunk = max(1, scorer_mod._BLOCK_FLOATS // m_tokens)  # same chunk as ExactScorer
@@ -195,10 +195,10 @@ def main() -> None:
     args = p.parse_args()
     apply_threads(args.threads)
     device = resolve(args.device)
-    from query.scorer import decode_block
-    from schemas.config import QueryConfig
-    from schemas.tables import SCORING_COLUMNS
-    from storage.store import Store
+    from forvalue.engine.scorer import decode_block
+    from forvalue.schemas.config import QueryConfig
+    from forvalue.schemas.tables import SCORING_COLUMNS
+    from forvalue.storage.store import Store
 
     tmp = tempfile.TemporaryDirectory(prefix="forvalue-bench-query-")
     root = args.store or Path(tmp.name)

@@ -3,11 +3,11 @@
     python tools/bench_sketch_real.py --workdir runs/sketch_real --out runs/sketch_real.md
 
 Builds (once, through the product's ``build_index``) a store of the three generated benchmark
-tasks (``indexer.demo_data``; default 10 classes x 30 train + 2 validation per class and task,
+tasks (``forvalue.tasks.text``; default 10 classes x 30 train + 2 validation per class and task,
 900 training samples, 30 classes) with the default SmolLM2, encodes the validation samples
-and scores them exactly (``query.api.score_all``). Then, for each sketch variant
+and scores them exactly (``forvalue.api.score_all``). Then, for each sketch variant
 (``basis:R:c``; the hidden basis fitted from the store's first hidden states with
-``indexer.sketch.fit_basis``, as a build does), with the product's ``Sketcher``:
+``forvalue.indexer.sketch.fit_basis``, as a build does), with the product's ``Sketcher``:
 
 * ``corr``: Pearson correlation of sketch and exact scores (mean over validation samples);
 * ``R@k``: share of the exact top-k among the top-C rows by sketch score (C = a fraction of
@@ -16,7 +16,7 @@ and scores them exactly (``query.api.score_all``). Then, for each sketch variant
   size) of the *prefiltered ranking* (the C candidates by exact score, then every other row by
   sketch score) minus those of the exact ranking.
 
-Finally the store is re-sketched with the product defaults (``query.prefilter.sketch_store``)
+Finally the store is re-sketched with the product defaults (``forvalue.engine.prefilter.sketch_store``)
 and the product's own path (``run_query(candidates=C)``, FAISS + rerank) is compared with
 ``run_query(exact=True)`` (Recall@k), so the numbers cover the shipped code end to end.
 """
@@ -37,7 +37,7 @@ TASKS = ["sentence_transformations", "math_no_reasoning", "math_with_reasoning"]
 
 
 def make_data(workdir: Path, n_classes: int, n_train: int, n_test: int) -> None:
-    from indexer.demo_data import generate_task, write_jsonl
+    from forvalue.tasks.text import generate_task, write_jsonl
 
     train, test = [], []
     for task in TASKS:
@@ -66,16 +66,16 @@ def main(argv=None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from indexer.build import BASIS_FIT_TOKENS
-    from indexer.sketch import SketchSpec, Sketcher, fit_basis
-    from query.api import build_index, load_store_runner, run_query, score_all
-    from query.metrics import class_retrieval
-    from query.prefilter import _first_hidden, sketch_store
-    from query.scorer import decode_block
-    from query.validation import encode_validation, load_validation_samples
-    from schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
-    from schemas.tables import SCORING_COLUMNS
-    from storage.store import Store
+    from forvalue.indexer.build import BASIS_FIT_TOKENS
+    from forvalue.indexer.sketch import SketchSpec, Sketcher, fit_basis
+    from forvalue.api import build_index, load_store_runner, run_query, score_all
+    from forvalue.tasks.metrics import class_retrieval
+    from forvalue.engine.prefilter import _first_hidden, sketch_store
+    from forvalue.engine.scorer import decode_block
+    from forvalue.engine.validation import encode_validation, load_validation_samples
+    from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
+    from forvalue.schemas.tables import SCORING_COLUMNS
+    from forvalue.storage.store import Store
 
     a.workdir.mkdir(parents=True, exist_ok=True)
     store_path = a.workdir / "store"

@@ -54,9 +54,9 @@ def main() -> None:
     apply_threads(args.threads)
     device = resolve(args.device)
     quiet_transformers()
-    from indexer.build import build_index
-    from indexer.model_runner import load_runner
-    from schemas.config import BuildConfig, EncodeConfig, ModelConfig
+    from forvalue.indexer.build import build_index
+    from forvalue.indexer.model_runner import load_runner
+    from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig
 
     runner = load_runner(ModelConfig(device=str(device)))
     d = runner.hidden_size

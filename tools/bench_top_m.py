@@ -4,14 +4,14 @@ On a generated DataInf task (default: sentence transformations, 10 classes x
 ``--train-per-class`` training samples, ``--n-val`` validation samples spread over the
 classes) with the default model (SmolLM2-135M-Instruct, float32 weights):
 
-* dense: ``query.reference.dense_scores`` (full-vocabulary softmax errors, float32
+* dense: ``forvalue.engine.reference.dense_scores`` (full-vocabulary softmax errors, float32
   hidden states, float64 sums);
 * store path: one store per ``m`` in ``--m-values`` and per hidden storage dtype,
   built with ``build_index`` and queried with ``run_query(keep_scores=True)``.
 
 Per store: Spearman rank correlation with the dense scores (per validation sample, then
 mean), relative L2 error of the raw scores, top-10 overlap, mean dropped probability
-mass (``tail_mass``), and the class-retrieval AUC / recall (``query.metrics.class_retrieval``)
+mass (``tail_mass``), and the class-retrieval AUC / recall (``forvalue.tasks.metrics.class_retrieval``)
 next to the dense scores' own.
 
 Usage::
@@ -57,7 +57,7 @@ def top_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
 
 
 class _OnDevice:
-    """Lets ``query.reference`` (which builds CPU tensors) drive a model on a GPU."""
+    """Lets ``forvalue.engine.reference`` (which builds CPU tensors) drive a model on a GPU."""
 
     def __init__(self, model, device):
         self.model, self.device = model, device
@@ -81,15 +81,15 @@ def main() -> None:
     apply_threads(args.threads)
     device = resolve(args.device)
     quiet_transformers()
-    from indexer.build import build_index
-    from indexer.data import iter_samples
-    from indexer.demo_data import generate_task, write_jsonl
-    from indexer.model_runner import load_runner
-    from query.api import run_query
-    from query.metrics import class_retrieval
-    from query.reference import dense_scores
-    from schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
-    from storage.store import Store
+    from forvalue.indexer.build import build_index
+    from forvalue.indexer.data import iter_samples
+    from forvalue.tasks.text import generate_task, write_jsonl
+    from forvalue.indexer.model_runner import load_runner
+    from forvalue.api import run_query
+    from forvalue.tasks.metrics import class_retrieval
+    from forvalue.engine.reference import dense_scores
+    from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
+    from forvalue.storage.store import Store
 
     model_config = ModelConfig(device=str(device), dtype="float32")
     runner = load_runner(model_config)
@@ -151,11 +151,11 @@ def main() -> None:
         "",
         f"Task `{args.task}` (seed {args.seed}): {len(train)} training samples ({args.train_per_class} per class), "
         f"{len(val)} validation samples (classes {', '.join(sorted(set(val_labels)))}); SmolLM2-135M-Instruct float32, "
-        "whole text scored. Dense = `query.reference.dense_scores` (full-vocabulary errors, float32 hidden, float64 sums). "
+        "whole text scored. Dense = `forvalue.engine.reference.dense_scores` (full-vocabulary errors, float32 hidden, float64 sums). "
         "Spearman, relative L2 error (||s - s_dense|| / ||s_dense|| per validation sample) and top-10 overlap "
         "are means over validation samples; median rel. error is over all (validation, train) pairs; "
         "tail mass = mean probability mass per position outside top-m and the target (what the sparse error drops); "
-        "AUC / recall (top class-size) are `query.metrics.class_retrieval`, mean ± std over validation samples.",
+        "AUC / recall (top class-size) are `forvalue.tasks.metrics.class_retrieval`, mean ± std over validation samples.",
         "",
         md_table(
             ["errors", "hidden", "mean tail mass", "Spearman vs dense", "rel. L2 error", "median rel. error",

@@ -1,4 +1,4 @@
-"""Vision-language valuation on the generated shapes/captions task (indexer.demo_images).
+"""Vision-language valuation on the generated shapes/captions task (forvalue.tasks.images).
 
 Builds a store of the training images + captions, queries it with the test images, and
 reports index/query time, same-class retrieval (AUC, recall at class size) and, on the
@@ -26,11 +26,11 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from _bench_common import add_common_args, apply_threads, machine_info  # noqa: E402
 
-from indexer.data import iter_samples  # noqa: E402
-from indexer.demo_images import generate  # noqa: E402
-from query.api import build_index, run_query  # noqa: E402
-from query.metrics import class_retrieval, roc_auc  # noqa: E402
-from schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig  # noqa: E402
+from forvalue.indexer.data import iter_samples  # noqa: E402
+from forvalue.tasks.images import generate  # noqa: E402
+from forvalue.api import build_index, run_query  # noqa: E402
+from forvalue.tasks.metrics import class_retrieval, roc_auc  # noqa: E402
+from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig  # noqa: E402
 
 
 def blank_images(train: Path, test: Path, size: int) -> None:
@@ -54,7 +54,7 @@ def run(model_dir: str, work: Path, args, noise: float, runner=None, control: bo
     data = DataConfig(image_column="image")
     model = ModelConfig(path=model_dir, device=args.device, image_max_pixels=args.image_max_pixels)
     if runner is None:
-        from indexer.model_runner import load_runner
+        from forvalue.indexer.model_runner import load_runner
 
         runner = load_runner(model)
     cfg = BuildConfig(data=data, model=model, encode=EncodeConfig(top_m=32), batch_size=args.batch_size, progress=False)
@@ -102,7 +102,7 @@ def main() -> None:
         work = Path(tmp)
         model_dir = args.model
         if model_dir is None:
-            from tiny_vlm import make_vlm_dir
+            from forvalue.testing import make_vlm_dir
 
             model_dir = str(make_vlm_dir(work / "tiny-qwen2vl"))
         runner, results = None, []

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.demo_data import ALL_TASKS, MATH_REASONS, generate_task, write_jsonl  # noqa: E402
+from forvalue.tasks.text import ALL_TASKS, MATH_REASONS, generate_task, write_jsonl  # noqa: E402
 
 DEFAULT_TASKS = ["math_no_reasoning", "math_with_reasoning", "sentence_transformations", "mislabeled_math"]
 DEFAULT_NOISE_RATES = [0.2, 0.5]

@@ -15,8 +15,8 @@ makes influence search meaningful:
   target included with probability 0.6; probabilities decay geometrically to a mass of 0.6-0.98.
 
 ``sq_norm`` is the restricted-vocabulary ``||G||_F^2`` (G accumulated in float32), the ``sketch`` column is computed
-by ``indexer.sketch`` exactly as a real build does (a fitted basis is fitted from the first
-block and published before its commit, as ``indexer.build`` does). Each block of rows is one atomic commit,
+by ``forvalue.indexer.sketch`` exactly as a real build does (a fitted basis is fitted from the first
+block and published before its commit, as ``forvalue.indexer.build`` does). Each block of rows is one atomic commit,
 generated from ``(seed, block)`` alone, so a killed run resumes where it stopped, and
 ``--workers N --worker I`` processes write disjoint blocks into one store at once (row order
 then interleaves blocks; ids stay ``s<row number>``).
@@ -41,13 +41,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.build import BASIS_FIT_TOKENS, store_basis  # noqa: E402
-from indexer.sketch import SketchSpec, get_sketcher  # noqa: E402
-from schemas.config import EncodeConfig  # noqa: E402
-from indexer.sparse_errors import error_entries  # noqa: E402
-from schemas.manifest import Manifest  # noqa: E402
-from schemas.tables import samples_schema  # noqa: E402
-from storage.store import Store  # noqa: E402
+from forvalue.indexer.build import BASIS_FIT_TOKENS, store_basis  # noqa: E402
+from forvalue.indexer.sketch import SketchSpec, get_sketcher  # noqa: E402
+from forvalue.schemas.config import EncodeConfig  # noqa: E402
+from forvalue.indexer.sparse_errors import error_entries  # noqa: E402
+from forvalue.schemas.manifest import Manifest  # noqa: E402
+from forvalue.schemas.tables import samples_schema  # noqa: E402
+from forvalue.storage.store import Store  # noqa: E402
 
 POOL = 64
 COMMON = 256

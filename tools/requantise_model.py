@@ -44,8 +44,8 @@ def requantise_(weight: torch.Tensor, bits: int, block: int = 32) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from indexer.model_runner import load_runner
-    from schemas.config import ModelConfig
+    from forvalue.indexer.model_runner import load_runner
+    from forvalue.schemas.config import ModelConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, required=True, help="levels per block = 2**bits (Q4_1 has 4)")

@@ -1,4 +1,4 @@
-"""The ``forvalue`` command line: parses options and calls :mod:`query.api`, nothing more."""
+"""The ``forvalue`` command line: parses options and calls :mod:`forvalue.api`, nothing more."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from schemas.config import DTYPES, BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
-from schemas.errors import ForValueError
+from forvalue.schemas.config import DTYPES, BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
+from forvalue.schemas.errors import ForValueError
 
 
 def _fail(exc: Exception) -> None:
@@ -157,8 +157,8 @@ def _build_command(name: str, must_exist: bool):
     @click.option("--quiet", is_flag=True, help="No progress bar.")
     @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
     def command(data, store, **kw):
-        from indexer.build import build_index
-        from storage.store import Store
+        from forvalue.indexer.build import build_index
+        from forvalue.storage.store import Store
 
         manifest = Store.open(store).manifest if must_exist else None
         manifest_defaults = _existing_settings(manifest) if manifest else {}
@@ -227,7 +227,7 @@ def sketch_command(store, rebuild, sketch_dim, sketch_vocab_buckets, sketch_hidd
     Sketch options not given keep the store's values (else the defaults); giving any of
     --sketch-vocab-buckets/--sketch-hidden-cols/--sketch-basis starts from the defaults.
     """
-    from query.prefilter import sketch_store
+    from forvalue.engine.prefilter import sketch_store
 
     report = sketch_store(store, rebuild=rebuild, dim=sketch_dim, seed=sketch_seed, kind=kind, vocab_buckets=sketch_vocab_buckets,
                           hidden_cols=sketch_hidden_cols, basis=sketch_basis)
@@ -239,7 +239,7 @@ def sketch_command(store, rebuild, sketch_dim, sketch_vocab_buckets, sketch_hidd
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def info(store, as_json):
     """Print what a store holds: samples, tokens, labels, size, model and settings."""
-    from query.api import store_info
+    from forvalue.api import store_info
 
     data = store_info(store)
     if as_json:
@@ -276,8 +276,8 @@ def info(store, as_json):
 @_data_options
 def query_command(store, validation, output, all_scores, model_path, dtype, quiet, **kw):
     """Rank the stored training samples by their value for each validation sample (exact scores)."""
-    from query.api import run_query
-    from query.output import check_output_path, write_table
+    from forvalue.api import run_query
+    from forvalue.present.output import check_output_path, write_table
 
     check_output_path(output)
     cfg = QueryConfig(
@@ -303,12 +303,12 @@ def query_command(store, validation, output, all_scores, model_path, dtype, quie
 @click.option("--device", default="auto", show_default=True)
 def demo(workdir, train_per_class, model_path, device):
     """Generate the sentence-transformation task, build a store, query it and print the evidence."""
-    from query.demo import run_demo
+    from forvalue.demo import run_demo
 
     run_demo(workdir, train_per_class=train_per_class, model_path=model_path, device=device, echo=click.echo)
 
 
-from . import cli_audit  # noqa: E402,F401  (registers `audit` and `select`)
+from forvalue.cli import audit  # noqa: E402,F401  (registers `audit` and `select`)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,6 +1,6 @@
 """Top-k by FAISS prefilter + exact rerank.
 
-1. The validation samples' sketches ``z(G_v)`` (``indexer.sketch``, the store's spec) are
+1. The validation samples' sketches ``z(G_v)`` (``forvalue.indexer.sketch``, the store's spec) are
    searched in the store's FAISS index: ``C`` candidate rows per validation sample (or one
    search with the mean sketch for ``aggregate='mean'``; the sketch is linear).
 2. Only the candidate rows are read from Lance (random access by row position) and scored
@@ -15,17 +15,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexer.sketch import SketchSpec, fit_basis, get_sketcher
-from schemas.config import QueryConfig
-from schemas.errors import ForValueError
-from schemas.tables import SCORING_COLUMNS
-from storage import faiss_index
-from storage.sketch_basis import load_basis, publish_basis
-from storage.store import Store
+from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
+from forvalue.schemas.config import QueryConfig
+from forvalue.schemas.errors import ForValueError
+from forvalue.schemas.tables import SCORING_COLUMNS
+from forvalue.storage import faiss_index
+from forvalue.storage.sketch_basis import load_basis, publish_basis
+from forvalue.storage.store import Store
 
-from .ranking import TopK
-from .scorer import BlockedScorer, TrainBlock, decode_block
-from .validation import ValidationSet
+from forvalue.engine.ranking import TopK
+from forvalue.engine.scorer import BlockedScorer, TrainBlock, decode_block
+from forvalue.engine.validation import ValidationSet
 
 # Stores at least this large are queried with the prefilter by default (when they have an index).
 AUTO_MIN_ROWS = 200_000
@@ -39,7 +39,7 @@ def default_candidates(rows: int, top_k: int) -> int:
 
 
 def use_prefilter(store: Store, config: QueryConfig, full_scores: bool) -> bool:
-    """Whether :func:`query.api.run_query` takes the prefilter path (see docs/prefilter.md)."""
+    """Whether :func:`forvalue.api.run_query` takes the prefilter path (see docs/prefilter.md)."""
     if config.exact:
         return False
     explicit = config.candidates is not None
@@ -63,7 +63,7 @@ def use_prefilter(store: Store, config: QueryConfig, full_scores: bool) -> bool:
 def validation_sketches(val: ValidationSet, spec: SketchSpec, aggregate: str = "none", basis: np.ndarray | None = None) -> np.ndarray:
     """``(n_val, D)`` sketches of the validation samples, or ``(1, D)`` (their mean) for ``mean``.
 
-    ``basis``: the store's fitted basis (``storage.sketch_basis.load_basis``) for fitted sketches.
+    ``basis``: the store's fitted basis (``forvalue.storage.sketch_basis.load_basis``) for fitted sketches.
     """
     z = get_sketcher(spec, basis).sketch(val.hidden, val.ids, val.values, val.lengths)
     return z.mean(axis=0, keepdims=True) if aggregate == "mean" else z
@@ -84,7 +84,7 @@ def prefilter_topk(
     candidates : int, optional
         Rows per validation sample from FAISS (default :func:`default_candidates`).
     index : PrefilterIndex, optional
-        An already loaded, up-to-date index (else :func:`storage.faiss_index.ensure`).
+        An already loaded, up-to-date index (else :func:`forvalue.storage.faiss_index.ensure`).
     timings : dict, optional
         Filled with seconds spent in ``sketch``, ``search``, ``read`` and ``score``.
     """
@@ -164,8 +164,8 @@ def sketch_store(path, rebuild: bool = False, dim: int | None = None, seed: int 
 
     import pyarrow as pa
 
-    from indexer.build import BASIS_FIT_TOKENS
-    from schemas.config import EncodeConfig
+    from forvalue.indexer.build import BASIS_FIT_TOKENS
+    from forvalue.schemas.config import EncodeConfig
 
     store = Store.open(path)
     m = store.manifest

@@ -13,13 +13,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from indexer.build import manifest_for
-from indexer.data import Sample, iter_samples
-from indexer.encoder import encode_batch
-from indexer.tokenize import tokenize_for
-from schemas.config import DataConfig, EncodeConfig
-from schemas.errors import ForValueError, InputDataError, ManifestMismatchError
-from schemas.manifest import MUST_MATCH, Manifest
+from forvalue.indexer.build import manifest_for
+from forvalue.indexer.data import Sample, iter_samples
+from forvalue.indexer.encoder import encode_batch
+from forvalue.indexer.tokenize import tokenize_for
+from forvalue.schemas.config import DataConfig, EncodeConfig
+from forvalue.schemas.errors import ForValueError, InputDataError, ManifestMismatchError
+from forvalue.schemas.manifest import MUST_MATCH, Manifest
 
 
 @dataclass
@@ -31,7 +31,7 @@ class ValidationSet:
     samples : list of Sample, length n
     hidden : float32 array, shape (M, d)
     ids : int64 array, shape (M, m + 1)
-        Error support ids per token (see ``indexer.sparse_errors.error_entries``).
+        Error support ids per token (see ``forvalue.indexer.sparse_errors.error_entries``).
     values : float32 array, shape (M, m + 1)
     lengths : int array, shape (n,)
         Tokens per sample; sample j owns rows ``offsets[j]:offsets[j+1]``.
@@ -166,7 +166,7 @@ def encode_validation_cached(samples: list[Sample], manifest: Manifest, data: Da
     ----------
     get_runner : callable
         Returns the runner; called only when some sample is not cached.
-    cache : storage.audits.ValidationCache
+    cache : forvalue.storage.audits.ValidationCache
 
     Returns
     -------

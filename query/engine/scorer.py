@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from indexer.sparse_errors import error_entries
+from forvalue.indexer.sparse_errors import error_entries
 
-from .validation import ValidationSet
+from forvalue.engine.validation import ValidationSet
 
 # Floats allowed in one (train tokens x val tokens) intermediate.
 _BLOCK_FLOATS = 1 << 23
@@ -53,7 +53,7 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def decode_block(batch: pa.RecordBatch | pa.Table, hidden_size: int) -> TrainBlock:
-    """Numpy views of a batch with the columns of ``schemas.tables.SCORING_COLUMNS``."""
+    """Numpy views of a batch with the columns of ``forvalue.schemas.tables.SCORING_COLUMNS``."""
     lengths = batch.column("n_scored").to_numpy().astype(np.int64)
     n = int(lengths.sum())
     hidden = _flat(batch.column("hidden")).reshape(n, hidden_size).astype(np.float32, copy=False)

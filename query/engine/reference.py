@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from indexer.data import Sample
-from indexer.tokenize import tokenize_sample
+from forvalue.indexer.data import Sample
+from forvalue.indexer.tokenize import tokenize_sample
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from storage.store import Store
+from forvalue.storage.store import Store
 
 
 def _png(fig) -> str:

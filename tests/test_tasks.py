@@ -1,4 +1,4 @@
-"""Tests for indexer.demo_data."""
+"""Tests for forvalue.tasks.text."""
 
 import json
 import math
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from indexer import demo_data as dd
+from forvalue.tasks import text as dd
 
 SENT = "the quick fox jumped"
 EXPECTED = {

@@ -16,7 +16,7 @@ underlying problems.
 
 Usage::
 
-    python -m indexer.demo_data --task sentence_transformations --out DIR
+    python -m forvalue.tasks.text --task sentence_transformations --out DIR
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from schemas.errors import ForValueError
+from forvalue.schemas.errors import ForValueError
 
 FORMATS = (".jsonl", ".csv", ".parquet")
 

@@ -1,4 +1,4 @@
-"""``forvalue audit ...`` and ``forvalue select``: parse options, call query.audit, print."""
+"""``forvalue audit ...`` and ``forvalue select``: parse options, call forvalue.audit, print."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .cli import _data_config, _data_options, main
+from forvalue.cli import _data_config, _data_options, main
 
 
 @main.group()
@@ -36,7 +36,7 @@ def audit_run(store, validation, name, normalize, flag_fraction, flag_threshold,
     Validation encodings are cached by content: an unchanged validation set runs no forward
     pass, and edited samples are the only ones re-encoded.
     """
-    from .audit import AuditConfig, load_audit, run_audit
+    from forvalue.audit import AuditConfig, load_audit, run_audit
 
     cfg = AuditConfig(normalize=normalize, flag_fraction=flag_fraction, flag_threshold=flag_threshold, flag_by=flag_by,
                       device=device, progress=not quiet)
@@ -44,7 +44,7 @@ def audit_run(store, validation, name, normalize, flag_fraction, flag_threshold,
     click.echo(f"audit '{s.name}' v{s.version}: {s.n_train} training samples against {s.n_validation} validation samples "
                f"({s.encoded_now} encoded now, the rest cached) in {s.seconds:.1f}s; {s.flagged} flagged")
     if report:
-        from .report import audit_report
+        from forvalue.present.report import audit_report
 
         table, meta = load_audit(store, name)
         click.echo(f"report: {audit_report(store, table, meta, report)}")
@@ -54,7 +54,7 @@ def audit_run(store, validation, name, normalize, flag_fraction, flag_threshold,
 @click.option("--store", required=True, type=click.Path(path_type=Path))
 def audit_list(store):
     """List the audits of a store."""
-    from .audit import audits
+    from forvalue.audit import audits
 
     for m in audits(store):
         click.echo(f"{m['name']:<24} v{m['version']:<3} {m['created']}  train {m['n_train']}  validation {m['n_validation']}  "
@@ -70,7 +70,7 @@ def audit_show(store, name, n_examples, report):
     """Summary of one audit: counts, score distribution, top and bottom examples."""
     import numpy as np
 
-    from .audit import load_audit
+    from forvalue.audit import load_audit
 
     table, meta = load_audit(store, name)
     s = table.column("score_mean").to_numpy()
@@ -84,7 +84,7 @@ def audit_show(store, name, n_examples, report):
         for r in part:
             click.echo(f"  #{r['rank']:<6} {r['score_mean']:>12.4g}  {r['id']}  [{r['label']}]{'  FLAGGED' if r['flagged'] else ''}")
     if report:
-        from .report import audit_report
+        from forvalue.present.report import audit_report
 
         click.echo(f"report: {audit_report(store, table, meta, report)}")
 
@@ -96,7 +96,7 @@ def audit_show(store, name, n_examples, report):
 @click.option("--report", type=click.Path(path_type=Path), default=None, help="Write an HTML page with the scatter of both audits.")
 def audit_compare(store, a, b, report):
     """Rank correlation of two audits, the samples that moved most, newly flagged ones."""
-    from .audit import compare_audits
+    from forvalue.audit import compare_audits
 
     c = compare_audits(store, a, b)
     click.echo(f"{c['common']} common samples; Spearman rank correlation {c['spearman']:.4f}")
@@ -106,7 +106,7 @@ def audit_compare(store, a, b, report):
     for m in c["moved"]:
         click.echo(f"  {m['id']}: {m['rank_a']} -> {m['rank_b']}")
     if report:
-        from .report import compare_report
+        from forvalue.present.report import compare_report
 
         click.echo(f"report: {compare_report(c, report)}")
 
@@ -119,7 +119,7 @@ def audit_compare(store, a, b, report):
 @click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="JSONL file for fine-tuning.")
 def select(store, audit_name, top, drop_bottom, output):
     """Write the training subset chosen by an audit as JSONL (id, prompt, response | text, label)."""
-    from .audit import select_subset
+    from forvalue.audit import select_subset
 
     rows = select_subset(store, audit_name, top=top, drop_bottom=drop_bottom)
     output.parent.mkdir(parents=True, exist_ok=True)
