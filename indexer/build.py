@@ -28,7 +28,7 @@ from forvalue.indexer.data import Sample, check_paths, iter_samples
 from forvalue.indexer.encoder import EncodedSample, encode_stream
 from forvalue.indexer.images import ImageError
 from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
-from forvalue.indexer.tokenize import TokenizedSample, tokenize_for
+from forvalue.indexer.tokenize import TokenizedSample
 
 # Hidden states (tokens) used to fit a store's sketch basis: the first ones written.
 BASIS_FIT_TOKENS = 200_000
@@ -50,20 +50,22 @@ class BuildReport:
     tokens_scored: int = 0
     total_rows: int = 0
     seconds: float = 0.0
+    max_length: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def manifest_for(runner, data: DataConfig, encode: EncodeConfig, model_kind: str = "causal_lm") -> Manifest:
+def manifest_for(runner, data: DataConfig, encode: EncodeConfig) -> Manifest:
     """The manifest describing vectors that ``runner`` produces with these settings.
 
-    The runner's own ``model_kind`` wins over the argument. A vision-language runner
+    A vision-language runner (``runner.model_kind == "vlm"``)
     always scores response tokens with its chat template, and records its image settings.
     """
     ident = runner.identity
-    model_kind = getattr(runner, "model_kind", model_kind)
+    model_kind = runner.model_kind
     vlm = model_kind == "vlm"
+    extra = runner.manifest_fields()
     return Manifest(
         model_path=ident.path,
         model_weights_sha256=ident.weights_sha256,
@@ -81,8 +83,8 @@ def manifest_for(runner, data: DataConfig, encode: EncodeConfig, model_kind: str
         lowest_likelihood_ratio=encode.lowest_likelihood_ratio,
         model_kind=model_kind,
         image_column=data.image_column if vlm else None,
-        image_max_pixels=getattr(runner, "image_max_pixels", None) if vlm else None,
-        processor_sha256=getattr(runner, "processor_sha256", None) if vlm else None,
+        image_max_pixels=extra.get("image_max_pixels"),
+        processor_sha256=extra.get("processor_sha256"),
         sketch_dim=encode.sketch_dim or None,
         sketch_vocab_buckets=encode.sketch_vocab_buckets,
         sketch_hidden_cols=encode.sketch_hidden_cols,
@@ -126,7 +128,7 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
     check_paths(inputs)
     runner = runner if runner is not None else load_runner(config.model)
     store = Store.create(store_path, manifest_for(runner, config.data, config.encode))
-    report = BuildReport(store=str(store_path))
+    report = BuildReport(store=str(store_path), max_length=config.data.max_length)
     stored = store.ids()
     bar = tqdm(desc="indexing", unit="sample", disable=not config.progress)
     tokenized = _new_samples(iter_samples(inputs, config.data), runner, config, stored, report)
@@ -171,7 +173,7 @@ def _new_samples(samples: Iterator[Sample], runner, config: BuildConfig, stored:
             continue
         seen.add(sample.id)
         try:
-            tok = tokenize_for(runner, sample, config.encode.score_tokens, data.max_length, data.chat_template)
+            tok = runner.tokenize(sample, config.encode.score_tokens, data.max_length, data.chat_template)
         except ImageError:  # a missing or undecodable image: a bad row like NaN/inf outputs
             if config.encode.on_bad == "error":
                 raise

@@ -41,14 +41,6 @@ class TokenizedSample:
         return max(0, len(self.input_ids) - self.first_target)
 
 
-def tokenize_for(runner, sample: Sample, score_tokens: str, max_length: int, chat_template: bool) -> TokenizedSample:
-    """Tokenize with the runner's own inputs builder when it has one (vision-language runners), else the text path."""
-    own = getattr(runner, "tokenize", None)
-    if own is not None:
-        return own(sample, score_tokens, max_length, chat_template)
-    return tokenize_sample(runner.tokenizer, sample, score_tokens, max_length, chat_template)
-
-
 def tokenize_sample(tokenizer, sample: Sample, score_tokens: str, max_length: int, chat_template: bool) -> TokenizedSample:
     """Tokenize one sample.
 

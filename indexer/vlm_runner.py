@@ -1,6 +1,6 @@
 """Load a vision-language model and run the forward pass the method needs, split at the LM head.
 
-Same interface as :class:`forvalue.indexer.model_runner.CausalLMRunner` (``hidden_states``,
+Same interface (:class:`forvalue.indexer.runner.Runner`) as :class:`forvalue.indexer.causal_lm.CausalLMRunner` (``hidden_states``,
 ``logits``, ``hidden_size``, ``vocab_size``, ``pad_id``, ``identity``) plus
 ``tokenize`` (image + prompt + response to ids and image inputs, see
 :mod:`forvalue.indexer.vlm_inputs`) and the image settings the manifest records. A model folder
@@ -18,6 +18,7 @@ import torch
 from forvalue.schemas.config import ModelConfig
 from forvalue.schemas.errors import ModelLoadError
 
+from forvalue.indexer.runner import TORCH_DTYPES, BaseRunner, place_model
 from forvalue.indexer.vlm_inputs import VisionTextInputs
 
 # Per-token arrays some VLMs need (Qwen-VL's multimodal RoPE): 0 text, 1 image, 2 video.
@@ -33,7 +34,7 @@ def is_vlm_folder(folder: str | Path) -> bool:
     return isinstance(config, dict) and "vision_config" in config
 
 
-class VisionLanguageRunner:
+class VisionLanguageRunner(BaseRunner):
     """Forward pass of a Hugging Face image-text-to-text model, split at the LM head.
 
     Parameters
@@ -49,20 +50,11 @@ class VisionLanguageRunner:
     model_kind = "vlm"
 
     def __init__(self, model, inputs: VisionTextInputs, device: torch.device, identity=None):
-        self.model = model.eval()
+        super().__init__(model, inputs.tokenizer, device, identity)
         self.inputs = inputs
-        self.tokenizer = inputs.tokenizer
-        self.device = device
-        self.identity = identity
         self.image_max_pixels = inputs.max_pixels
         self.processor_sha256 = inputs.fingerprint()
-        self.head = model.get_output_embeddings()
         self.base = getattr(model, "model", None)
-        self.hidden_size = int(self.head.weight.shape[1])
-        self.vocab_size = int(self.head.weight.shape[0])
-        tok = self.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        self.pad_id = int(pad) if pad is not None else 0
         forward = self.base.forward if self.base is not None else model.forward
         self._token_types = _TOKEN_TYPES in inspect.signature(forward).parameters
         config = model.config
@@ -115,10 +107,9 @@ class VisionLanguageRunner:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
         return out.hidden_states[-1]
 
-    @torch.no_grad()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM-head logits in float32, shape ``(n, vocab_size)`` for ``hidden`` of shape ``(n, d)``."""
-        return self.head(hidden.to(self.head.weight.dtype)).float()
+    def manifest_fields(self) -> dict:
+        """The image settings a VLM store records (and checks on queries)."""
+        return {"image_max_pixels": self.image_max_pixels, "processor_sha256": self.processor_sha256}
 
 
 def load_vlm_runner(config: ModelConfig, source: Path, device: torch.device, dtype: str) -> VisionLanguageRunner:
@@ -129,13 +120,12 @@ def load_vlm_runner(config: ModelConfig, source: Path, device: torch.device, dty
     """
     import transformers
 
-    from forvalue.indexer.model_runner import _TORCH_DTYPES, place_model
 
     folder = str(source)
     kwargs: dict = {"local_files_only": True, "trust_remote_code": config.trust_remote_code}
     try:
         inputs = _load_inputs(folder, kwargs, config.image_max_pixels)
-        model = _load_model(transformers, folder, kwargs, _TORCH_DTYPES[dtype])
+        model = _load_model(transformers, folder, kwargs, TORCH_DTYPES[dtype])
     except (OSError, ValueError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load vision-language model '{folder}': {first}") from None

@@ -21,7 +21,7 @@ import pyarrow as pa
 from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
 from forvalue.indexer.model_runner import load_runner
-from forvalue.schemas.config import DataConfig, ModelConfig, QueryConfig
+from forvalue.schemas.config import BuildConfig, DataConfig, ModelConfig, QueryConfig
 from forvalue.schemas.errors import StoreError
 from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage import faiss_index
@@ -29,9 +29,10 @@ from forvalue.storage.store import Store
 
 from forvalue.engine.ranking import TopK
 from forvalue.engine.scorer import BlockedScorer, TrainBlock, decode_block
+from forvalue.present.output import ScoreWriter, check_output_path
 from forvalue.engine.validation import ValidationSet, data_for_store, encode_validation, load_validation_samples
 
-__all__ = ["build_index", "BuildReport", "run_query", "QueryResult", "store_info", "load_store_runner", "score_all"]
+__all__ = ["build_index", "add_to_index", "settings_for_store", "BuildReport", "run_query", "QueryResult", "load_store_runner", "score_all"]
 
 
 @dataclass
@@ -59,46 +60,53 @@ class QueryResult:
     prefiltered: bool = False
 
 
-def store_info(path: str | Path) -> dict:
-    """Manifest and counts of a store, as a plain dict."""
-    store = Store.open(path)
-    rows = tokens = truncated = 0
-    labels: dict[str, int] = {}
-    for batch in store.scan(["n_scored", "truncated", "label"], batch_size=65536):
-        rows += batch.num_rows
-        tokens += int(np.asarray(batch.column("n_scored")).sum())
-        truncated += int(np.asarray(batch.column("truncated")).sum())
-        for label in batch.column("label").to_pylist():
-            labels[str(label)] = labels.get(str(label), 0) + 1
-    size = store.size_bytes()
-    return {
-        "path": str(path),
-        "samples": rows,
-        "scored_tokens": tokens,
-        "truncated_samples": truncated,
-        "labels": dict(sorted(labels.items())) if len(labels) <= 50 else f"{len(labels)} distinct",
-        "table_version": store.version(),
-        "bytes_on_disk": size,
-        "bytes_per_token": round(size / tokens, 1) if tokens else None,
-        "sketch": _sketch_state(store),
-        "prefilter_index": _prefilter_state(store, rows),
-        "manifest": store.manifest.__dict__,
-    }
+def settings_for_store(manifest, config: BuildConfig) -> BuildConfig:
+    """``config`` with the store's encoding settings, and its model unless ``config`` names one.
+
+    What ``index add`` (:func:`add_to_index`) encodes with: chat template, max length, top-m,
+    scored tokens, position filter, hidden dtype and sketch come from the manifest; model path,
+    adapter and dtype too, each unless given; columns, ``on_bad``, batch sizes and shard from ``config``.
+    """
+    m = manifest
+    data = replace(config.data, chat_template=m.chat_template, max_length=m.max_length,
+                   image_column=config.data.image_column or m.image_column)
+    model = replace(
+        config.model, path=config.model.path or m.model_path, adapter=config.model.adapter or m.adapter_path,
+        dtype=m.dtype if config.model.dtype == "auto" else config.model.dtype,
+        image_max_pixels=config.model.image_max_pixels if m.image_max_pixels is None else m.image_max_pixels,
+    )
+    encode = replace(
+        config.encode, top_m=m.top_m, score_tokens=m.score_tokens, lowest_likelihood_ratio=m.lowest_likelihood_ratio,
+        hidden_dtype=m.hidden_dtype, sketch_dim=m.sketch_dim or 0, sketch_vocab_buckets=m.sketch_vocab_buckets,
+        sketch_hidden_cols=m.sketch_hidden_cols, sketch_seed=m.sketch_seed, sketch_basis=m.sketch_basis,
+    )
+    return replace(config, data=data, model=model, encode=encode)
 
 
-def _sketch_state(store: Store) -> str:
-    m = store.manifest
-    if not m.sketch_dim or not store.has_column(faiss_index.SKETCH_COLUMN):
-        return "none (add with 'forvalue index sketch')"
-    return f"D={m.sketch_dim} (vocab buckets {m.sketch_vocab_buckets}, hidden cols {m.sketch_hidden_cols}, {m.sketch_basis} basis)"
+def add_to_index(data_paths: Sequence[str | Path], store: str | Path, config: BuildConfig = BuildConfig()) -> BuildReport:
+    """Append samples to an existing store with the store's model and settings.
 
+    Parameters
+    ----------
+    data_paths : sequence of paths
+        JSONL, Parquet, CSV files or ``datasets`` folders.
+    store : path
+        An existing store (refused with :class:`StoreError` otherwise).
+    config : BuildConfig
+        Columns, ``on_bad``, batch sizes, shard and optional model/adapter/dtype overrides; the
+        encoding settings always come from the store (:func:`settings_for_store`).
 
-def _prefilter_state(store: Store, rows: int) -> str:
-    meta = faiss_index.describe(store)
-    if meta is None:
-        return "none"
-    behind = f", {rows - meta['rows']} rows behind (extended on next use)" if meta["rows"] < rows else ""
-    return f"{meta.get('factory')} over {meta['rows']} rows, {meta.get('bytes', 0) / 1e6:.1f} MB{behind}"
+    Returns
+    -------
+    BuildReport
+        Counts of written, skipped and truncated samples.
+
+    Example
+    -------
+    >>> forvalue.add_to_index(["more.jsonl"], "runs/store").written     # doctest: +SKIP
+    """
+    manifest = Store.open(store).manifest
+    return build_index(data_paths, store, settings_for_store(manifest, config))
 
 
 def load_store_runner(store: Store, model: ModelConfig | None = None):
@@ -179,6 +187,8 @@ def run_query(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
+    if all_scores_path is not None:
+        check_output_path(all_scores_path, (".parquet",))
     store = _open(store)
     if runner is None:
         runner = load_store_runner(store, replace(model or ModelConfig(), device=config.device))
@@ -187,7 +197,7 @@ def run_query(
     n_cols = 1 if config.aggregate == "mean" else len(val)
     col_names = ["mean"] if config.aggregate == "mean" else [s.id for s in samples]
     top = TopK(config.top_k, n_cols)
-    writer = _ScoreWriter(all_scores_path, col_names) if all_scores_path else None
+    writer = ScoreWriter(all_scores_path, col_names) if all_scores_path else None
     kept_scores, kept_ids = [], []
     total = store.count()
     from forvalue.engine.prefilter import prefilter_topk, use_prefilter
@@ -196,14 +206,19 @@ def run_query(
     if prefiltered:  # FAISS candidates + exact rerank (forvalue.engine.prefilter, docs/prefilter.md)
         top = prefilter_topk(store, val, config, runner.device)
     bar = tqdm(total=total, desc="scoring", unit="sample", disable=not config.progress or prefiltered)
-    for first, ids, labels, scores in () if prefiltered else score_all(store, val, config, runner.device):
-        top.update(scores, first)
+    try:
+        for first, ids, labels, scores in () if prefiltered else score_all(store, val, config, runner.device):
+            top.update(scores, first)
+            if writer:
+                writer.write(ids, labels, scores)
+            if keep_scores:
+                kept_scores.append(scores)
+                kept_ids.extend(ids)
+            bar.update(len(ids))
+    except BaseException:
         if writer:
-            writer.write(ids, labels, scores)
-        if keep_scores:
-            kept_scores.append(scores)
-            kept_ids.extend(ids)
-        bar.update(len(ids))
+            writer.abort()
+        raise
     bar.close()
     if writer:
         writer.close()
@@ -243,31 +258,3 @@ def _top_table(store: Store, top: TopK, samples: list[Sample], config: QueryConf
                 text = rec["text"] if rec["text"] is not None else f"{rec['prompt']}{rec['response']}"
                 out["train_text"].append(text)
     return pa.table(out)
-
-
-class _ScoreWriter:
-    """Streams the full score matrix to Parquet, one row group per scored block."""
-
-    def __init__(self, path: str | Path, columns: list[str]):
-        import pyarrow.parquet as pq
-
-        unique = _unique_names(columns)
-        self.schema = pa.schema([("train_id", pa.string()), ("train_label", pa.string())] + [(c, pa.float64()) for c in unique])
-        self.writer = pq.ParquetWriter(str(path), self.schema)
-
-    def write(self, ids: list, labels: list, scores: np.ndarray) -> None:
-        arrays = [pa.array(ids, pa.string()), pa.array(labels, pa.string())] + [pa.array(scores[:, j]) for j in range(scores.shape[1])]
-        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
-
-    def close(self) -> None:
-        self.writer.close()
-
-
-def _unique_names(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        count = seen.get(name, 0)
-        seen[name] = count + 1
-        out.append(name if count == 0 else f"{name}#{count}")
-    return out

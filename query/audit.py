@@ -19,53 +19,21 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from forvalue.indexer.model_runner import resolve_device
-from forvalue.schemas.config import DataConfig, ModelConfig, QueryConfig
+from forvalue.indexer.runner import resolve_device
+from forvalue.schemas.config import AuditConfig, DataConfig, ModelConfig, QueryConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.storage.audits import ValidationCache, list_audits, read_audit, write_audit
 from forvalue.storage.store import Store
 
 from forvalue.api import _open, load_store_runner, score_all
+from forvalue.present.output import write_jsonl_atomic
 from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
-
-
-@dataclass(frozen=True)
-class AuditConfig:
-    """Settings of one audit.
-
-    Parameters
-    ----------
-    normalize : {"none", "cosine"}
-    flag_fraction : float or None
-        Flag this fraction of the training set with the lowest mean score.
-    flag_threshold : float or None
-        Flag samples whose flag score is below this value (combined with OR).
-    flag_by : {"mean", "max", "label"}
-        The score flags are drawn from: the mean over validation samples, the max over
-        them, or the mean over validation samples with the training sample's own label
-        (falls back to the mean for unlabelled samples). With ``normalize="cosine"``,
-        ``max`` and ``label`` detect flipped labels far better than ``mean``
-        (docs/benchmarks.md).
-    """
-
-    normalize: str = "none"
-    flag_fraction: float | None = 0.1
-    flag_threshold: float | None = None
-    flag_by: str = "mean"
-    device: str = "auto"
-    batch_size: int = 8
-    read_rows: int = 1024
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.flag_by not in ("mean", "max", "label"):
-            raise ForValueError(f"--flag-by must be mean, max or label, got '{self.flag_by}'")
-        if self.flag_fraction is not None and not 0.0 <= self.flag_fraction <= 1.0:
-            raise ForValueError(f"--flag-fraction must be in [0, 1], got {self.flag_fraction}")
 
 
 @dataclass
 class AuditSummary:
+    """Outcome of :func:`run_audit`: the audit's name and version, counts and time."""
+
     name: str
     version: int
     n_train: int
@@ -158,12 +126,37 @@ def run_audit(
 
 
 def audits(store: str | Path) -> list[dict]:
+    """Metadata of every audit of a store (name, version, created, counts, validation hash), by name."""
     return list_audits(Store.open(store))
 
 
 def load_audit(store: str | Path | Store, name: str) -> tuple[pa.Table, dict]:
+    """The audit table (one row per training sample) and its metadata."""
     store = store if isinstance(store, Store) else Store.open(store)
     return read_audit(store, name)
+
+
+def audit_summary(store: str | Path | Store, name: str, n_examples: int = 5) -> dict:
+    """What ``forvalue audit show`` prints: metadata, mean-score percentiles, top and bottom examples.
+
+    Returns
+    -------
+    dict
+        The audit's metadata plus ``percentiles`` (``{"min", "p10", "median", "p90", "max"}``
+        of ``score_mean``), ``top`` and ``bottom`` (lists of ``n_examples`` rows with ``id``,
+        ``label``, ``score_mean``, ``rank``, ``flagged``; bottom is worst first).
+
+    Example
+    -------
+    >>> s = forvalue.audit_summary("runs/store", "v1")            # doctest: +SKIP
+    >>> s["percentiles"]["median"], s["bottom"][0]["id"]          # doctest: +SKIP
+    """
+    table, meta = load_audit(store, name)
+    q = np.percentile(table.column("score_mean").to_numpy(), [0, 10, 50, 90, 100])
+    rows = sorted(table.select(["id", "label", "score_mean", "rank", "flagged"]).to_pylist(), key=lambda r: r["rank"])
+    n = max(0, n_examples)
+    return {**meta, "percentiles": dict(zip(("min", "p10", "median", "p90", "max"), map(float, q))),
+            "top": rows[:n], "bottom": rows[::-1][:n]}
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -207,8 +200,22 @@ def parse_amount(text: str, total: int) -> int:
     return min(n, total)
 
 
-def select_subset(store: str | Path, audit: str, top: str | None = None, drop_bottom: str | None = None) -> list[dict]:
-    """Training rows (id, prompt, response or text, label) chosen by an audit, best first."""
+def select_subset(store: str | Path, audit: str, top: str | None = None, drop_bottom: str | None = None,
+                  output: str | Path | None = None) -> list[dict]:
+    """Training rows (id, prompt, response or text, label) chosen by an audit, best first.
+
+    Parameters
+    ----------
+    top, drop_bottom : str
+        Exactly one: keep the best ``N`` or ``N%``, or drop the worst ``N`` or ``N%``.
+    output : path, optional
+        Also write the rows as JSONL (ready for fine-tuning), atomically: the file appears
+        whole or not at all.
+
+    Example
+    -------
+    >>> rows = forvalue.select_subset("runs/store", "v1", top="50%", output="subset.jsonl")  # doctest: +SKIP
+    """
     if (top is None) == (drop_bottom is None):
         raise ForValueError("give exactly one of --top or --drop-bottom")
     st = Store.open(store)
@@ -223,4 +230,7 @@ def select_subset(store: str | Path, audit: str, top: str | None = None, drop_bo
             k = wanted.get(row["id"])
             if k is not None:
                 out[k] = {key: v for key, v in row.items() if v is not None}
-    return [r for r in out if r is not None]
+    rows = [r for r in out if r is not None]
+    if output is not None:
+        write_jsonl_atomic(rows, output)
+    return rows

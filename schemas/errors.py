@@ -12,6 +12,14 @@ class ForValueError(Exception):
     """Base class of all user-facing errors."""
 
 
+class ConfigError(ForValueError, ValueError):
+    """A setting has an invalid value; ``field`` names the config field (the CLI maps it to its flag)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 class InputDataError(ForValueError):
     """A data file is unreadable or a row is malformed (names file, line and field)."""
 

@@ -91,7 +91,7 @@ def test_compare_select_and_report(audited_store, toy_rows, tiny_runner, tmp_pat
     assert set(top[0]) == {"id", "prompt", "response", "label"}
     kept = select_subset(store, "a", drop_bottom="2")
     assert [r["id"] for r in kept] == [r["id"] for r in ranked[:-2]]
-    page = audit_report(store, table, meta, tmp_path / "r.html").read_text()
+    page = audit_report(store, "a", tmp_path / "r.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and ranked[0]["id"] in page
     assert "data:image/png;base64," in compare_report(c, tmp_path / "c.html").read_text()
 

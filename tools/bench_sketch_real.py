@@ -16,7 +16,7 @@ and scores them exactly (``forvalue.api.score_all``). Then, for each sketch vari
   size) of the *prefiltered ranking* (the C candidates by exact score, then every other row by
   sketch score) minus those of the exact ranking.
 
-Finally the store is re-sketched with the product defaults (``forvalue.engine.prefilter.sketch_store``)
+Finally the store is re-sketched with the product defaults (``forvalue.maintenance.sketch_store``)
 and the product's own path (``run_query(candidates=C)``, FAISS + rerank) is compared with
 ``run_query(exact=True)`` (Recall@k), so the numbers cover the shipped code end to end.
 """
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from forvalue.indexer.sketch import SketchSpec, Sketcher, fit_basis
     from forvalue.api import build_index, load_store_runner, run_query, score_all
     from forvalue.tasks.metrics import class_retrieval
-    from forvalue.engine.prefilter import _first_hidden, sketch_store
+    from forvalue.maintenance import _first_hidden, sketch_store
     from forvalue.engine.scorer import decode_block
     from forvalue.engine.validation import encode_validation, load_validation_samples
     from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig

@@ -16,7 +16,6 @@ import numpy as np
 from forvalue.indexer.build import manifest_for
 from forvalue.indexer.data import Sample, iter_samples
 from forvalue.indexer.encoder import encode_batch
-from forvalue.indexer.tokenize import tokenize_for
 from forvalue.schemas.config import DataConfig, EncodeConfig
 from forvalue.schemas.errors import ForValueError, InputDataError, ManifestMismatchError
 from forvalue.schemas.manifest import MUST_MATCH, Manifest
@@ -80,7 +79,7 @@ def load_validation_samples(source: Iterable[str | Path] | Sequence[dict] | Sequ
 def check_runner(runner, manifest: Manifest, data: DataConfig) -> None:
     """Refuse a model/tokenizer/setting that differs from the store's manifest."""
     encode = EncodeConfig(top_m=manifest.top_m, score_tokens=manifest.score_tokens, hidden_dtype=manifest.hidden_dtype)
-    mine = manifest_for(runner, _data_from_manifest(data, manifest), encode, manifest.model_kind)
+    mine = manifest_for(runner, _data_from_manifest(data, manifest), encode)
     problems = manifest.mismatches(mine)
     if problems:
         raise ManifestMismatchError(
@@ -112,7 +111,7 @@ def encode_validation(runner, samples: list[Sample], manifest: Manifest, data: D
     encode = EncodeConfig(top_m=manifest.top_m, score_tokens=manifest.score_tokens, hidden_dtype=manifest.hidden_dtype)
     tokenized = []
     for s in samples:
-        tok = tokenize_for(runner, s, manifest.score_tokens, manifest.max_length, manifest.chat_template)
+        tok = runner.tokenize(s, manifest.score_tokens, manifest.max_length, manifest.chat_template)
         if tok.truncated:
             raise InputDataError(
                 s.source, f"validation sample '{s.id}' is longer than the store's max length ({manifest.max_length} tokens); "

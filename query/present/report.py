@@ -46,8 +46,11 @@ _STYLE = """<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table
 td,th{border:1px solid #ccc;padding:4px;vertical-align:top}pre{white-space:pre-wrap;margin:0}img{max-width:100%}</style>"""
 
 
-def audit_report(store_path: str | Path, table: pa.Table, meta: dict, out: str | Path, n_examples: int = 10) -> Path:
-    """Write an HTML report: score histogram, per-label box plots, top and bottom examples."""
+def audit_report(store_path: str | Path, name: str, out: str | Path, n_examples: int = 10) -> Path:
+    """Write an HTML report of audit ``name``: score histogram, per-label box plots, top and bottom examples."""
+    from forvalue.audit import load_audit
+
+    table, meta = load_audit(store_path, name)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,0 +1,118 @@
+"""``forvalue index build|add|info|sketch``: make, extend and inspect a store."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from forvalue.cli.options import config_options, json_option, make, quiet_option, store_option
+from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig
+
+_SKETCH_FIELDS = ("sketch_dim", "sketch_vocab_buckets", "sketch_hidden_cols", "sketch_basis")
+_COLUMNS = ("prompt_column", "response_column", "text_column", "id_column", "label_column", "image_column")
+
+
+@click.group()
+def index() -> None:
+    """Build, extend and inspect a store."""
+
+
+def _print_report(report, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+        return
+    click.echo(
+        f"{report.store}: wrote {report.written} samples ({report.tokens_scored} scored tokens) in {report.seconds:.1f}s; "
+        f"skipped {report.already_stored} already stored, {report.duplicate_ids} repeated ids, "
+        f"{report.no_scored_tokens} without scored tokens, {report.bad_skipped} bad (NaN/inf or unreadable image); "
+        f"{report.truncated} truncated to {report.max_length} tokens; store now holds {report.total_rows} samples"
+    )
+
+
+def _build_config(kw: dict) -> BuildConfig:
+    return make(BuildConfig, kw, data=make(DataConfig, kw), model=make(ModelConfig, kw), encode=make(EncodeConfig, kw),
+                progress=not kw["quiet"])
+
+
+@index.command("build")
+@click.argument("data", nargs=-1, required=True, type=click.Path())
+@store_option
+@config_options(ModelConfig)
+@config_options(DataConfig)
+@config_options(EncodeConfig, exclude=("sketch_seed",))
+@config_options(BuildConfig)
+@quiet_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def build(data, store, as_json, **kw):
+    """Encode DATA files (JSONL, Parquet, CSV or datasets folders) into a new or existing store.
+
+    Re-running skips ids already stored, so an interrupted build resumes where it stopped.
+    """
+    from forvalue.indexer.build import build_index
+
+    _print_report(build_index(data, store, _build_config(kw)), as_json)
+
+
+@index.command("add")
+@click.argument("data", nargs=-1, required=True, type=click.Path())
+@store_option
+@config_options(ModelConfig, only=("path", "adapter", "dtype", "device", "trust_remote_code"),
+                unset=("path", "adapter"))
+@config_options(DataConfig, only=_COLUMNS)
+@config_options(EncodeConfig, only=("on_bad",))
+@config_options(BuildConfig)
+@quiet_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def add(data, store, as_json, **kw):
+    """Append DATA to an existing store with the store's model and settings (ids already stored are skipped).
+
+    The encoding settings (max length, chat template, top-m, scored tokens, hidden dtype, sketch)
+    always come from the store; its model, adapter and dtype too unless --model/--adapter/--dtype are given.
+    """
+    from forvalue.api import add_to_index
+
+    _print_report(add_to_index(data, store, _build_config(kw)), as_json)
+
+
+@index.command("info")
+@store_option
+@json_option
+def info(store, as_json):
+    """Print what a store holds: samples, tokens, labels, size, model and settings (loads no model)."""
+    from forvalue.maintenance import store_info
+
+    data = store_info(store)
+    if as_json:
+        click.echo(json.dumps(data, indent=2, default=str))
+        return
+    m = data.pop("manifest")
+    for key, value in data.items():
+        click.echo(f"{key:>18}: {value}")
+    keys = ["model_path", "model_weights_sha256", "dtype", "hidden_size", "vocab_size", "top_m", "score_tokens",
+            "chat_template", "max_length", "hidden_dtype", "lowest_likelihood_ratio", "schema_version", "package_version"]
+    if m.get("model_kind") == "vlm":
+        keys += ["model_kind", "image_column", "image_max_pixels", "processor_sha256"]
+    for key in keys:
+        click.echo(f"{key:>18}: {m[key]}")
+
+
+@index.command("sketch")
+@store_option
+@click.option("--rebuild", is_flag=True, help="Recompute the sketch column even if the store has one.")
+@config_options(EncodeConfig, only=_SKETCH_FIELDS + ("sketch_seed",), unset=_SKETCH_FIELDS + ("sketch_seed",))
+@click.option("--faiss-index", "kind", default=None,
+              help="auto (Flat below 100k rows, IVF-SQ8 above), flat, ivf, hnsw or a FAISS factory string.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def sketch(store, rebuild, kind, as_json, **kw):
+    """Add (or rebuild) the prefilter sketches of a store and its FAISS index (run while no build writes).
+
+    Sketch options not given keep the store's values (else the defaults); giving any of
+    --sketch-vocab-buckets/--sketch-hidden-cols/--sketch-basis starts from the defaults.
+    """
+    from forvalue.maintenance import sketch_store
+
+    report = sketch_store(store, rebuild=rebuild, dim=kw["sketch_dim"], seed=kw["sketch_seed"], kind=kind,
+                          vocab_buckets=kw["sketch_vocab_buckets"], hidden_cols=kw["sketch_hidden_cols"],
+                          basis=kw["sketch_basis"])
+    click.echo(json.dumps(report) if as_json else ", ".join(f"{k}: {v}" for k, v in report.items()))

@@ -1,0 +1,156 @@
+"""Click options generated from the config dataclasses, and the CLI's error handling.
+
+Each option's flag, default, choices and help text come from the field of
+:mod:`forvalue.schemas.config` it fills (``EncodeConfig.top_m`` -> ``--top-m``), so they are
+declared once. A :class:`~forvalue.schemas.errors.ConfigError` names a field; :class:`Group`
+prints it with the flag the user typed and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Callable, Iterable
+
+import click
+
+from forvalue.schemas.errors import ConfigError, ForValueError
+
+# field name -> flag, filled as options are generated (for ConfigError messages)
+_FLAGS: dict[str, str] = {}
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _click_type(f: dataclasses.Field):
+    choices = f.metadata.get("choices")
+    if choices:
+        return click.Choice([str(c) for c in choices])
+    kind = str(f.type)
+    if kind.startswith("int"):
+        return int
+    if kind.startswith("float"):
+        return float
+    return str
+
+
+def config_options(cls, *, only: Iterable[str] | None = None, exclude: Iterable[str] = (),
+                   unset: Iterable[str] = (), unset_help: str = "the store's") -> Callable:
+    """Decorator adding one click option per CLI field of dataclass ``cls``.
+
+    Parameters
+    ----------
+    only, exclude : field names
+        Which fields become options (default: every field with ``cli=True`` metadata).
+    unset : field names
+        Fields whose option defaults to None ("not given": the callee fills in e.g. the
+        store's value); their help says ``(default: <unset_help>, else <dataclass default>)``.
+    """
+    only = None if only is None else list(only)
+    exclude, unset = set(exclude), set(unset)
+    chosen = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", False) and f.name not in exclude
+              and (only is None or f.name in only)]
+    if only is not None:
+        chosen.sort(key=lambda f: only.index(f.name))
+
+    def decorate(fn):
+        for f in reversed(chosen):
+            flag = flag_of(f)
+            _FLAGS[f.name] = flag
+            help_text = f.metadata.get("help", "")
+            if f.type == "bool":
+                fn = click.option(flag, f.name, is_flag=True, default=None, help=help_text)(fn)
+                continue
+            if f.name in unset:
+                default = None
+                help_text += f" (default: {unset_help}, else {_show(f.default)})"
+                show = False
+            else:
+                default = f.default
+                show = f.default is not None
+            if f.name == "shard":
+                fn = click.option(flag, f.name, default=None if f.name in unset else "0/1", show_default=show,
+                                  callback=_parse_shard, help=help_text)(fn)
+                continue
+            fn = click.option(flag, f.name, type=_click_type(f), default=default, show_default=show, help=help_text)(fn)
+        return fn
+
+    return decorate
+
+
+def _show(value: Any) -> str:
+    return "/".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _parse_shard(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not I/N with 0 <= I < N (e.g. 0/4)") from None
+    return index, count
+
+
+def make(cls, kw: dict, **extra) -> Any:
+    """``cls`` built from the options in ``kw`` that are its fields (None/unset flags keep the default)."""
+    values = {f.name: kw[f.name] for f in dataclasses.fields(cls) if kw.get(f.name) is not None}
+    values.update(extra)
+    return cls(**values)
+
+
+class Group(click.Group):
+    """Turns every user-facing error into one line on stderr and exit status 2.
+
+    ``--debug`` (or ``FORVALUE_DEBUG=1``) lets the traceback through instead.
+    """
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            if _debug(ctx):
+                raise
+            _fail(f"{_FLAGS.get(exc.field, exc.field)}: {exc.message}")
+        except ForValueError as exc:
+            if _debug(ctx):
+                raise
+            _fail(str(exc))
+        except OSError as exc:  # disk full, read-only, permissions, missing files below a store
+            if _debug(ctx):
+                raise
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            _fail(f"{where}{exc.strerror or exc}; check the path, its permissions and free space "
+                  "(--debug shows the traceback)")
+
+
+def _debug(ctx) -> bool:
+    root = ctx.find_root()
+    return bool((root.params or {}).get("debug")) or os.environ.get("FORVALUE_DEBUG") == "1"
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' info logging and its download progress bars (no-op if absent)."""
+    if "transformers" not in sys.modules:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+store_option = click.option("--store", required=True, type=click.Path(), help="Store folder.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
+validation_option = click.option("--validation", "-v", "validation", multiple=True, required=True, type=click.Path(),
+                                 help="Validation file(s): JSONL, Parquet, CSV or datasets folder; repeat for several.")
