@@ -20,8 +20,8 @@ import pyarrow as pa
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig
 from forvalue.schemas.errors import BadValuesError
 from forvalue.schemas.manifest import Manifest
-from forvalue.schemas.tables import samples_schema
 from forvalue.storage.sketch_basis import load_basis, publish_basis
+from forvalue.storage.rows import encoded_to_arrow
 from forvalue.storage.store import Store
 
 from forvalue.indexer.data import Sample, check_paths, iter_samples
@@ -191,17 +191,11 @@ def _flush(store: Store, pending: list[EncodedSample], report: BuildReport) -> N
         return
     spec = SketchSpec.from_manifest(store.manifest)
     basis = store_basis(store.path, spec, lambda: np.concatenate([e.hidden for e in pending]))
-    store.append(encoded_to_arrow(pending, store.manifest.hidden_dtype, sketch_spec=spec, sketch_basis=basis))
+    sketch = sketch_column(pending, spec, basis) if spec is not None else None
+    store.append(encoded_to_arrow(pending, store.manifest.hidden_dtype, sketch))
     report.written += len(pending)
     report.tokens_scored += sum(len(e.hidden) for e in pending)
     pending.clear()
-
-
-def _list_array(parts: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
-    lengths = np.fromiter((p.size for p in parts), dtype=np.int64, count=len(parts))
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = np.concatenate([p.ravel() for p in parts]) if parts else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=value_type))
 
 
 def store_basis(store_path, spec: SketchSpec | None, hidden_sample) -> np.ndarray | None:
@@ -217,33 +211,6 @@ def store_basis(store_path, spec: SketchSpec | None, hidden_sample) -> np.ndarra
     if basis is None:
         basis = publish_basis(store_path, fit_basis(hidden_sample()[:BASIS_FIT_TOKENS], spec.hidden_cols))
     return basis
-
-
-def encoded_to_arrow(encoded: list[EncodedSample], hidden_dtype: str, sketch_spec: SketchSpec | None = None,
-                     sketch_basis: np.ndarray | None = None) -> pa.Table:
-    """Rows of the ``samples`` table for a list of encodings (with their sketches when ``sketch_spec``)."""
-    schema = samples_schema(hidden_dtype, sketch_spec.dim if sketch_spec else None)
-    samples = [e.tokenized.sample for e in encoded]
-    columns = {
-        "id": pa.array([s.id for s in samples], pa.string()),
-        "label": pa.array([s.label for s in samples], pa.string()),
-        "prompt": pa.array([s.prompt for s in samples], pa.string()),
-        "response": pa.array([s.response for s in samples], pa.string()),
-        "text": pa.array([s.text for s in samples], pa.string()),
-        "n_tokens": pa.array([len(e.tokenized.input_ids) for e in encoded], pa.int32()),
-        "truncated": pa.array([e.tokenized.truncated for e in encoded], pa.bool_()),
-        "n_scored": pa.array([len(e.hidden) for e in encoded], pa.int32()),
-        "hidden": _list_array([e.hidden for e in encoded], schema.field("hidden").type.value_type),
-        "topk_ids": _list_array([e.errors.topk_ids for e in encoded], pa.int32()),
-        "topk_probs": _list_array([e.errors.topk_probs for e in encoded], pa.float32()),
-        "target_ids": _list_array([e.errors.target_ids for e in encoded], pa.int32()),
-        "target_probs": _list_array([e.errors.target_probs for e in encoded], pa.float32()),
-        "tail_mass": _list_array([e.errors.tail_mass for e in encoded], pa.float32()),
-        "sq_norm": pa.array([e.sq_norm for e in encoded], pa.float64()),
-    }
-    if sketch_spec is not None:
-        columns["sketch"] = sketch_column(encoded, sketch_spec, sketch_basis)
-    return pa.table(columns, schema=schema)
 
 
 def sketch_column(encoded: list[EncodedSample], spec: SketchSpec, basis: np.ndarray | None = None) -> pa.FixedSizeListArray:

@@ -13,54 +13,15 @@ so the cost per stored token is ~ M * (d + m + 2) with no Python loop per sample
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import pyarrow as pa
 import torch
 
-from forvalue.indexer.sparse_errors import error_entries
+from forvalue.storage.rows import TrainBlock, decode_block  # noqa: F401  (the scorer's input format)
 
 from forvalue.engine.validation import ValidationSet
 
 # Floats allowed in one (train tokens x val tokens) intermediate.
 _BLOCK_FLOATS = 1 << 23
-
-
-@dataclass
-class TrainBlock:
-    """Decoded scoring columns of a batch of stored rows.
-
-    Attributes
-    ----------
-    hidden : float32 array, shape (N, d)
-    ids, values : arrays, shape (N, m + 1)
-    lengths : int64 array, shape (rows,)
-    sq_norms : float64 array, shape (rows,)
-    """
-
-    hidden: np.ndarray
-    ids: np.ndarray
-    values: np.ndarray
-    lengths: np.ndarray
-    sq_norms: np.ndarray
-
-
-def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    return column.flatten().to_numpy(zero_copy_only=False)
-
-
-def decode_block(batch: pa.RecordBatch | pa.Table, hidden_size: int) -> TrainBlock:
-    """Numpy views of a batch with the columns of ``forvalue.schemas.tables.SCORING_COLUMNS``."""
-    lengths = batch.column("n_scored").to_numpy().astype(np.int64)
-    n = int(lengths.sum())
-    hidden = _flat(batch.column("hidden")).reshape(n, hidden_size).astype(np.float32, copy=False)
-    topk_ids = _flat(batch.column("topk_ids")).reshape(n, -1)
-    topk_probs = _flat(batch.column("topk_probs")).reshape(n, -1)
-    ids, values = error_entries(topk_ids, topk_probs, _flat(batch.column("target_ids")), _flat(batch.column("target_probs")))
-    return TrainBlock(hidden, ids, values, lengths, batch.column("sq_norm").to_numpy())
 
 
 class ExactScorer:
