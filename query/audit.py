@@ -19,15 +19,12 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from forvalue.indexer.runner import resolve_device
 from forvalue.schemas.config import AuditConfig, DataConfig, ModelConfig, QueryConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.storage.audits import ValidationCache, list_audits, read_audit, write_audit
 from forvalue.storage.store import Store
 
-from forvalue.api import _open, load_store_runner, score_all
 from forvalue.present.output import write_jsonl_atomic
-from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
 
 
 @dataclass
@@ -59,7 +56,35 @@ def run_audit(
     model: ModelConfig | None = None,
     runner=None,
 ) -> AuditSummary:
-    """Score every training sample against ``validation`` and save audit ``name`` in the store."""
+    """Score every training sample against ``validation`` and save audit ``name`` in the store.
+
+    Parameters
+    ----------
+    store : path or Store
+    validation : paths or dict rows
+        Read with the column names of ``data``; max length and chat template come from the store.
+    name : str
+        Audit name; re-using it writes a new version of ``audit_NAME``.
+    config : AuditConfig
+    model : ModelConfig, optional
+        Overrides of the store's model (refused if it is not the same model).
+    runner : Runner, optional
+        An already loaded runner of the store's model.
+
+    Returns
+    -------
+    AuditSummary
+
+    Example
+    -------
+    >>> s = forvalue.run_audit("runs/store", ["val.jsonl"], "v1", forvalue.AuditConfig(flag_fraction=0.05))  # doctest: +SKIP
+    >>> s.flagged                                                                                       # doctest: +SKIP
+    """
+    # the scoring stack (torch) is imported here, not at module level: listing and showing audits loads no model
+    from forvalue.api import _open, load_store_runner, score_all
+    from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
+    from forvalue.indexer.runner import resolve_device
+
     started = time.perf_counter()
     store = _open(store)
     data = data_for_store(data, store.manifest)
