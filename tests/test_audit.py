@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import forvalue.audit as audit_mod
+import forvalue.api as api_mod
 from forvalue.api import build_index, run_query
 from forvalue.audit import AuditConfig, compare_audits, load_audit, run_audit, select_subset
 from forvalue.present.report import audit_report, compare_report
@@ -63,7 +63,7 @@ def test_unchanged_validation_runs_no_forward_pass(audited_store, toy_rows, monk
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded for a cached validation set")
 
-    monkeypatch.setattr(audit_mod, "load_store_runner", no_model)
+    monkeypatch.setattr(api_mod, "load_store_runner", no_model)
     second = run_audit(store, [audited_store / "val.jsonl"], "a", AuditConfig(progress=False, device="cpu"))
     assert second.encoded_now == 0 and second.version == first.version + 1
     np.testing.assert_array_equal(load_audit(store, "a")[0].column("score_mean").to_numpy(), scores1)
