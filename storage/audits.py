@@ -53,10 +53,8 @@ def _db(store: Store):
 
 
 def _tables(store: Store) -> list[str]:
-    db = _db(store)
-    names = db.list_tables() if hasattr(db, "list_tables") else db.table_names()
-    names = getattr(names, "tables", names)
-    return list(names)
+    """Names of the Lance tables in the store folder (read from the folder: no lancedb import needed)."""
+    return sorted(p.name[: -len(".lance")] for p in store.path.iterdir() if p.is_dir() and p.name.endswith(".lance"))
 
 
 def write_audit(store: Store, name: str, table: pa.Table, meta: dict) -> int:
@@ -85,10 +83,12 @@ def read_audit(store: Store, name: str) -> tuple[pa.Table, dict]:
     if AUDIT_PREFIX + name not in _tables(store):
         known = [t[len(AUDIT_PREFIX):] for t in _tables(store) if t.startswith(AUDIT_PREFIX)]
         raise ForValueError(f"{store.path}: no audit named '{name}' (known: {', '.join(known) or 'none'}); run 'forvalue audit run'")
-    tbl = _db(store).open_table(AUDIT_PREFIX + name)
-    data = tbl.to_arrow()
-    meta = json.loads((tbl.schema.metadata or {}).get(_META_KEY, b"{}"))
-    meta["version"] = int(tbl.version)
+    import lance
+
+    dataset = lance.dataset(str(store.path / f"{AUDIT_PREFIX}{name}.lance"))
+    data = dataset.to_table()
+    meta = json.loads((dataset.schema.metadata or {}).get(_META_KEY, b"{}"))
+    meta["version"] = int(dataset.version)
     return data, meta
 
 
