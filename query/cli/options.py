@@ -119,6 +119,9 @@ class Group(click.Group):
             if _debug(ctx):
                 raise
             _fail(str(exc))
+        except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except OSError as exc:  # disk full, read-only, permissions, missing files below a store
             if _debug(ctx):
                 raise
