@@ -22,6 +22,7 @@ from forvalue.indexer.images import ImageRef, parse_image_cell
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 _ARROW_BLOCK = 1024
+FIRST_PASS_ROWS = 1000  # rows of each input validated by check_inputs before a model loads
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,18 @@ def check_paths(paths: Iterable[str | Path]) -> None:
                 raise InputDataError(path, "folder is not a datasets save_to_disk folder (no state.json)")
         elif path.suffix.lower() not in SUFFIXES:
             raise InputDataError(path, f"unknown format '{path.suffix}'; use one of {', '.join(SUFFIXES)} or a datasets folder")
+
+
+def check_inputs(paths: Iterable[str | Path], config: DataConfig, rows: int = FIRST_PASS_ROWS) -> None:
+    """Cheap first pass before a model loads: every path exists, is readable and has rows, and its
+    first ``rows`` rows are valid samples (raises :class:`InputDataError` naming file, line and field)."""
+    from itertools import islice
+
+    paths = list(paths)
+    check_paths(paths)
+    for path in paths:
+        if not sum(1 for _ in islice(iter_samples([path], config), rows)):
+            raise InputDataError(path, "holds no rows; nothing to index (check the file, or leave it out)")
 
 
 def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -170,13 +183,17 @@ def _iter_arrow_folder(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     yield from _number_batches(batches())
 
 
-def _field(path: Path, where: int, row: dict[str, Any], name: str, required: bool) -> str | None:
+def _field(path: Path, where: int, row: dict[str, Any], name: str, required: bool, text: bool = False) -> str | None:
+    """A cell as a string; ``text`` columns (what the model reads) must be strings, ids and labels may be numbers."""
     value = row.get(name)
     if value is None or (isinstance(value, float) and value != value):
         if required:
             what = "missing value" if name in row else f"missing column (row has: {', '.join(sorted(row)) or 'none'})"
             raise InputDataError(path, what, line=where, field=name)
         return None
+    if text and isinstance(value, (int, float, bool)):
+        raise InputDataError(path, f"expected text, got the {type(value).__name__} {json.dumps(value)}; write it as a "
+                             "string (in quotes) if it is meant as text", line=where, field=name)
     if isinstance(value, (int, float, bool)):
         value = str(value)
     if not isinstance(value, str):
@@ -209,11 +226,11 @@ def _to_sample(path: Path, where: int, row: dict[str, Any], config: DataConfig) 
             )
     if text_column is not None:
         prompt = response = None
-        text = _field(path, where, row, text_column, required=True)
+        text = _field(path, where, row, text_column, required=True, text=True)
     else:
         text = None
-        prompt = _field(path, where, row, config.prompt_column, required=True)
-        response = _field(path, where, row, config.response_column, required=True)
+        prompt = _field(path, where, row, config.prompt_column, required=True, text=True)
+        response = _field(path, where, row, config.response_column, required=True, text=True)
     label = _field(path, where, row, config.label_column, required=False)
     image = _image(path, where, row, config.image_column)
     sample_id = _field(path, where, row, config.id_column, required=False)
