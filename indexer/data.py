@@ -87,11 +87,13 @@ def check_paths(paths: Iterable[str | Path]) -> None:
             raise InputDataError(path, f"unknown format '{path.suffix}'; use one of {', '.join(SUFFIXES)} or a datasets folder")
 
 
-def check_inputs(paths: Iterable[str | Path], config: DataConfig, rows: int = FIRST_PASS_ROWS) -> None:
+def check_inputs(paths: Iterable[str | Path], config: DataConfig, rows: int | None = None) -> None:
     """Cheap first pass before a model loads: every path exists, is readable and has rows, and its
-    first ``rows`` rows are valid samples (raises :class:`InputDataError` naming file, line and field)."""
+    first ``rows`` rows (default :data:`FIRST_PASS_ROWS`) are valid samples (raises
+    :class:`InputDataError` naming file, line and field)."""
     from itertools import islice
 
+    rows = FIRST_PASS_ROWS if rows is None else rows
     paths = list(paths)
     check_paths(paths)
     for path in paths:

@@ -113,8 +113,9 @@ def test_add_uses_the_stores_model_and_settings(tmp_path, tiny_model_dir):
         assert len(r["topk_ids"]) == 4 * r["n_scored"]
 
 
-def test_bad_row_after_committed_batches_then_resume(tmp_path, tiny_model_dir):
+def test_bad_row_after_committed_batches_then_resume(tmp_path, tiny_model_dir, monkeypatch):
     """A bad row stops the build; committed batches stay, and the fixed file completes the store."""
+    monkeypatch.setattr("forvalue.indexer.data.FIRST_PASS_ROWS", 5)  # the bad row lies beyond the pre-model first pass
     good = rows(20)
     lines = [json.dumps(r) for r in good]
     data = tmp_path / "train.jsonl"
