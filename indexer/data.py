@@ -75,6 +75,19 @@ def iter_samples(paths: Iterable[str | Path], config: DataConfig) -> Iterator[Sa
             yield _to_sample(path, where, row, config)
 
 
+def iter_samples_with(paths: Iterable[str | Path], config: DataConfig,
+                      columns: Iterable[str]) -> Iterator[tuple[Sample, dict[str, str]]]:
+    """Like :func:`iter_samples`, also yielding ``{column: value}`` of extra required ``columns`` per row.
+
+    A missing or empty extra value raises :class:`InputDataError` naming file, line and field.
+    """
+    columns = list(columns)
+    for path in paths:
+        path = Path(path)
+        for where, row in _iter_rows(path):
+            yield _to_sample(path, where, row, config), {c: _field(path, where, row, c, required=True) for c in columns}
+
+
 def check_paths(paths: Iterable[str | Path]) -> None:
     """Fail fast (before a model is loaded or a store created) on a missing path or unknown format."""
     for path in map(Path, paths):

@@ -264,3 +264,65 @@ class AuditConfig:
         _check(self)
         if self.flag_fraction is not None and self.flag_fraction > 1.0:
             raise ConfigError("flag_fraction", f"must be in [0, 1], got {self.flag_fraction}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """How ``forvalue distill`` fits a value model on an audit (:mod:`forvalue.distill`).
+
+    Parameters
+    ----------
+    student : {"auto", "ngram", "embed"}
+        ``ngram``: hashed word + byte n-grams; ``embed``: sum- or mean-pooled input embeddings of
+        the store's model (a lookup, no forward pass); ``auto`` fits both and keeps the one with
+        the better leave-one-out Spearman on the labelled rows.
+    fraction, max_samples : float or int, optional
+        Fit on this random fraction, or at most this many, of the audited rows (at most one);
+        the rest is held out and reported. Neither: fit on every audited row.
+    seed : int
+        Seed of the labelled / held-out split.
+    ngram_dim : int
+        Hash buckets of the ngram student.
+    """
+
+    student: str = setting("auto", "Student: hashed n-grams, the store model's pooled input embeddings (no forward pass), "
+                                   "or auto (both, the better by leave-one-out).", choices=("auto", "ngram", "embed"))
+    fraction: float | None = setting(None, "Fit on this random fraction of the audited rows; the rest is held out "
+                                           "and reported (default: all rows).")
+    max_samples: int | None = bounded(None, "Fit on at most this many random audited rows; the rest is held out.", 3)
+    seed: int = setting(0, "Seed of the labelled / held-out split.")
+    ngram_dim: int = bounded(1 << 18, "Hash buckets of the ngram student.", 16)
+
+    def __post_init__(self) -> None:
+        _check(self)
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ConfigError("fraction", f"must be in (0, 1], got {self.fraction}")
+        if self.fraction is not None and self.max_samples is not None:
+            raise ConfigError("fraction", "--fraction and --max-samples exclude each other; give one")
+
+
+@dataclass(frozen=True)
+class PricingConfig:
+    """Data pricing: value per provider group (:mod:`forvalue.pricing`).
+
+    Parameters
+    ----------
+    group_column : str, optional
+        Column of the data files that names each sample's provider (e.g. ``source``).
+    bootstrap : int
+        Bootstrap resamples (within each group) of the confidence intervals.
+    confidence : float
+        Coverage of the percentile intervals.
+    bootstrap_seed : int
+    """
+
+    group_column: str | None = setting(None, "Column of the data files naming each sample's provider: report value "
+                                             "per group (data pricing).")
+    bootstrap: int = bounded(1000, "Bootstrap resamples of the per-group confidence intervals.", 1)
+    confidence: float = setting(0.95, "Coverage of the bootstrap intervals.")
+    bootstrap_seed: int = setting(0, "Seed of the bootstrap.")
+
+    def __post_init__(self) -> None:
+        _check(self)
+        if not 0.0 < self.confidence < 1.0:
+            raise ConfigError("confidence", f"must be in (0, 1), got {self.confidence}")
