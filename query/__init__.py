@@ -48,6 +48,15 @@ _WHERE = {
     "audit_summary": "forvalue.audit",
     "compare_audits": "forvalue.audit",
     "select_subset": "forvalue.audit",
+    # distilled value models and data pricing
+    "distill": "forvalue.distill",
+    "estimate": "forvalue.distill",
+    "evaluate_value_model": "forvalue.distill",
+    "select_by_values": "forvalue.distill",
+    "ValueModel": "forvalue.value_model",
+    "price": "forvalue.pricing",
+    "audit_pricing": "forvalue.pricing",
+    "values_pricing": "forvalue.pricing",
     # the built-in job
     "run_demo": "forvalue.demo",
     # settings
@@ -57,10 +66,14 @@ _WHERE = {
     "ModelConfig": "forvalue.schemas.config",
     "QueryConfig": "forvalue.schemas.config",
     "AuditConfig": "forvalue.schemas.config",
+    "DistillConfig": "forvalue.schemas.config",
+    "PricingConfig": "forvalue.schemas.config",
     # results
     "BuildReport": "forvalue.indexer.build",
     "QueryResult": "forvalue.api",
     "AuditSummary": "forvalue.audit",
+    "DistillReport": "forvalue.distill",
+    "EstimateReport": "forvalue.distill",
     # the extension point: anything that runs a model for the build and the queries
     "Runner": "forvalue.indexer.runner",
     "load_runner": "forvalue.indexer.model_runner",

@@ -370,17 +370,20 @@ def _fit_student(student: str, texts: list[str], Y: np.ndarray, config: DistillC
         X = np.concatenate([sums / pool_divisor(pooling, lengths)[:, None],
                             pool_length_feature(pooling, lengths)[:, None]], axis=1)
         fit = fit_ridge(Design(len(texts), X.shape[1], dense=X), Y, config.seed)
-        if best is None or np.nan_to_num(fit.loo["spearman"], nan=-np.inf) > np.nan_to_num(best[1].loo["spearman"], nan=-np.inf):
+        rho = np.nan_to_num(fit.loo["spearman"], nan=-np.inf)
+        if best is None or rho > np.nan_to_num(best[1].loo["spearman"], nan=-np.inf):
             best = (pooling, fit)
     pooling, fit = best
     d = table.shape[1]
-    arrays = {"token_table": table.astype(np.float64) @ fit.weight[:d], "length_weight": fit.weight[d], "bias": fit.bias}
+    arrays = {"token_table": table.astype(np.float64) @ fit.weight[:d], "length_weight": fit.weight[d],
+              "bias": fit.bias}
     meta = {"features": {"kind": "pooled input embeddings of the store model", "pooling": pooling,
                          "vocab_size": int(table.shape[0]), "hidden_size": int(d)}}
     return ValueModel("embed", [], arrays, meta, tokenizer), fit
 
 
-def distill(store: str | Path | Store, audit: str, out: str | Path, config: DistillConfig = DistillConfig()) -> DistillReport:
+def distill(store: str | Path | Store, audit: str, out: str | Path,
+            config: DistillConfig = DistillConfig()) -> DistillReport:
     """Fit a value model on audit ``audit`` of ``store`` and save it to folder ``out``.
 
     Parameters
@@ -713,7 +716,7 @@ def select_by_values(values: str | Path, data: Sequence[str | Path], top: str | 
 
     Example
     -------
-    >>> rows = forvalue.select_by_values("values.parquet", ["new.jsonl"], top="10%", output="subset.jsonl")  # doctest: +SKIP
+    >>> forvalue.select_by_values("values.parquet", ["new.jsonl"], top="10%", output="subset.jsonl")  # doctest: +SKIP
     """
     from forvalue.audit import parse_amount
     from forvalue.indexer.data import check_paths, iter_samples

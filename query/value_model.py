@@ -258,7 +258,8 @@ class ValueModel:
         except (ValueError, OSError) as exc:
             raise ValueModelError(f"{manifest}: not valid JSON ({exc}); the value model is damaged") from None
         if meta.get("format") != FORMAT or meta.get("student") not in STUDENTS or not meta.get("targets"):
-            raise ValueModelError(f"{manifest}: not a forvalue value model manifest (format, student or targets missing)")
+            raise ValueModelError(f"{manifest}: not a forvalue value model manifest (format, student or targets "
+                                  "missing)")
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueModelError(f"{manifest}: format version {meta['format_version']} is newer than this forvalue; "
                                   "upgrade forvalue")
@@ -273,7 +274,8 @@ class ValueModel:
         need = ("weight", "bias") if student == "ngram" else ("token_table", "length_weight", "bias")
         missing = [k for k in need if k not in arrays]
         if missing:
-            raise ValueModelError(f"{path / WEIGHTS}: missing array(s) {', '.join(missing)}; the value model is damaged")
+            raise ValueModelError(f"{path / WEIGHTS}: missing array(s) {', '.join(missing)}; "
+                                  "the value model is damaged")
         tokenizer = None
         if student == "embed":
             if not (path / TOKENIZER).is_file():

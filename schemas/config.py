@@ -285,8 +285,8 @@ class DistillConfig:
         Hash buckets of the ngram student.
     """
 
-    student: str = setting("auto", "Student: hashed n-grams, the store model's pooled input embeddings (no forward pass), "
-                                   "or auto (both, the better by leave-one-out).", choices=("auto", "ngram", "embed"))
+    student: str = setting("auto", "Student: hashed n-grams, the store model's pooled input embeddings (no forward "
+                                   "pass), or auto (both, the better by leave-one-out).", choices=("auto", "ngram", "embed"))
     fraction: float | None = setting(None, "Fit on this random fraction of the audited rows; the rest is held out "
                                            "and reported (default: all rows).")
     max_samples: int | None = bounded(None, "Fit on at most this many random audited rows; the rest is held out.", 3)

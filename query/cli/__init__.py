@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from forvalue.cli import audit, demo, index, query
+from forvalue.cli import audit, demo, distill, index, query
 from forvalue.cli.options import Group, quiet_transformers
 
 
@@ -38,6 +38,8 @@ main.add_command(query.query_command)
 main.add_command(audit.audit)
 main.add_command(audit.select)
 main.add_command(demo.demo)
+main.add_command(distill.distill_command)
+main.add_command(distill.estimate_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from forvalue.cli.options import config_options, make, quiet_option, store_option, validation_option
-from forvalue.schemas.config import AuditConfig, DataConfig
+from forvalue.schemas.config import AuditConfig, DataConfig, PricingConfig
 
 _COLUMNS = ("prompt_column", "response_column", "text_column", "id_column", "label_column", "image_column")
 _report_option = click.option("--report", type=click.Path(), default=None, help="Also write a self-contained HTML report here.")
@@ -57,9 +57,18 @@ def audit_list(store):
 @click.argument("name")
 @click.option("-n", "n_examples", default=5, show_default=True, type=click.IntRange(min=0), help="Top and bottom examples shown.")
 @_report_option
-def audit_show(store, name, n_examples, report):
-    """Summary of one audit: counts, score distribution, top and bottom examples."""
+@config_options(PricingConfig)
+@click.option("--data", multiple=True, type=click.Path(), help="With --group-column: the data file(s) holding it.")
+@config_options(DataConfig, only=("id_column", "prompt_column", "response_column", "text_column"))
+def audit_show(store, name, n_examples, report, data, **kw):
+    """Summary of one audit: counts, score distribution, top and bottom examples; value per group (--group-column)."""
     from forvalue.audit import audit_summary
+
+    pricing, prices = make(PricingConfig, kw), None
+    if pricing.group_column:
+        from forvalue.pricing import audit_pricing
+
+        prices = audit_pricing(store, name, data, pricing, make(DataConfig, kw))
 
     s = audit_summary(store, name, n_examples)
     click.echo(f"audit '{name}' v{s['version']} ({s['created']}): {s['n_train']} training vs {s['n_validation']} "
@@ -71,10 +80,15 @@ def audit_show(store, name, n_examples, report):
         for r in s[title]:
             flag = "  FLAGGED" if r["flagged"] else ""
             click.echo(f"  #{r['rank']:<6} {r['score_mean']:>12.4g}  {r['id']}  [{r['label']}]{flag}")
+    if prices:
+        from forvalue.pricing import format_pricing
+
+        for line in format_pricing(prices, pricing.confidence):
+            click.echo(line)
     if report:
         from forvalue.present.report import audit_report
 
-        click.echo(f"report: {audit_report(store, name, report)}")
+        click.echo(f"report: {audit_report(store, name, report, pricing=prices, confidence=pricing.confidence)}")
 
 
 @audit.command("compare")
@@ -100,13 +114,30 @@ def audit_compare(store, a, b, report):
 
 
 @click.command("select")
-@store_option
-@click.option("--audit", "audit_name", required=True, help="Audit whose ranking selects.")
+@click.option("--store", type=click.Path(), default=None, help="Store folder (with --audit).")
+@click.option("--audit", "audit_name", default=None, help="Audit whose ranking selects.")
+@click.option("--values", "values", type=click.Path(), default=None,
+              help="Instead of --store/--audit: a values file from 'forvalue estimate' (with --data).")
+@click.option("--data", multiple=True, type=click.Path(), help="With --values: the data file(s) the values came from.")
 @click.option("--top", default=None, help="Keep the best N or N%.")
 @click.option("--drop-bottom", default=None, help="Drop the worst N or N%.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="JSONL file for fine-tuning.")
-def select(store, audit_name, top, drop_bottom, output):
-    """Write the training subset chosen by an audit as JSONL (id, prompt, response | text, label)."""
+@config_options(DataConfig, only=("id_column", "prompt_column", "response_column", "text_column", "label_column"))
+def select(store, audit_name, values, data, top, drop_bottom, output, **kw):
+    """Write the training subset chosen by an audit (or by estimated values) as JSONL (id, prompt, response|text, label)."""
+    from forvalue.schemas.errors import ForValueError
+
+    if values is not None:
+        if store is not None or audit_name is not None or not data:
+            raise ForValueError("--values goes with --data DATA... (not with --store/--audit)")
+        from forvalue.distill import select_by_values
+
+        rows = select_by_values(values, data, top=top, drop_bottom=drop_bottom, output=output,
+                                data_config=make(DataConfig, kw))
+        click.echo(f"wrote {len(rows)} training samples to {output}")
+        return
+    if store is None or audit_name is None:
+        raise ForValueError("give --store and --audit (or --values with --data)")
     from forvalue.audit import select_subset
 
     rows = select_subset(store, audit_name, top=top, drop_bottom=drop_bottom, output=output)

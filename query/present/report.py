@@ -46,8 +46,47 @@ _STYLE = """<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table
 td,th{border:1px solid #ccc;padding:4px;vertical-align:top}pre{white-space:pre-wrap;margin:0}img{max-width:100%}</style>"""
 
 
-def audit_report(store_path: str | Path, name: str, out: str | Path, n_examples: int = 10) -> Path:
-    """Write an HTML report of audit ``name``: score histogram, per-label box plots, top and bottom examples."""
+def pricing_section(rows: list[dict], confidence: float = 0.95) -> str:
+    """HTML of a pricing table (:func:`forvalue.pricing.price`): bar chart of shares with intervals, and the table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["group"] for r in rows]
+    share = np.array([r["share"] for r in rows])
+    err = np.array([[r["share"] - r["share_low"] for r in rows], [r["share_high"] - r["share"] for r in rows]])
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(rows)), 3.2))
+    ax.bar(range(len(rows)), share * 100, yerr=np.clip(err, 0, None) * 100, capsize=4, color="#4477aa")
+    many = len(rows) > 6
+    ax.set_xticks(range(len(rows)), names, rotation=45 if many else 0, ha="right" if many else "center")
+    ax.set_ylabel("share of positive value (%)")
+    pct = f"{confidence:.0%}"
+    body = "".join(
+        f"<tr><td>{r['rank']}</td><td>{html.escape(r['group'])}</td><td>{r['n']}</td><td>{r['total']:.4g}</td>"
+        f"<td>{r['mean']:.4g}</td><td>{r['share']:.1%}</td><td>[{r['share_low']:.1%}, {r['share_high']:.1%}]</td>"
+        f"<td>[{r['total_low']:.4g}, {r['total_high']:.4g}]</td></tr>" for r in rows)
+    return (f"<h2>Value per provider group</h2><p>Share = the group's share of the positive total value; error bars "
+            f"and intervals: {pct} bootstrap (samples resampled within each group).</p><img src='{_png(fig)}'>"
+            f"<table><tr><th>rank</th><th>group</th><th>n</th><th>total</th><th>mean</th><th>share</th>"
+            f"<th>{pct} share</th><th>{pct} total</th></tr>{body}</table>")
+
+
+def pricing_report(rows: list[dict], out: str | Path, title: str, confidence: float = 0.95) -> Path:
+    """Write a self-contained HTML page with the pricing section only (e.g. for estimated values)."""
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}</head>"
+            f"<body><h1>{html.escape(title)}</h1>{pricing_section(rows, confidence)}</body></html>")
+    out = Path(out)
+    out.write_text(page, encoding="utf-8")
+    return out
+
+
+def audit_report(store_path: str | Path, name: str, out: str | Path, n_examples: int = 10,
+                 pricing: list[dict] | None = None, confidence: float = 0.95) -> Path:
+    """Write an HTML report of audit ``name``: score histogram, per-label box plots, top and bottom examples.
+
+    ``pricing`` (rows of :func:`forvalue.pricing.price`) adds the value-per-group section.
+    """
     from forvalue.audit import load_audit
 
     table, meta = load_audit(store_path, name)
@@ -85,7 +124,8 @@ def audit_report(store_path: str | Path, name: str, out: str | Path, n_examples:
                f"settings: {html.escape(str(meta['settings']))}; created {meta['created']}.</p>")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>audit {html.escape(meta['name'])}</title>{_STYLE}"
             f"</head><body><h1>Audit {html.escape(meta['name'])}</h1>{summary}<h2>Score distribution</h2>"
-            f"<img src='{hist}'>{box}{_examples_table('Most valuable', top, texts)}"
+            f"<img src='{hist}'>{box}{pricing_section(pricing, confidence) if pricing else ''}"
+            f"{_examples_table('Most valuable', top, texts)}"
             f"{_examples_table('Least valuable (flag candidates)', bottom, texts)}</body></html>")
     out = Path(out)
     out.write_text(page, encoding="utf-8")

@@ -1,0 +1,102 @@
+"""``forvalue distill`` and ``forvalue estimate``: a cheap value model fitted on an audit, and valuing data with it."""
+
+from __future__ import annotations
+
+import click
+
+from forvalue.cli.options import config_options, make, quiet_option, store_option
+from forvalue.schemas.config import DataConfig, DistillConfig, PricingConfig
+
+_COLUMNS = ("prompt_column", "response_column", "text_column", "id_column", "label_column")
+
+
+def _fmt(m: dict | None) -> str:
+    if not m:
+        return "n/a"
+    return f"Spearman {m['spearman']:.3f}, top-10% precision {m['top10_precision']:.2f}, R^2 {m['r2']:.3f} (n={m['n']})"
+
+
+@click.command("distill")
+@store_option
+@click.option("--audit", "audit_name", required=True, help="Audit whose values the model learns.")
+@click.option("--out", required=True, type=click.Path(), help="Folder of the value model (JSON + safetensors).")
+@config_options(DistillConfig)
+def distill_command(store, audit_name, out, **kw):
+    """Fit a value model that predicts a sample's value under an audit from its text alone.
+
+    The student never runs the store's model: hashed n-grams, or a lookup in the model's
+    input-embedding table. With --fraction/--max-samples it is fitted on a random part of the
+    audited rows and the rest is held out and reported.
+    """
+    from forvalue.distill import distill
+
+    r = distill(store, audit_name, out, make(DistillConfig, kw))
+    click.echo(f"value model '{r.path}': student {r.student}, {len(r.targets)} target(s), fitted on {r.n_labelled} of "
+               f"{r.n_audited} audited samples in {r.seconds:.1f}s")
+    for name, c in r.candidates.items():
+        if "skipped" in c:
+            click.echo(f"  {name}: skipped ({c['skipped']})")
+        else:
+            click.echo(f"  {name}: leave-one-out {_fmt(c['loo'])}; held-out {_fmt(c.get('heldout'))}")
+
+
+@click.command("estimate")
+@click.argument("data", nargs=-1, type=click.Path())
+@click.option("--value-model", "value_model", required=True, type=click.Path(),
+              help="Folder made by 'forvalue distill'.")
+@click.option("--output", "-o", type=click.Path(), default=None,
+              help="Values file (.parquet, .csv or .jsonl): id, value, value_vs_label:L, the group column.")
+@click.option("--store", type=click.Path(), default=None,
+              help="Instead of DATA: value this store's samples and compare with --audit (the model's own).")
+@click.option("--audit", "audit_name", default=None, help="With --store: the audit to compare with.")
+@config_options(PricingConfig)
+@config_options(DataConfig, only=_COLUMNS)
+@click.option("--report", type=click.Path(), default=None, help="With --group-column: an HTML page of value per group.")
+@quiet_option
+def estimate_command(data, value_model, output, store, audit_name, report, quiet, **kw):
+    """Value samples with a value model only (no LLM), streaming; report the throughput.
+
+    \b
+    forvalue estimate new.jsonl --value-model runs/vm -o values.parquet
+    forvalue estimate new.jsonl --value-model runs/vm -o values.parquet --group-column source
+    forvalue estimate --value-model runs/vm --store runs/store --audit v1     (agreement with the exact values)
+    """
+    from forvalue.schemas.errors import ForValueError
+
+    pricing = make(PricingConfig, kw)
+    if store is not None or audit_name is not None:
+        if data or store is None or audit_name is None:
+            raise ForValueError("give DATA files, or --store with --audit (not both)")
+        from forvalue.distill import evaluate_value_model
+        from forvalue.present.output import write_table
+
+        ev = evaluate_value_model(value_model, store, audit_name)
+        click.echo(f"held-out samples: {_fmt(ev['heldout'])}")
+        click.echo(f"all samples:      {_fmt(ev['all'])}")
+        if output:
+            write_table(ev["table"], output)
+            click.echo(f"wrote {ev['table'].num_rows} values to {output}")
+        return
+    if not data:
+        raise ForValueError("give the data files to value (or --store with --audit)")
+    if output is None:
+        raise ForValueError("give --output FILE (.parquet, .csv or .jsonl) for the values")
+    from forvalue.distill import estimate
+
+    r = estimate(data, value_model, output, make(DataConfig, kw), group_column=pricing.group_column,
+                 progress=not quiet)
+    speed = f"{r.samples_per_s:.0f} samples/s"
+    if r.build_samples_per_s:
+        speed += f"; the store's build ran at {r.build_samples_per_s:.2f} samples/s: {r.speedup:.0f}x faster"
+    click.echo(f"wrote {r.n} values to {output} in {r.seconds:.2f}s ({speed})")
+    if pricing.group_column:
+        from forvalue.pricing import format_pricing, values_pricing
+
+        rows = values_pricing(output, pricing)
+        for line in format_pricing(rows, pricing.confidence):
+            click.echo(line)
+        if report:
+            from forvalue.present.report import pricing_report
+
+            page = pricing_report(rows, report, f"Estimated value per {pricing.group_column}", pricing.confidence)
+            click.echo(f"report: {page}")
