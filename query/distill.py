@@ -627,7 +627,7 @@ def estimate(data: Sequence[str | Path], value_model: str | Path | ValueModel, o
     n = 0
     from tqdm.auto import tqdm
 
-    bar = tqdm(desc="estimate", unit="sample", disable=not progress)
+    bar = tqdm(desc="estimate", unit="sample", disable=not progress, delay=1.0)  # shown only on long runs
 
     def flush(samples, groups):
         values = vm.predict([s.full_text for s in samples])
