@@ -8,7 +8,7 @@ held-out rest: Spearman correlation and top-10% precision. The estimate throughp
 valuing the training file from disk, ``forvalue.distill.estimate``) is compared with the build
 throughput measured in the same run (samples encoded per second, model load excluded).
 
-    python -m tools.bench_distill --out docs/bench_distill.md
+    python -m tools.bench_distill            # the table of docs/benchmarks.md; --out FILE also writes it
 """
 
 from __future__ import annotations
