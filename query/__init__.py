@@ -49,7 +49,7 @@ _WHERE = {
     "compare_audits": "forvalue.audit",
     "select_subset": "forvalue.audit",
     # distilled value models and data pricing
-    "distill": "forvalue.distill",
+    "distill_value_model": "forvalue.distill",
     "estimate": "forvalue.distill",
     "evaluate_value_model": "forvalue.distill",
     "select_by_values": "forvalue.distill",

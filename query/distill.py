@@ -1,6 +1,6 @@
 """Distil an audit into a cheap value model (the ALinFiK idea) and value new data with it.
 
-``distill`` fits a student (:mod:`forvalue.value_model`) that predicts a training sample's value
+``distill_value_model`` fits a student (:mod:`forvalue.value_model`) that predicts a training sample's value
 under an audit (``score_mean``, and ``mean_vs_label:L`` when the audit has validation labels) from
 the sample's text alone, on a random labelled subset of the audited rows; the rest is held out and
 reported. ``estimate`` values new samples with the student only (no LLM), streaming, and reports
@@ -339,7 +339,7 @@ def load_embedding_table(store: Store):
 # -- distil ------------------------------------------------------------------------------------------------
 @dataclass
 class DistillReport:
-    """Outcome of :func:`distill`: the chosen student, its fit, and held-out agreement with the audit."""
+    """Outcome of :func:`distill_value_model`: the chosen student, its fit, and held-out agreement with the audit."""
 
     path: str
     student: str
@@ -382,8 +382,8 @@ def _fit_student(student: str, texts: list[str], Y: np.ndarray, config: DistillC
     return ValueModel("embed", [], arrays, meta, tokenizer), fit
 
 
-def distill(store: str | Path | Store, audit: str, out: str | Path,
-            config: DistillConfig = DistillConfig()) -> DistillReport:
+def distill_value_model(store: str | Path | Store, audit: str, out: str | Path,
+                        config: DistillConfig = DistillConfig()) -> DistillReport:
     """Fit a value model on audit ``audit`` of ``store`` and save it to folder ``out``.
 
     Parameters
@@ -402,7 +402,8 @@ def distill(store: str | Path | Store, audit: str, out: str | Path,
 
     Example
     -------
-    >>> r = forvalue.distill("runs/store", "v1", "runs/vm", forvalue.DistillConfig(fraction=0.1))  # doctest: +SKIP
+    >>> cfg = forvalue.DistillConfig(fraction=0.1)                                    # doctest: +SKIP
+    >>> r = forvalue.distill_value_model("runs/store", "v1", "runs/vm", cfg)          # doctest: +SKIP
     >>> r.heldout["spearman"]                                                                  # doctest: +SKIP
     """
     from forvalue.audit import load_audit

@@ -1,4 +1,4 @@
-"""Distilled value models (forvalue distill / estimate / select --values) and data pricing, on the tiny offline model."""
+"""Distilled value models (forvalue distill / estimate / select --values) and data pricing, on the tiny model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from conftest import assert_one_line_error, cli, make_model_dir, write_jsonl
 
 from forvalue.audit import load_audit, run_audit
-from forvalue.distill import (Design, agreement, distill, estimate, evaluate_value_model, fit_ridge,
+from forvalue.distill import (Design, agreement, distill_value_model, estimate, evaluate_value_model, fit_ridge,
                               load_embedding_table, select_by_values, spearman, top_precision)
 from forvalue.indexer.build import build_index
 from forvalue.indexer.data import content_id
@@ -33,7 +33,8 @@ def _rows(n: int, seed: int = 0, with_ids: bool = True) -> list[dict]:
     rows = []
     for i in range(n):
         words = rng.choice(WORDS, size=int(rng.integers(3, 12)))
-        row = {"prompt": " ".join(words[: len(words) // 2]) + " ->", "response": " " + " ".join(words[len(words) // 2:]),
+        half = len(words) // 2
+        row = {"prompt": " ".join(words[:half]) + " ->", "response": " " + " ".join(words[half:]),
                "label": f"c{i % 3}", "source": SOURCES[i % 3]}
         if with_ids:
             row["id"] = f"s{seed}-{i}"
@@ -49,7 +50,7 @@ def setup(tmp_path_factory, tiny_runner):
     val = write_jsonl(tmp / "val.jsonl", [{k: v for k, v in r.items() if k != "source"} for r in _rows(6, seed=1)])
     build_index([train], tmp / "store", BuildConfig(progress=False), runner=tiny_runner)
     run_audit(tmp / "store", [val], "v1", AuditConfig(progress=False, device="cpu"), runner=tiny_runner)
-    report = distill(tmp / "store", "v1", tmp / "vm", DistillConfig(fraction=0.5, student="ngram"))
+    report = distill_value_model(tmp / "store", "v1", tmp / "vm", DistillConfig(fraction=0.5, student="ngram"))
     return {"tmp": tmp, "train": train, "val": val, "store": tmp / "store", "vm": tmp / "vm", "report": report}
 
 
@@ -118,7 +119,7 @@ def test_embed_student_recovers_a_per_token_target(setup):
     synthetic = np.array([per_token[t].sum() for t in token_ids(tokenizer, [texts[i] for i in ids])]) + 100.0
     synth = table.select(["id", "label"]).append_column("score_mean", pa.array(synthetic))
     write_audit(st, "synthetic", synth, {**meta, "name": "synthetic"})
-    r = distill(st, "synthetic", setup["tmp"] / "vm_synth", DistillConfig(student="embed", fraction=0.7))
+    r = distill_value_model(st, "synthetic", setup["tmp"] / "vm_synth", DistillConfig(student="embed", fraction=0.7))
     assert r.student == "embed" and r.n_labelled == 63
     assert r.heldout["spearman"] > 0.99 and r.heldout["r2"] > 0.98
 
@@ -140,7 +141,7 @@ def test_distill_records_identity_and_metrics(setup):
 @pytest.mark.parametrize("student", ["ngram", "embed"])
 def test_value_model_round_trips_through_disk(setup, student):
     path = setup["tmp"] / f"vm_rt_{student}"
-    distill(setup["store"], "v1", path, DistillConfig(student=student, max_samples=60))
+    distill_value_model(setup["store"], "v1", path, DistillConfig(student=student, max_samples=60))
     vm = ValueModel.load(path)
     again = ValueModel.load(vm.save(setup["tmp"] / f"vm_rt2_{student}"))
     texts = ["the quick brown fox ->", " jumps over", "cats and dogs are friends"]
@@ -160,7 +161,8 @@ def test_estimate_matches_the_models_predictions_and_the_build_ids(setup):
     assert out.column_names[:2] == ["id", "value"] and "source" in out.column_names
     assert out.column("id").to_pylist() == [content_id(r["prompt"], r["response"], None) for r in rows]
     vm = ValueModel.load(setup["vm"])
-    np.testing.assert_allclose(out.column("value").to_numpy(), vm.predict([r["prompt"] + r["response"] for r in rows])[:, 0])
+    expected = vm.predict([r["prompt"] + r["response"] for r in rows])[:, 0]
+    np.testing.assert_allclose(out.column("value").to_numpy(), expected)
     in_memory = estimate([data], vm)  # no output: the table comes back
     np.testing.assert_allclose(in_memory.table.column("value").to_numpy(), out.column("value").to_numpy())
 
@@ -241,7 +243,8 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, case):
     out = tmp_path / "v.parquet"
     args, needles = {
         "missing_model": (["estimate", train, "--value-model", tmp_path / "nope", "-o", out], ["not a value model"]),
-        "damaged_manifest": (["estimate", train, "--value-model", _damaged(tmp_path, vm), "-o", out], ["not valid JSON"]),
+        "damaged_manifest": (["estimate", train, "--value-model", _damaged(tmp_path, vm), "-o", out],
+                             ["not valid JSON"]),
         "missing_data": (["estimate", tmp_path / "nope.jsonl", "--value-model", vm, "-o", out], ["no such file"]),
         "bad_format": (["estimate", _garbage(tmp_path / "x.txt", "hi"), "--value-model", vm, "-o", out],
                        ["unknown format"]),

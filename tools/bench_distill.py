@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from forvalue.audit import run_audit
-from forvalue.distill import distill, estimate
+from forvalue.distill import distill_value_model, estimate
 from forvalue.indexer.build import build_index
 from forvalue.indexer.model_runner import load_runner
 from forvalue.schemas.config import AuditConfig, BuildConfig, DistillConfig, ModelConfig
@@ -60,8 +60,8 @@ def main() -> None:
                 for student in args.students:
                     res = []
                     for seed in args.seeds:
-                        r = distill(tmp / "store", "v1", tmp / f"vm_{student}",
-                                    DistillConfig(student=student, fraction=frac, seed=seed))
+                        r = distill_value_model(tmp / "store", "v1", tmp / f"vm_{student}",
+                                                DistillConfig(student=student, fraction=frac, seed=seed))
                         res.append((r.heldout["spearman"], r.heldout["top10_precision"], r.student, r.n_labelled))
                         if frac == max(args.fractions) and seed == args.seeds[0] and student != "auto":
                             est = estimate([tmp / "train.jsonl"], tmp / f"vm_{student}", tmp / "values.parquet")

@@ -28,9 +28,9 @@ def distill_command(store, audit_name, out, **kw):
     input-embedding table. With --fraction/--max-samples it is fitted on a random part of the
     audited rows and the rest is held out and reported.
     """
-    from forvalue.distill import distill
+    from forvalue.distill import distill_value_model
 
-    r = distill(store, audit_name, out, make(DistillConfig, kw))
+    r = distill_value_model(store, audit_name, out, make(DistillConfig, kw))
     click.echo(f"value model '{r.path}': student {r.student}, {len(r.targets)} target(s), fitted on {r.n_labelled} of "
                f"{r.n_audited} audited samples in {r.seconds:.1f}s")
     for name, c in r.candidates.items():
