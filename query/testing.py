@@ -1,6 +1,11 @@
-"""A tiny random-initialised Qwen2-VL and its processor parts, built offline (tests and tools/bench_vlm.py).
+"""Tiny random-initialised test models, built offline: one helper for the tests and the benchmarks.
 
-The folder holds what a real Qwen2-VL folder holds (config with ``vision_config``,
+:func:`make_model_dir` saves a tiny Llama causal LM with a byte-level BPE tokenizer trained on a
+few sentences (the tests' ``tiny_model_dir``); :func:`make_vlm_dir` a tiny Qwen2-VL with its
+processor parts (tests/test_vlm.py and ``python -m tools.bench vlm``). Nothing is downloaded, and
+torch / transformers are imported only when a model is built.
+
+The Qwen2-VL folder holds what a real Qwen2-VL folder holds (config with ``vision_config``,
 safetensors, tokenizer with ``<|vision_start|>``, ``<|image_pad|>``, ``<|vision_end|>``,
 a Qwen-style chat template, ``preprocessor_config.json``) except ``processor_config.json``
 and a video processor: in transformers 5 the Qwen2-VL processor needs torchvision for its
@@ -13,10 +18,53 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+LM_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "reverse the words of this sentence please",
+    "solve the following math problem answer 42",
+    "a chatbot that performs a specific transformation on sentences",
+    "cats and dogs are friends in the garden",
+    "numbers 0 1 2 3 4 5 6 7 8 9 and symbols -> * .",
+]
+
+
+def make_lm_tokenizer():
+    """A byte-level BPE tokenizer (vocabulary 320, ``<pad>``, ``<s>``, ``</s>``) trained on :data:`LM_CORPUS`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(LM_CORPUS * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def make_model_dir(path: Path, tied: bool = False, seed: int = 0) -> Path:
+    """Save a tiny Llama (hidden 32, 2 layers; untied LM head by default) + tokenizer into ``path``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = make_lm_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=tied, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger output weights: peaked softmax, like a trained model
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
 
 SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-CORPUS = [
+VLM_CORPUS = [
     "user assistant what is shown in the picture? answer with the colour and the shape.",
     "a red circle", "a blue square", "a green triangle", "yellow horizontal stripes", "a purple checkerboard",
     "an orange cross", "a cyan ring", "a pink diamond", "describe the image please",
@@ -31,7 +79,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_tokenizer():
+def make_vlm_tokenizer():
+    """A byte-level BPE tokenizer with the Qwen vision tokens and a Qwen-style chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -39,7 +88,7 @@ def make_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 20, trainer)
+    tok.train_from_iterator(VLM_CORPUS * 20, trainer)
     out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
     out.chat_template = CHAT_TEMPLATE
     return out
@@ -53,9 +102,10 @@ def make_image_processor(max_pixels: int = 112 * 112):
 
 def make_vlm_dir(path: Path, seed: int = 0, hidden: int = 48) -> Path:
     """Save a tiny Qwen2-VL (2 text layers, 1 vision block, untied LM head) with tokenizer and image processor."""
+    import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
-    tokenizer = make_tokenizer()
+    tokenizer = make_vlm_tokenizer()
     ids = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIALS}
     config = Qwen2VLConfig(
         text_config=dict(

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-initialised causal LM and an offline byte-level BPE tokenizer."""
+"""Shared fixtures: a tiny random-initialised causal LM (built by ``forvalue.testing``), rows and CLI helpers."""
 
 from __future__ import annotations
 
@@ -6,49 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-CORPUS = [
-    "the quick brown fox jumps over the lazy dog",
-    "reverse the words of this sentence please",
-    "solve the following math problem answer 42",
-    "a chatbot that performs a specific transformation on sentences",
-    "cats and dogs are friends in the garden",
-    "numbers 0 1 2 3 4 5 6 7 8 9 and symbols -> * .",
-]
-
-
-def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-
-
-def make_model_dir(path: Path, tied: bool = False, seed: int = 0) -> Path:
-    """Save a tiny Llama (untied LM head by default) + tokenizer into ``path``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = make_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=tied, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # larger output weights: peaked softmax, like a trained model
-        model.lm_head.weight.mul_(20.0)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from forvalue.testing import make_model_dir  # noqa: F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")

@@ -1,18 +1,13 @@
-"""The quality benchmark's gradient baseline (``tools/bench_baselines.py``) against plain autograd."""
+"""The quality benchmark's gradient baseline (``tools.bench_baselines``) against plain autograd."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import write_jsonl
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-from bench_baselines import LoraGradients, tokenize_rows  # noqa: E402
+from tools.bench_baselines import LoraGradients, tokenize_rows
 
 
 @pytest.fixture

@@ -2,14 +2,13 @@
 
 import json
 import math
-import sys
 from collections import Counter
 from fractions import Fraction
-from pathlib import Path
 
 import pytest
 
 from forvalue.tasks import text as dd
+from tools import generate_tasks as gen
 
 SENT = "the quick fox jumped"
 EXPECTED = {
@@ -210,15 +209,7 @@ def test_cli(tmp_path):
     assert rows == dd.generate_task("sentence_transformations", 4, 2, 7, 3)[0]
 
 
-def _generate_tasks_script():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    import generate_tasks
-
-    return generate_tasks
-
-
 def test_generate_tasks_script_writes_every_task(tmp_path):
-    gen = _generate_tasks_script()
     small_args = ["--n-train", "3", "--n-test", "1", "--n-classes", "2"]
     assert gen.main(["--out", str(tmp_path / "a"), *small_args]) == 0
     folders = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -234,7 +225,6 @@ def test_generate_tasks_script_writes_every_task(tmp_path):
 
 
 def test_generate_tasks_script_bad_size_is_one_line_error(tmp_path, capsys):
-    gen = _generate_tasks_script()
     with pytest.raises(SystemExit) as exc:
         gen.main(["--out", str(tmp_path), "--tasks", "math_no_reasoning", "--n-classes", "11"])
     err = capsys.readouterr().err.strip().splitlines()

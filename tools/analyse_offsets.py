@@ -1,6 +1,6 @@
 """Why does For-Value miss the recall bar? Per-class recall and the per-training-sample offset.
 
-Reads the score matrices that ``tools/bench_quality.py --workdir DIR`` keeps (no model, no
+Reads the score matrices that ``python -m tools.bench_quality --workdir DIR`` keeps (no model, no
 forward pass) and prints, per task, AUC and recall of:
 
 * ``raw``: the product's score ``<G_v, G_i>`` as ranked by ``forvalue query``;
@@ -16,7 +16,8 @@ class that most often takes the misses are printed too.
 
 Usage::
 
-    python tools/analyse_offsets.py /tmp/bq3/work [--method forvalue] [--out offsets.md]
+    python -m tools.bench offsets --out DIR -- /tmp/bq3/work [--method forvalue]
+    python -m tools.analyse_offsets /tmp/bq3/work [--method forvalue] [--out offsets.md]   # on its own
 """
 
 from __future__ import annotations
@@ -28,10 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from _bench_common import emit  # noqa: E402
+from tools.common import emit
 
 
 def load_task(task_dir: Path, method_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,8 +67,8 @@ def crowding(scores: np.ndarray, train_labels: np.ndarray, val_labels: np.ndarra
 def main(argv: list[str] | None = None) -> int:
     from forvalue.tasks.metrics import class_retrieval, recall_at_class_size
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("workdir", help="a tools/bench_quality.py --workdir folder")
+    ap = argparse.ArgumentParser(prog="python -m tools.analyse_offsets", description=__doc__.splitlines()[0])
+    ap.add_argument("workdir", help="a `python -m tools.bench_quality --workdir` folder")
     ap.add_argument("--method", default="forvalue", help="method folder inside each task folder")
     ap.add_argument("--out", default=None, help="also write the markdown here")
     args = ap.parse_args(argv)

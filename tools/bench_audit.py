@@ -6,35 +6,32 @@ the detection AUC (flipped samples should have the lowest mean score) and the ti
 second audit with the unchanged validation set (validation encodings cached: no forward
 pass) relative to the first, measured in the same run.
 
-    python tools/bench_audit.py --n-train 30 --n-test 3 --out docs/bench_audit.md
+    python -m tools.bench audit --out DIR [-- --n-train 30 --n-test 3]
+    python -m tools.bench_audit --n-train 30 --n-test 3 [--out FILE]   # the same suite on its own
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from forvalue.tasks.text import generate_task, write_jsonl
-from forvalue.indexer.model_runner import load_runner
 from forvalue.api import build_index
 from forvalue.audit import AuditConfig, load_audit, run_audit
-from forvalue.tasks.metrics import roc_auc
+from forvalue.indexer.model_runner import load_runner
 from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig
+from forvalue.tasks.metrics import roc_auc
+from forvalue.tasks.text import generate_task, write_jsonl
+from tools.common import emit, machine_short
 
 
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    return f"{torch.get_num_threads()} threads, {cpu}, torch {torch.__version__}"
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.bench_audit", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--task", default="mislabeled_math")
     ap.add_argument("--noise-rates", type=float, nargs="+", default=[0.2, 0.5])
     ap.add_argument("--n-train", type=int, default=30, help="training samples per class")
@@ -45,10 +42,10 @@ def main() -> None:
                     help="response: the label lives in the response, so only its tokens are scored (as in the paper's VLM mislabel setting)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     runner = load_runner(ModelConfig(device=args.device))
     lines = [
-        f"Machine: {machine()}; model SmolLM2-135M-Instruct; task {args.task}, {args.n_classes} classes x "
+        f"Machine: {machine_short()}; model SmolLM2-135M-Instruct; task {args.task}, {args.n_classes} classes x "
         f"{args.n_train} train, clean validation {args.n_classes} x {args.n_test}; scored tokens: {args.score_tokens}. "
         "The first audit of each store includes loading the model and encoding the validation set; "
         "the repeated audit finds every validation encoding in the cache (no model load, no forward pass).",
@@ -85,11 +82,9 @@ def main() -> None:
                           else "cached | cached | (validation encodings shared with the row above)")
                 lines.append(f"| {rate:.0%} | {norm} | {is_flipped.sum()} / {len(train)} | {auc:.3f} | {auc_max:.3f} | {auc_own:.3f} | {timing} |")
                 print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    emit("\n".join(lines) + "\n", args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Baseline scorers for ``tools/bench_quality.py``: the Emb ablation and gradient baselines.
+"""Baseline scorers for the quality suite (``tools.bench_quality``): the Emb ablation and gradient baselines.
 
 Everything here runs the pretrained model as loaded by the product's runner; the model's
 weights are never modified (the optional LoRA fine-tune of the gradient baselines trains

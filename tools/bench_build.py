@@ -17,8 +17,9 @@ resetting the high-water mark once the model is loaded (``/proc/self/clear_refs`
 
 Usage::
 
-    python tools/bench_build.py [--samples 200] [--batch-size 8] [--device cpu]
-                                [--rss-sizes 1000,10000] [--reps 3] [--out FILE]
+    python -m tools.bench build --out DIR [-- --samples 200 --batch-size 8 --device cpu
+                                             --rss-sizes 1000,10000 --reps 3]
+    python -m tools.bench_build [--samples 200] ... [--out FILE]       # the same suite on its own
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import functools
 import json
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import quiet_transformers, add_common_args, apply_threads, emit, machine_info, md_table, median, resolve, sync  # noqa: E402
+from tools.common import (add_common_args, apply_threads, emit, machine_info, md_table, median, quiet_transformers,
+                          resolve, run_module, sync)
 
 TASKS = ("sentence_transformations", "math_no_reasoning", "math_with_reasoning")
 
@@ -414,8 +414,9 @@ def part2(args, workdir: Path) -> str:
     for n in sizes:
         data_path = write_rows(rows_all[:n], workdir / f"rss_{n}.jsonl")
         store = workdir / f"rss_store_{n}"
-        cmd = [sys.executable, __file__, "--_rss-child", args.rss_model, str(model_dir), str(data_path), str(store), str(args.batch_size), args.device, str(args.threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        child = ["--_rss-child", args.rss_model, model_dir, data_path, store, args.batch_size, args.device,
+                 args.threads]
+        proc = run_module("tools.bench_build", child, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RSS_RESULT ")]
         if proc.returncode != 0 or not line:
             raise SystemExit(f"RSS child for {n} samples failed:\n{proc.stderr[-3000:]}")
@@ -463,13 +464,14 @@ def part2(args, workdir: Path) -> str:
     )
 
 
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--_rss-child":
-        _, _, kind, model_dir, data_path, store_path, batch_size, device, threads = sys.argv
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "--_rss-child":
+        _, kind, model_dir, data_path, store_path, batch_size, device, threads = argv
         apply_threads(int(threads))
         rss_child(kind, model_dir, data_path, store_path, int(batch_size), device)
-        return
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+        return 0
+    p = argparse.ArgumentParser(prog="python -m tools.bench_build", description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, default=200, help="samples of the real-model throughput run (default 200)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of build and bare pass (default 3)")
@@ -478,7 +480,7 @@ def main() -> None:
                    help="RSS part: random 2-layer Llama with SmolLM2 shapes (default) or a near-free stub runner with the same shapes")
     p.add_argument("--skip-throughput", action="store_true", help="run only the RSS part")
     add_common_args(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     apply_threads(args.threads)
     device = resolve(args.device)
     quiet_transformers()
@@ -489,8 +491,10 @@ def main() -> None:
             out.append(part1(args, device, workdir))
         if args.rss_sizes.strip():
             out.append(part2(args, workdir))
-    emit("\n".join(["## Index build benchmark (`tools/bench_build.py`)", "", machine_info(device), ""] + out), args.out)
+    head = ["## Index build benchmark (`python -m tools.bench build`)", "", machine_info(device), ""]
+    emit("\n".join(head + out), args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,12 +8,14 @@ held-out rest: Spearman correlation and top-10% precision. The estimate throughp
 valuing the training file from disk, ``forvalue.distill.estimate``) is compared with the build
 throughput measured in the same run (samples encoded per second, model load excluded).
 
-    python -m tools.bench_distill            # the table of docs/benchmarks.md; --out FILE also writes it
+    python -m tools.bench distill --out DIR   # the table of docs/benchmarks.md, written to DIR/distill.md
+    python -m tools.bench_distill             # the same suite on its own; --out FILE also writes it
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,13 +28,14 @@ from forvalue.indexer.build import build_index
 from forvalue.indexer.model_runner import load_runner
 from forvalue.schemas.config import AuditConfig, BuildConfig, DistillConfig, ModelConfig
 from forvalue.tasks.text import generate_task, write_jsonl
-from tools._bench_common import emit, machine_info, md_table
+from tools.common import emit, machine_info, md_table
 
 TASKS = ("sentence_transformations", "math_no_reasoning", "math_with_reasoning", "mislabeled_math")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.bench_distill", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--n-train", type=int, default=50, help="training samples per class (10 classes)")
     ap.add_argument("--n-test", type=int, default=3, help="validation samples per class")
@@ -41,7 +44,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="labelled-subset seeds (mean reported)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     runner = load_runner(ModelConfig(device=args.device))
     quality, speed = [], []
     for task in args.tasks:
@@ -88,7 +91,8 @@ def main() -> None:
         machine_info(args.device),
     ])
     emit(text, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

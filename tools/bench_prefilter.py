@@ -1,7 +1,8 @@
 """Benchmark of the FAISS prefilter + exact rerank against the exact full scan (synthetic store).
 
-    python tools/make_synthetic_store.py --out runs/synth --rows 1000000
-    python tools/bench_prefilter.py --store runs/synth --candidates 500,2000,10000,20000 --out runs/prefilter.md
+    python -m tools.make_synthetic_store --out runs/synth --rows 1000000
+    python -m tools.bench prefilter --out DIR -- --store runs/synth --candidates 500,2000,10000,20000
+    python -m tools.bench_prefilter --store runs/synth ... --out runs/prefilter.md   # the same suite on its own
 
 Measures, on one store and in one run: FAISS build time and index size; the exact full scan
 (all validation samples scored together, per-sample time = total / n); per validation sample,
@@ -19,15 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from forvalue.api import score_all  # noqa: E402
-from forvalue.engine.prefilter import prefilter_topk  # noqa: E402
-from forvalue.engine.ranking import TopK  # noqa: E402
-from forvalue.engine.validation import ValidationSet  # noqa: E402
-from forvalue.schemas.config import QueryConfig  # noqa: E402
-from forvalue.storage import faiss_index  # noqa: E402
-from forvalue.storage.store import Store  # noqa: E402
+from forvalue.api import score_all
+from forvalue.engine.prefilter import prefilter_topk
+from forvalue.engine.ranking import TopK
+from forvalue.engine.validation import ValidationSet
+from forvalue.schemas.config import QueryConfig
+from forvalue.storage import faiss_index
+from forvalue.storage.store import Store
+from tools.common import emit
 
 
 def load_val(path: Path) -> tuple[ValidationSet, np.ndarray]:
@@ -36,8 +36,8 @@ def load_val(path: Path) -> tuple[ValidationSet, np.ndarray]:
     return ValidationSet(list(range(n)), z["hidden"], z["ids"].astype(np.int64), z["values"], z["lengths"], z["sq_norms"]), z["topics"]
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_prefilter", description=__doc__.split("\n")[0])
     p.add_argument("--store", type=Path, required=True)
     p.add_argument("--candidates", default="500,2000,10000")
     p.add_argument("--top-k", type=int, default=100)
@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--rebuild", action="store_true")
     p.add_argument("--single-exact", action="store_true", help="also time the exact scan for one validation sample alone")
     p.add_argument("--out", type=Path, default=None)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     import torch
 
     dev = torch.device("cpu")
@@ -110,11 +110,9 @@ def main() -> None:
     lines += [f"Exact full scan: {t_exact:.1f} s for {len(val)} validation samples scored together "
               f"({1000 * t_exact / len(val):.0f} ms per sample, amortised)"
               + (f"; {t_single:.1f} s for one validation sample alone." if t_single else "."), ""] + table
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        a.out.write_text(text)
+    emit("\n".join(lines) + "\n", a.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,8 @@ set (``mean``; also through the product's ``run_query(aggregate='mean')``, ``api
 cosine normalizes by the norm of the *mean* validation G) and, as an extra diagnostic, the mean over the validation samples that carry
 the training sample's *given* label (``own-class``).
 
-    python tools/bench_probe.py --task sentence_transformations --settings 32:all 256:all 32:response
+    python -m tools.bench probe --out DIR -- --task sentence_transformations --settings 32:all 256:all 32:response
+    python -m tools.bench_probe --task sentence_transformations ... [--out FILE]   # the same suite on its own
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from _bench_common import emit  # noqa: E402
+from tools.common import emit
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(prog="python -m tools.bench_probe", description=__doc__.split("\n")[0])
     ap.add_argument("--task", required=True)
     ap.add_argument("--noise-rates", type=float, nargs="+", default=[0.2, 0.5])
     ap.add_argument("--n-train", type=int, default=15)

@@ -1,6 +1,6 @@
 """Quality / cost benchmark of For-Value against Emb and gradient baselines (paper Table 1 protocol).
 
-For every task it writes the data once (``tools/generate_tasks.py``), then runs
+For every task it writes the data once (``tools.generate_tasks``), then runs
 each method in its own subprocess on the same rows and the same model (the product's
 default SmolLM2-135M-Instruct unless ``--model`` is given):
 
@@ -8,7 +8,7 @@ default SmolLM2-135M-Instruct unless ``--model`` is given):
   temporary store, then ``forvalue.api.run_query(keep_scores=True)``. Variants for
   experiments: ``forvalue:top_m=8,score_tokens=response,normalize=cosine``.
 * ``emb``       -- alpha = 1 ablation: ``<sum_k h_vk, sum_k' h_ik'>`` of last hidden states
-  over the same scored positions (see ``tools/bench_baselines.py``).
+  over the same scored positions (see ``tools.bench_baselines``).
 * ``grad``      -- TracIn / Hessian-free inner products of per-sample gradients of the
   summed log-likelihood w.r.t. LoRA-style zero-initialised ``B`` factors (rank 8, q/v of all
   layers) of the pretrained model, no fine-tuning; ``datainf`` -- DataInf on the same
@@ -35,8 +35,9 @@ two score matrices are compared.
 
 Usage::
 
-    python tools/bench_quality.py --n-classes 3 --n-train 10 --n-test 2         # smoke test
-    python tools/bench_quality.py --out bench.md                                 # the whole table, full protocol
+    python -m tools.bench quality --out DIR -- --n-classes 3 --n-train 10 --n-test 2   # smoke test
+    python -m tools.bench quality --out DIR            # the whole table, full protocol: DIR/quality.md + .json
+    python -m tools.bench_quality --out bench.md       # the same suite on its own
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -56,12 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
-
-from _bench_common import emit  # noqa: E402
-from generate_tasks import DEFAULT_TASKS, add_data_options, run_tag, task_runs, write_task  # noqa: E402
+from tools.common import emit, machine_facts, run_module
+from tools.generate_tasks import DEFAULT_TASKS, add_data_options, run_tag, task_runs, write_task
 
 # DataInf's reference fine-tune (the defaults of its src/sft_trainer.py): LoRA r=8 on q/v, lr 3e-4, 10 epochs.
 # It is the slowest method by far, so by default it runs on the first task only.
@@ -106,38 +102,6 @@ class PeakRSS:
     @property
     def peak_delta(self) -> int:
         return self.peak - self.start
-
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = f"{int(line.split()[1]) / 2**20:.1f} GiB"
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu, "cores": os.cpu_count(), "memory": mem, "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return info
 
 
 # --------------------------------------------------------------------------- methods (worker side)
@@ -237,7 +201,7 @@ def worker(spec: dict) -> None:
             outputs = {spec["method"]: (scores, seconds)}
             result["extra"] = fv["extra"]
         elif name == "emb":
-            from bench_baselines import emb_vectors, tokenize_rows
+            from tools.bench_baselines import emb_vectors, tokenize_rows
 
             score_tokens = opts.get("score_tokens", "all")
             bs = int(opts.get("batch", spec["batch_size"]))
@@ -247,7 +211,7 @@ def worker(spec: dict) -> None:
             outputs = {spec["method"]: (scores, time.perf_counter() - started)}
             result["extra"] = {"score_tokens": score_tokens}
         elif name == "grad":
-            from bench_baselines import LoraGradients, datainf_scores, tokenize_rows, tracin_scores
+            from tools.bench_baselines import LoraGradients, datainf_scores, tokenize_rows, tracin_scores
 
             score_tokens = opts.get("score_tokens", "all")
             rank = int(opts.get("rank", spec["lora_rank"]))
@@ -302,8 +266,8 @@ def run_worker(spec: dict, log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(out / "spec.json")],
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = run_module("tools.bench_quality", ["--worker", out / "spec.json"],
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         log(proc.stdout[-4000:])
         raise RuntimeError(f"worker {spec['method']} failed with exit code {proc.returncode}")
@@ -337,7 +301,8 @@ def fmt_mib(b: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="For-Value vs Emb vs gradient baselines on the paper's text tasks.")
+    ap = argparse.ArgumentParser(prog="python -m tools.bench_quality",
+                                 description="For-Value vs Emb vs gradient baselines on the paper's text tasks.")
     add_data_options(ap)
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                     help="forvalue[:top_m=M,score_tokens=all|response,normalize=none|cosine,llr=R], emb, "
@@ -377,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    info = machine_info()
+    info = machine_facts()
     load_start = os.getloadavg()
     started_all = time.perf_counter()
     rows, repro_rows, extras = [], [], []
@@ -459,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     w(f"Model: {args.model or 'default SmolLM2-135M-Instruct (float32)'}. Data: `forvalue.tasks.text.generate_task`, seed {args.seed}, "
       f"{args.n_classes} classes x {args.n_train} train + {args.n_test} validation per class; noise rates {args.noise_rates}; "
       f"chatbot names per sentence rule {args.chatbot_names}; math reasons {args.math_reasons}.")
-    w(f"Command: `python tools/bench_quality.py {' '.join(argv if argv is not None else sys.argv[1:])}`; total {total:.0f} s.")
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    w(f"Command: `python -m tools.bench_quality {command}`; total {total:.0f} s.")
     w("")
     w("| task | method | AUC | recall | time (s) | peak RSS Δ (MiB) | detect AUC: mean / own label |")
     w("|---|---|---|---|---|---|---|")

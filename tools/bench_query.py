@@ -17,7 +17,8 @@ For each validation size, these run interleaved (order alternates per repetition
 
 Usage::
 
-    python tools/bench_query.py [--samples 20000] [--val-sizes 1,10,100] [--device cpu] [--out FILE]
+    python -m tools.bench query --out DIR [-- --samples 20000 --val-sizes 1,10,100 --device cpu]
+    python -m tools.bench_query [--samples 20000] ... [--out FILE]       # the same suite on its own
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import add_common_args, apply_threads, emit, machine_info, md_table, median, resolve, sync  # noqa: E402
+from tools.common import add_common_args, apply_threads, emit, machine_info, md_table, median, resolve, sync
 
 
 def _list(values: np.ndarray, lengths: np.ndarray, width: int, value_type: pa.DataType) -> pa.ListArray:
@@ -179,8 +179,8 @@ def time_matmul(train_hidden: list[torch.Tensor], val, device) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_query", description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, default=20000, help="training samples in the synthetic store")
     p.add_argument("--tokens", type=int, default=50, help="mean scored tokens per sample (uniform in [t/2, 3t/2])")
     p.add_argument("--dim", type=int, default=576)
@@ -192,7 +192,7 @@ def main() -> None:
                    help="cap on train tokens x val tokens per validation size (smaller store for big validation sets)")
     p.add_argument("--store", type=Path, default=None, help="folder to keep/reuse the synthetic stores in")
     add_common_args(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     apply_threads(args.threads)
     device = resolve(args.device)
     from forvalue.engine.scorer import decode_block
@@ -261,7 +261,7 @@ def main() -> None:
     current = None
     store_desc = "; ".join(f"{r} samples, {t:,} tokens, {b / 2**20:.0f} MiB" for r, t, b in stores_used)
     text = "\n".join([
-        "## Exact query benchmark (`tools/bench_query.py`)",
+        "## Exact query benchmark (`python -m tools.bench query`)",
         "",
         machine_info(device),
         "",
@@ -287,7 +287,8 @@ def main() -> None:
     ])
     emit(text, args.out)
     tmp.cleanup()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Prefilter sketches on a real store: candidate recall and the metrics of the prefiltered ranking.
 
-    python tools/bench_sketch_real.py --workdir runs/sketch_real --out runs/sketch_real.md
+    python -m tools.bench sketch_real --out DIR [-- --workdir runs/sketch_real]   # workdir default DIR/sketch_real.work
+    python -m tools.bench_sketch_real --workdir runs/sketch_real --out runs/sketch_real.md   # on its own
 
 Builds (once, through the product's ``build_index``) a store of the three generated benchmark
 tasks (``forvalue.tasks.text``; default 10 classes x 30 train + 2 validation per class and task,
@@ -30,8 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from tools.common import emit
 
 TASKS = ["sentence_transformations", "math_no_reasoning", "math_with_reasoning"]
 
@@ -51,7 +51,7 @@ def make_data(workdir: Path, n_classes: int, n_train: int, n_test: int) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.bench_sketch_real", description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--n-classes", type=int, default=10)
     ap.add_argument("--n-train", type=int, default=30)
@@ -156,12 +156,9 @@ def main(argv=None) -> int:
             cells.append(f"{np.mean([len(top_e[v] & top_a.get(v, set())) / len(top_e[v]) for v in top_e]):.3f}")
         lines.append(f"| {c_rows} | {100 * f:.0f} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if a.out:
-        a.out.write_text(text)
+    emit("\n".join(lines) + "\n", a.out)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -8,7 +8,8 @@ hidden state alone, ``2 d`` bytes) and the uncompressed payload (``2 d + 8 m + 1
 
 Usage::
 
-    python tools/bench_store_size.py [--samples 100] [--top-m 8,32,128] [--hidden-dtypes float16] [--device cpu] [--out FILE]
+    python -m tools.bench store_size --out DIR [-- --samples 100 --top-m 8,32,128 --hidden-dtypes float16 --device cpu]
+    python -m tools.bench_store_size [--samples 100] ... [--out FILE]       # the same suite on its own
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import quiet_transformers, add_common_args, apply_threads, emit, machine_info, md_table, resolve  # noqa: E402
-from bench_build import make_rows, write_rows  # noqa: E402
+from tools.bench_build import make_rows, write_rows
+from tools.common import add_common_args, apply_threads, emit, machine_info, md_table, quiet_transformers, resolve
 
 ERROR_COLUMNS = ("topk_ids", "topk_probs", "target_ids", "target_probs", "tail_mass")
 
@@ -43,14 +43,14 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_store_size", description=__doc__.split("\n")[0])
     p.add_argument("--samples", type=int, default=100)
     p.add_argument("--top-m", default="8,32,128")
     p.add_argument("--hidden-dtypes", default="float16", help="comma-separated: float16, float32")
     p.add_argument("--batch-size", type=int, default=8)
     add_common_args(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     apply_threads(args.threads)
     device = resolve(args.device)
     quiet_transformers()
@@ -89,7 +89,7 @@ def main() -> None:
                 print(f"  {hidden_dtype} m={m}: {total / t:.0f} B/token", file=sys.stderr, flush=True)
                 shutil.rmtree(store, ignore_errors=True)
     text = "\n".join([
-        "## Store size benchmark (`tools/bench_store_size.py`)",
+        "## Store size benchmark (`python -m tools.bench store_size`)",
         "",
         machine_info(device),
         "",
@@ -109,7 +109,8 @@ def main() -> None:
         "",
     ])
     emit(text, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

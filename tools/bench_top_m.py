@@ -16,7 +16,8 @@ next to the dense scores' own.
 
 Usage::
 
-    python tools/bench_top_m.py [--m-values 8,32,128] [--train-per-class 10] [--n-val 5] [--device cpu] [--out FILE]
+    python -m tools.bench top_m --out DIR [-- --m-values 8,32,128 --train-per-class 10 --n-val 5 --device cpu]
+    python -m tools.bench_top_m [--m-values 8,32,128] ... [--out FILE]       # the same suite on its own
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import quiet_transformers, add_common_args, apply_threads, emit, machine_info, md_table, resolve  # noqa: E402
+from tools.common import add_common_args, apply_threads, emit, machine_info, md_table, quiet_transformers, resolve
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -68,8 +68,8 @@ class _OnDevice:
         return SimpleNamespace(logits=out.logits.float().cpu(), hidden_states=[out.hidden_states[-1].float().cpu()])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench_top_m", description=__doc__.split("\n")[0])
     p.add_argument("--task", default="sentence_transformations")
     p.add_argument("--m-values", default="8,32,128")
     p.add_argument("--hidden-dtypes", default="float16,float32")
@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--n-val", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     add_common_args(p)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     apply_threads(args.threads)
     device = resolve(args.device)
     quiet_transformers()
@@ -145,7 +145,7 @@ def main() -> None:
         f"{dense_metrics['recall_mean']:.3f} ± {dense_metrics['recall_std']:.3f}",
     ])
     text = "\n".join([
-        "## Top-m vs dense full-vocabulary score (`tools/bench_top_m.py`)",
+        "## Top-m vs dense full-vocabulary score (`python -m tools.bench top_m`)",
         "",
         machine_info(device),
         "",
@@ -165,7 +165,8 @@ def main() -> None:
         "",
     ])
     emit(text, args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

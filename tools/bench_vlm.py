@@ -5,11 +5,13 @@ reports index/query time, same-class retrieval (AUC, recall at class size) and, 
 mislabeled variants, detection AUC of flipped captions (cosine scores, max over the
 validation samples, lowest = flagged; as ``forvalue audit run --normalize cosine --flag-by max``).
 
-Without ``--model`` it runs a tiny random-initialised Qwen2-VL built offline (the one
-the tests use): that checks plumbing and cost, not quality. With ``--model`` pointing
-at a local Qwen2.5-VL-3B-Instruct folder (and ``--device cuda``) it is the paper's setting.
+Without ``--model`` it runs a tiny random-initialised Qwen2-VL built offline
+(``forvalue.testing.make_vlm_dir``, the one the tests use): that checks plumbing and cost,
+not quality. With ``--model`` pointing at a local Qwen2.5-VL-3B-Instruct folder (and
+``--device cuda``) it is the paper's setting.
 
-    python tools/bench_vlm.py [--model /models/Qwen2.5-VL-3B-Instruct --device cuda] [--out table.md]
+    python -m tools.bench vlm --out DIR [-- --model /models/Qwen2.5-VL-3B-Instruct --device cuda]
+    python -m tools.bench_vlm [--model ...] [--out table.md]   # the same suite on its own
 """
 
 from __future__ import annotations
@@ -22,15 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
-
-from _bench_common import add_common_args, apply_threads, machine_info  # noqa: E402
-
-from forvalue.indexer.data import iter_samples  # noqa: E402
-from forvalue.tasks.images import generate  # noqa: E402
-from forvalue.api import build_index, run_query  # noqa: E402
-from forvalue.tasks.metrics import class_retrieval, roc_auc  # noqa: E402
-from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig  # noqa: E402
+from forvalue.api import build_index, run_query
+from forvalue.indexer.data import iter_samples
+from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
+from forvalue.tasks.images import generate
+from forvalue.tasks.metrics import class_retrieval, roc_auc
+from tools.common import add_common_args, apply_threads, emit, machine_info, quiet_transformers
 
 
 def blank_images(train: Path, test: Path, size: int) -> None:
@@ -80,8 +79,8 @@ def run(model_dir: str, work: Path, args, noise: float, runner=None, control: bo
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tools.bench_vlm", description=__doc__.split("\n")[0])
     add_common_args(ap)
     ap.add_argument("--model", default=None, help="local VLM folder (default: a tiny random Qwen2-VL built offline)")
     ap.add_argument("--n-train", type=int, default=20)
@@ -93,10 +92,8 @@ def main() -> None:
     ap.add_argument("--image-max-pixels", type=int, default=ModelConfig().image_max_pixels)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-control", action="store_true", help="skip the control runs in which every row has the same grey image")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     apply_threads(args.threads)
-    from _bench_common import quiet_transformers
-
     quiet_transformers()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -124,11 +121,9 @@ def main() -> None:
         rec = f"{ret['recall_mean']:.3f}" if ret else "-"
         det = f"{r['detection']:.3f}" if r["detection"] is not None else "-"
         lines.append(f"| {r['images']} | {r['noise']:.0%} | {r['train']} | {r['tokens']} | {r['build_s']:.1f} | {r['query_s']:.2f} | {auc} | {rec} | {det} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit("\n".join(lines), args.out)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,8 +2,8 @@
 
 Usage::
 
-    python tools/generate_tasks.py --out data/bench          # what tools/bench_quality.py runs on
-    python tools/generate_tasks.py --out data/small --tasks sentence_transformations --n-train 30 --n-test 3
+    python -m tools.generate_tasks --out data/bench          # what `python -m tools.bench quality` runs on
+    python -m tools.generate_tasks --out data/small --tasks sentence_transformations --n-train 30 --n-test 3
 
 Tasks (10 classes each, ``--n-train`` training and ``--n-test`` validation samples per class):
 ``sentence_transformations`` (10 rules, one chatbot name per rule), ``math_no_reasoning`` and
@@ -23,9 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from forvalue.tasks.text import ALL_TASKS, MATH_REASONS, generate_task, write_jsonl  # noqa: E402
+from forvalue.tasks.text import ALL_TASKS, MATH_REASONS, generate_task, write_jsonl
 
 DEFAULT_TASKS = ["math_no_reasoning", "math_with_reasoning", "sentence_transformations", "mislabeled_math"]
 DEFAULT_NOISE_RATES = [0.2, 0.5]
@@ -69,7 +67,7 @@ def write_task(root: Path, task: str, noise: float | None, n_train: int = 90, n_
 
 
 def add_data_options(ap: argparse.ArgumentParser) -> None:
-    """The data options shared with ``tools/bench_quality.py``."""
+    """The data options shared with ``tools.bench_quality``."""
     ap.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=ALL_TASKS, metavar="TASK",
                     help=f"any of {', '.join(ALL_TASKS)} (default: %(default)s)")
     ap.add_argument("--n-train", type=int, default=90, help="training samples per class")
@@ -87,7 +85,7 @@ def add_data_options(ap: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m tools.generate_tasks", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out", required=True, type=Path, help="folder to write one sub-folder per task into")
     add_data_options(ap)

@@ -21,11 +21,11 @@ generated from ``(seed, block)`` alone, so a killed run resumes where it stopped
 ``--workers N --worker I`` processes write disjoint blocks into one store at once (row order
 then interleaves blocks; ids stay ``s<row number>``).
 
-    python tools/make_synthetic_store.py --out runs/synth1m --rows 1000000
-    python tools/make_synthetic_store.py --out runs/synth1m --validation-only --n-val 50
+    python -m tools.make_synthetic_store --out runs/synth1m --rows 1000000
+    python -m tools.make_synthetic_store --out runs/synth1m --validation-only --n-val 50
 
 Also writes ``<out>/validation.npz``: validation samples from the same generator (hidden, ids,
-values, lengths, sq_norms, topics) for ``tools/bench_prefilter.py``.
+values, lengths, sq_norms, topics) for the prefilter suite (``python -m tools.bench prefilter``).
 """
 
 from __future__ import annotations
@@ -39,15 +39,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from forvalue.indexer.build import BASIS_FIT_TOKENS, store_basis  # noqa: E402
-from forvalue.indexer.sketch import SketchSpec, get_sketcher  # noqa: E402
-from forvalue.schemas.config import EncodeConfig  # noqa: E402
-from forvalue.indexer.sparse_errors import error_entries  # noqa: E402
-from forvalue.schemas.manifest import Manifest  # noqa: E402
-from forvalue.schemas.tables import samples_schema  # noqa: E402
-from forvalue.storage.store import Store  # noqa: E402
+from forvalue.indexer.build import BASIS_FIT_TOKENS, store_basis
+from forvalue.indexer.sketch import SketchSpec, get_sketcher
+from forvalue.indexer.sparse_errors import error_entries
+from forvalue.schemas.config import EncodeConfig
+from forvalue.schemas.manifest import Manifest
+from forvalue.schemas.tables import samples_schema
+from forvalue.storage.store import Store
 
 POOL = 64
 COMMON = 256
@@ -135,8 +133,8 @@ def manifest(a) -> Manifest:
     )
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.make_synthetic_store", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rows", type=int, default=1_000_000)
     p.add_argument("--hidden-size", type=int, default=256)
@@ -158,7 +156,7 @@ def main() -> None:
     p.add_argument("--worker", type=int, default=0, help="this process's index in 0..workers-1")
     p.add_argument("--n-val", type=int, default=50)
     p.add_argument("--validation-only", action="store_true")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     gen = Generator(a)
     man = manifest(a)
@@ -172,7 +170,7 @@ def main() -> None:
                  lengths=val["lengths"], topics=val["topics"],
                  sq_norms=sq_norms(val["hidden"], val["ids"], val["values"], val["lengths"], a.vocab))
     if a.validation_only:
-        return
+        return 0
     schema = samples_schema("float16", man.sketch_dim)
     # a block is one atomic commit, so its first id marks it done (resume, parallel workers)
     done = store.ids() if store.count() else set()
@@ -207,7 +205,8 @@ def main() -> None:
         el = time.perf_counter() - started
         print(f"block {b}: {store.count()} rows, {el:.0f}s elapsed, sketch {sketch_s:.0f}s", flush=True)
     print(f"done: {store.count()} rows, {store.size_bytes() / 1e9:.2f} GB, {time.perf_counter() - started:.0f}s, sketching {sketch_s:.0f}s", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -11,8 +11,8 @@ near-identity control.
 
 Usage::
 
-    python tools/requantise_model.py --bits 3 --out /tmp/smollm2-q3
-    python tools/bench_quality.py --model /tmp/smollm2-q3 --tasks sentence_transformations \\
+    python -m tools.requantise_model --bits 3 --out /tmp/smollm2-q3
+    python -m tools.bench quality --out DIR -- --model /tmp/smollm2-q3 --tasks sentence_transformations \\
         --methods forvalue --repro none --n-train 15 --n-test 3
 """
 
@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def requantise_(weight: torch.Tensor, bits: int, block: int = 32) -> float:
@@ -47,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from forvalue.indexer.model_runner import load_runner
     from forvalue.schemas.config import ModelConfig
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.requantise_model", description=__doc__.splitlines()[0])
     ap.add_argument("--bits", type=int, required=True, help="levels per block = 2**bits (Q4_1 has 4)")
     ap.add_argument("--model", default=None, help="model folder (default: the product's default model)")
     ap.add_argument("--out", required=True, help="folder to write the re-quantised copy to")

@@ -1,0 +1,164 @@
+"""The one benchmark runner: ``python -m tools.bench SUITE... --out DIR``.
+
+Runs each named suite in its own fresh Python process (``python -m tools.<module>``, as a
+standalone run would, so timings and memory peaks stay comparable with docs/benchmarks.md) and
+writes its markdown to ``DIR/<suite>.md`` (the quality suite also ``DIR/quality.json``). Options
+after ``--`` go to every named suite unchanged; ``SUITE --help`` shows a suite's own options.
+
+    python -m tools.bench --list                               # the suites, their runtimes and docs sections
+    python -m tools.bench store_size query --out runs/bench    # two quick suites
+    python -m tools.bench quality --out runs/q -- --tasks math_no_reasoning --methods forvalue emb
+    python -m tools.bench quality --help                       # the quality suite's own options
+
+Exit status: 0 when every suite succeeded, 1 when one failed (the others still run), 2 for a
+usage error (unknown suite, missing ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One benchmark suite: its module under ``tools`` and what the runner hands it."""
+
+    module: str
+    what: str
+    runtime: str  # on the 2-core development CPU, from docs/benchmarks.md; "not recorded" where it is not
+    docs: str  # where its numbers are recorded
+    needs: str = ""  # required suite options the runner cannot supply (given after --)
+    workdir_option: str = ""  # a required work folder option the runner fills with DIR/<suite>.work
+    json: bool = False  # also writes --json DIR/<suite>.json
+
+
+SUITES: dict[str, Suite] = {
+    "build": Suite("bench_build", "index build vs bare forward pass, build breakdown, peak RSS vs corpus size",
+                   "~7 min for 256 samples x 2 reps without the RSS part (-- --rss-sizes ''); the RSS part at "
+                   "1,000 + 10,000 samples took 580 s + 3243 s more (stub runner)",
+                   "docs/benchmarks.md: Index build vs bare forward pass; Peak memory of the build"),
+    "query": Suite("bench_query", "exact query: training tokens scored per second vs a plain matmul",
+                   "not recorded (a few minutes: three 3-rep timings of 1.4-14 s each plus writing a 1.3 GB store)",
+                   "docs/benchmarks.md: Query throughput (exact scan)"),
+    "quality": Suite("bench_quality", "paper Table 1 protocol: For-Value vs Emb, TracIn, DataInf; detection; reproducibility",
+                     "66 min (3946 s) with the defaults", "docs/benchmarks.md: Quality: the paper's protocol", json=True),
+    "top_m": Suite("bench_top_m", "top-m sparse errors vs the dense full-vocabulary score",
+                   "not recorded", "docs/benchmarks.md: Top-m sparse errors vs the dense full-vocabulary score"),
+    "store_size": Suite("bench_store_size", "bytes on disk per scored token vs the 2d floor",
+                        "not recorded (three 100-sample builds with the real model)", "docs/benchmarks.md: Store size"),
+    "prefilter": Suite("bench_prefilter", "FAISS prefilter + exact rerank vs the exact scan (synthetic store)",
+                       "~10 min on the 1M-sample store (FAISS build 102 s, exact scans 160-183 s + 62 s); making "
+                       "the store (python -m tools.make_synthetic_store) took about an hour",
+                       "docs/prefilter.md: Synthetic 1M-sample store; docs/benchmarks.md: Prefilter (FAISS)",
+                       needs="--store DIR (python -m tools.make_synthetic_store --out DIR --rows N)"),
+    "sketch_real": Suite("bench_sketch_real", "prefilter sketch variants on a real-model store of the paper's tasks",
+                         "not recorded (a 900-sample build plus exact and sketched scores)",
+                         "docs/prefilter.md: Real model, benchmark tasks", workdir_option="--workdir"),
+    "audit": Suite("bench_audit", "mislabeled-sample detection and the cost of a repeated audit",
+                   "not recorded (first audits 68 s and 24 s, on two 300-sample builds)",
+                   "docs/benchmarks.md: Audits: mislabeled data and repeated audits"),
+    "vlm": Suite("bench_vlm", "vision-language valuation on generated shapes/captions (tiny offline Qwen2-VL)",
+                 "~1 min (six 160-image builds of 6-10 s each, queries 0.3-1.6 s)",
+                 "docs/vlm.md: The generated image task; docs/benchmarks.md: Vision-language models"),
+    "probe": Suite("bench_probe", "For-Value settings (top_m, scored tokens, normalize) on one task",
+                   "not recorded", "docs/benchmarks.md: Quality: earlier runs (recall probes)",
+                   needs="--task TASK"),
+    "offsets": Suite("analyse_offsets", "per-training-sample offsets in a quality run's score matrices (no model)",
+                     "seconds (reads the score matrices of a quality --workdir)",
+                     "docs/benchmarks.md: Why the generated tasks changed",
+                     needs="WORKDIR (a quality suite's -- --workdir folder)"),
+    "distill": Suite("bench_distill", "distilled value models: estimated vs exact values, estimate vs build throughput",
+                     "about 30 min", "docs/benchmarks.md: Distilled value models"),
+}
+
+
+def list_suites() -> str:
+    """The ``--list`` text: one block per suite."""
+    lines = ["suites (runtime on the 2-core development CPU, as recorded in docs/benchmarks.md):", ""]
+    for name, s in SUITES.items():
+        lines.append(f"{name:<12} python -m tools.{s.module}: {s.what}")
+        lines.append(f"{'':<12} runtime: {s.runtime}")
+        lines.append(f"{'':<12} recorded in: {s.docs}")
+        if s.needs:
+            lines.append(f"{'':<12} needs after --: {s.needs}")
+    return "\n".join(lines)
+
+
+def suite_args(name: str, suite: Suite, out: Path, extra: list[str]) -> list[str]:
+    """The suite's own command line: ``extra`` plus the output files under ``out`` it was not given."""
+    args = list(extra)
+
+    def given(option: str) -> bool:
+        return any(a == option or a.startswith(option + "=") for a in args)
+
+    if not given("--out"):
+        args += ["--out", str(out / f"{name}.md")]
+    if suite.json and not given("--json"):
+        args += ["--json", str(out / f"{name}.json")]
+    if suite.workdir_option and not given(suite.workdir_option):
+        args += [suite.workdir_option, str(out / f"{name}.work")]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tools.common import run_module
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0],
+                                 epilog="Options after -- go to every named suite; SUITE --help shows them.",
+                                 add_help=False)
+    ap.add_argument("suites", nargs="*", metavar="SUITE", help="one or more of: " + ", ".join(SUITES))
+    ap.add_argument("--out", type=Path, help="folder for the suites' markdown (DIR/<suite>.md) and JSON")
+    ap.add_argument("--list", action="store_true", help="list the suites with their runtimes and exit")
+    ap.add_argument("-h", "--help", action="store_true", help="this help, or with SUITE the suite's own options")
+    args = ap.parse_args(argv)
+
+    unknown = [s for s in args.suites if s not in SUITES]
+    if unknown:
+        print(f"error: unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)} (python -m tools.bench --list)",
+              file=sys.stderr)
+        return 2
+    if args.list:
+        print(list_suites())
+        return 0
+    if args.help:
+        if not args.suites:
+            ap.print_help()
+            return 0
+        return max(run_module(f"tools.{SUITES[s].module}", ["--help"]).returncode for s in args.suites)
+    if not args.suites:
+        print("error: name at least one suite (python -m tools.bench --list)", file=sys.stderr)
+        return 2
+    if args.out is None:
+        print("error: --out DIR is required: the folder the suites write their markdown to", file=sys.stderr)
+        return 2
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for name in args.suites:
+        suite = SUITES[name]
+        cmd = suite_args(name, suite, args.out, extra)
+        print(f"== {name}: python -m tools.{suite.module} {' '.join(cmd)}", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        rc = run_module(f"tools.{suite.module}", cmd).returncode
+        status = "ok" if rc == 0 else f"FAILED (exit {rc})"
+        print(f"== {name}: {status} in {time.perf_counter() - started:.0f} s -> {args.out / (name + '.md')}",
+              file=sys.stderr, flush=True)
+        if rc != 0:
+            failed.append(name)
+    if failed:
+        print(f"error: {len(failed)} suite(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
