@@ -19,12 +19,12 @@ import pyarrow as pa
 
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig
 from forvalue.schemas.errors import BadValuesError
-from forvalue.schemas.manifest import Manifest
+from forvalue.schemas.manifest import MANIFEST_FILE, Manifest
 from forvalue.storage.sketch_basis import load_basis, publish_basis
 from forvalue.storage.rows import encoded_to_arrow
-from forvalue.storage.store import Store
+from forvalue.storage.store import Store, WriterLease
 
-from forvalue.indexer.data import Sample, check_paths, iter_samples
+from forvalue.indexer.data import Sample, check_inputs, iter_samples
 from forvalue.indexer.encoder import EncodedSample, encode_stream
 from forvalue.indexer.images import ImageError
 from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
@@ -119,16 +119,30 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
     -------
     BuildReport
     """
-    from tqdm.auto import tqdm
-
     from forvalue.indexer.model_runner import load_runner
 
     started = time.perf_counter()
     inputs = list(inputs)
-    check_paths(inputs)
-    runner = runner if runner is not None else load_runner(config.model)
-    store = Store.create(store_path, manifest_for(runner, config.data, config.encode))
-    report = BuildReport(store=str(store_path), max_length=config.data.max_length)
+    check_inputs(inputs, config.data)  # a bad or empty input fails here, before the model loads or a store is made
+    # The writer lease (one unsharded writer, or sharded workers of distinct shards), taken before the
+    # model loads when the store exists; a new store is leased right after it is created.
+    existing = (Path(store_path) / MANIFEST_FILE).exists()
+    lease = WriterLease.acquire(store_path, config.shard) if existing else None
+    try:
+        runner = runner if runner is not None else load_runner(config.model)
+        store = Store.create(store_path, manifest_for(runner, config.data, config.encode))
+        lease = lease or WriterLease.acquire(store_path, config.shard)
+        return _build(inputs, store, config, runner, started)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _build(inputs: list, store: Store, config: BuildConfig, runner, started: float) -> BuildReport:
+    """The build proper, run while holding the store's writer lease."""
+    from tqdm.auto import tqdm
+
+    report = BuildReport(store=str(store.path), max_length=config.data.max_length)
     stored = store.ids()
     bar = tqdm(desc="indexing", unit="sample", disable=not config.progress)
     tokenized = _new_samples(iter_samples(inputs, config.data), runner, config, stored, report)
@@ -192,8 +206,9 @@ def _flush(store: Store, pending: list[EncodedSample], report: BuildReport) -> N
     spec = SketchSpec.from_manifest(store.manifest)
     basis = store_basis(store.path, spec, lambda: np.concatenate([e.hidden for e in pending]))
     sketch = sketch_column(pending, spec, basis) if spec is not None else None
-    store.append(encoded_to_arrow(pending, store.manifest.hidden_dtype, sketch))
-    report.written += len(pending)
+    committed = store.append(encoded_to_arrow(pending, store.manifest.hidden_dtype, sketch))
+    report.written += committed
+    report.already_stored += len(pending) - committed  # committed meanwhile by another writer (dropped at commit)
     report.tokens_scored += sum(len(e.hidden) for e in pending)
     pending.clear()
 

@@ -1,7 +1,11 @@
 """Content fingerprints of weights and tokenizers, for the store manifest.
 
-File hashes are cached by (path, size, mtime) under the forvalue cache folder, so a
-500 MB checkpoint is hashed once, not on every query.
+File hashes are cached under the forvalue cache folder, so a 500 MB checkpoint is hashed
+once, not on every query. The cache key is (path, inode, size, mtime, ctime): a file
+rewritten in place with its size and modification time restored still gets a new ctime
+(which users cannot set), so it is hashed again and the store sees the new content. A file
+changed within :data:`RACY_SECONDS` of being hashed is not cached at all (a second change in
+the same timestamp tick would be invisible), so identity always follows content.
 """
 
 from __future__ import annotations
@@ -9,18 +13,22 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from forvalue.indexer.default_model import cache_dir
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+RACY_SECONDS = 2.0  # a file whose mtime/ctime is this recent is hashed, but its hash not cached
 
 
+def _cache_key(path: Path, stat: os.stat_result) -> str:
+    return f"{path.resolve()}|{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}"
 
 
 def _file_sha256(path: Path) -> str:
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = _cache_key(path, stat)
     cache = cache_dir() / "hashes.json"
     try:
         known = json.loads(cache.read_text())
@@ -32,7 +40,13 @@ def _file_sha256(path: Path) -> str:
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
+    prefix = f"{path.resolve()}|"
+    known = {k: v for k, v in known.items() if not k.startswith(prefix)}  # this file's older versions
     known[key] = digest.hexdigest()
+    after = path.stat()
+    recent = time.time() - max(after.st_mtime, after.st_ctime) < RACY_SECONDS
+    if recent or _cache_key(path, after) != key:  # changed while hashed, or may change again unseen
+        return digest.hexdigest()
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")

@@ -39,6 +39,7 @@ _WHERE = {
     "add_to_index": "forvalue.api",
     "store_info": "forvalue.maintenance",
     "sketch_store": "forvalue.maintenance",
+    "check_store": "forvalue.maintenance",
     # querying
     "run_query": "forvalue.api",
     # audits and selection

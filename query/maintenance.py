@@ -1,4 +1,4 @@
-"""Store maintenance that loads no model: what a store holds, and its prefilter sketches and FAISS index.
+"""Store maintenance that loads no model: what a store holds, whether it is sound, and its prefilter sketches and FAISS index.
 
 Imports stay light (no torch, transformers or lancedb at module level) so that
 ``forvalue index info`` answers in well under a second.
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from forvalue.schemas.errors import ForValueError, StoreError
 from forvalue.storage import faiss_index
-from forvalue.storage.store import Store
+from forvalue.storage.store import Store, WriterLease
 
 
 def store_info(path: str | Path) -> dict:
@@ -143,3 +144,225 @@ def _first_hidden(store: Store, tokens: int, block_rows: int) -> np.ndarray:
     if not parts:
         raise ForValueError(f"{store.path}: the store is empty; nothing to fit a sketch basis from")
     return np.concatenate(parts)[:tokens]
+
+
+def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) -> dict:
+    """Verify a store (loads no model); with ``repair``, remove duplicate rows and rebuild a bad prefilter index.
+
+    Checks: the table's schema agrees with the manifest (columns, hidden dtype, sketch length);
+    every fragment's data files read; every row decodes (:func:`~forvalue.engine.scorer.decode_block`)
+    with per-token arrays of the lengths that ``n_scored``, the hidden size and ``top_m`` imply and
+    finite values; ids are unique; the prefilter index covers the rows with the store's sketch spec;
+    every audit references only stored ids.
+
+    ``repair`` takes the store's writer lease (so it refuses to run during a build), deletes every
+    repeated id but its first row in storage order in one atomic Lance commit, rebuilds the prefilter
+    index when rows were removed or it is unsound, then checks again. Damaged data files are reported,
+    not repaired (rebuild the store, or restore it from a copy).
+
+    Returns
+    -------
+    dict
+        ``store``, ``rows``, ``problems`` (one line each; empty for a sound store), ``notes``
+        (harmless facts, e.g. a prefilter index a few rows behind), ``clean`` (bool) and, with
+        ``repair``, ``repaired`` (what was done).
+
+    Example
+    -------
+    >>> forvalue.check_store("runs/store")["clean"]            # doctest: +SKIP
+    True
+    """
+    report = _check(Store.open(path), block_rows)
+    if not repair:
+        return report
+    with WriterLease.acquire(path):
+        store = Store.open(path)
+        done = {"duplicate_rows_removed": 0, "prefilter_rebuilt": False}
+        if report["duplicate_addresses"]:
+            done["duplicate_rows_removed"] = store.delete_rows(report["duplicate_addresses"])
+        if store.manifest.sketch_dim and store.has_column(faiss_index.SKETCH_COLUMN) and store.count() and (
+                done["duplicate_rows_removed"] or report["prefilter_unsound"]):
+            faiss_index.ensure(store, rebuild=True)  # row positions moved: the index is rebuilt, not extended
+            done["prefilter_rebuilt"] = True
+        after = _check(Store.open(path), block_rows)
+    after["repaired"] = done
+    return after
+
+
+def _check(store: Store, block_rows: int) -> dict:
+    m = store.manifest
+    problems: list[str] = []
+    notes: list[str] = []
+    where = str(store.path)
+    problems += _schema_problems(store)
+    first_row: dict[str, int] = {}
+    duplicates: list[int] = []
+    repeated: dict[str, int] = {}
+    bad_rows: list[str] = []
+    rows = 0
+    readable = {name for name in _ROW_CHECKS if store.has_column(name)} == set(_ROW_CHECKS)
+    columns = ["id"] + (list(_ROW_CHECKS) if readable else [])
+    for fragment in store.fragments():
+        files = ", ".join(f"data/{d.path}" for d in fragment.data_files())
+        try:
+            for batch in store.scan(columns, batch_size=block_rows, with_row_address=True, fragments=[fragment]):
+                rows += batch.num_rows
+                ids = batch.column("id").to_pylist()
+                for sample_id, address in zip(ids, batch.column("_rowaddr").to_pylist()):
+                    if sample_id in first_row:
+                        duplicates.append(address)
+                        repeated[sample_id] = repeated.get(sample_id, 1) + 1
+                    else:
+                        first_row[sample_id] = address
+                if readable:
+                    bad_rows += _row_problems(batch, ids, m.hidden_size, m.top_m)
+        except StoreError as exc:
+            problems.append(f"{where}: fragment {fragment.fragment_id} ({files}) is unreadable: {_cause(exc)}; "
+                            "rebuild the store or restore it from a copy")
+    if repeated:
+        example = next(iter(repeated))
+        problems.append(f"{where}: {len(duplicates)} duplicate rows of {len(repeated)} ids (e.g. '{example}' stored "
+                        f"{repeated[example]} times); run 'forvalue index check --store {where} --repair'")
+    if bad_rows:
+        problems.append(f"{where}: {len(bad_rows)} rows do not decode ({bad_rows[0]}); rebuild the store")
+    prefilter_unsound = _prefilter_check(store, rows, problems, notes)
+    problems += _audit_problems(store, first_row)
+    return {"store": where, "rows": rows, "distinct_ids": len(first_row), "clean": not problems, "problems": problems,
+            "notes": notes, "duplicate_addresses": duplicates, "prefilter_unsound": prefilter_unsound}
+
+
+# per-row list lengths, as multiples of n_scored: (column, what one scored position holds)
+_ROW_CHECKS = {"n_scored": None, "sq_norm": None, "hidden": "hidden_size", "topk_ids": "top_m", "topk_probs": "top_m",
+               "target_ids": 1, "target_probs": 1, "tail_mass": 1}
+
+
+def _row_problems(batch, ids: list, hidden_size: int, top_m: int) -> list[str]:
+    """One description per row of ``batch`` whose arrays disagree with ``n_scored`` or hold non-finite values."""
+    import pyarrow.compute as pc
+
+    from forvalue.engine.scorer import decode_block
+
+    n = np.asarray(batch.column("n_scored").to_numpy(zero_copy_only=False), np.int64)
+    per = {"hidden_size": hidden_size, "top_m": top_m}
+    bad = n < 1
+    why = np.where(bad, "n_scored < 1", "")
+    for name, unit in _ROW_CHECKS.items():
+        if unit is None:
+            continue
+        length = np.asarray(pc.list_value_length(batch.column(name)).fill_null(-1).to_numpy(zero_copy_only=False))
+        wrong = length != n * (per[unit] if isinstance(unit, str) else unit)
+        why = np.where(wrong & ~bad, f"'{name}' has the wrong length", why)
+        bad |= wrong
+    sq = np.asarray(batch.column("sq_norm").to_numpy(zero_copy_only=False), np.float64)
+    nonfinite = ~np.isfinite(sq) | (sq < 0)
+    why = np.where(nonfinite & ~bad, "sq_norm is not a finite non-negative number", why)
+    bad |= nonfinite
+    out = [f"row '{ids[k]}': {why[k]}" for k in np.flatnonzero(bad)]
+    good = np.flatnonzero(~bad)
+    if len(good):
+        try:
+            block = decode_block(batch.take(good), hidden_size)
+        except (ValueError, TypeError, IndexError) as exc:
+            return out + [f"rows '{ids[good[0]]}'..'{ids[good[-1]]}' do not decode ({exc})"]
+        if not (np.isfinite(block.hidden).all() and np.isfinite(block.values).all()):
+            finite = np.isfinite(block.hidden).all(axis=1) & np.isfinite(block.values).all(axis=1)
+            row_of = np.repeat(good, block.lengths)
+            out += [f"row '{ids[k]}': hidden states or probabilities are NaN/inf" for k in np.unique(row_of[~finite])]
+    return out
+
+
+def _schema_problems(store: Store) -> list[str]:
+    from forvalue.schemas.tables import samples_schema
+
+    m = store.manifest
+    where = str(store.path)
+    expected = samples_schema(m.hidden_dtype, m.sketch_dim)
+    actual = store.schema()
+    out = []
+    for field in expected:
+        if field.name not in actual.names:
+            if field.name == faiss_index.SKETCH_COLUMN:
+                out.append(f"{where}: the manifest describes a sketch (D={m.sketch_dim}) but the table has no "
+                           f"'sketch' column; run 'forvalue index sketch --store {where} --rebuild'")
+            else:
+                out.append(f"{where}: the table has no '{field.name}' column; the store is damaged, rebuild it")
+        elif actual.field(field.name).type != field.type:
+            out.append(f"{where}: column '{field.name}' is {actual.field(field.name).type}, the manifest implies "
+                       f"{field.type} (hidden_dtype {m.hidden_dtype}, sketch_dim {m.sketch_dim}); the store is damaged")
+    if faiss_index.SKETCH_COLUMN in actual.names and not m.sketch_dim:
+        out.append(f"{where}: the table has a 'sketch' column the manifest does not describe; "
+                   f"run 'forvalue index sketch --store {where} --rebuild'")
+    return out
+
+
+def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[str]) -> bool:
+    """Adds what is wrong with the prefilter index (and its sketch basis); True when it needs a rebuild."""
+    from forvalue.storage.sketch_basis import load_basis
+
+    m = store.manifest
+    where = str(store.path)
+    if not m.sketch_dim or not store.has_column(faiss_index.SKETCH_COLUMN):
+        return False
+    if m.sketch_basis == "fitted" and rows:
+        try:
+            if load_basis(store.path) is None:
+                problems.append(f"{where}: the sketch basis (sketch_basis.npy) is missing; "
+                                f"run 'forvalue index sketch --store {where} --rebuild'")
+                return False
+        except StoreError as exc:
+            problems.append(str(exc))
+            return False
+    meta = faiss_index.describe(store)
+    if meta is None:
+        if rows:
+            notes.append("no prefilter index yet (built on the next build or prefiltered query)")
+        return False
+    fix = f"run 'forvalue index check --store {where} --repair' to rebuild it"
+    try:
+        size = (store.path / faiss_index.INDEX_DIR / meta["file"]).stat().st_size
+        if size != meta["bytes"]:
+            problems.append(f"{where}: the prefilter index file {meta['file']} has {size} bytes, not {meta['bytes']}; {fix}")
+            return True
+    except (OSError, KeyError, TypeError):
+        problems.append(f"{where}: the prefilter index file named in prefilter.json is missing; {fix}")
+        return True
+    if meta.get("sketch") != faiss_index._spec_of(store):
+        problems.append(f"{where}: the prefilter index was built for another sketch than the store's; {fix}")
+        return True
+    if meta.get("rows", 0) > rows:
+        problems.append(f"{where}: the prefilter index covers {meta['rows']} rows, the table holds {rows}; {fix}")
+        return True
+    if meta.get("rows", 0) < rows:
+        notes.append(f"the prefilter index covers {meta['rows']} of {rows} rows (extended on next use)")
+    return False
+
+
+def _audit_problems(store: Store, ids: dict) -> list[str]:
+    """Audits whose rows name ids the store does not hold."""
+    from forvalue.storage.audits import AUDIT_PREFIX, _tables
+    from forvalue.storage.store import translate_errors
+
+    import lance
+
+    out = []
+    for table in _tables(store):
+        if not table.startswith(AUDIT_PREFIX):
+            continue
+        name = table[len(AUDIT_PREFIX):]
+        try:
+            with translate_errors(store.path, f"read audit '{name}' of"):
+                audit_ids = lance.dataset(str(store.path / f"{table}.lance")).to_table(columns=["id"]).column(0).to_pylist()
+        except StoreError as exc:
+            out.append(str(exc))
+            continue
+        unknown = [i for i in audit_ids if i not in ids]
+        if unknown:
+            out.append(f"{store.path}: audit '{name}' scores {len(unknown)} ids the store does not hold "
+                       f"(e.g. '{unknown[0]}'); re-run it with 'forvalue audit run --name {name}'")
+    return out
+
+
+def _cause(exc: StoreError) -> str:
+    from forvalue.storage.store import short_reason
+
+    return short_reason(exc.__cause__) if exc.__cause__ is not None else str(exc)

@@ -10,11 +10,26 @@ Every :meth:`Store.append` is one Lance commit: a batch of rows becomes visible 
 not at all, so a process killed at any moment leaves a store that opens, holding exactly
 the batches that were committed. Readers work on the snapshot they opened; concurrent
 appends (several workers) never disturb a running scan.
+
+Writers hold a :class:`WriterLease` (``STORE/.writer.lock``, an ``flock``): an unsharded build
+holds it exclusively, sharded workers (``--shard I/N``) share it and each holds its shard's
+own lock exclusively, so two unsharded builds (or an unsharded build and a sharded worker,
+or two workers of one shard) never write at once. The kernel drops the lock when its
+process dies, so a crashed build leaves nothing that blocks the next one. As a second line
+of defence :meth:`Store.append` drops the rows whose ids another writer committed since the
+handle's snapshot. Errors of Lance, Arrow and the OS become one-line :class:`StoreError`
+messages naming the store and suggesting ``forvalue index check``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import os
+import re
+import socket
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -37,10 +52,15 @@ class Store:
         self.manifest = manifest
         self._uri = str(path / f"{SAMPLES_TABLE}.lance")
         self._writer = None
-        try:
+        if not Path(self._uri).is_dir():
+            raise StoreError(f"{path}: has a manifest but no '{SAMPLES_TABLE}' table; the store is damaged")
+        with self.io("open"):
             self._snapshot = lance.dataset(self._uri)
-        except (FileNotFoundError, ValueError, OSError):
-            raise StoreError(f"{path}: has a manifest but no '{SAMPLES_TABLE}' table; the store is damaged") from None
+        self._fragments = {f.fragment_id for f in self._snapshot.get_fragments()}
+
+    def io(self, action: str):
+        """Context manager: Lance/Arrow/OS errors inside become one-line :class:`StoreError` about this store."""
+        return translate_errors(self.path, action)
 
     # -- opening -----------------------------------------------------------------
     @classmethod
@@ -68,61 +88,117 @@ class Store:
             raise StoreError(f"{path}: exists and is not a folder")
         if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST_FILE).exists():
             raise StoreError(f"{path}: folder is not empty and not a forvalue store; choose another path")
-        path.mkdir(parents=True, exist_ok=True)
-        _publish_manifest(path / MANIFEST_FILE, manifest)
+        with translate_errors(path, "create"):
+            path.mkdir(parents=True, exist_ok=True)
+            _publish_manifest(path / MANIFEST_FILE, manifest)
         stored = Manifest.load(path / MANIFEST_FILE)
         problems = stored.mismatches(manifest)
         if problems:
             raise ManifestMismatchError(f"{path}: store was built with other settings ({'; '.join(problems)})")
-        db = lancedb.connect(str(path))
-        if SAMPLES_TABLE not in db.table_names():
-            try:
-                db.create_table(SAMPLES_TABLE, schema=samples_schema(stored.hidden_dtype, stored.sketch_dim), exist_ok=True)
-            except (OSError, ValueError, RuntimeError):
-                if SAMPLES_TABLE not in db.table_names():
-                    raise
+        with translate_errors(path, "create the table of"):
+            db = lancedb.connect(str(path))
+            if SAMPLES_TABLE not in db.table_names():
+                try:
+                    db.create_table(SAMPLES_TABLE, schema=samples_schema(stored.hidden_dtype, stored.sketch_dim), exist_ok=True)
+                except (OSError, ValueError, RuntimeError):
+                    if SAMPLES_TABLE not in db.table_names():
+                        raise
         return cls(path, stored)
 
     # -- writing -----------------------------------------------------------------
-    def append(self, rows: pa.Table) -> None:
-        """Commit ``rows`` (schema :func:`samples_schema`) as one atomic Lance append."""
-        if self._writer is None:
-            import lancedb
+    def append(self, rows: pa.Table) -> int:
+        """Commit ``rows`` (schema :func:`samples_schema`) as one atomic Lance append.
 
-            self._writer = lancedb.connect(str(self.path)).open_table(SAMPLES_TABLE)
-        self._writer.add(rows.cast(samples_schema(self.manifest.hidden_dtype, self.manifest.sketch_dim)))
+        Rows whose id another writer committed since this handle's snapshot are dropped first
+        (the latest version's new fragments are read); returns the number of rows committed.
+        """
+        import pyarrow.compute as pc
+
+        with self.io("append to"):
+            if self._writer is None:
+                import lancedb
+
+                self._writer = lancedb.connect(str(self.path)).open_table(SAMPLES_TABLE)
+            taken = self._ids_committed_elsewhere()
+            if taken:
+                rows = rows.filter(pc.invert(pc.is_in(rows.column("id"), value_set=pa.array(sorted(taken), pa.string()))))
+            if rows.num_rows:
+                self._writer.add(rows.cast(samples_schema(self.manifest.hidden_dtype, self.manifest.sketch_dim)))
         self.refresh()
+        return rows.num_rows
+
+    def _ids_committed_elsewhere(self) -> set[str]:
+        """Ids in fragments of the latest version that this handle's snapshot does not hold."""
+        import lance
+
+        latest = lance.dataset(self._uri)
+        out: set[str] = set()
+        if latest.version == self._snapshot.version:
+            return out
+        for fragment in latest.get_fragments():
+            if fragment.fragment_id not in self._fragments:
+                out.update(fragment.to_table(columns=["id"]).column(0).to_pylist())
+        return out
+
+    def delete_rows(self, addresses: Sequence[int]) -> int:
+        """Delete the rows at Lance row addresses ``addresses`` in one atomic commit (``index check --repair``)."""
+        if not addresses:
+            return 0
+        with self.io("delete from"):
+            dataset = self._dataset()
+            before = dataset.count_rows()
+            dataset.delete(f"_rowaddr IN ({', '.join(str(int(a)) for a in addresses)})")
+        self.refresh()
+        return before - self.count()
 
     def refresh(self) -> None:
         """Move this handle's read snapshot to the latest committed version."""
         import lance
 
-        self._snapshot = lance.dataset(self._uri)
+        with self.io("open"):
+            self._snapshot = lance.dataset(self._uri)
+            self._fragments = {f.fragment_id for f in self._snapshot.get_fragments()}
 
     # -- reading (all reads see the snapshot pinned at open or at the last refresh) --
     def _dataset(self):
         return self._snapshot
 
     def count(self) -> int:
-        return self._dataset().count_rows()
+        with self.io("count the rows of"):
+            return self._dataset().count_rows()
 
     def ids(self) -> set[str]:
         """All stored sample ids (read column-wise, a few bytes per sample)."""
         out: set[str] = set()
-        for batch in self._dataset().to_batches(columns=["id"], batch_size=65536):
+        for batch in self.scan(["id"], batch_size=65536):
             out.update(batch.column(0).to_pylist())
         return out
 
-    def scan(self, columns: Sequence[str], batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
-        """Stream ``columns`` of every row, in storage order, ``batch_size`` rows at a time."""
-        dataset = self._dataset()
-        yield from dataset.to_batches(columns=list(columns), batch_size=batch_size, scan_in_order=True)
+    def scan(self, columns: Sequence[str], batch_size: int = 1024, with_row_address: bool = False,
+             fragments: list | None = None) -> Iterator[pa.RecordBatch]:
+        """Stream ``columns`` of every row, in storage order, ``batch_size`` rows at a time.
+
+        ``with_row_address`` adds the Lance row address (``_rowaddr``, uint64) as a last column;
+        ``fragments`` (from :meth:`fragments`) limits the scan to those fragments.
+        """
+        with self.io("read"):
+            yield from self._dataset().scanner(columns=list(columns), batch_size=batch_size, scan_in_order=True,
+                                               with_row_address=with_row_address, fragments=fragments).to_batches()
+
+    def fragments(self) -> list:
+        """The Lance fragments of the snapshot (each one or more data files under ``samples.lance/data``)."""
+        return self._dataset().get_fragments()
 
     def scan_from(self, start: int, columns: Sequence[str], batch_size: int = 1024) -> Iterator[pa.RecordBatch]:
         """Like :meth:`scan`, skipping the first ``start`` rows (extends derived indexes)."""
         total = self.count()
-        for first in range(start, total, batch_size):
-            yield from self._dataset().take(list(range(first, min(total, first + batch_size))), columns=list(columns)).to_batches()
+        with self.io("read"):
+            for first in range(start, total, batch_size):
+                yield from self._dataset().take(list(range(first, min(total, first + batch_size))), columns=list(columns)).to_batches()
+
+    def schema(self) -> pa.Schema:
+        """The samples table's Arrow schema (of the snapshot)."""
+        return self._dataset().schema
 
     def has_column(self, name: str) -> bool:
         return name in self._dataset().schema.names
@@ -151,7 +227,8 @@ class Store:
 
     def take(self, offsets: Sequence[int], columns: Sequence[str]) -> pa.Table:
         """Rows at the given positions (storage order, as yielded by :meth:`scan`)."""
-        return self._dataset().take(list(offsets), columns=list(columns))
+        with self.io("read"):
+            return self._dataset().take(list(offsets), columns=list(columns))
 
     def version(self) -> int:
         return int(self._snapshot.version)
@@ -172,3 +249,159 @@ def _publish_manifest(target: Path, manifest: Manifest) -> None:
         pass
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# -- errors ----------------------------------------------------------------------
+_NOISE = re.compile(r"(External error: |LanceError\(\w+\): |, /\S+\.rs:\d+:\d+|\s+/\S+\.rs:\d+:\d+)")
+
+
+def short_reason(exc: BaseException) -> str:
+    """The first line of an exception's message, without Rust source locations, at most 200 characters."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    text = _NOISE.sub("", lines[0]).strip() if lines else type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _advice(exc: BaseException, path: Path) -> str:
+    code = getattr(exc, "errno", None)
+    text = str(exc).lower()
+    if code == errno.ENOSPC or "no space left" in text:
+        return "the disk is full; free space and re-run (committed batches are kept)"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "read-only file system" in text or "permission denied" in text:
+        return "no permission to write there (read-only or another owner); fix the permissions or use another store"
+    return f"the store may be damaged; run 'forvalue index check --store {path}'"
+
+
+@contextlib.contextmanager
+def translate_errors(path: str | Path, action: str) -> Iterator[None]:
+    """Turn Lance/Arrow/OS errors raised inside into one :class:`StoreError` line naming the store.
+
+    ``action`` completes "cannot ... the store" (e.g. ``"read"``, ``"append to"``). User errors
+    (:class:`~forvalue.schemas.errors.ForValueError`) pass through unchanged.
+    """
+    from forvalue.schemas.errors import ForValueError
+
+    try:
+        yield
+    except ForValueError:
+        raise
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise StoreError(f"{path}: cannot {action} the store ({short_reason(exc)}); {_advice(exc, Path(path))}") from exc
+
+
+# -- the writer lease ----------------------------------------------------------------
+LEASE_FILE = ".writer.lock"
+
+
+class WriterLease:
+    """Who may write to a store now: an ``flock`` on ``STORE/.writer.lock`` (see the module docstring).
+
+    ``shard = (0, 1)`` (unsharded) takes the lock exclusively; a sharded worker ``(I, N)`` shares it
+    and takes ``STORE/.writer.shard-I-of-N.lock`` exclusively. The holder's pid, host and start time
+    are written into the file it holds exclusively, for the message another writer gets. Locks die
+    with their process, so a crash leaves no stale lease (the file's text alone blocks nothing).
+
+    Example
+    -------
+    >>> with WriterLease.acquire("runs/store"):        # doctest: +SKIP
+    ...     store.append(rows)
+    """
+
+    def __init__(self, path: Path, handles: list[int]):
+        self.path, self._handles = path, handles
+
+    @classmethod
+    def acquire(cls, path: str | Path, shard: tuple[int, int] = (0, 1)) -> "WriterLease":
+        """Take the lease now or raise :class:`StoreError` naming the holder (never waits)."""
+        import fcntl
+
+        path = Path(path)
+        index, count = shard
+        handles: list[int] = []
+        try:
+            main = _open_lock(path / LEASE_FILE)
+            handles.append(main)
+            if count == 1:
+                if not _try_lock(main, fcntl.LOCK_EX):
+                    raise StoreError(f"another build is writing to {path} ({_holder(path)}); wait for it to finish, "
+                                     "or use --shard I/N for parallel workers")
+                _write_holder(main)
+                return cls(path, handles)
+            if not _try_lock(main, fcntl.LOCK_SH):
+                raise StoreError(f"another build is writing to {path} ({_holder(path)}, unsharded); wait for it to "
+                                 "finish before starting sharded workers")
+            mine = path / f".writer.shard-{index}-of-{count}.lock"
+            handles.append(_open_lock(mine))
+            if not _try_lock(handles[-1], fcntl.LOCK_EX):
+                raise StoreError(f"another worker of shard {index}/{count} is writing to {path} "
+                                 f"({_read_holder(mine)}); give each worker its own --shard I/N")
+            _write_holder(handles[-1])
+            return cls(path, handles)
+        except BaseException:
+            for fd in handles:
+                os.close(fd)
+            raise
+
+    def release(self) -> None:
+        """Drop the lease (also on process exit)."""
+        for fd in self._handles:
+            os.close(fd)
+        self._handles = []
+
+    def __enter__(self) -> "WriterLease":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _open_lock(file: Path) -> int:
+    try:
+        return os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreError(f"{file.parent}: cannot write to the store ({exc.strerror}); {_advice(exc, file.parent)}") from None
+
+
+def _try_lock(fd: int, mode: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+def _write_holder(fd: int) -> None:
+    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+    except OSError:
+        pass  # the lock holds without its note
+
+
+def _read_holder(file: Path) -> str:
+    try:
+        info = json.loads(file.read_text())
+        return f"pid {info['pid']} on {info['host']} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def _holder(path: Path) -> str:
+    """Who holds the store's lease: a sharded worker's note if one holds its shard, else the main note."""
+    import fcntl
+
+    for file in sorted(path.glob(".writer.shard-*.lock")):
+        try:
+            fd = os.open(file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            if not _try_lock(fd, fcntl.LOCK_SH):
+                return f"sharded worker: {_read_holder(file)}"
+        finally:
+            os.close(fd)
+    return _read_holder(path / LEASE_FILE)

@@ -1,4 +1,4 @@
-"""``forvalue index build|add|info|sketch``: make, extend and inspect a store."""
+"""``forvalue index build|add|info|check|sketch``: make, extend, inspect and verify a store."""
 
 from __future__ import annotations
 
@@ -95,6 +95,37 @@ def info(store, as_json):
         keys += ["model_kind", "image_column", "image_max_pixels", "processor_sha256"]
     for key in keys:
         click.echo(f"{key:>18}: {m[key]}")
+
+
+@index.command("check")
+@store_option
+@click.option("--repair", is_flag=True, help="Remove duplicate rows (keeping each id's first) in one atomic commit and "
+                                              "rebuild an unsound prefilter index.")
+@json_option
+def check(store, repair, as_json):
+    """Verify a store: unique ids, every row decodes, manifest and table agree, prefilter index and audits
+    consistent (loads no model). Exit status 0 when clean, 2 with one line per problem otherwise."""
+    import sys
+
+    from forvalue.maintenance import check_store
+
+    report = check_store(store, repair=repair)
+    report.pop("duplicate_addresses"), report.pop("prefilter_unsound")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        if repair:
+            done = report["repaired"]
+            click.echo(f"{store}: repaired: removed {done['duplicate_rows_removed']} duplicate rows"
+                       + ("; rebuilt the prefilter index" if done["prefilter_rebuilt"] else ""))
+        for note in report["notes"]:
+            click.echo(f"{store}: note: {note}")
+        for problem in report["problems"]:
+            click.echo(f"error: {problem}", err=True)
+        if report["clean"]:
+            click.echo(f"{store}: clean ({report['rows']} rows, ids unique, every row decodes)")
+    if not report["clean"]:
+        sys.exit(2)
 
 
 @index.command("sketch")
