@@ -119,10 +119,18 @@ def test_audit_cli(audited_store, tmp_path):
                             "--device", "cpu", "--quiet", "--report", str(tmp_path / "a.html")])
     assert run.exit_code == 0, run.output
     assert (tmp_path / "a.html").exists()
-    for args in (["audit", "list", "--store", store], ["audit", "show", "--store", store, "a"],
-                 ["audit", "compare", "--store", store, "a", "a"]):
-        res = cli.invoke(main, args)
-        assert res.exit_code == 0 and "a" in res.output, res.output
+    listed = cli.invoke(main, ["audit", "list", "--store", store])
+    assert listed.exit_code == 0, listed.output
+    name, version = listed.output.split()[:2]
+    assert (name, version) == ("a", "v1") and "train 12" in listed.output and "validation 3" in listed.output
+    shown = cli.invoke(main, ["audit", "show", "--store", store, "a"])
+    assert shown.exit_code == 0, shown.output
+    assert "12 training vs 3 validation samples" in shown.output
+    flagged = int(shown.output.split(" flagged")[0].rsplit(",", 1)[1])
+    assert flagged >= 1 and shown.output.count("FLAGGED") == min(flagged, 5)  # flagged rank last; 5 bottom rows shown
+    compared = cli.invoke(main, ["audit", "compare", "--store", store, "a", "a"])
+    assert compared.exit_code == 0, compared.output
+    assert compared.output.startswith("12 common samples; Spearman rank correlation 1.0000")
     out = tmp_path / "subset.jsonl"
     res = cli.invoke(main, ["select", "--store", store, "--audit", "a", "--top", "50%", "-o", str(out)])
     assert res.exit_code == 0, res.output

@@ -130,7 +130,7 @@ class Probe:
         import forvalue.indexer.encoder as encoder
         from forvalue.storage.store import Store
 
-        self.wrap(build, "tokenize_for", "tokenize")
+        self.wrap(runner, "tokenize", "tokenize", bound_instance=True)
         self.wrap(runner, "hidden_states", "forward (decoder)", bound_instance=True)
         self.wrap(runner, "logits", "LM head matmul", bound_instance=True)
         self.wrap(encoder, "sparsify", "_sparsify")
