@@ -118,6 +118,13 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
     Returns
     -------
     BuildReport
+        Counts (``read``, ``written``, ``already_stored``, ``skipped``...), tokens scored, seconds.
+
+    Example
+    -------
+    >>> cfg = forvalue.BuildConfig(batch_size=8, data=forvalue.DataConfig(max_length=512))   # doctest: +SKIP
+    >>> report = forvalue.build_index(["train.jsonl"], "runs/store", cfg)                    # doctest: +SKIP
+    >>> report.written, report.tokens_scored                                                 # doctest: +SKIP
     """
     from forvalue.indexer.model_runner import load_runner
 

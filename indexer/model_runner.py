@@ -21,6 +21,12 @@ def load_runner(config: ModelConfig) -> Runner:
 
     A folder whose ``config.json`` has a ``vision_config`` is a vision-language model and
     gets an :class:`forvalue.indexer.vlm_runner.VisionLanguageRunner` (same interface).
+    Pass the runner to several calls to load the model once.
+
+    Example
+    -------
+    >>> runner = forvalue.load_runner(forvalue.ModelConfig(device="cpu"))     # the default SmolLM2  # doctest: +SKIP
+    >>> forvalue.build_index(["train.jsonl"], "runs/store", runner=runner)      # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

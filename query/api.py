@@ -183,6 +183,17 @@ def run_query(
     all_scores_path : path, optional
         Stream the full score matrix to this Parquet file (one row per training
         sample, one column per validation sample).
+
+    Returns
+    -------
+    QueryResult
+        ``top`` (pyarrow: ``validation_id``, ``rank``, ``train_id``, ``score``...), and ``scores``
+        (float64, shape ``(n_validation or 1, n_train)``) when ``keep_scores``.
+
+    Example
+    -------
+    >>> r = forvalue.run_query("runs/store", ["val.jsonl"], forvalue.QueryConfig(top_k=5))   # doctest: +SKIP
+    >>> r.top.to_pandas().head()                                                             # doctest: +SKIP
     """
     from tqdm.auto import tqdm
 

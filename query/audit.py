@@ -151,12 +151,30 @@ def run_audit(
 
 
 def audits(store: str | Path) -> list[dict]:
-    """Metadata of every audit of a store (name, version, created, counts, validation hash), by name."""
+    """Metadata of every audit of a store (name, version, created, counts, validation hash), by name.
+
+    Example
+    -------
+    >>> [(a["name"], a["version"]) for a in forvalue.audits("runs/store")]   # doctest: +SKIP
+    [('v1', 1)]
+    """
     return list_audits(Store.open(store))
 
 
 def load_audit(store: str | Path | Store, name: str) -> tuple[pa.Table, dict]:
-    """The audit table (one row per training sample) and its metadata."""
+    """The audit table (one row per training sample) and its metadata.
+
+    Returns
+    -------
+    (pyarrow.Table, dict)
+        Columns ``id``, ``label``, ``score_mean``, ``rank``, ``flagged`` (and per-label/group
+        columns of the audit); the metadata as :func:`audits` lists it.
+
+    Example
+    -------
+    >>> table, meta = forvalue.load_audit("runs/store", "v1")   # doctest: +SKIP
+    >>> table.to_pandas().sort_values("rank").head()              # doctest: +SKIP
+    """
     store = store if isinstance(store, Store) else Store.open(store)
     return read_audit(store, name)
 
@@ -192,7 +210,20 @@ def _ranks(x: np.ndarray) -> np.ndarray:
 
 
 def compare_audits(store: str | Path, a: str, b: str, n_moved: int = 10) -> dict:
-    """Spearman rank correlation of two audits' mean scores, biggest rank moves, newly flagged ids."""
+    """Spearman rank correlation of two audits' mean scores, biggest rank moves, newly flagged ids.
+
+    Returns
+    -------
+    dict
+        ``common`` (samples in both), ``spearman``, ``moved`` (``n_moved`` dicts ``id``, ``rank_a``,
+        ``rank_b``), ``newly_flagged``, ``no_longer_flagged`` and ``scores`` (two float arrays,
+        shape ``(common,)``).
+
+    Example
+    -------
+    >>> c = forvalue.compare_audits("runs/store", "v1", "v2")   # doctest: +SKIP
+    >>> round(c["spearman"], 3), c["newly_flagged"][:3]          # doctest: +SKIP
+    """
     st = Store.open(store)
     ta, _ = read_audit(st, a)
     tb, _ = read_audit(st, b)

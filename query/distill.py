@@ -504,6 +504,10 @@ def evaluate_value_model(value_model: str | Path | ValueModel, store: str | Path
         ``heldout`` and ``all`` (:func:`agreement` of ``value`` against ``score_mean`` on the rows
         the model was not fit on, and on every row) and ``table`` (pyarrow: ``id``, ``value``,
         ``exact``, ``labelled``). Refuses a store or audit the model was not trained for.
+
+    Example
+    -------
+    >>> forvalue.evaluate_value_model("runs/value.model", "runs/store", "v1")["heldout"]   # doctest: +SKIP
     """
     from forvalue.audit import load_audit
 
@@ -612,6 +616,10 @@ def estimate(data: Sequence[str | Path], value_model: str | Path | ValueModel, o
     Returns
     -------
     EstimateReport
+
+    Example
+    -------
+    >>> forvalue.estimate(["pool/*.jsonl"], "runs/value.model", output="values.parquet")   # doctest: +SKIP
     """
     from forvalue.indexer.data import check_paths, iter_samples_with
 

@@ -77,6 +77,10 @@ def sketch_store(path, rebuild: bool = False, dim: int | None = None, seed: int 
     Streams the table ``block_rows`` rows at a time (Lance ``add_columns``); the manifest records
     the new sketch spec. A fitted sketch refits its basis from the first stored hidden states.
     Not safe while another process appends to the store.
+
+    Example
+    -------
+    >>> forvalue.sketch_store("runs/store", dim=256)     # then query with QueryConfig(prefilter=...)  # doctest: +SKIP
     """
     import dataclasses
     import time

@@ -51,6 +51,12 @@ def price(values: np.ndarray, groups: Sequence[str], config: PricingConfig = Pri
         One row per group, best (largest total) first: ``group``, ``n``, ``total``, ``mean``,
         ``share`` and their intervals ``total_low/high``, ``mean_low/high``, ``share_low/high``,
         and ``rank`` (1 = largest total).
+
+    Example
+    -------
+    >>> rows = forvalue.price(np.array([3.0, 1.0, 2.0]), ["a", "b", "a"])
+    >>> rows[0]["group"], rows[0]["total"]
+    ('a', 5.0)
     """
     values = np.asarray(values, np.float64)
     if values.ndim != 1 or len(values) != len(groups):
@@ -129,7 +135,12 @@ def audit_pricing(store, audit: str, data: Sequence[str | Path], config: Pricing
 
 
 def values_pricing(values: str | Path, config: PricingConfig, column: str = "value") -> list[dict]:
-    """:func:`price` of a values file from ``forvalue estimate --group-column C`` (it holds column C)."""
+    """:func:`price` of a values file from ``forvalue estimate --group-column C`` (it holds column C).
+
+    Example
+    -------
+    >>> forvalue.values_pricing("values.parquet", forvalue.PricingConfig(group_column="source"))  # doctest: +SKIP
+    """
     from forvalue.distill import read_values
 
     if not config.group_column:
