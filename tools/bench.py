@@ -75,8 +75,16 @@ SUITES: dict[str, Suite] = {
                      "seconds (reads the score matrices of a quality --workdir)",
                      "docs/benchmarks.md: Why the generated tasks changed",
                      needs="WORKDIR (a quality suite's -- --workdir folder)"),
+    "startup": Suite("bench_startup", "start-up of the commands that load no model (info, check, audit list/show, select)",
+                     "about 1 min (a tiny-model store, then 11 commands x 5 fresh processes)",
+                     "docs/benchmarks.md: Start-up of the commands that load no model"),
     "distill": Suite("bench_distill", "distilled value models: estimated vs exact values, estimate vs build throughput",
                      "about 30 min", "docs/benchmarks.md: Distilled value models"),
+    "selection": Suite("bench_selection", "LoRA fine-tunes on what each method selects: targeted, noisy pool, "
+                       "brittleness (issue 17)",
+                       "designed for < 2 h with SmolLM2-135M (3 seeds); -- --quick < 10 min; resumable from "
+                       "DIR/selection.work", "docs/selection.md; docs/benchmarks.md: Selection by value",
+                       workdir_option="--workdir", json=True),
 }
 
 
