@@ -6,6 +6,7 @@ import ast
 import importlib
 import importlib.metadata
 import inspect
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -41,7 +42,14 @@ def test_every_source_folder_with_modules_is_a_listed_package():
 
 
 def test_wheel_holds_only_the_forvalue_package(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    source = tmp_path / "src"  # a copy, so the build leaves no build/ folder in the checkout
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("query", "indexer", "storage", "schemas"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=ignore)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(tmp_path)], check=True, capture_output=True)
     (wheel,) = tmp_path.glob("forvalue-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
