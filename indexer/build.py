@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -24,7 +24,7 @@ from forvalue.storage.sketch_basis import load_basis, publish_basis
 from forvalue.storage.rows import encoded_to_arrow
 from forvalue.storage.store import Store, WriterLease
 
-from forvalue.indexer.data import Sample, check_inputs, iter_samples
+from forvalue.indexer.data import Sample, check_inputs, data_format, iter_samples
 from forvalue.indexer.encoder import EncodedSample, encode_stream
 from forvalue.indexer.images import ImageError
 from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
@@ -36,13 +36,20 @@ BASIS_FIT_TOKENS = 200_000
 
 @dataclass
 class BuildReport:
-    """Counts of one build run (also printed by the CLI)."""
+    """Counts of one build run (also printed by the CLI).
+
+    ``repeats_kept`` / ``repeats_dropped``: rows of this worker's shard, new to the store, that
+    repeat an earlier row's content (no id column), kept as their own samples or dropped by
+    ``dedupe``. ``duplicate_ids``: rows whose id column repeats an earlier row's id (the first is kept).
+    """
 
     store: str
     read: int = 0
     written: int = 0
     already_stored: int = 0
     duplicate_ids: int = 0
+    repeats_kept: int = 0
+    repeats_dropped: int = 0
     other_shard: int = 0
     truncated: int = 0
     no_scored_tokens: int = 0
@@ -61,6 +68,8 @@ def manifest_for(runner, data: DataConfig, encode: EncodeConfig) -> Manifest:
 
     A vision-language runner (``runner.model_kind == "vlm"``)
     always scores response tokens with its chat template, and records its image settings.
+    ``score_tokens="auto"`` should be resolved from the data first (:func:`resolve_score_tokens`);
+    left unresolved it is recorded as ``all``.
     """
     ident = runner.identity
     model_kind = runner.model_kind
@@ -76,7 +85,7 @@ def manifest_for(runner, data: DataConfig, encode: EncodeConfig) -> Manifest:
         hidden_size=runner.hidden_size,
         vocab_size=runner.vocab_size,
         top_m=min(encode.top_m, runner.vocab_size),
-        score_tokens="response" if vlm else encode.score_tokens,
+        score_tokens="response" if vlm else ("all" if encode.score_tokens == "auto" else encode.score_tokens),
         chat_template=data.chat_template or vlm,
         max_length=data.max_length,
         hidden_dtype=encode.hidden_dtype,
@@ -91,6 +100,15 @@ def manifest_for(runner, data: DataConfig, encode: EncodeConfig) -> Manifest:
         sketch_seed=encode.sketch_seed,
         sketch_basis=encode.sketch_basis,
     )
+
+
+def resolve_score_tokens(config: BuildConfig, inputs: list) -> BuildConfig:
+    """``config`` with ``score_tokens="auto"`` resolved: ``assistant`` when the first row of ``inputs`` is a
+    conversation (TRL conversational format), else ``all``."""
+    if config.encode.score_tokens != "auto":
+        return config
+    tokens = "assistant" if data_format(inputs, config.data) == "conversational" else "all"
+    return replace(config, encode=replace(config.encode, score_tokens=tokens))
 
 
 def in_shard(sample_id: str, shard: tuple[int, int]) -> bool:
@@ -131,6 +149,7 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
     started = time.perf_counter()
     inputs = list(inputs)
     check_inputs(inputs, config.data)  # a bad or empty input fails here, before the model loads or a store is made
+    config = resolve_score_tokens(config, inputs)
     # The writer lease (one unsharded writer, or sharded workers of distinct shards), taken before the
     # model loads when the store exists; a new store is leased right after it is created.
     existing = (Path(store_path) / MANIFEST_FILE).exists()
@@ -186,6 +205,9 @@ def _new_samples(samples: Iterator[Sample], runner, config: BuildConfig, stored:
         if not in_shard(sample.id, config.shard):
             report.other_shard += 1
             continue
+        if sample.occurrence and config.dedupe:
+            report.repeats_dropped += 1
+            continue
         if sample.id in stored:
             report.already_stored += 1
             continue
@@ -193,6 +215,7 @@ def _new_samples(samples: Iterator[Sample], runner, config: BuildConfig, stored:
             report.duplicate_ids += 1
             continue
         seen.add(sample.id)
+        report.repeats_kept += sample.occurrence > 0
         try:
             tok = runner.tokenize(sample, config.encode.score_tokens, data.max_length, data.chat_template)
         except ImageError:  # a missing or undecodable image: a bad row like NaN/inf outputs

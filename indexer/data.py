@@ -1,26 +1,39 @@
-"""Read training or validation samples from JSONL, Parquet, CSV or a ``datasets`` folder.
+"""Read training or validation samples from JSONL, Parquet, CSV or ``datasets`` folders, plain or at scale.
 
-Rows are streamed (never the whole file in memory) and validated one by one; a bad row
-raises :class:`~forvalue.schemas.errors.InputDataError` naming the file, the line (JSONL, CSV)
-or row number (Parquet, Arrow) and the field.
+An input is a file, a folder of shards (every data file under it, in sorted order), a glob
+(``data/*.parquet``) or a ``datasets`` ``save_to_disk`` folder; JSONL and CSV may be gzip
+(``.gz``) or zstandard (``.zst``) compressed. Rows are streamed (never a whole file in memory)
+and validated one by one; a bad row raises :class:`~forvalue.schemas.errors.InputDataError`
+naming the file, the line (JSONL, CSV) or row number (Parquet, Arrow) and the field.
+
+Each row is one of the TRL dataset formats (:mod:`forvalue.indexer.formats`): ``text``,
+``prompt`` + ``completion`` (or ``response``), or a conversation (``messages``, or
+``prompt``/``completion`` given as message lists). Rows without an ``id`` column get a content
+hash; a row repeating an earlier row's content gets the hash plus ``-K`` (its K-th repeat), so
+repeats stay separate samples (docs/data-formats.md).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
 
 from forvalue.schemas.config import DataConfig
 from forvalue.schemas.errors import InputDataError
 
+from forvalue.indexer.formats import detect_format, parse_messages
 from forvalue.indexer.images import ImageRef, parse_image_cell
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+COMPRESSIONS = (".gz", ".zst")
 _ARROW_BLOCK = 1024
 FIRST_PASS_ROWS = 1000  # rows of each input validated by check_inputs before a model loads
 
@@ -29,9 +42,20 @@ FIRST_PASS_ROWS = 1000  # rows of each input validated by check_inputs before a 
 class Sample:
     """One input row, validated.
 
-    Exactly one of ``text`` or (``prompt``, ``response``) is set. ``source`` is
+    Exactly one of ``text``, (``prompt``, ``response``) or ``messages`` is set. ``source`` is
     ``"file:line"`` for messages about this row later in the pipeline. ``image`` says
     where the row's image is (vision-language data); it is decoded only when encoded.
+
+    Attributes
+    ----------
+    messages : tuple of (role, content) pairs, optional
+        A conversation (TRL conversational format), rendered with the model's chat template.
+    context_turns : int
+        The first ``context_turns`` turns of ``messages`` are the prompt (TRL conversational
+        prompt-completion: ``prompt`` as a message list); only later assistant turns are scored
+        with ``score_tokens='assistant'``. 0 for a ``messages`` row.
+    occurrence : int
+        0 for the first row with this content, K for its K-th repeat (rows without an id column).
     """
 
     id: str
@@ -41,38 +65,112 @@ class Sample:
     label: str | None
     source: str
     image: ImageRef | None = None
+    messages: tuple[tuple[str, str], ...] | None = None
+    context_turns: int = 0
+    occurrence: int = 0
 
     @property
     def full_text(self) -> str:
+        """The sample as one readable text (conversations: one ``role: content`` line per turn)."""
+        if self.messages is not None:
+            return "\n".join(f"{role}: {content}" for role, content in self.messages)
         return self.text if self.text is not None else f"{self.prompt}{self.response}"
 
 
-def content_id(prompt: str | None, response: str | None, text: str | None, image_key: str | None = None) -> str:
+def content_id(prompt: str | None, response: str | None, text: str | None, image_key: str | None = None,
+               messages: tuple[tuple[str, str], ...] | None = None, context_turns: int = 0) -> str:
     """Stable id of a row without an ``id`` column: 16 hex digits of a SHA-256 of its content.
 
     ``image_key`` (the image path as written, or the hash of its bytes) is part of the
-    content of an image row, so rows that differ only in their image get different ids.
+    content of an image row, so rows that differ only in their image get different ids. A
+    conversation's turns (and where its prompt ends) are its content.
     """
-    content = [prompt, response, text] if image_key is None else [prompt, response, text, image_key]
+    content: list = [prompt, response, text] if image_key is None else [prompt, response, text, image_key]
+    if messages is not None:
+        content += [[list(turn) for turn in messages], context_turns]
     payload = json.dumps(content, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
+class _KeySet:
+    """A set of 64-bit keys in a numpy open-addressing table: 16 to 32 bytes per key (a Python set of ints: ~100).
+
+    Keys are the leading 64 bits of a SHA-256 (uniform), so their low bits index the table directly.
+    """
+
+    def __init__(self, capacity: int = 1 << 12):
+        self.table = np.zeros(capacity, dtype=np.uint64)
+        self.size = 0
+
+    def add(self, key: int) -> bool:
+        """Insert ``key``; True if it was not in the set."""
+        key = key or 1  # 0 marks an empty slot
+        if not self._insert(self.table, key):
+            return False
+        self.size += 1
+        if 2 * self.size > len(self.table):
+            keys = self.table[self.table != 0]
+            self.table = np.zeros(2 * len(self.table), dtype=np.uint64)
+            for start in range(0, len(keys), 4096):  # as Python ints a few thousand at a time
+                for k in keys[start : start + 4096].tolist():
+                    self._insert(self.table, k)
+        return True
+
+    @staticmethod
+    def _insert(table: np.ndarray, key: int) -> bool:
+        mask = len(table) - 1
+        slot = key & mask
+        while True:
+            held = int(table[slot])
+            if held == 0:
+                table[slot] = key
+                return True
+            if held == key:
+                return False
+            slot = (slot + 1) & mask
+
+
+class _Occurrences:
+    """Numbers repeated content ids in reading order: the K-th repeat of id X becomes ``X-K``.
+
+    Holds one 64-bit key per distinct content (:class:`_KeySet`) and a count per repeated
+    content, not the rows.
+    """
+
+    def __init__(self) -> None:
+        self.seen = _KeySet()
+        self.repeats: dict[int, int] = {}
+
+    def number(self, sample: Sample) -> Sample:
+        key = int(sample.id, 16)
+        if self.seen.add(key):
+            return sample
+        k = self.repeats.get(key, 0) + 1
+        self.repeats[key] = k
+        return replace(sample, id=f"{sample.id}-{k}", occurrence=k)
+
+
 def iter_samples(paths: Iterable[str | Path], config: DataConfig) -> Iterator[Sample]:
-    """Stream validated samples from every path, in order.
+    """Stream validated samples from every input, in order.
 
     Parameters
     ----------
     paths : iterable of str or Path
-        Data files (``.jsonl``/``.json`` with one object per line, ``.parquet``, ``.csv``)
-        or folders written by ``datasets.Dataset.save_to_disk``.
+        Data files (``.jsonl``/``.json`` with one object per line, ``.parquet``, ``.csv``; JSONL
+        and CSV also ``.gz`` or ``.zst``), folders of such files (shards, read in sorted order),
+        globs, or folders written by ``datasets.Dataset.save_to_disk``
+        (:func:`expand_inputs`).
     config : DataConfig
-        Column names.
+        Format and column names.
+
+    Yields
+    ------
+    Sample
+        Rows without an id column get content-hash ids; the K-th repeat of a content (counted
+        over all ``paths`` in order) gets ``<hash>-K``, so re-reading the same inputs gives the same ids.
     """
-    for path in paths:
-        path = Path(path)
-        for where, row in _iter_rows(path):
-            yield _to_sample(path, where, row, config)
+    for sample, _ in _samples(paths, config, ()):
+        yield sample
 
 
 def iter_samples_with(paths: Iterable[str | Path], config: DataConfig,
@@ -81,23 +179,95 @@ def iter_samples_with(paths: Iterable[str | Path], config: DataConfig,
 
     A missing or empty extra value raises :class:`InputDataError` naming file, line and field.
     """
-    columns = list(columns)
-    for path in paths:
-        path = Path(path)
+    yield from _samples(paths, config, list(columns))
+
+
+def _samples(paths, config: DataConfig, columns) -> Iterator[tuple[Sample, dict[str, str]]]:
+    occurrences = _Occurrences()
+    for path in expand_inputs(paths):
         for where, row in _iter_rows(path):
-            yield _to_sample(path, where, row, config), {c: _field(path, where, row, c, required=True) for c in columns}
+            sample, generated = _to_sample(path, where, row, config)
+            if generated:
+                sample = occurrences.number(sample)
+            yield sample, {c: _field(path, where, row, c, required=True) for c in columns}
+
+
+def data_format(paths: Iterable[str | Path], config: DataConfig) -> str | None:
+    """The format (``text``, ``prompt-completion`` or ``conversational``) of the first row of the inputs.
+
+    ``config.format`` when it is not ``auto``; None when the inputs hold no row.
+    """
+    if config.format != "auto":
+        return config.format
+    for path in expand_inputs(paths):
+        for where, row in _iter_rows(path):
+            return detect_format(path, where, row, config)
+    return None
+
+
+def _kind(path: Path) -> tuple[str, str | None] | None:
+    """``(suffix, compression)`` of a data file name (``x.jsonl.zst`` -> ``(".jsonl", ".zst")``), None if unknown."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    compression = None
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        compression = suffixes.pop()
+    if suffixes and suffixes[-1] in SUFFIXES and not (compression and suffixes[-1] == ".parquet"):
+        return suffixes[-1], compression
+    return None
+
+
+def _known() -> str:
+    return ", ".join(SUFFIXES) + " (JSONL and CSV also .gz or .zst)"
+
+
+def _is_datasets_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "state.json").exists()
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every data file or ``datasets`` folder the inputs name, in order.
+
+    A file stays itself; a ``datasets`` ``save_to_disk`` folder (with ``state.json``) stays one
+    input; any other folder becomes the data files under it (recursively, hidden ones left out,
+    sorted by path); a pattern with ``*``, ``?`` or ``[`` becomes its sorted matches (``**``
+    crosses folders). Raises :class:`InputDataError` naming the path when something is missing,
+    matches nothing, or has an unknown format.
+    """
+    out: list[Path] = []
+    for item in paths:
+        text = str(item)
+        if any(c in text for c in "*?[") and not Path(text).exists():
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            found = [m for m in matches if _is_datasets_folder(m) or (m.is_file() and _kind(m))]
+            if not found:
+                what = "matches no file" if not matches else f"matches no data file ({_known()})"
+                raise InputDataError(text, f"{what}; check the pattern (quote it so the shell leaves it to forvalue)")
+            out.extend(found)
+            continue
+        path = Path(text)
+        if not path.exists():
+            raise InputDataError(path, "no such file or folder")
+        if path.is_dir() and not _is_datasets_folder(path):
+            if (path / "dataset_dict.json").exists():
+                raise InputDataError(path, "is a datasets DatasetDict folder; give one split's folder (e.g. "
+                                     f"{path / 'train'})")
+            files = sorted(f for f in path.rglob("*") if f.is_file() and _kind(f)
+                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
+            if not files:
+                raise InputDataError(path, f"folder holds no data file ({_known()}) and is not a datasets "
+                                     "save_to_disk folder (no state.json)")
+            out.extend(files)
+            continue
+        out.append(path)
+    return out
 
 
 def check_paths(paths: Iterable[str | Path]) -> None:
     """Fail fast (before a model is loaded or a store created) on a missing path or unknown format."""
-    for path in map(Path, paths):
-        if not path.exists():
-            raise InputDataError(path, "no such file or folder")
-        if path.is_dir():
-            if not (path / "state.json").exists():
-                raise InputDataError(path, "folder is not a datasets save_to_disk folder (no state.json)")
-        elif path.suffix.lower() not in SUFFIXES:
-            raise InputDataError(path, f"unknown format '{path.suffix}'; use one of {', '.join(SUFFIXES)} or a datasets folder")
+    for path in expand_inputs(paths):
+        if path.is_file() and _kind(path) is None:
+            raise InputDataError(path, f"unknown format '{''.join(path.suffixes[-2:]) or path.name}'; use one of "
+                                 f"{_known()}, a folder of them, or a datasets folder")
 
 
 def check_inputs(paths: Iterable[str | Path], config: DataConfig, rows: int | None = None) -> None:
@@ -107,9 +277,9 @@ def check_inputs(paths: Iterable[str | Path], config: DataConfig, rows: int | No
     from itertools import islice
 
     rows = FIRST_PASS_ROWS if rows is None else rows
-    paths = list(paths)
-    check_paths(paths)
-    for path in paths:
+    files = expand_inputs(paths)
+    check_paths(files)
+    for path in files:
         if not sum(1 for _ in islice(iter_samples([path], config), rows)):
             raise InputDataError(path, "holds no rows; nothing to index (check the file, or leave it out)")
 
@@ -119,9 +289,9 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     if path.is_dir():
         yield from _iter_arrow_folder(path)
         return
-    suffix = path.suffix.lower()
+    suffix, compression = _kind(path)
     if suffix in (".jsonl", ".json"):
-        yield from _iter_jsonl(path)
+        yield from _iter_jsonl(path, compression)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -131,31 +301,74 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         except pa.ArrowInvalid as exc:
             raise InputDataError(path, f"not a readable Parquet file ({exc})") from None
     else:  # ".csv" (check_paths refused the rest)
-        yield from _iter_csv(path)
+        yield from _iter_csv(path, compression)
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open("rb") as handle:
-        for lineno, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InputDataError(path, f"not UTF-8 text (byte {exc.start + 1}); re-save the file as UTF-8", line=lineno) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputDataError(path, f"malformed JSON ({exc.msg}, column {exc.colno})", line=lineno) from None
-            if not isinstance(row, dict):
-                raise InputDataError(path, f"expected a JSON object, got {type(row).__name__}", line=lineno)
-            yield lineno, row
+def _open_binary(path: Path, compression: str | None):
+    """A buffered binary stream of the file's (decompressed) bytes."""
+    if compression == ".gz":
+        import gzip
+
+        return gzip.open(path, "rb")
+    if compression == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise InputDataError(path, "reading .zst files needs the zstandard package (pip install zstandard)") \
+                from None
+        raw = path.open("rb")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return path.open("rb")
 
 
-def _iter_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def _decompress_errors() -> tuple[type[BaseException], ...]:
+    import gzip
+    import zlib
+
+    errors: list[type[BaseException]] = [gzip.BadGzipFile, EOFError, zlib.error]
+    try:
+        import zstandard
+
+        errors.append(zstandard.ZstdError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _iter_jsonl(path: Path, compression: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    lineno = 0
+    try:
+        with _open_binary(path, compression) as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                row = _json_row(path, lineno, raw)
+                if row is not None:
+                    yield lineno, row
+    except _decompress_errors() as exc:
+        raise InputDataError(path, f"not a readable {compression} file ({exc or type(exc).__name__}) after line "
+                             f"{lineno}; the file is damaged or cut short", line=lineno + 1) from None
+
+
+def _json_row(path: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputDataError(path, f"not UTF-8 text (byte {exc.start + 1}); re-save the file as UTF-8", line=lineno) from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputDataError(path, f"malformed JSON ({exc.msg}, column {exc.colno})", line=lineno) from None
+    if not isinstance(row, dict):
+        raise InputDataError(path, f"expected a JSON object, got {type(row).__name__}", line=lineno)
+    return row
+
+
+def _iter_csv(path: Path, compression: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     import csv
 
-    with path.open("r", encoding="utf-8-sig", newline="") as handle:
+    binary = _open_binary(path, compression)
+    with io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
         try:
             for row in reader:
@@ -166,6 +379,9 @@ def _iter_csv(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             raise InputDataError(path, "not UTF-8 text; re-save the file as UTF-8") from None
         except csv.Error as exc:
             raise InputDataError(path, f"malformed CSV ({exc})", line=reader.line_num) from None
+        except _decompress_errors() as exc:
+            raise InputDataError(path, f"not a readable {compression} file ({exc or type(exc).__name__}); the file "
+                                 "is damaged or cut short", line=reader.line_num + 1) from None
 
 
 def _number_batches(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -221,37 +437,37 @@ def _field(path: Path, where: int, row: dict[str, Any], name: str, required: boo
     return value
 
 
-def _to_sample(path: Path, where: int, row: dict[str, Any], config: DataConfig) -> Sample:
-    text_column = config.text_column
-    if text_column is None and not (config.prompt_column in row and config.response_column in row):
-        text_column = "text" if "text" in row else None
-        if text_column is None and (config.prompt_column in row or config.response_column in row):
-            missing = config.response_column if config.prompt_column in row else config.prompt_column
-            raise InputDataError(
-                path, f"missing column (row has: {', '.join(sorted(row))}); name yours with "
-                "--prompt-column/--response-column, or use --text-column", line=where, field=missing,
-            )
-        if text_column is None:
-            raise InputDataError(
-                path,
-                f"row has neither '{config.prompt_column}' + '{config.response_column}' nor 'text' "
-                f"(columns: {', '.join(sorted(row)) or 'none'}); name yours with --prompt-column/--response-column "
-                "or --text-column",
-                line=where,
-            )
-    if text_column is not None:
-        prompt = response = None
-        text = _field(path, where, row, text_column, required=True, text=True)
-    else:
-        text = None
+def _to_sample(path: Path, where: int, row: dict[str, Any], config: DataConfig) -> tuple[Sample, bool]:
+    """The row as a Sample, and whether its id was generated (no id column)."""
+    fmt = detect_format(path, where, row, config)
+    prompt = response = text = messages = None
+    context_turns = 0
+    if fmt == "text":
+        text = _field(path, where, row, config.text_column or "text", required=True, text=True)
+    elif fmt == "prompt-completion":
         prompt = _field(path, where, row, config.prompt_column, required=True, text=True)
-        response = _field(path, where, row, config.response_column, required=True, text=True)
+        response = _field(path, where, row, _response_column(row, config), required=True, text=True)
+    elif config.messages_column in row or config.prompt_column not in row:
+        messages = parse_messages(path, where, row, config.messages_column)
+    else:  # conversational prompt-completion: prompt and completion as message lists (or one of them a string)
+        head = parse_messages(path, where, row, config.prompt_column, default_role="user")
+        tail = parse_messages(path, where, row, _response_column(row, config), default_role="assistant")
+        messages, context_turns = head + tail, len(head)
     label = _field(path, where, row, config.label_column, required=False)
     image = _image(path, where, row, config.image_column)
     sample_id = _field(path, where, row, config.id_column, required=False)
-    if sample_id is None:
-        sample_id = content_id(prompt, response, text, image.key if image else None)
-    return Sample(sample_id, prompt, response, text, label, f"{path}:{where}", image)
+    generated = sample_id is None
+    if generated:
+        sample_id = content_id(prompt, response, text, image.key if image else None, messages, context_turns)
+    sample = Sample(sample_id, prompt, response, text, label, f"{path}:{where}", image, messages, context_turns)
+    return sample, generated
+
+
+def _response_column(row: dict[str, Any], config: DataConfig) -> str:
+    """The response column: ``--response-column`` if given, else ``completion`` (TRL), else ``response``."""
+    if config.response_column is not None:
+        return config.response_column
+    return "completion" if "completion" in row or "response" not in row else "response"
 
 
 def _image(path: Path, where: int, row: dict[str, Any], column: str | None) -> ImageRef | None:

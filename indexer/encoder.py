@@ -99,7 +99,7 @@ def encode_batch(runner, batch: list[TokenizedSample], config: EncodeConfig, tra
         hidden = runner.hidden_states(ids, mask)
     rows, cols = [], []
     for row, s in enumerate(batch):
-        positions = torch.arange(s.first_target - 1, len(s.input_ids) - 1)
+        positions = torch.from_numpy(s.target_indices() - 1)
         rows.append(torch.full_like(positions, row))
         cols.append(positions)
     rows_t, cols_t = torch.cat(rows), torch.cat(cols)

@@ -119,6 +119,11 @@ class VisionTextInputs:
         forvalue.indexer.images.ImageError
             The image is missing or does not decode.
         """
+        if sample.messages is not None:
+            raise InputDataError(
+                sample.source, "conversations (message lists) are not supported with a vision-language model yet; "
+                "give prompt/response string columns", field="messages",
+            )
         if sample.text is not None:
             raise InputDataError(
                 sample.source, "a vision-language model scores the response: give prompt/response columns "

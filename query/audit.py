@@ -42,7 +42,8 @@ class AuditSummary:
 
 
 def validation_hash(samples) -> str:
-    rows = [[s.prompt, s.response, s.text, s.label] + ([s.image.content_sha256()] if s.image is not None else []) for s in samples]
+    rows = [[s.prompt, s.response, s.text, s.label] + ([s.image.content_sha256()] if s.image is not None else [])
+            + ([[list(t) for t in s.messages], s.context_turns] if s.messages is not None else []) for s in samples]
     payload = json.dumps(sorted(rows), ensure_ascii=False, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 

@@ -746,6 +746,12 @@ def select_by_values(values: str | Path, data: Sequence[str | Path], top: str | 
         k = wanted.get(s.id)
         if k is not None and out[k] is None:
             row = {"id": s.id, "prompt": s.prompt, "response": s.response, "text": s.text, "label": s.label}
+            if s.messages is not None:  # a conversation: its turns as TRL messages, the prompt's turns apart
+                turns = [{"role": r, "content": c} for r, c in s.messages]
+                if s.context_turns:
+                    row.update(prompt=turns[: s.context_turns], completion=turns[s.context_turns:])
+                else:
+                    row["messages"] = turns
             out[k] = {key: val for key, val in row.items() if val is not None}
     missing = [ids[j] for k, j in enumerate(keep) if out[k] is None]
     if missing:

@@ -24,7 +24,8 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
-ScoreTokens = Literal["all", "response"]
+ScoreTokens = Literal["auto", "all", "response", "assistant"]
+DataFormat = Literal["auto", "text", "prompt-completion", "conversational"]
 OnBad = Literal["error", "skip"]
 Normalize = Literal["none", "cosine"]
 Aggregate = Literal["none", "mean"]
@@ -60,20 +61,32 @@ def bounded(default: Any, help: str, low: float, **kw) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Which columns of a data file hold what.
+    """Which format the data has and which columns hold what.
 
-    Either ``text_column`` names a single text column (every token is context and
-    target), or ``prompt_column`` + ``response_column`` hold the two halves. When
-    ``text_column`` is None the loader uses prompt/response if both exist, else ``text``.
+    ``format="auto"`` reads each row's format from its columns (TRL dataset formats,
+    docs/data-formats.md): a ``messages_column`` list of ``{role, content}`` turns or
+    ``prompt``/``completion`` message lists (conversational), ``prompt_column`` +
+    ``response_column`` strings (prompt-completion; the response column defaults to
+    ``completion``, else ``response``), or a single text column (``text_column``, default
+    ``text``: every token is context and target).
     """
 
+    format: DataFormat = setting(
+        "auto", "Data format (TRL): auto = from each row's columns (messages -> conversational, prompt + "
+                "completion/response -> prompt-completion, or conversational when they are message lists, "
+                "text -> text).",
+        choices=("auto", "text", "prompt-completion", "conversational"))
     prompt_column: str = setting("prompt", "Column with the prompt (context).")
-    response_column: str = setting("response", "Column with the response.")
+    response_column: str | None = setting(
+        None, "Column with the response (default: 'completion' when the row has it, else 'response').")
     text_column: str | None = setting(
         None, "Use this single text column instead of prompt/response (default: 'text' when prompt/response are absent).")
+    messages_column: str = setting("messages", "Column with a conversation: a list of {role, content} messages.")
     id_column: str = setting("id", "Column with sample ids (else a content hash).")
     label_column: str = setting("label", "Optional label column, kept for reports.")
-    chat_template: bool = setting(False, "Wrap prompts in the tokenizer's chat template.")
+    chat_template: bool = setting(
+        False, "Wrap prompt-completion prompts in the tokenizer's chat template (conversations always use it when "
+               "the tokenizer has one).")
     max_length: int = bounded(512, "Tokens kept per sample; longer ones are truncated and counted.", 2)
     image_column: str | None = setting(
         None, "Vision-language data: column with each row's image (path relative to the data file's folder, bytes, "
@@ -115,9 +128,13 @@ class EncodeConfig:
     top_m : int
         Number of most likely tokens whose probabilities are kept (the target is always
         kept besides them).
-    score_tokens : {"all", "response"}
-        Positions scored: every next-token prediction of the whole text (paper default
-        for text tasks) or only the response tokens.
+    score_tokens : {"auto", "all", "response", "assistant"}
+        Positions scored: every next-token prediction of the whole text (``all``, paper default
+        for text tasks), only the response tokens (``response``; in a ``messages`` conversation
+        the last assistant turn), or every assistant turn of a conversation (``assistant``; on
+        prompt-completion rows the response). ``auto`` (the default) is ``assistant`` when the
+        first row of the build's data is a conversation, else ``all``; the store's manifest records
+        the resolved value.
     lowest_likelihood_ratio : float or None
         Keep only the ceil(r * n) positions with the lowest target probability
         (training side only).
@@ -132,8 +149,10 @@ class EncodeConfig:
 
     top_m: int = bounded(32, "Most likely tokens kept per position (the target is always kept).", 1)
     score_tokens: ScoreTokens = setting(
-        "all", "Positions scored: whole text (paper default for text tasks) or response only (vision-language models: "
-               "always response).", choices=("all", "response"))
+        "auto", "Positions scored: all = whole text (paper default for text tasks), response = response only (in a "
+                "conversation the last assistant turn), assistant = every assistant turn; auto = assistant for "
+                "conversational data, else all (vision-language models: always response).",
+        choices=("auto", "all", "response", "assistant"))
     lowest_likelihood_ratio: float | None = setting(
         None, "Keep only this fraction of positions, those with the lowest target probability.")
     hidden_dtype: str = setting("float16", "Storage dtype of hidden states.", choices=HIDDEN_DTYPES)
@@ -169,6 +188,9 @@ class BuildConfig:
     write_every: int = bounded(256, "Samples per atomic commit to the store.", 1)
     shard: tuple[int, int] = setting(
         (0, 1), "I/N: this worker takes the ids whose hash falls in shard I of N (parallel workers, one store).")
+    dedupe: bool = setting(
+        False, "Drop rows repeating an earlier row's content (no id column); by default each repeat is kept as its "
+               "own sample with id <hash>-K.")
     progress: bool = setting(True, "Show a progress bar.", cli=False)
 
     def __post_init__(self) -> None:

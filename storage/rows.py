@@ -36,7 +36,8 @@ def encoded_to_arrow(encoded: list, hidden_dtype: str, sketch: pa.FixedSizeListA
         "label": pa.array([s.label for s in samples], pa.string()),
         "prompt": pa.array([s.prompt for s in samples], pa.string()),
         "response": pa.array([s.response for s in samples], pa.string()),
-        "text": pa.array([s.text for s in samples], pa.string()),
+        # a conversation is kept readable as one "role: content" line per turn (Sample.full_text)
+        "text": pa.array([s.full_text if s.messages is not None else s.text for s in samples], pa.string()),
         "n_tokens": pa.array([len(e.tokenized.input_ids) for e in encoded], pa.int32()),
         "truncated": pa.array([e.tokenized.truncated for e in encoded], pa.bool_()),
         "n_scored": pa.array([len(e.hidden) for e in encoded], pa.int32()),

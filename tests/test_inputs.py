@@ -205,8 +205,8 @@ def test_missing_id_gets_stable_content_hash(tmp_path, tiny_runner, tiny_model_d
     path = write_jsonl(tmp_path / "noid.jsonl", rows)
     ids = [s.id for s in iter_samples([path], DataConfig())]
     assert ids == [s.id for s in iter_samples([path], DataConfig())]
-    assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
-    assert len(set(ids[:-1])) == len(ROWS) and ids[-1] == ids[0]
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids[:-1])
+    assert len(set(ids)) == len(rows) and ids[-1] == ids[0] + "-1"  # the repeat is its own sample
     # a label does not take part in the content
     relabelled = write_jsonl(tmp_path / "relabel.jsonl", [{**r, "label": "other"} for r in rows])
     assert [s.id for s in iter_samples([relabelled], DataConfig())] == ids
@@ -217,13 +217,13 @@ def test_missing_id_gets_stable_content_hash(tmp_path, tiny_runner, tiny_model_d
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).resolve().parents[1], check=True)
     assert json.loads(out.stdout) == ids
-    # the repeated row is stored once, and a second build finds every id already stored
+    # the repeated row is stored as a second sample, and a second build finds every id already stored
     cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False)
     first = build_index([path], tmp_path / "store", cfg, runner=tiny_runner)
     again = build_index([path], tmp_path / "store", cfg, runner=tiny_runner)
-    assert (first.written, first.duplicate_ids) == (len(ROWS), 1)
+    assert (first.written, first.duplicate_ids, first.repeats_kept) == (len(rows), 0, 1)
     assert (again.written, again.already_stored) == (0, len(rows))
-    assert sorted(Store.open(tmp_path / "store").ids()) == sorted(set(ids))
+    assert sorted(Store.open(tmp_path / "store").ids()) == sorted(ids)
 
 
 # -- bad data files through the CLI ---------------------------------------------------

@@ -7,7 +7,8 @@ import click
 from forvalue.cli.options import config_options, make, quiet_option, store_option, validation_option
 from forvalue.schemas.config import AuditConfig, DataConfig, PricingConfig
 
-_COLUMNS = ("prompt_column", "response_column", "text_column", "id_column", "label_column", "image_column")
+_COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messages_column", "id_column", "label_column",
+            "image_column")
 _report_option = click.option("--report", type=click.Path(), default=None, help="Also write a self-contained HTML report here.")
 
 
@@ -59,7 +60,8 @@ def audit_list(store):
 @_report_option
 @config_options(PricingConfig)
 @click.option("--data", multiple=True, type=click.Path(), help="With --group-column: the data file(s) holding it.")
-@config_options(DataConfig, only=("id_column", "prompt_column", "response_column", "text_column"))
+@config_options(DataConfig, only=("id_column", "format", "prompt_column", "response_column", "text_column",
+                                  "messages_column"))
 def audit_show(store, name, n_examples, report, data, **kw):
     """Summary of one audit: counts, score distribution, top and bottom examples; value per group (--group-column)."""
     from forvalue.audit import audit_summary
@@ -122,7 +124,8 @@ def audit_compare(store, a, b, report):
 @click.option("--top", default=None, help="Keep the best N or N%.")
 @click.option("--drop-bottom", default=None, help="Drop the worst N or N%.")
 @click.option("--output", "-o", required=True, type=click.Path(), help="JSONL file for fine-tuning.")
-@config_options(DataConfig, only=("id_column", "prompt_column", "response_column", "text_column", "label_column"))
+@config_options(DataConfig, only=("id_column", "format", "prompt_column", "response_column", "text_column",
+                                  "messages_column", "label_column"))
 def select(store, audit_name, values, data, top, drop_bottom, output, **kw):
     """Write the training subset chosen by an audit (or by estimated values) as JSONL (id, prompt, response|text, label)."""
     from forvalue.schemas.errors import ForValueError

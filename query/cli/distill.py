@@ -7,7 +7,7 @@ import click
 from forvalue.cli.options import config_options, make, quiet_option, store_option
 from forvalue.schemas.config import DataConfig, DistillConfig, PricingConfig
 
-_COLUMNS = ("prompt_column", "response_column", "text_column", "id_column", "label_column")
+_COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messages_column", "id_column", "label_column")
 
 
 def _fmt(m: dict | None) -> str:

@@ -10,7 +10,8 @@ from forvalue.cli.options import config_options, json_option, make, quiet_option
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig
 
 _SKETCH_FIELDS = ("sketch_dim", "sketch_vocab_buckets", "sketch_hidden_cols", "sketch_basis")
-_COLUMNS = ("prompt_column", "response_column", "text_column", "id_column", "label_column", "image_column")
+_COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messages_column", "id_column", "label_column",
+            "image_column")
 
 
 @click.group()
@@ -25,8 +26,10 @@ def _print_report(report, as_json: bool) -> None:
     click.echo(
         f"{report.store}: wrote {report.written} samples ({report.tokens_scored} scored tokens) in {report.seconds:.1f}s; "
         f"skipped {report.already_stored} already stored, {report.duplicate_ids} repeated ids, "
+        f"{report.repeats_dropped} repeated rows (--dedupe), "
         f"{report.no_scored_tokens} without scored tokens, {report.bad_skipped} bad (NaN/inf or unreadable image); "
-        f"{report.truncated} truncated to {report.max_length} tokens; store now holds {report.total_rows} samples"
+        f"{report.truncated} truncated to {report.max_length} tokens; kept {report.repeats_kept} repeated rows as "
+        f"their own samples; store now holds {report.total_rows} samples"
     )
 
 

@@ -7,7 +7,8 @@ import click
 from forvalue.cli.options import config_options, make, quiet_option, store_option, validation_option
 from forvalue.schemas.config import DataConfig, ModelConfig, QueryConfig
 
-_COLUMNS = ("prompt_column", "response_column", "text_column", "id_column", "label_column", "image_column")
+_COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messages_column", "id_column", "label_column",
+            "image_column")
 
 
 @click.command("query")

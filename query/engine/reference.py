@@ -35,7 +35,7 @@ def dense_matrices(
         tok = tokenize_sample(tokenizer, sample, score_tokens, max_length, chat_template)
     ids = torch.tensor([tok.input_ids])
     out = model(input_ids=ids, output_hidden_states=True, **_image_inputs(model, ids, tok.vision))
-    positions = torch.arange(tok.first_target - 1, len(tok.input_ids) - 1)
+    positions = torch.from_numpy(tok.target_indices() - 1)
     hidden = out.hidden_states[-1][0, positions].double()
     probs = torch.softmax(out.logits[0, positions].double(), dim=-1)
     targets = ids[0, positions + 1]

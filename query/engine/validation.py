@@ -152,6 +152,8 @@ def cache_key(sample: Sample, manifest: Manifest) -> str:
 
     ident = [getattr(manifest, name) for name in MUST_MATCH] + [manifest.hidden_dtype]
     content = [ident, sample.prompt, sample.response, sample.text]
+    if sample.messages is not None:  # a conversation: its turns and where its prompt ends
+        content += [[list(turn) for turn in sample.messages], sample.context_turns]
     if sample.image is not None:  # the image's bytes, not its path: an edited image is re-encoded
         content.append(sample.image.content_sha256())
     payload = json.dumps(content, ensure_ascii=False)
