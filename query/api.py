@@ -135,19 +135,27 @@ def score_all(store: str | Path | Store, val: ValidationSet, config: QueryConfig
     """Stream the whole store through the exact scorer; yields ``(first_row, ids, labels, scores)``.
 
     ``scores`` is float64 of shape ``(rows, n_val)`` (or ``(rows, 1)`` with
-    ``aggregate='mean'``), already normalized per ``config.normalize``.
+    ``aggregate='mean'``), already normalized per ``config.normalize``. The mean is scored in the
+    G-form (one matrix ``mean_v G_v``) when :func:`forvalue.engine.gform.choose_form` finds it cheaper.
     """
+    from forvalue.engine.gform import BlockedGForm, choose_form
+
     store = _open(store)
-    scorer = BlockedScorer(val, device, config.val_block_tokens)
-    val_norms = np.sqrt(val.sq_norms)
-    if config.aggregate == "mean":
+    gform = config.aggregate == "mean" and choose_form(val, 1) == "gform"
+    if gform:  # one matrix mean_v G_v scored against every stored row (forvalue.engine.gform, docs/gform.md)
+        scorer = BlockedGForm(val, np.full((len(val), 1), 1.0 / len(val)), device)
+        val_norms = np.sqrt(np.maximum(scorer.sq_frobenius(), 0.0))
+    else:
+        scorer = BlockedScorer(val, device, config.val_block_tokens)
+        val_norms = np.sqrt(val.sq_norms)
+    if config.aggregate == "mean" and not gform:
         gram = scorer.score(TrainBlock(val.hidden, val.ids, val.values, val.lengths, val.sq_norms))
         val_norms = np.sqrt(np.array([max(gram.mean(), 0.0)]))
     first = 0
     for batch in store.scan(SCORING_COLUMNS + ["id", "label"], batch_size=config.read_rows):
         block = decode_block(batch, store.manifest.hidden_size)
         scores = scorer.score(block)
-        if config.aggregate == "mean":
+        if config.aggregate == "mean" and not gform:
             scores = scores.mean(axis=1, keepdims=True)
         if config.normalize == "cosine":
             scores = scores / np.maximum(np.sqrt(block.sq_norms)[:, None] * val_norms[None, :], 1e-30)

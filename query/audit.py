@@ -1,8 +1,12 @@
 """Validation-set audits: value every training sample, flag the lowest, compare audits, select subsets.
 
 An audit scores every stored training sample against a validation set (mean over the
-validation samples, per-sample max, and the mean per validation label when labels exist)
-and saves the result as a versioned Lance table inside the store. Validation encodings are
+validation samples, the mean per validation label when labels exist, and the max over
+validation samples) and saves the result as a versioned Lance table inside the store. The
+aggregates are scored in the G-form (one matrix per aggregate, a scan flat in the number of
+validation samples) when that is cheaper; the max needs per-sample scores, so it is computed
+when the token form runs anyway or ``flag_by='max'`` asks for it, else ``score_max`` is null
+(forvalue.engine.gform, docs/gform.md). Validation encodings are
 cached by content hash, so re-running an audit with an unchanged validation set runs no
 forward pass, and editing a few validation samples re-encodes only those.
 """
@@ -19,7 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from forvalue.schemas.config import AuditConfig, DataConfig, ModelConfig, QueryConfig
+from forvalue.schemas.config import AuditConfig, DataConfig, ModelConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.storage.audits import ValidationCache, list_audits, read_audit, write_audit
 from forvalue.storage.store import Store
@@ -29,7 +33,7 @@ from forvalue.present.output import write_jsonl_atomic
 
 @dataclass
 class AuditSummary:
-    """Outcome of :func:`run_audit`: the audit's name and version, counts and time."""
+    """Outcome of :func:`run_audit`: the audit's name and version, counts, time and its split, the scan's form."""
 
     name: str
     version: int
@@ -39,6 +43,10 @@ class AuditSummary:
     flagged: int
     seconds: float
     validation_sha256: str
+    encode_seconds: float = 0.0  # validation encoding (cache look-up, model load and forward passes of new samples)
+    scan_seconds: float = 0.0  # scoring the store
+    write_seconds: float = 0.0  # flags, ranks and the audit table
+    form: str = "token"  # "gform" (aggregates as one matrix each) or "token" (per-validation-sample scores)
 
 
 def validation_hash(samples) -> str:
@@ -75,6 +83,8 @@ def run_audit(
     Returns
     -------
     AuditSummary
+        With the time split (``encode_seconds``, ``scan_seconds``, ``write_seconds``) and the scan's
+        ``form``; the audit's metadata records the split, the form and whether ``score_max`` was computed.
 
     Example
     -------
@@ -82,7 +92,7 @@ def run_audit(
     >>> s.flagged                                                                                       # doctest: +SKIP
     """
     # the scoring stack (torch) is imported here, not at module level: listing and showing audits loads no model
-    from forvalue.api import _open, load_store_runner, score_all
+    from forvalue.api import _open, load_store_runner
     from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
     from forvalue.indexer.runner import resolve_device
 
@@ -103,27 +113,17 @@ def run_audit(
     device = loaded["runner"].device if loaded else resolve_device(config.device)
     val_labels = [s.label for s in samples]
     groups = sorted({l for l in val_labels if l is not None})
-    qcfg = QueryConfig(normalize=config.normalize, read_rows=config.read_rows, progress=False, device=config.device)
-    ids, labels, means, maxes, per_label = [], [], [], [], {g: [] for g in groups}
-    from tqdm.auto import tqdm
+    encoded_at = time.perf_counter()
+    # aggregates in the G-form, or per-sample scores in bounded token-form blocks (forvalue.engine.gform)
+    from forvalue.engine.gform import audit_scan
 
-    bar = tqdm(total=store.count(), desc=f"audit {name}", unit="sample", disable=not config.progress)
-    for _, batch_ids, batch_labels, scores in score_all(store, val, qcfg, device):
-        ids.extend(batch_ids)
-        labels.extend(batch_labels)
-        means.append(scores.mean(axis=1))
-        maxes.append(scores.max(axis=1))
-        for g in groups:
-            cols = [j for j, l in enumerate(val_labels) if l == g]
-            per_label[g].append(scores[:, cols].mean(axis=1))
-        bar.update(len(batch_ids))
-    bar.close()
-    mean = np.concatenate(means)
+    scan = audit_scan(store, val, val_labels, groups, device, normalize=config.normalize, read_rows=config.read_rows,
+                      need_max=config.flag_by == "max", progress=config.progress, desc=f"audit {name}")
+    scanned_at = time.perf_counter()
+    ids, labels, mean, maximum, by_label = scan.ids, scan.labels, scan.mean, scan.maximum, scan.by_label
     order = np.argsort(-mean, kind="stable")
     rank = np.empty(len(mean), np.int64)
     rank[order] = np.arange(1, len(mean) + 1)
-    maximum = np.concatenate(maxes)
-    by_label = {g: np.concatenate(v) for g, v in per_label.items()}
     flag_score = {"mean": mean, "max": maximum}.get(config.flag_by)
     if flag_score is None:  # "label": mean against the validation samples of the sample's own label
         flag_score = np.array([by_label[l][j] if l in by_label else mean[j] for j, l in enumerate(labels)])
@@ -135,7 +135,8 @@ def run_audit(
         flagged |= flag_score < config.flag_threshold
     columns = {
         "id": pa.array(ids, pa.string()), "label": pa.array(labels, pa.string()),
-        "score_mean": pa.array(mean), "score_max": pa.array(maximum),
+        "score_mean": pa.array(mean), "score_max": pa.array(maximum, pa.float64()) if maximum is not None
+        else pa.nulls(len(mean), pa.float64()),
         "rank": pa.array(rank), "flag_score": pa.array(flag_score), "flagged": pa.array(flagged),
     }
     for g in groups:
@@ -145,10 +146,16 @@ def run_audit(
         "name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "validation_sha256": vhash,
         "n_validation": len(samples), "n_train": len(ids), "store_version": store.version(),
         "settings": asdict(config), "validation_labels": groups, "flagged": int(flagged.sum()),
+        "scan_form": scan.form, "scan_passes": scan.passes, "score_max_computed": maximum is not None,
+        # the time split; the table's own write comes after this record (AuditSummary.write_seconds has it all)
+        "seconds": {"encode": round(encoded_at - started, 3), "scan": round(scanned_at - encoded_at, 3),
+                    "rank_flag": round(time.perf_counter() - scanned_at, 3)},
     }
     version = write_audit(store, name, pa.table(columns), meta)
-    return AuditSummary(name, version, len(ids), len(samples), encoded_now, int(flagged.sum()),
-                        time.perf_counter() - started, vhash)
+    done = time.perf_counter()
+    return AuditSummary(name, version, len(ids), len(samples), encoded_now, int(flagged.sum()), done - started, vhash,
+                        encode_seconds=encoded_at - started, scan_seconds=scanned_at - encoded_at,
+                        write_seconds=done - scanned_at, form=scan.form)
 
 
 def audits(store: str | Path) -> list[dict]:

@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             build_index([tmp / "train.jsonl"], tmp / "store", cfg, runner=runner)
             flipped = {r["id"]: bool(r["flipped"]) for r in train}
             for n, norm in enumerate(args.normalize):
-                cfg = AuditConfig(normalize=norm, progress=False, device=args.device)
+                # flag_by max: score_max is computed (per-sample token form, as these rows were recorded); the
+                # other flag scores leave it out when the G-form is the cheaper scan (docs/gform.md)
+                cfg = AuditConfig(normalize=norm, progress=False, device=args.device, flag_by="max")
                 name = f"a_{norm}"
                 t0 = time.perf_counter()
                 run_audit(tmp / "store", [tmp / "val.jsonl"], name, cfg)  # loads the model: a user's first run

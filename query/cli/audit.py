@@ -35,7 +35,9 @@ def audit_run(store, validation, name, report, quiet, **kw):
 
     s = run_audit(store, validation, name, make(AuditConfig, kw, progress=not quiet), data=make(DataConfig, kw))
     click.echo(f"audit '{s.name}' v{s.version}: {s.n_train} training samples against {s.n_validation} validation "
-               f"samples ({s.encoded_now} encoded now, the rest cached) in {s.seconds:.1f}s; {s.flagged} flagged")
+               f"samples ({s.encoded_now} encoded now, the rest cached) in {s.seconds:.1f}s (encode "
+               f"{s.encode_seconds:.1f}s, scan {s.scan_seconds:.1f}s [{s.form} form], write {s.write_seconds:.1f}s); "
+               f"{s.flagged} flagged")
     if report:
         from forvalue.present.report import audit_report
 

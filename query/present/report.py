@@ -81,6 +81,19 @@ def pricing_report(rows: list[dict], out: str | Path, title: str, confidence: fl
     return out
 
 
+def _timing(meta: dict) -> str:
+    """The audit's validation-set size and time split (audits written before the split was recorded: the size only)."""
+    sec = meta.get("seconds")
+    if not sec:
+        return f"<p>Validation set: {meta['n_validation']} samples; time split not recorded for this audit.</p>"
+    form = {"gform": "G-form: one matrix per aggregate", "token": "token form: per-validation-sample scores"}
+    how = form.get(meta.get("scan_form"), str(meta.get("scan_form")))
+    passes = meta.get("scan_passes", 1)
+    return (f"<p>Validation set: {meta['n_validation']} samples. Time: encode {sec['encode']:.2f} s, scan "
+            f"{sec['scan']:.2f} s ({html.escape(how)}{f', {passes} passes over the store' if passes > 1 else ''}), "
+            f"ranks and flags {sec['rank_flag']:.2f} s (writing the table follows).</p>")
+
+
 def audit_report(store_path: str | Path, name: str, out: str | Path, n_examples: int = 10,
                  pricing: list[dict] | None = None, confidence: float = 0.95) -> Path:
     """Write an HTML report of audit ``name``: score histogram, per-label box plots, top and bottom examples.
@@ -121,7 +134,7 @@ def audit_report(store_path: str | Path, name: str, out: str | Path, n_examples:
     texts = _texts(store, [r["id"] for r in top + bottom])
     summary = (f"<p>{meta['n_train']} training samples scored against {meta['n_validation']} validation samples "
                f"(validation set sha256 {meta['validation_sha256'][:12]}…); {meta['flagged']} flagged; "
-               f"settings: {html.escape(str(meta['settings']))}; created {meta['created']}.</p>")
+               f"settings: {html.escape(str(meta['settings']))}; created {meta['created']}.</p>{_timing(meta)}")
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>audit {html.escape(meta['name'])}</title>{_STYLE}"
             f"</head><body><h1>Audit {html.escape(meta['name'])}</h1>{summary}<h2>Score distribution</h2>"
             f"<img src='{hist}'>{box}{pricing_section(pricing, confidence) if pricing else ''}"

@@ -1,0 +1,242 @@
+"""The G-form (one matrix per aggregate) against the token form and the dense reference, and the audit scan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from forvalue.api import build_index, run_query
+from forvalue.audit import load_audit, run_audit
+from forvalue.engine.gform import (
+    BlockedGForm, GFormScorer, aggregate_weights, audit_scan, bounded_val_blocks, choose_form, plan_passes,
+    token_block_bytes, vocab_union,
+)
+from forvalue.engine.reference import dense_scores
+from forvalue.engine.scorer import BlockedScorer, ExactScorer
+from forvalue.engine.validation import encode_validation
+from forvalue.indexer.data import iter_samples
+from forvalue.present.report import audit_report
+from forvalue.schemas.config import AuditConfig, BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
+from forvalue.storage.rows import decode_block
+from forvalue.storage.store import Store
+
+from conftest import write_jsonl
+
+LABELS = ("reverse", "math", "caps")
+
+
+def _rows(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        label = LABELS[i % 3]
+        if label == "reverse":
+            rows.append({"id": f"r{i}", "prompt": f"reverse the words {i}: the quick brown fox ->", "response": " fox brown quick the", "label": label})
+        elif label == "math":
+            rows.append({"id": f"m{i}", "prompt": f"solve {i} plus {2 * i} ->", "response": f" answer {3 * i}", "label": label})
+        else:
+            rows.append({"id": f"c{i}", "prompt": f"shout this {i}: hello there ->", "response": " HELLO THERE", "label": label})
+    return rows
+
+
+@pytest.fixture(scope="module", params=[("float16", 4), ("float32", 12)], ids=["float16-m4", "float32-m12"])
+def setting(request, tmp_path_factory, tiny_model_dir, tiny_runner):
+    """A tiny store, its validation set (labelled), the samples, and the dense restricted reference."""
+    hidden_dtype, top_m = request.param
+    tmp = tmp_path_factory.mktemp(f"gform-{hidden_dtype}")
+    train_rows, val_rows = _rows(14), _rows(7, offset=100)
+    val_rows[-1]["label"] = None  # an unlabelled validation sample counts in the mean only
+    train = write_jsonl(tmp / "train.jsonl", train_rows)
+    val_path = write_jsonl(tmp / "val.jsonl", val_rows)
+    enc = EncodeConfig(top_m=top_m, hidden_dtype=hidden_dtype)
+    cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), encode=enc, progress=False, write_every=4)
+    build_index([train], tmp / "store", cfg)
+    store = Store.open(tmp / "store")
+    train_samples = list(iter_samples([train], DataConfig()))
+    val_samples = list(iter_samples([val_path], DataConfig()))
+    val = encode_validation(tiny_runner, val_samples, store.manifest, DataConfig())
+    ref = dense_scores(tiny_runner.model, tiny_runner.tokenizer, train_samples, val_samples, top_m=top_m, hidden_dtype=hidden_dtype)
+    store_ids = [r["id"] for b in store.scan(["id"]) for r in b.to_pylist()]
+    order = {s.id: j for j, s in enumerate(train_samples)}
+    ref = ref[:, [order[i] for i in store_ids]]  # (n_val, n_train) in storage order
+    return dict(tmp=tmp, store=store, val=val, val_samples=val_samples, ref=ref, store_ids=store_ids)
+
+
+def _token_scores(store, val, read_rows=5):
+    scorer = BlockedScorer(val, torch.device("cpu"), 16)
+    return np.concatenate([scorer.score(decode_block(b, store.manifest.hidden_size))
+                           for b in store.scan(["hidden", "topk_ids", "topk_probs", "target_ids", "target_probs", "n_scored", "sq_norm"], batch_size=read_rows)])
+
+
+def _token_form_float64(store, val):
+    """``S[i, v] = sum_k sum_k' <e_k, e_k'> <h_k, h_k'>`` in float64 with dense error rows, per stored row."""
+    cols = ["hidden", "topk_ids", "topk_probs", "target_ids", "target_probs", "n_scored", "sq_norm"]
+    block = decode_block(pa.Table.from_batches(list(store.scan(cols))), store.manifest.hidden_size)
+    size = int(max(block.ids.max(), val.ids.max())) + 1
+
+    def dense(ids, values):
+        e = np.zeros((ids.shape[0], size))
+        np.add.at(e, (np.repeat(np.arange(ids.shape[0]), ids.shape[1]), ids.ravel()), values.ravel().astype(np.float64))
+        return e
+
+    per_token = (block.hidden.astype(np.float64) @ val.hidden.T.astype(np.float64)) * (dense(block.ids, block.values) @ dense(val.ids, val.values).T)
+    rows = np.repeat(np.arange(block.lengths.size), block.lengths)
+    cols_ = np.repeat(np.arange(len(val)), val.lengths)
+    out = np.zeros((block.lengths.size, len(val)))
+    np.add.at(out, (rows[:, None], cols_[None, :]), per_token)
+    return out
+
+
+def _gform_scores(store, scorer, read_rows):
+    cols = ["hidden", "topk_ids", "topk_probs", "target_ids", "target_probs", "n_scored", "sq_norm"]
+    return np.concatenate([scorer.score(decode_block(b, store.manifest.hidden_size)) for b in store.scan(cols, batch_size=read_rows)])
+
+
+def _close(got, expected, rtol):
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("read_rows", [1, 3, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gform_equals_token_form_and_dense_reference(setting, read_rows, dtype):
+    store, val, ref = setting["store"], setting["val"], setting["ref"]
+    labels = [s.label for s in setting["val_samples"]]
+    groups = sorted({l for l in labels if l is not None})
+    weights = aggregate_weights(labels, groups)
+    # any linear combination is an aggregate too: a random "group" weighting (signs included)
+    rng = np.random.default_rng(0)
+    weights = np.concatenate([weights, rng.standard_normal((len(val), 2))], axis=1)
+    got = _gform_scores(store, GFormScorer(val, weights, "cpu", dtype), read_rows)
+    token = _token_scores(store, val) @ weights  # the product's token form (float32), combined afterwards
+    exact = _token_form_float64(store, val) @ weights  # Eq. 1 in float64 on the same stored entries
+    expected = ref.T @ weights
+    assert np.abs(expected).max() > 1e-3 and got.shape == expected.shape == (len(setting["store_ids"]), weights.shape[1])
+    _close(got, exact, 1e-5 if dtype == torch.float32 else 1e-10)
+    _close(token, exact, 1e-5)
+    _close(got, expected, 2e-4)  # the reference runs its own float64 forward pass
+    _close(token, expected, 2e-4)
+    # the mean column is the mean of the per-sample reference scores; a label's column its own samples' mean
+    _close(got[:, 0], ref.mean(axis=0), 2e-4)
+    for a, g in enumerate(groups, start=1):
+        _close(got[:, a], ref[[j for j, l in enumerate(labels) if l == g]].mean(axis=0), 2e-4)
+
+
+@pytest.mark.parametrize("budget_rows", [1, 7, 10_000])
+def test_vocabulary_blocks_sum_to_the_whole(setting, budget_rows):
+    store, val = setting["store"], setting["val"]
+    weights = aggregate_weights([s.label for s in setting["val_samples"]], ["math", "reverse"])
+    whole = GFormScorer(val, weights, "cpu")
+    per_row = GFormScorer.estimate_bytes(1, weights.shape[1], val.hidden.shape[1]) // 2
+    blocked = BlockedGForm(val, weights, "cpu", budget=per_row * (budget_rows + 1))
+    n_vocab = vocab_union(val).size
+    assert len(blocked.parts) == -(-n_vocab // budget_rows)
+    assert sum(p.vocab.numel() for p in blocked.parts) == n_vocab
+    _close(_gform_scores(store, blocked, 4), _gform_scores(store, whole, 4), 1e-5)
+    np.testing.assert_allclose(blocked.sq_frobenius(), whole.sq_frobenius(), rtol=1e-9)
+
+
+def test_sq_frobenius_is_the_mean_gram(setting):
+    """||mean_v G_v||^2 = mean over pairs of validation samples of S(v, v') (cosine of the mean)."""
+    val = setting["val"]
+    scorer = GFormScorer(val, np.full((len(val), 1), 1.0 / len(val)), "cpu", torch.float64)
+    gram = ExactScorer(val, torch.device("cpu")).score(decode_like(val))
+    np.testing.assert_allclose(scorer.sq_frobenius()[0], gram.mean(), rtol=1e-5)
+
+
+def decode_like(val):
+    from forvalue.storage.rows import TrainBlock
+
+    return TrainBlock(val.hidden, val.ids, val.values, val.lengths, val.sq_norms)
+
+
+@pytest.mark.parametrize("normalize", ["none", "cosine"])
+def test_audit_scan_forms_agree(setting, normalize):
+    store, val = setting["store"], setting["val"]
+    labels = [s.label for s in setting["val_samples"]]
+    groups = sorted({l for l in labels if l is not None})
+    kw = dict(normalize=normalize, read_rows=4)
+    g = audit_scan(store, val, labels, groups, "cpu", form="gform", **kw)
+    t = audit_scan(store, val, labels, groups, "cpu", form="token", **kw)
+    assert g.form == "gform" and g.maximum is None and t.form == "token" and t.passes == 1
+    assert g.ids == t.ids == setting["store_ids"] and g.labels == t.labels
+    # token form with a budget so small that every block is one sample and every pass one block
+    tiny = audit_scan(store, val, labels, groups, "cpu", form="token", budget=1, **kw)
+    assert tiny.passes == len(val) > 1
+    ref = setting["ref"]
+    if normalize == "cosine":
+        train_sq = np.array([r["sq_norm"] for b in store.scan(["sq_norm"]) for r in b.to_pylist()])
+        ref = ref / np.sqrt(np.outer(val.sq_norms, train_sq))
+    for scan in (g, t, tiny):
+        _close(scan.mean, ref.mean(axis=0), 2e-4)
+        for g_ in groups:
+            _close(scan.by_label[g_], ref[[j for j, l in enumerate(labels) if l == g_]].mean(axis=0), 2e-4)
+        _close(scan.mean, t.mean, 1e-5)
+    np.testing.assert_allclose(tiny.maximum, ref.max(axis=0), rtol=2e-4, atol=2e-4 * np.abs(ref).max())
+    np.testing.assert_array_equal(tiny.maximum, t.maximum)
+    # need_max forces the token form whatever the form asked for
+    assert audit_scan(store, val, labels, groups, "cpu", form="gform", need_max=True, **kw).form == "token"
+
+
+def test_bounded_blocks_and_passes(setting):
+    val = setting["val"]
+    d = val.hidden.shape[1]
+    offsets = np.concatenate([[0], np.cumsum(val.lengths)])
+
+    def block_bytes(group):
+        rows = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in group])
+        return token_block_bytes(rows.size, np.unique(val.ids[rows]).size, d)
+
+    for budget in (1, 4 * block_bytes([0, 1]), 10**12):
+        blocks = bounded_val_blocks(val, budget)
+        assert np.array_equal(np.concatenate(blocks), np.arange(len(val)))  # every sample once, in order
+        assert all(len(b) == 1 or block_bytes(b) <= budget // 4 for b in blocks)
+        passes = plan_passes(val, blocks, budget)
+        assert sorted(sum(passes, [])) == list(range(len(blocks)))
+        assert all(len(p) == 1 or sum(block_bytes(blocks[b]) for b in p) <= budget for p in passes)
+    assert len(bounded_val_blocks(val, 10**12)) == 1 and len(bounded_val_blocks(val, 1)) == len(val)
+
+
+def test_choose_form_follows_the_cost_model(setting):
+    val = setting["val"]
+    one = val.subset([0])
+    # more aggregates make the G-form dearer, more validation tokens make the token form dearer
+    forms = [choose_form(one, a) for a in (1, 10, 100, 1000)]
+    assert forms == sorted(forms, key=lambda f: f == "token") and forms[-1] == "token"
+    many = val.subset(list(range(len(val))) * 40)
+    assert choose_form(many, 1) == "gform"
+
+
+def test_query_aggregate_mean_in_gform_equals_per_sample_mean(setting, tiny_runner):
+    tmp, val = setting["tmp"], setting["val"]
+    rows = [r for r in _rows(7, offset=100)] * 6  # 42 validation samples: the G-form is the cheaper one
+    for j, r in enumerate(rows):
+        r = dict(r, id=f"v{j}")
+        rows[j] = r
+    path = write_jsonl(tmp / "val_many.jsonl", rows)
+    many = encode_validation(tiny_runner, list(iter_samples([path], DataConfig())), setting["store"].manifest, DataConfig())
+    assert choose_form(many, 1) == "gform"
+    q = dict(progress=False, device="cpu", exact=True)
+    per_sample = run_query(tmp / "store", [path], QueryConfig(**q), runner=tiny_runner, keep_scores=True)
+    for normalize in ("none", "cosine"):
+        mean = run_query(tmp / "store", [path], QueryConfig(aggregate="mean", normalize=normalize, **q), runner=tiny_runner, keep_scores=True)
+        expected = per_sample.scores.mean(axis=0)
+        if normalize == "cosine":
+            gram = ExactScorer(many, torch.device("cpu")).score(decode_like(many)).mean()
+            train_sq = np.array([r["sq_norm"] for b in setting["store"].scan(["sq_norm"]) for r in b.to_pylist()])
+            expected = expected / np.sqrt(gram * train_sq)
+        _close(mean.scores[0], expected, 1e-5)
+
+
+def test_audit_records_size_and_time_split(setting, tiny_runner):
+    tmp = setting["tmp"]
+    s = run_audit(tmp / "store", [tmp / "val.jsonl"], "split", AuditConfig(progress=False, device="cpu", flag_by="label"), runner=tiny_runner)
+    assert s.n_validation == len(setting["val"]) and s.form in ("gform", "token")
+    assert s.encode_seconds > 0 and s.scan_seconds > 0 and s.write_seconds > 0
+    assert abs(s.encode_seconds + s.scan_seconds + s.write_seconds - s.seconds) < 1e-6
+    table, meta = load_audit(tmp / "store", "split")
+    assert meta["scan_form"] == s.form and set(meta["seconds"]) == {"encode", "scan", "rank_flag"}
+    assert meta["score_max_computed"] == (s.form == "token")
+    assert (table.column("score_max").null_count == 0) == meta["score_max_computed"]
+    page = audit_report(tmp / "store", "split", tmp / "r.html").read_text()
+    assert f"Validation set: {len(setting['val'])} samples" in page and f"scan {meta['seconds']['scan']:.2f} s" in page
