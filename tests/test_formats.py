@@ -406,3 +406,17 @@ def test_shards_assign_each_repeat_once(tmp_path, tiny_model_dir, tiny_runner):
     assert sum(r.written for r in reports) == 30 and sum(r.repeats_kept for r in reports) == 14
     assert all(r.other_shard == 30 - r.written for r in reports)
     assert _ids(tmp_path / "store") == sorted(s.id for s in iter_samples([path], DataConfig()))
+
+
+def test_bench_inputs_data_reads_the_same_in_every_format(tmp_path):
+    """The benchmark's generated inputs (tools.bench_inputs): same rows and ids in every format, 10% repeats."""
+    from tools.bench_inputs import FORMATS, write_data
+
+    ids = {}
+    for fmt in FORMATS:
+        path, size = write_data(fmt, 200, tmp_path)
+        samples = list(iter_samples([path], DataConfig()))
+        assert len(samples) == 200 and sum(s.occurrence > 0 for s in samples) == 20 and size > 200 * 100
+        ids[fmt] = [s.id for s in samples]
+    assert all(ids[f] == ids["jsonl"] for f in FORMATS if f != "messages")
+    assert len(set(ids["messages"]) & set(ids["jsonl"])) == 0

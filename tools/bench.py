@@ -80,6 +80,10 @@ SUITES: dict[str, Suite] = {
                      "docs/benchmarks.md: Start-up of the commands that load no model"),
     "distill": Suite("bench_distill", "distilled value models: estimated vs exact values, estimate vs build throughput",
                      "about 30 min", "docs/benchmarks.md: Distilled value models"),
+    "inputs": Suite("bench_inputs", "reading inputs at scale: peak RSS and rows/s per format (JSONL plain/.gz/.zst, "
+                    "Parquet shards, datasets Arrow folder, conversations) at 10^4-10^6 rows, no model",
+                    "430 s with the defaults (10^4, 10^5, 10^6 rows x 6 formats; load ~8-14)",
+                    "docs/benchmarks.md: Reading inputs at scale; docs/data-formats.md"),
     "selection": Suite("bench_selection", "LoRA fine-tunes on what each method selects: targeted, noisy pool, "
                        "brittleness (issue 17)",
                        "designed for < 2 h with SmolLM2-135M (3 seeds); -- --quick < 10 min; resumable from "
