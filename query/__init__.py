@@ -42,6 +42,8 @@ _WHERE = {
     "check_store": "forvalue.maintenance",
     # querying
     "run_query": "forvalue.api",
+    "explain": "forvalue.engine.explain",
+    "write_explanation": "forvalue.present.explain_html",
     # audits and selection
     "run_audit": "forvalue.audit",
     "audits": "forvalue.audit",
@@ -66,12 +68,14 @@ _WHERE = {
     "EncodeConfig": "forvalue.schemas.config",
     "ModelConfig": "forvalue.schemas.config",
     "QueryConfig": "forvalue.schemas.config",
+    "ExplainConfig": "forvalue.schemas.config",
     "AuditConfig": "forvalue.schemas.config",
     "DistillConfig": "forvalue.schemas.config",
     "PricingConfig": "forvalue.schemas.config",
     # results
     "BuildReport": "forvalue.indexer.build",
     "QueryResult": "forvalue.api",
+    "Explanation": "forvalue.engine.explain",
     "AuditSummary": "forvalue.audit",
     "DistillReport": "forvalue.distill",
     "EstimateReport": "forvalue.distill",

@@ -348,3 +348,35 @@ class PricingConfig:
         _check(self)
         if not 0.0 < self.confidence < 1.0:
             raise ConfigError("confidence", f"must be in (0, 1), got {self.confidence}")
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """Which validation sample a score explanation (:func:`forvalue.explain`) is of, and what it reports.
+
+    Parameters
+    ----------
+    val_index : int
+        Position of the validation sample in the validation input(s), from 0.
+    val_id : str, optional
+        The validation sample's id (instead of ``val_index``).
+    aggregate : {"none", "mean"}
+        ``mean`` explains the score against the mean ``G_v`` of all validation samples
+        (what ``query --aggregate mean`` ranks by).
+    top_pairs : int
+        Largest (by absolute value) token-pair terms reported.
+    """
+
+    val_index: int = bounded(0, "Which validation sample to explain: its position in the validation input(s), "
+                                "from 0.", 0)
+    val_id: str | None = setting(None, "Which validation sample to explain, by its id (instead of --val-index).")
+    aggregate: Aggregate = setting(
+        "none", "mean: explain the score against the mean over all validation samples.", choices=("none", "mean"))
+    top_pairs: int = bounded(20, "Token pairs reported (largest absolute contributions).", 1)
+    batch_size: int = bounded(8, "Validation samples per forward pass.", 1)
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
+
+    def __post_init__(self) -> None:
+        _check(self)
+        if self.val_id is not None and self.aggregate == "mean":
+            raise ConfigError("val_id", "--val-id picks one validation sample, --aggregate mean uses them all; give one")

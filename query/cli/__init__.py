@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from forvalue.cli import audit, demo, distill, index, query
+from forvalue.cli import audit, demo, distill, explain, index, query
 from forvalue.cli.options import Group, quiet_transformers
 
 
@@ -24,7 +24,8 @@ def main(debug: bool) -> None:
     2. forvalue query --store runs/store -v val.jsonl --top-k 10 -o top.jsonl
     3. forvalue audit run --store runs/store -v val.jsonl --name v1   (value the whole training set)
     4. forvalue select --store runs/store --audit v1 --top 50% -o subset.jsonl
-    5. forvalue demo                                            (everything on a built-in task)
+    5. forvalue explain --store runs/store -v val.jsonl --train-id ID -o why.html   (the score, token by token)
+    6. forvalue demo                                            (everything on a built-in task)
 
     A score S(v, i) = <G_v, G_i> with G = sum_k e_k h_k^T says how much training sample i
     raises the likelihood of validation sample v; larger is more valuable. Every error is one
@@ -35,6 +36,7 @@ def main(debug: bool) -> None:
 
 main.add_command(index.index)
 main.add_command(query.query_command)
+main.add_command(explain.explain_command)
 main.add_command(audit.audit)
 main.add_command(audit.select)
 main.add_command(demo.demo)

@@ -18,11 +18,16 @@ _COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messag
 @click.option("--all-scores", type=click.Path(), default=None,
               help="Also write the full score matrix (one row per training sample, one column per validation sample) "
                    "to this .parquet file.")
+@click.option("--explain", "explain_n", type=click.IntRange(min=1), default=None,
+              help="Also explain the top N results of each validation sample token by token: one HTML page each "
+                   "(forvalue explain), in --explain-dir, and a column 'explanation' naming the page.")
+@click.option("--explain-dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of the --explain pages (default: next to -o, named after it: top.jsonl -> top.explain/).")
 @config_options(QueryConfig)
 @config_options(ModelConfig, only=("path", "dtype"))
 @config_options(DataConfig, only=_COLUMNS)
 @quiet_option
-def query_command(store, validation, output, all_scores, quiet, **kw):
+def query_command(store, validation, output, all_scores, explain_n, explain_dir, quiet, **kw):
     """Rank the stored training samples by their value for each validation sample (exact scores).
 
     Validation samples are encoded with the store's model and settings (a different --model is refused).
@@ -33,8 +38,46 @@ def query_command(store, validation, output, all_scores, quiet, **kw):
     check_output_path(output)
     cfg = make(QueryConfig, kw, progress=not quiet)
     model = make(ModelConfig, kw, device=cfg.device)
-    result = run_query(store, validation, cfg, data=make(DataConfig, kw), model=model, all_scores_path=all_scores)
-    write_table(result.top, output)
+    runner = None
+    if explain_n is not None:
+        explain_dir = _explain_folder(output, explain_dir)
+        from forvalue.api import load_store_runner
+        from forvalue.storage.store import Store
+
+        runner = load_store_runner(Store.open(store), model)
+    result = run_query(store, validation, cfg, data=make(DataConfig, kw), model=model, runner=runner,
+                       all_scores_path=all_scores)
+    top = result.top
+    if explain_n is not None:
+        top = _explain(store, validation, top, runner, make(DataConfig, kw), cfg, explain_n, explain_dir)
+    write_table(top, output)
     if output:
         click.echo(f"scored {result.n_train} training samples against {result.n_validation} validation samples "
                    f"in {result.seconds:.1f}s; wrote {result.top.num_rows} rows to {output}", err=True)
+
+
+def _explain_folder(output, explain_dir):
+    from pathlib import Path
+
+    from forvalue.schemas.errors import ForValueError
+
+    if explain_dir is not None:
+        return Path(explain_dir)
+    if output is None or str(output) == "-":
+        raise ForValueError("--explain: give -o FILE (the pages go next to it) or --explain-dir FOLDER")
+    return Path(output).with_suffix(".explain")
+
+
+def _explain(store, validation, top, runner, data, cfg, n, folder):
+    """Pages of the top ``n`` results (forvalue.present.explain_html.explain_top_results); ``top`` with their names."""
+    from forvalue.engine.explain import Explainer
+    from forvalue.engine.validation import data_for_store, load_validation_samples
+    from forvalue.present.explain_html import explain_top_results
+    from forvalue.storage.store import Store
+
+    opened = Store.open(store)
+    samples = load_validation_samples(validation, data_for_store(data, opened.manifest))
+    explainer = Explainer(opened, runner, samples, data, cfg.batch_size)
+    top = explain_top_results(top, explainer, n, folder)
+    click.echo(f"explained the top {n} results: {folder}/index.html", err=True)
+    return top

@@ -1,0 +1,195 @@
+"""Write a score explanation (:class:`forvalue.engine.explain.Explanation`): a self-contained HTML page, JSONL or Parquet.
+
+The page shades every token of both texts by its contribution to the score (a diverging scale
+per text: red raises the score, blue lowers it, white is zero; tokens that are not predicted
+are grey), with a legend, the value on hover and the top token pairs. It has no scripts and
+no external assets: one file that opens anywhere. All text is escaped.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import numpy as np
+
+from forvalue.present.output import check_output_path
+
+FORMATS = (".html", ".jsonl", ".parquet")
+
+
+def _row_schema():
+    import pyarrow as pa
+
+    text, pos = pa.string(), pa.int32()
+    return pa.schema([("kind", text), ("validation_id", text), ("train_id", text), ("validation_position", pos),
+                      ("validation_token", text), ("train_position", pos), ("train_token", text),
+                      ("contribution", pa.float64()), ("score", pa.float64())])
+
+_POS = (178, 24, 43)  # #b2182b
+_NEG = (33, 102, 172)  # #2166ac
+
+_STYLE = """<style>
+body{font-family:sans-serif;margin:2em;max-width:1100px;color:#222}
+.text{font-family:monospace;font-size:14px;line-height:1.9;white-space:pre-wrap;word-break:break-word;
+border:1px solid #ccc;padding:10px;background:#fafafa}
+.tok{border-radius:2px}.ctx{color:#999}
+.legend{display:flex;align-items:center;gap:8px;font-size:12px;margin:6px 0}
+.bar{width:260px;height:14px;border:1px solid #999;
+background:linear-gradient(to right,rgb(33,102,172),rgb(255,255,255),rgb(178,24,43))}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}
+td.num{text-align:right;font-family:monospace}code{background:#eee;padding:0 3px;white-space:pre}
+</style>"""
+
+
+def _colour(value: float, scale: float) -> tuple[str, str]:
+    """Background and text colour of a token with contribution ``value`` on a scale of ``+-scale``."""
+    a = 0.0 if scale <= 0 else min(1.0, abs(value) / scale)
+    end = _POS if value >= 0 else _NEG
+    rgb = tuple(round(255 + (c - 255) * a) for c in end)
+    return f"rgb({rgb[0]},{rgb[1]},{rgb[2]})", "#fff" if a > 0.6 else "#222"
+
+
+def _fmt(value: float) -> str:
+    return f"{value:+.4g}"
+
+
+def _side_html(title: str, side, score: float) -> str:
+    per_token = side.per_token()
+    predicted = np.zeros(len(side.pieces), bool)
+    predicted[side.positions] = True
+    scale = float(np.abs(per_token).max()) if per_token.size else 0.0
+    spans = []
+    for t, (piece, value) in enumerate(zip(side.pieces, per_token)):
+        text = html.escape(piece)
+        if not predicted[t]:
+            spans.append(f"<span class='ctx' title='token {t}: not scored (context)'>{text}</span>")
+            continue
+        share = f" ({value / score:.1%} of the score)" if score else ""
+        bg, fg = _colour(value, scale)
+        tip = html.escape(f"token {t} {piece!r}: {_fmt(value)}{share}", quote=True)
+        spans.append(f"<span class='tok' style='background:{bg};color:{fg}' title='{tip}'>{text}</span>")
+    legend = (f"<div class='legend'><span>{_fmt(-scale)}</span><span class='bar'></span><span>{_fmt(scale)}</span>"
+              f"<span>contribution per token (sum {_fmt(float(side.contributions.sum()))}); grey: context, not scored"
+              f"</span></div>")
+    note = f"<p><em>{html.escape(side.note)}</em></p>" if side.note else ""
+    label = f" [{html.escape(str(side.label))}]" if side.label is not None else ""
+    return (f"<h2>{html.escape(title)} <code>{html.escape(side.sample_id)}</code>{label}</h2>{note}{legend}"
+            f"<div class='text'>{''.join(spans)}</div>")
+
+
+def explanation_html(e, title: str | None = None) -> str:
+    """The page of explanation ``e`` as one HTML string (no scripts, no external assets)."""
+    if e.aggregate == "mean":
+        who = f"the mean of {len(e.validation)} validation samples"
+    else:
+        who = f"validation sample '{e.validation_id}'"
+    title = title or f"Why '{e.train.sample_id}' scores {e.score:.4g} for {who}"
+    pairs = "".join(
+        f"<tr><td class='num'>{_fmt(p['contribution'])}</td><td class='num'>{p['contribution'] / e.score:.1%}</td>"
+        f"<td><code>{html.escape(repr(p['validation_token']))}</code> #{p['validation_position']}"
+        f"{' of ' + html.escape(p['validation_id']) if e.aggregate == 'mean' else ''}</td>"
+        f"<td><code>{html.escape(repr(p['train_token']))}</code> #{p['train_position']}</td>"
+        f"<td class='num'>{p['hidden_dot']:.4g}</td><td class='num'>{p['error_dot']:.4g}</td></tr>"
+        for p in e.pairs) if e.score else ""
+    head = (f"<p>S(v, i) = &lt;G<sub>v</sub>, G<sub>i</sub>&gt; = <b>{e.score:.6g}</b> (cosine {e.cosine:.4f}) "
+            f"= &sum;<sub>k</sub> &sum;<sub>k'</sub> &lt;h<sub>vk</sub>, h<sub>ik'</sub>&gt; &lt;e<sub>vk</sub>, "
+            f"e<sub>ik'</sub>&gt;. Each token is shaded by the part of the score carried by the position that "
+            f"predicts it (red raises the score, blue lowers it; each text's tokens sum to the score; hover a "
+            f"token for its value).</p>")
+    sides = [_side_html("Validation sample", s, e.score) for s in e.validation]
+    body = (f"<h1>{html.escape(title)}</h1>{head}{''.join(sides)}{_side_html('Training sample', e.train, e.score)}"
+            f"<h2>Top token pairs</h2><p>The largest terms &lt;h<sub>vk</sub>, h<sub>ik'</sub>&gt; "
+            f"&lt;e<sub>vk</sub>, e<sub>ik'</sub>&gt; of the double sum.</p><table><tr><th>contribution</th>"
+            f"<th>share</th><th>validation token</th><th>training token</th><th>&lt;h, h&gt;</th><th>&lt;e, e&gt;</th>"
+            f"</tr>{pairs}</table>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}</head>"
+            f"<body>{body}</body></html>")
+
+
+def write_explanation(e, path: str | Path) -> Path:
+    """Write explanation ``e`` to ``path``, the format by its suffix.
+
+    ``.html``: the self-contained page; ``.jsonl`` / ``.parquet``: the rows of
+    :meth:`~forvalue.engine.explain.Explanation.rows` (one per token of each side, one per top pair).
+
+    Example
+    -------
+    >>> e = forvalue.explain("runs/store", ["val.jsonl"], "train-17")       # doctest: +SKIP
+    >>> forvalue.write_explanation(e, "why.html")                           # doctest: +SKIP
+    """
+    import os
+
+    import pyarrow as pa
+
+    from forvalue.present.output import write_table
+
+    check_output_path(path, FORMATS)
+    path = Path(path)
+    if path.suffix.lower() != ".html":
+        write_table(pa.Table.from_pylist(e.rows(), schema=_row_schema()), path)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(explanation_html(e), encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: int = 20):
+    """Write one page per result of rank <= ``n`` of a query's ``top`` table into ``folder``, and an index page.
+
+    Parameters
+    ----------
+    top : pyarrow.Table
+        :attr:`forvalue.QueryResult.top` (rows grouped by validation sample, ranks from 1).
+    explainer : forvalue.engine.explain.Explainer
+        Over the query's validation samples, in the same order (``validation_id == 'mean'``:
+        the pages explain the score against the mean).
+    n : int
+    folder : path
+        Created if needed; pages are named ``<validation #>-<rank>-<train id>.html``.
+
+    Returns
+    -------
+    pyarrow.Table
+        ``top`` with a column ``explanation``: the page's file name inside ``folder`` (None
+        for ranks above ``n``).
+    """
+    import pyarrow as pa
+
+    from forvalue.engine.explain import safe_name
+
+    folder = Path(folder)
+    rows = top.to_pylist()
+    column, wanted = -1, []
+    for r in rows:
+        column += r["rank"] == 1
+        if r["rank"] <= n:
+            wanted.append((column, r))
+    by_column: dict[int, list[dict]] = {}
+    for column, r in wanted:
+        by_column.setdefault(column, []).append(r)
+    names, links = {}, []
+    for column, group in by_column.items():
+        val_index = None if group[0]["validation_id"] == "mean" else column
+        explanations = explainer.explain_many([r["train_id"] for r in group], val_index, top_pairs)
+        for r, e in zip(group, explanations):
+            name = f"{column:03d}-{r['rank']:02d}-{safe_name(r['train_id'])}.html"
+            write_explanation(e, folder / name)
+            names[(column, r["rank"])] = name
+            links.append(f"<li>validation <code>{html.escape(str(r['validation_id']))}</code>, rank {r['rank']}: "
+                         f"<a href='{html.escape(name, quote=True)}'>{html.escape(str(r['train_id']))}</a> "
+                         f"(score {e.score:.6g})</li>")
+    index = (f"<!doctype html><html><head><meta charset='utf-8'><title>explanations</title>{_STYLE}</head><body>"
+             f"<h1>Explanations of the top {n} results</h1><ul>{''.join(links)}</ul></body></html>")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "index.html").write_text(index, encoding="utf-8")
+    column, out = -1, []
+    for r in rows:
+        column += r["rank"] == 1
+        out.append(names.get((column, r["rank"])))
+    return top.append_column("explanation", pa.array(out, pa.string()))
