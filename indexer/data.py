@@ -92,62 +92,65 @@ def content_id(prompt: str | None, response: str | None, text: str | None, image
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
-class _KeySet:
-    """A set of 64-bit keys in a numpy open-addressing table: 16 to 32 bytes per key (a Python set of ints: ~100).
+class _KeyCounts:
+    """Occurrence counts of 64-bit keys in a numpy open-addressing table: 12 bytes per slot, 2 to 4 slots per key
+    (a Python dict of ints would take ~100 bytes per key).
 
     Keys are the leading 64 bits of a SHA-256 (uniform), so their low bits index the table directly.
     """
 
     def __init__(self, capacity: int = 1 << 12):
-        self.table = np.zeros(capacity, dtype=np.uint64)
+        self.keys = np.zeros(capacity, dtype=np.uint64)
+        self.counts = np.zeros(capacity, dtype=np.uint32)
         self.size = 0
 
-    def add(self, key: int) -> bool:
-        """Insert ``key``; True if it was not in the set."""
+    def bump(self, key: int) -> int:
+        """Count one more occurrence of ``key``; returns how many were counted before (0 the first time)."""
         key = key or 1  # 0 marks an empty slot
-        if not self._insert(self.table, key):
-            return False
-        self.size += 1
-        if 2 * self.size > len(self.table):
-            keys = self.table[self.table != 0]
-            self.table = np.zeros(2 * len(self.table), dtype=np.uint64)
-            for start in range(0, len(keys), 4096):  # as Python ints a few thousand at a time
-                for k in keys[start : start + 4096].tolist():
-                    self._insert(self.table, k)
-        return True
+        slot = self._slot(self.keys, key)
+        before = int(self.counts[slot])
+        self.counts[slot] = before + 1
+        if before == 0:
+            self.keys[slot] = key
+            self.size += 1
+            if 2 * self.size > len(self.keys):
+                self._grow()
+        return before
 
     @staticmethod
-    def _insert(table: np.ndarray, key: int) -> bool:
-        mask = len(table) - 1
+    def _slot(keys: np.ndarray, key: int) -> int:
+        """The slot holding ``key``, or the empty slot where it goes (linear probing)."""
+        mask = len(keys) - 1
         slot = key & mask
         while True:
-            held = int(table[slot])
-            if held == 0:
-                table[slot] = key
-                return True
-            if held == key:
-                return False
+            held = int(keys[slot])
+            if held == 0 or held == key:
+                return slot
             slot = (slot + 1) & mask
+
+    def _grow(self) -> None:
+        old_keys, old_counts = self.keys, self.counts
+        self.keys = np.zeros(2 * len(old_keys), dtype=np.uint64)
+        self.counts = np.zeros(len(self.keys), dtype=np.uint32)
+        for start in range(0, len(old_keys), 8192):  # as Python ints a few thousand at a time
+            used = start + np.flatnonzero(old_keys[start : start + 8192])
+            for key, count in zip(old_keys[used].tolist(), old_counts[used].tolist()):
+                slot = self._slot(self.keys, key)
+                self.keys[slot], self.counts[slot] = key, count
 
 
 class _Occurrences:
     """Numbers repeated content ids in reading order: the K-th repeat of id X becomes ``X-K``.
 
-    Holds one 64-bit key per distinct content (:class:`_KeySet`) and a count per repeated
-    content, not the rows.
+    Holds one 64-bit key and a count per distinct content (:class:`_KeyCounts`), not the rows.
     """
 
     def __init__(self) -> None:
-        self.seen = _KeySet()
-        self.repeats: dict[int, int] = {}
+        self.counts = _KeyCounts()
 
     def number(self, sample: Sample) -> Sample:
-        key = int(sample.id, 16)
-        if self.seen.add(key):
-            return sample
-        k = self.repeats.get(key, 0) + 1
-        self.repeats[key] = k
-        return replace(sample, id=f"{sample.id}-{k}", occurrence=k)
+        k = self.counts.bump(int(sample.id, 16))
+        return sample if k == 0 else replace(sample, id=f"{sample.id}-{k}", occurrence=k)
 
 
 def iter_samples(paths: Iterable[str | Path], config: DataConfig) -> Iterator[Sample]:
