@@ -82,7 +82,7 @@ SUITES: dict[str, Suite] = {
                      "about 30 min", "docs/benchmarks.md: Distilled value models"),
     "inputs": Suite("bench_inputs", "reading inputs at scale: peak RSS and rows/s per format (JSONL plain/.gz/.zst, "
                     "Parquet shards, datasets Arrow folder, conversations) at 10^4-10^6 rows, no model",
-                    "430 s with the defaults (10^4, 10^5, 10^6 rows x 6 formats; load ~8-14)",
+                    "430-540 s with the defaults (10^4, 10^5, 10^6 rows x 6 formats; load 8-14)",
                     "docs/benchmarks.md: Reading inputs at scale; docs/data-formats.md"),
     "selection": Suite("bench_selection", "LoRA fine-tunes on what each method selects: targeted, noisy pool, "
                        "brittleness (issue 17)",
