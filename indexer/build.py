@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig
+from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, EngineConfig
 from forvalue.schemas.errors import BadValuesError
 from forvalue.schemas.manifest import MANIFEST_FILE, Manifest
 from forvalue.storage.sketch_basis import load_basis, publish_basis
@@ -119,7 +119,8 @@ def in_shard(sample_id: str, shard: tuple[int, int]) -> bool:
     return int(hashlib.sha1(sample_id.encode()).hexdigest()[:8], 16) % count == index
 
 
-def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: BuildConfig = BuildConfig(), runner=None) -> BuildReport:
+def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: BuildConfig = BuildConfig(), runner=None,
+                engine: EngineConfig | None = None) -> BuildReport:
     """Encode every new sample of ``inputs`` and append it to the store at ``store_path``.
 
     Parameters
@@ -132,6 +133,9 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
     runner : optional
         A loaded model runner (reused across calls, e.g. in tests); loaded from
         ``config.model`` when None.
+    engine : EngineConfig, optional
+        ``EngineConfig(engine="ray", ...)`` encodes on a pool of Ray actors and commits their Lance
+        fragments from this process (:mod:`forvalue.indexer.ray_build`); default: this process.
 
     Returns
     -------
@@ -147,6 +151,10 @@ def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: Bu
     from forvalue.indexer.model_runner import load_runner
 
     started = time.perf_counter()
+    if engine is not None and engine.engine == "ray":
+        from forvalue.indexer.ray_build import ray_build_index
+
+        return ray_build_index(inputs, store_path, config, engine)
     inputs = list(inputs)
     check_inputs(inputs, config.data)  # a bad or empty input fails here, before the model loads or a store is made
     config = resolve_score_tokens(config, inputs)
@@ -175,13 +183,7 @@ def _build(inputs: list, store: Store, config: BuildConfig, runner, started: flo
     pending: list[EncodedSample] = []
     for enc in encode_stream(runner, tokenized, config.encode, config.batch_size, training=True):
         bar.update(1)
-        if not enc.finite:
-            if config.encode.on_bad == "error":
-                raise BadValuesError(
-                    f"{enc.tokenized.sample.source}: model output has NaN or inf (sample '{enc.tokenized.sample.id}'); "
-                    "check --dtype (float16 overflows often) or pass --on-bad skip to skip and count such samples"
-                )
-            report.bad_skipped += 1
+        if not finite_or_skipped(enc, config, report):
             continue
         pending.append(enc)
         if len(pending) >= config.write_every:
@@ -197,8 +199,32 @@ def _build(inputs: list, store: Store, config: BuildConfig, runner, started: flo
     return report
 
 
+def finite_or_skipped(enc: EncodedSample, config: BuildConfig, report: BuildReport) -> bool:
+    """True when ``enc`` holds finite values; else counts it as bad, or raises with ``on_bad="error"``."""
+    if enc.finite:
+        return True
+    if config.encode.on_bad == "error":
+        raise BadValuesError(
+            f"{enc.tokenized.sample.source}: model output has NaN or inf (sample '{enc.tokenized.sample.id}'); "
+            "check --dtype (float16 overflows often) or pass --on-bad skip to skip and count such samples"
+        )
+    report.bad_skipped += 1
+    return False
+
+
 def _new_samples(samples: Iterator[Sample], runner, config: BuildConfig, stored: set[str], report: BuildReport) -> Iterator[TokenizedSample]:
-    data = config.data
+    for sample in fresh_samples(samples, config, stored, report):
+        tok = tokenize_counted(sample, runner, config, report)
+        if tok is not None:
+            yield tok
+
+
+def fresh_samples(samples: Iterator[Sample], config: BuildConfig, stored: set[str],
+                  report: BuildReport) -> Iterator[Sample]:
+    """The samples of ``samples`` this build encodes: in its shard, not stored, the first row of their id.
+
+    What is skipped is counted in ``report``; shared by the single-process and the Ray build.
+    """
     seen: set[str] = set()  # ids met in this run's inputs (a repeated id keeps its first row)
     for sample in samples:
         report.read += 1
@@ -216,18 +242,24 @@ def _new_samples(samples: Iterator[Sample], runner, config: BuildConfig, stored:
             continue
         seen.add(sample.id)
         report.repeats_kept += sample.occurrence > 0
-        try:
-            tok = runner.tokenize(sample, config.encode.score_tokens, data.max_length, data.chat_template)
-        except ImageError:  # a missing or undecodable image: a bad row like NaN/inf outputs
-            if config.encode.on_bad == "error":
-                raise
-            report.bad_skipped += 1
-            continue
-        report.truncated += tok.truncated
-        if tok.n_scored == 0:
-            report.no_scored_tokens += 1
-            continue
-        yield tok
+        yield sample
+
+
+def tokenize_counted(sample: Sample, runner, config: BuildConfig, report: BuildReport) -> TokenizedSample | None:
+    """``sample`` tokenized, or None (counted in ``report``) when it has no scored token or a bad image is skipped."""
+    data = config.data
+    try:
+        tok = runner.tokenize(sample, config.encode.score_tokens, data.max_length, data.chat_template)
+    except ImageError:  # a missing or undecodable image: a bad row like NaN/inf outputs
+        if config.encode.on_bad == "error":
+            raise
+        report.bad_skipped += 1
+        return None
+    report.truncated += tok.truncated
+    if tok.n_scored == 0:
+        report.no_scored_tokens += 1
+        return None
+    return tok
 
 
 def _flush(store: Store, pending: list[EncodedSample], report: BuildReport) -> None:

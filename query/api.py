@@ -21,8 +21,8 @@ import pyarrow as pa
 from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
 from forvalue.indexer.model_runner import load_runner
-from forvalue.schemas.config import BuildConfig, DataConfig, ModelConfig, QueryConfig
-from forvalue.schemas.errors import StoreError
+from forvalue.schemas.config import BuildConfig, DataConfig, EngineConfig, ModelConfig, QueryConfig
+from forvalue.schemas.errors import ConfigError, StoreError
 from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage import faiss_index
 from forvalue.storage.store import Store
@@ -83,7 +83,8 @@ def settings_for_store(manifest, config: BuildConfig) -> BuildConfig:
     return replace(config, data=data, model=model, encode=encode)
 
 
-def add_to_index(data_paths: Sequence[str | Path], store: str | Path, config: BuildConfig = BuildConfig()) -> BuildReport:
+def add_to_index(data_paths: Sequence[str | Path], store: str | Path, config: BuildConfig = BuildConfig(),
+                 engine: EngineConfig | None = None) -> BuildReport:
     """Append samples to an existing store with the store's model and settings.
 
     Parameters
@@ -95,6 +96,8 @@ def add_to_index(data_paths: Sequence[str | Path], store: str | Path, config: Bu
     config : BuildConfig
         Columns, ``on_bad``, batch sizes, shard and optional model/adapter/dtype overrides; the
         encoding settings always come from the store (:func:`settings_for_store`).
+    engine : EngineConfig, optional
+        ``EngineConfig(engine="ray", ...)`` encodes on Ray actors (:func:`build_index`).
 
     Returns
     -------
@@ -106,7 +109,7 @@ def add_to_index(data_paths: Sequence[str | Path], store: str | Path, config: Bu
     >>> forvalue.add_to_index(["more.jsonl"], "runs/store").written     # doctest: +SKIP
     """
     manifest = Store.open(store).manifest
-    return build_index(data_paths, store, settings_for_store(manifest, config))
+    return build_index(data_paths, store, settings_for_store(manifest, config), engine=engine)
 
 
 def load_store_runner(store: Store, model: ModelConfig | None = None):
@@ -172,6 +175,7 @@ def run_query(
     runner=None,
     keep_scores: bool = False,
     all_scores_path: str | Path | None = None,
+    engine: EngineConfig | None = None,
 ) -> QueryResult:
     """Score every stored sample exactly against validation samples; return the top-k.
 
@@ -191,6 +195,9 @@ def run_query(
     all_scores_path : path, optional
         Stream the full score matrix to this Parquet file (one row per training
         sample, one column per validation sample).
+    engine : EngineConfig, optional
+        ``EngineConfig(engine="ray", ...)`` scores every stored sample on Ray actors (docs/scale.md;
+        never the prefilter); the result is the single-process exact one.
 
     Returns
     -------
@@ -206,6 +213,9 @@ def run_query(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
+    on_ray = engine is not None and engine.engine == "ray"
+    if on_ray and config.candidates is not None:
+        raise ConfigError("candidates", "--engine ray scores every stored sample (exact scan); drop --candidates")
     if all_scores_path is not None:
         check_output_path(all_scores_path, (".parquet",))
     store = _open(store)
@@ -221,13 +231,20 @@ def run_query(
     total = store.count()
     from forvalue.engine.prefilter import prefilter_topk, use_prefilter
 
-    prefiltered = use_prefilter(store, config, full_scores=keep_scores or all_scores_path is not None)
+    prefiltered = not on_ray and use_prefilter(store, config, full_scores=keep_scores or all_scores_path is not None)
     if prefiltered:  # FAISS candidates + exact rerank (forvalue.engine.prefilter, docs/prefilter.md)
         top = prefilter_topk(store, val, config, runner.device)
-    bar = tqdm(total=total, desc="scoring", unit="sample", disable=not config.progress or prefiltered)
+    blocks = () if prefiltered else score_all(store, val, config, runner.device)
+    bar = tqdm(total=total, desc="scoring", unit="sample", disable=not config.progress or prefiltered or on_ray)
     try:
-        for first, ids, labels, scores in () if prefiltered else score_all(store, val, config, runner.device):
-            top.update(scores, first)
+        if on_ray:  # the full scan on Ray actors, merged top-k (forvalue.engine.ray_scan)
+            from forvalue.engine.ray_scan import ray_score_topk
+
+            top, blocks = ray_score_topk(store, val, config, config.device, engine, score_all,
+                                         keep=keep_scores or writer is not None, progress=config.progress)
+        for first, ids, labels, scores in blocks:
+            if not on_ray:  # the Ray scan returns its merged top-k
+                top.update(scores, first)
             if writer:
                 writer.write(ids, labels, scores)
             if keep_scores:

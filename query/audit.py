@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from forvalue.schemas.config import AuditConfig, DataConfig, ModelConfig
+from forvalue.schemas.config import AuditConfig, DataConfig, EngineConfig, ModelConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.storage.audits import ValidationCache, list_audits, read_audit, write_audit
 from forvalue.storage.store import Store
@@ -64,6 +64,7 @@ def run_audit(
     data: DataConfig = DataConfig(),
     model: ModelConfig | None = None,
     runner=None,
+    engine: EngineConfig | None = None,
 ) -> AuditSummary:
     """Score every training sample against ``validation`` and save audit ``name`` in the store.
 
@@ -79,6 +80,9 @@ def run_audit(
         Overrides of the store's model (refused if it is not the same model).
     runner : Runner, optional
         An already loaded runner of the store's model.
+    engine : EngineConfig, optional
+        ``EngineConfig(engine="ray", ...)`` scores the store on Ray actors (docs/scale.md); the
+        audit table is the single-process one.
 
     Returns
     -------
@@ -117,8 +121,15 @@ def run_audit(
     # aggregates in the G-form, or per-sample scores in bounded token-form blocks (forvalue.engine.gform)
     from forvalue.engine.gform import audit_scan
 
-    scan = audit_scan(store, val, val_labels, groups, device, normalize=config.normalize, read_rows=config.read_rows,
-                      need_max=config.flag_by == "max", progress=config.progress, desc=f"audit {name}")
+    options = dict(normalize=config.normalize, read_rows=config.read_rows, need_max=config.flag_by == "max")
+    if engine is not None and engine.engine == "ray":  # the same scan on Ray actors (forvalue.engine.ray_scan)
+        from forvalue.engine.ray_scan import ray_audit_scan
+
+        scan = ray_audit_scan(store, val, val_labels, groups, config.device, engine, progress=config.progress,
+                              desc=f"audit {name}", **options)
+    else:
+        scan = audit_scan(store, val, val_labels, groups, device, progress=config.progress, desc=f"audit {name}",
+                          **options)
     scanned_at = time.perf_counter()
     ids, labels, mean, maximum, by_label = scan.ids, scan.labels, scan.mean, scan.maximum, scan.by_label
     order = np.argsort(-mean, kind="stable")

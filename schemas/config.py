@@ -380,3 +380,49 @@ class ExplainConfig:
         _check(self)
         if self.val_id is not None and self.aggregate == "mean":
             raise ConfigError("val_id", "--val-id picks one validation sample, --aggregate mean uses them all; give one")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where builds, audits and exact queries run: this process, or a Ray cluster (docs/scale.md).
+
+    Parameters
+    ----------
+    engine : {"local", "ray"}
+        ``ray``: model actors encode (build) or score (audit, exact query) in parallel on a Ray
+        instance; the results are the single-process ones. Needs ``pip install "forvalue[ray]"``.
+    ray_address : str, optional
+        Ray cluster to join (``auto``: the one ``ray start`` runs on this machine, or
+        ``ray://host:10001``); default: a Ray instance already running in this process, else a
+        new local one.
+    workers : int, optional
+        Model actors; default: the cluster's GPUs / ``gpus_per_worker`` when it has GPUs, else its
+        CPUs / ``cpus_per_worker``.
+    gpus_per_worker : float, optional
+        GPUs each actor reserves; default 1 when the cluster has GPUs, else 0.
+    cpus_per_worker : int
+        CPUs each actor reserves (also its torch threads).
+
+    Example
+    -------
+    >>> ray = EngineConfig(engine="ray", workers=8)   # one actor per GPU of an 8-GPU machine
+    >>> forvalue.build_index(["train.jsonl"], "runs/store", engine=ray)        # doctest: +SKIP
+    >>> forvalue.run_audit("runs/store", ["val.jsonl"], "v1", engine=ray)      # doctest: +SKIP
+    """
+
+    engine: str = setting("local", "local: this process; ray: actors on a Ray instance (docs/scale.md).",
+                          choices=("local", "ray"))
+    ray_address: str | None = setting(
+        None, "--engine ray: Ray cluster to join (auto, or ray://HOST:10001); default: a new local instance.")
+    workers: int | None = bounded(
+        None, "--engine ray: model actors (default: GPUs of the cluster, else CPUs / --cpus-per-worker).", 1)
+    gpus_per_worker: float | None = bounded(
+        None, "--engine ray: GPUs per actor (default: 1 when the cluster has GPUs, else 0).", 0)
+    cpus_per_worker: int = bounded(1, "--engine ray: CPUs per actor (and its torch threads).", 1)
+
+    def __post_init__(self) -> None:
+        _check(self)
+        if self.engine == "local":
+            given = [f for f in ("ray_address", "workers", "gpus_per_worker") if getattr(self, f) is not None]
+            if given:
+                raise ConfigError(given[0], "only applies with --engine ray; add --engine ray or drop it")

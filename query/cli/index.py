@@ -7,7 +7,7 @@ import json
 import click
 
 from forvalue.cli.options import config_options, json_option, make, quiet_option, store_option
-from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig
+from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, EngineConfig, ModelConfig
 
 _SKETCH_FIELDS = ("sketch_dim", "sketch_vocab_buckets", "sketch_hidden_cols", "sketch_basis")
 _COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messages_column", "id_column", "label_column",
@@ -45,6 +45,7 @@ def _build_config(kw: dict) -> BuildConfig:
 @config_options(DataConfig)
 @config_options(EncodeConfig, exclude=("sketch_seed",))
 @config_options(BuildConfig)
+@config_options(EngineConfig)
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def build(data, store, as_json, **kw):
@@ -54,7 +55,7 @@ def build(data, store, as_json, **kw):
     """
     from forvalue.indexer.build import build_index
 
-    _print_report(build_index(data, store, _build_config(kw)), as_json)
+    _print_report(build_index(data, store, _build_config(kw), engine=make(EngineConfig, kw)), as_json)
 
 
 @index.command("add")
@@ -65,6 +66,7 @@ def build(data, store, as_json, **kw):
 @config_options(DataConfig, only=_COLUMNS)
 @config_options(EncodeConfig, only=("on_bad",))
 @config_options(BuildConfig)
+@config_options(EngineConfig)
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def add(data, store, as_json, **kw):
@@ -75,7 +77,7 @@ def add(data, store, as_json, **kw):
     """
     from forvalue.api import add_to_index
 
-    _print_report(add_to_index(data, store, _build_config(kw)), as_json)
+    _print_report(add_to_index(data, store, _build_config(kw), engine=make(EngineConfig, kw)), as_json)
 
 
 @index.command("info")

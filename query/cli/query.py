@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from forvalue.cli.options import config_options, make, quiet_option, store_option, validation_option
-from forvalue.schemas.config import DataConfig, ModelConfig, QueryConfig
+from forvalue.schemas.config import DataConfig, EngineConfig, ModelConfig, QueryConfig
 
 _COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messages_column", "id_column", "label_column",
             "image_column")
@@ -26,6 +26,7 @@ _COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messag
 @config_options(QueryConfig)
 @config_options(ModelConfig, only=("path", "dtype"))
 @config_options(DataConfig, only=_COLUMNS)
+@config_options(EngineConfig)
 @quiet_option
 def query_command(store, validation, output, all_scores, explain_n, explain_dir, quiet, **kw):
     """Rank the stored training samples by their value for each validation sample (exact scores).
@@ -46,7 +47,7 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
 
         runner = load_store_runner(Store.open(store), model)
     result = run_query(store, validation, cfg, data=make(DataConfig, kw), model=model, runner=runner,
-                       all_scores_path=all_scores)
+                       all_scores_path=all_scores, engine=make(EngineConfig, kw))
     top = result.top
     if explain_n is not None:
         top = _explain(store, validation, top, runner, make(DataConfig, kw), cfg, explain_n, explain_dir)
