@@ -246,3 +246,28 @@ def test_query_explain_writes_a_page_per_top_result(built, tmp_path):
     assert sum(r["rank"] <= 2 for r in rows) == index.count("<a href=")
     assert_one_line_error(cli("query", "--store", store, "-v", val, "--device", "cpu", "--explain", "1"),
                           "--explain", "-o")
+
+
+def test_audit_report_links_explanations_of_its_examples(built, tmp_path):
+    import re
+
+    from forvalue.audit import load_audit
+
+    store, _, _, _ = built
+    # prompt/response rows only: run_audit's validation_hash cannot sort a mix of text and prompt rows (reported)
+    val = write_jsonl(tmp_path / "val.jsonl", VAL[:2])
+    report = tmp_path / "audit.html"
+    out = cli("audit", "run", "--store", store, "-v", val, "--name", "why", "--device", "cpu", "--report", report,
+              "--explain-examples")
+    assert out.exit_code == 0, out.output
+    table, _ = load_audit(store, "why")
+    means = dict(zip(table.column("id").to_pylist(), table.column("score_mean").to_pylist()))
+    links = re.findall(r"<a href='([^']+)'>tokens</a>", report.read_text())
+    assert len(links) == 2 * len(TRAIN)  # every sample is both a top and a bottom example of a 6-sample audit
+    for link in set(links):
+        page = (tmp_path / link).read_text()
+        train_id = re.search(r"Training sample <code>([^<]+)</code>", page).group(1)
+        shown = float(re.search(r"<b>([^<]+)</b>", page).group(1))
+        np.testing.assert_allclose(shown, means[train_id], rtol=1e-5, atol=1e-6 * max(map(abs, means.values())))
+    assert_one_line_error(cli("audit", "run", "--store", store, "-v", val, "--name", "x", "--explain-examples"),
+                          "--explain-examples", "--report")

@@ -24,15 +24,21 @@ def audit() -> None:
 @config_options(AuditConfig)
 @config_options(DataConfig, only=_COLUMNS)
 @_report_option
+@click.option("--explain-examples", is_flag=True,
+              help="With --report: explain the report's top and bottom examples token by token (pages against the "
+                   "mean of the validation set, in REPORT's name + .explain/, linked from the report).")
 @quiet_option
-def audit_run(store, validation, name, report, quiet, **kw):
+def audit_run(store, validation, name, report, explain_examples, quiet, **kw):
     """Score every training sample against the validation set and save the audit in the store.
 
     Validation encodings are cached by content: an unchanged validation set runs no forward
     pass, and edited samples are the only ones re-encoded.
     """
     from forvalue.audit import run_audit
+    from forvalue.schemas.errors import ForValueError
 
+    if explain_examples and not report:
+        raise ForValueError("--explain-examples needs --report (the pages are linked from the report)")
     s = run_audit(store, validation, name, make(AuditConfig, kw, progress=not quiet), data=make(DataConfig, kw))
     click.echo(f"audit '{s.name}' v{s.version}: {s.n_train} training samples against {s.n_validation} validation "
                f"samples ({s.encoded_now} encoded now, the rest cached) in {s.seconds:.1f}s (encode "
@@ -41,7 +47,17 @@ def audit_run(store, validation, name, report, quiet, **kw):
     if report:
         from forvalue.present.report import audit_report
 
-        click.echo(f"report: {audit_report(store, name, report)}")
+        links = None
+        if explain_examples:
+            from pathlib import Path
+
+            from forvalue.engine.explain import explain_audit_examples
+
+            folder = Path(report).with_suffix(".explain")
+            pages = explain_audit_examples(store, validation, name, folder, data=make(DataConfig, kw),
+                                           device=kw.get("device") or "auto")
+            links = {sid: f"{folder.name}/{page}" for sid, page in pages.items()}
+        click.echo(f"report: {audit_report(store, name, report, explanations=links)}")
 
 
 @audit.command("list")

@@ -16,6 +16,8 @@ import numpy as np
 from forvalue.present.output import check_output_path
 
 FORMATS = (".html", ".jsonl", ".parquet")
+# Validation samples drawn on a page explaining a mean (the largest parts first).
+MAX_VALIDATION_SHOWN = 20
 
 
 def _row_schema():
@@ -97,7 +99,12 @@ def explanation_html(e, title: str | None = None) -> str:
             f"e<sub>ik'</sub>&gt;. Each token is shaded by the part of the score carried by the position that "
             f"predicts it (red raises the score, blue lowers it; each text's tokens sum to the score; hover a "
             f"token for its value).</p>")
-    sides = [_side_html("Validation sample", s, e.score) for s in e.validation]
+    shown = sorted(e.validation, key=lambda s: -abs(float(s.contributions.sum())))[:MAX_VALIDATION_SHOWN]
+    sides = [_side_html("Validation sample", s, e.score) for s in shown]
+    if len(shown) < len(e.validation):
+        rest = e.score - sum(float(s.contributions.sum()) for s in shown)
+        sides.append(f"<p><em>{len(e.validation) - len(shown)} more validation samples not shown (the "
+                     f"{len(shown)} above carry the largest parts; the others sum to {_fmt(rest)}).</em></p>")
     body = (f"<h1>{html.escape(title)}</h1>{head}{''.join(sides)}{_side_html('Training sample', e.train, e.score)}"
             f"<h2>Top token pairs</h2><p>The largest terms &lt;h<sub>vk</sub>, h<sub>ik'</sub>&gt; "
             f"&lt;e<sub>vk</sub>, e<sub>ik'</sub>&gt; of the double sum.</p><table><tr><th>contribution</th>"

@@ -31,15 +31,19 @@ def _texts(store: Store, ids: list[str]) -> dict[str, str]:
     return out
 
 
-def _examples_table(title: str, rows: list[dict], texts: dict[str, str]) -> str:
+def _examples_table(title: str, rows: list[dict], texts: dict[str, str], links: dict[str, str] | None = None) -> str:
+    def why(sid) -> str:
+        return f"<td><a href='{html.escape(links[sid], quote=True)}'>tokens</a></td>" if sid in links else "<td></td>"
+
+    links = links or {}
     body = "".join(
         f"<tr><td>{r['rank']}</td><td>{html.escape(str(r['id']))}</td><td>{html.escape(str(r['label']))}</td>"
         f"<td>{r['score_mean']:.4g}</td><td>{'yes' if r['flagged'] else ''}</td>"
-        f"<td><pre>{html.escape(texts.get(r['id'], '')[:400])}</pre></td></tr>"
+        f"<td><pre>{html.escape(texts.get(r['id'], '')[:400])}</pre></td>{why(r['id']) if links else ''}</tr>"
         for r in rows
     )
     return (f"<h2>{html.escape(title)}</h2><table><tr><th>rank</th><th>id</th><th>label</th><th>mean score</th>"
-            f"<th>flagged</th><th>text</th></tr>{body}</table>")
+            f"<th>flagged</th><th>text</th>{'<th>why</th>' if links else ''}</tr>{body}</table>")
 
 
 _STYLE = """<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;font-size:13px}
@@ -95,10 +99,13 @@ def _timing(meta: dict) -> str:
 
 
 def audit_report(store_path: str | Path, name: str, out: str | Path, n_examples: int = 10,
-                 pricing: list[dict] | None = None, confidence: float = 0.95) -> Path:
+                 pricing: list[dict] | None = None, confidence: float = 0.95,
+                 explanations: dict[str, str] | None = None) -> Path:
     """Write an HTML report of audit ``name``: score histogram, per-label box plots, top and bottom examples.
 
-    ``pricing`` (rows of :func:`forvalue.pricing.price`) adds the value-per-group section.
+    ``pricing`` (rows of :func:`forvalue.pricing.price`) adds the value-per-group section;
+    ``explanations`` (training id -> link relative to the report, from
+    :func:`forvalue.engine.explain.explain_audit_examples`) links each example to its token-level page.
     """
     from forvalue.audit import load_audit
 
@@ -138,8 +145,8 @@ def audit_report(store_path: str | Path, name: str, out: str | Path, n_examples:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>audit {html.escape(meta['name'])}</title>{_STYLE}"
             f"</head><body><h1>Audit {html.escape(meta['name'])}</h1>{summary}<h2>Score distribution</h2>"
             f"<img src='{hist}'>{box}{pricing_section(pricing, confidence) if pricing else ''}"
-            f"{_examples_table('Most valuable', top, texts)}"
-            f"{_examples_table('Least valuable (flag candidates)', bottom, texts)}</body></html>")
+            f"{_examples_table('Most valuable', top, texts, explanations)}"
+            f"{_examples_table('Least valuable (flag candidates)', bottom, texts, explanations)}</body></html>")
     out = Path(out)
     out.write_text(page, encoding="utf-8")
     return out
