@@ -105,12 +105,23 @@ def make(cls, kw: dict, **extra) -> Any:
 class Group(click.Group):
     """Turns every user-facing error into one line on stderr and exit status 2.
 
+    Covers :class:`~forvalue.schemas.errors.ForValueError` (a :class:`ConfigError` is printed
+    with its flag), click's usage errors below the top level (bad option values, unknown
+    options, missing arguments) and OS errors that reach the CLI.
+
     ``--debug`` (or ``FORVALUE_DEBUG=1``) lets the traceback through instead.
     """
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.exceptions.NoArgsIsHelpError:
+            raise  # a group given no command: click prints its help
+        except click.UsageError as exc:  # a bad option value, unknown option or missing argument: one line too
+            if _debug(ctx):
+                raise
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            _fail(f"{exc.format_message().rstrip('.')}; see '{where} --help'")
         except ConfigError as exc:
             if _debug(ctx):
                 raise

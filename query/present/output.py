@@ -33,6 +33,8 @@ def check_output_path(path: str | Path | None, formats: tuple[str, ...] = FORMAT
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
+    if not parent.is_dir():
+        raise ForValueError(f"{path}: {parent} is a file, not a folder; choose another output path")
     if not os.access(parent, os.W_OK):
         raise ForValueError(f"{path}: cannot write into {parent}; choose a writable folder")
 
