@@ -113,10 +113,13 @@ def test_batched_greedy_answers_match_one_prompt_at_a_time(tiny_runner):
 
 def test_quick_suite_runs_every_part_and_a_rerun_trains_nothing(tiny_model_dir, tmp_path):
     work = tmp_path / "work"
+    # the --quick configuration, every method and part, with fewer sizes so the test stays short on a loaded machine
+    small = ["--targets", "math_no_reasoning:0,1", "--ks", "10", "25", "--noise-rates", "0.5", "--brittle-ks", "2", "8"]
     args = ["--workdir", str(work), "--quick", "--model", str(tiny_model_dir), "--out", str(tmp_path / "sel.md"),
-            "--json", str(tmp_path / "sel.json")]
+            "--json", str(tmp_path / "sel.json"), *small]
     first = bs.main(args)
-    s = bs.QUICK
+    s = bs.settings_from(bs.parse_args(args))
+    assert s.methods == bs.METHODS and s.seeds == bs.QUICK.seeds
     rows = first["rows"]
     assert first["counts"]["run"] > 0
     tgt = [r for r in rows if r["part"] == "targeted"]
