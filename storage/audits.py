@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from forvalue.schemas.errors import ForValueError
 
-from forvalue.storage.store import Store
+from forvalue.storage.store import Store, translate_errors
 
 AUDIT_PREFIX = "audit_"
 CACHE_TABLE = "validation_cache"
@@ -103,8 +103,11 @@ class ValidationCache:
         else:
             try:
                 self._table = db.create_table(CACHE_TABLE, schema=CACHE_SCHEMA, exist_ok=True)
-            except (OSError, ValueError, RuntimeError):
-                self._table = db.open_table(CACHE_TABLE)
+            except (OSError, ValueError, RuntimeError) as exc:  # a concurrent twin made it, or the store is read-only
+                with translate_errors(store.path, "create the validation cache in"):
+                    if CACHE_TABLE not in _tables(store):
+                        raise exc
+                    self._table = db.open_table(CACHE_TABLE)
 
     def get(self, keys: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
         """Cached ``(hidden (n, d), ids (n, m+1), values (n, m+1), sq_norm)`` by key, for the keys present."""

@@ -293,6 +293,8 @@ def test_kill_9_at_random_points_then_resume(tmp_path, tiny_model_dir, tiny_runn
             break
         current.kill()
         count("kill9_during_build")
+        if k % 4:  # it had committed, so it held the lease: its note stays, its lock died with it (no stale lease)
+            assert json.loads((store / ".writer.lock").read_text())["pid"] == current.pid
         present, referenced = lance_files(store)
         new_orphans = present - referenced - orphans
         killed_inside_append += bool(new_orphans)  # a data file written, its commit not (or half) done
@@ -474,10 +476,15 @@ def test_read_only_store(small_store, tmp_path, tiny_runner):
     try:
         if os.access(target, os.W_OK) and _can_create(target):
             pytest.skip("the store stays writable (file modes do not bind this user)")
-        assert_one_line_error(cli("index", "add", data, "--store", target, "--quiet"), str(target), "permission")
+        val = _validation_file(tmp_path / "x")
+        for args in (["index", "add", data, "--store", target, "--quiet"],
+                     ["audit", "run", "--store", target, "-v", val, "--name", "ro", "--device", "cpu", "--quiet"],
+                     ["index", "sketch", "--store", target, "--rebuild"],
+                     ["index", "check", "--store", target, "--repair"]):
+            assert_one_line_error(cli(*args), str(target), "permission")
+            count("read_only_refusals")
         assert_same_scores(scores_by_id(target, tiny_runner), small_store[1])
-        assert sorted(scores_by_id(target, tiny_runner)) == sorted(small_store[1])
-        count("read_only_refusals")
+        assert sorted(scores_by_id(target, tiny_runner)) == sorted(small_store[1])  # reading needs no write access
     finally:
         if target != store:
             subprocess.run(["umount", "-l", str(target)], capture_output=True)
@@ -501,6 +508,7 @@ def _query_args(store, *extra) -> list:
 
 
 def _validation_file(store: Path) -> Path:
+    """:data:`VALIDATION` as a JSONL file next to ``store``."""
     return write_jsonl(store.parent / "val.jsonl", VALIDATION)
 
 
@@ -515,7 +523,8 @@ def test_damaged_data_file(small_store, tmp_path, damage):
     else:
         with victim.open("r+b") as handle:
             handle.truncate(victim.stat().st_size // 2)
-    for args in (_query_args(store), ["index", "info", "--store", store]):
+    audit = ["audit", "run", "--store", store, "-v", _validation_file(store), "--name", "a", "--device", "cpu", "--quiet"]
+    for args in (_query_args(store), ["index", "info", "--store", store], audit):
         assert_one_line_error(cli(*args), str(store), "index check")
         count("damaged_file_errors")
     err = cli("index", "check", "--store", store)
@@ -641,6 +650,18 @@ def test_bad_option_value(small_store, tmp_path, tiny_model_dir, tiny_runner, no
     count("bad_option_values_tried")
 
 
+@pytest.mark.parametrize("bad", ["empty", "bad-json", "--max-length=0", "--max-length=-5", "--batch-size=0"])
+def test_refused_build_creates_no_store(tmp_path, tiny_model_dir, no_model_load, bad):
+    """A new store is made only once inputs and options have passed their checks."""
+    good = write_jsonl(tmp_path / "good.jsonl", make_rows(3))
+    data, needle = (good, bad.split("=")[0]) if bad.startswith("--") else _bad_file(tmp_path, bad)
+    extra = bad.split("=") if bad.startswith("--") else []
+    store = tmp_path / "new" / "store"
+    assert_one_line_error(cli("index", "build", data, "--store", store, "--model", tiny_model_dir, *extra), needle)
+    assert not (tmp_path / "new").exists()
+    count("bad_inputs_tried" if extra == [] else "bad_option_values_tried")
+
+
 def test_all_scores_into_a_missing_folder_is_created(small_store, tmp_path, tiny_runner):
     store, scores = small_store
     target = tmp_path / "new" / "deeper" / "scores.parquet"
@@ -667,6 +688,7 @@ def test_check_repair_removes_duplicates_atomically(small_store, tmp_path, tiny_
     result = cli("index", "check", "--store", store, "--repair")
     assert result.exit_code == 0, result.output
     assert "removed 15 duplicate rows" in result.stdout and "clean (30 rows" in result.stdout
+    assert "rebuilt the prefilter index" in result.stdout  # row positions moved: the FAISS index follows
     assert lance.dataset(uri).version == version + 1  # one atomic commit
     assert_sound(store, small_store[1])
     assert_same_scores(scores_by_id(store, tiny_runner), small_store[1], rtol=0)
