@@ -51,7 +51,7 @@ def audit_run(store, validation, name, report, explain_examples, quiet, **kw):
         if explain_examples:
             from pathlib import Path
 
-            from forvalue.engine.explain import explain_audit_examples
+            from forvalue.present.explain_html import explain_audit_examples
 
             folder = Path(report).with_suffix(".explain")
             pages = explain_audit_examples(store, validation, name, folder, data=make(DataConfig, kw),

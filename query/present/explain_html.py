@@ -9,11 +9,13 @@ no external assets: one file that opens anywhere. All text is escaped.
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 import numpy as np
 
 from forvalue.present.output import check_output_path
+from forvalue.schemas.config import DataConfig, ModelConfig
 
 FORMATS = (".html", ".jsonl", ".parquet")
 # Validation samples drawn on a page explaining a mean (the largest parts first).
@@ -168,8 +170,6 @@ def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: i
     """
     import pyarrow as pa
 
-    from forvalue.engine.explain import safe_name
-
     folder = Path(folder)
     rows = top.to_pylist()
     column, wanted = -1, []
@@ -200,3 +200,46 @@ def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: i
         column += r["rank"] == 1
         out.append(names.get((column, r["rank"])))
     return top.append_column("explanation", pa.array(out, pa.string()))
+
+
+def safe_name(text: str) -> str:
+    """``text`` reduced to a file-name-safe stem (letters, digits, ``-``, ``_``, ``.``), at most 60 characters."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60].strip("._") or "sample"
+
+
+def explain_audit_examples(store, validation, name: str, folder: str | Path, n_examples: int = 10,
+                           data: DataConfig = DataConfig(), device: str = "auto", top_pairs: int = 20) -> dict[str, str]:
+    """Pages explaining the top and bottom ``n_examples`` of audit ``name`` (what its report lists).
+
+    Each page explains the raw score against the mean of the validation samples (the audit's
+    ``score_mean`` with ``normalize='none'``). The validation encodings come from the store's
+    validation cache (filled by the audit, so no forward pass runs for them); the model is
+    loaded for its tokenizer.
+
+    Returns
+    -------
+    dict
+        Training id -> the page's file name inside ``folder``.
+    """
+    from forvalue.api import _open, load_store_runner
+    from forvalue.audit import load_audit
+    from forvalue.engine.explain import Explainer
+    from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
+    from forvalue.storage.audits import ValidationCache
+
+    store = _open(store)
+    table, _ = load_audit(store.path, name)
+    rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
+    chosen = [("top", r) for r in rows[:n_examples]] + [("bottom", r) for r in rows[-n_examples:][::-1]]
+    data = data_for_store(data, store.manifest)
+    samples = load_validation_samples(validation, data)
+    runner = load_store_runner(store, ModelConfig(device=device))
+    val, _ = encode_validation_cached(samples, store.manifest, data, lambda: runner, ValidationCache(store))
+    explainer = Explainer(store, runner, samples, data, val=val)
+    unique = list(dict.fromkeys(r["id"] for _, r in chosen))
+    pages = {}
+    for sid, e in zip(unique, explainer.explain_many(unique, None, top_pairs)):
+        where, row = next((w, r) for w, r in chosen if r["id"] == sid)
+        pages[sid] = f"{where}-{row['rank']:06d}-{safe_name(sid)}.html"
+        write_explanation(e, Path(folder) / pages[sid])
+    return pages

@@ -105,7 +105,7 @@ def audit_report(store_path: str | Path, name: str, out: str | Path, n_examples:
 
     ``pricing`` (rows of :func:`forvalue.pricing.price`) adds the value-per-group section;
     ``explanations`` (training id -> link relative to the report, from
-    :func:`forvalue.engine.explain.explain_audit_examples`) links each example to its token-level page.
+    :func:`forvalue.present.explain_html.explain_audit_examples`) links each example to its token-level page.
     """
     from forvalue.audit import load_audit
 
