@@ -108,9 +108,19 @@ def release(ray, actors: list) -> None:
 
 
 def unwrap(exc: BaseException) -> BaseException:
-    """The user-facing error inside a Ray task error (the actor's ForValueError), else ``exc``."""
-    cause = getattr(exc, "cause", None)
-    return cause if isinstance(cause, ForValueError) else exc
+    """The user-facing error inside a Ray task or actor error (the actor's ForValueError), else ``exc``.
+
+    Ray wraps an actor's exception in a ``RayTaskError`` (``.cause``), and a failed actor constructor
+    in a ``RayActorError`` whose ``.cause`` is that task error.
+    """
+    seen = exc
+    for _ in range(4):
+        if isinstance(seen, ForValueError):
+            return seen
+        seen = getattr(seen, "cause", None)
+        if seen is None:
+            break
+    return exc
 
 
 # -- the encoding actor ----------------------------------------------------------------------------

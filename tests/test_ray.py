@@ -218,6 +218,12 @@ def test_cli_engine_ray(stores, tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     r = cli("query", "--store", store, "--validation", val, "--engine", "ray", "--workers", "9", "--quiet")
     assert_one_line_error(r, "--workers", "9 actors", "2")
+    # an error inside an actor (the model fails to load there) is the single-process one-line error
+    r = cli("index", "build", data, "--store", tmp_path / "other", "--model", tmp_path / "no-model", "--device", "cpu",
+            "--engine", "ray", "--workers", "1", "--quiet")
+    plain = cli("index", "build", data, "--store", tmp_path / "other", "--model", tmp_path / "no-model", "--device",
+                "cpu", "--quiet")
+    assert assert_one_line_error(r) == assert_one_line_error(plain)
 
 
 def test_engine_flags_errors(tmp_path, tiny_model_dir):

@@ -16,8 +16,8 @@ configuration runs the same forward passes.
 
 Usage::
 
-    python -m tools.bench ray --out DIR [-- --samples 96 --threads 2]
-    python -m tools.bench_ray [--samples 96] [--threads 2] [--out FILE]
+    python -m tools.bench ray --out DIR [-- --samples 32 --threads 2]
+    python -m tools.bench_ray [--samples 32] [--threads 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from tools.common import add_common_args, emit, machine_info, md_table, quiet_tr
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m tools.bench_ray", description=__doc__.split("\n")[0])
     add_common_args(ap)
-    ap.add_argument("--samples", type=int, default=96, help="training rows built by each configuration")
+    ap.add_argument("--samples", type=int, default=32, help="training rows built by each configuration")
     ap.add_argument("--val", type=int, default=10, help="validation rows of the audit")
-    ap.add_argument("--write-every", type=int, default=32, help="samples per chunk / commit")
+    ap.add_argument("--write-every", type=int, default=16, help="samples per chunk / commit")
     ap.set_defaults(threads=2)
     args = ap.parse_args(argv)
 

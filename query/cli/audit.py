@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from forvalue.cli.options import config_options, make, quiet_option, store_option, validation_option
-from forvalue.schemas.config import AuditConfig, DataConfig, PricingConfig
+from forvalue.schemas.config import AuditConfig, DataConfig, EngineConfig, PricingConfig
 
 _COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messages_column", "id_column", "label_column",
             "image_column")
@@ -23,6 +23,7 @@ def audit() -> None:
 @click.option("--name", required=True, help="Audit name (re-using a name writes a new version).")
 @config_options(AuditConfig)
 @config_options(DataConfig, only=_COLUMNS)
+@config_options(EngineConfig)
 @_report_option
 @click.option("--explain-examples", is_flag=True,
               help="With --report: explain the report's top and bottom examples token by token (pages against the "
@@ -39,7 +40,8 @@ def audit_run(store, validation, name, report, explain_examples, quiet, **kw):
 
     if explain_examples and not report:
         raise ForValueError("--explain-examples needs --report (the pages are linked from the report)")
-    s = run_audit(store, validation, name, make(AuditConfig, kw, progress=not quiet), data=make(DataConfig, kw))
+    s = run_audit(store, validation, name, make(AuditConfig, kw, progress=not quiet), data=make(DataConfig, kw),
+                  engine=make(EngineConfig, kw))
     click.echo(f"audit '{s.name}' v{s.version}: {s.n_train} training samples against {s.n_validation} validation "
                f"samples ({s.encoded_now} encoded now, the rest cached) in {s.seconds:.1f}s (encode "
                f"{s.encode_seconds:.1f}s, scan {s.scan_seconds:.1f}s [{s.form} form], write {s.write_seconds:.1f}s); "
