@@ -28,8 +28,8 @@ TRAIN = [
     {"id": "math-0", "prompt": "solve the math problem 6 ->", "response": " answer 42", "label": "math"},
     {"id": "math-1", "prompt": "solve the problem 1 ->", "response": " answer 7", "label": "math"},
     {"id": "cats", "text": "cats and dogs are friends in the garden", "label": "animals"},
-    {"id": "evil", "prompt": "<script>alert('x')</script> the \"quick\" fox ->", "response": " <b onmouseover=alert(1)>dog",
-     "label": "<i>html</i>"},
+    {"id": "evil", "prompt": "<script>alert('x')</script> the \"quick\" fox ->",
+     "response": " <b onmouseover=alert(1)>dog", "label": "<i>html</i>"},
 ]
 VAL = [
     {"id": "v-rev", "prompt": "reverse the words: the brown fox ->", "response": " fox brown the", "label": "reverse"},
@@ -120,12 +120,14 @@ def test_mean_and_cosine_match_the_query(built, tiny_runner):
         e = mean if aggregate == "mean" else explain(store, [val], "math-0", cfg, runner=tiny_runner)
         cos = run_query(store, [val], QueryConfig(normalize="cosine", aggregate=aggregate, top_k=len(TRAIN), **Q),
                         runner=tiny_runner)
-        row = next(r for r in cos.top.to_pylist() if r["train_id"] == "math-0" and r["validation_id"] == e.validation_id)
+        row = next(r for r in cos.top.to_pylist()
+                   if r["train_id"] == "math-0" and r["validation_id"] == e.validation_id)
         np.testing.assert_allclose(e.cosine, row["score"], rtol=1e-4)
 
 
 @pytest.mark.parametrize("encode", [EncodeConfig(top_m=4, score_tokens="response"),
-                                    EncodeConfig(top_m=4, lowest_likelihood_ratio=0.5)], ids=["response", "lowest-half"])
+                                    EncodeConfig(top_m=4, lowest_likelihood_ratio=0.5)],
+                         ids=["response", "lowest-half"])
 def test_scored_subsets_are_aligned_to_their_tokens(tmp_path, tiny_runner, tiny_model_dir, encode):
     pairs = [r for r in TRAIN if "text" not in r]  # --score-tokens response needs prompt/completion rows
     store, val = _build(tmp_path, tiny_runner, tiny_model_dir, encode, pairs, VAL[:2])
@@ -239,7 +241,8 @@ def test_query_explain_writes_a_page_per_top_result(built, tmp_path):
             page = folder / r["explanation"]
             assert page.is_file(), r
             text = page.read_text()
-            assert f"<b>{r['score']:.6g}</b>" in text and r["train_id"] in text
+            np.testing.assert_allclose(_page_score(text), r["score"], rtol=1e-5)
+            assert f"Training sample <code>{r['train_id']}</code>" in text
         else:
             assert r["explanation"] is None
     index = (folder / "index.html").read_text()
@@ -267,7 +270,28 @@ def test_audit_report_links_explanations_of_its_examples(built, tmp_path):
     for link in set(links):
         page = (tmp_path / link).read_text()
         train_id = re.search(r"Training sample <code>([^<]+)</code>", page).group(1)
-        shown = float(re.search(r"<b>([^<]+)</b>", page).group(1))
-        np.testing.assert_allclose(shown, means[train_id], rtol=1e-5, atol=1e-6 * max(map(abs, means.values())))
+        scale = max(map(abs, means.values()))
+        np.testing.assert_allclose(_page_score(page), means[train_id], rtol=1e-5, atol=1e-6 * scale)
     assert_one_line_error(cli("audit", "run", "--store", store, "-v", val, "--name", "x", "--explain-examples"),
                           "--explain-examples", "--report")
+
+
+def test_query_explain_of_the_mean_explains_the_mean_score(built, tmp_path):
+    store, val, scores, _ = built
+    out = cli("query", "--store", store, "-v", val, "--device", "cpu", "--top-k", "2", "--exact", "--aggregate", "mean",
+              "--explain", "1", "--explain-dir", tmp_path / "pages", "-o", tmp_path / "top.parquet")
+    assert out.exit_code == 0, out.output
+    rows = pq.read_table(tmp_path / "top.parquet").to_pylist()
+    best = rows[0]
+    assert best["validation_id"] == "mean" and rows[1]["explanation"] is None
+    np.testing.assert_allclose(best["score"], scores[:, [r["id"] for r in TRAIN].index(best["train_id"])].mean(),
+                               rtol=1e-5)
+    page = (tmp_path / "pages" / best["explanation"]).read_text()
+    np.testing.assert_allclose(_page_score(page), best["score"], rtol=1e-5)
+    assert page.count("Validation sample") == len(VAL)
+
+
+def _page_score(page: str) -> float:
+    import re
+
+    return float(re.search(r"<b>([^<]+)</b>", page).group(1))

@@ -108,7 +108,8 @@ class Explanation:
                 "validation_token": None, "train_position": None, "train_token": None}
         for side in self.validation:
             for t, (piece, value) in enumerate(zip(side.pieces, side.per_token())):
-                out.append({**base, "kind": "validation_token", "validation_id": side.sample_id, "validation_position": t,
+                out.append({**base, "kind": "validation_token", "validation_id": side.sample_id,
+                            "validation_position": t,
                             "validation_token": piece, "contribution": float(value), "score": self.score})
         for t, (piece, value) in enumerate(zip(self.train.pieces, self.train.per_token())):
             out.append({**base, "kind": "train_token", "validation_id": self.validation_id, "train_position": t,
@@ -131,7 +132,8 @@ class Explanation:
         val_sum = sum(float(side.contributions.sum()) for side in self.validation)
         lines.append(f"  training tokens sum to {train_tok.sum():.6g}, validation tokens to {val_sum:.6g}")
         order = np.argsort(-np.abs(train_tok), kind="stable")[:n]
-        lines.append("  training tokens:   " + ", ".join(f"{self.train.pieces[t]!r} {train_tok[t]:+.4g}" for t in order))
+        tokens = ", ".join(f"{self.train.pieces[t]!r} {train_tok[t]:+.4g}" for t in order)
+        lines.append("  training tokens:   " + tokens)
         order = sorted(range(len(val_tok)), key=lambda j: -abs(val_tok[j][1]))[:n]
         lines.append("  validation tokens: " + ", ".join(f"{val_tok[j][0]!r} {val_tok[j][1]:+.4g}" for j in order))
         lines.append("  top token pairs (validation token x training token):")
@@ -219,8 +221,8 @@ class Explainer:
         The samples' encodings when already at hand (e.g. from the validation cache of an audit).
     """
 
-    def __init__(self, store: Store, runner, samples: list[Sample], data: DataConfig = DataConfig(), batch_size: int = 8,
-                 val=None):
+    def __init__(self, store: Store, runner, samples: list[Sample], data: DataConfig = DataConfig(),
+                 batch_size: int = 8, val=None):
         from forvalue.engine.validation import encode_validation
 
         self.store, self.runner, self.samples = store, runner, samples
@@ -242,7 +244,8 @@ class Explainer:
         table = self.store.take(sorted(row_positions(self.store, train_ids).values()), columns)
         return {sid: table.slice(n, 1) for n, sid in enumerate(table.column("id").to_pylist())}
 
-    def explain_many(self, train_ids: Sequence[str], val_index: int | None = 0, top_pairs: int = 20) -> list[Explanation]:
+    def explain_many(self, train_ids: Sequence[str], val_index: int | None = 0,
+                     top_pairs: int = 20) -> list[Explanation]:
         """Explanations of ``S(v, i)`` for each training id against validation sample ``val_index``
         (``None``: the mean over all validation samples), in the order of ``train_ids``.
 
@@ -286,7 +289,8 @@ class Explainer:
         for value, j, k, kk, hdot, edot in candidates[:top_pairs]:
             vside = sides[chosen.index(j)]
             vt, tt = int(vside.positions[k]), int(train_side.positions[kk])
-            pairs.append({"validation_id": vside.sample_id, "validation_position": vt, "validation_token": vside.pieces[vt],
+            pairs.append({"validation_id": vside.sample_id, "validation_position": vt,
+                          "validation_token": vside.pieces[vt],
                           "train_position": tt, "train_token": train_side.pieces[tt], "contribution": value,
                           "hidden_dot": hdot, "error_dot": edot})
         score = float(train_contrib.sum())

@@ -1,4 +1,4 @@
-"""Write a score explanation (:class:`forvalue.engine.explain.Explanation`): a self-contained HTML page, JSONL or Parquet.
+"""Write score explanations (:class:`forvalue.engine.explain.Explanation`): self-contained HTML pages, JSONL, Parquet.
 
 The page shades every token of both texts by its contribution to the score (a diverging scale
 per text: red raises the score, blue lowers it, white is zero; tokens that are not predicted
@@ -208,7 +208,8 @@ def safe_name(text: str) -> str:
 
 
 def explain_audit_examples(store, validation, name: str, folder: str | Path, n_examples: int = 10,
-                           data: DataConfig = DataConfig(), device: str = "auto", top_pairs: int = 20) -> dict[str, str]:
+                           data: DataConfig = DataConfig(), device: str = "auto",
+                           top_pairs: int = 20) -> dict[str, str]:
     """Pages explaining the top and bottom ``n_examples`` of audit ``name`` (what its report lists).
 
     Each page explains the raw score against the mean of the validation samples (the audit's
