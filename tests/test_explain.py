@@ -295,3 +295,18 @@ def _page_score(page: str) -> float:
     import re
 
     return float(re.search(r"<b>([^<]+)</b>", page).group(1))
+
+
+def test_conversation_rows_show_their_scored_tokens(tmp_path, tiny_runner, tiny_model_dir):
+    """A conversation is stored as readable text only: the page shows the stored scored tokens, and says so."""
+    chats = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"reverse the words {i}"},
+                                          {"role": "assistant", "content": " words the reverse"}]} for i in range(3)]
+    store, val = _build(tmp_path, tiny_runner, tiny_model_dir, EncodeConfig(top_m=4), chats, chats[:1])
+    res = run_query(store, [val], QueryConfig(**Q), runner=tiny_runner, keep_scores=True)
+    e = explain(store, [val], "c2", ExplainConfig(device="cpu"), runner=tiny_runner)
+    np.testing.assert_allclose(e.score, res.scores[0, res.train_ids.index("c2")], rtol=1e-5)
+    stored = Store.open(store).take([res.train_ids.index("c2")], ["target_ids"]).to_pylist()[0]["target_ids"]
+    assert e.train.note and e.train.positions.tolist() == list(range(len(stored)))
+    assert e.train.pieces == [tiny_runner.tokenizer.decode([i]) for i in stored]
+    assert "".join(e.train.pieces).strip() == "words the reverse"  # the assistant turn: the scored tokens
+    assert e.validation[0].note == "" and "showing the scored tokens only" in explanation_html(e)
