@@ -287,7 +287,30 @@ def translate_errors(path: str | Path, action: str) -> Iterator[None]:
     except ForValueError:
         raise
     except (OSError, RuntimeError, ValueError) as exc:
-        raise StoreError(f"{path}: cannot {action} the store ({short_reason(exc)}); {_advice(exc, Path(path))}") from exc
+        reason, advice = short_reason(exc), _advice(exc, Path(path))
+        if advice.startswith("the store may be damaged"):  # a vague Lance error: is the disk full or read-only?
+            probe = _write_probe(Path(path))
+            if probe is not None:
+                reason, advice = f"{short_reason(exc)}; writing a test file: {short_reason(probe)}", _advice(probe, Path(path))
+        raise StoreError(f"{path}: cannot {action} the store ({reason}); {advice}") from exc
+
+
+def _write_probe(folder: Path, size: int = 1 << 20) -> OSError | None:
+    """The error writing (and syncing) a ``size``-byte file in ``folder`` gives, if it is full or read-only; else None."""
+    if not folder.is_dir():
+        return None
+    probe = folder / f".write-probe.{os.getpid()}"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"\0" * size)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        return exc if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT) else None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return None
 
 
 # -- the writer lease ----------------------------------------------------------------

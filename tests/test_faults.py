@@ -449,6 +449,26 @@ def test_disk_full_then_resume(tmp_path, tmpfs, tiny_model_dir, zygote):
     assert line.startswith("error: ") and str(store) in line and "disk is full" in line, line
     kept = store_ids(store)
     assert set(kept) < {r["id"] for r in rows}
+    assert_sound(store, kept)
+    # the full disk (filled to the last byte) meets an audit (it writes its table and validation cache)
+    # and a query's output files
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+    val = _validation_file(tmp_path / "x")
+    for other in (["audit", "run", "--store", store, "-v", val, "--name", "full", "--device", "cpu", "--quiet"],
+                  _query_args(store, "-o", disk / "top.jsonl", val_dir=tmp_path),
+                  _query_args(store, "--all-scores", disk / "all.parquet", val_dir=tmp_path)):
+        err = assert_one_line_error(cli(*other))
+        assert "disk is full" in err or "No space left" in err, err
+        count("disk_full_errors")
+    assert not (disk / "top.jsonl").exists() and not (disk / "all.parquet").exists()
+    assert sorted(p.name for p in disk.iterdir()) == ["filler", "store"]  # no partial output files left behind
+    assert_sound(store, kept)
     tmpfs.remount(disk, "size=64m")
     result = cli(*args)
     assert result.exit_code == 0, result.output
@@ -503,8 +523,9 @@ def _can_create(folder: Path) -> bool:
     return True
 
 
-def _query_args(store, *extra) -> list:
-    return ["query", "--store", store, "-v", _validation_file(store), "--device", "cpu", "--quiet", "--exact", *extra]
+def _query_args(store, *extra, val_dir: Path | None = None) -> list:
+    val = _validation_file(val_dir / "x" if val_dir else store)
+    return ["query", "--store", store, "-v", val, "--device", "cpu", "--quiet", "--exact", *extra]
 
 
 def _validation_file(store: Path) -> Path:

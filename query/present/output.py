@@ -102,7 +102,11 @@ class ScoreWriter:
         self.tmp = _tmp(self.path)
         unique = _unique_names(columns)
         self.schema = pa.schema([("train_id", pa.string()), ("train_label", pa.string())] + [(c, pa.float64()) for c in unique])
-        self.writer = pq.ParquetWriter(str(self.tmp), self.schema)
+        try:
+            self.writer = pq.ParquetWriter(str(self.tmp), self.schema)
+        except BaseException:  # e.g. a full disk: leave no partial file
+            self.tmp.unlink(missing_ok=True)
+            raise
 
     def write(self, ids: list, labels: list, scores: np.ndarray) -> None:
         """Append a block: ``scores`` float64 of shape ``(len(ids), n_columns)``."""
@@ -111,11 +115,18 @@ class ScoreWriter:
         self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
 
     def close(self) -> None:
-        self.writer.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self.writer.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
 
     def abort(self) -> None:
-        self.writer.close()
+        try:
+            self.writer.close()
+        except Exception:  # noqa: BLE001  (closing flushes; on a full disk that fails too, the file goes anyway)
+            pass
         self.tmp.unlink(missing_ok=True)
 
 
