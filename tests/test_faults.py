@@ -553,12 +553,15 @@ def test_damaged_data_file(small_store, tmp_path, damage):
     assert all(line.startswith("error: ") for line in err.stderr.strip().splitlines())
 
 
-@pytest.mark.parametrize("which", ["manifest.json", "lance version"])
+@pytest.mark.parametrize("which", ["manifest.json", "manifest.json fields", "lance version"])
 def test_corrupted_manifest(small_store, tmp_path, which):
+    """A truncated or emptied store manifest, or a garbage Lance version file: one line (exit 2) everywhere."""
     store = copy_store(small_store, tmp_path)
     data = write_jsonl(tmp_path / "more.jsonl", make_rows(3, start=100))
     if which == "manifest.json":
         (store / "manifest.json").write_text('{"model_path": "x", "hidden_size": ')
+    elif which == "manifest.json fields":
+        (store / "manifest.json").write_text('{"model_path": 7, "hidden_size": "wide"}')
     else:
         import lance
 
@@ -572,6 +575,19 @@ def test_corrupted_manifest(small_store, tmp_path, which):
         assert_one_line_error(cli(*args), str(store))
         count("corrupted_manifest_errors")
     assert tree(store) == before
+
+
+def test_missing_prefilter_index_is_reported_and_rebuilt(small_store, tmp_path, tiny_runner):
+    store = copy_store(small_store, tmp_path)
+    [index_file] = [f for f in (store / "prefilter").iterdir() if f.suffix != ".json"]
+    index_file.unlink()
+    result = cli("index", "check", "--store", store)
+    assert result.exit_code == 2 and "prefilter index file" in result.stderr and "--repair" in result.stderr, result.output
+    result = cli("index", "check", "--store", store, "--repair")
+    assert result.exit_code == 0 and "rebuilt the prefilter index" in result.stdout, result.output
+    assert [f.suffix for f in (store / "prefilter").iterdir() if f.suffix != ".json"] == [".faiss"]
+    assert_sound(store, small_store[1])
+    count("prefilter_indexes_rebuilt")
 
 
 # -- hostile input and option values ---------------------------------------------------------------
