@@ -111,15 +111,18 @@ def unwrap(exc: BaseException) -> BaseException:
     """The user-facing error inside a Ray task or actor error (the actor's ForValueError), else ``exc``.
 
     Ray wraps an actor's exception in a ``RayTaskError`` (``.cause``), and a failed actor constructor
-    in a ``RayActorError`` whose ``.cause`` is that task error.
+    in an ``ActorDiedError`` built from that task error (its first argument).
     """
     seen = exc
     for _ in range(4):
         if isinstance(seen, ForValueError):
             return seen
-        seen = getattr(seen, "cause", None)
-        if seen is None:
+        inner = getattr(seen, "cause", None)
+        if inner is None and seen.args and isinstance(seen.args[0], BaseException):
+            inner = seen.args[0]
+        if inner is None:
             break
+        seen = inner
     return exc
 
 

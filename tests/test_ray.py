@@ -153,6 +153,58 @@ def test_ray_build_after_killed_driver_has_no_duplicates(tmp_path, tiny_model_di
     assert set(ids) == {r["id"] for r in _rows(120)}
 
 
+def _actor_pids(name: str) -> list[int]:
+    """Pids of this machine's Ray worker processes running actor class ``name`` (their title is ``ray::NAME...``)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith(f"ray::{name}"):
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.ray
+def test_ray_build_survives_a_killed_worker(tmp_path, tiny_model_dir, ray_instance):
+    """An actor killed (-9) mid-build is restarted by Ray, its chunk retried: the build ends complete, no duplicate."""
+    import lance
+
+    data = write_jsonl(tmp_path / "train.jsonl", _rows(80))
+    store = tmp_path / "store"
+    address = ray_instance.get_runtime_context().gcs_address
+    cmd = [sys.executable, "-m", "forvalue", "index", "build", str(data), "--store", str(store), "--model",
+           str(tiny_model_dir), "--device", "cpu", "--batch-size", "2", "--write-every", "4", "--sketch-dim", "0",
+           "--engine", "ray", "--ray-address", address, "--workers", "2", "--quiet", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 240
+    killed = None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None and killed is None:
+            try:
+                committed = lance.dataset(str(store / "samples.lance")).count_rows()
+            except (OSError, ValueError, RuntimeError):
+                committed = 0
+            pids = _actor_pids("Encoder")
+            if committed >= 4 and pids:
+                killed = pids[0]
+                os.kill(killed, signal.SIGKILL)
+            time.sleep(0.2)
+        out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert killed is not None, "no Encoder actor was seen while the build ran"
+    assert proc.returncode == 0, err.decode()[-2000:]
+    report = json.loads(out.decode().strip().splitlines()[-1])
+    ids = _table(store).column("id").to_pylist()
+    assert report["written"] == report["total_rows"] == 80
+    assert len(ids) == len(set(ids)) == 80
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("flag_by, normalize", [("mean", "none"), ("max", "cosine"), ("label", "none")])
 def test_ray_audit_equals_single_process(stores, flag_by, normalize):
