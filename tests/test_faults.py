@@ -287,7 +287,10 @@ def test_kill_9_at_random_points_then_resume(tmp_path, tiny_model_dir, tiny_runn
         else:  # a kill after this run's first commit, while it encodes and commits
             while current.poll() is None and commits(store) == before:
                 time.sleep(0.01)
-            time.sleep(rng.uniform(0.0, 0.3))
+            if k % 4 == 2:  # aimed at a commit: kill once a new data file is on disk before its version is
+                _wait_for_a_commit_in_flight(store, timeout=3.0)
+            else:
+                time.sleep(rng.uniform(0.0, 0.3))
         if current.poll() is not None:  # the build finished first: nothing left to kill
             assert current.poll() == 0, current.err.read_text()[-2000:]
             break
@@ -320,6 +323,16 @@ def test_kill_9_at_random_points_then_resume(tmp_path, tiny_model_dir, tiny_runn
     assert cli(*build_args(data, clean, tiny_model_dir)).exit_code == 0
     assert_same_scores(scores_by_id(store, tiny_runner), scores_by_id(clean, tiny_runner), rtol=1e-3)
     count("kill9_resumed_distinct_ids", len(distinct))
+
+
+def _wait_for_a_commit_in_flight(store: Path, timeout: float) -> None:
+    """Busy-wait until an append has written its data file but not yet its version (or ``timeout``)."""
+    data, versions = store / "samples.lance" / "data", store / "samples.lance" / "_versions"
+    files, done = len(os.listdir(data)), len(os.listdir(versions))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(os.listdir(data)) - files > len(os.listdir(versions)) - done:
+            return
 
 
 # -- concurrent writers ----------------------------------------------------------------------------
