@@ -10,8 +10,15 @@ import torch
 from forvalue.api import build_index, run_query
 from forvalue.audit import load_audit, run_audit
 from forvalue.engine.gform import (
-    BlockedGForm, GFormScorer, aggregate_weights, audit_scan, bounded_val_blocks, choose_form, plan_passes,
-    token_block_bytes, vocab_union,
+    BlockedGForm,
+    GFormScorer,
+    aggregate_weights,
+    audit_scan,
+    bounded_val_blocks,
+    choose_form,
+    plan_passes,
+    token_block_bytes,
+    vocab_union,
 )
 from forvalue.engine.reference import dense_scores
 from forvalue.engine.scorer import BlockedScorer, ExactScorer
@@ -32,11 +39,22 @@ def _rows(n: int, offset: int = 0) -> list[dict]:
     for i in range(offset, offset + n):
         label = LABELS[i % 3]
         if label == "reverse":
-            rows.append({"id": f"r{i}", "prompt": f"reverse the words {i}: the quick brown fox ->", "response": " fox brown quick the", "label": label})
+            rows.append(
+                {
+                    "id": f"r{i}",
+                    "prompt": f"reverse the words {i}: the quick brown fox ->",
+                    "response": " fox brown quick the",
+                    "label": label,
+                }
+            )
         elif label == "math":
-            rows.append({"id": f"m{i}", "prompt": f"solve {i} plus {2 * i} ->", "response": f" answer {3 * i}", "label": label})
+            rows.append(
+                {"id": f"m{i}", "prompt": f"solve {i} plus {2 * i} ->", "response": f" answer {3 * i}", "label": label}
+            )
         else:
-            rows.append({"id": f"c{i}", "prompt": f"shout this {i}: hello there ->", "response": " HELLO THERE", "label": label})
+            rows.append(
+                {"id": f"c{i}", "prompt": f"shout this {i}: hello there ->", "response": " HELLO THERE", "label": label}
+            )
     return rows
 
 
@@ -50,13 +68,17 @@ def setting(request, tmp_path_factory, tiny_model_dir, tiny_runner):
     train = write_jsonl(tmp / "train.jsonl", train_rows)
     val_path = write_jsonl(tmp / "val.jsonl", val_rows)
     enc = EncodeConfig(top_m=top_m, hidden_dtype=hidden_dtype)
-    cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), encode=enc, progress=False, write_every=4)
+    cfg = BuildConfig(
+        model=ModelConfig(path=str(tiny_model_dir), device="cpu"), encode=enc, progress=False, write_every=4
+    )
     build_index([train], tmp / "store", cfg)
     store = Store.open(tmp / "store")
     train_samples = list(iter_samples([train], DataConfig()))
     val_samples = list(iter_samples([val_path], DataConfig()))
     val = encode_validation(tiny_runner, val_samples, store.manifest, DataConfig())
-    ref = dense_scores(tiny_runner.model, tiny_runner.tokenizer, train_samples, val_samples, top_m=top_m, hidden_dtype=hidden_dtype)
+    ref = dense_scores(
+        tiny_runner.model, tiny_runner.tokenizer, train_samples, val_samples, top_m=top_m, hidden_dtype=hidden_dtype
+    )
     store_ids = [r["id"] for b in store.scan(["id"]) for r in b.to_pylist()]
     order = {s.id: j for j, s in enumerate(train_samples)}
     ref = ref[:, [order[i] for i in store_ids]]  # (n_val, n_train) in storage order
@@ -65,8 +87,15 @@ def setting(request, tmp_path_factory, tiny_model_dir, tiny_runner):
 
 def _token_scores(store, val, read_rows=5):
     scorer = BlockedScorer(val, torch.device("cpu"), 16)
-    return np.concatenate([scorer.score(decode_block(b, store.manifest.hidden_size))
-                           for b in store.scan(["hidden", "topk_ids", "topk_probs", "target_ids", "target_probs", "n_scored", "sq_norm"], batch_size=read_rows)])
+    return np.concatenate(
+        [
+            scorer.score(decode_block(b, store.manifest.hidden_size))
+            for b in store.scan(
+                ["hidden", "topk_ids", "topk_probs", "target_ids", "target_probs", "n_scored", "sq_norm"],
+                batch_size=read_rows,
+            )
+        ]
+    )
 
 
 def _token_form_float64(store, val):
@@ -80,7 +109,9 @@ def _token_form_float64(store, val):
         np.add.at(e, (np.repeat(np.arange(ids.shape[0]), ids.shape[1]), ids.ravel()), values.ravel().astype(np.float64))
         return e
 
-    per_token = (block.hidden.astype(np.float64) @ val.hidden.T.astype(np.float64)) * (dense(block.ids, block.values) @ dense(val.ids, val.values).T)
+    per_token = (block.hidden.astype(np.float64) @ val.hidden.T.astype(np.float64)) * (
+        dense(block.ids, block.values) @ dense(val.ids, val.values).T
+    )
     rows = np.repeat(np.arange(block.lengths.size), block.lengths)
     cols_ = np.repeat(np.arange(len(val)), val.lengths)
     out = np.zeros((block.lengths.size, len(val)))
@@ -90,7 +121,9 @@ def _token_form_float64(store, val):
 
 def _gform_scores(store, scorer, read_rows):
     cols = ["hidden", "topk_ids", "topk_probs", "target_ids", "target_probs", "n_scored", "sq_norm"]
-    return np.concatenate([scorer.score(decode_block(b, store.manifest.hidden_size)) for b in store.scan(cols, batch_size=read_rows)])
+    return np.concatenate(
+        [scorer.score(decode_block(b, store.manifest.hidden_size)) for b in store.scan(cols, batch_size=read_rows)]
+    )
 
 
 def _close(got, expected, rtol):
@@ -111,7 +144,10 @@ def test_gform_equals_token_form_and_dense_reference(setting, read_rows, dtype):
     token = _token_scores(store, val) @ weights  # the product's token form (float32), combined afterwards
     exact = _token_form_float64(store, val) @ weights  # Eq. 1 in float64 on the same stored entries
     expected = ref.T @ weights
-    assert np.abs(expected).max() > 1e-3 and got.shape == expected.shape == (len(setting["store_ids"]), weights.shape[1])
+    assert np.abs(expected).max() > 1e-3 and got.shape == expected.shape == (
+        len(setting["store_ids"]),
+        weights.shape[1],
+    )
     _close(got, exact, 1e-5 if dtype == torch.float32 else 1e-10)
     _close(token, exact, 1e-5)
     _close(got, expected, 2e-4)  # the reference runs its own float64 forward pass
@@ -208,18 +244,26 @@ def test_choose_form_follows_the_cost_model(setting):
 
 
 def test_query_aggregate_mean_in_gform_equals_per_sample_mean(setting, tiny_runner):
-    tmp, val = setting["tmp"], setting["val"]
-    rows = [r for r in _rows(7, offset=100)] * 6  # 42 validation samples: the G-form is the cheaper one
+    tmp = setting["tmp"]
+    rows = _rows(7, offset=100) * 6  # 42 validation samples: the G-form is the cheaper one
     for j, r in enumerate(rows):
         r = dict(r, id=f"v{j}")
         rows[j] = r
     path = write_jsonl(tmp / "val_many.jsonl", rows)
-    many = encode_validation(tiny_runner, list(iter_samples([path], DataConfig())), setting["store"].manifest, DataConfig())
+    many = encode_validation(
+        tiny_runner, list(iter_samples([path], DataConfig())), setting["store"].manifest, DataConfig()
+    )
     assert choose_form(many, 1) == "gform"
     q = dict(progress=False, device="cpu", exact=True)
     per_sample = run_query(tmp / "store", [path], QueryConfig(**q), runner=tiny_runner, keep_scores=True)
     for normalize in ("none", "cosine"):
-        mean = run_query(tmp / "store", [path], QueryConfig(aggregate="mean", normalize=normalize, **q), runner=tiny_runner, keep_scores=True)
+        mean = run_query(
+            tmp / "store",
+            [path],
+            QueryConfig(aggregate="mean", normalize=normalize, **q),
+            runner=tiny_runner,
+            keep_scores=True,
+        )
         expected = per_sample.scores.mean(axis=0)
         if normalize == "cosine":
             gram = ExactScorer(many, torch.device("cpu")).score(decode_like(many)).mean()
@@ -230,7 +274,13 @@ def test_query_aggregate_mean_in_gform_equals_per_sample_mean(setting, tiny_runn
 
 def test_audit_records_size_and_time_split(setting, tiny_runner):
     tmp = setting["tmp"]
-    s = run_audit(tmp / "store", [tmp / "val.jsonl"], "split", AuditConfig(progress=False, device="cpu", flag_by="label"), runner=tiny_runner)
+    s = run_audit(
+        tmp / "store",
+        [tmp / "val.jsonl"],
+        "split",
+        AuditConfig(progress=False, device="cpu", flag_by="label"),
+        runner=tiny_runner,
+    )
     assert s.n_validation == len(setting["val"]) and s.form in ("gform", "token")
     assert s.encode_seconds > 0 and s.scan_seconds > 0 and s.write_seconds > 0
     assert abs(s.encode_seconds + s.scan_seconds + s.write_seconds - s.seconds) < 1e-6

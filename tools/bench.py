@@ -89,6 +89,10 @@ SUITES: dict[str, Suite] = {
                        "designed for < 2 h with SmolLM2-135M (3 seeds); -- --quick < 10 min; resumable from "
                        "DIR/selection.work", "docs/selection.md; docs/benchmarks.md: Selection by value",
                        workdir_option="--workdir", json=True),
+    "gform": Suite("bench_gform", "audit scan time vs validation-set size: G-form vs token form vs plain read (issue 15)",
+                   "measure ~10 min on a 100k-sample synthetic store (making it first: ~35 min at load ~13, resumable "
+                   "in DIR/gform.work)", "docs/gform.md; docs/benchmarks.md: Audits at any validation-set size",
+                   workdir_option="--workdir"),
 }
 
 

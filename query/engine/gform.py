@@ -41,7 +41,8 @@ from forvalue.engine.validation import ValidationSet
 # GATHER_COST token-form operations: on the 2-core development CPU (d = 576, m = 32, 41k stored tokens)
 # the two forms took the same time at T_v ~ 100 validation tokens (docs/gform.md).
 GATHER_COST = 3.0
-# Floats in one (stored tokens x A d) intermediate of the G-form.
+# Floats in one (stored tokens x A d) intermediate of the G-form: small enough to stay in cache between
+# the gather-and-sum and the dot product.
 _CHUNK_FLOATS = 1 << 22
 # Validation tokens per token-form block (as QueryConfig.val_block_tokens).
 VAL_BLOCK_TOKENS = 4096
@@ -106,8 +107,14 @@ class GFormScorer:
         Row ``r`` holds ``Gbar_a[vocab[r]]`` for every ``a`` side by side; the last row is zero.
     """
 
-    def __init__(self, val: ValidationSet, weights: np.ndarray, device: torch.device | str,
-                 dtype: torch.dtype = torch.float32, vocab: np.ndarray | None = None):
+    def __init__(
+        self,
+        val: ValidationSet,
+        weights: np.ndarray,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        vocab: np.ndarray | None = None,
+    ):
         self.device = torch.device(device)
         self.dtype = dtype
         weights = np.asarray(weights, np.float64).reshape(len(val), -1)
@@ -115,6 +122,11 @@ class GFormScorer:
         self.d = val.hidden.shape[1]
         vocab = vocab_union(val) if vocab is None else np.asarray(vocab, np.int64)
         self.vocab = torch.from_numpy(vocab).to(self.device)
+        # id -> row of gbar (ids are non-negative vocabulary ids); ids above the largest held one land on the last
+        # entry, which points at the zero row
+        top = int(vocab.max()) + 2 if vocab.size else 1
+        self.lookup = torch.full((top,), vocab.size, dtype=torch.int64, device=self.device)
+        self.lookup[self.vocab] = torch.arange(vocab.size, device=self.device)
         self.gbar = self._build(val, weights)
         self.chunk_tokens = max(1, _CHUNK_FLOATS // (self.n_agg * self.d))
 
@@ -128,12 +140,8 @@ class GFormScorer:
         return (n_vocab + 1) * n_aggregates * hidden_size * (item + 8)
 
     def _positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """Row of each id in ``gbar``; ids outside ``vocab`` map to the last (zero) row."""
-        n = self.vocab.numel()
-        if n == 0:
-            return torch.zeros_like(ids)
-        pos = torch.searchsorted(self.vocab, ids).clamp_max(n - 1)
-        return torch.where(self.vocab[pos] == ids, pos, n)
+        """Row of each id in ``gbar``; ids outside ``vocab`` map to the last (zero) row (one table look-up)."""
+        return self.lookup[ids.clamp(0, self.lookup.numel() - 1)]
 
     @torch.no_grad()
     def _build(self, val: ValidationSet, weights: np.ndarray) -> torch.Tensor:
@@ -186,8 +194,9 @@ class BlockedGForm:
         budget = memory_budget(device) if budget is None else budget
         per_row = GFormScorer.estimate_bytes(1, n_agg, val.hidden.shape[1], dtype) // 2
         rows = max(1, int(budget // max(1, per_row)) - 1)
-        self.parts = [GFormScorer(val, weights, device, dtype, vocab[lo : lo + rows])
-                      for lo in range(0, max(1, vocab.size), rows)]
+        self.parts = [
+            GFormScorer(val, weights, device, dtype, vocab[lo : lo + rows]) for lo in range(0, max(1, vocab.size), rows)
+        ]
         self.n_agg = n_agg
 
     def score(self, block: TrainBlock) -> np.ndarray:
@@ -294,9 +303,20 @@ def aggregate_weights(val_labels: list, groups: list, sq_norms: np.ndarray | Non
     return w
 
 
-def audit_scan(store, val: ValidationSet, val_labels: list, groups: list, device, normalize: str = "none",
-               read_rows: int = 1024, need_max: bool = False, form: str = "auto", budget: int | None = None,
-               progress: bool = False, desc: str = "audit") -> AuditScan:
+def audit_scan(
+    store,
+    val: ValidationSet,
+    val_labels: list,
+    groups: list,
+    device,
+    normalize: str = "none",
+    read_rows: int = 1024,
+    need_max: bool = False,
+    form: str = "auto",
+    budget: int | None = None,
+    progress: bool = False,
+    desc: str = "audit",
+) -> AuditScan:
     """Score every stored row against the validation set's mean, per-label means and (optionally) max.
 
     Parameters
@@ -352,8 +372,17 @@ def audit_scan(store, val: ValidationSet, val_labels: list, groups: list, device
             bar.update(batch.num_rows)
         bar.close()
         agg = np.concatenate(parts) if parts else np.zeros((0, weights.shape[1]))
-        return AuditScan(ids, labels, agg[:, 0], {g: agg[:, a] for a, g in enumerate(groups, start=1)}, None, "gform",
-                         1, time.perf_counter() - started, {"vocab_blocks": len(scorer.parts)})
+        return AuditScan(
+            ids,
+            labels,
+            agg[:, 0],
+            {g: agg[:, a] for a, g in enumerate(groups, start=1)},
+            None,
+            "gform",
+            1,
+            time.perf_counter() - started,
+            {"vocab_blocks": len(scorer.parts)},
+        )
 
     blocks = bounded_val_blocks(val, budget)
     passes = plan_passes(val, blocks, budget)
@@ -391,5 +420,14 @@ def audit_scan(store, val: ValidationSet, val_labels: list, groups: list, device
             bar.update(batch.num_rows)
         del scorers
     bar.close()
-    return AuditScan(ids, labels, sums[:, 0], {g: sums[:, a] for a, g in enumerate(groups, start=1)}, maximum,
-                     "token", len(passes), time.perf_counter() - started, {"val_blocks": len(blocks)})
+    return AuditScan(
+        ids,
+        labels,
+        sums[:, 0],
+        {g: sums[:, a] for a, g in enumerate(groups, start=1)},
+        maximum,
+        "token",
+        len(passes),
+        time.perf_counter() - started,
+        {"val_blocks": len(blocks)},
+    )
