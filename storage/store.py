@@ -291,12 +291,14 @@ def translate_errors(path: str | Path, action: str) -> Iterator[None]:
         if advice.startswith("the store may be damaged"):  # a vague Lance error: is the disk full or read-only?
             probe = _write_probe(Path(path))
             if probe is not None:
-                reason, advice = f"{short_reason(exc)}; writing a test file: {short_reason(probe)}", _advice(probe, Path(path))
+                reason = f"{short_reason(exc)}; writing a test file: {short_reason(probe)}"
+                advice = _advice(probe, Path(path))
         raise StoreError(f"{path}: cannot {action} the store ({reason}); {advice}") from exc
 
 
 def _write_probe(folder: Path, size: int = 1 << 20) -> OSError | None:
-    """The error writing (and syncing) a ``size``-byte file in ``folder`` gives, if it is full or read-only; else None."""
+    """The error that writing (and syncing) a ``size``-byte file in ``folder`` raises when the folder's disk is
+    full or read-only (or the folder not writable); None otherwise."""
     if not folder.is_dir():
         return None
     probe = folder / f".write-probe.{os.getpid()}"

@@ -95,7 +95,8 @@ class Zygote:
     def spawn(self, args: list, **env) -> "Build":
         self.count += 1
         name = self.folder / f"job{self.count}"
-        job = {"args": [str(a) for a in args], "env": env, "out": f"{name}.out", "err": f"{name}.err", "rc": f"{name}.rc"}
+        job = {"args": [str(a) for a in args], "env": env,
+               "out": f"{name}.out", "err": f"{name}.err", "rc": f"{name}.rc"}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         return Build(int(self.proc.stdout.readline()), name)
@@ -306,7 +307,8 @@ def test_kill_9_at_random_points_then_resume(tmp_path, tiny_model_dir, tiny_runn
         assert set(ids) <= distinct
         killed_partial += 0 < len(ids) < len(distinct)
         progress.append(len(ids))
-        assert_sound(store) if ids else None
+        if ids:
+            assert_sound(store)
     count("kill9_inside_an_append", killed_inside_append)
     print(f"\nkill -9 test: rows stored after each kill {progress} of {len(distinct)}")
     assert killed_partial >= 1, "no kill interrupted a build that had committed rows"
@@ -450,7 +452,8 @@ def tmpfs(tmp_path):
 
 
 def test_disk_full_then_resume(tmp_path, tmpfs, tiny_model_dir, zygote):
-    """A build that fills its disk ends in one line (exit 2), keeps its committed batches, resumes after freeing space."""
+    """A build that fills its disk ends in one line (exit 2), keeps its committed batches and resumes once
+    space is freed."""
     disk = tmpfs("2m")
     rows = make_rows(200)
     data = write_jsonl(tmp_path / "train.jsonl", rows)
@@ -557,7 +560,8 @@ def test_damaged_data_file(small_store, tmp_path, damage):
     else:
         with victim.open("r+b") as handle:
             handle.truncate(victim.stat().st_size // 2)
-    audit = ["audit", "run", "--store", store, "-v", _validation_file(store), "--name", "a", "--device", "cpu", "--quiet"]
+    audit = ["audit", "run", "--store", store, "-v", _validation_file(store), "--name", "a", "--device", "cpu",
+             "--quiet"]
     for args in (_query_args(store), ["index", "info", "--store", store], audit):
         assert_one_line_error(cli(*args), str(store), "index check")
         count("damaged_file_errors")
@@ -580,7 +584,8 @@ def test_corrupted_manifest(small_store, tmp_path, which):
 
         version = lance.dataset(str(store / "samples.lance")).version
         versions = store / "samples.lance" / "_versions"
-        latest = [f for f in (versions / f"{2**64 - 1 - version}.manifest", versions / f"{version}.manifest") if f.exists()]
+        names = (f"{2**64 - 1 - version}.manifest", f"{version}.manifest")  # Lance's V2 and V1 naming
+        latest = [versions / n for n in names if (versions / n).exists()]
         latest[0].write_bytes(b"\x00garbage" * 8)
     before = tree(store)
     for args in (_query_args(store), ["index", "info", "--store", store], ["index", "check", "--store", store],
@@ -595,7 +600,8 @@ def test_missing_prefilter_index_is_reported_and_rebuilt(small_store, tmp_path, 
     [index_file] = [f for f in (store / "prefilter").iterdir() if f.suffix != ".json"]
     index_file.unlink()
     result = cli("index", "check", "--store", store)
-    assert result.exit_code == 2 and "prefilter index file" in result.stderr and "--repair" in result.stderr, result.output
+    assert result.exit_code == 2, result.output
+    assert "prefilter index file" in result.stderr and "--repair" in result.stderr
     result = cli("index", "check", "--store", store, "--repair")
     assert result.exit_code == 0 and "rebuilt the prefilter index" in result.stdout, result.output
     assert [f.suffix for f in (store / "prefilter").iterdir() if f.suffix != ".json"] == [".faiss"]
