@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from forvalue.schemas.tables import error_entries  # noqa: F401  (the stored format's error convention)
+
 # Positions per softmax chunk are chosen so one chunk's logits stay under this many floats.
 _CHUNK_FLOATS = 1 << 24
 
@@ -97,27 +99,6 @@ def sparsify(
     cat = [torch.cat([o[i] for o in outs]).cpu().numpy() for i in range(5)]
     errors = SparseErrors(cat[0], cat[1].astype(np.float32), cat[2], cat[3].astype(np.float32), cat[4].astype(np.float32))
     return errors, torch.cat(finite_parts).numpy()
-
-
-def error_entries(
-    topk_ids: np.ndarray, topk_probs: np.ndarray, target_ids: np.ndarray, target_probs: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Support ids and values of the sparse errors, ``m + 1`` entries per position.
-
-    Returns
-    -------
-    ids : int64 array, shape (n, m + 1)
-        Top-m ids followed by the target id.
-    values : float32 array, shape (n, m + 1)
-        ``-p_j`` for top-m ids other than the target (0 where the id is the target) and
-        ``1 - p_y`` for the target, so every id appears with its full error once.
-    """
-    topk_ids = topk_ids.astype(np.int64, copy=False)
-    target_ids = target_ids.astype(np.int64, copy=False)
-    vals = np.where(topk_ids == target_ids[:, None], 0.0, -topk_probs).astype(np.float32)
-    ids = np.concatenate([topk_ids, target_ids[:, None]], axis=1)
-    values = np.concatenate([vals, (1.0 - target_probs)[:, None].astype(np.float32)], axis=1)
-    return ids, values
 
 
 def pair_score(h_a: np.ndarray, ids_a: np.ndarray, vals_a: np.ndarray, h_b: np.ndarray, ids_b: np.ndarray, vals_b: np.ndarray) -> float:

@@ -9,6 +9,7 @@ For scored position k the prediction error is, on its support,
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 # 2: optional fixed-size ``sketch`` column (stores of version 1 have none and stay readable).
@@ -55,3 +56,24 @@ def samples_schema(hidden_dtype: str = "float16", sketch_dim: int | None = None)
 
 # Columns the exact scorer reads (everything else is metadata for humans).
 SCORING_COLUMNS = ["hidden", "topk_ids", "topk_probs", "target_ids", "target_probs", "n_scored", "sq_norm"]
+
+
+def error_entries(
+    topk_ids: np.ndarray, topk_probs: np.ndarray, target_ids: np.ndarray, target_probs: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Support ids and values of the sparse errors, ``m + 1`` entries per position.
+
+    Returns
+    -------
+    ids : int64 array, shape (n, m + 1)
+        Top-m ids followed by the target id.
+    values : float32 array, shape (n, m + 1)
+        ``-p_j`` for top-m ids other than the target (0 where the id is the target) and
+        ``1 - p_y`` for the target, so every id appears with its full error once.
+    """
+    topk_ids = topk_ids.astype(np.int64, copy=False)
+    target_ids = target_ids.astype(np.int64, copy=False)
+    vals = np.where(topk_ids == target_ids[:, None], 0.0, -topk_probs).astype(np.float32)
+    ids = np.concatenate([topk_ids, target_ids[:, None]], axis=1)
+    values = np.concatenate([vals, (1.0 - target_probs)[:, None].astype(np.float32)], axis=1)
+    return ids, values

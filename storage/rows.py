@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from forvalue.indexer.sparse_errors import error_entries
-from forvalue.schemas.tables import samples_schema
+from forvalue.schemas.tables import error_entries, samples_schema
 
 
 def encoded_to_arrow(encoded: list, hidden_dtype: str, sketch: pa.FixedSizeListArray | None = None) -> pa.Table:

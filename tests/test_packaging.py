@@ -124,3 +124,23 @@ def test_import_forvalue_is_cheap_and_the_light_commands_load_no_model_stack():
             "print(sorted(m for m in ('torch', 'transformers', 'lancedb', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# What each stage folder may import: the flow schemas -> storage <- indexer -> query (the indexer writes
+# through storage; nothing below query imports query, storage never imports the indexer).
+ALLOWED = {
+    "forvalue.schemas": ("forvalue.schemas",),
+    "forvalue.storage": ("forvalue.schemas", "forvalue.storage"),
+    "forvalue.indexer": ("forvalue.schemas", "forvalue.storage", "forvalue.indexer"),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(ALLOWED))
+def test_stage_folders_import_only_earlier_stages(stage):
+    modules = _source_modules()
+    for name, file in modules.items():
+        if name != stage and not name.startswith(stage + "."):
+            continue
+        for target in _imports(file, set(modules)):
+            assert target.startswith(tuple(p + "." for p in ALLOWED[stage])) or target in ALLOWED[stage], (
+                f"{name} imports {target}")
