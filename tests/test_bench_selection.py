@@ -151,6 +151,14 @@ def test_quick_suite_runs_every_part_and_a_rerun_trains_nothing(tiny_model_dir, 
         assert heading in text
     assert json.loads((tmp_path / "sel.json").read_text())["rows"] == json.loads(json.dumps(rows, default=float))
 
+    # --cached-only reports what a work folder holds and trains nothing: all of it here, none of an empty one
+    cached = bs.main([*args, "--cached-only"])
+    assert cached["counts"]["run"] == 0 and cached["counts"]["skipped"] == 0
+    assert json.dumps(cached["rows"], default=float) == json.dumps(rows, default=float)
+    empty = bs.main(["--workdir", str(tmp_path / "empty"), "--quick", "--cached-only", *small])
+    assert empty["rows"] == [] and empty["counts"]["run"] == 0 and empty["counts"]["selections_run"] == 0
+    assert empty["counts"]["skipped"] == len(s.methods) * len(s.ks) + 2  # targeted rows, then noisy and brittle
+
     again = bs.main(args)  # resumed: every selection and fine-tune comes from the work folder
     assert again["counts"]["run"] == 0 and again["counts"]["selections_run"] == 0
     assert again["counts"]["reused"] >= first["counts"]["run"]

@@ -70,7 +70,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -244,6 +244,11 @@ class Counts:
     reused: int = 0
     selections_run: int = 0
     selections_reused: int = 0
+    skipped: int = 0  # rows (or whole parts of a seed) left out by --cached-only because they have not run
+
+
+class NotCached(Exception):
+    """``--cached-only``: a selection or fine-tune that has not run yet."""
 
 
 class Suite:
@@ -256,6 +261,7 @@ class Suite:
         self.work = out / "work"
         self._runner = None
         self.counts = Counts()
+        self.cached_only = False
         self.hp = {"rank": s.rank, "lr": s.lr, "epochs": s.epochs, "batch": s.batch, "max_length": s.max_length,
                    "model": model or "default"}
 
@@ -265,6 +271,7 @@ class Suite:
         if self._runner is None:
             from forvalue.indexer.model_runner import load_runner
             from forvalue.schemas.config import ModelConfig
+
             from tools._bench_common import quiet_transformers
 
             quiet_transformers()
@@ -278,6 +285,7 @@ class Suite:
 
     # -- caches ------------------------------------------------------------------------------------
     def _cached(self, kind: str, key: dict, compute):
+        """The cached result of ``key``, else ``compute()`` saved (``--cached-only``: :class:`NotCached`)."""
         path = self.cache / f"{kind}-{sha(key)}.json"
         if path.exists():
             data = json.loads(path.read_text())
@@ -287,6 +295,8 @@ class Suite:
                 else:
                     self.counts.selections_reused += 1
                 return data["result"]
+        if self.cached_only:
+            raise NotCached(kind)
         result = compute()
         if kind == "ft":
             self.counts.run += 1
@@ -343,7 +353,7 @@ class Suite:
         return lora
 
     # -- selection values --------------------------------------------------------------------------
-    def values(self, ctx: "PoolContext", method: str, val: list[dict], key: dict) -> dict:
+    def values(self, ctx: PoolContext, method: str, val: list[dict], key: dict) -> dict:
         """``{"values": [...], "seconds": s}`` (higher = select first) for the pool of ``ctx``."""
         return self._cached("sel", {**key, "method": method, "hp": self.hp, "pool": ctx.pool_sha,
                                     "val": sha([r["id"] for r in val])},
@@ -584,13 +594,21 @@ def run_targeted(suite: Suite, seed: int) -> list[dict]:
     rows = []
     for spec, (val, ev) in targets.items():
         for method in s.methods:
-            sel = suite.values(ctx, method, val, {"part": "targeted", "seed": seed, "target": spec})
+            try:
+                sel = suite.values(ctx, method, val, {"part": "targeted", "seed": seed, "target": spec})
+            except NotCached:
+                suite.counts.skipped += len(s.ks)
+                continue
             for k in s.ks:
                 n = n_of(k, len(pool))
                 chosen = selection_ids(sel, method, n, pool)
                 train = [pool[i] for i in chosen]
-                res = suite.finetune_eval({"part": "targeted", "target": spec, "method": method, "k": k}, train, ev,
-                                          seed)
+                try:
+                    res = suite.finetune_eval({"part": "targeted", "target": spec, "method": method, "k": k}, train,
+                                              ev, seed)
+                except NotCached:
+                    suite.counts.skipped += 1
+                    continue
                 row = {"part": "targeted", "seed": seed, "target": spec, "method": method, "k": k, "n": n,
                        "loss": res["loss"], "acc": res["acc"], "select_seconds": sel["seconds"],
                        "train_seconds": res["train_seconds"],
@@ -749,7 +767,9 @@ def report(rows: list[dict], s: Settings, argv: list[str], seconds: float, count
 
     lines = ["## Selection by value: fine-tune on what each method selects (issue 17)", "",
              f"Command: `python -m tools.bench_selection {' '.join(argv)}`; wall time {seconds:.0f} s; "
-             f"fine-tunes run {counts.run}, reused from the cache {counts.reused}.", "",
+             f"fine-tunes run {counts.run}, reused from the cache {counts.reused}"
+             + (f"; {counts.skipped} rows or parts not run yet, left out (--cached-only)" if counts.skipped else "")
+             + ".", "",
              "Settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items()) + ".", ""]
     seeds = sorted({r["seed"] for r in rows})
     lines.append(f"Seeds: {seeds} (mean ± std over seeds where there are several).")
@@ -862,6 +882,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="model folder (default: the product's default SmolLM2-135M)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="train nothing: report the selections and fine-tunes the work folder already holds")
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=None)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=None)
@@ -889,13 +911,18 @@ def main(argv: list[str] | None = None) -> dict:
     s = settings_from(args)
     args.workdir.mkdir(parents=True, exist_ok=True)
     suite = Suite(s, args.workdir, args.model, args.device)
+    suite.cached_only = args.cached_only
     started = time.perf_counter()
     rows: list[dict] = []
     runners = {"targeted": run_targeted, "noisy": run_noisy, "brittle": run_brittle}
     for seed in s.seeds:
         for part in s.parts:
             log(f"[{time.perf_counter() - started:7.1f}s] {part}, seed {seed}")
-            rows += runners[part](suite, seed)
+            try:
+                rows += runners[part](suite, seed)
+            except NotCached:  # noisy / brittle: reported once their shared fine-tune has run
+                suite.counts.skipped += 1
+                log(f"  {part} seed {seed}: not finished yet, left out (--cached-only)")
     seconds = time.perf_counter() - started
     text = report(rows, s, argv, seconds, suite.counts, args.device)
     print(text, flush=True)

@@ -19,9 +19,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-
 from forvalue.indexer.data import Sample
 from forvalue.indexer.tokenize import TokenizedSample, tokenize_sample
+
 from tools.bench_baselines import LoraGradients, _batches
 
 
