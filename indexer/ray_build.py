@@ -43,7 +43,7 @@ from forvalue.schemas.config import BuildConfig, EngineConfig
 from forvalue.schemas.errors import ConfigError, ForValueError
 from forvalue.schemas.manifest import MANIFEST_FILE
 
-from forvalue.indexer.build import BuildReport
+from forvalue.indexer.build_steps import BuildReport
 
 # Counters an actor fills for its chunk and the driver adds up.
 _ACTOR_COUNTS = ("truncated", "no_scored_tokens", "bad_skipped", "tokens_scored")
@@ -149,7 +149,7 @@ class Encoder:
 
     def manifest(self):
         """The manifest of the vectors this actor produces (:func:`forvalue.indexer.build.manifest_for`)."""
-        from forvalue.indexer.build import manifest_for
+        from forvalue.indexer.build_steps import manifest_for
 
         return manifest_for(self.runner, self.config.data, self.config.encode)
 
@@ -165,7 +165,7 @@ class Encoder:
         import numpy as np
         from lance.fragment import write_fragments
 
-        from forvalue.indexer.build import finite_or_skipped, sketch_column, store_basis, tokenize_counted
+        from forvalue.indexer.build_steps import finite_or_skipped, sketch_column, store_basis, tokenize_counted
         from forvalue.indexer.encoder import encode_stream
         from forvalue.indexer.sketch import SketchSpec
         from forvalue.schemas.manifest import Manifest
@@ -226,7 +226,7 @@ def ray_build_index(inputs: Iterable[str | Path], store_path: str | Path, config
     BuildReport
         The same counts as a single-process build of the same inputs.
     """
-    from forvalue.indexer.build import resolve_score_tokens
+    from forvalue.indexer.build_steps import resolve_score_tokens
     from forvalue.indexer.data import check_inputs
     from forvalue.storage.store import Store, WriterLease
 
@@ -264,7 +264,7 @@ def _drive(ray, actors: list, inputs: list, store, config: BuildConfig, started:
     import lance
     from tqdm.auto import tqdm
 
-    from forvalue.indexer.build import fresh_samples
+    from forvalue.indexer.build_steps import fresh_samples
     from forvalue.indexer.data import iter_samples
     from forvalue.indexer.sketch import SketchSpec
     from forvalue.storage.sketch_basis import load_basis

@@ -1,0 +1,194 @@
+"""The steps of a build shared by the single-process build (:mod:`forvalue.indexer.build`) and the
+Ray build (:mod:`forvalue.indexer.ray_build`): the report, the manifest, which samples are new,
+tokenizing and checking them, and the sketch column. :mod:`forvalue.indexer.build` re-exports them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, replace
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+
+from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig
+from forvalue.schemas.errors import BadValuesError
+from forvalue.schemas.manifest import Manifest
+from forvalue.storage.sketch_basis import load_basis, publish_basis
+
+from forvalue.indexer.data import Sample, data_format
+from forvalue.indexer.encoder import EncodedSample
+from forvalue.indexer.images import ImageError
+from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
+from forvalue.indexer.tokenize import TokenizedSample
+
+
+# Hidden states (tokens) used to fit a store's sketch basis: the first ones written.
+BASIS_FIT_TOKENS = 200_000
+
+
+@dataclass
+class BuildReport:
+    """Counts of one build run (also printed by the CLI).
+
+    ``repeats_kept`` / ``repeats_dropped``: rows of this worker's shard, new to the store, that
+    repeat an earlier row's content (no id column), kept as their own samples or dropped by
+    ``dedupe``. ``duplicate_ids``: rows whose id column repeats an earlier row's id (the first is kept).
+    """
+
+    store: str
+    read: int = 0
+    written: int = 0
+    already_stored: int = 0
+    duplicate_ids: int = 0
+    repeats_kept: int = 0
+    repeats_dropped: int = 0
+    other_shard: int = 0
+    truncated: int = 0
+    no_scored_tokens: int = 0
+    bad_skipped: int = 0
+    tokens_scored: int = 0
+    total_rows: int = 0
+    seconds: float = 0.0
+    max_length: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def manifest_for(runner, data: DataConfig, encode: EncodeConfig) -> Manifest:
+    """The manifest describing vectors that ``runner`` produces with these settings.
+
+    A vision-language runner (``runner.model_kind == "vlm"``)
+    always scores response tokens with its chat template, and records its image settings.
+    ``score_tokens="auto"`` should be resolved from the data first (:func:`resolve_score_tokens`);
+    left unresolved it is recorded as ``all``.
+    """
+    ident = runner.identity
+    model_kind = runner.model_kind
+    vlm = model_kind == "vlm"
+    extra = runner.manifest_fields()
+    return Manifest(
+        model_path=ident.path,
+        model_weights_sha256=ident.weights_sha256,
+        adapter_path=ident.adapter_path,
+        adapter_sha256=ident.adapter_sha256,
+        tokenizer_sha256=ident.tokenizer_sha256,
+        dtype=ident.dtype,
+        hidden_size=runner.hidden_size,
+        vocab_size=runner.vocab_size,
+        top_m=min(encode.top_m, runner.vocab_size),
+        score_tokens="response" if vlm else ("all" if encode.score_tokens == "auto" else encode.score_tokens),
+        chat_template=data.chat_template or vlm,
+        max_length=data.max_length,
+        hidden_dtype=encode.hidden_dtype,
+        lowest_likelihood_ratio=encode.lowest_likelihood_ratio,
+        model_kind=model_kind,
+        image_column=data.image_column if vlm else None,
+        image_max_pixels=extra.get("image_max_pixels"),
+        processor_sha256=extra.get("processor_sha256"),
+        sketch_dim=encode.sketch_dim or None,
+        sketch_vocab_buckets=encode.sketch_vocab_buckets,
+        sketch_hidden_cols=encode.sketch_hidden_cols,
+        sketch_seed=encode.sketch_seed,
+        sketch_basis=encode.sketch_basis,
+    )
+
+
+def resolve_score_tokens(config: BuildConfig, inputs: list) -> BuildConfig:
+    """``config`` with ``score_tokens="auto"`` resolved: ``assistant`` when the first row of ``inputs`` is a
+    conversation (TRL conversational format), else ``all``."""
+    if config.encode.score_tokens != "auto":
+        return config
+    tokens = "assistant" if data_format(inputs, config.data) == "conversational" else "all"
+    return replace(config, encode=replace(config.encode, score_tokens=tokens))
+
+
+def in_shard(sample_id: str, shard: tuple[int, int]) -> bool:
+    """Stable assignment of ids to ``shard = (index, count)`` for parallel workers."""
+    index, count = shard
+    if count == 1:
+        return True
+    return int(hashlib.sha1(sample_id.encode()).hexdigest()[:8], 16) % count == index
+
+
+def finite_or_skipped(enc: EncodedSample, config: BuildConfig, report: BuildReport) -> bool:
+    """True when ``enc`` holds finite values; else counts it as bad, or raises with ``on_bad="error"``."""
+    if enc.finite:
+        return True
+    if config.encode.on_bad == "error":
+        raise BadValuesError(
+            f"{enc.tokenized.sample.source}: model output has NaN or inf (sample '{enc.tokenized.sample.id}'); "
+            "check --dtype (float16 overflows often) or pass --on-bad skip to skip and count such samples"
+        )
+    report.bad_skipped += 1
+    return False
+
+
+def fresh_samples(samples: Iterator[Sample], config: BuildConfig, stored: set[str],
+                  report: BuildReport) -> Iterator[Sample]:
+    """The samples of ``samples`` this build encodes: in its shard, not stored, the first row of their id.
+
+    What is skipped is counted in ``report``; shared by the single-process and the Ray build.
+    """
+    seen: set[str] = set()  # ids met in this run's inputs (a repeated id keeps its first row)
+    for sample in samples:
+        report.read += 1
+        if not in_shard(sample.id, config.shard):
+            report.other_shard += 1
+            continue
+        if sample.occurrence and config.dedupe:
+            report.repeats_dropped += 1
+            continue
+        if sample.id in stored:
+            report.already_stored += 1
+            continue
+        if sample.id in seen:
+            report.duplicate_ids += 1
+            continue
+        seen.add(sample.id)
+        report.repeats_kept += sample.occurrence > 0
+        yield sample
+
+
+def tokenize_counted(sample: Sample, runner, config: BuildConfig, report: BuildReport) -> TokenizedSample | None:
+    """``sample`` tokenized, or None (counted in ``report``) when it has no scored token or a bad image is skipped."""
+    data = config.data
+    try:
+        tok = runner.tokenize(sample, config.encode.score_tokens, data.max_length, data.chat_template)
+    except ImageError:  # a missing or undecodable image: a bad row like NaN/inf outputs
+        if config.encode.on_bad == "error":
+            raise
+        report.bad_skipped += 1
+        return None
+    report.truncated += tok.truncated
+    if tok.n_scored == 0:
+        report.no_scored_tokens += 1
+        return None
+    return tok
+
+
+def store_basis(store_path, spec: SketchSpec | None, hidden_sample) -> np.ndarray | None:
+    """The fitted sketch basis of a store, fitted and published first if it has none.
+
+    ``hidden_sample()`` returns hidden states ``(N, d)`` to fit from (the rows about to be
+    written); only called when the store has no basis yet. None for stores without a
+    fitted sketch.
+    """
+    if spec is None or spec.basis != "fitted":
+        return None
+    basis = load_basis(store_path)
+    if basis is None:
+        basis = publish_basis(store_path, fit_basis(hidden_sample()[:BASIS_FIT_TOKENS], spec.hidden_cols))
+    return basis
+
+
+def sketch_column(encoded: list[EncodedSample], spec: SketchSpec, basis: np.ndarray | None = None) -> pa.FixedSizeListArray:
+    """The ``sketch`` column (``forvalue.indexer.sketch``) of a list of encodings."""
+    entries = [e.entries() for e in encoded]
+    z = get_sketcher(spec, basis).sketch(
+        np.concatenate([e.hidden for e in encoded]), np.concatenate([i for i, _ in entries]),
+        np.concatenate([v for _, v in entries]), np.array([len(e.hidden) for e in encoded]),
+    )
+    return pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), spec.dim)
