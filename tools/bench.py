@@ -93,6 +93,10 @@ SUITES: dict[str, Suite] = {
                    "measure ~10 min on a 100k-sample synthetic store (making it first: ~35 min at load ~13, resumable "
                    "in DIR/gform.work)", "docs/gform.md; docs/benchmarks.md: Audits at any validation-set size",
                    workdir_option="--workdir"),
+    "ray": Suite("bench_ray", "--engine ray on one machine: build throughput (plain vs 1 actor x T threads vs T "
+                 "actors x 1 thread), Ray's start-up and re-run costs, audit scan single-process vs Ray (issue 14)",
+                 "445 s with -- --samples 32 (load ~14 on the 2 cores; 4 builds of 32 real-model samples, 2 audits)",
+                 "docs/scale.md: Measured; docs/benchmarks.md: Scale-out on Ray"),
 }
 
 
