@@ -50,9 +50,14 @@ class AuditSummary:
 
 
 def validation_hash(samples) -> str:
+    """SHA-256 of a validation set's contents, independent of row order (hex string)."""
     rows = [[s.prompt, s.response, s.text, s.label] + ([s.image.content_sha256()] if s.image is not None else [])
             + ([[list(t) for t in s.messages], s.context_turns] if s.messages is not None else []) for s in samples]
-    payload = json.dumps(sorted(rows), ensure_ascii=False, default=str)
+    try:
+        ordered = sorted(rows)
+    except TypeError:  # text rows beside prompt/response rows: None and str do not compare
+        ordered = sorted(rows, key=lambda row: json.dumps(row, ensure_ascii=False, default=str))
+    payload = json.dumps(ordered, ensure_ascii=False, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

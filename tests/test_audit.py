@@ -137,3 +137,14 @@ def test_audit_cli(audited_store, tmp_path):
     assert len(out.read_text().splitlines()) == 6 and "prompt" in json.loads(out.read_text().splitlines()[0])
     bad = cli.invoke(main, ["audit", "show", "--store", store, "missing"])
     assert bad.exit_code == 2 and "no audit named 'missing'" in bad.output
+
+
+def test_validation_hash_of_mixed_text_and_prompt_response_rows():
+    from forvalue.audit import validation_hash
+    from forvalue.indexer.data import Sample
+
+    text = Sample(id="t", prompt=None, response=None, text="plain text", label=None, source="v.jsonl:1")
+    pair = Sample(id="p", prompt="question", response=" answer", text=None, label="a", source="v.jsonl:2")
+    other = Sample(id="p", prompt="question", response=" other answer", text=None, label="a", source="v.jsonl:2")
+    assert validation_hash([text, pair]) == validation_hash([pair, text])  # order does not matter
+    assert validation_hash([text, pair]) != validation_hash([text, other])  # content does
