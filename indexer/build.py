@@ -14,22 +14,36 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from forvalue.schemas.config import BuildConfig, EngineConfig
-from forvalue.schemas.manifest import MANIFEST_FILE
-from forvalue.storage.rows import encoded_to_arrow
-from forvalue.storage.store import Store, WriterLease
-
 from forvalue.indexer.build_steps import (  # noqa: F401  (re-exported: the public names of a build live here)
-    BASIS_FIT_TOKENS, BuildReport, finite_or_skipped, fresh_samples, in_shard, manifest_for, resolve_score_tokens,
-    sketch_column, store_basis, tokenize_counted,
+    BASIS_FIT_TOKENS,
+    BuildReport,
+    finish_build,
+    finite_or_skipped,
+    fresh_samples,
+    in_shard,
+    manifest_for,
+    resolve_score_tokens,
+    sketch_column,
+    store_basis,
+    tokenize_counted,
 )
 from forvalue.indexer.data import Sample, check_inputs, iter_samples
 from forvalue.indexer.encoder import EncodedSample, encode_stream
 from forvalue.indexer.sketch import SketchSpec
 from forvalue.indexer.tokenize import TokenizedSample
+from forvalue.schemas.config import BuildConfig, EngineConfig
+from forvalue.schemas.manifest import MANIFEST_FILE
+from forvalue.storage.rows import encoded_to_arrow
+from forvalue.storage.store import Store, WriterLease
 
-def build_index(inputs: Iterable[str | Path], store_path: str | Path, config: BuildConfig = BuildConfig(), runner=None,
-                engine: EngineConfig | None = None) -> BuildReport:
+
+def build_index(
+    inputs: Iterable[str | Path],
+    store_path: str | Path,
+    config: BuildConfig = BuildConfig(),
+    runner=None,
+    engine: EngineConfig | None = None,
+) -> BuildReport:
     """Encode every new sample of ``inputs`` and append it to the store at ``store_path``.
 
     Parameters
@@ -99,16 +113,12 @@ def _build(inputs: list, store: Store, config: BuildConfig, runner, started: flo
             _flush(store, pending, report)
     _flush(store, pending, report)
     bar.close()
-    if store.manifest.sketch_dim and report.written:
-        from forvalue.storage.faiss_index import ensure
-
-        ensure(store)  # extends (or builds) the prefilter index to cover every committed row
-    report.total_rows = store.count()
-    report.seconds = time.perf_counter() - started
-    return report
+    return finish_build(store, report, started)
 
 
-def _new_samples(samples: Iterator[Sample], runner, config: BuildConfig, stored: set[str], report: BuildReport) -> Iterator[TokenizedSample]:
+def _new_samples(
+    samples: Iterator[Sample], runner, config: BuildConfig, stored: set[str], report: BuildReport
+) -> Iterator[TokenizedSample]:
     for sample in fresh_samples(samples, config, stored, report):
         tok = tokenize_counted(sample, runner, config, report)
         if tok is not None:

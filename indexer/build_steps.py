@@ -6,23 +6,22 @@ tokenizing and checking them, and the sketch column. :mod:`forvalue.indexer.buil
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 
-from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig
-from forvalue.schemas.errors import BadValuesError
-from forvalue.schemas.manifest import Manifest
-from forvalue.storage.sketch_basis import load_basis, publish_basis
-
 from forvalue.indexer.data import Sample, data_format
 from forvalue.indexer.encoder import EncodedSample
 from forvalue.indexer.images import ImageError
 from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
 from forvalue.indexer.tokenize import TokenizedSample
-
+from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig
+from forvalue.schemas.errors import BadValuesError
+from forvalue.schemas.manifest import Manifest
+from forvalue.storage.sketch_basis import load_basis, publish_basis
 
 # Hidden states (tokens) used to fit a store's sketch basis: the first ones written.
 BASIS_FIT_TOKENS = 200_000
@@ -126,8 +125,9 @@ def finite_or_skipped(enc: EncodedSample, config: BuildConfig, report: BuildRepo
     return False
 
 
-def fresh_samples(samples: Iterator[Sample], config: BuildConfig, stored: set[str],
-                  report: BuildReport) -> Iterator[Sample]:
+def fresh_samples(
+    samples: Iterator[Sample], config: BuildConfig, stored: set[str], report: BuildReport
+) -> Iterator[Sample]:
     """The samples of ``samples`` this build encodes: in its shard, not stored, the first row of their id.
 
     What is skipped is counted in ``report``; shared by the single-process and the Ray build.
@@ -184,11 +184,26 @@ def store_basis(store_path, spec: SketchSpec | None, hidden_sample) -> np.ndarra
     return basis
 
 
-def sketch_column(encoded: list[EncodedSample], spec: SketchSpec, basis: np.ndarray | None = None) -> pa.FixedSizeListArray:
+def sketch_column(
+    encoded: list[EncodedSample], spec: SketchSpec, basis: np.ndarray | None = None
+) -> pa.FixedSizeListArray:
     """The ``sketch`` column (``forvalue.indexer.sketch``) of a list of encodings."""
     entries = [e.entries() for e in encoded]
     z = get_sketcher(spec, basis).sketch(
-        np.concatenate([e.hidden for e in encoded]), np.concatenate([i for i, _ in entries]),
-        np.concatenate([v for _, v in entries]), np.array([len(e.hidden) for e in encoded]),
+        np.concatenate([e.hidden for e in encoded]),
+        np.concatenate([i for i, _ in entries]),
+        np.concatenate([v for _, v in entries]),
+        np.array([len(e.hidden) for e in encoded]),
     )
     return pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), spec.dim)
+
+
+def finish_build(store, report: BuildReport, started: float) -> BuildReport:
+    """Extend the prefilter index to every committed row; complete ``report`` (totals, seconds since ``started``)."""
+    if store.manifest.sketch_dim and report.written:
+        from forvalue.storage.faiss_index import ensure
+
+        ensure(store)  # extends (or builds) the prefilter index to cover every committed row
+    report.total_rows = store.count()
+    report.seconds = time.perf_counter() - started
+    return report

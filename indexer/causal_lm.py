@@ -27,7 +27,10 @@ class CausalLMRunner(BaseRunner):
         self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
 
     def tokenize(self, sample, score_tokens: str, max_length: int, chat_template: bool):
-        """Prompt and response tokenized apart so their boundary is exact (:func:`forvalue.indexer.tokenize.tokenize_sample`)."""
+        """Prompt and response tokenized apart so their boundary is exact.
+
+        See :func:`forvalue.indexer.tokenize.tokenize_sample`.
+        """
         return tokenize_sample(self.tokenizer, sample, score_tokens, max_length, chat_template)
 
     @torch.no_grad()
@@ -36,5 +39,7 @@ class CausalLMRunner(BaseRunner):
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         if self.decoder is not None:
             return self.decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1
+        )
         return out.hidden_states[-1]

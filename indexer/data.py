@@ -26,11 +26,10 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 
-from forvalue.schemas.config import DataConfig
-from forvalue.schemas.errors import InputDataError
-
 from forvalue.indexer.formats import detect_format, parse_messages
 from forvalue.indexer.images import ImageRef, parse_image_cell
+from forvalue.schemas.config import DataConfig
+from forvalue.schemas.errors import InputDataError
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 COMPRESSIONS = (".gz", ".zst")
@@ -77,8 +76,14 @@ class Sample:
         return self.text if self.text is not None else f"{self.prompt}{self.response}"
 
 
-def content_id(prompt: str | None, response: str | None, text: str | None, image_key: str | None = None,
-               messages: tuple[tuple[str, str], ...] | None = None, context_turns: int = 0) -> str:
+def content_id(
+    prompt: str | None,
+    response: str | None,
+    text: str | None,
+    image_key: str | None = None,
+    messages: tuple[tuple[str, str], ...] | None = None,
+    context_turns: int = 0,
+) -> str:
     """Stable id of a row without an ``id`` column: 16 hex digits of a SHA-256 of its content.
 
     ``image_key`` (the image path as written, or the hash of its bytes) is part of the
@@ -176,8 +181,9 @@ def iter_samples(paths: Iterable[str | Path], config: DataConfig) -> Iterator[Sa
         yield sample
 
 
-def iter_samples_with(paths: Iterable[str | Path], config: DataConfig,
-                      columns: Iterable[str]) -> Iterator[tuple[Sample, dict[str, str]]]:
+def iter_samples_with(
+    paths: Iterable[str | Path], config: DataConfig, columns: Iterable[str]
+) -> Iterator[tuple[Sample, dict[str, str]]]:
     """Like :func:`iter_samples`, also yielding ``{column: value}`` of extra required ``columns`` per row.
 
     A missing or empty extra value raises :class:`InputDataError` naming file, line and field.
@@ -252,13 +258,19 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
             raise InputDataError(path, "no such file or folder")
         if path.is_dir() and not _is_datasets_folder(path):
             if (path / "dataset_dict.json").exists():
-                raise InputDataError(path, "is a datasets DatasetDict folder; give one split's folder (e.g. "
-                                     f"{path / 'train'})")
-            files = sorted(f for f in path.rglob("*") if f.is_file() and _kind(f)
-                           and not any(part.startswith(".") for part in f.relative_to(path).parts))
+                raise InputDataError(
+                    path, f"is a datasets DatasetDict folder; give one split's folder (e.g. {path / 'train'})"
+                )
+            files = sorted(
+                f
+                for f in path.rglob("*")
+                if f.is_file() and _kind(f) and not any(part.startswith(".") for part in f.relative_to(path).parts)
+            )
             if not files:
-                raise InputDataError(path, f"folder holds no data file ({_known()}) and is not a datasets "
-                                     "save_to_disk folder (no state.json)")
+                raise InputDataError(
+                    path,
+                    f"folder holds no data file ({_known()}) and is not a datasets save_to_disk folder (no state.json)",
+                )
             out.extend(files)
             continue
         out.append(path)
@@ -269,8 +281,11 @@ def check_paths(paths: Iterable[str | Path]) -> None:
     """Fail fast (before a model is loaded or a store created) on a missing path or unknown format."""
     for path in expand_inputs(paths):
         if path.is_file() and _kind(path) is None:
-            raise InputDataError(path, f"unknown format '{''.join(path.suffixes[-2:]) or path.name}'; use one of "
-                                 f"{_known()}, a folder of them, or a datasets folder")
+            raise InputDataError(
+                path,
+                f"unknown format '{''.join(path.suffixes[-2:]) or path.name}'; use one of "
+                f"{_known()}, a folder of them, or a datasets folder",
+            )
 
 
 def check_inputs(paths: Iterable[str | Path], config: DataConfig, rows: int | None = None) -> None:
@@ -317,8 +332,9 @@ def _open_binary(path: Path, compression: str | None):
         try:
             import zstandard
         except ImportError:
-            raise InputDataError(path, "reading .zst files needs the zstandard package (pip install zstandard)") \
-                from None
+            raise InputDataError(
+                path, "reading .zst files needs the zstandard package (pip install zstandard)"
+            ) from None
         raw = path.open("rb")
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
     return path.open("rb")
@@ -347,15 +363,21 @@ def _iter_jsonl(path: Path, compression: str | None = None) -> Iterator[tuple[in
                 if row is not None:
                     yield lineno, row
     except _decompress_errors() as exc:
-        raise InputDataError(path, f"not a readable {compression} file ({exc or type(exc).__name__}) after line "
-                             f"{lineno}; the file is damaged or cut short", line=lineno + 1) from None
+        raise InputDataError(
+            path,
+            f"not a readable {compression} file ({exc or type(exc).__name__}) after line "
+            f"{lineno}; the file is damaged or cut short",
+            line=lineno + 1,
+        ) from None
 
 
 def _json_row(path: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputDataError(path, f"not UTF-8 text (byte {exc.start + 1}); re-save the file as UTF-8", line=lineno) from None
+        raise InputDataError(
+            path, f"not UTF-8 text (byte {exc.start + 1}); re-save the file as UTF-8", line=lineno
+        ) from None
     if not line.strip():
         return None
     try:
@@ -383,8 +405,11 @@ def _iter_csv(path: Path, compression: str | None = None) -> Iterator[tuple[int,
         except csv.Error as exc:
             raise InputDataError(path, f"malformed CSV ({exc})", line=reader.line_num) from None
         except _decompress_errors() as exc:
-            raise InputDataError(path, f"not a readable {compression} file ({exc or type(exc).__name__}); the file "
-                                 "is damaged or cut short", line=reader.line_num + 1) from None
+            raise InputDataError(
+                path,
+                f"not a readable {compression} file ({exc or type(exc).__name__}); the file is damaged or cut short",
+                line=reader.line_num + 1,
+            ) from None
 
 
 def _number_batches(batches: Iterable[pa.RecordBatch]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -426,8 +451,13 @@ def _field(path: Path, where: int, row: dict[str, Any], name: str, required: boo
             raise InputDataError(path, what, line=where, field=name)
         return None
     if text and isinstance(value, (int, float, bool)):
-        raise InputDataError(path, f"expected text, got the {type(value).__name__} {json.dumps(value)}; write it as a "
-                             "string (in quotes) if it is meant as text", line=where, field=name)
+        raise InputDataError(
+            path,
+            f"expected text, got the {type(value).__name__} {json.dumps(value)}; write it as a "
+            "string (in quotes) if it is meant as text",
+            line=where,
+            field=name,
+        )
     if isinstance(value, (int, float, bool)):
         value = str(value)
     if not isinstance(value, str):
@@ -479,6 +509,10 @@ def _image(path: Path, where: int, row: dict[str, Any], column: str | None) -> I
         return None
     value = row.get(column)
     if value is None or (isinstance(value, float) and value != value):
-        what = "missing value" if column in row else f"missing column (row has: {', '.join(sorted(row)) or 'none'}); name it with --image-column"
+        what = (
+            "missing value"
+            if column in row
+            else f"missing column (row has: {', '.join(sorted(row)) or 'none'}); name it with --image-column"
+        )
         raise InputDataError(path, what, line=where, field=column)
     return parse_image_cell(value, path if path.is_dir() else path.parent, f"{path}:{where}", column)

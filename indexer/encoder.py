@@ -13,10 +13,9 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from forvalue.schemas.config import EncodeConfig
-
 from forvalue.indexer.sparse_errors import SparseErrors, error_entries, pair_score, sparsify
 from forvalue.indexer.tokenize import TokenizedSample
+from forvalue.schemas.config import EncodeConfig
 
 _NP_HIDDEN = {"float16": np.float16, "float32": np.float32}
 # Samples read ahead and sorted by length, so batches pad little.
@@ -89,7 +88,9 @@ def pad_batch(batch: list[TokenizedSample], pad_id: int) -> tuple[torch.Tensor, 
 
 
 @torch.no_grad()
-def encode_batch(runner, batch: list[TokenizedSample], config: EncodeConfig, training: bool = True) -> list[EncodedSample]:
+def encode_batch(
+    runner, batch: list[TokenizedSample], config: EncodeConfig, training: bool = True
+) -> list[EncodedSample]:
     """One padded forward pass over ``batch``; returns the encodings in the same order."""
     ids, mask = pad_batch(batch, runner.pad_id)
     vision = [s.vision for s in batch]

@@ -57,19 +57,24 @@ def detect_format(path: Path | str, where: int, row: dict[str, Any], config: Dat
     if config.prompt_column in row or response in row:
         missing = response if config.prompt_column in row else config.prompt_column
         raise InputDataError(
-            path, f"missing column (row has: {', '.join(sorted(row))}); a prompt-completion row needs {names} "
+            path,
+            f"missing column (row has: {', '.join(sorted(row))}); a prompt-completion row needs {names} "
             "('response' also works); name yours with --prompt-column/--response-column, or use --text-column",
-            line=where, field=missing,
+            line=where,
+            field=missing,
         )
     raise InputDataError(
-        path, f"row has neither '{config.messages_column}', {names} nor 'text' (columns: "
+        path,
+        f"row has neither '{config.messages_column}', {names} nor 'text' (columns: "
         f"{', '.join(sorted(row)) or 'none'}); name yours with --messages-column, --prompt-column/--response-column "
-        "or --text-column, or see docs/data-formats.md", line=where,
+        "or --text-column, or see docs/data-formats.md",
+        line=where,
     )
 
 
-def parse_messages(path: Path | str, where: int, row: dict[str, Any], column: str,
-                   default_role: str | None = None) -> tuple[tuple[str, str], ...]:
+def parse_messages(
+    path: Path | str, where: int, row: dict[str, Any], column: str, default_role: str | None = None
+) -> tuple[tuple[str, str], ...]:
     """The turns ``((role, content), ...)`` of the message list in ``row[column]``.
 
     Parameters
@@ -97,23 +102,33 @@ def parse_messages(path: Path | str, where: int, row: dict[str, Any], column: st
         try:
             value = json.loads(value)
         except json.JSONDecodeError:
-            raise InputDataError(path, "expected a list of {\"role\", \"content\"} messages, got a string that is not "
-                                 "a JSON list", line=where, field=column) from None
+            raise InputDataError(
+                path,
+                'expected a list of {"role", "content"} messages, got a string that is not a JSON list',
+                line=where,
+                field=column,
+            ) from None
     if not _is_list(value):
-        raise InputDataError(path, f"expected a list of {{\"role\", \"content\"}} messages, got {type(value).__name__}",
-                             line=where, field=column)
+        raise InputDataError(
+            path,
+            f'expected a list of {{"role", "content"}} messages, got {type(value).__name__}',
+            line=where,
+            field=column,
+        )
     if not value:
         raise InputDataError(path, "empty conversation (no messages)", line=where, field=column)
     turns = []
     for i, message in enumerate(value):
         name = f"{column}[{i}]"
         if not isinstance(message, dict):
-            raise InputDataError(path, f"expected a {{\"role\", \"content\"}} object, got {type(message).__name__}",
-                                 line=where, field=name)
+            raise InputDataError(
+                path, f'expected a {{"role", "content"}} object, got {type(message).__name__}', line=where, field=name
+            )
         role = message.get("role")
         if not isinstance(role, str) or not role.strip():
-            raise InputDataError(path, "missing or empty role (system, user or assistant)", line=where,
-                                 field=f"{name}.role")
+            raise InputDataError(
+                path, "missing or empty role (system, user or assistant)", line=where, field=f"{name}.role"
+            )
         turns.append((role, _content(path, where, message.get("content"), f"{name}.content")))
     return tuple(turns)
 
@@ -125,16 +140,21 @@ def _content(path, where, value, name: str) -> str:
         parts = []
         for part in value:
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise InputDataError(path, "only text parts ({\"type\": \"text\", \"text\": ...}) are supported in "
-                                     "message content", line=where, field=name)
+                raise InputDataError(
+                    path,
+                    'only text parts ({"type": "text", "text": ...}) are supported in message content',
+                    line=where,
+                    field=name,
+                )
             parts.append(part["text"])
         return "".join(parts)
     what = "missing content" if value is None else f"expected text, got {type(value).__name__}"
     raise InputDataError(path, what, line=where, field=name)
 
 
-def conversation_segments(tokenizer, messages: tuple[tuple[str, str], ...],
-                          source: str) -> tuple[list[tuple[str, int | None]], bool]:
+def conversation_segments(
+    tokenizer, messages: tuple[tuple[str, str], ...], source: str
+) -> tuple[list[tuple[str, int | None]], bool]:
     """A conversation's text, cut at each assistant turn's content.
 
     Returns
@@ -169,9 +189,12 @@ def conversation_segments(tokenizer, messages: tuple[tuple[str, str], ...],
             if at >= 0:
                 break
         else:
-            raise InputDataError(source, f"the model's chat template does not reproduce assistant turn {i}'s "
-                                 "content verbatim; use --score-tokens all, or fix the template",
-                                 field=f"messages[{i}].content")
+            raise InputDataError(
+                source,
+                f"the model's chat template does not reproduce assistant turn {i}'s "
+                "content verbatim; use --score-tokens all, or fix the template",
+                field=f"messages[{i}].content",
+            )
         segments += [(full[cursor:at], None), (text, i)]
         cursor = at + len(text)
     segments.append((full[cursor:], None))
@@ -182,8 +205,11 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool, source: st
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as exc:  # jinja2 errors (e.g. a template that raises on role order) and the like
-        raise InputDataError(source, f"the model's chat template refused this conversation ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise InputDataError(
+            source,
+            f"the model's chat template refused this conversation ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})",
+        ) from None
 
 
 def _merge(segments: list[tuple[str, int | None]]) -> list[tuple[str, int | None]]:

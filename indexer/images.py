@@ -68,7 +68,9 @@ class ImageRef:
 
 
 def parse_image_cell(value: Any, base_dir: Path, source: str, column: str) -> ImageRef:
-    """An :class:`ImageRef` for one cell; raises :class:`~forvalue.schemas.errors.InputDataError` on a cell of the wrong type.
+    """An :class:`ImageRef` for one cell.
+
+    Raises :class:`~forvalue.schemas.errors.InputDataError` on a cell of the wrong type.
 
     Parameters
     ----------
@@ -96,7 +98,9 @@ def parse_image_cell(value: Any, base_dir: Path, source: str, column: str) -> Im
         return ImageRef(None, data, "sha256:" + hashlib.sha256(data).hexdigest(), source, column)
     if isinstance(value, str):
         if not value.strip():
-            raise InputDataError(source, "empty value; give an image path relative to the data file's folder", field=column)
+            raise InputDataError(
+                source, "empty value; give an image path relative to the data file's folder", field=column
+            )
         path = Path(value).expanduser()
         return ImageRef(path if path.is_absolute() else base_dir / path, None, value, source, column)
     raise InputDataError(
@@ -132,7 +136,9 @@ def open_image(ref: ImageRef, max_pixels: int = DEFAULT_IMAGE_MAX_PIXELS):
     try:
         stream = io.BytesIO(ref.data) if ref.data is not None else ref.path.open("rb")
     except FileNotFoundError:
-        raise ref.error(f"image file '{ref.path}' does not exist (relative paths are read from the data file's folder); {fix}") from None
+        raise ref.error(
+            f"image file '{ref.path}' does not exist (relative paths are read from the data file's folder); {fix}"
+        ) from None
     except OSError as exc:
         raise ref.error(f"cannot read image '{ref.path}' ({exc.strerror or exc}); {fix}") from None
     try:

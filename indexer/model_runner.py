@@ -9,11 +9,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from forvalue.schemas.config import ModelConfig
-from forvalue.schemas.errors import ModelLoadError
-
 from forvalue.indexer.causal_lm import CausalLMRunner
 from forvalue.indexer.runner import TORCH_DTYPES, Runner, place_model, resolve_device, resolve_dtype
+from forvalue.schemas.config import ModelConfig
+from forvalue.schemas.errors import ModelLoadError
 
 
 def load_runner(config: ModelConfig) -> Runner:
@@ -63,5 +62,3 @@ def load_runner(config: ModelConfig) -> Runner:
         raise ModelLoadError(f"cannot load model '{path}': {first}") from None
     model, identity = place_model(model, config, source, tokenizer, device, dtype)
     return CausalLMRunner(model, tokenizer, device, identity)
-
-

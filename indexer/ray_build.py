@@ -39,11 +39,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from forvalue.indexer.build_steps import BuildReport, finish_build
 from forvalue.schemas.config import BuildConfig, EngineConfig
 from forvalue.schemas.errors import ConfigError, ForValueError
 from forvalue.schemas.manifest import MANIFEST_FILE
-
-from forvalue.indexer.build_steps import BuildReport
 
 # Counters an actor fills for its chunk and the driver adds up.
 _ACTOR_COUNTS = ("truncated", "no_scored_tokens", "bad_skipped", "tokens_scored")
@@ -61,12 +60,13 @@ def ray_session(engine: EngineConfig) -> Iterator:
     started = False
     if not ray.is_initialized():
         try:
-            ray.init(address=engine.ray_address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            ray.init(address=engine.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = engine.ray_address or "a new local Ray instance"
-            raise ForValueError(f"--ray-address {where}: cannot start or join Ray ({str(exc).splitlines()[0][:200]}); "
-                                "start the cluster with 'ray start --head' or drop --ray-address") from None
+            raise ForValueError(
+                f"--ray-address {where}: cannot start or join Ray ({str(exc).splitlines()[0][:200]}); "
+                "start the cluster with 'ray start --head' or drop --ray-address"
+            ) from None
         started = True
     try:
         yield ray
@@ -91,13 +91,17 @@ def worker_plan(ray, engine: EngineConfig) -> tuple[int, float, int]:
     else:
         workers = max(1, int(cpus // cpw))
     if gpw > 0 and workers * gpw > gpus + 1e-9:
-        raise ConfigError("workers" if engine.workers else "gpus_per_worker",
-                          f"{workers} actors x {gpw:g} GPUs need {workers * gpw:g} GPUs, the Ray cluster has {gpus:g}; "
-                          "lower --workers or --gpus-per-worker")
+        raise ConfigError(
+            "workers" if engine.workers else "gpus_per_worker",
+            f"{workers} actors x {gpw:g} GPUs need {workers * gpw:g} GPUs, the Ray cluster has {gpus:g}; "
+            "lower --workers or --gpus-per-worker",
+        )
     if workers * cpw > cpus + 1e-9:
-        raise ConfigError("workers" if engine.workers else "cpus_per_worker",
-                          f"{workers} actors x {cpw} CPUs need {workers * cpw} CPUs, the Ray cluster has {cpus:g}; "
-                          "lower --workers or --cpus-per-worker")
+        raise ConfigError(
+            "workers" if engine.workers else "cpus_per_worker",
+            f"{workers} actors x {cpw} CPUs need {workers * cpw} CPUs, the Ray cluster has {cpus:g}; "
+            "lower --workers or --cpus-per-worker",
+        )
     return workers, gpw, cpw
 
 
@@ -176,8 +180,11 @@ class Encoder:
         config, runner = self.config, self.runner
         report = BuildReport(store=store_path)
         tokenized = [t for t in (tokenize_counted(s, runner, config, report) for s in samples) if t is not None]
-        encoded = [e for e in encode_stream(runner, tokenized, config.encode, config.batch_size, training=True)
-                   if finite_or_skipped(e, config, report)]
+        encoded = [
+            e
+            for e in encode_stream(runner, tokenized, config.encode, config.batch_size, training=True)
+            if finite_or_skipped(e, config, report)
+        ]
         counts = {"rows": len(encoded), **{k: getattr(report, k) for k in _ACTOR_COUNTS}}
         counts["tokens_scored"] = sum(len(e.hidden) for e in encoded)
         if not encoded:
@@ -189,8 +196,13 @@ class Encoder:
         schema = samples_schema(manifest.hidden_dtype, manifest.sketch_dim)
         rows = encoded_to_arrow(encoded, manifest.hidden_dtype, sketch).cast(schema)
         with translate_errors(store_path, "write a fragment of"):
-            fragments = write_fragments(rows, str(Path(store_path) / f"{SAMPLES_TABLE}.lance"), schema=schema,
-                                        mode="append", max_rows_per_file=1 << 30)
+            fragments = write_fragments(
+                rows,
+                str(Path(store_path) / f"{SAMPLES_TABLE}.lance"),
+                schema=schema,
+                mode="append",
+                max_rows_per_file=1 << 30,
+            )
         return list(fragments), counts
 
 
@@ -206,8 +218,9 @@ def _chunks(samples: Iterable, size: int) -> Iterator[list]:
         yield chunk
 
 
-def ray_build_index(inputs: Iterable[str | Path], store_path: str | Path, config: BuildConfig,
-                    engine: EngineConfig) -> BuildReport:
+def ray_build_index(
+    inputs: Iterable[str | Path], store_path: str | Path, config: BuildConfig, engine: EngineConfig
+) -> BuildReport:
     """:func:`forvalue.indexer.build.build_index` on a pool of Ray actors (see the module docstring).
 
     Parameters
@@ -287,8 +300,9 @@ def _drive(ray, actors: list, inputs: list, store, config: BuildConfig, started:
             raise unwrap(exc) from None
         if fragments:
             with store.io("commit fragments to"):
-                lance.LanceDataset.commit(store._uri, lance.LanceOperation.Append(fragments),
-                                          read_version=store.version())
+                lance.LanceDataset.commit(
+                    store._uri, lance.LanceOperation.Append(fragments), read_version=store.version()
+                )
             store.refresh()
         report.written += counts["rows"]
         for key in ("truncated", "no_scored_tokens", "bad_skipped", "tokens_scored"):
@@ -304,10 +318,4 @@ def _drive(ray, actors: list, inputs: list, store, config: BuildConfig, started:
     while in_flight:
         commit_oldest()
     bar.close()
-    if store.manifest.sketch_dim and report.written:
-        from forvalue.storage.faiss_index import ensure
-
-        ensure(store)  # extends (or builds) the prefilter index to cover every committed row
-    report.total_rows = store.count()
-    report.seconds = time.perf_counter() - started
-    return report
+    return finish_build(store, report, started)

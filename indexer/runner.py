@@ -16,10 +16,9 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
+from forvalue.indexer.fingerprint import tokenizer_sha256, weights_sha256
 from forvalue.schemas.config import ModelConfig
 from forvalue.schemas.errors import ModelLoadError
-
-from forvalue.indexer.fingerprint import tokenizer_sha256, weights_sha256
 
 if TYPE_CHECKING:
     from forvalue.indexer.data import Sample

@@ -64,7 +64,9 @@ class SketchSpec:
         if self.basis not in ("gaussian", "fitted"):
             raise ForValueError(f"sketch basis must be 'gaussian' or 'fitted', got {self.basis!r}")
         if self.basis == "fitted" and self.hidden_cols > self.hidden_size:
-            raise ForValueError(f"--sketch-hidden-cols ({self.hidden_cols}) must be <= the hidden size ({self.hidden_size})")
+            raise ForValueError(
+                f"--sketch-hidden-cols ({self.hidden_cols}) must be <= the hidden size ({self.hidden_size})"
+            )
         per_block = self.vocab_buckets * self.hidden_cols
         if self.dim < 1 or per_block < 1 or self.dim % per_block:
             raise ForValueError(
@@ -80,16 +82,27 @@ class SketchSpec:
     def from_manifest(cls, manifest) -> "SketchSpec | None":
         if not getattr(manifest, "sketch_dim", None):
             return None
-        return cls(manifest.sketch_dim, manifest.sketch_vocab_buckets, manifest.sketch_hidden_cols,
-                   manifest.sketch_seed, manifest.vocab_size, manifest.hidden_size,
-                   getattr(manifest, "sketch_basis", "gaussian"))
+        return cls(
+            manifest.sketch_dim,
+            manifest.sketch_vocab_buckets,
+            manifest.sketch_hidden_cols,
+            manifest.sketch_seed,
+            manifest.vocab_size,
+            manifest.hidden_size,
+            getattr(manifest, "sketch_basis", "gaussian"),
+        )
 
 
 class Sketcher:
     """Computes sketches for one :class:`SketchSpec` (random tables built once, deterministically)."""
 
-    def __init__(self, spec: SketchSpec, device: torch.device | str = "cpu", flip_signs: bool = False,
-                 basis: np.ndarray | None = None):
+    def __init__(
+        self,
+        spec: SketchSpec,
+        device: torch.device | str = "cpu",
+        flip_signs: bool = False,
+        basis: np.ndarray | None = None,
+    ):
         self.spec = spec
         self.device = torch.device(device)
         T, r, c = spec.blocks, spec.vocab_buckets, spec.hidden_cols
@@ -104,8 +117,10 @@ class Sketcher:
         if spec.basis == "fitted":
             if basis is None or basis.shape != (spec.hidden_size, c):
                 got = None if basis is None else basis.shape
-                raise ForValueError(f"a fitted sketch needs its ({spec.hidden_size}, {c}) basis, got {got}; "
-                                    "run 'forvalue index sketch --rebuild' if the store's sketch_basis.npy is missing")
+                raise ForValueError(
+                    f"a fitted sketch needs its ({spec.hidden_size}, {c}) basis, got {got}; "
+                    "run 'forvalue index sketch --rebuild' if the store's sketch_basis.npy is missing"
+                )
             proj = np.tile(np.asarray(basis, np.float32), (1, T))
         else:
             rng_hidden = np.random.default_rng([spec.seed, 2])
@@ -163,7 +178,11 @@ def get_sketcher(spec: SketchSpec, basis: np.ndarray | None = None, device: str 
     """
     if spec.basis != "fitted":
         basis = None
-    key = (spec, device, None if basis is None else hashlib.sha256(np.ascontiguousarray(basis, np.float32).tobytes()).hexdigest())
+    key = (
+        spec,
+        device,
+        None if basis is None else hashlib.sha256(np.ascontiguousarray(basis, np.float32).tobytes()).hexdigest(),
+    )
     if key not in _CACHE:
         if len(_CACHE) >= 4:
             _CACHE.pop(next(iter(_CACHE)))

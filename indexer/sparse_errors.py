@@ -42,7 +42,9 @@ class SparseErrors:
     tail_mass: np.ndarray
 
     def select(self, index: np.ndarray | slice) -> "SparseErrors":
-        return SparseErrors(*(a[index] for a in (self.topk_ids, self.topk_probs, self.target_ids, self.target_probs, self.tail_mass)))
+        return SparseErrors(
+            *(a[index] for a in (self.topk_ids, self.topk_probs, self.target_ids, self.target_probs, self.tail_mass))
+        )
 
 
 @torch.no_grad()
@@ -97,11 +99,15 @@ def sparsify(
         z = np.zeros(0, np.float32)
         return SparseErrors(empty_i, empty_f, np.zeros(0, np.int32), z, z.copy()), np.zeros(0, bool)
     cat = [torch.cat([o[i] for o in outs]).cpu().numpy() for i in range(5)]
-    errors = SparseErrors(cat[0], cat[1].astype(np.float32), cat[2], cat[3].astype(np.float32), cat[4].astype(np.float32))
+    errors = SparseErrors(
+        cat[0], cat[1].astype(np.float32), cat[2], cat[3].astype(np.float32), cat[4].astype(np.float32)
+    )
     return errors, torch.cat(finite_parts).numpy()
 
 
-def pair_score(h_a: np.ndarray, ids_a: np.ndarray, vals_a: np.ndarray, h_b: np.ndarray, ids_b: np.ndarray, vals_b: np.ndarray) -> float:
+def pair_score(
+    h_a: np.ndarray, ids_a: np.ndarray, vals_a: np.ndarray, h_b: np.ndarray, ids_b: np.ndarray, vals_b: np.ndarray
+) -> float:
     """``<G_a, G_b>`` of two samples from their hidden states and error entries (Eq. 1), in float64.
 
     Used for the squared norm ``||G_i||^2`` at build time; the batched scorer in

@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from forvalue.schemas.errors import InputDataError
-
 from forvalue.indexer.data import Sample
 from forvalue.indexer.formats import conversation_segments
+from forvalue.schemas.errors import InputDataError
 
 
 @dataclass(frozen=True)
@@ -59,7 +58,9 @@ class TokenizedSample:
         return np.arange(self.first_target, len(self.input_ids), dtype=np.int64)
 
 
-def tokenize_sample(tokenizer, sample: Sample, score_tokens: str, max_length: int, chat_template: bool) -> TokenizedSample:
+def tokenize_sample(
+    tokenizer, sample: Sample, score_tokens: str, max_length: int, chat_template: bool
+) -> TokenizedSample:
     """Tokenize one sample.
 
     The prompt and the response are tokenized separately so the boundary between them
@@ -69,8 +70,10 @@ def tokenize_sample(tokenizer, sample: Sample, score_tokens: str, max_length: in
     """
     if sample.image is not None:
         raise InputDataError(
-            sample.source, "this row has an image but the model is a text-only causal LM; use a vision-language "
-            "model (its config.json has a vision_config) or drop --image-column", field=sample.image.column,
+            sample.source,
+            "this row has an image but the model is a text-only causal LM; use a vision-language "
+            "model (its config.json has a vision_config) or drop --image-column",
+            field=sample.image.column,
         )
     if score_tokens == "auto":
         score_tokens = "assistant" if sample.messages is not None else "all"
@@ -79,8 +82,10 @@ def tokenize_sample(tokenizer, sample: Sample, score_tokens: str, max_length: in
     if sample.text is not None:
         if score_tokens in ("response", "assistant"):
             raise InputDataError(
-                sample.source, f"--score-tokens {score_tokens} needs prompt/completion columns or a conversation, this "
-                "row has only text", field="text",
+                sample.source,
+                f"--score-tokens {score_tokens} needs prompt/completion columns or a conversation, this "
+                "row has only text",
+                field="text",
             )
         prompt_ids = tokenizer(sample.text, add_special_tokens=True)["input_ids"]
         response_ids: list[int] = []

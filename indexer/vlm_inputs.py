@@ -23,11 +23,10 @@ import json
 
 import torch
 
-from forvalue.schemas.errors import InputDataError, ModelLoadError
-
 from forvalue.indexer.data import Sample
 from forvalue.indexer.images import open_image
 from forvalue.indexer.tokenize import TokenizedSample
+from forvalue.schemas.errors import InputDataError, ModelLoadError
 
 # Keys of a processor's output that are not image inputs: the text ids, and per-token
 # arrays that the runner recomputes for the padded batch.
@@ -61,7 +60,9 @@ class VisionTextInputs:
         self.chat_template = chat_template
         self.processor = processor
         self.max_pixels = max_pixels
-        self.image_token = getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.image_token = (
+            getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        )
         if processor is None and getattr(image_processor, "merge_size", None) is None:
             raise ModelLoadError(
                 f"cannot load the model's processor and {type(image_processor).__name__} is not of the Qwen-VL kind "
@@ -70,16 +71,24 @@ class VisionTextInputs:
 
     def fingerprint(self) -> str:
         """SHA-256 of what turns an image and a prompt into inputs: image preprocessing settings and chat template."""
-        settings = {k: v for k, v in self.image_processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}
-        payload = json.dumps([settings, self.chat_template, self.image_token, self.max_pixels], sort_keys=True, default=str)
+        settings = {
+            k: v
+            for k, v in self.image_processor.to_dict().items()
+            if k not in ("image_processor_type", "processor_class")
+        }
+        payload = json.dumps(
+            [settings, self.chat_template, self.image_token, self.max_pixels], sort_keys=True, default=str
+        )
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
     def prompt_text(self, sample: Sample) -> str:
         """The user turn (image entry first, then the prompt) and the assistant's generation prompt, as text."""
         content = ([{"type": "image"}] if sample.image is not None else []) + [{"type": "text", "text": sample.prompt}]
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], chat_template=self.chat_template,
-            add_generation_prompt=True, tokenize=False,
+            [{"role": "user", "content": content}],
+            chat_template=self.chat_template,
+            add_generation_prompt=True,
+            tokenize=False,
         )
 
     def encode_prompt(self, text: str, image) -> tuple[list[int], dict | None]:
@@ -121,13 +130,17 @@ class VisionTextInputs:
         """
         if sample.messages is not None:
             raise InputDataError(
-                sample.source, "conversations (message lists) are not supported with a vision-language model yet; "
-                "give prompt/response string columns", field="messages",
+                sample.source,
+                "conversations (message lists) are not supported with a vision-language model yet; "
+                "give prompt/response string columns",
+                field="messages",
             )
         if sample.text is not None:
             raise InputDataError(
-                sample.source, "a vision-language model scores the response: give prompt/response columns "
-                "(--prompt-column/--response-column), not a single text column", field="text",
+                sample.source,
+                "a vision-language model scores the response: give prompt/response columns "
+                "(--prompt-column/--response-column), not a single text column",
+                field="text",
             )
         image = open_image(sample.image, self.max_pixels) if sample.image is not None else None
         prompt_ids, vision = self.encode_prompt(self.prompt_text(sample), image)

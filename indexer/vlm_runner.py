@@ -1,6 +1,7 @@
 """Load a vision-language model and run the forward pass the method needs, split at the LM head.
 
-Same interface (:class:`forvalue.indexer.runner.Runner`) as :class:`forvalue.indexer.causal_lm.CausalLMRunner` (``hidden_states``,
+Same interface (:class:`forvalue.indexer.runner.Runner`) as
+:class:`forvalue.indexer.causal_lm.CausalLMRunner` (``hidden_states``,
 ``logits``, ``hidden_size``, ``vocab_size``, ``pad_id``, ``identity``) plus
 ``tokenize`` (image + prompt + response to ids and image inputs, see
 :mod:`forvalue.indexer.vlm_inputs`) and the image settings the manifest records. A model folder
@@ -15,11 +16,10 @@ from pathlib import Path
 
 import torch
 
-from forvalue.schemas.config import ModelConfig
-from forvalue.schemas.errors import ModelLoadError
-
 from forvalue.indexer.runner import TORCH_DTYPES, BaseRunner, place_model
 from forvalue.indexer.vlm_inputs import VisionTextInputs
+from forvalue.schemas.config import ModelConfig
+from forvalue.schemas.errors import ModelLoadError
 
 # Per-token arrays some VLMs need (Qwen-VL's multimodal RoPE): 0 text, 1 image, 2 video.
 _TOKEN_TYPES = "mm_token_type_ids"
@@ -90,7 +90,9 @@ class VisionLanguageRunner(BaseRunner):
         return out
 
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: list[dict | None] | None = None) -> torch.Tensor:
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: list[dict | None] | None = None
+    ) -> torch.Tensor:
         """Last hidden states (input of the LM head), shape ``(B, T, hidden_size)``.
 
         Parameters
@@ -120,7 +122,6 @@ def load_vlm_runner(config: ModelConfig, source: Path, device: torch.device, dty
     """
     import transformers
 
-
     folder = str(source)
     kwargs: dict = {"local_files_only": True, "trust_remote_code": config.trust_remote_code}
     try:
@@ -145,7 +146,10 @@ def _load_model(transformers, folder: str, kwargs: dict, torch_dtype):
 
 
 def _load_inputs(folder: str, kwargs: dict, max_pixels: int) -> VisionTextInputs:
-    """The model's processor when it loads, else its tokenizer + image processor (see :mod:`forvalue.indexer.vlm_inputs`)."""
+    """The model's processor when it loads, else its tokenizer + image processor.
+
+    See :mod:`forvalue.indexer.vlm_inputs`.
+    """
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     try:

@@ -72,6 +72,7 @@ _WHERE = {
     "AuditConfig": "forvalue.schemas.config",
     "DistillConfig": "forvalue.schemas.config",
     "PricingConfig": "forvalue.schemas.config",
+    "DemoConfig": "forvalue.schemas.config",
     "EngineConfig": "forvalue.schemas.config",
     # results
     "BuildReport": "forvalue.indexer.build",

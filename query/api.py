@@ -18,21 +18,28 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from forvalue.engine.ranking import TopK
+from forvalue.engine.scorer import BlockedScorer, TrainBlock, decode_block
+from forvalue.engine.validation import ValidationSet, data_for_store, encode_validation, load_validation_samples
 from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
 from forvalue.indexer.model_runner import load_runner
+from forvalue.present.output import ScoreWriter, check_output_path
 from forvalue.schemas.config import BuildConfig, DataConfig, EngineConfig, ModelConfig, QueryConfig
 from forvalue.schemas.errors import ConfigError, StoreError
 from forvalue.schemas.tables import SCORING_COLUMNS
-from forvalue.storage import faiss_index
 from forvalue.storage.store import Store
 
-from forvalue.engine.ranking import TopK
-from forvalue.engine.scorer import BlockedScorer, TrainBlock, decode_block
-from forvalue.present.output import ScoreWriter, check_output_path
-from forvalue.engine.validation import ValidationSet, data_for_store, encode_validation, load_validation_samples
-
-__all__ = ["build_index", "add_to_index", "settings_for_store", "BuildReport", "run_query", "QueryResult", "load_store_runner", "score_all"]
+__all__ = [
+    "build_index",
+    "add_to_index",
+    "settings_for_store",
+    "BuildReport",
+    "run_query",
+    "QueryResult",
+    "load_store_runner",
+    "score_all",
+]
 
 
 @dataclass
@@ -68,23 +75,40 @@ def settings_for_store(manifest, config: BuildConfig) -> BuildConfig:
     adapter and dtype too, each unless given; columns, ``on_bad``, batch sizes and shard from ``config``.
     """
     m = manifest
-    data = replace(config.data, chat_template=m.chat_template, max_length=m.max_length,
-                   image_column=config.data.image_column or m.image_column)
+    data = replace(
+        config.data,
+        chat_template=m.chat_template,
+        max_length=m.max_length,
+        image_column=config.data.image_column or m.image_column,
+    )
     model = replace(
-        config.model, path=config.model.path or m.model_path, adapter=config.model.adapter or m.adapter_path,
+        config.model,
+        path=config.model.path or m.model_path,
+        adapter=config.model.adapter or m.adapter_path,
         dtype=m.dtype if config.model.dtype == "auto" else config.model.dtype,
         image_max_pixels=config.model.image_max_pixels if m.image_max_pixels is None else m.image_max_pixels,
     )
     encode = replace(
-        config.encode, top_m=m.top_m, score_tokens=m.score_tokens, lowest_likelihood_ratio=m.lowest_likelihood_ratio,
-        hidden_dtype=m.hidden_dtype, sketch_dim=m.sketch_dim or 0, sketch_vocab_buckets=m.sketch_vocab_buckets,
-        sketch_hidden_cols=m.sketch_hidden_cols, sketch_seed=m.sketch_seed, sketch_basis=m.sketch_basis,
+        config.encode,
+        top_m=m.top_m,
+        score_tokens=m.score_tokens,
+        lowest_likelihood_ratio=m.lowest_likelihood_ratio,
+        hidden_dtype=m.hidden_dtype,
+        sketch_dim=m.sketch_dim or 0,
+        sketch_vocab_buckets=m.sketch_vocab_buckets,
+        sketch_hidden_cols=m.sketch_hidden_cols,
+        sketch_seed=m.sketch_seed,
+        sketch_basis=m.sketch_basis,
     )
     return replace(config, data=data, model=model, encode=encode)
 
 
-def add_to_index(data_paths: Sequence[str | Path], store: str | Path, config: BuildConfig = BuildConfig(),
-                 engine: EngineConfig | None = None) -> BuildReport:
+def add_to_index(
+    data_paths: Sequence[str | Path],
+    store: str | Path,
+    config: BuildConfig = BuildConfig(),
+    engine: EngineConfig | None = None,
+) -> BuildReport:
     """Append samples to an existing store with the store's model and settings.
 
     Parameters
@@ -240,8 +264,16 @@ def run_query(
         if on_ray:  # the full scan on Ray actors, merged top-k (forvalue.engine.ray_scan)
             from forvalue.engine.ray_scan import ray_score_topk
 
-            top, blocks = ray_score_topk(store, val, config, config.device, engine, score_all,
-                                         keep=keep_scores or writer is not None, progress=config.progress)
+            top, blocks = ray_score_topk(
+                store,
+                val,
+                config,
+                config.device,
+                engine,
+                score_all,
+                keep=keep_scores or writer is not None,
+                progress=config.progress,
+            )
         for first, ids, labels, scores in blocks:
             if not on_ray:  # the Ray scan returns its merged top-k
                 top.update(scores, first)
@@ -278,7 +310,9 @@ def _top_table(store: Store, top: TopK, samples: list[Sample], config: QueryConf
     by_row = dict(zip(unique_rows.tolist(), fetched))
     val_ids = ["mean"] if config.aggregate == "mean" else [s.id for s in samples]
     val_labels = [None] if config.aggregate == "mean" else [s.label for s in samples]
-    out: dict[str, list] = {k: [] for k in ("validation_id", "validation_label", "rank", "train_id", "train_label", "score")}
+    out: dict[str, list] = {
+        k: [] for k in ("validation_id", "validation_label", "rank", "train_id", "train_label", "score")
+    }
     if config.include_text:
         out["train_text"] = []
     for col, (vid, vlabel) in enumerate(zip(val_ids, val_labels)):

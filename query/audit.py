@@ -23,12 +23,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from forvalue.present.output import write_jsonl_atomic
 from forvalue.schemas.config import AuditConfig, DataConfig, EngineConfig, ModelConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.storage.audits import ValidationCache, list_audits, read_audit, write_audit
 from forvalue.storage.store import Store
-
-from forvalue.present.output import write_jsonl_atomic
 
 
 @dataclass
@@ -51,8 +50,12 @@ class AuditSummary:
 
 def validation_hash(samples) -> str:
     """SHA-256 of a validation set's contents, independent of row order (hex string)."""
-    rows = [[s.prompt, s.response, s.text, s.label] + ([s.image.content_sha256()] if s.image is not None else [])
-            + ([[list(t) for t in s.messages], s.context_turns] if s.messages is not None else []) for s in samples]
+    rows = [
+        [s.prompt, s.response, s.text, s.label]
+        + ([s.image.content_sha256()] if s.image is not None else [])
+        + ([[list(t) for t in s.messages], s.context_turns] if s.messages is not None else [])
+        for s in samples
+    ]
     try:
         ordered = sorted(rows)
     except TypeError:  # text rows beside prompt/response rows: None and str do not compare
@@ -97,7 +100,8 @@ def run_audit(
 
     Example
     -------
-    >>> s = forvalue.run_audit("runs/store", ["val.jsonl"], "v1", forvalue.AuditConfig(flag_fraction=0.05))  # doctest: +SKIP
+    >>> cfg = forvalue.AuditConfig(flag_fraction=0.05)                       # doctest: +SKIP
+    >>> s = forvalue.run_audit("runs/store", ["val.jsonl"], "v1", cfg)       # doctest: +SKIP
     >>> s.flagged                                                                                       # doctest: +SKIP
     """
     # the scoring stack (torch) is imported here, not at module level: listing and showing audits loads no model
@@ -118,7 +122,9 @@ def run_audit(
 
     if model is not None and model.path is not None:
         get_runner()  # an explicit model is always checked against the manifest
-    val, encoded_now = encode_validation_cached(samples, store.manifest, data, get_runner, ValidationCache(store), config.batch_size)
+    val, encoded_now = encode_validation_cached(
+        samples, store.manifest, data, get_runner, ValidationCache(store), config.batch_size
+    )
     device = loaded["runner"].device if loaded else resolve_device(config.device)
     val_labels = [s.label for s in samples]
     groups = sorted({l for l in val_labels if l is not None})
@@ -130,11 +136,21 @@ def run_audit(
     if engine is not None and engine.engine == "ray":  # the same scan on Ray actors (forvalue.engine.ray_scan)
         from forvalue.engine.ray_scan import ray_audit_scan
 
-        scan = ray_audit_scan(store, val, val_labels, groups, config.device, engine, progress=config.progress,
-                              desc=f"audit {name}", **options)
+        scan = ray_audit_scan(
+            store,
+            val,
+            val_labels,
+            groups,
+            config.device,
+            engine,
+            progress=config.progress,
+            desc=f"audit {name}",
+            **options,
+        )
     else:
-        scan = audit_scan(store, val, val_labels, groups, device, progress=config.progress, desc=f"audit {name}",
-                          **options)
+        scan = audit_scan(
+            store, val, val_labels, groups, device, progress=config.progress, desc=f"audit {name}", **options
+        )
     scanned_at = time.perf_counter()
     ids, labels, mean, maximum, by_label = scan.ids, scan.labels, scan.mean, scan.maximum, scan.by_label
     order = np.argsort(-mean, kind="stable")
@@ -150,28 +166,53 @@ def run_audit(
     if config.flag_threshold is not None:
         flagged |= flag_score < config.flag_threshold
     columns = {
-        "id": pa.array(ids, pa.string()), "label": pa.array(labels, pa.string()),
-        "score_mean": pa.array(mean), "score_max": pa.array(maximum, pa.float64()) if maximum is not None
-        else pa.nulls(len(mean), pa.float64()),
-        "rank": pa.array(rank), "flag_score": pa.array(flag_score), "flagged": pa.array(flagged),
+        "id": pa.array(ids, pa.string()),
+        "label": pa.array(labels, pa.string()),
+        "score_mean": pa.array(mean),
+        "score_max": pa.array(maximum, pa.float64()) if maximum is not None else pa.nulls(len(mean), pa.float64()),
+        "rank": pa.array(rank),
+        "flag_score": pa.array(flag_score),
+        "flagged": pa.array(flagged),
     }
     for g in groups:
         columns[f"mean_vs_label:{g}"] = pa.array(by_label[g])
     vhash = validation_hash(samples)
     meta = {
-        "name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "validation_sha256": vhash,
-        "n_validation": len(samples), "n_train": len(ids), "store_version": store.version(),
-        "settings": asdict(config), "validation_labels": groups, "flagged": int(flagged.sum()),
-        "scan_form": scan.form, "scan_passes": scan.passes, "score_max_computed": maximum is not None,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "validation_sha256": vhash,
+        "n_validation": len(samples),
+        "n_train": len(ids),
+        "store_version": store.version(),
+        "settings": asdict(config),
+        "validation_labels": groups,
+        "flagged": int(flagged.sum()),
+        "scan_form": scan.form,
+        "scan_passes": scan.passes,
+        "score_max_computed": maximum is not None,
         # the time split; the table's own write comes after this record (AuditSummary.write_seconds has it all)
-        "seconds": {"encode": round(encoded_at - started, 3), "scan": round(scanned_at - encoded_at, 3),
-                    "rank_flag": round(time.perf_counter() - scanned_at, 3)},
+        "seconds": {
+            "encode": round(encoded_at - started, 3),
+            "scan": round(scanned_at - encoded_at, 3),
+            "rank_flag": round(time.perf_counter() - scanned_at, 3),
+        },
     }
     version = write_audit(store, name, pa.table(columns), meta)
     done = time.perf_counter()
-    return AuditSummary(name, version, len(ids), len(samples), encoded_now, int(flagged.sum()), done - started, vhash,
-                        encode_seconds=encoded_at - started, scan_seconds=scanned_at - encoded_at,
-                        write_seconds=done - scanned_at, form=scan.form)
+    return AuditSummary(
+        name,
+        version,
+        len(ids),
+        len(samples),
+        encoded_now,
+        int(flagged.sum()),
+        done - started,
+        vhash,
+        encode_seconds=encoded_at - started,
+        scan_seconds=scanned_at - encoded_at,
+        write_seconds=done - scanned_at,
+        form=scan.form,
+    )
 
 
 def audits(store: str | Path) -> list[dict]:
@@ -222,8 +263,12 @@ def audit_summary(store: str | Path | Store, name: str, n_examples: int = 5) -> 
     q = np.percentile(table.column("score_mean").to_numpy(), [0, 10, 50, 90, 100])
     rows = sorted(table.select(["id", "label", "score_mean", "rank", "flagged"]).to_pylist(), key=lambda r: r["rank"])
     n = max(0, n_examples)
-    return {**meta, "percentiles": dict(zip(("min", "p10", "median", "p90", "max"), map(float, q))),
-            "top": rows[:n], "bottom": rows[::-1][:n]}
+    return {
+        **meta,
+        "percentiles": dict(zip(("min", "p10", "median", "p90", "max"), map(float, q))),
+        "top": rows[:n],
+        "bottom": rows[::-1][:n],
+    }
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
@@ -261,7 +306,10 @@ def compare_audits(store: str | Path, a: str, b: str, n_moved: int = 10) -> dict
     spearman = float(np.corrcoef(_ranks(sa), _ranks(sb))[0, 1])
     moves = sorted(common, key=lambda i: -abs(da[i]["rank"] - db_[i]["rank"]))[:n_moved]
     return {
-        "a": a, "b": b, "common": len(common), "spearman": spearman,
+        "a": a,
+        "b": b,
+        "common": len(common),
+        "spearman": spearman,
         "moved": [{"id": i, "rank_a": da[i]["rank"], "rank_b": db_[i]["rank"]} for i in moves],
         "newly_flagged": [i for i in common if db_[i]["flagged"] and not da[i]["flagged"]],
         "no_longer_flagged": [i for i in common if da[i]["flagged"] and not db_[i]["flagged"]],
@@ -280,8 +328,13 @@ def parse_amount(text: str, total: int) -> int:
     return min(n, total)
 
 
-def select_subset(store: str | Path, audit: str, top: str | None = None, drop_bottom: str | None = None,
-                  output: str | Path | None = None) -> list[dict]:
+def select_subset(
+    store: str | Path,
+    audit: str,
+    top: str | None = None,
+    drop_bottom: str | None = None,
+    output: str | Path | None = None,
+) -> list[dict]:
     """Training rows (id, prompt, response or text, label) chosen by an audit, best first.
 
     Parameters

@@ -10,15 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from forvalue.tasks.text import generate_task, write_jsonl
-from forvalue.schemas.config import BuildConfig, ModelConfig, QueryConfig
-
 from forvalue.api import build_index, run_query
+from forvalue.schemas.config import BuildConfig, DemoConfig, ModelConfig, QueryConfig
 from forvalue.tasks.metrics import class_retrieval
+from forvalue.tasks.text import generate_task, write_jsonl
 
 
-def run_demo(workdir: str | Path, train_per_class: int = 20, test_per_class: int = 1, model_path: str | None = None,
-             device: str = "auto", echo: Callable[[str], None] = print) -> dict:
+def run_demo(
+    config: DemoConfig = DemoConfig(),
+    model: ModelConfig = ModelConfig(),
+    echo: Callable[[str], None] = print,
+) -> dict:
     """Run the built-in job: generate the sentence-transformation task, build a store, query it, score retrieval.
 
     Returns
@@ -28,20 +30,29 @@ def run_demo(workdir: str | Path, train_per_class: int = 20, test_per_class: int
 
     Example
     -------
-    >>> metrics = forvalue.run_demo("runs/demo")     # real SmolLM2, a few minutes on a CPU  # doctest: +SKIP
+    >>> metrics = forvalue.run_demo(forvalue.DemoConfig(workdir="runs/demo"))   # real SmolLM2  # doctest: +SKIP
     >>> metrics["auc_mean"]                                                                 # doctest: +SKIP
     """
-    workdir = Path(workdir)
+    workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    train, test = generate_task("sentence_transformations", n_train=train_per_class, n_test=test_per_class, seed=0)
+    train_per_class = config.train_per_class
+    train, test = generate_task(
+        "sentence_transformations", n_train=train_per_class, n_test=config.test_per_class, seed=0
+    )
     write_jsonl(train, workdir / "train.jsonl")
     write_jsonl(test, workdir / "validation.jsonl")
     echo(f"data: {len(train)} training and {len(test)} validation samples of 10 sentence transformations in {workdir}")
-    model = ModelConfig(path=model_path, device=device)
     report = build_index([workdir / "train.jsonl"], workdir / "store", BuildConfig(model=model))
-    echo(f"store: {report.total_rows} samples in {workdir / 'store'} (this run wrote {report.written} in {report.seconds:.1f}s)")
-    result = run_query(workdir / "store", [workdir / "validation.jsonl"], QueryConfig(top_k=5, include_text=True, device=device),
-                       keep_scores=True)
+    echo(
+        f"store: {report.total_rows} samples in {workdir / 'store'} (this run wrote {report.written} in "
+        f"{report.seconds:.1f}s)"
+    )
+    result = run_query(
+        workdir / "store",
+        [workdir / "validation.jsonl"],
+        QueryConfig(top_k=5, include_text=True, device=model.device),
+        keep_scores=True,
+    )
     result_path = workdir / "top5.jsonl"
     from forvalue.present.output import write_table
 
@@ -52,11 +63,16 @@ def run_demo(workdir: str | Path, train_per_class: int = 20, test_per_class: int
     echo("most valuable training samples:")
     for row in result.top.to_pylist()[:5]:
         mark = "same rule" if row["train_label"] == first["label"] else "OTHER rule"
-        echo(f"  #{row['rank']}  score {row['score']:10.1f}  [{mark}: {row['train_label']}]  {row['train_text']!r}"[:220])
+        echo(
+            f"  #{row['rank']}  score {row['score']:10.1f}  [{mark}: {row['train_label']}]  {row['train_text']!r}"[:220]
+        )
     labels = {r["id"]: r["label"] for r in train}
     metrics = class_retrieval(result.scores, [labels[i] for i in result.train_ids], [r["label"] for r in test])
     echo("")
-    echo(f"over all {len(test)} validation samples: AUC {metrics['auc_mean']:.3f} +- {metrics['auc_std']:.3f}, "
-         f"recall {metrics['recall_mean']:.3f} +- {metrics['recall_std']:.3f} (1.0 = the top-{train_per_class} are all the same rule)")
+    echo(
+        f"over all {len(test)} validation samples: AUC {metrics['auc_mean']:.3f} +- {metrics['auc_std']:.3f}, "
+        f"recall {metrics['recall_mean']:.3f} +- {metrics['recall_std']:.3f} (1.0 = the top-{train_per_class} are all "
+        "the same rule)"
+    )
     echo(f"full top-5 lists: {result_path}")
     return metrics

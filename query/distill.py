@@ -32,8 +32,16 @@ from forvalue.schemas.config import DataConfig, DistillConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.schemas.manifest import MUST_MATCH, PACKAGE_VERSION
 from forvalue.storage.store import Store
-from forvalue.value_model import (EMBED_POOLINGS, MANIFEST, NgramFeatures, ValueModel, ValueModelError, pool_divisor,
-                                  pool_length_feature, token_ids)
+from forvalue.value_model import (
+    EMBED_POOLINGS,
+    MANIFEST,
+    NgramFeatures,
+    ValueModel,
+    ValueModelError,
+    pool_divisor,
+    pool_length_feature,
+    token_ids,
+)
 
 MAX_DUAL = 4000
 LAMBDA_GRID = tuple(10.0 ** np.arange(-5.0, 2.5, 0.5))  # times the mean eigenvalue of K_c
@@ -76,8 +84,12 @@ def agreement(estimated: np.ndarray, exact: np.ndarray) -> dict:
     estimated, exact = np.asarray(estimated, np.float64), np.asarray(exact, np.float64)
     ss = ((exact - exact.mean()) ** 2).sum()
     r2 = float(1.0 - ((exact - estimated) ** 2).sum() / ss) if ss > 0 else float("nan")
-    return {"n": int(len(exact)), "spearman": spearman(estimated, exact),
-            "top10_precision": top_precision(estimated, exact) if len(exact) else float("nan"), "r2": r2}
+    return {
+        "n": int(len(exact)),
+        "spearman": spearman(estimated, exact),
+        "top10_precision": top_precision(estimated, exact) if len(exact) else float("nan"),
+        "r2": r2,
+    }
 
 
 # -- ridge regression --------------------------------------------------------------------------------
@@ -108,8 +120,9 @@ class Design:
         indptr, indices, values = self.csr
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(indices),
-                                           torch.from_numpy(values), size=(self.n, self.p))
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(values), size=(self.n, self.p)
+            )
 
     def gram(self) -> np.ndarray:
         """``X X^T``: (n, n) float64."""
@@ -177,7 +190,7 @@ def _loo_choose(K: np.ndarray, Z: np.ndarray) -> tuple[float, float, np.ndarray,
         # hat matrix with the unpenalised intercept: 11^T/n + U diag(s/(s+lam)) U^T (Z is centred)
         shrink = s * inv
         fitted = U @ (shrink[:, None] * UtZ)
-        h = 1.0 / n + (U ** 2) @ shrink
+        h = 1.0 / n + (U**2) @ shrink
         loo_pred = Z - (Z - fitted) / np.maximum(1.0 - h, 1e-12)[:, None]
         rho = spearman(loo_pred[:, 0], Z[:, 0])
         mse = float(((loo_pred[:, 0] - Z[:, 0]) ** 2).mean())
@@ -195,7 +208,7 @@ def _cg(apply, B: np.ndarray, x0: np.ndarray, iters: int = 500, tol: float = 1e-
     r = B - apply(x)
     p = r.copy()
     rs = (r * r).sum(axis=0)
-    stop = tol ** 2 * np.maximum((B * B).sum(axis=0), 1e-300)
+    stop = tol**2 * np.maximum((B * B).sum(axis=0), 1e-300)
     for _ in range(iters):
         if np.all(rs <= stop):
             break
@@ -247,9 +260,14 @@ def store_identity(store: Store) -> dict:
     m = store.manifest
     must = {k: getattr(m, k) for k in MUST_MATCH}
     fingerprint = hashlib.sha256(json.dumps(must, sort_keys=True, default=str).encode()).hexdigest()
-    return {"path": str(Path(store.path).resolve()), "model_path": m.model_path,
-            "model_weights_sha256": m.model_weights_sha256, "tokenizer_sha256": m.tokenizer_sha256,
-            "manifest_fingerprint": fingerprint, "build_samples_per_s": build_throughput(store)}
+    return {
+        "path": str(Path(store.path).resolve()),
+        "model_path": m.model_path,
+        "model_weights_sha256": m.model_weights_sha256,
+        "tokenizer_sha256": m.tokenizer_sha256,
+        "manifest_fingerprint": fingerprint,
+        "build_samples_per_s": build_throughput(store),
+    }
 
 
 def build_throughput(store: Store) -> float | None:
@@ -264,8 +282,9 @@ def build_throughput(store: Store) -> float | None:
         versions = store._dataset().versions()
     except Exception:  # an old pylance without versions(): no throughput, not an error
         return None
-    pts = sorted((v["version"], v["timestamp"].timestamp(), int(v.get("metadata", {}).get("total_rows", -1)))
-                 for v in versions)
+    pts = sorted(
+        (v["version"], v["timestamp"].timestamp(), int(v.get("metadata", {}).get("total_rows", -1))) for v in versions
+    )
     pairs = [(b[2] - a[2], b[1] - a[1]) for a, b in zip(pts, pts[1:]) if a[2] >= 0 and b[2] > a[2] and b[1] > a[1]]
     if not pairs:
         return None
@@ -310,11 +329,15 @@ def load_embedding_table(store: Store):
     folder = Path(store.manifest.model_path)
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if not files:
-        raise ForValueError(f"store model '{folder}' is not a folder with safetensors weights; the embed student reads "
-                            "its input-embedding table from there (use --student ngram)")
+        raise ForValueError(
+            f"store model '{folder}' is not a folder with safetensors weights; the embed student reads "
+            "its input-embedding table from there (use --student ngram)"
+        )
     if store.manifest.adapter_sha256 is None and weights_sha256(folder) != store.manifest.model_weights_sha256:
-        raise ForValueError(f"store model '{folder}' has changed since the build (weights SHA-256 differs); "
-                            "use --student ngram or restore the model")
+        raise ForValueError(
+            f"store model '{folder}' has changed since the build (weights SHA-256 differs); "
+            "use --student ngram or restore the model"
+        )
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
@@ -326,13 +349,16 @@ def load_embedding_table(store: Store):
                 table = f.get_tensor(key).float().numpy()
                 break
     if table is None:
-        raise ForValueError(f"store model '{folder}': no input-embedding tensor ({', '.join(_EMBED_KEYS)}) in its "
-                            "safetensors files; use --student ngram")
+        raise ForValueError(
+            f"store model '{folder}': no input-embedding tensor ({', '.join(_EMBED_KEYS)}) in its "
+            "safetensors files; use --student ngram"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ForValueError(f"store model '{folder}': the embed student needs a fast (tokenizers) tokenizer; "
-                            "use --student ngram")
+        raise ForValueError(
+            f"store model '{folder}': the embed student needs a fast (tokenizers) tokenizer; use --student ngram"
+        )
     return backend, table
 
 
@@ -367,23 +393,34 @@ def _fit_student(student: str, texts: list[str], Y: np.ndarray, config: DistillC
     lengths = np.array([len(i) for i in ids], np.float64)
     best = None
     for pooling in EMBED_POOLINGS:  # both poolings fitted; the better leave-one-out Spearman is kept
-        X = np.concatenate([sums / pool_divisor(pooling, lengths)[:, None],
-                            pool_length_feature(pooling, lengths)[:, None]], axis=1)
+        X = np.concatenate(
+            [sums / pool_divisor(pooling, lengths)[:, None], pool_length_feature(pooling, lengths)[:, None]], axis=1
+        )
         fit = fit_ridge(Design(len(texts), X.shape[1], dense=X), Y, config.seed)
         rho = np.nan_to_num(fit.loo["spearman"], nan=-np.inf)
         if best is None or rho > np.nan_to_num(best[1].loo["spearman"], nan=-np.inf):
             best = (pooling, fit)
     pooling, fit = best
     d = table.shape[1]
-    arrays = {"token_table": table.astype(np.float64) @ fit.weight[:d], "length_weight": fit.weight[d],
-              "bias": fit.bias}
-    meta = {"features": {"kind": "pooled input embeddings of the store model", "pooling": pooling,
-                         "vocab_size": int(table.shape[0]), "hidden_size": int(d)}}
+    arrays = {
+        "token_table": table.astype(np.float64) @ fit.weight[:d],
+        "length_weight": fit.weight[d],
+        "bias": fit.bias,
+    }
+    meta = {
+        "features": {
+            "kind": "pooled input embeddings of the store model",
+            "pooling": pooling,
+            "vocab_size": int(table.shape[0]),
+            "hidden_size": int(d),
+        }
+    }
     return ValueModel("embed", [], arrays, meta, tokenizer), fit
 
 
-def distill_value_model(store: str | Path | Store, audit: str, out: str | Path,
-                        config: DistillConfig = DistillConfig()) -> DistillReport:
+def distill_value_model(
+    store: str | Path | Store, audit: str, out: str | Path, config: DistillConfig = DistillConfig()
+) -> DistillReport:
     """Fit a value model on audit ``audit`` of ``store`` and save it to folder ``out``.
 
     Parameters
@@ -425,8 +462,10 @@ def distill_value_model(store: str | Path | Store, audit: str, out: str | Path,
     else:
         k = n
     if k < MIN_LABELLED:
-        raise ForValueError(f"audit '{audit}' gives {k} labelled samples (of {n}); a value model needs at least "
-                            f"{MIN_LABELLED}: raise --fraction or --max-samples")
+        raise ForValueError(
+            f"audit '{audit}' gives {k} labelled samples (of {n}); a value model needs at least "
+            f"{MIN_LABELLED}: raise --fraction or --max-samples"
+        )
     if not np.isfinite(Y_all).all():
         raise ForValueError(f"audit '{audit}' has non-finite scores; re-run the audit")
     perm = np.random.default_rng(config.seed).permutation(n)
@@ -434,8 +473,10 @@ def distill_value_model(store: str | Path | Store, audit: str, out: str | Path,
     texts_by_id = _stored_texts(st)
     missing = [i for i in ids if i not in texts_by_id]
     if missing:
-        raise ForValueError(f"audit '{audit}' names {len(missing)} samples the store no longer has (e.g. "
-                            f"'{missing[0]}'); re-run the audit")
+        raise ForValueError(
+            f"audit '{audit}' names {len(missing)} samples the store no longer has (e.g. "
+            f"'{missing[0]}'); re-run the audit"
+        )
     texts = [texts_by_id[i] for i in ids]
     lab_texts = [texts[j] for j in lab]
     students = ("ngram", "embed") if config.student == "auto" else (config.student,)
@@ -458,20 +499,47 @@ def distill_value_model(store: str | Path | Store, audit: str, out: str | Path,
     vm, fit = fits[chosen]
     heldout = candidates[chosen].get("heldout")
     vm.arrays["labelled_id_hash"] = _id_hashes(ids[j] for j in lab)
-    vm.meta.update({
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "package_version": PACKAGE_VERSION,
-        "store": store_identity(st),
-        "audit": {"name": audit, "version": meta.get("version"), "validation_sha256": meta["validation_sha256"],
-                  "normalize": meta.get("settings", {}).get("normalize", "none"), "n_train": n,
-                  "validation_labels": meta.get("validation_labels", [])},
-        "fit": {"method": "ridge, lambda by exact leave-one-out Spearman of score_mean", "lambda": fit.lam,
-                "lambda_relative": fit.lam_relative, "lambda_grid": fit.grid, "n_labelled": int(k),
-                "n_heldout": int(len(held)), "seed": config.seed, "loo": fit.loo, "heldout": heldout,
-                "candidates": candidates, "settings": asdict(config)},
-    })
+    vm.meta.update(
+        {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "package_version": PACKAGE_VERSION,
+            "store": store_identity(st),
+            "audit": {
+                "name": audit,
+                "version": meta.get("version"),
+                "validation_sha256": meta["validation_sha256"],
+                "normalize": meta.get("settings", {}).get("normalize", "none"),
+                "n_train": n,
+                "validation_labels": meta.get("validation_labels", []),
+            },
+            "fit": {
+                "method": "ridge, lambda by exact leave-one-out Spearman of score_mean",
+                "lambda": fit.lam,
+                "lambda_relative": fit.lam_relative,
+                "lambda_grid": fit.grid,
+                "n_labelled": int(k),
+                "n_heldout": int(len(held)),
+                "seed": config.seed,
+                "loo": fit.loo,
+                "heldout": heldout,
+                "candidates": candidates,
+                "settings": asdict(config),
+            },
+        }
+    )
     vm.save(out)
-    return DistillReport(str(out), chosen, targets, n, int(k), int(len(held)), fit.loo, heldout, candidates,
-                         time.perf_counter() - started)
+    return DistillReport(
+        str(out),
+        chosen,
+        targets,
+        n,
+        int(k),
+        int(len(held)),
+        fit.loo,
+        heldout,
+        candidates,
+        time.perf_counter() - started,
+    )
 
 
 # -- identity checks ---------------------------------------------------------------------------------------
@@ -483,16 +551,19 @@ def check_compatible(vm: ValueModel, store: Store, audit_meta: dict | None = Non
         raise ValueModelError(
             f"value model was trained on store {mine.get('path')} (model weights sha256 "
             f"{str(mine.get('model_weights_sha256'))[:12]}), not on {store.path} (model weights sha256 "
-            f"{store.manifest.model_weights_sha256[:12]}, or other encoding settings); distil one for this store")
+            f"{store.manifest.model_weights_sha256[:12]}, or other encoding settings); distil one for this store"
+        )
     if audit_meta is not None:
         a = vm.meta.get("audit", {})
-        if a.get("validation_sha256") != audit_meta["validation_sha256"] or \
-                a.get("normalize") != audit_meta.get("settings", {}).get("normalize", "none"):
+        if a.get("validation_sha256") != audit_meta["validation_sha256"] or a.get("normalize") != audit_meta.get(
+            "settings", {}
+        ).get("normalize", "none"):
             raise ValueModelError(
                 f"value model was trained on audit '{a.get('name')}' (validation sha256 "
                 f"{str(a.get('validation_sha256'))[:12]}, normalize {a.get('normalize')}), not on audit "
                 f"'{audit_meta['name']}' (validation sha256 {audit_meta['validation_sha256'][:12]}, normalize "
-                f"{audit_meta.get('settings', {}).get('normalize', 'none')}); distil one for this audit")
+                f"{audit_meta.get('settings', {}).get('normalize', 'none')}); distil one for this audit"
+            )
 
 
 def evaluate_value_model(value_model: str | Path | ValueModel, store: str | Path | Store, audit: str) -> dict:
@@ -522,8 +593,11 @@ def evaluate_value_model(value_model: str | Path | ValueModel, store: str | Path
     labelled = np.isin(_id_hashes_unsorted(ids), vm.arrays.get("labelled_id_hash", np.zeros(0, np.int64)))
     out = pa.table({"id": ids, "value": est, "exact": exact, "labelled": labelled})
     held = ~labelled
-    return {"heldout": agreement(est[held], exact[held]) if held.sum() >= 2 else None,
-            "all": agreement(est, exact), "table": out}
+    return {
+        "heldout": agreement(est[held], exact[held]) if held.sum() >= 2 else None,
+        "all": agreement(est, exact),
+        "table": out,
+    }
 
 
 def _id_hashes_unsorted(ids: Sequence[str]) -> np.ndarray:
@@ -596,9 +670,15 @@ class _Sink:
         self.tmp.unlink(missing_ok=True)
 
 
-def estimate(data: Sequence[str | Path], value_model: str | Path | ValueModel, output: str | Path | None = None,
-             data_config: DataConfig = DataConfig(), group_column: str | None = None, block: int = 1024,
-             progress: bool = False) -> EstimateReport:
+def estimate(
+    data: Sequence[str | Path],
+    value_model: str | Path | ValueModel,
+    output: str | Path | None = None,
+    data_config: DataConfig = DataConfig(),
+    group_column: str | None = None,
+    block: int = 1024,
+    progress: bool = False,
+) -> EstimateReport:
     """Value every sample of ``data`` with a value model only (no LLM), streaming.
 
     Parameters
@@ -674,9 +754,15 @@ def estimate(data: Sequence[str | Path], value_model: str | Path | ValueModel, o
     seconds = time.perf_counter() - started
     rate = n / seconds if seconds > 0 else float("inf")
     build = vm.meta.get("store", {}).get("build_samples_per_s")
-    return EstimateReport(n, seconds, rate, build, rate / build if build else None,
-                          str(output) if output is not None else None,
-                          None if sink is not None else (pa.concat_tables(kept) if kept else schema.empty_table()))
+    return EstimateReport(
+        n,
+        seconds,
+        rate,
+        build,
+        rate / build if build else None,
+        str(output) if output is not None else None,
+        None if sink is not None else (pa.concat_tables(kept) if kept else schema.empty_table()),
+    )
 
 
 # -- values files and selection ----------------------------------------------------------------------------
@@ -718,9 +804,15 @@ def read_values(path: str | Path, column: str = "value") -> pa.Table:
     return table.set_column(table.column_names.index("id"), "id", pa.array(ids, pa.string()))
 
 
-def select_by_values(values: str | Path, data: Sequence[str | Path], top: str | None = None,
-                     drop_bottom: str | None = None, output: str | Path | None = None,
-                     data_config: DataConfig = DataConfig(), column: str = "value") -> list[dict]:
+def select_by_values(
+    values: str | Path,
+    data: Sequence[str | Path],
+    top: str | None = None,
+    drop_bottom: str | None = None,
+    output: str | Path | None = None,
+    data_config: DataConfig = DataConfig(),
+    column: str = "value",
+) -> list[dict]:
     """Training rows of ``data`` chosen by estimated values, best first (as :func:`forvalue.select_subset`).
 
     Example
@@ -749,14 +841,16 @@ def select_by_values(values: str | Path, data: Sequence[str | Path], top: str | 
             if s.messages is not None:  # a conversation: its turns as TRL messages, the prompt's turns apart
                 turns = [{"role": r, "content": c} for r, c in s.messages]
                 if s.context_turns:
-                    row.update(prompt=turns[: s.context_turns], completion=turns[s.context_turns:])
+                    row.update(prompt=turns[: s.context_turns], completion=turns[s.context_turns :])
                 else:
                     row["messages"] = turns
             out[k] = {key: val for key, val in row.items() if val is not None}
     missing = [ids[j] for k, j in enumerate(keep) if out[k] is None]
     if missing:
-        raise ForValueError(f"{len(missing)} selected ids are not in the data files (e.g. '{missing[0]}'); give the "
-                            "files the values were estimated from (same --id-column)")
+        raise ForValueError(
+            f"{len(missing)} selected ids are not in the data files (e.g. '{missing[0]}'); give the "
+            "files the values were estimated from (same --id-column)"
+        )
     if output is not None:
         write_jsonl_atomic(out, output)
     return out

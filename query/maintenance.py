@@ -1,4 +1,6 @@
-"""Store maintenance that loads no model: what a store holds, whether it is sound, and its prefilter sketches and FAISS index.
+"""Store maintenance that loads no model.
+
+What a store holds, whether it is sound, and its prefilter sketches and FAISS index.
 
 Imports stay light (no torch, transformers or lancedb at module level) so that
 ``forvalue index info`` answers in well under a second.
@@ -58,7 +60,10 @@ def _sketch_state(store: Store) -> str:
     m = store.manifest
     if not m.sketch_dim or not store.has_column(faiss_index.SKETCH_COLUMN):
         return "none (add with 'forvalue index sketch')"
-    return f"D={m.sketch_dim} (vocab buckets {m.sketch_vocab_buckets}, hidden cols {m.sketch_hidden_cols}, {m.sketch_basis} basis)"
+    return (
+        f"D={m.sketch_dim} (vocab buckets {m.sketch_vocab_buckets}, hidden cols {m.sketch_hidden_cols}, "
+        f"{m.sketch_basis} basis)"
+    )
 
 
 def _prefilter_state(store: Store, rows: int) -> str:
@@ -69,19 +74,35 @@ def _prefilter_state(store: Store, rows: int) -> str:
     return f"{meta.get('factory')} over {meta['rows']} rows, {meta.get('bytes', 0) / 1e6:.1f} MB{behind}"
 
 
-def sketch_store(path, rebuild: bool = False, dim: int | None = None, seed: int | None = None, kind: str | None = None,
-                 vocab_buckets: int | None = None, hidden_cols: int | None = None, basis: str | None = None,
-                 block_rows: int = 1024) -> dict:
+def sketch_store(
+    path,
+    rebuild: bool = False,
+    dim: int | None = None,
+    seed: int | None = None,
+    kind: str | None = None,
+    vocab_buckets: int | None = None,
+    hidden_cols: int | None = None,
+    basis: str | None = None,
+    block_rows: int = 1024,
+) -> dict:
     """Add the ``sketch`` column to a store that lacks it (or recompute it), then build its FAISS index.
 
     Streams the table ``block_rows`` rows at a time (Lance ``add_columns``); the manifest records
     the new sketch spec. A fitted sketch refits its basis from the first stored hidden states.
-    Not safe while another process appends to the store.
+    Takes the store's writer lease, so it refuses to run while a build appends (and a build refuses
+    to start while it runs).
 
     Example
     -------
     >>> forvalue.sketch_store("runs/store", dim=256)     # then query with QueryConfig(prefilter=...)  # doctest: +SKIP
     """
+    Store.open(path)  # a path that is not a store gets that message, not a lease error
+    with WriterLease.acquire(path):
+        return _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows)
+
+
+def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows) -> dict:
+    """:func:`sketch_store` while holding the writer lease."""
     import dataclasses
     import time
 
@@ -103,21 +124,33 @@ def sketch_store(path, rebuild: bool = False, dim: int | None = None, seed: int 
         m,
         sketch_dim=dim or (m.sketch_dim if had and not shape_given else default.sketch_dim),
         sketch_seed=seed if seed is not None else (m.sketch_seed if had else default.sketch_seed),
-        sketch_vocab_buckets=vocab_buckets or (m.sketch_vocab_buckets if had and not shape_given else default.sketch_vocab_buckets),
-        sketch_hidden_cols=hidden_cols or (m.sketch_hidden_cols if had and not shape_given else default.sketch_hidden_cols),
+        sketch_vocab_buckets=vocab_buckets
+        or (m.sketch_vocab_buckets if had and not shape_given else default.sketch_vocab_buckets),
+        sketch_hidden_cols=hidden_cols
+        or (m.sketch_hidden_cols if had and not shape_given else default.sketch_hidden_cols),
         sketch_basis=basis or (m.sketch_basis if had else default.sketch_basis),
         schema_version=max(m.schema_version, 2),
     )
     spec = SketchSpec.from_manifest(new)
-    report = {"store": str(path), "rows": store.count(), "sketch_dim": spec.dim, "sketch_basis": spec.basis,
-              "vocab_buckets": spec.vocab_buckets, "hidden_cols": spec.hidden_cols, "sketched": False}
+    report = {
+        "store": str(path),
+        "rows": store.count(),
+        "sketch_dim": spec.dim,
+        "sketch_basis": spec.basis,
+        "vocab_buckets": spec.vocab_buckets,
+        "hidden_cols": spec.hidden_cols,
+        "sketched": False,
+    }
     started = time.perf_counter()
     missing_basis = spec.basis == "fitted" and load_basis(store.path) is None
     if rebuild or new != m or missing_basis or not store.has_column(faiss_index.SKETCH_COLUMN):
         fitted = None
         if spec.basis == "fitted":
-            fitted = publish_basis(store.path, fit_basis(_first_hidden(store, BASIS_FIT_TOKENS, block_rows), spec.hidden_cols),
-                                   replace=True)
+            fitted = publish_basis(
+                store.path,
+                fit_basis(_first_hidden(store, BASIS_FIT_TOKENS, block_rows), spec.hidden_cols),
+                replace=True,
+            )
         sketcher = get_sketcher(spec, fitted)
         field = pa.field(faiss_index.SKETCH_COLUMN, pa.list_(pa.float32(), spec.dim))
 
@@ -131,8 +164,12 @@ def sketch_store(path, rebuild: bool = False, dim: int | None = None, seed: int 
     report["sketch_seconds"] = round(time.perf_counter() - started, 2)
     t0 = time.perf_counter()
     pre = faiss_index.ensure(store, kind=kind, rebuild=report["sketched"] or kind is not None)
-    report.update(faiss=pre.meta.get("factory"), faiss_rows=pre.rows, faiss_seconds=round(time.perf_counter() - t0, 2),
-                  faiss_bytes=pre.meta.get("bytes"))
+    report.update(
+        faiss=pre.meta.get("factory"),
+        faiss_rows=pre.rows,
+        faiss_seconds=round(time.perf_counter() - t0, 2),
+        faiss_bytes=pre.meta.get("bytes"),
+    )
     return report
 
 
@@ -184,8 +221,12 @@ def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) 
         done = {"duplicate_rows_removed": 0, "prefilter_rebuilt": False}
         if report["duplicate_addresses"]:
             done["duplicate_rows_removed"] = store.delete_rows(report["duplicate_addresses"])
-        if store.manifest.sketch_dim and store.has_column(faiss_index.SKETCH_COLUMN) and store.count() and (
-                done["duplicate_rows_removed"] or report["prefilter_unsound"]):
+        if (
+            store.manifest.sketch_dim
+            and store.has_column(faiss_index.SKETCH_COLUMN)
+            and store.count()
+            and (done["duplicate_rows_removed"] or report["prefilter_unsound"])
+        ):
             faiss_index.ensure(store, rebuild=True)  # row positions moved: the index is rebuilt, not extended
             done["prefilter_rebuilt"] = True
         after = _check(Store.open(path), block_rows)
@@ -221,23 +262,43 @@ def _check(store: Store, block_rows: int) -> dict:
                 if readable:
                     bad_rows += _row_problems(batch, ids, m.hidden_size, m.top_m)
         except StoreError as exc:
-            problems.append(f"{where}: fragment {fragment.fragment_id} ({files}) is unreadable: {_cause(exc)}; "
-                            "rebuild the store or restore it from a copy")
+            problems.append(
+                f"{where}: fragment {fragment.fragment_id} ({files}) is unreadable: {_cause(exc)}; "
+                "rebuild the store or restore it from a copy"
+            )
     if repeated:
         example = next(iter(repeated))
-        problems.append(f"{where}: {len(duplicates)} duplicate rows of {len(repeated)} ids (e.g. '{example}' stored "
-                        f"{repeated[example]} times); run 'forvalue index check --store {where} --repair'")
+        problems.append(
+            f"{where}: {len(duplicates)} duplicate rows of {len(repeated)} ids (e.g. '{example}' stored "
+            f"{repeated[example]} times); run 'forvalue index check --store {where} --repair'"
+        )
     if bad_rows:
         problems.append(f"{where}: {len(bad_rows)} rows do not decode ({bad_rows[0]}); rebuild the store")
     prefilter_unsound = _prefilter_check(store, rows, problems, notes)
     problems += _audit_problems(store, first_row)
-    return {"store": where, "rows": rows, "distinct_ids": len(first_row), "clean": not problems, "problems": problems,
-            "notes": notes, "duplicate_addresses": duplicates, "prefilter_unsound": prefilter_unsound}
+    return {
+        "store": where,
+        "rows": rows,
+        "distinct_ids": len(first_row),
+        "clean": not problems,
+        "problems": problems,
+        "notes": notes,
+        "duplicate_addresses": duplicates,
+        "prefilter_unsound": prefilter_unsound,
+    }
 
 
 # per-row list lengths, as multiples of n_scored: (column, what one scored position holds)
-_ROW_CHECKS = {"n_scored": None, "sq_norm": None, "hidden": "hidden_size", "topk_ids": "top_m", "topk_probs": "top_m",
-               "target_ids": 1, "target_probs": 1, "tail_mass": 1}
+_ROW_CHECKS = {
+    "n_scored": None,
+    "sq_norm": None,
+    "hidden": "hidden_size",
+    "topk_ids": "top_m",
+    "topk_probs": "top_m",
+    "target_ids": 1,
+    "target_probs": 1,
+    "tail_mass": 1,
+}
 
 
 def _row_problems(batch, ids: list, hidden_size: int, top_m: int) -> list[str]:
@@ -286,16 +347,22 @@ def _schema_problems(store: Store) -> list[str]:
     for field in expected:
         if field.name not in actual.names:
             if field.name == faiss_index.SKETCH_COLUMN:
-                out.append(f"{where}: the manifest describes a sketch (D={m.sketch_dim}) but the table has no "
-                           f"'sketch' column; run 'forvalue index sketch --store {where} --rebuild'")
+                out.append(
+                    f"{where}: the manifest describes a sketch (D={m.sketch_dim}) but the table has no "
+                    f"'sketch' column; run 'forvalue index sketch --store {where} --rebuild'"
+                )
             else:
                 out.append(f"{where}: the table has no '{field.name}' column; the store is damaged, rebuild it")
         elif actual.field(field.name).type != field.type:
-            out.append(f"{where}: column '{field.name}' is {actual.field(field.name).type}, the manifest implies "
-                       f"{field.type} (hidden_dtype {m.hidden_dtype}, sketch_dim {m.sketch_dim}); the store is damaged")
+            out.append(
+                f"{where}: column '{field.name}' is {actual.field(field.name).type}, the manifest implies "
+                f"{field.type} (hidden_dtype {m.hidden_dtype}, sketch_dim {m.sketch_dim}); the store is damaged"
+            )
     if faiss_index.SKETCH_COLUMN in actual.names and not m.sketch_dim:
-        out.append(f"{where}: the table has a 'sketch' column the manifest does not describe; "
-                   f"run 'forvalue index sketch --store {where} --rebuild'")
+        out.append(
+            f"{where}: the table has a 'sketch' column the manifest does not describe; "
+            f"run 'forvalue index sketch --store {where} --rebuild'"
+        )
     return out
 
 
@@ -310,8 +377,10 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
     if m.sketch_basis == "fitted" and rows:
         try:
             if load_basis(store.path) is None:
-                problems.append(f"{where}: the sketch basis (sketch_basis.npy) is missing; "
-                                f"run 'forvalue index sketch --store {where} --rebuild'")
+                problems.append(
+                    f"{where}: the sketch basis (sketch_basis.npy) is missing; "
+                    f"run 'forvalue index sketch --store {where} --rebuild'"
+                )
                 return False
         except StoreError as exc:
             problems.append(str(exc))
@@ -325,7 +394,9 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
     try:
         size = (store.path / faiss_index.INDEX_DIR / meta["file"]).stat().st_size
         if size != meta["bytes"]:
-            problems.append(f"{where}: the prefilter index file {meta['file']} has {size} bytes, not {meta['bytes']}; {fix}")
+            problems.append(
+                f"{where}: the prefilter index file {meta['file']} has {size} bytes, not {meta['bytes']}; {fix}"
+            )
             return True
     except (OSError, KeyError, TypeError):
         problems.append(f"{where}: the prefilter index file named in prefilter.json is missing; {fix}")
@@ -343,26 +414,30 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
 
 def _audit_problems(store: Store, ids: dict) -> list[str]:
     """Audits whose rows name ids the store does not hold."""
+    import lance
+
     from forvalue.storage.audits import AUDIT_PREFIX, _tables
     from forvalue.storage.store import translate_errors
-
-    import lance
 
     out = []
     for table in _tables(store):
         if not table.startswith(AUDIT_PREFIX):
             continue
-        name = table[len(AUDIT_PREFIX):]
+        name = table[len(AUDIT_PREFIX) :]
         try:
             with translate_errors(store.path, f"read audit '{name}' of"):
-                audit_ids = lance.dataset(str(store.path / f"{table}.lance")).to_table(columns=["id"]).column(0).to_pylist()
+                audit_ids = (
+                    lance.dataset(str(store.path / f"{table}.lance")).to_table(columns=["id"]).column(0).to_pylist()
+                )
         except StoreError as exc:
             out.append(str(exc))
             continue
         unknown = [i for i in audit_ids if i not in ids]
         if unknown:
-            out.append(f"{store.path}: audit '{name}' scores {len(unknown)} ids the store does not hold "
-                       f"(e.g. '{unknown[0]}'); re-run it with 'forvalue audit run --name {name}'")
+            out.append(
+                f"{store.path}: audit '{name}' scores {len(unknown)} ids the store does not hold "
+                f"(e.g. '{unknown[0]}'); re-run it with 'forvalue audit run --name {name}'"
+            )
     return out
 
 

@@ -85,10 +85,23 @@ def price(values: np.ndarray, groups: Sequence[str], config: PricingConfig = Pri
     order = np.argsort(-totals, kind="stable")
     rank = np.empty(G, np.int64)
     rank[order] = np.arange(1, G + 1)
-    rows = [{"group": str(names[g]), "n": int(counts[g]), "total": float(totals[g]), "mean": float(means[g]),
-             "share": float(shares[g]), "total_low": float(t_lo[g]), "total_high": float(t_hi[g]),
-             "mean_low": float(t_lo[g] / counts[g]), "mean_high": float(t_hi[g] / counts[g]),
-             "share_low": float(s_lo[g]), "share_high": float(s_hi[g]), "rank": int(rank[g])} for g in range(G)]
+    rows = [
+        {
+            "group": str(names[g]),
+            "n": int(counts[g]),
+            "total": float(totals[g]),
+            "mean": float(means[g]),
+            "share": float(shares[g]),
+            "total_low": float(t_lo[g]),
+            "total_high": float(t_hi[g]),
+            "mean_low": float(t_lo[g] / counts[g]),
+            "mean_high": float(t_hi[g] / counts[g]),
+            "share_low": float(s_lo[g]),
+            "share_high": float(s_hi[g]),
+            "rank": int(rank[g]),
+        }
+        for g in range(G)
+    ]
     return sorted(rows, key=lambda r: r["rank"])
 
 
@@ -106,8 +119,14 @@ def read_groups(data: Sequence[str | Path], column: str, data_config: DataConfig
     return out
 
 
-def audit_pricing(store, audit: str, data: Sequence[str | Path], config: PricingConfig,
-                  data_config: DataConfig = DataConfig(), target: str = "score_mean") -> list[dict]:
+def audit_pricing(
+    store,
+    audit: str,
+    data: Sequence[str | Path],
+    config: PricingConfig,
+    data_config: DataConfig = DataConfig(),
+    target: str = "score_mean",
+) -> list[dict]:
     """:func:`price` of an audit's ``target`` column, groups read from ``config.group_column`` of ``data``.
 
     Every audited sample must be found in the data files (else the shares would silently leave
@@ -129,8 +148,10 @@ def audit_pricing(store, audit: str, data: Sequence[str | Path], config: Pricing
     ids = table.column("id").to_pylist()
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise ForValueError(f"{len(missing)} of {len(ids)} audited samples are not in the data files (e.g. "
-                            f"'{missing[0]}'); give every file the store was built from, with the same --id-column")
+        raise ForValueError(
+            f"{len(missing)} of {len(ids)} audited samples are not in the data files (e.g. "
+            f"'{missing[0]}'); give every file the store was built from, with the same --id-column"
+        )
     return price(table.column(target).to_numpy(), [by_id[i] for i in ids], config)
 
 
@@ -147,8 +168,10 @@ def values_pricing(values: str | Path, config: PricingConfig, column: str = "val
         raise ForValueError("pricing needs --group-column (the data column naming each sample's provider)")
     table = read_values(values, column)
     if config.group_column not in table.column_names:
-        raise ForValueError(f"{values}: field '{config.group_column}': missing column; run 'forvalue estimate' "
-                            f"with --group-column {config.group_column}")
+        raise ForValueError(
+            f"{values}: field '{config.group_column}': missing column; run 'forvalue estimate' "
+            f"with --group-column {config.group_column}"
+        )
     groups = table.column(config.group_column).to_pylist()
     if any(g is None for g in groups):
         raise ForValueError(f"{values}: field '{config.group_column}': missing values")
@@ -158,11 +181,15 @@ def values_pricing(values: str | Path, config: PricingConfig, column: str = "val
 def format_pricing(rows: list[dict], confidence: float) -> list[str]:
     """The pricing table as text lines (what the CLI prints)."""
     pct = f"{confidence:.0%}"
-    out = [f"value per group ({pct} bootstrap intervals; share = group's share of the positive total value):",
-           f"  {'rank':>4}  {'group':<20} {'n':>7} {'total':>12} {'mean':>11} {'share':>7}  {pct + ' share':<17} "
-           f"{pct + ' total'}"]
+    out = [
+        f"value per group ({pct} bootstrap intervals; share = group's share of the positive total value):",
+        f"  {'rank':>4}  {'group':<20} {'n':>7} {'total':>12} {'mean':>11} {'share':>7}  {pct + ' share':<17} "
+        f"{pct + ' total'}",
+    ]
     for r in rows:
         share_ci = f"[{r['share_low']:.1%}, {r['share_high']:.1%}]"
-        out.append(f"  {r['rank']:>4}  {r['group'][:20]:<20} {r['n']:>7} {r['total']:>12.4g} {r['mean']:>11.4g} "
-                   f"{r['share']:>7.1%}  {share_ci:<17} [{r['total_low']:.4g}, {r['total_high']:.4g}]")
+        out.append(
+            f"  {r['rank']:>4}  {r['group'][:20]:<20} {r['n']:>7} {r['total']:>12.4g} {r['mean']:>11.4g} "
+            f"{r['share']:>7.1%}  {share_ci:<17} [{r['total_low']:.4g}, {r['total_high']:.4g}]"
+        )
     return out

@@ -50,9 +50,15 @@ def make_model_dir(path: Path, tied: bool = False, seed: int = 0) -> Path:
 
     tokenizer = make_lm_tokenizer()
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=tied, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
@@ -63,12 +69,28 @@ def make_model_dir(path: Path, tied: bool = False, seed: int = 0) -> Path:
     return path
 
 
-SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIALS = [
+    "<pad>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
 VLM_CORPUS = [
     "user assistant what is shown in the picture? answer with the colour and the shape.",
-    "a red circle", "a blue square", "a green triangle", "yellow horizontal stripes", "a purple checkerboard",
-    "an orange cross", "a cyan ring", "a pink diamond", "describe the image please",
-    "the quick brown fox jumps over the lazy dog", "cats and dogs are friends in the garden",
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "yellow horizontal stripes",
+    "a purple checkerboard",
+    "an orange cross",
+    "a cyan ring",
+    "a pink diamond",
+    "describe the image please",
+    "the quick brown fox jumps over the lazy dog",
+    "cats and dogs are friends in the garden",
 ]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -87,7 +109,9 @@ def make_vlm_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=360, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=360, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(VLM_CORPUS * 20, trainer)
     out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<pad>")
     out.chat_template = CHAT_TEMPLATE
@@ -97,7 +121,9 @@ def make_vlm_tokenizer():
 def make_image_processor(max_pixels: int = 112 * 112):
     from transformers import Qwen2VLImageProcessor
 
-    return Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
+    return Qwen2VLImageProcessor(
+        min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
+    )
 
 
 def make_vlm_dir(path: Path, seed: int = 0, hidden: int = 48) -> Path:
@@ -109,15 +135,33 @@ def make_vlm_dir(path: Path, seed: int = 0, hidden: int = 48) -> Path:
     ids = {s: tokenizer.convert_tokens_to_ids(s) for s in SPECIALS}
     config = Qwen2VLConfig(
         text_config=dict(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=None, eos_token_id=ids["<|im_end|>"],
+            vocab_size=len(tokenizer),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=None,
+            eos_token_id=ids["<|im_end|>"],
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]},
         ),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, mlp_ratio=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False,
+        vision_config=dict(
+            depth=1,
+            embed_dim=32,
+            hidden_size=hidden,
+            num_heads=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            mlp_ratio=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config)
@@ -140,6 +184,8 @@ def qwen2vl_processor(folder: Path):
     check = ProcessorMixin.check_argument_for_proper_class
     ProcessorMixin.check_argument_for_proper_class = lambda self, name, arg: None  # the video half needs torchvision
     try:
-        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=CHAT_TEMPLATE)
+        return Qwen2VLProcessor(
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=CHAT_TEMPLATE
+        )
     finally:
         ProcessorMixin.check_argument_for_proper_class = check

@@ -91,7 +91,7 @@ def _byte_ngram_hashes(data: bytes, sizes: Sequence[int]) -> np.ndarray:
                 continue
             h = np.full(len(b) - n + 1, np.uint64(n) * _MIX, np.uint64)
             for k in range(n):  # polynomial rolling hash over the window, vectorised over positions
-                h = h * np.uint64(1099511628211) + b[k: len(b) - n + 1 + k]
+                h = h * np.uint64(1099511628211) + b[k : len(b) - n + 1 + k]
             out.append(h)
     return _mix64(np.concatenate(out)) if out else np.zeros(0, np.uint64)
 
@@ -100,7 +100,7 @@ def _word_ngram_hashes(text: str, sizes: Sequence[int]) -> np.ndarray:
     words = _WORD.findall(text)
     keys = []
     for n in sizes:
-        keys.extend(zlib.crc32(f"{n}\x1f{chr(31).join(words[i:i + n])}".encode()) for i in range(len(words) - n + 1))
+        keys.extend(zlib.crc32(f"{n}\x1f{chr(31).join(words[i : i + n])}".encode()) for i in range(len(words) - n + 1))
     h = np.array(keys, np.uint64) | (np.uint64(1) << np.uint64(40))  # keep word and byte hashes apart
     return _mix64(h)
 
@@ -129,7 +129,7 @@ class NgramFeatures:
         cols, inv = np.unique(idx, return_inverse=True)
         counts = np.bincount(inv, weights=sign, minlength=len(cols))
         vals = np.sign(counts) * np.log1p(np.abs(counts))
-        norm = np.sqrt((vals ** 2).sum())
+        norm = np.sqrt((vals**2).sum())
         if norm > 0:
             vals = vals / norm
         return (np.append(cols, self.dim), np.append(vals, _length_feature(len(data))))
@@ -230,8 +230,10 @@ class ValueModel:
         if path.exists() and not path.is_dir():
             raise ValueModelError(f"{path}: exists and is not a folder; choose another --out")
         path.mkdir(parents=True, exist_ok=True)
-        arrays = {k: np.ascontiguousarray(v, np.float32 if np.issubdtype(v.dtype, np.floating) else v.dtype)
-                  for k, v in self.arrays.items()}
+        arrays = {
+            k: np.ascontiguousarray(v, np.float32 if np.issubdtype(v.dtype, np.floating) else v.dtype)
+            for k, v in self.arrays.items()
+        }
         tmp = path / f".{WEIGHTS}.tmp"
         save_file(arrays, str(tmp))
         tmp.replace(path / WEIGHTS)
@@ -239,8 +241,14 @@ class ValueModel:
             tmp = path / f".{TOKENIZER}.tmp"
             self.tokenizer.save(str(tmp))
             tmp.replace(path / TOKENIZER)
-        meta = {**self.meta, "format": FORMAT, "format_version": FORMAT_VERSION, "student": self.student,
-                "targets": self.targets, "output_columns": self.output_columns}
+        meta = {
+            **self.meta,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "student": self.student,
+            "targets": self.targets,
+            "output_columns": self.output_columns,
+        }
         tmp = path / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
         tmp.replace(path / MANIFEST)
@@ -258,24 +266,28 @@ class ValueModel:
         except (ValueError, OSError) as exc:
             raise ValueModelError(f"{manifest}: not valid JSON ({exc}); the value model is damaged") from None
         if meta.get("format") != FORMAT or meta.get("student") not in STUDENTS or not meta.get("targets"):
-            raise ValueModelError(f"{manifest}: not a forvalue value model manifest (format, student or targets "
-                                  "missing)")
+            raise ValueModelError(
+                f"{manifest}: not a forvalue value model manifest (format, student or targets missing)"
+            )
         if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueModelError(f"{manifest}: format version {meta['format_version']} is newer than this forvalue; "
-                                  "upgrade forvalue")
+            raise ValueModelError(
+                f"{manifest}: format version {meta['format_version']} is newer than this forvalue; upgrade forvalue"
+            )
         try:
             from safetensors.numpy import load_file
 
             arrays = load_file(str(path / WEIGHTS))
         except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise ValueModelError(f"{path / WEIGHTS}: cannot read the weights ({type(exc).__name__}: {exc}); "
-                                  "the value model is damaged") from None
+            raise ValueModelError(
+                f"{path / WEIGHTS}: cannot read the weights ({type(exc).__name__}: {exc}); the value model is damaged"
+            ) from None
         student = meta["student"]
         need = ("weight", "bias") if student == "ngram" else ("token_table", "length_weight", "bias")
         missing = [k for k in need if k not in arrays]
         if missing:
-            raise ValueModelError(f"{path / WEIGHTS}: missing array(s) {', '.join(missing)}; "
-                                  "the value model is damaged")
+            raise ValueModelError(
+                f"{path / WEIGHTS}: missing array(s) {', '.join(missing)}; the value model is damaged"
+            )
         tokenizer = None
         if student == "embed":
             if not (path / TOKENIZER).is_file():

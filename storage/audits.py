@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 
 from forvalue.schemas.errors import ForValueError
-
 from forvalue.storage.store import Store, translate_errors
 
 AUDIT_PREFIX = "audit_"
@@ -73,7 +72,7 @@ def list_audits(store: Store) -> list[dict]:
     out = []
     for table in sorted(_tables(store)):
         if table.startswith(AUDIT_PREFIX):
-            out.append(read_audit(store, table[len(AUDIT_PREFIX):])[1])
+            out.append(read_audit(store, table[len(AUDIT_PREFIX) :])[1])
     return out
 
 
@@ -81,8 +80,10 @@ def read_audit(store: Store, name: str) -> tuple[pa.Table, dict]:
     """The audit table and its metadata; a clear error for an unknown name."""
     check_audit_name(name)
     if AUDIT_PREFIX + name not in _tables(store):
-        known = [t[len(AUDIT_PREFIX):] for t in _tables(store) if t.startswith(AUDIT_PREFIX)]
-        raise ForValueError(f"{store.path}: no audit named '{name}' (known: {', '.join(known) or 'none'}); run 'forvalue audit run'")
+        known = [t[len(AUDIT_PREFIX) :] for t in _tables(store) if t.startswith(AUDIT_PREFIX)]
+        raise ForValueError(
+            f"{store.path}: no audit named '{name}' (known: {', '.join(known) or 'none'}); run 'forvalue audit run'"
+        )
     import lance
 
     dataset = lance.dataset(str(store.path / f"{AUDIT_PREFIX}{name}.lance"))
@@ -120,8 +121,10 @@ class ValidationCache:
                     n = row["n_scored"]
                     ids = np.asarray(row["ids"], np.int64).reshape(n, -1)
                     out[row["key"]] = (
-                        np.asarray(row["hidden"], np.float32).reshape(n, -1), ids,
-                        np.asarray(row["values"], np.float32).reshape(ids.shape), row["sq_norm"],
+                        np.asarray(row["hidden"], np.float32).reshape(n, -1),
+                        ids,
+                        np.asarray(row["values"], np.float32).reshape(ids.shape),
+                        row["sq_norm"],
                     )
         return out
 
@@ -130,8 +133,14 @@ class ValidationCache:
         if not items:
             return
         rows = [
-            {"key": k, "n_scored": int(h.shape[0]), "hidden": h.ravel().tolist(), "ids": i.ravel().tolist(),
-             "values": v.ravel().tolist(), "sq_norm": float(s)}
+            {
+                "key": k,
+                "n_scored": int(h.shape[0]),
+                "hidden": h.ravel().tolist(),
+                "ids": i.ravel().tolist(),
+                "values": v.ravel().tolist(),
+                "sq_norm": float(s),
+            }
             for k, (h, i, v, s) in items.items()
         ]
         self._table.add(pa.Table.from_pylist(rows, schema=CACHE_SCHEMA))

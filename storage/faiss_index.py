@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 from forvalue.schemas.errors import StoreError
-
 from forvalue.storage.sketch_basis import basis_sha256, load_basis
 from forvalue.storage.store import Store
 
@@ -155,19 +154,28 @@ def _sketch_blocks(store: Store, start: int, block_rows: int):
     for batch in store.scan_from(start, [SKETCH_COLUMN], batch_size=block_rows):
         col = batch.column(0)
         if col.null_count:
-            raise StoreError(f"{store.path}: {col.null_count} rows have no sketch; run 'forvalue index sketch --rebuild'")
+            raise StoreError(
+                f"{store.path}: {col.null_count} rows have no sketch; run 'forvalue index sketch --rebuild'"
+            )
         yield col.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1).astype(np.float32, copy=False)
 
 
 def _spec_of(store: Store) -> dict:
     m = store.manifest
-    spec = {"dim": m.sketch_dim, "vocab_buckets": m.sketch_vocab_buckets, "hidden_cols": m.sketch_hidden_cols, "seed": m.sketch_seed}
+    spec = {
+        "dim": m.sketch_dim,
+        "vocab_buckets": m.sketch_vocab_buckets,
+        "hidden_cols": m.sketch_hidden_cols,
+        "seed": m.sketch_seed,
+    }
     if m.sketch_basis != "gaussian":  # (older indexes have no such keys and stay valid for gaussian stores)
         spec.update(basis=m.sketch_basis, basis_sha256=basis_sha256(load_basis(store.path)))
     return spec
 
 
-def build(store: Store, kind: str = "auto", block_rows: int = 16384, train_rows: int | None = None, seed: int = 0) -> PrefilterIndex:
+def build(
+    store: Store, kind: str = "auto", block_rows: int = 16384, train_rows: int | None = None, seed: int = 0
+) -> PrefilterIndex:
     """A new index over every row of ``store`` (not saved)."""
     faiss = _faiss()
     if not store.manifest.sketch_dim or not store.has_column(SKETCH_COLUMN):
@@ -190,7 +198,9 @@ def build(store: Store, kind: str = "auto", block_rows: int = 16384, train_rows:
         index.train(np.concatenate(train))
         del train
     trained = time.perf_counter()
-    pre = PrefilterIndex(index, {"rows": 0, "factory": factory, "kind": kind, "nprobe": nprobe, "dim": dim, "sketch": _spec_of(store)})
+    pre = PrefilterIndex(
+        index, {"rows": 0, "factory": factory, "kind": kind, "nprobe": nprobe, "dim": dim, "sketch": _spec_of(store)}
+    )
     extend(store, pre, block_rows)
     pre.meta.update(train_seconds=round(trained - started, 3), add_seconds=round(time.perf_counter() - trained, 3))
     return pre
@@ -219,7 +229,9 @@ def ensure(store: Store, kind: str | None = None, persist: bool = True, rebuild:
     rows = store.count()
     if pre is not None:
         want_kind = kind or pre.meta.get("kind", "auto")
-        outgrown = want_kind == "auto" and pre.meta.get("factory") == "Flat" and choose_factory(rows, "auto")[0] != "Flat"
+        outgrown = (
+            want_kind == "auto" and pre.meta.get("factory") == "Flat" and choose_factory(rows, "auto")[0] != "Flat"
+        )
         stale = pre.meta.get("sketch") != _spec_of(store) or pre.rows > rows or outgrown
         if stale or (kind is not None and kind != pre.meta.get("kind")):
             pre = None

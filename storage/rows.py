@@ -92,5 +92,7 @@ def decode_block(batch: pa.RecordBatch | pa.Table, hidden_size: int) -> TrainBlo
     hidden = _flat(batch.column("hidden")).reshape(n, hidden_size).astype(np.float32, copy=False)
     topk_ids = _flat(batch.column("topk_ids")).reshape(n, -1)
     topk_probs = _flat(batch.column("topk_probs")).reshape(n, -1)
-    ids, values = error_entries(topk_ids, topk_probs, _flat(batch.column("target_ids")), _flat(batch.column("target_probs")))
+    ids, values = error_entries(
+        topk_ids, topk_probs, _flat(batch.column("target_ids")), _flat(batch.column("target_probs"))
+    )
     return TrainBlock(hidden, ids, values, lengths, batch.column("sq_norm").to_numpy())

@@ -71,7 +71,9 @@ class Store:
             raise StoreError(f"{path}: no such store (not a folder); build one with 'forvalue index build'")
         manifest_path = path / MANIFEST_FILE
         if not manifest_path.exists():
-            raise StoreError(f"{path}: not a forvalue store (no {MANIFEST_FILE}); build one with 'forvalue index build'")
+            raise StoreError(
+                f"{path}: not a forvalue store (no {MANIFEST_FILE}); build one with 'forvalue index build'"
+            )
         return cls(path, Manifest.load(manifest_path))
 
     @classmethod
@@ -99,7 +101,9 @@ class Store:
             db = lancedb.connect(str(path))
             if SAMPLES_TABLE not in db.table_names():
                 try:
-                    db.create_table(SAMPLES_TABLE, schema=samples_schema(stored.hidden_dtype, stored.sketch_dim), exist_ok=True)
+                    db.create_table(
+                        SAMPLES_TABLE, schema=samples_schema(stored.hidden_dtype, stored.sketch_dim), exist_ok=True
+                    )
                 except (OSError, ValueError, RuntimeError):
                     if SAMPLES_TABLE not in db.table_names():
                         raise
@@ -121,7 +125,9 @@ class Store:
                 self._writer = lancedb.connect(str(self.path)).open_table(SAMPLES_TABLE)
             taken = self._ids_committed_elsewhere()
             if taken:
-                rows = rows.filter(pc.invert(pc.is_in(rows.column("id"), value_set=pa.array(sorted(taken), pa.string()))))
+                rows = rows.filter(
+                    pc.invert(pc.is_in(rows.column("id"), value_set=pa.array(sorted(taken), pa.string())))
+                )
             if rows.num_rows:
                 self._writer.add(rows.cast(samples_schema(self.manifest.hidden_dtype, self.manifest.sketch_dim)))
         self.refresh()
@@ -174,16 +180,30 @@ class Store:
             out.update(batch.column(0).to_pylist())
         return out
 
-    def scan(self, columns: Sequence[str], batch_size: int = 1024, with_row_address: bool = False,
-             fragments: list | None = None) -> Iterator[pa.RecordBatch]:
+    def scan(
+        self,
+        columns: Sequence[str],
+        batch_size: int = 1024,
+        with_row_address: bool = False,
+        fragments: list | None = None,
+    ) -> Iterator[pa.RecordBatch]:
         """Stream ``columns`` of every row, in storage order, ``batch_size`` rows at a time.
 
         ``with_row_address`` adds the Lance row address (``_rowaddr``, uint64) as a last column;
         ``fragments`` (from :meth:`fragments`) limits the scan to those fragments.
         """
         with self.io("read"):
-            yield from self._dataset().scanner(columns=list(columns), batch_size=batch_size, scan_in_order=True,
-                                               with_row_address=with_row_address, fragments=fragments).to_batches()
+            yield from (
+                self._dataset()
+                .scanner(
+                    columns=list(columns),
+                    batch_size=batch_size,
+                    scan_in_order=True,
+                    with_row_address=with_row_address,
+                    fragments=fragments,
+                )
+                .to_batches()
+            )
 
     def fragments(self) -> list:
         """The Lance fragments of the snapshot (each one or more data files under ``samples.lance/data``)."""
@@ -194,7 +214,11 @@ class Store:
         total = self.count()
         with self.io("read"):
             for first in range(start, total, batch_size):
-                yield from self._dataset().take(list(range(first, min(total, first + batch_size))), columns=list(columns)).to_batches()
+                yield from (
+                    self._dataset()
+                    .take(list(range(first, min(total, first + batch_size))), columns=list(columns))
+                    .to_batches()
+                )
 
     def schema(self) -> pa.Schema:
         """The samples table's Arrow schema (of the snapshot)."""
@@ -203,7 +227,9 @@ class Store:
     def has_column(self, name: str) -> bool:
         return name in self._dataset().schema.names
 
-    def set_column(self, name: str, field: pa.Field, fn, read_columns: Sequence[str], manifest: Manifest, batch_size: int = 1024) -> None:
+    def set_column(
+        self, name: str, field: pa.Field, fn, read_columns: Sequence[str], manifest: Manifest, batch_size: int = 1024
+    ) -> None:
         """Add (or replace) column ``name`` computed by ``fn(batch) -> pa.Array`` from ``read_columns``,
         streaming the table ``batch_size`` rows at a time, then replace the manifest with ``manifest``.
 
@@ -218,7 +244,9 @@ class Store:
         def udf(batch: pa.RecordBatch) -> pa.RecordBatch:
             return pa.RecordBatch.from_arrays([fn(batch)], schema=pa.schema([field]))
 
-        dataset.add_columns(udf, read_columns=list(read_columns), reader_schema=pa.schema([field]), batch_size=batch_size)
+        dataset.add_columns(
+            udf, read_columns=list(read_columns), reader_schema=pa.schema([field]), batch_size=batch_size
+        )
         tmp = self.path / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
         tmp.write_text(manifest.to_json())
         os.replace(tmp, self.path / MANIFEST_FILE)
@@ -268,7 +296,11 @@ def _advice(exc: BaseException, path: Path) -> str:
     text = str(exc).lower()
     if code == errno.ENOSPC or "no space left" in text:
         return "the disk is full; free space and re-run (committed batches are kept)"
-    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "read-only file system" in text or "permission denied" in text:
+    if (
+        code in (errno.EROFS, errno.EACCES, errno.EPERM)
+        or "read-only file system" in text
+        or "permission denied" in text
+    ):
         return "no permission to write there (read-only or another owner); fix the permissions or use another store"
     return f"the store may be damaged; run 'forvalue index check --store {path}'"
 
@@ -349,18 +381,24 @@ class WriterLease:
             handles.append(main)
             if count == 1:
                 if not _try_lock(main, fcntl.LOCK_EX):
-                    raise StoreError(f"another build is writing to {path} ({_holder(path)}); wait for it to finish, "
-                                     "or use --shard I/N for parallel workers")
+                    raise StoreError(
+                        f"another build is writing to {path} ({_holder(path)}); wait for it to finish, "
+                        "or use --shard I/N for parallel workers"
+                    )
                 _write_holder(main)
                 return cls(path, handles)
             if not _try_lock(main, fcntl.LOCK_SH):
-                raise StoreError(f"another build is writing to {path} ({_holder(path)}, unsharded); wait for it to "
-                                 "finish before starting sharded workers")
+                raise StoreError(
+                    f"another build is writing to {path} ({_holder(path)}, unsharded); wait for it to "
+                    "finish before starting sharded workers"
+                )
             mine = path / f".writer.shard-{index}-of-{count}.lock"
             handles.append(_open_lock(mine))
             if not _try_lock(handles[-1], fcntl.LOCK_EX):
-                raise StoreError(f"another worker of shard {index}/{count} is writing to {path} "
-                                 f"({_read_holder(mine)}); give each worker its own --shard I/N")
+                raise StoreError(
+                    f"another worker of shard {index}/{count} is writing to {path} "
+                    f"({_read_holder(mine)}); give each worker its own --shard I/N"
+                )
             _write_holder(handles[-1])
             return cls(path, handles)
         except BaseException:
@@ -385,7 +423,9 @@ def _open_lock(file: Path) -> int:
     try:
         return os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise StoreError(f"{file.parent}: cannot write to the store ({exc.strerror}); {_advice(exc, file.parent)}") from None
+        raise StoreError(
+            f"{file.parent}: cannot write to the store ({exc.strerror}); {_advice(exc, file.parent)}"
+        ) from None
 
 
 def _try_lock(fd: int, mode: int) -> bool:

@@ -33,8 +33,22 @@ def toy_rows() -> list[dict]:
     """A small labelled prompt/response set (2 classes)."""
     rows = []
     for i in range(6):
-        rows.append({"id": f"rev-{i}", "prompt": f"reverse the words {i}: the quick fox ->", "response": " fox quick the", "label": "reverse"})
-        rows.append({"id": f"math-{i}", "prompt": f"solve the math problem {i} ->", "response": f" answer {i * 7}", "label": "math"})
+        rows.append(
+            {
+                "id": f"rev-{i}",
+                "prompt": f"reverse the words {i}: the quick fox ->",
+                "response": " fox quick the",
+                "label": "reverse",
+            }
+        )
+        rows.append(
+            {
+                "id": f"math-{i}",
+                "prompt": f"solve the math problem {i} ->",
+                "response": f" answer {i * 7}",
+                "label": "math",
+            }
+        )
     return rows
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import make_model_dir, write_jsonl
 
 import forvalue.api as api_mod
 from forvalue.api import build_index, run_query
@@ -16,14 +17,16 @@ from forvalue.schemas.config import BuildConfig, ModelConfig, QueryConfig
 from forvalue.schemas.errors import ForValueError, ManifestMismatchError
 from forvalue.storage.store import Store
 
-from conftest import make_model_dir, write_jsonl
-
 
 @pytest.fixture
 def audited_store(tmp_path, tiny_model_dir, toy_rows):
     write_jsonl(tmp_path / "train.jsonl", toy_rows)
     write_jsonl(tmp_path / "val.jsonl", toy_rows[:3])
-    build_index([tmp_path / "train.jsonl"], tmp_path / "store", BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False))
+    build_index(
+        [tmp_path / "train.jsonl"],
+        tmp_path / "store",
+        BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False),
+    )
     return tmp_path
 
 
@@ -32,7 +35,13 @@ def test_audit_scores_match_query(audited_store, tiny_runner):
     version = Store.open(store).version()
     run_audit(store, [audited_store / "val.jsonl"], "a", AuditConfig(progress=False, device="cpu"), runner=tiny_runner)
     table, meta = load_audit(store, "a")
-    res = run_query(store, [audited_store / "val.jsonl"], QueryConfig(progress=False, device="cpu"), runner=tiny_runner, keep_scores=True)
+    res = run_query(
+        store,
+        [audited_store / "val.jsonl"],
+        QueryConfig(progress=False, device="cpu"),
+        runner=tiny_runner,
+        keep_scores=True,
+    )
     by_id = dict(zip(res.train_ids, res.scores.T))
     for row in table.to_pylist():
         np.testing.assert_allclose(row["score_mean"], by_id[row["id"]].mean(), rtol=1e-9)
@@ -44,12 +53,20 @@ def test_audit_scores_match_query(audited_store, tiny_runner):
     assert flagged.sum() == round(0.1 * len(means)) and means[flagged].max() <= means[~flagged].min()
     assert {"mean_vs_label:reverse", "mean_vs_label:math"} <= set(table.column_names)
     for flag_by, column in (("max", "score_max"), ("label", None)):
-        run_audit(store, [audited_store / "val.jsonl"], flag_by, AuditConfig(progress=False, device="cpu", flag_by=flag_by, flag_fraction=0.25), runner=tiny_runner)
+        run_audit(
+            store,
+            [audited_store / "val.jsonl"],
+            flag_by,
+            AuditConfig(progress=False, device="cpu", flag_by=flag_by, flag_fraction=0.25),
+            runner=tiny_runner,
+        )
         t = load_audit(store, flag_by)[0].to_pylist()
         score = [r[column] if column else r[f"mean_vs_label:{r['label']}"] for r in t]
         assert [r["flag_score"] for r in t] == score
         cut = sorted(score)[2]
-        assert {r["id"] for r in t if r["flagged"]} == {r["id"] for r, s_ in zip(t, score) if s_ <= cut} and sum(r["flagged"] for r in t) == 3
+        assert {r["id"] for r in t if r["flagged"]} == {r["id"] for r, s_ in zip(t, score) if s_ <= cut} and sum(
+            r["flagged"] for r in t
+        ) == 3
     # audits never touch the training table
     assert Store.open(store).version() == version and Store.open(store).count() == len(means)
 
@@ -105,7 +122,13 @@ def test_audit_errors(audited_store, tmp_path, tiny_runner):
         run_audit(store, [tmp_path / "empty.jsonl"], "x", AuditConfig(progress=False), runner=tiny_runner)
     other = make_model_dir(tmp_path / "other", seed=1)
     with pytest.raises(ManifestMismatchError, match="model_weights_sha256"):
-        run_audit(store, [audited_store / "val.jsonl"], "x", AuditConfig(progress=False, device="cpu"), model=ModelConfig(path=str(other)))
+        run_audit(
+            store,
+            [audited_store / "val.jsonl"],
+            "x",
+            AuditConfig(progress=False, device="cpu"),
+            model=ModelConfig(path=str(other)),
+        )
     with pytest.raises(ForValueError, match="not valid"):
         run_audit(store, [audited_store / "val.jsonl"], "../bad", AuditConfig(progress=False), runner=tiny_runner)
 
@@ -115,8 +138,24 @@ def test_audit_cli(audited_store, tmp_path):
 
     store = str(audited_store / "store")
     cli = CliRunner()
-    run = cli.invoke(main, ["audit", "run", "--store", store, "-v", str(audited_store / "val.jsonl"), "--name", "a",
-                            "--device", "cpu", "--quiet", "--report", str(tmp_path / "a.html")])
+    run = cli.invoke(
+        main,
+        [
+            "audit",
+            "run",
+            "--store",
+            store,
+            "-v",
+            str(audited_store / "val.jsonl"),
+            "--name",
+            "a",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--report",
+            str(tmp_path / "a.html"),
+        ],
+    )
     assert run.exit_code == 0, run.output
     assert (tmp_path / "a.html").exists()
     listed = cli.invoke(main, ["audit", "list", "--store", store])

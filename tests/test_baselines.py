@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_jsonl
+
 from tools.bench_baselines import LoraGradients, tokenize_rows
 
 

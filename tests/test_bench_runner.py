@@ -18,8 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_bench(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """``python -m tools.bench ARGS`` in a fresh interpreter, from the repository root as a user runs it."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    return subprocess.run([sys.executable, "-m", "tools.bench", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "tools.bench", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_list_names_every_suite_with_its_runtime():
@@ -27,8 +33,20 @@ def test_list_names_every_suite_with_its_runtime():
     assert proc.returncode == 0, proc.stderr
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line and not line[0].isspace()][1:]
     assert listed == list(bench.SUITES)
-    for name in ("build", "query", "quality", "top_m", "store_size", "prefilter", "sketch_real", "audit", "vlm",
-                 "probe", "offsets", "distill"):
+    for name in (
+        "build",
+        "query",
+        "quality",
+        "top_m",
+        "store_size",
+        "prefilter",
+        "sketch_real",
+        "audit",
+        "vlm",
+        "probe",
+        "offsets",
+        "distill",
+    ):
         assert name in bench.SUITES
     assert proc.stdout.count("runtime: ") == len(bench.SUITES)
 
@@ -64,12 +82,20 @@ def test_suite_help_is_the_suites_own():
 def test_suite_args_fill_in_outputs_unless_given(tmp_path):
     quality = bench.SUITES["quality"]
     assert bench.suite_args("quality", quality, tmp_path, ["--repro", "none"]) == [
-        "--repro", "none", "--out", str(tmp_path / "quality.md"), "--json", str(tmp_path / "quality.json")]
+        "--repro",
+        "none",
+        "--out",
+        str(tmp_path / "quality.md"),
+        "--json",
+        str(tmp_path / "quality.json"),
+    ]
     given = ["--out=x.md", "--json", "y.json"]
     assert bench.suite_args("quality", quality, tmp_path, given) == given
     sketch = bench.SUITES["sketch_real"]
-    assert bench.suite_args("sketch_real", sketch, tmp_path, [])[-2:] == ["--workdir",
-                                                                         str(tmp_path / "sketch_real.work")]
+    assert bench.suite_args("sketch_real", sketch, tmp_path, [])[-2:] == [
+        "--workdir",
+        str(tmp_path / "sketch_real.work"),
+    ]
 
 
 def _fake_quality_workdir(root: Path) -> Path:
@@ -83,8 +109,9 @@ def _fake_quality_workdir(root: Path) -> Path:
     rng = np.random.default_rng(0)
     same = np.array([[v["label"] == t["label"] for t in train] for v in val], float)
     np.save(task / "forvalue" / "scores-0.npy", same + 0.1 * rng.random(same.shape))
-    (task / "forvalue" / "result.json").write_text(json.dumps(
-        {"outputs": {"forvalue": {"file": "scores-0.npy"}}, "train_ids": [r["id"] for r in train]}))
+    (task / "forvalue" / "result.json").write_text(
+        json.dumps({"outputs": {"forvalue": {"file": "scores-0.npy"}}, "train_ids": [r["id"] for r in train]})
+    )
     return root / "work"
 
 

@@ -16,8 +16,12 @@ from tools.selection_lora import Lora, greedy_answers, sample_losses, sft_tokeni
 ROWS = [
     {"id": "r0", "prompt": "reverse the words: the quick fox -> ", "response": "fox quick the", "label": "rev"},
     {"id": "r1", "prompt": "solve the math problem 3 -> ", "response": "answer 21", "label": "math"},
-    {"id": "r2", "prompt": "a chatbot that performs a transformation: cats and dogs -> ", "response": "dogs and cats",
-     "label": "rev"},
+    {
+        "id": "r2",
+        "prompt": "a chatbot that performs a transformation: cats and dogs -> ",
+        "response": "dogs and cats",
+        "label": "rev",
+    },
     {"id": "r3", "prompt": "numbers 0 1 2 -> ", "response": "2 1 0", "label": "math"},
 ]
 
@@ -62,7 +66,7 @@ def test_sft_tokenize_scores_the_response_and_eos(tiny_runner):
         assert t.input_ids[-1] == tok.eos_token_id
         prompt = tok(r["prompt"], add_special_tokens=True)["input_ids"]
         assert t.first_target == len(prompt)
-        assert tok.decode(t.input_ids[t.first_target:-1]).strip() == r["response"]
+        assert tok.decode(t.input_ids[t.first_target : -1]).strip() == r["response"]
 
 
 def test_sample_losses_are_the_mean_response_nll(tiny_runner):
@@ -115,16 +119,27 @@ def test_quick_suite_runs_every_part_and_a_rerun_trains_nothing(tiny_model_dir, 
     work = tmp_path / "work"
     # the --quick configuration, every method and part, with fewer sizes so the test stays short on a loaded machine
     small = ["--targets", "math_no_reasoning:0,1", "--ks", "10", "25", "--noise-rates", "0.5", "--brittle-ks", "2", "8"]
-    args = ["--workdir", str(work), "--quick", "--model", str(tiny_model_dir), "--out", str(tmp_path / "sel.md"),
-            "--json", str(tmp_path / "sel.json"), *small]
+    args = [
+        "--workdir",
+        str(work),
+        "--quick",
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(tmp_path / "sel.md"),
+        "--json",
+        str(tmp_path / "sel.json"),
+        *small,
+    ]
     first = bs.main(args)
     s = bs.settings_from(bs.parse_args(args))
     assert s.methods == bs.METHODS and s.seeds == bs.QUICK.seeds
     rows = first["rows"]
     assert first["counts"]["run"] > 0
     tgt = [r for r in rows if r["part"] == "targeted"]
-    assert {(r["target"], r["method"], r["k"]) for r in tgt} == {(t, m, k) for t in s.targets for m in s.methods
-                                                                  for k in s.ks}
+    assert {(r["target"], r["method"], r["k"]) for r in tgt} == {
+        (t, m, k) for t in s.targets for m in s.methods for k in s.ks
+    }
     pool, targets = bs.targeted_data(s, 0)
     for r in tgt:
         assert r["n"] == bs.n_of(r["k"], len(pool))

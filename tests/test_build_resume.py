@@ -13,19 +13,20 @@ from pathlib import Path
 
 import pyarrow as pa
 from click.testing import CliRunner
+from conftest import write_jsonl
 
 from forvalue.cli import main
 from forvalue.storage.store import Store
-
-from conftest import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def rows(n: int, start: int = 0) -> list[dict]:
     words = ["the quick brown fox", "reverse the words", "solve the math problem", "cats and dogs", "numbers 1 2 3"]
-    return [{"id": f"s{i}", "prompt": f"{words[i % 5]} {i} ->", "response": f" answer {i * 7}", "label": f"c{i % 3}"}
-            for i in range(start, start + n)]
+    return [
+        {"id": f"s{i}", "prompt": f"{words[i % 5]} {i} ->", "response": f" answer {i * 7}", "label": f"c{i % 3}"}
+        for i in range(start, start + n)
+    ]
 
 
 def cli(*args) -> dict:
@@ -60,7 +61,15 @@ def test_second_build_writes_nothing(tmp_path, tiny_model_dir):
 
 
 def test_add_appends_only_new_rows(tmp_path, tiny_model_dir):
-    cli("index", "build", write_jsonl(tmp_path / "a.jsonl", rows(5)), "--store", tmp_path / "store", "--model", tiny_model_dir)
+    cli(
+        "index",
+        "build",
+        write_jsonl(tmp_path / "a.jsonl", rows(5)),
+        "--store",
+        tmp_path / "store",
+        "--model",
+        tiny_model_dir,
+    )
     before = stored(tmp_path / "store").to_pylist()
     both = write_jsonl(tmp_path / "b.jsonl", rows(5) + rows(3, start=5))
     report = cli("index", "add", both, "--store", tmp_path / "store")
@@ -72,7 +81,15 @@ def test_add_appends_only_new_rows(tmp_path, tiny_model_dir):
 
 def test_duplicate_ids_are_stored_once(tmp_path, tiny_model_dir):
     data = rows(4) + [{**rows(1, start=1)[0], "prompt": "a different prompt with a repeated id ->"}] + rows(2)
-    report = cli("index", "build", write_jsonl(tmp_path / "dup.jsonl", data), "--store", tmp_path / "store", "--model", tiny_model_dir)
+    report = cli(
+        "index",
+        "build",
+        write_jsonl(tmp_path / "dup.jsonl", data),
+        "--store",
+        tmp_path / "store",
+        "--model",
+        tiny_model_dir,
+    )
     assert (report["read"], report["written"], report["duplicate_ids"], report["already_stored"]) == (7, 4, 3, 0)
     table = {r["id"]: r for r in stored(tmp_path / "store").to_pylist()}
     assert sorted(table) == ["s0", "s1", "s2", "s3"]
@@ -81,14 +98,40 @@ def test_duplicate_ids_are_stored_once(tmp_path, tiny_model_dir):
 
 def test_truncation_is_counted(tmp_path, tiny_model_dir, tiny_runner):
     max_length = 10
-    data = [{"id": "short", "prompt": "cats ->", "response": " dogs"}, {"id": "edge", "prompt": "the quick", "response": " fox"}] + rows(2) + [
-        {"id": "long", "prompt": "reverse the words of this sentence please the quick brown fox ->", "response": " x"}]
-    lengths = {r["id"]: len(tiny_runner.tokenizer(r["prompt"])["input_ids"] + tiny_runner.tokenizer(r["response"], add_special_tokens=False)["input_ids"])
-               for r in data}
+    data = (
+        [
+            {"id": "short", "prompt": "cats ->", "response": " dogs"},
+            {"id": "edge", "prompt": "the quick", "response": " fox"},
+        ]
+        + rows(2)
+        + [
+            {
+                "id": "long",
+                "prompt": "reverse the words of this sentence please the quick brown fox ->",
+                "response": " x",
+            }
+        ]
+    )
+    lengths = {
+        r["id"]: len(
+            tiny_runner.tokenizer(r["prompt"])["input_ids"]
+            + tiny_runner.tokenizer(r["response"], add_special_tokens=False)["input_ids"]
+        )
+        for r in data
+    }
     expected = sorted(i for i, n in lengths.items() if n > max_length)
     assert 0 < len(expected) < len(data)
-    report = cli("index", "build", write_jsonl(tmp_path / "t.jsonl", data), "--store", tmp_path / "store", "--model", tiny_model_dir,
-                 "--max-length", max_length)
+    report = cli(
+        "index",
+        "build",
+        write_jsonl(tmp_path / "t.jsonl", data),
+        "--store",
+        tmp_path / "store",
+        "--model",
+        tiny_model_dir,
+        "--max-length",
+        max_length,
+    )
     assert report["truncated"] == len(expected)
     table = stored(tmp_path / "store").to_pylist()
     assert sorted(r["id"] for r in table if r["truncated"]) == expected
@@ -99,11 +142,33 @@ def test_truncation_is_counted(tmp_path, tiny_model_dir, tiny_runner):
 
 def test_add_uses_the_stores_model_and_settings(tmp_path, tiny_model_dir):
     """``index add`` without options encodes like the build did: dtype, max length, top-m, position filter."""
-    cli("index", "build", write_jsonl(tmp_path / "a.jsonl", rows(3)), "--store", tmp_path / "store", "--model", tiny_model_dir,
-        "--dtype", "bfloat16", "--max-length", "12", "--top-m", "4", "--lowest-likelihood-ratio", "0.5")
+    cli(
+        "index",
+        "build",
+        write_jsonl(tmp_path / "a.jsonl", rows(3)),
+        "--store",
+        tmp_path / "store",
+        "--model",
+        tiny_model_dir,
+        "--dtype",
+        "bfloat16",
+        "--max-length",
+        "12",
+        "--top-m",
+        "4",
+        "--lowest-likelihood-ratio",
+        "0.5",
+    )
     manifest = Store.open(tmp_path / "store").manifest
-    long = {"id": "long", "prompt": "reverse the words of this sentence please the quick brown fox ->", "response": " x"}
-    short = [{"id": "a1", "prompt": "cats ->", "response": " dogs"}, {"id": "a2", "prompt": "the quick", "response": " fox"}]
+    long = {
+        "id": "long",
+        "prompt": "reverse the words of this sentence please the quick brown fox ->",
+        "response": " x",
+    }
+    short = [
+        {"id": "a1", "prompt": "cats ->", "response": " dogs"},
+        {"id": "a2", "prompt": "the quick", "response": " fox"},
+    ]
     report = cli("index", "add", write_jsonl(tmp_path / "b.jsonl", short + [long]), "--store", tmp_path / "store")
     assert (report["written"], report["truncated"]) == (3, 1)
     assert Store.open(tmp_path / "store").manifest == manifest
@@ -120,8 +185,20 @@ def test_bad_row_after_committed_batches_then_resume(tmp_path, tiny_model_dir, m
     lines = [json.dumps(r) for r in good]
     data = tmp_path / "train.jsonl"
     data.write_text("\n".join(lines[:12] + ["{not json}"] + lines[12:]) + "\n")
-    args = ["index", "build", str(data), "--store", str(tmp_path / "store"), "--model", str(tiny_model_dir),
-            "--batch-size", "1", "--write-every", "2", "--quiet"]  # 8-sample read-ahead window: 8 rows commit before line 13 is read
+    args = [
+        "index",
+        "build",
+        str(data),
+        "--store",
+        str(tmp_path / "store"),
+        "--model",
+        str(tiny_model_dir),
+        "--batch-size",
+        "1",
+        "--write-every",
+        "2",
+        "--quiet",
+    ]  # 8-sample read-ahead window: 8 rows commit before line 13 is read
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "train.jsonl:13" in result.stderr
     partial = set(stored(tmp_path / "store").column("id").to_pylist())
@@ -145,16 +222,39 @@ def _env() -> dict:
 
 
 def test_kill_9_mid_build_then_resume(tmp_path, tiny_model_dir):
-    data = write_jsonl(tmp_path / "train.jsonl", [
-        {"id": f"k{i}", "prompt": f"reverse the words {i}: the quick brown fox jumps over the lazy dog ->",
-         "response": " dog lazy the over jumps fox brown quick the"} for i in range(200)
-    ])
+    data = write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {
+                "id": f"k{i}",
+                "prompt": f"reverse the words {i}: the quick brown fox jumps over the lazy dog ->",
+                "response": " dog lazy the over jumps fox brown quick the",
+            }
+            for i in range(200)
+        ],
+    )
     store = tmp_path / "store"
-    args = ["index", "build", str(data), "--store", str(store), "--model", str(tiny_model_dir),
-            "--write-every", "10", "--batch-size", "4", "--quiet", "--device", "cpu"]
+    args = [
+        "index",
+        "build",
+        str(data),
+        "--store",
+        str(store),
+        "--model",
+        str(tiny_model_dir),
+        "--write-every",
+        "10",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--device",
+        "cpu",
+    ]
     log = tmp_path / "build.log"
     with log.open("wb") as handle:
-        proc = subprocess.Popen(forvalue_command() + args, cwd=REPO, env=_env(), stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            forvalue_command() + args, cwd=REPO, env=_env(), stdout=handle, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 240
         while proc.poll() is None and _count(store) == 0:
@@ -180,11 +280,34 @@ def test_sharded_workers_build_the_union_once(tmp_path, tiny_model_dir):
     procs = []
     for k in range(2):
         with (tmp_path / f"out{k}").open("wb") as out, (tmp_path / f"err{k}").open("wb") as err:
-            procs.append(subprocess.Popen(
-                forvalue_command() + ["index", "build", str(data), "--store", str(store), "--model", str(tiny_model_dir),
-                                      "--shard", f"{k}/2", "--write-every", "3", "--batch-size", "2", "--quiet", "--json", "--device", "cpu"],
-                cwd=REPO, env=_env(), stdout=out, stderr=err,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    forvalue_command()
+                    + [
+                        "index",
+                        "build",
+                        str(data),
+                        "--store",
+                        str(store),
+                        "--model",
+                        str(tiny_model_dir),
+                        "--shard",
+                        f"{k}/2",
+                        "--write-every",
+                        "3",
+                        "--batch-size",
+                        "2",
+                        "--quiet",
+                        "--json",
+                        "--device",
+                        "cpu",
+                    ],
+                    cwd=REPO,
+                    env=_env(),
+                    stdout=out,
+                    stderr=err,
+                )
+            )
     reports = []
     for k, proc in enumerate(procs):
         assert proc.wait(timeout=300) == 0, (tmp_path / f"err{k}").read_text()[-2000:]

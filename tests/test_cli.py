@@ -11,28 +11,35 @@ import numpy as np
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_one_line_error, cli, make_model_dir, write_jsonl
 
+from forvalue.api import build_index, run_query
 from forvalue.indexer.build import manifest_for
+from forvalue.indexer.data import Sample
 from forvalue.indexer.model_runner import CausalLMRunner
 from forvalue.indexer.tokenize import tokenize_sample
-from forvalue.indexer.data import Sample
-from forvalue.api import build_index, run_query
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
 from forvalue.schemas.errors import BadValuesError, ManifestMismatchError
 from forvalue.storage.store import Store
 
-from conftest import assert_one_line_error, cli, make_model_dir, write_jsonl
-
 TRAIN = [
     {"id": f"t{i}", "prompt": f"{p} {i} ->", "response": r, "label": label}
     for i, (p, r, label) in enumerate(
-        [("reverse the words: the quick fox", " fox quick the", "reverse"), ("solve the math problem", " answer 42", "math"),
-         ("cats and dogs", " are friends", "animals"), ("reverse the words: a lazy dog", " dog lazy a", "reverse"),
-         ("solve the problem", " answer 7", "math"), ("the garden", " has cats", "animals"), ("numbers 1 2 3", " 4 5 6", "math")]
+        [
+            ("reverse the words: the quick fox", " fox quick the", "reverse"),
+            ("solve the math problem", " answer 42", "math"),
+            ("cats and dogs", " are friends", "animals"),
+            ("reverse the words: a lazy dog", " dog lazy a", "reverse"),
+            ("solve the problem", " answer 7", "math"),
+            ("the garden", " has cats", "animals"),
+            ("numbers 1 2 3", " 4 5 6", "math"),
+        ]
     )
 ]
-VAL = [{"id": "v-rev", "prompt": "reverse the words: the brown fox ->", "response": " fox brown the"},
-       {"id": "v-math", "prompt": "solve the math problem 9 ->", "response": " answer 63"}]
+VAL = [
+    {"id": "v-rev", "prompt": "reverse the words: the brown fox ->", "response": " fox brown the"},
+    {"id": "v-math", "prompt": "solve the math problem 9 ->", "response": " answer 63"},
+]
 QCFG = QueryConfig(progress=False, device="cpu")
 
 
@@ -52,7 +59,9 @@ def built(tmp_path_factory, tiny_runner, tiny_model_dir):
     train, val = write_jsonl(tmp / "train.jsonl", TRAIN), write_jsonl(tmp / "val.jsonl", VAL)
     cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False, write_every=3)
     build_index([train], tmp / "store", cfg, runner=tiny_runner)
-    result = run_query(tmp / "store", [val], QueryConfig(top_k=3, progress=False, device="cpu"), runner=tiny_runner, keep_scores=True)
+    result = run_query(
+        tmp / "store", [val], QueryConfig(top_k=3, progress=False, device="cpu"), runner=tiny_runner, keep_scores=True
+    )
     return tmp / "store", val, result
 
 
@@ -68,8 +77,21 @@ def store_copy(built, tmp_path) -> Path:
     [
         ([], ["index", "query", "demo"]),
         (["index"], ["build", "add", "info"]),
-        (["index", "build"], ["--store", "--model", "--max-length", "--top-m", "--on-bad", "--write-every", "--shard",
-                              "--prompt-column", "--text-column", "resumes"]),
+        (
+            ["index", "build"],
+            [
+                "--store",
+                "--model",
+                "--max-length",
+                "--top-m",
+                "--on-bad",
+                "--write-every",
+                "--shard",
+                "--prompt-column",
+                "--text-column",
+                "resumes",
+            ],
+        ),
         (["index", "add"], ["--store", "Append", "store's model"]),
         (["query"], ["--store", "--validation", "--top-k", "--output", "--all-scores", "--aggregate", "--normalize"]),
     ],
@@ -115,7 +137,11 @@ def test_query_output_formats(built, tmp_path, suffix):
     assert len(rows) == len(want) == 3 * len(VAL)
     for got, exp in zip(rows, want):
         assert {"validation_id", "rank", "train_id", "score"} <= set(got)
-        assert (got["validation_id"], int(got["rank"]), str(got["train_id"])) == (exp["validation_id"], exp["rank"], exp["train_id"])
+        assert (got["validation_id"], int(got["rank"]), str(got["train_id"])) == (
+            exp["validation_id"],
+            exp["rank"],
+            exp["train_id"],
+        )
         assert got["score"] == pytest.approx(exp["score"], rel=1e-9)
 
 
@@ -124,14 +150,28 @@ def test_query_jsonl_on_stdout(built):
     result = cli("query", "--store", store, "-v", val, "--top-k", "3", "--quiet")
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [(r["validation_id"], r["train_id"]) for r in rows] == [(r["validation_id"], r["train_id"]) for r in expected.top.to_pylist()]
+    assert [(r["validation_id"], r["train_id"]) for r in rows] == [
+        (r["validation_id"], r["train_id"]) for r in expected.top.to_pylist()
+    ]
 
 
 def test_query_all_scores_matrix(built, tmp_path):
     store, val, expected = built
     path = tmp_path / "all.parquet"
-    result = cli("query", "--store", store, "-v", val, "--all-scores", path, "-o", tmp_path / "top.jsonl", "--quiet",
-                 "--read-rows", "3")  # several row groups
+    result = cli(
+        "query",
+        "--store",
+        store,
+        "-v",
+        val,
+        "--all-scores",
+        path,
+        "-o",
+        tmp_path / "top.jsonl",
+        "--quiet",
+        "--read-rows",
+        "3",
+    )  # several row groups
     assert result.exit_code == 0, result.output
     table = pq.read_table(path)
     assert table.num_rows == len(TRAIN)
@@ -159,7 +199,18 @@ def test_query_aggregate_mean(built, tmp_path):
 
 def test_unknown_output_format_fails_before_scoring(built, tmp_path):
     store, val, _ = built
-    result = cli("query", "--store", store, "-v", val, "-o", tmp_path / "top.txt", "--all-scores", tmp_path / "all.parquet", "--quiet")
+    result = cli(
+        "query",
+        "--store",
+        store,
+        "-v",
+        val,
+        "-o",
+        tmp_path / "top.txt",
+        "--all-scores",
+        tmp_path / "all.parquet",
+        "--quiet",
+    )
     assert_one_line_error(result, "top.txt", "unknown output format")
     assert not (tmp_path / "all.parquet").exists() and not (tmp_path / "top.txt").exists()
 
@@ -170,7 +221,16 @@ def _train_file(tmp_path: Path) -> Path:
 
 
 def test_unknown_model_path(tmp_path):
-    result = cli("index", "build", _train_file(tmp_path), "--store", tmp_path / "s", "--model", tmp_path / "no-such-model", "--quiet")
+    result = cli(
+        "index",
+        "build",
+        _train_file(tmp_path),
+        "--store",
+        tmp_path / "s",
+        "--model",
+        tmp_path / "no-such-model",
+        "--quiet",
+    )
     assert_one_line_error(result, "no-such-model", "does not exist")
     assert not (tmp_path / "s").exists()
 
@@ -188,7 +248,9 @@ def test_gguf_without_gguf_package(tmp_path, monkeypatch):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "gguf" else real(name, *a, **k))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a, **k: None if name == "gguf" else real(name, *a, **k)
+    )
     result = cli("index", "build", _train_file(tmp_path), "--store", tmp_path / "s", "--model", gguf, "--quiet")
     assert_one_line_error(result, "gguf", "pip install gguf")
     assert not (tmp_path / "s").exists()
@@ -202,13 +264,21 @@ def test_model_that_differs_from_the_store(built, store_copy, tmp_path_factory, 
     message = str(info.value)
     assert "model_weights_sha256" in message and "\n" not in message
     assert Store.open(store).manifest.model_weights_sha256 in message
-    differing = {name for name in ("tokenizer_sha256", "hidden_size", "vocab_size", "dtype", "top_m", "max_length") if name in message}
+    differing = {
+        name
+        for name in ("tokenizer_sha256", "hidden_size", "vocab_size", "dtype", "top_m", "max_length")
+        if name in message
+    }
     assert not differing, f"only the weights differ, message names {differing}"
-    assert_one_line_error(cli("query", "--store", store, "-v", val, "--model", other, "--quiet"), "model_weights_sha256")
+    assert_one_line_error(
+        cli("query", "--store", store, "-v", val, "--model", other, "--quiet"), "model_weights_sha256"
+    )
     # appending with another model is refused too, and the store is left as it was
     before = store_state(store_copy)
     new = write_jsonl(store_copy.parent / "new.jsonl", [{"id": "n1", "prompt": "new ->", "response": " row"}])
-    assert_one_line_error(cli("index", "add", new, "--store", store_copy, "--model", other, "--quiet"), "model_weights_sha256")
+    assert_one_line_error(
+        cli("index", "add", new, "--store", store_copy, "--model", other, "--quiet"), "model_weights_sha256"
+    )
     assert store_state(store_copy) == before
 
 
@@ -245,13 +315,26 @@ def test_query_against_empty_store(tmp_path, tiny_runner, built):
 
 def test_validation_sample_longer_than_store_max_length(tmp_path, tiny_runner, tiny_model_dir):
     max_length = 12
-    cfg = BuildConfig(data=DataConfig(max_length=max_length), model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False)
+    cfg = BuildConfig(
+        data=DataConfig(max_length=max_length),
+        model=ModelConfig(path=str(tiny_model_dir), device="cpu"),
+        progress=False,
+    )
     build_index([write_jsonl(tmp_path / "train.jsonl", TRAIN[:3])], tmp_path / "store", cfg, runner=tiny_runner)
     short = {"id": "short", "prompt": "cats ->", "response": " dogs"}
-    long = {"id": "long", "prompt": "reverse the words: the quick brown fox jumps over the lazy dog ->", "response": " dog lazy the"}
+    long = {
+        "id": "long",
+        "prompt": "reverse the words: the quick brown fox jumps over the lazy dog ->",
+        "response": " dog lazy the",
+    }
     assert len(tiny_runner.tokenizer(long["prompt"] + long["response"])["input_ids"]) > max_length
     val = write_jsonl(tmp_path / "val.jsonl", [short, long])
-    assert_one_line_error(cli("query", "--store", tmp_path / "store", "-v", val, "--quiet"), "val.jsonl:2", "'long'", f"max length ({max_length}")
+    assert_one_line_error(
+        cli("query", "--store", tmp_path / "store", "-v", val, "--quiet"),
+        "val.jsonl:2",
+        "'long'",
+        f"max length ({max_length}",
+    )
     ok = cli("query", "--store", tmp_path / "store", "-v", write_jsonl(tmp_path / "ok.jsonl", [short]), "--quiet")
     assert ok.exit_code == 0, ok.output
 
@@ -284,7 +367,9 @@ def test_nan_errors_by_default_and_leaves_the_store_intact(store_copy, monkeypat
     _poison(monkeypatch, tiny_runner.tokenizer, NEW[2], float("nan"), whole_sample=True)
     before = store_state(store_copy)
     new = write_jsonl(store_copy.parent / "new.jsonl", NEW)
-    err = assert_one_line_error(cli("index", "add", new, "--store", store_copy, "--quiet"), "new.jsonl:3", "'n2'", "NaN", "--on-bad skip")
+    err = assert_one_line_error(
+        cli("index", "add", new, "--store", store_copy, "--quiet"), "new.jsonl:3", "'n2'", "NaN", "--on-bad skip"
+    )
     assert store_state(store_copy) == before, err
 
 
@@ -313,3 +398,20 @@ def test_nan_in_validation_sample_is_an_error(built, monkeypatch, tiny_runner):
     store, val, _ = built
     _poison(monkeypatch, tiny_runner.tokenizer, VAL[1], float("nan"), whole_sample=True)
     assert_one_line_error(cli("query", "--store", store, "-v", val, "--quiet"), "val.jsonl:2", "'v-math'", "NaN")
+
+
+def test_demo_runs_end_to_end_on_a_given_model(tmp_path, tiny_model_dir):
+    workdir = tmp_path / "demo"
+    res = cli("demo", "--workdir", workdir, "--train-per-class", 2, "--model", tiny_model_dir, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert "data: 20 training and 10 validation samples" in res.output
+    assert "over all 10 validation samples: AUC" in res.output
+    top = [json.loads(line) for line in (workdir / "top5.jsonl").read_text().splitlines()]
+    assert len(top) == 50 and {r["rank"] for r in top} == {1, 2, 3, 4, 5}
+    assert Store.open(workdir / "store").count() == 20
+
+
+def test_demo_refuses_a_bad_count_before_any_work(tmp_path):
+    res = cli("demo", "--workdir", tmp_path / "demo", "--train-per-class", 0)
+    assert_one_line_error(res, "--train-per-class")
+    assert not (tmp_path / "demo").exists()

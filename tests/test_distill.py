@@ -9,12 +9,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import assert_one_line_error, cli, make_model_dir, write_jsonl
 
 from forvalue.audit import load_audit, run_audit
-from forvalue.distill import (Design, agreement, distill_value_model, estimate, evaluate_value_model, fit_ridge,
-                              load_embedding_table, select_by_values, spearman, top_precision)
+from forvalue.distill import (
+    Design,
+    agreement,
+    distill_value_model,
+    estimate,
+    evaluate_value_model,
+    fit_ridge,
+    load_embedding_table,
+    select_by_values,
+    spearman,
+    top_precision,
+)
 from forvalue.indexer.build import build_index
 from forvalue.indexer.data import content_id
 from forvalue.pricing import audit_pricing, price
@@ -34,8 +43,12 @@ def _rows(n: int, seed: int = 0, with_ids: bool = True) -> list[dict]:
     for i in range(n):
         words = rng.choice(WORDS, size=int(rng.integers(3, 12)))
         half = len(words) // 2
-        row = {"prompt": " ".join(words[:half]) + " ->", "response": " " + " ".join(words[half:]),
-               "label": f"c{i % 3}", "source": SOURCES[i % 3]}
+        row = {
+            "prompt": " ".join(words[:half]) + " ->",
+            "response": " " + " ".join(words[half:]),
+            "label": f"c{i % 3}",
+            "source": SOURCES[i % 3],
+        }
         if with_ids:
             row["id"] = f"s{seed}-{i}"
         rows.append(row)
@@ -57,7 +70,7 @@ def setup(tmp_path_factory, tiny_runner):
 # -- metrics and the fit ----------------------------------------------------------------------------------
 def test_metrics_on_known_cases():
     x = np.arange(20.0)
-    assert spearman(x, x ** 3) == pytest.approx(1.0)
+    assert spearman(x, x**3) == pytest.approx(1.0)
     assert spearman(x, -x) == pytest.approx(-1.0)
     assert top_precision(x, x) == 1.0
     assert top_precision(x, -x) == 0.0
@@ -200,12 +213,34 @@ def test_value_model_refuses_another_audit(setup, tiny_runner):
 # -- CLI ---------------------------------------------------------------------------------------------------------
 def test_cli_distill_estimate_select(setup):
     tmp = setup["tmp"]
-    res = cli("distill", "--store", setup["store"], "--audit", "v1", "--out", tmp / "vm_cli", "--fraction", "0.5",
-              "--student", "auto")
+    res = cli(
+        "distill",
+        "--store",
+        setup["store"],
+        "--audit",
+        "v1",
+        "--out",
+        tmp / "vm_cli",
+        "--fraction",
+        "0.5",
+        "--student",
+        "auto",
+    )
     assert res.exit_code == 0, res.output
     assert "held-out Spearman" in res.output and "ngram" in res.output and "embed" in res.output
-    res = cli("estimate", setup["train"], "--value-model", tmp / "vm_cli", "-o", tmp / "v.csv", "--quiet",
-              "--group-column", "source", "--report", tmp / "price.html")
+    res = cli(
+        "estimate",
+        setup["train"],
+        "--value-model",
+        tmp / "vm_cli",
+        "-o",
+        tmp / "v.csv",
+        "--quiet",
+        "--group-column",
+        "source",
+        "--report",
+        tmp / "price.html",
+    )
     assert res.exit_code == 0, res.output
     assert "samples/s" in res.output and "x faster" in res.output and "initech" in res.output
     assert "Value per provider group" in (tmp / "price.html").read_text()
@@ -221,8 +256,21 @@ def test_cli_distill_estimate_select(setup):
 
 def test_cli_audit_show_prices_groups(setup):
     report = setup["tmp"] / "audit.html"
-    res = cli("audit", "show", "--store", setup["store"], "v1", "--group-column", "source", "--data", setup["train"],
-              "--report", report, "--bootstrap", "200")
+    res = cli(
+        "audit",
+        "show",
+        "--store",
+        setup["store"],
+        "v1",
+        "--group-column",
+        "source",
+        "--data",
+        setup["train"],
+        "--report",
+        report,
+        "--bootstrap",
+        "200",
+    )
     assert res.exit_code == 0, res.output
     assert "value per group" in res.output and all(s in res.output for s in SOURCES)
     assert "Value per provider group" in report.read_text()
@@ -233,39 +281,96 @@ def _garbage(path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", [
-    "missing_model", "damaged_manifest", "missing_data", "bad_format", "bad_output", "missing_group", "no_output",
-    "fraction_zero", "fraction_and_max", "too_few", "select_values_without_data", "values_without_column",
-    "select_missing_ids", "distill_into_other_folder", "data_and_store",
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing_model",
+        "damaged_manifest",
+        "missing_data",
+        "bad_format",
+        "bad_output",
+        "missing_group",
+        "no_output",
+        "fraction_zero",
+        "fraction_and_max",
+        "too_few",
+        "select_values_without_data",
+        "values_without_column",
+        "select_missing_ids",
+        "distill_into_other_folder",
+        "data_and_store",
+    ],
+)
 def test_bad_inputs_are_one_line_errors(setup, tmp_path, case):
     vm, train, store = setup["vm"], setup["train"], setup["store"]
     out = tmp_path / "v.parquet"
     args, needles = {
         "missing_model": (["estimate", train, "--value-model", tmp_path / "nope", "-o", out], ["not a value model"]),
-        "damaged_manifest": (["estimate", train, "--value-model", _damaged(tmp_path, vm), "-o", out],
-                             ["not valid JSON"]),
+        "damaged_manifest": (
+            ["estimate", train, "--value-model", _damaged(tmp_path, vm), "-o", out],
+            ["not valid JSON"],
+        ),
         "missing_data": (["estimate", tmp_path / "nope.jsonl", "--value-model", vm, "-o", out], ["no such file"]),
-        "bad_format": (["estimate", _garbage(tmp_path / "x.txt", "hi"), "--value-model", vm, "-o", out],
-                       ["unknown format"]),
+        "bad_format": (
+            ["estimate", _garbage(tmp_path / "x.txt", "hi"), "--value-model", vm, "-o", out],
+            ["unknown format"],
+        ),
         "bad_output": (["estimate", train, "--value-model", vm, "-o", tmp_path / "v.xlsx"], ["unknown output format"]),
-        "missing_group": (["estimate", train, "--value-model", vm, "-o", out, "--group-column", "provider"],
-                          ["train.jsonl:1", "provider", "missing column"]),
+        "missing_group": (
+            ["estimate", train, "--value-model", vm, "-o", out, "--group-column", "provider"],
+            ["train.jsonl:1", "provider", "missing column"],
+        ),
         "no_output": (["estimate", train, "--value-model", vm], ["--output"]),
-        "fraction_zero": (["distill", "--store", store, "--audit", "v1", "--out", tmp_path / "m", "--fraction", "0"],
-                          ["--fraction", "(0, 1]"]),
-        "fraction_and_max": (["distill", "--store", store, "--audit", "v1", "--out", tmp_path / "m", "--fraction",
-                              "0.5", "--max-samples", "10"], ["exclude each other"]),
-        "too_few": (["distill", "--store", store, "--audit", "v1", "--out", tmp_path / "m", "--fraction", "0.01"],
-                    ["at least 3"]),
-        "select_values_without_data": (["select", "--values", out, "--top", "3", "-o", tmp_path / "s.jsonl"],
-                                       ["--data"]),
-        "values_without_column": (["select", "--values", _write_parquet(tmp_path), "--data", train, "--top", "3",
-                                   "-o", tmp_path / "s.jsonl"], ["field 'value'", "missing column"]),
-        "select_missing_ids": (["select", "--values", _write_parquet(tmp_path, value=True), "--data", train, "--top",
-                                "3", "-o", tmp_path / "s.jsonl"], ["not in the data files"]),
-        "distill_into_other_folder": (["distill", "--store", store, "--audit", "v1", "--out", _other_folder(tmp_path)],
-                                      ["not a value model folder"]),
+        "fraction_zero": (
+            ["distill", "--store", store, "--audit", "v1", "--out", tmp_path / "m", "--fraction", "0"],
+            ["--fraction", "(0, 1]"],
+        ),
+        "fraction_and_max": (
+            [
+                "distill",
+                "--store",
+                store,
+                "--audit",
+                "v1",
+                "--out",
+                tmp_path / "m",
+                "--fraction",
+                "0.5",
+                "--max-samples",
+                "10",
+            ],
+            ["exclude each other"],
+        ),
+        "too_few": (
+            ["distill", "--store", store, "--audit", "v1", "--out", tmp_path / "m", "--fraction", "0.01"],
+            ["at least 3"],
+        ),
+        "select_values_without_data": (
+            ["select", "--values", out, "--top", "3", "-o", tmp_path / "s.jsonl"],
+            ["--data"],
+        ),
+        "values_without_column": (
+            ["select", "--values", _write_parquet(tmp_path), "--data", train, "--top", "3", "-o", tmp_path / "s.jsonl"],
+            ["field 'value'", "missing column"],
+        ),
+        "select_missing_ids": (
+            [
+                "select",
+                "--values",
+                _write_parquet(tmp_path, value=True),
+                "--data",
+                train,
+                "--top",
+                "3",
+                "-o",
+                tmp_path / "s.jsonl",
+            ],
+            ["not in the data files"],
+        ),
+        "distill_into_other_folder": (
+            ["distill", "--store", store, "--audit", "v1", "--out", _other_folder(tmp_path)],
+            ["not a value model folder"],
+        ),
         "data_and_store": (["estimate", train, "--value-model", vm, "--store", store, "--audit", "v1"], ["not both"]),
     }[case]
     assert_one_line_error(cli(*args), *needles)
@@ -307,8 +412,9 @@ def test_config_checks():
 def test_pricing_totals_shares_and_intervals():
     rng = np.random.default_rng(0)
     groups = ["a"] * 200 + ["b"] * 100 + ["c"] * 50 + ["d"] * 30
-    values = np.concatenate([rng.normal(2.0, 1.0, 200), rng.normal(5.0, 2.0, 100), rng.normal(1.0, 3.0, 50),
-                             rng.normal(-4.0, 1.0, 30)])
+    values = np.concatenate(
+        [rng.normal(2.0, 1.0, 200), rng.normal(5.0, 2.0, 100), rng.normal(1.0, 3.0, 50), rng.normal(-4.0, 1.0, 30)]
+    )
     rows = price(values, groups, PricingConfig(bootstrap=500, bootstrap_seed=1))
     by = {r["group"]: r for r in rows}
     assert sum(r["n"] for r in rows) == len(values)

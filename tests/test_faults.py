@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import assert_one_line_error, cli, write_jsonl
 
 pytestmark = pytest.mark.faults
@@ -86,8 +85,15 @@ class Zygote:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=(folder / "zygote.err").open("wb"), cwd=REPO, env=_env(), text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", ZYGOTE],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=(folder / "zygote.err").open("wb"),
+            cwd=REPO,
+            env=_env(),
+            text=True,
+        )
         line = self.proc.stdout.readline()
         assert line.strip() == "ready", (folder / "zygote.err").read_text()[-2000:]
         self.count = 0
@@ -95,8 +101,13 @@ class Zygote:
     def spawn(self, args: list, **env) -> "Build":
         self.count += 1
         name = self.folder / f"job{self.count}"
-        job = {"args": [str(a) for a in args], "env": env,
-               "out": f"{name}.out", "err": f"{name}.err", "rc": f"{name}.rc"}
+        job = {
+            "args": [str(a) for a in args],
+            "env": env,
+            "out": f"{name}.out",
+            "err": f"{name}.err",
+            "rc": f"{name}.rc",
+        }
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         return Build(int(self.proc.stdout.readline()), name)
@@ -164,14 +175,18 @@ WORDS = ["the quick brown fox", "reverse the words", "solve the math problem", "
 
 def make_rows(n: int, start: int = 0, repeats: int = 0) -> list[dict]:
     """``n`` labelled prompt/response rows ``s{start}``..., then ``repeats`` rows repeating earlier ids."""
-    out = [{"id": f"s{i}", "prompt": f"{WORDS[i % 5]} {i} ->", "response": f" answer {i * 7}", "label": f"c{i % 3}"}
-           for i in range(start, start + n)]
+    out = [
+        {"id": f"s{i}", "prompt": f"{WORDS[i % 5]} {i} ->", "response": f" answer {i * 7}", "label": f"c{i % 3}"}
+        for i in range(start, start + n)
+    ]
     out += [{**out[(7 * k) % n], "prompt": f"a repeated id {k} ->"} for k in range(repeats)]
     return out
 
 
-VALIDATION = [{"id": "v0", "prompt": "reverse the words 3 ->", "response": " answer 21"},
-              {"id": "v1", "prompt": "cats and dogs 4 ->", "response": " answer 28"}]
+VALIDATION = [
+    {"id": "v0", "prompt": "reverse the words 3 ->", "response": " answer 21"},
+    {"id": "v1", "prompt": "cats and dogs 4 ->", "response": " answer 28"},
+]
 
 
 def store_ids(path: Path) -> list[str]:
@@ -212,8 +227,11 @@ def assert_same_scores(got: dict, want: dict, rtol: float = 1e-6) -> None:
 
 def tree(path: Path) -> dict[str, tuple[int, int]]:
     """Every file below ``path`` but the lease's lock files: relative name -> (size, mtime_ns)."""
-    return {str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.rglob("*"))
-            if f.is_file() and not f.name.startswith(".writer.")}
+    return {
+        str(f.relative_to(path)): (f.stat().st_size, f.stat().st_mtime_ns)
+        for f in sorted(path.rglob("*"))
+        if f.is_file() and not f.name.startswith(".writer.")
+    }
 
 
 def lance_files(path: Path) -> tuple[set[str], set[str]]:
@@ -359,16 +377,19 @@ def test_two_unsharded_builds_started_together(tmp_path, tiny_model_dir, zygote)
     assert_sound(store, [r["id"] for r in first + second])
 
 
-def test_held_lease_refuses_build_add_and_repair(small_store, tmp_path):
-    """While a writer holds the lease, build/add/check --repair refuse in one line naming its pid."""
+def test_held_lease_refuses_build_add_repair_and_sketch(small_store, tmp_path):
+    """While a writer holds the lease, build/add/check --repair/sketch refuse in one line naming its pid."""
     from forvalue.storage.store import WriterLease
 
     store = copy_store(small_store, tmp_path)
     before = tree(store)
     data = write_jsonl(tmp_path / "more.jsonl", make_rows(5, start=100))
     with WriterLease.acquire(store):
-        for args in (["index", "add", data, "--store", store, "--quiet"],
-                     ["index", "check", "--store", store, "--repair"]):
+        for args in (
+            ["index", "add", data, "--store", store, "--quiet"],
+            ["index", "check", "--store", store, "--repair"],
+            ["index", "sketch", "--store", store, "--rebuild"],
+        ):
             assert_one_line_error(cli(*args), f"another build is writing to {store} (pid {os.getpid()} on ")
             count("lease_refusals")
     with WriterLease.acquire(store, (0, 2)):  # a sharded worker: other shards may write, an unsharded build may not
@@ -387,8 +408,12 @@ def test_sharded_workers_with_a_query_and_an_audit_during_the_build(tmp_path, ti
     rows = make_rows(240)
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     store = tmp_path / "store"
-    drivers = [zygote.spawn(build_args(data, store, tiny_model_dir, "--shard", f"{k}/2", "--write-every", "1",
-                                       "--batch-size", "1")) for k in range(2)]
+    drivers = [
+        zygote.spawn(
+            build_args(data, store, tiny_model_dir, "--shard", f"{k}/2", "--write-every", "1", "--batch-size", "1")
+        )
+        for k in range(2)
+    ]
     snapshots, audited, refused = [], None, 0
     while any(d.poll() is None for d in drivers):
         if not store_ids(store):
@@ -476,9 +501,11 @@ def test_disk_full_then_resume(tmp_path, tmpfs, tiny_model_dir, zygote):
     finally:
         os.close(fd)
     val = _validation_file(tmp_path / "x")
-    for other in (["audit", "run", "--store", store, "-v", val, "--name", "full", "--device", "cpu", "--quiet"],
-                  _query_args(store, "-o", disk / "top.jsonl", val_dir=tmp_path),
-                  _query_args(store, "--all-scores", disk / "all.parquet", val_dir=tmp_path)):
+    for other in (
+        ["audit", "run", "--store", store, "-v", val, "--name", "full", "--device", "cpu", "--quiet"],
+        _query_args(store, "-o", disk / "top.jsonl", val_dir=tmp_path),
+        _query_args(store, "--all-scores", disk / "all.parquet", val_dir=tmp_path),
+    ):
         err = assert_one_line_error(cli(*other))
         assert "disk is full" in err or "No space left" in err, err
         count("disk_full_errors")
@@ -513,10 +540,12 @@ def test_read_only_store(small_store, tmp_path, tiny_runner):
         if os.access(target, os.W_OK) and _can_create(target):
             pytest.skip("the store stays writable (file modes do not bind this user)")
         val = _validation_file(tmp_path / "x")
-        for args in (["index", "add", data, "--store", target, "--quiet"],
-                     ["audit", "run", "--store", target, "-v", val, "--name", "ro", "--device", "cpu", "--quiet"],
-                     ["index", "sketch", "--store", target, "--rebuild"],
-                     ["index", "check", "--store", target, "--repair"]):
+        for args in (
+            ["index", "add", data, "--store", target, "--quiet"],
+            ["audit", "run", "--store", target, "-v", val, "--name", "ro", "--device", "cpu", "--quiet"],
+            ["index", "sketch", "--store", target, "--rebuild"],
+            ["index", "check", "--store", target, "--repair"],
+        ):
             assert_one_line_error(cli(*args), str(target), "permission")
             count("read_only_refusals")
         assert_same_scores(scores_by_id(target, tiny_runner), small_store[1])
@@ -560,8 +589,19 @@ def test_damaged_data_file(small_store, tmp_path, damage):
     else:
         with victim.open("r+b") as handle:
             handle.truncate(victim.stat().st_size // 2)
-    audit = ["audit", "run", "--store", store, "-v", _validation_file(store), "--name", "a", "--device", "cpu",
-             "--quiet"]
+    audit = [
+        "audit",
+        "run",
+        "--store",
+        store,
+        "-v",
+        _validation_file(store),
+        "--name",
+        "a",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     for args in (_query_args(store), ["index", "info", "--store", store], audit):
         assert_one_line_error(cli(*args), str(store), "index check")
         count("damaged_file_errors")
@@ -588,8 +628,12 @@ def test_corrupted_manifest(small_store, tmp_path, which):
         latest = [versions / n for n in names if (versions / n).exists()]
         latest[0].write_bytes(b"\x00garbage" * 8)
     before = tree(store)
-    for args in (_query_args(store), ["index", "info", "--store", store], ["index", "check", "--store", store],
-                 ["index", "add", data, "--store", store, "--quiet"]):
+    for args in (
+        _query_args(store),
+        ["index", "info", "--store", store],
+        ["index", "check", "--store", store],
+        ["index", "add", data, "--store", store, "--quiet"],
+    ):
         assert_one_line_error(cli(*args), str(store))
         count("corrupted_manifest_errors")
     assert tree(store) == before
@@ -787,10 +831,19 @@ def test_weight_file_rewritten_in_place_with_its_mtime_restored_is_refused(tmp_p
 @pytest.mark.parametrize("how", ["plain", "--debug", "FORVALUE_DEBUG=1"])
 def test_debug_shows_the_traceback(tmp_path, how):
     args = [sys.executable, "-m", "forvalue"] + (["--debug"] if how == "--debug" else [])
-    env = _env(FORVALUE_DEBUG="1") if how.startswith("FORVALUE") else {k: v for k, v in _env().items()
-                                                                         if k != "FORVALUE_DEBUG"}
-    done = subprocess.run(args + ["index", "info", "--store", str(tmp_path / "absent")], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=120)
+    env = (
+        _env(FORVALUE_DEBUG="1")
+        if how.startswith("FORVALUE")
+        else {k: v for k, v in _env().items() if k != "FORVALUE_DEBUG"}
+    )
+    done = subprocess.run(
+        args + ["index", "info", "--store", str(tmp_path / "absent")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
     if how == "plain":
         assert done.returncode == 2 and done.stderr.strip().count("\n") == 0, done.stderr
         assert done.stderr.startswith(f"error: {tmp_path / 'absent'}: no such store")

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_one_line_error, cli, make_model_dir, write_jsonl
 
 from forvalue.api import add_to_index, build_index, run_query
 from forvalue.engine.reference import dense_scores
@@ -22,24 +23,32 @@ from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, Model
 from forvalue.schemas.errors import InputDataError
 from forvalue.storage.store import Store
 
-from conftest import assert_one_line_error, cli, make_model_dir, write_jsonl
-
 # ChatML-like with the tiny tokenizer's own special tokens; like SmolLM2's, it adds a default system turn.
 CHAT = (
     "{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<s>system\nbe helpful</s>\n{% endif %}"
     "<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}"
 )
-TRIMMING = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] | trim }}</s>{% endfor %}" \
-           "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+TRIMMING = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] | trim }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
 
 CONVERSATIONS = [
     # the user's text contains the assistant's answer verbatim: the span must be the assistant's, not the user's
     [{"role": "user", "content": "say: the quick fox"}, {"role": "assistant", "content": "the quick fox"}],
-    [{"role": "system", "content": "you reverse words"}, {"role": "user", "content": "reverse: cats and dogs"},
-     {"role": "assistant", "content": "dogs and cats"}, {"role": "user", "content": "again: the lazy dog"},
-     {"role": "assistant", "content": "dog lazy the"}],
-    [{"role": "user", "content": "numbers 1 2 3 ->"}, {"role": "assistant", "content": " 4 5 6 "},
-     {"role": "user", "content": "and?"}, {"role": "assistant", "content": "7"}],
+    [
+        {"role": "system", "content": "you reverse words"},
+        {"role": "user", "content": "reverse: cats and dogs"},
+        {"role": "assistant", "content": "dogs and cats"},
+        {"role": "user", "content": "again: the lazy dog"},
+        {"role": "assistant", "content": "dog lazy the"},
+    ],
+    [
+        {"role": "user", "content": "numbers 1 2 3 ->"},
+        {"role": "assistant", "content": " 4 5 6 "},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "7"},
+    ],
 ]
 
 
@@ -60,8 +69,16 @@ def _runs(indices) -> list[list[int]]:
 
 
 def _sample(messages, context_turns=0) -> Sample:
-    return Sample("x", None, None, None, None, "test:1", messages=tuple((m["role"], m["content"]) for m in messages),
-                  context_turns=context_turns)
+    return Sample(
+        "x",
+        None,
+        None,
+        None,
+        None,
+        "test:1",
+        messages=tuple((m["role"], m["content"]) for m in messages),
+        context_turns=context_turns,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +200,9 @@ def test_parquet_and_csv_conversations(tmp_path):
     conv = CONVERSATIONS[1]
     # list<struct<role, content>> in Parquet, JSON in a CSV cell
     pq.write_table(pa.table({"messages": [conv, CONVERSATIONS[0]]}), tmp_path / "c.parquet")
-    (tmp_path / "c.csv").write_text("messages\n" + "\n".join(
-        '"' + json.dumps(c).replace('"', '""') + '"' for c in (conv, CONVERSATIONS[0])) + "\n")
+    (tmp_path / "c.csv").write_text(
+        "messages\n" + "\n".join('"' + json.dumps(c).replace('"', '""') + '"' for c in (conv, CONVERSATIONS[0])) + "\n"
+    )
     a = list(iter_samples([tmp_path / "c.parquet"], DataConfig()))
     b = list(iter_samples([tmp_path / "c.csv"], DataConfig()))
     assert [s.messages for s in a] == [s.messages for s in b] and [s.id for s in a] == [s.id for s in b]
@@ -194,8 +212,11 @@ def test_parquet_and_csv_conversations(tmp_path):
 BAD_ROWS = [
     ({"messages": "hello"}, "field 'messages'", "JSON list"),
     ({"messages": []}, "field 'messages'", "empty conversation"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]}, "field 'messages[1].content'",
-     "missing content"),
+    (
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant"}]},
+        "field 'messages[1].content'",
+        "missing content",
+    ),
     ({"messages": [{"content": "a"}]}, "field 'messages[0].role'", "role"),
     ({"messages": [{"role": "user", "content": 3}]}, "field 'messages[0].content'", "expected text"),
     ({"prompt": [{"role": "user", "content": "a"}], "completion": None}, "field 'completion'", "missing value"),
@@ -220,9 +241,12 @@ def test_conversational_store_scores_assistant_tokens(tmp_path, chat_model_dir):
     val_rows = [{"messages": CONVERSATIONS[1][:3]}, {"prompt": "reverse: the fox ->", "completion": " fox the"}]
     train, val = write_jsonl(tmp_path / "train.jsonl", train_rows), write_jsonl(tmp_path / "val.jsonl", val_rows)
     runner = load_runner(ModelConfig(path=str(chat_model_dir), device="cpu"))
-    cfg = BuildConfig(model=ModelConfig(path=str(chat_model_dir), device="cpu"),
-                      encode=EncodeConfig(top_m=runner.vocab_size, hidden_dtype="float32"), progress=False,
-                      write_every=2)
+    cfg = BuildConfig(
+        model=ModelConfig(path=str(chat_model_dir), device="cpu"),
+        encode=EncodeConfig(top_m=runner.vocab_size, hidden_dtype="float32"),
+        progress=False,
+        write_every=2,
+    )
     report = build_index([train], tmp_path / "store", cfg, runner=runner)
     store = Store.open(tmp_path / "store")
     assert store.manifest.score_tokens == "assistant" and report.written == len(train_rows)
@@ -230,13 +254,17 @@ def test_conversational_store_scores_assistant_tokens(tmp_path, chat_model_dir):
     n_scored = {r["id"]: r["n_scored"] for b in store.scan(["id", "n_scored"], 100) for r in b.to_pylist()}
     for s in samples:
         tok = runner.tokenizer
-        expected = sum(len(tok(m[1], add_special_tokens=False)["input_ids"]) for i, m in enumerate(s.messages)
-                       if m[0] == "assistant" and i >= s.context_turns)
+        expected = sum(
+            len(tok(m[1], add_special_tokens=False)["input_ids"])
+            for i, m in enumerate(s.messages)
+            if m[0] == "assistant" and i >= s.context_turns
+        )
         assert n_scored[s.id] == expected
     res = run_query(tmp_path / "store", [val], QueryConfig(progress=False, device="cpu"), keep_scores=True)
     order = [res.train_ids.index(s.id) for s in samples]
-    ref = dense_scores(runner.model, runner.tokenizer, samples, list(iter_samples([val], DataConfig())),
-                       score_tokens="assistant")
+    ref = dense_scores(
+        runner.model, runner.tokenizer, samples, list(iter_samples([val], DataConfig())), score_tokens="assistant"
+    )
     np.testing.assert_allclose(res.scores[:, order], ref, rtol=2e-4, atol=1e-4 * np.abs(ref).max())
     # index add takes the store's scored tokens (assistant) for new conversations
     more = write_jsonl(tmp_path / "more.jsonl", [{"messages": CONVERSATIONS[2][:2]}])
@@ -256,9 +284,22 @@ def test_text_store_default_stays_all(tmp_path, tiny_model_dir, tiny_runner, toy
 def test_old_manifest_without_new_fields_loads(tmp_path):
     from forvalue.schemas.manifest import Manifest
 
-    raw = dict(model_path="m", model_weights_sha256="0", adapter_path=None, adapter_sha256=None, tokenizer_sha256="0",
-               dtype="float32", hidden_size=4, vocab_size=10, top_m=2, score_tokens="response", chat_template=False,
-               max_length=16, hidden_dtype="float16", lowest_likelihood_ratio=None)
+    raw = dict(
+        model_path="m",
+        model_weights_sha256="0",
+        adapter_path=None,
+        adapter_sha256=None,
+        tokenizer_sha256="0",
+        dtype="float32",
+        hidden_size=4,
+        vocab_size=10,
+        top_m=2,
+        score_tokens="response",
+        chat_template=False,
+        max_length=16,
+        hidden_dtype="float16",
+        lowest_likelihood_ratio=None,
+    )
     assert Manifest.from_json(json.dumps(raw)).score_tokens == "response"
 
 
@@ -300,8 +341,9 @@ def test_folder_glob_and_compressed_shards_read_like_one_file(tmp_path):
     for inputs in ([folder], [str(folder / "part-*")], [str(tmp_path / "**" / "part-*")]):
         got = list(iter_samples(inputs, DataConfig()))
         assert [(s.id, s.prompt, s.response) for s in got] == [(s.id, s.prompt, s.response) for s in plain]
-    assert [p.name for p in expand_inputs([folder])] == [f"part-{k:03d}.{x}" for k, x in
-                                                         enumerate(["jsonl.gz", "parquet", "jsonl.zst", "jsonl"])]
+    assert [p.name for p in expand_inputs([folder])] == [
+        f"part-{k:03d}.{x}" for k, x in enumerate(["jsonl.gz", "parquet", "jsonl.zst", "jsonl"])
+    ]
     assert sum(s.occurrence > 0 for s in plain) == 7
 
 
@@ -314,15 +356,27 @@ def test_datasets_folder_without_the_datasets_package(tmp_path):
     assert [s.response for s in got] == [r["completion"] for r in rows]
 
 
-@pytest.mark.parametrize("make,needles", [
-    (lambda d: d / "none-*.jsonl", ("none-*.jsonl", "matches no file")),
-    (lambda d: (d / "empty").mkdir() or d / "empty", ("empty", "holds no data file")),
-    (lambda d: (d / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"text": "ok"}\n')[:-12]) and d / "bad.jsonl.gz",
-     ("bad.jsonl.gz", "damaged or cut short")),
-    (lambda d: (d / "bad.jsonl.zst").write_bytes(b"not zstd at all") and d / "bad.jsonl.zst", ("bad.jsonl.zst", "zst")),
-    (lambda d: (d / "x.parquet.gz").write_bytes(b"x") and d / "x.parquet.gz", ("x.parquet.gz", "unknown format")),
-    (lambda d: (d / "dd").mkdir() or (d / "dd" / "dataset_dict.json").write_text("{}") and d / "dd", ("DatasetDict",)),
-], ids=["glob", "empty_folder", "cut_gzip", "bad_zstd", "parquet_gz", "dataset_dict"])
+@pytest.mark.parametrize(
+    "make,needles",
+    [
+        (lambda d: d / "none-*.jsonl", ("none-*.jsonl", "matches no file")),
+        (lambda d: (d / "empty").mkdir() or d / "empty", ("empty", "holds no data file")),
+        (
+            lambda d: (d / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"text": "ok"}\n')[:-12]) and d / "bad.jsonl.gz",
+            ("bad.jsonl.gz", "damaged or cut short"),
+        ),
+        (
+            lambda d: (d / "bad.jsonl.zst").write_bytes(b"not zstd at all") and d / "bad.jsonl.zst",
+            ("bad.jsonl.zst", "zst"),
+        ),
+        (lambda d: (d / "x.parquet.gz").write_bytes(b"x") and d / "x.parquet.gz", ("x.parquet.gz", "unknown format")),
+        (
+            lambda d: (d / "dd").mkdir() or (d / "dd" / "dataset_dict.json").write_text("{}") and d / "dd",
+            ("DatasetDict",),
+        ),
+    ],
+    ids=["glob", "empty_folder", "cut_gzip", "bad_zstd", "parquet_gz", "dataset_dict"],
+)
 def test_bad_inputs_are_one_line_errors(tmp_path, tiny_model_dir, make, needles):
     path = make(tmp_path)
     result = cli("index", "build", path, "--store", tmp_path / "store", "--model", tiny_model_dir, "--quiet")
@@ -402,8 +456,9 @@ def test_shards_assign_each_repeat_once(tmp_path, tiny_model_dir, tiny_runner):
     rows = _rows(30, repeat_every=2)
     path = write_jsonl(tmp_path / "r.jsonl", rows)
     base = dict(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False)
-    reports = [build_index([path], tmp_path / "store", BuildConfig(shard=(k, 3), **base), runner=tiny_runner)
-               for k in range(3)]
+    reports = [
+        build_index([path], tmp_path / "store", BuildConfig(shard=(k, 3), **base), runner=tiny_runner) for k in range(3)
+    ]
     assert sum(r.written for r in reports) == 30 and sum(r.repeats_kept for r in reports) == 14
     assert all(r.other_shard == 30 - r.written for r in reports)
     assert _ids(tmp_path / "store") == sorted(s.id for s in iter_samples([path], DataConfig()))

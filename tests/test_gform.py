@@ -6,6 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from conftest import write_jsonl
 
 from forvalue.api import build_index, run_query
 from forvalue.audit import load_audit, run_audit
@@ -28,8 +29,6 @@ from forvalue.present.report import audit_report
 from forvalue.schemas.config import AuditConfig, BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
 from forvalue.storage.rows import decode_block
 from forvalue.storage.store import Store
-
-from conftest import write_jsonl
 
 LABELS = ("reverse", "math", "caps")
 

@@ -14,13 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import assert_one_line_error, cli, write_jsonl
 
-from forvalue.indexer.data import iter_samples
 from forvalue.api import build_index, run_query
+from forvalue.indexer.data import iter_samples
 from forvalue.schemas.config import BuildConfig, DataConfig, ModelConfig, QueryConfig
 from forvalue.storage.store import Store
-
-from conftest import assert_one_line_error, cli, write_jsonl
 
 # Quotes, commas, newlines and non-ASCII exercise CSV quoting and UTF-8 handling; two rows have no label.
 ROWS = [
@@ -32,8 +31,10 @@ ROWS = [
     {"id": "r5", "prompt": "cats and dogs ->", "response": " are friends in the garden", "label": None},
     {"id": "r6", "prompt": "numbers 1 2 3 ->", "response": " 4 5 6", "label": "math"},
 ]
-VAL = [{"id": "v0", "prompt": "reverse the words: the lazy dog ->", "response": " dog lazy the"},
-       {"id": "v1", "prompt": "solve the math problem 5 ->", "response": " answer 35"}]
+VAL = [
+    {"id": "v0", "prompt": "reverse the words: the lazy dog ->", "response": " dog lazy the"},
+    {"id": "v1", "prompt": "solve the math problem 5 ->", "response": " answer 35"},
+]
 FLOAT_COLUMNS = ("hidden", "topk_probs", "target_probs", "tail_mass", "sq_norm", "sketch")
 
 
@@ -69,7 +70,12 @@ def write_arrow_folder(path: Path, rows: list[dict], files: int = 2) -> Path:
         table = pa.table({k: pa.array([r.get(k) for r in part], pa.string()) for k in columns}, schema=schema)
         with pa.OSFile(str(path / name), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             writer.write_table(table, max_chunksize=2)  # several record batches per file
-    state = {"_data_files": [{"filename": n} for n in names], "_fingerprint": "0" * 16, "_format_type": None, "_split": None}
+    state = {
+        "_data_files": [{"filename": n} for n in names],
+        "_fingerprint": "0" * 16,
+        "_format_type": None,
+        "_split": None,
+    }
     (path / "state.json").write_text(json.dumps(state))
     (path / "dataset_info.json").write_text("{}")
     return path
@@ -97,7 +103,13 @@ def assert_same_store(a: dict[str, dict], b: dict[str, dict]) -> None:
     for sid in a:
         for col, value in a[sid].items():
             if col in FLOAT_COLUMNS:
-                np.testing.assert_allclose(np.asarray(b[sid][col], float), np.asarray(value, float), rtol=1e-6, atol=1e-7, err_msg=f"{sid}.{col}")
+                np.testing.assert_allclose(
+                    np.asarray(b[sid][col], float),
+                    np.asarray(value, float),
+                    rtol=1e-6,
+                    atol=1e-7,
+                    err_msg=f"{sid}.{col}",
+                )
             else:
                 assert b[sid][col] == value, f"{sid}.{col}"
 
@@ -108,7 +120,9 @@ def store_state(store_path: Path) -> tuple:
 
 
 def _build(tmp: Path, inputs, model_dir, runner, name="store", data=DataConfig()) -> Path:
-    cfg = BuildConfig(data=data, model=ModelConfig(path=str(model_dir), device="cpu"), progress=False, write_every=3, batch_size=2)
+    cfg = BuildConfig(
+        data=data, model=ModelConfig(path=str(model_dir), device="cpu"), progress=False, write_every=3, batch_size=2
+    )
     build_index([inputs], tmp / name, cfg, runner=runner)
     return tmp / name
 
@@ -132,7 +146,9 @@ def test_all_formats_give_identical_stores(tmp_path, tiny_runner, tiny_model_dir
     assert len(ref) == len(ROWS)
     if with_ids:
         assert sorted(ref) == sorted(r["id"] for r in ROWS)
-    assert {r["prompt"]: (r["response"], r["label"]) for r in ref.values()} == {r["prompt"]: (r["response"], r["label"]) for r in ROWS}
+    assert {r["prompt"]: (r["response"], r["label"]) for r in ref.values()} == {
+        r["prompt"]: (r["response"], r["label"]) for r in ROWS
+    }
     for fmt in WRITERS:
         assert_same_store(ref, snaps[fmt])
         assert sorted(scores[fmt]) == sorted(scores["jsonl"])
@@ -149,7 +165,10 @@ def test_csv_with_byte_order_mark_reads_the_id_column(tmp_path):
 
 def test_empty_optional_cells_are_missing_values(tmp_path):
     """An empty id or label cell (CSV has no null) means missing: content-hash id and no label, as in JSONL."""
-    rows = [{"id": "", "prompt": "p one", "response": " r", "label": ""}, {"id": "  ", "prompt": "p two", "response": " r", "label": "x"}]
+    rows = [
+        {"id": "", "prompt": "p one", "response": " r", "label": ""},
+        {"id": "  ", "prompt": "p two", "response": " r", "label": "x"},
+    ]
     from_csv = list(iter_samples([write_csv(tmp_path / "a.csv", rows)], DataConfig()))
     from_jsonl = list(iter_samples([write_jsonl(tmp_path / "a.jsonl", _strip(rows, drop=("id",)))], DataConfig()))
     assert [(s.id, s.label) for s in from_csv] == [(s.id, s.label) for s in from_jsonl]
@@ -172,28 +191,86 @@ def test_single_text_column(tmp_path, tiny_runner, tiny_model_dir):
         assert stored["n_tokens"] == n and stored["n_scored"] == n - 1  # every next-token prediction is scored
 
     # --text-column names another column, and wins over prompt/response present in the same rows
-    other = [{"key": r["id"], "body": r["text"], "prompt": "ignored ->", "response": " ignored", "cls": r["label"]} for r in rows]
+    other = [
+        {"key": r["id"], "body": r["text"], "prompt": "ignored ->", "response": " ignored", "cls": r["label"]}
+        for r in rows
+    ]
     write_jsonl(tmp_path / "body.jsonl", _strip(other))
-    result = cli("index", "build", tmp_path / "body.jsonl", "--store", tmp_path / "s2", "--model", tiny_model_dir, "--quiet",
-                 "--text-column", "body", "--id-column", "key", "--label-column", "cls", "--batch-size", "2", "--write-every", "3")
+    result = cli(
+        "index",
+        "build",
+        tmp_path / "body.jsonl",
+        "--store",
+        tmp_path / "s2",
+        "--model",
+        tiny_model_dir,
+        "--quiet",
+        "--text-column",
+        "body",
+        "--id-column",
+        "key",
+        "--label-column",
+        "cls",
+        "--batch-size",
+        "2",
+        "--write-every",
+        "3",
+    )
     assert result.exit_code == 0, result.output
     assert_same_store(snap, snapshot(tmp_path / "s2"))
 
 
 def test_custom_column_names_match_default_names(tmp_path, tiny_runner, tiny_model_dir):
     ref = snapshot(_build(tmp_path, write_jsonl(tmp_path / "a.jsonl", _strip(ROWS)), tiny_model_dir, tiny_runner))
-    renamed = [{"q": r["prompt"], "a": r["response"], "key": r["id"], "cls": r["label"], "prompt": "decoy"} for r in ROWS]
+    renamed = [
+        {"q": r["prompt"], "a": r["response"], "key": r["id"], "cls": r["label"], "prompt": "decoy"} for r in ROWS
+    ]
     write_csv(tmp_path / "renamed.csv", renamed)
-    result = cli("index", "build", tmp_path / "renamed.csv", "--store", tmp_path / "s2", "--model", tiny_model_dir, "--quiet",
-                 "--prompt-column", "q", "--response-column", "a", "--id-column", "key", "--label-column", "cls",
-                 "--batch-size", "2", "--write-every", "3")
+    result = cli(
+        "index",
+        "build",
+        tmp_path / "renamed.csv",
+        "--store",
+        tmp_path / "s2",
+        "--model",
+        tiny_model_dir,
+        "--quiet",
+        "--prompt-column",
+        "q",
+        "--response-column",
+        "a",
+        "--id-column",
+        "key",
+        "--label-column",
+        "cls",
+        "--batch-size",
+        "2",
+        "--write-every",
+        "3",
+    )
     assert result.exit_code == 0, result.output
     assert_same_store(ref, snapshot(tmp_path / "s2"))
     # the same names drive the query's validation file
     val = [{"q": v["prompt"], "a": v["response"], "key": v["id"]} for v in VAL]
     write_jsonl(tmp_path / "val.jsonl", val)
-    result = cli("query", "--store", tmp_path / "s2", "-v", tmp_path / "val.jsonl", "--quiet", "--top-k", "2",
-                 "--prompt-column", "q", "--response-column", "a", "--id-column", "key", "-o", tmp_path / "top.jsonl")
+    result = cli(
+        "query",
+        "--store",
+        tmp_path / "s2",
+        "-v",
+        tmp_path / "val.jsonl",
+        "--quiet",
+        "--top-k",
+        "2",
+        "--prompt-column",
+        "q",
+        "--response-column",
+        "a",
+        "--id-column",
+        "key",
+        "-o",
+        tmp_path / "top.jsonl",
+    )
     assert result.exit_code == 0, result.output
     top = [json.loads(line) for line in (tmp_path / "top.jsonl").read_text().splitlines()]
     assert sorted({t["validation_id"] for t in top}) == ["v0", "v1"]
@@ -211,11 +288,20 @@ def test_missing_id_gets_stable_content_hash(tmp_path, tiny_runner, tiny_model_d
     relabelled = write_jsonl(tmp_path / "relabel.jsonl", [{**r, "label": "other"} for r in rows])
     assert [s.id for s in iter_samples([relabelled], DataConfig())] == ids
     # same ids in another process with another hash seed (no use of Python's salted hash())
-    code = ("import json, sys; from forvalue.indexer.data import iter_samples; from forvalue.schemas.config import DataConfig; "
-            "print(json.dumps([s.id for s in iter_samples([sys.argv[1]], DataConfig())]))")
+    code = (
+        "import json, sys; from forvalue.indexer.data import iter_samples; from forvalue.schemas.config import "
+        "DataConfig; "
+        "print(json.dumps([s.id for s in iter_samples([sys.argv[1]], DataConfig())]))"
+    )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env,
-                         cwd=Path(__file__).resolve().parents[1], check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    )
     assert json.loads(out.stdout) == ids
     # the repeated row is stored as a second sample, and a second build finds every id already stored
     cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False)
@@ -245,28 +331,42 @@ def _bad_jsonl_malformed(d):
 
 
 def _bad_missing_column(d):
-    return write_jsonl(d / "bad.jsonl", [_new_row(0), {"id": "x", "prompt": "no response here"}]), \
-        ("bad.jsonl:2", "field 'response'", "missing column")
+    return write_jsonl(d / "bad.jsonl", [_new_row(0), {"id": "x", "prompt": "no response here"}]), (
+        "bad.jsonl:2",
+        "field 'response'",
+        "missing column",
+    )
 
 
 def _bad_empty_value(d):
-    return write_jsonl(d / "bad.jsonl", [_new_row(0), {"id": "x", "prompt": "   ", "response": " r"}]), \
-        ("bad.jsonl:2", "field 'prompt'", "empty value")
+    return write_jsonl(d / "bad.jsonl", [_new_row(0), {"id": "x", "prompt": "   ", "response": " r"}]), (
+        "bad.jsonl:2",
+        "field 'prompt'",
+        "empty value",
+    )
 
 
 def _bad_null_value(d):
-    return write_jsonl(d / "bad.jsonl", [{"id": "x", "prompt": "p", "response": None}]), \
-        ("bad.jsonl:1", "field 'response'", "missing value")
+    return write_jsonl(d / "bad.jsonl", [{"id": "x", "prompt": "p", "response": None}]), (
+        "bad.jsonl:1",
+        "field 'response'",
+        "missing value",
+    )
 
 
 def _bad_csv_empty(d):
-    return write_csv(d / "bad.csv", [_new_row(0), {"id": "x", "prompt": "", "response": " r"}]), \
-        ("bad.csv:3", "field 'prompt'", "empty value")  # line 1 is the header
+    return write_csv(d / "bad.csv", [_new_row(0), {"id": "x", "prompt": "", "response": " r"}]), (
+        "bad.csv:3",
+        "field 'prompt'",
+        "empty value",
+    )  # line 1 is the header
 
 
 def _bad_parquet_null(d):
-    return write_parquet(d / "bad.parquet", [_new_row(0), {"id": "x", "prompt": None, "response": " r"}]), \
-        ("bad.parquet:2", "field 'prompt'")
+    return write_parquet(d / "bad.parquet", [_new_row(0), {"id": "x", "prompt": None, "response": " r"}]), (
+        "bad.parquet:2",
+        "field 'prompt'",
+    )
 
 
 def _bad_not_utf8(d):
@@ -292,8 +392,18 @@ def _bad_arrow_missing_shard(d):
     return folder, ("data-00001-of-00002.arrow", "missing")
 
 
-BAD = [_bad_jsonl_malformed, _bad_missing_column, _bad_empty_value, _bad_null_value, _bad_csv_empty,
-       _bad_parquet_null, _bad_not_utf8, _bad_suffix, _bad_missing_file, _bad_arrow_missing_shard]
+BAD = [
+    _bad_jsonl_malformed,
+    _bad_missing_column,
+    _bad_empty_value,
+    _bad_null_value,
+    _bad_csv_empty,
+    _bad_parquet_null,
+    _bad_not_utf8,
+    _bad_suffix,
+    _bad_missing_file,
+    _bad_arrow_missing_shard,
+]
 
 
 @pytest.mark.parametrize("make_bad", BAD, ids=[f.__name__[5:] for f in BAD])

@@ -55,7 +55,8 @@ def test_recall_at_class_size_equals_its_definition(seed):
     if not positive.any():
         positive[-1] = True
     assert recall_at_class_size(scores, positive) == pytest.approx(
-        _recall_by_definition(list(scores), list(positive)), abs=1e-12)
+        _recall_by_definition(list(scores), list(positive)), abs=1e-12
+    )
 
 
 def test_class_retrieval_is_the_mean_and_std_over_validation_rows():

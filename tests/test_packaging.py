@@ -9,11 +9,11 @@ import inspect
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import forvalue
 
@@ -28,7 +28,7 @@ def _source_modules() -> dict[str, Path]:
     for package in setup["packages"]:
         parts = package.split(".")
         prefix = next(".".join(parts[:i]) for i in range(len(parts), 0, -1) if ".".join(parts[:i]) in where)
-        folder = ROOT / where[prefix] / Path(*parts[len(prefix.split(".")):])
+        folder = ROOT / where[prefix] / Path(*parts[len(prefix.split(".")) :])
         for file in folder.glob("*.py"):
             out[package if file.stem == "__init__" else f"{package}.{file.stem}"] = file
     return out
@@ -49,8 +49,22 @@ def test_wheel_holds_only_the_forvalue_package(tmp_path):
         shutil.copy(ROOT / name, source / name)
     for folder in ("query", "indexer", "storage", "schemas"):
         shutil.copytree(ROOT / folder, source / folder, ignore=ignore)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(source),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = tmp_path.glob("forvalue-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
@@ -120,8 +134,10 @@ def test_public_names_resolve_and_are_documented(name):
 
 
 def test_import_forvalue_is_cheap_and_the_light_commands_load_no_model_stack():
-    code = ("import sys, forvalue, forvalue.cli, forvalue.maintenance, forvalue.audit;"
-            "print(sorted(m for m in ('torch', 'transformers', 'lancedb', 'ray') if m in sys.modules))")
+    code = (
+        "import sys, forvalue, forvalue.cli, forvalue.maintenance, forvalue.audit;"
+        "print(sorted(m for m in ('torch', 'transformers', 'lancedb', 'ray') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -143,4 +159,5 @@ def test_stage_folders_import_only_earlier_stages(stage):
             continue
         for target in _imports(file, set(modules)):
             assert target.startswith(tuple(p + "." for p in ALLOWED[stage])) or target in ALLOWED[stage], (
-                f"{name} imports {target}")
+                f"{name} imports {target}"
+            )

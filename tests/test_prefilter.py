@@ -6,16 +6,15 @@ import json
 
 import numpy as np
 import pytest
+from conftest import write_jsonl
 
-from forvalue.indexer.sketch import SketchSpec, Sketcher, fit_basis
-from forvalue.indexer.sparse_errors import error_entries, pair_score
 from forvalue.api import build_index, run_query
+from forvalue.indexer.sketch import Sketcher, SketchSpec, fit_basis
+from forvalue.indexer.sparse_errors import error_entries, pair_score
 from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
 from forvalue.storage import faiss_index
 from forvalue.storage.sketch_basis import load_basis, publish_basis
 from forvalue.storage.store import Store
-
-from conftest import write_jsonl
 
 
 def _random_samples(rng, n_samples=24, vocab=500, d=32, m=8):
@@ -64,7 +63,9 @@ def test_sketch_inner_product_is_unbiased_and_accurate(buckets, cols):
     assert abs(np.corrcoef(wrong[off], exact[off])[0, 1]) < 0.3
     # and another seed on one side (a seed not taken from the manifest) too
     spec_a, spec_b = SketchSpec(4096, buckets, cols, 1, 500, 32), SketchSpec(4096, buckets, cols, 2, 500, 32)
-    cross = Sketcher(spec_a).sketch(hidden, ids, values, lengths) @ Sketcher(spec_b).sketch(hidden, ids, values, lengths).T
+    cross = (
+        Sketcher(spec_a).sketch(hidden, ids, values, lengths) @ Sketcher(spec_b).sketch(hidden, ids, values, lengths).T
+    )
     assert abs(np.corrcoef(cross[off], exact[off])[0, 1]) < 0.3
 
 
@@ -117,7 +118,7 @@ def test_fitted_sketch_equals_its_dense_definition():
         g = np.zeros((500, 32))
         for k in range(off[j], off[j + 1]):
             np.add.at(g, ids[k], values[k][:, None] * hidden[k][None, :].astype(np.float64))
-        blocks = [table[:, t * 64:(t + 1) * 64].T @ g @ basis for t in range(2)]  # (R, c) each
+        blocks = [table[:, t * 64 : (t + 1) * 64].T @ g @ basis for t in range(2)]  # (R, c) each
         want = np.concatenate([b.ravel() for b in blocks]) / np.sqrt(2)
         np.testing.assert_allclose(z[j], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     # a fitted sketch refuses a missing or misshaped basis
@@ -142,8 +143,12 @@ def sketched_store(tmp_path_factory, tiny_model_dir, tiny_runner):
     train, test = _task_rows(12, 2)
     write_jsonl(tmp / "train.jsonl", train)
     write_jsonl(tmp / "val.jsonl", test)
-    cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False, write_every=40,
-                      encode=EncodeConfig(sketch_dim=2048))
+    cfg = BuildConfig(
+        model=ModelConfig(path=str(tiny_model_dir), device="cpu"),
+        progress=False,
+        write_every=40,
+        encode=EncodeConfig(sketch_dim=2048),
+    )
     build_index([tmp / "train.jsonl"], tmp / "store", cfg, runner=tiny_runner)
     return tmp, train, test
 
@@ -166,8 +171,12 @@ def test_prefilter_recall_matches_exact_and_wrong_sketch_breaks_it(sketched_stor
     pre = faiss_index.load(store)
     assert pre is not None and pre.rows == len(train) and pre.meta["factory"] == "Flat"
     k, cand = 10, len(train) // 5
-    exact = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, exact=True), runner=tiny_runner)
-    approx = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, candidates=cand), runner=tiny_runner)
+    exact = run_query(
+        tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, exact=True), runner=tiny_runner
+    )
+    approx = run_query(
+        tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, candidates=cand), runner=tiny_runner
+    )
     assert not exact.prefiltered and approx.prefiltered
     e, a = _top_ids(exact, k), _top_ids(approx, k)
     assert _recall(e, a) >= 0.9
@@ -177,8 +186,18 @@ def test_prefilter_recall_matches_exact_and_wrong_sketch_breaks_it(sketched_stor
         if (r["validation_id"], r["train_id"]) in es:
             assert r["score"] == pytest.approx(es[(r["validation_id"], r["train_id"])], rel=1e-9)
     # aggregated queries: same top-k when the candidates cover it
-    em = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, aggregate="mean", progress=False, exact=True), runner=tiny_runner)
-    am = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, aggregate="mean", progress=False, candidates=cand), runner=tiny_runner)
+    em = run_query(
+        tmp / "store",
+        [tmp / "val.jsonl"],
+        QueryConfig(top_k=k, aggregate="mean", progress=False, exact=True),
+        runner=tiny_runner,
+    )
+    am = run_query(
+        tmp / "store",
+        [tmp / "val.jsonl"],
+        QueryConfig(top_k=k, aggregate="mean", progress=False, candidates=cand),
+        runner=tiny_runner,
+    )
     assert _recall(_top_ids(em, k), _top_ids(am, k)) >= 0.9
 
     # a query-side sketch with other hash tables (a seed not taken from the manifest): recall
@@ -187,8 +206,14 @@ def test_prefilter_recall_matches_exact_and_wrong_sketch_breaks_it(sketched_stor
 
     import forvalue.engine.prefilter as qp
 
-    monkeypatch.setattr(qp, "get_sketcher", lambda spec, basis=None: Sketcher(dataclasses.replace(spec, seed=spec.seed + 1), basis=basis))
-    broken = run_query(tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, candidates=cand), runner=tiny_runner)
+    monkeypatch.setattr(
+        qp,
+        "get_sketcher",
+        lambda spec, basis=None: Sketcher(dataclasses.replace(spec, seed=spec.seed + 1), basis=basis),
+    )
+    broken = run_query(
+        tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, candidates=cand), runner=tiny_runner
+    )
     assert _recall(e, _top_ids(broken, k)) < 0.6
 
 
@@ -197,7 +222,9 @@ def test_faiss_index_follows_appends_and_recovers(sketched_store, tiny_model_dir
     more, _ = _task_rows(2, 1, seed=5)
     more = [dict(r, id="extra-" + r["id"]) for r in more]
     write_jsonl(tmp / "more.jsonl", more)
-    cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False, encode=EncodeConfig(sketch_dim=2048))
+    cfg = BuildConfig(
+        model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False, encode=EncodeConfig(sketch_dim=2048)
+    )
     build_index([tmp / "more.jsonl"], tmp / "store", cfg, runner=tiny_runner)
     store = Store.open(tmp / "store")
     total = store.count()
@@ -235,35 +262,85 @@ def test_cli_sketch_old_store_and_query_candidates(tmp_path, tiny_model_dir, tin
 
     write_jsonl(tmp_path / "train.jsonl", toy_rows)
     write_jsonl(tmp_path / "val.jsonl", toy_rows[:2])
-    cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False, encode=EncodeConfig(sketch_dim=0))
+    cfg = BuildConfig(
+        model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False, encode=EncodeConfig(sketch_dim=0)
+    )
     build_index([tmp_path / "train.jsonl"], tmp_path / "store", cfg, runner=tiny_runner)
     store = Store.open(tmp_path / "store")
     assert not store.has_column("sketch") and store.manifest.sketch_dim is None
     cli = CliRunner()
-    res = cli.invoke(main, ["query", "--store", str(tmp_path / "store"), "-v", str(tmp_path / "val.jsonl"), "--candidates", "5", "--quiet"])
+    res = cli.invoke(
+        main,
+        [
+            "query",
+            "--store",
+            str(tmp_path / "store"),
+            "-v",
+            str(tmp_path / "val.jsonl"),
+            "--candidates",
+            "5",
+            "--quiet",
+        ],
+    )
     assert res.exit_code == 2 and "index sketch" in res.output
-    res = cli.invoke(main, ["index", "sketch", "--store", str(tmp_path / "store"), "--sketch-dim", "512", "--sketch-vocab-buckets", "128", "--json"])
+    res = cli.invoke(
+        main,
+        [
+            "index",
+            "sketch",
+            "--store",
+            str(tmp_path / "store"),
+            "--sketch-dim",
+            "512",
+            "--sketch-vocab-buckets",
+            "128",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     report = json.loads(res.output.strip().splitlines()[-1])
     assert report["sketched"] and report["faiss_rows"] == len(toy_rows)
     store = Store.open(tmp_path / "store")
     assert store.manifest.sketch_dim == 512 and store.has_column("sketch")
-    assert (store.manifest.sketch_vocab_buckets, store.manifest.sketch_hidden_cols, store.manifest.sketch_basis) == (128, 4, "fitted")
+    assert (store.manifest.sketch_vocab_buckets, store.manifest.sketch_hidden_cols, store.manifest.sketch_basis) == (
+        128,
+        4,
+        "fitted",
+    )
     assert load_basis(store.path).shape == (store.manifest.hidden_size, 4)
     # the column equals what a build would have computed
     built = tmp_path / "built"
-    build_index([tmp_path / "train.jsonl"], built, BuildConfig(model=cfg.model, progress=False, encode=EncodeConfig(sketch_dim=512, sketch_vocab_buckets=128)), runner=tiny_runner)
+    build_index(
+        [tmp_path / "train.jsonl"],
+        built,
+        BuildConfig(model=cfg.model, progress=False, encode=EncodeConfig(sketch_dim=512, sketch_vocab_buckets=128)),
+        runner=tiny_runner,
+    )
     np.testing.assert_allclose(load_basis(built), load_basis(store.path), atol=1e-5)
     a = {r["id"]: r["sketch"] for r in store.take(list(range(store.count())), ["id", "sketch"]).to_pylist()}
     b_store = Store.open(built)
     b = {r["id"]: r["sketch"] for r in b_store.take(list(range(b_store.count())), ["id", "sketch"]).to_pylist()}
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-4)
-    args = ["query", "--store", str(tmp_path / "store"), "-v", str(tmp_path / "val.jsonl"), "--top-k", "3", "--quiet",
-            "--model", str(tiny_model_dir), "--device", "cpu"]
+    args = [
+        "query",
+        "--store",
+        str(tmp_path / "store"),
+        "-v",
+        str(tmp_path / "val.jsonl"),
+        "--top-k",
+        "3",
+        "--quiet",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+    ]
     exact = cli.invoke(main, args + ["--exact"])
     approx = cli.invoke(main, args + ["--candidates", str(len(toy_rows))])
     assert exact.exit_code == 0 and approx.exit_code == 0, approx.output
-    assert [json.loads(x)["train_id"] for x in exact.output.splitlines()] == [json.loads(x)["train_id"] for x in approx.output.splitlines()]
+    assert [json.loads(x)["train_id"] for x in exact.output.splitlines()] == [
+        json.loads(x)["train_id"] for x in approx.output.splitlines()
+    ]
     bad = cli.invoke(main, args + ["--candidates", "3", "--exact"])
     assert bad.exit_code == 2

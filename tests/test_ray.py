@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import assert_one_line_error, cli, write_jsonl
 
 from forvalue.schemas.config import AuditConfig, BuildConfig, EncodeConfig, EngineConfig, ModelConfig, QueryConfig
@@ -29,18 +28,32 @@ ENCODE = EncodeConfig(sketch_dim=256, sketch_vocab_buckets=64, sketch_hidden_col
 
 def _rows(n: int) -> list[dict]:
     words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
-    return [{"id": f"s{i:03d}", "prompt": f"{words[i % 8]} question {i} about {words[(i * 3) % 8]} ->",
-             "response": f" answer {i * 7} {words[(i * 5) % 8]}", "label": "ab"[i % 2]} for i in range(n)]
+    return [
+        {
+            "id": f"s{i:03d}",
+            "prompt": f"{words[i % 8]} question {i} about {words[(i * 3) % 8]} ->",
+            "response": f" answer {i * 7} {words[(i * 5) % 8]}",
+            "label": "ab"[i % 2],
+        }
+        for i in range(n)
+    ]
 
 
 def _val() -> list[dict]:
-    return [{"id": f"v{i}", "prompt": f"beta question {i} ->", "response": f" answer {i}", "label": "ab"[i % 2]}
-            for i in range(5)]
+    return [
+        {"id": f"v{i}", "prompt": f"beta question {i} ->", "response": f" answer {i}", "label": "ab"[i % 2]}
+        for i in range(5)
+    ]
 
 
 def _config(model: Path, write_every: int = 8) -> BuildConfig:
-    return BuildConfig(model=ModelConfig(path=str(model), device="cpu"), encode=ENCODE, batch_size=4,
-                       write_every=write_every, progress=False)
+    return BuildConfig(
+        model=ModelConfig(path=str(model), device="cpu"),
+        encode=ENCODE,
+        batch_size=4,
+        write_every=write_every,
+        progress=False,
+    )
 
 
 def _table(store: Path):
@@ -93,8 +106,10 @@ def test_ray_build_equals_single_process(stores):
                 np.testing.assert_allclose(np.asarray(v, float), np.asarray(u, float), rtol=1e-3, atol=1e-4)
         else:
             assert x == y, name
-    assert (Manifest.load(stores["ray"] / "manifest.json").mismatches(Manifest.load(stores["local"] / "manifest.json"))
-            == [])
+    assert (
+        Manifest.load(stores["ray"] / "manifest.json").mismatches(Manifest.load(stores["local"] / "manifest.json"))
+        == []
+    )
     np.testing.assert_allclose(load_basis(stores["ray"]), load_basis(stores["local"]), rtol=1e-4, atol=1e-5)
     pre = faiss_index.load(Store.open(stores["ray"]))
     assert pre is not None and pre.index.ntotal == 40
@@ -126,9 +141,35 @@ def test_ray_build_after_killed_driver_has_no_duplicates(tmp_path, tiny_model_di
     data = write_jsonl(tmp_path / "train.jsonl", _rows(120))
     store = tmp_path / "store"
     address = ray_instance.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "forvalue", "index", "build", str(data), "--store", str(store), "--model",
-           str(tiny_model_dir), "--device", "cpu", "--batch-size", "2", "--write-every", "4", "--sketch-dim", "256",
-           "--sketch-vocab-buckets", "64", "--engine", "ray", "--ray-address", address, "--workers", "2", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "forvalue",
+        "index",
+        "build",
+        str(data),
+        "--store",
+        str(store),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--write-every",
+        "4",
+        "--sketch-dim",
+        "256",
+        "--sketch-vocab-buckets",
+        "64",
+        "--engine",
+        "ray",
+        "--ray-address",
+        address,
+        "--workers",
+        "2",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     uri = str(store / "samples.lance")
     deadline = time.monotonic() + 240
@@ -175,9 +216,34 @@ def test_ray_build_survives_a_killed_worker(tmp_path, tiny_model_dir, ray_instan
     data = write_jsonl(tmp_path / "train.jsonl", _rows(80))
     store = tmp_path / "store"
     address = ray_instance.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "forvalue", "index", "build", str(data), "--store", str(store), "--model",
-           str(tiny_model_dir), "--device", "cpu", "--batch-size", "2", "--write-every", "4", "--sketch-dim", "0",
-           "--engine", "ray", "--ray-address", address, "--workers", "2", "--quiet", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "forvalue",
+        "index",
+        "build",
+        str(data),
+        "--store",
+        str(store),
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "2",
+        "--write-every",
+        "4",
+        "--sketch-dim",
+        "0",
+        "--engine",
+        "ray",
+        "--ray-address",
+        address,
+        "--workers",
+        "2",
+        "--quiet",
+        "--json",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 240
     killed = None
@@ -253,14 +319,45 @@ def test_cli_engine_ray(stores, tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", _rows(10))
     val = write_jsonl(tmp_path / "val.jsonl", _val())
     store = tmp_path / "store"
-    r = cli("index", "build", data, "--store", store, "--model", tiny_model_dir, "--device", "cpu", "--sketch-dim", "0",
-            "--engine", "ray", "--workers", "2", "--json", "--quiet")
+    r = cli(
+        "index",
+        "build",
+        data,
+        "--store",
+        store,
+        "--model",
+        tiny_model_dir,
+        "--device",
+        "cpu",
+        "--sketch-dim",
+        "0",
+        "--engine",
+        "ray",
+        "--workers",
+        "2",
+        "--json",
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     report = json.loads(r.output)
     assert (report["written"], report["total_rows"]) == (10, 10)
     out = tmp_path / "top.jsonl"
-    r = cli("query", "--store", store, "--validation", val, "--top-k", "3", "--engine", "ray", "--workers", "2",
-            "-o", out, "--quiet")
+    r = cli(
+        "query",
+        "--store",
+        store,
+        "--validation",
+        val,
+        "--top-k",
+        "3",
+        "--engine",
+        "ray",
+        "--workers",
+        "2",
+        "-o",
+        out,
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     local = tmp_path / "top-local.jsonl"
@@ -271,10 +368,34 @@ def test_cli_engine_ray(stores, tiny_model_dir, tmp_path):
     r = cli("query", "--store", store, "--validation", val, "--engine", "ray", "--workers", "9", "--quiet")
     assert_one_line_error(r, "--workers", "9 actors", "2")
     # an error inside an actor (the model fails to load there) is the single-process one-line error
-    r = cli("index", "build", data, "--store", tmp_path / "other", "--model", tmp_path / "no-model", "--device", "cpu",
-            "--engine", "ray", "--workers", "1", "--quiet")
-    plain = cli("index", "build", data, "--store", tmp_path / "other", "--model", tmp_path / "no-model", "--device",
-                "cpu", "--quiet")
+    r = cli(
+        "index",
+        "build",
+        data,
+        "--store",
+        tmp_path / "other",
+        "--model",
+        tmp_path / "no-model",
+        "--device",
+        "cpu",
+        "--engine",
+        "ray",
+        "--workers",
+        "1",
+        "--quiet",
+    )
+    plain = cli(
+        "index",
+        "build",
+        data,
+        "--store",
+        tmp_path / "other",
+        "--model",
+        tmp_path / "no-model",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert assert_one_line_error(r) == assert_one_line_error(plain)
 
 

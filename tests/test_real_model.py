@@ -13,10 +13,10 @@ import importlib.util
 import numpy as np
 import pytest
 
-from forvalue.tasks.text import generate_task, write_jsonl
 from forvalue.api import build_index, run_query
-from forvalue.tasks.metrics import class_retrieval
 from forvalue.schemas.config import BuildConfig, ModelConfig, QueryConfig
+from forvalue.tasks.metrics import class_retrieval
+from forvalue.tasks.text import generate_task, write_jsonl
 
 pytestmark = [
     pytest.mark.real_model,
@@ -36,8 +36,16 @@ def test_real_model_retrieves_same_class(real_runner, tmp_path, task):
     train, test = generate_task(task, n_train=30, n_test=1, n_classes=3, seed=1)
     write_jsonl(train, tmp_path / "train.jsonl")
     write_jsonl(test, tmp_path / "val.jsonl")
-    build_index([tmp_path / "train.jsonl"], tmp_path / "store", BuildConfig(progress=False, batch_size=8), runner=real_runner)
-    res = run_query(tmp_path / "store", [tmp_path / "val.jsonl"], QueryConfig(progress=False, top_k=5), runner=real_runner, keep_scores=True)
+    build_index(
+        [tmp_path / "train.jsonl"], tmp_path / "store", BuildConfig(progress=False, batch_size=8), runner=real_runner
+    )
+    res = run_query(
+        tmp_path / "store",
+        [tmp_path / "val.jsonl"],
+        QueryConfig(progress=False, top_k=5),
+        runner=real_runner,
+        keep_scores=True,
+    )
     labels = {r["id"]: r["label"] for r in train}
     metrics = class_retrieval(res.scores, [labels[i] for i in res.train_ids], [r["label"] for r in test])
     assert metrics["auc_mean"] >= 0.95, metrics
@@ -57,7 +65,11 @@ def test_default_model_manifest_and_mismatch_refusal(real_runner, tiny_model_dir
     write_jsonl(train, tmp_path / "train.jsonl")
     build_index([tmp_path / "train.jsonl"], tmp_path / "store", BuildConfig(progress=False), runner=real_runner)
     with pytest.raises(ManifestMismatchError, match="model_weights_sha256"):
-        run_query(tmp_path / "store", test, QueryConfig(progress=False),
-                  model=ModelConfig(path=str(tiny_model_dir), device="cpu"))
+        run_query(
+            tmp_path / "store",
+            test,
+            QueryConfig(progress=False),
+            model=ModelConfig(path=str(tiny_model_dir), device="cpu"),
+        )
     res = run_query(tmp_path / "store", test, QueryConfig(progress=False), runner=real_runner, keep_scores=True)
     assert res.scores.shape == (len(test), len(train)) and np.isfinite(res.scores).all()

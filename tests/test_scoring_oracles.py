@@ -5,25 +5,31 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import write_jsonl
 
-from forvalue.indexer.data import iter_samples
 from forvalue.api import build_index, run_query
 from forvalue.engine.reference import dense_matrices, dense_scores
+from forvalue.indexer.data import iter_samples
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
-
-from conftest import write_jsonl
 
 
 def _build_and_score(tmp_path, model_dir, rows, val_rows, encode: EncodeConfig, **query_kwargs):
     train = write_jsonl(tmp_path / "train.jsonl", rows)
     val = write_jsonl(tmp_path / "val.jsonl", val_rows)
-    cfg = BuildConfig(model=ModelConfig(path=str(model_dir), device="cpu"), encode=encode, progress=False, write_every=5)
+    cfg = BuildConfig(
+        model=ModelConfig(path=str(model_dir), device="cpu"), encode=encode, progress=False, write_every=5
+    )
     build_index([train], tmp_path / "store", cfg)
     qcfg = QueryConfig(progress=False, device="cpu", **query_kwargs)
     res = run_query(tmp_path / "store", [val], qcfg, keep_scores=True)
     order = {sid: j for j, sid in enumerate(res.train_ids)}
     ids = [r["id"] for r in rows]
-    return res, res.scores[:, [order[i] for i in ids]], list(iter_samples([train], DataConfig())), list(iter_samples([val], DataConfig()))
+    return (
+        res,
+        res.scores[:, [order[i] for i in ids]],
+        list(iter_samples([train], DataConfig())),
+        list(iter_samples([val], DataConfig())),
+    )
 
 
 def test_reference_h_is_lm_head_input(tiny_runner, toy_rows, tmp_path):
@@ -84,21 +90,27 @@ def test_cosine_mean_and_blocking(tiny_runner, tiny_model_dir, toy_rows, tmp_pat
     store = tmp_path / "store"
     q = dict(progress=False, device="cpu")
     # small blocks on both sides give the same scores
-    blocked = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(read_rows=3, val_block_tokens=10, **q), keep_scores=True)
+    blocked = run_query(
+        store, [tmp_path / "val.jsonl"], QueryConfig(read_rows=3, val_block_tokens=10, **q), keep_scores=True
+    )
     one = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(**q), keep_scores=True)
     np.testing.assert_allclose(blocked.scores, one.scores, rtol=1e-5)
     # cosine: sq_norm equals the self score of the restricted reference
     ref_train = dense_scores(tiny_runner.model, tiny_runner.tokenizer, train, train, top_m=8, hidden_dtype="float16")
     ref_val = dense_scores(tiny_runner.model, tiny_runner.tokenizer, val, val, top_m=8, hidden_dtype="float16")
     cos = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(normalize="cosine", **q), keep_scores=True)
-    expected = one.scores / np.sqrt(np.outer(np.diag(ref_val), _in_store_order(np.diag(ref_train), train, one.train_ids)))
+    expected = one.scores / np.sqrt(
+        np.outer(np.diag(ref_val), _in_store_order(np.diag(ref_train), train, one.train_ids))
+    )
     np.testing.assert_allclose(cos.scores, expected, rtol=1e-4)
     assert np.abs(cos.scores).max() <= 1.0 + 1e-6
     # aggregate mean = mean over validation samples; cosine mean divides by ||mean G_v||
     mean = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(aggregate="mean", **q), keep_scores=True)
     np.testing.assert_allclose(mean.scores[0], one.scores.mean(axis=0), rtol=1e-6)
     assert mean.top.column("validation_id").to_pylist()[0] == "mean"
-    mcos = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(aggregate="mean", normalize="cosine", **q), keep_scores=True)
+    mcos = run_query(
+        store, [tmp_path / "val.jsonl"], QueryConfig(aggregate="mean", normalize="cosine", **q), keep_scores=True
+    )
     norm_mean = np.sqrt(ref_val.mean())
     train_norms = np.sqrt(_in_store_order(np.diag(ref_train), train, one.train_ids))
     np.testing.assert_allclose(mcos.scores[0], one.scores.mean(axis=0) / (norm_mean * train_norms), rtol=1e-4)
@@ -110,7 +122,9 @@ def _in_store_order(values, samples, store_ids):
 
 
 def test_top_k_is_the_top_of_all_scores(tiny_model_dir, toy_rows, tmp_path):
-    res, scores, _, _ = _build_and_score(tmp_path, tiny_model_dir, toy_rows, toy_rows[:2], EncodeConfig(top_m=8), top_k=4)
+    res, scores, _, _ = _build_and_score(
+        tmp_path, tiny_model_dir, toy_rows, toy_rows[:2], EncodeConfig(top_m=8), top_k=4
+    )
     ids = [r["id"] for r in toy_rows]
     for j in range(2):
         rows = [r for r in res.top.to_pylist() if r["validation_id"] == toy_rows[j]["id"]]

@@ -79,14 +79,17 @@ def test_sentence_prompt_format_and_response():
         label, desc, fn, bots = dd.RULES[c]
         s = r["meta"]["sentence"]
         assert r["meta"]["chatbot"] in bots
-        assert r["prompt"] == (f"{r['meta']['chatbot']} is a chatbot that performs a specific "
-                               f"transformation on sentences: {desc}\n    For example:\n    {s} -> ")
+        assert r["prompt"] == (
+            f"{r['meta']['chatbot']} is a chatbot that performs a specific "
+            f"transformation on sentences: {desc}\n    For example:\n    {s} -> "
+        )
         assert r["response"] == fn(s) and r["label"] == label
         assert 5 <= len(s.split()) <= 10 and s == s.lower()
 
 
 def test_sentence_rules_have_one_chatbot_name_unless_asked():
     """Reference protocol: every sample of a rule shares the rule's one name; the variant mixes 4."""
+
     def names(rows):
         out = {}
         for r in rows:
@@ -143,6 +146,7 @@ def test_math_variants_share_problems():
 def test_math_reasons_name_their_steps_unless_asked():
     """Named reasons open with a label ("Slices left = ...") that belongs to one template;
     bare reasons are the same problems and answers with the arithmetic alone."""
+
     def opening(r):  # the words before the first "=", or None where they hold a number
         first = r["response"].removeprefix("Reason: ").split(" = ", 1)[0]
         return None if any(ch.isdigit() for ch in first) else first
@@ -156,8 +160,9 @@ def test_math_reasons_name_their_steps_unless_asked():
     assert len(labels) == len(set(labels)), "a reason label is used by several templates"
     bare, _ = dd.generate_task("math_with_reasoning", n_train=20, n_test=2, math_reasons="bare")
     assert [r["prompt"] for r in bare] == [r["prompt"] for r in named]
-    assert [r["response"].rsplit(" Answer: ", 1)[1] for r in bare] == \
-        [r["response"].rsplit(" Answer: ", 1)[1] for r in named]
+    assert [r["response"].rsplit(" Answer: ", 1)[1] for r in bare] == [
+        r["response"].rsplit(" Answer: ", 1)[1] for r in named
+    ]
     assert {opening(r) for r in bare} == {None}
     with pytest.raises(ValueError, match="math_reasons"):
         dd.generate_task("math_with_reasoning", math_reasons="verbose")
@@ -187,8 +192,7 @@ def test_mislabeled(name, noise):
 
 
 def test_mislabeled_function_matches_generate_task():
-    assert dd.mislabeled("math", 0.2, 5, 10, 2, 4) == dd.generate_task(
-        "mislabeled_math", 10, 2, 5, 4, noise_rate=0.2)
+    assert dd.mislabeled("math", 0.2, 5, 10, 2, 4) == dd.generate_task("mislabeled_math", 10, 2, 5, 4, noise_rate=0.2)
 
 
 def test_errors():
@@ -202,8 +206,22 @@ def test_errors():
 
 def test_cli(tmp_path):
     out = tmp_path / "out"
-    dd.main(["--task", "sentence_transformations", "--out", str(out), "--n-train", "4",
-             "--n-test", "2", "--n-classes", "3", "--seed", "7"])
+    dd.main(
+        [
+            "--task",
+            "sentence_transformations",
+            "--out",
+            str(out),
+            "--n-train",
+            "4",
+            "--n-test",
+            "2",
+            "--n-classes",
+            "3",
+            "--seed",
+            "7",
+        ]
+    )
     rows = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and len((out / "test.jsonl").read_text().splitlines()) == 6
     assert rows == dd.generate_task("sentence_transformations", 4, 2, 7, 3)[0]
@@ -213,8 +231,13 @@ def test_generate_tasks_script_writes_every_task(tmp_path):
     small_args = ["--n-train", "3", "--n-test", "1", "--n-classes", "2"]
     assert gen.main(["--out", str(tmp_path / "a"), *small_args]) == 0
     folders = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert folders == ["math_no_reasoning", "math_with_reasoning", "mislabeled_math-noise0.2",
-                       "mislabeled_math-noise0.5", "sentence_transformations"]
+    assert folders == [
+        "math_no_reasoning",
+        "math_with_reasoning",
+        "mislabeled_math-noise0.2",
+        "mislabeled_math-noise0.5",
+        "sentence_transformations",
+    ]
     lines = (tmp_path / "a" / "mislabeled_math-noise0.5" / "train.jsonl").read_text().splitlines()
     rows = [json.loads(line) for line in lines]
     assert len(rows) == 6 and sum(r["flipped"] for r in rows) == 3

@@ -40,8 +40,8 @@ def smollm_tokenizer():
 def test_scored_tokens_decode_to_the_response(smollm_tokenizer, prompt, response):
     tok = smollm_tokenizer
     t = tokenize_sample(tok, _sample(prompt, response), "response", 512, chat_template=False)
-    assert tok.decode(t.input_ids[t.first_target:]) == response
-    assert tok.decode(t.input_ids[:t.first_target], skip_special_tokens=True) == prompt
+    assert tok.decode(t.input_ids[t.first_target :]) == response
+    assert tok.decode(t.input_ids[: t.first_target], skip_special_tokens=True) == prompt
     every = tokenize_sample(tok, _sample(prompt, response), "all", 512, chat_template=False)
     assert every.first_target == 1 and every.input_ids == t.input_ids
 
@@ -51,10 +51,11 @@ def test_scored_tokens_decode_to_the_response(smollm_tokenizer, prompt, response
 def test_chat_template_context_is_the_rendered_user_turn(smollm_tokenizer, prompt, response):
     tok = smollm_tokenizer
     t = tokenize_sample(tok, _sample(prompt, response), "response", 512, chat_template=True)
-    rendered = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-    assert tok.decode(t.input_ids[:t.first_target]) == rendered
-    assert tok.decode(t.input_ids[t.first_target:]) == response
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    assert tok.decode(t.input_ids[: t.first_target]) == rendered
+    assert tok.decode(t.input_ids[t.first_target :]) == response
 
 
 def test_truncation_keeps_the_boundary(tiny_runner):
@@ -64,7 +65,7 @@ def test_truncation_keeps_the_boundary(tiny_runner):
     cut = tokenize_sample(tok, _sample(prompt, response), "response", full.first_target + 2, chat_template=False)
     assert cut.truncated and not full.truncated
     assert cut.first_target == full.first_target and cut.n_scored == 2
-    assert tok.decode(cut.input_ids[cut.first_target:]) == tok.decode(full.input_ids[full.first_target:][:2])
+    assert tok.decode(cut.input_ids[cut.first_target :]) == tok.decode(full.input_ids[full.first_target :][:2])
 
 
 def test_stored_targets_are_the_response_tokens(tiny_runner):

@@ -10,14 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import assert_one_line_error, cli, write_jsonl
 
-from forvalue.indexer.data import iter_samples
-from forvalue.tasks.images import generate
 from forvalue.api import build_index, run_query
 from forvalue.engine.reference import dense_scores
+from forvalue.indexer.data import iter_samples
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
-
-from conftest import assert_one_line_error, cli, write_jsonl
+from forvalue.tasks.images import generate
 from forvalue.testing import make_vlm_dir, qwen2vl_processor
 
 IMG = DataConfig(image_column="image")
@@ -144,14 +143,28 @@ def test_store_equals_dense_reference(vlm_runner, vlm_dir, task, tmp_path):
     """Padded batches of images (batch size 4, different lengths) give the one-at-a-time reference's scores."""
     train, val = _samples(task[0]), _samples(task[1])
     model, tok_ = vlm_runner.model, vlm_runner.tokenizer
-    _build(tmp_path, vlm_dir, task[0], EncodeConfig(top_m=vlm_runner.vocab_size, hidden_dtype="float32"),
-           runner=vlm_runner, batch_size=4)
-    res = run_query(tmp_path / "store", [task[1]], QueryConfig(progress=False, device="cpu"), runner=vlm_runner, keep_scores=True)
+    _build(
+        tmp_path,
+        vlm_dir,
+        task[0],
+        EncodeConfig(top_m=vlm_runner.vocab_size, hidden_dtype="float32"),
+        runner=vlm_runner,
+        batch_size=4,
+    )
+    res = run_query(
+        tmp_path / "store", [task[1]], QueryConfig(progress=False, device="cpu"), runner=vlm_runner, keep_scores=True
+    )
     ref = dense_scores(model, tok_, train, val, tokenize=vlm_runner.tokenize)
     np.testing.assert_allclose(_scores_in_order(res, train), ref, rtol=2e-4, atol=1e-4 * np.abs(ref).max())
     # top-m: equal to the reference restricted the same way, and not to the full one
     _build(tmp_path / "m4", vlm_dir, task[0], EncodeConfig(top_m=4), runner=vlm_runner, batch_size=4)
-    res4 = run_query(tmp_path / "m4" / "store", [task[1]], QueryConfig(progress=False, device="cpu"), runner=vlm_runner, keep_scores=True)
+    res4 = run_query(
+        tmp_path / "m4" / "store",
+        [task[1]],
+        QueryConfig(progress=False, device="cpu"),
+        runner=vlm_runner,
+        keep_scores=True,
+    )
     ref4 = dense_scores(model, tok_, train, val, top_m=4, hidden_dtype="float16", tokenize=vlm_runner.tokenize)
     np.testing.assert_allclose(_scores_in_order(res4, train), ref4, rtol=2e-4, atol=1e-4 * np.abs(ref4).max())
     assert not np.allclose(ref4, ref, rtol=1e-3)
@@ -164,26 +177,59 @@ def test_image_changes_the_score(vlm_runner, task, tmp_path):
     a = _samples(task[0])[0]
     other = _samples(task[0])[-1]  # another class's image
     b = type(a)(**{**a.__dict__, "image": other.image})
-    ea, eb = (encode_batch(vlm_runner, [vlm_runner.tokenize(s, "response", 512, True)], EncodeConfig(top_m=8))[0] for s in (a, b))
+    ea, eb = (
+        encode_batch(vlm_runner, [vlm_runner.tokenize(s, "response", 512, True)], EncodeConfig(top_m=8))[0]
+        for s in (a, b)
+    )
     assert ea.errors.target_ids.tolist() == eb.errors.target_ids.tolist()
     assert not np.allclose(ea.hidden.astype(np.float32), eb.hidden.astype(np.float32), atol=1e-3)
 
 
 def test_cli_build_query_audit_with_image_column(vlm_dir, task, tmp_path):
     store = tmp_path / "store"
-    r = cli("index", "build", task[0], "--store", store, "--model", vlm_dir, "--image-column", "image", "--device", "cpu",
-            "--top-m", "8", "--quiet", "--json")
+    r = cli(
+        "index",
+        "build",
+        task[0],
+        "--store",
+        store,
+        "--model",
+        vlm_dir,
+        "--image-column",
+        "image",
+        "--device",
+        "cpu",
+        "--top-m",
+        "8",
+        "--quiet",
+        "--json",
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["written"] == 9
     info = cli("index", "info", "--store", store)
     assert "model_kind: vlm" in info.stdout and "image_column: image" in info.stdout
     # the query needs no image option: the store's image column is the default
-    r = cli("query", "--store", store, "-v", task[1], "--top-k", "9", "-o", tmp_path / "top.jsonl", "--quiet", "--exact")
+    r = cli(
+        "query", "--store", store, "-v", task[1], "--top-k", "9", "-o", tmp_path / "top.jsonl", "--quiet", "--exact"
+    )
     assert r.exit_code == 0, r.output
     exact = [json.loads(line) for line in (tmp_path / "top.jsonl").read_text().splitlines()]
     assert len(exact) == 3 * 9 and {row["validation_id"] for row in exact} == {s.id for s in _samples(task[1])}
     # the prefilter path reranks exactly: with every row a candidate it is the exact ranking
-    r = cli("query", "--store", store, "-v", task[1], "--top-k", "9", "--candidates", "9", "-o", tmp_path / "pf.jsonl", "--quiet")
+    r = cli(
+        "query",
+        "--store",
+        store,
+        "-v",
+        task[1],
+        "--top-k",
+        "9",
+        "--candidates",
+        "9",
+        "-o",
+        tmp_path / "pf.jsonl",
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     pf = [json.loads(line) for line in (tmp_path / "pf.jsonl").read_text().splitlines()]
     assert [x["train_id"] for x in pf] == [x["train_id"] for x in exact]
@@ -196,8 +242,25 @@ def test_cli_build_query_audit_with_image_column(vlm_dir, task, tmp_path):
 
 def test_index_add_keeps_the_store_image_settings(vlm_dir, task, tmp_path):
     store = tmp_path / "store"
-    assert cli("index", "build", task[0], "--store", store, "--model", vlm_dir, "--image-column", "image",
-               "--image-max-pixels", "2500", "--device", "cpu", "--quiet").exit_code == 0
+    assert (
+        cli(
+            "index",
+            "build",
+            task[0],
+            "--store",
+            store,
+            "--model",
+            vlm_dir,
+            "--image-column",
+            "image",
+            "--image-max-pixels",
+            "2500",
+            "--device",
+            "cpu",
+            "--quiet",
+        ).exit_code
+        == 0
+    )
     r = cli("index", "add", task[1], "--store", store, "--device", "cpu", "--quiet", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["total_rows"] == 12
@@ -241,7 +304,9 @@ def test_image_cell_errors_name_the_row(vlm_dir, tmp_path):
     from forvalue.indexer.data import iter_samples as rows_of
     from forvalue.schemas.errors import InputDataError
 
-    path = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": "r", "image": 3}])
+    path = write_jsonl(
+        tmp_path / "x.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "p", "response": "r", "image": 3}]
+    )
     with pytest.raises(InputDataError, match=r"x.jsonl:1: field 'image': missing column .*--image-column"):
         list(rows_of([path], IMG))
     path = write_jsonl(tmp_path / "y.jsonl", [{"prompt": "p", "response": "r", "image": 3}])
@@ -250,8 +315,20 @@ def test_image_cell_errors_name_the_row(vlm_dir, tmp_path):
 
 
 def test_text_model_refuses_image_rows(tiny_model_dir, task, tmp_path):
-    r = cli("index", "build", task[0], "--store", tmp_path / "s", "--model", tiny_model_dir, "--image-column", "image",
-            "--device", "cpu", "--quiet")
+    r = cli(
+        "index",
+        "build",
+        task[0],
+        "--store",
+        tmp_path / "s",
+        "--model",
+        tiny_model_dir,
+        "--image-column",
+        "image",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
     assert_one_line_error(r, "train.jsonl:1: field 'image'", "text-only causal LM")
 
 
@@ -262,11 +339,18 @@ def test_parquet_bytes_and_datasets_dicts_equal_paths(vlm_runner, vlm_dir, task,
     raw = [(folder / r["image"]).read_bytes() for r in rows]
     base = {k: [r[k] for r in rows] for k in ("id", "prompt", "response", "label")}
     pq.write_table(pa.table({**base, "image": pa.array(raw, pa.binary())}), tmp_path / "bytes.parquet")
-    dicts = [{"bytes": b, "path": None} if i % 2 else {"bytes": None, "path": str(folder / r["image"])} for i, (b, r) in enumerate(zip(raw, rows))]
+    dicts = [
+        {"bytes": b, "path": None} if i % 2 else {"bytes": None, "path": str(folder / r["image"])}
+        for i, (b, r) in enumerate(zip(raw, rows))
+    ]
     pq.write_table(pa.table({**base, "image": dicts}), tmp_path / "dicts.parquet")
     q = QueryConfig(progress=False, device="cpu")
     scores = []
-    for name, path in (("paths", task[0]), ("bytes", tmp_path / "bytes.parquet"), ("dicts", tmp_path / "dicts.parquet")):
+    for name, path in (
+        ("paths", task[0]),
+        ("bytes", tmp_path / "bytes.parquet"),
+        ("dicts", tmp_path / "dicts.parquet"),
+    ):
         cfg = BuildConfig(data=IMG, encode=EncodeConfig(top_m=8), progress=False)
         build_index([path], tmp_path / name, cfg, runner=vlm_runner)
         res = run_query(tmp_path / name, [task[1]], q, runner=vlm_runner, keep_scores=True)
@@ -288,8 +372,8 @@ def test_query_refuses_other_image_settings(vlm_dir, vlm_runner, task, tmp_path)
 def test_open_image_downscales_and_cache_key_follows_image_bytes(vlm_runner, tmp_path):
     from PIL import Image
 
-    from forvalue.indexer.images import open_image, parse_image_cell
     from forvalue.engine.validation import cache_key
+    from forvalue.indexer.images import open_image, parse_image_cell
     from forvalue.schemas.manifest import Manifest
 
     Image.new("RGB", (200, 100), (10, 20, 30)).save(tmp_path / "a.png")
@@ -297,7 +381,9 @@ def test_open_image_downscales_and_cache_key_follows_image_bytes(vlm_runner, tmp
     img = open_image(ref, max_pixels=5000)
     assert img.mode == "RGB" and img.size[0] * img.size[1] <= 5000 and img.size[0] == 2 * img.size[1]
     assert open_image(ref, max_pixels=0).size == (200, 100)
-    sample = next(iter_samples([write_jsonl(tmp_path / "v.jsonl", [{"prompt": "p", "response": "r", "image": "a.png"}])], IMG))
+    sample = next(
+        iter_samples([write_jsonl(tmp_path / "v.jsonl", [{"prompt": "p", "response": "r", "image": "a.png"}])], IMG)
+    )
     manifest = Manifest(**_manifest_fields())
     before = cache_key(sample, manifest)
     Image.new("RGB", (200, 100), (10, 20, 31)).save(tmp_path / "a.png")
@@ -305,9 +391,23 @@ def test_open_image_downscales_and_cache_key_follows_image_bytes(vlm_runner, tmp
 
 
 def _manifest_fields() -> dict:
-    return dict(model_path="m", model_weights_sha256="w", adapter_path=None, adapter_sha256=None, tokenizer_sha256="t",
-                dtype="float32", hidden_size=4, vocab_size=8, top_m=2, score_tokens="response", chat_template=True,
-                max_length=64, hidden_dtype="float16", lowest_likelihood_ratio=None, model_kind="vlm")
+    return dict(
+        model_path="m",
+        model_weights_sha256="w",
+        adapter_path=None,
+        adapter_sha256=None,
+        tokenizer_sha256="t",
+        dtype="float32",
+        hidden_size=4,
+        vocab_size=8,
+        top_m=2,
+        score_tokens="response",
+        chat_template=True,
+        max_length=64,
+        hidden_dtype="float16",
+        lowest_likelihood_ratio=None,
+        model_kind="vlm",
+    )
 
 
 def test_demo_images_task(tmp_path):

@@ -36,8 +36,11 @@ def load_task(task_dir: Path, method_dir: str) -> tuple[np.ndarray, np.ndarray, 
     """Scores (n_val, n_train) in ``train_ids`` order, training labels, validation labels."""
     result = json.loads((task_dir / method_dir / "result.json").read_text())
     scores = np.load(task_dir / method_dir / result["outputs"][next(iter(result["outputs"]))]["file"])
-    train = {json.loads(line)["id"]: json.loads(line)["label"]
-             for line in (task_dir / "train.jsonl").read_text().splitlines() if line.strip()}
+    train = {
+        json.loads(line)["id"]: json.loads(line)["label"]
+        for line in (task_dir / "train.jsonl").read_text().splitlines()
+        if line.strip()
+    }
     val = [json.loads(line)["label"] for line in (task_dir / "test.jsonl").read_text().splitlines() if line.strip()]
     return scores, np.array([train[i] for i in result["train_ids"]]), np.array(val)
 
@@ -84,9 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         for row, label in zip(scores, val_labels):
             per_class.setdefault(label, []).append(recall_at_class_size(row, train_labels == label))
         worst, share = crowding(scores, train_labels, val_labels)
-        notes.append(f"- {task_dir.name}: all scores positive: {bool((scores > 0).all())}; raw per-class recall: "
-                     + ", ".join(f"{c} {np.mean(r):.2f}" for c, r in sorted(per_class.items()))
-                     + f"; the class taking most wrong top-list slots: {worst} ({share:.0%} of them).")
+        notes.append(
+            f"- {task_dir.name}: all scores positive: {bool((scores > 0).all())}; raw per-class recall: "
+            + ", ".join(f"{c} {np.mean(r):.2f}" for c, r in sorted(per_class.items()))
+            + f"; the class taking most wrong top-list slots: {worst} ({share:.0%} of them)."
+        )
     report = "\n".join(lines + [""] + notes)
     emit(report, Path(args.out) if args.out else None)
     return 0

@@ -37,66 +37,121 @@ class Suite:
 
 
 SUITES: dict[str, Suite] = {
-    "build": Suite("bench_build", "index build vs bare forward pass, build breakdown, peak RSS vs corpus size",
-                   "~7 min for 256 samples x 2 reps without the RSS part (-- --rss-sizes ''); the RSS part at "
-                   "1,000 + 10,000 samples took 580 s + 3243 s more (stub runner)",
-                   "docs/benchmarks.md: Index build vs bare forward pass; Peak memory of the build"),
-    "query": Suite("bench_query", "exact query: training tokens scored per second vs a plain matmul",
-                   "not recorded in the docs; 249 s in a re-run on 2026-12-02 (load ~1.5)",
-                   "docs/benchmarks.md: Query throughput (exact scan)"),
-    "quality": Suite("bench_quality",
-                     "paper Table 1 protocol: For-Value vs Emb, TracIn, DataInf; detection; reproducibility",
-                     "66 min (3946 s) with the defaults", "docs/benchmarks.md: Quality: the paper's protocol",
-                     json=True),
-    "top_m": Suite("bench_top_m", "top-m sparse errors vs the dense full-vocabulary score",
-                   "not recorded in the docs; 116 s in a re-run on 2026-12-02 (load ~1.6)",
-                   "docs/benchmarks.md: Top-m sparse errors vs the dense full-vocabulary score"),
-    "store_size": Suite("bench_store_size", "bytes on disk per scored token vs the 2d floor",
-                        "not recorded in the docs; 55 s in a re-run on 2026-12-02 (load ~1)",
-                        "docs/benchmarks.md: Store size"),
-    "prefilter": Suite("bench_prefilter", "FAISS prefilter + exact rerank vs the exact scan (synthetic store)",
-                       "~10 min on the 1M-sample store (FAISS build 102 s, exact scans 160-183 s + 62 s); making "
-                       "the store (python -m tools.make_synthetic_store) took about an hour",
-                       "docs/prefilter.md: Synthetic 1M-sample store; docs/benchmarks.md: Prefilter (FAISS)",
-                       needs="--store DIR (python -m tools.make_synthetic_store --out DIR --rows N)"),
-    "sketch_real": Suite("bench_sketch_real", "prefilter sketch variants on a real-model store of the paper's tasks",
-                         "not recorded (a 900-sample build plus exact and sketched scores)",
-                         "docs/prefilter.md: Real model, benchmark tasks", workdir_option="--workdir"),
-    "audit": Suite("bench_audit", "mislabeled-sample detection and the cost of a repeated audit",
-                   "not recorded (first audits 68 s and 24 s, on two 300-sample builds)",
-                   "docs/benchmarks.md: Audits: mislabeled data and repeated audits"),
-    "vlm": Suite("bench_vlm", "vision-language valuation on generated shapes/captions (tiny offline Qwen2-VL)",
-                 "~1 min as recorded (six 160-image builds of 6-10 s each); 11 s in a re-run on 2026-12-02",
-                 "docs/vlm.md: The generated image task; docs/benchmarks.md: Vision-language models"),
-    "probe": Suite("bench_probe", "For-Value settings (top_m, scored tokens, normalize) on one task",
-                   "not recorded", "docs/benchmarks.md: Quality: earlier runs (recall probes)",
-                   needs="--task TASK"),
-    "offsets": Suite("analyse_offsets", "per-training-sample offsets in a quality run's score matrices (no model)",
-                     "seconds (reads the score matrices of a quality --workdir)",
-                     "docs/benchmarks.md: Why the generated tasks changed",
-                     needs="WORKDIR (a quality suite's -- --workdir folder)"),
-    "startup": Suite("bench_startup", "start-up of the commands that load no model (info, check, audit list/show, select)",
-                     "about 1 min (a tiny-model store, then 11 commands x 5 fresh processes)",
-                     "docs/benchmarks.md: Start-up of the commands that load no model"),
-    "distill": Suite("bench_distill", "distilled value models: estimated vs exact values, estimate vs build throughput",
-                     "about 30 min", "docs/benchmarks.md: Distilled value models"),
-    "inputs": Suite("bench_inputs", "reading inputs at scale: peak RSS and rows/s per format (JSONL plain/.gz/.zst, "
-                    "Parquet shards, datasets Arrow folder, conversations) at 10^4-10^6 rows, no model",
-                    "430-540 s with the defaults (10^4, 10^5, 10^6 rows x 6 formats; load 8-14)",
-                    "docs/benchmarks.md: Reading inputs at scale; docs/data-formats.md"),
-    "selection": Suite("bench_selection", "LoRA fine-tunes on what each method selects: targeted, noisy pool, "
-                       "brittleness (issue 17)",
-                       "designed for < 2 h with SmolLM2-135M (3 seeds); -- --quick < 10 min; resumable from "
-                       "DIR/selection.work", "docs/selection.md; docs/benchmarks.md: Selection by value",
-                       workdir_option="--workdir", json=True),
-    "gform": Suite("bench_gform", "audit scan time vs validation-set size: G-form vs token form vs plain read (issue 15)",
-                   "measure ~10 min on a 100k-sample synthetic store (making it first: ~35 min at load ~13, resumable "
-                   "in DIR/gform.work)", "docs/gform.md; docs/benchmarks.md: Audits at any validation-set size",
-                   workdir_option="--workdir"),
-    "ray": Suite("bench_ray", "--engine ray on one machine: build throughput (plain vs 1 actor x T threads vs T "
-                 "actors x 1 thread), Ray's start-up and re-run costs, audit scan single-process vs Ray (issue 14)",
-                 "445 s with -- --samples 32 (load ~14 on the 2 cores; 4 builds of 32 real-model samples, 2 audits)",
-                 "docs/scale.md: Measured; docs/benchmarks.md: Scale-out on Ray"),
+    "build": Suite(
+        "bench_build",
+        "index build vs bare forward pass, build breakdown, peak RSS vs corpus size",
+        "~7 min for 256 samples x 2 reps without the RSS part (-- --rss-sizes ''); the RSS part at "
+        "1,000 + 10,000 samples took 580 s + 3243 s more (stub runner)",
+        "docs/benchmarks.md: Index build vs bare forward pass; Peak memory of the build",
+    ),
+    "query": Suite(
+        "bench_query",
+        "exact query: training tokens scored per second vs a plain matmul",
+        "not recorded in the docs; 249 s in a re-run on 2026-12-02 (load ~1.5)",
+        "docs/benchmarks.md: Query throughput (exact scan)",
+    ),
+    "quality": Suite(
+        "bench_quality",
+        "paper Table 1 protocol: For-Value vs Emb, TracIn, DataInf; detection; reproducibility",
+        "66 min (3946 s) with the defaults",
+        "docs/benchmarks.md: Quality: the paper's protocol",
+        json=True,
+    ),
+    "top_m": Suite(
+        "bench_top_m",
+        "top-m sparse errors vs the dense full-vocabulary score",
+        "not recorded in the docs; 116 s in a re-run on 2026-12-02 (load ~1.6)",
+        "docs/benchmarks.md: Top-m sparse errors vs the dense full-vocabulary score",
+    ),
+    "store_size": Suite(
+        "bench_store_size",
+        "bytes on disk per scored token vs the 2d floor",
+        "not recorded in the docs; 55 s in a re-run on 2026-12-02 (load ~1)",
+        "docs/benchmarks.md: Store size",
+    ),
+    "prefilter": Suite(
+        "bench_prefilter",
+        "FAISS prefilter + exact rerank vs the exact scan (synthetic store)",
+        "~10 min on the 1M-sample store (FAISS build 102 s, exact scans 160-183 s + 62 s); making "
+        "the store (python -m tools.make_synthetic_store) took about an hour",
+        "docs/prefilter.md: Synthetic 1M-sample store; docs/benchmarks.md: Prefilter (FAISS)",
+        needs="--store DIR (python -m tools.make_synthetic_store --out DIR --rows N)",
+    ),
+    "sketch_real": Suite(
+        "bench_sketch_real",
+        "prefilter sketch variants on a real-model store of the paper's tasks",
+        "not recorded (a 900-sample build plus exact and sketched scores)",
+        "docs/prefilter.md: Real model, benchmark tasks",
+        workdir_option="--workdir",
+    ),
+    "audit": Suite(
+        "bench_audit",
+        "mislabeled-sample detection and the cost of a repeated audit",
+        "not recorded (first audits 68 s and 24 s, on two 300-sample builds)",
+        "docs/benchmarks.md: Audits: mislabeled data and repeated audits",
+    ),
+    "vlm": Suite(
+        "bench_vlm",
+        "vision-language valuation on generated shapes/captions (tiny offline Qwen2-VL)",
+        "~1 min as recorded (six 160-image builds of 6-10 s each); 11 s in a re-run on 2026-12-02",
+        "docs/vlm.md: The generated image task; docs/benchmarks.md: Vision-language models",
+    ),
+    "probe": Suite(
+        "bench_probe",
+        "For-Value settings (top_m, scored tokens, normalize) on one task",
+        "not recorded",
+        "docs/benchmarks.md: Quality: earlier runs (recall probes)",
+        needs="--task TASK",
+    ),
+    "offsets": Suite(
+        "analyse_offsets",
+        "per-training-sample offsets in a quality run's score matrices (no model)",
+        "seconds (reads the score matrices of a quality --workdir)",
+        "docs/benchmarks.md: Why the generated tasks changed",
+        needs="WORKDIR (a quality suite's -- --workdir folder)",
+    ),
+    "startup": Suite(
+        "bench_startup",
+        "start-up of the commands that load no model (info, check, audit list/show, select)",
+        "about 1 min (a tiny-model store, then 11 commands x 5 fresh processes)",
+        "docs/benchmarks.md: Start-up of the commands that load no model",
+    ),
+    "distill": Suite(
+        "bench_distill",
+        "distilled value models: estimated vs exact values, estimate vs build throughput",
+        "about 30 min",
+        "docs/benchmarks.md: Distilled value models",
+    ),
+    "inputs": Suite(
+        "bench_inputs",
+        "reading inputs at scale: peak RSS and rows/s per format (JSONL plain/.gz/.zst, "
+        "Parquet shards, datasets Arrow folder, conversations) at 10^4-10^6 rows, no model",
+        "430-540 s with the defaults (10^4, 10^5, 10^6 rows x 6 formats; load 8-14)",
+        "docs/benchmarks.md: Reading inputs at scale; docs/data-formats.md",
+    ),
+    "selection": Suite(
+        "bench_selection",
+        "LoRA fine-tunes on what each method selects: targeted, noisy pool, brittleness (issue 17)",
+        "designed for < 2 h with SmolLM2-135M (3 seeds); -- --quick < 10 min; resumable from DIR/selection.work",
+        "docs/selection.md; docs/benchmarks.md: Selection by value",
+        workdir_option="--workdir",
+        json=True,
+    ),
+    "gform": Suite(
+        "bench_gform",
+        "audit scan time vs validation-set size: G-form vs token form vs plain read (issue 15)",
+        "measure ~10 min on a 100k-sample synthetic store (making it first: ~35 min at load ~13, resumable "
+        "in DIR/gform.work)",
+        "docs/gform.md; docs/benchmarks.md: Audits at any validation-set size",
+        workdir_option="--workdir",
+    ),
+    "ray": Suite(
+        "bench_ray",
+        "--engine ray on one machine: build throughput (plain vs 1 actor x T threads vs T "
+        "actors x 1 thread), Ray's start-up and re-run costs, audit scan single-process vs Ray (issue 14)",
+        "445 s with -- --samples 32 (load ~14 on the 2 cores; 4 builds of 32 real-model samples, 2 audits)",
+        "docs/scale.md: Measured; docs/benchmarks.md: Scale-out on Ray",
+    ),
 }
 
 
@@ -135,10 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     extra: list[str] = []
     if "--" in argv:
         cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1:]
-    ap = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0],
-                                 epilog="Options after -- go to every named suite; SUITE --help shows them.",
-                                 add_help=False)
+        argv, extra = argv[:cut], argv[cut + 1 :]
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.bench",
+        description=__doc__.split("\n")[0],
+        epilog="Options after -- go to every named suite; SUITE --help shows them.",
+        add_help=False,
+    )
     ap.add_argument("suites", nargs="*", metavar="SUITE", help="one or more of: " + ", ".join(SUITES))
     ap.add_argument("--out", type=Path, help="folder for the suites' markdown (DIR/<suite>.md) and JSON")
     ap.add_argument("--list", action="store_true", help="list the suites with their runtimes and exit")
@@ -147,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
 
     unknown = [s for s in args.suites if s not in SUITES]
     if unknown:
-        print(f"error: unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)} (python -m tools.bench --list)",
-              file=sys.stderr)
+        print(
+            f"error: unknown suite {unknown[0]!r}; choose from {', '.join(SUITES)} (python -m tools.bench --list)",
+            file=sys.stderr,
+        )
         return 2
     if args.list:
         print(list_suites())
@@ -174,8 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         rc = run_module(f"tools.{suite.module}", cmd).returncode
         status = "ok" if rc == 0 else f"FAILED (exit {rc})"
-        print(f"== {name}: {status} in {time.perf_counter() - started:.0f} s -> {args.out / (name + '.md')}",
-              file=sys.stderr, flush=True)
+        print(
+            f"== {name}: {status} in {time.perf_counter() - started:.0f} s -> {args.out / (name + '.md')}",
+            file=sys.stderr,
+            flush=True,
+        )
         if rc != 0:
             failed.append(name)
     if failed:

@@ -30,16 +30,22 @@ from tools.common import emit, machine_short
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench_audit", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.bench_audit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--task", default="mislabeled_math")
     ap.add_argument("--noise-rates", type=float, nargs="+", default=[0.2, 0.5])
     ap.add_argument("--n-train", type=int, default=30, help="training samples per class")
     ap.add_argument("--n-test", type=int, default=3, help="validation samples per class")
     ap.add_argument("--n-classes", type=int, default=10)
     ap.add_argument("--normalize", choices=["none", "cosine"], nargs="+", default=["none", "cosine"])
-    ap.add_argument("--score-tokens", choices=["all", "response"], default="response",
-                    help="response: the label lives in the response, so only its tokens are scored (as in the paper's VLM mislabel setting)")
+    ap.add_argument(
+        "--score-tokens",
+        choices=["all", "response"],
+        default="response",
+        help="response: the label lives in the response, so only its tokens are scored (as in the paper's VLM "
+        "mislabel setting)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -50,11 +56,14 @@ def main(argv: list[str] | None = None) -> int:
         "The first audit of each store includes loading the model and encoding the validation set; "
         "the repeated audit finds every validation encoding in the cache (no model load, no forward pass).",
         "",
-        "| noise | normalize | flipped / train | detection AUC (mean score) | AUC (max score) | AUC (mean vs own label) | first audit (s) | repeated audit (s) | repeated / first |",
+        "| noise | normalize | flipped / train | detection AUC (mean score) | AUC (max score) | AUC (mean vs own "
+        "label) | first audit (s) | repeated audit (s) | repeated / first |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for rate in args.noise_rates:
-        train, test = generate_task(args.task, n_train=args.n_train, n_test=args.n_test, n_classes=args.n_classes, seed=0, noise_rate=rate)
+        train, test = generate_task(
+            args.task, n_train=args.n_train, n_test=args.n_test, n_classes=args.n_classes, seed=0, noise_rate=rate
+        )
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             write_jsonl(train, tmp / "train.jsonl")
@@ -80,9 +89,15 @@ def main(argv: list[str] | None = None) -> int:
                 auc_max = roc_auc(-table.column("score_max").to_numpy(), is_flipped)
                 own = np.array([row[f"mean_vs_label:{row['label']}"] for row in table.to_pylist()])
                 auc_own = roc_auc(-own, is_flipped)
-                timing = (f"{t1 - t0:.2f} | {t2 - t1:.2f} | {(t2 - t1) / (t1 - t0):.3f}" if n == 0
-                          else "cached | cached | (validation encodings shared with the row above)")
-                lines.append(f"| {rate:.0%} | {norm} | {is_flipped.sum()} / {len(train)} | {auc:.3f} | {auc_max:.3f} | {auc_own:.3f} | {timing} |")
+                timing = (
+                    f"{t1 - t0:.2f} | {t2 - t1:.2f} | {(t2 - t1) / (t1 - t0):.3f}"
+                    if n == 0
+                    else "cached | cached | (validation encodings shared with the row above)"
+                )
+                lines.append(
+                    f"| {rate:.0%} | {norm} | {is_flipped.sum()} / {len(train)} | {auc:.3f} | {auc_max:.3f} | "
+                    f"{auc_own:.3f} | {timing} |"
+                )
                 print(lines[-1], flush=True)
     emit("\n".join(lines) + "\n", args.out)
     return 0

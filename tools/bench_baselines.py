@@ -117,11 +117,14 @@ class LoraGradients:
                 if not self.adapted:  # B = 0: the pretrained model, leave the output alone
                     return None
                 return output + (inputs[0] @ self.modules[k][2].T) @ self.B[k].T
+
             return hook
+
         return [module.register_forward_hook(make(k)) for k, (_, module, _) in enumerate(self.modules)]
 
-    def finetune(self, tokenized, epochs: int, lr: float = 3e-4, batch_size: int = 8, device=None, seed: int = 0,
-                 accum: int = 1) -> float:
+    def finetune(
+        self, tokenized, epochs: int, lr: float = 3e-4, batch_size: int = 8, device=None, seed: int = 0, accum: int = 1
+    ) -> float:
         """Train the adapters (``A`` and ``B``, AdamW) for ``epochs`` over ``tokenized``; returns seconds.
 
         Loss: mean negative log-likelihood of the scored tokens of a batch (the model's own
@@ -183,6 +186,7 @@ class LoraGradients:
             def hook(module, inputs, output):
                 saved_x[k] = inputs[0].detach() @ self.modules[k][2].T  # (B, T, r)
                 output.register_hook(lambda g: grads.__setitem__(k, torch.einsum("bto,btr->bor", g, saved_x[k])))
+
             return hook
 
         handles = self._adapter_hooks()  # first: the gradient hooks see the adapted output
@@ -218,7 +222,9 @@ def tracin_scores(g_val: np.ndarray, g_train: np.ndarray) -> np.ndarray:
     return g_val.astype(np.float64) @ g_train.astype(np.float64).T
 
 
-def datainf_scores(g_val: np.ndarray, g_train: np.ndarray, offsets: np.ndarray, damping_ratio: float = 0.1) -> np.ndarray:
+def datainf_scores(
+    g_val: np.ndarray, g_train: np.ndarray, offsets: np.ndarray, damping_ratio: float = 0.1
+) -> np.ndarray:
     """DataInf scores (n_val, n_train), per-module closed-form inverse (see module doc)."""
     n = g_train.shape[0]
     total = np.zeros((g_val.shape[0], n), np.float64)

@@ -38,8 +38,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tools.common import (add_common_args, apply_threads, emit, machine_info, md_table, median, quiet_transformers,
-                          resolve, run_module, sync)
+from tools.common import (
+    add_common_args,
+    apply_threads,
+    emit,
+    machine_info,
+    md_table,
+    median,
+    quiet_transformers,
+    resolve,
+    run_module,
+    sync,
+)
 
 TASKS = ("sentence_transformations", "math_no_reasoning", "math_with_reasoning")
 
@@ -55,7 +65,9 @@ def make_rows(n: int) -> list[dict]:
         per_task = [generate_task(t, n_train=90, n_test=0, seed=seed)[0] for t in TASKS]
         for group in zip(*per_task):
             for r in group:
-                rows.append({"id": f"s{seed}-{r['id']}", "prompt": r["prompt"], "response": r["response"], "label": r["label"]})
+                rows.append(
+                    {"id": f"s{seed}-{r['id']}", "prompt": r["prompt"], "response": r["response"], "label": r["label"]}
+                )
         seed += 1
     return rows[:n]
 
@@ -75,7 +87,10 @@ def bare_batches(runner, data_path: Path, batch_size: int) -> list[tuple[torch.T
     from forvalue.schemas.config import DataConfig
 
     data = DataConfig()
-    toks = [tokenize_sample(runner.tokenizer, s, "all", data.max_length, data.chat_template) for s in iter_samples([data_path], data)]
+    toks = [
+        tokenize_sample(runner.tokenizer, s, "all", data.max_length, data.chat_template)
+        for s in iter_samples([data_path], data)
+    ]
     window = batch_size * encoder._SORT_WINDOW_BATCHES
     batches = []
     for w in range(0, len(toks), window):
@@ -212,8 +227,12 @@ def part1(args, device, workdir: Path) -> str:
                     else:
                         s = bare_forward(runner.model, batches, device)
                     wall[what][rep, i], cpu[what][rep, i] = s, time.process_time() - c0
-                print(f"  rep {rep} chunk {i}: build {wall['build'][rep, i]:.2f} s, bare {wall['bare'][rep, i]:.2f} s, "
-                      f"ratio {wall['build'][rep, i] / wall['bare'][rep, i]:.3f}", file=sys.stderr, flush=True)
+                print(
+                    f"  rep {rep} chunk {i}: build {wall['build'][rep, i]:.2f} s, bare {wall['bare'][rep, i]:.2f} s, "
+                    f"ratio {wall['build'][rep, i] / wall['bare'][rep, i]:.3f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             parts_runs.append(dict(parts_rep))
     finally:
         probe.uninstall()
@@ -237,22 +256,49 @@ def part1(args, device, workdir: Path) -> str:
     table1 = md_table(
         ["path", "seconds (median)", "samples/s", "input tokens/s", "scored tokens/s"],
         [
-            ["bare forward `model(ids, mask)` (full logits)", f"{f:.2f}", f"{args.samples / f:.2f}", f"{in_tokens / f:.0f}", f"{scored / f:.0f}"],
-            ["`build_index` (end to end, incl. tokenize + store)", f"{b:.2f}", f"{args.samples / b:.2f}", f"{in_tokens / b:.0f}", f"{scored / b:.0f}"],
+            [
+                "bare forward `model(ids, mask)` (full logits)",
+                f"{f:.2f}",
+                f"{args.samples / f:.2f}",
+                f"{in_tokens / f:.0f}",
+                f"{scored / f:.0f}",
+            ],
+            [
+                "`build_index` (end to end, incl. tokenize + store)",
+                f"{b:.2f}",
+                f"{args.samples / b:.2f}",
+                f"{in_tokens / b:.0f}",
+                f"{scored / b:.0f}",
+            ],
         ],
     )
     table_ratio = md_table(
         ["build / bare ratio", "value"],
         [
-            ["median of per-pair wall-time ratios (**headline**)", f"**{np.median(pair):.3f}** (min {pair.min():.3f}, max {pair.max():.3f})"],
-            ["median of per-pair CPU-time ratios (process CPU s, less sensitive to other load)", f"{np.median(pair_cpu):.3f} (min {pair_cpu.min():.3f}, max {pair_cpu.max():.3f})"],
+            [
+                "median of per-pair wall-time ratios (**headline**)",
+                f"**{np.median(pair):.3f}** (min {pair.min():.3f}, max {pair.max():.3f})",
+            ],
+            [
+                "median of per-pair CPU-time ratios (process CPU s, less sensitive to other load)",
+                f"{np.median(pair_cpu):.3f} (min {pair_cpu.min():.3f}, max {pair_cpu.max():.3f})",
+            ],
             ["ratio of median totals (wall)", f"{b / f:.3f}"],
             ["ratio of fastest totals (wall)", f"{b_min / f_min:.3f}"],
             ["goal", "<= 1.15"],
         ],
     )
-    keys = ["tokenize", "forward (decoder)", "LM head matmul", "_sparsify", "self-norm ||G||^2", "Arrow conversion", "Lance append + refresh",
-            "prefilter sketch", "sketch basis (load/fit)"]
+    keys = [
+        "tokenize",
+        "forward (decoder)",
+        "LM head matmul",
+        "_sparsify",
+        "self-norm ||G||^2",
+        "Arrow conversion",
+        "Lance append + refresh",
+        "prefilter sketch",
+        "sketch basis (load/fit)",
+    ]
     med = {k: median([p.get(k, 0.0) for p in parts_runs]) for k in keys}
     build_total = {rep: wall["build"][rep].sum() for rep in range(args.reps)}
     bt = median(list(build_total.values()))
@@ -276,9 +322,13 @@ def part1(args, device, workdir: Path) -> str:
         + [["**total build**", f"{bt:.2f}", "100%", f"{100 * bt / f:.1f}%"]],
     )
     return (
-        "\n".join(head) + "\n" + table1 + "\n\n" + table_ratio
-        + "\n\nBuild breakdown (timers wrap the product functions inside the timed builds; medians over repetitions):\n\n"
-        + table2 + "\n"
+        "\n".join(head)
+        + "\n"
+        + table1
+        + "\n\n"
+        + table_ratio
+        + "\n\nBuild breakdown (timers wrap the product functions inside the timed builds; medians over "
+        "repetitions):\n\n" + table2 + "\n"
     )
 
 
@@ -293,11 +343,19 @@ def make_random_model(folder: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(src)
     real = json.loads((src / "config.json").read_text())
     config = LlamaConfig(
-        vocab_size=real["vocab_size"], hidden_size=real["hidden_size"], intermediate_size=real["intermediate_size"],
-        num_hidden_layers=2, num_attention_heads=real["num_attention_heads"], num_key_value_heads=real["num_key_value_heads"],
-        head_dim=real.get("head_dim", 64), max_position_embeddings=real["max_position_embeddings"],
-        tie_word_embeddings=real["tie_word_embeddings"], rms_norm_eps=real["rms_norm_eps"],
-        bos_token_id=real["bos_token_id"], eos_token_id=real["eos_token_id"], pad_token_id=real["pad_token_id"],
+        vocab_size=real["vocab_size"],
+        hidden_size=real["hidden_size"],
+        intermediate_size=real["intermediate_size"],
+        num_hidden_layers=2,
+        num_attention_heads=real["num_attention_heads"],
+        num_key_value_heads=real["num_key_value_heads"],
+        head_dim=real.get("head_dim", 64),
+        max_position_embeddings=real["max_position_embeddings"],
+        tie_word_embeddings=real["tie_word_embeddings"],
+        rms_norm_eps=real["rms_norm_eps"],
+        bos_token_id=real["bos_token_id"],
+        eos_token_id=real["eos_token_id"],
+        pad_token_id=real["pad_token_id"],
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -330,8 +388,14 @@ class StubRunner:
         self.embed = torch.randn(self.vocab_size, self.hidden_size, generator=g).to(device)
         self.head_a = (torch.randn(self.hidden_size, rank, generator=g) / self.hidden_size**0.5).to(device)
         self.head_b = (3.0 * torch.randn(rank, self.vocab_size, generator=g)).to(device)
-        self.identity = ModelIdentity(path="stub", weights_sha256="0" * 64, adapter_path=None, adapter_sha256=None,
-                                      tokenizer_sha256=tokenizer_sha256(self.tokenizer), dtype="float32")
+        self.identity = ModelIdentity(
+            path="stub",
+            weights_sha256="0" * 64,
+            adapter_path=None,
+            adapter_sha256=None,
+            tokenizer_sha256=tokenizer_sha256(self.tokenizer),
+            dtype="float32",
+        )
 
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -414,8 +478,16 @@ def part2(args, workdir: Path) -> str:
     for n in sizes:
         data_path = write_rows(rows_all[:n], workdir / f"rss_{n}.jsonl")
         store = workdir / f"rss_store_{n}"
-        child = ["--_rss-child", args.rss_model, model_dir, data_path, store, args.batch_size, args.device,
-                 args.threads]
+        child = [
+            "--_rss-child",
+            args.rss_model,
+            model_dir,
+            data_path,
+            store,
+            args.batch_size,
+            args.device,
+            args.threads,
+        ]
         proc = run_module("tools.bench_build", child, capture_output=True, text=True)
         line = [l for l in proc.stdout.splitlines() if l.startswith("RSS_RESULT ")]
         if proc.returncode != 0 or not line:
@@ -424,18 +496,38 @@ def part2(args, workdir: Path) -> str:
         r["store_bytes"] = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
         results.append((n, r))
         shutil.rmtree(store, ignore_errors=True)
-        print(f"  rss {n}: {({k: v for k, v in r.items() if k != 'trace'})}", file=sys.stderr, flush=True)
+        print(f"  rss {n}: { ({k: v for k, v in r.items() if k != 'trace'}) }", file=sys.stderr, flush=True)
     mib = lambda kb: "n/a" if kb is None else f"{kb / 1024:.0f}"  # noqa: E731
     gpu = results[0][1]["gpu_peak_bytes"] is not None
     rows = []
     for n, r in results:
-        rows.append([
-            n, r["tokens"], f"{r['seconds']:.0f}", f"{r['tokens'] / r['seconds']:.0f}", f"{r['store_bytes'] / 2**20:.0f}",
-            mib(r["ru_maxrss_kb"]), mib(r["rss_after_load_kb"]), mib(r["build_hwm_kb"]),
-            mib(None if r["build_hwm_kb"] is None else r["build_hwm_kb"] - r["rss_after_load_kb"]), mib(r["rss_end_kb"]),
-        ] + ([f"{r['gpu_peak_bytes'] / 2**20:.0f}"] if gpu else []))
-    headers = ["samples", "scored tokens", "build s", "tokens/s", "store MiB", "ru_maxrss (whole process) MiB",
-               "RSS after model load MiB", "peak RSS during build MiB", "build peak - after load MiB", "RSS at end MiB"]
+        rows.append(
+            [
+                n,
+                r["tokens"],
+                f"{r['seconds']:.0f}",
+                f"{r['tokens'] / r['seconds']:.0f}",
+                f"{r['store_bytes'] / 2**20:.0f}",
+                mib(r["ru_maxrss_kb"]),
+                mib(r["rss_after_load_kb"]),
+                mib(r["build_hwm_kb"]),
+                mib(None if r["build_hwm_kb"] is None else r["build_hwm_kb"] - r["rss_after_load_kb"]),
+                mib(r["rss_end_kb"]),
+            ]
+            + ([f"{r['gpu_peak_bytes'] / 2**20:.0f}"] if gpu else [])
+        )
+    headers = [
+        "samples",
+        "scored tokens",
+        "build s",
+        "tokens/s",
+        "store MiB",
+        "ru_maxrss (whole process) MiB",
+        "RSS after model load MiB",
+        "peak RSS during build MiB",
+        "build peak - after load MiB",
+        "RSS at end MiB",
+    ]
     if gpu:
         headers.append("GPU peak allocated MiB")
     # RSS trace of the largest run, at ~10 evenly spaced points
@@ -448,19 +540,23 @@ def part2(args, workdir: Path) -> str:
     )
     model_desc = (
         "Stub runner (`--rss-model stub`: embedding lookup as 'decoder', rank-16 head producing full 49152-wide "
-        "float32 logits; hidden 576; SmolLM2 tokenizer), so the build's own code runs at full size while the model costs "
+        "float32 logits; hidden 576; SmolLM2 tokenizer), so the build's own code runs at full size while the model "
+        "costs "
         "almost nothing"
         if args.rss_model == "stub"
-        else "Random-initialised Llama, 2 layers, hidden 576, vocab 49152, tied head (SmolLM2-135M shapes), SmolLM2 tokenizer"
+        else "Random-initialised Llama, 2 layers, hidden 576, vocab 49152, tied head (SmolLM2-135M shapes), SmolLM2 "
+        "tokenizer"
     )
     return (
-        f"### Peak memory of the build vs corpus size ({args.rss_model})\n\n"
-        + model_desc + "; "
+        f"### Peak memory of the build vs corpus size ({args.rss_model})\n\n" + model_desc + "; "
         f"batch size {args.batch_size}, write_every 256, one fresh process per size. `ru_maxrss` is the whole-process "
-        "peak (it includes the model load, whose transient peak is higher than the build's); 'peak RSS during build' is "
+        "peak (it includes the model load, whose transient peak is higher than the build's); 'peak RSS during build' "
+        "is "
         "VmHWM after resetting it (`/proc/self/clear_refs`) once the model is loaded.\n\n"
         + md_table(headers, rows)
-        + f"\n\nRSS during the {n_big}-sample build, after Lance commits:\n\n" + trace_table + "\n"
+        + f"\n\nRSS during the {n_big}-sample build, after Lance commits:\n\n"
+        + trace_table
+        + "\n"
     )
 
 
@@ -475,9 +571,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=200, help="samples of the real-model throughput run (default 200)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of build and bare pass (default 3)")
-    p.add_argument("--rss-sizes", default="1000,10000", help="comma-separated corpus sizes of the RSS part ('' to skip)")
-    p.add_argument("--rss-model", choices=("llama", "stub"), default="llama",
-                   help="RSS part: random 2-layer Llama with SmolLM2 shapes (default) or a near-free stub runner with the same shapes")
+    p.add_argument(
+        "--rss-sizes", default="1000,10000", help="comma-separated corpus sizes of the RSS part ('' to skip)"
+    )
+    p.add_argument(
+        "--rss-model",
+        choices=("llama", "stub"),
+        default="llama",
+        help="RSS part: random 2-layer Llama with SmolLM2 shapes (default) or a near-free stub runner with the same "
+        "shapes",
+    )
     p.add_argument("--skip-throughput", action="store_true", help="run only the RSS part")
     add_common_args(p)
     args = p.parse_args(argv)

@@ -34,8 +34,9 @@ TASKS = ("sentence_transformations", "math_no_reasoning", "math_with_reasoning",
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench_distill", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.bench_distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--n-train", type=int, default=50, help="training samples per class (10 classes)")
     ap.add_argument("--n-test", type=int, default=3, help="validation samples per class")
@@ -56,15 +57,20 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             rep = build_index([tmp / "train.jsonl"], tmp / "store", BuildConfig(progress=False), runner=runner)
             build_rate = rep.written / (time.perf_counter() - t0)
-            run_audit(tmp / "store", [tmp / "val.jsonl"], "v1", AuditConfig(progress=False, device=args.device),
-                      runner=runner)
+            run_audit(
+                tmp / "store", [tmp / "val.jsonl"], "v1", AuditConfig(progress=False, device=args.device), runner=runner
+            )
             rates = {}
             for frac in args.fractions:
                 for student in args.students:
                     res = []
                     for seed in args.seeds:
-                        r = distill_value_model(tmp / "store", "v1", tmp / f"vm_{student}",
-                                                DistillConfig(student=student, fraction=frac, seed=seed))
+                        r = distill_value_model(
+                            tmp / "store",
+                            "v1",
+                            tmp / f"vm_{student}",
+                            DistillConfig(student=student, fraction=frac, seed=seed),
+                        )
                         res.append((r.heldout["spearman"], r.heldout["top10_precision"], r.student, r.n_labelled))
                         if frac == max(args.fractions) and seed == args.seeds[0] and student != "auto":
                             est = estimate([tmp / "train.jsonl"], tmp / f"vm_{student}", tmp / "values.parquet")
@@ -72,24 +78,37 @@ def main(argv: list[str] | None = None) -> int:
                     rho = np.array([x[0] for x in res], np.float64)
                     p10 = np.array([x[1] for x in res], np.float64)
                     picked = "/".join(sorted({x[2] for x in res})) if student == "auto" else ""
-                    quality.append([task, f"{frac:.0%}", res[0][3], student + (f" ({picked})" if picked else ""),
-                                    f"{np.nanmean(rho):.3f} ± {np.nanstd(rho):.3f}",
-                                    f"{np.nanmean(p10):.2f} ± {np.nanstd(p10):.2f}"])
+                    quality.append(
+                        [
+                            task,
+                            f"{frac:.0%}",
+                            res[0][3],
+                            student + (f" ({picked})" if picked else ""),
+                            f"{np.nanmean(rho):.3f} ± {np.nanstd(rho):.3f}",
+                            f"{np.nanmean(p10):.2f} ± {np.nanstd(p10):.2f}",
+                        ]
+                    )
                     print(" | ".join(map(str, quality[-1])), flush=True)
             for student, rate in rates.items():
                 speed.append([task, student, f"{build_rate:.2f}", f"{rate:.0f}", f"{rate / build_rate:.0f}x"])
                 print(" | ".join(map(str, speed[-1])), flush=True)
     n = args.n_train * 10
-    text = "\n\n".join([
-        f"{len(args.tasks)} tasks x {n} training samples (10 classes x {args.n_train}), validation 10 x {args.n_test}; "
-        f"exact values = audit `score_mean` (SmolLM2-135M-Instruct, default store settings). Held-out = the audited "
-        f"rows not labelled; mean ± std over seeds {args.seeds}. `auto (x)` names the students auto picked.",
-        md_table(["task", "labelled", "n labelled", "student", "Spearman (held-out)", "top-10% precision"], quality),
-        "Throughput: build = samples encoded per second by `index build` (model loaded once, excluded); estimate = "
-        "the student valuing the training file (read, tokenize/hash, predict, write Parquet).",
-        md_table(["task", "student", "build samples/s", "estimate samples/s", "estimate / build"], speed),
-        machine_info(args.device),
-    ])
+    text = "\n\n".join(
+        [
+            f"{len(args.tasks)} tasks x {n} training samples (10 classes x {args.n_train}), validation 10 x "
+            f"{args.n_test}; "
+            "exact values = audit `score_mean` (SmolLM2-135M-Instruct, default store settings). Held-out = the "
+            "audited "
+            f"rows not labelled; mean ± std over seeds {args.seeds}. `auto (x)` names the students auto picked.",
+            md_table(
+                ["task", "labelled", "n labelled", "student", "Spearman (held-out)", "top-10% precision"], quality
+            ),
+            "Throughput: build = samples encoded per second by `index build` (model loaded once, excluded); estimate = "
+            "the student valuing the training file (read, tokenize/hash, predict, write Parquet).",
+            md_table(["task", "student", "build samples/s", "estimate samples/s", "estimate / build"], speed),
+            machine_info(args.device),
+        ]
+    )
     emit(text, args.out)
     return 0
 

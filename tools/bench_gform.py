@@ -37,7 +37,6 @@ from forvalue.indexer.data import Sample
 from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage.rows import decode_block
 from forvalue.storage.store import Store
-
 from tools.common import add_common_args, apply_threads, emit, machine_info, md_table, resolve, run_module
 
 
@@ -146,8 +145,10 @@ def main(argv=None) -> None:
 
     read_s, read_cpu, tokens = plain_read(store, a.read_rows, decode=False)
     decode_s, decode_cpu, _ = plain_read(store, a.read_rows, decode=True)
-    print(f"plain read {read_s:.1f}s (cpu {read_cpu:.1f}s), read + decode {decode_s:.1f}s (cpu {decode_cpu:.1f}s)",
-          flush=True)
+    print(
+        f"plain read {read_s:.1f}s (cpu {read_cpu:.1f}s), read + decode {decode_s:.1f}s (cpu {decode_cpu:.1f}s)",
+        flush=True,
+    )
     rows, wall, cpu = [], {}, {}
     cases = [(n, 0) for n in a.sizes] + ([(max(a.sizes), a.labels)] if a.labels else [])
     for n, labels in cases:
@@ -169,23 +170,47 @@ def main(argv=None) -> None:
             [np.abs(g.mean[:both] - t.mean).max() / np.abs(t.mean).max()]
             + [np.abs(g.by_label[k][:both] - t.by_label[k]).max() / np.abs(t.by_label[k]).max() for k in groups]
         )
-        rows.append([
-            f"{n:,}" + (f" ({labels} labels: {1 + len(groups)} matrices)" if labels else ""),
-            f"{int(val.lengths.sum()):,}", choose_form(val, 1 + len(groups)), f"{g_s:.0f} / {g_cpu:.0f}",
-            f"{g_cpu / read_cpu:.2f}", f"{t_s:.0f} / {t_cpu:.0f} ({head.count()} rows)", f"{t_cpu / g_cpu:.0f}x",
-            f"{diff:.1e}", peak_rss(),
-        ])
+        rows.append(
+            [
+                f"{n:,}" + (f" ({labels} labels: {1 + len(groups)} matrices)" if labels else ""),
+                f"{int(val.lengths.sum()):,}",
+                choose_form(val, 1 + len(groups)),
+                f"{g_s:.0f} / {g_cpu:.0f}",
+                f"{g_cpu / read_cpu:.2f}",
+                f"{t_s:.0f} / {t_cpu:.0f} ({head.count()} rows)",
+                f"{t_cpu / g_cpu:.0f}x",
+                f"{diff:.1e}",
+                peak_rss(),
+            ]
+        )
         print(" | ".join(rows[-1]), flush=True)
-    table = md_table(["validation samples", "validation tokens", "cost model picks", "G-form scan: wall / CPU s",
-                      "G-form CPU / plain-read CPU", "token form: wall / CPU s (scaled from)", "token / G-form (CPU)",
-                      "max rel. diff", "peak RSS"], rows)
+    table = md_table(
+        [
+            "validation samples",
+            "validation tokens",
+            "cost model picks",
+            "G-form scan: wall / CPU s",
+            "G-form CPU / plain-read CPU",
+            "token form: wall / CPU s (scaled from)",
+            "token / G-form (CPU)",
+            "max rel. diff",
+            "peak RSS",
+        ],
+        rows,
+    )
     lo, hi = min(a.sizes), max(a.sizes)
-    goals = [f"G-form scan at {n:,} / at {lo:,} validation samples: wall {wall[n] / wall[lo]:.2f}, CPU "
-             f"{cpu[n] / cpu[lo]:.2f} (goal <= 1.5 at 1,000)" for n in a.sizes if n != lo]
-    goals.append(f"G-form throughput / plain-read throughput (CPU) at {lo:,}: {read_cpu / cpu[lo]:.0%}, at {hi:,}: "
-                 f"{read_cpu / cpu[hi]:.0%}; against read + decode: {decode_cpu / cpu[lo]:.0%}, "
-                 f"{decode_cpu / cpu[hi]:.0%}"
-                 f" (goal >= 50% of plain read); wall: {read_s / wall[lo]:.0%}, {read_s / wall[hi]:.0%}")
+    goals = [
+        f"G-form scan at {n:,} / at {lo:,} validation samples: wall {wall[n] / wall[lo]:.2f}, CPU "
+        f"{cpu[n] / cpu[lo]:.2f} (goal <= 1.5 at 1,000)"
+        for n in a.sizes
+        if n != lo
+    ]
+    goals.append(
+        f"G-form throughput / plain-read throughput (CPU) at {lo:,}: {read_cpu / cpu[lo]:.0%}, at {hi:,}: "
+        f"{read_cpu / cpu[hi]:.0%}; against read + decode: {decode_cpu / cpu[lo]:.0%}, "
+        f"{decode_cpu / cpu[hi]:.0%}"
+        f" (goal >= 50% of plain read); wall: {read_s / wall[lo]:.0%}, {read_s / wall[hi]:.0%}"
+    )
     text = (
         f"Store {a.store.name}: {total:,} samples, {tokens:,} scored tokens, d = {m.hidden_size}, top-m {m.top_m}, "
         f"hidden {m.hidden_dtype}; read_rows {a.read_rows}. Plain read of the scoring columns {read_s:.1f} s wall / "

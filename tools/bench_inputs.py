@@ -119,8 +119,14 @@ def child(path: str) -> None:
         rows += 1
         repeats += s.occurrence > 0
     seconds = time.perf_counter() - start
-    out = {"rows": rows, "repeats": repeats, "seconds": seconds, "base_kb": base,
-           "hwm_kb": _status_kb("VmHWM") if reset else None, "end_kb": _status_kb("VmRSS")}
+    out = {
+        "rows": rows,
+        "repeats": repeats,
+        "seconds": seconds,
+        "base_kb": base,
+        "hwm_kb": _status_kb("VmHWM") if reset else None,
+        "end_kb": _status_kb("VmRSS"),
+    }
     print("INPUTS_RESULT " + json.dumps(out), flush=True)
 
 
@@ -158,16 +164,40 @@ def main(argv=None) -> None:
             r = json.loads(lines[-1].split(" ", 1)[1])
             assert r["rows"] == n, (r, n)
             grow = None if r["hwm_kb"] is None else (r["hwm_kb"] - r["base_kb"]) * 1024
-            table.append([fmt, f"{n:,}", human_bytes(size), human_bytes(disk), f"{r['repeats']:,}",
-                          human_bytes(r["base_kb"] * 1024), "n/a" if grow is None else human_bytes(grow),
-                          "n/a" if grow is None else f"{grow / n:.0f}", f"{n / r['seconds']:,.0f}", f"{written:.0f}"])
+            table.append(
+                [
+                    fmt,
+                    f"{n:,}",
+                    human_bytes(size),
+                    human_bytes(disk),
+                    f"{r['repeats']:,}",
+                    human_bytes(r["base_kb"] * 1024),
+                    "n/a" if grow is None else human_bytes(grow),
+                    "n/a" if grow is None else f"{grow / n:.0f}",
+                    f"{n / r['seconds']:,.0f}",
+                    f"{written:.0f}",
+                ]
+            )
             print(" | ".join(table[-1]), flush=True)
             shutil.rmtree(path) if path.is_dir() else path.unlink()
     text = (
         "Reading samples (parse, validate, ids, repeat numbering; no model), fresh process per row: peak RSS of the "
         "read above the RSS after imports.\n\n"
-        + md_table(["format", "rows", "data (uncompressed)", "on disk", "repeats numbered", "RSS after imports",
-                    "peak RSS growth while reading", "bytes / row", "rows / s", "write s"], table)
+        + md_table(
+            [
+                "format",
+                "rows",
+                "data (uncompressed)",
+                "on disk",
+                "repeats numbered",
+                "RSS after imports",
+                "peak RSS growth while reading",
+                "bytes / row",
+                "rows / s",
+                "write s",
+            ],
+            table,
+        )
         + f"\n\nMachine: {cpu_model()}, load avg at start {START_LOAD}, at end {_loadavg()}; total "
         f"{time.perf_counter() - started:.0f} s.\n"
     )

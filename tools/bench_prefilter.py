@@ -33,7 +33,9 @@ from tools.common import emit
 def load_val(path: Path) -> tuple[ValidationSet, np.ndarray]:
     z = np.load(path)
     n = len(z["lengths"])
-    return ValidationSet(list(range(n)), z["hidden"], z["ids"].astype(np.int64), z["values"], z["lengths"], z["sq_norms"]), z["topics"]
+    return ValidationSet(
+        list(range(n)), z["hidden"], z["ids"].astype(np.int64), z["values"], z["lengths"], z["sq_norms"]
+    ), z["topics"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--faiss-index", default="auto")
     p.add_argument("--nprobe", default="", help="comma list of nprobe values to try (IVF only)")
     p.add_argument("--rebuild", action="store_true")
-    p.add_argument("--single-exact", action="store_true", help="also time the exact scan for one validation sample alone")
+    p.add_argument(
+        "--single-exact", action="store_true", help="also time the exact scan for one validation sample alone"
+    )
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     import torch
@@ -55,18 +59,26 @@ def main(argv: list[str] | None = None) -> int:
     rows = store.count()
     val, topics = load_val(a.store / "validation.npz")
     val = val.subset(list(range(min(a.n_val, len(val)))))
-    lines = [f"Store `{a.store}`: {rows} samples, d={store.manifest.hidden_size}, top_m={store.manifest.top_m}, "
-             f"sketch {store.manifest.sketch_dim} (r={store.manifest.sketch_vocab_buckets}, c={store.manifest.sketch_hidden_cols}, {store.manifest.sketch_basis} basis), "
-             f"{store.size_bytes() / 1e9:.2f} GB on disk; {len(val)} validation samples; top-k {a.top_k}; "
-             f"{torch.get_num_threads()} torch threads.", ""]
+    lines = [
+        f"Store `{a.store}`: {rows} samples, d={store.manifest.hidden_size}, top_m={store.manifest.top_m}, "
+        f"sketch {store.manifest.sketch_dim} (r={store.manifest.sketch_vocab_buckets}, "
+        f"c={store.manifest.sketch_hidden_cols}, {store.manifest.sketch_basis} basis), "
+        f"{store.size_bytes() / 1e9:.2f} GB on disk; {len(val)} validation samples; top-k {a.top_k}; "
+        f"{torch.get_num_threads()} torch threads.",
+        "",
+    ]
 
     t0 = time.perf_counter()
     pre = faiss_index.ensure(store, kind=a.faiss_index, rebuild=a.rebuild)
     t_faiss = time.perf_counter() - t0
     pre.to_gpu()
-    lines += ["| FAISS index | rows | build+save s (this run) | train s | add s | size MB |", "|---|---|---|---|---|---|",
-              f"| {pre.meta['factory']} | {pre.rows} | {t_faiss:.1f} | {pre.meta.get('train_seconds', '-')} | "
-              f"{pre.meta.get('add_seconds', '-')} | {pre.meta.get('bytes', 0) / 1e6:.1f} |", ""]
+    lines += [
+        "| FAISS index | rows | build+save s (this run) | train s | add s | size MB |",
+        "|---|---|---|---|---|---|",
+        f"| {pre.meta['factory']} | {pre.rows} | {t_faiss:.1f} | {pre.meta.get('train_seconds', '-')} | "
+        f"{pre.meta.get('add_seconds', '-')} | {pre.meta.get('bytes', 0) / 1e6:.1f} |",
+        "",
+    ]
     print("\n".join(lines), flush=True)
 
     cfg = QueryConfig(top_k=a.top_k, progress=False, read_rows=2048)
@@ -86,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         t_single = time.perf_counter() - t0
         print(f"exact scan, 1 validation sample: {t_single:.1f}s", flush=True)
 
-    table = ["| candidates | % of store | nprobe | Recall@{k} median / min | latency p50 ms | p90 ms | sketch+search ms | read ms | score ms | speedup vs exact (per sample) | vs 1-sample exact |".replace("{k}", str(a.top_k)),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = [
+        "| candidates | % of store | nprobe | Recall@{k} median / min | latency p50 ms | p90 ms | sketch+search ms | "
+        "read ms | score ms | speedup vs exact (per sample) | vs 1-sample exact |".replace("{k}", str(a.top_k)),
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     nprobes = [int(x) for x in a.nprobe.split(",") if x] or [None]
     for c in [int(x) for x in a.candidates.split(",")]:
         for nprobe in nprobes:
@@ -101,15 +116,20 @@ def main(argv: list[str] | None = None) -> int:
             n = len(val)
             p50 = float(np.median(lat))
             table.append(
-                f"| {c} | {100 * c / rows:.2f} | {nprobe or pre.meta.get('nprobe') or '-'} | {np.median(rec):.3f} / {np.min(rec):.3f} (mean {np.mean(rec):.3f}) | "
-                f"{1000 * p50:.0f} | {1000 * np.percentile(lat, 90):.0f} | {1000 * (parts['sketch'] + parts['search']) / n:.0f} | "
+                f"| {c} | {100 * c / rows:.2f} | {nprobe or pre.meta.get('nprobe') or '-'} | {np.median(rec):.3f} / "
+                f"{np.min(rec):.3f} (mean {np.mean(rec):.3f}) | "
+                f"{1000 * p50:.0f} | {1000 * np.percentile(lat, 90):.0f} | "
+                f"{1000 * (parts['sketch'] + parts['search']) / n:.0f} | "
                 f"{1000 * parts['read'] / n:.0f} | {1000 * parts['score'] / n:.0f} | {t_exact / n / p50:.0f}x | "
                 f"{f'{t_single / p50:.0f}x' if t_single else '-'} |"
             )
             print(table[-1], flush=True)
-    lines += [f"Exact full scan: {t_exact:.1f} s for {len(val)} validation samples scored together "
-              f"({1000 * t_exact / len(val):.0f} ms per sample, amortised)"
-              + (f"; {t_single:.1f} s for one validation sample alone." if t_single else "."), ""] + table
+    lines += [
+        f"Exact full scan: {t_exact:.1f} s for {len(val)} validation samples scored together "
+        f"({1000 * t_exact / len(val):.0f} ms per sample, amortised)"
+        + (f"; {t_single:.1f} s for one validation sample alone." if t_single else "."),
+        "",
+    ] + table
     emit("\n".join(lines) + "\n", a.out)
     return 0
 

@@ -62,9 +62,15 @@ from tools.generate_tasks import DEFAULT_TASKS, add_data_options, run_tag, task_
 # DataInf's reference fine-tune (the defaults of its src/sft_trainer.py): LoRA r=8 on q/v, lr 3e-4, 10 epochs.
 # It is the slowest method by far, so by default it runs on the first task only.
 FINETUNE_EPOCHS = 10
-DEFAULT_METHODS = ["forvalue", "emb", "grad", "datainf", f"grad:finetune={FINETUNE_EPOCHS}@{DEFAULT_TASKS[0]}",
-                   # the product's audit settings (README, `audit run`): response tokens, cosine
-                   "forvalue:score_tokens=response,normalize=cosine@mislabeled"]
+DEFAULT_METHODS = [
+    "forvalue",
+    "emb",
+    "grad",
+    "datainf",
+    f"grad:finetune={FINETUNE_EPOCHS}@{DEFAULT_TASKS[0]}",
+    # the product's audit settings (README, `audit run`): response tokens, cosine
+    "forvalue:score_tokens=response,normalize=cosine@mislabeled",
+]
 
 
 # --------------------------------------------------------------------------- measurement
@@ -131,10 +137,10 @@ def _samples(path: Path):
 
 
 def run_forvalue(runner, train_path: Path, test_path: Path, workdir: Path, opts: dict, device: str) -> dict:
+    import dataclasses
+
     from forvalue.api import build_index, run_query
     from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
-
-    import dataclasses
 
     encode = EncodeConfig()
     if "top_m" in opts:
@@ -148,14 +154,26 @@ def run_forvalue(runner, train_path: Path, test_path: Path, workdir: Path, opts:
     build = BuildConfig(model=ModelConfig(device=device), encode=encode, progress=False)
     report = build_index([train_path], store, build, runner=runner)
     t_index = time.perf_counter()
-    result = run_query(store, [test_path], QueryConfig(device=device, progress=False, normalize=normalize),
-                       runner=runner, keep_scores=True)
+    result = run_query(
+        store,
+        [test_path],
+        QueryConfig(device=device, progress=False, normalize=normalize),
+        runner=runner,
+        keep_scores=True,
+    )
     return {
-        "scores": result.scores, "train_ids": result.train_ids, "store": str(store),
-        "extra": {"index_seconds": report.seconds, "query_seconds": result.seconds,
-                  "tokens_scored": report.tokens_scored, "top_m": encode.top_m,
-                  "score_tokens": encode.score_tokens, "normalize": normalize,
-                  "lowest_likelihood_ratio": encode.lowest_likelihood_ratio},
+        "scores": result.scores,
+        "train_ids": result.train_ids,
+        "store": str(store),
+        "extra": {
+            "index_seconds": report.seconds,
+            "query_seconds": result.seconds,
+            "tokens_scored": report.tokens_scored,
+            "top_m": encode.top_m,
+            "score_tokens": encode.score_tokens,
+            "normalize": normalize,
+            "lowest_likelihood_ratio": encode.lowest_likelihood_ratio,
+        },
         "_t_index": t_index,
     }
 
@@ -165,8 +183,13 @@ def forvalue_aggregate(runner, store: str, test_path: Path, device: str, normali
     from forvalue.api import run_query
     from forvalue.schemas.config import QueryConfig
 
-    res = run_query(store, [test_path], QueryConfig(device=device, progress=False, aggregate="mean", normalize=normalize),
-                    runner=runner, keep_scores=True)
+    res = run_query(
+        store,
+        [test_path],
+        QueryConfig(device=device, progress=False, aggregate="mean", normalize=normalize),
+        runner=runner,
+        keep_scores=True,
+    )
     return res.scores[0], res.train_ids
 
 
@@ -220,8 +243,9 @@ def worker(spec: dict) -> None:
             tok_train = tokenize_rows(runner.tokenizer, train, score_tokens)
             epochs, accum = int(opts.get("finetune", 0)), int(opts.get("accum", 1))
             if epochs:  # the paper's setting: gradients of a LoRA fine-tuned model
-                lg.finetune(tok_train, epochs, float(opts.get("lr", 3e-4)), bs, runner.device, spec["seed"],
-                            accum=accum)
+                lg.finetune(
+                    tok_train, epochs, float(opts.get("lr", 3e-4)), bs, runner.device, spec["seed"], accum=accum
+                )
             g_val = lg.compute(tokenize_rows(runner.tokenizer, test, score_tokens), bs, runner.device)
             g_train = lg.compute(tok_train, bs, runner.device)
             t_grads = time.perf_counter()
@@ -230,12 +254,18 @@ def worker(spec: dict) -> None:
             outputs = {spec["method"]: (tracin, t_tracin - started)}
             if spec.get("datainf", True):
                 di = datainf_scores(g_val, g_train, lg.offsets)
-                label = "datainf" + spec["method"][len("grad"):]
+                label = "datainf" + spec["method"][len("grad") :]
                 outputs[label] = (di, (t_grads - started) + (time.perf_counter() - t_tracin))
-            result["extra"] = {"n_params": lg.n_params, "rank": rank, "grad_batch": bs, "finetune_epochs": epochs,
-                               "finetune_accum": accum,
-                               "finetune_seconds": lg.finetune_seconds,
-                               "gradient_seconds": t_grads - started, "score_tokens": score_tokens}
+            result["extra"] = {
+                "n_params": lg.n_params,
+                "rank": rank,
+                "grad_batch": bs,
+                "finetune_epochs": epochs,
+                "finetune_accum": accum,
+                "finetune_seconds": lg.finetune_seconds,
+                "gradient_seconds": t_grads - started,
+                "score_tokens": score_tokens,
+            }
             if spec.get("save_grads"):
                 np.save(out / "g_val.npy", g_val)
                 np.save(out / "g_train.npy", g_train)
@@ -266,8 +296,13 @@ def run_worker(spec: dict, log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.json").write_text(json.dumps(spec))
     started = time.perf_counter()
-    proc = run_module("tools.bench_quality", ["--worker", out / "spec.json"],
-                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = run_module(
+        "tools.bench_quality",
+        ["--worker", out / "spec.json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     if proc.returncode != 0:
         log(proc.stdout[-4000:])
         raise RuntimeError(f"worker {spec['method']} failed with exit code {proc.returncode}")
@@ -301,20 +336,32 @@ def fmt_mib(b: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.bench_quality",
-                                 description="For-Value vs Emb vs gradient baselines on the paper's text tasks.")
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.bench_quality",
+        description="For-Value vs Emb vs gradient baselines on the paper's text tasks.",
+    )
     add_data_options(ap)
-    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
-                    help="forvalue[:top_m=M,score_tokens=all|response,normalize=none|cosine,llr=R], emb, "
-                         "grad[:rank=R,batch=B,finetune=E,lr=LR,accum=A], datainf; a suffix @PREFIX runs a method only on "
-                         "the tasks whose name starts with PREFIX")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=DEFAULT_METHODS,
+        help="forvalue[:top_m=M,score_tokens=all|response,normalize=none|cosine,llr=R], emb, "
+        "grad[:rank=R,batch=B,finetune=E,lr=LR,accum=A], datainf; a suffix @PREFIX runs a method only on "
+        "the tasks whose name starts with PREFIX",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model", default=None, help="model folder (default: the product's default model)")
-    ap.add_argument("--batch-size", type=int, default=8, help="forward batch of the Emb baseline (For-Value's default is 8)")
+    ap.add_argument(
+        "--batch-size", type=int, default=8, help="forward batch of the Emb baseline (For-Value's default is 8)"
+    )
     ap.add_argument("--grad-batch", type=int, default=8, help="samples per backward pass of the gradient baseline")
     ap.add_argument("--lora-rank", type=int, default=8)
-    ap.add_argument("--repro", choices=["none", "first", "all"], default="first",
-                    help="run For-Value a second time (separate store) on no / the first / every task")
+    ap.add_argument(
+        "--repro",
+        choices=["none", "first", "all"],
+        default="first",
+        help="run For-Value a second time (separate store) on no / the first / every task",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0: torch default)")
     ap.add_argument("--workdir", default=None, help="keep data and results here (default: a temporary folder)")
     ap.add_argument("--out", default=None, help="also write the markdown report here")
@@ -348,25 +395,43 @@ def main(argv: list[str] | None = None) -> int:
     rows, repro_rows, extras = [], [], []
     for run_no, (task, noise) in enumerate(task_runs(args.tasks, args.noise_rates)):
         tag = run_tag(task, noise)
-        tdir, train, test = write_task(workdir, task, noise, args.n_train, args.n_test, args.seed,
-                                       args.n_classes, args.chatbot_names, args.math_reasons)
+        tdir, train, test = write_task(
+            workdir,
+            task,
+            noise,
+            args.n_train,
+            args.n_test,
+            args.seed,
+            args.n_classes,
+            args.chatbot_names,
+            args.math_reasons,
+        )
         train_label = {r["id"]: r["label"] for r in train}
         flipped = {r["id"]: bool(r.get("flipped", False)) for r in train}
         val_labels = [r["label"] for r in test]
         log(f"[{time.perf_counter() - started_all:7.1f}s] {tag}: {len(train)} train / {len(test)} validation")
         do_repro = args.repro == "all" or (args.repro == "first" and run_no == 0)
-        planned = [(split_scope(m)[0],) * 2 for m in methods
-                   if split_scope(m)[1] is None or task.startswith(split_scope(m)[1])]
+        planned = [
+            (split_scope(m)[0],) * 2 for m in methods if split_scope(m)[1] is None or task.startswith(split_scope(m)[1])
+        ]
         if do_repro:
             planned.append(("forvalue", "forvalue#2"))
         results = {}
         for method, key in planned:
             spec = {
-                "method": method, "device": args.device, "model": args.model, "seed": args.seed,
-                "train": str(tdir / "train.jsonl"), "test": str(tdir / "test.jsonl"), "workdir": str(tdir),
+                "method": method,
+                "device": args.device,
+                "model": args.model,
+                "seed": args.seed,
+                "train": str(tdir / "train.jsonl"),
+                "test": str(tdir / "test.jsonl"),
+                "workdir": str(tdir),
                 "out": str(tdir / key.replace(":", "_").replace(",", "_").replace("=", "-").replace("#", "_run")),
-                "batch_size": args.batch_size, "grad_batch": args.grad_batch, "lora_rank": args.lora_rank,
-                "threads": args.threads, "datainf": want_datainf,
+                "batch_size": args.batch_size,
+                "grad_batch": args.grad_batch,
+                "lora_rank": args.lora_rank,
+                "threads": args.threads,
+                "datainf": want_datainf,
                 "aggregate": noise is not None and method == "forvalue",
             }
             log(f"[{time.perf_counter() - started_all:7.1f}s]   {key} ...")
@@ -383,9 +448,16 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 scores = o["scores"]
                 m = class_retrieval(scores, labels, val_labels)
-                row = {"task": tag, "method": label, **m, "seconds": o["seconds"],
-                       "peak_rss_delta": res["peak_rss_delta_bytes"], "ru_maxrss": res["ru_maxrss_bytes"],
-                       "model_load": res["model_load_seconds"], "shared_pass": label.startswith(("grad", "datainf"))}
+                row = {
+                    "task": tag,
+                    "method": label,
+                    **m,
+                    "seconds": o["seconds"],
+                    "peak_rss_delta": res["peak_rss_delta_bytes"],
+                    "ru_maxrss": res["ru_maxrss_bytes"],
+                    "model_load": res["model_load_seconds"],
+                    "shared_pass": label.startswith(("grad", "datainf")),
+                }
                 if noise is not None:
                     mean_score = scores.mean(axis=0)
                     flip = np.array([flipped[i] for i in ids])
@@ -394,21 +466,38 @@ def main(argv: list[str] | None = None) -> int:
                     if "aggregate" in res:
                         row["detect_auc_aggregate_api"] = roc_auc(-res["aggregate"], flip)
                         row["aggregate_vs_mean_max_rel_diff"] = float(
-                            np.abs(res["aggregate"] - mean_score).max() / max(np.abs(mean_score).max(), 1e-30))
+                            np.abs(res["aggregate"] - mean_score).max() / max(np.abs(mean_score).max(), 1e-30)
+                        )
                 rows.append(row)
-                log(f"      {label}: AUC {fmt_pm(m['auc_mean'], m['auc_std'])}  recall {fmt_pm(m['recall_mean'], m['recall_std'])}"
-                    f"  {o['seconds']:.1f}s" + (f"  detect AUC {row['detect_auc']:.3f} / {row['detect_auc_own']:.3f}" if noise is not None else ""))
+                log(
+                    f"      {label}: AUC {fmt_pm(m['auc_mean'], m['auc_std'])}  recall "
+                    f"{fmt_pm(m['recall_mean'], m['recall_std'])}"
+                    f"  {o['seconds']:.1f}s"
+                    + (
+                        f"  detect AUC {row['detect_auc']:.3f} / {row['detect_auc_own']:.3f}"
+                        if noise is not None
+                        else ""
+                    )
+                )
             if res.get("extra"):
                 extras.append({"task": tag, "method": key, **res["extra"]})
         if do_repro:
             a = results["forvalue"]["outputs"]["forvalue"]["scores"]
             b = results["forvalue#2"]["outputs"]["forvalue"]["scores"]
-            repro_rows.append({"task": tag, "identical": bool(np.array_equal(a, b)),
-                               "max_abs_diff": float(np.abs(a - b).max()),
-                               "max_abs_score": float(np.abs(a).max()),
-                               "seconds_run1": results["forvalue"]["outputs"]["forvalue"]["seconds"],
-                               "seconds_run2": results["forvalue#2"]["outputs"]["forvalue"]["seconds"]})
-            log(f"      reproducibility: identical={repro_rows[-1]['identical']} max abs diff {repro_rows[-1]['max_abs_diff']:.3g}")
+            repro_rows.append(
+                {
+                    "task": tag,
+                    "identical": bool(np.array_equal(a, b)),
+                    "max_abs_diff": float(np.abs(a - b).max()),
+                    "max_abs_score": float(np.abs(a).max()),
+                    "seconds_run1": results["forvalue"]["outputs"]["forvalue"]["seconds"],
+                    "seconds_run2": results["forvalue#2"]["outputs"]["forvalue"]["seconds"],
+                }
+            )
+            log(
+                f"      reproducibility: identical={repro_rows[-1]['identical']} max abs diff "
+                f"{repro_rows[-1]['max_abs_diff']:.3g}"
+            )
     total = time.perf_counter() - started_all
     load_end = os.getloadavg()
 
@@ -416,14 +505,21 @@ def main(argv: list[str] | None = None) -> int:
     w = lines.append
     w("# For-Value quality benchmark (paper Table 1 protocol)")
     w("")
-    w(f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, torch {info['torch']} "
-      f"(workers: {args.threads or info['torch_threads']} torch threads), transformers {info.get('transformers')}, python {info['python']}, "
-      f"device `{args.device}`{' (' + info['cuda'] + ')' if info['cuda'] else ''}. "
-      f"Load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f} (shared machine: timings are noisy; "
-      "methods are compared within one run).")
-    w(f"Model: {args.model or 'default SmolLM2-135M-Instruct (float32)'}. Data: `forvalue.tasks.text.generate_task`, seed {args.seed}, "
-      f"{args.n_classes} classes x {args.n_train} train + {args.n_test} validation per class; noise rates {args.noise_rates}; "
-      f"chatbot names per sentence rule {args.chatbot_names}; math reasons {args.math_reasons}.")
+    w(
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory']} RAM, torch {info['torch']} "
+        f"(workers: {args.threads or info['torch_threads']} torch threads), transformers {info.get('transformers')}, "
+        f"python {info['python']}, "
+        f"device `{args.device}`{' (' + info['cuda'] + ')' if info['cuda'] else ''}. "
+        f"Load average at start {load_start[0]:.2f}, at end {load_end[0]:.2f} (shared machine: timings are noisy; "
+        "methods are compared within one run)."
+    )
+    w(
+        f"Model: {args.model or 'default SmolLM2-135M-Instruct (float32)'}. Data: "
+        f"`forvalue.tasks.text.generate_task`, seed {args.seed}, "
+        f"{args.n_classes} classes x {args.n_train} train + {args.n_test} validation per class; noise rates "
+        f"{args.noise_rates}; "
+        f"chatbot names per sentence rule {args.chatbot_names}; math reasons {args.math_reasons}."
+    )
     command = " ".join(argv if argv is not None else sys.argv[1:])
     w(f"Command: `python -m tools.bench_quality {command}`; total {total:.0f} s.")
     w("")
@@ -432,26 +528,48 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         det = f"{r['detect_auc']:.3f} / {r['detect_auc_own']:.3f}" if "detect_auc" in r else ""
         star = "*" if r["shared_pass"] else ""
-        w(f"| {r['task']} | {r['method']} | {fmt_pm(r['auc_mean'], r['auc_std'])} | {fmt_pm(r['recall_mean'], r['recall_std'])} "
-          f"| {r['seconds']:.1f}{star} | {fmt_mib(r['peak_rss_delta'])}{star} | {det} |")
+        w(
+            f"| {r['task']} | {r['method']} | {fmt_pm(r['auc_mean'], r['auc_std'])} | "
+            f"{fmt_pm(r['recall_mean'], r['recall_std'])} "
+            f"| {r['seconds']:.1f}{star} | {fmt_mib(r['peak_rss_delta'])}{star} | {det} |"
+        )
     w("")
-    w("- AUC / recall: per validation sample, then mean ± std over the validation samples (labels of mislabeled tasks are "
-      "the given, partly flipped, training labels).")
-    w("- time: wall-clock seconds of the method after the model is loaded (For-Value: `build_index` + `run_query`, incl. "
-      "writing the store; Emb: forward passes; grad: forward+backward passes and inner products). Model load "
-      f"(same for all, not included): {np.mean([r['model_load'] for r in rows]):.1f} s on average.")
-    w("- peak RSS Δ: the worker's peak resident set size (sampled every 10 ms) minus its RSS when the method started "
-      "(model already loaded). Absolute worker peaks (`ru_maxrss`): "
-      + ", ".join(sorted({f"{r['method']} {fmt_mib(r['ru_maxrss'])} MiB" for r in rows if r['task'] == rows[0]['task']})) + ".")
+    w(
+        "- AUC / recall: per validation sample, then mean ± std over the validation samples (labels of mislabeled "
+        "tasks are "
+        "the given, partly flipped, training labels)."
+    )
+    w(
+        "- time: wall-clock seconds of the method after the model is loaded (For-Value: `build_index` + `run_query`, "
+        "incl. "
+        "writing the store; Emb: forward passes; grad: forward+backward passes and inner products). Model load "
+        f"(same for all, not included): {np.mean([r['model_load'] for r in rows]):.1f} s on average."
+    )
+    w(
+        "- peak RSS Δ: the worker's peak resident set size (sampled every 10 ms) minus its RSS when the method started "
+        "(model already loaded). Absolute worker peaks (`ru_maxrss`): "
+        + ", ".join(
+            sorted({f"{r['method']} {fmt_mib(r['ru_maxrss'])} MiB" for r in rows if r["task"] == rows[0]["task"]})
+        )
+        + "."
+    )
     w("- `*` grad and datainf share one gradient pass (one process); datainf's time = gradient pass + its own solve.")
-    w("- detect AUC (mislabeled tasks): ROC-AUC of -score against `flipped` (flipped samples should score lowest), "
-      "each training sample scored by its mean score over the clean validation set (mean), or over the validation "
-      "samples that have its given label (own label).")
+    w(
+        "- detect AUC (mislabeled tasks): ROC-AUC of -score against `flipped` (flipped samples should score lowest), "
+        "each training sample scored by its mean score over the clean validation set (mean), or over the validation "
+        "samples that have its given label (own label)."
+    )
     agg = [r for r in rows if "detect_auc_aggregate_api" in r]
     if agg:
-        w("- For-Value detection through the product's `run_query(aggregate='mean')`: "
-          + ", ".join(f"{r['task']} {r['method']}: AUC {r['detect_auc_aggregate_api']:.3f} (max rel. diff to the matrix mean "
-                      f"{r['aggregate_vs_mean_max_rel_diff']:.1e})" for r in agg) + ".")
+        w(
+            "- For-Value detection through the product's `run_query(aggregate='mean')`: "
+            + ", ".join(
+                f"{r['task']} {r['method']}: AUC {r['detect_auc_aggregate_api']:.3f} (max rel. diff to the matrix mean "
+                f"{r['aggregate_vs_mean_max_rel_diff']:.1e})"
+                for r in agg
+            )
+            + "."
+        )
     if repro_rows:
         w("")
         w("Reproducibility (For-Value twice, same seed, two separate stores, two processes):")
@@ -459,24 +577,48 @@ def main(argv: list[str] | None = None) -> int:
         w("| task | identical | max abs diff | max abs score | time run 1 / run 2 (s) |")
         w("|---|---|---|---|---|")
         for r in repro_rows:
-            w(f"| {r['task']} | {r['identical']} | {r['max_abs_diff']:.3g} | {r['max_abs_score']:.3g} | "
-              f"{r['seconds_run1']:.1f} / {r['seconds_run2']:.1f} |")
+            w(
+                f"| {r['task']} | {r['identical']} | {r['max_abs_diff']:.3g} | {r['max_abs_score']:.3g} | "
+                f"{r['seconds_run1']:.1f} / {r['seconds_run2']:.1f} |"
+            )
     fv = {r["task"]: r for r in rows if r["method"] == "forvalue"}
     baselines = sorted({r["method"] for r in rows if parse_method(r["method"])[0] in ("grad", "datainf")})
     for method in baselines:
         gr = {r["task"]: r for r in rows if r["method"] == method}
         if fv and gr:
             w("")
-            w(f"Time ratio {method} / forvalue: " + ", ".join(f"{t} {gr[t]['seconds'] / fv[t]['seconds']:.2f}x" for t in fv if t in gr) + ".")
+            w(
+                f"Time ratio {method} / forvalue: "
+                + ", ".join(f"{t} {gr[t]['seconds'] / fv[t]['seconds']:.2f}x" for t in fv if t in gr)
+                + "."
+            )
     w("")
-    w("Settings: " + "; ".join(sorted({f"{e['method']}: " + ", ".join(f"{k}={v}" for k, v in e.items()
-                                                                        if k not in ('task', 'method') and not k.endswith('seconds') and k != 'tokens_scored')
-                                       for e in extras})))
+    w(
+        "Settings: "
+        + "; ".join(
+            sorted(
+                {
+                    f"{e['method']}: "
+                    + ", ".join(
+                        f"{k}={v}"
+                        for k, v in e.items()
+                        if k not in ("task", "method") and not k.endswith("seconds") and k != "tokens_scored"
+                    )
+                    for e in extras
+                }
+            )
+        )
+    )
     report = "\n".join(lines)
     emit(report, Path(args.out) if args.out else None)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "rows": rows, "repro": repro_rows, "extras": extras,
-                                               "total_seconds": total}, indent=1, default=float))
+        Path(args.json).write_text(
+            json.dumps(
+                {"machine": info, "rows": rows, "repro": repro_rows, "extras": extras, "total_seconds": total},
+                indent=1,
+                default=float,
+            )
+        )
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

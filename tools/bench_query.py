@@ -51,15 +51,28 @@ def random_errors(rng: np.random.Generator, n: int, m: int, vocab: int):
     return topk_ids, probs.astype(np.float32), target_ids, target_probs
 
 
-def write_synthetic_store(path: Path, n_samples: int, tokens: int, d: int, m: int, vocab: int, seed: int = 0) -> tuple[int, int]:
+def write_synthetic_store(
+    path: Path, n_samples: int, tokens: int, d: int, m: int, vocab: int, seed: int = 0
+) -> tuple[int, int]:
     from forvalue.schemas.manifest import Manifest
     from forvalue.schemas.tables import samples_schema
     from forvalue.storage.store import Store
 
     manifest = Manifest(
-        model_path="synthetic", model_weights_sha256="0" * 64, adapter_path=None, adapter_sha256=None,
-        tokenizer_sha256="0" * 64, dtype="float32", hidden_size=d, vocab_size=vocab, top_m=m, score_tokens="all",
-        chat_template=False, max_length=512, hidden_dtype="float16", lowest_likelihood_ratio=None,
+        model_path="synthetic",
+        model_weights_sha256="0" * 64,
+        adapter_path=None,
+        adapter_sha256=None,
+        tokenizer_sha256="0" * 64,
+        dtype="float32",
+        hidden_size=d,
+        vocab_size=vocab,
+        top_m=m,
+        score_tokens="all",
+        chat_template=False,
+        max_length=512,
+        hidden_dtype="float16",
+        lowest_likelihood_ratio=None,
     )
     store = Store.create(path, manifest)
     schema = samples_schema("float16")
@@ -98,9 +111,9 @@ def write_synthetic_store(path: Path, n_samples: int, tokens: int, d: int, m: in
 
 
 def random_validation(n_val: int, tokens: int, d: int, m: int, vocab: int, seed: int):
+    from forvalue.engine.validation import ValidationSet
     from forvalue.indexer.data import Sample
     from forvalue.indexer.sparse_errors import error_entries
-    from forvalue.engine.validation import ValidationSet
 
     rng = np.random.default_rng(1000 + seed)
     lengths = rng.integers(tokens // 2, tokens + tokens // 2 + 1, n_val).astype(np.int64)
@@ -110,7 +123,10 @@ def random_validation(n_val: int, tokens: int, d: int, m: int, vocab: int, seed:
     return ValidationSet(
         samples=samples,
         hidden=rng.standard_normal((n, d), dtype=np.float32).astype(np.float16).astype(np.float32),
-        ids=ids, values=values, lengths=lengths, sq_norms=rng.random(n_val) * 1e4 + 1.0,
+        ids=ids,
+        values=values,
+        lengths=lengths,
+        sq_norms=rng.random(n_val) * 1e4 + 1.0,
     )
 
 
@@ -130,7 +146,9 @@ def time_run_query(store, val, device) -> float:
     try:
         sync(device)
         start = time.perf_counter()
-        result = api.run_query(store, val.samples, QueryConfig(progress=False, device=str(device)), runner=_DeviceOnly(device))
+        result = api.run_query(
+            store, val.samples, QueryConfig(progress=False, device=str(device)), runner=_DeviceOnly(device)
+        )
         sync(device)
         seconds = time.perf_counter() - start
     finally:
@@ -188,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--val-sizes", default="1,10,100")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--max-pair-tokens", type=float, default=5e8,
-                   help="cap on train tokens x val tokens per validation size (smaller store for big validation sets)")
+    p.add_argument(
+        "--max-pair-tokens",
+        type=float,
+        default=5e8,
+        help="cap on train tokens x val tokens per validation size (smaller store for big validation sets)",
+    )
     p.add_argument("--store", type=Path, default=None, help="folder to keep/reuse the synthetic stores in")
     add_common_args(p)
     args = p.parse_args(argv)
@@ -246,45 +268,79 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     s = time_matmul(train_hidden, val, device)
                 times[what].append(s)
-            print(f"  val {n_val} rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), file=sys.stderr, flush=True)
+            print(
+                f"  val {n_val} rep {rep}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
+                file=sys.stderr,
+                flush=True,
+            )
         med = {k: median(v) for k, v in times.items()}
         pair_q = median([q / mm for q, mm in zip(times["run_query"], times["matmul"])])
         pair_s = median([s / mm for s, mm in zip(times["scorer"], times["matmul"])])
         pair_r = median([r / q for r, q in zip(times["read"], times["run_query"])])
         flops = 2.0 * n_tokens * args.dim * m_tokens
-        rows.append([
-            n_val, m_tokens, f"{n_rows} / {n_tokens:,}",
-            f"{n_tokens / med['run_query']:,.0f}", f"{n_tokens / med['scorer']:,.0f}", f"{n_tokens / med['matmul']:,.0f}",
-            f"{med['run_query']:.2f}", f"{med['read']:.2f}", f"{med['scorer']:.2f}", f"{med['matmul']:.2f}",
-            f"**{pair_q:.2f}**", f"**{pair_s:.2f}**", f"{100 * pair_r:.0f}%", f"{flops / med['matmul'] / 1e9:.1f}",
-        ])
+        rows.append(
+            [
+                n_val,
+                m_tokens,
+                f"{n_rows} / {n_tokens:,}",
+                f"{n_tokens / med['run_query']:,.0f}",
+                f"{n_tokens / med['scorer']:,.0f}",
+                f"{n_tokens / med['matmul']:,.0f}",
+                f"{med['run_query']:.2f}",
+                f"{med['read']:.2f}",
+                f"{med['scorer']:.2f}",
+                f"{med['matmul']:.2f}",
+                f"**{pair_q:.2f}**",
+                f"**{pair_s:.2f}**",
+                f"{100 * pair_r:.0f}%",
+                f"{flops / med['matmul'] / 1e9:.1f}",
+            ]
+        )
     current = None
     store_desc = "; ".join(f"{r} samples, {t:,} tokens, {b / 2**20:.0f} MiB" for r, t, b in stores_used)
-    text = "\n".join([
-        "## Exact query benchmark (`python -m tools.bench query`)",
-        "",
-        machine_info(device),
-        "",
-        f"Synthetic stores ({store_desc}): ~{args.tokens} scored tokens per sample (uniform in "
-        f"[{args.tokens // 2}, {args.tokens + args.tokens // 2}]), d={args.dim}, top_m={args.top_m}, hidden float16; "
-        f"read_rows {read_rows}, val_block_tokens 4096. The store used for a validation size is capped so that "
-        f"train tokens x val tokens <= {args.max_pair_tokens:.0e} (throughput per token does not depend on store size). "
-        f"Validation sets are random (`ValidationSet` built directly). "
-        f"{args.reps} interleaved repetitions, medians; ratios are medians of per-repetition ratios.",
-        "",
-        "Columns: tokens/s = training tokens scored per second; `run_query` = end to end "
-        "(Lance scan + decode + scorer + top-k + result table, validation encoding bypassed); "
-        "`read+decode` = the Lance scan and `decode_block` alone; `scorer` = `BlockedScorer.score` "
-        "over blocks already decoded in memory; `matmul` = `H_train @ H_val^T` alone (float32, same blocks and chunks).",
-        "",
-        md_table(
-            ["val samples", "val tokens", "train samples / tokens", "run_query tok/s", "scorer tok/s", "matmul tok/s",
-             "run_query s", "read+decode s", "scorer s", "matmul s",
-             "run_query / matmul", "scorer / matmul", "read+decode / run_query", "matmul GFLOP/s"],
-            rows,
-        ),
-        "",
-    ])
+    text = "\n".join(
+        [
+            "## Exact query benchmark (`python -m tools.bench query`)",
+            "",
+            machine_info(device),
+            "",
+            f"Synthetic stores ({store_desc}): ~{args.tokens} scored tokens per sample (uniform in "
+            f"[{args.tokens // 2}, {args.tokens + args.tokens // 2}]), d={args.dim}, top_m={args.top_m}, hidden "
+            "float16; "
+            f"read_rows {read_rows}, val_block_tokens 4096. The store used for a validation size is capped so that "
+            f"train tokens x val tokens <= {args.max_pair_tokens:.0e} (throughput per token does not depend on store "
+            "size). "
+            f"Validation sets are random (`ValidationSet` built directly). "
+            f"{args.reps} interleaved repetitions, medians; ratios are medians of per-repetition ratios.",
+            "",
+            "Columns: tokens/s = training tokens scored per second; `run_query` = end to end "
+            "(Lance scan + decode + scorer + top-k + result table, validation encoding bypassed); "
+            "`read+decode` = the Lance scan and `decode_block` alone; `scorer` = `BlockedScorer.score` "
+            "over blocks already decoded in memory; `matmul` = `H_train @ H_val^T` alone (float32, same blocks and "
+            "chunks).",
+            "",
+            md_table(
+                [
+                    "val samples",
+                    "val tokens",
+                    "train samples / tokens",
+                    "run_query tok/s",
+                    "scorer tok/s",
+                    "matmul tok/s",
+                    "run_query s",
+                    "read+decode s",
+                    "scorer s",
+                    "matmul s",
+                    "run_query / matmul",
+                    "scorer / matmul",
+                    "read+decode / run_query",
+                    "matmul GFLOP/s",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    )
     emit(text, args.out)
     tmp.cleanup()
     return 0

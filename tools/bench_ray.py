@@ -63,8 +63,9 @@ def main(argv: list[str] | None = None) -> None:
             t = time.perf_counter()
             report = build_index([data], store, cfg, engine=engine)
             seconds = time.perf_counter() - t
-            results.append((name, report.written, f"{seconds:.1f}",
-                            f"{report.written / seconds:.2f}" if report.written else "-"))
+            results.append(
+                (name, report.written, f"{seconds:.1f}", f"{report.written / seconds:.2f}" if report.written else "-")
+            )
             print(f"{name}: {report.written} samples in {seconds:.1f} s", flush=True)
             return seconds
 
@@ -82,25 +83,32 @@ def main(argv: list[str] | None = None) -> None:
         audit_rows = []
         for name, engine in (("single process", None), (f"ray {args.threads} workers x 1 thread", many)):
             t = time.perf_counter()
-            s = run_audit(work / "plain", val, f"bench-{len(audit_rows)}", AuditConfig(progress=False,
-                          device=args.device), engine=engine)
+            s = run_audit(
+                work / "plain",
+                val,
+                f"bench-{len(audit_rows)}",
+                AuditConfig(progress=False, device=args.device),
+                engine=engine,
+            )
             audit_rows.append((name, s.n_train, f"{time.perf_counter() - t:.1f}", f"{s.scan_seconds:.1f}", s.form))
             print(f"audit {name}: {s.scan_seconds:.1f} s scan", flush=True)
         ray.shutdown()
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    text = "\n\n".join([
-        f"Build of {args.samples} generated rows (the three paper tasks), SmolLM2-135M-Instruct, CPU, "
-        f"write_every {args.write_every}, default batch size:",
-        md_table(["configuration", "written", "seconds", "samples/s"], results),
-        f"Ray's fixed costs: `ray.init` of a local instance (num_cpus={args.threads}) {init_seconds:.1f} s; "
-        f"a re-run with nothing new (actors start, load the model; the driver reads the stored ids) {rerun:.1f} s.",
-        f"Audit of the plain store against {args.val} validation rows:",
-        md_table(["audit", "training rows", "total seconds", "scan seconds", "form"], audit_rows),
-        f"Command: python -m tools.bench ray --out DIR -- --samples {args.samples} --threads {args.threads}",
-        machine_info(args.device),
-    ])
+    text = "\n\n".join(
+        [
+            f"Build of {args.samples} generated rows (the three paper tasks), SmolLM2-135M-Instruct, CPU, "
+            f"write_every {args.write_every}, default batch size:",
+            md_table(["configuration", "written", "seconds", "samples/s"], results),
+            f"Ray's fixed costs: `ray.init` of a local instance (num_cpus={args.threads}) {init_seconds:.1f} s; "
+            f"a re-run with nothing new (actors start, load the model; the driver reads the stored ids) {rerun:.1f} s.",
+            f"Audit of the plain store against {args.val} validation rows:",
+            md_table(["audit", "training rows", "total seconds", "scan seconds", "form"], audit_rows),
+            f"Command: python -m tools.bench ray --out DIR -- --samples {args.samples} --threads {args.threads}",
+            machine_info(args.device),
+        ]
+    )
     emit(text, args.out)
 
 

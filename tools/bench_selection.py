@@ -118,9 +118,21 @@ class Settings:
 
 
 QUICK = Settings(
-    seeds=(0,), n_classes=3, pool_per_class=4, targets=("sentence_transformations", "math_with_reasoning:0,1"),
-    val_size=4, eval_size=6, noisy_classes=3, noisy_per_class=8, brittle_classes=3, brittle_per_class=6,
-    brittle_val_per_class=2, brittle_ks=(2, 4, 8), brittle_samples=1, epochs=1, distill_fraction=0.34,
+    seeds=(0,),
+    n_classes=3,
+    pool_per_class=4,
+    targets=("sentence_transformations", "math_with_reasoning:0,1"),
+    val_size=4,
+    eval_size=6,
+    noisy_classes=3,
+    noisy_per_class=8,
+    brittle_classes=3,
+    brittle_per_class=6,
+    brittle_val_per_class=2,
+    brittle_ks=(2, 4, 8),
+    brittle_samples=1,
+    epochs=1,
+    distill_fraction=0.34,
 )
 
 
@@ -209,8 +221,9 @@ def targeted_data(s: Settings, seed: int) -> tuple[list[dict], dict[str, tuple[l
         train, test = generate_task(task, n_train=s.pool_per_class, n_test=n_test, seed=seed, n_classes=s.n_classes)
         for r in train:
             pool.append({**r, "label": f"{task}/{r['label']}", "task": task, "class": r["id"].split("-")[-2]})
-        tests[task] = [{**r, "label": f"{task}/{r['label']}", "task": task, "class": r["id"].split("-")[-2]}
-                       for r in test]
+        tests[task] = [
+            {**r, "label": f"{task}/{r['label']}", "task": task, "class": r["id"].split("-")[-2]} for r in test
+        ]
     targets = {}
     for spec in s.targets:
         task, idx = target_classes(spec, s.n_classes)
@@ -262,8 +275,14 @@ class Suite:
         self._runner = None
         self.counts = Counts()
         self.cached_only = False
-        self.hp = {"rank": s.rank, "lr": s.lr, "epochs": s.epochs, "batch": s.batch, "max_length": s.max_length,
-                   "model": model or "default"}
+        self.hp = {
+            "rank": s.rank,
+            "lr": s.lr,
+            "epochs": s.epochs,
+            "batch": s.batch,
+            "max_length": s.max_length,
+            "model": model or "default",
+        }
 
     # -- model -----------------------------------------------------------------------------------
     @property
@@ -271,7 +290,6 @@ class Suite:
         if self._runner is None:
             from forvalue.indexer.model_runner import load_runner
             from forvalue.schemas.config import ModelConfig
-
             from tools._bench_common import quiet_transformers
 
             quiet_transformers()
@@ -313,11 +331,17 @@ class Suite:
         Two methods (or two k) that select the same training set share one fine-tune; the part and
         its pool (target, noise rate, sample) stay in the key because ids repeat across pools.
         """
-        return {**{k: v for k, v in key.items() if k not in ("method", "k")}, "hp": self.hp, "seed": seed,
-                "train": sha([r["id"] for r in train_rows]), "eval": sha([r["id"] for r in eval_rows])}
+        return {
+            **{k: v for k, v in key.items() if k not in ("method", "k")},
+            "hp": self.hp,
+            "seed": seed,
+            "train": sha([r["id"] for r in train_rows]),
+            "eval": sha([r["id"] for r in eval_rows]),
+        }
 
-    def finetune_eval(self, key: dict, train_rows: list[dict], eval_rows: list[dict], seed: int,
-                      keep_adapters: bool = False) -> dict:
+    def finetune_eval(
+        self, key: dict, train_rows: list[dict], eval_rows: list[dict], seed: int, keep_adapters: bool = False
+    ) -> dict:
         """Fine-tune fresh adapters on ``train_rows``, evaluate on ``eval_rows`` (cached by ``key``)."""
         key = self.ft_key(key, train_rows, eval_rows, seed)
 
@@ -355,9 +379,11 @@ class Suite:
     # -- selection values --------------------------------------------------------------------------
     def values(self, ctx: PoolContext, method: str, val: list[dict], key: dict) -> dict:
         """``{"values": [...], "seconds": s}`` (higher = select first) for the pool of ``ctx``."""
-        return self._cached("sel", {**key, "method": method, "hp": self.hp, "pool": ctx.pool_sha,
-                                    "val": sha([r["id"] for r in val])},
-                            lambda: ctx.compute(method, val))
+        return self._cached(
+            "sel",
+            {**key, "method": method, "hp": self.hp, "pool": ctx.pool_sha, "val": sha([r["id"] for r in val])},
+            lambda: ctx.compute(method, val),
+        )
 
 
 class PoolContext:
@@ -398,9 +424,12 @@ class PoolContext:
 
             shutil.rmtree(path, ignore_errors=True)
             data = write_rows(rows, self.workdir / f"{name}.jsonl")
-            build_index([data], path, BuildConfig(model=ModelConfig(path=self.suite.model_path,
-                                                                    device=self.suite.device), progress=False),
-                        runner=self.suite.runner)
+            build_index(
+                [data],
+                path,
+                BuildConfig(model=ModelConfig(path=self.suite.model_path, device=self.suite.device), progress=False),
+                runner=self.suite.runner,
+            )
             return path
 
         fresh = name not in self._memo
@@ -423,8 +452,13 @@ class PoolContext:
         self.n_audits += 1
         vfile = write_rows(val, self.workdir / f"val-{name}.jsonl")
         t0 = time.perf_counter()
-        run_audit(store, [vfile], name, AuditConfig(flag_by="label", progress=False, device=self.suite.device,
-                                                    flag_fraction=None), runner=self.suite.runner)
+        run_audit(
+            store,
+            [vfile],
+            name,
+            AuditConfig(flag_by="label", progress=False, device=self.suite.device, flag_fraction=None),
+            runner=self.suite.runner,
+        )
         seconds = time.perf_counter() - t0
         done.write_text(json.dumps({"seconds": seconds}))
         return name, seconds
@@ -432,8 +466,13 @@ class PoolContext:
     def emb_pool(self):
         from tools.bench_baselines import emb_vectors, tokenize_rows
 
-        return self._once("emb", lambda: emb_vectors(self.suite.runner, tokenize_rows(
-            self.suite.runner.tokenizer, [self._sample(r) for r in self.pool], "all")))
+        return self._once(
+            "emb",
+            lambda: emb_vectors(
+                self.suite.runner,
+                tokenize_rows(self.suite.runner.tokenizer, [self._sample(r) for r in self.pool], "all"),
+            ),
+        )
 
     def warmup(self):
         def train():
@@ -476,8 +515,14 @@ class PoolContext:
     def _sample(r: dict):
         from forvalue.indexer.data import Sample
 
-        return Sample(id=r["id"], prompt=r["prompt"], response=r["response"], text=None, label=r.get("label"),
-                      source=f"bench:{r['id']}")
+        return Sample(
+            id=r["id"],
+            prompt=r["prompt"],
+            response=r["response"],
+            text=None,
+            label=r.get("label"),
+            source=f"bench:{r['id']}",
+        )
 
     # one method
     def compute(self, method: str, val: list[dict]) -> dict:
@@ -502,22 +547,26 @@ class PoolContext:
             raw = table.column(col).to_numpy(zero_copy_only=False)
             values = np.array([raw[order[i]] for i in ids])
             if method == "forvalue":  # the product's own selection path, for every k of the suite
-                extra["select_subset"] = {str(n): [r["id"] for r in select_subset(store, name, top=str(n))]
-                                          for n in {n_of(k, len(ids)) for k in self.suite.s.ks + self.suite.s.noisy_ks}}
+                extra["select_subset"] = {
+                    str(n): [r["id"] for r in select_subset(store, name, top=str(n))]
+                    for n in {n_of(k, len(ids)) for k in self.suite.s.ks + self.suite.s.noisy_ks}
+                }
         elif method == "emb":
             from tools.bench_baselines import emb_vectors, tokenize_rows
 
             pool_emb, shared = self.emb_pool()
-            v = emb_vectors(self.suite.runner, tokenize_rows(self.suite.runner.tokenizer,
-                                                             [self._sample(r) for r in val], "all"))
+            v = emb_vectors(
+                self.suite.runner, tokenize_rows(self.suite.runner.tokenizer, [self._sample(r) for r in val], "all")
+            )
             values = pool_emb @ v.mean(axis=0)
         elif method == "loss":
             (losses, t_loss), (_, t_warm) = self.pool_losses(), self.warmup()
             shared = t_loss + t_warm
             values = -losses
         elif method == "bm25":
-            values = bm25([r["prompt"] + r["response"] for r in val],
-                          [r["prompt"] + r["response"] for r in self.pool]).mean(axis=0)
+            values = bm25(
+                [r["prompt"] + r["response"] for r in val], [r["prompt"] + r["response"] for r in self.pool]
+            ).mean(axis=0)
         elif method == "grad":
             (g, t_grads), (lora, t_warm) = self.pool_grads(), self.warmup()
             shared = t_grads + t_warm
@@ -554,16 +603,22 @@ class PoolContext:
 
             store, _ = self.store()
             vfile = write_rows(val, self.workdir / "brittle-val.jsonl")
-            res = run_query(store, [vfile], QueryConfig(device=self.suite.device, progress=False, exact=True),
-                            runner=self.suite.runner, keep_scores=True)
+            res = run_query(
+                store,
+                [vfile],
+                QueryConfig(device=self.suite.device, progress=False, exact=True),
+                runner=self.suite.runner,
+                keep_scores=True,
+            )
             order = {i: k for k, i in enumerate(res.train_ids)}
             return np.asarray(res.scores)[:, [order[r["id"]] for r in self.pool]]
         if method == "emb":
             from tools.bench_baselines import emb_vectors, tokenize_rows
 
             pool_emb, _ = self.emb_pool()
-            v = emb_vectors(self.suite.runner, tokenize_rows(self.suite.runner.tokenizer,
-                                                             [self._sample(r) for r in val], "all"))
+            v = emb_vectors(
+                self.suite.runner, tokenize_rows(self.suite.runner.tokenizer, [self._sample(r) for r in val], "all")
+            )
             return v @ pool_emb.T
         if method == "bm25":
             return bm25([r["prompt"] + r["response"] for r in val], [r["prompt"] + r["response"] for r in self.pool])
@@ -604,19 +659,31 @@ def run_targeted(suite: Suite, seed: int) -> list[dict]:
                 chosen = selection_ids(sel, method, n, pool)
                 train = [pool[i] for i in chosen]
                 try:
-                    res = suite.finetune_eval({"part": "targeted", "target": spec, "method": method, "k": k}, train,
-                                              ev, seed)
+                    res = suite.finetune_eval(
+                        {"part": "targeted", "target": spec, "method": method, "k": k}, train, ev, seed
+                    )
                 except NotCached:
                     suite.counts.skipped += 1
                     continue
-                row = {"part": "targeted", "seed": seed, "target": spec, "method": method, "k": k, "n": n,
-                       "loss": res["loss"], "acc": res["acc"], "select_seconds": sel["seconds"],
-                       "train_seconds": res["train_seconds"],
-                       "in_target": float(np.mean([in_target(r, spec, s.n_classes) for r in train]))}
+                row = {
+                    "part": "targeted",
+                    "seed": seed,
+                    "target": spec,
+                    "method": method,
+                    "k": k,
+                    "n": n,
+                    "loss": res["loss"],
+                    "acc": res["acc"],
+                    "select_seconds": sel["seconds"],
+                    "train_seconds": res["train_seconds"],
+                    "in_target": float(np.mean([in_target(r, spec, s.n_classes) for r in train])),
+                }
                 rows.append(row)
-                log(f"  targeted s{seed} {spec} {method:<14} k={k:<4} n={n:<4} loss {row['loss']:.3f} "
+                log(
+                    f"  targeted s{seed} {spec} {method:<14} k={k:<4} n={n:<4} loss {row['loss']:.3f} "
                     f"acc {row['acc']:.3f} in-target {row['in_target']:.2f} select {sel['seconds']:.1f}s "
-                    f"train {res['train_seconds']:.1f}s")
+                    f"train {res['train_seconds']:.1f}s"
+                )
     return rows
 
 
@@ -651,13 +718,27 @@ def run_noisy(suite: Suite, seed: int) -> list[dict]:
                 losses = sample_losses(suite.runner.model, suite.tok(pool))
             return {"values": [float(-x) for x in losses], "seconds": time.perf_counter() - t0}
 
-        full_loss = suite._cached("sel", {**key, "seed": seed, "what": "pool-loss", "hp": suite.hp,
-                                          "pool": ctx.pool_sha}, pool_loss_under_full)
-        rows.append({"part": "noisy", "seed": seed, "noise": tag, "method": "all (no selection)", "k": 100,
-                     "n": len(pool), "clean": float(1 - flipped.mean()), "acc": full["acc"], "loss": full["loss"],
-                     "detect_auc": roc_auc(-np.array(full_loss["values"]), flipped),
-                     "select_seconds": full["train_seconds"] + full_loss["seconds"],
-                     "train_seconds": full["train_seconds"]})
+        full_loss = suite._cached(
+            "sel",
+            {**key, "seed": seed, "what": "pool-loss", "hp": suite.hp, "pool": ctx.pool_sha},
+            pool_loss_under_full,
+        )
+        rows.append(
+            {
+                "part": "noisy",
+                "seed": seed,
+                "noise": tag,
+                "method": "all (no selection)",
+                "k": 100,
+                "n": len(pool),
+                "clean": float(1 - flipped.mean()),
+                "acc": full["acc"],
+                "loss": full["loss"],
+                "detect_auc": roc_auc(-np.array(full_loss["values"]), flipped),
+                "select_seconds": full["train_seconds"] + full_loss["seconds"],
+                "train_seconds": full["train_seconds"],
+            }
+        )
         for method in s.methods:
             sel = suite.values(ctx, method, val, {"part": "noisy", "seed": seed, "noise": noise})
             auc = roc_auc(-np.array(sel["values"]), flipped) if method != "random" else float("nan")
@@ -666,19 +747,33 @@ def run_noisy(suite: Suite, seed: int) -> list[dict]:
                 chosen = selection_ids(sel, method, n, pool)
                 train = [pool[i] for i in chosen]
                 res = suite.finetune_eval({"part": "noisy", "noise": noise, "method": method, "k": k}, train, ev, seed)
-                row = {"part": "noisy", "seed": seed, "noise": tag, "method": method, "k": k, "n": n,
-                       "clean": float(1 - flipped[chosen].mean()), "acc": res["acc"], "loss": res["loss"],
-                       "detect_auc": auc, "select_seconds": sel["seconds"], "train_seconds": res["train_seconds"]}
+                row = {
+                    "part": "noisy",
+                    "seed": seed,
+                    "noise": tag,
+                    "method": method,
+                    "k": k,
+                    "n": n,
+                    "clean": float(1 - flipped[chosen].mean()),
+                    "acc": res["acc"],
+                    "loss": res["loss"],
+                    "detect_auc": auc,
+                    "select_seconds": sel["seconds"],
+                    "train_seconds": res["train_seconds"],
+                }
                 rows.append(row)
-                log(f"  noisy s{seed} {tag} {method:<14} k={k} clean {row['clean']:.2f} acc {row['acc']:.3f} "
-                    f"loss {row['loss']:.3f} detect AUC {auc:.3f} select {sel['seconds']:.1f}s")
+                log(
+                    f"  noisy s{seed} {tag} {method:<14} k={k} clean {row['clean']:.2f} acc {row['acc']:.3f} "
+                    f"loss {row['loss']:.3f} detect AUC {auc:.3f} select {sel['seconds']:.1f}s"
+                )
     return rows
 
 
 def run_brittle(suite: Suite, seed: int) -> list[dict]:
     s = suite.s
-    pool, val = classification_data(s.brittle_task, 0.0, seed, s.brittle_classes, s.brittle_per_class,
-                                     s.brittle_val_per_class)
+    pool, val = classification_data(
+        s.brittle_task, 0.0, seed, s.brittle_classes, s.brittle_per_class, s.brittle_val_per_class
+    )
     ctx = PoolContext(suite, pool, suite.work / f"brittle-s{seed}", seed)
     ctx.workdir.mkdir(parents=True, exist_ok=True)
     base_key = {"part": "brittle", "method": "base", "k": 0}
@@ -695,8 +790,15 @@ def run_brittle(suite: Suite, seed: int) -> list[dict]:
     for method in BRITTLE_METHODS:
         if method == "random":
             continue
-        key = {"part": "brittle", "seed": seed, "method": method, "what": "matrix", "hp": suite.hp,
-               "pool": ctx.pool_sha, "val": sha([r["id"] for r in vals])}
+        key = {
+            "part": "brittle",
+            "seed": seed,
+            "method": method,
+            "what": "matrix",
+            "hp": suite.hp,
+            "pool": ctx.pool_sha,
+            "val": sha([r["id"] for r in vals]),
+        }
 
         def compute(method=method):
             t0 = time.perf_counter()
@@ -714,17 +816,27 @@ def run_brittle(suite: Suite, seed: int) -> list[dict]:
                 else:
                     removed = set(top_n(mats[method][vi], k))
                 train = [r for i, r in enumerate(pool) if i not in removed]
-                res = suite.finetune_eval({"part": "brittle", "method": method, "k": k, "sample": v["id"]}, train,
-                                          [v], seed)
+                res = suite.finetune_eval(
+                    {"part": "brittle", "method": method, "k": k, "sample": v["id"]}, train, [v], seed
+                )
                 same_class = float(np.mean([pool[i]["label"] == v["label"] for i in removed]))
-                row = {"part": "brittle", "seed": seed, "sample": v["id"], "method": method, "k": k,
-                       "was_correct": bool(base["correct"][j]), "base_loss": base["losses"][j],
-                       "delta_loss": res["loss"] - base["losses"][j],
-                       "flipped": bool(base["correct"][j] and not res["correct"][0]),
-                       "removed_same_class": same_class}
+                row = {
+                    "part": "brittle",
+                    "seed": seed,
+                    "sample": v["id"],
+                    "method": method,
+                    "k": k,
+                    "was_correct": bool(base["correct"][j]),
+                    "base_loss": base["losses"][j],
+                    "delta_loss": res["loss"] - base["losses"][j],
+                    "flipped": bool(base["correct"][j] and not res["correct"][0]),
+                    "removed_same_class": same_class,
+                }
                 rows.append(row)
-                log(f"  brittle s{seed} {v['id']} {method:<8} k={k:<3} dloss {row['delta_loss']:+.3f} "
-                    f"flip {row['flipped']} same-class removed {same_class:.2f}")
+                log(
+                    f"  brittle s{seed} {v['id']} {method:<8} k={k:<3} dloss {row['delta_loss']:+.3f} "
+                    f"flip {row['flipped']} same-class removed {same_class:.2f}"
+                )
     return rows
 
 
@@ -765,57 +877,103 @@ def beats(a: list[float], b: list[float], lower_better: bool) -> str:
 def report(rows: list[dict], s: Settings, argv: list[str], seconds: float, counts: Counts, device: str) -> str:
     from tools._bench_common import machine_info, md_table
 
-    lines = ["## Selection by value: fine-tune on what each method selects (issue 17)", "",
-             f"Command: `python -m tools.bench_selection {' '.join(argv)}`; wall time {seconds:.0f} s; "
-             f"fine-tunes run {counts.run}, reused from the cache {counts.reused}"
-             + (f"; {counts.skipped} rows or parts not run yet, left out (--cached-only)" if counts.skipped else "")
-             + ".", "",
-             "Settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items()) + ".", ""]
+    lines = [
+        "## Selection by value: fine-tune on what each method selects (issue 17)",
+        "",
+        f"Command: `python -m tools.bench_selection {' '.join(argv)}`; wall time {seconds:.0f} s; "
+        f"fine-tunes run {counts.run}, reused from the cache {counts.reused}"
+        + (f"; {counts.skipped} rows or parts not run yet, left out (--cached-only)" if counts.skipped else "")
+        + ".",
+        "",
+        "Settings: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(s).items()) + ".",
+        "",
+    ]
     seeds = sorted({r["seed"] for r in rows})
     lines.append(f"Seeds: {seeds} (mean ± std over seeds where there are several).")
     lines.append("")
     tgt = [r for r in rows if r["part"] == "targeted"]
     if tgt:
-        lines += ["### Targeted selection", "",
-                  "Held-out target loss (lower is better) and exact-match accuracy after fine-tuning on the "
-                  "selection; in-target = share of the selection from the target; select s = the method's wall "
-                  "time (shared pieces such as the store build or warm-up included).", ""]
+        lines += [
+            "### Targeted selection",
+            "",
+            "Held-out target loss (lower is better) and exact-match accuracy after fine-tuning on the "
+            "selection; in-target = share of the selection from the target; select s = the method's wall "
+            "time (shared pieces such as the store build or warm-up included).",
+            "",
+        ]
         table = []
         for (target, k, method), rs in group(tgt, ("target", "k", "method")).items():
-            table.append([target, f"{k:g}% ({rs[0]['n']})", method, pm([r["loss"] for r in rs]),
-                          pm([r["acc"] for r in rs]), pm([r["in_target"] for r in rs], 2),
-                          pm([r["select_seconds"] for r in rs], 1), pm([r["train_seconds"] for r in rs], 1)])
-        lines.append(md_table(["target", "k (n)", "method", "target loss", "accuracy", "in-target", "select s",
-                               "train s"], table))
+            table.append(
+                [
+                    target,
+                    f"{k:g}% ({rs[0]['n']})",
+                    method,
+                    pm([r["loss"] for r in rs]),
+                    pm([r["acc"] for r in rs]),
+                    pm([r["in_target"] for r in rs], 2),
+                    pm([r["select_seconds"] for r in rs], 1),
+                    pm([r["train_seconds"] for r in rs], 1),
+                ]
+            )
+        lines.append(
+            md_table(
+                ["target", "k (n)", "method", "target loss", "accuracy", "in-target", "select s", "train s"], table
+            )
+        )
         lines.append("")
     noisy = [r for r in rows if r["part"] == "noisy"]
     if noisy:
-        lines += ["### Noisy pool", "",
-                  "Clean fraction of the selection, fine-tuned accuracy / loss on the clean evaluation set, and the "
-                  "mislabeled-detection AUC of the method's values (flipped should score lowest). "
-                  "`all (no selection)`: fine-tuned on the whole noisy pool; its detection AUC ranks by that "
-                  "model's per-sample loss (the loss baseline).", ""]
+        lines += [
+            "### Noisy pool",
+            "",
+            "Clean fraction of the selection, fine-tuned accuracy / loss on the clean evaluation set, and the "
+            "mislabeled-detection AUC of the method's values (flipped should score lowest). "
+            "`all (no selection)`: fine-tuned on the whole noisy pool; its detection AUC ranks by that "
+            "model's per-sample loss (the loss baseline).",
+            "",
+        ]
         table = []
         for (noise, k, method), rs in group(noisy, ("noise", "k", "method")).items():
-            table.append([noise, f"{k:g}% ({rs[0]['n']})", method, pm([r["clean"] for r in rs], 2),
-                          pm([r["acc"] for r in rs]), pm([r["loss"] for r in rs]), pm([r["detect_auc"] for r in rs]),
-                          pm([r["select_seconds"] for r in rs], 1)])
-        lines.append(md_table(["pool", "k (n)", "method", "clean", "accuracy", "loss", "detect AUC", "select s"],
-                              table))
+            table.append(
+                [
+                    noise,
+                    f"{k:g}% ({rs[0]['n']})",
+                    method,
+                    pm([r["clean"] for r in rs], 2),
+                    pm([r["acc"] for r in rs]),
+                    pm([r["loss"] for r in rs]),
+                    pm([r["detect_auc"] for r in rs]),
+                    pm([r["select_seconds"] for r in rs], 1),
+                ]
+            )
+        lines.append(
+            md_table(["pool", "k (n)", "method", "clean", "accuracy", "loss", "detect AUC", "select s"], table)
+        )
         lines.append("")
     br = [r for r in rows if r["part"] == "brittle"]
     if br:
-        lines += ["### Brittleness", "",
-                  "Remove the method's top-k training samples for one validation sample the fine-tuned model "
-                  "answers correctly, fine-tune again (same seed and budget): change of that sample's loss, share "
-                  "of answers that flip, share of removed samples with the sample's class. Mean ± std over "
-                  "samples x seeds.", ""]
+        lines += [
+            "### Brittleness",
+            "",
+            "Remove the method's top-k training samples for one validation sample the fine-tuned model "
+            "answers correctly, fine-tune again (same seed and budget): change of that sample's loss, share "
+            "of answers that flip, share of removed samples with the sample's class. Mean ± std over "
+            "samples x seeds.",
+            "",
+        ]
         table = []
         for (k, method), rs in group(br, ("k", "method")).items():
             was = [r for r in rs if r["was_correct"]]
-            table.append([k, method, pm([r["delta_loss"] for r in rs]),
-                          f"{sum(r['flipped'] for r in was)}/{len(was)}" if was else "–",
-                          pm([r["removed_same_class"] for r in rs], 2), len(rs)])
+            table.append(
+                [
+                    k,
+                    method,
+                    pm([r["delta_loss"] for r in rs]),
+                    f"{sum(r['flipped'] for r in was)}/{len(was)}" if was else "–",
+                    pm([r["removed_same_class"] for r in rs], 2),
+                    len(rs),
+                ]
+            )
         lines.append(md_table(["k", "method", "Δ loss", "flips", "same-class removed", "n"], table))
         lines.append("")
     lines += ["### Goals", ""] + goals(rows) + ["", machine_info(device)]
@@ -826,46 +984,57 @@ def goals(rows: list[dict]) -> list[str]:
     out = []
     tgt = [r for r in rows if r["part"] == "targeted"]
     g = group(tgt, ("target", "k", "method"))
-    for (target, k) in sorted({(r["target"], r["k"]) for r in tgt}):
+    for target, k in sorted({(r["target"], r["k"]) for r in tgt}):
         rnd = g.get((target, k, "random"), [])
         for fv in ("forvalue", "forvalue-label"):
             mine = g.get((target, k, fv), [])
             if mine and rnd:
-                out.append(f"- targeted {target} k={k:g}%: {fv} vs random, loss "
-                           f"{beats([r['loss'] for r in mine], [r['loss'] for r in rnd], True)}, accuracy "
-                           f"{beats([r['acc'] for r in mine], [r['acc'] for r in rnd], False)}.")
+                out.append(
+                    f"- targeted {target} k={k:g}%: {fv} vs random, loss "
+                    f"{beats([r['loss'] for r in mine], [r['loss'] for r in rnd], True)}, accuracy "
+                    f"{beats([r['acc'] for r in mine], [r['acc'] for r in rnd], False)}."
+                )
         grad = g.get((target, k, "grad"), [])
         mine = g.get((target, k, "forvalue"), [])
         if grad and mine:
             ratio = mean_std([r["select_seconds"] for r in grad])[0] / max(
-                mean_std([r["select_seconds"] for r in mine])[0], 1e-9)
-            out.append(f"- targeted {target} k={k:g}%: forvalue vs grad, loss "
-                       f"{beats([r['loss'] for r in mine], [r['loss'] for r in grad], True)}; grad takes "
-                       f"{ratio:.1f}x forvalue's time.")
+                mean_std([r["select_seconds"] for r in mine])[0], 1e-9
+            )
+            out.append(
+                f"- targeted {target} k={k:g}%: forvalue vs grad, loss "
+                f"{beats([r['loss'] for r in mine], [r['loss'] for r in grad], True)}; grad takes "
+                f"{ratio:.1f}x forvalue's time."
+            )
     noisy = [r for r in rows if r["part"] == "noisy"]
     g = group(noisy, ("noise", "k", "method"))
-    for (noise, k) in sorted({(r["noise"], r["k"]) for r in noisy if r["k"] != 100}):
+    for noise, k in sorted({(r["noise"], r["k"]) for r in noisy if r["k"] != 100}):
         rnd = g.get((noise, k, "random"), [])
         for fv in ("forvalue", "forvalue-label"):
             mine = g.get((noise, k, fv), [])
             if mine and rnd:
-                out.append(f"- noisy {noise} k={k:g}%: {fv} vs random, accuracy "
-                           f"{beats([r['acc'] for r in mine], [r['acc'] for r in rnd], False)}, clean fraction "
-                           f"{beats([r['clean'] for r in mine], [r['clean'] for r in rnd], False)}.")
+                out.append(
+                    f"- noisy {noise} k={k:g}%: {fv} vs random, accuracy "
+                    f"{beats([r['acc'] for r in mine], [r['acc'] for r in rnd], False)}, clean fraction "
+                    f"{beats([r['clean'] for r in mine], [r['clean'] for r in rnd], False)}."
+                )
     for noise in sorted({r["noise"] for r in noisy}):
         loss_auc = mean_std([r["detect_auc"] for r in noisy if r["noise"] == noise and r["k"] == 100])[0]
         for fv in ("forvalue", "forvalue-label"):
             auc = mean_std([r["detect_auc"] for r in noisy if r["noise"] == noise and r["method"] == fv])[0]
-            out.append(f"- detection {noise}: {fv} AUC {auc:.3f} vs loss of the pool-fine-tuned model "
-                       f"{loss_auc:.3f}: {'beats' if auc > loss_auc else 'does not beat'} it.")
+            out.append(
+                f"- detection {noise}: {fv} AUC {auc:.3f} vs loss of the pool-fine-tuned model "
+                f"{loss_auc:.3f}: {'beats' if auc > loss_auc else 'does not beat'} it."
+            )
     br = [r for r in rows if r["part"] == "brittle"]
     g = group(br, ("k", "method"))
     for k in sorted({r["k"] for r in br}):
         fv = mean_std([r["delta_loss"] for r in g.get((k, "forvalue"), [])])[0]
         rnd = mean_std([r["delta_loss"] for r in g.get((k, "random"), [])])[0]
         ratio = fv / rnd if rnd > 0 else float("nan")
-        out.append(f"- brittleness k={k}: removing forvalue's top-k raises the loss by {fv:+.3f}, random k by "
-                   f"{rnd:+.3f}" + (f" ({ratio:.1f}x)" if rnd > 0 else " (random does not raise it)") + ".")
+        out.append(
+            f"- brittleness k={k}: removing forvalue's top-k raises the loss by {fv:+.3f}, random k by "
+            f"{rnd:+.3f}" + (f" ({ratio:.1f}x)" if rnd > 0 else " (random does not raise it)") + "."
+        )
     return out
 
 
@@ -875,15 +1044,22 @@ def goals(rows: list[dict]) -> list[str]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m tools.bench_selection", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="write the markdown report here (also printed)")
-    ap.add_argument("--workdir", type=Path, required=True,
-                    help="cache of every selection and fine-tune (re-running with the same folder resumes)")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        required=True,
+        help="cache of every selection and fine-tune (re-running with the same folder resumes)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write every number (rows, settings, counts) here")
     ap.add_argument("--quick", action="store_true", help="the small configuration (< 10 minutes)")
     ap.add_argument("--model", default=None, help="model folder (default: the product's default SmolLM2-135M)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    ap.add_argument("--cached-only", action="store_true",
-                    help="train nothing: report the selections and fine-tunes the work folder already holds")
+    ap.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="train nothing: report the selections and fine-tunes the work folder already holds",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=None)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=None)
@@ -896,8 +1072,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     s = QUICK if args.quick else Settings()
-    over = {"seeds": args.seeds, "parts": args.parts, "methods": args.methods, "ks": args.ks,
-            "targets": args.targets, "noise_rates": args.noise_rates, "brittle_ks": args.brittle_ks}
+    over = {
+        "seeds": args.seeds,
+        "parts": args.parts,
+        "methods": args.methods,
+        "ks": args.ks,
+        "targets": args.targets,
+        "noise_rates": args.noise_rates,
+        "brittle_ks": args.brittle_ks,
+    }
     return dataclasses.replace(s, **{k: tuple(v) for k, v in over.items() if v is not None})
 
 
@@ -929,8 +1112,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-    summary = {"settings": dataclasses.asdict(s), "rows": rows, "seconds": seconds,
-               "counts": dataclasses.asdict(suite.counts)}
+    summary = {
+        "settings": dataclasses.asdict(s),
+        "rows": rows,
+        "seconds": seconds,
+        "counts": dataclasses.asdict(suite.counts),
+    }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=1, default=float))

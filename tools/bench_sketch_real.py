@@ -56,7 +56,11 @@ def main(argv=None) -> int:
     ap.add_argument("--n-classes", type=int, default=10)
     ap.add_argument("--n-train", type=int, default=30)
     ap.add_argument("--n-test", type=int, default=2)
-    ap.add_argument("--variants", nargs="+", default=["gaussian:256:4", "fitted:256:4", "fitted:512:4", "fitted:1024:2", "fitted:2048:1", "fitted:1024:4"])
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=["gaussian:256:4", "fitted:256:4", "fitted:512:4", "fitted:1024:2", "fitted:2048:1", "fitted:1024:4"],
+    )
     ap.add_argument("--fractions", default="0.02,0.05,0.1,0.2")
     ap.add_argument("--top-k", default="10,30")
     ap.add_argument("--threads", type=int, default=0)
@@ -66,16 +70,16 @@ def main(argv=None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from forvalue.indexer.build import BASIS_FIT_TOKENS
-    from forvalue.indexer.sketch import SketchSpec, Sketcher, fit_basis
     from forvalue.api import build_index, load_store_runner, run_query, score_all
-    from forvalue.tasks.metrics import class_retrieval
-    from forvalue.maintenance import _first_hidden, sketch_store
     from forvalue.engine.scorer import decode_block
     from forvalue.engine.validation import encode_validation, load_validation_samples
+    from forvalue.indexer.build import BASIS_FIT_TOKENS
+    from forvalue.indexer.sketch import Sketcher, SketchSpec, fit_basis
+    from forvalue.maintenance import _first_hidden, sketch_store
     from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
     from forvalue.schemas.tables import SCORING_COLUMNS
     from forvalue.storage.store import Store
+    from forvalue.tasks.metrics import class_retrieval
 
     a.workdir.mkdir(parents=True, exist_ok=True)
     store_path = a.workdir / "store"
@@ -106,18 +110,29 @@ def main(argv=None) -> int:
     ks = [int(x) for x in a.top_k.split(",")]
     exact_top = {k: np.argsort(-exact, axis=1, kind="stable")[:, :k] for k in ks}
 
-    lines = [f"Store: {n} training samples ({len(TASKS)} tasks x {a.n_classes} classes x {a.n_train}), "
-             f"{int(lengths.sum())} scored tokens, d={store.manifest.hidden_size}; {n_val} validation samples; "
-             f"exact ranking AUC {ref['auc_mean']:.4f}, recall {ref['recall_mean']:.4f}. Build {build_s:.0f} s (0 when reused).", "",
-             "| basis | R | c | D | corr | " + " | ".join(f"C={f:.0%} ({max(1, int(f * n))}): " + " / ".join(f"R@{k}" for k in ks) + " / dAUC / drecall" for f in fractions) + " |",
-             "|---|---|---|---|---|" + "---|" * len(fractions)]
+    lines = [
+        f"Store: {n} training samples ({len(TASKS)} tasks x {a.n_classes} classes x {a.n_train}), "
+        f"{int(lengths.sum())} scored tokens, d={store.manifest.hidden_size}; {n_val} validation samples; "
+        f"exact ranking AUC {ref['auc_mean']:.4f}, recall {ref['recall_mean']:.4f}. Build {build_s:.0f} s (0 when "
+        "reused).",
+        "",
+        "| basis | R | c | D | corr | "
+        + " | ".join(
+            f"C={f:.0%} ({max(1, int(f * n))}): " + " / ".join(f"R@{k}" for k in ks) + " / dAUC / drecall"
+            for f in fractions
+        )
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(fractions),
+    ]
     for variant in a.variants:
         basis_kind, r, c = variant.split(":")
         r, c = int(r), int(c)
         spec = SketchSpec(r * c, r, c, 0, store.manifest.vocab_size, store.manifest.hidden_size, basis_kind)
         sk = Sketcher(spec, basis=basis_all[:, :c] if basis_kind == "fitted" else None)
-        approx = sk.sketch(val.hidden, val.ids, val.values, val.lengths).astype(np.float64) @ \
-            sk.sketch(hidden, ids, values, lengths).astype(np.float64).T
+        approx = (
+            sk.sketch(val.hidden, val.ids, val.values, val.lengths).astype(np.float64)
+            @ sk.sketch(hidden, ids, values, lengths).astype(np.float64).T
+        )
         corr = np.mean([np.corrcoef(approx[j], exact[j])[0, 1] for j in range(n_val)])
         cells = []
         for f in fractions:
@@ -130,24 +145,45 @@ def main(argv=None) -> int:
             rows = np.arange(n_val)[:, None]
             ranked[rows, cand] = exact[rows, cand]
             m = class_retrieval(ranked, labels, vlab)
-            cells.append(" / ".join(f"{x:.3f}" for x in rec) + f" / {m['auc_mean'] - ref['auc_mean']:+.4f} / {m['recall_mean'] - ref['recall_mean']:+.4f}")
+            cells.append(
+                " / ".join(f"{x:.3f}" for x in rec)
+                + f" / {m['auc_mean'] - ref['auc_mean']:+.4f} / {m['recall_mean'] - ref['recall_mean']:+.4f}"
+            )
         lines.append(f"| {basis_kind} | {r} | {c} | {r * c} | {corr:.3f} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
 
     # the shipped path: store re-sketched with the defaults, FAISS + exact rerank through run_query
     d = EncodeConfig()
-    report = sketch_store(store_path, rebuild=True, dim=d.sketch_dim, vocab_buckets=d.sketch_vocab_buckets,
-                          hidden_cols=d.sketch_hidden_cols, basis=d.sketch_basis)
-    lines += ["", f"Product path (`index sketch --rebuild` defaults: D={report['sketch_dim']}, R={report['vocab_buckets']}, "
-              f"c={report['hidden_cols']}, {report['sketch_basis']} basis, FAISS {report['faiss']}): "
-              "`run_query(candidates=max(C, k))` against `run_query(exact=True)`.", "",
-              "| C | % of store | " + " | ".join(f"Recall@{k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    report = sketch_store(
+        store_path,
+        rebuild=True,
+        dim=d.sketch_dim,
+        vocab_buckets=d.sketch_vocab_buckets,
+        hidden_cols=d.sketch_hidden_cols,
+        basis=d.sketch_basis,
+    )
+    lines += [
+        "",
+        f"Product path (`index sketch --rebuild` defaults: D={report['sketch_dim']}, R={report['vocab_buckets']}, "
+        f"c={report['hidden_cols']}, {report['sketch_basis']} basis, FAISS {report['faiss']}): "
+        "`run_query(candidates=max(C, k))` against `run_query(exact=True)`.",
+        "",
+        "| C | % of store | " + " | ".join(f"Recall@{k}" for k in ks) + " |",
+        "|---|---|" + "---|" * len(ks),
+    ]
     for f in fractions:
         c_rows = max(1, int(f * n))
         cells = []
         for k in ks:
-            ex = run_query(store_path, [a.workdir / "val.jsonl"], QueryConfig(top_k=k, exact=True, progress=False), runner=runner)
-            ap_ = run_query(store_path, [a.workdir / "val.jsonl"], QueryConfig(top_k=k, candidates=max(c_rows, k), progress=False), runner=runner)
+            ex = run_query(
+                store_path, [a.workdir / "val.jsonl"], QueryConfig(top_k=k, exact=True, progress=False), runner=runner
+            )
+            ap_ = run_query(
+                store_path,
+                [a.workdir / "val.jsonl"],
+                QueryConfig(top_k=k, candidates=max(c_rows, k), progress=False),
+                runner=runner,
+            )
             top_e, top_a = {}, {}
             for row in ex.top.to_pylist():
                 top_e.setdefault(row["validation_id"], set()).add(row["train_id"])

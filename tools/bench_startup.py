@@ -47,8 +47,9 @@ def _time(cmd: list[str], reps: int) -> tuple[float, float]:
 
 def slowest_imports(cmd_args: list[str], n: int = 8) -> list[tuple[str, float]]:
     """The ``n`` top-level packages with the largest cumulative import time (seconds) under ``-X importtime``."""
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "forvalue", *cmd_args],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "forvalue", *cmd_args], capture_output=True, text=True
+    )
     by_package: dict[str, float] = {}
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "|" not in line:
@@ -70,8 +71,10 @@ def make_store(work: Path) -> Path:
     from forvalue.testing import make_model_dir
 
     model = make_model_dir(work / "model")
-    rows = [{"id": f"s{i}", "prompt": f"question {i} ->", "response": f" answer {i % 7}", "label": f"c{i % 3}"}
-            for i in range(40)]
+    rows = [
+        {"id": f"s{i}", "prompt": f"question {i} ->", "response": f" answer {i % 7}", "label": f"c{i % 3}"}
+        for i in range(40)
+    ]
     (work / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (work / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
     config = BuildConfig(model=ModelConfig(path=str(model), device="cpu"), progress=False)
@@ -97,8 +100,10 @@ def main(argv: list[str] | None = None) -> int:
             ("forvalue index check", _forvalue("index", "check", "--store", store)),
             ("forvalue audit list", _forvalue("audit", "list", "--store", store)),
             ("forvalue audit show", _forvalue("audit", "show", "--store", store, "a")),
-            ("forvalue select --top 50%", _forvalue("select", "--store", store, "--audit", "a", "--top", "50%",
-                                                    "-o", subset)),
+            (
+                "forvalue select --top 50%",
+                _forvalue("select", "--store", store, "--audit", "a", "--top", "50%", "-o", subset),
+            ),
             ("import torch (avoided)", [sys.executable, "-c", "import torch"]),
             ("import transformers (avoided)", [sys.executable, "-c", "import transformers"]),
             ("import lancedb (avoided)", [sys.executable, "-c", "import lancedb"]),
@@ -113,16 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    text = "\n\n".join([
-        "## Start-up of the commands that load no model",
-        f"`python -m tools.bench startup` ({args.reps} runs per command, each a fresh process; median and min).",
-        md_table(["command", "median s", "min s"], rows),
-        "Slowest top-level imports of `forvalue index info` (`python -X importtime`, cumulative; the "
-        "instrumentation itself inflates these):",
-        md_table(["package", "s"], [(name, f"{sec:.3f}") for name, sec in imports]),
-        f"Machine: cores {os.cpu_count()}, CPU {cpu_model()}, python {sys.version.split()[0]}, "
-        f"load avg (1/5/15 min) at start {START_LOAD}, at end {_loadavg()}.",
-    ])
+    text = "\n\n".join(
+        [
+            "## Start-up of the commands that load no model",
+            f"`python -m tools.bench startup` ({args.reps} runs per command, each a fresh process; median and min).",
+            md_table(["command", "median s", "min s"], rows),
+            "Slowest top-level imports of `forvalue index info` (`python -X importtime`, cumulative; the "
+            "instrumentation itself inflates these):",
+            md_table(["package", "s"], [(name, f"{sec:.3f}") for name, sec in imports]),
+            f"Machine: cores {os.cpu_count()}, CPU {cpu_model()}, python {sys.version.split()[0]}, "
+            f"load avg (1/5/15 min) at start {START_LOAD}, at end {_loadavg()}.",
+        ]
+    )
     emit(text, args.out)
     return 0
 

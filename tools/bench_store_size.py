@@ -67,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
         for hidden_dtype in args.hidden_dtypes.split(","):
             for m in [int(x) for x in args.top_m.split(",")]:
                 store = Path(tmp) / f"store-{hidden_dtype}-{m}"
-                config = BuildConfig(model=ModelConfig(device=str(device)), encode=EncodeConfig(top_m=m, hidden_dtype=hidden_dtype),
-                                     batch_size=args.batch_size, progress=False)
+                config = BuildConfig(
+                    model=ModelConfig(device=str(device)),
+                    encode=EncodeConfig(top_m=m, hidden_dtype=hidden_dtype),
+                    batch_size=args.batch_size,
+                    progress=False,
+                )
                 report = build_index([data], store, config, runner=runner)
                 t = report.tokens_scored
                 total = folder_bytes(store)
@@ -80,34 +84,59 @@ def main(argv: list[str] | None = None) -> int:
                 overhead = total - data_total
                 hidden_raw = (2 if hidden_dtype == "float16" else 4) * d
                 payload = hidden_raw + 8 * m + 12
-                rows.append([
-                    hidden_dtype, m, report.written, t,
-                    f"**{total / t:.0f}**", f"{total / t / floor:.3f}",
-                    f"{hidden / t:.0f}", f"{errors / t:.1f} (raw {8 * m + 12})", f"{other / t:.1f}", f"{overhead / t:.1f}",
-                    payload, f"{total / t / payload:.3f}",
-                ])
+                rows.append(
+                    [
+                        hidden_dtype,
+                        m,
+                        report.written,
+                        t,
+                        f"**{total / t:.0f}**",
+                        f"{total / t / floor:.3f}",
+                        f"{hidden / t:.0f}",
+                        f"{errors / t:.1f} (raw {8 * m + 12})",
+                        f"{other / t:.1f}",
+                        f"{overhead / t:.1f}",
+                        payload,
+                        f"{total / t / payload:.3f}",
+                    ]
+                )
                 print(f"  {hidden_dtype} m={m}: {total / t:.0f} B/token", file=sys.stderr, flush=True)
                 shutil.rmtree(store, ignore_errors=True)
-    text = "\n".join([
-        "## Store size benchmark (`python -m tools.bench store_size`)",
-        "",
-        machine_info(device),
-        "",
-        f"Real stores built with SmolLM2-135M-Instruct (d={d}) over {args.samples} generated samples "
-        f"(3 DataInf tasks round-robin, whole text scored). Floor = float16 hidden state alone = 2d = {floor} bytes "
-        "per scored token. Column bytes come from Lance's per-field statistics; 'Lance metadata' is the rest of the "
-        "store folder (manifests, version and transaction files, manifest.json) and is a fixed cost per commit, "
-        "so it shrinks per token on bigger stores. Uncompressed payload = hidden + 8m + 12 "
-        "(top-m ids int32 + probs float32, target id + prob, tail mass).",
-        "",
-        md_table(
-            ["hidden", "top_m", "samples", "scored tokens", "bytes/token on disk", "x floor (2d)",
-             "hidden B/token", "sparse errors B/token", "ids/text/scalars B/token", "Lance metadata B/token",
-             "uncompressed payload B/token", "disk / payload"],
-            rows,
-        ),
-        "",
-    ])
+    text = "\n".join(
+        [
+            "## Store size benchmark (`python -m tools.bench store_size`)",
+            "",
+            machine_info(device),
+            "",
+            f"Real stores built with SmolLM2-135M-Instruct (d={d}) over {args.samples} generated samples "
+            f"(3 DataInf tasks round-robin, whole text scored). Floor = float16 hidden state alone = 2d = {floor} "
+            "bytes "
+            "per scored token. Column bytes come from Lance's per-field statistics; 'Lance metadata' is the rest of "
+            "the "
+            "store folder (manifests, version and transaction files, manifest.json) and is a fixed cost per commit, "
+            "so it shrinks per token on bigger stores. Uncompressed payload = hidden + 8m + 12 "
+            "(top-m ids int32 + probs float32, target id + prob, tail mass).",
+            "",
+            md_table(
+                [
+                    "hidden",
+                    "top_m",
+                    "samples",
+                    "scored tokens",
+                    "bytes/token on disk",
+                    "x floor (2d)",
+                    "hidden B/token",
+                    "sparse errors B/token",
+                    "ids/text/scalars B/token",
+                    "Lance metadata B/token",
+                    "uncompressed payload B/token",
+                    "disk / payload",
+                ],
+                rows,
+            ),
+            "",
+        ]
+    )
     emit(text, args.out)
     return 0
 

@@ -81,15 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     apply_threads(args.threads)
     device = resolve(args.device)
     quiet_transformers()
+    from forvalue.api import run_query
+    from forvalue.engine.reference import dense_scores
     from forvalue.indexer.build import build_index
     from forvalue.indexer.data import iter_samples
-    from forvalue.tasks.text import generate_task, write_jsonl
     from forvalue.indexer.model_runner import load_runner
-    from forvalue.api import run_query
-    from forvalue.tasks.metrics import class_retrieval
-    from forvalue.engine.reference import dense_scores
     from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
     from forvalue.storage.store import Store
+    from forvalue.tasks.metrics import class_retrieval
+    from forvalue.tasks.text import generate_task, write_jsonl
 
     model_config = ModelConfig(device=str(device), dtype="float32")
     runner = load_runner(model_config)
@@ -117,9 +117,17 @@ def main(argv: list[str] | None = None) -> int:
         for hidden_dtype in args.hidden_dtypes.split(","):
             for m in [int(x) for x in args.m_values.split(",")]:
                 store_path = tmp / f"store-{hidden_dtype}-{m}"
-                config = BuildConfig(model=model_config, encode=EncodeConfig(top_m=m, hidden_dtype=hidden_dtype), progress=False)
+                config = BuildConfig(
+                    model=model_config, encode=EncodeConfig(top_m=m, hidden_dtype=hidden_dtype), progress=False
+                )
                 build_index([train_path], store_path, config, runner=runner)
-                result = run_query(store_path, [val_path], QueryConfig(progress=False, device=str(device)), runner=runner, keep_scores=True)
+                result = run_query(
+                    store_path,
+                    [val_path],
+                    QueryConfig(progress=False, device=str(device)),
+                    runner=runner,
+                    keep_scores=True,
+                )
                 order = np.array([index[i] for i in result.train_ids])
                 scores = np.empty_like(result.scores)
                 scores[:, order] = result.scores
@@ -130,40 +138,74 @@ def main(argv: list[str] | None = None) -> int:
                 med_rel = float(np.median(np.abs(scores - dense) / np.maximum(np.abs(dense), 1e-30)))
                 ov = [top_overlap(s, d) for s, d in zip(scores, dense)]
                 met = class_retrieval(scores, train_labels, val_labels)
-                rows_out.append([
-                    f"top-{m}", hidden_dtype, f"{np.mean(tails):.4f}",
-                    f"{np.mean(sp):.4f} (min {np.min(sp):.4f})", f"{np.mean(rel):.4f}", f"{med_rel:.4f}",
-                    f"{np.mean(ov):.2f}",
-                    f"{met['auc_mean']:.3f} ± {met['auc_std']:.3f}", f"{met['recall_mean']:.3f} ± {met['recall_std']:.3f}",
-                ])
-                print(f"  m={m} {hidden_dtype}: spearman {np.mean(sp):.4f} rel {np.mean(rel):.4f} auc {met['auc_mean']:.3f}",
-                      file=sys.stderr, flush=True)
+                rows_out.append(
+                    [
+                        f"top-{m}",
+                        hidden_dtype,
+                        f"{np.mean(tails):.4f}",
+                        f"{np.mean(sp):.4f} (min {np.min(sp):.4f})",
+                        f"{np.mean(rel):.4f}",
+                        f"{med_rel:.4f}",
+                        f"{np.mean(ov):.2f}",
+                        f"{met['auc_mean']:.3f} ± {met['auc_std']:.3f}",
+                        f"{met['recall_mean']:.3f} ± {met['recall_std']:.3f}",
+                    ]
+                )
+                print(
+                    f"  m={m} {hidden_dtype}: spearman {np.mean(sp):.4f} rel {np.mean(rel):.4f} auc "
+                    f"{met['auc_mean']:.3f}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 shutil.rmtree(store_path, ignore_errors=True)
-    rows_out.append([
-        "dense (full vocabulary)", "float32 (in memory)", "0", "1", "0", "0", "1.00",
-        f"{dense_metrics['auc_mean']:.3f} ± {dense_metrics['auc_std']:.3f}",
-        f"{dense_metrics['recall_mean']:.3f} ± {dense_metrics['recall_std']:.3f}",
-    ])
-    text = "\n".join([
-        "## Top-m vs dense full-vocabulary score (`python -m tools.bench top_m`)",
-        "",
-        machine_info(device),
-        "",
-        f"Task `{args.task}` (seed {args.seed}): {len(train)} training samples ({args.train_per_class} per class), "
-        f"{len(val)} validation samples (classes {', '.join(sorted(set(val_labels)))}); SmolLM2-135M-Instruct float32, "
-        "whole text scored. Dense = `forvalue.engine.reference.dense_scores` (full-vocabulary errors, float32 hidden, float64 sums). "
-        "Spearman, relative L2 error (||s - s_dense|| / ||s_dense|| per validation sample) and top-10 overlap "
-        "are means over validation samples; median rel. error is over all (validation, train) pairs; "
-        "tail mass = mean probability mass per position outside top-m and the target (what the sparse error drops); "
-        "AUC / recall (top class-size) are `forvalue.tasks.metrics.class_retrieval`, mean ± std over validation samples.",
-        "",
-        md_table(
-            ["errors", "hidden", "mean tail mass", "Spearman vs dense", "rel. L2 error", "median rel. error",
-             "top-10 overlap", "AUC", "recall"],
-            rows_out,
-        ),
-        "",
-    ])
+    rows_out.append(
+        [
+            "dense (full vocabulary)",
+            "float32 (in memory)",
+            "0",
+            "1",
+            "0",
+            "0",
+            "1.00",
+            f"{dense_metrics['auc_mean']:.3f} ± {dense_metrics['auc_std']:.3f}",
+            f"{dense_metrics['recall_mean']:.3f} ± {dense_metrics['recall_std']:.3f}",
+        ]
+    )
+    text = "\n".join(
+        [
+            "## Top-m vs dense full-vocabulary score (`python -m tools.bench top_m`)",
+            "",
+            machine_info(device),
+            "",
+            f"Task `{args.task}` (seed {args.seed}): {len(train)} training samples ({args.train_per_class} per class), "
+            f"{len(val)} validation samples (classes {', '.join(sorted(set(val_labels)))}); SmolLM2-135M-Instruct "
+            "float32, "
+            "whole text scored. Dense = `forvalue.engine.reference.dense_scores` (full-vocabulary errors, float32 "
+            "hidden, float64 sums). "
+            "Spearman, relative L2 error (||s - s_dense|| / ||s_dense|| per validation sample) and top-10 overlap "
+            "are means over validation samples; median rel. error is over all (validation, train) pairs; "
+            "tail mass = mean probability mass per position outside top-m and the target (what the sparse error "
+            "drops); "
+            "AUC / recall (top class-size) are `forvalue.tasks.metrics.class_retrieval`, mean ± std over validation "
+            "samples.",
+            "",
+            md_table(
+                [
+                    "errors",
+                    "hidden",
+                    "mean tail mass",
+                    "Spearman vs dense",
+                    "rel. L2 error",
+                    "median rel. error",
+                    "top-10 overlap",
+                    "AUC",
+                    "recall",
+                ],
+                rows_out,
+            ),
+            "",
+        ]
+    )
     emit(text, args.out)
     return 0
 

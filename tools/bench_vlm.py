@@ -62,8 +62,13 @@ def run(model_dir: str, work: Path, args, noise: float, runner=None, control: bo
     build_s = time.perf_counter() - started
     q = QueryConfig(progress=False, device=args.device, exact=True)
     res = run_query(store, [test], q, runner=runner, keep_scores=True)
-    cos = run_query(store, [test], QueryConfig(progress=False, device=args.device, exact=True, normalize="cosine"),
-                    runner=runner, keep_scores=True)
+    cos = run_query(
+        store,
+        [test],
+        QueryConfig(progress=False, device=args.device, exact=True, normalize="cosine"),
+        runner=runner,
+        keep_scores=True,
+    )
     rows = {s.id: s for s in iter_samples([train], data)}
     import json
 
@@ -74,8 +79,14 @@ def run(model_dir: str, work: Path, args, noise: float, runner=None, control: bo
     is_flipped = np.array([flipped[i] for i in cos.train_ids])
     detection = roc_auc(-cos.scores.max(axis=0), is_flipped) if is_flipped.any() else None
     return runner, {
-        "noise": noise, "images": "one grey image (control)" if control else "shapes", "train": report.written, "tokens": report.tokens_scored, "build_s": build_s,
-        "query_s": res.seconds, "retrieval": retrieval, "detection": detection,
+        "noise": noise,
+        "images": "one grey image (control)" if control else "shapes",
+        "train": report.written,
+        "tokens": report.tokens_scored,
+        "build_s": build_s,
+        "query_s": res.seconds,
+        "retrieval": retrieval,
+        "detection": detection,
     }
 
 
@@ -91,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--image-max-pixels", type=int, default=ModelConfig().image_max_pixels)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-control", action="store_true", help="skip the control runs in which every row has the same grey image")
+    ap.add_argument(
+        "--no-control", action="store_true", help="skip the control runs in which every row has the same grey image"
+    )
     args = ap.parse_args(argv)
     apply_threads(args.threads)
     quiet_transformers()
@@ -112,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         f"model: {name}; {args.n_classes} classes x {args.n_train} train / {args.n_test} test images of "
         f"{args.size}x{args.size}; {machine_info(args.device)}",
         "",
-        "| images | flipped captions | train samples | scored tokens | index build (s) | query, all test images (s) | same-class AUC | recall | flipped-caption detection AUC |",
+        "| images | flipped captions | train samples | scored tokens | index build (s) | query, all test images (s) | "
+        "same-class AUC | recall | flipped-caption detection AUC |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -120,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         auc = f"{ret['auc_mean']:.3f} +- {ret['auc_std']:.3f}" if ret else "-"
         rec = f"{ret['recall_mean']:.3f}" if ret else "-"
         det = f"{r['detection']:.3f}" if r["detection"] is not None else "-"
-        lines.append(f"| {r['images']} | {r['noise']:.0%} | {r['train']} | {r['tokens']} | {r['build_s']:.1f} | {r['query_s']:.2f} | {auc} | {rec} | {det} |")
+        lines.append(
+            f"| {r['images']} | {r['noise']:.0%} | {r['train']} | {r['tokens']} | {r['build_s']:.1f} | "
+            f"{r['query_s']:.2f} | {auc} | {rec} | {det} |"
+        )
     emit("\n".join(lines), args.out)
     return 0
 

@@ -25,8 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table(s) to this file")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0 = torch default); 1 gives steadier timings on a loaded machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0 = torch default); 1 gives steadier timings on a loaded machine",
+    )
 
 
 def apply_threads(threads: int) -> None:
@@ -134,8 +138,12 @@ def machine_facts() -> dict:
     except OSError:
         pass
     info = {
-        "cpu": cpu, "cores": os.cpu_count(), "memory": mem, "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": mem,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
     try:

@@ -45,9 +45,17 @@ def run_tag(task: str, noise: float | None) -> str:
     return task if noise is None else f"{task}@{noise:g}"
 
 
-def write_task(root: Path, task: str, noise: float | None, n_train: int = 90, n_test: int = 10,
-               seed: int = 0, n_classes: int = 10, chatbot_names: int = 1,
-               math_reasons: str = "named") -> tuple[Path, list[dict], list[dict]]:
+def write_task(
+    root: Path,
+    task: str,
+    noise: float | None,
+    n_train: int = 90,
+    n_test: int = 10,
+    seed: int = 0,
+    n_classes: int = 10,
+    chatbot_names: int = 1,
+    math_reasons: str = "named",
+) -> tuple[Path, list[dict], list[dict]]:
     """Generate one task and write ``train.jsonl`` / ``test.jsonl`` under ``root``.
 
     Returns
@@ -57,8 +65,9 @@ def write_task(root: Path, task: str, noise: float | None, n_train: int = 90, n_
     train, test : list of dict
         The rows written.
     """
-    kwargs = ({"noise_rate": noise} if noise is not None else
-              {"chatbot_names": chatbot_names, "math_reasons": math_reasons})
+    kwargs = (
+        {"noise_rate": noise} if noise is not None else {"chatbot_names": chatbot_names, "math_reasons": math_reasons}
+    )
     train, test = generate_task(task, n_train=n_train, n_test=n_test, seed=seed, n_classes=n_classes, **kwargs)
     folder = Path(root) / run_tag(task, noise).replace("@", "-noise")
     write_jsonl(train, folder / "train.jsonl")
@@ -68,32 +77,63 @@ def write_task(root: Path, task: str, noise: float | None, n_train: int = 90, n_
 
 def add_data_options(ap: argparse.ArgumentParser) -> None:
     """The data options shared with ``tools.bench_quality``."""
-    ap.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS, choices=ALL_TASKS, metavar="TASK",
-                    help=f"any of {', '.join(ALL_TASKS)} (default: %(default)s)")
+    ap.add_argument(
+        "--tasks",
+        nargs="+",
+        default=DEFAULT_TASKS,
+        choices=ALL_TASKS,
+        metavar="TASK",
+        help=f"any of {', '.join(ALL_TASKS)} (default: %(default)s)",
+    )
     ap.add_argument("--n-train", type=int, default=90, help="training samples per class")
     ap.add_argument("--n-test", type=int, default=10, help="validation samples per class")
     ap.add_argument("--n-classes", type=int, default=10)
-    ap.add_argument("--noise-rates", type=float, nargs="+", default=DEFAULT_NOISE_RATES,
-                    help="mislabeled tasks: fractions of flipped training labels")
+    ap.add_argument(
+        "--noise-rates",
+        type=float,
+        nargs="+",
+        default=DEFAULT_NOISE_RATES,
+        help="mislabeled tasks: fractions of flipped training labels",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chatbot-names", type=int, default=1,
-                    help="sentence transformations: chatbot names per rule (1 = the reference protocol; "
-                         "4 = the harder variant of earlier runs)")
-    ap.add_argument("--math-reasons", choices=MATH_REASONS, default="named",
-                    help="math with reasoning: 'named' steps as the reference generator (default) or "
-                         "'bare' arithmetic (the generator of earlier runs)")
+    ap.add_argument(
+        "--chatbot-names",
+        type=int,
+        default=1,
+        help="sentence transformations: chatbot names per rule (1 = the reference protocol; "
+        "4 = the harder variant of earlier runs)",
+    )
+    ap.add_argument(
+        "--math-reasons",
+        choices=MATH_REASONS,
+        default="named",
+        help="math with reasoning: 'named' steps as the reference generator (default) or "
+        "'bare' arithmetic (the generator of earlier runs)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.generate_tasks", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m tools.generate_tasks",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     ap.add_argument("--out", required=True, type=Path, help="folder to write one sub-folder per task into")
     add_data_options(ap)
     args = ap.parse_args(argv)
     for task, noise in task_runs(args.tasks, args.noise_rates):
         try:
-            folder, train, test = write_task(args.out, task, noise, args.n_train, args.n_test, args.seed,
-                                             args.n_classes, args.chatbot_names, args.math_reasons)
+            folder, train, test = write_task(
+                args.out,
+                task,
+                noise,
+                args.n_train,
+                args.n_test,
+                args.seed,
+                args.n_classes,
+                args.chatbot_names,
+                args.math_reasons,
+            )
         except ValueError as exc:  # bad sizes or options: one line, exit 2
             ap.error(str(exc))
         print(f"{folder}: {len(train)} train, {len(test)} test")

@@ -70,18 +70,26 @@ class Generator:
         lengths = rng.integers(a.min_tokens, a.max_tokens + 1, rows)
         n = int(lengths.sum())
         tok_topic = np.repeat(topics, lengths)
-        hidden = self.mu + self.centres[tok_topic] + (rng.standard_normal((n, a.hidden_size), dtype=np.float32) @ self.mix) * 0.8
+        hidden = (
+            self.mu
+            + self.centres[tok_topic]
+            + (rng.standard_normal((n, a.hidden_size), dtype=np.float32) @ self.mix) * 0.8
+        )
         # candidate ids per token: its topic pool then the common ids; the top-m are m distinct of them
         cand_pool = self.pool_start[tok_topic][:, None] + np.arange(POOL)
         u = rng.random((n, POOL + COMMON), dtype=np.float32)
         u[:, :POOL] *= 0.25  # topic ids predicted more often than common ones
         pick = np.argpartition(u, m, axis=1)[:, :m]
         pick = np.take_along_axis(pick, np.argsort(np.take_along_axis(u, pick, 1), 1), 1)
-        topk_ids = np.where(pick < POOL, np.take_along_axis(cand_pool, np.minimum(pick, POOL - 1), 1), pick - POOL).astype(np.int32)
+        topk_ids = np.where(
+            pick < POOL, np.take_along_axis(cand_pool, np.minimum(pick, POOL - 1), 1), pick - POOL
+        ).astype(np.int32)
         # targets
         from_topic = rng.random(n) < 0.7
         zipf = (rng.random(n) ** 2 * POOL).astype(np.int64)
-        target = np.where(from_topic, self.pool_start[tok_topic] + zipf, (rng.random(n) ** 2 * COMMON).astype(np.int64)).astype(np.int32)
+        target = np.where(
+            from_topic, self.pool_start[tok_topic] + zipf, (rng.random(n) ** 2 * COMMON).astype(np.int64)
+        ).astype(np.int32)
         in_top = (topk_ids == target[:, None]).any(1)
         put = ~in_top & (rng.random(n) < 0.6)
         pos = np.minimum((rng.random(n) ** 2 * m).astype(np.int64), m - 1)
@@ -90,17 +98,33 @@ class Generator:
         # probabilities: geometric decay, total mass in [0.6, 0.98]
         decay = rng.uniform(0.15, 0.9, n).astype(np.float32)
         raw = np.exp(-decay[:, None] * np.arange(m, dtype=np.float32))
-        topk_probs = (raw / raw.sum(1, keepdims=True) * rng.uniform(0.6, 0.98, n).astype(np.float32)[:, None]).astype(np.float32)
+        topk_probs = (raw / raw.sum(1, keepdims=True) * rng.uniform(0.6, 0.98, n).astype(np.float32)[:, None]).astype(
+            np.float32
+        )
         tpos = np.argmax(topk_ids == target[:, None], axis=1)
-        target_probs = np.where(in_top, topk_probs[np.arange(n), tpos], topk_probs[:, -1] * rng.random(n, dtype=np.float32)).astype(np.float32)
+        target_probs = np.where(
+            in_top, topk_probs[np.arange(n), tpos], topk_probs[:, -1] * rng.random(n, dtype=np.float32)
+        ).astype(np.float32)
         tail = np.clip(1.0 - topk_probs.sum(1) - np.where(in_top, 0, target_probs), 0, None).astype(np.float32)
         hidden = hidden.astype(np.float16)
         ids, values = error_entries(topk_ids, topk_probs, target, target_probs)
-        return dict(topics=topics, lengths=lengths, hidden=hidden, topk_ids=topk_ids, topk_probs=topk_probs,
-                    target_ids=target, target_probs=target_probs, tail_mass=tail, ids=ids, values=values)
+        return dict(
+            topics=topics,
+            lengths=lengths,
+            hidden=hidden,
+            topk_ids=topk_ids,
+            topk_probs=topk_probs,
+            target_ids=target,
+            target_probs=target_probs,
+            tail_mass=tail,
+            ids=ids,
+            values=values,
+        )
 
 
-def sq_norms(hidden: np.ndarray, ids: np.ndarray, values: np.ndarray, lengths: np.ndarray, vocab: int, sub: int = 256) -> np.ndarray:
+def sq_norms(
+    hidden: np.ndarray, ids: np.ndarray, values: np.ndarray, lengths: np.ndarray, vocab: int, sub: int = 256
+) -> np.ndarray:
     """``||G||_F^2`` per sample (rows of G restricted to each sample's support; G summed in float32)."""
     out = np.empty(lengths.size)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -112,7 +136,9 @@ def sq_norms(hidden: np.ndarray, ids: np.ndarray, values: np.ndarray, lengths: n
         uniq, inv = np.unique(key, return_inverse=True)
         h = torch.from_numpy(hidden[t0:t1].astype(np.float32))
         contrib = (torch.from_numpy(values[t0:t1])[:, :, None] * h[:, None, :]).reshape(-1, h.shape[1])
-        g = torch.zeros((uniq.size, h.shape[1]), dtype=torch.float32).index_add_(0, torch.from_numpy(inv.ravel()), contrib)
+        g = torch.zeros((uniq.size, h.shape[1]), dtype=torch.float32).index_add_(
+            0, torch.from_numpy(inv.ravel()), contrib
+        )
         per_row = (g.double() * g.double()).sum(1).numpy()
         out[s0:s1] = np.bincount(uniq // vocab, weights=per_row, minlength=s1 - s0)
     return out
@@ -125,11 +151,25 @@ def _list(parts: np.ndarray, lengths: np.ndarray, width: int, typ) -> pa.ListArr
 
 def manifest(a) -> Manifest:
     return Manifest(
-        model_path="synthetic", model_weights_sha256=f"synthetic-{a.seed}", adapter_path=None, adapter_sha256=None,
-        tokenizer_sha256="synthetic", dtype="float32", hidden_size=a.hidden_size, vocab_size=a.vocab, top_m=a.top_m,
-        score_tokens="all", chat_template=False, max_length=512, hidden_dtype="float16", lowest_likelihood_ratio=None,
-        sketch_dim=a.sketch_dim or None, sketch_vocab_buckets=a.sketch_vocab_buckets, sketch_hidden_cols=a.sketch_hidden_cols,
-        sketch_seed=0, sketch_basis=a.sketch_basis,
+        model_path="synthetic",
+        model_weights_sha256=f"synthetic-{a.seed}",
+        adapter_path=None,
+        adapter_sha256=None,
+        tokenizer_sha256="synthetic",
+        dtype="float32",
+        hidden_size=a.hidden_size,
+        vocab_size=a.vocab,
+        top_m=a.top_m,
+        score_tokens="all",
+        chat_template=False,
+        max_length=512,
+        hidden_dtype="float16",
+        lowest_likelihood_ratio=None,
+        sketch_dim=a.sketch_dim or None,
+        sketch_vocab_buckets=a.sketch_vocab_buckets,
+        sketch_hidden_cols=a.sketch_hidden_cols,
+        sketch_seed=0,
+        sketch_basis=a.sketch_basis,
     )
 
 
@@ -143,9 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-tokens", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--topics", type=int, default=2000)
-    p.add_argument("--spectrum-decay", type=float, default=1.2,
-                   help="hidden-state variance along principal direction j ~ j^-decay (0: isotropic)")
-    p.add_argument("--mean-scale", type=float, default=1.0, help="std of the entries of the shared mean hidden direction")
+    p.add_argument(
+        "--spectrum-decay",
+        type=float,
+        default=1.2,
+        help="hidden-state variance along principal direction j ~ j^-decay (0: isotropic)",
+    )
+    p.add_argument(
+        "--mean-scale", type=float, default=1.0, help="std of the entries of the shared mean hidden direction"
+    )
     p.add_argument("--sketch-dim", type=int, default=EncodeConfig.sketch_dim)
     p.add_argument("--sketch-vocab-buckets", type=int, default=EncodeConfig.sketch_vocab_buckets)
     p.add_argument("--sketch-hidden-cols", type=int, default=EncodeConfig.sketch_hidden_cols)
@@ -166,9 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     val = gen.samples(np.random.default_rng([a.seed, 10**9]), a.n_val)
     a.out.mkdir(parents=True, exist_ok=True)
     if a.worker == 0:
-        np.savez(a.out / "validation.npz", hidden=val["hidden"].astype(np.float32), ids=val["ids"], values=val["values"],
-                 lengths=val["lengths"], topics=val["topics"],
-                 sq_norms=sq_norms(val["hidden"], val["ids"], val["values"], val["lengths"], a.vocab))
+        np.savez(
+            a.out / "validation.npz",
+            hidden=val["hidden"].astype(np.float32),
+            ids=val["ids"],
+            values=val["values"],
+            lengths=val["lengths"],
+            topics=val["topics"],
+            sq_norms=sq_norms(val["hidden"], val["ids"], val["values"], val["lengths"], a.vocab),
+        )
     if a.validation_only:
         return 0
     schema = samples_schema("float16", man.sketch_dim)
@@ -184,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         cols = {
             "id": pa.array([f"s{b * a.block + i:08d}" for i in range(rows)]),
             "label": pa.array([f"t{t}" for t in s["topics"]]),
-            "prompt": pa.nulls(rows, pa.string()), "response": pa.nulls(rows, pa.string()), "text": pa.nulls(rows, pa.string()),
-            "n_tokens": pa.array(L + 1, pa.int32()), "truncated": pa.array(np.zeros(rows, bool)),
+            "prompt": pa.nulls(rows, pa.string()),
+            "response": pa.nulls(rows, pa.string()),
+            "text": pa.nulls(rows, pa.string()),
+            "n_tokens": pa.array(L + 1, pa.int32()),
+            "truncated": pa.array(np.zeros(rows, bool)),
             "n_scored": pa.array(L, pa.int32()),
             "hidden": _list(s["hidden"], L, a.hidden_size, pa.float16()),
             "topk_ids": _list(s["topk_ids"], L, a.top_m, pa.int32()),
@@ -204,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
         store.append(pa.table(cols, schema=schema))
         el = time.perf_counter() - started
         print(f"block {b}: {store.count()} rows, {el:.0f}s elapsed, sketch {sketch_s:.0f}s", flush=True)
-    print(f"done: {store.count()} rows, {store.size_bytes() / 1e9:.2f} GB, {time.perf_counter() - started:.0f}s, sketching {sketch_s:.0f}s", flush=True)
+    print(
+        f"done: {store.count()} rows, {store.size_bytes() / 1e9:.2f} GB, {time.perf_counter() - started:.0f}s, "
+        f"sketching {sketch_s:.0f}s",
+        flush=True,
+    )
     return 0
 
 

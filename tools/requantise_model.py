@@ -32,7 +32,7 @@ def requantise_(weight: torch.Tensor, bits: int, block: int = 32) -> float:
     w = weight.detach().reshape(out_f, in_f // block, block)
     lo = w.min(dim=-1, keepdim=True).values
     hi = w.max(dim=-1, keepdim=True).values
-    scale = (hi - lo).clamp_min(1e-12) / (2 ** bits - 1)
+    scale = (hi - lo).clamp_min(1e-12) / (2**bits - 1)
     q = torch.round((w - lo) / scale) * scale + lo
     err = float((q - w).norm() / w.norm())
     weight.data.copy_(q.reshape(out_f, in_f))
@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                 errors.append(requantise_(module.weight, args.bits))
     runner.model.save_pretrained(args.out)
     runner.tokenizer.save_pretrained(args.out)
-    print(f"re-quantised {len(errors)} decoder weights to {args.bits} bits (blocks of 32): relative error "
-          f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}; wrote {args.out}")
+    print(
+        f"re-quantised {len(errors)} decoder weights to {args.bits} bits (blocks of 32): relative error "
+        f"mean {sum(errors) / len(errors):.4f}, max {max(errors):.4f}; wrote {args.out}"
+    )
     return 0
 
 

@@ -19,9 +19,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+
 from forvalue.indexer.data import Sample
 from forvalue.indexer.tokenize import TokenizedSample, tokenize_sample
-
 from tools.bench_baselines import LoraGradients, _batches
 
 
@@ -33,8 +33,14 @@ def sft_tokenize(tokenizer, rows: list[dict], max_length: int) -> list[Tokenized
     eos = tokenizer.eos_token_id
     out = []
     for r in rows:
-        s = Sample(id=r["id"], prompt=r["prompt"], response=r["response"], text=None, label=r.get("label"),
-                   source=f"bench:{r['id']}")
+        s = Sample(
+            id=r["id"],
+            prompt=r["prompt"],
+            response=r["response"],
+            text=None,
+            label=r.get("label"),
+            source=f"bench:{r['id']}",
+        )
         t = tokenize_sample(tokenizer, s, "response", max_length - 1, False)
         ids = list(t.input_ids) + ([int(eos)] if eos is not None else [])
         out.append(TokenizedSample(s, ids, t.first_target, t.truncated))
@@ -159,9 +165,15 @@ def greedy_answers(model, tokenizer, rows: list[dict], batch_size: int = 16, ext
         for row, j in enumerate(idx):  # left padding: every prompt ends at the last column
             ids[row, longest - len(prompts[j]) :] = torch.tensor(prompts[j])
             mask[row, longest - len(prompts[j]) :] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max(ref_len[j] for j in idx) + extra_tokens, eos_token_id=eos,
-                             pad_token_id=pad, num_beams=1)
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=False,
+            max_new_tokens=max(ref_len[j] for j in idx) + extra_tokens,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            num_beams=1,
+        )
         for row, j in enumerate(idx):
             new = out[row, longest:].tolist()
             if eos is not None and eos in new:
@@ -177,5 +189,11 @@ def evaluate(model, tokenizer, rows: list[dict], tokenized, batch_size: int = 16
     losses = sample_losses(model, tokenized, batch_size)
     answers = greedy_answers(model, tokenizer, rows, batch_size)
     correct = [a.strip() == r["response"].strip() for a, r in zip(answers, rows)]
-    return {"loss": float(losses.mean()), "acc": float(np.mean(correct)), "losses": losses.tolist(),
-            "correct": correct, "answers": answers, "eval_seconds": time.perf_counter() - started}
+    return {
+        "loss": float(losses.mean()),
+        "acc": float(np.mean(correct)),
+        "losses": losses.tolist(),
+        "correct": correct,
+        "answers": answers,
+        "eval_seconds": time.perf_counter() - started,
+    }

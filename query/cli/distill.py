@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from forvalue.cli.options import config_options, make, quiet_option, store_option
+from forvalue.cli.options import TEXT_COLUMN_FIELDS, config_options, make, quiet_option, store_option
 from forvalue.schemas.config import DataConfig, DistillConfig, PricingConfig
-
-_COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messages_column", "id_column", "label_column")
 
 
 def _fmt(m: dict | None) -> str:
@@ -31,8 +29,10 @@ def distill_command(store, audit_name, out, **kw):
     from forvalue.distill import distill_value_model
 
     r = distill_value_model(store, audit_name, out, make(DistillConfig, kw))
-    click.echo(f"value model '{r.path}': student {r.student}, {len(r.targets)} target(s), fitted on {r.n_labelled} of "
-               f"{r.n_audited} audited samples in {r.seconds:.1f}s")
+    click.echo(
+        f"value model '{r.path}': student {r.student}, {len(r.targets)} target(s), fitted on {r.n_labelled} of "
+        f"{r.n_audited} audited samples in {r.seconds:.1f}s"
+    )
     for name, c in r.candidates.items():
         if "skipped" in c:
             click.echo(f"  {name}: skipped ({c['skipped']})")
@@ -42,15 +42,25 @@ def distill_command(store, audit_name, out, **kw):
 
 @click.command("estimate")
 @click.argument("data", nargs=-1, type=click.Path())
-@click.option("--value-model", "value_model", required=True, type=click.Path(),
-              help="Folder made by 'forvalue distill'.")
-@click.option("--output", "-o", type=click.Path(), default=None,
-              help="Values file (.parquet, .csv or .jsonl): id, value, value_vs_label:L, the group column.")
-@click.option("--store", type=click.Path(), default=None,
-              help="Instead of DATA: value this store's samples and compare with --audit (the model's own).")
+@click.option(
+    "--value-model", "value_model", required=True, type=click.Path(), help="Folder made by 'forvalue distill'."
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(),
+    default=None,
+    help="Values file (.parquet, .csv or .jsonl): id, value, value_vs_label:L, the group column.",
+)
+@click.option(
+    "--store",
+    type=click.Path(),
+    default=None,
+    help="Instead of DATA: value this store's samples and compare with --audit (the model's own).",
+)
 @click.option("--audit", "audit_name", default=None, help="With --store: the audit to compare with.")
 @config_options(PricingConfig)
-@config_options(DataConfig, only=_COLUMNS)
+@config_options(DataConfig, only=TEXT_COLUMN_FIELDS)
 @click.option("--report", type=click.Path(), default=None, help="With --group-column: an HTML page of value per group.")
 @quiet_option
 def estimate_command(data, value_model, output, store, audit_name, report, quiet, **kw):
@@ -83,8 +93,7 @@ def estimate_command(data, value_model, output, store, audit_name, report, quiet
         raise ForValueError("give --output FILE (.parquet, .csv or .jsonl) for the values")
     from forvalue.distill import estimate
 
-    r = estimate(data, value_model, output, make(DataConfig, kw), group_column=pricing.group_column,
-                 progress=not quiet)
+    r = estimate(data, value_model, output, make(DataConfig, kw), group_column=pricing.group_column, progress=not quiet)
     speed = f"{r.samples_per_s:.0f} samples/s"
     if r.build_samples_per_s:
         speed += f"; the store's build ran at {r.build_samples_per_s:.2f} samples/s: {r.speedup:.0f}x faster"

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import click
 
-from forvalue.cli.options import config_options, make, store_option, validation_option
+from forvalue.cli.options import TEXT_COLUMN_FIELDS, config_options, make, store_option, validation_option
 from forvalue.schemas.config import DataConfig, ExplainConfig, ModelConfig
-
-_COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messages_column", "id_column", "label_column")
 
 
 @click.command("explain")
 @store_option
 @validation_option
 @click.option("--train-id", required=True, help="Id of the stored training sample to explain.")
-@click.option("--output", "-o", default=None, type=click.Path(),
-              help="Write the explanation: .html (a self-contained page shading every token), .jsonl or .parquet "
-                   "(one row per token and per top pair). Default: a summary on stdout only.")
+@click.option(
+    "--output",
+    "-o",
+    default=None,
+    type=click.Path(),
+    help="Write the explanation: .html (a self-contained page shading every token), .jsonl or .parquet "
+    "(one row per token and per top pair). Default: a summary on stdout only.",
+)
 @config_options(ExplainConfig)
 @config_options(ModelConfig, only=("path", "dtype"))
-@config_options(DataConfig, only=_COLUMNS)
+@config_options(DataConfig, only=TEXT_COLUMN_FIELDS)
 def explain_command(store, validation, train_id, output, **kw):
     """Split one score S(v, i) exactly into the contributions of both samples' tokens.
 
@@ -37,8 +40,9 @@ def explain_command(store, validation, train_id, output, **kw):
 
     check_output_path(output, FORMATS)
     cfg = make(ExplainConfig, kw)
-    result = explain(store, validation, train_id, cfg, data=make(DataConfig, kw),
-                     model=make(ModelConfig, kw, device=cfg.device))
+    result = explain(
+        store, validation, train_id, cfg, data=make(DataConfig, kw), model=make(ModelConfig, kw, device=cfg.device)
+    )
     click.echo(result.summary())
     if output:
         write_explanation(result, output)

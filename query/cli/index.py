@@ -6,12 +6,10 @@ import json
 
 import click
 
-from forvalue.cli.options import config_options, json_option, make, quiet_option, store_option
+from forvalue.cli.options import COLUMN_FIELDS, config_options, json_option, make, quiet_option, store_option
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, EngineConfig, ModelConfig
 
 _SKETCH_FIELDS = ("sketch_dim", "sketch_vocab_buckets", "sketch_hidden_cols", "sketch_basis")
-_COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messages_column", "id_column", "label_column",
-            "image_column")
 
 
 @click.group()
@@ -24,7 +22,8 @@ def _print_report(report, as_json: bool) -> None:
         click.echo(json.dumps(report.as_dict()))
         return
     click.echo(
-        f"{report.store}: wrote {report.written} samples ({report.tokens_scored} scored tokens) in {report.seconds:.1f}s; "
+        f"{report.store}: wrote {report.written} samples ({report.tokens_scored} scored tokens) in "
+        f"{report.seconds:.1f}s; "
         f"skipped {report.already_stored} already stored, {report.duplicate_ids} repeated ids, "
         f"{report.repeats_dropped} repeated rows (--dedupe), "
         f"{report.no_scored_tokens} without scored tokens, {report.bad_skipped} bad (NaN/inf or unreadable image); "
@@ -34,8 +33,14 @@ def _print_report(report, as_json: bool) -> None:
 
 
 def _build_config(kw: dict) -> BuildConfig:
-    return make(BuildConfig, kw, data=make(DataConfig, kw), model=make(ModelConfig, kw), encode=make(EncodeConfig, kw),
-                progress=not kw["quiet"])
+    return make(
+        BuildConfig,
+        kw,
+        data=make(DataConfig, kw),
+        model=make(ModelConfig, kw),
+        encode=make(EncodeConfig, kw),
+        progress=not kw["quiet"],
+    )
 
 
 @index.command("build")
@@ -61,9 +66,10 @@ def build(data, store, as_json, **kw):
 @index.command("add")
 @click.argument("data", nargs=-1, required=True, type=click.Path())
 @store_option
-@config_options(ModelConfig, only=("path", "adapter", "dtype", "device", "trust_remote_code"),
-                unset=("path", "adapter"))
-@config_options(DataConfig, only=_COLUMNS)
+@config_options(
+    ModelConfig, only=("path", "adapter", "dtype", "device", "trust_remote_code"), unset=("path", "adapter")
+)
+@config_options(DataConfig, only=COLUMN_FIELDS)
 @config_options(EncodeConfig, only=("on_bad",))
 @config_options(BuildConfig)
 @config_options(EngineConfig)
@@ -94,8 +100,21 @@ def info(store, as_json):
     m = data.pop("manifest")
     for key, value in data.items():
         click.echo(f"{key:>18}: {value}")
-    keys = ["model_path", "model_weights_sha256", "dtype", "hidden_size", "vocab_size", "top_m", "score_tokens",
-            "chat_template", "max_length", "hidden_dtype", "lowest_likelihood_ratio", "schema_version", "package_version"]
+    keys = [
+        "model_path",
+        "model_weights_sha256",
+        "dtype",
+        "hidden_size",
+        "vocab_size",
+        "top_m",
+        "score_tokens",
+        "chat_template",
+        "max_length",
+        "hidden_dtype",
+        "lowest_likelihood_ratio",
+        "schema_version",
+        "package_version",
+    ]
     if m.get("model_kind") == "vlm":
         keys += ["model_kind", "image_column", "image_max_pixels", "processor_sha256"]
     for key in keys:
@@ -104,8 +123,11 @@ def info(store, as_json):
 
 @index.command("check")
 @store_option
-@click.option("--repair", is_flag=True, help="Remove duplicate rows (keeping each id's first) in one atomic commit and "
-                                              "rebuild an unsound prefilter index.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Remove duplicate rows (keeping each id's first) in one atomic commit and rebuild an unsound prefilter index.",
+)
 @json_option
 def check(store, repair, as_json):
     """Verify a store: unique ids, every row decodes, manifest and table agree, prefilter index and audits
@@ -121,8 +143,10 @@ def check(store, repair, as_json):
     else:
         if repair:
             done = report["repaired"]
-            click.echo(f"{store}: repaired: removed {done['duplicate_rows_removed']} duplicate rows"
-                       + ("; rebuilt the prefilter index" if done["prefilter_rebuilt"] else ""))
+            click.echo(
+                f"{store}: repaired: removed {done['duplicate_rows_removed']} duplicate rows"
+                + ("; rebuilt the prefilter index" if done["prefilter_rebuilt"] else "")
+            )
         for note in report["notes"]:
             click.echo(f"{store}: note: {note}")
         for problem in report["problems"]:
@@ -137,8 +161,12 @@ def check(store, repair, as_json):
 @store_option
 @click.option("--rebuild", is_flag=True, help="Recompute the sketch column even if the store has one.")
 @config_options(EncodeConfig, only=_SKETCH_FIELDS + ("sketch_seed",), unset=_SKETCH_FIELDS + ("sketch_seed",))
-@click.option("--faiss-index", "kind", default=None,
-              help="auto (Flat below 100k rows, IVF-SQ8 above), flat, ivf, hnsw or a FAISS factory string.")
+@click.option(
+    "--faiss-index",
+    "kind",
+    default=None,
+    help="auto (Flat below 100k rows, IVF-SQ8 above), flat, ivf, hnsw or a FAISS factory string.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def sketch(store, rebuild, kind, as_json, **kw):
     """Add (or rebuild) the prefilter sketches of a store and its FAISS index (run while no build writes).
@@ -148,7 +176,14 @@ def sketch(store, rebuild, kind, as_json, **kw):
     """
     from forvalue.maintenance import sketch_store
 
-    report = sketch_store(store, rebuild=rebuild, dim=kw["sketch_dim"], seed=kw["sketch_seed"], kind=kind,
-                          vocab_buckets=kw["sketch_vocab_buckets"], hidden_cols=kw["sketch_hidden_cols"],
-                          basis=kw["sketch_basis"])
+    report = sketch_store(
+        store,
+        rebuild=rebuild,
+        dim=kw["sketch_dim"],
+        seed=kw["sketch_seed"],
+        kind=kind,
+        vocab_buckets=kw["sketch_vocab_buckets"],
+        hidden_cols=kw["sketch_hidden_cols"],
+        basis=kw["sketch_basis"],
+    )
     click.echo(json.dumps(report) if as_json else ", ".join(f"{k}: {v}" for k, v in report.items()))

@@ -37,8 +37,14 @@ def _click_type(f: dataclasses.Field):
     return str
 
 
-def config_options(cls, *, only: Iterable[str] | None = None, exclude: Iterable[str] = (),
-                   unset: Iterable[str] = (), unset_help: str = "the store's") -> Callable:
+def config_options(
+    cls,
+    *,
+    only: Iterable[str] | None = None,
+    exclude: Iterable[str] = (),
+    unset: Iterable[str] = (),
+    unset_help: str = "the store's",
+) -> Callable:
     """Decorator adding one click option per CLI field of dataclass ``cls``.
 
     Parameters
@@ -51,8 +57,11 @@ def config_options(cls, *, only: Iterable[str] | None = None, exclude: Iterable[
     """
     only = None if only is None else list(only)
     exclude, unset = set(exclude), set(unset)
-    chosen = [f for f in dataclasses.fields(cls) if f.metadata.get("cli", False) and f.name not in exclude
-              and (only is None or f.name in only)]
+    chosen = [
+        f
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("cli", False) and f.name not in exclude and (only is None or f.name in only)
+    ]
     if only is not None:
         chosen.sort(key=lambda f: only.index(f.name))
 
@@ -72,8 +81,14 @@ def config_options(cls, *, only: Iterable[str] | None = None, exclude: Iterable[
                 default = f.default
                 show = f.default is not None
             if f.name == "shard":
-                fn = click.option(flag, f.name, default=None if f.name in unset else "0/1", show_default=show,
-                                  callback=_parse_shard, help=help_text)(fn)
+                fn = click.option(
+                    flag,
+                    f.name,
+                    default=None if f.name in unset else "0/1",
+                    show_default=show,
+                    callback=_parse_shard,
+                    help=help_text,
+                )(fn)
                 continue
             fn = click.option(flag, f.name, type=_click_type(f), default=default, show_default=show, help=help_text)(fn)
         return fn
@@ -137,8 +152,10 @@ class Group(click.Group):
             if _debug(ctx):
                 raise
             where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
-            _fail(f"{where}{exc.strerror or exc}; check the path, its permissions and free space "
-                  "(--debug shows the traceback)")
+            _fail(
+                f"{where}{exc.strerror or exc}; check the path, its permissions and free space "
+                "(--debug shows the traceback)"
+            )
 
 
 def _debug(ctx) -> bool:
@@ -163,8 +180,28 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+# The DataConfig fields that name input columns and formats: the column flags of every command reading data.
+COLUMN_FIELDS = (
+    "format",
+    "prompt_column",
+    "response_column",
+    "text_column",
+    "messages_column",
+    "id_column",
+    "label_column",
+    "image_column",
+)
+TEXT_COLUMN_FIELDS = tuple(f for f in COLUMN_FIELDS if f != "image_column")
+
 store_option = click.option("--store", required=True, type=click.Path(), help="Store folder.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
-validation_option = click.option("--validation", "-v", "validation", multiple=True, required=True, type=click.Path(),
-                                 help="Validation file(s): JSONL, Parquet, CSV or datasets folder; repeat for several.")
+validation_option = click.option(
+    "--validation",
+    "-v",
+    "validation",
+    multiple=True,
+    required=True,
+    type=click.Path(),
+    help="Validation file(s): JSONL, Parquet, CSV or datasets folder; repeat for several.",
+)

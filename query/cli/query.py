@@ -4,28 +4,38 @@ from __future__ import annotations
 
 import click
 
-from forvalue.cli.options import config_options, make, quiet_option, store_option, validation_option
+from forvalue.cli.options import COLUMN_FIELDS, config_options, make, quiet_option, store_option, validation_option
 from forvalue.schemas.config import DataConfig, EngineConfig, ModelConfig, QueryConfig
-
-_COLUMNS = ("format", "prompt_column", "response_column", "text_column", "messages_column", "id_column", "label_column",
-            "image_column")
 
 
 @click.command("query")
 @store_option
 @validation_option
 @click.option("--output", "-o", default=None, help="Output file: .jsonl, .csv or .parquet (default: JSONL on stdout).")
-@click.option("--all-scores", type=click.Path(), default=None,
-              help="Also write the full score matrix (one row per training sample, one column per validation sample) "
-                   "to this .parquet file.")
-@click.option("--explain", "explain_n", type=click.IntRange(min=1), default=None,
-              help="Also explain the top N results of each validation sample token by token: one HTML page each "
-                   "(forvalue explain), in --explain-dir, and a column 'explanation' naming the page.")
-@click.option("--explain-dir", type=click.Path(file_okay=False), default=None,
-              help="Folder of the --explain pages (default: next to -o, named after it: top.jsonl -> top.explain/).")
+@click.option(
+    "--all-scores",
+    type=click.Path(),
+    default=None,
+    help="Also write the full score matrix (one row per training sample, one column per validation sample) "
+    "to this .parquet file.",
+)
+@click.option(
+    "--explain",
+    "explain_n",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Also explain the top N results of each validation sample token by token: one HTML page each "
+    "(forvalue explain), in --explain-dir, and a column 'explanation' naming the page.",
+)
+@click.option(
+    "--explain-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Folder of the --explain pages (default: next to -o, named after it: top.jsonl -> top.explain/).",
+)
 @config_options(QueryConfig)
 @config_options(ModelConfig, only=("path", "dtype"))
-@config_options(DataConfig, only=_COLUMNS)
+@config_options(DataConfig, only=COLUMN_FIELDS)
 @config_options(EngineConfig)
 @quiet_option
 def query_command(store, validation, output, all_scores, explain_n, explain_dir, quiet, **kw):
@@ -46,15 +56,26 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
         from forvalue.storage.store import Store
 
         runner = load_store_runner(Store.open(store), model)
-    result = run_query(store, validation, cfg, data=make(DataConfig, kw), model=model, runner=runner,
-                       all_scores_path=all_scores, engine=make(EngineConfig, kw))
+    result = run_query(
+        store,
+        validation,
+        cfg,
+        data=make(DataConfig, kw),
+        model=model,
+        runner=runner,
+        all_scores_path=all_scores,
+        engine=make(EngineConfig, kw),
+    )
     top = result.top
     if explain_n is not None:
         top = _explain(store, validation, top, runner, make(DataConfig, kw), cfg, explain_n, explain_dir)
     write_table(top, output)
     if output:
-        click.echo(f"scored {result.n_train} training samples against {result.n_validation} validation samples "
-                   f"in {result.seconds:.1f}s; wrote {result.top.num_rows} rows to {output}", err=True)
+        click.echo(
+            f"scored {result.n_train} training samples against {result.n_validation} validation samples "
+            f"in {result.seconds:.1f}s; wrote {result.top.num_rows} rows to {output}",
+            err=True,
+        )
 
 
 def _explain_folder(output, explain_dir):

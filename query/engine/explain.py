@@ -104,29 +104,66 @@ class Explanation:
         """Flat rows for JSONL / Parquet: one per token of each side (kind ``train_token`` or
         ``validation_token``) and one per top pair (kind ``pair``); every row carries the score."""
         out = []
-        base = {"validation_id": None, "train_id": self.train.sample_id, "validation_position": None,
-                "validation_token": None, "train_position": None, "train_token": None}
+        base = {
+            "validation_id": None,
+            "train_id": self.train.sample_id,
+            "validation_position": None,
+            "validation_token": None,
+            "train_position": None,
+            "train_token": None,
+        }
         for side in self.validation:
             for t, (piece, value) in enumerate(zip(side.pieces, side.per_token())):
-                out.append({**base, "kind": "validation_token", "validation_id": side.sample_id,
-                            "validation_position": t,
-                            "validation_token": piece, "contribution": float(value), "score": self.score})
+                out.append(
+                    {
+                        **base,
+                        "kind": "validation_token",
+                        "validation_id": side.sample_id,
+                        "validation_position": t,
+                        "validation_token": piece,
+                        "contribution": float(value),
+                        "score": self.score,
+                    }
+                )
         for t, (piece, value) in enumerate(zip(self.train.pieces, self.train.per_token())):
-            out.append({**base, "kind": "train_token", "validation_id": self.validation_id, "train_position": t,
-                        "train_token": piece, "contribution": float(value), "score": self.score})
+            out.append(
+                {
+                    **base,
+                    "kind": "train_token",
+                    "validation_id": self.validation_id,
+                    "train_position": t,
+                    "train_token": piece,
+                    "contribution": float(value),
+                    "score": self.score,
+                }
+            )
         for p in self.pairs:
-            out.append({**base, "kind": "pair", "validation_id": p["validation_id"],
-                        "validation_position": p["validation_position"], "validation_token": p["validation_token"],
-                        "train_position": p["train_position"], "train_token": p["train_token"],
-                        "contribution": p["contribution"], "score": self.score})
+            out.append(
+                {
+                    **base,
+                    "kind": "pair",
+                    "validation_id": p["validation_id"],
+                    "validation_position": p["validation_position"],
+                    "validation_token": p["validation_token"],
+                    "train_position": p["train_position"],
+                    "train_token": p["train_token"],
+                    "contribution": p["contribution"],
+                    "score": self.score,
+                }
+            )
         return [{k: r[k] for k in _ROW_KEYS} for r in out]
 
     def summary(self, n: int = 8) -> str:
         """A few lines: the score, each side's largest tokens and the top pairs."""
-        val = "the mean of the validation samples" if self.aggregate == "mean" else \
-            f"validation '{self.validation_id}' [{self.validation[0].label}]"
-        lines = [f"S = {self.score:.6g} (cosine {self.cosine:.4f}): {val} vs training '{self.train.sample_id}' "
-                 f"[{self.train.label}]"]
+        val = (
+            "the mean of the validation samples"
+            if self.aggregate == "mean"
+            else f"validation '{self.validation_id}' [{self.validation[0].label}]"
+        )
+        lines = [
+            f"S = {self.score:.6g} (cosine {self.cosine:.4f}): {val} vs training '{self.train.sample_id}' "
+            f"[{self.train.label}]"
+        ]
         train_tok = self.train.per_token()
         val_tok = [(s, v) for side in self.validation for s, v in zip(side.pieces, side.per_token())]
         val_sum = sum(float(side.contributions.sum()) for side in self.validation)
@@ -138,17 +175,29 @@ class Explanation:
         lines.append("  validation tokens: " + ", ".join(f"{val_tok[j][0]!r} {val_tok[j][1]:+.4g}" for j in order))
         lines.append("  top token pairs (validation token x training token):")
         for p in self.pairs[:n]:
-            lines.append(f"    {p['contribution']:+.4g}  {p['validation_token']!r} (#{p['validation_position']}) x "
-                         f"{p['train_token']!r} (#{p['train_position']})")
+            lines.append(
+                f"    {p['contribution']:+.4g}  {p['validation_token']!r} (#{p['validation_position']}) x "
+                f"{p['train_token']!r} (#{p['train_position']})"
+            )
         return "\n".join(lines)
 
 
-_ROW_KEYS = ("kind", "validation_id", "train_id", "validation_position", "validation_token", "train_position",
-             "train_token", "contribution", "score")
+_ROW_KEYS = (
+    "kind",
+    "validation_id",
+    "train_id",
+    "validation_position",
+    "validation_token",
+    "train_position",
+    "train_token",
+    "contribution",
+    "score",
+)
 
 
-def pair_terms(h_v: np.ndarray, ids_v: np.ndarray, vals_v: np.ndarray, h_t: np.ndarray, ids_t: np.ndarray,
-               vals_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pair_terms(
+    h_v: np.ndarray, ids_v: np.ndarray, vals_v: np.ndarray, h_t: np.ndarray, ids_t: np.ndarray, vals_t: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The token-pair terms of Eq. 1, factor by factor, in float64.
 
     Parameters
@@ -195,7 +244,7 @@ def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
         full = tok.decode(list(ids[: t + 1]), skip_special_tokens=False, clean_up_tokenization_spaces=False)
         stable = full.rstrip("\ufffd") if t < len(ids) - 1 else full
         if stable.startswith(emitted):
-            out.append(stable[len(emitted):])
+            out.append(stable[len(emitted) :])
         else:
             out.append(tok.decode([int(ids[t])], skip_special_tokens=False, clean_up_tokenization_spaces=False))
         emitted = stable
@@ -221,8 +270,15 @@ class Explainer:
         The samples' encodings when already at hand (e.g. from the validation cache of an audit).
     """
 
-    def __init__(self, store: Store, runner, samples: list[Sample], data: DataConfig = DataConfig(),
-                 batch_size: int = 8, val=None):
+    def __init__(
+        self,
+        store: Store,
+        runner,
+        samples: list[Sample],
+        data: DataConfig = DataConfig(),
+        batch_size: int = 8,
+        val=None,
+    ):
         from forvalue.engine.validation import encode_validation
 
         self.store, self.runner, self.samples = store, runner, samples
@@ -244,8 +300,9 @@ class Explainer:
         table = self.store.take(sorted(row_positions(self.store, train_ids).values()), columns)
         return {sid: table.slice(n, 1) for n, sid in enumerate(table.column("id").to_pylist())}
 
-    def explain_many(self, train_ids: Sequence[str], val_index: int | None = 0,
-                     top_pairs: int = 20) -> list[Explanation]:
+    def explain_many(
+        self, train_ids: Sequence[str], val_index: int | None = 0, top_pairs: int = 20
+    ) -> list[Explanation]:
         """Explanations of ``S(v, i)`` for each training id against validation sample ``val_index``
         (``None``: the mean over all validation samples), in the order of ``train_ids``.
 
@@ -270,8 +327,9 @@ class Explainer:
         sides, candidates = [], []
         for j in chosen:
             rows = slice(self.offsets[j], self.offsets[j + 1])
-            hd, ed = pair_terms(self.val.hidden[rows], self.val.ids[rows], self.val.values[rows],
-                                block.hidden, block.ids, block.values)
+            hd, ed = pair_terms(
+                self.val.hidden[rows], self.val.ids[rows], self.val.values[rows], block.hidden, block.ids, block.values
+            )
             terms = hd * ed * weight
             train_contrib += terms.sum(axis=0)
             pieces, positions = self._val_tokens(j)
@@ -289,10 +347,18 @@ class Explainer:
         for value, j, k, kk, hdot, edot in candidates[:top_pairs]:
             vside = sides[chosen.index(j)]
             vt, tt = int(vside.positions[k]), int(train_side.positions[kk])
-            pairs.append({"validation_id": vside.sample_id, "validation_position": vt,
-                          "validation_token": vside.pieces[vt],
-                          "train_position": tt, "train_token": train_side.pieces[tt], "contribution": value,
-                          "hidden_dot": hdot, "error_dot": edot})
+            pairs.append(
+                {
+                    "validation_id": vside.sample_id,
+                    "validation_position": vt,
+                    "validation_token": vside.pieces[vt],
+                    "train_position": tt,
+                    "train_token": train_side.pieces[tt],
+                    "contribution": value,
+                    "hidden_dot": hdot,
+                    "error_dot": edot,
+                }
+            )
         score = float(train_contrib.sum())
         val_sq = float(self.val.sq_norms[val_index]) if val_index is not None else self._mean_sq_norm()
         cosine = score / max(np.sqrt(max(val_sq, 0.0) * float(block.sq_norms[0])), 1e-30)
@@ -322,8 +388,14 @@ class Explainer:
         tokenizer = self.runner.tokenizer
         note = "the stored text could not be tokenized back into the stored positions; showing the scored tokens only"
         if m.model_kind == "causal_lm" and (meta["text"] is not None or meta["prompt"] is not None):
-            sample = Sample(meta["id"], meta["prompt"], meta["response"],
-                            None if meta["prompt"] is not None else meta["text"], meta["label"], f"{self.store.path}")
+            sample = Sample(
+                meta["id"],
+                meta["prompt"],
+                meta["response"],
+                None if meta["prompt"] is not None else meta["text"],
+                meta["label"],
+                f"{self.store.path}",
+            )
             try:
                 tok = self.runner.tokenize(sample, m.score_tokens, m.max_length, m.chat_template)
             except ForValueError:
@@ -332,8 +404,13 @@ class Explainer:
                 targets = tok.target_indices()
                 positions = _align(np.asarray(tok.input_ids)[targets], stored, m.lowest_likelihood_ratio is not None)
                 if positions is not None:
-                    return TokenSide(meta["id"], meta["label"], token_pieces(tokenizer, tok.input_ids),
-                                     targets[positions], np.zeros(len(stored)))
+                    return TokenSide(
+                        meta["id"],
+                        meta["label"],
+                        token_pieces(tokenizer, tok.input_ids),
+                        targets[positions],
+                        np.zeros(len(stored)),
+                    )
         pieces = token_pieces(tokenizer, stored.tolist())
         return TokenSide(meta["id"], meta["label"], pieces, np.arange(len(stored)), np.zeros(len(stored)), note)
 
@@ -355,8 +432,10 @@ def row_positions(store: Store, train_ids: Iterable[str]) -> dict[str, int]:
         first += batch.num_rows
     missing = sorted(wanted - set(where))
     if missing:
-        raise ForValueError(f"{store.path}: no training sample with id '{missing[0]}' in the store; "
-                            "check --train-id (ids are those 'forvalue query' returns)")
+        raise ForValueError(
+            f"{store.path}: no training sample with id '{missing[0]}' in the store; "
+            "check --train-id (ids are those 'forvalue query' returns)"
+        )
     return where
 
 
@@ -445,9 +524,14 @@ def pick_validation(samples: list[Sample], config: ExplainConfig) -> int | None:
         for j, s in enumerate(samples):
             if s.id == config.val_id:
                 return j
-        raise ConfigError("val_id", f"no validation sample with id '{config.val_id}' (the first ids: "
-                                    f"{', '.join(s.id for s in samples[:5])})")
+        raise ConfigError(
+            "val_id",
+            f"no validation sample with id '{config.val_id}' (the first ids: {', '.join(s.id for s in samples[:5])})",
+        )
     if config.val_index >= len(samples):
-        raise ConfigError("val_index", f"{config.val_index} is out of range: the validation input holds "
-                                       f"{len(samples)} samples (give 0 to {len(samples) - 1})")
+        raise ConfigError(
+            "val_index",
+            f"{config.val_index} is out of range: the validation input holds "
+            f"{len(samples)} samples (give 0 to {len(samples) - 1})",
+        )
     return config.val_index

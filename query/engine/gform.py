@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from forvalue.storage.rows import TrainBlock, decode_block
-
 from forvalue.engine.scorer import ExactScorer
 from forvalue.engine.validation import ValidationSet
+from forvalue.storage.rows import TrainBlock, decode_block
 
 # Cost model (docs/gform.md). Per stored token the token form costs ~ T_v (d + m + 3) operations at
 # BLAS speed; the G-form costs ~ A (m + 1) d gathered (memory-bound) multiply-adds, each worth

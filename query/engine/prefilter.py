@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from forvalue.engine.ranking import TopK
+from forvalue.engine.scorer import BlockedScorer, TrainBlock, decode_block
+from forvalue.engine.validation import ValidationSet
 from forvalue.indexer.sketch import SketchSpec, get_sketcher
 from forvalue.schemas.config import QueryConfig
 from forvalue.schemas.errors import ForValueError
@@ -22,10 +25,6 @@ from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage import faiss_index
 from forvalue.storage.sketch_basis import load_basis
 from forvalue.storage.store import Store
-
-from forvalue.engine.ranking import TopK
-from forvalue.engine.scorer import BlockedScorer, TrainBlock, decode_block
-from forvalue.engine.validation import ValidationSet
 
 # Stores at least this large are queried with the prefilter by default (when they have an index).
 AUTO_MIN_ROWS = 200_000
@@ -53,14 +52,18 @@ def use_prefilter(store: Store, config: QueryConfig, full_scores: bool) -> bool:
         return False
     if not store.manifest.sketch_dim or not store.has_column(faiss_index.SKETCH_COLUMN):
         if explicit:
-            raise ForValueError(f"{store.path}: the store has no sketches; run 'forvalue index sketch --store {store.path}' first")
+            raise ForValueError(
+                f"{store.path}: the store has no sketches; run 'forvalue index sketch --store {store.path}' first"
+            )
         return False
     if explicit:
         return True
     return store.count() >= AUTO_MIN_ROWS and faiss_index.load(store) is not None
 
 
-def validation_sketches(val: ValidationSet, spec: SketchSpec, aggregate: str = "none", basis: np.ndarray | None = None) -> np.ndarray:
+def validation_sketches(
+    val: ValidationSet, spec: SketchSpec, aggregate: str = "none", basis: np.ndarray | None = None
+) -> np.ndarray:
     """``(n_val, D)`` sketches of the validation samples, or ``(1, D)`` (their mean) for ``mean``.
 
     ``basis``: the store's fitted basis (``forvalue.storage.sketch_basis.load_basis``) for fitted sketches.
@@ -70,8 +73,14 @@ def validation_sketches(val: ValidationSet, spec: SketchSpec, aggregate: str = "
 
 
 def prefilter_topk(
-    store: Store, val: ValidationSet, config: QueryConfig, device, candidates: int | None = None,
-    index: "faiss_index.PrefilterIndex | None" = None, nprobe: int | None = None, timings: dict | None = None,
+    store: Store,
+    val: ValidationSet,
+    config: QueryConfig,
+    device,
+    candidates: int | None = None,
+    index: "faiss_index.PrefilterIndex | None" = None,
+    nprobe: int | None = None,
+    timings: dict | None = None,
 ) -> TopK:
     """Top-k rows per validation sample (or of the mean) by prefilter + exact rerank.
 
@@ -92,7 +101,9 @@ def prefilter_topk(
 
     spec = SketchSpec.from_manifest(store.manifest)
     if spec is None:
-        raise ForValueError(f"{store.path}: the store has no sketches; run 'forvalue index sketch --store {store.path}'")
+        raise ForValueError(
+            f"{store.path}: the store has no sketches; run 'forvalue index sketch --store {store.path}'"
+        )
     rows_total = store.count()
     candidates = min(rows_total, candidates or config.candidates or default_candidates(rows_total, config.top_k))
     t = timings if timings is not None else {}
@@ -132,7 +143,9 @@ def prefilter_topk(
     return top
 
 
-def _score_rows(store: Store, val: ValidationSet, rows: np.ndarray, config: QueryConfig, device, timings: dict) -> np.ndarray:
+def _score_rows(
+    store: Store, val: ValidationSet, rows: np.ndarray, config: QueryConfig, device, timings: dict
+) -> np.ndarray:
     """Exact raw scores ``(len(rows), n_val)`` of the given row positions."""
     import time
 

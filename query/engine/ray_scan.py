@@ -166,8 +166,17 @@ def _gather(ray, refs: list, bar=None, sizes: Sequence[int] = ()) -> list:
     return out
 
 
-def ray_audit_scan(store: Store, val, val_labels: list, groups: list, device: str, engine: EngineConfig,
-                   progress: bool = False, desc: str = "audit", **kwargs):
+def ray_audit_scan(
+    store: Store,
+    val,
+    val_labels: list,
+    groups: list,
+    device: str,
+    engine: EngineConfig,
+    progress: bool = False,
+    desc: str = "audit",
+    **kwargs,
+):
     """:func:`forvalue.engine.gform.audit_scan` of the whole store on Ray actors; the same ``AuditScan``.
 
     ``kwargs`` are audit_scan's (``normalize``, ``read_rows``, ``need_max``, ``form``, ``budget``).
@@ -186,8 +195,10 @@ def ray_audit_scan(store: Store, val, val_labels: list, groups: list, device: st
         ranges = fragment_ranges(store, RANGES_PER_WORKER * len(actors))
         sizes = [sum(store._snapshot.get_fragment(i).count_rows() for i in ids) for ids, _ in ranges]
         args = dict(val_labels=val_labels, groups=groups, **kwargs)
-        refs = [actors[k % len(actors)].audit.remote(val_ref, str(store.path), store.version(), ids, args)
-                for k, (ids, _) in enumerate(ranges)]
+        refs = [
+            actors[k % len(actors)].audit.remote(val_ref, str(store.path), store.version(), ids, args)
+            for k, (ids, _) in enumerate(ranges)
+        ]
         bar = tqdm(total=store.count(), desc=f"{desc} ({len(actors)} Ray workers)", unit="sample", disable=not progress)
         try:
             parts = _gather(ray, refs, bar, sizes)
@@ -199,13 +210,22 @@ def ray_audit_scan(store: Store, val, val_labels: list, groups: list, device: st
     labels = [lab for p in parts for lab in p.labels]
     maximum = cat([p.maximum for p in parts]) if parts and all(p.maximum is not None for p in parts) else None
     by_label = {g: cat([p.by_label[g] for p in parts]) for g in groups}
-    return AuditScan(ids, labels, cat([p.mean for p in parts]), by_label,
-                     maximum, parts[0].form, max(p.passes for p in parts), time.perf_counter() - started,
-                     {**parts[0].details, "ray_workers": len(actors), "ranges": len(ranges)})
+    return AuditScan(
+        ids,
+        labels,
+        cat([p.mean for p in parts]),
+        by_label,
+        maximum,
+        parts[0].form,
+        max(p.passes for p in parts),
+        time.perf_counter() - started,
+        {**parts[0].details, "ray_workers": len(actors), "ranges": len(ranges)},
+    )
 
 
-def ray_score_topk(store: Store, val, config, device: str, engine: EngineConfig, score_all, keep: bool = False,
-                   progress: bool = False):
+def ray_score_topk(
+    store: Store, val, config, device: str, engine: EngineConfig, score_all, keep: bool = False, progress: bool = False
+):
     """The exact query's scan (``score_all``: :func:`forvalue.api.score_all`) on Ray actors: ``(top, blocks)``.
 
     ``top`` is a :class:`forvalue.engine.ranking.TopK` holding, per column, the ``top_k`` best rows
@@ -223,10 +243,13 @@ def ray_score_topk(store: Store, val, config, device: str, engine: EngineConfig,
         ranges = fragment_ranges(store, RANGES_PER_WORKER * len(actors))
         sizes = [sum(store._snapshot.get_fragment(i).count_rows() for i in ids) for ids, _ in ranges]
         path, version = str(store.path), store.version()
-        refs = [actors[k % len(actors)].query.remote(val_ref, path, version, ids, first, config, keep, score_all)
-                for k, (ids, first) in enumerate(ranges)]
-        bar = tqdm(total=store.count(), desc=f"scoring ({len(actors)} Ray workers)", unit="sample",
-                   disable=not progress)
+        refs = [
+            actors[k % len(actors)].query.remote(val_ref, path, version, ids, first, config, keep, score_all)
+            for k, (ids, first) in enumerate(ranges)
+        ]
+        bar = tqdm(
+            total=store.count(), desc=f"scoring ({len(actors)} Ray workers)", unit="sample", disable=not progress
+        )
         try:
             parts = _gather(ray, refs, bar, sizes)
         finally:

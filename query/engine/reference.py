@@ -19,8 +19,15 @@ from forvalue.indexer.tokenize import tokenize_sample
 
 @torch.no_grad()
 def dense_matrices(
-    model, tokenizer, sample: Sample, score_tokens: str = "all", max_length: int = 512,
-    chat_template: bool = False, top_m: int | None = None, hidden_dtype: str | None = None, tokenize=None,
+    model,
+    tokenizer,
+    sample: Sample,
+    score_tokens: str = "all",
+    max_length: int = 512,
+    chat_template: bool = False,
+    top_m: int | None = None,
+    hidden_dtype: str | None = None,
+    tokenize=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hidden states ``H (n, d)`` and dense errors ``E (n, |V|)`` of one sample's scored positions.
 

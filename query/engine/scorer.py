@@ -16,9 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from forvalue.storage.rows import TrainBlock, decode_block  # noqa: F401  (the scorer's input format)
-
 from forvalue.engine.validation import ValidationSet
+from forvalue.storage.rows import TrainBlock, decode_block  # noqa: F401  (the scorer's input format)
 
 # Floats allowed in one (train tokens x val tokens) intermediate.
 _BLOCK_FLOATS = 1 << 23

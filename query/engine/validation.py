@@ -49,14 +49,22 @@ class ValidationSet:
 
     def subset(self, index: Sequence[int]) -> "ValidationSet":
         offsets = np.concatenate([[0], np.cumsum(self.lengths)])
-        rows = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in index]) if len(index) else np.zeros(0, int)
+        rows = (
+            np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in index]) if len(index) else np.zeros(0, int)
+        )
         return ValidationSet(
-            [self.samples[j] for j in index], self.hidden[rows], self.ids[rows], self.values[rows],
-            self.lengths[list(index)], self.sq_norms[list(index)],
+            [self.samples[j] for j in index],
+            self.hidden[rows],
+            self.ids[rows],
+            self.values[rows],
+            self.lengths[list(index)],
+            self.sq_norms[list(index)],
         )
 
 
-def load_validation_samples(source: Iterable[str | Path] | Sequence[dict] | Sequence[Sample], data: DataConfig) -> list[Sample]:
+def load_validation_samples(
+    source: Iterable[str | Path] | Sequence[dict] | Sequence[Sample], data: DataConfig
+) -> list[Sample]:
     """Validation samples from paths, dict rows (like JSONL rows) or Sample objects."""
     items = list(source)
     if items and isinstance(items[0], Sample):
@@ -68,7 +76,9 @@ def load_validation_samples(source: Iterable[str | Path] | Sequence[dict] | Sequ
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "validation.jsonl"
             path.write_text("".join(json.dumps(r) + "\n" for r in items))
-            samples = [replace(s, source=s.source.replace(str(path), "validation row")) for s in iter_samples([path], data)]
+            samples = [
+                replace(s, source=s.source.replace(str(path), "validation row")) for s in iter_samples([path], data)
+            ]
     else:
         samples = list(iter_samples(items, data))
     if not samples:
@@ -83,7 +93,8 @@ def check_runner(runner, manifest: Manifest, data: DataConfig) -> None:
     problems = manifest.mismatches(mine)
     if problems:
         raise ManifestMismatchError(
-            "the query's model or settings differ from the store's: " + "; ".join(problems)
+            "the query's model or settings differ from the store's: "
+            + "; ".join(problems)
             + " (query with the store's model, or build a new store)"
         )
 
@@ -99,7 +110,9 @@ def _data_from_manifest(data: DataConfig, manifest: Manifest) -> DataConfig:
     return replace(data, max_length=manifest.max_length, chat_template=manifest.chat_template)
 
 
-def encode_validation(runner, samples: list[Sample], manifest: Manifest, data: DataConfig, batch_size: int = 8) -> ValidationSet:
+def encode_validation(
+    runner, samples: list[Sample], manifest: Manifest, data: DataConfig, batch_size: int = 8
+) -> ValidationSet:
     """Forward pass over validation samples with the store's settings.
 
     Raises
@@ -114,7 +127,8 @@ def encode_validation(runner, samples: list[Sample], manifest: Manifest, data: D
         tok = runner.tokenize(s, manifest.score_tokens, manifest.max_length, manifest.chat_template)
         if tok.truncated:
             raise InputDataError(
-                s.source, f"validation sample '{s.id}' is longer than the store's max length ({manifest.max_length} tokens); "
+                s.source,
+                f"validation sample '{s.id}' is longer than the store's max length ({manifest.max_length} tokens); "
                 "shorten it or rebuild the store with a larger --max-length",
             )
         if tok.n_scored == 0:
@@ -125,7 +139,9 @@ def encode_validation(runner, samples: list[Sample], manifest: Manifest, data: D
         encoded.extend(encode_batch(runner, tokenized[start : start + batch_size], encode, training=False))
     bad = [e.tokenized.sample for e in encoded if not e.finite]
     if bad:
-        raise ForValueError(f"{bad[0].source}: model output has NaN or inf for validation sample '{bad[0].id}'; check --dtype")
+        raise ForValueError(
+            f"{bad[0].source}: model output has NaN or inf for validation sample '{bad[0].id}'; check --dtype"
+        )
     parts = []
     for e in encoded:
         ids, values = e.entries()
@@ -160,7 +176,9 @@ def cache_key(sample: Sample, manifest: Manifest) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def encode_validation_cached(samples: list[Sample], manifest: Manifest, data: DataConfig, get_runner, cache, batch_size: int = 8) -> tuple[ValidationSet, int]:
+def encode_validation_cached(
+    samples: list[Sample], manifest: Manifest, data: DataConfig, get_runner, cache, batch_size: int = 8
+) -> tuple[ValidationSet, int]:
     """Like :func:`encode_validation`, reusing cached encodings; only new samples run the model.
 
     Parameters

@@ -26,9 +26,20 @@ def _row_schema():
     import pyarrow as pa
 
     text, pos = pa.string(), pa.int32()
-    return pa.schema([("kind", text), ("validation_id", text), ("train_id", text), ("validation_position", pos),
-                      ("validation_token", text), ("train_position", pos), ("train_token", text),
-                      ("contribution", pa.float64()), ("score", pa.float64())])
+    return pa.schema(
+        [
+            ("kind", text),
+            ("validation_id", text),
+            ("train_id", text),
+            ("validation_position", pos),
+            ("validation_token", text),
+            ("train_position", pos),
+            ("train_token", text),
+            ("contribution", pa.float64()),
+            ("score", pa.float64()),
+        ]
+    )
+
 
 _POS = (178, 24, 43)  # #b2182b
 _NEG = (33, 102, 172)  # #2166ac
@@ -73,13 +84,17 @@ def _side_html(title: str, side, score: float) -> str:
         bg, fg = _colour(value, scale)
         tip = html.escape(f"token {t} {piece!r}: {_fmt(value)}{share}", quote=True)
         spans.append(f"<span class='tok' style='background:{bg};color:{fg}' title='{tip}'>{text}</span>")
-    legend = (f"<div class='legend'><span>{_fmt(-scale)}</span><span class='bar'></span><span>{_fmt(scale)}</span>"
-              f"<span>contribution per token (sum {_fmt(float(side.contributions.sum()))}); grey: context, not scored"
-              f"</span></div>")
+    legend = (
+        f"<div class='legend'><span>{_fmt(-scale)}</span><span class='bar'></span><span>{_fmt(scale)}</span>"
+        f"<span>contribution per token (sum {_fmt(float(side.contributions.sum()))}); grey: context, not scored"
+        f"</span></div>"
+    )
     note = f"<p><em>{html.escape(side.note)}</em></p>" if side.note else ""
     label = f" [{html.escape(str(side.label))}]" if side.label is not None else ""
-    return (f"<h2>{html.escape(title)} <code>{html.escape(side.sample_id)}</code>{label}</h2>{note}{legend}"
-            f"<div class='text'>{''.join(spans)}</div>")
+    return (
+        f"<h2>{html.escape(title)} <code>{html.escape(side.sample_id)}</code>{label}</h2>{note}{legend}"
+        f"<div class='text'>{''.join(spans)}</div>"
+    )
 
 
 def explanation_html(e, title: str | None = None) -> str:
@@ -89,31 +104,44 @@ def explanation_html(e, title: str | None = None) -> str:
     else:
         who = f"validation sample '{e.validation_id}'"
     title = title or f"Why '{e.train.sample_id}' scores {e.score:.4g} for {who}"
-    pairs = "".join(
-        f"<tr><td class='num'>{_fmt(p['contribution'])}</td><td class='num'>{p['contribution'] / e.score:.1%}</td>"
-        f"<td><code>{html.escape(repr(p['validation_token']))}</code> #{p['validation_position']}"
-        f"{' of ' + html.escape(p['validation_id']) if e.aggregate == 'mean' else ''}</td>"
-        f"<td><code>{html.escape(repr(p['train_token']))}</code> #{p['train_position']}</td>"
-        f"<td class='num'>{p['hidden_dot']:.4g}</td><td class='num'>{p['error_dot']:.4g}</td></tr>"
-        for p in e.pairs) if e.score else ""
-    head = (f"<p>S(v, i) = &lt;G<sub>v</sub>, G<sub>i</sub>&gt; = <b>{e.score:.6g}</b> (cosine {e.cosine:.4f}) "
-            f"= &sum;<sub>k</sub> &sum;<sub>k'</sub> &lt;h<sub>vk</sub>, h<sub>ik'</sub>&gt; &lt;e<sub>vk</sub>, "
-            f"e<sub>ik'</sub>&gt;. Each token is shaded by the part of the score carried by the position that "
-            f"predicts it (red raises the score, blue lowers it; each text's tokens sum to the score; hover a "
-            f"token for its value).</p>")
+    pairs = (
+        "".join(
+            f"<tr><td class='num'>{_fmt(p['contribution'])}</td><td class='num'>{p['contribution'] / e.score:.1%}</td>"
+            f"<td><code>{html.escape(repr(p['validation_token']))}</code> #{p['validation_position']}"
+            f"{' of ' + html.escape(p['validation_id']) if e.aggregate == 'mean' else ''}</td>"
+            f"<td><code>{html.escape(repr(p['train_token']))}</code> #{p['train_position']}</td>"
+            f"<td class='num'>{p['hidden_dot']:.4g}</td><td class='num'>{p['error_dot']:.4g}</td></tr>"
+            for p in e.pairs
+        )
+        if e.score
+        else ""
+    )
+    head = (
+        f"<p>S(v, i) = &lt;G<sub>v</sub>, G<sub>i</sub>&gt; = <b>{e.score:.6g}</b> (cosine {e.cosine:.4f}) "
+        f"= &sum;<sub>k</sub> &sum;<sub>k'</sub> &lt;h<sub>vk</sub>, h<sub>ik'</sub>&gt; &lt;e<sub>vk</sub>, "
+        f"e<sub>ik'</sub>&gt;. Each token is shaded by the part of the score carried by the position that "
+        f"predicts it (red raises the score, blue lowers it; each text's tokens sum to the score; hover a "
+        f"token for its value).</p>"
+    )
     shown = sorted(e.validation, key=lambda s: -abs(float(s.contributions.sum())))[:MAX_VALIDATION_SHOWN]
     sides = [_side_html("Validation sample", s, e.score) for s in shown]
     if len(shown) < len(e.validation):
         rest = e.score - sum(float(s.contributions.sum()) for s in shown)
-        sides.append(f"<p><em>{len(e.validation) - len(shown)} more validation samples not shown (the "
-                     f"{len(shown)} above carry the largest parts; the others sum to {_fmt(rest)}).</em></p>")
-    body = (f"<h1>{html.escape(title)}</h1>{head}{''.join(sides)}{_side_html('Training sample', e.train, e.score)}"
-            f"<h2>Top token pairs</h2><p>The largest terms &lt;h<sub>vk</sub>, h<sub>ik'</sub>&gt; "
-            f"&lt;e<sub>vk</sub>, e<sub>ik'</sub>&gt; of the double sum.</p><table><tr><th>contribution</th>"
-            f"<th>share</th><th>validation token</th><th>training token</th><th>&lt;h, h&gt;</th><th>&lt;e, e&gt;</th>"
-            f"</tr>{pairs}</table>")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}</head>"
-            f"<body>{body}</body></html>")
+        sides.append(
+            f"<p><em>{len(e.validation) - len(shown)} more validation samples not shown (the "
+            f"{len(shown)} above carry the largest parts; the others sum to {_fmt(rest)}).</em></p>"
+        )
+    body = (
+        f"<h1>{html.escape(title)}</h1>{head}{''.join(sides)}{_side_html('Training sample', e.train, e.score)}"
+        f"<h2>Top token pairs</h2><p>The largest terms &lt;h<sub>vk</sub>, h<sub>ik'</sub>&gt; "
+        f"&lt;e<sub>vk</sub>, e<sub>ik'</sub>&gt; of the double sum.</p><table><tr><th>contribution</th>"
+        f"<th>share</th><th>validation token</th><th>training token</th><th>&lt;h, h&gt;</th><th>&lt;e, e&gt;</th>"
+        f"</tr>{pairs}</table>"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}</head>"
+        f"<body>{body}</body></html>"
+    )
 
 
 def write_explanation(e, path: str | Path) -> Path:
@@ -188,11 +216,15 @@ def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: i
             name = f"{column:03d}-{r['rank']:02d}-{safe_name(r['train_id'])}.html"
             write_explanation(e, folder / name)
             names[(column, r["rank"])] = name
-            links.append(f"<li>validation <code>{html.escape(str(r['validation_id']))}</code>, rank {r['rank']}: "
-                         f"<a href='{html.escape(name, quote=True)}'>{html.escape(str(r['train_id']))}</a> "
-                         f"(score {e.score:.6g})</li>")
-    index = (f"<!doctype html><html><head><meta charset='utf-8'><title>explanations</title>{_STYLE}</head><body>"
-             f"<h1>Explanations of the top {n} results</h1><ul>{''.join(links)}</ul></body></html>")
+            links.append(
+                f"<li>validation <code>{html.escape(str(r['validation_id']))}</code>, rank {r['rank']}: "
+                f"<a href='{html.escape(name, quote=True)}'>{html.escape(str(r['train_id']))}</a> "
+                f"(score {e.score:.6g})</li>"
+            )
+    index = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>explanations</title>{_STYLE}</head><body>"
+        f"<h1>Explanations of the top {n} results</h1><ul>{''.join(links)}</ul></body></html>"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "index.html").write_text(index, encoding="utf-8")
     column, out = -1, []
@@ -207,9 +239,16 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60].strip("._") or "sample"
 
 
-def explain_audit_examples(store, validation, name: str, folder: str | Path, n_examples: int = 10,
-                           data: DataConfig = DataConfig(), device: str = "auto",
-                           top_pairs: int = 20) -> dict[str, str]:
+def explain_audit_examples(
+    store,
+    validation,
+    name: str,
+    folder: str | Path,
+    n_examples: int = 10,
+    data: DataConfig = DataConfig(),
+    device: str = "auto",
+    top_pairs: int = 20,
+) -> dict[str, str]:
     """Pages explaining the top and bottom ``n_examples`` of audit ``name`` (what its report lists).
 
     Each page explains the raw score against the mean of the validation samples (the audit's

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-
 import pyarrow as pa
 
 from forvalue.schemas.errors import ForValueError
@@ -101,7 +100,9 @@ class ScoreWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = _tmp(self.path)
         unique = _unique_names(columns)
-        self.schema = pa.schema([("train_id", pa.string()), ("train_label", pa.string())] + [(c, pa.float64()) for c in unique])
+        self.schema = pa.schema(
+            [("train_id", pa.string()), ("train_label", pa.string())] + [(c, pa.float64()) for c in unique]
+        )
         try:
             self.writer = pq.ParquetWriter(str(self.tmp), self.schema)
         except BaseException:  # e.g. a full disk: leave no partial file

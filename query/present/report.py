@@ -8,7 +8,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
 from forvalue.storage.store import Store
 
@@ -42,12 +41,16 @@ def _examples_table(title: str, rows: list[dict], texts: dict[str, str], links: 
         f"<td><pre>{html.escape(texts.get(r['id'], '')[:400])}</pre></td>{why(r['id']) if links else ''}</tr>"
         for r in rows
     )
-    return (f"<h2>{html.escape(title)}</h2><table><tr><th>rank</th><th>id</th><th>label</th><th>mean score</th>"
-            f"<th>flagged</th><th>text</th>{'<th>why</th>' if links else ''}</tr>{body}</table>")
+    return (
+        f"<h2>{html.escape(title)}</h2><table><tr><th>rank</th><th>id</th><th>label</th><th>mean score</th>"
+        f"<th>flagged</th><th>text</th>{'<th>why</th>' if links else ''}</tr>{body}</table>"
+    )
 
 
-_STYLE = """<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;font-size:13px}
-td,th{border:1px solid #ccc;padding:4px;vertical-align:top}pre{white-space:pre-wrap;margin:0}img{max-width:100%}</style>"""
+_STYLE = """<style>body{font-family:sans-serif;margin:2em;max-width:1100px}
+table{border-collapse:collapse;font-size:13px}
+td,th{border:1px solid #ccc;padding:4px;vertical-align:top}pre{white-space:pre-wrap;margin:0}
+img{max-width:100%}</style>"""
 
 
 def pricing_section(rows: list[dict], confidence: float = 0.95) -> str:
@@ -69,17 +72,23 @@ def pricing_section(rows: list[dict], confidence: float = 0.95) -> str:
     body = "".join(
         f"<tr><td>{r['rank']}</td><td>{html.escape(r['group'])}</td><td>{r['n']}</td><td>{r['total']:.4g}</td>"
         f"<td>{r['mean']:.4g}</td><td>{r['share']:.1%}</td><td>[{r['share_low']:.1%}, {r['share_high']:.1%}]</td>"
-        f"<td>[{r['total_low']:.4g}, {r['total_high']:.4g}]</td></tr>" for r in rows)
-    return (f"<h2>Value per provider group</h2><p>Share = the group's share of the positive total value; error bars "
-            f"and intervals: {pct} bootstrap (samples resampled within each group).</p><img src='{_png(fig)}'>"
-            f"<table><tr><th>rank</th><th>group</th><th>n</th><th>total</th><th>mean</th><th>share</th>"
-            f"<th>{pct} share</th><th>{pct} total</th></tr>{body}</table>")
+        f"<td>[{r['total_low']:.4g}, {r['total_high']:.4g}]</td></tr>"
+        for r in rows
+    )
+    return (
+        f"<h2>Value per provider group</h2><p>Share = the group's share of the positive total value; error bars "
+        f"and intervals: {pct} bootstrap (samples resampled within each group).</p><img src='{_png(fig)}'>"
+        f"<table><tr><th>rank</th><th>group</th><th>n</th><th>total</th><th>mean</th><th>share</th>"
+        f"<th>{pct} share</th><th>{pct} total</th></tr>{body}</table>"
+    )
 
 
 def pricing_report(rows: list[dict], out: str | Path, title: str, confidence: float = 0.95) -> Path:
     """Write a self-contained HTML page with the pricing section only (e.g. for estimated values)."""
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}</head>"
-            f"<body><h1>{html.escape(title)}</h1>{pricing_section(rows, confidence)}</body></html>")
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}</head>"
+        f"<body><h1>{html.escape(title)}</h1>{pricing_section(rows, confidence)}</body></html>"
+    )
     out = Path(out)
     out.write_text(page, encoding="utf-8")
     return out
@@ -93,14 +102,22 @@ def _timing(meta: dict) -> str:
     form = {"gform": "G-form: one matrix per aggregate", "token": "token form: per-validation-sample scores"}
     how = form.get(meta.get("scan_form"), str(meta.get("scan_form")))
     passes = meta.get("scan_passes", 1)
-    return (f"<p>Validation set: {meta['n_validation']} samples. Time: encode {sec['encode']:.2f} s, scan "
-            f"{sec['scan']:.2f} s ({html.escape(how)}{f', {passes} passes over the store' if passes > 1 else ''}), "
-            f"ranks and flags {sec['rank_flag']:.2f} s (writing the table follows).</p>")
+    return (
+        f"<p>Validation set: {meta['n_validation']} samples. Time: encode {sec['encode']:.2f} s, scan "
+        f"{sec['scan']:.2f} s ({html.escape(how)}{f', {passes} passes over the store' if passes > 1 else ''}), "
+        f"ranks and flags {sec['rank_flag']:.2f} s (writing the table follows).</p>"
+    )
 
 
-def audit_report(store_path: str | Path, name: str, out: str | Path, n_examples: int = 10,
-                 pricing: list[dict] | None = None, confidence: float = 0.95,
-                 explanations: dict[str, str] | None = None) -> Path:
+def audit_report(
+    store_path: str | Path,
+    name: str,
+    out: str | Path,
+    n_examples: int = 10,
+    pricing: list[dict] | None = None,
+    confidence: float = 0.95,
+    explanations: dict[str, str] | None = None,
+) -> Path:
     """Write an HTML report of audit ``name``: score histogram, per-label box plots, top and bottom examples.
 
     ``pricing`` (rows of :func:`forvalue.pricing.price`) adds the value-per-group section;
@@ -139,14 +156,18 @@ def audit_report(store_path: str | Path, name: str, out: str | Path, n_examples:
     rows = sorted(table.select(["id", "label", "score_mean", "rank", "flagged"]).to_pylist(), key=lambda r: r["rank"])
     top, bottom = rows[:n_examples], rows[-n_examples:][::-1]
     texts = _texts(store, [r["id"] for r in top + bottom])
-    summary = (f"<p>{meta['n_train']} training samples scored against {meta['n_validation']} validation samples "
-               f"(validation set sha256 {meta['validation_sha256'][:12]}…); {meta['flagged']} flagged; "
-               f"settings: {html.escape(str(meta['settings']))}; created {meta['created']}.</p>{_timing(meta)}")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>audit {html.escape(meta['name'])}</title>{_STYLE}"
-            f"</head><body><h1>Audit {html.escape(meta['name'])}</h1>{summary}<h2>Score distribution</h2>"
-            f"<img src='{hist}'>{box}{pricing_section(pricing, confidence) if pricing else ''}"
-            f"{_examples_table('Most valuable', top, texts, explanations)}"
-            f"{_examples_table('Least valuable (flag candidates)', bottom, texts, explanations)}</body></html>")
+    summary = (
+        f"<p>{meta['n_train']} training samples scored against {meta['n_validation']} validation samples "
+        f"(validation set sha256 {meta['validation_sha256'][:12]}…); {meta['flagged']} flagged; "
+        f"settings: {html.escape(str(meta['settings']))}; created {meta['created']}.</p>{_timing(meta)}"
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>audit {html.escape(meta['name'])}</title>{_STYLE}"
+        f"</head><body><h1>Audit {html.escape(meta['name'])}</h1>{summary}<h2>Score distribution</h2>"
+        f"<img src='{hist}'>{box}{pricing_section(pricing, confidence) if pricing else ''}"
+        f"{_examples_table('Most valuable', top, texts, explanations)}"
+        f"{_examples_table('Least valuable (flag candidates)', bottom, texts, explanations)}</body></html>"
+    )
     out = Path(out)
     out.write_text(page, encoding="utf-8")
     return out
@@ -164,13 +185,18 @@ def compare_report(comparison: dict, out: str | Path) -> Path:
     ax.scatter(sa, sb, s=6, alpha=0.6)
     ax.set_xlabel(f"audit {comparison['a']}: mean score")
     ax.set_ylabel(f"audit {comparison['b']}: mean score")
-    moved = "".join(f"<tr><td>{html.escape(m['id'])}</td><td>{m['rank_a']}</td><td>{m['rank_b']}</td></tr>" for m in comparison["moved"])
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>compare</title>{_STYLE}</head><body>"
-            f"<h1>Audit {html.escape(comparison['a'])} vs {html.escape(comparison['b'])}</h1>"
-            f"<p>{comparison['common']} common samples, Spearman rank correlation {comparison['spearman']:.4f}; "
-            f"{len(comparison['newly_flagged'])} newly flagged.</p><img src='{_png(fig)}'>"
-            f"<h2>Moved most</h2><table><tr><th>id</th><th>rank {html.escape(comparison['a'])}</th>"
-            f"<th>rank {html.escape(comparison['b'])}</th></tr>{moved}</table></body></html>")
+    moved = "".join(
+        f"<tr><td>{html.escape(m['id'])}</td><td>{m['rank_a']}</td><td>{m['rank_b']}</td></tr>"
+        for m in comparison["moved"]
+    )
+    page = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>compare</title>{_STYLE}</head><body>"
+        f"<h1>Audit {html.escape(comparison['a'])} vs {html.escape(comparison['b'])}</h1>"
+        f"<p>{comparison['common']} common samples, Spearman rank correlation {comparison['spearman']:.4f}; "
+        f"{len(comparison['newly_flagged'])} newly flagged.</p><img src='{_png(fig)}'>"
+        f"<h2>Moved most</h2><table><tr><th>id</th><th>rank {html.escape(comparison['a'])}</th>"
+        f"<th>rank {html.escape(comparison['b'])}</th></tr>{moved}</table></body></html>"
+    )
     out = Path(out)
     out.write_text(page, encoding="utf-8")
     return out

@@ -78,8 +78,15 @@ def draw(shape: str, colour: tuple[int, int, int], size: int, rng: random.Random
     return img
 
 
-def generate(out: str | Path, n_train: int = 20, n_test: int = 3, n_classes: int = 8, size: int = 56,
-             noise_rate: float = 0.0, seed: int = 0) -> tuple[Path, Path]:
+def generate(
+    out: str | Path,
+    n_train: int = 20,
+    n_test: int = 3,
+    n_classes: int = 8,
+    size: int = 56,
+    noise_rate: float = 0.0,
+    seed: int = 0,
+) -> tuple[Path, Path]:
     """Write ``OUT/images/*.png``, ``OUT/train.jsonl`` and ``OUT/test.jsonl``.
 
     Parameters
@@ -116,8 +123,17 @@ def generate(out: str | Path, n_train: int = 20, n_test: int = 3, n_classes: int
             for i in range(n):
                 name = f"images/{split}-{label}-{i}.png"
                 draw(shape, colour, size, rng).save(out / name)
-                splits[split].append({"id": f"{split}-{label}-{i}", "image": name, "prompt": PROMPT, "response": caption,
-                                      "label": label, "true_label": label, "flipped": False})
+                splits[split].append(
+                    {
+                        "id": f"{split}-{label}-{i}",
+                        "image": name,
+                        "prompt": PROMPT,
+                        "response": caption,
+                        "label": label,
+                        "true_label": label,
+                        "flipped": False,
+                    }
+                )
     k = round(noise_rate * len(splits["train"]))
     if k and n_classes < 2:
         raise ValueError("flipping captions needs n_classes >= 2")
@@ -142,7 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-test", type=int, default=3, help="test rows per class")
     ap.add_argument("--n-classes", type=int, default=len(CLASSES))
     ap.add_argument("--size", type=int, default=56, help="image side in pixels")
-    ap.add_argument("--mislabeled", type=float, default=0.0, metavar="RATE", help="fraction of training captions flipped")
+    ap.add_argument(
+        "--mislabeled", type=float, default=0.0, metavar="RATE", help="fraction of training captions flipped"
+    )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     for path in generate(a.out, a.n_train, a.n_test, a.n_classes, a.size, a.mislabeled, a.seed):

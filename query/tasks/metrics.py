@@ -53,6 +53,8 @@ def class_retrieval(scores: np.ndarray, train_labels: list, val_labels: list) ->
         aucs.append(roc_auc(row, pos))
         recalls.append(recall_at_class_size(row, pos))
     return {
-        "auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
-        "recall_mean": float(np.mean(recalls)), "recall_std": float(np.std(recalls)),
+        "auc_mean": float(np.mean(aucs)),
+        "auc_std": float(np.std(aucs)),
+        "recall_mean": float(np.mean(recalls)),
+        "recall_std": float(np.std(recalls)),
     }
