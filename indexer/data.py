@@ -373,7 +373,7 @@ def _iter_jsonl(path: Path, compression: str | None = None) -> Iterator[tuple[in
 
 def _json_row(path: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
     try:
-        line = raw.decode("utf-8")
+        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a byte order mark starts some files
     except UnicodeDecodeError as exc:
         raise InputDataError(
             path, f"not UTF-8 text (byte {exc.start + 1}); re-save the file as UTF-8", line=lineno

@@ -108,7 +108,9 @@ def run_audit(
     from forvalue.api import _open, load_store_runner
     from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
     from forvalue.indexer.runner import resolve_device
+    from forvalue.storage.audits import check_audit_name
 
+    check_audit_name(name)  # before the model loads or anything is scored
     started = time.perf_counter()
     store = _open(store)
     data = data_for_store(data, store.manifest)
@@ -317,14 +319,22 @@ def compare_audits(store: str | Path, a: str, b: str, n_moved: int = 10) -> dict
     }
 
 
-def parse_amount(text: str, total: int) -> int:
-    """``'10%'`` -> that share of ``total`` (rounded), ``'100'`` -> 100."""
+def parse_amount(text: str, total: int, flag: str = "--top") -> int:
+    """``'10%'`` -> that share of ``total`` (rounded), ``'100'`` -> 100.
+
+    A percentage above 100% is refused; ``--top`` must select at least one sample.
+    """
     try:
-        n = round(float(text[:-1]) / 100.0 * total) if text.endswith("%") else int(text)
+        share = float(text[:-1]) if text.endswith("%") else None
+        n = round(share / 100.0 * total) if share is not None else int(text)
     except ValueError:
-        raise ForValueError(f"'{text}' is not a count or a percentage like 10%") from None
-    if n < 0:
-        raise ForValueError(f"'{text}' must not be negative")
+        raise ForValueError(f"{flag} '{text}' is not a count or a percentage like 10%") from None
+    if n < 0 or (share is not None and share < 0):
+        raise ForValueError(f"{flag} '{text}' must not be negative")
+    if share is not None and share > 100:
+        raise ForValueError(f"{flag} '{text}' is more than 100%")
+    if flag == "--top" and n == 0:
+        raise ForValueError(f"{flag} '{text}' selects no sample (of {total}); give a larger count or percentage")
     return min(n, total)
 
 
@@ -355,7 +365,9 @@ def select_subset(
     table, _ = read_audit(st, audit)
     rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
     n = len(rows)
-    keep = rows[: parse_amount(top, n)] if top is not None else rows[: n - parse_amount(drop_bottom, n)]
+    keep = (
+        rows[: parse_amount(top, n)] if top is not None else rows[: n - parse_amount(drop_bottom, n, "--drop-bottom")]
+    )
     wanted = {r["id"]: k for k, r in enumerate(keep)}
     out: list[dict | None] = [None] * len(keep)
     for batch in st.scan(["id", "prompt", "response", "text", "label"], batch_size=8192):

@@ -830,7 +830,9 @@ def select_by_values(
     v = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
     order = np.argsort(-v, kind="stable")
     n = len(ids)
-    keep = order[: parse_amount(top, n)] if top is not None else order[: n - parse_amount(drop_bottom, n)]
+    keep = (
+        order[: parse_amount(top, n)] if top is not None else order[: n - parse_amount(drop_bottom, n, "--drop-bottom")]
+    )
     wanted = {ids[j]: k for k, j in enumerate(keep)}
     check_paths(data)
     out: list[dict | None] = [None] * len(keep)

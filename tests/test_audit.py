@@ -187,3 +187,46 @@ def test_validation_hash_of_mixed_text_and_prompt_response_rows():
     other = Sample(id="p", prompt="question", response=" other answer", text=None, label="a", source="v.jsonl:2")
     assert validation_hash([text, pair]) == validation_hash([pair, text])  # order does not matter
     assert validation_hash([text, pair]) != validation_hash([text, other])  # content does
+
+
+def test_select_refuses_outputs_it_would_destroy_and_amounts_that_select_nothing(audited_store, tmp_path, tiny_runner):
+    import os
+
+    from conftest import assert_one_line_error, cli
+
+    store = str(audited_store / "store")
+    run_audit(store, [audited_store / "val.jsonl"], "a", AuditConfig(progress=False), runner=tiny_runner)
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    assert_one_line_error(
+        cli("select", "--store", store, "--audit", "a", "--top", "5", "-o", fifo), "not a regular file"
+    )
+    assert fifo.is_fifo()  # still the pipe, not replaced by a file
+    assert_one_line_error(
+        cli("select", "--store", store, "--audit", "a", "--top", "5", "-o", store), store, "unknown output format"
+    )
+    assert_one_line_error(
+        cli("select", "--store", store, "--audit", "a", "--top", "5", "-o", tmp_path / "x.txt"), "unknown output format"
+    )
+    for amount, needle in (("150%", "more than 100%"), ("0", "selects no sample"), ("-3", "negative")):
+        assert_one_line_error(
+            cli("select", "--store", store, "--audit", "a", "--top", amount, "-o", tmp_path / "s.jsonl"),
+            f"--top '{amount}'",
+            needle,
+        )
+    assert not (tmp_path / "s.jsonl").exists()
+
+
+def test_audit_name_is_checked_before_the_model_loads(audited_store, monkeypatch):
+    from conftest import assert_one_line_error, cli
+
+    import forvalue.api
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the audit name was checked")
+
+    monkeypatch.setattr(forvalue.api, "load_store_runner", no_model)
+    res = cli(
+        "audit", "run", "--store", audited_store / "store", "-v", audited_store / "val.jsonl", "--name", "../evil"
+    )
+    assert_one_line_error(res, "audit name '../evil' is not valid")

@@ -433,3 +433,13 @@ def test_missing_text_column_names_the_field(tmp_path, base_store):
     result = cli("index", "add", path, "--store", store, "--quiet", "--text-column", "body")
     assert_one_line_error(result, "t.jsonl:1", "field 'body'", "missing column")
     assert store_state(store) == before
+
+
+def test_jsonl_with_a_byte_order_mark_reads(tmp_path):
+    from forvalue.indexer.data import iter_samples
+    from forvalue.schemas.config import DataConfig
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"id": "a", "prompt": "q", "response": " r"}\n{"id": "b", "text": "t"}\n')
+    samples = list(iter_samples([path], DataConfig()))
+    assert [s.id for s in samples] == ["a", "b"] and samples[0].prompt == "q"

@@ -151,7 +151,8 @@ class Group(click.Group):
         except OSError as exc:  # disk full, read-only, permissions, missing files below a store
             if _debug(ctx):
                 raise
-            where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+            # no file name: the failing write was to standard output (e.g. a full disk behind a redirect)
+            where = f"{exc.filename}: " if getattr(exc, "filename", None) else "writing the output: "
             _fail(
                 f"{where}{exc.strerror or exc}; check the path, its permissions and free space "
                 "(--debug shows the traceback)"

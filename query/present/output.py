@@ -29,6 +29,8 @@ def check_output_path(path: str | Path | None, formats: tuple[str, ...] = FORMAT
         raise ForValueError(f"{path}: unknown output format '{path.suffix}'; use one of {', '.join(formats)}")
     if path.is_dir():
         raise ForValueError(f"{path}: is a folder; give a file name ending in {' or '.join(formats)}")
+    if path.exists() and not path.is_file():  # a device, pipe or socket: an atomic rename would replace it
+        raise ForValueError(f"{path}: exists and is not a regular file (a device, pipe or socket); give a file path")
     parent = path.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
@@ -43,7 +45,11 @@ def _tmp(path: Path) -> Path:
 
 
 def write_jsonl_atomic(rows: Iterable[dict], path: str | Path) -> None:
-    """Write ``rows`` as JSONL to ``path`` (parent folders created), atomically."""
+    """Write ``rows`` as JSONL to ``path`` (parent folders created), atomically.
+
+    The path is checked first (:func:`check_output_path`): a ``.jsonl`` name, not a folder, device or pipe.
+    """
+    check_output_path(path, (".jsonl",))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp(path)
