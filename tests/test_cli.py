@@ -415,3 +415,16 @@ def test_demo_refuses_a_bad_count_before_any_work(tmp_path):
     res = cli("demo", "--workdir", tmp_path / "demo", "--train-per-class", 0)
     assert_one_line_error(res, "--train-per-class")
     assert not (tmp_path / "demo").exists()
+
+
+def test_ctrl_c_is_one_line_with_status_130(monkeypatch, tmp_path):
+    import forvalue.maintenance
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(forvalue.maintenance, "store_info", interrupted)
+    res = cli("index", "info", "--store", tmp_path)
+    assert res.exit_code == 130
+    err = res.stderr.strip()
+    assert err.startswith("error: interrupted;") and "\n" not in err, err

@@ -145,6 +145,14 @@ class Group(click.Group):
             if _debug(ctx):
                 raise
             _fail(str(exc))
+        except (KeyboardInterrupt, click.exceptions.Abort):  # Ctrl-C: one line, the conventional status 130
+            if _debug(ctx):
+                raise
+            click.echo(
+                "error: interrupted; what was committed is kept (a build resumes when the same command is re-run)",
+                err=True,
+            )
+            sys.exit(130)
         except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             sys.exit(1)
