@@ -134,7 +134,10 @@ class Build:
         """The exit status, None while running, -9 when it died without one (killed)."""
         if self.rc.exists():
             return int(self.rc.read_text())
-        return None if self.alive() else -signal.SIGKILL
+        if self.alive():
+            return None
+        # it may have written its status and exited between the two checks above: look again before calling it killed
+        return int(self.rc.read_text()) if self.rc.exists() else -signal.SIGKILL
 
     def wait(self, timeout: float = 300) -> int:
         deadline = time.monotonic() + timeout
