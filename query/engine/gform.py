@@ -144,23 +144,44 @@ class GFormScorer:
 
     @torch.no_grad()
     def _build(self, val: ValidationSet, weights: np.ndarray) -> torch.Tensor:
+        """``Gbar`` as one sparse-dense product per chunk of validation tokens, accumulated in float64.
+
+        Row ``pos * A + a`` of the sparse matrix holds ``weights[v, a] * values[k, j]`` in column ``k`` for each
+        validation token ``k`` (of sample ``v``) and support entry ``j`` with ``pos = row of ids[k, j]``; times the
+        hidden states ``(t, d)`` it gives ``Gbar`` as ``((|vocab| + 1) * A, d)``. Zero weights (samples outside an
+        aggregate) and ids outside this scorer's vocabulary (its zero row) are left out of the product, so a
+        per-label build costs what its samples cost, not ``A`` times the whole set (an ``index_add_`` per aggregate
+        did; docs/gform.md).
+        """
         n_vocab = self.vocab.numel()
-        out = torch.zeros((n_vocab + 1, self.n_agg, self.d), dtype=torch.float64, device=self.device)
+        n_rows = (n_vocab + 1) * self.n_agg
+        out = torch.zeros((n_rows, self.d), dtype=torch.float64, device=self.device)
         token_sample = np.repeat(np.arange(len(val)), val.lengths)
         entries = val.ids.shape[1]
-        step = max(1, (1 << 22) // max(1, entries * self.d))  # tokens per chunk of (chunk * (m+1), d) floats
+        # tokens per chunk: the sparse matrix holds at most chunk * (m+1) * (aggregates a sample belongs to) entries
+        # of 3 x 8 bytes (a per-label audit: 2 per sample, the mean and its label's)
+        per_token = entries * max(1, int((weights != 0).sum(axis=1).max(initial=0)))
+        step = max(1, (1 << 24) // per_token)
         for start in range(0, val.ids.shape[0], step):
             part = slice(start, start + step)
-            hidden = torch.from_numpy(val.hidden[part]).to(self.device, torch.float64)
-            pos = self._positions(torch.from_numpy(val.ids[part]).to(self.device)).reshape(-1)
+            pos = self._positions(torch.from_numpy(val.ids[part]).to(self.device))  # (t, m+1)
             values = torch.from_numpy(val.values[part]).to(self.device, torch.float64)
             w = torch.from_numpy(weights[token_sample[part]]).to(self.device)  # (t, A)
-            for a in range(self.n_agg):
-                coef = (values * w[:, a : a + 1]).reshape(-1, 1)  # (t * (m+1), 1)
-                src = (coef.view(-1, entries, 1) * hidden[:, None, :]).reshape(-1, self.d)
-                out[:, a].index_add_(0, pos, src)
+            token, entry, agg = torch.nonzero(
+                (pos != n_vocab)[:, :, None] & (w != 0)[:, None, :], as_tuple=True
+            )  # entries that reach a non-zero row of a non-zero aggregate
+            if token.numel() == 0:
+                continue
+            coef = values[token, entry] * w[token, agg]
+            rows = pos[token, entry] * self.n_agg + agg
+            sparse = torch.sparse_coo_tensor(
+                torch.stack([rows, token]), coef, (n_rows, pos.shape[0]), check_invariants=False
+            )
+            hidden = torch.from_numpy(val.hidden[part]).to(self.device, torch.float64)
+            out.addmm_(sparse, hidden)
+        out = out.view(n_vocab + 1, self.n_agg * self.d)
         out[n_vocab] = 0.0
-        return out.reshape(n_vocab + 1, self.n_agg * self.d).to(self.dtype)
+        return out.to(self.dtype)
 
     def sq_frobenius(self) -> np.ndarray:
         """``||Gbar_a||_F^2`` restricted to this scorer's vocabulary, float64 array of shape ``(A,)``."""
