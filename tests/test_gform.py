@@ -18,6 +18,7 @@ from forvalue.engine.gform import (
     bounded_val_blocks,
     choose_form,
     plan_passes,
+    read_ahead,
     token_block_bytes,
     vocab_union,
 )
@@ -183,6 +184,36 @@ def decode_like(val):
     from forvalue.storage.rows import TrainBlock
 
     return TrainBlock(val.hidden, val.ids, val.values, val.lengths, val.sq_norms)
+
+
+def test_read_ahead_keeps_order_raises_read_errors_and_stops_early(setting):
+    import threading
+
+    store = setting["store"]
+    hidden_size = store.manifest.hidden_size
+    batches = list(
+        store.scan(["hidden", "topk_ids", "topk_probs", "target_ids", "target_probs", "n_scored", "sq_norm"], 2)
+    )
+    assert len(batches) > 2
+    got = list(read_ahead(iter(batches), hidden_size, depth=1))
+    assert [b for b, _ in got] == batches
+    for (batch, block), want in zip(got, batches):
+        np.testing.assert_array_equal(block.hidden, decode_block(want, hidden_size).hidden)
+
+    def failing():
+        yield batches[0]
+        raise OSError("disk gone")
+
+    seen = []
+    with pytest.raises(OSError, match="disk gone"):
+        for batch, _ in read_ahead(failing(), hidden_size):
+            seen.append(batch)
+    assert seen == batches[:1]
+    # leaving the loop early stops the reading thread (it would otherwise block on the full queue)
+    gen = read_ahead(iter(batches * 50), hidden_size, depth=1)
+    next(gen)
+    gen.close()
+    assert not any(t.name == "forvalue-read-ahead" and t.is_alive() for t in threading.enumerate())
 
 
 @pytest.mark.parametrize("normalize", ["none", "cosine"])

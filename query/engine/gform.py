@@ -25,6 +25,8 @@ bounded (several passes over the store when all blocks do not fit at once).
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -323,6 +325,46 @@ def aggregate_weights(val_labels: list, groups: list, sq_norms: np.ndarray | Non
     return w
 
 
+def read_ahead(batches, hidden_size: int, depth: int = 2):
+    """``(batch, decode_block(batch))`` for each batch of ``batches``, read and decoded by a thread up to ``depth``
+    batches ahead, so the store's read and the decode overlap the scoring (both release the GIL for most of
+    their work). An error of the read is raised here, in order; leaving the loop early stops the thread."""
+    slots: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run() -> None:
+        try:
+            for batch in batches:
+                if not put(("batch", (batch, decode_block(batch, hidden_size)))):
+                    return
+            put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+            put(("error", exc))
+
+    thread = threading.Thread(target=run, name="forvalue-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = slots.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def audit_scan(
     store,
     val: ValidationSet,
@@ -381,8 +423,7 @@ def audit_scan(
         scorer = BlockedGForm(val, weights, device, budget=budget)
         parts = []
         bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
-        for batch in store.scan(columns, batch_size=read_rows):
-            block = decode_block(batch, hidden_size)
+        for batch, block in read_ahead(store.scan(columns, batch_size=read_rows), hidden_size):
             scores = scorer.score(block)
             if cosine:
                 scores = scores / np.maximum(np.sqrt(block.sq_norms), 1e-30)[:, None]
