@@ -67,9 +67,10 @@ def build_index(
 
     Example
     -------
-    >>> cfg = forvalue.BuildConfig(batch_size=8, data=forvalue.DataConfig(max_length=512))   # doctest: +SKIP
-    >>> report = forvalue.build_index(["train.jsonl"], "runs/store", cfg)                    # doctest: +SKIP
-    >>> report.written, report.tokens_scored                                                 # doctest: +SKIP
+    >>> cfg = forvalue.BuildConfig(model=forvalue.ModelConfig(path=model_path), batch_size=8, progress=False)
+    >>> report = build_index([train_path], "new-store", cfg)          # forvalue.build(...) calls this
+    >>> report.written, report.total_rows
+    (12, 12)
     """
     from forvalue.indexer.model_runner import load_runner
 

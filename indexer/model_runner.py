@@ -24,8 +24,9 @@ def load_runner(config: ModelConfig) -> Runner:
 
     Example
     -------
-    >>> runner = forvalue.load_runner(forvalue.ModelConfig(device="cpu"))     # the default SmolLM2  # doctest: +SKIP
-    >>> forvalue.build_index(["train.jsonl"], "runs/store", runner=runner)      # doctest: +SKIP
+    >>> runner = load_runner(forvalue.ModelConfig(path=model_path, device="cpu"))   # path=None: the default SmolLM2
+    >>> runner.device.type
+    'cpu'
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -12,14 +12,19 @@ training sample ``i`` raises the likelihood of ``v`` more.
 Example
 -------
 >>> import forvalue
->>> forvalue.build_index(["train.jsonl"], "runs/store")                          # doctest: +SKIP
->>> result = forvalue.run_query("runs/store", ["val.jsonl"], forvalue.QueryConfig(top_k=5))  # doctest: +SKIP
->>> result.top.to_pylist()[0]["train_id"]                                        # doctest: +SKIP
->>> forvalue.run_audit("runs/store", ["val.jsonl"], "v1")                        # doctest: +SKIP
->>> forvalue.select_subset("runs/store", "v1", top="50%", output="subset.jsonl") # doctest: +SKIP
+>>> st = forvalue.open(store_path)                     # or forvalue.build(["train.jsonl"], "runs/store")
+>>> top = st.query(validation_path, forvalue.QueryConfig(top_k=2, progress=False)).top
+>>> top.column_names[:4]
+['validation_id', 'validation_label', 'rank', 'train_id']
+>>> audit = st.audit(validation_path, "doc", forvalue.AuditConfig(progress=False))
+>>> len(audit.select(top="50%"))
+6
 
-Everything listed in ``__all__`` is the public API; the CLI (``forvalue --help``) calls only
-these. Submodules are loaded on first use, so ``import forvalue`` is cheap.
+Everything listed in ``__all__`` is the public API: :func:`open` and :func:`build` return a
+:class:`Store`, and all else is a method of it (or of its :class:`Audit` objects) returning a typed
+result (:mod:`forvalue.results`). The CLI (``forvalue --help``) calls only these. Settings are the
+dataclasses of :mod:`forvalue.schemas.config`; every error is a :class:`ForValueError` (subclasses
+in :mod:`forvalue.schemas.errors`). Submodules are loaded on first use, so ``import forvalue`` is cheap.
 """
 
 from __future__ import annotations
@@ -34,32 +39,15 @@ except PackageNotFoundError:  # pragma: no cover - running from an uninstalled t
 
 # public name -> module that defines it (imported on first access, PEP 562)
 _WHERE = {
-    # building and inspecting stores
-    "build_index": "forvalue.indexer.build",
-    "add_to_index": "forvalue.api",
-    "store_info": "forvalue.maintenance",
-    "sketch_store": "forvalue.maintenance",
-    "check_store": "forvalue.maintenance",
-    # querying
-    "run_query": "forvalue.api",
-    "explain": "forvalue.engine.explain",
-    "write_explanation": "forvalue.present.explain_html",
-    # audits and selection
-    "run_audit": "forvalue.audit",
-    "audits": "forvalue.audit",
-    "load_audit": "forvalue.audit",
-    "audit_summary": "forvalue.audit",
-    "compare_audits": "forvalue.audit",
-    "select_subset": "forvalue.audit",
-    # distilled value models and data pricing
-    "distill_value_model": "forvalue.distill",
-    "estimate": "forvalue.distill",
-    "evaluate_value_model": "forvalue.distill",
-    "select_by_values": "forvalue.distill",
+    # stores: open or build one; everything else is a method of what these return
+    "open": "forvalue.store",
+    "build": "forvalue.store",
+    "Store": "forvalue.store",
+    "Audit": "forvalue.store",
+    # distilled value models: value new data without the big model
     "ValueModel": "forvalue.value_model",
-    "price": "forvalue.pricing",
-    "audit_pricing": "forvalue.pricing",
-    "values_pricing": "forvalue.pricing",
+    "estimate": "forvalue.distill",
+    "select_by_values": "forvalue.distill",
     # the built-in job
     "run_demo": "forvalue.demo",
     # settings
@@ -72,26 +60,11 @@ _WHERE = {
     "AuditConfig": "forvalue.schemas.config",
     "DistillConfig": "forvalue.schemas.config",
     "PricingConfig": "forvalue.schemas.config",
-    "DemoConfig": "forvalue.schemas.config",
     "EngineConfig": "forvalue.schemas.config",
-    # results
-    "BuildReport": "forvalue.indexer.build",
-    "QueryResult": "forvalue.api",
-    "Explanation": "forvalue.engine.explain",
-    "AuditSummary": "forvalue.audit",
-    "DistillReport": "forvalue.distill",
-    "EstimateReport": "forvalue.distill",
     # the extension point: anything that runs a model for the build and the queries
     "Runner": "forvalue.indexer.runner",
-    "load_runner": "forvalue.indexer.model_runner",
-    # errors
+    # the base of every error the product raises (one line, exit status 2 in the CLI)
     "ForValueError": "forvalue.schemas.errors",
-    "ConfigError": "forvalue.schemas.errors",
-    "InputDataError": "forvalue.schemas.errors",
-    "ModelLoadError": "forvalue.schemas.errors",
-    "StoreError": "forvalue.schemas.errors",
-    "ManifestMismatchError": "forvalue.schemas.errors",
-    "BadValuesError": "forvalue.schemas.errors",
 }
 
 __all__ = sorted(_WHERE) + ["__version__"]

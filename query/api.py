@@ -2,10 +2,10 @@
 
 Example
 -------
->>> from forvalue.api import build_index, run_query
->>> build_index(["train.jsonl"], "store/")                     # doctest: +SKIP
->>> result = run_query("store/", ["val.jsonl"])                # doctest: +SKIP
->>> result.top.to_pandas().head()                              # doctest: +SKIP
+>>> from forvalue.api import run_query                # what forvalue.open(path).query(...) calls
+>>> result = run_query(store_path, [validation_path], forvalue.QueryConfig(top_k=2, progress=False))
+>>> result.n_train, result.top.num_rows
+(12, 4)
 """
 
 from __future__ import annotations
@@ -23,21 +23,19 @@ from forvalue.engine.scorer import BlockedScorer, TrainBlock, decode_block
 from forvalue.engine.validation import ValidationSet, data_for_store, encode_validation, load_validation_samples
 from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
-from forvalue.indexer.model_runner import load_runner
 from forvalue.present.output import ScoreWriter, check_output_path
 from forvalue.schemas.config import BuildConfig, DataConfig, EngineConfig, ModelConfig, QueryConfig
-from forvalue.schemas.errors import ConfigError, StoreError
+from forvalue.schemas.errors import ConfigError
 from forvalue.schemas.tables import SCORING_COLUMNS
+from forvalue.session import load_store_runner, open_nonempty, settings_for_store
 from forvalue.storage.store import Store
 
 __all__ = [
     "build_index",
     "add_to_index",
-    "settings_for_store",
     "BuildReport",
     "run_query",
     "QueryResult",
-    "load_store_runner",
     "score_all",
 ]
 
@@ -67,42 +65,6 @@ class QueryResult:
     prefiltered: bool = False
 
 
-def settings_for_store(manifest, config: BuildConfig) -> BuildConfig:
-    """``config`` with the store's encoding settings, and its model unless ``config`` names one.
-
-    What ``index add`` (:func:`add_to_index`) encodes with: chat template, max length, top-m,
-    scored tokens, position filter, hidden dtype and sketch come from the manifest; model path,
-    adapter and dtype too, each unless given; columns, ``on_bad``, batch sizes and shard from ``config``.
-    """
-    m = manifest
-    data = replace(
-        config.data,
-        chat_template=m.chat_template,
-        max_length=m.max_length,
-        image_column=config.data.image_column or m.image_column,
-    )
-    model = replace(
-        config.model,
-        path=config.model.path or m.model_path,
-        adapter=config.model.adapter or m.adapter_path,
-        dtype=m.dtype if config.model.dtype == "auto" else config.model.dtype,
-        image_max_pixels=config.model.image_max_pixels if m.image_max_pixels is None else m.image_max_pixels,
-    )
-    encode = replace(
-        config.encode,
-        top_m=m.top_m,
-        score_tokens=m.score_tokens,
-        lowest_likelihood_ratio=m.lowest_likelihood_ratio,
-        hidden_dtype=m.hidden_dtype,
-        sketch_dim=m.sketch_dim or 0,
-        sketch_vocab_buckets=m.sketch_vocab_buckets,
-        sketch_hidden_cols=m.sketch_hidden_cols,
-        sketch_seed=m.sketch_seed,
-        sketch_basis=m.sketch_basis,
-    )
-    return replace(config, data=data, model=model, encode=encode)
-
-
 def add_to_index(
     data_paths: Sequence[str | Path],
     store: str | Path,
@@ -130,32 +92,12 @@ def add_to_index(
 
     Example
     -------
-    >>> forvalue.add_to_index(["more.jsonl"], "runs/store").written     # doctest: +SKIP
+    >>> report = add_to_index([train_path], store_path)     # forvalue.open(path).add(...) calls this
+    >>> report.written, report.already_stored
+    (0, 12)
     """
     manifest = Store.open(store).manifest
     return build_index(data_paths, store, settings_for_store(manifest, config), engine=engine)
-
-
-def load_store_runner(store: Store, model: ModelConfig | None = None):
-    """Load the store's model (or ``model`` when given) with the store's dtype unless overridden."""
-    manifest = store.manifest
-    model = model or ModelConfig()
-    return load_runner(
-        replace(
-            model,
-            path=model.path or manifest.model_path,
-            adapter=model.adapter or manifest.adapter_path,
-            dtype=manifest.dtype if model.dtype == "auto" else model.dtype,
-            image_max_pixels=model.image_max_pixels if manifest.image_max_pixels is None else manifest.image_max_pixels,
-        )
-    )
-
-
-def _open(store: str | Path | Store) -> Store:
-    store = store if isinstance(store, Store) else Store.open(store)
-    if store.count() == 0:
-        raise StoreError(f"{store.path}: the store holds no samples; add some with 'forvalue index add'")
-    return store
 
 
 def score_all(store: str | Path | Store, val: ValidationSet, config: QueryConfig, device, sink=None):
@@ -167,7 +109,7 @@ def score_all(store: str | Path | Store, val: ValidationSet, config: QueryConfig
     """
     from forvalue.engine.gform import BlockedGForm, choose_form
 
-    store = _open(store)
+    store = open_nonempty(store)
     gform = config.aggregate == "mean" and choose_form(val, 1) == "gform"
     if gform:  # one matrix mean_v G_v scored against every stored row (forvalue.engine.gform, docs/gform.md)
         scorer = BlockedGForm(val, np.full((len(val), 1), 1.0 / len(val)), device)
@@ -231,8 +173,9 @@ def run_query(
 
     Example
     -------
-    >>> r = forvalue.run_query("runs/store", ["val.jsonl"], forvalue.QueryConfig(top_k=5))   # doctest: +SKIP
-    >>> r.top.to_pandas().head()                                                             # doctest: +SKIP
+    >>> r = run_query(store_path, [validation_path], forvalue.QueryConfig(top_k=3, progress=False), keep_scores=True)
+    >>> r.scores.shape, r.top.column("rank").to_pylist()[:3]
+    ((2, 12), [1, 2, 3])
     """
     from tqdm.auto import tqdm
 
@@ -242,7 +185,7 @@ def run_query(
         raise ConfigError("candidates", "--engine ray scores every stored sample (exact scan); drop --candidates")
     if all_scores_path is not None:
         check_output_path(all_scores_path, (".parquet",))
-    store = _open(store)
+    store = open_nonempty(store)
     if runner is None:
         runner = load_store_runner(store, replace(model or ModelConfig(), device=config.device))
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))

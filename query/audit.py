@@ -16,36 +16,20 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from forvalue.present.output import write_jsonl_atomic
+from forvalue.metrics import spearman
+from forvalue.present.output import check_output_path, write_jsonl_atomic, write_text_atomic
+from forvalue.results import AuditComparison, AuditInfo, AuditRun, AuditSummary, Pricing, Selection
 from forvalue.schemas.config import AuditConfig, DataConfig, EngineConfig, ModelConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.storage.audits import ValidationCache, list_audits, read_audit, write_audit
 from forvalue.storage.store import Store
-
-
-@dataclass
-class AuditSummary:
-    """Outcome of :func:`run_audit`: the audit's name and version, counts, time and its split, the scan's form."""
-
-    name: str
-    version: int
-    n_train: int
-    n_validation: int
-    encoded_now: int
-    flagged: int
-    seconds: float
-    validation_sha256: str
-    encode_seconds: float = 0.0  # validation encoding (cache look-up, model load and forward passes of new samples)
-    scan_seconds: float = 0.0  # scoring the store
-    write_seconds: float = 0.0  # flags, ranks and the audit table
-    form: str = "token"  # "gform" (aggregates as one matrix each) or "token" (per-validation-sample scores)
 
 
 def validation_hash(samples) -> str:
@@ -73,7 +57,7 @@ def run_audit(
     model: ModelConfig | None = None,
     runner=None,
     engine: EngineConfig | None = None,
-) -> AuditSummary:
+) -> AuditRun:
     """Score every training sample against ``validation`` and save audit ``name`` in the store.
 
     Parameters
@@ -94,25 +78,21 @@ def run_audit(
 
     Returns
     -------
-    AuditSummary
+    AuditRun
         With the time split (``encode_seconds``, ``scan_seconds``, ``write_seconds``) and the scan's
         ``form``; the audit's metadata records the split, the form and whether ``score_max`` was computed.
 
-    Example
-    -------
-    >>> cfg = forvalue.AuditConfig(flag_fraction=0.05)                       # doctest: +SKIP
-    >>> s = forvalue.run_audit("runs/store", ["val.jsonl"], "v1", cfg)       # doctest: +SKIP
-    >>> s.flagged                                                                                       # doctest: +SKIP
+    :meth:`forvalue.Store.audit` calls it.
     """
     # the scoring stack (torch) is imported here, not at module level: listing and showing audits loads no model
-    from forvalue.api import _open, load_store_runner
     from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
     from forvalue.indexer.runner import resolve_device
+    from forvalue.session import load_store_runner, open_nonempty
     from forvalue.storage.audits import check_audit_name
 
     check_audit_name(name)  # before the model loads or anything is scored
     started = time.perf_counter()
-    store = _open(store)
+    store = open_nonempty(store)
     data = data_for_store(data, store.manifest)
     samples = load_validation_samples(validation, data)
     loaded = {}
@@ -201,7 +181,7 @@ def run_audit(
     }
     version = write_audit(store, name, pa.table(columns), meta)
     done = time.perf_counter()
-    return AuditSummary(
+    return AuditRun(
         name,
         version,
         len(ids),
@@ -217,85 +197,39 @@ def run_audit(
     )
 
 
-def audits(store: str | Path) -> list[dict]:
-    """Metadata of every audit of a store (name, version, created, counts, validation hash), by name.
-
-    Example
-    -------
-    >>> [(a["name"], a["version"]) for a in forvalue.audits("runs/store")]   # doctest: +SKIP
-    [('v1', 1)]
-    """
-    return list_audits(Store.open(store))
+def audits(store: str | Path | Store) -> list[AuditInfo]:
+    """Metadata of every audit of a store, by name (:attr:`forvalue.Store.audits` lists them)."""
+    store = store if isinstance(store, Store) else Store.open(store)
+    return [AuditInfo.from_meta(m) for m in list_audits(store)]
 
 
 def load_audit(store: str | Path | Store, name: str) -> tuple[pa.Table, dict]:
-    """The audit table (one row per training sample) and its metadata.
-
-    Returns
-    -------
-    (pyarrow.Table, dict)
-        Columns ``id``, ``label``, ``score_mean``, ``rank``, ``flagged`` (and per-label/group
-        columns of the audit); the metadata as :func:`audits` lists it.
-
-    Example
-    -------
-    >>> table, meta = forvalue.load_audit("runs/store", "v1")   # doctest: +SKIP
-    >>> table.to_pandas().sort_values("rank").head()              # doctest: +SKIP
-    """
+    """The audit table (one row per training sample: ``id``, ``label``, ``score_mean``, ``rank``, ``flagged``
+    and per-label columns) and its metadata."""
     store = store if isinstance(store, Store) else Store.open(store)
     return read_audit(store, name)
 
 
-def audit_summary(store: str | Path | Store, name: str, n_examples: int = 5) -> dict:
-    """What ``forvalue audit show`` prints: metadata, mean-score percentiles, top and bottom examples.
-
-    Returns
-    -------
-    dict
-        The audit's metadata plus ``percentiles`` (``{"min", "p10", "median", "p90", "max"}``
-        of ``score_mean``), ``top`` and ``bottom`` (lists of ``n_examples`` rows with ``id``,
-        ``label``, ``score_mean``, ``rank``, ``flagged``; bottom is worst first).
-
-    Example
-    -------
-    >>> s = forvalue.audit_summary("runs/store", "v1")            # doctest: +SKIP
-    >>> s["percentiles"]["median"], s["bottom"][0]["id"]          # doctest: +SKIP
-    """
+def audit_summary(store: str | Path | Store, name: str, n_examples: int = 5) -> AuditSummary:
+    """What ``forvalue audit show`` prints: metadata, mean-score percentiles, top and bottom examples."""
     table, meta = load_audit(store, name)
     q = np.percentile(table.column("score_mean").to_numpy(), [0, 10, 50, 90, 100])
     rows = sorted(table.select(["id", "label", "score_mean", "rank", "flagged"]).to_pylist(), key=lambda r: r["rank"])
     n = max(0, n_examples)
-    return {
-        **meta,
-        "percentiles": dict(zip(("min", "p10", "median", "p90", "max"), map(float, q))),
-        "top": rows[:n],
-        "bottom": rows[::-1][:n],
-    }
+    return AuditSummary(
+        info=AuditInfo.from_meta(meta),
+        percentiles=dict(zip(("min", "p10", "median", "p90", "max"), map(float, q))),
+        top=rows[:n],
+        bottom=rows[::-1][:n],
+    )
 
 
-def _ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x))
-    return r
-
-
-def compare_audits(store: str | Path, a: str, b: str, n_moved: int = 10) -> dict:
+def compare_audits(store: str | Path | Store, a: str, b: str, n_moved: int = 10) -> AuditComparison:
     """Spearman rank correlation of two audits' mean scores, biggest rank moves, newly flagged ids.
 
-    Returns
-    -------
-    dict
-        ``common`` (samples in both), ``spearman``, ``moved`` (``n_moved`` dicts ``id``, ``rank_a``,
-        ``rank_b``), ``newly_flagged``, ``no_longer_flagged`` and ``scores`` (two float arrays,
-        shape ``(common,)``).
-
-    Example
-    -------
-    >>> c = forvalue.compare_audits("runs/store", "v1", "v2")   # doctest: +SKIP
-    >>> round(c["spearman"], 3), c["newly_flagged"][:3]          # doctest: +SKIP
+    :meth:`forvalue.Audit.compare` calls it.
     """
-    st = Store.open(store)
+    st = store if isinstance(store, Store) else Store.open(store)
     ta, _ = read_audit(st, a)
     tb, _ = read_audit(st, b)
     da = {r["id"]: r for r in ta.select(["id", "score_mean", "rank", "flagged"]).to_pylist()}
@@ -305,18 +239,18 @@ def compare_audits(store: str | Path, a: str, b: str, n_moved: int = 10) -> dict
         raise ForValueError(f"audits '{a}' and '{b}' share fewer than 2 training samples; nothing to compare")
     sa = np.array([da[i]["score_mean"] for i in common])
     sb = np.array([db_[i]["score_mean"] for i in common])
-    spearman = float(np.corrcoef(_ranks(sa), _ranks(sb))[0, 1])
+    rho = spearman(sa, sb)
     moves = sorted(common, key=lambda i: -abs(da[i]["rank"] - db_[i]["rank"]))[:n_moved]
-    return {
-        "a": a,
-        "b": b,
-        "common": len(common),
-        "spearman": spearman,
-        "moved": [{"id": i, "rank_a": da[i]["rank"], "rank_b": db_[i]["rank"]} for i in moves],
-        "newly_flagged": [i for i in common if db_[i]["flagged"] and not da[i]["flagged"]],
-        "no_longer_flagged": [i for i in common if da[i]["flagged"] and not db_[i]["flagged"]],
-        "scores": (sa, sb),
-    }
+    return AuditComparison(
+        a=a,
+        b=b,
+        common=len(common),
+        spearman=rho,
+        moved=[{"id": i, "rank_a": da[i]["rank"], "rank_b": db_[i]["rank"]} for i in moves],
+        newly_flagged=[i for i in common if db_[i]["flagged"] and not da[i]["flagged"]],
+        no_longer_flagged=[i for i in common if da[i]["flagged"] and not db_[i]["flagged"]],
+        scores=(sa, sb),
+    )
 
 
 def parse_amount(text: str, total: int, flag: str = "--top") -> int:
@@ -339,12 +273,12 @@ def parse_amount(text: str, total: int, flag: str = "--top") -> int:
 
 
 def select_subset(
-    store: str | Path,
+    store: str | Path | Store,
     audit: str,
     top: str | None = None,
     drop_bottom: str | None = None,
     output: str | Path | None = None,
-) -> list[dict]:
+) -> Selection:
     """Training rows (id, prompt, response or text, label) chosen by an audit, best first.
 
     Parameters
@@ -355,13 +289,11 @@ def select_subset(
         Also write the rows as JSONL (ready for fine-tuning), atomically: the file appears
         whole or not at all.
 
-    Example
-    -------
-    >>> rows = forvalue.select_subset("runs/store", "v1", top="50%", output="subset.jsonl")  # doctest: +SKIP
+    :meth:`forvalue.Audit.select` calls it.
     """
     if (top is None) == (drop_bottom is None):
         raise ForValueError("give exactly one of --top or --drop-bottom")
-    st = Store.open(store)
+    st = store if isinstance(store, Store) else Store.open(store)
     table, _ = read_audit(st, audit)
     rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
     n = len(rows)
@@ -378,4 +310,42 @@ def select_subset(
     rows = [r for r in out if r is not None]
     if output is not None:
         write_jsonl_atomic(rows, output)
-    return rows
+    return Selection(rows, total=n, output=Path(output) if output is not None else None)
+
+
+def stored_texts(store: Store, ids: list[str]) -> dict[str, str]:
+    """Text of each stored sample in ``ids`` (prompt + response, or text), read in one scan."""
+    wanted, out = set(ids), {}
+    for batch in store.scan(["id", "prompt", "response", "text"], batch_size=8192):
+        for r in batch.to_pylist():
+            if r["id"] in wanted:
+                out[r["id"]] = r["text"] if r["text"] is not None else f"{r['prompt']}{r['response']}"
+    return out
+
+
+def write_audit_report(
+    store: str | Path | Store,
+    name: str,
+    out: str | Path,
+    n_examples: int = 10,
+    pricing: Pricing | None = None,
+    explanations: dict[str, str] | None = None,
+) -> Path:
+    """Write the HTML report of audit ``name`` (:func:`forvalue.present.report.audit_page`) to ``out``, atomically."""
+    from forvalue.present.report import audit_page
+
+    check_output_path(out, (".html",))
+    store = store if isinstance(store, Store) else Store.open(store)
+    table, meta = read_audit(store, name)
+    rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
+    shown = [r["id"] for r in rows[:n_examples] + rows[-n_examples:]]
+    page = audit_page(table, meta, stored_texts(store, shown), n_examples, pricing, explanations)
+    return write_text_atomic(page, out)
+
+
+def write_compare_report(comparison: AuditComparison, out: str | Path) -> Path:
+    """Write the HTML page of a comparison (:func:`forvalue.present.report.compare_page`) to ``out``, atomically."""
+    from forvalue.present.report import compare_page
+
+    check_output_path(out, (".html",))
+    return write_text_atomic(compare_page(comparison), out)

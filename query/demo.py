@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from forvalue.api import build_index, run_query
+from forvalue.metrics import class_retrieval
 from forvalue.schemas.config import BuildConfig, DemoConfig, ModelConfig, QueryConfig
-from forvalue.tasks.metrics import class_retrieval
+from forvalue.store import build
 from forvalue.tasks.text import generate_task, write_jsonl
 
 
@@ -30,8 +30,10 @@ def run_demo(
 
     Example
     -------
-    >>> metrics = forvalue.run_demo(forvalue.DemoConfig(workdir="runs/demo"))   # real SmolLM2  # doctest: +SKIP
-    >>> metrics["auc_mean"]                                                                 # doctest: +SKIP
+    >>> small = forvalue.schemas.config.DemoConfig(workdir="demo", train_per_class=2)
+    >>> metrics = forvalue.run_demo(small, forvalue.ModelConfig(path=model_path), echo=lambda line: None)
+    >>> sorted(metrics)                                 # forvalue demo runs this with SmolLM2 and 20 per class
+    ['auc_mean', 'auc_std', 'recall_mean', 'recall_std']
     """
     workdir = Path(config.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -42,13 +44,13 @@ def run_demo(
     write_jsonl(train, workdir / "train.jsonl")
     write_jsonl(test, workdir / "validation.jsonl")
     echo(f"data: {len(train)} training and {len(test)} validation samples of 10 sentence transformations in {workdir}")
-    report = build_index([workdir / "train.jsonl"], workdir / "store", BuildConfig(model=model))
+    store = build([workdir / "train.jsonl"], workdir / "store", BuildConfig(model=model))
+    report = store.last_build
     echo(
         f"store: {report.total_rows} samples in {workdir / 'store'} (this run wrote {report.written} in "
         f"{report.seconds:.1f}s)"
     )
-    result = run_query(
-        workdir / "store",
+    result = store.query(
         [workdir / "validation.jsonl"],
         QueryConfig(top_k=5, include_text=True, device=model.device),
         keep_scores=True,

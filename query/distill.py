@@ -28,6 +28,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
+from forvalue.metrics import spearman, top_overlap
+from forvalue.results import Selection
 from forvalue.schemas.config import DataConfig, DistillConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.schemas.manifest import MUST_MATCH, PACKAGE_VERSION
@@ -46,39 +48,9 @@ from forvalue.value_model import (
 MAX_DUAL = 4000
 LAMBDA_GRID = tuple(10.0 ** np.arange(-5.0, 2.5, 0.5))  # times the mean eigenvalue of K_c
 MIN_LABELLED = 3
-TOP_FRACTION = 0.1
 
 
 # -- metrics ---------------------------------------------------------------------------------------
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank)."""
-    x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="stable")
-    r = np.empty(len(x))
-    r[order] = np.arange(len(x), dtype=np.float64)
-    _, inv, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inv, weights=r)
-    return sums[inv] / counts[inv]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (NaN when either side is constant or has < 2 values)."""
-    if len(a) < 2:
-        return float("nan")
-    ra, rb = _ranks(a), _ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def top_precision(estimated: np.ndarray, exact: np.ndarray, fraction: float = TOP_FRACTION) -> float:
-    """Share of the top ``fraction`` by ``estimated`` that is also in the top ``fraction`` by ``exact``."""
-    k = max(1, int(round(fraction * len(exact))))
-    top_est = set(np.argsort(-np.asarray(estimated), kind="stable")[:k].tolist())
-    top_exact = set(np.argsort(-np.asarray(exact), kind="stable")[:k].tolist())
-    return len(top_est & top_exact) / k
-
-
 def agreement(estimated: np.ndarray, exact: np.ndarray) -> dict:
     """Spearman, top-10% precision and R^2 of estimated against exact values (1-D arrays)."""
     estimated, exact = np.asarray(estimated, np.float64), np.asarray(exact, np.float64)
@@ -87,7 +59,7 @@ def agreement(estimated: np.ndarray, exact: np.ndarray) -> dict:
     return {
         "n": int(len(exact)),
         "spearman": spearman(estimated, exact),
-        "top10_precision": top_precision(estimated, exact) if len(exact) else float("nan"),
+        "top10_precision": top_overlap(estimated, exact) if len(exact) else float("nan"),
         "r2": r2,
     }
 
@@ -439,9 +411,11 @@ def distill_value_model(
 
     Example
     -------
-    >>> cfg = forvalue.DistillConfig(fraction=0.1)                                    # doctest: +SKIP
-    >>> r = forvalue.distill_value_model("runs/store", "v1", "runs/vm", cfg)          # doctest: +SKIP
-    >>> r.heldout["spearman"]                                                                  # doctest: +SKIP
+    >>> st = forvalue.open(store_path)
+    >>> _ = st.audit([validation_path], "v1", forvalue.AuditConfig(progress=False))
+    >>> r = distill_value_model(store_path, "v1", "vm")          # st.audits["v1"].distill("vm") calls this
+    >>> r.n_audited, r.path
+    (12, 'vm')
     """
     from forvalue.audit import load_audit
 
@@ -578,7 +552,11 @@ def evaluate_value_model(value_model: str | Path | ValueModel, store: str | Path
 
     Example
     -------
-    >>> forvalue.evaluate_value_model("runs/value.model", "runs/store", "v1")["heldout"]   # doctest: +SKIP
+    >>> st = forvalue.open(store_path)
+    >>> _ = st.audit([validation_path], "v1", forvalue.AuditConfig(progress=False))
+    >>> _ = st.audits["v1"].distill("vm")
+    >>> sorted(evaluate_value_model("vm", store_path, "v1"))
+    ['all', 'heldout', 'table']
     """
     from forvalue.audit import load_audit
 
@@ -699,7 +677,11 @@ def estimate(
 
     Example
     -------
-    >>> forvalue.estimate(["pool/*.jsonl"], "runs/value.model", output="values.parquet")   # doctest: +SKIP
+    >>> st = forvalue.open(store_path)
+    >>> _ = st.audit([validation_path], "v1", forvalue.AuditConfig(progress=False))
+    >>> _ = st.audits["v1"].distill("vm")
+    >>> forvalue.estimate([train_path], "vm", output="values.parquet").n
+    12
     """
     from forvalue.indexer.data import check_paths, iter_samples_with
 
@@ -812,12 +794,16 @@ def select_by_values(
     output: str | Path | None = None,
     data_config: DataConfig = DataConfig(),
     column: str = "value",
-) -> list[dict]:
-    """Training rows of ``data`` chosen by estimated values, best first (as :func:`forvalue.select_subset`).
+) -> Selection:
+    """Training rows of ``data`` chosen by estimated values, best first (as :meth:`forvalue.Audit.select`).
 
     Example
     -------
-    >>> forvalue.select_by_values("values.parquet", ["new.jsonl"], top="10%", output="subset.jsonl")  # doctest: +SKIP
+    >>> st = forvalue.open(store_path)
+    >>> _ = st.audit([validation_path], "v1", forvalue.AuditConfig(progress=False)).distill("vm")
+    >>> _ = forvalue.estimate([train_path], "vm", output="values.parquet")
+    >>> forvalue.select_by_values("values.parquet", [train_path], top="25%", output="subset.jsonl")
+    Selection(3 of 12 samples -> subset.jsonl)
     """
     from forvalue.audit import parse_amount
     from forvalue.indexer.data import check_paths, iter_samples
@@ -855,4 +841,4 @@ def select_by_values(
         )
     if output is not None:
         write_jsonl_atomic(out, output)
-    return out
+    return Selection(out, total=n, output=Path(output) if output is not None else None)

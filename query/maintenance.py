@@ -12,25 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
+from forvalue.results import CheckReport, SketchReport, StoreInfo
 from forvalue.schemas.errors import ForValueError, StoreError
 from forvalue.storage import faiss_index
 from forvalue.storage.store import Store, WriterLease
 
 
-def store_info(path: str | Path) -> dict:
-    """Manifest and counts of a store, as a plain dict (no model is loaded).
-
-    Returns
-    -------
-    dict
-        ``samples``, ``scored_tokens``, ``truncated_samples``, ``labels`` (label -> count),
-        ``table_version``, ``bytes_on_disk``, ``bytes_per_token``, ``sketch``,
-        ``prefilter_index`` and ``manifest`` (the manifest's fields).
-
-    Example
-    -------
-    >>> forvalue.store_info("runs/store")["samples"]        # doctest: +SKIP
-    """
+def store_info(path: str | Path) -> StoreInfo:
+    """Manifest and counts of a store (no model is loaded); :meth:`forvalue.Store.info` calls it."""
     store = Store.open(path)
     rows = tokens = truncated = 0
     labels: dict[str, int] = {}
@@ -41,19 +30,19 @@ def store_info(path: str | Path) -> dict:
         for label in batch.column("label").to_pylist():
             labels[str(label)] = labels.get(str(label), 0) + 1
     size = store.size_bytes()
-    return {
-        "path": str(path),
-        "samples": rows,
-        "scored_tokens": tokens,
-        "truncated_samples": truncated,
-        "labels": dict(sorted(labels.items())) if len(labels) <= 50 else f"{len(labels)} distinct",
-        "table_version": store.version(),
-        "bytes_on_disk": size,
-        "bytes_per_token": round(size / tokens, 1) if tokens else None,
-        "sketch": _sketch_state(store),
-        "prefilter_index": _prefilter_state(store, rows),
-        "manifest": store.manifest.__dict__,
-    }
+    return StoreInfo(
+        path=str(path),
+        samples=rows,
+        scored_tokens=tokens,
+        truncated_samples=truncated,
+        labels=dict(sorted(labels.items())) if len(labels) <= 50 else f"{len(labels)} distinct",
+        table_version=store.version(),
+        bytes_on_disk=size,
+        bytes_per_token=round(size / tokens, 1) if tokens else None,
+        sketch=_sketch_state(store),
+        prefilter_index=_prefilter_state(store, rows),
+        manifest=dict(store.manifest.__dict__),
+    )
 
 
 def _sketch_state(store: Store) -> str:
@@ -84,7 +73,7 @@ def sketch_store(
     hidden_cols: int | None = None,
     basis: str | None = None,
     block_rows: int = 1024,
-) -> dict:
+) -> SketchReport:
     """Add the ``sketch`` column to a store that lacks it (or recompute it), then build its FAISS index.
 
     Streams the table ``block_rows`` rows at a time (Lance ``add_columns``); the manifest records
@@ -92,13 +81,13 @@ def sketch_store(
     Takes the store's writer lease, so it refuses to run while a build appends (and a build refuses
     to start while it runs).
 
-    Example
-    -------
-    >>> forvalue.sketch_store("runs/store", dim=256)     # then query with QueryConfig(prefilter=...)  # doctest: +SKIP
+    :meth:`forvalue.Store.sketch` calls it.
     """
     Store.open(path)  # a path that is not a store gets that message, not a lease error
     with WriterLease.acquire(path):
-        return _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows)
+        return SketchReport(
+            **_sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows)
+        )
 
 
 def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows) -> dict:
@@ -187,7 +176,7 @@ def _first_hidden(store: Store, tokens: int, block_rows: int) -> np.ndarray:
     return np.concatenate(parts)[:tokens]
 
 
-def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) -> dict:
+def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) -> CheckReport:
     """Verify a store (loads no model); with ``repair``, remove duplicate rows and rebuild a bad prefilter index.
 
     Checks: the table's schema agrees with the manifest (columns, hidden dtype, sketch length);
@@ -201,21 +190,11 @@ def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) 
     index when rows were removed or it is unsound, then checks again. Damaged data files are reported,
     not repaired (rebuild the store, or restore it from a copy).
 
-    Returns
-    -------
-    dict
-        ``store``, ``rows``, ``problems`` (one line each; empty for a sound store), ``notes``
-        (harmless facts, e.g. a prefilter index a few rows behind), ``clean`` (bool) and, with
-        ``repair``, ``repaired`` (what was done).
-
-    Example
-    -------
-    >>> forvalue.check_store("runs/store")["clean"]            # doctest: +SKIP
-    True
+    :meth:`forvalue.Store.check` calls it; the result is a :class:`~forvalue.results.CheckReport`.
     """
     report = _check(Store.open(path), block_rows)
     if not repair:
-        return report
+        return _check_report(report)
     with WriterLease.acquire(path):
         store = Store.open(path)
         done = {"duplicate_rows_removed": 0, "prefilter_rebuilt": False}
@@ -231,7 +210,16 @@ def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) 
             done["prefilter_rebuilt"] = True
         after = _check(Store.open(path), block_rows)
     after["repaired"] = done
-    return after
+    return _check_report(after)
+
+
+def _check_report(report: dict) -> CheckReport:
+    report = dict(report)
+    return CheckReport(
+        _duplicate_addresses=report.pop("duplicate_addresses"),
+        _prefilter_unsound=report.pop("prefilter_unsound"),
+        **report,
+    )
 
 
 def _check(store: Store, block_rows: int) -> dict:

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from forvalue.results import Pricing
 from forvalue.schemas.config import DataConfig, PricingConfig
 from forvalue.schemas.errors import ForValueError
 
@@ -33,7 +34,7 @@ def _shares(totals: np.ndarray) -> np.ndarray:
     return np.divide(pos, s, out=np.zeros_like(pos), where=s > 0)
 
 
-def price(values: np.ndarray, groups: Sequence[str], config: PricingConfig = PricingConfig()) -> list[dict]:
+def price(values: np.ndarray, groups: Sequence[str], config: PricingConfig = PricingConfig()) -> Pricing:
     """Value per group with bootstrap intervals.
 
     Parameters
@@ -47,14 +48,15 @@ def price(values: np.ndarray, groups: Sequence[str], config: PricingConfig = Pri
 
     Returns
     -------
-    list of dict
+    Pricing
         One row per group, best (largest total) first: ``group``, ``n``, ``total``, ``mean``,
         ``share`` and their intervals ``total_low/high``, ``mean_low/high``, ``share_low/high``,
         and ``rank`` (1 = largest total).
 
     Example
     -------
-    >>> rows = forvalue.price(np.array([3.0, 1.0, 2.0]), ["a", "b", "a"])
+    >>> from forvalue.pricing import price
+    >>> rows = price(np.array([3.0, 1.0, 2.0]), ["a", "b", "a"]).rows()
     >>> rows[0]["group"], rows[0]["total"]
     ('a', 5.0)
     """
@@ -102,7 +104,7 @@ def price(values: np.ndarray, groups: Sequence[str], config: PricingConfig = Pri
         }
         for g in range(G)
     ]
-    return sorted(rows, key=lambda r: r["rank"])
+    return Pricing(sorted(rows, key=lambda r: r["rank"]), confidence=config.confidence)
 
 
 def read_groups(data: Sequence[str | Path], column: str, data_config: DataConfig = DataConfig()) -> dict[str, str]:
@@ -126,16 +128,11 @@ def audit_pricing(
     config: PricingConfig,
     data_config: DataConfig = DataConfig(),
     target: str = "score_mean",
-) -> list[dict]:
+) -> Pricing:
     """:func:`price` of an audit's ``target`` column, groups read from ``config.group_column`` of ``data``.
 
     Every audited sample must be found in the data files (else the shares would silently leave
     some data out); rows of the data files the audit does not cover are ignored.
-
-    Example
-    -------
-    >>> cfg = forvalue.PricingConfig(group_column="source")  # doctest: +SKIP
-    >>> rows = forvalue.audit_pricing("runs/store", "v1", ["train.jsonl"], cfg)  # doctest: +SKIP
     """
     from forvalue.audit import load_audit
 
@@ -155,13 +152,8 @@ def audit_pricing(
     return price(table.column(target).to_numpy(), [by_id[i] for i in ids], config)
 
 
-def values_pricing(values: str | Path, config: PricingConfig, column: str = "value") -> list[dict]:
-    """:func:`price` of a values file from ``forvalue estimate --group-column C`` (it holds column C).
-
-    Example
-    -------
-    >>> forvalue.values_pricing("values.parquet", forvalue.PricingConfig(group_column="source"))  # doctest: +SKIP
-    """
+def values_pricing(values: str | Path, config: PricingConfig, column: str = "value") -> Pricing:
+    """:func:`price` of a values file from ``forvalue estimate --group-column C`` (it holds column C)."""
     from forvalue.distill import read_values
 
     if not config.group_column:
@@ -178,18 +170,27 @@ def values_pricing(values: str | Path, config: PricingConfig, column: str = "val
     return price(table.column(column).to_numpy(zero_copy_only=False), [str(g) for g in groups], config)
 
 
-def format_pricing(rows: list[dict], confidence: float) -> list[str]:
+def format_pricing(pricing: Pricing) -> list[str]:
     """The pricing table as text lines (what the CLI prints)."""
-    pct = f"{confidence:.0%}"
+    pct = f"{pricing.confidence:.0%}"
     out = [
         f"value per group ({pct} bootstrap intervals; share = group's share of the positive total value):",
         f"  {'rank':>4}  {'group':<20} {'n':>7} {'total':>12} {'mean':>11} {'share':>7}  {pct + ' share':<17} "
         f"{pct + ' total'}",
     ]
-    for r in rows:
+    for r in pricing.groups:
         share_ci = f"[{r['share_low']:.1%}, {r['share_high']:.1%}]"
         out.append(
             f"  {r['rank']:>4}  {r['group'][:20]:<20} {r['n']:>7} {r['total']:>12.4g} {r['mean']:>11.4g} "
             f"{r['share']:>7.1%}  {share_ci:<17} [{r['total_low']:.4g}, {r['total_high']:.4g}]"
         )
     return out
+
+
+def write_pricing_report(pricing: Pricing, out: str | Path, title: str) -> Path:
+    """Write a self-contained HTML page of ``pricing`` (:func:`forvalue.present.report.pricing_page`), atomically."""
+    from forvalue.present.output import check_output_path, write_text_atomic
+    from forvalue.present.report import pricing_page
+
+    check_output_path(out, (".html",))
+    return write_text_atomic(pricing_page(pricing, title), out)

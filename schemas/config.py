@@ -460,8 +460,8 @@ class EngineConfig:
     Example
     -------
     >>> ray = EngineConfig(engine="ray", workers=8)   # one actor per GPU of an 8-GPU machine
-    >>> forvalue.build_index(["train.jsonl"], "runs/store", engine=ray)        # doctest: +SKIP
-    >>> forvalue.run_audit("runs/store", ["val.jsonl"], "v1", engine=ray)      # doctest: +SKIP
+    >>> ray.engine, ray.workers                       # forvalue.build(data, path, engine=ray), Store.audit(...)
+    ('ray', 8)
     """
 
     engine: str = setting(

@@ -361,8 +361,11 @@ class WriterLease:
 
     Example
     -------
-    >>> with WriterLease.acquire("runs/store"):        # doctest: +SKIP
-    ...     store.append(rows)
+    >>> with WriterLease.acquire(store_path):          # a second writer now gets a one-line StoreError
+    ...     WriterLease.acquire(store_path)
+    Traceback (most recent call last):
+    ...
+    forvalue.schemas.errors.StoreError: ...
     """
 
     def __init__(self, path: Path, handles: list[int]):

@@ -9,10 +9,17 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_model_dir, write_jsonl
 
-import forvalue.api as api_mod
+import forvalue.session as session_mod
 from forvalue.api import build_index, run_query
-from forvalue.audit import AuditConfig, compare_audits, load_audit, run_audit, select_subset
-from forvalue.present.report import audit_report, compare_report
+from forvalue.audit import (
+    AuditConfig,
+    compare_audits,
+    load_audit,
+    run_audit,
+    select_subset,
+    write_audit_report,
+    write_compare_report,
+)
 from forvalue.schemas.config import BuildConfig, ModelConfig, QueryConfig
 from forvalue.schemas.errors import ForValueError, ManifestMismatchError
 from forvalue.storage.store import Store
@@ -80,7 +87,7 @@ def test_unchanged_validation_runs_no_forward_pass(audited_store, toy_rows, monk
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded for a cached validation set")
 
-    monkeypatch.setattr(api_mod, "load_store_runner", no_model)
+    monkeypatch.setattr(session_mod, "load_store_runner", no_model)
     second = run_audit(store, [audited_store / "val.jsonl"], "a", AuditConfig(progress=False, device="cpu"))
     assert second.encoded_now == 0 and second.version == first.version + 1
     np.testing.assert_array_equal(load_audit(store, "a")[0].column("score_mean").to_numpy(), scores1)
@@ -98,19 +105,19 @@ def test_compare_select_and_report(audited_store, toy_rows, tiny_runner, tmp_pat
     run_audit(store, [audited_store / "val.jsonl"], "same", cfg, runner=tiny_runner)
     write_jsonl(audited_store / "math.jsonl", [r for r in toy_rows if r["label"] == "math"][:2])
     run_audit(store, [audited_store / "math.jsonl"], "m", cfg, runner=tiny_runner)
-    assert compare_audits(store, "a", "same")["spearman"] == pytest.approx(1.0)
+    assert compare_audits(store, "a", "same").spearman == pytest.approx(1.0)
     c = compare_audits(store, "a", "m")
-    assert c["spearman"] < 1.0 and len(c["moved"]) > 0
+    assert c.spearman < 1.0 and len(c.moved) > 0
     table, meta = load_audit(store, "a")
     ranked = sorted(table.to_pylist(), key=lambda r: r["rank"])
-    top = select_subset(store, "a", top="25%")
+    top = select_subset(store, "a", top="25%").rows()
     assert [r["id"] for r in top] == [r["id"] for r in ranked[:3]]
     assert set(top[0]) == {"id", "prompt", "response", "label"}
-    kept = select_subset(store, "a", drop_bottom="2")
+    kept = select_subset(store, "a", drop_bottom="2").rows()
     assert [r["id"] for r in kept] == [r["id"] for r in ranked[:-2]]
-    page = audit_report(store, "a", tmp_path / "r.html").read_text()
+    page = write_audit_report(store, "a", tmp_path / "r.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and ranked[0]["id"] in page
-    assert "data:image/png;base64," in compare_report(c, tmp_path / "c.html").read_text()
+    assert "data:image/png;base64," in write_compare_report(c, tmp_path / "c.html").read_text()
 
 
 def test_audit_errors(audited_store, tmp_path, tiny_runner):

@@ -418,12 +418,12 @@ def test_demo_refuses_a_bad_count_before_any_work(tmp_path):
 
 
 def test_ctrl_c_is_one_line_with_status_130(monkeypatch, tmp_path):
-    import forvalue.maintenance
+    import forvalue.store
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(forvalue.maintenance, "store_info", interrupted)
+    monkeypatch.setattr(forvalue.store.Store, "__init__", interrupted)
     res = cli("index", "info", "--store", tmp_path)
     assert res.exit_code == 130
     err = res.stderr.strip()

@@ -21,11 +21,11 @@ from forvalue.distill import (
     fit_ridge,
     load_embedding_table,
     select_by_values,
-    spearman,
-    top_precision,
 )
 from forvalue.indexer.build import build_index
 from forvalue.indexer.data import content_id
+from forvalue.metrics import spearman
+from forvalue.metrics import top_overlap as top_precision
 from forvalue.pricing import audit_pricing, price
 from forvalue.schemas.config import AuditConfig, BuildConfig, DistillConfig, PricingConfig
 from forvalue.schemas.errors import ConfigError, ForValueError
@@ -415,7 +415,7 @@ def test_pricing_totals_shares_and_intervals():
     values = np.concatenate(
         [rng.normal(2.0, 1.0, 200), rng.normal(5.0, 2.0, 100), rng.normal(1.0, 3.0, 50), rng.normal(-4.0, 1.0, 30)]
     )
-    rows = price(values, groups, PricingConfig(bootstrap=500, bootstrap_seed=1))
+    rows = price(values, groups, PricingConfig(bootstrap=500, bootstrap_seed=1)).rows()
     by = {r["group"]: r for r in rows}
     assert sum(r["n"] for r in rows) == len(values)
     assert sum(r["total"] for r in rows) == pytest.approx(values.sum())
@@ -430,7 +430,7 @@ def test_pricing_totals_shares_and_intervals():
         assert r["mean_low"] <= r["mean"] <= r["mean_high"]
     assert [r["rank"] for r in rows] == [1, 2, 3, 4]
     assert [r["total"] for r in rows] == sorted((r["total"] for r in rows), reverse=True)
-    again = price(values, groups, PricingConfig(bootstrap=500, bootstrap_seed=1))
+    again = price(values, groups, PricingConfig(bootstrap=500, bootstrap_seed=1)).rows()
     assert again == rows  # seeded
 
 

@@ -209,7 +209,7 @@ def assert_sound(path: Path, expected_ids=None) -> int:
     if expected_ids is not None:
         assert sorted(ids) == sorted(set(expected_ids))
     report = check_store(path)
-    assert report["clean"], report["problems"]
+    assert report.clean, report.problems
     return len(ids)
 
 

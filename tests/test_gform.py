@@ -10,6 +10,7 @@ from conftest import write_jsonl
 
 from forvalue.api import build_index, run_query
 from forvalue.audit import load_audit, run_audit
+from forvalue.audit import write_audit_report as audit_report
 from forvalue.engine.gform import (
     BlockedGForm,
     GFormScorer,
@@ -26,7 +27,6 @@ from forvalue.engine.reference import dense_scores
 from forvalue.engine.scorer import BlockedScorer, ExactScorer
 from forvalue.engine.validation import encode_validation
 from forvalue.indexer.data import iter_samples
-from forvalue.present.report import audit_report
 from forvalue.schemas.config import AuditConfig, BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
 from forvalue.storage.rows import decode_block
 from forvalue.storage.store import Store

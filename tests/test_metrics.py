@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from forvalue.tasks.metrics import class_retrieval, recall_at_class_size, roc_auc
+from forvalue.metrics import class_retrieval, recall_at_class_size, roc_auc
 
 
 def _auc_pairwise(scores, positive) -> float:

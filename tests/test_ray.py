@@ -113,7 +113,7 @@ def test_ray_build_equals_single_process(stores):
     np.testing.assert_allclose(load_basis(stores["ray"]), load_basis(stores["local"]), rtol=1e-4, atol=1e-5)
     pre = faiss_index.load(Store.open(stores["ray"]))
     assert pre is not None and pre.index.ntotal == 40
-    assert check_store(stores["ray"])["clean"]
+    assert check_store(stores["ray"]).clean
 
 
 @pytest.mark.ray

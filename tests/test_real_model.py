@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from forvalue.api import build_index, run_query
+from forvalue.metrics import class_retrieval
 from forvalue.schemas.config import BuildConfig, ModelConfig, QueryConfig
-from forvalue.tasks.metrics import class_retrieval
 from forvalue.tasks.text import generate_task, write_jsonl
 
 pytestmark = [

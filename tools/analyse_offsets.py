@@ -68,7 +68,7 @@ def crowding(scores: np.ndarray, train_labels: np.ndarray, val_labels: np.ndarra
 
 
 def main(argv: list[str] | None = None) -> int:
-    from forvalue.tasks.metrics import class_retrieval, recall_at_class_size
+    from forvalue.metrics import class_retrieval, recall_at_class_size
 
     ap = argparse.ArgumentParser(prog="python -m tools.analyse_offsets", description=__doc__.splitlines()[0])
     ap.add_argument("workdir", help="a `python -m tools.bench_quality --workdir` folder")

@@ -23,8 +23,8 @@ import numpy as np
 from forvalue.api import build_index
 from forvalue.audit import AuditConfig, load_audit, run_audit
 from forvalue.indexer.model_runner import load_runner
+from forvalue.metrics import roc_auc
 from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig
-from forvalue.tasks.metrics import roc_auc
 from forvalue.tasks.text import generate_task, write_jsonl
 from tools.common import emit, machine_short
 

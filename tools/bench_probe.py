@@ -44,8 +44,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from forvalue.api import build_index, run_query
     from forvalue.indexer.model_runner import load_runner
+    from forvalue.metrics import class_retrieval, roc_auc
     from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
-    from forvalue.tasks.metrics import class_retrieval, roc_auc
     from forvalue.tasks.text import generate_task, write_jsonl
 
     runner = load_runner(ModelConfig(device=args.device))

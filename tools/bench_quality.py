@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(Path(args.worker).read_text()))
         return 0
 
-    from forvalue.tasks.metrics import class_retrieval, roc_auc
+    from forvalue.metrics import class_retrieval, roc_auc
 
     methods = list(args.methods)
     want_datainf = "datainf" in methods

@@ -3,7 +3,7 @@
 On the real default model (SmolLM2-135M-Instruct) and ``--samples`` rows of the paper's three
 generated tasks, each configuration builds a fresh store from the same rows:
 
-- ``plain``: the single-process build (:func:`forvalue.build_index`), ``--threads`` torch threads;
+- ``plain``: the single-process build (:func:`forvalue.build`), ``--threads`` torch threads;
 - ``ray 1 x T``: ``--engine ray`` with one actor of ``T = --threads`` CPUs (and torch threads);
 - ``ray W x 1``: ``W = --threads`` actors of one CPU each.
 
@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     import torch
 
-    from forvalue import AuditConfig, BuildConfig, EngineConfig, ModelConfig, build_index, run_audit
+    from forvalue import AuditConfig, BuildConfig, EngineConfig, ModelConfig
+    from forvalue.audit import run_audit
+    from forvalue.indexer.build import build_index
     from tools.bench_build import make_rows
 
     quiet_transformers()

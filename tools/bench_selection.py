@@ -420,7 +420,8 @@ class PoolContext:
                 self._memo[name] = (path, float(mark["seconds"]))
 
         def build():
-            from forvalue import BuildConfig, ModelConfig, build_index
+            from forvalue import BuildConfig, ModelConfig
+            from forvalue.indexer.build import build_index
 
             shutil.rmtree(path, ignore_errors=True)
             data = write_rows(rows, self.workdir / f"{name}.jsonl")
@@ -443,7 +444,8 @@ class PoolContext:
 
         The caller charges the returned seconds to its method, whether the audit ran now or before.
         """
-        from forvalue import AuditConfig, run_audit
+        from forvalue import AuditConfig
+        from forvalue.audit import run_audit
 
         name = f"a{sha([r['id'] for r in val])[:10]}"
         done = store.parent / f"{store.name}.{name}.done.json"
@@ -534,7 +536,7 @@ class PoolContext:
             rng = np.random.default_rng([self.seed, int(sha([r["id"] for r in val]), 16) % (2**32)])
             values = rng.random(len(self.pool))
         elif method in ("forvalue", "forvalue-label"):
-            from forvalue import load_audit, select_subset
+            from forvalue.audit import load_audit, select_subset
 
             store, shared = self.store()
             t_audit = time.perf_counter()
@@ -548,7 +550,7 @@ class PoolContext:
             values = np.array([raw[order[i]] for i in ids])
             if method == "forvalue":  # the product's own selection path, for every k of the suite
                 extra["select_subset"] = {
-                    str(n): [r["id"] for r in select_subset(store, name, top=str(n))]
+                    str(n): [r["id"] for r in select_subset(store, name, top=str(n)).rows()]
                     for n in {n_of(k, len(ids)) for k in self.suite.s.ks + self.suite.s.noisy_ks}
                 }
         elif method == "emb":
@@ -574,7 +576,8 @@ class PoolContext:
             gv = gv / np.maximum(np.linalg.norm(gv, axis=1, keepdims=True), 1e-30)
             values = g.astype(np.float64) @ gv.mean(axis=0).astype(np.float64)
         elif method == "distill":
-            from forvalue import DistillConfig, distill_value_model, estimate
+            from forvalue import DistillConfig, estimate
+            from forvalue.distill import distill_value_model
 
             sub = self.distill_sub()
             store, shared = self.store("distill-store", sub)
@@ -599,7 +602,8 @@ class PoolContext:
     def matrix(self, method: str, val: list[dict], lora=None) -> np.ndarray:
         """Per-validation-sample scores (n_val, n_pool), higher = supports the sample more."""
         if method == "forvalue":
-            from forvalue import QueryConfig, run_query
+            from forvalue import QueryConfig
+            from forvalue.api import run_query
 
             store, _ = self.store()
             vfile = write_rows(val, self.workdir / "brittle-val.jsonl")
@@ -688,7 +692,7 @@ def run_targeted(suite: Suite, seed: int) -> list[dict]:
 
 
 def run_noisy(suite: Suite, seed: int) -> list[dict]:
-    from forvalue.tasks.metrics import roc_auc
+    from forvalue.metrics import roc_auc
 
     s = suite.s
     rows = []

@@ -76,10 +76,10 @@ def main(argv=None) -> int:
     from forvalue.indexer.build import BASIS_FIT_TOKENS
     from forvalue.indexer.sketch import Sketcher, SketchSpec, fit_basis
     from forvalue.maintenance import _first_hidden, sketch_store
+    from forvalue.metrics import class_retrieval
     from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
     from forvalue.schemas.tables import SCORING_COLUMNS
     from forvalue.storage.store import Store
-    from forvalue.tasks.metrics import class_retrieval
 
     a.workdir.mkdir(parents=True, exist_ok=True)
     store_path = a.workdir / "store"
@@ -164,8 +164,8 @@ def main(argv=None) -> int:
     )
     lines += [
         "",
-        f"Product path (`index sketch --rebuild` defaults: D={report['sketch_dim']}, R={report['vocab_buckets']}, "
-        f"c={report['hidden_cols']}, {report['sketch_basis']} basis, FAISS {report['faiss']}): "
+        f"Product path (`index sketch --rebuild` defaults: D={report.sketch_dim}, R={report.vocab_buckets}, "
+        f"c={report.hidden_cols}, {report.sketch_basis} basis, FAISS {report.faiss}): "
         "`run_query(candidates=max(C, k))` against `run_query(exact=True)`.",
         "",
         "| C | % of store | " + " | ".join(f"Recall@{k}" for k in ks) + " |",

@@ -11,7 +11,7 @@ classes) with the default model (SmolLM2-135M-Instruct, float32 weights):
 
 Per store: Spearman rank correlation with the dense scores (per validation sample, then
 mean), relative L2 error of the raw scores, top-10 overlap, mean dropped probability
-mass (``tail_mass``), and the class-retrieval AUC / recall (``forvalue.tasks.metrics.class_retrieval``)
+mass (``tail_mass``), and the class-retrieval AUC / recall (``forvalue.metrics.class_retrieval``)
 next to the dense scores' own.
 
 Usage::
@@ -33,6 +33,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from forvalue.metrics import spearman
 from tools.common import add_common_args, apply_threads, emit, machine_info, md_table, quiet_transformers, resolve
 
 
@@ -45,11 +46,6 @@ def ranks(x: np.ndarray) -> np.ndarray:
     for s, e in zip(bounds[:-1], bounds[1:]):
         r[order[s:e]] = (s + e - 1) / 2.0
     return r
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    ra, rb = ranks(a), ranks(b)
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def top_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
@@ -86,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     from forvalue.indexer.build import build_index
     from forvalue.indexer.data import iter_samples
     from forvalue.indexer.model_runner import load_runner
+    from forvalue.metrics import class_retrieval
     from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
     from forvalue.storage.store import Store
-    from forvalue.tasks.metrics import class_retrieval
     from forvalue.tasks.text import generate_task, write_jsonl
 
     model_config = ModelConfig(device=str(device), dtype="float32")
@@ -186,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             "are means over validation samples; median rel. error is over all (validation, train) pairs; "
             "tail mass = mean probability mass per position outside top-m and the target (what the sparse error "
             "drops); "
-            "AUC / recall (top class-size) are `forvalue.tasks.metrics.class_retrieval`, mean ± std over validation "
+            "AUC / recall (top class-size) are `forvalue.metrics.class_retrieval`, mean ± std over validation "
             "samples.",
             "",
             md_table(

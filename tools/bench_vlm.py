@@ -26,9 +26,9 @@ import numpy as np
 
 from forvalue.api import build_index, run_query
 from forvalue.indexer.data import iter_samples
+from forvalue.metrics import class_retrieval, roc_auc
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
 from forvalue.tasks.images import generate
-from forvalue.tasks.metrics import class_retrieval, roc_auc
 from tools.common import add_common_args, apply_threads, emit, machine_info, quiet_transformers
 
 

@@ -38,19 +38,20 @@ def audit_run(store, validation, name, report, explain_examples, quiet, **kw):
     Validation encodings are cached by content: an unchanged validation set runs no forward
     pass, and edited samples are the only ones re-encoded.
     """
-    from forvalue.audit import run_audit
+    import forvalue
     from forvalue.schemas.errors import ForValueError
 
     if explain_examples and not report:
         raise ForValueError("--explain-examples needs --report (the pages are linked from the report)")
-    s = run_audit(
-        store,
-        validation,
-        name,
-        make(AuditConfig, kw, progress=not quiet),
-        data=make(DataConfig, kw),
-        engine=make(EngineConfig, kw),
+    if report:
+        from forvalue.present.output import check_output_path
+
+        check_output_path(report, (".html",))
+    data = make(DataConfig, kw)
+    a = forvalue.open(store).audit(
+        validation, name, make(AuditConfig, kw, progress=not quiet), data=data, engine=make(EngineConfig, kw)
     )
+    s = a.run
     click.echo(
         f"audit '{s.name}' v{s.version}: {s.n_train} training samples against {s.n_validation} validation "
         f"samples ({s.encoded_now} encoded now, the rest cached) in {s.seconds:.1f}s (encode "
@@ -58,32 +59,21 @@ def audit_run(store, validation, name, report, explain_examples, quiet, **kw):
         f"{s.flagged} flagged"
     )
     if report:
-        from forvalue.present.report import audit_report
-
-        links = None
-        if explain_examples:
-            from pathlib import Path
-
-            from forvalue.present.explain_html import explain_audit_examples
-
-            folder = Path(report).with_suffix(".explain")
-            pages = explain_audit_examples(
-                store, validation, name, folder, data=make(DataConfig, kw), device=kw.get("device") or "auto"
-            )
-            links = {sid: f"{folder.name}/{page}" for sid, page in pages.items()}
-        click.echo(f"report: {audit_report(store, name, report, explanations=links)}")
+        explain = validation if explain_examples else None
+        page = a.report(report, explain_validation=explain, data=data, device=kw.get("device") or "auto")
+        click.echo(f"report: {page}")
 
 
 @audit.command("list")
 @store_option
 def audit_list(store):
     """List the audits of a store."""
-    from forvalue.audit import audits
+    import forvalue
 
-    for m in audits(store):
+    for m in forvalue.open(store).audits.list():
         click.echo(
-            f"{m['name']:<24} v{m['version']:<3} {m['created']}  train {m['n_train']}  validation "
-            f"{m['n_validation']}  flagged {m['flagged']}  validation sha256 {m['validation_sha256'][:12]}"
+            f"{m.name:<24} v{m.version:<3} {m.created}  train {m.n_train}  validation "
+            f"{m.n_validation}  flagged {m.flagged}  validation sha256 {m.validation_sha256[:12]}"
         )
 
 
@@ -101,38 +91,38 @@ def audit_list(store):
 )
 def audit_show(store, name, n_examples, report, data, **kw):
     """Summary of one audit: counts, score distribution, top and bottom examples; value per group (--group-column)."""
-    from forvalue.audit import audit_summary
+    import forvalue
 
-    pricing, prices = make(PricingConfig, kw), None
-    if pricing.group_column:
-        from forvalue.pricing import audit_pricing
+    pricing = make(PricingConfig, kw)
+    if report:
+        from forvalue.present.output import check_output_path
 
-        prices = audit_pricing(store, name, data, pricing, make(DataConfig, kw))
-
-    s = audit_summary(store, name, n_examples)
+        check_output_path(report, (".html",))
+    audit = forvalue.open(store).audits[name]
+    prices = audit.pricing(data, pricing, make(DataConfig, kw)) if pricing.group_column else None
+    s = audit.summary(n_examples)
+    i = s.info
     click.echo(
-        f"audit '{name}' v{s['version']} ({s['created']}): {s['n_train']} training vs {s['n_validation']} "
-        f"validation samples, {s['flagged']} flagged"
+        f"audit '{name}' v{i.version} ({i.created}): {i.n_train} training vs {i.n_validation} "
+        f"validation samples, {i.flagged} flagged"
     )
     click.echo(
         "mean score  min {min:.4g}  p10 {p10:.4g}  median {median:.4g}  p90 {p90:.4g}  max {max:.4g}".format(
-            **s["percentiles"]
+            **s.percentiles
         )
     )
-    for title in ("top", "bottom"):
+    for title, rows in (("top", s.top), ("bottom", s.bottom)):
         click.echo(f"{title}:")
-        for r in s[title]:
+        for r in rows:
             flag = "  FLAGGED" if r["flagged"] else ""
             click.echo(f"  #{r['rank']:<6} {r['score_mean']:>12.4g}  {r['id']}  [{r['label']}]{flag}")
     if prices:
         from forvalue.pricing import format_pricing
 
-        for line in format_pricing(prices, pricing.confidence):
+        for line in format_pricing(prices):
             click.echo(line)
     if report:
-        from forvalue.present.report import audit_report
-
-        click.echo(f"report: {audit_report(store, name, report, pricing=prices, confidence=pricing.confidence)}")
+        click.echo(f"report: {audit.report(report, pricing=prices)}")
 
 
 @audit.command("compare")
@@ -142,19 +132,23 @@ def audit_show(store, name, n_examples, report, data, **kw):
 @click.option("--report", type=click.Path(), default=None, help="Write an HTML page with the scatter of both audits.")
 def audit_compare(store, a, b, report):
     """Rank correlation of two audits, the samples that moved most, newly flagged ones."""
-    from forvalue.audit import compare_audits
+    import forvalue
 
-    c = compare_audits(store, a, b)
-    click.echo(f"{c['common']} common samples; Spearman rank correlation {c['spearman']:.4f}")
-    click.echo(f"newly flagged in {b}: {len(c['newly_flagged'])}  {', '.join(c['newly_flagged'][:10])}")
-    click.echo(f"no longer flagged: {len(c['no_longer_flagged'])}")
+    if report:
+        from forvalue.present.output import check_output_path
+
+        check_output_path(report, (".html",))
+    c = forvalue.open(store).audits[a].compare(b)
+    click.echo(f"{c.common} common samples; Spearman rank correlation {c.spearman:.4f}")
+    click.echo(f"newly flagged in {b}: {len(c.newly_flagged)}  {', '.join(c.newly_flagged[:10])}")
+    click.echo(f"no longer flagged: {len(c.no_longer_flagged)}")
     click.echo("moved most (rank a -> rank b):")
-    for m in c["moved"]:
+    for m in c.moved:
         click.echo(f"  {m['id']}: {m['rank_a']} -> {m['rank_b']}")
     if report:
-        from forvalue.present.report import compare_report
+        from forvalue.audit import write_compare_report
 
-        click.echo(f"report: {compare_report(c, report)}")
+        click.echo(f"report: {write_compare_report(c, report)}")
 
 
 @click.command("select")
@@ -187,14 +181,14 @@ def select(store, audit_name, values, data, top, drop_bottom, output, **kw):
             raise ForValueError("--values goes with --data DATA... (not with --store/--audit)")
         from forvalue.distill import select_by_values
 
-        rows = select_by_values(
+        chosen = select_by_values(
             values, data, top=top, drop_bottom=drop_bottom, output=output, data_config=make(DataConfig, kw)
         )
-        click.echo(f"wrote {len(rows)} training samples to {output}")
+        click.echo(f"wrote {len(chosen)} training samples to {output}")
         return
     if store is None or audit_name is None:
         raise ForValueError("give --store and --audit (or --values with --data)")
-    from forvalue.audit import select_subset
+    import forvalue
 
-    rows = select_subset(store, audit_name, top=top, drop_bottom=drop_bottom, output=output)
-    click.echo(f"wrote {len(rows)} training samples to {output}")
+    chosen = forvalue.open(store).audits[audit_name].select(top=top, drop_bottom=drop_bottom, output=output)
+    click.echo(f"wrote {len(chosen)} training samples to {output}")

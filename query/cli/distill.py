@@ -26,9 +26,9 @@ def distill_command(store, audit_name, out, **kw):
     input-embedding table. With --fraction/--max-samples it is fitted on a random part of the
     audited rows and the rest is held out and reported.
     """
-    from forvalue.distill import distill_value_model
+    import forvalue
 
-    r = distill_value_model(store, audit_name, out, make(DistillConfig, kw))
+    r = forvalue.open(store).audits[audit_name].distill(out, make(DistillConfig, kw))
     click.echo(
         f"value model '{r.path}': student {r.student}, {len(r.targets)} target(s), fitted on {r.n_labelled} of "
         f"{r.n_audited} audited samples in {r.seconds:.1f}s"
@@ -99,13 +99,11 @@ def estimate_command(data, value_model, output, store, audit_name, report, quiet
         speed += f"; the store's build ran at {r.build_samples_per_s:.2f} samples/s: {r.speedup:.0f}x faster"
     click.echo(f"wrote {r.n} values to {output} in {r.seconds:.2f}s ({speed})")
     if pricing.group_column:
-        from forvalue.pricing import format_pricing, values_pricing
+        from forvalue.pricing import format_pricing, values_pricing, write_pricing_report
 
-        rows = values_pricing(output, pricing)
-        for line in format_pricing(rows, pricing.confidence):
+        prices = values_pricing(output, pricing)
+        for line in format_pricing(prices):
             click.echo(line)
         if report:
-            from forvalue.present.report import pricing_report
-
-            page = pricing_report(rows, report, f"Estimated value per {pricing.group_column}", pricing.confidence)
+            page = write_pricing_report(prices, report, f"Estimated value per {pricing.group_column}")
             click.echo(f"report: {page}")

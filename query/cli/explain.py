@@ -34,16 +34,16 @@ def explain_command(store, validation, train_id, output, **kw):
     \b
     forvalue explain --store runs/store -v val.jsonl --val-index 0 --train-id rev-17 -o why.html
     """
-    from forvalue.engine.explain import explain
-    from forvalue.present.explain_html import FORMATS, write_explanation
+    import forvalue
+    from forvalue.present.explain_html import FORMATS
     from forvalue.present.output import check_output_path
 
     check_output_path(output, FORMATS)
     cfg = make(ExplainConfig, kw)
-    result = explain(
-        store, validation, train_id, cfg, data=make(DataConfig, kw), model=make(ModelConfig, kw, device=cfg.device)
+    result = forvalue.open(store).explain(
+        validation, train_id, cfg, data=make(DataConfig, kw), model=make(ModelConfig, kw, device=cfg.device)
     )
     click.echo(result.summary())
     if output:
-        write_explanation(result, output)
+        result.save(output)
         click.echo(f"wrote {output}", err=True)

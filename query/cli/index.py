@@ -58,9 +58,9 @@ def build(data, store, as_json, **kw):
 
     Re-running skips ids already stored, so an interrupted build resumes where it stopped.
     """
-    from forvalue.indexer.build import build_index
+    import forvalue
 
-    _print_report(build_index(data, store, _build_config(kw), engine=make(EngineConfig, kw)), as_json)
+    _print_report(forvalue.build(data, store, _build_config(kw), engine=make(EngineConfig, kw)).last_build, as_json)
 
 
 @index.command("add")
@@ -81,9 +81,9 @@ def add(data, store, as_json, **kw):
     The encoding settings (max length, chat template, top-m, scored tokens, hidden dtype, sketch)
     always come from the store; its model, adapter and dtype too unless --model/--adapter/--dtype are given.
     """
-    from forvalue.api import add_to_index
+    import forvalue
 
-    _print_report(add_to_index(data, store, _build_config(kw), engine=make(EngineConfig, kw)), as_json)
+    _print_report(forvalue.open(store).add(data, _build_config(kw), engine=make(EngineConfig, kw)), as_json)
 
 
 @index.command("info")
@@ -91,9 +91,9 @@ def add(data, store, as_json, **kw):
 @json_option
 def info(store, as_json):
     """Print what a store holds: samples, tokens, labels, size, model and settings (loads no model)."""
-    from forvalue.maintenance import store_info
+    import forvalue
 
-    data = store_info(store)
+    data = forvalue.open(store).info().as_dict()
     if as_json:
         click.echo(json.dumps(data, indent=2, default=str))
         return
@@ -134,26 +134,25 @@ def check(store, repair, as_json):
     consistent (loads no model). Exit status 0 when clean, 2 with one line per problem otherwise."""
     import sys
 
-    from forvalue.maintenance import check_store
+    import forvalue
 
-    report = check_store(store, repair=repair)
-    report.pop("duplicate_addresses"), report.pop("prefilter_unsound")
+    report = forvalue.open(store).check(repair=repair)
     if as_json:
-        click.echo(json.dumps(report, indent=2))
+        click.echo(json.dumps(report.as_dict(), indent=2))
     else:
         if repair:
-            done = report["repaired"]
+            done = report.repaired
             click.echo(
                 f"{store}: repaired: removed {done['duplicate_rows_removed']} duplicate rows"
                 + ("; rebuilt the prefilter index" if done["prefilter_rebuilt"] else "")
             )
-        for note in report["notes"]:
+        for note in report.notes:
             click.echo(f"{store}: note: {note}")
-        for problem in report["problems"]:
+        for problem in report.problems:
             click.echo(f"error: {problem}", err=True)
-        if report["clean"]:
-            click.echo(f"{store}: clean ({report['rows']} rows, ids unique, every row decodes)")
-    if not report["clean"]:
+        if report.clean:
+            click.echo(f"{store}: clean ({report.rows} rows, ids unique, every row decodes)")
+    if not report.clean:
         sys.exit(2)
 
 
@@ -174,16 +173,19 @@ def sketch(store, rebuild, kind, as_json, **kw):
     Sketch options not given keep the store's values (else the defaults); giving any of
     --sketch-vocab-buckets/--sketch-hidden-cols/--sketch-basis starts from the defaults.
     """
-    from forvalue.maintenance import sketch_store
+    import forvalue
 
-    report = sketch_store(
-        store,
-        rebuild=rebuild,
-        dim=kw["sketch_dim"],
-        seed=kw["sketch_seed"],
-        kind=kind,
-        vocab_buckets=kw["sketch_vocab_buckets"],
-        hidden_cols=kw["sketch_hidden_cols"],
-        basis=kw["sketch_basis"],
+    report = (
+        forvalue.open(store)
+        .sketch(
+            dim=kw["sketch_dim"],
+            rebuild=rebuild,
+            seed=kw["sketch_seed"],
+            faiss_index=kind,
+            vocab_buckets=kw["sketch_vocab_buckets"],
+            hidden_cols=kw["sketch_hidden_cols"],
+            basis=kw["sketch_basis"],
+        )
+        .as_dict()
     )
     click.echo(json.dumps(report) if as_json else ", ".join(f"{k}: {v}" for k, v in report.items()))

@@ -43,32 +43,23 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
 
     Validation samples are encoded with the store's model and settings (a different --model is refused).
     """
-    from forvalue.api import run_query
+    import forvalue
     from forvalue.present.output import check_output_path, write_table
 
     check_output_path(output)
     cfg = make(QueryConfig, kw, progress=not quiet)
     model = make(ModelConfig, kw, device=cfg.device)
-    runner = None
+    data = make(DataConfig, kw)
     if explain_n is not None:
         explain_dir = _explain_folder(output, explain_dir)
-        from forvalue.api import load_store_runner
-        from forvalue.storage.store import Store
-
-        runner = load_store_runner(Store.open(store), model)
-    result = run_query(
-        store,
-        validation,
-        cfg,
-        data=make(DataConfig, kw),
-        model=model,
-        runner=runner,
-        all_scores_path=all_scores,
-        engine=make(EngineConfig, kw),
+    st = forvalue.open(store)
+    result = st.query(
+        validation, cfg, data=data, model=model, all_scores_path=all_scores, engine=make(EngineConfig, kw)
     )
     top = result.top
     if explain_n is not None:
-        top = _explain(store, validation, top, runner, make(DataConfig, kw), cfg, explain_n, explain_dir)
+        top = st.explain_results(result, validation, explain_n, explain_dir, data=data, model=model, device=cfg.device)
+        click.echo(f"explained the top {explain_n} results: {explain_dir}/index.html", err=True)
     write_table(top, output)
     if output:
         click.echo(
@@ -88,18 +79,3 @@ def _explain_folder(output, explain_dir):
     if output is None or str(output) == "-":
         raise ForValueError("--explain: give -o FILE (the pages go next to it) or --explain-dir FOLDER")
     return Path(output).with_suffix(".explain")
-
-
-def _explain(store, validation, top, runner, data, cfg, n, folder):
-    """Pages of the top ``n`` results (forvalue.present.explain_html.explain_top_results); ``top`` with their names."""
-    from forvalue.engine.explain import Explainer
-    from forvalue.engine.validation import data_for_store, load_validation_samples
-    from forvalue.present.explain_html import explain_top_results
-    from forvalue.storage.store import Store
-
-    opened = Store.open(store)
-    samples = load_validation_samples(validation, data_for_store(data, opened.manifest))
-    explainer = Explainer(opened, runner, samples, data, cfg.batch_size)
-    top = explain_top_results(top, explainer, n, folder)
-    click.echo(f"explained the top {n} results: {folder}/index.html", err=True)
-    return top

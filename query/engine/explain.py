@@ -181,6 +181,27 @@ class Explanation:
             )
         return "\n".join(lines)
 
+    def to_arrow(self):
+        """:meth:`rows` as a pyarrow Table (one row per token of each side, one per top pair)."""
+        import pyarrow as pa
+
+        from forvalue.present.explain_html import row_schema
+
+        return pa.Table.from_pylist(self.rows(), schema=row_schema())
+
+    def to_pandas(self):
+        """:meth:`to_arrow` as a pandas DataFrame (needs pandas)."""
+        return self.to_arrow().to_pandas()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the explanation: ``.html`` (a self-contained page), ``.jsonl`` or ``.parquet`` (:meth:`rows`)."""
+        from forvalue.present.explain_html import write_explanation
+
+        return write_explanation(self, path)
+
+    def __repr__(self) -> str:
+        return f"Explanation(S = {self.score:.6g}, cosine {self.cosine:.4f}, training '{self.train.sample_id}')"
+
 
 _ROW_KEYS = (
     "kind",
@@ -498,14 +519,16 @@ def explain(
 
     Example
     -------
-    >>> e = forvalue.explain("runs/store", ["val.jsonl"], "train-17")        # doctest: +SKIP
-    >>> print(e.summary())                                                   # doctest: +SKIP
-    >>> forvalue.write_explanation(e, "why.html")                           # doctest: +SKIP
+    >>> e = explain(store_path, [validation_path], "rev-1")        # forvalue.open(path).explain(...) calls this
+    >>> round(float(e.train.per_token().sum()) / e.score, 6)      # the training tokens' parts sum to the score
+    1.0
+    >>> e.save("why.html").name
+    'why.html'
     """
-    from forvalue.api import _open, load_store_runner
     from forvalue.engine.validation import data_for_store, load_validation_samples
+    from forvalue.session import load_store_runner, open_nonempty
 
-    store = _open(store)
+    store = open_nonempty(store)
     row_positions(store, [train_id])  # an unknown id fails before the model loads
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))
     index = pick_validation(samples, config)

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from forvalue.present.output import check_output_path
-from forvalue.schemas.config import DataConfig, ModelConfig
 
 FORMATS = (".html", ".jsonl", ".parquet")
 # Validation samples drawn on a page explaining a mean (the largest parts first).
 MAX_VALIDATION_SHOWN = 20
 
 
-def _row_schema():
+def row_schema():
+    """The Arrow schema of :meth:`~forvalue.engine.explain.Explanation.rows`."""
     import pyarrow as pa
 
     text, pos = pa.string(), pa.int32()
@@ -150,10 +150,7 @@ def write_explanation(e, path: str | Path) -> Path:
     ``.html``: the self-contained page; ``.jsonl`` / ``.parquet``: the rows of
     :meth:`~forvalue.engine.explain.Explanation.rows` (one per token of each side, one per top pair).
 
-    Example
-    -------
-    >>> e = forvalue.explain("runs/store", ["val.jsonl"], "train-17")       # doctest: +SKIP
-    >>> forvalue.write_explanation(e, "why.html")                           # doctest: +SKIP
+    :meth:`forvalue.Explanation.save` calls it.
     """
     import os
 
@@ -164,7 +161,7 @@ def write_explanation(e, path: str | Path) -> Path:
     check_output_path(path, FORMATS)
     path = Path(path)
     if path.suffix.lower() != ".html":
-        write_table(pa.Table.from_pylist(e.rows(), schema=_row_schema()), path)
+        write_table(pa.Table.from_pylist(e.rows(), schema=row_schema()), path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -176,110 +173,6 @@ def write_explanation(e, path: str | Path) -> Path:
     return path
 
 
-def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: int = 20):
-    """Write one page per result of rank <= ``n`` of a query's ``top`` table into ``folder``, and an index page.
-
-    Parameters
-    ----------
-    top : pyarrow.Table
-        :attr:`forvalue.QueryResult.top` (rows grouped by validation sample, ranks from 1).
-    explainer : forvalue.engine.explain.Explainer
-        Over the query's validation samples, in the same order (``validation_id == 'mean'``:
-        the pages explain the score against the mean).
-    n : int
-    folder : path
-        Created if needed; pages are named ``<validation #>-<rank>-<train id>.html``.
-
-    Returns
-    -------
-    pyarrow.Table
-        ``top`` with a column ``explanation``: the page's file name inside ``folder`` (None
-        for ranks above ``n``).
-    """
-    import pyarrow as pa
-
-    folder = Path(folder)
-    rows = top.to_pylist()
-    column, wanted = -1, []
-    for r in rows:
-        column += r["rank"] == 1
-        if r["rank"] <= n:
-            wanted.append((column, r))
-    by_column: dict[int, list[dict]] = {}
-    for column, r in wanted:
-        by_column.setdefault(column, []).append(r)
-    names, links = {}, []
-    for column, group in by_column.items():
-        val_index = None if group[0]["validation_id"] == "mean" else column
-        explanations = explainer.explain_many([r["train_id"] for r in group], val_index, top_pairs)
-        for r, e in zip(group, explanations):
-            name = f"{column:03d}-{r['rank']:02d}-{safe_name(r['train_id'])}.html"
-            write_explanation(e, folder / name)
-            names[(column, r["rank"])] = name
-            links.append(
-                f"<li>validation <code>{html.escape(str(r['validation_id']))}</code>, rank {r['rank']}: "
-                f"<a href='{html.escape(name, quote=True)}'>{html.escape(str(r['train_id']))}</a> "
-                f"(score {e.score:.6g})</li>"
-            )
-    index = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>explanations</title>{_STYLE}</head><body>"
-        f"<h1>Explanations of the top {n} results</h1><ul>{''.join(links)}</ul></body></html>"
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "index.html").write_text(index, encoding="utf-8")
-    column, out = -1, []
-    for r in rows:
-        column += r["rank"] == 1
-        out.append(names.get((column, r["rank"])))
-    return top.append_column("explanation", pa.array(out, pa.string()))
-
-
 def safe_name(text: str) -> str:
     """``text`` reduced to a file-name-safe stem (letters, digits, ``-``, ``_``, ``.``), at most 60 characters."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:60].strip("._") or "sample"
-
-
-def explain_audit_examples(
-    store,
-    validation,
-    name: str,
-    folder: str | Path,
-    n_examples: int = 10,
-    data: DataConfig = DataConfig(),
-    device: str = "auto",
-    top_pairs: int = 20,
-) -> dict[str, str]:
-    """Pages explaining the top and bottom ``n_examples`` of audit ``name`` (what its report lists).
-
-    Each page explains the raw score against the mean of the validation samples (the audit's
-    ``score_mean`` with ``normalize='none'``). The validation encodings come from the store's
-    validation cache (filled by the audit, so no forward pass runs for them); the model is
-    loaded for its tokenizer.
-
-    Returns
-    -------
-    dict
-        Training id -> the page's file name inside ``folder``.
-    """
-    from forvalue.api import _open, load_store_runner
-    from forvalue.audit import load_audit
-    from forvalue.engine.explain import Explainer
-    from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
-    from forvalue.storage.audits import ValidationCache
-
-    store = _open(store)
-    table, _ = load_audit(store.path, name)
-    rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
-    chosen = [("top", r) for r in rows[:n_examples]] + [("bottom", r) for r in rows[-n_examples:][::-1]]
-    data = data_for_store(data, store.manifest)
-    samples = load_validation_samples(validation, data)
-    runner = load_store_runner(store, ModelConfig(device=device))
-    val, _ = encode_validation_cached(samples, store.manifest, data, lambda: runner, ValidationCache(store))
-    explainer = Explainer(store, runner, samples, data, val=val)
-    unique = list(dict.fromkeys(r["id"] for _, r in chosen))
-    pages = {}
-    for sid, e in zip(unique, explainer.explain_many(unique, None, top_pairs)):
-        where, row = next((w, r) for w, r in chosen if r["id"] == sid)
-        pages[sid] = f"{where}-{row['rank']:06d}-{safe_name(sid)}.html"
-        write_explanation(e, Path(folder) / pages[sid])
-    return pages

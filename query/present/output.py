@@ -44,6 +44,20 @@ def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def write_text_atomic(text: str, path: str | Path, formats: tuple[str, ...] = (".html",)) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` (parent folders created), atomically; the path is checked first."""
+    check_output_path(path, formats)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_jsonl_atomic(rows: Iterable[dict], path: str | Path) -> None:
     """Write ``rows`` as JSONL to ``path`` (parent folders created), atomically.
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-from pathlib import Path
 
 import numpy as np
 
-from forvalue.storage.store import Store
+from forvalue.results import AuditComparison, Pricing
 
 
 def _png(fig) -> str:
@@ -19,15 +18,6 @@ def _png(fig) -> str:
 
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _texts(store: Store, ids: list[str]) -> dict[str, str]:
-    wanted, out = set(ids), {}
-    for batch in store.scan(["id", "prompt", "response", "text"], batch_size=8192):
-        for r in batch.to_pylist():
-            if r["id"] in wanted:
-                out[r["id"]] = r["text"] if r["text"] is not None else f"{r['prompt']}{r['response']}"
-    return out
 
 
 def _examples_table(title: str, rows: list[dict], texts: dict[str, str], links: dict[str, str] | None = None) -> str:
@@ -53,8 +43,9 @@ td,th{border:1px solid #ccc;padding:4px;vertical-align:top}pre{white-space:pre-w
 img{max-width:100%}</style>"""
 
 
-def pricing_section(rows: list[dict], confidence: float = 0.95) -> str:
-    """HTML of a pricing table (:func:`forvalue.pricing.price`): bar chart of shares with intervals, and the table."""
+def pricing_section(pricing: Pricing) -> str:
+    """HTML of a pricing table (:class:`~forvalue.results.Pricing`): bar chart of shares with intervals, the table."""
+    rows, confidence = pricing.groups, pricing.confidence
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,15 +74,12 @@ def pricing_section(rows: list[dict], confidence: float = 0.95) -> str:
     )
 
 
-def pricing_report(rows: list[dict], out: str | Path, title: str, confidence: float = 0.95) -> Path:
-    """Write a self-contained HTML page with the pricing section only (e.g. for estimated values)."""
-    page = (
+def pricing_page(pricing: Pricing, title: str) -> str:
+    """A self-contained HTML page with the pricing section only (e.g. for estimated values)."""
+    return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}</head>"
-        f"<body><h1>{html.escape(title)}</h1>{pricing_section(rows, confidence)}</body></html>"
+        f"<body><h1>{html.escape(title)}</h1>{pricing_section(pricing)}</body></html>"
     )
-    out = Path(out)
-    out.write_text(page, encoding="utf-8")
-    return out
 
 
 def _timing(meta: dict) -> str:
@@ -109,30 +97,25 @@ def _timing(meta: dict) -> str:
     )
 
 
-def audit_report(
-    store_path: str | Path,
-    name: str,
-    out: str | Path,
+def audit_page(
+    table,
+    meta: dict,
+    texts: dict[str, str],
     n_examples: int = 10,
-    pricing: list[dict] | None = None,
-    confidence: float = 0.95,
+    pricing: Pricing | None = None,
     explanations: dict[str, str] | None = None,
-) -> Path:
-    """Write an HTML report of audit ``name``: score histogram, per-label box plots, top and bottom examples.
+) -> str:
+    """HTML report of an audit: score histogram, per-label box plots, top and bottom examples.
 
-    ``pricing`` (rows of :func:`forvalue.pricing.price`) adds the value-per-group section;
-    ``explanations`` (training id -> link relative to the report, from
-    :func:`forvalue.present.explain_html.explain_audit_examples`) links each example to its token-level page.
+    ``table`` and ``meta`` are the audit's (:meth:`forvalue.Audit.table`); ``texts`` maps training ids
+    to their text; ``pricing`` adds the value-per-group section; ``explanations`` (training id -> link
+    relative to the report) links each example to its token-level page.
     """
-    from forvalue.audit import load_audit
-
-    table, meta = load_audit(store_path, name)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    store = Store.open(store_path)
     scores = table.column("score_mean").to_numpy()
     flagged = table.column("flagged").to_numpy(zero_copy_only=False)
     fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -155,7 +138,6 @@ def audit_report(
         box = f"<h2>Scores by training label</h2><img src='{_png(fig)}'>"
     rows = sorted(table.select(["id", "label", "score_mean", "rank", "flagged"]).to_pylist(), key=lambda r: r["rank"])
     top, bottom = rows[:n_examples], rows[-n_examples:][::-1]
-    texts = _texts(store, [r["id"] for r in top + bottom])
     summary = (
         f"<p>{meta['n_train']} training samples scored against {meta['n_validation']} validation samples "
         f"(validation set sha256 {meta['validation_sha256'][:12]}…); {meta['flagged']} flagged; "
@@ -164,39 +146,35 @@ def audit_report(
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>audit {html.escape(meta['name'])}</title>{_STYLE}"
         f"</head><body><h1>Audit {html.escape(meta['name'])}</h1>{summary}<h2>Score distribution</h2>"
-        f"<img src='{hist}'>{box}{pricing_section(pricing, confidence) if pricing else ''}"
+        f"<img src='{hist}'>{box}{pricing_section(pricing) if pricing else ''}"
         f"{_examples_table('Most valuable', top, texts, explanations)}"
         f"{_examples_table('Least valuable (flag candidates)', bottom, texts, explanations)}</body></html>"
     )
-    out = Path(out)
-    out.write_text(page, encoding="utf-8")
-    return out
+    return page
 
 
-def compare_report(comparison: dict, out: str | Path) -> Path:
-    """Write an HTML page with the scatter of two audits' scores and the biggest moves."""
+def compare_page(comparison: AuditComparison) -> str:
+    """An HTML page with the scatter of two audits' scores and the biggest moves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sa, sb = comparison["scores"]
+    sa, sb = comparison.scores
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.scatter(sa, sb, s=6, alpha=0.6)
-    ax.set_xlabel(f"audit {comparison['a']}: mean score")
-    ax.set_ylabel(f"audit {comparison['b']}: mean score")
+    ax.set_xlabel(f"audit {comparison.a}: mean score")
+    ax.set_ylabel(f"audit {comparison.b}: mean score")
     moved = "".join(
         f"<tr><td>{html.escape(m['id'])}</td><td>{m['rank_a']}</td><td>{m['rank_b']}</td></tr>"
-        for m in comparison["moved"]
+        for m in comparison.moved
     )
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>compare</title>{_STYLE}</head><body>"
-        f"<h1>Audit {html.escape(comparison['a'])} vs {html.escape(comparison['b'])}</h1>"
-        f"<p>{comparison['common']} common samples, Spearman rank correlation {comparison['spearman']:.4f}; "
-        f"{len(comparison['newly_flagged'])} newly flagged.</p><img src='{_png(fig)}'>"
-        f"<h2>Moved most</h2><table><tr><th>id</th><th>rank {html.escape(comparison['a'])}</th>"
-        f"<th>rank {html.escape(comparison['b'])}</th></tr>{moved}</table></body></html>"
+        f"<h1>Audit {html.escape(comparison.a)} vs {html.escape(comparison.b)}</h1>"
+        f"<p>{comparison.common} common samples, Spearman rank correlation {comparison.spearman:.4f}; "
+        f"{len(comparison.newly_flagged)} newly flagged.</p><img src='{_png(fig)}'>"
+        f"<h2>Moved most</h2><table><tr><th>id</th><th>rank {html.escape(comparison.a)}</th>"
+        f"<th>rank {html.escape(comparison.b)}</th></tr>{moved}</table></body></html>"
     )
-    out = Path(out)
-    out.write_text(page, encoding="utf-8")
-    return out
+    return page

@@ -1,0 +1,129 @@
+"""Explanation pages of query results and audit examples (the workflows behind ``--explain`` options).
+
+Each page is one :class:`~forvalue.engine.explain.Explanation` rendered by
+:mod:`forvalue.present.explain_html`; these functions choose what to explain, run the
+explainer and write the pages and their index.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from forvalue.present.explain_html import _STYLE, safe_name, write_explanation
+from forvalue.schemas.config import DataConfig, ModelConfig
+
+
+def explain_query_results(
+    store, runner, validation, top, n: int, folder, data: DataConfig = DataConfig(), batch_size=8
+):
+    """Pages of the top ``n`` results of a query (``top``) in ``folder``; ``top`` with a column naming each page."""
+    from forvalue.engine.explain import Explainer
+    from forvalue.engine.validation import data_for_store, load_validation_samples
+
+    samples = load_validation_samples(validation, data_for_store(data, store.manifest))
+    explainer = Explainer(store, runner, samples, data, batch_size)
+    return explain_top_results(top, explainer, n, folder)
+
+
+def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: int = 20):
+    """Write one page per result of rank <= ``n`` of a query's ``top`` table into ``folder``, and an index page.
+
+    Parameters
+    ----------
+    top : pyarrow.Table
+        :attr:`forvalue.QueryResult.top` (rows grouped by validation sample, ranks from 1).
+    explainer : forvalue.engine.explain.Explainer
+        Over the query's validation samples, in the same order (``validation_id == 'mean'``:
+        the pages explain the score against the mean).
+    n : int
+    folder : path
+        Created if needed; pages are named ``<validation #>-<rank>-<train id>.html``.
+
+    Returns
+    -------
+    pyarrow.Table
+        ``top`` with a column ``explanation``: the page's file name inside ``folder`` (None
+        for ranks above ``n``).
+    """
+    import pyarrow as pa
+
+    folder = Path(folder)
+    rows = top.to_pylist()
+    column, wanted = -1, []
+    for r in rows:
+        column += r["rank"] == 1
+        if r["rank"] <= n:
+            wanted.append((column, r))
+    by_column: dict[int, list[dict]] = {}
+    for column, r in wanted:
+        by_column.setdefault(column, []).append(r)
+    names, links = {}, []
+    for column, group in by_column.items():
+        val_index = None if group[0]["validation_id"] == "mean" else column
+        explanations = explainer.explain_many([r["train_id"] for r in group], val_index, top_pairs)
+        for r, e in zip(group, explanations):
+            name = f"{column:03d}-{r['rank']:02d}-{safe_name(r['train_id'])}.html"
+            write_explanation(e, folder / name)
+            names[(column, r["rank"])] = name
+            links.append(
+                f"<li>validation <code>{html.escape(str(r['validation_id']))}</code>, rank {r['rank']}: "
+                f"<a href='{html.escape(name, quote=True)}'>{html.escape(str(r['train_id']))}</a> "
+                f"(score {e.score:.6g})</li>"
+            )
+    index = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>explanations</title>{_STYLE}</head><body>"
+        f"<h1>Explanations of the top {n} results</h1><ul>{''.join(links)}</ul></body></html>"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "index.html").write_text(index, encoding="utf-8")
+    column, out = -1, []
+    for r in rows:
+        column += r["rank"] == 1
+        out.append(names.get((column, r["rank"])))
+    return top.append_column("explanation", pa.array(out, pa.string()))
+
+
+def explain_audit_examples(
+    store,
+    validation,
+    name: str,
+    folder: str | Path,
+    n_examples: int = 10,
+    data: DataConfig = DataConfig(),
+    device: str = "auto",
+    top_pairs: int = 20,
+) -> dict[str, str]:
+    """Pages explaining the top and bottom ``n_examples`` of audit ``name`` (what its report lists).
+
+    Each page explains the raw score against the mean of the validation samples (the audit's
+    ``score_mean`` with ``normalize='none'``). The validation encodings come from the store's
+    validation cache (filled by the audit, so no forward pass runs for them); the model is
+    loaded for its tokenizer.
+
+    Returns
+    -------
+    dict
+        Training id -> the page's file name inside ``folder``.
+    """
+    from forvalue.engine.explain import Explainer
+    from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
+    from forvalue.session import load_store_runner, open_nonempty
+    from forvalue.storage.audits import ValidationCache, read_audit
+
+    store = open_nonempty(store)
+    table, _ = read_audit(store, name)
+    rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
+    chosen = [("top", r) for r in rows[:n_examples]] + [("bottom", r) for r in rows[-n_examples:][::-1]]
+    data = data_for_store(data, store.manifest)
+    samples = load_validation_samples(validation, data)
+    runner = load_store_runner(store, ModelConfig(device=device))
+    val, _ = encode_validation_cached(samples, store.manifest, data, lambda: runner, ValidationCache(store))
+    explainer = Explainer(store, runner, samples, data, val=val)
+    unique = list(dict.fromkeys(r["id"] for _, r in chosen))
+    pages = {}
+    for sid, e in zip(unique, explainer.explain_many(unique, None, top_pairs)):
+        where, row = next((w, r) for w, r in chosen if r["id"] == sid)
+        pages[sid] = f"{where}-{row['rank']:06d}-{safe_name(sid)}.html"
+        write_explanation(e, Path(folder) / pages[sid])
+    return pages

@@ -1,0 +1,446 @@
+"""The public handle on a store: ``forvalue.open(path)`` and ``forvalue.build(data, path)`` return a :class:`Store`.
+
+Everything a user does with a store is a method of what these return (LanceDB's
+``connect()`` pattern): :meth:`Store.query`, :meth:`Store.audit`, :attr:`Store.audits`
+(name -> :class:`Audit`), :meth:`Store.explain`, :meth:`Store.check`, :meth:`Store.info`,
+:meth:`Store.add`, :meth:`Store.sketch`. Each returns a typed result
+(:mod:`forvalue.results`); the CLI calls exactly these and only formats their results. The
+store's model is loaded once per handle, on first use, and kept for the next call.
+
+Example
+-------
+>>> import forvalue
+>>> st = forvalue.open(store_path)
+>>> st.info().samples
+12
+>>> r = st.query(validation_path, forvalue.QueryConfig(top_k=3, progress=False))
+>>> r.top.num_rows                                  # 3 per validation sample
+6
+>>> run = st.audit(validation_path, "v1", forvalue.AuditConfig(progress=False))
+>>> sorted(st.audits), st.audits["v1"].info.version
+(['v1'], 1)
+>>> st.audits["v1"].select(top="50%").to_arrow().num_rows
+6
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from forvalue.results import (
+    AuditComparison,
+    AuditInfo,
+    AuditRun,
+    AuditSummary,
+    CheckReport,
+    Pricing,
+    Selection,
+    SketchReport,
+    StoreInfo,
+)
+from forvalue.schemas.config import (
+    AuditConfig,
+    BuildConfig,
+    DataConfig,
+    DistillConfig,
+    EngineConfig,
+    ExplainConfig,
+    ModelConfig,
+    PricingConfig,
+    QueryConfig,
+)
+from forvalue.storage.store import Store as _Table
+
+Validation = Iterable[str | Path] | Sequence[dict]
+
+
+def open(path: str | Path) -> "Store":
+    """Open an existing store (raises :class:`~forvalue.ForValueError` with one line if ``path`` is not one).
+
+    Example
+    -------
+    >>> st = forvalue.open(store_path)
+    >>> len(st), st.manifest.top_m
+    (12, 32)
+    >>> forvalue.open("no-such-store")
+    Traceback (most recent call last):
+    ...
+    forvalue.schemas.errors.StoreError: no-such-store: no such store (not a folder); build one with ...
+    """
+    return Store(path)
+
+
+def build(
+    data: Sequence[str | Path] | str | Path,
+    path: str | Path,
+    config: BuildConfig = BuildConfig(),
+    engine: EngineConfig | None = None,
+) -> "Store":
+    """One forward pass over ``data`` into a new (or resumed) store at ``path``; returns the opened store.
+
+    ``data``: JSONL, Parquet or CSV files, globs or ``datasets`` folders. Re-running skips ids
+    already stored, so an interrupted build resumes. The build's counts are in ``store.last_build``.
+
+    Example
+    -------
+    >>> cfg = forvalue.BuildConfig(model=forvalue.ModelConfig(path=model_path), progress=False)  # default: SmolLM2
+    >>> st = forvalue.build(train_path, "my-store", cfg)
+    >>> st.last_build.written, st.info().samples
+    (12, 12)
+    """
+    from forvalue.indexer.build import build_index
+
+    report = build_index(_paths(data), path, config, engine=engine)
+    st = Store(path)
+    st.last_build = report
+    return st
+
+
+def _paths(data) -> list:
+    """One path or many: ``"val.jsonl"`` and ``["val.jsonl"]`` mean the same (rows of dicts pass through)."""
+    return [data] if isinstance(data, (str, Path)) else list(data)
+
+
+class Store:
+    """A forvalue store: its samples, its audits, and the model it was built with.
+
+    Attributes
+    ----------
+    path : Path
+    manifest : forvalue.schemas.manifest.Manifest
+        The model identity and encoding settings every query is checked against.
+    last_build : BuildReport or None
+        Counts of the last :func:`build` / :meth:`add` through this handle.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._table = _Table.open(self.path)
+        self._runner = None
+        self._runner_key = None
+        self.last_build = None
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return f"Store('{self.path}', model={m.model_path!r}, hidden={m.hidden_dtype}, top_m={m.top_m})"
+
+    @property
+    def manifest(self):
+        return self._table.manifest
+
+    def _fresh(self) -> _Table:
+        """The table at its latest version (another process may have appended)."""
+        self._table = _Table.open(self.path)
+        return self._table
+
+    def _runner_for(self, model: ModelConfig | None, device: str):
+        """The store's model, loaded once per handle and device (and overrides), then reused."""
+        from forvalue.session import load_store_runner
+
+        model = replace(model or ModelConfig(), device=device)
+        if self._runner is None or self._runner_key != model:
+            self._runner = load_store_runner(self._table, model)
+            self._runner_key = model
+        return self._runner
+
+    def __len__(self) -> int:
+        return self._fresh().count()
+
+    # -- reading ---------------------------------------------------------------------------------
+    def info(self) -> StoreInfo:
+        """Samples, scored tokens, labels, bytes per token, sketch and prefilter state, manifest (loads no model)."""
+        from forvalue.maintenance import store_info
+
+        return store_info(self.path)
+
+    def check(self, repair: bool = False) -> CheckReport:
+        """Verify the store (ids unique, rows decode, manifest agrees, index and audits consistent).
+
+        ``repair=True`` takes the writer lease, removes duplicate rows and rebuilds an unsound
+        prefilter index, then checks again. Loads no model.
+        """
+        from forvalue.maintenance import check_store
+
+        report = check_store(self.path, repair=repair)
+        self._fresh()
+        return report
+
+    def to_arrow(self, columns: Sequence[str] = ("id", "label", "prompt", "response", "text", "n_scored")):
+        """The stored samples' metadata columns as a pyarrow Table (no hidden states)."""
+        import pyarrow as pa
+
+        table = self._fresh()
+        return pa.Table.from_batches(list(table.scan(list(columns), batch_size=8192)))
+
+    # -- writing ---------------------------------------------------------------------------------
+    def add(self, data, config: BuildConfig = BuildConfig(), engine: EngineConfig | None = None):
+        """Append ``data`` with the store's own model and encoding settings; returns the :class:`BuildReport`."""
+        from forvalue.api import add_to_index
+
+        report = add_to_index(_paths(data), self.path, config, engine=engine)
+        self.last_build = report
+        self._fresh()
+        return report
+
+    def sketch(
+        self,
+        dim: int | None = None,
+        rebuild: bool = False,
+        seed: int | None = None,
+        faiss_index: str | None = None,
+        vocab_buckets: int | None = None,
+        hidden_cols: int | None = None,
+        basis: str | None = None,
+    ) -> SketchReport:
+        """Add (or recompute) the prefilter sketches and their FAISS index; unset options keep the store's."""
+        from forvalue.maintenance import sketch_store
+
+        report = sketch_store(
+            self.path,
+            rebuild=rebuild,
+            dim=dim,
+            seed=seed,
+            kind=faiss_index,
+            vocab_buckets=vocab_buckets,
+            hidden_cols=hidden_cols,
+            basis=basis,
+        )
+        self._fresh()
+        return report
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def query(
+        self,
+        validation: Validation,
+        config: QueryConfig = QueryConfig(),
+        data: DataConfig = DataConfig(),
+        model: ModelConfig | None = None,
+        keep_scores: bool = False,
+        all_scores_path: str | Path | None = None,
+        engine: EngineConfig | None = None,
+    ):
+        """The top-k training samples for each validation sample (exact scores, or prefiltered ones).
+
+        Returns a :class:`~forvalue.api.QueryResult`: ``top`` (pyarrow), and the full score matrix with
+        ``keep_scores`` (or streamed to ``all_scores_path``, Parquet).
+        """
+        from forvalue.api import run_query
+
+        on_ray = engine is not None and engine.engine == "ray"
+        runner = None if on_ray else self._runner_for(model, config.device)
+        return run_query(
+            self._fresh(),
+            _paths(validation),
+            config,
+            data=data,
+            model=model,
+            runner=runner,
+            keep_scores=keep_scores,
+            all_scores_path=all_scores_path,
+            engine=engine,
+        )
+
+    def explain(
+        self,
+        validation: Validation,
+        train_id: str,
+        config: ExplainConfig = ExplainConfig(),
+        data: DataConfig = DataConfig(),
+        model: ModelConfig | None = None,
+    ):
+        """Split one score exactly into token contributions; returns an :class:`~forvalue.engine.explain.Explanation`.
+
+        Save it as a page with ``explanation.save("why.html")`` (or ``.jsonl`` / ``.parquet``).
+        """
+        from forvalue.engine.explain import explain, row_positions
+
+        row_positions(self._fresh(), [train_id])  # an unknown id fails before the model loads
+        wanted = replace(model or ModelConfig(), device=config.device)
+        runner = self._runner if self._runner_key == wanted else None  # else explain() loads it after its checks
+        return explain(self._table, _paths(validation), train_id, config, data=data, model=model, runner=runner)
+
+    def explain_results(
+        self,
+        result,
+        validation: Validation,
+        n: int,
+        folder: str | Path,
+        data: DataConfig = DataConfig(),
+        model: ModelConfig | None = None,
+        device: str = "auto",
+    ):
+        """One page per top-``n`` result of :meth:`query` (``result``) in ``folder`` and an ``index.html``.
+
+        Returns ``result.top`` with a column ``explanation`` naming each page (None beyond rank ``n``).
+        """
+        from forvalue.explain_pages import explain_query_results
+
+        runner = self._runner_for(model, device)
+        return explain_query_results(self._fresh(), runner, _paths(validation), result.top, n, folder, data)
+
+    def audit(
+        self,
+        validation: Validation,
+        name: str,
+        config: AuditConfig = AuditConfig(),
+        data: DataConfig = DataConfig(),
+        model: ModelConfig | None = None,
+        engine: EngineConfig | None = None,
+    ) -> "Audit":
+        """Value every training sample against ``validation``; save it as audit ``name`` (a new version if it exists).
+
+        Returns the :class:`Audit`; its ``run`` holds this run's counts and time split. Validation
+        encodings are cached in the store by content, so a re-run encodes only changed samples.
+        """
+        from forvalue.audit import run_audit
+        from forvalue.storage.audits import check_audit_name
+
+        check_audit_name(name)
+        on_ray = engine is not None and engine.engine == "ray"
+        wanted = replace(model or ModelConfig(), device=config.device)
+        runner = self._runner if not on_ray and self._runner_key == wanted else None
+        run = run_audit(
+            self._fresh(), _paths(validation), name, config, data=data, model=model, runner=runner, engine=engine
+        )
+        return Audit(self, name, run=run)
+
+    @property
+    def audits(self) -> "Audits":
+        """The store's audits by name (a read-only mapping of :class:`Audit`)."""
+        return Audits(self)
+
+    def distill(self, audit: str, out: str | Path, config: DistillConfig = DistillConfig()):
+        """Fit a value model on audit ``audit`` and save it to folder ``out``; returns the :class:`DistillReport`."""
+        return self.audits[audit].distill(out, config)
+
+
+class Audits(Mapping):
+    """A store's audits, name -> :class:`Audit` (read each time, so a new audit shows at once)."""
+
+    def __init__(self, store: Store):
+        self._store = store
+
+    def _infos(self) -> dict[str, AuditInfo]:
+        from forvalue.audit import audits
+
+        return {a.name: a for a in audits(self._store._fresh())}
+
+    def __getitem__(self, name: str) -> "Audit":
+        from forvalue.storage.audits import read_audit
+
+        read_audit(self._store._table, name)  # unknown names: one line listing the known ones
+        return Audit(self._store, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos())
+
+    def __len__(self) -> int:
+        return len(self._infos())
+
+    def list(self) -> list[AuditInfo]:
+        """Every audit's :class:`~forvalue.results.AuditInfo`, by name."""
+        return list(self._infos().values())
+
+    def __repr__(self) -> str:
+        return f"Audits({list(self)})"
+
+
+class Audit:
+    """One audit of a store (its latest version): scores, summary, comparisons, selections, pricing.
+
+    Attributes
+    ----------
+    name : str
+    run : AuditRun or None
+        This run's counts and time split when the handle comes from :meth:`Store.audit`.
+    """
+
+    def __init__(self, store: Store, name: str, run: AuditRun | None = None):
+        self.store = store
+        self.name = name
+        self.run = run
+
+    def __repr__(self) -> str:
+        return f"Audit('{self.name}' of {self.store.path})"
+
+    @property
+    def info(self) -> AuditInfo:
+        """The audit's metadata (version, created, counts, validation hash, settings in ``meta``)."""
+        return self.summary(0).info
+
+    def table(self):
+        """The audit's table (pyarrow): ``id``, ``label``, ``score_mean``, ``score_max``, ``rank``, ``flagged``..."""
+        from forvalue.audit import load_audit
+
+        return load_audit(self.store._fresh(), self.name)[0]
+
+    def to_arrow(self):
+        """Same as :meth:`table`."""
+        return self.table()
+
+    def to_pandas(self):
+        """The audit's table as a pandas DataFrame (needs pandas)."""
+        return self.table().to_pandas()
+
+    def summary(self, n_examples: int = 5) -> AuditSummary:
+        """Mean-score percentiles and the ``n_examples`` top and bottom samples."""
+        from forvalue.audit import audit_summary
+
+        return audit_summary(self.store._fresh(), self.name, n_examples)
+
+    def compare(self, other: "Audit | str", n_moved: int = 10) -> AuditComparison:
+        """Spearman of the two audits' mean scores, the samples that moved most, flag changes."""
+        from forvalue.audit import compare_audits
+
+        other_name = other.name if isinstance(other, Audit) else other
+        return compare_audits(self.store._fresh(), self.name, other_name, n_moved)
+
+    def select(
+        self, top: str | int | None = None, drop_bottom: str | int | None = None, output: str | Path | None = None
+    ) -> Selection:
+        """Keep the best ``top`` (``N`` or ``'N%'``) or drop the worst ``drop_bottom``; optionally write JSONL."""
+        from forvalue.audit import select_subset
+
+        top = None if top is None else str(top)
+        drop_bottom = None if drop_bottom is None else str(drop_bottom)
+        return select_subset(self.store._fresh(), self.name, top=top, drop_bottom=drop_bottom, output=output)
+
+    def pricing(
+        self, data: Sequence[str | Path], config: PricingConfig, data_config: DataConfig = DataConfig()
+    ) -> Pricing:
+        """Value per provider group (``config.group_column`` of ``data``) with bootstrap intervals."""
+        from forvalue.pricing import audit_pricing
+
+        return audit_pricing(self.store._fresh(), self.name, _paths(data), config, data_config)
+
+    def report(
+        self,
+        out: str | Path,
+        n_examples: int = 10,
+        pricing: Pricing | None = None,
+        explain_validation: Validation | None = None,
+        data: DataConfig = DataConfig(),
+        device: str = "auto",
+    ) -> Path:
+        """Write a self-contained HTML report; with ``explain_validation``, token pages for its examples."""
+        from forvalue.audit import write_audit_report
+
+        links = None
+        if explain_validation is not None:
+            from forvalue.explain_pages import explain_audit_examples
+
+            folder = Path(out).with_suffix(".explain")
+            pages = explain_audit_examples(
+                self.store._fresh(), _paths(explain_validation), self.name, folder, n_examples, data=data, device=device
+            )
+            links = {sid: f"{folder.name}/{page}" for sid, page in pages.items()}
+        return write_audit_report(self.store._fresh(), self.name, out, n_examples, pricing, links)
+
+    def distill(self, out: str | Path, config: DistillConfig = DistillConfig()):
+        """Fit a value model on this audit's values and save it to folder ``out`` (:class:`DistillReport`)."""
+        from forvalue.distill import distill_value_model
+
+        return distill_value_model(self.store._fresh(), self.name, out, config)
