@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random-initialised causal LM (built by ``forvalue.testing``), rows and CLI helpers."""
+"""Shared fixtures: a tiny random-initialised causal LM (built by ``tools.tiny_models``), rows and CLI helpers."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from forvalue.testing import make_model_dir  # noqa: F401  (tests import it from here)
+from tools.tiny_models import make_model_dir  # noqa: F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")

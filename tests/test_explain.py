@@ -15,11 +15,11 @@ from conftest import assert_one_line_error, cli, write_jsonl
 
 from forvalue.api import build_index, run_query
 from forvalue.engine.explain import Explainer, explain
-from forvalue.engine.reference import dense_matrices
 from forvalue.indexer.data import iter_samples
 from forvalue.present.explain_html import explanation_html, write_explanation
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ExplainConfig, ModelConfig, QueryConfig
 from forvalue.storage.store import Store
+from tools.reference import dense_matrices
 
 TRAIN = [
     {"id": "rev-0", "prompt": "reverse the words: the quick fox ->", "response": " fox quick the", "label": "reverse"},

@@ -16,12 +16,12 @@ import pytest
 from conftest import assert_one_line_error, cli, make_model_dir, write_jsonl
 
 from forvalue.api import add_to_index, build_index, run_query
-from forvalue.engine.reference import dense_scores
 from forvalue.indexer.data import Sample, expand_inputs, iter_samples
 from forvalue.indexer.tokenize import tokenize_sample
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
 from forvalue.schemas.errors import InputDataError
 from forvalue.storage.store import Store
+from tools.reference import dense_scores
 
 # ChatML-like with the tiny tokenizer's own special tokens; like SmolLM2's, it adds a default system turn.
 CHAT = (
@@ -83,7 +83,7 @@ def _sample(messages, context_turns=0) -> Sample:
 
 @pytest.fixture(scope="module")
 def chat_tokenizer():
-    from forvalue.testing import make_lm_tokenizer
+    from tools.tiny_models import make_lm_tokenizer
 
     tok = make_lm_tokenizer()
     tok.chat_template = CHAT
@@ -135,7 +135,7 @@ def test_conversational_prompt_completion_scores_only_the_completion(chat_tokeni
 
 
 def test_template_that_trims_content(chat_tokenizer):
-    from forvalue.testing import make_lm_tokenizer
+    from tools.tiny_models import make_lm_tokenizer
 
     tok = make_lm_tokenizer()
     tok.chat_template = TRIMMING
@@ -143,7 +143,7 @@ def test_template_that_trims_content(chat_tokenizer):
 
 
 def test_no_chat_template_renders_role_lines(chat_tokenizer):
-    from forvalue.testing import make_lm_tokenizer
+    from tools.tiny_models import make_lm_tokenizer
 
     tok = make_lm_tokenizer()
     assert not tok.chat_template

@@ -23,13 +23,13 @@ from forvalue.engine.gform import (
     token_block_bytes,
     vocab_union,
 )
-from forvalue.engine.reference import dense_scores
 from forvalue.engine.scorer import BlockedScorer, ExactScorer
 from forvalue.engine.validation import encode_validation
 from forvalue.indexer.data import iter_samples
 from forvalue.schemas.config import AuditConfig, BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
 from forvalue.storage.rows import decode_block
 from forvalue.storage.store import Store
+from tools.reference import dense_scores
 
 LABELS = ("reverse", "math", "caps")
 

@@ -161,3 +161,50 @@ def test_stage_folders_import_only_earlier_stages(stage):
             assert target.startswith(tuple(p + "." for p in ALLOWED[stage])) or target in ALLOWED[stage], (
                 f"{name} imports {target}"
             )
+
+
+# Layers inside the package, lowest first; a module imports only modules of its own layer or lower ones
+# (module level and inside functions). The README's "Code layout" describes the same layers.
+LAYERS = (
+    ("stages", ("forvalue.schemas", "forvalue.storage", "forvalue.indexer")),
+    (
+        "session",
+        ("forvalue.session", "forvalue.metrics", "forvalue.results", "forvalue.present", "forvalue.value_model"),
+    ),
+    ("data", ("forvalue.tasks",)),  # the demo's generated task (pure data, imports nothing of the package)
+    ("engine", ("forvalue.engine",)),
+    ("workflows", ("forvalue.api", "forvalue.audit", "forvalue.maintenance", "forvalue.distill", "forvalue.pricing")),
+    ("workflows", ("forvalue.explain_pages",)),
+    ("facade", ("forvalue.store",)),
+    ("entry points", ("forvalue.demo", "forvalue.cli", "forvalue.__main__", "forvalue")),
+)
+
+
+def _layer(module: str) -> int:
+    best = None
+    for rank, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            inside = module == p or (p != "forvalue" and module.startswith(p + "."))
+            if inside and (best is None or len(p) > len(best[1])):
+                best = (rank, p)
+    assert best is not None, f"{module} is in no layer: add it to LAYERS (and to the README's Code layout)"
+    names = list(dict.fromkeys(layer for layer, _ in LAYERS))  # layers listed twice share a rank
+    return names.index(LAYERS[best[0]][0])
+
+
+def test_modules_import_only_their_own_or_lower_layers():
+    modules = _source_modules()
+    problems = []
+    for name, file in modules.items():
+        for target in _imports(file, set(modules)):
+            if _layer(target) > _layer(name):
+                problems.append(f"{name} (layer {_layer(name)}) imports {target} (layer {_layer(target)})")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_layer_check_knows_every_module_and_can_fail():
+    for name in _source_modules():
+        _layer(name)
+    assert _layer("forvalue.engine.scorer") > _layer("forvalue.session")
+    assert _layer("forvalue.audit") == _layer("forvalue.explain_pages") > _layer("forvalue.engine.gform")
+    assert _layer("forvalue.store") > _layer("forvalue.audit")

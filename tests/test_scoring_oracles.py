@@ -8,9 +8,9 @@ import torch
 from conftest import write_jsonl
 
 from forvalue.api import build_index, run_query
-from forvalue.engine.reference import dense_matrices, dense_scores
 from forvalue.indexer.data import iter_samples
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
+from tools.reference import dense_matrices, dense_scores
 
 
 def _build_and_score(tmp_path, model_dir, rows, val_rows, encode: EncodeConfig, **query_kwargs):

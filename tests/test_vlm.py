@@ -13,11 +13,11 @@ import torch
 from conftest import assert_one_line_error, cli, write_jsonl
 
 from forvalue.api import build_index, run_query
-from forvalue.engine.reference import dense_scores
 from forvalue.indexer.data import iter_samples
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
-from forvalue.tasks.images import generate
-from forvalue.testing import make_vlm_dir, qwen2vl_processor
+from tools.image_task import generate
+from tools.reference import dense_scores
+from tools.tiny_models import make_vlm_dir, qwen2vl_processor
 
 IMG = DataConfig(image_column="image")
 
@@ -117,7 +117,7 @@ def test_stored_targets_are_the_responses(vlm_runner, vlm_dir, task, tmp_path):
 
 def test_dense_reference_equals_lm_head_gradient_inner_product(vlm_runner, task):
     """For the VLM too, the reference score is the inner product of LM-head gradients of the response log-likelihood."""
-    from forvalue.engine.reference import _image_inputs
+    from tools.reference import _image_inputs
 
     model = vlm_runner.model
     samples = _samples(task[0])[:2] + _samples(task[1])[:2]

@@ -1,6 +1,6 @@
 """Benchmark of start-up: wall time of the commands that load no model, and what their imports cost.
 
-Builds a small store with the tiny offline model (``forvalue.testing``; the store's contents do
+Builds a small store with the tiny offline model (``tools.tiny_models``; the store's contents do
 not matter here), runs an audit on it, then times each light command ``--reps`` times in a fresh
 process (``forvalue index info``, ``index check``, ``audit list``, ``audit show``, ``select``,
 ``--help``) next to ``python -c pass`` and the bare imports of the heavy libraries the light
@@ -68,7 +68,7 @@ def make_store(work: Path) -> Path:
     from forvalue.audit import run_audit
     from forvalue.indexer.build import build_index
     from forvalue.schemas.config import AuditConfig, BuildConfig, ModelConfig
-    from forvalue.testing import make_model_dir
+    from tools.tiny_models import make_model_dir
 
     model = make_model_dir(work / "model")
     rows = [

@@ -4,7 +4,7 @@ On a generated DataInf task (default: sentence transformations, 10 classes x
 ``--train-per-class`` training samples, ``--n-val`` validation samples spread over the
 classes) with the default model (SmolLM2-135M-Instruct, float32 weights):
 
-* dense: ``forvalue.engine.reference.dense_scores`` (full-vocabulary softmax errors, float32
+* dense: ``tools.reference.dense_scores`` (full-vocabulary softmax errors, float32
   hidden states, float64 sums);
 * store path: one store per ``m`` in ``--m-values`` and per hidden storage dtype,
   built with ``build_index`` and queried with ``run_query(keep_scores=True)``.
@@ -53,7 +53,7 @@ def top_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
 
 
 class _OnDevice:
-    """Lets ``forvalue.engine.reference`` (which builds CPU tensors) drive a model on a GPU."""
+    """Lets ``tools.reference`` (which builds CPU tensors) drive a model on a GPU."""
 
     def __init__(self, model, device):
         self.model, self.device = model, device
@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve(args.device)
     quiet_transformers()
     from forvalue.api import run_query
-    from forvalue.engine.reference import dense_scores
     from forvalue.indexer.build import build_index
     from forvalue.indexer.data import iter_samples
     from forvalue.indexer.model_runner import load_runner
@@ -86,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
     from forvalue.storage.store import Store
     from forvalue.tasks.text import generate_task, write_jsonl
+    from tools.reference import dense_scores
 
     model_config = ModelConfig(device=str(device), dtype="float32")
     runner = load_runner(model_config)
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Task `{args.task}` (seed {args.seed}): {len(train)} training samples ({args.train_per_class} per class), "
             f"{len(val)} validation samples (classes {', '.join(sorted(set(val_labels)))}); SmolLM2-135M-Instruct "
             "float32, "
-            "whole text scored. Dense = `forvalue.engine.reference.dense_scores` (full-vocabulary errors, float32 "
+            "whole text scored. Dense = `tools.reference.dense_scores` (full-vocabulary errors, float32 "
             "hidden, float64 sums). "
             "Spearman, relative L2 error (||s - s_dense|| / ||s_dense|| per validation sample) and top-10 overlap "
             "are means over validation samples; median rel. error is over all (validation, train) pairs; "

@@ -1,4 +1,4 @@
-"""Vision-language valuation on the generated shapes/captions task (forvalue.tasks.images).
+"""Vision-language valuation on the generated shapes/captions task (tools.image_task).
 
 Builds a store of the training images + captions, queries it with the test images, and
 reports index/query time, same-class retrieval (AUC, recall at class size) and, on the
@@ -6,7 +6,7 @@ mislabeled variants, detection AUC of flipped captions (cosine scores, max over 
 validation samples, lowest = flagged; as ``forvalue audit run --normalize cosine --flag-by max``).
 
 Without ``--model`` it runs a tiny random-initialised Qwen2-VL built offline
-(``forvalue.testing.make_vlm_dir``, the one the tests use): that checks plumbing and cost,
+(``tools.tiny_models.make_vlm_dir``, the one the tests use): that checks plumbing and cost,
 not quality. With ``--model`` pointing at a local Qwen2.5-VL-3B-Instruct folder (and
 ``--device cuda``) it is the paper's setting.
 
@@ -28,8 +28,8 @@ from forvalue.api import build_index, run_query
 from forvalue.indexer.data import iter_samples
 from forvalue.metrics import class_retrieval, roc_auc
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
-from forvalue.tasks.images import generate
 from tools.common import add_common_args, apply_threads, emit, machine_info, quiet_transformers
+from tools.image_task import generate
 
 
 def blank_images(train: Path, test: Path, size: int) -> None:
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         model_dir = args.model
         if model_dir is None:
-            from forvalue.testing import make_vlm_dir
+            from tools.tiny_models import make_vlm_dir
 
             model_dir = str(make_vlm_dir(work / "tiny-qwen2vl"))
         runner, results = None, []

@@ -13,7 +13,7 @@ with ``--image-column image`` as they are.
 
 Usage::
 
-    python -m forvalue.tasks.images --out DIR [--mislabeled 0.2] [--size 56]
+    python -m tools.image_task --out DIR [--mislabeled 0.2] [--size 56]
 """
 
 from __future__ import annotations
