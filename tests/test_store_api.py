@@ -1,0 +1,111 @@
+"""The public handle (forvalue.store): forvalue.open/build, Store and Audit methods, typed results (forvalue.results)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pytest
+from conftest import cli, write_jsonl
+
+import forvalue
+import forvalue.session
+from forvalue.results import AuditComparison, AuditInfo, AuditSummary, CheckReport, Selection, StoreInfo
+from forvalue.schemas.errors import ForValueError, StoreError
+
+
+@pytest.fixture
+def st(tmp_path, tiny_model_dir, toy_rows):
+    write_jsonl(tmp_path / "train.jsonl", toy_rows)
+    write_jsonl(tmp_path / "val.jsonl", [dict(toy_rows[0], id="v0"), dict(toy_rows[1], id="v1")])
+    cfg = forvalue.BuildConfig(model=forvalue.ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False)
+    return forvalue.build(tmp_path / "train.jsonl", tmp_path / "store", cfg)
+
+
+def test_build_and_open_give_the_same_store(st, toy_rows):
+    assert st.last_build.written == len(toy_rows) and len(st) == len(toy_rows)
+    again = forvalue.open(st.path)
+    assert again.manifest == st.manifest and len(again) == len(st)
+    assert repr(again).startswith(f"Store('{st.path}'")
+
+
+def test_open_refuses_what_is_not_a_store(tmp_path):
+    with pytest.raises(StoreError, match="no such store"):
+        forvalue.open(tmp_path / "nope")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(StoreError, match="not a forvalue store"):
+        forvalue.open(tmp_path / "plain")
+
+
+def test_info_and_check_are_typed_and_match_the_cli(st, toy_rows):
+    info = st.info()
+    assert isinstance(info, StoreInfo) and info.samples == len(toy_rows) and info.labels == {"math": 6, "reverse": 6}
+    assert "12 samples" in repr(info)
+    printed = json.loads(cli("index", "info", "--store", str(st.path), "--json").output)
+    assert printed == json.loads(json.dumps(info.as_dict(), default=str))
+    report = st.check()
+    assert isinstance(report, CheckReport) and report.clean and report.rows == len(toy_rows)
+    assert "_duplicate_addresses" not in report.as_dict()
+    assert json.loads(cli("index", "check", "--store", str(st.path), "--json").output) == report.as_dict()
+
+
+def test_query_takes_one_path_or_many_and_loads_the_model_once(st, monkeypatch):
+    val = st.path.parent / "val.jsonl"
+    loads = []
+    real = forvalue.session.load_store_runner
+    monkeypatch.setattr(forvalue.session, "load_store_runner", lambda *a, **k: loads.append(1) or real(*a, **k))
+    cfg = forvalue.QueryConfig(top_k=3, progress=False, device="cpu")
+    one = st.query(str(val), cfg, keep_scores=True)
+    many = st.query([val], cfg, keep_scores=True)
+    assert one.top.equals(many.top) and one.scores.shape == (2, len(st))
+    e = st.explain(val, "rev-1", forvalue.ExplainConfig(device="cpu"))
+    assert e.score == pytest.approx(float(one.scores[0][one.train_ids.index("rev-1")]), rel=1e-6)
+    assert len(loads) == 1  # query, query and explain share the handle's model
+    assert e.to_arrow().num_rows == len(e.rows()) and "Explanation(S = " in repr(e)
+
+
+def test_query_equals_the_cli(st, tmp_path):
+    val = st.path.parent / "val.jsonl"
+    res = cli("query", "--store", str(st.path), "-v", str(val), "--top-k", "4", "-o", str(tmp_path / "t.parquet"))
+    assert res.exit_code == 0, res.output
+    import pyarrow.parquet as pq
+
+    api = st.query(val, forvalue.QueryConfig(top_k=4, progress=False)).top
+    assert pq.read_table(tmp_path / "t.parquet").equals(api)
+
+
+def test_audits_mapping_summary_compare_select(st, toy_rows, tmp_path):
+    val = st.path.parent / "val.jsonl"
+    assert len(st.audits) == 0 and list(st.audits) == []
+    a = st.audit(str(val), "a", forvalue.AuditConfig(progress=False, device="cpu"))
+    assert a.run.version == 1 and a.run.n_train == len(toy_rows) and "AuditRun('a' v1" in repr(a.run)
+    write_jsonl(tmp_path / "math.jsonl", [r for r in toy_rows if r["label"] == "math"][:2])
+    st.audit(tmp_path / "math.jsonl", "m", forvalue.AuditConfig(progress=False, device="cpu"))
+    assert sorted(st.audits) == ["a", "m"] and "a" in st.audits
+    assert all(isinstance(i, AuditInfo) for i in st.audits.list())
+    with pytest.raises(ForValueError, match="no audit named 'zz' .known: a, m"):
+        st.audits["zz"]
+    s = st.audits["a"].summary(3)
+    assert isinstance(s, AuditSummary) and len(s.top) == len(s.bottom) == 3 and s.info.name == "a"
+    assert s.to_arrow().column("part").to_pylist() == ["top"] * 3 + ["bottom"] * 3
+    c = st.audits["a"].compare(st.audits["m"])
+    assert isinstance(c, AuditComparison) and c.common == len(toy_rows) and -1 <= c.spearman <= 1
+    assert st.audits["a"].compare("a").spearman == pytest.approx(1.0)
+    assert c.to_arrow().column_names == ["id", "rank_a", "rank_b"]
+    chosen = st.audits["a"].select(top="25%", output=tmp_path / "s.jsonl")
+    table = st.audits["a"].table()
+    best = sorted(table.to_pylist(), key=lambda r: r["rank"])[:3]
+    assert isinstance(chosen, Selection) and [r["id"] for r in chosen.rows()] == [r["id"] for r in best]
+    assert len(chosen) == 3 and repr(chosen).startswith("Selection(3 of 12 samples")
+    assert (tmp_path / "s.jsonl").read_text().count("\n") == 3
+    assert st.audits["a"].select(top=3).rows() == chosen.rows()  # an int is a count, as "3"
+    assert isinstance(st.audits["a"].to_arrow(), pa.Table)
+    page = st.audits["a"].report(tmp_path / "r.html")
+    assert page.read_text().count("data:image/png;base64,") == 2
+
+
+def test_result_dicts_are_json_ready(st):
+    val = st.path.parent / "val.jsonl"
+    a = st.audit(val, "a", forvalue.AuditConfig(progress=False, device="cpu"))
+    for result in (st.info(), st.check(), a.run, a.summary(), a.compare("a"), a.select(top=2)):
+        json.dumps(result.as_dict())
