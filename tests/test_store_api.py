@@ -1,4 +1,4 @@
-"""The public handle (forvalue.store): forvalue.open/build, Store and Audit methods, typed results (forvalue.results)."""
+"""The public handle (forvalue.store): open/build, Store and Audit methods, typed results (forvalue.results)."""
 
 from __future__ import annotations
 
