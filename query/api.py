@@ -19,14 +19,13 @@ import numpy as np
 import pyarrow as pa
 
 from forvalue.engine.ranking import TopK
-from forvalue.engine.scorer import BlockedScorer, TrainBlock, decode_block
-from forvalue.engine.validation import ValidationSet, data_for_store, encode_validation, load_validation_samples
+from forvalue.engine.scan import score_all
+from forvalue.engine.validation import data_for_store, encode_validation, load_validation_samples
 from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
 from forvalue.present.output import ScoreWriter, check_output_path
 from forvalue.schemas.config import BuildConfig, DataConfig, EngineConfig, ModelConfig, QueryConfig
 from forvalue.schemas.errors import ConfigError
-from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.session import load_store_runner, open_nonempty, settings_for_store
 from forvalue.storage.store import Store
 
@@ -36,7 +35,6 @@ __all__ = [
     "BuildReport",
     "run_query",
     "QueryResult",
-    "score_all",
 ]
 
 
@@ -98,38 +96,6 @@ def add_to_index(
     """
     manifest = Store.open(store).manifest
     return build_index(data_paths, store, settings_for_store(manifest, config), engine=engine)
-
-
-def score_all(store: str | Path | Store, val: ValidationSet, config: QueryConfig, device, sink=None):
-    """Stream the whole store through the exact scorer; yields ``(first_row, ids, labels, scores)``.
-
-    ``scores`` is float64 of shape ``(rows, n_val)`` (or ``(rows, 1)`` with
-    ``aggregate='mean'``), already normalized per ``config.normalize``. The mean is scored in the
-    G-form (one matrix ``mean_v G_v``) when :func:`forvalue.engine.gform.choose_form` finds it cheaper.
-    """
-    from forvalue.engine.gform import BlockedGForm, choose_form
-
-    store = open_nonempty(store)
-    gform = config.aggregate == "mean" and choose_form(val, 1) == "gform"
-    if gform:  # one matrix mean_v G_v scored against every stored row (forvalue.engine.gform, docs/gform.md)
-        scorer = BlockedGForm(val, np.full((len(val), 1), 1.0 / len(val)), device)
-        val_norms = np.sqrt(np.maximum(scorer.sq_frobenius(), 0.0))
-    else:
-        scorer = BlockedScorer(val, device, config.val_block_tokens)
-        val_norms = np.sqrt(val.sq_norms)
-    if config.aggregate == "mean" and not gform:
-        gram = scorer.score(TrainBlock(val.hidden, val.ids, val.values, val.lengths, val.sq_norms))
-        val_norms = np.sqrt(np.array([max(gram.mean(), 0.0)]))
-    first = 0
-    for batch in store.scan(SCORING_COLUMNS + ["id", "label"], batch_size=config.read_rows):
-        block = decode_block(batch, store.manifest.hidden_size)
-        scores = scorer.score(block)
-        if config.aggregate == "mean" and not gform:
-            scores = scores.mean(axis=1, keepdims=True)
-        if config.normalize == "cosine":
-            scores = scores / np.maximum(np.sqrt(block.sq_norms)[:, None] * val_norms[None, :], 1e-30)
-        yield first, batch.column("id").to_pylist(), batch.column("label").to_pylist(), scores
-        first += batch.num_rows
 
 
 def run_query(
@@ -213,7 +179,6 @@ def run_query(
                 config,
                 config.device,
                 engine,
-                score_all,
                 keep=keep_scores or writer is not None,
                 progress=config.progress,
             )

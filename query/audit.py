@@ -112,7 +112,7 @@ def run_audit(
     groups = sorted({l for l in val_labels if l is not None})
     encoded_at = time.perf_counter()
     # aggregates in the G-form, or per-sample scores in bounded token-form blocks (forvalue.engine.gform)
-    from forvalue.engine.gform import audit_scan
+    from forvalue.engine.scan import audit_scan
 
     options = dict(normalize=config.normalize, read_rows=config.read_rows, need_max=config.flag_by == "max")
     if engine is not None and engine.engine == "ray":  # the same scan on Ray actors (forvalue.engine.ray_scan)

@@ -11,18 +11,9 @@ from conftest import write_jsonl
 from forvalue.api import build_index, run_query
 from forvalue.audit import load_audit, run_audit
 from forvalue.audit import write_audit_report as audit_report
-from forvalue.engine.gform import (
-    BlockedGForm,
-    GFormScorer,
-    aggregate_weights,
-    audit_scan,
-    bounded_val_blocks,
-    choose_form,
-    plan_passes,
-    read_ahead,
-    token_block_bytes,
-    vocab_union,
-)
+from forvalue.engine.gform import BlockedGForm, GFormScorer, aggregate_weights, vocab_union
+from forvalue.engine.plan import bounded_val_blocks, choose_form, plan_passes, token_block_bytes
+from forvalue.engine.scan import audit_scan, read_ahead
 from forvalue.engine.scorer import BlockedScorer, ExactScorer
 from forvalue.engine.validation import encode_validation
 from forvalue.indexer.data import iter_samples

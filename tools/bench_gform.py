@@ -4,7 +4,7 @@ On a synthetic store (``tools.make_synthetic_store``: no model; its ``validation
 validation encodings, so no encoding time is in any number) this times, for each validation-set
 size ``n`` (the first ``n`` validation samples):
 
-* the G-form audit scan (``forvalue.engine.gform.audit_scan(form="gform")``, the mean aggregate,
+* the G-form audit scan (``forvalue.engine.scan.audit_scan(form="gform")``, the mean aggregate,
   building ``Gbar`` included) over the whole store;
 * the token-form scan (``form="token"``, what every audit ran before: all per-sample scores, their
   mean and max) over the first ``--token-rows * min(sizes) / n`` stored rows (at least 64), scaled
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from forvalue.engine.gform import audit_scan, choose_form
+from forvalue.engine.plan import choose_form
+from forvalue.engine.scan import audit_scan
 from forvalue.engine.validation import ValidationSet
 from forvalue.indexer.data import Sample
 from forvalue.schemas.tables import SCORING_COLUMNS

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from forvalue.api import score_all
 from forvalue.engine.prefilter import prefilter_topk
 from forvalue.engine.ranking import TopK
+from forvalue.engine.scan import score_all
 from forvalue.engine.validation import ValidationSet
 from forvalue.schemas.config import QueryConfig
 from forvalue.storage import faiss_index

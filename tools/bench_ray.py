@@ -131,8 +131,8 @@ def scan_main(args) -> None:
     import torch
 
     from forvalue import EngineConfig
-    from forvalue.engine.gform import audit_scan
     from forvalue.engine.ray_scan import ray_audit_scan
+    from forvalue.engine.scan import audit_scan
     from forvalue.storage.store import Store
     from tools.bench_gform import load_validation, plain_read
 

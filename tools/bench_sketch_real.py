@@ -6,7 +6,7 @@
 Builds (once, through the product's ``build_index``) a store of the three generated benchmark
 tasks (``forvalue.tasks.text``; default 10 classes x 30 train + 2 validation per class and task,
 900 training samples, 30 classes) with the default SmolLM2, encodes the validation samples
-and scores them exactly (``forvalue.api.score_all``). Then, for each sketch variant
+and scores them exactly (``forvalue.engine.scan.score_all``). Then, for each sketch variant
 (``basis:R:c``; the hidden basis fitted from the store's first hidden states with
 ``forvalue.indexer.sketch.fit_basis``, as a build does), with the product's ``Sketcher``:
 
@@ -70,7 +70,8 @@ def main(argv=None) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from forvalue.api import build_index, load_store_runner, run_query, score_all
+    from forvalue.api import build_index, run_query
+    from forvalue.engine.scan import score_all
     from forvalue.engine.scorer import decode_block
     from forvalue.engine.validation import encode_validation, load_validation_samples
     from forvalue.indexer.build import BASIS_FIT_TOKENS
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     from forvalue.metrics import class_retrieval
     from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
     from forvalue.schemas.tables import SCORING_COLUMNS
+    from forvalue.session import load_store_runner
     from forvalue.storage.store import Store
 
     a.workdir.mkdir(parents=True, exist_ok=True)

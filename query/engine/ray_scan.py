@@ -5,8 +5,8 @@ store's Lance fragments (of the version this process opened) into contiguous ran
 ``4 x workers`` of them. The encoded validation set is put into Ray's object store once; every
 task receives the reference, and its arrays are read from the node's shared object store without
 a copy (one transfer per node, not per task). Each task scores one
-range with the single-process code itself (:func:`forvalue.engine.gform.audit_scan` for an audit,
-:func:`forvalue.api.score_all` for a query) on a :class:`FragmentStore` view, so the per-row
+range with the single-process code itself (:func:`forvalue.engine.scan.audit_scan` for an audit,
+:func:`forvalue.engine.scan.score_all` for a query) on a :class:`FragmentStore` view, so the per-row
 arithmetic is the single-process one; this process merges the ranges in storage order:
 
 - an audit's per-row columns (ids, labels, mean, per-label means, max) are concatenated;
@@ -92,15 +92,15 @@ class Scorer:
         self.device = resolve_device(device)
 
     def audit(self, val, path: str, version: int, fragment_ids: list, kwargs: dict):
-        """:func:`forvalue.engine.gform.audit_scan` of ``val`` (a ValidationSet, resolved by Ray from the
+        """:func:`forvalue.engine.scan.audit_scan` of ``val`` (a ValidationSet, resolved by Ray from the
         reference the driver put once) over ``fragment_ids``; returns its ``AuditScan``."""
-        from forvalue.engine.gform import audit_scan
+        from forvalue.engine.scan import audit_scan
 
         view = FragmentStore(path, version, fragment_ids)
         return audit_scan(view, val, device=self.device, progress=False, **kwargs)
 
-    def query(self, val, path: str, version: int, fragment_ids: list, first_row: int, config, keep: bool, score_all):
-        """``score_all`` (:func:`forvalue.api.score_all`) of ``val`` over ``fragment_ids``, reduced to a top-k.
+    def query(self, val, path: str, version: int, fragment_ids: list, first_row: int, config, keep: bool):
+        """``score_all`` (:func:`forvalue.engine.scan.score_all`) of ``val`` over ``fragment_ids``, reduced to a top-k.
 
         Returns
         -------
@@ -109,6 +109,7 @@ class Scorer:
             ``blocks``: the ``(ids, labels, scores)`` blocks when ``keep``, else None.
         """
         from forvalue.engine.ranking import TopK
+        from forvalue.engine.scan import score_all
 
         view = FragmentStore(path, version, fragment_ids)
         top, blocks = None, [] if keep else None
@@ -177,7 +178,7 @@ def ray_audit_scan(
     desc: str = "audit",
     **kwargs,
 ):
-    """:func:`forvalue.engine.gform.audit_scan` of the whole store on Ray actors; the same ``AuditScan``.
+    """:func:`forvalue.engine.scan.audit_scan` of the whole store on Ray actors; the same ``AuditScan``.
 
     ``kwargs`` are audit_scan's (``normalize``, ``read_rows``, ``need_max``, ``form``, ``budget``).
     """
@@ -185,7 +186,7 @@ def ray_audit_scan(
 
     from tqdm.auto import tqdm
 
-    from forvalue.engine.gform import AuditScan
+    from forvalue.engine.scan import AuditScan
     from forvalue.indexer.ray_build import ray_session, release
 
     started = time.perf_counter()
@@ -224,9 +225,9 @@ def ray_audit_scan(
 
 
 def ray_score_topk(
-    store: Store, val, config, device: str, engine: EngineConfig, score_all, keep: bool = False, progress: bool = False
+    store: Store, val, config, device: str, engine: EngineConfig, keep: bool = False, progress: bool = False
 ):
-    """The exact query's scan (``score_all``: :func:`forvalue.api.score_all`) on Ray actors: ``(top, blocks)``.
+    """The exact query's scan (:func:`forvalue.engine.scan.score_all`) on Ray actors: ``(top, blocks)``.
 
     ``top`` is a :class:`forvalue.engine.ranking.TopK` holding, per column, the ``top_k`` best rows
     of the whole store (storage positions); ``blocks`` the ``(first_row, ids, labels, scores)``
@@ -244,7 +245,7 @@ def ray_score_topk(
         sizes = [sum(store._snapshot.get_fragment(i).count_rows() for i in ids) for ids, _ in ranges]
         path, version = str(store.path), store.version()
         refs = [
-            actors[k % len(actors)].query.remote(val_ref, path, version, ids, first, config, keep, score_all)
+            actors[k % len(actors)].query.remote(val_ref, path, version, ids, first, config, keep)
             for k, (ids, first) in enumerate(ranges)
         ]
         bar = tqdm(

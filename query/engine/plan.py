@@ -1,0 +1,102 @@
+"""Planning a scan: which form scores it (the cost model of docs/gform.md) and how validation blocks fit memory.
+
+:func:`choose_form` picks the G-form (one matrix per aggregate, :mod:`forvalue.engine.gform`) or the
+token form (:mod:`forvalue.engine.scorer`) by their cost per stored token; :func:`bounded_val_blocks`
+and :func:`plan_passes` split per-validation-sample scoring into blocks and passes over the store
+whose scorers fit a memory budget (:func:`memory_budget`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from forvalue.engine.validation import ValidationSet
+
+# Cost model (docs/gform.md). Per stored token the token form costs ~ T_v (d + m + 3) operations at
+# BLAS speed; the G-form costs ~ A (m + 1) d gathered (memory-bound) multiply-adds, each worth
+# GATHER_COST token-form operations: on the 2-core development CPU (d = 576, m = 32, 41k stored tokens)
+# the two forms took the same time at T_v ~ 100 validation tokens (docs/gform.md).
+GATHER_COST = 3.0
+# Validation tokens per token-form block (as QueryConfig.val_block_tokens).
+VAL_BLOCK_TOKENS = 4096
+
+
+def memory_budget(device: torch.device | str, fraction: float = 0.25) -> int:
+    """Bytes the scorer may hold: ``fraction`` of the free accelerator memory or of the available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * fraction)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: line.split()[1] for line in f}
+        available = int(info["MemAvailable"]) * 1024
+    except (OSError, KeyError, ValueError, IndexError):
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(available * fraction)
+
+
+def token_cost(val_tokens: int, hidden_size: int, entries: int) -> float:
+    """Token-form operations per stored token against ``val_tokens`` validation tokens (``entries`` = m + 1)."""
+    return float(val_tokens) * (hidden_size + entries + 2)
+
+
+def gform_cost(n_aggregates: int, hidden_size: int, entries: int) -> float:
+    """G-form operations per stored token for ``n_aggregates`` matrices, in token-form units."""
+    return GATHER_COST * n_aggregates * (entries + 1) * hidden_size
+
+
+def choose_form(val: ValidationSet, n_aggregates: int) -> str:
+    """``"gform"`` or ``"token"``: the form with the lower cost per stored token (build costs amortised)."""
+    hidden_size, entries = val.hidden.shape[1], val.ids.shape[1]
+    cheaper = gform_cost(n_aggregates, hidden_size, entries) < token_cost(val.ids.shape[0], hidden_size, entries)
+    return "gform" if cheaper else "token"
+
+
+def token_block_bytes(n_tokens: int, n_vocab: int, hidden_size: int) -> int:
+    """Bytes an :class:`~forvalue.engine.scorer.ExactScorer` holds for a block (dense errors + hidden)."""
+    return 4 * (n_vocab + 1) * n_tokens + 4 * n_tokens * hidden_size + 16 * n_tokens
+
+
+def bounded_val_blocks(val: ValidationSet, budget: int, max_tokens: int = VAL_BLOCK_TOKENS) -> list[np.ndarray]:
+    """Validation sample indices in blocks of at most ``max_tokens`` tokens whose scorer fits ``budget / 4`` bytes.
+
+    A single sample larger than that is a block of its own.
+    """
+    offsets = np.concatenate([[0], np.cumsum(val.lengths)])
+    d = val.hidden.shape[1]
+    cap = max(1, budget // 4)
+    groups, current, tokens, seen = [], [], 0, set()
+    for j, n in enumerate(val.lengths):
+        ids = np.unique(val.ids[offsets[j] : offsets[j + 1]])
+        grown = seen.union(ids.tolist())
+        if current and (tokens + n > max_tokens or token_block_bytes(tokens + int(n), len(grown), d) > cap):
+            groups.append(np.array(current))
+            current, tokens, grown = [], 0, set(ids.tolist())
+        current.append(j)
+        tokens += int(n)
+        seen = grown
+    if current:
+        groups.append(np.array(current))
+    return groups
+
+
+def plan_passes(val: ValidationSet, blocks: list[np.ndarray], budget: int) -> list[list[int]]:
+    """Group validation blocks into passes over the store, each pass's scorers within ``budget`` bytes."""
+    offsets = np.concatenate([[0], np.cumsum(val.lengths)])
+    d = val.hidden.shape[1]
+    passes, current, used = [], [], 0
+    for b, group in enumerate(blocks):
+        rows = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in group])
+        size = token_block_bytes(rows.size, np.unique(val.ids[rows]).size, d)
+        if current and used + size > budget:
+            passes.append(current)
+            current, used = [], 0
+        current.append(b)
+        used += size
+    if current:
+        passes.append(current)
+    return passes
