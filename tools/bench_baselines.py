@@ -72,6 +72,19 @@ def _target_mask(tokenized, idx, longest: int) -> torch.Tensor:
     return m
 
 
+def token_nll(model, tokenized, idx, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NLL (n_scored,) of the scored targets of a batch, and the batch row of each (the LM head runs on the
+    scored positions only)."""
+    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+    sel = _target_mask(tokenized, idx, ids.shape[1]).to(ids.device)
+    tgt = torch.zeros_like(ids)
+    tgt[:, :-1] = ids[:, 1:]
+    logits = model.get_output_embeddings()(hidden[sel]).float()
+    nll = torch.nn.functional.cross_entropy(logits, tgt[sel], reduction="none")
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(sel)[sel]
+    return nll, rows
+
+
 @torch.no_grad()
 def emb_vectors(runner, tokenized, batch_size: int = 8) -> np.ndarray:
     """Sum of last hidden states over the scored positions, float64 (n, d)."""
@@ -127,8 +140,10 @@ class LoraGradients:
     ) -> float:
         """Train the adapters (``A`` and ``B``, AdamW) for ``epochs`` over ``tokenized``; returns seconds.
 
-        Loss: mean negative log-likelihood of the scored tokens of a batch (the model's own
-        weights frozen). Batches are length-sorted, visited in a seeded random order per epoch.
+        Loss: mean negative log-likelihood of the scored tokens of a batch (:func:`token_nll`; the
+        model's own weights frozen). The one fine-tune loop of the benchmarks (the selection suite's
+        :class:`tools.selection_lora.Lora` calls it too). Batches are length-sorted, visited in a seeded
+        random order per epoch.
         ``accum`` micro-batches (each loss divided by ``accum``) make one optimizer step, and an
         epoch's last micro-batch always closes a step, as in the HF ``Trainer``: DataInf's
         reference fine-tune (batch 64 x 16 accumulation) is one step per epoch on 900 samples.
@@ -154,12 +169,8 @@ class LoraGradients:
                 order = rng.permutation(len(batches))
                 for n, b in enumerate(order):
                     idx, ids, mask = batches[b]
-                    ids, mask = ids.to(device), mask.to(device)
-                    logits = model(input_ids=ids, attention_mask=mask).logits.float()
-                    sel = _target_mask(tokenized, idx, ids.shape[1]).to(device)[:, :-1]
-                    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(2, ids[:, 1:, None]).squeeze(2)
-                    loss = -(logp * sel).sum() / sel.sum().clamp(min=1) / accum
-                    loss.backward()
+                    nll, _ = token_nll(model, tokenized, idx, ids.to(device), mask.to(device))
+                    (nll.sum() / max(nll.numel(), 1) / accum).backward()
                     if (n + 1) % accum == 0 or n + 1 == len(order):
                         opt.step()
                         opt.zero_grad()

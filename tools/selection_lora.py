@@ -22,7 +22,7 @@ import torch
 
 from forvalue.indexer.data import Sample
 from forvalue.indexer.tokenize import TokenizedSample, tokenize_sample
-from tools.bench_baselines import LoraGradients, _batches
+from tools.bench_baselines import LoraGradients, _batches, token_nll
 
 
 def sft_tokenize(tokenizer, rows: list[dict], max_length: int) -> list[TokenizedSample]:
@@ -45,27 +45,6 @@ def sft_tokenize(tokenizer, rows: list[dict], max_length: int) -> list[Tokenized
         ids = list(t.input_ids) + ([int(eos)] if eos is not None else [])
         out.append(TokenizedSample(s, ids, t.first_target, t.truncated))
     return out
-
-
-def _scored(tokenized, idx, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) bool of positions that predict a scored target, and (B, T) next-token targets."""
-    sel = torch.zeros(ids.shape, dtype=torch.bool)
-    for row, j in enumerate(idx):
-        t = tokenized[j]
-        sel[row, t.first_target - 1 : len(t.input_ids) - 1] = True
-    tgt = torch.zeros_like(ids)
-    tgt[:, :-1] = ids[:, 1:]
-    return sel.to(ids.device), tgt
-
-
-def _token_nll(model, tokenized, idx, ids, mask) -> tuple[torch.Tensor, torch.Tensor]:
-    """NLL (n_scored,) of the scored targets of a batch and the batch row of each."""
-    hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-    sel, tgt = _scored(tokenized, idx, ids)
-    logits = model.get_output_embeddings()(hidden[sel]).float()
-    nll = torch.nn.functional.cross_entropy(logits, tgt[sel], reduction="none")
-    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(sel)[sel]
-    return nll, rows
 
 
 class Lora:
@@ -96,38 +75,9 @@ class Lora:
         self.grads.adapted = True
 
     def finetune(self, tokenized, epochs: int, lr: float, batch_size: int, seed: int) -> float:
-        """AdamW on the adapters (``A`` and ``B``), one step per batch; returns seconds.
-
-        Batches are length-sorted and visited in a seeded random order each epoch; the loss is
-        the mean NLL of the scored tokens of the batch.
-        """
-        started = time.perf_counter()
-        model = self.model
-        device = next(model.parameters()).device
-        params = [a for _, _, a in self.grads.modules] + self.grads.B
-        for t in params:
-            t.requires_grad_(True)
-        requires = [p.requires_grad for p in model.parameters()]
-        for p in model.parameters():
-            p.requires_grad_(False)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        rng = np.random.default_rng(seed)
-        batches = list(_batches(tokenized, batch_size))
-        try:
-            with self.active():
-                for _ in range(epochs):
-                    for b in rng.permutation(len(batches)):
-                        idx, ids, mask = batches[b]
-                        nll, _ = _token_nll(model, tokenized, idx, ids.to(device), mask.to(device))
-                        nll.mean().backward()
-                        opt.step()
-                        opt.zero_grad()
-        finally:
-            for t in params:
-                t.requires_grad_(False)
-            for p, r in zip(model.parameters(), requires):
-                p.requires_grad_(r)
-        return time.perf_counter() - started
+        """AdamW on the adapters (``A`` and ``B``), one step per batch; returns seconds
+        (:meth:`tools.bench_baselines.LoraGradients.finetune`, the benchmarks' one fine-tune loop)."""
+        return self.grads.finetune(tokenized, epochs, lr=lr, batch_size=batch_size, seed=seed)
 
     def gradients(self, tokenized, batch_size: int) -> np.ndarray:
         """Per-sample gradients (n, n_params) float32 of the summed log-likelihood w.r.t. ``B``."""
@@ -140,7 +90,7 @@ def sample_losses(model, tokenized, batch_size: int = 8) -> np.ndarray:
     device = next(model.parameters()).device
     out = np.zeros(len(tokenized))
     for idx, ids, mask in _batches(tokenized, batch_size):
-        nll, rows = _token_nll(model, tokenized, idx, ids.to(device), mask.to(device))
+        nll, rows = token_nll(model, tokenized, idx, ids.to(device), mask.to(device))
         sums = torch.zeros(len(idx), dtype=torch.float64).index_add_(0, rows.cpu(), nll.double().cpu())
         counts = torch.bincount(rows.cpu(), minlength=len(idx)).clamp(min=1)
         out[idx] = (sums / counts).numpy()
