@@ -32,7 +32,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import PackageNotFoundError, version
 
-try:
+try:  # the one version: pyproject.toml's, as installed (the manifest's package_version reads the same)
     __version__ = version("forvalue")
 except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
     __version__ = "0+unknown"

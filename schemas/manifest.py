@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import MISSING, asdict, dataclass, fields
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from forvalue.schemas.errors import StoreError
 from forvalue.schemas.tables import SCHEMA_VERSION
 
-PACKAGE_VERSION = "0.1.0"
+try:  # the one version: pyproject.toml's, as installed (forvalue.__version__ reads the same)
+    PACKAGE_VERSION = version("forvalue")
+except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
+    PACKAGE_VERSION = "0+unknown"
 MANIFEST_FILE = "manifest.json"
 
 # Fields whose difference makes stored and new vectors incomparable.
