@@ -100,25 +100,14 @@ def info(store, as_json):
     m = data.pop("manifest")
     for key, value in data.items():
         click.echo(f"{key:>18}: {value}")
-    keys = [
-        "model_path",
-        "model_weights_sha256",
-        "dtype",
-        "hidden_size",
-        "vocab_size",
-        "top_m",
-        "score_tokens",
-        "chat_template",
-        "max_length",
-        "hidden_dtype",
-        "lowest_likelihood_ratio",
-        "schema_version",
-        "package_version",
-    ]
-    if m.get("model_kind") == "vlm":
-        keys += ["model_kind", "image_column", "image_max_pixels", "processor_sha256"]
-    for key in keys:
-        click.echo(f"{key:>18}: {m[key]}")
+    # every manifest field, in the manifest's own order (the sketch spec is the line above); the image
+    # fields only for vision-language stores
+    skip = {"adapter_path", "adapter_sha256"} if m.get("adapter_path") is None else set()
+    if m.get("model_kind") != "vlm":
+        skip |= {"model_kind", "image_column", "image_max_pixels", "processor_sha256"}
+    for key, value in m.items():
+        if key not in skip and not key.startswith("sketch_"):
+            click.echo(f"{key:>18}: {value}")
 
 
 @index.command("check")
