@@ -157,10 +157,12 @@ def test_vocabulary_blocks_sum_to_the_whole(setting, budget_rows):
     per_row = GFormScorer.estimate_bytes(1, weights.shape[1], val.hidden.shape[1]) // 2
     blocked = BlockedGForm(val, weights, "cpu", budget=per_row * (budget_rows + 1))
     n_vocab = vocab_union(val).size
-    assert len(blocked.parts) == -(-n_vocab // budget_rows)
-    assert sum(p.vocab.numel() for p in blocked.parts) == n_vocab
+    assert blocked.blocks == -(-n_vocab // budget_rows)
+    assert blocked.scorer.vocab.numel() == n_vocab and blocked.scorer.gbar.shape[0] == n_vocab + 1
+    # built block by block into one table: the same table as built whole, so the same scores
+    torch.testing.assert_close(blocked.scorer.gbar, whole.gbar, rtol=1e-6, atol=1e-6 * float(whole.gbar.abs().max()))
     _close(_gform_scores(store, blocked, 4), _gform_scores(store, whole, 4), 1e-5)
-    np.testing.assert_allclose(blocked.sq_frobenius(), whole.sq_frobenius(), rtol=1e-9)
+    np.testing.assert_allclose(blocked.sq_frobenius(), whole.sq_frobenius(), rtol=1e-6)
 
 
 def test_sq_frobenius_is_the_mean_gram(setting):

@@ -116,6 +116,15 @@ def main(argv=None) -> None:
     )
     p.add_argument("--labels", type=int, default=10, help="label aggregates in the extra G-form row (0: no such row)")
     p.add_argument("--read-rows", type=int, default=1024)
+    p.add_argument(
+        "--vocab-blocks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="instead: score the largest size (with --labels) with Gbar forced into B vocabulary blocks, one gather "
+        "per block (before issue 27) against one gather over the table built block by block (now)",
+    )
+    p.add_argument("--blocks-rows", type=int, default=20_000, help="stored rows the --vocab-blocks runs score")
     add_common_args(p)
     a = p.parse_args(argv)
     apply_threads(a.threads)
@@ -143,6 +152,8 @@ def main(argv=None) -> None:
     store = Store.open(a.store)
     total, m = store.count(), store.manifest
     npz = a.store / "validation.npz"
+    if a.vocab_blocks:
+        return blocks_main(a, store, npz, device)
 
     read_s, read_cpu, tokens = plain_read(store, a.read_rows, decode=False)
     decode_s, decode_cpu, _ = plain_read(store, a.read_rows, decode=True)
@@ -218,6 +229,74 @@ def main(argv=None) -> None:
         f"{read_cpu:.1f} s CPU, read + decode {decode_s:.1f} s / {decode_cpu:.1f} s. CPU = the process's CPU time "
         "(all threads): on a shared machine the steadier measure of work.\n\n"
         f"{table}\n\n" + "\n".join(f"- {g}" for g in goals) + f"\n\n{machine_info(device)}\n"
+    )
+    emit(text, a.out)
+
+
+def _scan_time(head, read_rows: int, score) -> tuple[float, float, np.ndarray]:
+    start, start_cpu = time.perf_counter(), time.process_time()
+    parts = [score(decode_block(b, head.manifest.hidden_size)) for b in head.scan(SCORING_COLUMNS, read_rows)]
+    return time.perf_counter() - start, time.process_time() - start_cpu, np.concatenate(parts)
+
+
+def blocks_main(a, store: Store, npz: Path, device) -> None:
+    """Scan time of a G-form whose Gbar takes B vocabulary blocks: per-block gathers vs one gather (issue 27)."""
+    import torch
+
+    from forvalue.engine.gform import BlockedGForm, GFormScorer, aggregate_weights, vocab_union
+
+    n = max(a.sizes)
+    val, val_labels = load_validation(npz, n, a.labels)
+    groups = sorted({l for l in val_labels if l is not None})
+    weights = aggregate_weights(val_labels, groups)
+    head = _Head(store, a.blocks_rows)
+    n_vocab = vocab_union(val).size
+    per_row = GFormScorer.estimate_bytes(1, weights.shape[1], val.hidden.shape[1]) // 2
+    rows = []
+    for b in a.vocab_blocks:
+        budget = per_row * (-(-n_vocab // b) + 1)
+        start = time.perf_counter()
+        new = BlockedGForm(val, weights, device, budget=budget)
+        build_s = time.perf_counter() - start
+        step = -(-n_vocab // b)
+        vocab = vocab_union(val)
+        # before: one scorer per block, each gathering every stored token's entries (its own zero row for the rest)
+        old_parts = [
+            GFormScorer(val, weights, device, torch.float32, vocab[lo : lo + step]) for lo in range(0, n_vocab, step)
+        ]
+        old_s, old_cpu, old = _scan_time(
+            head, a.read_rows, lambda blk, parts=old_parts: sum(p.score(blk) for p in parts)
+        )
+        new_s, new_cpu, got = _scan_time(head, a.read_rows, new.score)
+        diff = float(np.abs(got - old).max() / np.abs(old).max())
+        rows.append(
+            [
+                f"{new.blocks}",
+                f"{build_s:.1f}",
+                f"{old_s:.1f} / {old_cpu:.1f}",
+                f"{new_s:.1f} / {new_cpu:.1f}",
+                f"{old_cpu / new_cpu:.2f}x",
+                f"{diff:.1e}",
+            ]
+        )
+        print(" | ".join(rows[-1]), flush=True)
+    table = md_table(
+        [
+            "vocabulary blocks",
+            "build s (now)",
+            "per-block gathers: wall / CPU s",
+            "one gather: wall / CPU s",
+            "speed-up (CPU)",
+            "max rel. diff",
+        ],
+        rows,
+    )
+    text = (
+        f"Store {a.store.name}: the first {head.count():,} of {store.count():,} samples, "
+        f"d = {store.manifest.hidden_size}, top-m {store.manifest.top_m}; {n:,} validation samples, {a.labels} labels "
+        f"({weights.shape[1]} matrices), "
+        f"|V_u| = {n_vocab:,}; both scorers score the same decoded batches, one after the other.\n\n{table}\n\n"
+        f"{machine_info(device)}\n"
     )
     emit(text, a.out)
 

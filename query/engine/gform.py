@@ -68,6 +68,7 @@ class GFormScorer:
         device: torch.device | str,
         dtype: torch.dtype = torch.float32,
         vocab: np.ndarray | None = None,
+        build: bool = True,
     ):
         self.device = torch.device(device)
         self.dtype = dtype
@@ -81,7 +82,7 @@ class GFormScorer:
         top = int(vocab.max()) + 2 if vocab.size else 1
         self.lookup = torch.full((top,), vocab.size, dtype=torch.int64, device=self.device)
         self.lookup[self.vocab] = torch.arange(vocab.size, device=self.device)
-        self.gbar = self._build(val, weights)
+        self.gbar = self._build(val, weights) if build else None  # BlockedGForm fills it block by block
         self.chunk_tokens = max(1, _CHUNK_FLOATS // (self.n_agg * self.d))
 
     def nbytes(self) -> int:
@@ -161,7 +162,18 @@ class GFormScorer:
 
 
 class BlockedGForm:
-    """``A`` aggregates as a sum of :class:`GFormScorer` over vocabulary blocks of ``V_u`` (same ``score``)."""
+    """``A`` aggregates over the whole union vocabulary, built in vocabulary blocks, scored in one gather.
+
+    ``Gbar`` is built one block of ``V_u`` at a time (each block's float64 accumulation within
+    ``budget``) into one float32 table, so scoring is a single :class:`GFormScorer` pass: one
+    gather per stored token whatever the number of blocks (a validation set that mixes tasks has a
+    large ``V_u``; scoring every block separately re-gathered every stored token once per block).
+
+    Attributes
+    ----------
+    blocks : int
+        Vocabulary blocks the build took.
+    """
 
     def __init__(self, val: ValidationSet, weights: np.ndarray, device, dtype=torch.float32, budget: int | None = None):
         vocab = vocab_union(val)
@@ -169,16 +181,25 @@ class BlockedGForm:
         budget = memory_budget(device) if budget is None else budget
         per_row = GFormScorer.estimate_bytes(1, n_agg, val.hidden.shape[1], dtype) // 2
         rows = max(1, int(budget // max(1, per_row)) - 1)
-        self.parts = [
-            GFormScorer(val, weights, device, dtype, vocab[lo : lo + rows]) for lo in range(0, max(1, vocab.size), rows)
-        ]
+        starts = range(0, max(1, vocab.size), rows)
+        self.blocks = len(starts)
+        if self.blocks == 1:
+            self.scorer = GFormScorer(val, weights, device, dtype, vocab)
+        else:
+            self.scorer = GFormScorer(val, weights, device, dtype, vocab, build=False)
+            gbar = torch.zeros((vocab.size + 1, n_agg * val.hidden.shape[1]), dtype=dtype, device=self.scorer.device)
+            for lo in starts:
+                part = GFormScorer(val, weights, device, dtype, vocab[lo : lo + rows])
+                gbar[lo : lo + part.vocab.numel()] = part.gbar[:-1]
+                del part
+            self.scorer.gbar = gbar
         self.n_agg = n_agg
 
     def score(self, block: TrainBlock) -> np.ndarray:
-        return sum(p.score(block) for p in self.parts)
+        return self.scorer.score(block)
 
     def sq_frobenius(self) -> np.ndarray:
-        return sum(p.sq_frobenius() for p in self.parts)
+        return self.scorer.sq_frobenius()
 
 
 def aggregate_weights(val_labels: list, groups: list, sq_norms: np.ndarray | None = None) -> np.ndarray:

@@ -210,7 +210,7 @@ def audit_scan(
             "gform",
             1,
             time.perf_counter() - started,
-            {"vocab_blocks": len(scorer.parts)},
+            {"vocab_blocks": scorer.blocks},
         )
 
     blocks = bounded_val_blocks(val, budget)
