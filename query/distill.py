@@ -31,6 +31,7 @@ import pyarrow as pa
 from forvalue.schemas.config import DataConfig, DistillConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.schemas.manifest import MUST_MATCH, PACKAGE_VERSION
+from forvalue.storage.files import TableSink
 from forvalue.storage.store import Store
 from forvalue.value_model import (
     EMBED_POOLINGS,
@@ -445,6 +446,9 @@ def distill_value_model(
     """
     from forvalue.audit import load_audit
 
+    from forvalue.storage.files import FOLDER, check_outputs
+
+    check_outputs({"--out": (out, (FOLDER,))}, [store.path if isinstance(store, Store) else store])
     started = time.perf_counter()
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
@@ -618,58 +622,6 @@ class EstimateReport:
     table: pa.Table | None = None
 
 
-class _Sink:
-    """Streams record batches to a .parquet, .csv or .jsonl file, renamed into place at the end."""
-
-    def __init__(self, path: Path):
-        from forvalue.present.output import check_output_path
-
-        check_output_path(path)
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
-        self.suffix = path.suffix.lower()
-        self.writer = None
-        self.handle = None
-
-    def write(self, batch: pa.Table) -> None:
-        if self.suffix == ".jsonl":
-            if self.handle is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.handle = self.tmp.open("w", encoding="utf-8")
-            for row in batch.to_pylist():
-                self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            return
-        if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.suffix == ".csv":
-                import pyarrow.csv as pcsv
-
-                self.writer = pcsv.CSVWriter(str(self.tmp), batch.schema)
-            else:
-                import pyarrow.parquet as pq
-
-                self.writer = pq.ParquetWriter(str(self.tmp), batch.schema)
-        self.writer.write_table(batch)
-
-    def close(self, schema: pa.Schema) -> None:
-        if self.writer is None and self.handle is None:
-            self.write(schema.empty_table())
-        if self.writer is not None:
-            self.writer.close()
-        if self.handle is not None:
-            self.handle.close()
-        self.tmp.replace(self.path)
-
-    def abort(self) -> None:
-        for h in (self.writer, self.handle):
-            if h is not None:
-                try:
-                    h.close()
-                except Exception:
-                    pass
-        self.tmp.unlink(missing_ok=True)
-
-
 def estimate(
     data: Sequence[str | Path],
     value_model: str | Path | ValueModel,
@@ -707,7 +659,7 @@ def estimate(
     data = list(data)
     check_paths(data)
     started = time.perf_counter()
-    sink = _Sink(Path(output)) if output is not None else None
+    sink = TableSink(Path(output)) if output is not None else None
     extra = [group_column] if group_column else []
     fields = [pa.field("id", pa.string())] + [pa.field(c, pa.float64()) for c in vm.output_columns]
     fields += [pa.field(c, pa.string()) for c in extra]

@@ -41,11 +41,15 @@ MANIFEST = "value_model.json"
 WEIGHTS = "weights.safetensors"
 TOKENIZER = "tokenizer.json"
 FORMAT = "forvalue.value_model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: data files named by content hash, listed with their SHA-256 in the manifest
 STUDENTS = ("ngram", "embed")
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+# files a value model folder owns: its data files (current and legacy names) and their temporary twins
+_OWN_FILE = re.compile(
+    r"^\.?(weights(-[0-9a-f]{16})?\.safetensors|tokenizer(-[0-9a-f]{16})?\.json)(\.[0-9]+\.[0-9a-f]+\.tmp)?$"
+)
 
 
 class ValueModelError(ForValueError):
@@ -223,8 +227,18 @@ class ValueModel:
 
     # -- disk ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write the folder ``path`` (created; files replaced atomically one by one)."""
-        from safetensors.numpy import save_file
+        """Write the folder ``path`` (created) so that a kill at any moment leaves the old model or the new one.
+
+        Each data file is written atomically under a name holding its content hash
+        (``weights-<sha>.safetensors``, ``tokenizer-<sha>.json``), so the old model's files stay intact;
+        then ``value_model.json``, naming the files with their SHA-256, replaces the old one
+        atomically (the commit point); the files no manifest names any more are removed last.
+        """
+        import hashlib
+
+        from safetensors.numpy import save
+
+        from forvalue.storage.files import write_bytes, write_text
 
         path = Path(path)
         if path.exists() and not path.is_dir():
@@ -234,13 +248,15 @@ class ValueModel:
             k: np.ascontiguousarray(v, np.float32 if np.issubdtype(v.dtype, np.floating) else v.dtype)
             for k, v in self.arrays.items()
         }
-        tmp = path / f".{WEIGHTS}.tmp"
-        save_file(arrays, str(tmp))
-        tmp.replace(path / WEIGHTS)
+        blobs = {"weights": (save(arrays), ".safetensors")}
         if self.student == "embed":
-            tmp = path / f".{TOKENIZER}.tmp"
-            self.tokenizer.save(str(tmp))
-            tmp.replace(path / TOKENIZER)
+            blobs["tokenizer"] = (self.tokenizer.to_str().encode("utf-8"), ".json")
+        files = {}
+        for role, (data, suffix) in blobs.items():
+            digest = hashlib.sha256(data).hexdigest()
+            name = f"{role}-{digest[:16]}{suffix}"
+            write_bytes(path / name, data)
+            files[role] = {"name": name, "sha256": digest, "bytes": len(data)}
         meta = {
             **self.meta,
             "format": FORMAT,
@@ -248,49 +264,19 @@ class ValueModel:
             "student": self.student,
             "targets": self.targets,
             "output_columns": self.output_columns,
+            "files": files,
         }
-        tmp = path / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        tmp.replace(path / MANIFEST)
+        write_text(path / MANIFEST, json.dumps(meta, indent=2, sort_keys=True))
+        named = {f["name"] for f in files.values()}
+        for stale in path.iterdir():  # the previous model's files (and a killed save's leftovers)
+            if stale.name not in named and _OWN_FILE.match(stale.name):
+                stale.unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "ValueModel":
-        """Read a value model folder; a missing or damaged one is a one-line :class:`ValueModelError`."""
-        path = Path(path)
-        manifest = path / MANIFEST
-        if not manifest.is_file():
-            raise ValueModelError(f"{path}: not a value model (no {MANIFEST}); make one with 'forvalue distill'")
-        try:
-            meta = json.loads(manifest.read_text())
-        except (ValueError, OSError) as exc:
-            raise ValueModelError(f"{manifest}: not valid JSON ({exc}); the value model is damaged") from None
-        if meta.get("format") != FORMAT or meta.get("student") not in STUDENTS or not meta.get("targets"):
-            raise ValueModelError(
-                f"{manifest}: not a forvalue value model manifest (format, student or targets missing)"
-            )
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueModelError(
-                f"{manifest}: format version {meta['format_version']} is newer than this forvalue; upgrade forvalue"
-            )
-        try:
-            from safetensors.numpy import load_file
+        """Read a value model folder, every file validated: anything missing, damaged, half-written or
+        inconsistent is a one-line :class:`ValueModelError`, never a model that predicts wrong numbers."""
+        from forvalue.value_model_check import load_checked
 
-            arrays = load_file(str(path / WEIGHTS))
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise ValueModelError(
-                f"{path / WEIGHTS}: cannot read the weights ({type(exc).__name__}: {exc}); the value model is damaged"
-            ) from None
-        student = meta["student"]
-        need = ("weight", "bias") if student == "ngram" else ("token_table", "length_weight", "bias")
-        missing = [k for k in need if k not in arrays]
-        if missing:
-            raise ValueModelError(
-                f"{path / WEIGHTS}: missing array(s) {', '.join(missing)}; the value model is damaged"
-            )
-        tokenizer = None
-        if student == "embed":
-            if not (path / TOKENIZER).is_file():
-                raise ValueModelError(f"{path}: embed value model without {TOKENIZER}; the value model is damaged")
-            tokenizer = load_tokenizer(path / TOKENIZER)
-        return cls(student, list(meta["targets"]), dict(arrays), meta, tokenizer)
+        return load_checked(cls, Path(path))

@@ -98,10 +98,11 @@ class Manifest:
     def load(cls, path: Path) -> "Manifest":
         return cls.from_json(path.read_text(), source=str(path))
 
-    def mismatches(self, other: "Manifest") -> list[str]:
-        """Human-readable differences in :data:`MUST_MATCH` between ``self`` (the store) and ``other``."""
+    def mismatches(self, other: "Manifest", names: tuple[str, ...] = MUST_MATCH) -> list[str]:
+        """Human-readable differences in ``names`` (default :data:`MUST_MATCH`) between ``self`` (the store) and
+        ``other``; a build compares :data:`forvalue.schemas.stored_settings.BUILD_MUST_MATCH`."""
         out = []
-        for name in MUST_MATCH:
+        for name in names:
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 out.append(f"{name}: store has {a!r}, you have {b!r}")

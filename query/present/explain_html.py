@@ -155,25 +155,17 @@ def write_explanation(e, path: str | Path) -> Path:
     >>> e = forvalue.explain("runs/store", ["val.jsonl"], "train-17")       # doctest: +SKIP
     >>> forvalue.write_explanation(e, "why.html")                           # doctest: +SKIP
     """
-    import os
-
     import pyarrow as pa
 
     from forvalue.present.output import write_table
+    from forvalue.storage.files import write_text
 
     check_output_path(path, FORMATS)
     path = Path(path)
     if path.suffix.lower() != ".html":
         write_table(pa.Table.from_pylist(e.rows(), schema=_row_schema()), path)
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(explanation_html(e), encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text(path, explanation_html(e))
 
 
 def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: int = 20):
@@ -225,8 +217,9 @@ def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: i
         f"<!doctype html><html><head><meta charset='utf-8'><title>explanations</title>{_STYLE}</head><body>"
         f"<h1>Explanations of the top {n} results</h1><ul>{''.join(links)}</ul></body></html>"
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "index.html").write_text(index, encoding="utf-8")
+    from forvalue.storage.files import write_text
+
+    write_text(folder / "index.html", index)
     column, out = -1, []
     for r in rows:
         column += r["rank"] == 1

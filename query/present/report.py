@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from forvalue.storage.files import check_outputs, write_text
 from forvalue.storage.store import Store
 
 
@@ -89,9 +90,8 @@ def pricing_report(rows: list[dict], out: str | Path, title: str, confidence: fl
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}</head>"
         f"<body><h1>{html.escape(title)}</h1>{pricing_section(rows, confidence)}</body></html>"
     )
-    out = Path(out)
-    out.write_text(page, encoding="utf-8")
-    return out
+    check_outputs({"report": (out, (".html",))})
+    return write_text(out, page)
 
 
 def _timing(meta: dict) -> str:
@@ -168,9 +168,8 @@ def audit_report(
         f"{_examples_table('Most valuable', top, texts, explanations)}"
         f"{_examples_table('Least valuable (flag candidates)', bottom, texts, explanations)}</body></html>"
     )
-    out = Path(out)
-    out.write_text(page, encoding="utf-8")
-    return out
+    check_outputs({"report": (out, (".html",))})
+    return write_text(out, page)
 
 
 def compare_report(comparison: dict, out: str | Path) -> Path:
@@ -197,6 +196,5 @@ def compare_report(comparison: dict, out: str | Path) -> Path:
         f"<h2>Moved most</h2><table><tr><th>id</th><th>rank {html.escape(comparison['a'])}</th>"
         f"<th>rank {html.escape(comparison['b'])}</th></tr>{moved}</table></body></html>"
     )
-    out = Path(out)
-    out.write_text(page, encoding="utf-8")
-    return out
+    check_outputs({"report": (out, (".html",))})
+    return write_text(out, page)
