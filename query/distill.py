@@ -445,7 +445,6 @@ def distill_value_model(
     >>> r.heldout["spearman"]                                                                  # doctest: +SKIP
     """
     from forvalue.audit import load_audit
-
     from forvalue.storage.files import FOLDER, check_outputs
 
     check_outputs({"--out": (out, (FOLDER,))}, [store.path if isinstance(store, Store) else store])

@@ -40,8 +40,8 @@ CACHE_SCHEMA = pa.schema(
 
 
 def check_audit_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise ForValueError(f"audit name '{name}' is not valid; use letters, digits, '_', '-', '.' (max 64)")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ForValueError(f"audit name {name!r} is not valid; use letters, digits, '_', '-', '.' (max 64)")
     return name
 
 

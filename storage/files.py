@@ -40,6 +40,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 from forvalue.schemas.errors import ForValueError
 
 FOLDER = "folder"  # the format of an output that is a folder (value model, explanation pages)
+STDOUT = "-"  # in an output's formats: '-' means standard output
 STORE_MARKERS = ("samples.lance",)
 MANIFEST_NAME = "manifest.json"
 
@@ -120,7 +121,6 @@ def same_file(a: str | Path, b: str | Path) -> bool:
 def check_outputs(
     outputs: Mapping[str, tuple[str | Path | None, Sequence[str]]],
     inputs: Iterable[str | Path | None] = (),
-    allow_stdout: bool = True,
 ) -> None:
     """Refuse, before any work, outputs the policy forbids (module docstring); raises :class:`OutputPathError`.
 
@@ -128,7 +128,8 @@ def check_outputs(
     ----------
     outputs : {what: (path, formats)}
         ``what`` names the output in messages (a flag such as ``--report``); ``formats`` the allowed
-        suffixes (``(".jsonl", ".csv")``) or ``(FOLDER,)`` for a folder. None paths are skipped.
+        suffixes (``(".jsonl", ".csv")``, plus ``STDOUT`` where ``-`` means standard output) or
+        ``(FOLDER,)`` for a folder. None paths are skipped.
     inputs : paths
         Everything the command reads: data files, folders, globs, stores, value models.
     """
@@ -136,10 +137,11 @@ def check_outputs(
     sources = _input_paths(inputs)
     seen: list[tuple[str, Path]] = []
     for what, raw, formats in given:
-        if str(raw) == "-":
-            if allow_stdout and FOLDER not in formats:
+        if str(raw) == STDOUT:
+            if STDOUT in formats:
                 continue
             raise OutputPathError(f"{what} -: give a {'folder' if FOLDER in formats else 'file'} path")
+        formats = tuple(f for f in formats if f != STDOUT)
         _check_one(what, Path(str(raw)), formats, sources)
         here = _absolute(raw)
         for other_what, other in seen:

@@ -203,7 +203,7 @@ def test_select_refuses_outputs_it_would_destroy_and_amounts_that_select_nothing
     )
     assert fifo.is_fifo()  # still the pipe, not replaced by a file
     assert_one_line_error(
-        cli("select", "--store", store, "--audit", "a", "--top", "5", "-o", store), store, "unknown output format"
+        cli("select", "--store", store, "--audit", "a", "--top", "5", "-o", store), store, "is the store"
     )
     assert_one_line_error(
         cli("select", "--store", store, "--audit", "a", "--top", "5", "-o", tmp_path / "x.txt"), "unknown output format"

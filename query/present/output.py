@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 import pyarrow as pa
 
-from forvalue.storage.files import TableSink, atomic_path, check_outputs, unique_columns
+from forvalue.storage.files import STDOUT, TableSink, atomic_path, check_outputs, unique_columns
 from forvalue.storage.files import write_table as _write_table
 
 FORMATS = (".jsonl", ".csv", ".parquet")
@@ -26,7 +26,7 @@ def check_output_path(
     path: str | Path | None, formats: tuple[str, ...] = FORMATS, inputs: Iterable = (), what: str = "output"
 ) -> None:
     """Refuse an output path the policy forbids (:func:`forvalue.storage.files.check_outputs`) up front."""
-    check_outputs({what: (path, formats)}, inputs)
+    check_outputs({what: (path, (*formats, STDOUT))}, inputs)
 
 
 def write_jsonl_atomic(rows: Iterable[dict], path: str | Path) -> None:
@@ -34,7 +34,7 @@ def write_jsonl_atomic(rows: Iterable[dict], path: str | Path) -> None:
 
     The path is checked first (:func:`check_output_path`): a ``.jsonl`` name, not a folder, device or pipe.
     """
-    check_output_path(path, (".jsonl",))
+    check_outputs({"output": (path, (".jsonl",))})
     with atomic_path(path) as tmp:
         with tmp.open("w", encoding="utf-8", errors="surrogatepass") as handle:
             for row in rows:
