@@ -229,6 +229,9 @@ def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) 
         ):
             faiss_index.ensure(store, rebuild=True)  # row positions moved: the index is rebuilt, not extended
             done["prefilter_rebuilt"] = True
+        from forvalue.storage.audits import remove_uncommitted
+
+        done["uncommitted_tables_removed"] = remove_uncommitted(store)
         after = _check(Store.open(path), block_rows)
     after["repaired"] = done
     return after
@@ -416,10 +419,14 @@ def _audit_problems(store: Store, ids: dict) -> list[str]:
     """Audits whose rows name ids the store does not hold."""
     import lance
 
-    from forvalue.storage.audits import AUDIT_PREFIX, _tables
+    from forvalue.storage.audits import AUDIT_PREFIX, _tables, uncommitted_tables
     from forvalue.storage.store import translate_errors
 
-    out = []
+    out = [
+        f"{folder}: a table without a committed version (a run killed in its first commit; it is invisible "
+        f"to audits); run 'forvalue index check --store {store.path} --repair' to remove it"
+        for folder in uncommitted_tables(store)
+    ]
     for table in _tables(store):
         if not table.startswith(AUDIT_PREFIX):
             continue
