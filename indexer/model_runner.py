@@ -14,6 +14,25 @@ from forvalue.indexer.runner import TORCH_DTYPES, Runner, place_model, resolve_d
 from forvalue.schemas.config import ModelConfig
 from forvalue.schemas.errors import ModelLoadError
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickled_weights(folder: Path, what: str) -> None:
+    """Refuse a model or adapter folder whose weights exist only as pickles (``pytorch_model.bin``...).
+
+    Unpickling runs code from the file; forvalue loads safetensors (or GGUF) only.
+    """
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return
+    pickles = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{what} folder '{folder}': its weights are pickle files ({', '.join(pickles[:3])}), which can run code "
+            "when loaded; forvalue loads only .safetensors: convert them (model.save_pretrained(folder, "
+            "safe_serialization=True)) in a trusted environment"
+        )
+
 
 def load_runner(config: ModelConfig) -> Runner:
     """Load the model and tokenizer named by ``config`` (offline) and wrap them in a runner.
@@ -50,6 +69,7 @@ def load_runner(config: ModelConfig) -> Runner:
         if not (source / "config.json").exists():
             raise ModelLoadError(f"model folder '{path}' has no config.json; is it a Hugging Face model folder?")
         folder = str(source)
+        refuse_pickled_weights(source, "model")
         from forvalue.indexer.vlm_runner import is_vlm_folder, load_vlm_runner
 
         if is_vlm_folder(source):
@@ -57,7 +77,7 @@ def load_runner(config: ModelConfig) -> Runner:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=TORCH_DTYPES[dtype], **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model '{path}': {first}") from None
     model, identity = place_model(model, config, source, tokenizer, device, dtype)

@@ -241,7 +241,7 @@ def run_query(
     if on_ray and config.candidates is not None:
         raise ConfigError("candidates", "--engine ray scores every stored sample (exact scan); drop --candidates")
     if all_scores_path is not None:
-        check_output_path(all_scores_path, (".parquet",))
+        check_output_path(all_scores_path, (".parquet",), inputs=_paths_of(validation), what="all_scores_path")
     store = _open(store)
     if runner is None:
         runner = load_store_runner(store, replace(model or ModelConfig(), device=config.device))
@@ -300,6 +300,11 @@ def run_query(
         train_ids=kept_ids if keep_scores else None,
         prefiltered=prefiltered,
     )
+
+
+def _paths_of(validation) -> list:
+    """The paths among ``validation`` (it may also hold rows)."""
+    return [v for v in validation if isinstance(v, (str, Path))] if isinstance(validation, (list, tuple)) else []
 
 
 def _top_table(store: Store, top: TopK, samples: list[Sample], config: QueryConfig) -> pa.Table:

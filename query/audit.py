@@ -324,15 +324,9 @@ def parse_amount(text: str, total: int, flag: str = "--top") -> int:
 
     A percentage above 100% is refused; ``--top`` must select at least one sample.
     """
-    try:
-        share = float(text[:-1]) if text.endswith("%") else None
-        n = round(share / 100.0 * total) if share is not None else int(text)
-    except ValueError:
-        raise ForValueError(f"{flag} '{text}' is not a count or a percentage like 10%") from None
-    if n < 0 or (share is not None and share < 0):
-        raise ForValueError(f"{flag} '{text}' must not be negative")
-    if share is not None and share > 100:
-        raise ForValueError(f"{flag} '{text}' is more than 100%")
+    from forvalue.schemas.amounts import parse_share
+
+    share, n = parse_share(text, total, flag)
     if flag == "--top" and n == 0:
         raise ForValueError(f"{flag} '{text}' selects no sample (of {total}); give a larger count or percentage")
     return min(n, total)
@@ -359,8 +353,11 @@ def select_subset(
     -------
     >>> rows = forvalue.select_subset("runs/store", "v1", top="50%", output="subset.jsonl")  # doctest: +SKIP
     """
+    from forvalue.storage.files import check_outputs
+
     if (top is None) == (drop_bottom is None):
         raise ForValueError("give exactly one of --top or --drop-bottom")
+    check_outputs({"output": (output, (".jsonl",))}, [store])
     st = Store.open(store)
     table, _ = read_audit(st, audit)
     rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])

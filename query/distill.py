@@ -653,9 +653,17 @@ def estimate(
     >>> forvalue.estimate(["pool/*.jsonl"], "runs/value.model", output="values.parquet")   # doctest: +SKIP
     """
     from forvalue.indexer.data import check_paths, iter_samples_with
+    from forvalue.storage.files import check_outputs
 
-    vm = value_model if isinstance(value_model, ValueModel) else ValueModel.load(value_model)
     data = list(data)
+    model_path = [] if isinstance(value_model, ValueModel) else [value_model]
+    check_outputs({"output": (output, (".parquet", ".csv", ".jsonl"))}, [*data, *model_path])
+    vm = value_model if isinstance(value_model, ValueModel) else ValueModel.load(value_model)
+    if group_column in ("id", *vm.output_columns):
+        raise ForValueError(
+            f"--group-column {group_column}: the values file has its own '{group_column}' column; "
+            "name the provider column differently"
+        )
     check_paths(data)
     started = time.perf_counter()
     sink = TableSink(Path(output)) if output is not None else None
@@ -773,9 +781,11 @@ def select_by_values(
     from forvalue.audit import parse_amount
     from forvalue.indexer.data import check_paths, iter_samples
     from forvalue.present.output import write_jsonl_atomic
+    from forvalue.storage.files import check_outputs
 
     if (top is None) == (drop_bottom is None):
         raise ForValueError("give exactly one of --top or --drop-bottom")
+    check_outputs({"output": (output, (".jsonl",))}, [values, *data])
     table = read_values(values, column)
     ids = table.column("id").to_pylist()
     v = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)

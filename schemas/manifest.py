@@ -81,6 +81,10 @@ class Manifest:
             raise StoreError(
                 f"{source}: not valid JSON ({exc.msg} at line {exc.lineno}); the store is damaged"
             ) from None
+        except RecursionError:
+            raise StoreError(f"{source}: not a manifest (JSON nested too deeply); the store is damaged") from None
+        if not isinstance(raw, dict):
+            raise StoreError(f"{source}: not a manifest (a JSON {type(raw).__name__}); the store is damaged")
         known = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls) if f.name not in raw and f.default is MISSING]
         if missing:
