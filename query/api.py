@@ -243,9 +243,9 @@ def run_query(
     if all_scores_path is not None:
         check_output_path(all_scores_path, (".parquet",), inputs=_paths_of(validation), what="all_scores_path")
     store = _open(store)
+    samples = load_validation_samples(validation, data_for_store(data, store.manifest))  # bad input: before the model
     if runner is None:
         runner = load_store_runner(store, replace(model or ModelConfig(), device=config.device))
-    samples = load_validation_samples(validation, data_for_store(data, store.manifest))
     val = encode_validation(runner, samples, store.manifest, data, config.batch_size)
     n_cols = 1 if config.aggregate == "mean" else len(val)
     col_names = ["mean"] if config.aggregate == "mean" else [s.id for s in samples]

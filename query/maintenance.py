@@ -279,6 +279,7 @@ def _check(store: Store, block_rows: int) -> dict:
         problems.append(f"{where}: {len(bad_rows)} rows do not decode ({bad_rows[0]}); rebuild the store")
     prefilter_unsound = _prefilter_check(store, rows, problems, notes)
     problems += _audit_problems(store, first_row)
+    notes += _cache_notes(store)
     return {
         "store": where,
         "rows": rows,
@@ -426,6 +427,7 @@ def _audit_problems(store: Store, ids: dict) -> list[str]:
         f"{folder}: a table without a committed version (a run killed in its first commit; it is invisible "
         f"to audits); run 'forvalue index check --store {store.path} --repair' to remove it"
         for folder in uncommitted_tables(store)
+        if folder.name.startswith(AUDIT_PREFIX)  # an uncommitted validation cache is a note (_check)
     ]
     for table in _tables(store):
         if not table.startswith(AUDIT_PREFIX):
@@ -446,6 +448,18 @@ def _audit_problems(store: Store, ids: dict) -> list[str]:
                 f"(e.g. '{unknown[0]}'); re-run it with 'forvalue audit run --name {name}'"
             )
     return out
+
+
+def _cache_notes(store: Store) -> list[str]:
+    """An uncommitted validation cache: harmless (the next audit re-creates it); --repair drops it."""
+    from forvalue.storage.audits import AUDIT_PREFIX, uncommitted_tables
+
+    return [
+        f"{folder.name} has no committed version (an audit stopped while creating it); the next audit re-creates "
+        "it, --repair removes it"
+        for folder in uncommitted_tables(store)
+        if not folder.name.startswith(AUDIT_PREFIX)
+    ]
 
 
 def _cause(exc: StoreError) -> str:

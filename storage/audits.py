@@ -104,6 +104,11 @@ def table_lock(store: Store, table: str, wait: bool = True):
         os.close(fd)
 
 
+def _drop_if_uncommitted(folder: Path) -> None:
+    if folder.is_dir() and not committed(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_uncommitted(store: Store) -> list[str]:
     """Delete the uncommitted table folders nobody is writing (``index check --repair``); returns their names."""
     removed = []
@@ -180,6 +185,7 @@ class ValidationCache:
             except (OSError, ValueError, RuntimeError) as exc:  # a concurrent twin made it, or the store is read-only
                 with translate_errors(store.path, "create the validation cache in"):
                     if CACHE_TABLE not in _tables(store):
+                        _drop_if_uncommitted(store.path / f"{CACHE_TABLE}.lance")  # e.g. a full disk: leave no husk
                         raise exc
                     self._table = db.open_table(CACHE_TABLE)
 

@@ -4,7 +4,7 @@ The policy (:func:`check_outputs`), applied before any work starts: an output pa
 
 - is not inside a store (a folder whose ``manifest.json`` is a forvalue manifest, or one holding
   ``samples.lance/``), nor a store itself: a report named ``STORE/manifest.json`` must never
-  replace the manifest;
+  replace the manifest; nor inside a value model folder;
 - is not one of the command's inputs, compared as files (device + inode), not by spelling, and
   not inside an input folder (a later run would read it as input);
 - does not collide with another output of the same command (the same file, or one inside
@@ -85,6 +85,25 @@ def store_above(path: str | Path) -> Path | None:
     return None
 
 
+def is_value_model(folder: Path) -> bool:
+    """A value model folder made by ``forvalue distill`` (its ``value_model.json`` names the format)."""
+    manifest = folder / "value_model.json"
+    try:
+        return (
+            manifest.is_file()
+            and manifest.stat().st_size < (64 << 20)
+            and ("forvalue.value_model" in manifest.read_text(errors="replace"))
+        )
+    except OSError:
+        return False
+
+
+def value_model_above(path: str | Path) -> Path | None:
+    """The value model folder that ``path`` lies inside (not ``path`` itself), or None."""
+    path = _absolute(path)
+    return next((folder for folder in path.parents if is_value_model(folder)), None)
+
+
 def _file_key(path: Path) -> tuple[int, int] | None:
     try:
         st = os.stat(path)
@@ -163,6 +182,12 @@ def _check_one(what: str, path: Path, formats: tuple[str, ...], sources: list[Pa
         where = "is the store" if _absolute(path) == store else f"is inside the store {store}"
         raise OutputPathError(
             f"{label}: {where}; outputs never go into a store (it would be damaged); write it elsewhere"
+        )
+    model = value_model_above(path)
+    if model is not None:
+        raise OutputPathError(
+            f"{label}: is inside the value model {model}; outputs never go into a value model folder; "
+            "write it elsewhere"
         )
     if not folder:
         suffix = path.suffix.lower()
