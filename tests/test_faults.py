@@ -1317,12 +1317,31 @@ def test_audit_rerun_over_a_killed_first_commit_starts_clean(valued, tmp_path, t
     assert_sound(store)
 
 
-def test_kill_9_inside_audit_commits(valued, tmp_path):
-    """write_audit killed at seeded random moments while Lance commits (first commits and overwrites): audit
-    list/show/compare never fail, every listed audit reads whole, index check reports only what --repair
-    removes, and the store is clean afterwards."""
-    import threading
+AUDIT_WRITER = r"""
+import os, signal, sys, threading, time
+import lancedb  # imported first: the kill timer below starts right before Lance's commit
+from forvalue.storage import audits
+from forvalue.storage.store import Store
 
+store, name, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+st = Store.open(store)
+table, meta = audits.read_audit(st, "a")
+connect = audits._db
+
+def db(s):
+    threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    return connect(s)
+
+audits._db = db
+audits.write_audit(st, name, table, {**meta, "name": name})
+time.sleep(30)  # the timer kills the process here at the latest
+"""
+
+
+def test_kill_9_inside_audit_commits(valued, tmp_path):
+    """write_audit killed at seeded random moments while Lance commits (first commits and overwrites), in
+    fresh processes (Lance is not fork-safe): audit list never fails, every listed audit reads whole, index
+    check reports only what --repair removes, and the store is clean afterwards."""
     from forvalue.audit import audits, load_audit
     from forvalue.maintenance import check_store
     from forvalue.storage import audits as audit_tables
@@ -1330,28 +1349,21 @@ def test_kill_9_inside_audit_commits(valued, tmp_path):
 
     store = tmp_path / "store"
     shutil.copytree(valued["store"], store)
-    table, meta = load_audit(store, "a")
+    rows = load_audit(store, "a")[0].num_rows
     rng = random.Random(28)
     landed = 0
     for k in range(12):
-        name = f"k{k % 4}"  # each name is first written, then overwritten
-        delay = rng.uniform(0.0, 0.06)
-
-        def write_and_die():
-            real = audit_tables._db
-
-            def db(st):
-                threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-                return real(st)
-
-            audit_tables._db = db
-            audit_tables.write_audit(Store.open(store), name, table, {**meta, "name": name})
-            time.sleep(5)  # the timer kills the child here at the latest
-
-        assert _in_child(write_and_die) == -signal.SIGKILL
+        name = f"k{k % 6}"  # six first commits, then six overwrites
+        child = subprocess.run(
+            [sys.executable, "-c", AUDIT_WRITER, str(store), name, f"{rng.uniform(0.0, 0.006):.5f}"],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
         for m in audits(store):
-            t, _ = load_audit(store, m["name"])
-            assert t.num_rows == table.num_rows
+            assert load_audit(store, m["name"])[0].num_rows == rows
         listed = cli("audit", "list", "--store", store)
         assert listed.exit_code == 0, listed.output
         landed += bool(audit_tables.uncommitted_tables(Store.open(store)))
