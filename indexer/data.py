@@ -440,6 +440,8 @@ def _json_row(path: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
         raise InputDataError(path, f"malformed JSON ({exc.msg}, column {exc.colno})", line=lineno) from None
     except RecursionError:
         raise InputDataError(path, "JSON nested too deeply; flatten the row", line=lineno) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise InputDataError(path, f"unreadable JSON ({str(exc).splitlines()[0][:120]})", line=lineno) from None
     if not isinstance(row, dict):
         raise InputDataError(path, f"expected a JSON object, got {type(row).__name__}", line=lineno)
     if "\\u" in line and _SURROGATE.search(line):  # an escaped UTF-16 half: valid only in a pair
@@ -526,7 +528,10 @@ def _field(path: Path, where: int, row: dict[str, Any], name: str, required: boo
             field=name,
         )
     if isinstance(value, (int, float, bool)):
-        value = str(value)
+        try:
+            value = str(value)
+        except ValueError:  # an integer beyond Python's digit limit for str()
+            raise InputDataError(path, "a number too long to use as text; quote it", line=where, field=name) from None
     if not isinstance(value, str):
         raise InputDataError(path, f"expected a string, got {type(value).__name__}", line=where, field=name)
     if not value.strip():

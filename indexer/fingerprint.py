@@ -32,7 +32,7 @@ def _file_sha256(path: Path) -> str:
     cache = cache_dir() / "hashes.json"
     try:
         known = json.loads(cache.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         known = {}
     if key in known:
         return known[key]

@@ -725,9 +725,27 @@ def estimate(
 
 
 # -- values files and selection ----------------------------------------------------------------------------
+def _read_values_jsonl(path: Path) -> pa.Table:
+    """A JSONL values file, parsed line by line with the data reader's checks (Arrow's JSON reader crashes
+    on deeply nested input)."""
+    from forvalue.indexer.data import _json_row
+
+    rows = []
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            row = _json_row(path, lineno, raw)
+            if row is not None:
+                rows.append(row)
+    if not rows:
+        raise ForValueError(f"{path}: holds no values")
+    return pa.Table.from_pylist(rows)
+
+
 def read_values(path: str | Path, column: str = "value") -> pa.Table:
     """A values file written by :func:`estimate` (.parquet, .csv or .jsonl), checked: ``id`` + ``column``."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ForValueError(f"{path}: not a regular file (a folder, pipe or device); give the values file itself")
     if not path.is_file():
         raise ForValueError(f"{path}: no such values file; write one with 'forvalue estimate ... -o FILE.parquet'")
     suffix = path.suffix.lower()
@@ -741,12 +759,10 @@ def read_values(path: str | Path, column: str = "value") -> pa.Table:
 
             table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types={"id": pa.string()}))
         elif suffix == ".jsonl":
-            import pyarrow.json as pjson
-
-            table = pjson.read_json(path)
+            table = _read_values_jsonl(path)
         else:
             raise ForValueError(f"{path}: unknown values format '{path.suffix}'; use .parquet, .csv or .jsonl")
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ForValueError(f"{path}: not a readable {suffix[1:]} values file ({str(exc).splitlines()[0]})") from None
     for c in ("id", column):
         if c not in table.column_names:

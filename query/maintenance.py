@@ -96,7 +96,8 @@ def sketch_store(
     -------
     >>> forvalue.sketch_store("runs/store", dim=256)     # then query with QueryConfig(prefilter=...)  # doctest: +SKIP
     """
-    Store.open(path)  # a path that is not a store gets that message, not a lease error
+    opened = Store.open(path)  # a path that is not a store gets that message, not a lease error
+    faiss_index.check_kind(kind, dim or opened.manifest.sketch_dim or 64)  # a bad --faiss-index: before any work
     with WriterLease.acquire(path):
         return _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows)
 

@@ -447,7 +447,7 @@ def _read_holder(file: Path) -> str:
     try:
         info = json.loads(file.read_text())
         return f"pid {info['pid']} on {info['host']} since {info['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "holder unknown"
 
 

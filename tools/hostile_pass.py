@@ -209,7 +209,7 @@ def main(argv=None) -> int:
                 "--report",
                 data / "r.html",
                 "--data",
-                T,
+                data,
                 "--group-column",
                 "label",
             ],
