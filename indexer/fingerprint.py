@@ -48,10 +48,9 @@ def _file_sha256(path: Path) -> str:
     if recent or _cache_key(path, after) != key:  # changed while hashed, or may change again unseen
         return digest.hexdigest()
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, cache)
+        from forvalue.storage.files import write_text
+
+        write_text(cache, json.dumps(known))
     except OSError:
         pass  # a read-only cache only costs time
     return known[key]

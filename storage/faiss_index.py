@@ -155,9 +155,9 @@ def save(store: Store, pre: PrefilterIndex) -> None:
     name = f"index-{pre.rows}-{os.getpid()}-{time.time_ns()}.faiss"
     faiss.write_index(pre.index, str(folder / name))
     meta = dict(pre.meta, file=name, bytes=(folder / name).stat().st_size)
-    tmp = folder / f".{META_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp, folder / META_FILE)
+    from forvalue.storage.files import write_text
+
+    write_text(folder / META_FILE, json.dumps(meta, indent=2, sort_keys=True), inside_store=True)
     pre.meta = meta
     for old in folder.glob("index-*.faiss"):
         if old.name != name:
