@@ -37,7 +37,7 @@ OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "demo": {"workdir": (FOLDER,)},
 }
 
-# where a store is written (build/add): not inside another store or an input folder
+# where a store is written (build/add): not inside another store
 STORE_WRITERS = ("index build", "index add")
 
 
@@ -84,7 +84,7 @@ def check_command(path: str, command: click.Command, params: dict) -> None:
         outputs.update(derive(params))
     inputs = [v for name in INPUTS if name in params for v in _values(params[name])]
     if path in STORE_WRITERS and params.get("store"):
-        _check_store_target(params["store"], [v for v in _values(params.get("data"))])
+        _check_store_target(params["store"])
     if path == "audit run" and params.get("name") is not None:
         from forvalue.storage.audits import check_audit_name
 
@@ -92,21 +92,14 @@ def check_command(path: str, command: click.Command, params: dict) -> None:
     check_outputs(outputs, inputs)
 
 
-def _check_store_target(store, data: list) -> None:
-    """A store being written lies neither inside another store nor inside an input folder."""
-    from forvalue.storage.files import OutputPathError, _absolute, _input_paths, store_above
+def _check_store_target(store) -> None:
+    """A store being written does not lie inside another store (folder inputs skip stores, so a store may
+    sit inside an input folder)."""
+    from forvalue.storage.files import OutputPathError, _absolute, store_above
 
-    here = _absolute(store)
-    outer = store_above(here.parent)
+    outer = store_above(_absolute(store).parent)
     if outer is not None:
         raise OutputPathError(f"--store {store}: is inside the store {outer}; put the store elsewhere")
-    for source in _input_paths(data):
-        src = _absolute(source)
-        if src.is_dir() and src in here.parents:
-            raise OutputPathError(
-                f"--store {store}: is inside the input folder {source}; the next build would read the store's "
-                "files as data; put the store elsewhere"
-            )
 
 
 def guard_paths(group: click.Group, prefix: str = "") -> None:
