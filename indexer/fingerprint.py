@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from forvalue.indexer.default_model import cache_dir
+from forvalue.schemas.errors import ModelLoadError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 RACY_SECONDS = 2.0  # a file whose mtime/ctime is this recent is hashed, but its hash not cached
@@ -74,3 +75,23 @@ def tokenizer_sha256(tokenizer) -> str:
         [getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token], default=str
     )
     return hashlib.sha256((core + extra).encode("utf-8")).hexdigest()
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickled_weights(folder: Path, what: str) -> None:
+    """Refuse a model or adapter folder whose weights exist only as pickles (``pytorch_model.bin``...).
+
+    Unpickling runs code from the file; forvalue loads safetensors (or GGUF) only.
+    """
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return
+    pickles = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{what} folder '{folder}': its weights are pickle files ({', '.join(pickles[:3])}), which can run code "
+            "when loaded; forvalue loads only .safetensors: convert them (model.save_pretrained(folder, "
+            "safe_serialization=True)) in a trusted environment"
+        )

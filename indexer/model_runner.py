@@ -10,28 +10,10 @@ import importlib.util
 from pathlib import Path
 
 from forvalue.indexer.causal_lm import CausalLMRunner
+from forvalue.indexer.fingerprint import refuse_pickled_weights
 from forvalue.indexer.runner import TORCH_DTYPES, Runner, place_model, resolve_device, resolve_dtype
 from forvalue.schemas.config import ModelConfig
 from forvalue.schemas.errors import ModelLoadError
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-
-
-def refuse_pickled_weights(folder: Path, what: str) -> None:
-    """Refuse a model or adapter folder whose weights exist only as pickles (``pytorch_model.bin``...).
-
-    Unpickling runs code from the file; forvalue loads safetensors (or GGUF) only.
-    """
-    files = [p for p in folder.iterdir() if p.is_file()]
-    if any(p.suffix == ".safetensors" for p in files):
-        return
-    pickles = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
-        raise ModelLoadError(
-            f"{what} folder '{folder}': its weights are pickle files ({', '.join(pickles[:3])}), which can run code "
-            "when loaded; forvalue loads only .safetensors: convert them (model.save_pretrained(folder, "
-            "safe_serialization=True)) in a trusted environment"
-        )
 
 
 def load_runner(config: ModelConfig) -> Runner:

@@ -35,14 +35,17 @@ from typing import Sequence
 
 import numpy as np
 
-from forvalue.schemas.errors import ForValueError
-
-MANIFEST = "value_model.json"
-WEIGHTS = "weights.safetensors"
-TOKENIZER = "tokenizer.json"
-FORMAT = "forvalue.value_model"
-FORMAT_VERSION = 2  # 2: data files named by content hash, listed with their SHA-256 in the manifest
-STUDENTS = ("ngram", "embed")
+from forvalue.value_model_files import (  # noqa: F401  (re-exported: the value model's public names)
+    EMBED_POOLINGS,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    STUDENTS,
+    TOKENIZER,
+    WEIGHTS,
+    ValueModelError,
+    load_tokenizer,
+)
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -52,11 +55,6 @@ _OWN_FILE = re.compile(
 )
 
 
-class ValueModelError(ForValueError):
-    """A value model folder that is missing, damaged, or used with a store/audit it was not trained for."""
-
-
-EMBED_POOLINGS = ("sum", "mean")
 SUM_SCALE = 64.0  # tokens: sum-pooled features are divided by this to keep them near unit scale
 
 
@@ -160,13 +158,6 @@ def csr_dot(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, weight:
 
 
 # -- token-embedding lookup ----------------------------------------------------------------------
-def load_tokenizer(path: str | Path):
-    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file (fast Rust tokenizer, no transformers import)."""
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
-
-
 def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text (no special tokens added)."""
     return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
@@ -277,6 +268,6 @@ class ValueModel:
     def load(cls, path: str | Path) -> "ValueModel":
         """Read a value model folder, every file validated: anything missing, damaged, half-written or
         inconsistent is a one-line :class:`ValueModelError`, never a model that predicts wrong numbers."""
-        from forvalue.value_model_check import load_checked
+        from forvalue.value_model_files import load_checked
 
-        return load_checked(cls, Path(path))
+        return cls(*load_checked(Path(path)))

@@ -1,4 +1,5 @@
-"""Load a value model folder with every file checked (:meth:`forvalue.value_model.ValueModel.load`).
+"""A value model folder's files: their format, and loading them with every file checked
+(:meth:`forvalue.value_model.ValueModel.load`).
 
 A value model predicts numbers nobody can check by eye, so a damaged one must never load: the
 manifest must be a well-formed JSON object of this format; every data file it names must exist
@@ -17,17 +18,27 @@ from pathlib import Path
 
 import numpy as np
 
-from forvalue.value_model import (
-    EMBED_POOLINGS,
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    STUDENTS,
-    TOKENIZER,
-    WEIGHTS,
-    ValueModelError,
-    load_tokenizer,
-)
+from forvalue.schemas.errors import ForValueError
+
+MANIFEST = "value_model.json"
+WEIGHTS = "weights.safetensors"  # format 1's fixed names; format 2 names files by content hash
+TOKENIZER = "tokenizer.json"
+FORMAT = "forvalue.value_model"
+FORMAT_VERSION = 2  # 2: data files named by content hash, listed with their SHA-256 in the manifest
+STUDENTS = ("ngram", "embed")
+EMBED_POOLINGS = ("sum", "mean")
+
+
+class ValueModelError(ForValueError):
+    """A value model folder that is missing, damaged, or used with a store/audit it was not trained for."""
+
+
+def load_tokenizer(path: str | Path):
+    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file (fast Rust tokenizer, no transformers import)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
 
 MAX_NGRAM_DIM = 1 << 26
 REDO = "the value model is damaged or was only half written; distil it again with 'forvalue distill'"
@@ -158,8 +169,8 @@ def _arrays(file: Path, meta: dict) -> dict[str, np.ndarray]:
     return dict(arrays)
 
 
-def load_checked(cls, path: Path):
-    """``cls`` (:class:`~forvalue.value_model.ValueModel`) read from folder ``path``, every file validated."""
+def load_checked(path: Path) -> tuple[str, list[str], dict, dict, object]:
+    """``(student, targets, arrays, meta, tokenizer)`` read from folder ``path``, every file validated."""
     meta = _read_manifest(path)
     _check_features(path / MANIFEST, meta)
     files = _data_files(path, meta)
@@ -177,4 +188,4 @@ def load_checked(cls, path: Path):
                 f"its vocabulary ({tokenizer.get_vocab_size(with_added_tokens=True)}) is larger than the token "
                 f"table ({rows} rows): tokenizer and weights belong to different models",
             )
-    return cls(meta["student"], list(meta["targets"]), arrays, meta, tokenizer)
+    return meta["student"], list(meta["targets"]), arrays, meta, tokenizer
