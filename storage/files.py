@@ -291,7 +291,7 @@ def write_bytes(target: str | Path, data: bytes, *, inside_store: bool = False) 
 
 def write_text(target: str | Path, text: str, *, inside_store: bool = False) -> Path:
     """Write ``text`` (UTF-8) to ``target`` atomically."""
-    return write_bytes(target, text.encode("utf-8", errors="surrogatepass"), inside_store=inside_store)
+    return write_bytes(target, text.encode("utf-8", errors="backslashreplace"), inside_store=inside_store)
 
 
 def publish_if_absent(target: str | Path, data: bytes) -> bool:
@@ -367,7 +367,7 @@ class TableSink:
             raise ForValueError(f"{self.path}: two output columns would both be named '{dup}'; rename one")
         self.schema = schema
         if self.suffix == ".jsonl":
-            self.handle = self.tmp.open("w", encoding="utf-8", errors="surrogatepass")
+            self.handle = self.tmp.open("w", encoding="utf-8", errors="backslashreplace")
         elif self.suffix == ".csv":
             import pyarrow.csv as pcsv
 

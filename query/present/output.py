@@ -36,7 +36,7 @@ def write_jsonl_atomic(rows: Iterable[dict], path: str | Path) -> None:
     """
     check_outputs({"output": (path, (".jsonl",))})
     with atomic_path(path) as tmp:
-        with tmp.open("w", encoding="utf-8", errors="surrogatepass") as handle:
+        with tmp.open("w", encoding="utf-8", errors="backslashreplace") as handle:
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
