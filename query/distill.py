@@ -39,6 +39,7 @@ from forvalue.value_model import (
     NgramFeatures,
     ValueModel,
     ValueModelError,
+    owned_by_a_value_model,
     pool_divisor,
     pool_length_feature,
     token_ids,
@@ -450,7 +451,8 @@ def distill_value_model(
     check_outputs({"--out": (out, (FOLDER,))}, [store.path if isinstance(store, Store) else store])
     started = time.perf_counter()
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+    leftovers = out.is_dir() and all(owned_by_a_value_model(p.name) for p in out.iterdir())  # a killed save
+    if out.exists() and (not out.is_dir() or (not leftovers and not (out / MANIFEST).exists())):
         raise ValueModelError(f"{out}: exists and is not a value model folder; choose another --out")
     st = store if isinstance(store, Store) else Store.open(store)
     table, meta = load_audit(st, audit)

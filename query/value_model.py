@@ -55,6 +55,12 @@ _OWN_FILE = re.compile(
 )
 
 
+def owned_by_a_value_model(name: str) -> bool:
+    """Whether a file name is one a value model save writes (data files, their temporary twins, the
+    manifest's temporary twin, the lock): a folder holding only these is a killed first save."""
+    return bool(_OWN_FILE.match(name)) or name == ".value_model.lock" or name.startswith(f".{MANIFEST}.")
+
+
 SUM_SCALE = 64.0  # tokens: sum-pooled features are divided by this to keep them near unit scale
 
 
@@ -223,13 +229,12 @@ class ValueModel:
         Each data file is written atomically under a name holding its content hash
         (``weights-<sha>.safetensors``, ``tokenizer-<sha>.json``), so the old model's files stay intact;
         then ``value_model.json``, naming the files with their SHA-256, replaces the old one
-        atomically (the commit point); the files no manifest names any more are removed last.
+        atomically (the commit point); the files no manifest names any more are removed last. Two
+        saves into one folder take turns (an ``flock`` on ``.value_model.lock``), so one never
+        removes the files the other's manifest names.
         """
-        import hashlib
-
-        from safetensors.numpy import save
-
-        from forvalue.storage.files import write_bytes, write_text
+        import fcntl
+        import os
 
         path = Path(path)
         if path.exists() and not path.is_dir():
@@ -239,6 +244,20 @@ class ValueModel:
             k: np.ascontiguousarray(v, np.float32 if np.issubdtype(v.dtype, np.floating) else v.dtype)
             for k, v in self.arrays.items()
         }
+        fd = os.open(path / ".value_model.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return self._save_locked(path, arrays)
+        finally:
+            os.close(fd)
+
+    def _save_locked(self, path: Path, arrays: dict) -> Path:
+        import hashlib
+
+        from safetensors.numpy import save
+
+        from forvalue.storage.files import write_bytes, write_text
+
         blobs = {"weights": (save(arrays), ".safetensors")}
         if self.student == "embed":
             blobs["tokenizer"] = (self.tokenizer.to_str().encode("utf-8"), ".json")

@@ -1159,6 +1159,24 @@ def test_kill_9_at_every_step_of_a_value_model_rewrite(valued, tmp_path):
     assert outcomes["old"] and outcomes["new"], outcomes
 
 
+def test_a_killed_first_save_does_not_block_the_next_distill(valued, tmp_path):
+    """A first save killed before its manifest leaves data files (and the lock) in a folder with no model:
+    loading it is one line, and distilling into it again goes ahead."""
+    from forvalue.distill import distill_value_model
+    from forvalue.schemas.config import DistillConfig
+    from forvalue.value_model import ValueModel
+
+    old, _ = _two_models(valued, tmp_path)
+    folder, tally = tmp_path / "first", tmp_path / "steps.txt"
+    assert _in_child(lambda: _save_hooked(old, folder, 3, tally)) == -signal.SIGKILL
+    assert folder.is_dir() and not (folder / "value_model.json").exists()
+    assert_one_line_error(cli("estimate", valued["train"], "--value-model", folder, "-o", tmp_path / "v.parquet"))
+    distill_value_model(valued["store"], "a", folder, DistillConfig(student="ngram", ngram_dim=1024))
+    texts = [r["prompt"] for r in make_rows(4)]
+    np.testing.assert_array_equal(ValueModel.load(folder).predict(texts), old.predict(texts))
+    count("kills_in_value_model_saves")
+
+
 def _damage(folder: Path, how: str) -> str:
     """Damage a copied value model folder ``how``; returns text the one-line error must hold."""
     manifest = folder / "value_model.json"
