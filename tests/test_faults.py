@@ -1177,6 +1177,33 @@ def test_a_killed_first_save_does_not_block_the_next_distill(valued, tmp_path):
     count("kills_in_value_model_saves")
 
 
+def test_two_saves_into_one_value_model_folder_at_once(valued, tmp_path):
+    """Two processes saving different models into one folder at the same moment, five times: the folder
+    always loads as one of the two models, whole."""
+    from forvalue.value_model import ValueModel
+
+    a, b = _two_models(valued, tmp_path)
+    texts = [r["prompt"] for r in make_rows(6)]
+    want = [a.predict(texts), b.predict(texts)]
+    folder = tmp_path / "shared"
+    for _ in range(5):
+        pids = []
+        for model in (a, b):
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    model.save(folder)
+                except BaseException:  # noqa: BLE001
+                    code = 3
+                os._exit(code)
+            pids.append(pid)
+        assert all(os.waitpid(pid, 0)[1] == 0 for pid in pids)
+        got = ValueModel.load(folder).predict(texts)
+        assert any(np.array_equal(got, w) for w in want)
+        count("concurrent_value_model_saves", 2)
+
+
 def _damage(folder: Path, how: str) -> str:
     """Damage a copied value model folder ``how``; returns text the one-line error must hold."""
     manifest = folder / "value_model.json"
