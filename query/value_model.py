@@ -35,7 +35,7 @@ from typing import Sequence
 
 import numpy as np
 
-from forvalue.value_model_files import (  # noqa: F401  (re-exported: the value model's public names)
+from forvalue.storage.value_model_files import (  # noqa: F401  (re-exported: the value model's public names)
     EMBED_POOLINGS,
     FORMAT,
     FORMAT_VERSION,
@@ -287,6 +287,6 @@ class ValueModel:
     def load(cls, path: str | Path) -> "ValueModel":
         """Read a value model folder, every file validated: anything missing, damaged, half-written or
         inconsistent is a one-line :class:`ValueModelError`, never a model that predicts wrong numbers."""
-        from forvalue.value_model_files import load_checked
+        from forvalue.storage.value_model_files import load_checked
 
         return cls(*load_checked(Path(path)))

@@ -236,8 +236,32 @@ def _check_one(what: str, path: Path, formats: tuple[str, ...], sources: list[Pa
 
 # -- the writer --------------------------------------------------------------------------------------
 def temp_name(target: Path) -> Path:
-    """A hidden, unique temporary name beside ``target`` (same folder, so the rename is atomic)."""
+    """A hidden, unique temporary name beside ``target`` (same folder, so the rename is atomic).
+
+    Temporary files of ``target`` left by writers that died (their pid is gone) are removed first.
+    """
+    _sweep(target)
     return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _sweep(target: Path) -> None:
+    """Remove ``.NAME.PID.RANDOM.tmp`` files beside ``target`` whose writer process no longer exists."""
+    prefix = f".{target.name}."
+    try:
+        names = [n for n in os.listdir(target.parent) if n.startswith(prefix) and n.endswith(".tmp")]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix) :].split(".", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                os.unlink(target.parent / name)
+        except OSError:
+            pass
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--real", action="store_true", help="SmolLM2-135M (the default model) instead of the tiny one")
     ap.add_argument("--timeout", type=int, default=120)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--kills", type=int, default=5, help="kill -9 / Ctrl-C rounds per killed command (0: none)")
     a = ap.parse_args(argv)
     from click.testing import CliRunner
 
@@ -658,6 +659,10 @@ def main(argv=None) -> int:
         if problem:
             failures.append(f"{name}: {problem}")
     os.chmod(work / "ro", 0o755)
+    if a.kills:
+        k_tried, k_failures = _kills(work, model, S, V, T, VM, a.kills)
+        tried += k_tried
+        failures += k_failures
     print(
         f"\nhostile pass ({'SmolLM2-135M' if a.real else 'tiny model'}): {tried} cases tried, {len(failures)} failures"
     )
@@ -666,6 +671,137 @@ def main(argv=None) -> int:
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if failures else 0
+
+
+def _complete(path: Path) -> bool:
+    """Whether ``path`` is a whole output file of its format."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pq.read_table(path)
+        elif path.suffix == ".jsonl":
+            text = path.read_text()
+            assert text == "" or text.endswith("\n")
+            [json.loads(line) for line in text.splitlines()]
+        elif path.suffix == ".csv":
+            import pyarrow.csv as pcsv
+
+            pcsv.read_csv(path)
+        elif path.suffix == ".html":
+            assert path.read_text().rstrip().endswith("</html>")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _kills(work: Path, model: str, S: Path, V: Path, T: Path, VM: Path, rounds: int) -> tuple[int, list[str]]:
+    """Real ``forvalue`` processes killed (SIGKILL, or SIGINT as Ctrl-C) at random moments while they write:
+    every output must be its old bytes or a whole new file, the store sound (an uncommitted audit table
+    reported and repaired), the value model loadable as a whole model, the inputs untouched."""
+    import random
+    import subprocess
+    import time
+
+    from forvalue.maintenance import check_store
+    from forvalue.value_model import ValueModel
+
+    out = work / "killed"
+    out.mkdir(exist_ok=True)
+
+    def _more(k):  # fresh rows each round, so every killed add has work to do
+        return _jsonl(work / f"more{k + 1}.jsonl", _rows(40, start=500 + 40 * (k + 1)))
+
+    more = _more(-1)
+    dev = ["--device", "cpu"]
+    commands = {
+        "estimate -o": (["estimate", T, "--value-model", VM, "-o", out / "values.parquet"], [out / "values.parquet"]),
+        "select -o": (
+            ["select", "--store", S, "--audit", "a", "--top", "50%", "-o", out / "sel.jsonl"],
+            [out / "sel.jsonl"],
+        ),
+        "query -o --all-scores": (
+            [
+                "query",
+                "--store",
+                S,
+                "-v",
+                V,
+                *dev,
+                "--quiet",
+                "--exact",
+                "-o",
+                out / "top.csv",
+                "--all-scores",
+                out / "all.parquet",
+            ],
+            [out / "top.csv", out / "all.parquet"],
+        ),
+        "audit run --report": (
+            ["audit", "run", "--store", S, "-v", V, "--name", "a", *dev, "--quiet", "--report", out / "a.html"],
+            [out / "a.html"],
+        ),
+        "audit show --report": (["audit", "show", "--store", S, "b", "--report", out / "b.html"], [out / "b.html"]),
+        "explain -o": (
+            ["explain", "--store", S, "-v", V, "--train-id", "s3", *dev, "-o", out / "why.html"],
+            [out / "why.html"],
+        ),
+        "distill --out (rewrite)": (["distill", "--store", S, "--audit", "b", "--out", VM, "--ngram-dim", "1024"], []),
+        "index add": (lambda k: ["index", "add", _more(k), "--store", S, "--quiet", "--write-every", "4"], []),
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    rng = random.Random(28)
+    tried, failures = 0, []
+    protected = {p: p.read_bytes() for p in (T, V, more)}
+    for name, (args, outputs) in commands.items():
+        make = args if callable(args) else (lambda k, fixed=args: fixed)
+        argv = [sys.executable, "-m", "forvalue", *map(str, make(-1))]
+        started = time.perf_counter()
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        span = time.perf_counter() - started
+        if done.returncode != 0:
+            failures.append(f"kill {name}: the unkilled run failed: {done.stderr[-300:]}")
+            continue
+        for k in range(rounds):
+            tried += 1
+            old = {p: p.read_bytes() for p in outputs if p.exists()}
+            sig = signal.SIGINT if k == rounds - 1 else signal.SIGKILL
+            argv = [sys.executable, "-m", "forvalue", *map(str, make(k))]
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(rng.uniform(0.4, 1.0) * span)
+            proc.send_signal(sig)
+            try:
+                _, err = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                failures.append(f"kill {name} #{k}: no exit 120 s after {sig.name}")
+                continue
+            problem = []
+            if sig == signal.SIGINT and proc.returncode not in (0, 130):
+                problem.append(f"Ctrl-C gave exit {proc.returncode}: {err.strip()[-200:]!r}")
+            if "Traceback" in err:
+                problem.append("traceback")
+            for p in outputs:
+                if p.exists() and p.read_bytes() != old.get(p) and not _complete(p):
+                    problem.append(f"{p.name} half written")
+            for p, data in protected.items():
+                if p.read_bytes() != data:
+                    problem.append(f"input {p.name} changed")
+            report = check_store(S)
+            if not report["clean"]:
+                if all("without a committed version" in x for x in report["problems"]):
+                    report = check_store(S, repair=True)
+                if not report["clean"]:
+                    problem.append(f"store not sound: {report['problems'][:1]}")
+            try:
+                ValueModel.load(VM)
+            except Exception as exc:  # noqa: BLE001
+                problem.append(f"value model unreadable: {exc}")
+            line = f"kill {name} #{k} ({sig.name}, exit {proc.returncode})"
+            print(f"[{'FAIL' if problem else 'ok'}] {line}" + (f" -- {'; '.join(problem)}" if problem else ""))
+            if problem:
+                failures.append(f"{line}: {'; '.join(problem)}")
+    return tried, failures
 
 
 if __name__ == "__main__":
