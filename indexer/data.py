@@ -19,6 +19,7 @@ import glob
 import hashlib
 import io
 import json
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -34,6 +35,7 @@ from forvalue.schemas.errors import InputDataError
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 COMPRESSIONS = (".gz", ".zst")
 _ARROW_BLOCK = 1024
+_SURROGATE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 FIRST_PASS_ROWS = 1000  # rows of each input validated by check_inputs before a model loads
 
 
@@ -241,6 +243,11 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     sorted by path); a pattern with ``*``, ``?`` or ``[`` becomes its sorted matches (``**``
     crosses folders). Raises :class:`InputDataError` naming the path when something is missing,
     matches nothing, or has an unknown format.
+
+    The same file reached twice (named again, through a folder, a glob, a link or another spelling)
+    is read once, at its first place: files are told apart by device and inode, not by name. A pipe,
+    FIFO or device (``<(cat x.jsonl)``, ``/dev/stdin``) is refused: inputs are read twice (a first
+    check before the model loads, then the build), which a pipe cannot do.
     """
     out: list[Path] = []
     for item in paths:
@@ -261,10 +268,14 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
                 raise InputDataError(
                     path, f"is a datasets DatasetDict folder; give one split's folder (e.g. {path / 'train'})"
                 )
+            stores = _stores_below(path)
             files = sorted(
                 f
                 for f in path.rglob("*")
-                if f.is_file() and _kind(f) and not any(part.startswith(".") for part in f.relative_to(path).parts)
+                if f.is_file()
+                and _kind(f)
+                and not any(part.startswith(".") or part.endswith(".lance") for part in f.relative_to(path).parts)
+                and not stores.intersection(f.parents)
             )
             if not files:
                 raise InputDataError(
@@ -273,8 +284,51 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
                 )
             out.extend(files)
             continue
+        _check_regular(path)
+        out.append(path)
+    return _read_once(out)
+
+
+def _check_regular(path: Path) -> None:
+    """Refuse an input that is neither a file nor a folder (a pipe, FIFO, socket or device) before reading it."""
+    import stat
+
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise InputDataError(path, f"cannot be read ({exc.strerror})") from None
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = "a pipe or FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise InputDataError(
+            path,
+            f"is {kind}, not a file: inputs are read twice (a first check, then the run); save the data to a "
+            "file first (e.g. cat ... > data.jsonl)",
+        )
+
+
+def _read_once(paths: list[Path]) -> list[Path]:
+    """``paths`` without the ones that are the same file (device + inode) as an earlier one."""
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for path in paths:
+        try:
+            st = path.stat()
+            key = (st.st_dev, st.st_ino)
+        except OSError:
+            key = None
+        if key is not None and key in seen:
+            continue
+        if key is not None:
+            seen.add(key)
         out.append(path)
     return out
+
+
+def _stores_below(top: Path) -> set[Path]:
+    """The forvalue stores inside folder ``top`` (their files are no data: a manifest is not a JSONL row)."""
+    from forvalue.storage.files import is_store
+
+    return {m.parent for m in top.rglob("manifest.json") if is_store(m.parent)}
 
 
 def check_paths(paths: Iterable[str | Path]) -> None:
@@ -384,14 +438,29 @@ def _json_row(path: Path, lineno: int, raw: bytes) -> dict[str, Any] | None:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise InputDataError(path, f"malformed JSON ({exc.msg}, column {exc.colno})", line=lineno) from None
+    except RecursionError:
+        raise InputDataError(path, "JSON nested too deeply; flatten the row", line=lineno) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise InputDataError(path, f"unreadable JSON ({str(exc).splitlines()[0][:120]})", line=lineno) from None
     if not isinstance(row, dict):
         raise InputDataError(path, f"expected a JSON object, got {type(row).__name__}", line=lineno)
+    if "\\u" in line and _SURROGATE.search(line):  # an escaped UTF-16 half: valid only in a pair
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InputDataError(
+                path,
+                f"invalid Unicode: a lone surrogate {exc.object[exc.start]!a} (half of a UTF-16 pair) in a string; "
+                "fix the text",
+                line=lineno,
+            ) from None
     return row
 
 
 def _iter_csv(path: Path, compression: str | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     import csv
 
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))  # long texts are data, not damage
     binary = _open_binary(path, compression)
     with io.TextIOWrapper(binary, encoding="utf-8-sig", newline="") as handle:
         reader = csv.DictReader(handle)
@@ -425,7 +494,7 @@ def _iter_arrow_folder(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     state = path / "state.json"
     try:
         files = [path / f["filename"] for f in json.loads(state.read_text())["_data_files"]]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError, OSError):
         raise InputDataError(state, "not a datasets state.json (needs '_data_files': [{'filename': ...}])") from None
 
     def batches() -> Iterator[pa.RecordBatch]:
@@ -459,7 +528,10 @@ def _field(path: Path, where: int, row: dict[str, Any], name: str, required: boo
             field=name,
         )
     if isinstance(value, (int, float, bool)):
-        value = str(value)
+        try:
+            value = str(value)
+        except ValueError:  # an integer beyond Python's digit limit for str()
+            raise InputDataError(path, "a number too long to use as text; quote it", line=where, field=name) from None
     if not isinstance(value, str):
         raise InputDataError(path, f"expected a string, got {type(value).__name__}", line=where, field=name)
     if not value.strip():

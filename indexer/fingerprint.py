@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from forvalue.indexer.default_model import cache_dir
+from forvalue.schemas.errors import ModelLoadError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 RACY_SECONDS = 2.0  # a file whose mtime/ctime is this recent is hashed, but its hash not cached
@@ -32,7 +33,7 @@ def _file_sha256(path: Path) -> str:
     cache = cache_dir() / "hashes.json"
     try:
         known = json.loads(cache.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         known = {}
     if key in known:
         return known[key]
@@ -48,10 +49,9 @@ def _file_sha256(path: Path) -> str:
     if recent or _cache_key(path, after) != key:  # changed while hashed, or may change again unseen
         return digest.hexdigest()
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, cache)
+        from forvalue.storage.files import write_text
+
+        write_text(cache, json.dumps(known))
     except OSError:
         pass  # a read-only cache only costs time
     return known[key]
@@ -75,3 +75,23 @@ def tokenizer_sha256(tokenizer) -> str:
         [getattr(tokenizer, "chat_template", None), tokenizer.bos_token, tokenizer.eos_token], default=str
     )
     return hashlib.sha256((core + extra).encode("utf-8")).hexdigest()
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+def refuse_pickled_weights(folder: Path, what: str) -> None:
+    """Refuse a model or adapter folder whose weights exist only as pickles (``pytorch_model.bin``...).
+
+    Unpickling runs code from the file; forvalue loads safetensors (or GGUF) only.
+    """
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if any(p.suffix == ".safetensors" for p in files):
+        return
+    pickles = sorted(p.name for p in files if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ModelLoadError(
+            f"{what} folder '{folder}': its weights are pickle files ({', '.join(pickles[:3])}), which can run code "
+            "when loaded; forvalue loads only .safetensors: convert them (model.save_pretrained(folder, "
+            "safe_serialization=True)) in a trusted environment"
+        )

@@ -101,7 +101,7 @@ def parse_messages(
             return ((default_role, value),)
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # malformed, nested too deeply, or a number too long
             raise InputDataError(
                 path,
                 'expected a list of {"role", "content"} messages, got a string that is not a JSON list',

@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 from forvalue.indexer.causal_lm import CausalLMRunner
+from forvalue.indexer.fingerprint import refuse_pickled_weights
 from forvalue.indexer.runner import TORCH_DTYPES, Runner, place_model, resolve_device, resolve_dtype
 from forvalue.schemas.config import ModelConfig
 from forvalue.schemas.errors import ModelLoadError
@@ -51,6 +52,7 @@ def load_runner(config: ModelConfig) -> Runner:
         if not (source / "config.json").exists():
             raise ModelLoadError(f"model folder '{path}' has no config.json; is it a Hugging Face model folder?")
         folder = str(source)
+        refuse_pickled_weights(source, "model")
         from forvalue.indexer.vlm_runner import is_vlm_folder, load_vlm_runner
 
         if is_vlm_folder(source):
@@ -58,7 +60,7 @@ def load_runner(config: ModelConfig) -> Runner:
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=TORCH_DTYPES[dtype], **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model '{path}': {first}") from None
     model, identity = place_model(model, config, source, tokenizer, device, dtype)

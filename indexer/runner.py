@@ -158,5 +158,8 @@ def apply_adapter(model, adapter: str):
         raise ModelLoadError(f"adapter folder '{adapter}' does not exist")
     from peft import PeftModel
 
+    from forvalue.indexer.fingerprint import refuse_pickled_weights
+
+    refuse_pickled_weights(Path(adapter), "adapter")
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     return merged, weights_sha256(adapter)

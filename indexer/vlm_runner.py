@@ -29,7 +29,7 @@ def is_vlm_folder(folder: str | Path) -> bool:
     """True when ``folder/config.json`` describes a vision-language model (has a ``vision_config``)."""
     try:
         config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(config, dict) and "vision_config" in config
 

@@ -11,7 +11,7 @@ Example
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -26,7 +26,7 @@ from forvalue.indexer.data import Sample
 from forvalue.present.output import ScoreWriter, check_output_path
 from forvalue.schemas.config import BuildConfig, DataConfig, EngineConfig, ModelConfig, QueryConfig
 from forvalue.schemas.errors import ConfigError
-from forvalue.session import load_store_runner, open_nonempty, settings_for_store
+from forvalue.session import get_runner, open_nonempty, settings_for_store
 from forvalue.storage.store import Store
 
 __all__ = [
@@ -120,8 +120,9 @@ def run_query(
     config : QueryConfig
     model : ModelConfig, optional
         Overrides of the store's model (refused if it is not the same model).
-    runner : optional
-        An already loaded runner of the store's model.
+    runner : Runner or a function returning one, optional
+        The store's model already loaded, or a loader called once the validation input is read (default:
+        load the store's model then).
     keep_scores : bool
         Return the full score matrix in memory (small stores, notebooks).
     all_scores_path : path, optional
@@ -150,11 +151,10 @@ def run_query(
     if on_ray and config.candidates is not None:
         raise ConfigError("candidates", "--engine ray scores every stored sample (exact scan); drop --candidates")
     if all_scores_path is not None:
-        check_output_path(all_scores_path, (".parquet",))
+        check_output_path(all_scores_path, (".parquet",), inputs=_paths_of(validation), what="all_scores_path")
     store = open_nonempty(store)
-    if runner is None:
-        runner = load_store_runner(store, replace(model or ModelConfig(), device=config.device))
-    samples = load_validation_samples(validation, data_for_store(data, store.manifest))
+    samples = load_validation_samples(validation, data_for_store(data, store.manifest))  # bad input: before the model
+    runner = get_runner(runner, store, model, config.device)
     val = encode_validation(runner, samples, store.manifest, data, config.batch_size)
     n_cols = 1 if config.aggregate == "mean" else len(val)
     col_names = ["mean"] if config.aggregate == "mean" else [s.id for s in samples]
@@ -208,6 +208,11 @@ def run_query(
         train_ids=kept_ids if keep_scores else None,
         prefiltered=prefiltered,
     )
+
+
+def _paths_of(validation) -> list:
+    """The paths among ``validation`` (it may also hold rows)."""
+    return [v for v in validation if isinstance(v, (str, Path))] if isinstance(validation, (list, tuple)) else []
 
 
 def _top_table(store: Store, top: TopK, samples: list[Sample], config: QueryConfig) -> pa.Table:

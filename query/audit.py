@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from forvalue.metrics import spearman
-from forvalue.present.output import check_output_path, write_jsonl_atomic, write_text_atomic
+from forvalue.present.output import write_jsonl_atomic
 from forvalue.results import AuditComparison, AuditInfo, AuditRun, AuditSummary, Pricing, Selection
 from forvalue.schemas.config import AuditConfig, DataConfig, EngineConfig, ModelConfig
 from forvalue.schemas.errors import ForValueError
@@ -70,8 +70,8 @@ def run_audit(
     config : AuditConfig
     model : ModelConfig, optional
         Overrides of the store's model (refused if it is not the same model).
-    runner : Runner, optional
-        An already loaded runner of the store's model.
+    runner : Runner or a function returning one, optional
+        The store's model already loaded, or a loader called only if a validation sample needs encoding.
     engine : EngineConfig, optional
         ``EngineConfig(engine="ray", ...)`` scores the store on Ray actors (docs/scale.md); the
         audit table is the single-process one.
@@ -87,7 +87,8 @@ def run_audit(
     # the scoring stack (torch) is imported here, not at module level: listing and showing audits loads no model
     from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
     from forvalue.indexer.runner import resolve_device
-    from forvalue.session import load_store_runner, open_nonempty
+    from forvalue.session import get_runner as resolve_runner
+    from forvalue.session import open_nonempty
     from forvalue.storage.audits import check_audit_name
 
     check_audit_name(name)  # before the model loads or anything is scored
@@ -99,7 +100,7 @@ def run_audit(
 
     def get_runner():
         if "runner" not in loaded:
-            loaded["runner"] = runner or load_store_runner(store, replace(model or ModelConfig(), device=config.device))
+            loaded["runner"] = resolve_runner(runner, store, model, config.device)
         return loaded["runner"]
 
     if model is not None and model.path is not None:
@@ -258,15 +259,9 @@ def parse_amount(text: str, total: int, flag: str = "--top") -> int:
 
     A percentage above 100% is refused; ``--top`` must select at least one sample.
     """
-    try:
-        share = float(text[:-1]) if text.endswith("%") else None
-        n = round(share / 100.0 * total) if share is not None else int(text)
-    except ValueError:
-        raise ForValueError(f"{flag} '{text}' is not a count or a percentage like 10%") from None
-    if n < 0 or (share is not None and share < 0):
-        raise ForValueError(f"{flag} '{text}' must not be negative")
-    if share is not None and share > 100:
-        raise ForValueError(f"{flag} '{text}' is more than 100%")
+    from forvalue.schemas.amounts import parse_share
+
+    share, n = parse_share(text, total, flag)
     if flag == "--top" and n == 0:
         raise ForValueError(f"{flag} '{text}' selects no sample (of {total}); give a larger count or percentage")
     return min(n, total)
@@ -291,9 +286,12 @@ def select_subset(
 
     :meth:`forvalue.Audit.select` calls it.
     """
+    from forvalue.storage.files import check_outputs
+
     if (top is None) == (drop_bottom is None):
         raise ForValueError("give exactly one of --top or --drop-bottom")
     st = store if isinstance(store, Store) else Store.open(store)
+    check_outputs({"output": (output, (".jsonl",))}, [st.path])
     table, _ = read_audit(st, audit)
     rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
     n = len(rows)
@@ -333,19 +331,21 @@ def write_audit_report(
 ) -> Path:
     """Write the HTML report of audit ``name`` (:func:`forvalue.present.report.audit_page`) to ``out``, atomically."""
     from forvalue.present.report import audit_page
+    from forvalue.storage.files import check_outputs, write_text
 
-    check_output_path(out, (".html",))
     store = store if isinstance(store, Store) else Store.open(store)
+    check_outputs({"report": (out, (".html",))}, [store.path])
     table, meta = read_audit(store, name)
     rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
     shown = [r["id"] for r in rows[:n_examples] + rows[-n_examples:]]
     page = audit_page(table, meta, stored_texts(store, shown), n_examples, pricing, explanations)
-    return write_text_atomic(page, out)
+    return write_text(out, page)
 
 
 def write_compare_report(comparison: AuditComparison, out: str | Path) -> Path:
     """Write the HTML page of a comparison (:func:`forvalue.present.report.compare_page`) to ``out``, atomically."""
     from forvalue.present.report import compare_page
+    from forvalue.storage.files import check_outputs, write_text
 
-    check_output_path(out, (".html",))
-    return write_text_atomic(compare_page(comparison), out)
+    check_outputs({"report": (out, (".html",))})
+    return write_text(out, compare_page(comparison))

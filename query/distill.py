@@ -33,6 +33,7 @@ from forvalue.results import Selection
 from forvalue.schemas.config import DataConfig, DistillConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.schemas.manifest import MUST_MATCH, PACKAGE_VERSION
+from forvalue.storage.files import TableSink
 from forvalue.storage.store import Store
 from forvalue.value_model import (
     EMBED_POOLINGS,
@@ -40,6 +41,7 @@ from forvalue.value_model import (
     NgramFeatures,
     ValueModel,
     ValueModelError,
+    owned_by_a_value_model,
     pool_divisor,
     pool_length_feature,
     token_ids,
@@ -418,10 +420,13 @@ def distill_value_model(
     (12, 'vm')
     """
     from forvalue.audit import load_audit
+    from forvalue.storage.files import FOLDER, check_outputs
 
+    check_outputs({"--out": (out, (FOLDER,))}, [store.path if isinstance(store, Store) else store])
     started = time.perf_counter()
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+    leftovers = out.is_dir() and all(owned_by_a_value_model(p.name) for p in out.iterdir())  # a killed save
+    if out.exists() and (not out.is_dir() or (not leftovers and not (out / MANIFEST).exists())):
         raise ValueModelError(f"{out}: exists and is not a value model folder; choose another --out")
     st = store if isinstance(store, Store) else Store.open(store)
     table, meta = load_audit(st, audit)
@@ -596,58 +601,6 @@ class EstimateReport:
     table: pa.Table | None = None
 
 
-class _Sink:
-    """Streams record batches to a .parquet, .csv or .jsonl file, renamed into place at the end."""
-
-    def __init__(self, path: Path):
-        from forvalue.present.output import check_output_path
-
-        check_output_path(path)
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.tmp")
-        self.suffix = path.suffix.lower()
-        self.writer = None
-        self.handle = None
-
-    def write(self, batch: pa.Table) -> None:
-        if self.suffix == ".jsonl":
-            if self.handle is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.handle = self.tmp.open("w", encoding="utf-8")
-            for row in batch.to_pylist():
-                self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            return
-        if self.writer is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self.suffix == ".csv":
-                import pyarrow.csv as pcsv
-
-                self.writer = pcsv.CSVWriter(str(self.tmp), batch.schema)
-            else:
-                import pyarrow.parquet as pq
-
-                self.writer = pq.ParquetWriter(str(self.tmp), batch.schema)
-        self.writer.write_table(batch)
-
-    def close(self, schema: pa.Schema) -> None:
-        if self.writer is None and self.handle is None:
-            self.write(schema.empty_table())
-        if self.writer is not None:
-            self.writer.close()
-        if self.handle is not None:
-            self.handle.close()
-        self.tmp.replace(self.path)
-
-    def abort(self) -> None:
-        for h in (self.writer, self.handle):
-            if h is not None:
-                try:
-                    h.close()
-                except Exception:
-                    pass
-        self.tmp.unlink(missing_ok=True)
-
-
 def estimate(
     data: Sequence[str | Path],
     value_model: str | Path | ValueModel,
@@ -684,12 +637,20 @@ def estimate(
     12
     """
     from forvalue.indexer.data import check_paths, iter_samples_with
+    from forvalue.storage.files import check_outputs
 
-    vm = value_model if isinstance(value_model, ValueModel) else ValueModel.load(value_model)
     data = list(data)
+    model_path = [] if isinstance(value_model, ValueModel) else [value_model]
+    check_outputs({"output": (output, (".parquet", ".csv", ".jsonl"))}, [*data, *model_path])
+    vm = value_model if isinstance(value_model, ValueModel) else ValueModel.load(value_model)
+    if group_column in ("id", *vm.output_columns):
+        raise ForValueError(
+            f"--group-column {group_column}: the values file has its own '{group_column}' column; "
+            "name the provider column differently"
+        )
     check_paths(data)
     started = time.perf_counter()
-    sink = _Sink(Path(output)) if output is not None else None
+    sink = TableSink(Path(output)) if output is not None else None
     extra = [group_column] if group_column else []
     fields = [pa.field("id", pa.string())] + [pa.field(c, pa.float64()) for c in vm.output_columns]
     fields += [pa.field(c, pa.string()) for c in extra]
@@ -748,9 +709,27 @@ def estimate(
 
 
 # -- values files and selection ----------------------------------------------------------------------------
+def _read_values_jsonl(path: Path) -> pa.Table:
+    """A JSONL values file, parsed line by line with the data reader's checks (Arrow's JSON reader crashes
+    on deeply nested input)."""
+    from forvalue.indexer.data import _json_row
+
+    rows = []
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            row = _json_row(path, lineno, raw)
+            if row is not None:
+                rows.append(row)
+    if not rows:
+        raise ForValueError(f"{path}: holds no values")
+    return pa.Table.from_pylist(rows)
+
+
 def read_values(path: str | Path, column: str = "value") -> pa.Table:
     """A values file written by :func:`estimate` (.parquet, .csv or .jsonl), checked: ``id`` + ``column``."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ForValueError(f"{path}: not a regular file (a folder, pipe or device); give the values file itself")
     if not path.is_file():
         raise ForValueError(f"{path}: no such values file; write one with 'forvalue estimate ... -o FILE.parquet'")
     suffix = path.suffix.lower()
@@ -764,12 +743,10 @@ def read_values(path: str | Path, column: str = "value") -> pa.Table:
 
             table = pcsv.read_csv(path, convert_options=pcsv.ConvertOptions(column_types={"id": pa.string()}))
         elif suffix == ".jsonl":
-            import pyarrow.json as pjson
-
-            table = pjson.read_json(path)
+            table = _read_values_jsonl(path)
         else:
             raise ForValueError(f"{path}: unknown values format '{path.suffix}'; use .parquet, .csv or .jsonl")
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise ForValueError(f"{path}: not a readable {suffix[1:]} values file ({str(exc).splitlines()[0]})") from None
     for c in ("id", column):
         if c not in table.column_names:
@@ -808,9 +785,11 @@ def select_by_values(
     from forvalue.audit import parse_amount
     from forvalue.indexer.data import check_paths, iter_samples
     from forvalue.present.output import write_jsonl_atomic
+    from forvalue.storage.files import check_outputs
 
     if (top is None) == (drop_bottom is None):
         raise ForValueError("give exactly one of --top or --drop-bottom")
+    check_outputs({"output": (output, (".jsonl",))}, [values, *data])
     table = read_values(values, column)
     ids = table.column("id").to_pylist()
     v = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from forvalue.present.explain_html import _STYLE, safe_name, write_explanation
 from forvalue.schemas.config import DataConfig, ModelConfig
+from forvalue.storage.files import write_text
 
 
 def explain_query_results(
@@ -75,8 +76,7 @@ def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: i
         f"<!doctype html><html><head><meta charset='utf-8'><title>explanations</title>{_STYLE}</head><body>"
         f"<h1>Explanations of the top {n} results</h1><ul>{''.join(links)}</ul></body></html>"
     )
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "index.html").write_text(index, encoding="utf-8")
+    write_text(folder / "index.html", index)
     column, out = -1, []
     for r in rows:
         column += r["rank"] == 1

@@ -83,7 +83,8 @@ def sketch_store(
 
     :meth:`forvalue.Store.sketch` calls it.
     """
-    Store.open(path)  # a path that is not a store gets that message, not a lease error
+    opened = Store.open(path)  # a path that is not a store gets that message, not a lease error
+    faiss_index.check_kind(kind, dim or opened.manifest.sketch_dim or 64)  # a bad --faiss-index: before any work
     with WriterLease.acquire(path):
         return SketchReport(
             **_sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows)
@@ -208,6 +209,9 @@ def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) 
         ):
             faiss_index.ensure(store, rebuild=True)  # row positions moved: the index is rebuilt, not extended
             done["prefilter_rebuilt"] = True
+        from forvalue.storage.audits import remove_uncommitted
+
+        done["uncommitted_tables_removed"] = remove_uncommitted(store)
         after = _check(Store.open(path), block_rows)
     after["repaired"] = done
     return _check_report(after)
@@ -264,6 +268,7 @@ def _check(store: Store, block_rows: int) -> dict:
         problems.append(f"{where}: {len(bad_rows)} rows do not decode ({bad_rows[0]}); rebuild the store")
     prefilter_unsound = _prefilter_check(store, rows, problems, notes)
     problems += _audit_problems(store, first_row)
+    notes += _cache_notes(store)
     return {
         "store": where,
         "rows": rows,
@@ -404,10 +409,15 @@ def _audit_problems(store: Store, ids: dict) -> list[str]:
     """Audits whose rows name ids the store does not hold."""
     import lance
 
-    from forvalue.storage.audits import AUDIT_PREFIX, _tables
+    from forvalue.storage.audits import AUDIT_PREFIX, _tables, uncommitted_tables
     from forvalue.storage.store import translate_errors
 
-    out = []
+    out = [
+        f"{folder}: a table without a committed version (a run killed in its first commit; it is invisible "
+        f"to audits); run 'forvalue index check --store {store.path} --repair' to remove it"
+        for folder in uncommitted_tables(store)
+        if folder.name.startswith(AUDIT_PREFIX)  # an uncommitted validation cache is a note (_check)
+    ]
     for table in _tables(store):
         if not table.startswith(AUDIT_PREFIX):
             continue
@@ -427,6 +437,18 @@ def _audit_problems(store: Store, ids: dict) -> list[str]:
                 f"(e.g. '{unknown[0]}'); re-run it with 'forvalue audit run --name {name}'"
             )
     return out
+
+
+def _cache_notes(store: Store) -> list[str]:
+    """An uncommitted validation cache: harmless (the next audit re-creates it); --repair drops it."""
+    from forvalue.storage.audits import AUDIT_PREFIX, uncommitted_tables
+
+    return [
+        f"{folder.name} has no committed version (an audit stopped while creating it); the next audit re-creates "
+        "it, --repair removes it"
+        for folder in uncommitted_tables(store)
+        if not folder.name.startswith(AUDIT_PREFIX)
+    ]
 
 
 def _cause(exc: StoreError) -> str:

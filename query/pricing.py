@@ -189,8 +189,8 @@ def format_pricing(pricing: Pricing) -> list[str]:
 
 def write_pricing_report(pricing: Pricing, out: str | Path, title: str) -> Path:
     """Write a self-contained HTML page of ``pricing`` (:func:`forvalue.present.report.pricing_page`), atomically."""
-    from forvalue.present.output import check_output_path, write_text_atomic
     from forvalue.present.report import pricing_page
+    from forvalue.storage.files import check_outputs, write_text
 
-    check_output_path(out, (".html",))
-    return write_text_atomic(pricing_page(pricing, title), out)
+    check_outputs({"report": (out, (".html",))})
+    return write_text(out, pricing_page(pricing, title))

@@ -68,6 +68,16 @@ def load_store_runner(store: Store, model: ModelConfig | None = None):
     )
 
 
+def get_runner(runner, store: Store, model: ModelConfig | None, device: str):
+    """``runner`` itself, or what it returns when it is a loader (a function of no argument), or the store's
+    model loaded now (``runner`` None): the one way the workflows take a ``runner`` argument."""
+    if runner is None:
+        return load_store_runner(store, replace(model or ModelConfig(), device=device))
+    if callable(runner) and not hasattr(runner, "hidden_states"):  # a loader, not a Runner
+        return runner()
+    return runner
+
+
 def open_nonempty(store: str | Path | Store) -> Store:
     """The store at ``store`` (or ``store`` itself), refused with one line when it holds no sample."""
     store = store if isinstance(store, Store) else Store.open(store)

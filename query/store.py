@@ -136,6 +136,11 @@ class Store:
         self._table = _Table.open(self.path)
         return self._table
 
+    def _lazy_runner(self, model: ModelConfig | None, device: str):
+        """A function returning :meth:`_runner_for`: the workflows call it only once the inputs passed their
+        checks, so bad input is refused before the model loads, and the handle still loads it once."""
+        return lambda: self._runner_for(model, device)
+
     def _runner_for(self, model: ModelConfig | None, device: str):
         """The store's model, loaded once per handle and device (and overrides), then reused."""
         from forvalue.session import load_store_runner
@@ -230,7 +235,7 @@ class Store:
         from forvalue.api import run_query
 
         on_ray = engine is not None and engine.engine == "ray"
-        runner = None if on_ray else self._runner_for(model, config.device)
+        runner = None if on_ray else self._lazy_runner(model, config.device)
         return run_query(
             self._fresh(),
             _paths(validation),
@@ -258,8 +263,7 @@ class Store:
         from forvalue.engine.explain import explain, row_positions
 
         row_positions(self._fresh(), [train_id])  # an unknown id fails before the model loads
-        wanted = replace(model or ModelConfig(), device=config.device)
-        runner = self._runner if self._runner_key == wanted else None  # else explain() loads it after its checks
+        runner = self._lazy_runner(model, config.device)
         return explain(self._table, _paths(validation), train_id, config, data=data, model=model, runner=runner)
 
     def explain_results(
@@ -300,8 +304,7 @@ class Store:
 
         check_audit_name(name)
         on_ray = engine is not None and engine.engine == "ray"
-        wanted = replace(model or ModelConfig(), device=config.device)
-        runner = self._runner if not on_ray and self._runner_key == wanted else None
+        runner = None if on_ray else self._lazy_runner(model, config.device)
         run = run_audit(
             self._fresh(), _paths(validation), name, config, data=data, model=model, runner=runner, engine=engine
         )

@@ -35,24 +35,32 @@ from typing import Sequence
 
 import numpy as np
 
-from forvalue.schemas.errors import ForValueError
-
-MANIFEST = "value_model.json"
-WEIGHTS = "weights.safetensors"
-TOKENIZER = "tokenizer.json"
-FORMAT = "forvalue.value_model"
-FORMAT_VERSION = 1
-STUDENTS = ("ngram", "embed")
+from forvalue.storage.value_model_files import (  # noqa: F401  (re-exported: the value model's public names)
+    EMBED_POOLINGS,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    STUDENTS,
+    TOKENIZER,
+    WEIGHTS,
+    ValueModelError,
+    load_tokenizer,
+)
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+# files a value model folder owns: its data files (current and legacy names) and their temporary twins
+_OWN_FILE = re.compile(
+    r"^\.?(weights(-[0-9a-f]{16})?\.safetensors|tokenizer(-[0-9a-f]{16})?\.json)(\.[0-9]+\.[0-9a-f]+\.tmp)?$"
+)
 
 
-class ValueModelError(ForValueError):
-    """A value model folder that is missing, damaged, or used with a store/audit it was not trained for."""
+def owned_by_a_value_model(name: str) -> bool:
+    """Whether a file name is one a value model save writes (data files, their temporary twins, the
+    manifest's temporary twin, the lock): a folder holding only these is a killed first save."""
+    return bool(_OWN_FILE.match(name)) or name == ".value_model.lock" or name.startswith(f".{MANIFEST}.")
 
 
-EMBED_POOLINGS = ("sum", "mean")
 SUM_SCALE = 64.0  # tokens: sum-pooled features are divided by this to keep them near unit scale
 
 
@@ -156,13 +164,6 @@ def csr_dot(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, weight:
 
 
 # -- token-embedding lookup ----------------------------------------------------------------------
-def load_tokenizer(path: str | Path):
-    """A ``tokenizers.Tokenizer`` from a ``tokenizer.json`` file (fast Rust tokenizer, no transformers import)."""
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(path))
-
-
 def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text (no special tokens added)."""
     return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
@@ -223,8 +224,17 @@ class ValueModel:
 
     # -- disk ------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write the folder ``path`` (created; files replaced atomically one by one)."""
-        from safetensors.numpy import save_file
+        """Write the folder ``path`` (created) so that a kill at any moment leaves the old model or the new one.
+
+        Each data file is written atomically under a name holding its content hash
+        (``weights-<sha>.safetensors``, ``tokenizer-<sha>.json``), so the old model's files stay intact;
+        then ``value_model.json``, naming the files with their SHA-256, replaces the old one
+        atomically (the commit point); the files no manifest names any more are removed last. Two
+        saves into one folder take turns (an ``flock`` on ``.value_model.lock``), so one never
+        removes the files the other's manifest names.
+        """
+        import fcntl
+        import os
 
         path = Path(path)
         if path.exists() and not path.is_dir():
@@ -234,13 +244,29 @@ class ValueModel:
             k: np.ascontiguousarray(v, np.float32 if np.issubdtype(v.dtype, np.floating) else v.dtype)
             for k, v in self.arrays.items()
         }
-        tmp = path / f".{WEIGHTS}.tmp"
-        save_file(arrays, str(tmp))
-        tmp.replace(path / WEIGHTS)
+        fd = os.open(path / ".value_model.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return self._save_locked(path, arrays)
+        finally:
+            os.close(fd)
+
+    def _save_locked(self, path: Path, arrays: dict) -> Path:
+        import hashlib
+
+        from safetensors.numpy import save
+
+        from forvalue.storage.files import write_bytes, write_text
+
+        blobs = {"weights": (save(arrays), ".safetensors")}
         if self.student == "embed":
-            tmp = path / f".{TOKENIZER}.tmp"
-            self.tokenizer.save(str(tmp))
-            tmp.replace(path / TOKENIZER)
+            blobs["tokenizer"] = (self.tokenizer.to_str().encode("utf-8"), ".json")
+        files = {}
+        for role, (data, suffix) in blobs.items():
+            digest = hashlib.sha256(data).hexdigest()
+            name = f"{role}-{digest[:16]}{suffix}"
+            write_bytes(path / name, data)
+            files[role] = {"name": name, "sha256": digest, "bytes": len(data)}
         meta = {
             **self.meta,
             "format": FORMAT,
@@ -248,49 +274,19 @@ class ValueModel:
             "student": self.student,
             "targets": self.targets,
             "output_columns": self.output_columns,
+            "files": files,
         }
-        tmp = path / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-        tmp.replace(path / MANIFEST)
+        write_text(path / MANIFEST, json.dumps(meta, indent=2, sort_keys=True))
+        named = {f["name"] for f in files.values()}
+        for stale in path.iterdir():  # the previous model's files (and a killed save's leftovers)
+            if stale.name not in named and _OWN_FILE.match(stale.name):
+                stale.unlink(missing_ok=True)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "ValueModel":
-        """Read a value model folder; a missing or damaged one is a one-line :class:`ValueModelError`."""
-        path = Path(path)
-        manifest = path / MANIFEST
-        if not manifest.is_file():
-            raise ValueModelError(f"{path}: not a value model (no {MANIFEST}); make one with 'forvalue distill'")
-        try:
-            meta = json.loads(manifest.read_text())
-        except (ValueError, OSError) as exc:
-            raise ValueModelError(f"{manifest}: not valid JSON ({exc}); the value model is damaged") from None
-        if meta.get("format") != FORMAT or meta.get("student") not in STUDENTS or not meta.get("targets"):
-            raise ValueModelError(
-                f"{manifest}: not a forvalue value model manifest (format, student or targets missing)"
-            )
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueModelError(
-                f"{manifest}: format version {meta['format_version']} is newer than this forvalue; upgrade forvalue"
-            )
-        try:
-            from safetensors.numpy import load_file
+        """Read a value model folder, every file validated: anything missing, damaged, half-written or
+        inconsistent is a one-line :class:`ValueModelError`, never a model that predicts wrong numbers."""
+        from forvalue.storage.value_model_files import load_checked
 
-            arrays = load_file(str(path / WEIGHTS))
-        except Exception as exc:  # safetensors raises its own error types for damaged files
-            raise ValueModelError(
-                f"{path / WEIGHTS}: cannot read the weights ({type(exc).__name__}: {exc}); the value model is damaged"
-            ) from None
-        student = meta["student"]
-        need = ("weight", "bias") if student == "ngram" else ("token_table", "length_weight", "bias")
-        missing = [k for k in need if k not in arrays]
-        if missing:
-            raise ValueModelError(
-                f"{path / WEIGHTS}: missing array(s) {', '.join(missing)}; the value model is damaged"
-            )
-        tokenizer = None
-        if student == "embed":
-            if not (path / TOKENIZER).is_file():
-                raise ValueModelError(f"{path}: embed value model without {TOKENIZER}; the value model is damaged")
-            tokenizer = load_tokenizer(path / TOKENIZER)
-        return cls(student, list(meta["targets"]), dict(arrays), meta, tokenizer)
+        return cls(*load_checked(Path(path)))

@@ -19,6 +19,7 @@ forvalue.schemas.errors.ConfigError: top_m: must be >= 1, got 0
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -43,27 +44,46 @@ def setting(
     flag: str | None = None,
     choices: tuple | None = None,
     low: float | None = None,
+    high: float | None = None,
     cli: bool = True,
 ) -> Any:
-    """A config field with its help text, CLI flag name, choices and lower bound kept next to its default."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "min": low, "cli": cli})
+    """A config field with its help text, CLI flag name, choices and bounds kept next to its default."""
+    return field(
+        default=default,
+        metadata={"help": help, "flag": flag, "choices": choices, "min": low, "max": high, "cli": cli},
+    )
+
+
+# Whole numbers beyond this are refused for every field without a bound of its own (numpy's int64).
+INT_MAX = (1 << 63) - 1
+SEED_MAX = (1 << 32) - 1
 
 
 def _check(cfg: Any) -> None:
-    """Bounds and choices of every field of ``cfg`` (declared in ``metadata``); raises ConfigError."""
+    """Bounds and choices of every field of ``cfg`` (declared in ``metadata``); raises ConfigError.
+
+    Every number must be finite (no NaN or infinity) and within its declared bounds; whole numbers
+    without an upper bound of their own stay below :data:`INT_MAX`.
+    """
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(f.name, f"must be one of {', '.join(map(str, choices))}, got '{value}'")
-        low = f.metadata.get("min")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f.name, f"must be a finite number, got {value}")
+        low, high = f.metadata.get("min"), f.metadata.get("max")
         if low is not None and value is not None and value < low:
             raise ConfigError(f.name, f"must be >= {low}, got {value}")
+        if isinstance(value, int) and not isinstance(value, bool) and high is None:
+            high = INT_MAX
+        if high is not None and value is not None and value > high:
+            raise ConfigError(f.name, f"must be <= {high}, got {value}")
 
 
-def bounded(default: Any, help: str, low: float, **kw) -> Any:
-    """A numeric :func:`setting` whose value must be ``>= low`` (None passes: "not set")."""
-    return setting(default, help, low=low, **kw)
+def bounded(default: Any, help: str, low: float, high: float | None = None, **kw) -> Any:
+    """A numeric :func:`setting` whose value must be ``>= low`` and ``<= high`` (None passes: "not set")."""
+    return setting(default, help, low=low, high=high, **kw)
 
 
 @dataclass(frozen=True)
@@ -101,7 +121,7 @@ class DataConfig:
         "Wrap prompt-completion prompts in the tokenizer's chat template (conversations always use it when "
         "the tokenizer has one).",
     )
-    max_length: int = bounded(512, "Tokens kept per sample; longer ones are truncated and counted.", 2)
+    max_length: int = bounded(512, "Tokens kept per sample; longer ones are truncated and counted.", 2, 1 << 20)
     image_column: str | None = setting(
         None,
         "Vision-language data: column with each row's image (path relative to the data file's folder, bytes, "
@@ -170,7 +190,7 @@ class EncodeConfig:
         ``sketch_dim=0`` stores none.
     """
 
-    top_m: int = bounded(32, "Most likely tokens kept per position (the target is always kept).", 1)
+    top_m: int = bounded(32, "Most likely tokens kept per position (the target is always kept).", 1, 1 << 20)
     score_tokens: ScoreTokens = setting(
         "auto",
         "Positions scored: all = whole text (paper default for text tasks), response = response only (in a "
@@ -187,10 +207,12 @@ class EncodeConfig:
         "Samples with NaN/inf model outputs or a missing/undecodable image: stop, or skip and count.",
         choices=("error", "skip"),
     )
-    sketch_dim: int = bounded(2048, "Prefilter sketch length D per sample, 0 = no sketch (see docs/prefilter.md).", 0)
-    sketch_vocab_buckets: int = bounded(512, "Vocabulary count-sketch buckets R.", 1)
-    sketch_hidden_cols: int = bounded(4, "Hidden-side columns c; D must be a multiple of R x c.", 1)
-    sketch_seed: int = setting(0, "Seed of the sketch's random tables.")
+    sketch_dim: int = bounded(
+        2048, "Prefilter sketch length D per sample, 0 = no sketch (see docs/prefilter.md).", 0, 1 << 16
+    )
+    sketch_vocab_buckets: int = bounded(512, "Vocabulary count-sketch buckets R.", 1, 1 << 16)
+    sketch_hidden_cols: int = bounded(4, "Hidden-side columns c; D must be a multiple of R x c.", 1, 1 << 12)
+    sketch_seed: int = setting(0, "Seed of the sketch's random tables.", low=0, high=SEED_MAX)
     sketch_basis: str = setting(
         "fitted",
         "Hidden-side basis: fitted (mean + principal directions of the stored hidden states) or gaussian (random).",
@@ -216,8 +238,8 @@ class BuildConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     encode: EncodeConfig = field(default_factory=EncodeConfig)
-    batch_size: int = bounded(8, "Samples per forward pass.", 1)
-    write_every: int = bounded(256, "Samples per atomic commit to the store.", 1)
+    batch_size: int = bounded(8, "Samples per forward pass.", 1, 1 << 16)
+    write_every: int = bounded(256, "Samples per atomic commit to the store.", 1, 1 << 24)
     shard: tuple[int, int] = setting(
         (0, 1), "I/N: this worker takes the ids whose hash falls in shard I of N (parallel workers, one store)."
     )
@@ -271,9 +293,9 @@ class QueryConfig:
         "none", "mean: one ranking against the mean over the validation set.", choices=("none", "mean")
     )
     include_text: bool = setting(False, "Add the training text to each result.")
-    read_rows: int = bounded(1024, "Stored rows scored per block.", 1)
-    val_block_tokens: int = bounded(4096, "Validation tokens scored together (bounds memory).", 1, cli=False)
-    batch_size: int = bounded(8, "Validation samples per forward pass.", 1)
+    read_rows: int = bounded(1024, "Stored rows scored per block.", 1, 1 << 24)
+    val_block_tokens: int = bounded(4096, "Validation tokens scored together (bounds memory).", 1, 1 << 24, cli=False)
+    batch_size: int = bounded(8, "Validation samples per forward pass.", 1, 1 << 16)
     progress: bool = setting(True, "Show a progress bar.", cli=False)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
     candidates: int | None = bounded(
@@ -281,6 +303,7 @@ class QueryConfig:
         "Prefilter: FAISS returns this many candidates per validation sample, reranked exactly (default: "
         "automatic, see docs/prefilter.md).",
         1,
+        1 << 20,
     )
     exact: bool = setting(False, "Score every stored sample (full scan), never the prefilter.")
 
@@ -322,8 +345,8 @@ class AuditConfig:
         choices=("mean", "max", "label"),
     )
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
-    batch_size: int = bounded(8, "Validation samples per forward pass.", 1)
-    read_rows: int = bounded(1024, "Stored rows scored per block.", 1)
+    batch_size: int = bounded(8, "Validation samples per forward pass.", 1, 1 << 16)
+    read_rows: int = bounded(1024, "Stored rows scored per block.", 1, 1 << 24)
     progress: bool = setting(True, "Show a progress bar.", cli=False)
 
     def __post_init__(self) -> None:
@@ -361,8 +384,8 @@ class DistillConfig:
         None, "Fit on this random fraction of the audited rows; the rest is held out and reported (default: all rows)."
     )
     max_samples: int | None = bounded(None, "Fit on at most this many random audited rows; the rest is held out.", 3)
-    seed: int = setting(0, "Seed of the labelled / held-out split.")
-    ngram_dim: int = bounded(1 << 18, "Hash buckets of the ngram student.", 16)
+    seed: int = setting(0, "Seed of the labelled / held-out split.", low=0, high=SEED_MAX)
+    ngram_dim: int = bounded(1 << 18, "Hash buckets of the ngram student.", 16, 1 << 24)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -390,9 +413,9 @@ class PricingConfig:
     group_column: str | None = setting(
         None, "Column of the data files naming each sample's provider: report value per group (data pricing)."
     )
-    bootstrap: int = bounded(1000, "Bootstrap resamples of the per-group confidence intervals.", 1)
+    bootstrap: int = bounded(1000, "Bootstrap resamples of the per-group confidence intervals.", 1, 1 << 20)
     confidence: float = setting(0.95, "Coverage of the bootstrap intervals.")
-    bootstrap_seed: int = setting(0, "Seed of the bootstrap.")
+    bootstrap_seed: int = setting(0, "Seed of the bootstrap.", low=0, high=SEED_MAX)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -424,8 +447,8 @@ class ExplainConfig:
     aggregate: Aggregate = setting(
         "none", "mean: explain the score against the mean over all validation samples.", choices=("none", "mean")
     )
-    top_pairs: int = bounded(20, "Token pairs reported (largest absolute contributions).", 1)
-    batch_size: int = bounded(8, "Validation samples per forward pass.", 1)
+    top_pairs: int = bounded(20, "Token pairs reported (largest absolute contributions).", 1, 1 << 20)
+    batch_size: int = bounded(8, "Validation samples per forward pass.", 1, 1 << 16)
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
 
     def __post_init__(self) -> None:
@@ -471,12 +494,12 @@ class EngineConfig:
         None, "--engine ray: Ray cluster to join (auto, or ray://HOST:10001); default: a new local instance."
     )
     workers: int | None = bounded(
-        None, "--engine ray: model actors (default: GPUs of the cluster, else CPUs / --cpus-per-worker).", 1
+        None, "--engine ray: model actors (default: GPUs of the cluster, else CPUs / --cpus-per-worker).", 1, 1 << 16
     )
     gpus_per_worker: float | None = bounded(
         None, "--engine ray: GPUs per actor (default: 1 when the cluster has GPUs, else 0).", 0
     )
-    cpus_per_worker: int = bounded(1, "--engine ray: CPUs per actor (and its torch threads).", 1)
+    cpus_per_worker: int = bounded(1, "--engine ray: CPUs per actor (and its torch threads).", 1, 1 << 12)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -499,8 +522,8 @@ class DemoConfig:
     """
 
     workdir: str = setting("runs/demo", "Where data, store and results go.")
-    train_per_class: int = bounded(20, "Training samples per class (10 classes).", 1)
-    test_per_class: int = bounded(1, "Validation samples per class.", 1)
+    train_per_class: int = bounded(20, "Training samples per class (10 classes).", 1, 1 << 20)
+    test_per_class: int = bounded(1, "Validation samples per class.", 1, 1 << 20)
 
     def __post_init__(self) -> None:
         _check(self)

@@ -85,6 +85,10 @@ class Manifest:
             raise StoreError(
                 f"{source}: not valid JSON ({exc.msg} at line {exc.lineno}); the store is damaged"
             ) from None
+        except RecursionError:
+            raise StoreError(f"{source}: not a manifest (JSON nested too deeply); the store is damaged") from None
+        if not isinstance(raw, dict):
+            raise StoreError(f"{source}: not a manifest (a JSON {type(raw).__name__}); the store is damaged")
         known = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls) if f.name not in raw and f.default is MISSING]
         if missing:
@@ -102,10 +106,11 @@ class Manifest:
     def load(cls, path: Path) -> "Manifest":
         return cls.from_json(path.read_text(), source=str(path))
 
-    def mismatches(self, other: "Manifest") -> list[str]:
-        """Human-readable differences in :data:`MUST_MATCH` between ``self`` (the store) and ``other``."""
+    def mismatches(self, other: "Manifest", names: tuple[str, ...] = MUST_MATCH) -> list[str]:
+        """Human-readable differences in ``names`` (default :data:`MUST_MATCH`) between ``self`` (the store) and
+        ``other``; a build compares :data:`forvalue.schemas.stored_settings.BUILD_MUST_MATCH`."""
         out = []
-        for name in MUST_MATCH:
+        for name in names:
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 out.append(f"{name}: store has {a!r}, you have {b!r}")

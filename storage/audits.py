@@ -12,8 +12,12 @@ Audits never write to the ``samples`` table.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import shutil
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -40,8 +44,8 @@ CACHE_SCHEMA = pa.schema(
 
 
 def check_audit_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise ForValueError(f"audit name '{name}' is not valid; use letters, digits, '_', '-', '.' (max 64)")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ForValueError(f"audit name {name!r} is not valid; use letters, digits, '_', '-', '.' (max 64)")
     return name
 
 
@@ -51,20 +55,93 @@ def _db(store: Store):
     return lancedb.connect(str(store.path))
 
 
+def committed(folder: Path) -> bool:
+    """Whether a Lance table folder has a committed version (a ``_versions/*.manifest``).
+
+    A process killed inside a table's first commit leaves the folder (data files, perhaps a
+    transaction file) without one: that table does not exist for readers.
+    """
+    versions = folder / "_versions"
+    try:
+        return versions.is_dir() and any(p.name.endswith(".manifest") for p in versions.iterdir())
+    except OSError:
+        return False
+
+
+def _table_dirs(store: Store) -> list[Path]:
+    return sorted(p for p in store.path.iterdir() if p.is_dir() and p.name.endswith(".lance"))
+
+
 def _tables(store: Store) -> list[str]:
-    """Names of the Lance tables in the store folder (read from the folder: no lancedb import needed)."""
-    return sorted(p.name[: -len(".lance")] for p in store.path.iterdir() if p.is_dir() and p.name.endswith(".lance"))
+    """Names of the Lance tables of the store with a committed version (read from the folder: no lancedb import)."""
+    return [p.name[: -len(".lance")] for p in _table_dirs(store) if committed(p)]
+
+
+def uncommitted_tables(store: Store) -> list[Path]:
+    """Audit and cache table folders without a committed version (left by a kill inside their first commit)."""
+    return [
+        p
+        for p in _table_dirs(store)
+        if (p.name.startswith(AUDIT_PREFIX) or p.name == f"{CACHE_TABLE}.lance") and not committed(p)
+    ]
+
+
+@contextlib.contextmanager
+def table_lock(store: Store, table: str, wait: bool = True):
+    """An ``flock`` on ``STORE/.TABLE.lock`` held while a process writes table ``table`` (audit or cache).
+
+    ``wait=False`` raises :class:`BlockingIOError` when another process holds it (``--repair`` then
+    leaves that table alone: its first commit may be under way).
+    """
+    import fcntl
+
+    with translate_errors(store.path, f"lock table {table} of"):
+        fd = os.open(store.path / f".{table}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield
+    finally:
+        os.close(fd)
+
+
+def _drop_if_uncommitted(folder: Path) -> None:
+    if folder.is_dir() and not committed(folder):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_uncommitted(store: Store) -> list[str]:
+    """Delete the uncommitted table folders nobody is writing (``index check --repair``); returns their names."""
+    removed = []
+    for folder in uncommitted_tables(store):
+        table = folder.name[: -len(".lance")]
+        try:
+            with table_lock(store, table, wait=False):
+                if folder.is_dir() and not committed(folder):
+                    shutil.rmtree(folder)
+                    removed.append(folder.name)
+        except BlockingIOError:
+            continue
+    return removed
 
 
 def write_audit(store: Store, name: str, table: pa.Table, meta: dict) -> int:
-    """Write (or overwrite, as a new version) audit ``name``; returns the table version."""
+    """Write (or overwrite, as a new version) audit ``name``; returns the table version.
+
+    Holds the audit's table lock; a folder left without a committed version by a killed run is
+    removed first, so the new table starts clean.
+    """
     check_audit_name(name)
     schema = table.schema.with_metadata({_META_KEY: json.dumps(meta).encode()})
     table = table.cast(schema)
     db = _db(store)
-    exists = AUDIT_PREFIX + name in _tables(store)
-    tbl = db.create_table(AUDIT_PREFIX + name, table, mode="overwrite" if exists else "create")
-    return int(tbl.version)
+    folder = store.path / f"{AUDIT_PREFIX}{name}.lance"
+    with table_lock(store, AUDIT_PREFIX + name):
+        exists = committed(folder)
+        if folder.is_dir() and not exists:
+            shutil.rmtree(folder)
+        with translate_errors(store.path, f"write audit '{name}' to"):
+            tbl = db.create_table(AUDIT_PREFIX + name, table, mode="overwrite" if exists else "create")
+            return int(tbl.version)
 
 
 def list_audits(store: Store) -> list[dict]:
@@ -86,9 +163,10 @@ def read_audit(store: Store, name: str) -> tuple[pa.Table, dict]:
         )
     import lance
 
-    dataset = lance.dataset(str(store.path / f"{AUDIT_PREFIX}{name}.lance"))
-    data = dataset.to_table()
-    meta = json.loads((dataset.schema.metadata or {}).get(_META_KEY, b"{}"))
+    with translate_errors(store.path, f"read audit '{name}' of"):
+        dataset = lance.dataset(str(store.path / f"{AUDIT_PREFIX}{name}.lance"))
+        data = dataset.to_table()
+        meta = json.loads((dataset.schema.metadata or {}).get(_META_KEY, b"{}"))
     meta["version"] = int(dataset.version)
     return data, meta
 
@@ -107,6 +185,7 @@ class ValidationCache:
             except (OSError, ValueError, RuntimeError) as exc:  # a concurrent twin made it, or the store is read-only
                 with translate_errors(store.path, "create the validation cache in"):
                     if CACHE_TABLE not in _tables(store):
+                        _drop_if_uncommitted(store.path / f"{CACHE_TABLE}.lance")  # e.g. a full disk: leave no husk
                         raise exc
                     self._table = db.open_table(CACHE_TABLE)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forvalue.schemas.errors import StoreError
+from forvalue.schemas.errors import ForValueError, StoreError
 from forvalue.storage.sketch_basis import basis_sha256, load_basis
 from forvalue.storage.store import Store
 
@@ -89,6 +89,20 @@ class PrefilterIndex:
                 self._gpu = None
 
 
+def check_kind(kind: str | None, dim: int = 64) -> None:
+    """Refuse a ``--faiss-index`` that FAISS cannot build (one line), before any work."""
+    if kind is None or kind in ("auto", "flat", "ivf", "hnsw"):
+        return
+    try:
+        _faiss().index_factory(int(dim), kind, _faiss().METRIC_INNER_PRODUCT)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[-1].split(": ", 1)[-1][:160] if str(exc).strip() else type(exc).__name__
+        raise ForValueError(
+            f"--faiss-index {kind!r}: not an index FAISS can build ({reason}); use auto, flat, ivf, hnsw or a "
+            "FAISS factory string such as 'IVF256,SQ8'"
+        ) from None
+
+
 def choose_factory(rows: int, kind: str = "auto") -> tuple[str, int | None]:
     """FAISS factory string and default ``nprobe`` for ``rows`` rows and a ``kind``."""
     nlist = int(2 ** round(math.log2(max(16.0, math.sqrt(max(rows, 1))))))
@@ -111,7 +125,7 @@ def describe(store: Store) -> dict | None:
     """What the saved index covers (``prefilter.json``), without loading it; None when absent."""
     try:
         return json.loads((_index_dir(store) / META_FILE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -141,9 +155,9 @@ def save(store: Store, pre: PrefilterIndex) -> None:
     name = f"index-{pre.rows}-{os.getpid()}-{time.time_ns()}.faiss"
     faiss.write_index(pre.index, str(folder / name))
     meta = dict(pre.meta, file=name, bytes=(folder / name).stat().st_size)
-    tmp = folder / f".{META_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp, folder / META_FILE)
+    from forvalue.storage.files import write_text
+
+    write_text(folder / META_FILE, json.dumps(meta, indent=2, sort_keys=True), inside_store=True)
     pre.meta = meta
     for old in folder.glob("index-*.faiss"):
         if old.name != name:

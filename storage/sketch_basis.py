@@ -11,13 +11,12 @@ one, the first to publish wins and every worker then sketches with the published
 from __future__ import annotations
 
 import hashlib
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 
 from forvalue.schemas.errors import StoreError
+from forvalue.storage.files import publish_if_absent, write_bytes
 
 BASIS_FILE = "sketch_basis.npy"
 
@@ -40,22 +39,15 @@ def load_basis(store_path: str | Path) -> np.ndarray | None:
 
 def publish_basis(store_path: str | Path, basis: np.ndarray, replace: bool = False) -> np.ndarray:
     """Publish ``basis`` unless one exists (or ``replace``); returns the basis now on disk."""
+    import io
+
     path = basis_path(store_path)
-    tmp = path.with_name(f".{BASIS_FILE}.{os.getpid()}.{time.time_ns()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.asarray(basis, np.float32), allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    try:
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic create-if-absent
-            except FileExistsError:
-                pass
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(basis, np.float32), allow_pickle=False)
+    if replace:
+        write_bytes(path, buffer.getvalue(), inside_store=True)
+    else:
+        publish_if_absent(path, buffer.getvalue())  # atomic create-if-absent: the first publisher wins
     return load_basis(store_path)
 
 

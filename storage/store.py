@@ -37,7 +37,9 @@ import pyarrow as pa
 
 from forvalue.schemas.errors import ManifestMismatchError, StoreError
 from forvalue.schemas.manifest import MANIFEST_FILE, Manifest
+from forvalue.schemas.stored_settings import BUILD_MUST_MATCH
 from forvalue.schemas.tables import SAMPLES_TABLE, samples_schema
+from forvalue.storage.files import publish_if_absent, write_text
 
 
 class Store:
@@ -88,15 +90,22 @@ class Store:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise StoreError(f"{path}: exists and is not a folder")
-        if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST_FILE).exists():
+        if (
+            path.is_dir()
+            and any(not _being_created(p.name) for p in path.iterdir())
+            and not (path / MANIFEST_FILE).exists()
+        ):
             raise StoreError(f"{path}: folder is not empty and not a forvalue store; choose another path")
         with translate_errors(path, "create"):
             path.mkdir(parents=True, exist_ok=True)
             _publish_manifest(path / MANIFEST_FILE, manifest)
         stored = Manifest.load(path / MANIFEST_FILE)
-        problems = stored.mismatches(manifest)
+        problems = stored.mismatches(manifest, BUILD_MUST_MATCH)  # every setting that changes stored values
         if problems:
-            raise ManifestMismatchError(f"{path}: store was built with other settings ({'; '.join(problems)})")
+            raise ManifestMismatchError(
+                f"{path}: store was built with other settings ({'; '.join(problems)}); give the store's values, or "
+                "use 'forvalue index add', which encodes with the store's settings"
+            )
         with translate_errors(path, "create the table of"):
             db = lancedb.connect(str(path))
             if SAMPLES_TABLE not in db.table_names():
@@ -247,9 +256,7 @@ class Store:
         dataset.add_columns(
             udf, read_columns=list(read_columns), reader_schema=pa.schema([field]), batch_size=batch_size
         )
-        tmp = self.path / f".{MANIFEST_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(manifest.to_json())
-        os.replace(tmp, self.path / MANIFEST_FILE)
+        write_text(self.path / MANIFEST_FILE, manifest.to_json(), inside_store=True)
         self.manifest = manifest
         self.refresh()
 
@@ -265,18 +272,17 @@ class Store:
         return sum(f.stat().st_size for f in (self.path / f"{SAMPLES_TABLE}.lance").rglob("*") if f.is_file())
 
 
+def _being_created(name: str) -> bool:
+    """A file another worker creating the same store writes before its manifest: the manifest's temporary
+    file or a writer lock (a sharded build's workers create one store at once)."""
+    return name.startswith(f".{MANIFEST_FILE}.") or name.startswith(".writer.")
+
+
 def _publish_manifest(target: Path, manifest: Manifest) -> None:
     """Write ``target`` only if absent, atomically (tmp file + hard link)."""
     if target.exists():
         return
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(manifest.to_json())
-    try:
-        os.link(tmp, target)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
+    publish_if_absent(target, manifest.to_json().encode())
 
 
 # -- errors ----------------------------------------------------------------------
@@ -454,7 +460,7 @@ def _read_holder(file: Path) -> str:
     try:
         info = json.loads(file.read_text())
         return f"pid {info['pid']} on {info['host']} since {info['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "holder unknown"
 
 

@@ -210,7 +210,7 @@ def test_select_refuses_outputs_it_would_destroy_and_amounts_that_select_nothing
     )
     assert fifo.is_fifo()  # still the pipe, not replaced by a file
     assert_one_line_error(
-        cli("select", "--store", store, "--audit", "a", "--top", "5", "-o", store), store, "unknown output format"
+        cli("select", "--store", store, "--audit", "a", "--top", "5", "-o", store), store, "is the store"
     )
     assert_one_line_error(
         cli("select", "--store", store, "--audit", "a", "--top", "5", "-o", tmp_path / "x.txt"), "unknown output format"
@@ -227,12 +227,12 @@ def test_select_refuses_outputs_it_would_destroy_and_amounts_that_select_nothing
 def test_audit_name_is_checked_before_the_model_loads(audited_store, monkeypatch):
     from conftest import assert_one_line_error, cli
 
-    import forvalue.api
+    import forvalue.session
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model loaded before the audit name was checked")
 
-    monkeypatch.setattr(forvalue.api, "load_store_runner", no_model)
+    monkeypatch.setattr(forvalue.session, "load_store_runner", no_model)
     res = cli(
         "audit", "run", "--store", audited_store / "store", "-v", audited_store / "val.jsonl", "--name", "../evil"
     )

@@ -148,7 +148,7 @@ def test_distill_records_identity_and_metrics(setup):
     assert meta["store"]["model_weights_sha256"] == store.manifest.model_weights_sha256
     assert meta["audit"]["validation_sha256"] == audit_meta["validation_sha256"]
     assert meta["fit"]["n_labelled"] == 45 and "heldout" in meta["fit"] and meta["features"]["dim"] == 1 << 18
-    assert not list(setup["vm"].glob("*.pkl")) and (setup["vm"] / "weights.safetensors").is_file()
+    assert not list(setup["vm"].glob("*.pkl")) and (setup["vm"] / meta["files"]["weights"]["name"]).is_file()
 
 
 @pytest.mark.parametrize("student", ["ngram", "embed"])

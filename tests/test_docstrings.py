@@ -24,11 +24,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _modules() -> list[str]:
-    names = ["forvalue"]
-    for info in pkgutil.walk_packages(forvalue.__path__, "forvalue."):
-        if info.name.endswith("__main__"):
-            continue
-        names.append(info.name)
+    """Every module of the package, the stage subpackages included (they live in their own folders)."""
+    import forvalue.indexer
+    import forvalue.schemas
+    import forvalue.storage
+
+    names = {"forvalue", "forvalue.indexer", "forvalue.schemas", "forvalue.storage"}
+    for package in (forvalue, forvalue.indexer, forvalue.schemas, forvalue.storage):
+        for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
+            if not info.name.endswith("__main__"):
+                names.add(info.name)
     return sorted(names)
 
 
@@ -74,7 +79,8 @@ def test_no_example_is_skipped():
 
 def test_examples_are_found():
     names = _examples()
-    for expected in ("forvalue", "forvalue.store", "forvalue.metrics", "forvalue.api", "forvalue.distill"):
+    expected = ("forvalue", "forvalue.store", "forvalue.metrics", "forvalue.api", "forvalue.distill")
+    for expected in expected + ("forvalue.storage.files", "forvalue.schemas.config", "forvalue.indexer.build"):
         assert expected in names
 
 

@@ -708,14 +708,12 @@ BAD_OPTIONS = [
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Errors that must come before the model loads: loading it fails the test."""
-    import forvalue.api
     import forvalue.indexer.model_runner
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model loaded before the bad value was refused")
 
-    monkeypatch.setattr(forvalue.api, "load_runner", refuse)
-    monkeypatch.setattr(forvalue.indexer.model_runner, "load_runner", refuse)
+    monkeypatch.setattr(forvalue.indexer.model_runner, "load_runner", refuse)  # what forvalue.session calls
 
 
 def _assert_unchanged(store: Path, before: dict, runner, scores: dict) -> None:
@@ -853,3 +851,759 @@ def test_debug_shows_the_traceback(tmp_path, how):
     else:
         assert done.returncode == 1 and "Traceback (most recent call last)" in done.stderr, done.stderr
         assert "StoreError" in done.stderr and "no such store" in done.stderr
+
+
+# == issue 28: nothing a user types damages what they have ==========================================
+# -- fixtures: a store with two audits, a value model, data and validation files ----------------------
+@pytest.fixture(scope="module")
+def valued(tmp_path_factory, small_store, tiny_runner):
+    """A copy of the small store with audits 'a' and 'b', a value model 'vm' (fit on 'a'), the data and
+    validation files and a values file; tests that refuse must leave all of it unchanged."""
+    from forvalue.audit import run_audit
+    from forvalue.distill import distill_value_model, estimate
+    from forvalue.schemas.config import AuditConfig, DistillConfig
+
+    folder = tmp_path_factory.mktemp("valued")
+    store = folder / "store"
+    shutil.copytree(small_store[0], store)
+    val = write_jsonl(folder / "val.jsonl", VALIDATION)
+    train = write_jsonl(folder / "train.jsonl", make_rows(30))
+    cfg = AuditConfig(progress=False, device="cpu")
+    run_audit(store, [val], "a", cfg, runner=tiny_runner)
+    run_audit(store, [write_jsonl(folder / "val_b.jsonl", VALIDATION[:1])], "b", cfg, runner=tiny_runner)
+    distill_value_model(store, "a", folder / "vm", DistillConfig(student="ngram", ngram_dim=1024))
+    estimate([train], folder / "vm", folder / "values.parquet")
+    return {"folder": folder, "store": store, "val": val, "train": train, "vm": folder / "vm"}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file below ``folder`` (lock files aside) with its bytes."""
+    return {
+        str(f.relative_to(folder)): f.read_bytes()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and not f.name.endswith(".lock")
+    }
+
+
+# command -> (args given the output path, the output's suffix, the files it reads)
+def _output_commands(v: dict) -> dict:
+    s, val, train, vm = v["store"], v["val"], v["train"], v["vm"]
+    values = v["folder"] / "values.parquet"
+    q = ["query", "--store", s, "-v", val, "--device", "cpu", "--quiet", "--exact"]
+    audit_run = ["audit", "run", "--store", s, "-v", val, "--name", "c"]
+    by_values = ["select", "--values", values, "--data", train, "--top", "5"]
+    return {
+        "query -o": (lambda o: [*q, "-o", o], ".jsonl", [val]),
+        "query --all-scores": (lambda o: [*q, "--all-scores", o], ".parquet", [val]),
+        "explain -o": (lambda o: ["explain", "--store", s, "-v", val, "--train-id", "s1", "-o", o], ".jsonl", [val]),
+        "audit run --report": (lambda o: [*audit_run, "--report", o], ".html", [val]),
+        "audit show --report": (lambda o: ["audit", "show", "--store", s, "a", "--report", o], ".html", []),
+        "audit compare --report": (lambda o: ["audit", "compare", "--store", s, "a", "b", "--report", o], ".html", []),
+        "select --audit -o": (lambda o: ["select", "--store", s, "--audit", "a", "--top", "5", "-o", o], ".jsonl", []),
+        "select --values -o": (lambda o: [*by_values, "-o", o], ".jsonl", [train]),
+        "estimate -o": (lambda o: ["estimate", train, "--value-model", vm, "-o", o], ".jsonl", [train]),
+        "estimate -o (parquet)": (lambda o: ["estimate", train, "--value-model", vm, "-o", o], ".parquet", [train]),
+        "distill --out": (lambda o: ["distill", "--store", s, "--audit", "a", "--out", o], "", []),
+    }
+
+
+OUTPUT_COMMANDS = [
+    "query -o",
+    "query --all-scores",
+    "explain -o",
+    "audit run --report",
+    "audit show --report",
+    "audit compare --report",
+    "select --audit -o",
+    "select --values -o",
+    "estimate -o",
+    "estimate -o (parquet)",
+    "distill --out",
+]
+
+
+def _targets(v: dict, suffix: str, reads: list, tmp: Path) -> dict[str, tuple[Path, str]]:
+    """Output paths the policy must refuse, each with the text its one-line error must hold."""
+    s = v["store"]
+    (tmp / "elsewhere").mkdir(exist_ok=True)
+    name = f"r{suffix or '.d'}"
+    out = {
+        "the store's manifest": (s / "manifest.json", str(s)),
+        "a new file inside the store": (s / name, "inside the store"),
+        "a new file deep inside the store's table": (s / "samples.lance" / "data" / name, "inside the store"),
+        "the store itself": (s, "store"),
+        "a store reached through a link": (_link(s, tmp / "store-link") / name, "inside the store"),
+        "a file inside the value model": (v["vm"] / name, "inside the value model"),
+    }
+    for k, source in enumerate(f for f in reads if f.suffix == suffix):  # the inputs, by another name
+        hard = tmp / f"hard{k}{suffix}"
+        if not hard.exists():
+            os.link(source, hard)
+        out[f"input {source.name} respelled"] = (
+            tmp / "elsewhere" / ".." / ".." / tmp.name / ".." / source.parent.name / source.name,
+            "inputs",
+        )
+        out[f"a hard link to input {source.name}"] = (hard, "inputs")
+    if suffix == ".parquet":
+        out["an existing store-side parquet name"] = (s / "prefilter" / "x.parquet", "inside the store")
+    return out
+
+
+def _link(target: Path, link: Path) -> Path:
+    if not link.exists():
+        link.symlink_to(target)
+    return link
+
+
+@pytest.mark.parametrize("command", OUTPUT_COMMANDS)
+def test_outputs_never_replace_an_input_or_a_file_of_a_store(valued, tmp_path, no_model_load, command):
+    """Every output of every command, pointed at a store (its manifest, its folder, a file inside it,
+    through a link), at one of the command's inputs (other spelling, hard link) or into the value model:
+    one line, exit 2, before the model loads, and every file of the store, the inputs and the value model
+    is unchanged."""
+    build, suffix, reads = _output_commands(valued)[command]
+    before = snapshot(valued["folder"])
+    targets = _targets(valued, suffix, reads, tmp_path)
+    assert len(targets) >= 6
+    for what, (target, needle) in targets.items():
+        result = cli(*build(target))
+        assert result.exit_code == 2, (command, what, result.output)
+        assert_one_line_error(result, needle)
+        count("output_paths_refused")
+    assert snapshot(valued["folder"]) == before
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_two_outputs_of_one_command_never_collide(valued, tmp_path, no_model_load):
+    v = valued
+    q = ["query", "--store", v["store"], "-v", v["val"], "--device", "cpu", "--quiet"]
+    cases = [
+        [*q, "-o", tmp_path / "x.parquet", "--all-scores", tmp_path / "x.parquet"],
+        [*q, "-o", tmp_path / "x.parquet", "--all-scores", tmp_path / "." / "x.parquet"],
+        [*q, "-o", tmp_path / "t.jsonl", "--explain", "2", "--all-scores", tmp_path / "t.explain" / "s.parquet"],
+        [
+            *q,
+            "-o",
+            tmp_path / "t.jsonl",
+            "--explain",
+            "2",
+            "--explain-dir",
+            tmp_path,
+            "--all-scores",
+            tmp_path / "s.parquet",
+        ],
+    ]
+    for args in cases:
+        assert_one_line_error(cli(*args), "collides")
+        count("output_paths_refused")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "target,needle",
+    [("/dev/null", "unknown output format"), ("{tmp}/fifo.jsonl", "not a regular file"), ("-", "give a file path")],
+)
+def test_devices_and_pipes_are_never_outputs(valued, tmp_path, no_model_load, target, needle):
+    if "fifo" in target:
+        os.mkfifo(tmp_path / "fifo.jsonl")
+    target = target.format(tmp=tmp_path)
+    args = ["select", "--store", valued["store"], "--audit", "a", "--top", "5", "-o", target]
+    assert_one_line_error(cli(*args), needle)
+    if "fifo" in target:
+        assert Path(target).is_fifo()
+
+
+def test_every_path_option_is_declared_input_or_output():
+    """A new path option of any command must be declared in forvalue.cli.paths, or this test fails."""
+    import click
+
+    from forvalue.cli import main
+    from forvalue.cli.paths import INPUTS, OUTPUTS
+
+    undeclared = []
+
+    def walk(group, prefix=""):
+        for name, command in group.commands.items():
+            path = f"{prefix} {name}".strip()
+            if isinstance(command, click.Group):
+                walk(command, path)
+                continue
+            for p in command.params:
+                looks = isinstance(p.type, click.Path) or any(w in p.name for w in ("out", "report", "dir", "file"))
+                if looks and p.name not in INPUTS and p.name not in OUTPUTS.get(path, {}):
+                    undeclared.append(f"{path} {p.name}")
+
+    walk(main)
+    assert undeclared == []
+
+
+# -- the atomic writer --------------------------------------------------------------------------------
+def _in_child(fn) -> int:
+    """Run ``fn`` in a forked child; its exit status (-9 when it was killed)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            fn()
+        except BaseException:  # noqa: BLE001
+            code = 3
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def test_kill_9_while_streaming_an_output_keeps_the_old_file(tmp_path):
+    """A ScoreWriter (the --all-scores sink) killed after some blocks: the old file is intact, and a hidden
+    temporary file at most is left."""
+    import pyarrow.parquet as pq
+
+    from forvalue.present.output import ScoreWriter
+
+    target = tmp_path / "scores.parquet"
+    old = ScoreWriter(target, ["v0"])
+    old.write(["a"], ["x"], np.ones((1, 1)))
+    old.close()
+    before = target.read_bytes()
+
+    def write_then_die():
+        w = ScoreWriter(target, ["v0", "train_id"])
+        for k in range(5):
+            w.write([f"r{k}"], [None], np.zeros((1, 2)))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    assert _in_child(write_then_die) == -signal.SIGKILL
+    assert target.read_bytes() == before
+    assert pq.read_table(target).column_names == ["train_id", "train_label", "v0"]
+    count("kills_in_output_writes")
+
+
+def test_validation_ids_equal_to_score_columns_give_a_readable_all_scores_file(small_store, tmp_path, tiny_runner):
+    import pyarrow.parquet as pq
+
+    from forvalue.api import run_query
+    from forvalue.schemas.config import QueryConfig
+
+    rows = [{**VALIDATION[0], "id": i} for i in ("train_id", "train_label", "train_id", "train_id#1")]
+    target = tmp_path / "all.parquet"
+    run_query(small_store[0], rows, QueryConfig(exact=True, progress=False), runner=tiny_runner, all_scores_path=target)
+    table = pq.read_table(target)
+    names = table.column_names
+    assert names[:2] == ["train_id", "train_label"] and len(set(names)) == len(names) == 6
+    assert sorted(table.column("train_id").to_pylist()) == sorted(small_store[1])
+
+
+# -- value models ---------------------------------------------------------------------------------------
+def _two_models(valued, tmp_path):
+    from forvalue.distill import distill_value_model
+    from forvalue.schemas.config import DistillConfig
+    from forvalue.value_model import ValueModel
+
+    distill_value_model(valued["store"], "b", tmp_path / "vm_b", DistillConfig(student="ngram", ngram_dim=512))
+    return ValueModel.load(valued["vm"]), ValueModel.load(tmp_path / "vm_b")
+
+
+def _save_hooked(model, folder: Path, kill_at: int, tally: Path) -> None:
+    """``model.save(folder)`` with every file-system step it takes (temporary writes, syncs, renames, links,
+    removals) counted; the process kills itself (SIGKILL) just before step ``kill_at`` (0: never) and
+    writes the count to ``tally`` when it finishes. Runs in a forked child: the hooks die with it."""
+    import forvalue.storage.files as files
+
+    steps = [0]
+
+    def hooked(real):
+        def call(*args, **kwargs):
+            steps[0] += 1
+            if steps[0] == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("replace", "fsync", "link"):
+        setattr(files.os, name, hooked(getattr(files.os, name)))
+    Path.unlink = hooked(Path.unlink)
+    Path.write_bytes = hooked(Path.write_bytes)
+    model.save(folder)
+    tally.write_text(str(steps[0]))
+
+
+def test_kill_9_at_every_step_of_a_value_model_rewrite(valued, tmp_path):
+    """A value model folder being replaced (distill onto an existing --out), killed just before each
+    file-system step of the save: the folder always loads as the whole old model or the whole new one,
+    predictions and manifest together, never a mix and never an error."""
+    from forvalue.value_model import ValueModel
+
+    old, new = _two_models(valued, tmp_path)
+    texts = [r["prompt"] + r["response"] for r in make_rows(12)]
+    want = {"old": old.predict(texts), "new": new.predict(texts)}
+    assert not np.allclose(want["old"], want["new"])
+    folder, tally = tmp_path / "m", tmp_path / "steps.txt"
+    old.save(folder)
+    assert _in_child(lambda: _save_hooked(new, folder, 0, tally)) == 0
+    total = int(tally.read_text())
+    assert total >= 6, total
+    outcomes = {"old": 0, "new": 0}
+    for k in range(1, total + 1):
+        shutil.rmtree(folder)
+        old.save(folder)
+        assert _in_child(lambda: _save_hooked(new, folder, k, tally)) == -signal.SIGKILL, k
+        loaded = ValueModel.load(folder)
+        got = loaded.predict(texts)
+        which = "old" if np.array_equal(got, want["old"]) else "new"
+        np.testing.assert_array_equal(got, want[which])
+        assert loaded.meta["audit"]["name"] == {"old": "a", "new": "b"}[which]
+        outcomes[which] += 1
+        count("kills_in_value_model_saves")
+    assert outcomes["old"] and outcomes["new"], outcomes
+
+
+def test_a_killed_first_save_does_not_block_the_next_distill(valued, tmp_path):
+    """A first save killed before its manifest leaves data files (and the lock) in a folder with no model:
+    loading it is one line, and distilling into it again goes ahead."""
+    from forvalue.distill import distill_value_model
+    from forvalue.schemas.config import DistillConfig
+    from forvalue.value_model import ValueModel
+
+    old, _ = _two_models(valued, tmp_path)
+    folder, tally = tmp_path / "first", tmp_path / "steps.txt"
+    assert _in_child(lambda: _save_hooked(old, folder, 3, tally)) == -signal.SIGKILL
+    assert folder.is_dir() and not (folder / "value_model.json").exists()
+    assert_one_line_error(cli("estimate", valued["train"], "--value-model", folder, "-o", tmp_path / "v.parquet"))
+    distill_value_model(valued["store"], "a", folder, DistillConfig(student="ngram", ngram_dim=1024))
+    texts = [r["prompt"] for r in make_rows(4)]
+    np.testing.assert_array_equal(ValueModel.load(folder).predict(texts), old.predict(texts))
+    count("kills_in_value_model_saves")
+
+
+def test_two_saves_into_one_value_model_folder_at_once(valued, tmp_path):
+    """Two processes saving different models into one folder at the same moment, five times: the folder
+    always loads as one of the two models, whole."""
+    from forvalue.value_model import ValueModel
+
+    a, b = _two_models(valued, tmp_path)
+    texts = [r["prompt"] for r in make_rows(6)]
+    want = [a.predict(texts), b.predict(texts)]
+    folder = tmp_path / "shared"
+    for _ in range(5):
+        pids = []
+        for model in (a, b):
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    model.save(folder)
+                except BaseException:  # noqa: BLE001
+                    code = 3
+                os._exit(code)
+            pids.append(pid)
+        assert all(os.waitpid(pid, 0)[1] == 0 for pid in pids)
+        got = ValueModel.load(folder).predict(texts)
+        assert any(np.array_equal(got, w) for w in want)
+        count("concurrent_value_model_saves", 2)
+
+
+def _damage(folder: Path, how: str) -> str:
+    """Damage a copied value model folder ``how``; returns text the one-line error must hold."""
+    manifest = folder / "value_model.json"
+    meta = json.loads(manifest.read_text())
+    weights = folder / meta["files"]["weights"]["name"]
+
+    def rewrite(**changes):
+        meta.update(changes)
+        manifest.write_text(json.dumps(meta))
+
+    def save_arrays(arrays):
+        from safetensors.numpy import save_file
+
+        save_file(arrays, str(weights))
+        import hashlib
+
+        data = weights.read_bytes()
+        meta["files"]["weights"].update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+        manifest.write_text(json.dumps(meta))
+
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(weights))
+    if how == "manifest truncated":
+        manifest.write_text(manifest.read_text()[:40])
+    elif how == "manifest a list":
+        manifest.write_text("[1, 2]")
+    elif how == "manifest nested 100000 deep":
+        manifest.write_text("[" * 100000 + "]" * 100000)
+    elif how == "manifest not UTF-8":
+        manifest.write_bytes(b"\xff\xfe{}")
+    elif how == "targets empty":
+        rewrite(targets=[])
+    elif how == "targets not names":
+        rewrite(targets=[1, None])
+    elif how == "dim negative":
+        meta["features"]["dim"] = -5
+        rewrite()
+    elif how == "dim a string":
+        meta["features"]["dim"] = "wide"
+        rewrite()
+    elif how == "dim changed":
+        meta["features"]["dim"] = 2048
+        rewrite()
+    elif how == "weights deleted":
+        weights.unlink()
+    elif how == "weights truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif how == "weights bytes flipped":
+        data = bytearray(weights.read_bytes())
+        data[-8:] = bytes(255 - b for b in data[-8:])
+        weights.write_bytes(bytes(data))
+    elif how == "weights from another save":
+        meta["files"]["weights"]["sha256"] = "0" * 64
+        rewrite()
+    elif how == "file name escapes the folder":
+        meta["files"]["weights"]["name"] = "../vm/x.safetensors"
+        rewrite()
+    elif how == "weights hold NaN":
+        arrays["bias"] = np.full_like(arrays["bias"], np.nan)
+        save_arrays(arrays)
+    elif how == "bias of another shape":
+        arrays["bias"] = np.zeros(7, np.float32)
+        save_arrays(arrays)
+    elif how == "weights as integers":
+        arrays["weight"] = arrays["weight"].astype(np.int32)
+        save_arrays(arrays)
+    elif how == "weight array missing":
+        del arrays["weight"]
+        save_arrays(arrays)
+    elif how == "format version a string":
+        rewrite(format_version="2")
+    elif how == "files missing (format 2)":
+        del meta["files"]
+        rewrite()
+    else:
+        raise AssertionError(how)
+    in_manifest = how.startswith(("manifest", "targets", "format", "files")) or how in ("dim negative", "dim a string")
+    return "value_model.json" if in_manifest else str(folder)
+
+
+VALUE_MODEL_DAMAGE = [
+    "manifest truncated",
+    "manifest a list",
+    "manifest nested 100000 deep",
+    "manifest not UTF-8",
+    "targets empty",
+    "targets not names",
+    "dim negative",
+    "dim a string",
+    "dim changed",
+    "weights deleted",
+    "weights truncated",
+    "weights bytes flipped",
+    "weights from another save",
+    "file name escapes the folder",
+    "weights hold NaN",
+    "bias of another shape",
+    "weights as integers",
+    "weight array missing",
+    "format version a string",
+    "files missing (format 2)",
+]
+
+
+@pytest.mark.parametrize("how", VALUE_MODEL_DAMAGE)
+def test_damaged_value_model_is_one_line_never_a_number(valued, tmp_path, how):
+    vm = tmp_path / "vm"
+    shutil.copytree(valued["vm"], vm)
+    needle = _damage(vm, how)
+    out = tmp_path / "values.parquet"
+    assert_one_line_error(cli("estimate", valued["train"], "--value-model", vm, "-o", out), needle)
+    assert not out.exists()
+    args = ["estimate", "--value-model", vm, "--store", valued["store"], "--audit", "a"]
+    assert_one_line_error(cli(*args))
+    count("damaged_value_models_refused")
+
+
+# -- audit tables -------------------------------------------------------------------------------------
+def _uncommitted_audit(store: Path, name: str) -> Path:
+    """What a kill inside an audit table's first commit leaves: data files, no version."""
+    folder = store / f"audit_{name}.lance"
+    shutil.copytree(store / "audit_a.lance", folder)
+    shutil.rmtree(folder / "_versions")
+    return folder
+
+
+def test_audit_table_without_a_committed_version_is_invisible_reported_and_repaired(valued, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(valued["store"], store)
+    folder = _uncommitted_audit(store, "half")
+    listed = cli("audit", "list", "--store", store)
+    assert listed.exit_code == 0 and "half" not in listed.output and listed.output.startswith("a "), listed.output
+    assert_one_line_error(cli("audit", "show", "--store", store, "half"), "no audit named 'half'")
+    assert_one_line_error(cli("audit", "compare", "--store", store, "a", "half"), "no audit named 'half'")
+    assert cli("audit", "compare", "--store", store, "a", "b").exit_code == 0
+    check = cli("index", "check", "--store", store)
+    assert check.exit_code == 2 and str(folder) in check.stderr and "--repair" in check.stderr, check.output
+    repaired = cli("index", "check", "--store", store, "--repair")
+    assert repaired.exit_code == 0 and "audit_half.lance" in repaired.stdout, repaired.output
+    assert not folder.exists()
+    assert_sound(store)
+    count("uncommitted_audit_tables_repaired")
+
+
+def test_audit_rerun_over_a_killed_first_commit_starts_clean(valued, tmp_path, tiny_runner):
+    from forvalue.audit import load_audit, run_audit
+    from forvalue.schemas.config import AuditConfig
+
+    store = tmp_path / "store"
+    shutil.copytree(valued["store"], store)
+    _uncommitted_audit(store, "again")
+    run_audit(store, [valued["val"]], "again", AuditConfig(progress=False, device="cpu"), runner=tiny_runner)
+    table, meta = load_audit(store, "again")
+    assert meta["version"] == 1 and table.num_rows == 30
+    assert_sound(store)
+
+
+AUDIT_WRITER = r"""
+import os, signal, sys, threading, time
+import lancedb  # imported first: the kill timer below starts right before Lance's commit
+from forvalue.storage import audits
+from forvalue.storage.store import Store
+
+store, name, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
+st = Store.open(store)
+table, meta = audits.read_audit(st, "a")
+connect = audits._db
+
+def db(s):
+    threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+    return connect(s)
+
+audits._db = db
+audits.write_audit(st, name, table, {**meta, "name": name})
+time.sleep(30)  # the timer kills the process here at the latest
+"""
+
+
+def test_kill_9_inside_audit_commits(valued, tmp_path):
+    """write_audit killed at seeded random moments while Lance commits (first commits and overwrites), in
+    fresh processes (Lance is not fork-safe): audit list never fails, every listed audit reads whole, index
+    check reports only what --repair removes, and the store is clean afterwards."""
+    from forvalue.audit import audits, load_audit
+    from forvalue.maintenance import check_store
+    from forvalue.storage import audits as audit_tables
+    from forvalue.storage.store import Store
+
+    store = tmp_path / "store"
+    shutil.copytree(valued["store"], store)
+    rows = load_audit(store, "a")[0].num_rows
+    rng = random.Random(28)
+    landed = 0
+    for k in range(12):
+        name = f"k{k % 6}"  # six first commits, then six overwrites
+        child = subprocess.run(
+            [sys.executable, "-c", AUDIT_WRITER, str(store), name, f"{rng.uniform(0.0, 0.006):.5f}"],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+        for m in audits(store):
+            assert load_audit(store, m.name)[0].num_rows == rows
+        listed = cli("audit", "list", "--store", store)
+        assert listed.exit_code == 0, listed.output
+        landed += bool(audit_tables.uncommitted_tables(Store.open(store)))
+        report = check_store(store)
+        assert all("without a committed version" in p for p in report.problems), report.problems
+        count("kills_in_audit_commits")
+    assert cli("index", "check", "--store", store, "--repair").exit_code == 0
+    assert_sound(store)
+    count("kills_that_left_an_uncommitted_audit_table", landed)
+
+
+# -- settings that change stored values ----------------------------------------------------------------
+def test_every_build_setting_is_matched_or_declared_not_stored(monkeypatch):
+    from dataclasses import dataclass, make_dataclass
+
+    from forvalue.schemas import stored_settings
+
+    assert stored_settings.undeclared() == []
+    assert "lowest_likelihood_ratio" in stored_settings.BUILD_MUST_MATCH
+    # a new field that is neither matched nor declared fails the check
+    extra = make_dataclass("EncodeConfig", [("new_knob", int, 0)], bases=(), frozen=True)
+    monkeypatch.setattr(stored_settings, "BUILD_CONFIGS", (*stored_settings.BUILD_CONFIGS, extra))
+    assert stored_settings.undeclared() == ["EncodeConfig.new_knob"]
+    assert dataclass  # imported for the reader: the configs are frozen dataclasses
+
+
+@pytest.mark.parametrize(
+    "flag,value,field",
+    [
+        ("--lowest-likelihood-ratio", "0.2", "lowest_likelihood_ratio"),
+        ("--hidden-dtype", "float32", "hidden_dtype"),
+        ("--sketch-dim", "0", "sketch_dim"),
+        ("--sketch-basis", "gaussian", "sketch_basis"),
+        ("--top-m", "8", "top_m"),
+        ("--max-length", "64", "max_length"),
+        ("--score-tokens", "response", "score_tokens"),
+    ],
+)
+def test_build_on_a_store_with_other_stored_settings_is_refused(
+    small_store, tmp_path, tiny_model_dir, flag, value, field
+):
+    store, scores = small_store
+    before = tree(store)
+    data = write_jsonl(tmp_path / "more.jsonl", make_rows(4, start=400))
+    result = cli(*build_args(data, store, tiny_model_dir, flag, value))
+    assert_one_line_error(result, field, "index add")
+    assert tree(store) == before
+    count("stored_settings_mismatches_refused")
+
+
+# -- inputs of any shape ---------------------------------------------------------------------------------
+def test_the_same_file_named_twice_is_read_once(tmp_path, tiny_model_dir):
+    dd = tmp_path / "dd"
+    dd.mkdir()
+    write_jsonl(dd / "a.jsonl", [{k: v for k, v in r.items() if k != "id"} for r in make_rows(5)])
+    write_jsonl(dd / "b.jsonl", [{k: v for k, v in r.items() if k != "id"} for r in make_rows(3, start=10)])
+    os.link(dd / "a.jsonl", tmp_path / "hard.jsonl")
+    (tmp_path / "soft.jsonl").symlink_to(dd / "b.jsonl")
+    store = tmp_path / "store"
+    names = [
+        dd,
+        f"{dd}/*.jsonl",
+        dd / "a.jsonl",
+        f"{dd}/../dd/a.jsonl",
+        tmp_path / "hard.jsonl",
+        tmp_path / "soft.jsonl",
+    ]
+    result = cli(*build_args(names[0], store, tiny_model_dir), *map(str, names[1:]))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["written"] == 8 and report["repeats_kept"] == 0 and report["read"] == 8, report
+    assert_sound(store)
+    count("inputs_named_twice_read_once")
+
+
+def _fifo_unblocker(path: Path):
+    """Opens ``path`` for writing after a while so that a reader that opened it (wrongly) cannot hang the test."""
+    import threading
+
+    def unblock():
+        time.sleep(20)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+        except OSError:
+            pass
+
+    threading.Thread(target=unblock, daemon=True).start()
+
+
+BAD_SHAPES = ["fifo", "dev-stdin", "deep-json", "lone-surrogate", "array-row"]
+
+
+def _bad_shape(folder: Path, kind: str) -> tuple[str, str]:
+    if kind == "fifo":
+        path = folder / "pipe.jsonl"
+        os.mkfifo(path)
+        _fifo_unblocker(path)
+        return str(path), "pipe"
+    if kind == "dev-stdin":
+        return "/dev/stdin", "/dev/stdin"
+    path = folder / f"{kind}.jsonl"
+    if kind == "deep-json":
+        path.write_text('{"prompt": ' + "[" * 100000 + "]" * 100000 + ', "response": "x"}\n')
+        return str(path), "nested too deeply"
+    if kind == "lone-surrogate":
+        path.write_text('{"id": "x", "prompt": "a \\ud800 b", "response": " c"}\n')
+        return str(path), "lone surrogate"
+    if kind == "array-row":
+        path.write_text("[1, 2]\n")
+        return str(path), "expected a JSON object"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", BAD_SHAPES)
+@pytest.mark.parametrize("command", ["build", "query", "estimate", "select"])
+def test_inputs_of_any_shape_are_one_line(valued, tmp_path, tiny_model_dir, no_model_load, command, kind):
+    path, needle = _bad_shape(tmp_path, kind)
+    v = valued
+    before = snapshot(v["folder"])
+    args = {
+        "build": ["index", "build", path, "--store", tmp_path / "new", "--model", tiny_model_dir],
+        "query": ["query", "--store", v["store"], "-v", path, "--device", "cpu", "--quiet"],
+        "estimate": ["estimate", path, "--value-model", v["vm"], "-o", tmp_path / "e.parquet"],
+        "select": [
+            "select",
+            "--values",
+            v["folder"] / "values.parquet",
+            "--data",
+            path,
+            "--top",
+            "3",
+            "-o",
+            tmp_path / "s.jsonl",
+        ],
+    }[command]
+    assert_one_line_error(cli(*args), needle)
+    assert snapshot(v["folder"]) == before
+    assert not (tmp_path / "new").exists() and not (tmp_path / "e.parquet").exists()
+    count("bad_input_shapes_tried")
+
+
+ABSURD = [
+    ("build", ["--lowest-likelihood-ratio", "nan"], "--lowest-likelihood-ratio"),
+    ("build", ["--lowest-likelihood-ratio", "inf"], "--lowest-likelihood-ratio"),
+    ("build", ["--max-length", "99999999999999"], "--max-length"),
+    ("build", ["--sketch-dim", str(1 << 40)], "--sketch-dim"),
+    ("build", ["--batch-size", str(10**30)], "--batch-size"),
+    ("query", ["--top-k", str(10**30)], "--top-k"),
+    ("query", ["--candidates", str(10**12)], "--candidates"),
+    ("audit", ["--flag-fraction", "nan"], "--flag-fraction"),
+    ("audit", ["--flag-threshold", "-inf"], "--flag-threshold"),
+    ("audit", ["--read-rows", str(1 << 40)], "--read-rows"),
+    ("distill", ["--ngram-dim", str(10**12)], "--ngram-dim"),
+    ("distill", ["--seed", "-1"], "--seed"),
+    ("distill", ["--fraction", "nan"], "--fraction"),
+    ("select", ["--top", "inf%"], "--top"),
+    ("select", ["--top", "nan%"], "--top"),
+    ("select", ["--top", "1e999%"], "--top"),
+    ("select", ["--drop-bottom", "1e5"], "--drop-bottom"),
+    ("show", ["--group-column", "label", "--bootstrap", str(10**12)], "--bootstrap"),
+    ("show", ["--group-column", "label", "--confidence", "nan"], "--confidence"),
+    ("estimate", ["--group-column", "id"], "--group-column"),
+]
+
+
+@pytest.mark.parametrize("command,extra,needle", ABSURD)
+def test_absurd_option_values_are_one_line(valued, tmp_path, tiny_model_dir, no_model_load, command, extra, needle):
+    v = valued
+    before = snapshot(v["folder"])
+    args = {
+        "build": ["index", "build", v["train"], "--store", tmp_path / "new", "--model", tiny_model_dir],
+        "query": ["query", "--store", v["store"], "-v", v["val"], "--device", "cpu", "--quiet"],
+        "audit": ["audit", "run", "--store", v["store"], "-v", v["val"], "--name", "z", "--device", "cpu"],
+        "distill": ["distill", "--store", v["store"], "--audit", "a", "--out", tmp_path / "vm"],
+        "select": ["select", "--store", v["store"], "--audit", "a", "-o", tmp_path / "s.jsonl"],
+        "show": ["audit", "show", "--store", v["store"], "a", "--data", v["train"]],
+        "estimate": ["estimate", v["train"], "--value-model", v["vm"], "-o", tmp_path / "e.parquet"],
+    }[command]
+    if command == "select" and "--top" not in extra and "--drop-bottom" not in extra:
+        args += ["--top", "3"]
+    assert_one_line_error(cli(*args, *extra), needle)
+    assert snapshot(v["folder"]) == before
+    assert not list(tmp_path.iterdir())
+    count("absurd_option_values_tried")
+
+
+def test_model_folder_with_pickled_weights_is_refused(tmp_path, tiny_model_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    state = load_file(str(model / "model.safetensors"))
+    (model / "model.safetensors").unlink()
+    torch.save(state, model / "pytorch_model.bin")
+    data = write_jsonl(tmp_path / "train.jsonl", make_rows(3))
+    assert_one_line_error(cli(*build_args(data, tmp_path / "store", model)), "pytorch_model.bin", "pickle")
+    assert not (tmp_path / "store").exists()
+    count("pickled_models_refused")

@@ -23,6 +23,8 @@ import json
 import random
 from pathlib import Path
 
+from forvalue.storage.files import write_text
+
 PROMPT = "What is shown in the picture? Answer with the colour and the shape."
 
 # (label, caption, colour RGB, shape)
@@ -145,7 +147,7 @@ def generate(
     paths = []
     for split, rows in splits.items():
         path = out / f"{split}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         paths.append(path)
     return paths[0], paths[1]
 

@@ -11,6 +11,7 @@ import click
 
 from forvalue.cli import audit, demo, distill, explain, index, query
 from forvalue.cli.options import Group, quiet_transformers
+from forvalue.cli.paths import guard_paths
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -42,6 +43,7 @@ main.add_command(audit.select)
 main.add_command(demo.demo)
 main.add_command(distill.distill_command)
 main.add_command(distill.estimate_command)
+guard_paths(main)  # the output policy (forvalue.cli.paths) runs before every command
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -134,6 +134,7 @@ def check(store, repair, as_json):
             click.echo(
                 f"{store}: repaired: removed {done['duplicate_rows_removed']} duplicate rows"
                 + ("; rebuilt the prefilter index" if done["prefilter_rebuilt"] else "")
+                + "".join(f"; removed {t} (never committed)" for t in done.get("uncommitted_tables_removed", []))
             )
         for note in report.notes:
             click.echo(f"{store}: note: {note}")

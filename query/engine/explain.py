@@ -17,7 +17,7 @@ With ``aggregate='mean'`` the validation side is every validation sample, each t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -526,14 +526,13 @@ def explain(
     'why.html'
     """
     from forvalue.engine.validation import data_for_store, load_validation_samples
-    from forvalue.session import load_store_runner, open_nonempty
+    from forvalue.session import get_runner, open_nonempty
 
     store = open_nonempty(store)
     row_positions(store, [train_id])  # an unknown id fails before the model loads
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))
     index = pick_validation(samples, config)
-    if runner is None:
-        runner = load_store_runner(store, replace(model or ModelConfig(), device=config.device))
+    runner = get_runner(runner, store, model, config.device)
     chosen = samples if index is None else [samples[index]]
     explainer = Explainer(store, runner, chosen, data, config.batch_size)
     return explainer.explain(train_id, None if index is None else 0, config.top_pairs)

@@ -152,25 +152,17 @@ def write_explanation(e, path: str | Path) -> Path:
 
     :meth:`forvalue.Explanation.save` calls it.
     """
-    import os
-
     import pyarrow as pa
 
     from forvalue.present.output import write_table
+    from forvalue.storage.files import write_text
 
     check_output_path(path, FORMATS)
     path = Path(path)
     if path.suffix.lower() != ".html":
         write_table(pa.Table.from_pylist(e.rows(), schema=row_schema()), path)
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(explanation_html(e), encoding="utf-8")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_text(path, explanation_html(e))
 
 
 def safe_name(text: str) -> str:

@@ -595,9 +595,10 @@ def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
     Path
         The written path.
     """
+    from forvalue.storage.files import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="\n") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8", newline="\n") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path

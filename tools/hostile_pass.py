@@ -1,0 +1,808 @@
+"""A hostile user's pass over the CLI: many odd commands, each checked for the reliability promises.
+
+Every case runs the real ``forvalue`` CLI in this process (click's runner, the tiny offline model, or
+SmolLM2-135M with ``--real``) against a store with audits and a value model, and must end with exit
+status 0 or 2; on 2 stderr is one ``error:`` line; never a traceback, never more than ``--timeout``
+seconds; afterwards every input file and the store are byte for byte as before (unless the case
+writes to the store on purpose, then ``index check`` must find it clean) and no half-written or
+temporary file is left. Prints one line per failure and the counts quoted in docs/reliability.md:
+
+    .venv/bin/python -m tools.hostile_pass [--real]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+
+def _rows(n, start=0):
+    words = ["the quick brown fox", "reverse the words", "solve the math problem", "cats and dogs"]
+    return [
+        {"id": f"s{i}", "prompt": f"{words[i % 4]} {i} ->", "response": f" answer {i * 7}", "label": f"c{i % 3}"}
+        for i in range(start, start + n)
+    ]
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    out = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and not f.is_symlink() and not f.name.endswith(".lock") and not f.is_fifo():
+            try:
+                out[str(f.relative_to(folder))] = f.read_bytes()
+            except OSError:
+                pass
+    return out
+
+
+class Timeout(Exception):
+    pass
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--real", action="store_true", help="SmolLM2-135M (the default model) instead of the tiny one")
+    ap.add_argument("--timeout", type=int, default=120)
+    ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--kills", type=int, default=5, help="kill -9 / Ctrl-C rounds per killed command (0: none)")
+    a = ap.parse_args(argv)
+    from click.testing import CliRunner
+
+    from forvalue.cli import main as cli_main
+
+    work = Path(tempfile.mkdtemp(prefix="hostile-"))
+    if a.real:
+        from forvalue.indexer.default_model import default_model_dir
+
+        model = str(default_model_dir())
+    else:
+        from forvalue.testing import make_model_dir
+
+        model = str(make_model_dir(work / "tiny"))
+    os.chdir(work)
+    data = work / "in"
+    data.mkdir()
+    train = _jsonl(data / "train.jsonl", _rows(24))
+    val = _jsonl(data / "val.jsonl", [{**r, "id": f"v{k}"} for k, r in enumerate(_rows(3, start=100))])
+    runner = CliRunner()
+
+    def run(*args):
+        return runner.invoke(cli_main, [str(x) for x in args])
+
+    store = work / "S"
+    for args in (
+        [
+            "index",
+            "build",
+            train,
+            "--store",
+            store,
+            "--model",
+            model,
+            "--device",
+            "cpu",
+            "--quiet",
+            "--write-every",
+            "8",
+        ],
+        ["audit", "run", "--store", store, "-v", val, "--name", "a", "--device", "cpu", "--quiet"],
+        [
+            "audit",
+            "run",
+            "--store",
+            store,
+            "-v",
+            val,
+            "--name",
+            "b",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--normalize",
+            "cosine",
+        ],
+        ["distill", "--store", store, "--audit", "a", "--out", work / "vm", "--ngram-dim", "1024"],
+        ["estimate", train, "--value-model", work / "vm", "-o", data / "values.parquet"],
+    ):
+        r = run(*args)
+        assert r.exit_code == 0, (args, r.output, r.exception)
+    S, V, T, VM, VAL = store, val, train, work / "vm", data / "values.parquet"
+    q = ["query", "--store", S, "--device", "cpu", "--quiet"]
+
+    def fifo(name):
+        p = work / name
+        if not p.exists():
+            os.mkfifo(p)
+        return p
+
+    def file(name, text, binary=False):
+        p = work / name
+        p.write_bytes(text) if binary else p.write_text(text)
+        return p
+
+    def link(name, target):
+        p = work / name
+        if p.is_symlink() or p.exists():
+            p.unlink()
+        p.symlink_to(target)
+        return p
+
+    # helpers that need the work folder
+    def _ds(name, state):
+        d = work / f"ds_{name}"
+        d.mkdir(exist_ok=True)
+        (d / "state.json").write_text(state)
+        return d
+
+    def _loop():
+        d = work / "loop"
+        d.mkdir(exist_ok=True)
+        if not (d / "self").exists():
+            (d / "self").symlink_to(d)
+        _jsonl(d / "a.jsonl", _rows(1))
+        return d
+
+    def _pq(name, cols):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table(cols), work / name)
+        return work / name
+
+    def _model_with(name, config):
+        d = work / f"model_{name}"
+        if not d.exists():
+            shutil.copytree(model, d)
+        (d / "config.json").write_text(config)
+        return d
+
+    (work / "ro").mkdir(exist_ok=True)
+    big = "x" * 300
+    # (name, args, writes_store); each lambda builds its files when run
+    cases = [
+        # outputs
+        ("output through ..", lambda: [*q, "-v", V, "-o", f"{S}/../S/new.jsonl"], False),
+        ("output empty string", lambda: [*q, "-v", V, "-o", ""], False),
+        ("output hidden suffixless", lambda: [*q, "-v", V, "-o", work / ".jsonl"], False),
+        ("output under a file", lambda: [*q, "-v", V, "-o", f"{T}/x.jsonl"], False),
+        ("output upper-case suffix", lambda: [*q, "-v", V, "-o", work / "OUT.JSONL"], False),
+        ("output .jsonl.gz", lambda: [*q, "-v", V, "-o", work / "o.jsonl.gz"], False),
+        (
+            "output name with newline",
+            lambda: ["select", "--store", S, "--audit", "a", "--top", "2", "-o", work / "a\nb.jsonl"],
+            False,
+        ),
+        ("output name too long", lambda: [*q, "-v", V, "-o", work / f"{big}.jsonl"], False),
+        ("output symlink to store manifest", lambda: [*q, "-v", V, "-o", link("m.jsonl", S / "manifest.json")], False),
+        ("output symlink to input", lambda: ["estimate", T, "--value-model", VM, "-o", link("t.jsonl", T)], False),
+        ("output dangling symlink", lambda: [*q, "-v", V, "-o", link("d.jsonl", work / "nowhere" / "x.jsonl")], False),
+        ("output /dev/stdout", lambda: [*q, "-v", V, "-o", "/dev/stdout"], False),
+        ("output /proc file", lambda: [*q, "-v", V, "-o", "/proc/self/x.jsonl"], False),
+        (
+            "all-scores same as -o via ./",
+            lambda: [*q, "-v", V, "-o", work / "x.parquet", "--all-scores", "./x.parquet"],
+            False,
+        ),
+        (
+            "explain folder exists as a file",
+            lambda: [*q, "-v", V, "-o", work / "t.jsonl", "--explain", "1", "--explain-dir", file("f.txt", "x")],
+            False,
+        ),
+        (
+            "report inside the input folder",
+            lambda: [
+                "audit",
+                "show",
+                "--store",
+                S,
+                "a",
+                "--report",
+                data / "r.html",
+                "--data",
+                data,
+                "--group-column",
+                "label",
+            ],
+            False,
+        ),
+        ("distill into a non-model folder", lambda: ["distill", "--store", S, "--audit", "a", "--out", data], False),
+        ("distill onto a file", lambda: ["distill", "--store", S, "--audit", "a", "--out", T], False),
+        (
+            "distill into the store's table",
+            lambda: ["distill", "--store", S, "--audit", "a", "--out", S / "samples.lance"],
+            False,
+        ),
+        ("demo into the store", lambda: ["demo", "--workdir", S, "--model", model, "--device", "cpu"], False),
+        (
+            "estimate report == -o",
+            lambda: [
+                "estimate",
+                T,
+                "--value-model",
+                VM,
+                "-o",
+                work / "v.parquet",
+                "--group-column",
+                "label",
+                "--report",
+                work / "v.parquet",
+            ],
+            False,
+        ),
+        (
+            "explain -o the store manifest",
+            lambda: ["explain", "--store", S, "-v", V, "--train-id", "s1", "-o", S / "manifest.json"],
+            False,
+        ),
+        ("select -o the values file", lambda: ["select", "--values", VAL, "--data", T, "--top", "2", "-o", VAL], False),
+        (
+            "output into a read-only folder",
+            lambda: (os.chmod(work / "ro", 0o555), [*q, "-v", V, "-o", work / "ro" / "x.jsonl"])[1],
+            False,
+        ),
+        # inputs
+        ("validation empty", lambda: [*q, "-v", file("e.jsonl", "")], False),
+        ("validation blank lines", lambda: [*q, "-v", file("bl.jsonl", "\n\n  \n")], False),
+        (
+            "validation BOM + CRLF",
+            lambda: [*q, "-v", file("bom.jsonl", b'\xef\xbb\xbf{"prompt":"a","response":" b"}\r\n', True)],
+            False,
+        ),
+        (
+            "validation 5 MB line",
+            lambda: [*q, "-v", _jsonl(work / "long.jsonl", [{"prompt": "word " * 1_000_000, "response": " x"}])],
+            False,
+        ),
+        (
+            "id is a list",
+            lambda: [*q, "-v", _jsonl(work / "idl.jsonl", [{"id": [1], "prompt": "a", "response": " b"}])],
+            False,
+        ),
+        (
+            "id is a dict",
+            lambda: [
+                "estimate",
+                _jsonl(work / "idd.jsonl", [{"id": {"a": 1}, "text": "a"}]),
+                "--value-model",
+                VM,
+                "-o",
+                work / "o.parquet",
+            ],
+            False,
+        ),
+        ("label 1e400", lambda: [*q, "-v", file("inf.jsonl", '{"prompt":"a","response":" b","label":1e400}\n')], False),
+        ("id NaN", lambda: [*q, "-v", file("nan.jsonl", '{"id":NaN,"prompt":"a","response":" b"}\n')], False),
+        (
+            "label huge int",
+            lambda: [*q, "-v", file("hi.jsonl", '{"prompt":"a","response":" b","label":' + "9" * 5000 + "}\n")],
+            False,
+        ),
+        (
+            "duplicate keys",
+            lambda: [*q, "-v", file("dk.jsonl", '{"prompt":"a","prompt":"c","response":" b"}\n')],
+            False,
+        ),
+        ("CSV with NUL", lambda: [*q, "-v", file("nul.csv", b"prompt,response\na\x00b, c\n", True)], False),
+        ("CSV unbalanced quote", lambda: [*q, "-v", file("q.csv", 'prompt,response\n"a, b\n')], False),
+        ("parquet that is JSON", lambda: [*q, "-v", file("j.parquet", '{"prompt":"a"}')], False),
+        ("parquet truncated", lambda: [*q, "-v", file("t.parquet", VAL.read_bytes()[:200], True)], False),
+        ("gz that is not gzip", lambda: [*q, "-v", file("g.jsonl.gz", "not gzip")], False),
+        ("zst truncated", lambda: [*q, "-v", file("z.jsonl.zst", b"\x28\xb5\x2f\xfd\x00", True)], False),
+        ("datasets state.json deep", lambda: [*q, "-v", _ds("deep", "[" * 50000 + "]" * 50000)], False),
+        (
+            "datasets state.json escapes",
+            lambda: [*q, "-v", _ds("esc", json.dumps({"_data_files": [{"filename": "../../../../etc/passwd"}]}))],
+            False,
+        ),
+        ("folder with a symlink loop", lambda: [*q, "-v", _loop()], False),
+        ("glob matching folders only", lambda: [*q, "-v", f"{work}/*/"], False),
+        ("input name with newline", lambda: [*q, "-v", _jsonl(work / "n\nl.jsonl", _rows(1))], False),
+        ("empty text", lambda: [*q, "-v", _jsonl(work / "et.jsonl", [{"text": ""}])], False),
+        (
+            "message without role",
+            lambda: [*q, "-v", _jsonl(work / "mr.jsonl", [{"messages": [{"content": "hi"}]}])],
+            False,
+        ),
+        (
+            "message content a dict",
+            lambda: [*q, "-v", _jsonl(work / "md.jsonl", [{"messages": [{"role": "user", "content": {"a": 1}}]}])],
+            False,
+        ),
+        (
+            "100k messages",
+            lambda: [*q, "-v", _jsonl(work / "mm.jsonl", [{"messages": [{"role": "user", "content": "x"}] * 100000}])],
+            False,
+        ),
+        (
+            "1 MB id",
+            lambda: [
+                "estimate",
+                _jsonl(work / "bigid.jsonl", [{"id": "i" * (1 << 20), "text": "a"}]),
+                "--value-model",
+                VM,
+                "-o",
+                work / "o2.parquet",
+            ],
+            False,
+        ),
+        (
+            "id column of booleans",
+            lambda: [
+                *q,
+                "-v",
+                _jsonl(work / "bool.jsonl", [{"flag": True, "prompt": "a", "response": " b"}]),
+                "--id-column",
+                "flag",
+            ],
+            False,
+        ),
+        ("store manifest as data", lambda: ["index", "add", S / "manifest.json", "--store", S, "--quiet"], True),
+        ("store folder as data", lambda: ["index", "add", S, "--store", S, "--quiet"], True),
+        ("/dev/zero as .jsonl", lambda: [*q, "-v", link("zero.jsonl", "/dev/zero")], False),
+        (
+            "FIFO as values",
+            lambda: ["select", "--values", fifo("v.parquet"), "--data", T, "--top", "2", "-o", work / "s.jsonl"],
+            False,
+        ),
+        (
+            "FIFO as group data",
+            lambda: ["audit", "show", "--store", S, "a", "--data", fifo("g.jsonl"), "--group-column", "label"],
+            False,
+        ),
+        (
+            "values ids are ints",
+            lambda: [
+                "select",
+                "--values",
+                _pq("vi.parquet", {"id": [1, 2], "value": [0.1, 0.2]}),
+                "--data",
+                T,
+                "--top",
+                "1",
+                "-o",
+                work / "s2.jsonl",
+            ],
+            False,
+        ),
+        (
+            "values are strings",
+            lambda: [
+                "select",
+                "--values",
+                _pq("vs.parquet", {"id": ["s1"], "value": ["high"]}),
+                "--data",
+                T,
+                "--top",
+                "1",
+                "-o",
+                work / "s3.jsonl",
+            ],
+            False,
+        ),
+        (
+            "values hold NaN",
+            lambda: [
+                "select",
+                "--values",
+                _pq("vn.parquet", {"id": ["s1", "s2"], "value": [float("nan"), 1.0]}),
+                "--data",
+                T,
+                "--top",
+                "1",
+                "-o",
+                work / "s4.jsonl",
+            ],
+            False,
+        ),
+        (
+            "values deep JSONL",
+            lambda: [
+                "select",
+                "--values",
+                file("vd.jsonl", '{"id":"s1","value":' + "[" * 50000 + "]" * 50000 + "}\n"),
+                "--data",
+                T,
+                "--top",
+                "1",
+                "-o",
+                work / "s5.jsonl",
+            ],
+            False,
+        ),
+        (
+            "values lone surrogate",
+            lambda: [
+                "select",
+                "--values",
+                file("vsur.jsonl", '{"id":"s\\udc80","value":1}\n'),
+                "--data",
+                T,
+                "--top",
+                "1",
+                "-o",
+                work / "s6.jsonl",
+            ],
+            False,
+        ),
+        ("same validation file thrice", lambda: [*q, "-v", V, "-v", f"{data}/../in/val.jsonl", "-v", data], False),
+        # option values
+        ("top-k int64 max", lambda: [*q, "-v", V, "--top-k", str((1 << 63) - 1)], False),
+        ("candidates at bound", lambda: [*q, "-v", V, "--candidates", str(1 << 20)], False),
+        (
+            "val-index huge",
+            lambda: ["explain", "--store", S, "-v", V, "--train-id", "s1", "--val-index", str(10**18)],
+            False,
+        ),
+        (
+            "top-pairs at bound",
+            lambda: ["explain", "--store", S, "-v", V, "--train-id", "s1", "--top-pairs", str(1 << 20)],
+            False,
+        ),
+        ("unknown train id", lambda: ["explain", "--store", S, "-v", V, "--train-id", "nope\udcff"], False),
+        (
+            "flag-threshold 1e308",
+            lambda: [
+                "audit",
+                "run",
+                "--store",
+                S,
+                "-v",
+                V,
+                "--name",
+                "c",
+                "--flag-threshold",
+                "1e308",
+                "--device",
+                "cpu",
+                "--quiet",
+            ],
+            True,
+        ),
+        ("shard 0/0", lambda: ["index", "add", T, "--store", S, "--shard", "0/0"], True),
+        ("shard huge", lambda: ["index", "add", T, "--store", S, "--shard", "99999999999999999999/1"], True),
+        ("device banana", lambda: [*q, "-v", V, "--device", "banana"], False),
+        ("device cuda:99", lambda: [*q, "-v", V, "--device", "cuda:99"], False),
+        ("model /etc", lambda: ["index", "build", T, "--store", work / "n1", "--model", "/etc"], False),
+        (
+            "model config.json garbage",
+            lambda: ["index", "build", T, "--store", work / "n2", "--model", _model_with("garbage", "{nope")],
+            False,
+        ),
+        (
+            "model config.json deep",
+            lambda: [
+                "index",
+                "build",
+                T,
+                "--store",
+                work / "n3",
+                "--model",
+                _model_with("deep", "[" * 100000 + "]" * 100000),
+            ],
+            False,
+        ),
+        ("adapter is a file", lambda: ["index", "add", T, "--store", S, "--adapter", T], True),
+        (
+            "image column on a text model",
+            lambda: ["index", "build", T, "--store", work / "n4", "--model", model, "--image-column", "img"],
+            False,
+        ),
+        ("conversational format on prompt rows", lambda: [*q, "-v", V, "--format", "conversational"], False),
+        ("text column missing", lambda: [*q, "-v", V, "--text-column", "body"], False),
+        ("audit name 65 chars", lambda: ["audit", "run", "--store", S, "-v", V, "--name", "a" * 65], False),
+        ("audit name ..", lambda: ["audit", "run", "--store", S, "-v", V, "--name", ".."], False),
+        ("audit name with slash", lambda: ["audit", "show", "--store", S, "a/b"], False),
+        ("audit name undecodable", lambda: ["audit", "show", "--store", S, "a\udcff"], False),
+        ("compare an audit with itself", lambda: ["audit", "compare", "--store", S, "a", "a"], False),
+        (
+            "select --top and --drop-bottom",
+            lambda: [
+                "select",
+                "--store",
+                S,
+                "--audit",
+                "a",
+                "--top",
+                "5",
+                "--drop-bottom",
+                "1",
+                "-o",
+                work / "s7.jsonl",
+            ],
+            False,
+        ),
+        (
+            "select --top 00005",
+            lambda: ["select", "--store", S, "--audit", "a", "--top", "00005", "-o", work / "s8.jsonl"],
+            False,
+        ),
+        (
+            "select --top 5.0",
+            lambda: ["select", "--store", S, "--audit", "a", "--top", "5.0", "-o", work / "s9.jsonl"],
+            False,
+        ),
+        (
+            "select --top 1e-300%",
+            lambda: ["select", "--store", S, "--audit", "a", "--top", "1e-300%", "-o", work / "s10.jsonl"],
+            False,
+        ),
+        ("sketch faiss banana", lambda: ["index", "sketch", "--store", S, "--faiss-index", "banana"], True),
+        ("sketch dim not a multiple", lambda: ["index", "sketch", "--store", S, "--sketch-dim", "3"], True),
+        ("check on the table folder", lambda: ["index", "check", "--store", S / "samples.lance"], False),
+        ("info on a file", lambda: ["index", "info", "--store", T], False),
+        ("query a value model folder", lambda: [*q[:2], VM, "-v", V], False),
+        (
+            "estimate with a store as value model",
+            lambda: ["estimate", T, "--value-model", S, "-o", work / "o3.parquet"],
+            False,
+        ),
+        (
+            "distill fraction too small",
+            lambda: ["distill", "--store", S, "--audit", "a", "--out", work / "vm2", "--fraction", "1e-9"],
+            False,
+        ),
+        (
+            "estimate NUL and emoji texts",
+            lambda: [
+                "estimate",
+                _jsonl(work / "emo.jsonl", [{"text": "\x00\U0001f600" * 50}]),
+                "--value-model",
+                VM,
+                "-o",
+                work / "o4.csv",
+            ],
+            False,
+        ),
+        (
+            "estimate group column with commas",
+            lambda: [
+                "estimate",
+                _jsonl(work / "gc.jsonl", [{"text": "a", "src": 'x,"y"\nz'}]),
+                "--value-model",
+                VM,
+                "-o",
+                work / "o5.csv",
+                "--group-column",
+                "src",
+            ],
+            False,
+        ),
+        (
+            "estimate group column absent",
+            lambda: ["estimate", T, "--value-model", VM, "-o", work / "o6.parquet", "--group-column", "nope"],
+            False,
+        ),
+        (
+            "bootstrap at bound",
+            lambda: ["audit", "show", "--store", S, "a", "--data", T, "--group-column", "label", "--bootstrap", "1000"],
+            False,
+        ),
+        (
+            "max-samples 3",
+            lambda: [
+                "distill",
+                "--store",
+                S,
+                "--audit",
+                "a",
+                "--out",
+                work / "vm3",
+                "--max-samples",
+                "3",
+                "--ngram-dim",
+                "64",
+            ],
+            False,
+        ),
+    ]
+
+    def alarm(*_):
+        raise Timeout()
+
+    signal.signal(signal.SIGALRM, alarm)
+    failures, tried = [], 0
+    protected = [data, T.parent, VM]
+    for name, build, writes_store in cases:
+        tried += 1
+        try:
+            args = build()
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"{name}: set-up failed: {exc!r}")
+            continue
+        before = {str(p): _snapshot(p) for p in protected}
+        before_store = _snapshot(S)
+        signal.alarm(a.timeout)
+        try:
+            r = run(*args)
+        except Timeout:
+            failures.append(f"{name}: no answer in {a.timeout}s (hang)")
+            continue
+        finally:
+            signal.alarm(0)
+        err = (r.stderr if r.stderr_bytes is not None else "").strip()
+        problem = None
+        if r.exit_code not in (0, 2):
+            problem = f"exit {r.exit_code}: {r.exception!r} {err[-300:]}"
+        elif r.exit_code == 2 and (not err.startswith("error:") or "\n" in err):
+            problem = f"not one error line: {err[:300]!r}"
+        elif "Traceback" in r.output:
+            problem = "traceback in output"
+        for p in protected:
+            if _snapshot(p) != before[str(p)]:
+                problem = (problem or "") + f" changed {p}"
+        if writes_store:
+            from forvalue.maintenance import check_store
+
+            rep = check_store(S)
+            if not rep["clean"]:
+                problem = (problem or "") + f" store not clean: {rep['problems'][:1]}"
+        elif _snapshot(S) != before_store:
+            problem = (problem or "") + " the store changed"
+        leftovers = [str(f) for f in work.rglob("*.tmp")]
+        if leftovers:
+            problem = (problem or "") + f" left {leftovers[:2]}"
+            for f in leftovers:
+                Path(f).unlink()
+        status = "ok" if problem is None else "FAIL"
+        print(f"[{status}] {name}: exit {r.exit_code} {err[:160]!r}" + (f" -- {problem}" if problem else ""))
+        if problem:
+            failures.append(f"{name}: {problem}")
+    os.chmod(work / "ro", 0o755)
+    if a.kills:
+        k_tried, k_failures = _kills(work, model, S, V, T, VM, a.kills)
+        tried += k_tried
+        failures += k_failures
+    print(
+        f"\nhostile pass ({'SmolLM2-135M' if a.real else 'tiny model'}): {tried} cases tried, {len(failures)} failures"
+    )
+    for f in failures:
+        print("  " + f)
+    if not a.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if failures else 0
+
+
+def _complete(path: Path) -> bool:
+    """Whether ``path`` is a whole output file of its format."""
+    try:
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            pq.read_table(path)
+        elif path.suffix == ".jsonl":
+            text = path.read_text()
+            assert text == "" or text.endswith("\n")
+            [json.loads(line) for line in text.splitlines()]
+        elif path.suffix == ".csv":
+            import pyarrow.csv as pcsv
+
+            pcsv.read_csv(path)
+        elif path.suffix == ".html":
+            assert path.read_text().rstrip().endswith("</html>")
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _kills(work: Path, model: str, S: Path, V: Path, T: Path, VM: Path, rounds: int) -> tuple[int, list[str]]:
+    """Real ``forvalue`` processes killed (SIGKILL, or SIGINT as Ctrl-C) at random moments while they write:
+    every output must be its old bytes or a whole new file, the store sound (an uncommitted audit table
+    reported and repaired), the value model loadable as a whole model, the inputs untouched."""
+    import random
+    import subprocess
+    import time
+
+    from forvalue.maintenance import check_store
+    from forvalue.value_model import ValueModel
+
+    out = work / "killed"
+    out.mkdir(exist_ok=True)
+
+    def _more(k):  # fresh rows each round, so every killed add has work to do
+        return _jsonl(work / f"more{k + 1}.jsonl", _rows(40, start=500 + 40 * (k + 1)))
+
+    more = _more(-1)
+    dev = ["--device", "cpu"]
+    commands = {
+        "estimate -o": (["estimate", T, "--value-model", VM, "-o", out / "values.parquet"], [out / "values.parquet"]),
+        "select -o": (
+            ["select", "--store", S, "--audit", "a", "--top", "50%", "-o", out / "sel.jsonl"],
+            [out / "sel.jsonl"],
+        ),
+        "query -o --all-scores": (
+            [
+                "query",
+                "--store",
+                S,
+                "-v",
+                V,
+                *dev,
+                "--quiet",
+                "--exact",
+                "-o",
+                out / "top.csv",
+                "--all-scores",
+                out / "all.parquet",
+            ],
+            [out / "top.csv", out / "all.parquet"],
+        ),
+        "audit run --report": (
+            ["audit", "run", "--store", S, "-v", V, "--name", "a", *dev, "--quiet", "--report", out / "a.html"],
+            [out / "a.html"],
+        ),
+        "audit show --report": (["audit", "show", "--store", S, "b", "--report", out / "b.html"], [out / "b.html"]),
+        "explain -o": (
+            ["explain", "--store", S, "-v", V, "--train-id", "s3", *dev, "-o", out / "why.html"],
+            [out / "why.html"],
+        ),
+        "distill --out (rewrite)": (["distill", "--store", S, "--audit", "b", "--out", VM, "--ngram-dim", "1024"], []),
+        "index add": (lambda k: ["index", "add", _more(k), "--store", S, "--quiet", "--write-every", "4"], []),
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    rng = random.Random(28)
+    tried, failures = 0, []
+    protected = {p: p.read_bytes() for p in (T, V, more)}
+    for name, (args, outputs) in commands.items():
+        make = args if callable(args) else (lambda k, fixed=args: fixed)
+        argv = [sys.executable, "-m", "forvalue", *map(str, make(-1))]
+        started = time.perf_counter()
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        span = time.perf_counter() - started
+        if done.returncode != 0:
+            failures.append(f"kill {name}: the unkilled run failed: {done.stderr[-300:]}")
+            continue
+        for k in range(rounds):
+            tried += 1
+            old = {p: p.read_bytes() for p in outputs if p.exists()}
+            sig = signal.SIGINT if k == rounds - 1 else signal.SIGKILL
+            argv = [sys.executable, "-m", "forvalue", *map(str, make(k))]
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            time.sleep(rng.uniform(0.4, 1.0) * span)
+            proc.send_signal(sig)
+            try:
+                _, err = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                failures.append(f"kill {name} #{k}: no exit 120 s after {sig.name}")
+                continue
+            problem = []
+            if sig == signal.SIGINT and proc.returncode not in (0, 130):
+                problem.append(f"Ctrl-C gave exit {proc.returncode}: {err.strip()[-200:]!r}")
+            if "Traceback" in err:
+                problem.append("traceback")
+            for p in outputs:
+                if p.exists() and p.read_bytes() != old.get(p) and not _complete(p):
+                    problem.append(f"{p.name} half written")
+            for p, data in protected.items():
+                if p.read_bytes() != data:
+                    problem.append(f"input {p.name} changed")
+            report = check_store(S)
+            if not report["clean"]:
+                if all("without a committed version" in x for x in report["problems"]):
+                    report = check_store(S, repair=True)
+                if not report["clean"]:
+                    problem.append(f"store not sound: {report['problems'][:1]}")
+            try:
+                ValueModel.load(VM)
+            except Exception as exc:  # noqa: BLE001
+                problem.append(f"value model unreadable: {exc}")
+            line = f"kill {name} #{k} ({sig.name}, exit {proc.returncode})"
+            print(f"[{'FAIL' if problem else 'ok'}] {line}" + (f" -- {'; '.join(problem)}" if problem else ""))
+            if problem:
+                failures.append(f"{line}: {'; '.join(problem)}")
+    return tried, failures
+
+
+if __name__ == "__main__":
+    sys.exit(main())
