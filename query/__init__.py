@@ -46,8 +46,8 @@ _WHERE = {
     "Audit": "forvalue.store",
     # distilled value models: value new data without the big model
     "ValueModel": "forvalue.value_model",
-    "estimate": "forvalue.distill",
-    "select_by_values": "forvalue.distill",
+    "estimate": "forvalue.estimates",
+    "select_by_values": "forvalue.estimates",
     # the built-in job
     "run_demo": "forvalue.demo",
     # settings

@@ -311,16 +311,6 @@ def select_subset(
     return Selection(rows, total=n, output=Path(output) if output is not None else None)
 
 
-def stored_texts(store: Store, ids: list[str]) -> dict[str, str]:
-    """Text of each stored sample in ``ids`` (prompt + response, or text), read in one scan."""
-    wanted, out = set(ids), {}
-    for batch in store.scan(["id", "prompt", "response", "text"], batch_size=8192):
-        for r in batch.to_pylist():
-            if r["id"] in wanted:
-                out[r["id"]] = r["text"] if r["text"] is not None else f"{r['prompt']}{r['response']}"
-    return out
-
-
 def write_audit_report(
     store: str | Path | Store,
     name: str,
@@ -338,6 +328,8 @@ def write_audit_report(
     table, meta = read_audit(store, name)
     rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
     shown = [r["id"] for r in rows[:n_examples] + rows[-n_examples:]]
+    from forvalue.value_features import stored_texts
+
     page = audit_page(table, meta, stored_texts(store, shown), n_examples, pricing, explanations)
     return write_text(out, page)
 

@@ -96,3 +96,16 @@ def class_retrieval(scores, train_labels: list, val_labels: list) -> dict:
         "recall_mean": float(np.mean(recalls)),
         "recall_std": float(np.std(recalls)),
     }
+
+
+def agreement(estimated: np.ndarray, exact: np.ndarray) -> dict:
+    """Spearman, top-10% precision and R^2 of estimated against exact values (1-D arrays)."""
+    estimated, exact = np.asarray(estimated, np.float64), np.asarray(exact, np.float64)
+    ss = ((exact - exact.mean()) ** 2).sum()
+    r2 = float(1.0 - ((exact - estimated) ** 2).sum() / ss) if ss > 0 else float("nan")
+    return {
+        "n": int(len(exact)),
+        "spearman": spearman(estimated, exact),
+        "top10_precision": top_overlap(estimated, exact) if len(exact) else float("nan"),
+        "r2": r2,
+    }

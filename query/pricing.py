@@ -154,7 +154,7 @@ def audit_pricing(
 
 def values_pricing(values: str | Path, config: PricingConfig, column: str = "value") -> Pricing:
     """:func:`price` of a values file from ``forvalue estimate --group-column C`` (it holds column C)."""
-    from forvalue.distill import read_values
+    from forvalue.estimates import read_values
 
     if not config.group_column:
         raise ForValueError("pricing needs --group-column (the data column naming each sample's provider)")

@@ -8,7 +8,7 @@ A value model folder holds::
       weights.safetensors    the linear head (float32 arrays; never pickle)
       tokenizer.json         embed student only: the store model's tokenizer (tokenizers format)
 
-Two students, both linear in their features (ridge regression, :func:`forvalue.distill.fit_ridge`):
+Two students, both linear in their features (ridge regression, :func:`forvalue.ridge.fit_ridge`):
 
 ``ngram``
     Hashed word 1-2-grams and byte 3-5-grams of the whole text (prompt + response, or text),

@@ -12,25 +12,19 @@ import pytest
 from conftest import assert_one_line_error, cli, make_model_dir, write_jsonl
 
 from forvalue.audit import load_audit, run_audit
-from forvalue.distill import (
-    Design,
-    agreement,
-    distill_value_model,
-    estimate,
-    evaluate_value_model,
-    fit_ridge,
-    load_embedding_table,
-    select_by_values,
-)
+from forvalue.distill import distill_value_model, evaluate_value_model
+from forvalue.estimates import estimate, select_by_values
 from forvalue.indexer.build import build_index
 from forvalue.indexer.data import content_id
-from forvalue.metrics import spearman
+from forvalue.metrics import agreement, spearman
 from forvalue.metrics import top_overlap as top_precision
 from forvalue.pricing import audit_pricing, price
+from forvalue.ridge import Design, fit_ridge
 from forvalue.schemas.config import AuditConfig, BuildConfig, DistillConfig, PricingConfig
 from forvalue.schemas.errors import ConfigError, ForValueError
 from forvalue.storage.audits import write_audit
 from forvalue.storage.store import Store
+from forvalue.value_features import load_embedding_table
 from forvalue.value_model import NgramFeatures, ValueModel, ValueModelError, token_ids
 
 WORDS = "the quick brown fox jumps over lazy dog cats and dogs are friends in garden numbers".split()
@@ -90,7 +84,7 @@ def test_ridge_recovers_a_dense_linear_target():
 
 def test_ridge_dual_and_primal_cg_agree(monkeypatch):
     """The conjugate-gradient path (many labelled rows) gives the closed form's weights at the same lambda."""
-    import forvalue.distill as d
+    import forvalue.ridge as d
 
     rng = np.random.default_rng(1)
     X = rng.normal(size=(120, 8))

@@ -860,7 +860,8 @@ def valued(tmp_path_factory, small_store, tiny_runner):
     """A copy of the small store with audits 'a' and 'b', a value model 'vm' (fit on 'a'), the data and
     validation files and a values file; tests that refuse must leave all of it unchanged."""
     from forvalue.audit import run_audit
-    from forvalue.distill import distill_value_model, estimate
+    from forvalue.distill import distill_value_model
+    from forvalue.estimates import estimate
     from forvalue.schemas.config import AuditConfig, DistillConfig
 
     folder = tmp_path_factory.mktemp("valued")

@@ -5,7 +5,7 @@ builds a store with the real default model (SmolLM2-135M-Instruct), audits it ag
 validation split, then for each labelled fraction and student distils a value model on a random
 labelled subset of the audited rows and compares its values with the exact ``score_mean`` on the
 held-out rest: Spearman correlation and top-10% precision. The estimate throughput (the student
-valuing the training file from disk, ``forvalue.distill.estimate``) is compared with the build
+valuing the training file from disk, ``forvalue.estimates.estimate``) is compared with the build
 throughput measured in the same run (samples encoded per second, model load excluded).
 
     python -m tools.bench distill --out DIR   # the table of docs/benchmarks.md, written to DIR/distill.md
@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from forvalue.audit import run_audit
-from forvalue.distill import distill_value_model, estimate
+from forvalue.distill import distill_value_model
+from forvalue.estimates import estimate
 from forvalue.indexer.build import build_index
 from forvalue.indexer.model_runner import load_runner
 from forvalue.schemas.config import AuditConfig, BuildConfig, DistillConfig, ModelConfig

@@ -179,7 +179,7 @@ def select(store, audit_name, values, data, top, drop_bottom, output, **kw):
     if values is not None:
         if store is not None or audit_name is not None or not data:
             raise ForValueError("--values goes with --data DATA... (not with --store/--audit)")
-        from forvalue.distill import select_by_values
+        from forvalue.estimates import select_by_values
 
         chosen = select_by_values(
             values, data, top=top, drop_bottom=drop_bottom, output=output, data_config=make(DataConfig, kw)

@@ -91,7 +91,7 @@ def estimate_command(data, value_model, output, store, audit_name, report, quiet
         raise ForValueError("give the data files to value (or --store with --audit)")
     if output is None:
         raise ForValueError("give --output FILE (.parquet, .csv or .jsonl) for the values")
-    from forvalue.distill import estimate
+    from forvalue.estimates import estimate
 
     r = estimate(data, value_model, output, make(DataConfig, kw), group_column=pricing.group_column, progress=not quiet)
     speed = f"{r.samples_per_s:.0f} samples/s"
