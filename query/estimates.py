@@ -71,7 +71,8 @@ def estimate(
     >>> forvalue.estimate([train_path], "vm", output="values.parquet").n
     12
     """
-    from forvalue.indexer.data import check_paths, iter_samples_with
+    from forvalue.indexer.data import iter_samples_with
+    from forvalue.indexer.readers import check_paths
     from forvalue.storage.files import check_outputs
 
     data = list(data)
@@ -147,12 +148,12 @@ def estimate(
 def _read_values_jsonl(path: Path) -> pa.Table:
     """A JSONL values file, parsed line by line with the data reader's checks (Arrow's JSON reader crashes
     on deeply nested input)."""
-    from forvalue.indexer.data import _json_row
+    from forvalue.indexer.readers import json_row
 
     rows = []
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
-            row = _json_row(path, lineno, raw)
+            row = json_row(path, lineno, raw)
             if row is not None:
                 rows.append(row)
     if not rows:
@@ -218,7 +219,8 @@ def select_by_values(
     Selection(3 of 12 samples -> subset.jsonl)
     """
     from forvalue.audit import parse_amount
-    from forvalue.indexer.data import check_paths, iter_samples
+    from forvalue.indexer.data import iter_samples
+    from forvalue.indexer.readers import check_paths
     from forvalue.present.output import write_jsonl_atomic
     from forvalue.storage.files import check_outputs
 

@@ -109,7 +109,8 @@ def price(values: np.ndarray, groups: Sequence[str], config: PricingConfig = Pri
 
 def read_groups(data: Sequence[str | Path], column: str, data_config: DataConfig = DataConfig()) -> dict[str, str]:
     """``{sample id: group}`` from the data files (ids by the build's rules; a missing group is an error)."""
-    from forvalue.indexer.data import check_paths, iter_samples_with
+    from forvalue.indexer.data import iter_samples_with
+    from forvalue.indexer.readers import check_paths
 
     data = list(data)
     if not data:

@@ -15,7 +15,7 @@ from forvalue.audit import load_audit, run_audit
 from forvalue.distill import distill_value_model, evaluate_value_model
 from forvalue.estimates import estimate, select_by_values
 from forvalue.indexer.build import build_index
-from forvalue.indexer.data import content_id
+from forvalue.indexer.sample_ids import content_id
 from forvalue.metrics import agreement, spearman
 from forvalue.metrics import top_overlap as top_precision
 from forvalue.pricing import audit_pricing, price

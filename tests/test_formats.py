@@ -482,7 +482,7 @@ def test_occurrence_table_counts_like_a_dict():
     """The numpy open-addressing table of the repeat numbering against a plain dict, through growth and probing."""
     import random
 
-    from forvalue.indexer.data import _KeyCounts
+    from forvalue.indexer.sample_ids import KeyCounts as _KeyCounts
 
     rng = random.Random(0)
     keys = [rng.getrandbits(64) for _ in range(2000)]
