@@ -28,7 +28,7 @@ from forvalue.present.output import write_jsonl_atomic
 from forvalue.results import AuditComparison, AuditInfo, AuditRun, AuditSummary, Pricing, Selection
 from forvalue.schemas.config import AuditConfig, DataConfig, EngineConfig, ModelConfig
 from forvalue.schemas.errors import ForValueError
-from forvalue.storage.audits import ValidationCache, list_audits, read_audit, write_audit
+from forvalue.storage.audits import ValidationCache, label_column, list_audits, read_audit, write_audit
 from forvalue.storage.store import Store
 
 
@@ -158,7 +158,7 @@ def run_audit(
         "flagged": pa.array(flagged),
     }
     for g in groups:
-        columns[f"mean_vs_label:{g}"] = pa.array(by_label[g])
+        columns[label_column(g)] = pa.array(by_label[g])  # '.', '%' and control characters as %XX
     vhash = validation_hash(samples)
     meta = {
         "name": name,

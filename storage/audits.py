@@ -43,6 +43,20 @@ CACHE_SCHEMA = pa.schema(
 )
 
 
+def label_column(label: str) -> str:
+    """The audit column of the mean score against validation label ``label``: ``mean_vs_label:LABEL``, every
+    character but letters, digits and ``_-+,;:!?@#&()[]{}<>=/~^|*$'`` and spaces written as ``%XX`` (UTF-8
+    bytes): Lance reads ``.`` as a nested field and backticks and quotes as name quoting."""
+    safe = "".join(
+        c if c.isalnum() or c in _LABEL_SAFE else "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+        for c in label
+    )
+    return f"mean_vs_label:{safe}"
+
+
+_LABEL_SAFE = " _-+,;:!?@#&()[]{}<>=/~^|*$'"
+
+
 def check_audit_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ForValueError(f"audit name {name!r} is not valid; use letters, digits, '_', '-', '.' (max 64)")

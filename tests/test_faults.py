@@ -1608,3 +1608,26 @@ def test_model_folder_with_pickled_weights_is_refused(tmp_path, tiny_model_dir):
     assert_one_line_error(cli(*build_args(data, tmp_path / "store", model)), "pytorch_model.bin", "pickle")
     assert not (tmp_path / "store").exists()
     count("pickled_models_refused")
+
+
+def test_validation_labels_of_any_text_make_readable_audit_columns(small_store, tmp_path, tiny_runner):
+    """Labels are user text: a '.', backticks, quotes, '%', line breaks and NUL in them once made an audit
+    fail after its whole scan (Lance column names); now each is written as %XX and the audit, its
+    distillation and estimates work."""
+    from forvalue.audit import load_audit, run_audit
+    from forvalue.distill import distill_value_model, estimate
+    from forvalue.schemas.config import AuditConfig, DistillConfig
+
+    store = copy_store(small_store, tmp_path)
+    labels = ["x.y", "a\nb", '`w` "q"', "100%", "z\x00", "plain label", "größe"]
+    rows = [{**VALIDATION[k % 2], "id": f"v{k}", "label": label} for k, label in enumerate(labels)]
+    run_audit(store, rows, "odd", AuditConfig(progress=False, device="cpu"), runner=tiny_runner)
+    table, meta = load_audit(store, "odd")
+    assert sorted(meta["validation_labels"]) == sorted(labels)
+    columns = [c for c in table.column_names if c.startswith("mean_vs_label:")]
+    assert len(columns) == len(labels) and "mean_vs_label:x%2Ey" in columns and "mean_vs_label:plain label" in columns
+    distill_value_model(store, "odd", tmp_path / "vm", DistillConfig(student="ngram", ngram_dim=256))
+    out = estimate([write_jsonl(tmp_path / "t.jsonl", make_rows(5))], tmp_path / "vm", tmp_path / "v.csv")
+    assert out.n == 5
+    assert_sound(store)
+    count("odd_validation_labels_audited", len(labels))

@@ -127,6 +127,18 @@ class Group(click.Group):
     ``--debug`` (or ``FORVALUE_DEBUG=1``) lets the traceback through instead.
     """
 
+    def main(self, args=None, *rest, **kwargs):
+        """Run the CLI; as the ``forvalue`` program itself (no ``args``: from ``sys.argv``), a Ctrl-C that comes
+        after the command has ended, while the interpreter shuts down (seconds with a model loaded), is
+        ignored instead of killing the process silently with SIGINT (status -2, no message)."""
+        try:
+            return super().main(args, *rest, **kwargs)
+        finally:
+            if args is None:
+                import signal
+
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
