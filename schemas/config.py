@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from .errors import ConfigError
 
@@ -30,6 +30,11 @@ DataFormat = Literal["auto", "text", "prompt-completion", "conversational"]
 OnBad = Literal["error", "skip"]
 Normalize = Literal["none", "cosine"]
 Aggregate = Literal["none", "mean"]
+FlagBy = Literal["mean", "max", "label"]
+SketchBasis = Literal["fitted", "gaussian"]
+Student = Literal["auto", "ngram", "embed"]
+Engine = Literal["local", "ray"]
+# Each field with choices takes them from its Literal type (choices=get_args(T)): declared once.
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HIDDEN_DTYPES = ("float16", "float32")
@@ -86,6 +91,11 @@ def bounded(default: Any, help: str, low: float, high: float | None = None, **kw
     return setting(default, help, low=low, high=high, **kw)
 
 
+def _device() -> Any:
+    """The device setting of every config that runs a model (one help text)."""
+    return setting("auto", "auto, cpu, cuda or cuda:N.")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which format the data has and which columns hold what.
@@ -103,7 +113,7 @@ class DataConfig:
         "Data format (TRL): auto = from each row's columns (messages -> conversational, prompt + "
         "completion/response -> prompt-completion, or conversational when they are message lists, "
         "text -> text).",
-        choices=("auto", "text", "prompt-completion", "conversational"),
+        choices=get_args(DataFormat),
     )
     prompt_column: str = setting("prompt", "Column with the prompt (context).")
     response_column: str | None = setting(
@@ -150,7 +160,7 @@ class ModelConfig:
     dtype: str = setting(
         "auto", "Model dtype; auto = the store's, else bfloat16 on GPU, float32 on CPU.", choices=DTYPES
     )
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
+    device: str = _device()
     trust_remote_code: bool = setting(False, "Allow model code from the model folder (off unless given).")
     image_max_pixels: int = bounded(
         IMAGE_MAX_PIXELS,
@@ -196,7 +206,7 @@ class EncodeConfig:
         "Positions scored: all = whole text (paper default for text tasks), response = response only (in a "
         "conversation the last assistant turn), assistant = every assistant turn; auto = assistant for "
         "conversational data, else all (vision-language models: always response).",
-        choices=("auto", "all", "response", "assistant"),
+        choices=get_args(ScoreTokens),
     )
     lowest_likelihood_ratio: float | None = setting(
         None, "Keep only this fraction of positions, those with the lowest target probability."
@@ -205,7 +215,7 @@ class EncodeConfig:
     on_bad: OnBad = setting(
         "error",
         "Samples with NaN/inf model outputs or a missing/undecodable image: stop, or skip and count.",
-        choices=("error", "skip"),
+        choices=get_args(OnBad),
     )
     sketch_dim: int = bounded(
         2048, "Prefilter sketch length D per sample, 0 = no sketch (see docs/prefilter.md).", 0, 1 << 16
@@ -213,10 +223,10 @@ class EncodeConfig:
     sketch_vocab_buckets: int = bounded(512, "Vocabulary count-sketch buckets R.", 1, 1 << 16)
     sketch_hidden_cols: int = bounded(4, "Hidden-side columns c; D must be a multiple of R x c.", 1, 1 << 12)
     sketch_seed: int = setting(0, "Seed of the sketch's random tables.", low=0, high=SEED_MAX)
-    sketch_basis: str = setting(
+    sketch_basis: SketchBasis = setting(
         "fitted",
         "Hidden-side basis: fitted (mean + principal directions of the stored hidden states) or gaussian (random).",
-        choices=("fitted", "gaussian"),
+        choices=get_args(SketchBasis),
     )
 
     def __post_init__(self) -> None:
@@ -258,7 +268,39 @@ class BuildConfig:
 
 
 @dataclass(frozen=True)
-class QueryConfig:
+class RuntimeConfig:
+    """The knobs every command that runs the model on validation samples shares, declared once.
+
+    Parameters
+    ----------
+    device : str
+        ``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``.
+    batch_size : int
+        Validation samples per forward pass.
+    """
+
+    device: str = _device()
+    batch_size: int = bounded(8, "Validation samples per forward pass.", 1, 1 << 16)
+
+
+@dataclass(frozen=True)
+class ScanConfig(RuntimeConfig):
+    """:class:`RuntimeConfig` plus the knobs of every command that scans the store (queries, audits).
+
+    Parameters
+    ----------
+    read_rows : int
+        Stored rows read and scored per block.
+    progress : bool
+        Show a progress bar.
+    """
+
+    read_rows: int = bounded(1024, "Stored rows scored per block.", 1, 1 << 24)
+    progress: bool = setting(True, "Show a progress bar.", cli=False)
+
+
+@dataclass(frozen=True)
+class QueryConfig(ScanConfig):
     """How validation samples are scored against a store.
 
     Parameters
@@ -287,17 +329,13 @@ class QueryConfig:
 
     top_k: int = bounded(10, "Training samples returned per validation sample.", 1)
     normalize: Normalize = setting(
-        "none", "none: raw inner product (paper); cosine: divided by ||G_v|| ||G_i||.", choices=("none", "cosine")
+        "none", "none: raw inner product (paper); cosine: divided by ||G_v|| ||G_i||.", choices=get_args(Normalize)
     )
     aggregate: Aggregate = setting(
-        "none", "mean: one ranking against the mean over the validation set.", choices=("none", "mean")
+        "none", "mean: one ranking against the mean over the validation set.", choices=get_args(Aggregate)
     )
     include_text: bool = setting(False, "Add the training text to each result.")
-    read_rows: int = bounded(1024, "Stored rows scored per block.", 1, 1 << 24)
     val_block_tokens: int = bounded(4096, "Validation tokens scored together (bounds memory).", 1, 1 << 24, cli=False)
-    batch_size: int = bounded(8, "Validation samples per forward pass.", 1, 1 << 16)
-    progress: bool = setting(True, "Show a progress bar.", cli=False)
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
     candidates: int | None = bounded(
         None,
         "Prefilter: FAISS returns this many candidates per validation sample, reranked exactly (default: "
@@ -314,7 +352,7 @@ class QueryConfig:
 
 
 @dataclass(frozen=True)
-class AuditConfig:
+class AuditConfig(ScanConfig):
     """Settings of one audit.
 
     Parameters
@@ -333,21 +371,17 @@ class AuditConfig:
     """
 
     normalize: Normalize = setting(
-        "none", "none: raw inner product (paper); cosine: divided by ||G_v|| ||G_i||.", choices=("none", "cosine")
+        "none", "none: raw inner product (paper); cosine: divided by ||G_v|| ||G_i||.", choices=get_args(Normalize)
     )
     flag_fraction: float | None = bounded(0.1, "Flag this fraction with the lowest flag score.", 0.0)
     flag_threshold: float | None = setting(None, "Also flag samples whose flag score is below this.")
-    flag_by: str = setting(
+    flag_by: FlagBy = setting(
         "mean",
         "Score that flags: mean or max over validation samples, or mean over those with the sample's own "
         "label (mislabeled data: label when validation rows carry labels, else a --score-tokens response "
         "store with --normalize cosine --flag-by max).",
-        choices=("mean", "max", "label"),
+        choices=get_args(FlagBy),
     )
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
-    batch_size: int = bounded(8, "Validation samples per forward pass.", 1, 1 << 16)
-    read_rows: int = bounded(1024, "Stored rows scored per block.", 1, 1 << 24)
-    progress: bool = setting(True, "Show a progress bar.", cli=False)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -374,11 +408,11 @@ class DistillConfig:
         Hash buckets of the ngram student.
     """
 
-    student: str = setting(
+    student: Student = setting(
         "auto",
         "Student: hashed n-grams, the store model's pooled input embeddings (no forward "
         "pass), or auto (both, the better by leave-one-out).",
-        choices=("auto", "ngram", "embed"),
+        choices=get_args(Student),
     )
     fraction: float | None = setting(
         None, "Fit on this random fraction of the audited rows; the rest is held out and reported (default: all rows)."
@@ -424,7 +458,7 @@ class PricingConfig:
 
 
 @dataclass(frozen=True)
-class ExplainConfig:
+class ExplainConfig(RuntimeConfig):
     """Which validation sample a score explanation (:func:`forvalue.explain`) is of, and what it reports.
 
     Parameters
@@ -445,11 +479,9 @@ class ExplainConfig:
     )
     val_id: str | None = setting(None, "Which validation sample to explain, by its id (instead of --val-index).")
     aggregate: Aggregate = setting(
-        "none", "mean: explain the score against the mean over all validation samples.", choices=("none", "mean")
+        "none", "mean: explain the score against the mean over all validation samples.", choices=get_args(Aggregate)
     )
     top_pairs: int = bounded(20, "Token pairs reported (largest absolute contributions).", 1, 1 << 20)
-    batch_size: int = bounded(8, "Validation samples per forward pass.", 1, 1 << 16)
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
 
     def __post_init__(self) -> None:
         _check(self)
@@ -487,8 +519,8 @@ class EngineConfig:
     ('ray', 8)
     """
 
-    engine: str = setting(
-        "local", "local: this process; ray: actors on a Ray instance (docs/scale.md).", choices=("local", "ray")
+    engine: Engine = setting(
+        "local", "local: this process; ray: actors on a Ray instance (docs/scale.md).", choices=get_args(Engine)
     )
     ray_address: str | None = setting(
         None, "--engine ray: Ray cluster to join (auto, or ray://HOST:10001); default: a new local instance."

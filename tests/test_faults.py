@@ -1615,7 +1615,8 @@ def test_validation_labels_of_any_text_make_readable_audit_columns(small_store, 
     fail after its whole scan (Lance column names); now each is written as %XX and the audit, its
     distillation and estimates work."""
     from forvalue.audit import load_audit, run_audit
-    from forvalue.distill import distill_value_model, estimate
+    from forvalue.distill import distill_value_model
+    from forvalue.estimates import estimate
     from forvalue.schemas.config import AuditConfig, DistillConfig
 
     store = copy_store(small_store, tmp_path)

@@ -64,6 +64,9 @@ def config_options(
     ]
     if only is not None:
         chosen.sort(key=lambda f: only.index(f.name))
+    else:  # the command's own settings first, the shared runtime ones (RuntimeConfig, ScanConfig) after them
+        own = set(vars(cls).get("__annotations__", {}))
+        chosen.sort(key=lambda f: f.name not in own)
 
     def decorate(fn):
         for f in reversed(chosen):
