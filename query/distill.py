@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from forvalue.metrics import agreement
+from forvalue.results import ValueModelEvaluation
 from forvalue.ridge import Design, fit_ridge
 from forvalue.schemas.config import DistillConfig
 from forvalue.schemas.errors import ForValueError
@@ -258,23 +259,19 @@ def check_compatible(vm: ValueModel, store: Store, audit_meta: dict | None = Non
             )
 
 
-def evaluate_value_model(value_model: str | Path | ValueModel, store: str | Path | Store, audit: str) -> dict:
-    """Agreement of a value model with the exact values of an audit it was trained for.
-
-    Returns
-    -------
-    dict
-        ``heldout`` and ``all`` (:func:`agreement` of ``value`` against ``score_mean`` on the rows
-        the model was not fit on, and on every row) and ``table`` (pyarrow: ``id``, ``value``,
-        ``exact``, ``labelled``). Refuses a store or audit the model was not trained for.
+def evaluate_value_model(
+    value_model: str | Path | ValueModel, store: str | Path | Store, audit: str
+) -> ValueModelEvaluation:
+    """Agreement of a value model with the exact values of an audit it was trained for
+    (:meth:`forvalue.Audit.evaluate` calls it); refuses a store or audit the model was not trained for.
 
     Example
     -------
     >>> st = forvalue.open(store_path)
     >>> _ = st.audit([validation_path], "v1", forvalue.AuditConfig(progress=False))
     >>> _ = st.audits["v1"].distill("vm")
-    >>> sorted(evaluate_value_model("vm", store_path, "v1"))
-    ['all', 'heldout', 'table']
+    >>> evaluate_value_model("vm", store_path, "v1").all["n"]
+    12
     """
     from forvalue.audit import load_audit
 
@@ -289,8 +286,8 @@ def evaluate_value_model(value_model: str | Path | ValueModel, store: str | Path
     labelled = np.isin(id_hashes_unsorted(ids), vm.arrays.get("labelled_id_hash", np.zeros(0, np.int64)))
     out = pa.table({"id": ids, "value": est, "exact": exact, "labelled": labelled})
     held = ~labelled
-    return {
-        "heldout": agreement(est[held], exact[held]) if held.sum() >= 2 else None,
-        "all": agreement(est, exact),
-        "table": out,
-    }
+    return ValueModelEvaluation(
+        heldout=agreement(est[held], exact[held]) if held.sum() >= 2 else None,
+        all=agreement(est, exact),
+        table=out,
+    )

@@ -235,6 +235,33 @@ class AuditComparison(TableResult):
 
 
 @dataclass(repr=False)
+class ValueModelEvaluation(TableResult):
+    """A value model against the exact values of the audit it was trained for.
+
+    ``heldout`` and ``all``: :func:`forvalue.metrics.agreement` (``n``, ``spearman``, ``top10_precision``,
+    ``r2``) on the rows the model was not fitted on (None below 2 rows) and on every row; ``table``: one
+    row per audited sample (``id``, ``value``, ``exact``, ``labelled``), what ``to_arrow()`` returns.
+    """
+
+    heldout: dict | None
+    all: dict
+    table: pa.Table
+
+    def rows(self) -> list[dict]:
+        return self.table.to_pylist()
+
+    def to_arrow(self) -> pa.Table:
+        return self.table
+
+    def as_dict(self) -> dict:
+        return {"heldout": self.heldout, "all": self.all}
+
+    def __repr__(self) -> str:
+        held = self.heldout["spearman"] if self.heldout else float("nan")
+        return f"ValueModelEvaluation(held-out Spearman {held:.3f}, all {self.all['spearman']:.3f}, n={self.all['n']})"
+
+
+@dataclass(repr=False)
 class Selection(TableResult):
     """Training rows chosen by an audit or by estimated values, best first; ``output`` when written."""
 

@@ -40,6 +40,7 @@ from forvalue.results import (
     Selection,
     SketchReport,
     StoreInfo,
+    ValueModelEvaluation,
 )
 from forvalue.schemas.config import (
     AuditConfig,
@@ -442,8 +443,16 @@ class Audit:
             links = {sid: f"{folder.name}/{page}" for sid, page in pages.items()}
         return write_audit_report(self.store._fresh(), self.name, out, n_examples, pricing, links)
 
+    def evaluate(self, value_model) -> "ValueModelEvaluation":
+        """A value model (folder or :class:`~forvalue.ValueModel`) fitted on this audit against its exact values."""
+        from forvalue.distill import evaluate_value_model
+
+        return evaluate_value_model(value_model, self.store._fresh(), self.name)
+
     def distill(self, out: str | Path, config: DistillConfig = DistillConfig()):
-        """Fit a value model on this audit's values and save it to folder ``out`` (:class:`DistillReport`)."""
+        """Fit a value model on this audit's values and save it to folder ``out`` (:class:`DistillReport`).
+
+        Check it on the audit's own rows with :meth:`evaluate`."""
         from forvalue.distill import distill_value_model
 
         return distill_value_model(self.store._fresh(), self.name, out, config)

@@ -176,9 +176,10 @@ def test_estimate_matches_the_models_predictions_and_the_build_ids(setup):
 
 def test_evaluate_compares_with_the_exact_audit_on_held_out_rows(setup):
     ev = evaluate_value_model(setup["vm"], setup["store"], "v1")
-    assert ev["heldout"]["n"] == 45 and ev["all"]["n"] == 90
-    assert int(np.sum(ev["table"].column("labelled").to_numpy(zero_copy_only=False))) == 45
-    assert ev["heldout"]["spearman"] == pytest.approx(setup["report"].heldout["spearman"])
+    assert ev.heldout["n"] == 45 and ev.all["n"] == 90
+    assert int(np.sum(ev.to_arrow().column("labelled").to_numpy(zero_copy_only=False))) == 45
+    assert ev.heldout["spearman"] == pytest.approx(setup["report"].heldout["spearman"])
+    assert repr(ev).startswith("ValueModelEvaluation(held-out Spearman")
 
 
 # -- refusals ----------------------------------------------------------------------------------------------------

@@ -77,15 +77,15 @@ def estimate_command(data, value_model, output, store, audit_name, report, quiet
     if store is not None or audit_name is not None:
         if data or store is None or audit_name is None:
             raise ForValueError("give DATA files, or --store with --audit (not both)")
-        from forvalue.distill import evaluate_value_model
+        import forvalue
         from forvalue.present.output import write_table
 
-        ev = evaluate_value_model(value_model, store, audit_name)
-        click.echo(f"held-out samples: {_fmt(ev['heldout'])}")
-        click.echo(f"all samples:      {_fmt(ev['all'])}")
+        ev = forvalue.open(store).audits[audit_name].evaluate(value_model)
+        click.echo(f"held-out samples: {_fmt(ev.heldout)}")
+        click.echo(f"all samples:      {_fmt(ev.all)}")
         if output:
-            write_table(ev["table"], output)
-            click.echo(f"wrote {ev['table'].num_rows} values to {output}")
+            write_table(ev.table, output)
+            click.echo(f"wrote {ev.table.num_rows} values to {output}")
         return
     if not data:
         raise ForValueError("give the data files to value (or --store with --audit)")
