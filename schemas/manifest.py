@@ -34,6 +34,10 @@ MUST_MATCH = (
     "image_max_pixels",
 )
 
+# Settings of how hidden states are stored: a build or ``index add`` that writes rows must use the
+# store's (queries need not: a validation sample is encoded at float16 whatever the store holds).
+STORAGE_MUST_MATCH = ("hidden_dtype", "hidden_block")
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -67,6 +71,13 @@ class Manifest:
     # "gaussian" (random hidden projection) or "fitted" (STORE/sketch_basis.npy); stores
     # written before the fitted basis existed have no such field and are "gaussian".
     sketch_basis: str = "gaussian"
+    # Compact encodings (schema version 3; the defaults are what older stores hold): channels per int8
+    # scale (0: hidden states are not int8), the type of the error ids, of the top-m probabilities and
+    # tail mass, and of the sketch values (forvalue.schemas.tables.samples_schema).
+    hidden_block: int = 0
+    ids_dtype: str = "int32"
+    probs_dtype: str = "float32"
+    sketch_dtype: str = "float32"
     schema_version: int = SCHEMA_VERSION
     package_version: str = PACKAGE_VERSION
 
@@ -98,10 +109,10 @@ class Manifest:
     def load(cls, path: Path) -> "Manifest":
         return cls.from_json(path.read_text(), source=str(path))
 
-    def mismatches(self, other: "Manifest") -> list[str]:
-        """Human-readable differences in :data:`MUST_MATCH` between ``self`` (the store) and ``other``."""
+    def mismatches(self, other: "Manifest", names: tuple[str, ...] = MUST_MATCH) -> list[str]:
+        """Human-readable differences in ``names`` (:data:`MUST_MATCH`) between ``self`` (the store) and ``other``."""
         out = []
-        for name in MUST_MATCH:
+        for name in names:
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 out.append(f"{name}: store has {a!r}, you have {b!r}")

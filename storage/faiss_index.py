@@ -13,8 +13,8 @@ extended from the table (rows ``rows..count-1``) when it is behind (``index add`
 build, a build killed between its last commit and the index update); an index whose sketch
 spec or type no longer matches, or that claims more rows than the table holds, is rebuilt.
 
-Index type (``kind``): ``auto`` is ``Flat`` (exact inner product) below
-:data:`IVF_MIN_ROWS` rows and ``IVF<nlist>,SQ8`` (inverted lists, 8-bit scalar codes)
+Index type (``kind``): ``auto`` is ``Flat`` (exact inner product; ``SQfp16`` for float16 sketches,
+which holds the float16 values exactly in half the bytes) below :data:`IVF_MIN_ROWS` rows and ``IVF<nlist>,SQ8`` (inverted lists, 8-bit scalar codes)
 above; ``flat``, ``ivf``, ``hnsw`` or any FAISS factory string override it. The index is
 built from the table in blocks of rows: memory holds the sketches of one block and the
 index, never hidden states.
@@ -89,13 +89,20 @@ class PrefilterIndex:
                 self._gpu = None
 
 
-def choose_factory(rows: int, kind: str = "auto") -> tuple[str, int | None]:
-    """FAISS factory string and default ``nprobe`` for ``rows`` rows and a ``kind``."""
+FLAT_FACTORIES = ("Flat", "SQfp16")
+
+
+def choose_factory(rows: int, kind: str = "auto", sketch_dtype: str = "float32") -> tuple[str, int | None]:
+    """FAISS factory string and default ``nprobe`` for ``rows`` rows and a ``kind``.
+
+    The exact (flat) index of float16 sketches is ``SQfp16``: the same inner products as ``Flat`` on the
+    stored values (float16 codes hold them exactly), without a second float32 copy of the sketches.
+    """
     nlist = int(2 ** round(math.log2(max(16.0, math.sqrt(max(rows, 1))))))
     if kind == "auto":
         kind = "flat" if rows < IVF_MIN_ROWS else "ivf"
     if kind == "flat":
-        return "Flat", None
+        return ("SQfp16" if sketch_dtype == "float16" else "Flat"), None
     if kind == "ivf":
         return f"IVF{nlist},SQ8", max(1, nlist // 16)
     if kind == "hnsw":
@@ -182,7 +189,7 @@ def build(
         raise StoreError(f"{store.path}: the store has no sketches; run 'forvalue index sketch --store {store.path}'")
     rows = store.count()
     dim = int(store.manifest.sketch_dim)
-    factory, nprobe = choose_factory(rows, kind)
+    factory, nprobe = choose_factory(rows, kind, store.manifest.sketch_dtype)
     started = time.perf_counter()
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
@@ -230,7 +237,9 @@ def ensure(store: Store, kind: str | None = None, persist: bool = True, rebuild:
     if pre is not None:
         want_kind = kind or pre.meta.get("kind", "auto")
         outgrown = (
-            want_kind == "auto" and pre.meta.get("factory") == "Flat" and choose_factory(rows, "auto")[0] != "Flat"
+            want_kind == "auto"
+            and pre.meta.get("factory") in FLAT_FACTORIES
+            and choose_factory(rows, "auto")[0] not in FLAT_FACTORIES
         )
         stale = pre.meta.get("sketch") != _spec_of(store) or pre.rows > rows or outgrown
         if stale or (kind is not None and kind != pre.meta.get("kind")):

@@ -36,8 +36,8 @@ from typing import Iterator, Sequence
 import pyarrow as pa
 
 from forvalue.schemas.errors import ManifestMismatchError, StoreError
-from forvalue.schemas.manifest import MANIFEST_FILE, Manifest
-from forvalue.schemas.tables import SAMPLES_TABLE, samples_schema
+from forvalue.schemas.manifest import MANIFEST_FILE, STORAGE_MUST_MATCH, Manifest
+from forvalue.schemas.tables import HIDDEN_SCALE_COLUMN, SAMPLES_TABLE, schema_of
 
 
 class Store:
@@ -94,16 +94,14 @@ class Store:
             path.mkdir(parents=True, exist_ok=True)
             _publish_manifest(path / MANIFEST_FILE, manifest)
         stored = Manifest.load(path / MANIFEST_FILE)
-        problems = stored.mismatches(manifest)
+        problems = stored.mismatches(manifest) + stored.mismatches(manifest, STORAGE_MUST_MATCH)
         if problems:
             raise ManifestMismatchError(f"{path}: store was built with other settings ({'; '.join(problems)})")
         with translate_errors(path, "create the table of"):
             db = lancedb.connect(str(path))
             if SAMPLES_TABLE not in db.table_names():
                 try:
-                    db.create_table(
-                        SAMPLES_TABLE, schema=samples_schema(stored.hidden_dtype, stored.sketch_dim), exist_ok=True
-                    )
+                    db.create_table(SAMPLES_TABLE, schema=schema_of(stored), exist_ok=True)
                 except (OSError, ValueError, RuntimeError):
                     if SAMPLES_TABLE not in db.table_names():
                         raise
@@ -129,7 +127,7 @@ class Store:
                     pc.invert(pc.is_in(rows.column("id"), value_set=pa.array(sorted(taken), pa.string())))
                 )
             if rows.num_rows:
-                self._writer.add(rows.cast(samples_schema(self.manifest.hidden_dtype, self.manifest.sketch_dim)))
+                self._writer.add(rows.cast(schema_of(self.manifest)))
         self.refresh()
         return rows.num_rows
 
@@ -180,6 +178,13 @@ class Store:
             out.update(batch.column(0).to_pylist())
         return out
 
+    def columns_for(self, columns: Sequence[str]) -> list[str]:
+        """``columns`` plus what decoding them needs: int8 ``hidden`` comes with its ``hidden_scale``."""
+        out = list(columns)
+        if "hidden" in out and HIDDEN_SCALE_COLUMN not in out and self.manifest.hidden_dtype == "int8":
+            out.append(HIDDEN_SCALE_COLUMN)
+        return out
+
     def scan(
         self,
         columns: Sequence[str],
@@ -190,13 +195,14 @@ class Store:
         """Stream ``columns`` of every row, in storage order, ``batch_size`` rows at a time.
 
         ``with_row_address`` adds the Lance row address (``_rowaddr``, uint64) as a last column;
-        ``fragments`` (from :meth:`fragments`) limits the scan to those fragments.
+        ``fragments`` (from :meth:`fragments`) limits the scan to those fragments. Reading ``hidden``
+        of an int8 store also reads ``hidden_scale`` (what :func:`forvalue.storage.rows.decode_block` needs).
         """
         with self.io("read"):
             yield from (
                 self._dataset()
                 .scanner(
-                    columns=list(columns),
+                    columns=self.columns_for(columns),
                     batch_size=batch_size,
                     scan_in_order=True,
                     with_row_address=with_row_address,
@@ -216,7 +222,7 @@ class Store:
             for first in range(start, total, batch_size):
                 yield from (
                     self._dataset()
-                    .take(list(range(first, min(total, first + batch_size))), columns=list(columns))
+                    .take(list(range(first, min(total, first + batch_size))), columns=self.columns_for(columns))
                     .to_batches()
                 )
 
@@ -256,7 +262,7 @@ class Store:
     def take(self, offsets: Sequence[int], columns: Sequence[str]) -> pa.Table:
         """Rows at the given positions (storage order, as yielded by :meth:`scan`)."""
         with self.io("read"):
-            return self._dataset().take(list(offsets), columns=list(columns))
+            return self._dataset().take(list(offsets), columns=self.columns_for(columns))
 
     def version(self) -> int:
         return int(self._snapshot.version)

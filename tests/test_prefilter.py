@@ -169,7 +169,9 @@ def test_prefilter_recall_matches_exact_and_wrong_sketch_breaks_it(sketched_stor
     store = Store.open(tmp / "store")
     assert store.count() == len(train) and store.has_column("sketch")
     pre = faiss_index.load(store)
-    assert pre is not None and pre.rows == len(train) and pre.meta["factory"] == "Flat"
+    assert (
+        pre is not None and pre.rows == len(train) and pre.meta["factory"] == "SQfp16"
+    )  # float16 sketches: exact, half of Flat's bytes
     k, cand = 10, len(train) // 5
     exact = run_query(
         tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, exact=True), runner=tiny_runner
