@@ -193,7 +193,8 @@ class Encoder:
         spec = SketchSpec.from_manifest(manifest)
         basis = store_basis(store_path, spec, lambda: np.concatenate([e.hidden for e in encoded]))
         sketch = sketch_column(encoded, spec, basis) if spec is not None else None
-        rows = encoded_to_arrow(encoded, manifest, sketch).cast(schema_of(manifest))
+        schema = schema_of(manifest)
+        rows = encoded_to_arrow(encoded, manifest, sketch).cast(schema)
         with translate_errors(store_path, "write a fragment of"):
             fragments = write_fragments(
                 rows,

@@ -110,7 +110,8 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def hidden_values(batch: pa.RecordBatch | pa.Table, hidden_size: int) -> np.ndarray:
     """The stored hidden states of a batch as float32 ``(tokens, hidden_size)``: float16/float32 values
-    widened, int8 codes dequantized with the batch's ``hidden_scale`` (:func:`forvalue.schemas.hidden_codec.dequantize`)."""
+    widened, int8 codes dequantized with the batch's ``hidden_scale``
+    (:func:`forvalue.schemas.hidden_codec.dequantize`)."""
     flat = _flat(batch.column("hidden"))
     hidden = flat.reshape(-1, hidden_size)
     if HIDDEN_SCALE_COLUMN in batch.schema.names:
