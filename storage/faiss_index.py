@@ -16,8 +16,8 @@ spec or type no longer matches, or that claims more rows than the table holds, i
 Index type (``kind``): ``auto`` is ``Flat`` (exact inner product; ``SQfp16`` for float16
 sketches, which holds the float16 values exactly in half the bytes) below :data:`IVF_MIN_ROWS`
 rows and ``IVF<nlist>,SQ8`` (inverted lists, 8-bit scalar codes) above; ``flat``, ``ivf``,
-``hnsw`` or any FAISS factory string override it. The index is built from the table in blocks of rows: memory holds the sketches of one block and the
-index, never hidden states.
+``hnsw`` or any FAISS factory string override it. The index is built from the table in blocks
+of rows: memory holds the sketches of one block and the index, never hidden states.
 """
 
 from __future__ import annotations
