@@ -31,9 +31,7 @@ def encoded_to_arrow(encoded: list, manifest, sketch: pa.FixedSizeListArray | No
     sketch : FixedSizeListArray, length len(encoded), optional
         The prefilter sketch column (``forvalue.indexer.build.sketch_column``); cast to the store's type.
     """
-    schema = schema_of(manifest)
-    if sketch is None and "sketch" in schema.names:
-        schema = schema.remove(schema.get_field_index("sketch"))
+    schema = _schema(manifest, sketch)
     samples = [e.tokenized.sample for e in encoded]
     columns = {
         "id": pa.array([s.id for s in samples], pa.string()),
@@ -44,23 +42,53 @@ def encoded_to_arrow(encoded: list, manifest, sketch: pa.FixedSizeListArray | No
         "text": pa.array([s.full_text if s.messages is not None else s.text for s in samples], pa.string()),
         "n_tokens": pa.array([len(e.tokenized.input_ids) for e in encoded], pa.int32()),
         "truncated": pa.array([e.tokenized.truncated for e in encoded], pa.bool_()),
-        "n_scored": pa.array([len(e.hidden) for e in encoded], pa.int32()),
-        "topk_ids": _list_array([e.errors.topk_ids for e in encoded], _value_type(schema, "topk_ids")),
-        "topk_probs": _list_array([e.errors.topk_probs for e in encoded], _value_type(schema, "topk_probs")),
-        "target_ids": _list_array([e.errors.target_ids for e in encoded], _value_type(schema, "target_ids")),
-        "target_probs": _list_array([e.errors.target_probs for e in encoded], pa.float32()),
-        "tail_mass": _list_array([e.errors.tail_mass for e in encoded], _value_type(schema, "tail_mass")),
-        "sq_norm": pa.array([e.sq_norm for e in encoded], pa.float64()),
+    }
+    codes = [_codes(e, manifest.hidden_block) for e in encoded] if manifest.hidden_dtype == "int8" else None
+    parts = [(e.hidden, None if codes is None else codes[j], e.errors) for j, e in enumerate(encoded)]
+    columns.update(_scoring_arrays(parts, [e.sq_norm for e in encoded], manifest, schema, sketch))
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
+
+
+def stored_rows(meta, parts: list, sq_norms, manifest, sketch: pa.FixedSizeListArray | None = None) -> pa.Table:
+    """Rows of a store with ``manifest`` from already stored rows re-encoded (``forvalue.storage.convert``).
+
+    ``meta`` (a batch of stored rows) gives the id, label, text, ``n_tokens`` and ``truncated`` columns;
+    ``parts`` per row ``(hidden (n, d) as stored, int8 (codes, scales) or None, SparseErrors)``.
+    """
+    schema = _schema(manifest, sketch)
+    columns = {name: meta.column(name) for name in ("id", "label", "prompt", "response", "text", "n_tokens")}
+    columns["truncated"] = meta.column("truncated")
+    columns.update(_scoring_arrays(parts, sq_norms, manifest, schema, sketch))
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
+
+
+def _schema(manifest, sketch) -> pa.Schema:
+    schema = schema_of(manifest)
+    if sketch is None and "sketch" in schema.names:
+        schema = schema.remove(schema.get_field_index("sketch"))
+    return schema
+
+
+def _scoring_arrays(parts: list, sq_norms, manifest, schema: pa.Schema, sketch) -> dict:
+    """The per-token columns of rows given per row ``(hidden, int8 codes or None, SparseErrors)``."""
+    errors = [p[2] for p in parts]
+    columns = {
+        "n_scored": pa.array([len(p[0]) for p in parts], pa.int32()),
+        "topk_ids": _list_array([e.topk_ids for e in errors], _value_type(schema, "topk_ids")),
+        "topk_probs": _list_array([e.topk_probs for e in errors], _value_type(schema, "topk_probs")),
+        "target_ids": _list_array([e.target_ids for e in errors], _value_type(schema, "target_ids")),
+        "target_probs": _list_array([e.target_probs for e in errors], pa.float32()),
+        "tail_mass": _list_array([e.tail_mass for e in errors], _value_type(schema, "tail_mass")),
+        "sq_norm": pa.array(np.asarray(sq_norms, np.float64), pa.float64()),
     }
     if manifest.hidden_dtype == "int8":
-        codes = [_codes(e, manifest.hidden_block) for e in encoded]
-        columns["hidden"] = _list_array([q for q, _ in codes], pa.int8())
-        columns[HIDDEN_SCALE_COLUMN] = _list_array([s for _, s in codes], pa.float16())
+        columns["hidden"] = _list_array([p[1][0] for p in parts], pa.int8())
+        columns[HIDDEN_SCALE_COLUMN] = _list_array([p[1][1] for p in parts], pa.float16())
     else:
-        columns["hidden"] = _list_array([e.hidden for e in encoded], _value_type(schema, "hidden"))
+        columns["hidden"] = _list_array([p[0] for p in parts], _value_type(schema, "hidden"))
     if sketch is not None:
         columns["sketch"] = sketch.cast(schema.field("sketch").type)
-    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
+    return columns
 
 
 def _value_type(schema: pa.Schema, name: str) -> pa.DataType:

@@ -88,7 +88,7 @@ class Store:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise StoreError(f"{path}: exists and is not a folder")
-        if path.is_dir() and any(path.iterdir()) and not (path / MANIFEST_FILE).exists():
+        if path.is_dir() and not is_empty_folder(path) and not (path / MANIFEST_FILE).exists():
             raise StoreError(f"{path}: folder is not empty and not a forvalue store; choose another path")
         with translate_errors(path, "create"):
             path.mkdir(parents=True, exist_ok=True)
@@ -269,6 +269,11 @@ class Store:
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in (self.path / f"{SAMPLES_TABLE}.lance").rglob("*") if f.is_file())
+
+
+def is_empty_folder(path: Path) -> bool:
+    """True when ``path`` holds nothing but writer-lease files (a writer killed before its first write)."""
+    return all(entry.name.startswith(".writer.") for entry in path.iterdir())
 
 
 def _publish_manifest(target: Path, manifest: Manifest) -> None:
