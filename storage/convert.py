@@ -227,7 +227,7 @@ def _bytes_per_token(store: Store) -> float | None:
 
 def convert_rows(batch: pa.RecordBatch, source: Manifest, target: Manifest, sketcher=None) -> pa.Table:
     """The rows of ``batch`` (a store with ``source``'s rows) encoded as a store with ``target`` keeps them."""
-    from forvalue.indexer.sparse_errors import SparseErrors, pair_score
+    from forvalue.indexer.sparse_errors import SparseErrors
     from forvalue.schemas.tables import error_entries
     from forvalue.storage.rows import stored_rows
 
@@ -250,19 +250,17 @@ def convert_rows(batch: pa.RecordBatch, source: Manifest, target: Manifest, sket
     if target.hidden_dtype in ("float16", "int8"):
         hidden = hidden.astype(np.float16)
     offsets = np.concatenate([[0], np.cumsum(block.lengths)])
-    parts, sq_norms = [], []
+    parts = []
     for r in range(block.lengths.size):
         rows = slice(int(offsets[r]), int(offsets[r + 1]))
-        part = errors.select(rows)
         h, codes = _stored_hidden(hidden[rows], target)
-        ids, vals = error_entries(part.topk_ids, part.topk_probs, part.target_ids, part.target_probs)
-        sq_norms.append(pair_score(h, ids, vals, h, ids, vals))
-        parts.append((h, codes, part))
+        parts.append((h, codes, errors.select(rows)))
+    h_all = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, hidden.shape[1]), np.float32)
+    ids, vals = error_entries(errors.topk_ids, errors.topk_probs, errors.target_ids, errors.target_probs)
+    sq_norms = self_scores(h_all, ids, vals, block.lengths)
     sketch = None
     if sketcher is not None:
-        h_all = np.concatenate([p[0] for p in parts]).astype(np.float32)
-        ids, vals = error_entries(errors.topk_ids, errors.topk_probs, errors.target_ids, errors.target_probs)
-        z = sketcher.sketch(h_all, ids, vals, block.lengths)
+        z = sketcher.sketch(h_all.astype(np.float32), ids, vals, block.lengths)
         sketch = pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), target.sketch_dim)
     return stored_rows(batch, parts, np.array(sq_norms), target, sketch)
 
@@ -282,3 +280,57 @@ def _flat(batch, name: str) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     return column.flatten().to_numpy(zero_copy_only=False)
+
+
+def self_scores(
+    hidden: np.ndarray, ids: np.ndarray, values: np.ndarray, lengths: np.ndarray, budget: int = 1 << 24
+) -> np.ndarray:
+    """``||G_r||_F^2 = sum_{k, k' in r} <e_k, e_k'> <h_k, h_k'>`` of every row ``r`` of a block, float64 ``(rows,)``.
+
+    The same sum as :func:`forvalue.indexer.sparse_errors.pair_score` of a row with itself (the Gram form, in
+    float64), batched: rows are padded to their chunk's longest row and densified over their own error
+    vocabulary, chunks holding at most ``budget`` elements, and scored with two batched matrix products.
+    """
+    import torch
+
+    lengths = np.asarray(lengths, np.int64)
+    n_rows = lengths.size
+    out = np.zeros(n_rows)
+    if n_rows == 0 or hidden.shape[0] == 0:
+        return out
+    row_of = np.repeat(np.arange(n_rows), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    position = np.arange(hidden.shape[0]) - starts[row_of]
+    width = int(ids.max()) + 1
+    keys = (row_of[:, None] * width + ids).ravel()
+    unique, inverse = np.unique(keys, return_inverse=True)
+    first = np.searchsorted(unique, np.arange(n_rows) * width)
+    vocab = np.diff(np.append(first, unique.size))  # distinct error ids per row
+    entry_row = np.repeat(row_of, ids.shape[1])
+    local = inverse.ravel() - first[entry_row]
+    entry_pos = np.repeat(position, ids.shape[1])
+    flat_values = values.ravel().astype(np.float64)
+    h64 = torch.from_numpy(np.ascontiguousarray(hidden, np.float64))
+    r0 = 0
+    while r0 < n_rows:
+        r1 = r0 + 1
+        while r1 < n_rows:
+            length, size = lengths[r0 : r1 + 1].max(), vocab[r0 : r1 + 1].max()
+            if (r1 + 1 - r0) * length * max(size, length, hidden.shape[1]) > budget:
+                break
+            r1 += 1
+        length, size = int(lengths[r0:r1].max()), int(vocab[r0:r1].max())
+        tokens = slice(int(starts[r0]), int(starts[r1 - 1] + lengths[r1 - 1]))
+        entries = slice(tokens.start * ids.shape[1], tokens.stop * ids.shape[1])
+        e = torch.zeros((r1 - r0, length, size), dtype=torch.float64)
+        index = tuple(
+            torch.from_numpy(np.ascontiguousarray(a))
+            for a in (entry_row[entries] - r0, entry_pos[entries], local[entries])
+        )
+        e.index_put_(index, torch.from_numpy(flat_values[entries]), accumulate=True)
+        h = torch.zeros((r1 - r0, length, hidden.shape[1]), dtype=torch.float64)
+        h[torch.from_numpy(row_of[tokens] - r0), torch.from_numpy(position[tokens])] = h64[tokens]
+        gram = torch.bmm(e, e.transpose(1, 2)) * torch.bmm(h, h.transpose(1, 2))
+        out[r0:r1] = gram.sum(dim=(1, 2)).numpy()
+        r0 = r1
+    return out

@@ -363,3 +363,20 @@ def test_float16_sketch_prefilter_is_exact_on_the_stored_sketches(int8_setting):
     scores, rows = pre.search(queries, 5)
     exact = queries @ z.astype(np.float32).T
     np.testing.assert_allclose(scores, np.sort(exact, axis=1)[:, ::-1][:, :5], rtol=1e-4, atol=1e-4)
+
+
+def test_batched_self_scores_equal_pair_score():
+    from forvalue.indexer.sparse_errors import pair_score
+    from forvalue.storage.convert import self_scores
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 30, size=40)
+    n, d = int(lengths.sum()), 24
+    h = rng.standard_normal((n, d)).astype(np.float32)
+    ids = rng.integers(0, 200, (n, 5))
+    values = rng.standard_normal((n, 5)).astype(np.float32)
+    ends = np.cumsum(lengths)
+    ref = [pair_score(h[e - k : e], ids[e - k : e], values[e - k : e], h[e - k : e], ids[e - k : e], values[e - k : e])
+           for k, e in zip(lengths, ends)]  # fmt: skip
+    for budget in (1 << 24, 500):  # one chunk, or a chunk per row
+        np.testing.assert_allclose(self_scores(h, ids, values, lengths, budget=budget), ref, rtol=1e-12)
