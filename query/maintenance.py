@@ -71,6 +71,8 @@ def _prefilter_state(store: Store, rows: int) -> str:
     if meta is None:
         return "none"
     behind = f", {rows - meta['rows']} rows behind (extended on next use)" if meta["rows"] < rows else ""
+    if meta.get("from_column"):
+        return f"{meta.get('factory')} over {meta['rows']} rows, made from the sketch column (no copy){behind}"
     return f"{meta.get('factory')} over {meta['rows']} rows, {meta.get('bytes', 0) / 1e6:.1f} MB{behind}"
 
 
@@ -403,7 +405,10 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
         return False
     fix = f"run 'forvalue index check --store {where} --repair' to rebuild it"
     try:
-        size = (store.path / faiss_index.INDEX_DIR / meta["file"]).stat().st_size
+        if meta.get("from_column"):  # an exact float16 index, made from the sketch column when loaded
+            size = meta["bytes"]
+        else:
+            size = (store.path / faiss_index.INDEX_DIR / meta["file"]).stat().st_size
         if size != meta["bytes"]:
             problems.append(
                 f"{where}: the prefilter index file {meta['file']} has {size} bytes, not {meta['bytes']}; {fix}"

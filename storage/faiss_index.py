@@ -129,6 +129,8 @@ def load(store: Store) -> PrefilterIndex | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
+        if meta.get("from_column"):
+            return _from_column(store, meta)
         path = _index_dir(store) / meta["file"]
         if path.stat().st_size != meta["bytes"]:
             return None
@@ -140,14 +142,41 @@ def load(store: Store) -> PrefilterIndex | None:
     return PrefilterIndex(index, meta)
 
 
+def _from_column(store: Store, meta: dict) -> PrefilterIndex | None:
+    """The exact float16 index of the first ``meta["rows"]`` rows, made from the sketch column (no file of its own)."""
+    faiss = _faiss()
+    rows, dim = int(meta["rows"]), int(meta["dim"])
+    if rows > store.count():
+        return None
+    index = faiss.index_factory(dim, meta["factory"], faiss.METRIC_INNER_PRODUCT)
+    added = 0
+    for batch in store.scan([SKETCH_COLUMN], batch_size=16384):
+        col = batch.column(0)
+        if col.null_count:
+            return None
+        block = col.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)[: rows - added]
+        index.add(block.astype(np.float32))
+        added += block.shape[0]
+        if added >= rows:
+            break
+    return PrefilterIndex(index, meta) if added == rows else None
+
+
 def save(store: Store, pre: PrefilterIndex) -> None:
-    """Write the index file, then commit by replacing ``prefilter.json``; old files are removed."""
+    """Write the index file, then commit by replacing ``prefilter.json``; old files are removed.
+
+    An exact index of float16 sketches (``SQfp16``) holds nothing the sketch column does not: only
+    ``prefilter.json`` is written (``from_column``) and :func:`load` makes the index from the column.
+    """
     faiss = _faiss()
     folder = _index_dir(store)
     folder.mkdir(exist_ok=True)
-    name = f"index-{pre.rows}-{os.getpid()}-{time.time_ns()}.faiss"
-    faiss.write_index(pre.index, str(folder / name))
-    meta = dict(pre.meta, file=name, bytes=(folder / name).stat().st_size)
+    if pre.meta.get("factory") == "SQfp16":
+        name, meta = None, dict(pre.meta, file=None, bytes=0, from_column=True)
+    else:
+        name = f"index-{pre.rows}-{os.getpid()}-{time.time_ns()}.faiss"
+        faiss.write_index(pre.index, str(folder / name))
+        meta = dict(pre.meta, file=name, bytes=(folder / name).stat().st_size)
     tmp = folder / f".{META_FILE}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
     os.replace(tmp, folder / META_FILE)
