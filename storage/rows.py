@@ -50,7 +50,7 @@ def encoded_to_arrow(encoded: list, manifest, sketch: pa.FixedSizeListArray | No
 
 
 def stored_rows(meta, parts: list, sq_norms, manifest, sketch: pa.FixedSizeListArray | None = None) -> pa.Table:
-    """Rows of a store with ``manifest`` from already stored rows re-encoded (``forvalue.storage.convert``).
+    """Rows of a store with ``manifest`` from already stored rows re-encoded (``forvalue.indexer.convert``).
 
     ``meta`` (a batch of stored rows) gives the id, label, text, ``n_tokens`` and ``truncated`` columns;
     ``parts`` per row ``(hidden (n, d) as stored, int8 (codes, scales) or None, SparseErrors)``.

@@ -427,7 +427,7 @@ def test_ray_scans_read_int8_stores_natively(stores, tmp_path):
     """An int8 store (converted from the local one): the Ray audit and exact query equal the single-process ones."""
     from forvalue.api import run_query
     from forvalue.audit import run_audit
-    from forvalue.storage.convert import convert_store
+    from forvalue.indexer.convert import convert_store
 
     store = tmp_path / "int8"
     convert_store(stores["local"], store, hidden_dtype="int8", int8_block=0, progress=False)

@@ -24,6 +24,7 @@ from forvalue.api import build_index, run_query
 from forvalue.engine.gform import audit_scan
 from forvalue.engine.reference import dense_scores
 from forvalue.engine.validation import encode_validation
+from forvalue.indexer.convert import convert_store
 from forvalue.indexer.data import iter_samples
 from forvalue.maintenance import check_store
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
@@ -31,7 +32,6 @@ from forvalue.schemas.errors import ManifestMismatchError
 from forvalue.schemas.hidden_codec import dequantize, quantize, resolve_block
 from forvalue.schemas.manifest import MANIFEST_FILE
 from forvalue.schemas.tables import samples_schema
-from forvalue.storage.convert import convert_store
 from forvalue.storage.store import Store
 
 Q = dict(progress=False, device="cpu")
@@ -366,8 +366,8 @@ def test_float16_sketch_prefilter_is_exact_on_the_stored_sketches(int8_setting):
 
 
 def test_batched_self_scores_equal_pair_score():
+    from forvalue.indexer.convert import self_scores
     from forvalue.indexer.sparse_errors import pair_score
-    from forvalue.storage.convert import self_scores
 
     rng = np.random.default_rng(1)
     lengths = rng.integers(1, 30, size=40)

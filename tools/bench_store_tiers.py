@@ -4,7 +4,7 @@ Part 1, real model (default SmolLM2-135M-Instruct), the paper's three DataInf ta
 (``forvalue.tasks.text.generate_task``, seed 0, ``--train-per-class`` x 10 training and
 ``--test-per-class`` x 10 validation samples): one float16 store is built per task (a schema-3 store:
 packed errors, float16 sketches) and converted to each tier with ``forvalue index convert``
-(:func:`forvalue.storage.convert.convert_store`; a converted store holds exactly what a build of that tier
+(:func:`forvalue.indexer.convert.convert_store`; a converted store holds exactly what a build of that tier
 writes: tests/test_store_tiers.py). For each tier: bytes per scored token of the whole store folder
 (table, sketch column, FAISS index, basis) and of each column (Arrow buffers of the table), per-validation-
 sample Spearman and top-10 overlap of the exact scores against the float16 store's, AUC / recall
@@ -90,24 +90,51 @@ def top_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     return len(set(np.argsort(-a, kind="stable")[:k]) & set(np.argsort(-b, kind="stable")[:k])) / k
 
 
+def prefilter_recall(store: Path, val_path: Path, runner, device: str, k: int = 10, candidates=(20, 50)) -> dict:
+    """Recall of the exact top-``k`` among the prefilter's reranked top-``k``, per candidate count (mean over
+    validation samples)."""
+    from forvalue.api import run_query
+    from forvalue.schemas.config import QueryConfig
+
+    def tops(res) -> dict:
+        out: dict = {}
+        for row in res.top.to_pylist():
+            out.setdefault(row["validation_id"], set()).add(row["train_id"])
+        return out
+
+    exact = tops(run_query(store, [val_path], QueryConfig(device=device, progress=False, top_k=k, exact=True),
+                           runner=runner))  # fmt: skip
+    out = {}
+    for c in candidates:
+        got = tops(run_query(store, [val_path], QueryConfig(device=device, progress=False, top_k=k, candidates=c),
+                             runner=runner))  # fmt: skip
+        out[c] = float(np.mean([len(exact[v] & got.get(v, set())) / k for v in exact]))
+    return out
+
+
 def real_part(args, runner, work: Path) -> str:
     from forvalue.api import build_index, run_query
+    from forvalue.indexer.convert import convert_store
     from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
-    from forvalue.storage.convert import convert_store
     from forvalue.storage.store import Store
     from forvalue.tasks.metrics import class_retrieval
     from forvalue.tasks.text import generate_task, write_jsonl
 
-    quality_rows, size_rows, time_rows, column_rows = [], [], [], []
+    quality_rows, size_rows, time_rows, column_rows, recall_rows = [], [], [], [], []
     for t, task in enumerate(args.tasks):
         train, test = generate_task(task, n_train=args.train_per_class, n_test=args.test_per_class, seed=0)
         folder = work / task
-        folder.mkdir(parents=True)
+        folder.mkdir(parents=True, exist_ok=True)  # a re-run with the same --workdir resumes (stores are kept)
         train_path, val_path = write_jsonl(train, folder / "train.jsonl"), write_jsonl(test, folder / "val.jsonl")
         cfg = BuildConfig(model=ModelConfig(device=args.device), progress=False)
         started = time.perf_counter()
         report = build_index([train_path], folder / "float16", cfg, runner=runner)
         build_s = {"float16": time.perf_counter() - started}
+        record = folder / "build_seconds.json"  # a resumed store keeps the time of the run that wrote it
+        if report.written == len(train):
+            record.write_text(json.dumps(build_s))
+        elif record.exists():
+            build_s = json.loads(record.read_text())
         print(f"{task}: float16 build {build_s['float16']:.1f} s ({report.tokens_scored} tokens)", flush=True)
         if t == 0 and args.build_int8:
             int8 = BuildConfig(
@@ -171,6 +198,9 @@ def real_part(args, runner, work: Path) -> str:
                         )  # fmt: skip
                     )
                 )
+        for name, path in (("float32 sketch (schema 2)", folder / "v2"), ("float16 sketch", folder / "float16")):
+            rec = prefilter_recall(path, val_path, runner, args.device)
+            recall_rows.append((task, name) + tuple(f"{rec[c]:.3f}" for c in sorted(rec)))
         val_labels = [r["label"] for r in test]
         for name, s in scores.items():
             m = class_retrieval(s, labels, val_labels)
@@ -247,6 +277,9 @@ def real_part(args, runner, work: Path) -> str:
                 ],
                 quality_rows,
             ),  # fmt: skip
+            "Prefilter recall of the exact top-10 (FAISS candidates reranked exactly), float32 vs float16 sketches "
+            "of the same rows:",
+            md_table(["task", "sketch", "recall@10, 20 candidates", "recall@10, 50 candidates"], recall_rows),
             "Build (forward pass included) and convert (from the float16 store, no forward pass) seconds:",
             md_table(["task", "tier", "build s", "convert s", "convert rate"], time_rows),
         ]
@@ -255,7 +288,7 @@ def real_part(args, runner, work: Path) -> str:
 
 def synthetic_part(args, work: Path) -> str:
     from forvalue.engine.gform import audit_scan
-    from forvalue.storage.convert import convert_store
+    from forvalue.indexer.convert import convert_store
     from forvalue.storage.store import Store
     from tools.bench_gform import load_validation, plain_read
 

@@ -224,7 +224,7 @@ def convert(store, out, hidden_dtype, int8_block, top_m, write_every, quiet, as_
     values; the loss against float16 is measured in docs/benchmarks.md. Re-running after an interruption
     resumes; the source is never modified.
     """
-    from forvalue.storage.convert import convert_store
+    from forvalue.indexer.convert import convert_store
 
     report = convert_store(store, out, hidden_dtype, int8_block, top_m, block_rows=write_every, progress=not quiet)
     if as_json:

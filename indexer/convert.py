@@ -1,5 +1,7 @@
 """``forvalue index convert``: rewrite a store in a more compact encoding, without a forward pass.
 
+(In the indexer: like a build it writes a store, and it sketches rows with :mod:`forvalue.indexer.sketch`.)
+
 What the stored rows hold is re-encoded, never recomputed from the model: hidden states are cast or
 quantized (:mod:`forvalue.schemas.hidden_codec`), the sparse errors packed (uint16/uint32 ids, float16
 probabilities) and, with ``top_m``, cut to the ``top_m`` most likely tokens (the dropped mass moves to
