@@ -220,9 +220,9 @@ def sketch(store, rebuild, kind, as_json, **kw):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def convert(store, out, hidden_dtype, int8_block, top_m, write_every, quiet, as_json):
     """Write the --store store into a new compact store at --out without a forward pass (packed errors,
-    float16 sketches, optionally int8 hidden states or fewer top-m tokens). Scores of the new store are exact on its stored
-    values; the loss against float16 is measured in docs/benchmarks.md. Re-running after an interruption
-    resumes; the source is never modified.
+    float16 sketches, optionally int8 hidden states or fewer top-m tokens). Scores of the new store are
+    exact on its stored values; the loss against float16 is measured in docs/benchmarks.md. Re-running
+    after an interruption resumes; the source is never modified.
     """
     from forvalue.indexer.convert import convert_store
 
