@@ -132,7 +132,7 @@ def _flush(store: Store, pending: list[EncodedSample], report: BuildReport) -> N
     spec = SketchSpec.from_manifest(store.manifest)
     basis = store_basis(store.path, spec, lambda: np.concatenate([e.hidden for e in pending]))
     sketch = sketch_column(pending, spec, basis) if spec is not None else None
-    committed = store.append(encoded_to_arrow(pending, store.manifest.hidden_dtype, sketch))
+    committed = store.append(encoded_to_arrow(pending, store.manifest, sketch))
     report.written += committed
     report.already_stored += len(pending) - committed  # committed meanwhile by another writer (dropped at commit)
     report.tokens_scored += sum(len(e.hidden) for e in pending)

@@ -19,8 +19,10 @@ from forvalue.indexer.images import ImageError
 from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
 from forvalue.indexer.tokenize import TokenizedSample
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig
-from forvalue.schemas.errors import BadValuesError
+from forvalue.schemas.errors import BadValuesError, ConfigError
+from forvalue.schemas.hidden_codec import resolve_block
 from forvalue.schemas.manifest import Manifest
+from forvalue.schemas.tables import ids_dtype_for
 from forvalue.storage.sketch_basis import load_basis, publish_basis
 
 # Hidden states (tokens) used to fit a store's sketch basis: the first ones written.
@@ -68,6 +70,12 @@ def manifest_for(runner, data: DataConfig, encode: EncodeConfig) -> Manifest:
     model_kind = runner.model_kind
     vlm = model_kind == "vlm"
     extra = runner.manifest_fields()
+    hidden_block = 0
+    if encode.hidden_dtype == "int8":
+        try:
+            hidden_block = resolve_block(encode.int8_block, runner.hidden_size)
+        except ValueError as exc:
+            raise ConfigError("int8_block", str(exc)) from None
     return Manifest(
         model_path=ident.path,
         model_weights_sha256=ident.weights_sha256,
@@ -92,6 +100,10 @@ def manifest_for(runner, data: DataConfig, encode: EncodeConfig) -> Manifest:
         sketch_hidden_cols=encode.sketch_hidden_cols,
         sketch_seed=encode.sketch_seed,
         sketch_basis=encode.sketch_basis,
+        hidden_block=hidden_block,
+        ids_dtype=ids_dtype_for(runner.vocab_size),
+        probs_dtype=encode.probs_dtype,
+        sketch_dtype="float16",
     )
 
 
@@ -195,7 +207,7 @@ def sketch_column(
         np.concatenate([v for _, v in entries]),
         np.array([len(e.hidden) for e in encoded]),
     )
-    return pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), spec.dim)
+    return pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), spec.dim)  # cast on append
 
 
 def finish_build(store, report: BuildReport, started: float) -> BuildReport:

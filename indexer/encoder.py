@@ -16,8 +16,11 @@ import torch
 from forvalue.indexer.sparse_errors import SparseErrors, error_entries, pair_score, sparsify
 from forvalue.indexer.tokenize import TokenizedSample
 from forvalue.schemas.config import EncodeConfig
+from forvalue.schemas.hidden_codec import dequantize, quantize, resolve_block
 
-_NP_HIDDEN = {"float16": np.float16, "float32": np.float32}
+# int8 stores: hidden states are rounded to float16 first (so a build and an ``index convert`` of a
+# float16 store write the same codes), quantized on the training side only; validation samples stay float16.
+_NP_HIDDEN = {"float16": np.float16, "float32": np.float32, "int8": np.float16}
 # Samples read ahead and sorted by length, so batches pad little.
 _SORT_WINDOW_BATCHES = 8
 
@@ -28,12 +31,15 @@ class EncodedSample:
 
     Attributes
     ----------
-    hidden : array, shape (n_scored, d), dtype float16 or float32 (the storage dtype)
+    hidden : array, shape (n_scored, d), dtype float16 or float32 (the storage dtype; for int8
+        the float32 dequantized values, exactly what a reader of the store decodes)
     errors : SparseErrors with n_scored positions
     sq_norm : float
         ``||G||_F^2`` computed from the stored (rounded) values.
     finite : bool
         False if the model produced NaN or inf for this sample.
+    quantized : (int8 array (n_scored, d), float16 array (n_scored, d // block)) or None
+        The int8 codes and scales written to an int8 store (:mod:`forvalue.schemas.hidden_codec`).
     """
 
     tokenized: TokenizedSample
@@ -41,6 +47,7 @@ class EncodedSample:
     errors: SparseErrors
     sq_norm: float
     finite: bool
+    quantized: tuple[np.ndarray, np.ndarray] | None = None
 
     def entries(self) -> tuple[np.ndarray, np.ndarray]:
         e = self.errors
@@ -119,10 +126,16 @@ def encode_batch(
             k = math.ceil(config.lowest_likelihood_ratio * n)
             keep = np.sort(np.argsort(errors.target_probs[part], kind="stable")[:k])
         errs = errors.select(part).select(keep)
+        if training:  # the values the store keeps, so that sq_norm and the sketch are those of the stored row
+            errs = errs.stored_as(config.probs_dtype)
         hid = h_np[part][keep]
         ok = bool(finite[part].all())
+        codes = None
+        if training and config.hidden_dtype == "int8" and ok:
+            codes = quantize(hid, resolve_block(config.int8_block, hid.shape[1]))
+            hid = dequantize(*codes)
         sq = _self_score(hid, errs) if ok else float("nan")
-        out.append(EncodedSample(s, hid, errs, sq, ok))
+        out.append(EncodedSample(s, hid, errs, sq, ok, codes))
     return out
 
 

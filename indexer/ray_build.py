@@ -173,7 +173,7 @@ class Encoder:
         from forvalue.indexer.encoder import encode_stream
         from forvalue.indexer.sketch import SketchSpec
         from forvalue.schemas.manifest import Manifest
-        from forvalue.schemas.tables import SAMPLES_TABLE, samples_schema
+        from forvalue.schemas.tables import SAMPLES_TABLE, schema_of
         from forvalue.storage.rows import encoded_to_arrow
         from forvalue.storage.store import translate_errors
 
@@ -193,8 +193,8 @@ class Encoder:
         spec = SketchSpec.from_manifest(manifest)
         basis = store_basis(store_path, spec, lambda: np.concatenate([e.hidden for e in encoded]))
         sketch = sketch_column(encoded, spec, basis) if spec is not None else None
-        schema = samples_schema(manifest.hidden_dtype, manifest.sketch_dim)
-        rows = encoded_to_arrow(encoded, manifest.hidden_dtype, sketch).cast(schema)
+        schema = schema_of(manifest)
+        rows = encoded_to_arrow(encoded, manifest, sketch).cast(schema)
         with translate_errors(store_path, "write a fragment of"):
             fragments = write_fragments(
                 rows,

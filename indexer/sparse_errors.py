@@ -41,6 +41,19 @@ class SparseErrors:
     target_probs: np.ndarray
     tail_mass: np.ndarray
 
+    def stored_as(self, probs_dtype: str) -> "SparseErrors":
+        """These errors with the top-m probabilities and tail mass rounded as a store of ``probs_dtype`` keeps them
+        (``float16``: packed errors, schema version 3; the arrays stay float32). The target probability is kept."""
+        if probs_dtype == "float32":
+            return self
+
+        def rounded(a: np.ndarray) -> np.ndarray:
+            return a.astype(np.float16).astype(np.float32)
+
+        return SparseErrors(
+            self.topk_ids, rounded(self.topk_probs), self.target_ids, self.target_probs, rounded(self.tail_mass)
+        )
+
     def select(self, index: np.ndarray | slice) -> "SparseErrors":
         return SparseErrors(
             *(a[index] for a in (self.topk_ids, self.topk_probs, self.target_ids, self.target_probs, self.tail_mass))

@@ -60,6 +60,8 @@ def _prefilter_state(store: Store, rows: int) -> str:
     if meta is None:
         return "none"
     behind = f", {rows - meta['rows']} rows behind (extended on next use)" if meta["rows"] < rows else ""
+    if meta.get("from_column"):
+        return f"{meta.get('factory')} over {meta['rows']} rows, made from the sketch column (no copy){behind}"
     return f"{meta.get('factory')} over {meta['rows']} rows, {meta.get('bytes', 0) / 1e6:.1f} MB{behind}"
 
 
@@ -142,14 +144,16 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
                 replace=True,
             )
         sketcher = get_sketcher(spec, fitted)
-        field = pa.field(faiss_index.SKETCH_COLUMN, pa.list_(pa.float32(), spec.dim))
+        value_type = pa.float16() if new.sketch_dtype == "float16" else pa.float32()
+        field = pa.field(faiss_index.SKETCH_COLUMN, pa.list_(value_type, spec.dim))
 
         def fn(batch):
             b = decode_block(batch, m.hidden_size)
             z = sketcher.sketch(b.hidden, b.ids, b.values, b.lengths)
-            return pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), spec.dim)
+            return pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()).cast(value_type), spec.dim)
 
-        store.set_column(faiss_index.SKETCH_COLUMN, field, fn, SCORING_COLUMNS, new, batch_size=block_rows)
+        read = store.columns_for(SCORING_COLUMNS)
+        store.set_column(faiss_index.SKETCH_COLUMN, field, fn, read, new, batch_size=block_rows)
         report["sketched"] = True
     report["sketch_seconds"] = round(time.perf_counter() - started, 2)
     t0 = time.perf_counter()
@@ -166,9 +170,11 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
 def _first_hidden(store: Store, tokens: int, block_rows: int) -> np.ndarray:
     """Hidden states of the first stored tokens (up to ``tokens``), float32 ``(N, d)``."""
     parts, n = [], 0
+    from forvalue.storage.rows import hidden_values
+
     for batch in store.scan(["hidden", "n_scored"], batch_size=block_rows):
-        h = batch.column("hidden").flatten().to_numpy(zero_copy_only=False).reshape(-1, store.manifest.hidden_size)
-        parts.append(h.astype(np.float32))
+        h = hidden_values(batch, store.manifest.hidden_size)
+        parts.append(h)
         n += h.shape[0]
         if n >= tokens:
             break
@@ -238,6 +244,7 @@ def _check(store: Store, block_rows: int) -> dict:
     bad_rows: list[str] = []
     rows = 0
     readable = {name for name in _ROW_CHECKS if store.has_column(name)} == set(_ROW_CHECKS)
+    readable &= m.hidden_dtype != "int8" or store.has_column("hidden_scale")
     columns = ["id"] + (list(_ROW_CHECKS) if readable else [])
     for fragment in store.fragments():
         files = ", ".join(f"data/{d.path}" for d in fragment.data_files())
@@ -252,7 +259,7 @@ def _check(store: Store, block_rows: int) -> dict:
                     else:
                         first_row[sample_id] = address
                 if readable:
-                    bad_rows += _row_problems(batch, ids, m.hidden_size, m.top_m)
+                    bad_rows += _row_problems(batch, ids, m.hidden_size, m.top_m, m.hidden_block)
         except StoreError as exc:
             problems.append(
                 f"{where}: fragment {fragment.fragment_id} ({files}) is unreadable: {_cause(exc)}; "
@@ -294,17 +301,22 @@ _ROW_CHECKS = {
 }
 
 
-def _row_problems(batch, ids: list, hidden_size: int, top_m: int) -> list[str]:
-    """One description per row of ``batch`` whose arrays disagree with ``n_scored`` or hold non-finite values."""
+def _row_problems(batch, ids: list, hidden_size: int, top_m: int, hidden_block: int = 0) -> list[str]:
+    """One description per row of ``batch`` whose arrays disagree with ``n_scored`` or hold non-finite values
+    (``hidden_block``: channels per int8 scale, whose ``hidden_scale`` column is checked too)."""
     import pyarrow.compute as pc
 
     from forvalue.engine.scorer import decode_block
+    from forvalue.schemas.tables import HIDDEN_SCALE_COLUMN
 
     n = np.asarray(batch.column("n_scored").to_numpy(zero_copy_only=False), np.int64)
-    per = {"hidden_size": hidden_size, "top_m": top_m}
+    per = {"hidden_size": hidden_size, "top_m": top_m, "scales": hidden_size // hidden_block if hidden_block else 0}
+    checks = dict(_ROW_CHECKS)
+    if hidden_block and HIDDEN_SCALE_COLUMN in batch.schema.names:
+        checks[HIDDEN_SCALE_COLUMN] = "scales"
     bad = n < 1
     why = np.where(bad, "n_scored < 1", "")
-    for name, unit in _ROW_CHECKS.items():
+    for name, unit in checks.items():
         if unit is None:
             continue
         length = np.asarray(pc.list_value_length(batch.column(name)).fill_null(-1).to_numpy(zero_copy_only=False))
@@ -330,11 +342,11 @@ def _row_problems(batch, ids: list, hidden_size: int, top_m: int) -> list[str]:
 
 
 def _schema_problems(store: Store) -> list[str]:
-    from forvalue.schemas.tables import samples_schema
+    from forvalue.schemas.tables import schema_of
 
     m = store.manifest
     where = str(store.path)
-    expected = samples_schema(m.hidden_dtype, m.sketch_dim)
+    expected = schema_of(m)
     actual = store.schema()
     out = []
     for field in expected:
@@ -349,7 +361,8 @@ def _schema_problems(store: Store) -> list[str]:
         elif actual.field(field.name).type != field.type:
             out.append(
                 f"{where}: column '{field.name}' is {actual.field(field.name).type}, the manifest implies "
-                f"{field.type} (hidden_dtype {m.hidden_dtype}, sketch_dim {m.sketch_dim}); the store is damaged"
+                f"{field.type} (hidden_dtype {m.hidden_dtype}, ids {m.ids_dtype}, probabilities {m.probs_dtype}, "
+                f"sketch_dim {m.sketch_dim} {m.sketch_dtype}); the store is damaged"
             )
     if faiss_index.SKETCH_COLUMN in actual.names and not m.sketch_dim:
         out.append(
@@ -385,7 +398,10 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
         return False
     fix = f"run 'forvalue index check --store {where} --repair' to rebuild it"
     try:
-        size = (store.path / faiss_index.INDEX_DIR / meta["file"]).stat().st_size
+        if meta.get("from_column"):  # an exact float16 index, made from the sketch column when loaded
+            size = meta["bytes"]
+        else:
+            size = (store.path / faiss_index.INDEX_DIR / meta["file"]).stat().st_size
         if size != meta["bytes"]:
             problems.append(
                 f"{where}: the prefilter index file {meta['file']} has {size} bytes, not {meta['bytes']}; {fix}"

@@ -42,6 +42,8 @@ def settings_for_store(manifest, config: BuildConfig) -> BuildConfig:
         score_tokens=m.score_tokens,
         lowest_likelihood_ratio=m.lowest_likelihood_ratio,
         hidden_dtype=m.hidden_dtype,
+        int8_block=m.hidden_block,
+        probs_dtype=m.probs_dtype,
         sketch_dim=m.sketch_dim or 0,
         sketch_vocab_buckets=m.sketch_vocab_buckets,
         sketch_hidden_cols=m.sketch_hidden_cols,

@@ -37,7 +37,7 @@ Engine = Literal["local", "ray"]
 # Each field with choices takes them from its Literal type (choices=get_args(T)): declared once.
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-HIDDEN_DTYPES = ("float16", "float32")
+HIDDEN_DTYPES = ("float16", "float32", "int8")
 # Vision-language models: default image bound = 512 Qwen2-VL visual tokens of 28 x 28 pixels.
 IMAGE_MAX_PIXELS = 512 * 28 * 28
 
@@ -191,8 +191,14 @@ class EncodeConfig:
     lowest_likelihood_ratio : float or None
         Keep only the ceil(r * n) positions with the lowest target probability
         (training side only).
-    hidden_dtype : {"float16", "float32"}
-        Storage dtype of the hidden states.
+    hidden_dtype : {"float16", "float32", "int8"}
+        Storage dtype of the hidden states; ``int8`` stores a byte per value and a float16 scale
+        per ``int8_block`` channels (half of float16's bytes; its loss is measured in docs/benchmarks.md).
+    int8_block : int
+        Channels per int8 scale (0 = one scale per token); must divide the model's hidden size.
+    probs_dtype : {"float16", "float32"}
+        Storage type of the top-m probabilities (not a CLI option: new stores use float16, relative
+        rounding < 4.9e-4; ``index add`` to an older store keeps its float32).
     on_bad : {"error", "skip"}
         What to do with a sample whose model outputs contain NaN or inf.
     sketch_dim, sketch_vocab_buckets, sketch_hidden_cols, sketch_seed, sketch_basis
@@ -211,7 +217,21 @@ class EncodeConfig:
     lowest_likelihood_ratio: float | None = setting(
         None, "Keep only this fraction of positions, those with the lowest target probability."
     )
-    hidden_dtype: str = setting("float16", "Storage dtype of hidden states.", choices=HIDDEN_DTYPES)
+    hidden_dtype: str = setting(
+        "float16",
+        "Storage dtype of hidden states: float16, float32, or int8 (half of float16's bytes, a float16 scale per "
+        "--int8-block channels; scores exact on the stored values, loss vs float16 in docs/benchmarks.md).",
+        choices=HIDDEN_DTYPES,
+    )
+    int8_block: int = bounded(
+        64, "Channels per scale of --hidden-dtype int8 (0 = one scale per token); must divide the hidden size.", 0
+    )
+    probs_dtype: str = setting(
+        "float16",
+        "Storage type of the top-m probabilities (float32 in stores of schema version < 3).",
+        choices=("float16", "float32"),
+        cli=False,
+    )
     on_bad: OnBad = setting(
         "error",
         "Samples with NaN/inf model outputs or a missing/undecodable image: stop, or skip and count.",

@@ -38,6 +38,10 @@ MUST_MATCH = (
     "image_max_pixels",
 )
 
+# Settings of how hidden states are stored: a build or ``index add`` that writes rows must use the
+# store's (queries need not: a validation sample is encoded at float16 whatever the store holds).
+STORAGE_MUST_MATCH = ("hidden_dtype", "hidden_block")
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -71,6 +75,13 @@ class Manifest:
     # "gaussian" (random hidden projection) or "fitted" (STORE/sketch_basis.npy); stores
     # written before the fitted basis existed have no such field and are "gaussian".
     sketch_basis: str = "gaussian"
+    # Compact encodings (schema version 3; the defaults are what older stores hold): channels per int8
+    # scale (0: hidden states are not int8), the type of the error ids, of the top-m probabilities and
+    # tail mass, and of the sketch values (forvalue.schemas.tables.samples_schema).
+    hidden_block: int = 0
+    ids_dtype: str = "int32"
+    probs_dtype: str = "float32"
+    sketch_dtype: str = "float32"
     schema_version: int = SCHEMA_VERSION
     package_version: str = PACKAGE_VERSION
 

@@ -33,6 +33,8 @@ STORED_AS: dict[tuple[str, str], str] = {
     ("EncodeConfig", "score_tokens"): "score_tokens",
     ("EncodeConfig", "lowest_likelihood_ratio"): "lowest_likelihood_ratio",
     ("EncodeConfig", "hidden_dtype"): "hidden_dtype",
+    ("EncodeConfig", "int8_block"): "hidden_block",
+    ("EncodeConfig", "probs_dtype"): "probs_dtype",
     ("EncodeConfig", "sketch_dim"): "sketch_dim",
     ("EncodeConfig", "sketch_vocab_buckets"): "sketch_vocab_buckets",
     ("EncodeConfig", "sketch_hidden_cols"): "sketch_hidden_cols",
@@ -65,6 +67,8 @@ NOT_STORED: dict[tuple[str, str], str] = {
 
 # Manifest fields that describe rather than determine the stored values (never compared).
 DESCRIPTIVE = ("model_path", "adapter_path", "image_column", "schema_version", "package_version")
+# ... and the layout that follows from the schema version and the vocabulary size (ids dtype, sketch dtype)
+DESCRIPTIVE += ("ids_dtype", "sketch_dtype")
 
 BUILD_MUST_MATCH: tuple[str, ...] = tuple(dict.fromkeys([*MUST_MATCH, *STORED_AS.values()]))
 

@@ -13,11 +13,11 @@ extended from the table (rows ``rows..count-1``) when it is behind (``index add`
 build, a build killed between its last commit and the index update); an index whose sketch
 spec or type no longer matches, or that claims more rows than the table holds, is rebuilt.
 
-Index type (``kind``): ``auto`` is ``Flat`` (exact inner product) below
-:data:`IVF_MIN_ROWS` rows and ``IVF<nlist>,SQ8`` (inverted lists, 8-bit scalar codes)
-above; ``flat``, ``ivf``, ``hnsw`` or any FAISS factory string override it. The index is
-built from the table in blocks of rows: memory holds the sketches of one block and the
-index, never hidden states.
+Index type (``kind``): ``auto`` is ``Flat`` (exact inner product; ``SQfp16`` for float16
+sketches, which holds the float16 values exactly in half the bytes) below :data:`IVF_MIN_ROWS`
+rows and ``IVF<nlist>,SQ8`` (inverted lists, 8-bit scalar codes) above; ``flat``, ``ivf``,
+``hnsw`` or any FAISS factory string override it. The index is built from the table in blocks
+of rows: memory holds the sketches of one block and the index, never hidden states.
 """
 
 from __future__ import annotations
@@ -103,13 +103,20 @@ def check_kind(kind: str | None, dim: int = 64) -> None:
         ) from None
 
 
-def choose_factory(rows: int, kind: str = "auto") -> tuple[str, int | None]:
-    """FAISS factory string and default ``nprobe`` for ``rows`` rows and a ``kind``."""
+FLAT_FACTORIES = ("Flat", "SQfp16")
+
+
+def choose_factory(rows: int, kind: str = "auto", sketch_dtype: str = "float32") -> tuple[str, int | None]:
+    """FAISS factory string and default ``nprobe`` for ``rows`` rows and a ``kind``.
+
+    The exact (flat) index of float16 sketches is ``SQfp16``: the same inner products as ``Flat`` on the
+    stored values (float16 codes hold them exactly), without a second float32 copy of the sketches.
+    """
     nlist = int(2 ** round(math.log2(max(16.0, math.sqrt(max(rows, 1))))))
     if kind == "auto":
         kind = "flat" if rows < IVF_MIN_ROWS else "ivf"
     if kind == "flat":
-        return "Flat", None
+        return ("SQfp16" if sketch_dtype == "float16" else "Flat"), None
     if kind == "ivf":
         return f"IVF{nlist},SQ8", max(1, nlist // 16)
     if kind == "hnsw":
@@ -136,6 +143,8 @@ def load(store: Store) -> PrefilterIndex | None:
         return None
     try:
         meta = json.loads(meta_path.read_text())
+        if meta.get("from_column"):
+            return _from_column(store, meta)
         path = _index_dir(store) / meta["file"]
         if path.stat().st_size != meta["bytes"]:
             return None
@@ -147,14 +156,41 @@ def load(store: Store) -> PrefilterIndex | None:
     return PrefilterIndex(index, meta)
 
 
+def _from_column(store: Store, meta: dict) -> PrefilterIndex | None:
+    """The exact float16 index of the first ``meta["rows"]`` rows, made from the sketch column (no file of its own)."""
+    faiss = _faiss()
+    rows, dim = int(meta["rows"]), int(meta["dim"])
+    if rows > store.count():
+        return None
+    index = faiss.index_factory(dim, meta["factory"], faiss.METRIC_INNER_PRODUCT)
+    added = 0
+    for batch in store.scan([SKETCH_COLUMN], batch_size=16384):
+        col = batch.column(0)
+        if col.null_count:
+            return None
+        block = col.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)[: rows - added]
+        index.add(block.astype(np.float32))
+        added += block.shape[0]
+        if added >= rows:
+            break
+    return PrefilterIndex(index, meta) if added == rows else None
+
+
 def save(store: Store, pre: PrefilterIndex) -> None:
-    """Write the index file, then commit by replacing ``prefilter.json``; old files are removed."""
+    """Write the index file, then commit by replacing ``prefilter.json``; old files are removed.
+
+    An exact index of float16 sketches (``SQfp16``) holds nothing the sketch column does not: only
+    ``prefilter.json`` is written (``from_column``) and :func:`load` makes the index from the column.
+    """
     faiss = _faiss()
     folder = _index_dir(store)
     folder.mkdir(exist_ok=True)
-    name = f"index-{pre.rows}-{os.getpid()}-{time.time_ns()}.faiss"
-    faiss.write_index(pre.index, str(folder / name))
-    meta = dict(pre.meta, file=name, bytes=(folder / name).stat().st_size)
+    if pre.meta.get("factory") == "SQfp16":
+        name, meta = None, dict(pre.meta, file=None, bytes=0, from_column=True)
+    else:
+        name = f"index-{pre.rows}-{os.getpid()}-{time.time_ns()}.faiss"
+        faiss.write_index(pre.index, str(folder / name))
+        meta = dict(pre.meta, file=name, bytes=(folder / name).stat().st_size)
     from forvalue.storage.files import write_text
 
     write_text(folder / META_FILE, json.dumps(meta, indent=2, sort_keys=True), inside_store=True)
@@ -196,7 +232,7 @@ def build(
         raise StoreError(f"{store.path}: the store has no sketches; run 'forvalue index sketch --store {store.path}'")
     rows = store.count()
     dim = int(store.manifest.sketch_dim)
-    factory, nprobe = choose_factory(rows, kind)
+    factory, nprobe = choose_factory(rows, kind, store.manifest.sketch_dtype)
     started = time.perf_counter()
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
@@ -244,7 +280,9 @@ def ensure(store: Store, kind: str | None = None, persist: bool = True, rebuild:
     if pre is not None:
         want_kind = kind or pre.meta.get("kind", "auto")
         outgrown = (
-            want_kind == "auto" and pre.meta.get("factory") == "Flat" and choose_factory(rows, "auto")[0] != "Flat"
+            want_kind == "auto"
+            and pre.meta.get("factory") in FLAT_FACTORIES
+            and choose_factory(rows, "auto")[0] not in FLAT_FACTORIES
         )
         stale = pre.meta.get("sketch") != _spec_of(store) or pre.rows > rows or outgrown
         if stale or (kind is not None and kind != pre.meta.get("kind")):

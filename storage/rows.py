@@ -13,22 +13,25 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from forvalue.schemas.tables import error_entries, samples_schema
+from forvalue.schemas.hidden_codec import dequantize, quantize
+from forvalue.schemas.tables import HIDDEN_SCALE_COLUMN, error_entries, schema_of
 
 
-def encoded_to_arrow(encoded: list, hidden_dtype: str, sketch: pa.FixedSizeListArray | None = None) -> pa.Table:
-    """Rows of the ``samples`` table for a list of encodings.
+def encoded_to_arrow(encoded: list, manifest, sketch: pa.FixedSizeListArray | None = None) -> pa.Table:
+    """Rows of the ``samples`` table of a store with ``manifest`` for a list of encodings.
 
     Parameters
     ----------
     encoded : list of forvalue.indexer.encoder.EncodedSample
-        Per sample: ``hidden`` float array ``(n_scored, d)``, ``errors`` (top-m ids/probs
-        ``(n_scored, m)``, target ids/probs and tail mass ``(n_scored,)``), ``sq_norm``.
-    hidden_dtype : {"float16", "float32"}
-    sketch : FixedSizeListArray of float32, length len(encoded), optional
-        The prefilter sketch column (``forvalue.indexer.build.sketch_column``).
+        Per sample: ``hidden`` float array ``(n_scored, d)`` (for an int8 store also ``quantized``,
+        its int8 codes and scales), ``errors`` (top-m ids/probs ``(n_scored, m)``, target ids/probs
+        and tail mass ``(n_scored,)``), ``sq_norm``.
+    manifest : forvalue.schemas.manifest.Manifest
+        The store's: its hidden dtype and int8 block, id/probability/sketch types (``schema_of``).
+    sketch : FixedSizeListArray, length len(encoded), optional
+        The prefilter sketch column (``forvalue.indexer.build.sketch_column``); cast to the store's type.
     """
-    schema = samples_schema(hidden_dtype, sketch.type.list_size if sketch is not None else None)
+    schema = _schema(manifest, sketch)
     samples = [e.tokenized.sample for e in encoded]
     columns = {
         "id": pa.array([s.id for s in samples], pa.string()),
@@ -39,18 +42,66 @@ def encoded_to_arrow(encoded: list, hidden_dtype: str, sketch: pa.FixedSizeListA
         "text": pa.array([s.full_text if s.messages is not None else s.text for s in samples], pa.string()),
         "n_tokens": pa.array([len(e.tokenized.input_ids) for e in encoded], pa.int32()),
         "truncated": pa.array([e.tokenized.truncated for e in encoded], pa.bool_()),
-        "n_scored": pa.array([len(e.hidden) for e in encoded], pa.int32()),
-        "hidden": _list_array([e.hidden for e in encoded], schema.field("hidden").type.value_type),
-        "topk_ids": _list_array([e.errors.topk_ids for e in encoded], pa.int32()),
-        "topk_probs": _list_array([e.errors.topk_probs for e in encoded], pa.float32()),
-        "target_ids": _list_array([e.errors.target_ids for e in encoded], pa.int32()),
-        "target_probs": _list_array([e.errors.target_probs for e in encoded], pa.float32()),
-        "tail_mass": _list_array([e.errors.tail_mass for e in encoded], pa.float32()),
-        "sq_norm": pa.array([e.sq_norm for e in encoded], pa.float64()),
     }
+    codes = [_codes(e, manifest.hidden_block) for e in encoded] if manifest.hidden_dtype == "int8" else None
+    parts = [(e.hidden, None if codes is None else codes[j], e.errors) for j, e in enumerate(encoded)]
+    columns.update(_scoring_arrays(parts, [e.sq_norm for e in encoded], manifest, schema, sketch))
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
+
+
+def stored_rows(meta, parts: list, sq_norms, manifest, sketch: pa.FixedSizeListArray | None = None) -> pa.Table:
+    """Rows of a store with ``manifest`` from already stored rows re-encoded (``forvalue.indexer.convert``).
+
+    ``meta`` (a batch of stored rows) gives the id, label, text, ``n_tokens`` and ``truncated`` columns;
+    ``parts`` per row ``(hidden (n, d) as stored, int8 (codes, scales) or None, SparseErrors)``.
+    """
+    schema = _schema(manifest, sketch)
+    columns = {name: meta.column(name) for name in ("id", "label", "prompt", "response", "text", "n_tokens")}
+    columns["truncated"] = meta.column("truncated")
+    columns.update(_scoring_arrays(parts, sq_norms, manifest, schema, sketch))
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
+
+
+def _schema(manifest, sketch) -> pa.Schema:
+    schema = schema_of(manifest)
+    if sketch is None and "sketch" in schema.names:
+        schema = schema.remove(schema.get_field_index("sketch"))
+    return schema
+
+
+def _scoring_arrays(parts: list, sq_norms, manifest, schema: pa.Schema, sketch) -> dict:
+    """The per-token columns of rows given per row ``(hidden, int8 codes or None, SparseErrors)``."""
+    errors = [p[2] for p in parts]
+    columns = {
+        "n_scored": pa.array([len(p[0]) for p in parts], pa.int32()),
+        "topk_ids": _list_array([e.topk_ids for e in errors], _value_type(schema, "topk_ids")),
+        "topk_probs": _list_array([e.topk_probs for e in errors], _value_type(schema, "topk_probs")),
+        "target_ids": _list_array([e.target_ids for e in errors], _value_type(schema, "target_ids")),
+        "target_probs": _list_array([e.target_probs for e in errors], pa.float32()),
+        "tail_mass": _list_array([e.tail_mass for e in errors], _value_type(schema, "tail_mass")),
+        "sq_norm": pa.array(np.asarray(sq_norms, np.float64), pa.float64()),
+    }
+    if manifest.hidden_dtype == "int8":
+        columns["hidden"] = _list_array([p[1][0] for p in parts], pa.int8())
+        columns[HIDDEN_SCALE_COLUMN] = _list_array([p[1][1] for p in parts], pa.float16())
+    else:
+        columns["hidden"] = _list_array([p[0] for p in parts], _value_type(schema, "hidden"))
     if sketch is not None:
-        columns["sketch"] = sketch
-    return pa.table(columns, schema=schema)
+        columns["sketch"] = sketch.cast(schema.field("sketch").type)
+    return columns
+
+
+def _value_type(schema: pa.Schema, name: str) -> pa.DataType:
+    return schema.field(name).type.value_type
+
+
+def _codes(encoded, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The int8 codes and scales of an encoding: the encoder's (those its ``sq_norm`` was computed on) when
+    they use ``block``, else quantized here from its hidden states."""
+    codes = getattr(encoded, "quantized", None)
+    if codes is not None and codes[0].shape[1] == block * codes[1].shape[1]:
+        return codes
+    return quantize(encoded.hidden, block)
 
 
 def _list_array(parts: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
@@ -85,11 +136,30 @@ def _flat(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False)
 
 
+def hidden_values(batch: pa.RecordBatch | pa.Table, hidden_size: int) -> np.ndarray:
+    """The stored hidden states of a batch as float32 ``(tokens, hidden_size)``: float16/float32 values
+    widened, int8 codes dequantized with the batch's ``hidden_scale``
+    (:func:`forvalue.schemas.hidden_codec.dequantize`)."""
+    flat = _flat(batch.column("hidden"))
+    hidden = flat.reshape(-1, hidden_size)
+    if HIDDEN_SCALE_COLUMN in batch.schema.names:
+        scales = _flat(batch.column(HIDDEN_SCALE_COLUMN))
+        if hidden.shape[0] and scales.size % hidden.shape[0]:
+            raise ValueError(f"{scales.size} int8 scales for {hidden.shape[0]} tokens")
+        return dequantize(hidden, scales.reshape(hidden.shape[0], -1))
+    if flat.dtype == np.int8:
+        raise ValueError("int8 hidden states were read without their 'hidden_scale' column")
+    return hidden.astype(np.float32, copy=False)
+
+
 def decode_block(batch: pa.RecordBatch | pa.Table, hidden_size: int) -> TrainBlock:
-    """Numpy views of a batch with the columns of ``forvalue.schemas.tables.SCORING_COLUMNS``."""
+    """Numpy views of a batch with the columns of ``forvalue.schemas.tables.SCORING_COLUMNS`` (and, for an int8
+    store, ``hidden_scale``: :meth:`forvalue.storage.store.Store.scan` adds it)."""
     lengths = batch.column("n_scored").to_numpy().astype(np.int64)
     n = int(lengths.sum())
-    hidden = _flat(batch.column("hidden")).reshape(n, hidden_size).astype(np.float32, copy=False)
+    hidden = hidden_values(batch, hidden_size)
+    if hidden.shape[0] != n:
+        raise ValueError(f"{hidden.shape[0]} hidden states for {n} scored tokens")
     topk_ids = _flat(batch.column("topk_ids")).reshape(n, -1)
     topk_probs = _flat(batch.column("topk_probs")).reshape(n, -1)
     ids, values = error_entries(

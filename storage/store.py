@@ -36,9 +36,9 @@ from typing import Iterator, Sequence
 import pyarrow as pa
 
 from forvalue.schemas.errors import ManifestMismatchError, StoreError
-from forvalue.schemas.manifest import MANIFEST_FILE, Manifest
+from forvalue.schemas.manifest import MANIFEST_FILE, STORAGE_MUST_MATCH, Manifest
 from forvalue.schemas.stored_settings import BUILD_MUST_MATCH
-from forvalue.schemas.tables import SAMPLES_TABLE, samples_schema
+from forvalue.schemas.tables import HIDDEN_SCALE_COLUMN, SAMPLES_TABLE, schema_of
 from forvalue.storage.files import publish_if_absent, write_text
 
 
@@ -90,17 +90,14 @@ class Store:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise StoreError(f"{path}: exists and is not a folder")
-        if (
-            path.is_dir()
-            and any(not _being_created(p.name) for p in path.iterdir())
-            and not (path / MANIFEST_FILE).exists()
-        ):
+        if path.is_dir() and not is_empty_folder(path) and not (path / MANIFEST_FILE).exists():
             raise StoreError(f"{path}: folder is not empty and not a forvalue store; choose another path")
         with translate_errors(path, "create"):
             path.mkdir(parents=True, exist_ok=True)
             _publish_manifest(path / MANIFEST_FILE, manifest)
         stored = Manifest.load(path / MANIFEST_FILE)
-        problems = stored.mismatches(manifest, BUILD_MUST_MATCH)  # every setting that changes stored values
+        # every setting that changes stored values, and the storage layout
+        problems = stored.mismatches(manifest, tuple(dict.fromkeys(BUILD_MUST_MATCH + STORAGE_MUST_MATCH)))
         if problems:
             raise ManifestMismatchError(
                 f"{path}: store was built with other settings ({'; '.join(problems)}); give the store's values, or "
@@ -110,9 +107,7 @@ class Store:
             db = lancedb.connect(str(path))
             if SAMPLES_TABLE not in db.table_names():
                 try:
-                    db.create_table(
-                        SAMPLES_TABLE, schema=samples_schema(stored.hidden_dtype, stored.sketch_dim), exist_ok=True
-                    )
+                    db.create_table(SAMPLES_TABLE, schema=schema_of(stored), exist_ok=True)
                 except (OSError, ValueError, RuntimeError):
                     if SAMPLES_TABLE not in db.table_names():
                         raise
@@ -138,7 +133,7 @@ class Store:
                     pc.invert(pc.is_in(rows.column("id"), value_set=pa.array(sorted(taken), pa.string())))
                 )
             if rows.num_rows:
-                self._writer.add(rows.cast(samples_schema(self.manifest.hidden_dtype, self.manifest.sketch_dim)))
+                self._writer.add(rows.cast(schema_of(self.manifest)))
         self.refresh()
         return rows.num_rows
 
@@ -189,6 +184,13 @@ class Store:
             out.update(batch.column(0).to_pylist())
         return out
 
+    def columns_for(self, columns: Sequence[str]) -> list[str]:
+        """``columns`` plus what decoding them needs: int8 ``hidden`` comes with its ``hidden_scale``."""
+        out = list(columns)
+        if "hidden" in out and HIDDEN_SCALE_COLUMN not in out and self.manifest.hidden_dtype == "int8":
+            out.append(HIDDEN_SCALE_COLUMN)
+        return out
+
     def scan(
         self,
         columns: Sequence[str],
@@ -199,13 +201,14 @@ class Store:
         """Stream ``columns`` of every row, in storage order, ``batch_size`` rows at a time.
 
         ``with_row_address`` adds the Lance row address (``_rowaddr``, uint64) as a last column;
-        ``fragments`` (from :meth:`fragments`) limits the scan to those fragments.
+        ``fragments`` (from :meth:`fragments`) limits the scan to those fragments. Reading ``hidden``
+        of an int8 store also reads ``hidden_scale`` (what :func:`forvalue.storage.rows.decode_block` needs).
         """
         with self.io("read"):
             yield from (
                 self._dataset()
                 .scanner(
-                    columns=list(columns),
+                    columns=self.columns_for(columns),
                     batch_size=batch_size,
                     scan_in_order=True,
                     with_row_address=with_row_address,
@@ -225,7 +228,7 @@ class Store:
             for first in range(start, total, batch_size):
                 yield from (
                     self._dataset()
-                    .take(list(range(first, min(total, first + batch_size))), columns=list(columns))
+                    .take(list(range(first, min(total, first + batch_size))), columns=self.columns_for(columns))
                     .to_batches()
                 )
 
@@ -263,7 +266,7 @@ class Store:
     def take(self, offsets: Sequence[int], columns: Sequence[str]) -> pa.Table:
         """Rows at the given positions (storage order, as yielded by :meth:`scan`)."""
         with self.io("read"):
-            return self._dataset().take(list(offsets), columns=list(columns))
+            return self._dataset().take(list(offsets), columns=self.columns_for(columns))
 
     def version(self) -> int:
         return int(self._snapshot.version)
@@ -272,10 +275,11 @@ class Store:
         return sum(f.stat().st_size for f in (self.path / f"{SAMPLES_TABLE}.lance").rglob("*") if f.is_file())
 
 
-def _being_created(name: str) -> bool:
-    """A file another worker creating the same store writes before its manifest: the manifest's temporary
-    file or a writer lock (a sharded build's workers create one store at once)."""
-    return name.startswith(f".{MANIFEST_FILE}.") or name.startswith(".writer.")
+def is_empty_folder(path: Path) -> bool:
+    """True when ``path`` holds nothing but what a writer leaves before a store's manifest exists: writer-lease
+    files (a writer killed before its first write) and the manifest's temporary file (another worker of a
+    sharded build creating the same store at this moment)."""
+    return all(entry.name.startswith((".writer.", f".{MANIFEST_FILE}.")) for entry in path.iterdir())
 
 
 def _publish_manifest(target: Path, manifest: Manifest) -> None:

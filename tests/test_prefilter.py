@@ -169,7 +169,9 @@ def test_prefilter_recall_matches_exact_and_wrong_sketch_breaks_it(sketched_stor
     store = Store.open(tmp / "store")
     assert store.count() == len(train) and store.has_column("sketch")
     pre = faiss_index.load(store)
-    assert pre is not None and pre.rows == len(train) and pre.meta["factory"] == "Flat"
+    assert (
+        pre is not None and pre.rows == len(train) and pre.meta["factory"] == "SQfp16"
+    )  # float16 sketches: exact, half of Flat's bytes
     k, cand = 10, len(train) // 5
     exact = run_query(
         tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, exact=True), runner=tiny_runner
@@ -242,7 +244,11 @@ def test_faiss_index_follows_appends_and_recovers(sketched_store, tiny_model_dir
     # the extended index equals a rebuilt one
     q = np.random.default_rng(0).standard_normal((3, store.manifest.sketch_dim)).astype(np.float32)
     np.testing.assert_array_equal(fresh.search(q, 7)[1], faiss_index.build(store).search(q, 7)[1])
-    # a damaged index file is rebuilt
+    # the exact index of float16 sketches keeps no copy of them: it is made from the sketch column
+    assert json.loads(meta_path.read_text())["from_column"]
+    assert not list((tmp / "store" / faiss_index.INDEX_DIR).glob("*.faiss"))
+    # a damaged index file (an index type that has one) is rebuilt
+    faiss_index.ensure(store, kind="hnsw")
     (tmp / "store" / faiss_index.INDEX_DIR / json.loads(meta_path.read_text())["file"]).write_bytes(b"junk")
     assert faiss_index.load(store) is None
     assert faiss_index.ensure(store).rows == total

@@ -420,3 +420,25 @@ def test_plain_build_and_cli_do_not_import_ray(tmp_path, tiny_model_dir):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.ray
+def test_ray_scans_read_int8_stores_natively(stores, tmp_path):
+    """An int8 store (converted from the local one): the Ray audit and exact query equal the single-process ones."""
+    from forvalue.api import run_query
+    from forvalue.audit import run_audit
+    from forvalue.indexer.convert import convert_store
+
+    store = tmp_path / "int8"
+    convert_store(stores["local"], store, hidden_dtype="int8", int8_block=0, progress=False)
+    val = write_jsonl(tmp_path / "val.jsonl", _val())
+    cfg = AuditConfig(progress=False, device="cpu", flag_by="mean", read_rows=7)
+    a = run_audit(store, _val(), "local", cfg)
+    b = run_audit(store, _val(), "ray", cfg, engine=RAY)
+    assert (a.form, a.n_train, a.flagged) == (b.form, b.n_train, b.flagged)
+    q = QueryConfig(progress=False, device="cpu", read_rows=7)
+    single = run_query(store, [val], q, keep_scores=True)
+    ray = run_query(store, [val], q, keep_scores=True, engine=RAY)
+    np.testing.assert_allclose(ray.scores, single.scores, rtol=1e-9)
+    f16 = run_query(stores["local"], [val], q, keep_scores=True)
+    assert not np.array_equal(single.scores, f16.scores)  # int8 values were scored, not float16 ones

@@ -77,6 +77,14 @@ SUITES: dict[str, Suite] = {
         "docs/prefilter.md: Synthetic 1M-sample store; docs/benchmarks.md: Prefilter (FAISS)",
         needs="--store DIR (python -m tools.make_synthetic_store --out DIR --rows N)",
     ),
+    "store_tiers": Suite(
+        "bench_store_tiers",
+        "compact store tiers (float16 / int8): bytes per token, Spearman / top-10 vs float16, AUC / recall, "
+        "build and convert time, audit scan of a synthetic store",
+        "not recorded yet",
+        "docs/benchmarks.md: Store tiers",
+        workdir_option="--workdir",
+    ),
     "sketch_real": Suite(
         "bench_sketch_real",
         "prefilter sketch variants on a real-model store of the paper's tasks",

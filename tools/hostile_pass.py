@@ -67,7 +67,7 @@ def main(argv=None) -> int:
 
         model = str(default_model_dir())
     else:
-        from forvalue.testing import make_model_dir
+        from tools.tiny_models import make_model_dir
 
         model = str(make_model_dir(work / "tiny"))
     os.chdir(work)

@@ -28,11 +28,16 @@ def dense_matrices(
     top_m: int | None = None,
     hidden_dtype: str | None = None,
     tokenize=None,
+    int8_block: int = 0,
+    probs_dtype: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hidden states ``H (n, d)`` and dense errors ``E (n, |V|)`` of one sample's scored positions.
 
     ``top_m`` zeroes the error outside each position's top-m ∪ {target};
-    ``hidden_dtype='float16'`` rounds ``H`` as the store does. ``tokenize`` (a
+    ``hidden_dtype='float16'`` rounds ``H`` as the store does, ``'int8'`` rounds it to float16 and
+    replaces it by its int8 codes times their scales (``int8_block`` channels per scale, 0 = one per
+    token; :mod:`forvalue.schemas.hidden_codec`, the definition of the stored values);
+    ``probs_dtype='float16'`` rounds the kept non-target probabilities as a schema-3 store keeps them. ``tokenize`` (a
     vision-language runner's ``tokenize``) replaces the text tokenizer; the image inputs
     it returns go to the full model's forward, unbatched.
     """
@@ -53,9 +58,17 @@ def dense_matrices(
         keep.scatter_(1, probs.topk(min(top_m, probs.shape[1]), dim=1).indices, True)
         keep[torch.arange(len(positions)), targets] = True
         errors = torch.where(keep, errors, torch.zeros_like(errors))
+        if probs_dtype == "float16":
+            rounded = -probs.float().half().double()
+            rounded[torch.arange(len(positions)), targets] = errors[torch.arange(len(positions)), targets]
+            errors = torch.where(keep, rounded, errors)
     h = hidden.numpy()
-    if hidden_dtype == "float16":
+    if hidden_dtype in ("float16", "int8"):
         h = h.astype(np.float16).astype(np.float64)
+    if hidden_dtype == "int8":
+        from forvalue.schemas.hidden_codec import dequantize, quantize, resolve_block
+
+        h = dequantize(*quantize(h, resolve_block(int8_block, h.shape[1]))).astype(np.float64)
     return h, errors.numpy()
 
 
@@ -71,9 +84,16 @@ def _image_inputs(model, ids: torch.Tensor, vision: dict | None) -> dict:
 
 
 def dense_scores(model, tokenizer, train: Sequence[Sample], val: Sequence[Sample], **kwargs) -> np.ndarray:
-    """``S[v, i] = sum_k sum_k' <e_vk, e_ik'> <h_vk, h_ik'>``, float64 array of shape ``(n_val, n_train)``."""
+    """``S[v, i] = sum_k sum_k' <e_vk, e_ik'> <h_vk, h_ik'>``, float64 array of shape ``(n_val, n_train)``.
+
+    ``kwargs`` go to :func:`dense_matrices`; the validation side is encoded as a query does: int8
+    (``hidden_dtype``) becomes float16 and probabilities stay unrounded (``probs_dtype``) there.
+    """
+    val_kwargs = dict(kwargs, probs_dtype=None)
+    if kwargs.get("hidden_dtype") == "int8":
+        val_kwargs["hidden_dtype"] = "float16"
     mats_t = [dense_matrices(model, tokenizer, s, **kwargs) for s in train]
-    mats_v = [dense_matrices(model, tokenizer, s, **kwargs) for s in val]
+    mats_v = [dense_matrices(model, tokenizer, s, **val_kwargs) for s in val]
     out = np.zeros((len(val), len(train)))
     for a, (hv, ev) in enumerate(mats_v):
         for b, (ht, et) in enumerate(mats_t):

@@ -37,8 +37,8 @@ OUTPUTS: dict[str, dict[str, tuple[str, ...]]] = {
     "demo": {"workdir": (FOLDER,)},
 }
 
-# where a store is written (build/add): not inside another store
-STORE_WRITERS = ("index build", "index add")
+# where a store is written: command path -> the parameter naming it (not inside another store)
+STORE_TARGETS = {"index build": "store", "index add": "store", "index convert": "out"}
 
 
 def _explain_folder(flag: str, base_param: str, switch: str, own: str | None = None):
@@ -83,8 +83,9 @@ def check_command(path: str, command: click.Command, params: dict) -> None:
     if derive is not None:
         outputs.update(derive(params))
     inputs = [v for name in INPUTS if name in params for v in _values(params[name])]
-    if path in STORE_WRITERS and params.get("store"):
-        _check_store_target(params["store"])
+    target = STORE_TARGETS.get(path)
+    if target is not None and params.get(target):
+        _check_store_target(_flag(command, target), params[target])
     if path == "audit run" and params.get("name") is not None:
         from forvalue.storage.audits import check_audit_name
 
@@ -92,14 +93,14 @@ def check_command(path: str, command: click.Command, params: dict) -> None:
     check_outputs(outputs, inputs)
 
 
-def _check_store_target(store) -> None:
+def _check_store_target(flag: str, store) -> None:
     """A store being written does not lie inside another store (folder inputs skip stores, so a store may
     sit inside an input folder)."""
     from forvalue.storage.files import OutputPathError, _absolute, store_above
 
     outer = store_above(_absolute(store).parent)
     if outer is not None:
-        raise OutputPathError(f"--store {store}: is inside the store {outer}; put the store elsewhere")
+        raise OutputPathError(f"{flag} {store}: is inside the store {outer}; put the store elsewhere")
 
 
 def guard_paths(group: click.Group, prefix: str = "") -> None:

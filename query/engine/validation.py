@@ -88,7 +88,7 @@ def load_validation_samples(
 
 def check_runner(runner, manifest: Manifest, data: DataConfig) -> None:
     """Refuse a model/tokenizer/setting that differs from the store's manifest."""
-    encode = EncodeConfig(top_m=manifest.top_m, score_tokens=manifest.score_tokens, hidden_dtype=manifest.hidden_dtype)
+    encode = _encode_config(manifest)
     mine = manifest_for(runner, _data_from_manifest(data, manifest), encode)
     problems = manifest.mismatches(mine)
     if problems:
@@ -97,6 +97,16 @@ def check_runner(runner, manifest: Manifest, data: DataConfig) -> None:
             + "; ".join(problems)
             + " (query with the store's model, or build a new store)"
         )
+
+
+def _encode_config(manifest: Manifest) -> EncodeConfig:
+    """The store's encoding settings (validation samples are encoded with them, never quantized to int8)."""
+    return EncodeConfig(
+        top_m=manifest.top_m,
+        score_tokens=manifest.score_tokens,
+        hidden_dtype=manifest.hidden_dtype,
+        int8_block=manifest.hidden_block,
+    )
 
 
 def data_for_store(data: DataConfig, manifest: Manifest) -> DataConfig:
@@ -121,7 +131,7 @@ def encode_validation(
         A validation sample is longer than the store's ``max_length`` or has no scored token.
     """
     check_runner(runner, manifest, data)
-    encode = EncodeConfig(top_m=manifest.top_m, score_tokens=manifest.score_tokens, hidden_dtype=manifest.hidden_dtype)
+    encode = _encode_config(manifest)
     tokenized = []
     for s in samples:
         tok = runner.tokenize(s, manifest.score_tokens, manifest.max_length, manifest.chat_template)

@@ -1,0 +1,338 @@
+"""``forvalue index convert``: rewrite a store in a more compact encoding, without a forward pass.
+
+(In the indexer: like a build it writes a store, and it sketches rows with :mod:`forvalue.indexer.sketch`.)
+
+What the stored rows hold is re-encoded, never recomputed from the model: hidden states are cast or
+quantized (:mod:`forvalue.schemas.hidden_codec`), the sparse errors packed (uint16/uint32 ids, float16
+probabilities) and, with ``top_m``, cut to the ``top_m`` most likely tokens (the dropped mass moves to
+``tail_mass``; the target is always kept). ``sq_norm`` and the sketch are recomputed from the new stored
+values, so every score of the new store is exact on what it holds. The sketch basis is the source's.
+
+Safety: the output takes the writer lease; it may not be the source, inside it, or a non-empty folder
+that is not a store; an existing output is resumed only when it is a conversion of the same source with
+the same settings (``convert.json``), so a re-run after a crash or kill appends exactly the rows still
+missing (each batch is one atomic Lance commit, ids already there are skipped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from forvalue.schemas.errors import ConfigError, StoreError
+from forvalue.schemas.hidden_codec import DEFAULT_BLOCK, resolve_block
+from forvalue.schemas.manifest import PACKAGE_VERSION, Manifest
+from forvalue.schemas.tables import SCHEMA_VERSION, SCORING_COLUMNS, ids_dtype_for
+from forvalue.storage.rows import decode_block
+from forvalue.storage.store import Store, WriterLease, is_empty_folder
+
+CONVERT_FILE = "convert.json"
+# The columns copied as they are (the rest are re-encoded).
+_TEXT_COLUMNS = ["id", "label", "prompt", "response", "text", "n_tokens", "truncated"]
+
+
+def target_manifest(
+    source: Manifest, hidden_dtype: str | None = None, int8_block: int | None = None, top_m: int | None = None
+) -> Manifest:
+    """The manifest of the conversion of a store with ``source`` (None: keep the source's setting)."""
+    dtype = hidden_dtype or source.hidden_dtype
+    if dtype not in ("float16", "float32", "int8"):
+        raise ConfigError("hidden_dtype", f"must be one of float16, float32, int8, got '{dtype}'")
+    if top_m is not None and not 1 <= top_m <= source.top_m:
+        raise ConfigError(
+            "top_m", f"must be between 1 and the source store's top-m {source.top_m} (it keeps no more), got {top_m}"
+        )
+    block = 0
+    if dtype == "int8":
+        wanted = int8_block if int8_block is not None else (source.hidden_block or DEFAULT_BLOCK)
+        try:
+            block = resolve_block(wanted, source.hidden_size)
+        except ValueError as exc:
+            raise ConfigError("int8_block", str(exc)) from None
+    return dataclasses.replace(
+        source,
+        hidden_dtype=dtype,
+        hidden_block=block,
+        top_m=top_m or source.top_m,
+        ids_dtype=ids_dtype_for(source.vocab_size),
+        probs_dtype="float16",
+        sketch_dtype="float16",
+        schema_version=SCHEMA_VERSION,
+        package_version=PACKAGE_VERSION,
+    )
+
+
+@dataclasses.dataclass
+class ConvertReport:
+    """What one ``convert_store`` run did (also printed by the CLI)."""
+
+    source: str
+    out: str
+    rows: int = 0
+    written: int = 0
+    already_converted: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    source_bytes_per_token: float | None = None
+    out_bytes_per_token: float | None = None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _refuse_out(source: Path, out: Path) -> None:
+    src, dst = source.resolve(), out.resolve()
+    if dst == src:
+        raise StoreError(f"{out}: --out is the source store; give a new folder for the converted store")
+    if src in dst.parents:
+        raise StoreError(f"{out}: --out is inside the source store {source}; give a folder outside it")
+    if dst in src.parents:
+        raise StoreError(f"{out}: --out holds the source store {source}; give a new folder for the converted store")
+
+
+def _check_resume(out: Path, identity: dict) -> None:
+    """Refuse an existing output that is not a conversion of the same source with the same settings."""
+    if not (out / "manifest.json").exists():
+        return
+    try:
+        recorded = json.loads((out / CONVERT_FILE).read_text())
+    except (OSError, ValueError):
+        raise StoreError(
+            f"{out}: is a store that 'index convert' did not write; give a new folder for the converted store"
+        ) from None
+    if recorded != identity:
+        raise StoreError(
+            f"{out}: holds a conversion of another store or with other settings ({CONVERT_FILE}); "
+            "give a new folder, or re-run with the settings of that conversion to resume it"
+        )
+
+
+def convert_store(
+    source: str | Path,
+    out: str | Path,
+    hidden_dtype: str | None = None,
+    int8_block: int | None = None,
+    top_m: int | None = None,
+    block_rows: int = 512,
+    progress: bool = True,
+) -> ConvertReport:
+    """Write the store ``source`` into ``out`` in the compact encoding (see the module docstring).
+
+    Parameters
+    ----------
+    hidden_dtype : {"float16", "float32", "int8"}, optional
+        Storage of the hidden states (default: the source's).
+    int8_block : int, optional
+        Channels per int8 scale (0 = one per token; default: the source's, else 64).
+    top_m : int, optional
+        Keep only the ``top_m`` most likely tokens per position (at most the source's).
+
+    Returns
+    -------
+    ConvertReport
+
+    Raises
+    ------
+    StoreError, ConfigError
+        A bad source or output (one line naming the path), a setting the source cannot give.
+    """
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    source, out = Path(source), Path(out)
+    src = Store.open(source)
+    _refuse_out(source, out)
+    manifest = target_manifest(src.manifest, hidden_dtype, int8_block, top_m)
+    identity = {
+        "source": str(source.resolve()),
+        "hidden_dtype": manifest.hidden_dtype,
+        "hidden_block": manifest.hidden_block,
+        "top_m": manifest.top_m,
+    }
+    if out.exists() and not out.is_dir():
+        raise StoreError(f"{out}: exists and is not a folder; give a new folder for the converted store")
+    if out.is_dir() and not is_empty_folder(out) and not (out / "manifest.json").exists():
+        raise StoreError(f"{out}: folder is not empty and not a forvalue store; give a new folder")
+    _check_resume(out, identity)
+    out.mkdir(parents=True, exist_ok=True)
+    with WriterLease.acquire(out):
+        dst = Store.create(out, manifest)
+        _publish_identity(out, identity)
+        basis = _copy_basis(src, out)
+        sketcher = _sketcher(dst.manifest, basis)
+        done = dst.ids()
+        report = ConvertReport(str(source), str(out), rows=src.count(), already_converted=len(done))
+        columns = _TEXT_COLUMNS + SCORING_COLUMNS + ["tail_mass"]
+        bar = tqdm(total=report.rows, desc="convert", unit="sample", disable=not progress)
+        for batch in src.scan(columns, batch_size=block_rows):
+            ids = batch.column("id").to_pylist()
+            keep = [j for j, sample_id in enumerate(ids) if sample_id not in done]
+            if keep:
+                part = batch.take(pa.array(keep, pa.int64())) if len(keep) < batch.num_rows else batch
+                rows = convert_rows(part, src.manifest, dst.manifest, sketcher)
+                report.written += dst.append(rows)
+                report.tokens += int(np.asarray(part.column("n_scored")).sum())
+            bar.update(batch.num_rows)
+        bar.close()
+        if dst.manifest.sketch_dim and dst.count():
+            from forvalue.storage.faiss_index import ensure
+
+            ensure(dst)
+    report.seconds = round(time.perf_counter() - started, 3)
+    report.source_bytes_per_token = _bytes_per_token(src)
+    report.out_bytes_per_token = _bytes_per_token(Store.open(out))
+    return report
+
+
+def _publish_identity(out: Path, identity: dict) -> None:
+    path = out / CONVERT_FILE
+    if path.exists():
+        return
+    tmp = out / f".{CONVERT_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _copy_basis(src: Store, out: Path) -> np.ndarray | None:
+    from forvalue.storage.sketch_basis import load_basis, publish_basis
+
+    if not src.manifest.sketch_dim or src.manifest.sketch_basis != "fitted":
+        return None
+    basis = load_basis(src.path)
+    if basis is None:
+        raise StoreError(
+            f"{src.path}: the store's sketch basis is missing; run 'forvalue index sketch --store {src.path} --rebuild'"
+        )
+    return publish_basis(out, basis)
+
+
+def _sketcher(manifest: Manifest, basis):
+    from forvalue.indexer.sketch import SketchSpec, get_sketcher
+
+    spec = SketchSpec.from_manifest(manifest)
+    return None if spec is None else get_sketcher(spec, basis)
+
+
+def _bytes_per_token(store: Store) -> float | None:
+    tokens = sum(int(np.asarray(b.column(0)).sum()) for b in store.scan(["n_scored"], batch_size=65536))
+    if not tokens:
+        return None
+    total = sum(f.stat().st_size for f in Path(store.path).rglob("*") if f.is_file())
+    return round(total / tokens, 1)
+
+
+def convert_rows(batch: pa.RecordBatch, source: Manifest, target: Manifest, sketcher=None) -> pa.Table:
+    """The rows of ``batch`` (a store with ``source``'s rows) encoded as a store with ``target`` keeps them."""
+    from forvalue.indexer.sparse_errors import SparseErrors
+    from forvalue.schemas.tables import error_entries
+    from forvalue.storage.rows import stored_rows
+
+    block = decode_block(batch, source.hidden_size)
+    n = int(block.lengths.sum())
+    topk_ids = _flat(batch, "topk_ids").reshape(n, -1).astype(np.int64)
+    topk_probs = _flat(batch, "topk_probs").reshape(n, -1).astype(np.float32)
+    target_ids = _flat(batch, "target_ids").astype(np.int64)
+    target_probs = _flat(batch, "target_probs").astype(np.float32)
+    tail = _flat(batch, "tail_mass").astype(np.float64)
+    m = target.top_m
+    if m < topk_ids.shape[1]:  # the dropped top tokens' mass (never the target's, kept apart) joins the tail
+        dropped = np.where(topk_ids[:, m:] == target_ids[:, None], 0.0, topk_probs[:, m:])
+        tail = tail + dropped.sum(axis=1)
+        topk_ids, topk_probs = topk_ids[:, :m], topk_probs[:, :m]
+    errors = SparseErrors(topk_ids, topk_probs, target_ids, target_probs, tail.astype(np.float32)).stored_as(
+        target.probs_dtype
+    )
+    hidden = block.hidden
+    if target.hidden_dtype in ("float16", "int8"):
+        hidden = hidden.astype(np.float16)
+    offsets = np.concatenate([[0], np.cumsum(block.lengths)])
+    parts = []
+    for r in range(block.lengths.size):
+        rows = slice(int(offsets[r]), int(offsets[r + 1]))
+        h, codes = _stored_hidden(hidden[rows], target)
+        parts.append((h, codes, errors.select(rows)))
+    h_all = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, hidden.shape[1]), np.float32)
+    ids, vals = error_entries(errors.topk_ids, errors.topk_probs, errors.target_ids, errors.target_probs)
+    sq_norms = self_scores(h_all, ids, vals, block.lengths)
+    sketch = None
+    if sketcher is not None:
+        z = sketcher.sketch(h_all.astype(np.float32), ids, vals, block.lengths)
+        sketch = pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), target.sketch_dim)
+    return stored_rows(batch, parts, np.array(sq_norms), target, sketch)
+
+
+def _stored_hidden(hidden: np.ndarray, target: Manifest):
+    """``(values as stored, int8 codes or None)`` of one row's hidden states."""
+    if target.hidden_dtype != "int8":
+        return hidden, None
+    from forvalue.schemas.hidden_codec import dequantize, quantize
+
+    codes = quantize(hidden, target.hidden_block)
+    return dequantize(*codes), codes
+
+
+def _flat(batch, name: str) -> np.ndarray:
+    column = batch.column(name)
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False)
+
+
+def self_scores(
+    hidden: np.ndarray, ids: np.ndarray, values: np.ndarray, lengths: np.ndarray, budget: int = 1 << 24
+) -> np.ndarray:
+    """``||G_r||_F^2 = sum_{k, k' in r} <e_k, e_k'> <h_k, h_k'>`` of every row ``r`` of a block, float64 ``(rows,)``.
+
+    The same sum as :func:`forvalue.indexer.sparse_errors.pair_score` of a row with itself (the Gram form, in
+    float64), batched: rows are padded to their chunk's longest row and densified over their own error
+    vocabulary, chunks holding at most ``budget`` elements, and scored with two batched matrix products.
+    """
+    import torch
+
+    lengths = np.asarray(lengths, np.int64)
+    n_rows = lengths.size
+    out = np.zeros(n_rows)
+    if n_rows == 0 or hidden.shape[0] == 0:
+        return out
+    row_of = np.repeat(np.arange(n_rows), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    position = np.arange(hidden.shape[0]) - starts[row_of]
+    width = int(ids.max()) + 1
+    keys = (row_of[:, None] * width + ids).ravel()
+    unique, inverse = np.unique(keys, return_inverse=True)
+    first = np.searchsorted(unique, np.arange(n_rows) * width)
+    vocab = np.diff(np.append(first, unique.size))  # distinct error ids per row
+    entry_row = np.repeat(row_of, ids.shape[1])
+    local = inverse.ravel() - first[entry_row]
+    entry_pos = np.repeat(position, ids.shape[1])
+    flat_values = values.ravel().astype(np.float64)
+    h64 = torch.from_numpy(np.ascontiguousarray(hidden, np.float64))
+    r0 = 0
+    while r0 < n_rows:
+        r1 = r0 + 1
+        while r1 < n_rows:
+            length, size = lengths[r0 : r1 + 1].max(), vocab[r0 : r1 + 1].max()
+            if (r1 + 1 - r0) * length * max(size, length, hidden.shape[1]) > budget:
+                break
+            r1 += 1
+        length, size = int(lengths[r0:r1].max()), int(vocab[r0:r1].max())
+        tokens = slice(int(starts[r0]), int(starts[r1 - 1] + lengths[r1 - 1]))
+        entries = slice(tokens.start * ids.shape[1], tokens.stop * ids.shape[1])
+        e = torch.zeros((r1 - r0, length, size), dtype=torch.float64)
+        index = tuple(
+            torch.from_numpy(np.ascontiguousarray(a))
+            for a in (entry_row[entries] - r0, entry_pos[entries], local[entries])
+        )
+        e.index_put_(index, torch.from_numpy(flat_values[entries]), accumulate=True)
+        h = torch.zeros((r1 - r0, length, hidden.shape[1]), dtype=torch.float64)
+        h[torch.from_numpy(row_of[tokens] - r0), torch.from_numpy(position[tokens])] = h64[tokens]
+        gram = torch.bmm(e, e.transpose(1, 2)) * torch.bmm(h, h.transpose(1, 2))
+        out[r0:r1] = gram.sum(dim=(1, 2)).numpy()
+        r0 = r1
+    return out
