@@ -219,8 +219,14 @@ class Peers:
         self.work: Path = args.workdir
         self.model = args.model or str(_default_model())
 
+    def tag(self, task: str) -> str:
+        """The cache folder name of a task: its sizes, seed, model (and noise) are part of it."""
+        a = self.args
+        noise = f"-noise{a.noise:g}" if task.startswith("mislabeled_") else ""
+        return f"{task}-{a.n_train}x{a.n_test}-seed{a.seed}{noise}-{Path(self.model).name}"
+
     def _step(self, task: str, name: str, fn) -> dict:
-        path = self.work / "results" / task / f"{name}.json"
+        path = self.work / "results" / self.tag(task) / f"{name}.json"
         if path.exists():
             return json.loads(path.read_text())
         _log(f"peers: {task}: {name} ...")
@@ -298,6 +304,7 @@ class Peers:
             cos = cosine(scores, np.linalg.norm(g_val, axis=1), np.linalg.norm(g_train, axis=1))
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
             np.save(tdir / f"bergson-p{p}-scores.npy", scores)
+            np.save(tdir / f"bergson-p{p}-scores-cos.npy", cos)
             q = quality(scores, train, val)
             qc = {f"cos_{k}": v for k, v in quality(cos, train, val).items()}
             return {**m, "wall": m["wall"] + dt, "cpu": m["cpu"] + dc, "score_seconds": dt, **q, **qc}
@@ -307,10 +314,29 @@ class Peers:
             "query": self._step(task, f"bergson-p{p}-query", query),
         }
 
+    def lds_scores(self, lds_dir: Path) -> list[Path]:
+        """Bergson's score matrices (raw and cosine) for the LDS suite's pool and validation set."""
+
+        def rows(name):
+            out = [json.loads(line) for line in (lds_dir / name).read_text().splitlines() if line.strip()]
+            return [r | {"text": r["prompt"] + r["response"]} for r in out]
+
+        pool, val = rows("pool.jsonl"), rows("val.jsonl")
+        tdir = self.work / "tasks" / f"lds-{len(pool)}x{len(val)}-{Path(self.model).name}"
+        tdir.mkdir(parents=True, exist_ok=True)
+        p = self.args.projection
+        self.bergson(tdir.name, pool, val, tdir, p)
+        written = []
+        for suffix in ("", "-cos"):
+            dst = lds_dir / f"bergson-p{p}{suffix}.npy"
+            shutil.copyfile(tdir / f"bergson-p{p}-scores{suffix}.npy", dst)
+            written.append(dst)
+        return written
+
     def run_task(self, task: str) -> dict:
         a = self.args
         train, val = task_rows(task, a.n_train, a.n_test, a.seed, a.noise)
-        tdir = self.work / "tasks" / task
+        tdir = self.work / "tasks" / self.tag(task)
         tdir.mkdir(parents=True, exist_ok=True)
         out = {"task": task, "n_train": len(train), "n_val": len(val), "tools": {}}
         out["tools"]["forvalue"] = fv = self.forvalue(task, train, val, tdir)
@@ -425,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     add_common_args(ap)
     ap.add_argument("--workdir", type=Path, required=True, help="venv, stores, cached results (resumable)")
     ap.add_argument("--model", default=None, help="model folder both tools load (default: converted SmolLM2-135M)")
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    ap.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS, help="(none: only --lds-workdir)")
     ap.add_argument("--n-train", type=int, default=90, help="training samples per class (paper: 90)")
     ap.add_argument("--n-test", type=int, default=10, help="validation samples per class (paper: 10)")
     ap.add_argument("--noise", type=float, default=0.2, help="mislabeled_math: fraction of flipped labels")
@@ -435,6 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-bergson", action="store_true", help="forvalue only")
     ap.add_argument("--bergson-args", nargs="*", default=[], help="more flags for `bergson build`")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument(
+        "--lds-workdir",
+        type=Path,
+        default=None,
+        help="also score the LDS suite's pool (DIR/pool.jsonl, DIR/val.jsonl of `tools.bench lds`) with Bergson at "
+        "--projection and write DIR/bergson-pP.npy and DIR/bergson-pP-cos.npy for its --extra",
+    )
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     facts: dict = {}
@@ -446,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
             facts["venv size"] = f"{install['venv_bytes'] / 2**30:.1f} GiB"
     peers = Peers(args, py)
     started = time.perf_counter()
+    if args.lds_workdir is not None:
+        if py is None or not (args.lds_workdir / "pool.jsonl").is_file():
+            ap.error(f"--lds-workdir {args.lds_workdir}: needs Bergson and the LDS suite's pool.jsonl there")
+        for t in peers.lds_scores(args.lds_workdir):
+            _log(f"peers: wrote {t} (pass it to the lds suite as --extra NAME={t})")
     results = [peers.run_task(t) for t in args.tasks]
     text = "\n".join(
         [
