@@ -89,7 +89,7 @@ def test_render_tables_and_ratios():
     text = bp.render([{"task": "t", "tools": {"forvalue": fv, "bergson P=16": bg}}], {"bergson": "2.5.1"})
     assert "| t | forvalue | 10.0 / 5.0 |" in text and "0.9900 / 0.9000 | 0.9800 / 0.8000 |" in text
     assert "0.9700 / 0.7000 | 0.9600 / 0.6000 |" in text
-    assert "| t | bergson P=16 | 3.00x | 3.00x | 4.00x | 4.00x |" in text
+    assert "| t | bergson P=16 | 3.00x | 3.00x | 3.00x | 1.00x | 4.00x | 4.00x |" in text
     assert "bergson 2.5.1" in text
 
 
@@ -143,6 +143,9 @@ def test_suite_on_the_tiny_model_with_a_stand_in_bergson(tiny_model_dir, tmp_pat
     text = (tmp_path / "p.md").read_text()
     assert "| mislabeled_math | forvalue |" in text and "Bergson / forvalue" in text
     # resumed: every step from the work folder, nothing re-run (the logs keep their times)
+    assert [p.name for p in (work / "results").iterdir()] == [
+        f"mislabeled_math-2x1-seed0-noise0.2-{tiny_model_dir.name}"
+    ]
     mtimes = {f: os.stat(f).st_mtime for f in (work / "results").rglob("*.json")}
     assert bp.main(args) == 0
     assert {f: os.stat(f).st_mtime for f in (work / "results").rglob("*.json")} == mtimes

@@ -412,7 +412,9 @@ def render(results: list[dict], facts: dict) -> str:
                     r["task"],
                     tool,
                     f"{t['build']['wall'] / fv['build']['wall']:.2f}x",
+                    f"{t['build']['cpu'] / fv['build']['cpu']:.2f}x",
                     f"{t['query']['wall'] / fv['query']['wall']:.2f}x",
+                    f"{t['query']['cpu'] / fv['query']['cpu']:.2f}x",
                     f"{t['build']['peak_rss'] / fv['build']['peak_rss']:.2f}x",
                     f"{t['build']['store_bytes'] / fv['build']['store_bytes']:.2f}x",
                 ]
@@ -434,7 +436,10 @@ def render(results: list[dict], facts: dict) -> str:
             "",
             "Bergson / forvalue (same task, same run):",
             "",
-            md_table(["task", "tool", "build wall", "query wall", "build peak", "store bytes"], ratio_rows),
+            md_table(
+                ["task", "tool", "build wall", "build CPU", "query wall", "query CPU", "build peak", "store bytes"],
+                ratio_rows,
+            ),
         ]
     if facts:
         out += ["", "Peer environment: " + ", ".join(f"{k} {v}" for k, v in facts.items())]
