@@ -149,8 +149,8 @@ SUITES: dict[str, Suite] = {
         "bench_lds",
         "linear datamodeling score: For-Value raw/cosine vs gradient cosine, BM25, RDS+, Emb over M random "
         "50% subsets, each a LoRA fine-tune of the model (issue 29)",
-        "-- --quick (60-sample pool, M = 20): ~40 min at load 11-14 on the 2 cores (1-5 min per fine-tune), "
-        "designed for < 10 min unloaded; the full run (300 samples, M = 50) not measured",
+        "-- --quick (60-sample pool, M = 20): 45 min at load 10-12 on the 2 cores (118 s per fine-tune), "
+        "< 10 min only on a quiet machine; the full run (300 samples, M = 50) not measured",
         "docs/benchmarks.md: Linear datamodeling score (LDS)",
         workdir_option="--workdir",
         json=True,
@@ -160,7 +160,7 @@ SUITES: dict[str, Suite] = {
         "Bergson 2.5.1 side by side with forvalue (same model folder, same data): build/query time, peak "
         "memory, store bytes, AUC/recall, detection AUC; Bergson in its own venv under the work folder (issue 29)",
         "first use installs Bergson (~2 min from local wheels, 6.1 GiB); per task at 20 train / 10 validation "
-        "samples ~15-20 min at load 11-14 (forvalue 3 steps, Bergson 2 projections x 2 steps, each a fresh "
+        "samples 10-25 min at load 10-14 (forvalue 3 steps, Bergson 2 projections x 2 steps, each a fresh "
         "process); the paper sizes (900/100) not measured",
         "docs/benchmarks.md: Against Bergson (peers)",
         workdir_option="--workdir",
