@@ -15,6 +15,8 @@ validation samples and a 95% bootstrap interval (validation samples resampled).
 
 Methods (all scored once, on the pretrained model, the way each tool would be used):
 ``forvalue`` (raw score of the product's exact query), ``forvalue-cos`` (``--normalize cosine``),
+``forvalue-resp`` / ``forvalue-resp-cos`` (a store with ``--score-tokens response``: the tokens whose loss LDS
+measures),
 ``grad-cos`` (TracIn-style cosine of per-sample LoRA gradients at the pretrained model; the gradient
 baseline of the quality and selection suites), ``bm25``, ``rds`` (RDS+: cosine of mean-pooled last
 hidden states, Ivison et al. 2025), ``emb`` (the paper's Emb ablation: inner product of summed hidden
@@ -37,7 +39,7 @@ import numpy as np
 
 from forvalue.metrics import spearman
 
-METHODS = ("forvalue", "forvalue-cos", "grad-cos", "bm25", "rds", "emb")
+METHODS = ("forvalue", "forvalue-cos", "forvalue-resp", "forvalue-resp-cos", "grad-cos", "bm25", "rds", "emb")
 
 
 @dataclass(frozen=True)
@@ -208,11 +210,13 @@ class Lds:
         meta.write_text(json.dumps({"seconds": self.method_seconds[method]}))
         return out
 
-    def _store(self) -> Path:
+    def _store(self, score_tokens: str = "auto") -> Path:
         from forvalue import BuildConfig, ModelConfig
         from forvalue.indexer.build import build_index
+        from forvalue.schemas.config import EncodeConfig
 
-        store, done = self.workdir / "store", self.workdir / f"store-{self.data_key}.done"
+        name = "store" if score_tokens == "auto" else f"store-{score_tokens}"
+        store, done = self.workdir / name, self.workdir / f"{name}-{self.data_key}.done"
         if not done.exists():
             import shutil
 
@@ -220,25 +224,29 @@ class Lds:
             build_index(
                 [self.pool_file],
                 store,
-                BuildConfig(model=ModelConfig(path=self.model_path, device=self.device), progress=False),
+                BuildConfig(
+                    model=ModelConfig(path=self.model_path, device=self.device),
+                    encode=EncodeConfig(score_tokens=score_tokens),
+                    progress=False,
+                ),
                 runner=self.runner,
             )
             done.write_text("built\n")
         return store
 
     def _compute(self, method: str) -> np.ndarray:
-        if method in ("forvalue", "forvalue-cos"):
+        if method.startswith("forvalue"):
             from forvalue import QueryConfig
             from forvalue.api import run_query
 
             res = run_query(
-                self._store(),
+                self._store("response" if "-resp" in method else "auto"),
                 [self.val_file],
                 QueryConfig(
                     device=self.device,
                     progress=False,
                     exact=True,
-                    normalize="cosine" if method == "forvalue-cos" else "none",
+                    normalize="cosine" if method.endswith("-cos") else "none",
                 ),
                 runner=self.runner,
                 keep_scores=True,
