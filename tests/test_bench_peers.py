@@ -18,7 +18,12 @@ from tools.generate_tasks import SHARED_TEMPLATE_PROMPT, shared_template_task
 
 def test_run_measured_reports_the_childs_own_peak_memory_and_exit_status(tmp_path):
     big = bp.run_measured(
-        [sys.executable, "-c", "x = bytearray(200_000_000); x[::4096] = b'1' * len(x[::4096])"], tmp_path / "a.log"
+        [
+            sys.executable,
+            "-c",
+            "import time; x = bytearray(200_000_000); x[::4096] = b'1' * len(x[::4096]); time.sleep(0.5)",
+        ],
+        tmp_path / "a.log",
     )
     small = bp.run_measured([sys.executable, "-c", "pass"], tmp_path / "b.log")
     assert big["rc"] == 0 and big["peak_rss"] >= 200_000_000 > small["peak_rss"]

@@ -15,8 +15,8 @@ Tasks: the paper's three (``sentence_transformations``, ``math_no_reasoning``,
 one prompt template, the class visible in the response only). Both tools see the whole text
 (prompt + response) of every row.
 
-Per tool and task, each step runs as its own process and is measured from outside (``os.wait4``):
-wall and CPU seconds (user + system), peak resident memory; store bytes are the store folder's size.
+Per tool and task, each step runs as its own process and is measured from outside: wall and CPU seconds
+(user + system, ``os.wait4``), peak resident memory (the child's ``VmHWM``); store bytes are the store folder's size.
 
 - forvalue: ``forvalue.build`` (one forward pass) and an exact query (``run_query``, raw score; a
   second process gives the ``--normalize cosine`` scores, timed but not in the headline).
@@ -57,23 +57,42 @@ TASKS = ("sentence_transformations", "math_no_reasoning", "math_with_reasoning",
 # --------------------------------------------------------------------------- measuring a process
 
 
+def _vm_hwm(pid: int) -> int:
+    """The process's own peak resident memory so far (``VmHWM`` of /proc/PID/status), bytes; 0 if unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def run_measured(cmd: list[str], log: Path, env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run ``cmd`` to completion; ``{"wall", "cpu", "peak_rss", "rc"}`` (seconds, seconds, bytes).
 
-    CPU and peak memory come from ``os.wait4`` on the child itself (its own rusage, children of it
-    included once they are waited for), so other processes on the machine do not count.
+    CPU comes from ``os.wait4`` on the child itself, so other processes on the machine do not count. Peak
+    memory is the child's own ``VmHWM``, polled every 50 ms (a high-water mark: a poll misses nothing but the
+    last 50 ms): Linux's ``ru_maxrss`` of a child carries the parent's resident size at the fork, so a small
+    child of a large parent would read as large.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
-        _, status, ru = os.wait4(proc.pid, 0)
+        peak = 0
+        while True:
+            peak = max(peak, _vm_hwm(proc.pid))
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.05)
         wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
     return {
         "wall": wall,
         "cpu": ru.ru_utime + ru.ru_stime,
-        "peak_rss": ru.ru_maxrss * 1024,  # Linux reports KiB
+        "peak_rss": peak or ru.ru_maxrss * 1024,  # Linux reports ru_maxrss in KiB
         "rc": proc.returncode,
     }
 
