@@ -153,6 +153,27 @@ SUITES: dict[str, Suite] = {
         "docs/gform.md; docs/benchmarks.md: Audits at any validation-set size",
         workdir_option="--workdir",
     ),
+    "lds": Suite(
+        "bench_lds",
+        "linear datamodeling score: For-Value raw/cosine vs gradient cosine, BM25, RDS+, Emb over M random "
+        "50% subsets, each a LoRA fine-tune of the model (issue 29)",
+        "-- --quick (60-sample pool, M = 20): 45 min at load 10-12 on the 2 cores (118 s per fine-tune), "
+        "< 10 min only on a quiet machine; the full run (300 samples, M = 50) not measured",
+        "docs/benchmarks.md: Linear datamodeling score (LDS)",
+        workdir_option="--workdir",
+        json=True,
+    ),
+    "peers": Suite(
+        "bench_peers",
+        "Bergson 2.5.1 side by side with forvalue (same model folder, same data): build/query time, peak "
+        "memory, store bytes, AUC/recall, detection AUC; Bergson in its own venv under the work folder (issue 29)",
+        "first use installs Bergson (~2 min from local wheels, 6.1 GiB); per task at 20 train / 10 validation "
+        "samples 10-25 min at load 10-14 (forvalue 3 steps, Bergson 2 projections x 2 steps, each a fresh "
+        "process); the paper sizes (900/100) not measured",
+        "docs/benchmarks.md: Against Bergson (peers)",
+        workdir_option="--workdir",
+        json=True,
+    ),
     "ray": Suite(
         "bench_ray",
         "--engine ray on one machine: build throughput (plain vs 1 actor x T threads vs T "

@@ -97,6 +97,15 @@ def emb_vectors(runner, tokenized, batch_size: int = 8) -> np.ndarray:
     return out
 
 
+def rds_vectors(runner, tokenized, batch_size: int = 8) -> np.ndarray:
+    """RDS+ (Ivison et al. 2025): mean of the last hidden states over the scored positions, L2-normalised
+    (n, d) float64; inner products of two such vectors are cosines."""
+    tokenized = list(tokenized)
+    counts = np.array([max(len(t.input_ids) - t.first_target, 1) for t in tokenized], np.float64)
+    mean = emb_vectors(runner, tokenized, batch_size) / counts[:, None]
+    return mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-30)
+
+
 class LoraGradients:
     """Per-sample gradients w.r.t. LoRA ``B`` factors (see module doc).
 

@@ -23,7 +23,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from forvalue.tasks.text import ALL_TASKS, MATH_REASONS, generate_task, write_jsonl
+from forvalue.tasks.text import ALL_TASKS, MATH_REASONS, RULES, generate_task, write_jsonl
+
+SHARED_TEMPLATE_PROMPT = "Transform the following sentence. {sentence} -> "
 
 DEFAULT_TASKS = ["math_no_reasoning", "math_with_reasoning", "sentence_transformations", "mislabeled_math"]
 DEFAULT_NOISE_RATES = [0.2, 0.5]
@@ -73,6 +75,48 @@ def write_task(
     write_jsonl(train, folder / "train.jsonl")
     write_jsonl(test, folder / "test.jsonl")
     return folder, train, test
+
+
+def shared_template_task(
+    n_train: int = 90, n_test: int = 10, seed: int = 0, n_classes: int = 10
+) -> tuple[list[dict], list[dict]]:
+    """A harder retrieval task: the ten sentence transformations behind ONE prompt template.
+
+    Every class's prompt is ``"Transform the following sentence. SENTENCE -> "``: no chatbot name, no
+    rule description, so the prompt says nothing about the class; only the response (the sentence
+    transformed by the class's rule) does. Sentences come from the paper task's generator with their
+    own seeded stream per class (``seed``), so equal seeds give identical rows. Rows are
+    ``{"id", "prompt", "response", "label", "meta"}`` with ids ``shared_template-{split}-{class}-{i}``.
+    """
+    import random
+
+    from forvalue.tasks.text import random_sentence
+
+    if not 1 <= n_classes <= len(RULES):
+        raise ValueError(f"n_classes must be in [1, {len(RULES)}], got {n_classes}")
+    if n_train < 0 or n_test < 0:
+        raise ValueError("n_train and n_test must be non-negative")
+    train, test = [], []
+    for c in range(n_classes):
+        name, _, rule, _ = RULES[c]
+        rng, seen, sentences = random.Random(f"{seed}:shared_template:{c}"), set(), []
+        while len(sentences) < n_train + n_test:
+            s = random_sentence(rng)
+            if s not in seen:
+                seen.add(s)
+                sentences.append(s)
+        for i, s in enumerate(sentences):
+            split, k, out = ("train", i, train) if i < n_train else ("test", i - n_train, test)
+            out.append(
+                {
+                    "id": f"shared_template-{split}-{c}-{k}",
+                    "prompt": SHARED_TEMPLATE_PROMPT.format(sentence=s),
+                    "response": rule(s),
+                    "label": name,
+                    "meta": {"sentence": s},
+                }
+            )
+    return train, test
 
 
 def add_data_options(ap: argparse.ArgumentParser) -> None:

@@ -35,6 +35,8 @@ Methods (each gives one value per pool sample; the top k% are selected):
 * ``random``          seeded uniform.
 * ``emb``             alpha = 1 ablation (hidden states only): ``<mean_v sum_t h_vt, sum_t h_it>``
   (``tools.bench_baselines.emb_vectors``, as in ``tools/bench_quality.py``).
+* ``rds``             RDS+ (Ivison et al. 2025): mean cosine of mean-pooled, L2-normalised last hidden
+  states (``tools.bench_baselines.rds_vectors``), the strongest cheap selector of their study.
 * ``loss``            perplexity filter: lowest response loss under the warm-up model.
 * ``bm25``            Okapi BM25 (k1 = 1.5, b = 0.75) of each pool sample against each validation
   sample (word tokens, lower-cased), averaged over the validation set.
@@ -44,7 +46,7 @@ Methods (each gives one value per pool sample; the top k% are selected):
 * ``distill``         the distilled value model (``forvalue.distill``): build + audit a random
   ``distill_fraction`` of the pool, ``distill`` a student on it, ``estimate`` the whole pool.
 
-Brittleness ranks per validation sample: ``forvalue`` (``run_query`` scores), ``emb``, ``bm25``,
+Brittleness ranks per validation sample: ``forvalue`` (``run_query`` scores), ``emb``, ``rds``, ``bm25``,
 ``grad`` (cosine of per-sample gradients of the fine-tuned model itself) and ``random``.
 
 Every fine-tune's result is saved as JSON under ``WORKDIR/cache`` keyed by what it trains and

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = ("forvalue", "forvalue-label", "random", "emb", "loss", "bm25", "grad", "distill")
-BRITTLE_METHODS = ("forvalue", "random", "emb", "bm25", "grad")
+METHODS = ("forvalue", "forvalue-label", "random", "emb", "rds", "loss", "bm25", "grad", "distill")
+BRITTLE_METHODS = ("forvalue", "random", "emb", "rds", "bm25", "grad")
 PARTS = ("targeted", "noisy", "brittle")
 
 

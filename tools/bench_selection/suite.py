@@ -239,6 +239,24 @@ class PoolContext:
             ),
         )
 
+    def rds_pool(self):
+        from tools.bench_baselines import rds_vectors, tokenize_rows
+
+        return self._once(
+            "rds",
+            lambda: rds_vectors(
+                self.suite.runner,
+                tokenize_rows(self.suite.runner.tokenizer, [self._sample(r) for r in self.pool], "all"),
+            ),
+        )
+
+    def rds_val(self, val: list[dict]) -> np.ndarray:
+        from tools.bench_baselines import rds_vectors, tokenize_rows
+
+        return rds_vectors(
+            self.suite.runner, tokenize_rows(self.suite.runner.tokenizer, [self._sample(r) for r in val], "all")
+        )
+
     def warmup(self):
         def train():
             from tools.selection_lora import Lora
@@ -324,6 +342,9 @@ class PoolContext:
                 self.suite.runner, tokenize_rows(self.suite.runner.tokenizer, [self._sample(r) for r in val], "all")
             )
             values = pool_emb @ v.mean(axis=0)
+        elif method == "rds":  # mean cosine over the validation set = dot with the mean unit vector
+            pool_rds, shared = self.rds_pool()
+            values = pool_rds @ self.rds_val(val).mean(axis=0)
         elif method == "loss":
             (losses, t_loss), (_, t_warm) = self.pool_losses(), self.warmup()
             shared = t_loss + t_warm
@@ -387,6 +408,9 @@ class PoolContext:
                 self.suite.runner, tokenize_rows(self.suite.runner.tokenizer, [self._sample(r) for r in val], "all")
             )
             return v @ pool_emb.T
+        if method == "rds":
+            pool_rds, _ = self.rds_pool()
+            return self.rds_val(val) @ pool_rds.T
         if method == "bm25":
             return bm25([r["prompt"] + r["response"] for r in val], [r["prompt"] + r["response"] for r in self.pool])
         if method == "grad":
