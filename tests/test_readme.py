@@ -34,3 +34,5 @@ def test_readme_python_block_runs(tmp_path, monkeypatch, tiny_model_dir, toy_row
     assert (tmp_path / "subset.jsonl").read_text().count("\n") == len(toy_rows) // 2
     assert (tmp_path / "why.html").stat().st_size > 0
     assert "StoreInfo(runs/store: 12 samples" in capsys.readouterr().out
+    small = scope["small"]
+    assert small.manifest.hidden_dtype == "int8" and len(small) == len(toy_rows) and small.check().clean
