@@ -12,7 +12,7 @@ from pathlib import Path
 
 from forvalue.present.explain_html import _STYLE, safe_name, write_explanation
 from forvalue.schemas.config import DataConfig, ModelConfig
-from forvalue.storage.files import write_text
+from forvalue.storage.files import FOLDER, check_outputs, write_text
 
 
 def explain_query_results(
@@ -22,6 +22,7 @@ def explain_query_results(
     from forvalue.engine.explain import Explainer
     from forvalue.engine.validation import data_for_store, load_validation_samples
 
+    check_outputs({"explanation pages": (folder, (FOLDER,))}, [store.path, *validation])
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))
     explainer = Explainer(store, runner, samples, data, batch_size)
     return explain_top_results(top, explainer, n, folder)
@@ -110,6 +111,8 @@ def explain_audit_examples(
     from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
     from forvalue.session import load_store_runner, open_nonempty
     from forvalue.storage.audits import ValidationCache, read_audit
+
+    check_outputs({"explanation pages": (folder, (FOLDER,))}, [getattr(store, "path", store), *validation])
 
     store = open_nonempty(store)
     table, _ = read_audit(store, name)

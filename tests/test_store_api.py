@@ -109,3 +109,24 @@ def test_result_dicts_are_json_ready(st):
     a = st.audit(val, "a", forvalue.AuditConfig(progress=False, device="cpu"))
     for result in (st.info(), st.check(), a.run, a.summary(), a.compare("a"), a.select(top=2)):
         json.dumps(result.as_dict())
+
+
+def test_api_outputs_never_go_into_the_store(st, tmp_path):
+    """The output policy holds for the Python API too, not only for the CLI's paths."""
+    val = st.path.parent / "val.jsonl"
+    manifest = (st.path / "manifest.json").read_bytes()
+    result = st.query(val, forvalue.QueryConfig(top_k=2, progress=False, device="cpu"))
+    with pytest.raises(ForValueError, match="is inside the store"):
+        st.explain_results(result, val, 1, st.path / "pages")
+    with pytest.raises(ForValueError, match="is inside the store"):
+        st.query(val, forvalue.QueryConfig(progress=False), all_scores_path=st.path / "manifest.json")
+    a = st.audit(val, "a", forvalue.AuditConfig(progress=False, device="cpu"))
+    with pytest.raises(ForValueError, match="is inside the store"):
+        a.report(st.path / "manifest.json")
+    with pytest.raises(ForValueError, match="is inside the store"):
+        a.select(top=2, output=st.path / "subset.jsonl")
+    assert (st.path / "manifest.json").read_bytes() == manifest
+    assert not (st.path / "pages").exists() and not (st.path / "subset.jsonl").exists()
+    assert st.check().clean
+    pages = st.explain_results(result, val, 1, tmp_path / "pages")
+    assert (tmp_path / "pages" / "index.html").exists() and pages.column("explanation").null_count == 2
