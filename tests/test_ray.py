@@ -213,7 +213,8 @@ def test_ray_build_survives_a_killed_worker(tmp_path, tiny_model_dir, ray_instan
     """An actor killed (-9) mid-build is restarted by Ray, its chunk retried: the build ends complete, no duplicate."""
     import lance
 
-    data = write_jsonl(tmp_path / "train.jsonl", _rows(80))
+    n = 400  # enough rows that the build is still running when the first commits land, on a fast machine too
+    data = write_jsonl(tmp_path / "train.jsonl", _rows(n))
     store = tmp_path / "store"
     address = ray_instance.get_runtime_context().gcs_address
     cmd = [
@@ -257,7 +258,7 @@ def test_ray_build_survives_a_killed_worker(tmp_path, tiny_model_dir, ray_instan
             if committed >= 4 and pids:
                 killed = pids[0]
                 os.kill(killed, signal.SIGKILL)
-            time.sleep(0.2)
+            time.sleep(0.05)
         out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
     finally:
         if proc.poll() is None:
@@ -267,8 +268,8 @@ def test_ray_build_survives_a_killed_worker(tmp_path, tiny_model_dir, ray_instan
     assert proc.returncode == 0, err.decode()[-2000:]
     report = json.loads(out.decode().strip().splitlines()[-1])
     ids = _table(store).column("id").to_pylist()
-    assert report["written"] == report["total_rows"] == 80
-    assert len(ids) == len(set(ids)) == 80
+    assert report["written"] == report["total_rows"] == n
+    assert len(ids) == len(set(ids)) == n
 
 
 @pytest.mark.ray
