@@ -1,4 +1,4 @@
-"""Audit tables and the validation-encoding cache, inside a store (Lance tables via LanceDB).
+"""Audit tables and the validation-encoding cache, inside a store (Lance tables, read and written with pylance).
 
 ::
 
@@ -61,12 +61,6 @@ def check_audit_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ForValueError(f"audit name {name!r} is not valid; use letters, digits, '_', '-', '.' (max 64)")
     return name
-
-
-def _db(store: Store):
-    import lancedb
-
-    return lancedb.connect(str(store.path))
 
 
 def committed(folder: Path) -> bool:
@@ -144,18 +138,19 @@ def write_audit(store: Store, name: str, table: pa.Table, meta: dict) -> int:
     Holds the audit's table lock; a folder left without a committed version by a killed run is
     removed first, so the new table starts clean.
     """
+    import lance
+
     check_audit_name(name)
     schema = table.schema.with_metadata({_META_KEY: json.dumps(meta).encode()})
     table = table.cast(schema)
-    db = _db(store)
     folder = store.path / f"{AUDIT_PREFIX}{name}.lance"
     with table_lock(store, AUDIT_PREFIX + name):
         exists = committed(folder)
         if folder.is_dir() and not exists:
             shutil.rmtree(folder)
         with translate_errors(store.path, f"write audit '{name}' to"):
-            tbl = db.create_table(AUDIT_PREFIX + name, table, mode="overwrite" if exists else "create")
-            return int(tbl.version)
+            dataset = lance.write_dataset(table, str(folder), mode="overwrite" if exists else "create")
+            return int(dataset.version)
 
 
 def list_audits(store: Store) -> list[dict]:
@@ -186,54 +181,83 @@ def read_audit(store: Store, name: str) -> tuple[pa.Table, dict]:
 
 
 class ValidationCache:
-    """Encoded validation samples keyed by a content hash (see ``forvalue.engine.validation.cache_key``)."""
+    """Encoded validation samples keyed by a content hash (see ``forvalue.engine.validation.cache_key``).
+
+    Read with pylance only (no lancedb import): :meth:`get` reads the key column, then takes only the
+    wanted rows, and turns their list columns into arrays without Python objects per value, so a
+    cached audit loads its encodings in time proportional to their bytes.
+    """
 
     def __init__(self, store: Store):
+        import lance
+
         self.store = store
-        db = _db(store)
+        self._uri = str(store.path / f"{CACHE_TABLE}.lance")
         if CACHE_TABLE in _tables(store):
-            self._table = db.open_table(CACHE_TABLE)
-        else:
-            try:
-                self._table = db.create_table(CACHE_TABLE, schema=CACHE_SCHEMA, exist_ok=True)
-            except (OSError, ValueError, RuntimeError) as exc:  # a concurrent twin made it, or the store is read-only
-                with translate_errors(store.path, "create the validation cache in"):
-                    if CACHE_TABLE not in _tables(store):
-                        _drop_if_uncommitted(store.path / f"{CACHE_TABLE}.lance")  # e.g. a full disk: leave no husk
-                        raise exc
-                    self._table = db.open_table(CACHE_TABLE)
+            return
+        try:
+            with translate_errors(store.path, "create the validation cache in"):
+                lance.write_dataset(CACHE_SCHEMA.empty_table(), self._uri, mode="create")
+        except Exception as exc:  # a concurrent twin made it, or the store is read-only / full
+            if CACHE_TABLE not in _tables(store):
+                _drop_if_uncommitted(store.path / f"{CACHE_TABLE}.lance")  # e.g. a full disk: leave no husk
+                raise exc
 
     def get(self, keys: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
         """Cached ``(hidden (n, d), ids (n, m+1), values (n, m+1), sq_norm)`` by key, for the keys present."""
+        import lance
+
         wanted = set(keys)
+        with translate_errors(self.store.path, "read the validation cache of"):
+            dataset = lance.dataset(self._uri)
+            stored = dataset.to_table(columns=["key"]).column("key").to_pylist()
+            first: dict[str, int] = {}
+            for row, key in enumerate(stored):
+                if key in wanted and key not in first:
+                    first[key] = row
+            if not first:
+                return {}
+            rows = sorted(first.values())
+            table = dataset.take(rows, columns=["key", "n_scored", "hidden", "ids", "values", "sq_norm"])
         out = {}
-        self._table.checkout_latest()
-        for batch in self._table.to_lance().to_batches(batch_size=4096):
-            for row in batch.to_pylist():
-                if row["key"] in wanted and row["key"] not in out:
-                    n = row["n_scored"]
-                    ids = np.asarray(row["ids"], np.int64).reshape(n, -1)
-                    out[row["key"]] = (
-                        np.asarray(row["hidden"], np.float32).reshape(n, -1),
-                        ids,
-                        np.asarray(row["values"], np.float32).reshape(ids.shape),
-                        row["sq_norm"],
-                    )
+        n = table.column("n_scored").to_numpy().astype(np.int64)
+        columns = {}
+        for name, dtype in (("hidden", np.float32), ("ids", np.int64), ("values", np.float32)):
+            lists = table.column(name).combine_chunks()
+            flat = lists.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+            offsets = lists.offsets.to_numpy() - lists.offsets[0].as_py()
+            columns[name] = (flat, offsets)
+        sq = table.column("sq_norm").to_numpy()
+        for j, key in enumerate(table.column("key").to_pylist()):
+            parts = {}
+            for name, (flat, offsets) in columns.items():
+                parts[name] = flat[offsets[j] : offsets[j + 1]].reshape(int(n[j]), -1)
+            out[key] = (parts["hidden"], parts["ids"], parts["values"].reshape(parts["ids"].shape), float(sq[j]))
         return out
 
     def put(self, items: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]) -> None:
         """Append new entries in one commit."""
+        import lance
+
         if not items:
             return
-        rows = [
-            {
-                "key": k,
-                "n_scored": int(h.shape[0]),
-                "hidden": h.ravel().tolist(),
-                "ids": i.ravel().tolist(),
-                "values": v.ravel().tolist(),
-                "sq_norm": float(s),
-            }
-            for k, (h, i, v, s) in items.items()
-        ]
-        self._table.add(pa.Table.from_pylist(rows, schema=CACHE_SCHEMA))
+        keys = list(items)
+
+        def lists(index: int, dtype) -> pa.ListArray:
+            parts = [np.ascontiguousarray(items[k][index], dtype=dtype).ravel() for k in keys]
+            offsets = np.concatenate([[0], np.cumsum([p.size for p in parts])]).astype(np.int32)
+            return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate(parts)))
+
+        table = pa.table(
+            [
+                pa.array(keys, pa.string()),
+                pa.array([int(items[k][0].shape[0]) for k in keys], pa.int32()),
+                lists(0, np.float32),
+                lists(1, np.int64),
+                lists(2, np.float32),
+                pa.array([float(items[k][3]) for k in keys], pa.float64()),
+            ],
+            schema=CACHE_SCHEMA,
+        )
+        with translate_errors(self.store.path, "write the validation cache of"):
+            lance.write_dataset(table, self._uri, mode="append")

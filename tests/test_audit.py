@@ -237,3 +237,23 @@ def test_audit_name_is_checked_before_the_model_loads(audited_store, monkeypatch
         "audit", "run", "--store", audited_store / "store", "-v", audited_store / "val.jsonl", "--name", "../evil"
     )
     assert_one_line_error(res, "audit name '../evil' is not valid")
+
+
+def test_an_audit_imports_no_lancedb(audited_store):
+    """Audit tables and the validation cache are read and written with pylance: `audit run` (and a cached
+    re-run) never pays lancedb's import (2-5 s)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from forvalue.audit import run_audit\n"
+        "from forvalue.schemas.config import AuditConfig\n"
+        f"for name in ('x', 'y'):\n"
+        f"    run_audit({str(audited_store / 'store')!r}, [{str(audited_store / 'val.jsonl')!r}], name, "
+        "AuditConfig(progress=False, device='cpu'))\n"
+        "print('lancedb' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -1369,20 +1369,20 @@ def test_audit_rerun_over_a_killed_first_commit_starts_clean(valued, tmp_path, t
 
 AUDIT_WRITER = r"""
 import os, signal, sys, threading, time
-import lancedb  # imported first: the kill timer below starts right before Lance's commit
+import lance  # imported first: the kill timer below starts right before Lance's commit
 from forvalue.storage import audits
 from forvalue.storage.store import Store
 
 store, name, delay = sys.argv[1], sys.argv[2], float(sys.argv[3])
 st = Store.open(store)
 table, meta = audits.read_audit(st, "a")
-connect = audits._db
+write = lance.write_dataset
 
-def db(s):
+def write_then_die(*args, **kwargs):
     threading.Timer(delay, lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
-    return connect(s)
+    return write(*args, **kwargs)
 
-audits._db = db
+lance.write_dataset = write_then_die
 audits.write_audit(st, name, table, {**meta, "name": name})
 time.sleep(30)  # the timer kills the process here at the latest
 """

@@ -145,6 +145,12 @@ SUITES: dict[str, Suite] = {
         workdir_option="--workdir",
         json=True,
     ),
+    "validation_cache": Suite(
+        "bench_validation_cache",
+        "loading cached validation encodings: pylance take + arrays vs the previous row-by-row read; lancedb import",
+        "about 15 s (400 encodings of 40 tokens, d = 576)",
+        "docs/benchmarks.md: Loading cached validation encodings",
+    ),
     "gform": Suite(
         "bench_gform",
         "audit scan time vs validation-set size: G-form vs token form vs plain read (issue 15)",
