@@ -286,11 +286,10 @@ class Store:
 
         Save it as a page with ``explanation.save("why.html")`` (or ``.jsonl`` / ``.parquet``).
         """
-        from forvalue.engine.explain import explain, row_positions
+        from forvalue.engine.explain import explain
 
-        row_positions(self._fresh(), [train_id])  # an unknown id fails before the model loads
-        runner = self._lazy_runner(model, config.device)
-        return explain(self._table, _paths(validation), train_id, config, data=data, model=model, runner=runner)
+        runner = self._lazy_runner(model, config.device)  # loaded after explain() checked the id and inputs
+        return explain(self._fresh(), _paths(validation), train_id, config, data=data, model=model, runner=runner)
 
     def explain_results(
         self,
@@ -326,9 +325,7 @@ class Store:
         encodings are cached in the store by content, so a re-run encodes only changed samples.
         """
         from forvalue.audit import run_audit
-        from forvalue.storage.audits import check_audit_name
 
-        check_audit_name(name)
         on_ray = engine is not None and engine.engine == "ray"
         runner = None if on_ray else self._lazy_runner(model, config.device)
         run = run_audit(
@@ -352,26 +349,27 @@ class Audits(Mapping):
     def __init__(self, store: Store):
         self._store = store
 
-    def _infos(self) -> dict[str, AuditInfo]:
-        from forvalue.audit import audits
-
-        return {a.name: a for a in audits(self._store._fresh())}
-
     def __getitem__(self, name: str) -> "Audit":
-        from forvalue.storage.audits import read_audit
+        from forvalue.storage.audits import audit_meta
 
-        read_audit(self._store._table, name)  # unknown names: one line listing the known ones
+        audit_meta(self._store._fresh(), name)  # unknown names: one line listing the known ones
         return Audit(self._store, name)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._infos())
+        from forvalue.storage.audits import audit_names
+
+        return iter(audit_names(self._store._fresh()))
 
     def __len__(self) -> int:
-        return len(self._infos())
+        from forvalue.storage.audits import audit_names
+
+        return len(audit_names(self._store._fresh()))
 
     def list(self) -> list[AuditInfo]:
         """Every audit's :class:`~forvalue.results.AuditInfo`, by name."""
-        return list(self._infos().values())
+        from forvalue.audit import audits
+
+        return audits(self._store._fresh())
 
     def __repr__(self) -> str:
         return f"Audits({list(self)})"
@@ -397,8 +395,10 @@ class Audit:
 
     @property
     def info(self) -> AuditInfo:
-        """The audit's metadata (version, created, counts, validation hash, settings in ``meta``)."""
-        return self.summary(0).info
+        """The audit's metadata (version, created, counts, validation hash, settings in ``meta``); reads no rows."""
+        from forvalue.storage.audits import audit_meta
+
+        return AuditInfo.from_meta(audit_meta(self.store._fresh(), self.name))
 
     def table(self):
         """The audit's table (pyarrow): ``id``, ``label``, ``score_mean``, ``score_max``, ``rank``, ``flagged``..."""

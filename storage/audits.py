@@ -153,31 +153,46 @@ def write_audit(store: Store, name: str, table: pa.Table, meta: dict) -> int:
             return int(dataset.version)
 
 
+def audit_names(store: Store) -> list[str]:
+    """Names of the store's audits (committed tables only), sorted."""
+    return sorted(t[len(AUDIT_PREFIX) :] for t in _tables(store) if t.startswith(AUDIT_PREFIX))
+
+
 def list_audits(store: Store) -> list[dict]:
-    """Metadata of every audit in the store, sorted by name."""
-    out = []
-    for table in sorted(_tables(store)):
-        if table.startswith(AUDIT_PREFIX):
-            out.append(read_audit(store, table[len(AUDIT_PREFIX) :])[1])
-    return out
+    """Metadata of every audit in the store, sorted by name (reads no audit's rows)."""
+    return [audit_meta(store, name) for name in audit_names(store)]
+
+
+def _audit_dataset(store: Store, name: str):
+    """The audit's Lance dataset; a clear error for an unknown name."""
+    import lance
+
+    check_audit_name(name)
+    known = audit_names(store)
+    if name not in known:
+        raise ForValueError(
+            f"{store.path}: no audit named '{name}' (known: {', '.join(known) or 'none'}); run 'forvalue audit run'"
+        )
+    with translate_errors(store.path, f"read audit '{name}' of"):
+        return lance.dataset(str(store.path / f"{AUDIT_PREFIX}{name}.lance"))
+
+
+def _meta_of(dataset) -> dict:
+    meta = json.loads((dataset.schema.metadata or {}).get(_META_KEY, b"{}"))
+    meta["version"] = int(dataset.version)
+    return meta
+
+
+def audit_meta(store: Store, name: str) -> dict:
+    """Audit ``name``'s metadata and version, without reading its rows; a clear error for an unknown name."""
+    return _meta_of(_audit_dataset(store, name))
 
 
 def read_audit(store: Store, name: str) -> tuple[pa.Table, dict]:
     """The audit table and its metadata; a clear error for an unknown name."""
-    check_audit_name(name)
-    if AUDIT_PREFIX + name not in _tables(store):
-        known = [t[len(AUDIT_PREFIX) :] for t in _tables(store) if t.startswith(AUDIT_PREFIX)]
-        raise ForValueError(
-            f"{store.path}: no audit named '{name}' (known: {', '.join(known) or 'none'}); run 'forvalue audit run'"
-        )
-    import lance
-
+    dataset = _audit_dataset(store, name)
     with translate_errors(store.path, f"read audit '{name}' of"):
-        dataset = lance.dataset(str(store.path / f"{AUDIT_PREFIX}{name}.lance"))
-        data = dataset.to_table()
-        meta = json.loads((dataset.schema.metadata or {}).get(_META_KEY, b"{}"))
-    meta["version"] = int(dataset.version)
-    return data, meta
+        return dataset.to_table(), _meta_of(dataset)
 
 
 class ValidationCache:

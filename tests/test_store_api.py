@@ -130,3 +130,20 @@ def test_api_outputs_never_go_into_the_store(st, tmp_path):
     assert st.check().clean
     pages = st.explain_results(result, val, 1, tmp_path / "pages")
     assert (tmp_path / "pages" / "index.html").exists() and pages.column("explanation").null_count == 2
+
+
+def test_bad_input_is_refused_before_the_model_loads(st, monkeypatch):
+    """The handle gives the workflows a loader, so their checks still come first."""
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the bad input was refused")
+
+    monkeypatch.setattr(forvalue.session, "load_store_runner", no_model)
+    val = st.path.parent / "val.jsonl"
+    with pytest.raises(ForValueError, match="no training sample with id 'nope'"):
+        st.explain(val, "nope")
+    with pytest.raises(ForValueError, match="audit name"):
+        st.audit(val, "../x")
+    with pytest.raises(ForValueError, match="no such file"):
+        st.query(st.path.parent / "missing.jsonl")
+    assert len(st.audits) == 0 and list(st.audits) == []

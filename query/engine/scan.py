@@ -80,7 +80,7 @@ def cosine(scores: np.ndarray, train_sq_norms: np.ndarray, val_norms: np.ndarray
     return scores / np.maximum(np.sqrt(train_sq_norms)[:, None] * np.asarray(val_norms)[None, :], 1e-30)
 
 
-def score_all(store, val: ValidationSet, config, device, sink=None):
+def score_all(store, val: ValidationSet, config, device):
     """Stream the whole store through the exact scorer; yields ``(first_row, ids, labels, scores)``.
 
     ``scores`` is float64 of shape ``(rows, n_val)`` (or ``(rows, 1)`` with ``config.aggregate='mean'``),
