@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from forvalue.metrics import spearman
+from tools.common import LazyModel
 
 METHODS = ("forvalue", "forvalue-cos", "forvalue-resp", "forvalue-resp-cos", "grad-cos", "bm25", "rds", "emb")
 
@@ -123,7 +124,7 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-class Lds:
+class Lds(LazyModel):
     """The run's cached state under ``workdir``: subsets' losses and methods' score matrices."""
 
     def __init__(self, s: LdsSettings, workdir: Path, model: str | None, device: str):
@@ -137,26 +138,9 @@ class Lds:
         self.val_file = write_rows(self.val, workdir / "val.jsonl")
         self.data_key = sha([[r["id"] for r in self.pool], [r["id"] for r in self.val], model or "default"])
         self.masks = subset_masks(len(self.pool), s.subsets, s.fraction, s.seed)
-        self._runner = None
         self.fine_tunes_run = 0
         self.ft_seconds: list[float] = []
         self.method_seconds: dict[str, float] = {}
-
-    @property
-    def runner(self):
-        if self._runner is None:
-            from forvalue.indexer.model_runner import load_runner
-            from forvalue.schemas.config import ModelConfig
-            from tools.common import quiet_transformers
-
-            quiet_transformers()
-            self._runner = load_runner(ModelConfig(path=self.model_path, device=self.device))
-        return self._runner
-
-    def _tok(self, rows):
-        from tools.selection_lora import sft_tokenize
-
-        return sft_tokenize(self.runner.tokenizer, rows, self.s.max_length)
 
     # -- measured losses --------------------------------------------------------------------------
     def subset_losses(self, j: int) -> np.ndarray:
@@ -175,9 +159,9 @@ class Lds:
 
         rows = [r for r, keep in zip(self.pool, self.masks[j]) if keep]
         lora = Lora(self.runner.model, self.s.rank, self.s.seed + j)
-        seconds = lora.finetune(self._tok(rows), self.s.epochs, self.s.lr, self.s.batch, self.s.seed + j)
+        seconds = lora.finetune(self.tok(rows), self.s.epochs, self.s.lr, self.s.batch, self.s.seed + j)
         with lora.active():
-            losses = sample_losses(self.runner.model, self._tok(self.val))
+            losses = sample_losses(self.runner.model, self.tok(self.val))
         self.fine_tunes_run += 1
         self.ft_seconds.append(seconds)
         tmp = path.with_suffix(".tmp")
@@ -191,7 +175,7 @@ class Lds:
         path = self.cache / f"base-{self.data_key}.json"
         if path.exists():
             return np.array(json.loads(path.read_text()))
-        losses = sample_losses(self.runner.model, self._tok(self.val))
+        losses = sample_losses(self.runner.model, self.tok(self.val))
         path.write_text(json.dumps(losses.tolist()))
         return losses
 
@@ -271,8 +255,8 @@ class Lds:
             from tools.bench_baselines import LoraGradients
 
             lg = LoraGradients(self.runner.model, rank=self.s.rank, seed=self.s.seed)
-            g = lg.compute(self._tok(self.pool)).astype(np.float64)
-            gv = lg.compute(self._tok(self.val)).astype(np.float64)
+            g = lg.compute(self.tok(self.pool)).astype(np.float64)
+            gv = lg.compute(self.tok(self.val)).astype(np.float64)
             g /= np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-30)
             gv /= np.maximum(np.linalg.norm(gv, axis=1, keepdims=True), 1e-30)
             return gv @ g.T

@@ -204,3 +204,25 @@ def quiet_transformers() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+class LazyModel:
+    """Mixin of the fine-tuning suites: ``runner`` (the model at ``self.model_path`` on ``self.device``, loaded
+    on first use) and ``tok(rows)`` (rows tokenized as the fine-tune reads them, ``self.s.max_length``)."""
+
+    _runner = None
+
+    @property
+    def runner(self):
+        if self._runner is None:
+            from forvalue.indexer.model_runner import load_runner
+            from forvalue.schemas.config import ModelConfig
+
+            quiet_transformers()
+            self._runner = load_runner(ModelConfig(path=self.model_path, device=self.device))
+        return self._runner
+
+    def tok(self, rows):
+        from tools.selection_lora import sft_tokenize
+
+        return sft_tokenize(self.runner.tokenizer, rows, self.s.max_length)

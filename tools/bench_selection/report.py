@@ -43,7 +43,7 @@ def beats(a: list[float], b: list[float], lower_better: bool) -> str:
 
 
 def report(rows: list[dict], s: Settings, argv: list[str], seconds: float, counts: Counts, device: str) -> str:
-    from tools._bench_common import machine_info, md_table
+    from tools.common import machine_info, md_table
 
     lines = [
         "## Selection by value: fine-tune on what each method selects (issue 17)",

@@ -12,6 +12,7 @@ import numpy as np
 
 from tools.bench_selection.bm25 import bm25
 from tools.bench_selection.settings import Settings, n_of, sha, write_rows
+from tools.common import LazyModel
 
 
 @dataclass
@@ -27,7 +28,7 @@ class NotCached(Exception):
     """``--cached-only``: a selection or fine-tune that has not run yet."""
 
 
-class Suite:
+class Suite(LazyModel):
     """Runs the parts, caching every selection and fine-tune under ``out/cache``."""
 
     def __init__(self, s: Settings, out: Path, model: str | None, device: str):
@@ -35,7 +36,6 @@ class Suite:
         self.cache = out / "cache"
         self.cache.mkdir(parents=True, exist_ok=True)
         self.work = out / "work"
-        self._runner = None
         self.counts = Counts()
         self.cached_only = False
         self.hp = {
@@ -46,23 +46,6 @@ class Suite:
             "max_length": s.max_length,
             "model": model or "default",
         }
-
-    # -- model -----------------------------------------------------------------------------------
-    @property
-    def runner(self):
-        if self._runner is None:
-            from forvalue.indexer.model_runner import load_runner
-            from forvalue.schemas.config import ModelConfig
-            from tools._bench_common import quiet_transformers
-
-            quiet_transformers()
-            self._runner = load_runner(ModelConfig(path=self.model_path, device=self.device))
-        return self._runner
-
-    def tok(self, rows):
-        from tools.selection_lora import sft_tokenize
-
-        return sft_tokenize(self.runner.tokenizer, rows, self.s.max_length)
 
     # -- caches ------------------------------------------------------------------------------------
     def _cached(self, kind: str, key: dict, compute):
