@@ -40,6 +40,10 @@ TIERS = {
 }
 
 
+# the per-token columns whose bytes the suite reports, in table order
+COLUMNS = ("hidden", "hidden_scale", "topk_ids", "topk_probs", "target_ids", "target_probs", "tail_mass", "sketch")
+
+
 def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
@@ -182,22 +186,7 @@ def real_part(args, runner, work: Path) -> str:
                 )
             )
             if t == 0:
-                column_rows.append(
-                    (name,)
-                    + tuple(
-                        f"{cols.get(c, 0) / tokens:.1f}"
-                        for c in (
-                            "hidden",
-                            "hidden_scale",
-                            "topk_ids",
-                            "topk_probs",
-                            "target_ids",
-                            "target_probs",
-                            "tail_mass",
-                            "sketch",
-                        )  # fmt: skip
-                    )
-                )
+                column_rows.append((name,) + tuple(f"{cols.get(c, 0) / tokens:.1f}" for c in COLUMNS))
         for name, path in (("float32 sketch (schema 2)", folder / "v2"), ("float16 sketch", folder / "float16")):
             rec = prefilter_recall(path, val_path, runner, args.device)
             recall_rows.append((task, name) + tuple(f"{rec[c]:.3f}" for c in sorted(rec)))
@@ -249,17 +238,7 @@ def real_part(args, runner, work: Path) -> str:
             ),  # fmt: skip
             f"Per column, bytes per scored token (Arrow buffers, task {args.tasks[0]}):",
             md_table(
-                [
-                    "tier",
-                    "hidden",
-                    "hidden_scale",
-                    "topk_ids",
-                    "topk_probs",
-                    "target_ids",
-                    "target_probs",
-                    "tail_mass",
-                    "sketch",
-                ],
+                ["tier", *COLUMNS],
                 column_rows,
             ),  # fmt: skip
             "Quality: exact scores of each tier against the float16 store's (per validation sample Spearman, "
