@@ -119,12 +119,13 @@ def _file_key(path: Path) -> tuple[int, int] | None:
 
 
 def _input_paths(inputs: Iterable[str | Path]) -> list[Path]:
-    """The existing files and folders that ``inputs`` name (globs expanded)."""
+    """The existing files and folders that ``inputs`` name (globs expanded); items that are not paths (the rows
+    of an in-memory validation set, say) name nothing."""
     import glob
 
     out: list[Path] = []
     for item in inputs:
-        if item is None:
+        if not isinstance(item, (str, os.PathLike)):
             continue
         text = str(item)
         if text == "-":

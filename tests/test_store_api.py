@@ -147,3 +147,12 @@ def test_bad_input_is_refused_before_the_model_loads(st, monkeypatch):
     with pytest.raises(ForValueError, match="no such file"):
         st.query(st.path.parent / "missing.jsonl")
     assert len(st.audits) == 0 and list(st.audits) == []
+
+
+def test_validation_rows_in_memory_work_where_paths_do(st, toy_rows, tmp_path):
+    """Rows (dicts) instead of files: the output policy skips them as inputs (a long text is no file name)."""
+    rows = [dict(toy_rows[0], id="v0", prompt=toy_rows[0]["prompt"] + " " + "x" * 300)]
+    cfg = forvalue.QueryConfig(top_k=2, progress=False, device="cpu")
+    result = st.query(rows, cfg)
+    pages = st.explain_results(result, rows, 1, tmp_path / "pages")
+    assert pages.column("explanation").null_count == 1 and (tmp_path / "pages" / "index.html").exists()
