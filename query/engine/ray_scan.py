@@ -48,11 +48,12 @@ class FragmentStore(Store):
         import lance
 
         from forvalue.schemas.manifest import MANIFEST_FILE, Manifest
+        from forvalue.storage.location import store_location
 
-        path = Path(path)
+        path = store_location(path)  # a folder, or an s3:// location with its storage options
         super().__init__(path, Manifest.load(path / MANIFEST_FILE))
         with self.io("open"):
-            self._snapshot = lance.dataset(self._uri, version=version)
+            self._snapshot = lance.dataset(self._uri, version=version, storage_options=self._options)
             self._mine = [self._snapshot.get_fragment(int(i)) for i in fragment_ids]
 
     def refresh(self) -> None:  # a view stays on its version
@@ -197,7 +198,7 @@ def ray_audit_scan(
         sizes = [sum(store._snapshot.get_fragment(i).count_rows() for i in ids) for ids, _ in ranges]
         args = dict(val_labels=val_labels, groups=groups, **kwargs)
         refs = [
-            actors[k % len(actors)].audit.remote(val_ref, str(store.path), store.version(), ids, args)
+            actors[k % len(actors)].audit.remote(val_ref, store.path, store.version(), ids, args)
             for k, (ids, _) in enumerate(ranges)
         ]
         bar = tqdm(total=store.count(), desc=f"{desc} ({len(actors)} Ray workers)", unit="sample", disable=not progress)
@@ -243,7 +244,7 @@ def ray_score_topk(
         val_ref = ray.put(val)  # once, read by every task
         ranges = fragment_ranges(store, RANGES_PER_WORKER * len(actors))
         sizes = [sum(store._snapshot.get_fragment(i).count_rows() for i in ids) for ids, _ in ranges]
-        path, version = str(store.path), store.version()
+        path, version = store.path, store.version()
         refs = [
             actors[k % len(actors)].query.remote(val_ref, path, version, ids, first, config, keep)
             for k, (ids, first) in enumerate(ranges)
