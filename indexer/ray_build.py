@@ -260,7 +260,9 @@ def ray_build_index(
     try:
         with ray_session(engine) as ray:
             workers, gpw, cpw = worker_plan(ray, engine)
-            actor_cls = ray.remote(Encoder).options(num_gpus=gpw, num_cpus=cpw, max_restarts=3, max_task_retries=3)
+            actor_cls = ray.remote(Encoder).options(
+                num_gpus=gpw, num_cpus=cpw, max_restarts=3, max_task_retries=3, scheduling_strategy="SPREAD"
+            )
             actor_config = replace(config, progress=False)
             actors = [actor_cls.remote(actor_config, cpw) for _ in range(workers)]
             try:

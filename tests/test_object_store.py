@@ -9,18 +9,16 @@ URIs, a prefix holding something else, other schemes and two writers at once are
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import s3_server
-from conftest import assert_one_line_error, cli, write_jsonl
+from conftest import BUCKET, assert_one_line_error, cli, write_jsonl
 
 from forvalue.schemas.config import AuditConfig, BuildConfig, EncodeConfig, ModelConfig, QueryConfig
 
-BUCKET = "fv-test"
 ENCODE = EncodeConfig(sketch_dim=256, sketch_vocab_buckets=64, sketch_hidden_cols=4)
 
 
@@ -48,23 +46,6 @@ def _config(model: Path) -> BuildConfig:
     return BuildConfig(
         model=ModelConfig(path=str(model), device="cpu"), encode=ENCODE, batch_size=4, write_every=8, progress=False
     )
-
-
-@pytest.fixture(scope="session")
-def s3():
-    """A moto S3 server for the session, the AWS_* environment pointing at it, and a bucket."""
-    proc, endpoint = s3_server.start()
-    saved = {k: os.environ.get(k) for k in s3_server.s3_env(endpoint)}
-    os.environ.update(s3_server.s3_env(endpoint))
-    s3_server.make_bucket(endpoint, BUCKET)
-    yield endpoint
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.terminate()
-    proc.wait(10)
 
 
 def _objects(prefix: str) -> list[str]:

@@ -146,7 +146,10 @@ def _scorers(ray, engine: EngineConfig, device: str) -> list:
     from forvalue.indexer.ray_build import worker_plan
 
     workers, gpw, cpw = worker_plan(ray, engine)
-    cls = ray.remote(Scorer).options(num_gpus=gpw, num_cpus=cpw, max_restarts=3, max_task_retries=3)
+    # SPREAD: one actor per node before two on one (each node brings its own cores, GPUs and network)
+    cls = ray.remote(Scorer).options(
+        num_gpus=gpw, num_cpus=cpw, max_restarts=3, max_task_retries=3, scheduling_strategy="SPREAD"
+    )
     return [cls.remote(device, cpw) for _ in range(workers)]
 
 
