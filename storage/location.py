@@ -367,6 +367,23 @@ class RemotePath:
     def read_text(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         return self.read_bytes().decode(encoding, errors)
 
+    @property
+    def suffixes(self) -> list[str]:
+        name = self.name.lstrip(".")
+        return ["." + part for part in name.split(".")[1:]]
+
+    def open(self, mode: str = "rb"):
+        """A buffered binary stream of the object (read, streamed: never the whole object in memory)."""
+        import io
+
+        if mode != "rb":
+            raise ValueError("RemotePath.open reads only ('rb'); write with write_bytes")
+        return io.BufferedReader(self.fs.open_input_stream(self.fs_path), buffer_size=1 << 20)
+
+    def open_random_access(self):
+        """A seekable Arrow file of the object (Parquet reads its footer, then the row groups it needs)."""
+        return self.fs.open_input_file(self.fs_path)
+
     def write_bytes(self, data: bytes) -> int:
         with self.fs.open_output_stream(self.fs_path) as stream:
             stream.write(data)
@@ -419,6 +436,55 @@ class _SizedPath(RemotePath):
 
     def stat(self) -> _Stat:
         return _Stat(self._size)
+
+
+def _pattern(uri: str) -> "re.Pattern":
+    """A glob over URIs as the shell reads it: ``*`` and ``?`` stay within a path part, ``**/`` crosses parts."""
+    out, i = [], 0
+    while i < len(uri):
+        if uri.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif uri.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif uri[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif uri[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif uri[i] == "[":
+            end = uri.find("]", i + 1)
+            if end < 0:
+                out.append(re.escape("["))
+                i += 1
+            else:
+                body = uri[i + 1 : end]
+                out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+                i = end + 1
+        else:
+            out.append(re.escape(uri[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def remote_glob(pattern: str, options: Mapping[str, str] | None = None) -> list[RemotePath]:
+    """The objects whose URIs match ``pattern`` (``s3://bucket/data/*.parquet``, ``**`` for any depth), sorted."""
+    import pyarrow.fs as pafs
+
+    head = re.split(r"[*?\[]", pattern, maxsplit=1)[0]
+    base = store_location(head[: head.rfind("/")] if "/" in head[len("s3://") :] else head, options)
+    check_reachable(base)
+    scheme, rest = pattern.split("://", 1)
+    regex = _pattern(f"{scheme.lower()}://{re.sub('/+', '/', rest)}")
+    infos = base.fs.get_file_info(pafs.FileSelector(base.fs_path, allow_not_found=True, recursive=True))
+    found = [
+        _SizedPath(f"{base.scheme}://{i.path}", base.options, i.size)
+        for i in infos
+        if i.type == pafs.FileType.File and regex.match(f"{base.scheme}://{i.path}")
+    ]
+    return sorted(found)
 
 
 def remove_tree(path) -> None:

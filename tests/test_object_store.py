@@ -260,3 +260,41 @@ def test_concurrent_appends_keep_every_row(pair):
     [t.join() for t in threads]
     got = sorted(Store.open(target).ids())
     assert got == ["a0", "a1", "b0", "b1"]
+
+
+def test_inputs_at_uris_stream_like_local_files(pair, tiny_model_dir, tmp_path):
+    """Training data on the object store (a Parquet glob, a JSONL object, a prefix): the same samples as from disk."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import forvalue
+    from forvalue.indexer.data import iter_samples
+    from forvalue.schemas.config import DataConfig
+    from forvalue.storage.location import store_location
+
+    rows = _rows(24)
+    local = tmp_path / "part.parquet"
+    for k, part in enumerate((rows[:10], rows[10:])):
+        pq.write_table(pa.Table.from_pylist(part), local)
+        store_location(f"s3://{BUCKET}/data/p/part-{k}.parquet").write_bytes(local.read_bytes())
+    jsonl = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    store_location(f"s3://{BUCKET}/data/j/train.jsonl").write_bytes(jsonl)
+    store_location(f"s3://{BUCKET}/data/j/sub/train.jsonl.gz").write_bytes(gzip.compress(jsonl))
+    expected = [s.id for s in iter_samples([pair["data"]], DataConfig())]
+    for given in (
+        [f"s3://{BUCKET}/data/p/*.parquet"],
+        [f"s3://{BUCKET}/data/j/train.jsonl"],
+        [f"s3://{BUCKET}/data/j/**/*.jsonl.gz"],
+        [f"s3://{BUCKET}/data/p"],  # a prefix: its data files, sorted
+    ):
+        assert [s.id for s in iter_samples(given, DataConfig())] == expected, given
+    # a build from the object store into the object store equals the local one
+    st = forvalue.build(f"s3://{BUCKET}/data/p/*.parquet", f"s3://{BUCKET}/stores/from-s3", _config(tiny_model_dir))
+    assert st.to_arrow().equals(pair["local"].to_arrow())
+    r = cli("index", "build", f"s3://{BUCKET}/data/p/*.csv", "--store", tmp_path / "s", "--model", tiny_model_dir)
+    assert_one_line_error(r, "matches no object")
+    r = cli("index", "build", f"s3://{BUCKET}/data/none", "--store", tmp_path / "s", "--model", tiny_model_dir)
+    assert_one_line_error(r, "no such object or prefix")
+    assert not (tmp_path / "s").exists()
