@@ -298,3 +298,45 @@ def test_inputs_at_uris_stream_like_local_files(pair, tiny_model_dir, tmp_path):
     r = cli("index", "build", f"s3://{BUCKET}/data/none", "--store", tmp_path / "s", "--model", tiny_model_dir)
     assert_one_line_error(r, "no such object or prefix")
     assert not (tmp_path / "s").exists()
+
+
+def test_every_command_on_an_s3_store(pair, tiny_model_dir, tmp_path):
+    """add, sketch, check --repair, explain, audit show/compare, distill, estimate: the s3:// store as a folder."""
+    import forvalue
+    from forvalue.indexer.build import build_index
+
+    store = f"s3://{BUCKET}/stores/every"
+    build_index([pair["data"]], store, _config(tiny_model_dir))
+    more = write_jsonl(tmp_path / "more.jsonl", _rows(30)[24:])
+    steps = [
+        ("index", "add", more, "--store", store, "--quiet"),
+        ("index", "sketch", "--store", store, "--rebuild", "--sketch-dim", "512", "--sketch-vocab-buckets", "64"),
+        ("index", "check", "--store", store, "--repair"),
+        ("audit", "run", "--store", store, "-v", pair["val"], "--name", "a1", "--quiet"),
+        ("audit", "run", "--store", store, "-v", pair["val"], "--name", "a2", "--quiet", "--normalize", "cosine"),
+        ("audit", "show", "--store", store, "a1", "--report", tmp_path / "a1.html"),
+        ("audit", "compare", "--store", store, "a1", "a2"),
+        (
+            "explain",
+            "--store",
+            store,
+            "-v",
+            pair["val"],
+            "--val-index",
+            "0",
+            "--train-id",
+            "s001",
+            "-o",
+            tmp_path / "e.jsonl",
+        ),
+        ("query", "--store", store, "-v", pair["val"], "--top-k", "2", "-o", tmp_path / "q.jsonl", "--quiet"),
+        ("distill", "--store", store, "--audit", "a1", "--out", tmp_path / "vm", "--fraction", "0.5"),
+        ("estimate", "--value-model", tmp_path / "vm", "--store", store, "--audit", "a1"),
+        ("index", "info", "--store", store),
+    ]
+    for args in steps:
+        r = cli(*args)
+        assert r.exit_code == 0, (args, r.output)
+    st = forvalue.open(store)
+    assert len(st) == 30 and st.manifest.sketch_dim == 512 and sorted(st.audits) == ["a1", "a2"]
+    assert st.check().clean
