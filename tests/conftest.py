@@ -80,7 +80,8 @@ def s3():
     it (so Ray nodes started afterwards inherit it), and the bucket ``BUCKET``; yields the endpoint."""
     import os
 
-    import s3_server
+    pytest.importorskip("moto.server", reason="the object-store tests need moto[server] (the test extra)")
+    from tools import moto_server as s3_server
 
     proc, endpoint = s3_server.start()
     saved = {k: os.environ.get(k) for k in s3_server.s3_env(endpoint)}

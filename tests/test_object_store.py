@@ -14,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import s3_server
 from conftest import BUCKET, assert_one_line_error, cli, write_jsonl
 
 from forvalue.schemas.config import AuditConfig, BuildConfig, EncodeConfig, ModelConfig, QueryConfig
+from tools import moto_server as s3_server
+
+pytest.importorskip("moto.server", reason="the object-store tests need moto[server] (the test extra)")
 
 ENCODE = EncodeConfig(sketch_dim=256, sketch_vocab_buckets=64, sketch_hidden_cols=4)
 

@@ -1,9 +1,9 @@
-"""A local S3-compatible server (moto's server mode) for the object-store tests.
+"""A local S3-compatible server (moto's server mode) for the object-store tests and benchmarks.
 
 :func:`start` runs ``python -m moto.server`` on a free local port in a child process and returns
 its endpoint; :func:`s3_env` gives the ``AWS_*`` environment that points forvalue (and Lance,
-Arrow and boto3) at it. Skips the calling test when moto is not installed (the ``test`` extra
-installs it).
+Arrow and boto3) at it. moto comes with the ``test`` extra (``moto[server]``). moto keeps every
+object in the server's memory: a stand-in for S3's API, not for its speed.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -25,7 +23,6 @@ def free_port() -> int:
 
 def start(extra_env: dict | None = None) -> tuple[subprocess.Popen, str]:
     """Start a moto server; returns ``(process, endpoint)``; the caller terminates the process."""
-    pytest.importorskip("moto.server", reason="the object-store tests need moto[server] (the test extra)")
     port = free_port()
     env = {**os.environ, **(extra_env or {})}
     proc = subprocess.Popen(
