@@ -75,46 +75,69 @@ def cluster_part(args, work: Path, endpoint: str) -> str:
     cfg = BuildConfig(model=ModelConfig(device="cpu"), write_every=args.write_every, progress=False)
     engine = EngineConfig(engine="ray", workers=2, cpus_per_worker=1)
 
-    t = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    init_one = time.perf_counter() - t
-    try:
-        one = _ray_run("one node (2 CPUs)", engine, data, val, "s3://bench/one", cfg)
-    finally:
-        ray.shutdown()
-    t = time.perf_counter()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-    cluster.wait_for_nodes()
-    init_two = time.perf_counter() - t
-    try:
-        nodes = len([n for n in ray.nodes() if n["Alive"]])
-        two = _ray_run(f"two nodes (1 CPU each, {nodes} alive)", engine, data, val, "s3://bench/two", cfg)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    def one_node(k: int) -> tuple[dict, float]:
+        t = time.perf_counter()
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        init = time.perf_counter() - t
+        try:
+            return _ray_run(f"one node (2 CPUs), run {k}", engine, data, val, f"s3://bench/one-{k}", cfg), init
+        finally:
+            ray.shutdown()
+
+    def two_nodes(k: int) -> tuple[dict, float]:
+        t = time.perf_counter()
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        cluster.add_node(num_cpus=1)
+        ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
+        cluster.wait_for_nodes()
+        init = time.perf_counter() - t
+        try:
+            nodes = len([n for n in ray.nodes() if n["Alive"]])
+            label = f"two nodes (1 CPU each, {nodes} alive), run {k}"
+            return _ray_run(label, engine, data, val, f"s3://bench/two-{k}", cfg), init
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+
+    # ABBA order (one, two, two, one, ...): a load that drifts during the run weighs on both alike
+    runs: dict[str, list] = {"one": [], "two": []}
+    for k in range(args.cluster_reps):
+        order = ("one", "two") if k % 2 == 0 else ("two", "one")
+        for which in order:
+            runs[which].append(one_node(k) if which == "one" else two_nodes(k))
+    one, init_one = runs["one"][0]
+    two, init_two = runs["two"][0]
     if one["ids"] != two["ids"] or one["top"] != two["top"]:
         raise SystemExit("the two runs stored or ranked different rows")
     a, b = one["audit_table"], two["audit_table"]
     ref = np.asarray(a.column("score_mean").to_numpy())
     diff = float(np.max(np.abs(np.asarray(b.column("score_mean").to_numpy()) - ref)) / max(np.max(np.abs(ref)), 1e-30))
+    for which in ("one", "two"):
+        for r, _ in runs[which]:
+            if r["ids"] != one["ids"] or r["top"] != one["top"]:
+                raise SystemExit("the runs stored or ranked different rows")
     table = md_table(
         ["Ray", "samples written", "build s", "audit s", "exact query s"],
         [
             (r["label"], r["written"], f"{r['build']:.1f}", f"{r['audit']:.1f}", f"{r['query']:.1f}")
-            for r in (one, two)
+            for which in ("one", "two")
+            for r, _ in runs[which]
         ],
     )
+
+    def mean(which: str, key: str) -> float:
+        return sum(r[key] for r, _ in runs[which]) / len(runs[which])
+
+    ratios = ", ".join(f"{key} {mean('two', key) / mean('one', key):.2f}x" for key in ("build", "audit", "query"))
     return "\n\n".join(
         [
             f"Build of {args.samples} generated rows (SmolLM2-135M-Instruct, CPU, write_every {args.write_every}) into "
             f"an s3:// store on the local moto server, then an audit and an exact top-5 query against {args.val} "
-            "validation rows, all with --engine ray, 2 workers x 1 thread:",
+            f"validation rows, all with --engine ray, 2 workers x 1 thread; {args.cluster_reps} run(s) of each "
+            "configuration in ABBA order:",
             table,
-            f"Two nodes / one node: build {two['build'] / one['build']:.2f}x, audit {two['audit'] / one['audit']:.2f}x, "
-            f"query {two['query'] / one['query']:.2f}x the time. Same ids in the same order and the same top-5 in "
-            f"both runs; audit values max relative difference {diff:.1e}. Starting Ray (not in the rows): one node "
+            f"Two nodes / one node (means): {ratios} the time. Same ids in the same order and the same top-5 in "
+            f"every run; audit values max relative difference {diff:.1e}. Starting Ray (not in the rows): one node "
             f"{init_one:.1f} s, two-node cluster {init_two:.1f} s.",
         ]
     )
@@ -191,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--read-rows", type=int, default=20000, help="rows of the synthetic store read (0: skip)")
     ap.add_argument("--reps", type=int, default=3, help="reads of each store in the read-rate part")
     ap.add_argument("--skip-cluster", action="store_true", help="only the read-rate part")
+    ap.add_argument("--cluster-reps", type=int, default=1, help="runs of each Ray configuration (ABBA order)")
     args = ap.parse_args(argv)
 
     from tools import moto_server
@@ -212,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     parts.append(
         f"Command: python -m tools.bench_cluster --samples {args.samples} --read-rows {args.read_rows} "
-        f"--reps {args.reps}; load average at the end {load:.1f}."
+        f"--reps {args.reps} --cluster-reps {args.cluster_reps}; load average at the end {load:.1f}."
     )
     parts.append(machine_info("cpu"))
     emit("\n\n".join(parts), args.out)
