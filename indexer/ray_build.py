@@ -60,7 +60,13 @@ def ray_session(engine: EngineConfig) -> Iterator:
     started = False
     if not ray.is_initialized():
         try:
-            ray.init(address=engine.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # no --ray-address: a new local instance ("local"), not whatever cluster `ray start` last ran on this machine
+            ray.init(
+                address=engine.ray_address or "local",
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = engine.ray_address or "a new local Ray instance"
             raise ForValueError(

@@ -77,7 +77,7 @@ def cluster_part(args, work: Path, endpoint: str) -> str:
 
     def one_node(k: int) -> tuple[dict, float]:
         t = time.perf_counter()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         init = time.perf_counter() - t
         try:
             return _ray_run(f"one node (2 CPUs), run {k}", engine, data, val, f"s3://bench/one-{k}", cfg), init
