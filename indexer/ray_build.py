@@ -60,7 +60,7 @@ def ray_session(engine: EngineConfig) -> Iterator:
     started = False
     if not ray.is_initialized():
         try:
-            # no --ray-address: a new local instance ("local"), not whatever cluster `ray start` last ran on this machine
+            # no --ray-address: a new local instance, not whatever cluster `ray start` last ran on this machine
             ray.init(
                 address=engine.ray_address or "local",
                 include_dashboard=False,
