@@ -102,6 +102,10 @@ class Store:
             if path.is_dir() and not is_empty_folder(path) and not (path / MANIFEST_FILE).exists():
                 what = "prefix holds objects" if isinstance(path, RemotePath) else "folder is not empty"
                 raise StoreError(f"{path}: {what} and not a forvalue store; choose another path")
+            if isinstance(path, RemotePath):  # (a local store target is checked by the CLI's output policy)
+                for outer in path.parents:
+                    if (outer / f"{SAMPLES_TABLE}.lance").is_dir() and (outer / MANIFEST_FILE).exists():
+                        raise StoreError(f"{path}: is inside the store {outer}; put the store elsewhere")
             path.mkdir(parents=True, exist_ok=True)
             _publish_manifest(path / MANIFEST_FILE, manifest)
             stored = Manifest.load(path / MANIFEST_FILE)

@@ -173,6 +173,9 @@ def test_prefix_holding_something_else(s3, pair, tiny_model_dir):
     assert_one_line_error(r, "not a forvalue store")
     assert _objects(f"s3://{BUCKET}/other") == ["data.csv"]
     assert_one_line_error(cli("index", "info", "--store", f"s3://{BUCKET}/nothing-here"), "no such store")
+    r = cli("index", "build", pair["data"], "--store", f"s3://{BUCKET}/stores/s1/inner", "--model", tiny_model_dir)
+    assert_one_line_error(r, "is inside the store s3://")
+    assert not any(n.startswith("inner/") for n in _objects(f"s3://{BUCKET}/stores/s1"))
     with pytest.raises(forvalue.ForValueError, match="not supported"):
         forvalue.open("gs://bucket/store")
 
