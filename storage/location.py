@@ -545,7 +545,7 @@ def describe_failure(location: RemotePath, exc: BaseException) -> str | None:
             f"{location}: the object store at {where} denied access; check the credentials "
             "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or --storage-option) and the bucket's permissions"
         )
-    if "nosuchbucket" in low or "bucket does not exist" in low or "bucket not found" in low:
+    if "nosuchbucket" in low or "no_such_bucket" in low or "bucket does not exist" in low or "bucket not found" in low:
         return f"{location}: no bucket '{location.bucket}' at {where}; create it first (forvalue creates no buckets)"
     return None
 
@@ -567,9 +567,21 @@ def check_reachable(location) -> None:
         info = location.fs.get_file_info(location.bucket)
     except (OSError, ValueError) as exc:
         raise StoreError(describe_failure(location, exc) or f"{location}: the object store failed ({exc})") from None
-    if info.type == pafs.FileType.NotFound:
+    if info.type == pafs.FileType.NotFound:  # no bucket, or an endpoint that answers 404 to everything: ask why
         where = settings(location.options).get("endpoint") or "AWS S3"
-        raise StoreError(
-            f"{location}: no bucket '{location.bucket}' at {where}; create it first (forvalue creates no buckets)"
-        )
+        try:
+            location.fs.get_file_info(pafs.FileSelector(location.bucket, allow_not_found=False))
+        except (OSError, ValueError) as exc:
+            low = str(exc).lower()
+            if "no_such_bucket" in low or "nosuchbucket" in low or "bucket does not exist" in low:
+                raise StoreError(
+                    f"{location}: no bucket '{location.bucket}' at {where}; create it first "
+                    "(forvalue creates no buckets)"
+                ) from None
+            reason = str(exc).split(": ", 1)[-1].strip().splitlines()[0][:160]
+            raise StoreError(
+                describe_failure(location, exc)
+                or f"{location}: the endpoint {where} did not answer as an S3 server would ({reason}); check "
+                "AWS_ENDPOINT_URL (or --storage-option endpoint=...)"
+            ) from None
     _REACHED.add(key)
