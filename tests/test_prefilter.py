@@ -396,3 +396,8 @@ def test_cli_sketch_old_store_and_query_candidates(tmp_path, tiny_model_dir, tin
     ]
     bad = cli.invoke(main, args + ["--candidates", "3", "--exact"])
     assert bad.exit_code == 2
+    # a batch of validation samples: the union of their candidates read once, said on stderr
+    out = tmp_path / "top.jsonl"
+    res = cli.invoke(main, args + ["--candidates", "3", "-o", str(out)])
+    assert res.exit_code == 0 and out.exists(), res.output
+    assert "FAISS candidate rows" in res.stderr and "read once for all" in res.stderr

@@ -14,6 +14,8 @@ query of that sample alone returns.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from forvalue.engine.ranking import TopK
@@ -175,23 +177,41 @@ def _score_own_candidates(
             yield table
 
     t_wait = time.perf_counter()
-    for chunk, (_table, block) in zip(chunks, read_ahead(tables(), store.manifest.hidden_size)):
-        t0 = time.perf_counter()
-        timings["read_wait"] = timings.get("read_wait", 0.0) + t0 - t_wait
-        offsets = np.concatenate([[0], np.cumsum(block.lengths)])
-        lo, hi = chunk[0], chunk[-1]
-        for j, r in enumerate(own):
-            a, b = np.searchsorted(r, lo), np.searchsorted(r, hi, side="right")
-            if a == b:
-                continue
-            if j not in scorers:
-                scorers[j] = ExactScorer(val.subset([j]), device)
-            pos = np.searchsorted(chunk, r[a:b])
-            sub = block if pos.size == chunk.size else _rows_of(block, pos, offsets)
-            scores[j][a:b] = scorers[j].score(sub)[:, 0]
-        t_wait = time.perf_counter()
-        timings["score"] += t_wait - t0
+    with one_torch_thread():
+        for chunk, (_table, block) in zip(chunks, read_ahead(tables(), store.manifest.hidden_size)):
+            t0 = time.perf_counter()
+            timings["read_wait"] = timings.get("read_wait", 0.0) + t0 - t_wait
+            offsets = np.concatenate([[0], np.cumsum(block.lengths)])
+            for j, r in enumerate(own):
+                a, b = np.searchsorted(r, chunk[0]), np.searchsorted(r, chunk[-1], side="right")
+                if a == b:
+                    continue
+                if j not in scorers:
+                    scorers[j] = ExactScorer(val.subset([j]), device)
+                pos = np.searchsorted(chunk, r[a:b])
+                sub = block if pos.size == chunk.size else _rows_of(block, pos, offsets)
+                scores[j][a:b] = scorers[j].score(sub)[:, 0]
+            t_wait = time.perf_counter()
+            timings["score"] += t_wait - t0
     return own, scores
+
+
+@contextmanager
+def one_torch_thread():
+    """Torch on one thread inside: a rerank scores many small blocks (one validation sample's candidates among the
+    rows of one read), where a second thread brings little, and on a busy machine every parallel region of every
+    small operation can wait for a descheduled worker thread (measured under load 14 on 2 cores: 80 ms against
+    4 ms per group of three small operations)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)
 
 
 def _rows_of(block: TrainBlock, pos: np.ndarray, offsets: np.ndarray) -> TrainBlock:
