@@ -80,7 +80,7 @@ SUITES: dict[str, Suite] = {
     "sketch_levers": Suite(
         "bench_sketch_levers",
         "prefilter levers (sketch shape, candidates, two stages, adaptive stop): recall against the exact top-k",
-        "not recorded yet",
+        "71 min on a 100k-sample store, 100 validation samples, 6 shapes, at load ~20 (docs/prefilter.md)",
         "docs/prefilter.md: Levers",
         needs="--store DIR (python -m tools.make_synthetic_store --out DIR --rows N)",
     ),
