@@ -52,6 +52,10 @@ class QueryResult:
         The full score matrix when ``keep_scores=True``, columns in storage order.
     train_ids : list of str or None
         Ids of the columns of ``scores``.
+    prefiltered : bool
+        Whether FAISS candidates were reranked (docs/prefilter.md) rather than every row scored.
+    rows_read : int or None
+        Prefiltered: the distinct candidate rows read, once for all validation samples together.
     """
 
     top: pa.Table
@@ -61,6 +65,7 @@ class QueryResult:
     scores: np.ndarray | None = None
     train_ids: list[str] | None = None
     prefiltered: bool = False
+    rows_read: int | None = None
 
 
 def add_to_index(
@@ -165,8 +170,9 @@ def run_query(
     from forvalue.engine.prefilter import prefilter_topk, use_prefilter
 
     prefiltered = not on_ray and use_prefilter(store, config, full_scores=keep_scores or all_scores_path is not None)
+    timings: dict = {}
     if prefiltered:  # FAISS candidates + exact rerank (forvalue.engine.prefilter, docs/prefilter.md)
-        top = prefilter_topk(store, val, config, runner.device)
+        top = prefilter_topk(store, val, config, runner.device, timings=timings)
     blocks = () if prefiltered else score_all(store, val, config, runner.device)
     bar = tqdm(total=total, desc="scoring", unit="sample", disable=not config.progress or prefiltered or on_ray)
     try:
@@ -207,6 +213,7 @@ def run_query(
         scores=np.concatenate(kept_scores).T if keep_scores else None,
         train_ids=kept_ids if keep_scores else None,
         prefiltered=prefiltered,
+        rows_read=timings.get("rows_read") if prefiltered else None,
     )
 
 

@@ -77,6 +77,13 @@ SUITES: dict[str, Suite] = {
         "docs/prefilter.md: Synthetic 1M-sample store; docs/benchmarks.md: Prefilter (FAISS)",
         needs="--store DIR (python -m tools.make_synthetic_store --out DIR --rows N)",
     ),
+    "sketch_levers": Suite(
+        "bench_sketch_levers",
+        "prefilter levers (sketch shape, candidates, two stages, adaptive stop): recall against the exact top-k",
+        "71 min on a 100k-sample store, 100 validation samples, 6 shapes, at load ~20 (docs/prefilter.md)",
+        "docs/prefilter.md: Levers",
+        needs="--store DIR (python -m tools.make_synthetic_store --out DIR --rows N)",
+    ),
     "store_tiers": Suite(
         "bench_store_tiers",
         "compact store tiers (float16 / int8): bytes per token, Spearman / top-10 vs float16, AUC / recall, "

@@ -62,8 +62,13 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
         click.echo(f"explained the top {explain_n} results: {explain_dir}/index.html", err=True)
     write_table(top, output)
     if output:
+        scored = (
+            f"reranked {result.rows_read} FAISS candidate rows of {result.n_train} (read once for all)"
+            if result.prefiltered
+            else f"scored {result.n_train} training samples"
+        )
         click.echo(
-            f"scored {result.n_train} training samples against {result.n_validation} validation samples "
+            f"{scored} against {result.n_validation} validation samples "
             f"in {result.seconds:.1f}s; wrote {result.top.num_rows} rows to {output}",
             err=True,
         )

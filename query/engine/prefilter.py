@@ -6,12 +6,15 @@
 2. Only the candidate rows are read from Lance (random access by row position) and scored
    exactly by the same scorer as the full scan; the top-k of those exact scores is returned.
 
-Scores in the result are exact; only the candidate set is approximate. Validation samples are
-handled in groups, each group's candidates united, so a row found for one sample is scored for
-all samples of its group (this can only improve recall).
+Scores in the result are exact; only the candidate set is approximate. Many validation samples
+(a batch query) are searched in one FAISS call and the union of their candidates is read once, in
+row order; each sample is then scored exactly on its own candidates, so its result is the one a
+query of that sample alone returns.
 """
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -28,8 +31,6 @@ from forvalue.storage.store import Store
 
 # Stores at least this large are queried with the prefilter by default (when they have an index).
 AUTO_MIN_ROWS = 200_000
-# Validation samples whose candidates are united and scored together.
-GROUP = 16
 
 
 def default_candidates(rows: int, top_k: int) -> int:
@@ -95,7 +96,8 @@ def prefilter_topk(
     index : PrefilterIndex, optional
         An already loaded, up-to-date index (else :func:`forvalue.storage.faiss_index.ensure`).
     timings : dict, optional
-        Filled with seconds spent in ``sketch``, ``search``, ``read`` and ``score``.
+        Filled with seconds spent in ``sketch``, ``search``, ``read`` (``take`` calls, in a reading thread),
+        ``read_wait`` (the scoring waiting for a read) and ``score``; and ``rows_read``, the distinct rows read.
     """
     import time
 
@@ -120,27 +122,104 @@ def prefilter_topk(
     t["sketch"] += t1 - t0
     t["search"] += t2 - t1
 
-    n_cols = queries.shape[0]
-    top = TopK(config.top_k, n_cols)
-    best_scores = np.full((n_cols, 0), -np.inf)
-    best_rows = np.zeros((n_cols, 0), np.int64)
-    parts_s, parts_r = [], []
-    for g0 in range(0, n_cols, GROUP):
-        cols = np.arange(g0, min(n_cols, g0 + GROUP))
-        rows = np.unique(found[cols])
+    if config.aggregate == "mean":  # one candidate list, every validation sample scored on it, then averaged
+        rows = np.unique(found[0])
         rows = rows[rows >= 0]
-        sub = val if config.aggregate == "mean" else val.subset(cols.tolist())
-        scores = _score_rows(store, sub, rows, config, device, t)
-        if config.aggregate == "mean":
-            scores = scores.mean(axis=1, keepdims=True)
-        k = min(config.top_k, rows.size)
-        order = np.lexsort((np.broadcast_to(rows, scores.T.shape), -scores.T), axis=1)[:, :k]
-        parts_s.append(np.take_along_axis(scores.T, order, axis=1))
-        parts_r.append(rows[order])
-    if parts_s:
-        best_scores, best_rows = np.concatenate(parts_s), np.concatenate(parts_r)
-    top.scores, top.rows = best_scores, best_rows
+        t["rows_read"] = t.get("rows_read", 0) + int(rows.size)
+        scores = _score_rows(store, val, rows, config, device, t).mean(axis=1, keepdims=True)
+        return _best(config.top_k, [rows], [scores[:, 0]])
+    own, per_scores = _score_own_candidates(store, val, found, config, device, t)
+    return _best(config.top_k, own, per_scores)
+
+
+def _best(k: int, rows: list[np.ndarray], scores: list[np.ndarray]) -> TopK:
+    """A :class:`TopK` holding, per column, the ``k`` best of its ``rows`` by ``scores`` (ties: lower row first)."""
+    top = TopK(k, len(rows))
+    width = min([k] + [r.size for r in rows]) if rows else 0
+    best_s = np.full((len(rows), width), -np.inf)
+    best_r = np.zeros((len(rows), width), np.int64)
+    for j, (r, s) in enumerate(zip(rows, scores)):
+        order = np.lexsort((r, -s))[:width]
+        best_s[j], best_r[j] = s[order], r[order]
+    top.scores, top.rows = best_s, best_r
     return top
+
+
+def _score_own_candidates(
+    store: Store, val: ValidationSet, found: np.ndarray, config: QueryConfig, device, timings: dict
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Exact scores of each validation sample on its own candidate rows (``found[j]``), reading the union of all
+    samples' candidates once: in sorted row order (storage order, fragment after fragment), ``read_rows`` rows per
+    ``take`` of the scoring columns only, read and decoded a block ahead of the scoring.
+
+    A sample's scores are those a query of that sample alone returns: the same rows, scored by the same scorer.
+    """
+    import time
+
+    from forvalue.engine.scan import read_ahead
+    from forvalue.engine.scorer import ExactScorer
+
+    own = []
+    for j in range(found.shape[0]):
+        r = np.unique(found[j])
+        own.append(r[r >= 0])
+    union = np.unique(np.concatenate(own)) if own else np.zeros(0, np.int64)
+    timings["rows_read"] = timings.get("rows_read", 0) + int(union.size)
+    scores = [np.empty(r.size, np.float64) for r in own]
+    scorers: dict[int, ExactScorer] = {}
+    chunks = [union[i : i + config.read_rows] for i in range(0, union.size, config.read_rows)]
+
+    def tables():
+        for chunk in chunks:
+            t0 = time.perf_counter()
+            table = store.take(chunk.tolist(), SCORING_COLUMNS)
+            timings["read"] += time.perf_counter() - t0
+            yield table
+
+    t_wait = time.perf_counter()
+    with one_torch_thread():
+        for chunk, (_table, block) in zip(chunks, read_ahead(tables(), store.manifest.hidden_size)):
+            t0 = time.perf_counter()
+            timings["read_wait"] = timings.get("read_wait", 0.0) + t0 - t_wait
+            offsets = np.concatenate([[0], np.cumsum(block.lengths)])
+            for j, r in enumerate(own):
+                a, b = np.searchsorted(r, chunk[0]), np.searchsorted(r, chunk[-1], side="right")
+                if a == b:
+                    continue
+                if j not in scorers:
+                    scorers[j] = ExactScorer(val.subset([j]), device)
+                pos = np.searchsorted(chunk, r[a:b])
+                sub = block if pos.size == chunk.size else _rows_of(block, pos, offsets)
+                scores[j][a:b] = scorers[j].score(sub)[:, 0]
+            t_wait = time.perf_counter()
+            timings["score"] += t_wait - t0
+    return own, scores
+
+
+@contextmanager
+def one_torch_thread():
+    """Torch on one thread inside: a rerank scores many small blocks (one validation sample's candidates among the
+    rows of one read), where a second thread brings little, and on a busy machine every parallel region of every
+    small operation can wait for a descheduled worker thread (measured under load 14 on 2 cores: 80 ms against
+    4 ms per group of three small operations)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if before > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before > 1:
+            torch.set_num_threads(before)
+
+
+def _rows_of(block: TrainBlock, pos: np.ndarray, offsets: np.ndarray) -> TrainBlock:
+    """The rows ``pos`` (increasing positions) of a decoded block."""
+    lengths = block.lengths[pos]
+    starts = offsets[pos]
+    tokens = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+    return TrainBlock(block.hidden[tokens], block.ids[tokens], block.values[tokens], lengths, block.sq_norms[pos])
 
 
 def _score_rows(
