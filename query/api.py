@@ -21,6 +21,7 @@ import pyarrow as pa
 from forvalue.engine.ranking import TopK
 from forvalue.engine.scan import score_all
 from forvalue.engine.validation import data_for_store, encode_validation, load_validation_samples
+from forvalue.engine.variant import apply_variant
 from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
 from forvalue.present.output import ScoreWriter, check_output_path
@@ -52,6 +53,8 @@ class QueryResult:
         The full score matrix when ``keep_scores=True``, columns in storage order.
     train_ids : list of str or None
         Ids of the columns of ``scores``.
+    config : QueryConfig or None
+        The settings the query ran with (explanation pages of its results use its score variant).
     """
 
     top: pa.Table
@@ -61,6 +64,7 @@ class QueryResult:
     scores: np.ndarray | None = None
     train_ids: list[str] | None = None
     prefiltered: bool = False
+    config: QueryConfig | None = None
 
 
 def add_to_index(
@@ -155,7 +159,8 @@ def run_query(
     store = open_nonempty(store)
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))  # bad input: before the model
     runner = get_runner(runner, store, model, config.device)
-    val = encode_validation(runner, samples, store.manifest, data, config.batch_size)
+    val = encode_validation(runner, samples, store.manifest, data, config.batch_size, config.validation_tokens)
+    val = apply_variant(val, store, config.center)  # centred scores (docs/variants.md)
     n_cols = 1 if config.aggregate == "mean" else len(val)
     col_names = ["mean"] if config.aggregate == "mean" else [s.id for s in samples]
     top = TopK(config.top_k, n_cols)
@@ -207,6 +212,7 @@ def run_query(
         scores=np.concatenate(kept_scores).T if keep_scores else None,
         train_ids=kept_ids if keep_scores else None,
         prefiltered=prefiltered,
+        config=config,
     )
 
 
