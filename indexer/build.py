@@ -33,6 +33,7 @@ from forvalue.indexer.sketch import SketchSpec
 from forvalue.indexer.tokenize import TokenizedSample
 from forvalue.schemas.config import BuildConfig, EngineConfig
 from forvalue.schemas.manifest import MANIFEST_FILE
+from forvalue.storage.location import check_reachable, store_location
 from forvalue.storage.rows import encoded_to_arrow
 from forvalue.storage.store import Store, WriterLease
 
@@ -84,7 +85,9 @@ def build_index(
     config = resolve_score_tokens(config, inputs)
     # The writer lease (one unsharded writer, or sharded workers of distinct shards), taken before the
     # model loads when the store exists; a new store is leased right after it is created.
-    existing = (Path(store_path) / MANIFEST_FILE).exists()
+    store_path = store_location(store_path)
+    check_reachable(store_path)  # an object store: no bucket, denied or unreachable is one line, now
+    existing = (store_path / MANIFEST_FILE).exists()
     lease = WriterLease.acquire(store_path, config.shard) if existing else None
     try:
         runner = runner if runner is not None else load_runner(config.model)

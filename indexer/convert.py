@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from forvalue.schemas.errors import ConfigError, StoreError
 from forvalue.schemas.hidden_codec import DEFAULT_BLOCK, resolve_block
 from forvalue.schemas.manifest import PACKAGE_VERSION, Manifest
 from forvalue.schemas.tables import SCHEMA_VERSION, SCORING_COLUMNS, ids_dtype_for
+from forvalue.storage.files import publish_if_absent
+from forvalue.storage.location import RemotePath, check_reachable, store_location
 from forvalue.storage.rows import decode_block
 from forvalue.storage.store import Store, WriterLease, is_empty_folder
 
@@ -87,7 +88,12 @@ class ConvertReport:
 
 
 def _refuse_out(source: Path, out: Path) -> None:
-    src, dst = source.resolve(), out.resolve()
+    if isinstance(source, RemotePath) or isinstance(out, RemotePath):  # compared as URIs
+        src, dst = (p if isinstance(p, RemotePath) else p.resolve() for p in (source, out))
+        if type(src) is not type(dst):
+            return
+    else:
+        src, dst = source.resolve(), out.resolve()
     if dst == src:
         raise StoreError(f"{out}: --out is the source store; give a new folder for the converted store")
     if src in dst.parents:
@@ -145,17 +151,18 @@ def convert_store(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
-    source, out = Path(source), Path(out)
+    source, out = store_location(source), store_location(out)
     src = Store.open(source)
     _refuse_out(source, out)
+    check_reachable(out)
     manifest = target_manifest(src.manifest, hidden_dtype, int8_block, top_m)
     identity = {
-        "source": str(source.resolve()),
+        "source": str(source if isinstance(source, RemotePath) else source.resolve()),
         "hidden_dtype": manifest.hidden_dtype,
         "hidden_block": manifest.hidden_block,
         "top_m": manifest.top_m,
     }
-    if out.exists() and not out.is_dir():
+    if out.is_file() if isinstance(out, RemotePath) else (out.exists() and not out.is_dir()):
         raise StoreError(f"{out}: exists and is not a folder; give a new folder for the converted store")
     if out.is_dir() and not is_empty_folder(out) and not (out / "manifest.json").exists():
         raise StoreError(f"{out}: folder is not empty and not a forvalue store; give a new folder")
@@ -194,9 +201,7 @@ def _publish_identity(out: Path, identity: dict) -> None:
     path = out / CONVERT_FILE
     if path.exists():
         return
-    tmp = out / f".{CONVERT_FILE}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    publish_if_absent(path, json.dumps(identity, indent=2, sort_keys=True).encode())
 
 
 def _copy_basis(src: Store, out: Path) -> np.ndarray | None:
@@ -223,7 +228,7 @@ def _bytes_per_token(store: Store) -> float | None:
     tokens = sum(int(np.asarray(b.column(0)).sum()) for b in store.scan(["n_scored"], batch_size=65536))
     if not tokens:
         return None
-    total = sum(f.stat().st_size for f in Path(store.path).rglob("*") if f.is_file())
+    total = sum(f.stat().st_size for f in store.path.rglob("*") if f.is_file())
     return round(total / tokens, 1)
 
 

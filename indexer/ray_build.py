@@ -60,7 +60,13 @@ def ray_session(engine: EngineConfig) -> Iterator:
     started = False
     if not ray.is_initialized():
         try:
-            ray.init(address=engine.ray_address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # no --ray-address: a new local instance, not whatever cluster `ray start` last ran on this machine
+            ray.init(
+                address=engine.ray_address or "local",
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         except (ConnectionError, RuntimeError, ValueError) as exc:
             where = engine.ray_address or "a new local Ray instance"
             raise ForValueError(
@@ -157,7 +163,7 @@ class Encoder:
 
         return manifest_for(self.runner, self.config.data, self.config.encode)
 
-    def encode(self, samples: list, store_path: str) -> tuple[list, dict]:
+    def encode(self, samples: list, store_path) -> tuple[list, dict]:
         """Tokenize, encode and sketch ``samples`` and write them as data files of the store's table.
 
         Returns
@@ -174,11 +180,13 @@ class Encoder:
         from forvalue.indexer.sketch import SketchSpec
         from forvalue.schemas.manifest import Manifest
         from forvalue.schemas.tables import SAMPLES_TABLE, schema_of
+        from forvalue.storage.location import lance_options, store_location
         from forvalue.storage.rows import encoded_to_arrow
         from forvalue.storage.store import translate_errors
 
         config, runner = self.config, self.runner
-        report = BuildReport(store=store_path)
+        store_path = store_location(store_path)  # a folder, or an s3:// location with its options
+        report = BuildReport(store=str(store_path))
         tokenized = [t for t in (tokenize_counted(s, runner, config, report) for s in samples) if t is not None]
         encoded = [
             e
@@ -189,7 +197,7 @@ class Encoder:
         counts["tokens_scored"] = sum(len(e.hidden) for e in encoded)
         if not encoded:
             return [], counts
-        manifest = Manifest.load(Path(store_path) / MANIFEST_FILE)
+        manifest = Manifest.load(store_path / MANIFEST_FILE)
         spec = SketchSpec.from_manifest(manifest)
         basis = store_basis(store_path, spec, lambda: np.concatenate([e.hidden for e in encoded]))
         sketch = sketch_column(encoded, spec, basis) if spec is not None else None
@@ -198,10 +206,11 @@ class Encoder:
         with translate_errors(store_path, "write a fragment of"):
             fragments = write_fragments(
                 rows,
-                str(Path(store_path) / f"{SAMPLES_TABLE}.lance"),
+                str(store_path / f"{SAMPLES_TABLE}.lance"),
                 schema=schema,
                 mode="append",
                 max_rows_per_file=1 << 30,
+                storage_options=lance_options(store_path),
             )
         return list(fragments), counts
 
@@ -241,6 +250,7 @@ def ray_build_index(
     """
     from forvalue.indexer.build_steps import resolve_score_tokens
     from forvalue.indexer.data import check_inputs
+    from forvalue.storage.location import check_reachable, store_location
     from forvalue.storage.store import Store, WriterLease
 
     started = time.perf_counter()
@@ -249,12 +259,16 @@ def ray_build_index(
     inputs = list(inputs)
     check_inputs(inputs, config.data)  # a bad or empty input fails before Ray starts or a model loads
     config = resolve_score_tokens(config, inputs)
-    existing = (Path(store_path) / MANIFEST_FILE).exists()
+    store_path = store_location(store_path)
+    check_reachable(store_path)
+    existing = (store_path / MANIFEST_FILE).exists()
     lease = WriterLease.acquire(store_path) if existing else None
     try:
         with ray_session(engine) as ray:
             workers, gpw, cpw = worker_plan(ray, engine)
-            actor_cls = ray.remote(Encoder).options(num_gpus=gpw, num_cpus=cpw, max_restarts=3, max_task_retries=3)
+            actor_cls = ray.remote(Encoder).options(
+                num_gpus=gpw, num_cpus=cpw, max_restarts=3, max_task_retries=3, scheduling_strategy="SPREAD"
+            )
             actor_config = replace(config, progress=False)
             actors = [actor_cls.remote(actor_config, cpw) for _ in range(workers)]
             try:
@@ -290,7 +304,7 @@ def _drive(ray, actors: list, inputs: list, store, config: BuildConfig, started:
     bar = tqdm(desc=f"indexing ({len(actors)} Ray workers)", unit="sample", disable=not config.progress)
     in_flight: deque = deque()  # (object ref, number of samples), in chunk order
     limit = 2 * len(actors)
-    path = str(store.path)
+    path = store.path  # a Path or a RemotePath (with its storage options), pickled to the actors
 
     def commit_oldest() -> None:
         ref, n = in_flight.popleft()
@@ -301,7 +315,10 @@ def _drive(ray, actors: list, inputs: list, store, config: BuildConfig, started:
         if fragments:
             with store.io("commit fragments to"):
                 lance.LanceDataset.commit(
-                    store._uri, lance.LanceOperation.Append(fragments), read_version=store.version()
+                    store._uri,
+                    lance.LanceOperation.Append(fragments),
+                    read_version=store.version(),
+                    storage_options=store._options,
                 )
             store.refresh()
         report.written += counts["rows"]

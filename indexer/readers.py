@@ -18,6 +18,7 @@ from typing import Any, Iterable, Iterator
 import pyarrow as pa
 
 from forvalue.schemas.errors import InputDataError
+from forvalue.storage.location import RemotePath, is_uri
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 COMPRESSIONS = (".gz", ".zst")
@@ -60,6 +61,9 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     """
     out: list[Path] = []
     for item in paths:
+        if is_uri(item):  # s3://bucket/data/*.parquet, an object, or a prefix: streamed like a local file
+            out.extend(_remote_inputs(item))
+            continue
         text = str(item)
         if any(c in text for c in "*?[") and not Path(text).exists():
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
@@ -98,10 +102,44 @@ def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     return _read_once(out)
 
 
+def _remote_inputs(item) -> list[RemotePath]:
+    """The data objects an ``s3://`` input names: a glob's matches, one object, or the data files below a prefix."""
+    from forvalue.storage.location import check_reachable, remote_glob, store_location
+
+    text = str(item)
+    if not isinstance(item, RemotePath) and any(c in text for c in "*?["):
+        matches = remote_glob(text)
+        found = [m for m in matches if _kind(m)]
+        if not found:
+            what = "matches no object" if not matches else f"matches no data file ({_known()})"
+            raise InputDataError(text, f"{what}; check the pattern (quote it so the shell leaves it to forvalue)")
+        return found
+    location = store_location(item)
+    check_reachable(location)
+    if location.is_file():
+        return [location]
+    listed = list(location.rglob("*"))
+    if not listed:
+        raise InputDataError(location, "no such object or prefix")
+    stores = {str(f).split("/samples.lance/")[0] + "/" for f in listed if "/samples.lance/" in str(f)}  # skipped
+    files = [
+        f
+        for f in listed
+        if _kind(f)
+        and not any(p.startswith(".") or p.endswith(".lance") for p in str(f)[len(str(location)) + 1 :].split("/"))
+        and not any(str(f).startswith(store) for store in stores)
+    ]
+    if not files:
+        raise InputDataError(location, f"prefix holds no data file ({_known()})")
+    return files
+
+
 def _check_regular(path: Path) -> None:
     """Refuse an input that is neither a file nor a folder (a pipe, FIFO, socket or device) before reading it."""
     import stat
 
+    if isinstance(path, RemotePath):
+        return
     try:
         mode = path.stat().st_mode
     except OSError as exc:
@@ -122,7 +160,7 @@ def _read_once(paths: list[Path]) -> list[Path]:
     for path in paths:
         try:
             st = path.stat()
-            key = (st.st_dev, st.st_ino)
+            key = (str(path), 0) if isinstance(path, RemotePath) else (st.st_dev, st.st_ino)
         except OSError:
             key = None
         if key is not None and key in seen:
@@ -163,7 +201,8 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         import pyarrow.parquet as pq
 
         try:
-            batches = pq.ParquetFile(path).iter_batches(batch_size=_ARROW_BLOCK)
+            source = path.open_random_access() if isinstance(path, RemotePath) else path
+            batches = pq.ParquetFile(source).iter_batches(batch_size=_ARROW_BLOCK)
             yield from _number_batches(batches)
         except pa.ArrowInvalid as exc:
             raise InputDataError(path, f"not a readable Parquet file ({exc})") from None
@@ -176,7 +215,7 @@ def _open_binary(path: Path, compression: str | None):
     if compression == ".gz":
         import gzip
 
-        return gzip.open(path, "rb")
+        return gzip.open(path.open("rb") if isinstance(path, RemotePath) else path, "rb")
     if compression == ".zst":
         try:
             import zstandard

@@ -15,6 +15,7 @@ import numpy as np
 from forvalue.results import CheckReport, SketchReport, StoreInfo
 from forvalue.schemas.errors import ForValueError, StoreError
 from forvalue.storage import faiss_index
+from forvalue.storage.location import lance_options
 from forvalue.storage.store import Store, WriterLease
 
 
@@ -441,7 +442,10 @@ def _audit_problems(store: Store, ids: dict) -> list[str]:
         try:
             with translate_errors(store.path, f"read audit '{name}' of"):
                 audit_ids = (
-                    lance.dataset(str(store.path / f"{table}.lance")).to_table(columns=["id"]).column(0).to_pylist()
+                    lance.dataset(str(store.path / f"{table}.lance"), storage_options=lance_options(store.path))
+                    .to_table(columns=["id"])
+                    .column(0)
+                    .to_pylist()
                 )
         except StoreError as exc:
             out.append(str(exc))

@@ -58,8 +58,12 @@ from forvalue.storage.store import Store as _Table
 Validation = Iterable[str | Path] | Sequence[dict]
 
 
-def open(path: str | Path) -> "Store":
+def open(path: str | Path, storage_options: Mapping[str, str] | None = None) -> "Store":
     """Open an existing store (raises :class:`~forvalue.ForValueError` with one line if ``path`` is not one).
+
+    ``path`` is a folder or an object-store URI (``s3://bucket/stores/s1``); ``storage_options``
+    (``{"endpoint": ..., "region": ..., "allow_http": "true"}``, keys of
+    :data:`forvalue.storage.location.OPTION_ENV`) override the ``AWS_*`` environment variables.
 
     Example
     -------
@@ -71,7 +75,7 @@ def open(path: str | Path) -> "Store":
     ...
     forvalue.schemas.errors.StoreError: no-such-store: no such store (not a folder); build one with ...
     """
-    return Store(path)
+    return Store(path, storage_options)
 
 
 def build(
@@ -79,11 +83,13 @@ def build(
     path: str | Path,
     config: BuildConfig = BuildConfig(),
     engine: EngineConfig | None = None,
+    storage_options: Mapping[str, str] | None = None,
 ) -> "Store":
     """One forward pass over ``data`` into a new (or resumed) store at ``path``; returns the opened store.
 
     ``data``: JSONL, Parquet or CSV files, globs or ``datasets`` folders. Re-running skips ids
     already stored, so an interrupted build resumes. The build's counts are in ``store.last_build``.
+    ``path`` may be an ``s3://`` URI (``storage_options`` as for :func:`open`).
 
     Example
     -------
@@ -93,7 +99,9 @@ def build(
     (12, 12)
     """
     from forvalue.indexer.build import build_index
+    from forvalue.storage.location import store_location
 
+    path = store_location(path, storage_options)
     report = build_index(_paths(data), path, config, engine=engine)
     st = Store(path)
     st.last_build = report
@@ -110,15 +118,18 @@ class Store:
 
     Attributes
     ----------
-    path : Path
+    path : Path or forvalue.storage.location.RemotePath
+        The store's folder, or its object-store location (``s3://...``).
     manifest : forvalue.schemas.manifest.Manifest
         The model identity and encoding settings every query is checked against.
     last_build : BuildReport or None
         Counts of the last :func:`build` / :meth:`add` through this handle.
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, storage_options: Mapping[str, str] | None = None):
+        from forvalue.storage.location import store_location
+
+        self.path = store_location(path, storage_options)
         self._table = _Table.open(self.path)
         self._runner = None
         self._runner_key = None

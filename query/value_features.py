@@ -22,7 +22,7 @@ def store_identity(store: Store) -> dict:
     must = {k: getattr(m, k) for k in MUST_MATCH}
     fingerprint = hashlib.sha256(json.dumps(must, sort_keys=True, default=str).encode()).hexdigest()
     return {
-        "path": str(Path(store.path).resolve()),
+        "path": str(store.path if not isinstance(store.path, Path) else store.path.resolve()),
         "model_path": m.model_path,
         "model_weights_sha256": m.model_weights_sha256,
         "tokenizer_sha256": m.tokenizer_sha256,

@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -24,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from forvalue.schemas.errors import ForValueError
+from forvalue.storage.location import RemotePath, lance_options, remove_tree
 from forvalue.storage.store import Store, translate_errors
 
 AUDIT_PREFIX = "audit_"
@@ -103,6 +103,23 @@ def table_lock(store: Store, table: str, wait: bool = True):
     """
     import fcntl
 
+    if isinstance(store.path, RemotePath):  # an object store: an expiring lease object (storage/object_lease.py)
+        from forvalue.schemas.errors import StoreError
+        from forvalue.storage.object_lease import ObjectLease
+
+        try:
+            lease = ObjectLease.acquire(
+                store.path / f".{table}.lock",
+                busy=lambda holder: f"table {table} is being written ({holder})",
+                wait=wait,
+            )
+        except StoreError as exc:
+            if not wait and "is being written" in str(exc):
+                raise BlockingIOError(str(exc)) from None
+            raise
+        with lease:
+            yield
+        return
     with translate_errors(store.path, f"lock table {table} of"):
         fd = os.open(store.path / f".{table}.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -114,7 +131,8 @@ def table_lock(store: Store, table: str, wait: bool = True):
 
 def _drop_if_uncommitted(folder: Path) -> None:
     if folder.is_dir() and not committed(folder):
-        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            remove_tree(folder)
 
 
 def remove_uncommitted(store: Store) -> list[str]:
@@ -125,7 +143,7 @@ def remove_uncommitted(store: Store) -> list[str]:
         try:
             with table_lock(store, table, wait=False):
                 if folder.is_dir() and not committed(folder):
-                    shutil.rmtree(folder)
+                    remove_tree(folder)
                     removed.append(folder.name)
         except BlockingIOError:
             continue
@@ -147,9 +165,11 @@ def write_audit(store: Store, name: str, table: pa.Table, meta: dict) -> int:
     with table_lock(store, AUDIT_PREFIX + name):
         exists = committed(folder)
         if folder.is_dir() and not exists:
-            shutil.rmtree(folder)
+            remove_tree(folder)
         with translate_errors(store.path, f"write audit '{name}' to"):
-            dataset = lance.write_dataset(table, str(folder), mode="overwrite" if exists else "create")
+            dataset = lance.write_dataset(
+                table, str(folder), mode="overwrite" if exists else "create", storage_options=lance_options(store.path)
+            )
             return int(dataset.version)
 
 
@@ -174,7 +194,7 @@ def _audit_dataset(store: Store, name: str):
             f"{store.path}: no audit named '{name}' (known: {', '.join(known) or 'none'}); run 'forvalue audit run'"
         )
     with translate_errors(store.path, f"read audit '{name}' of"):
-        return lance.dataset(str(store.path / f"{AUDIT_PREFIX}{name}.lance"))
+        return lance.dataset(str(store.path / f"{AUDIT_PREFIX}{name}.lance"), storage_options=lance_options(store.path))
 
 
 def _meta_of(dataset) -> dict:
@@ -212,7 +232,9 @@ class ValidationCache:
             return
         try:
             with translate_errors(store.path, "create the validation cache in"):
-                lance.write_dataset(CACHE_SCHEMA.empty_table(), self._uri, mode="create")
+                lance.write_dataset(
+                    CACHE_SCHEMA.empty_table(), self._uri, mode="create", storage_options=lance_options(store.path)
+                )
         except Exception as exc:  # a concurrent twin made it, or the store is read-only / full
             if CACHE_TABLE not in _tables(store):
                 _drop_if_uncommitted(store.path / f"{CACHE_TABLE}.lance")  # e.g. a full disk: leave no husk
@@ -224,7 +246,7 @@ class ValidationCache:
 
         wanted = set(keys)
         with translate_errors(self.store.path, "read the validation cache of"):
-            dataset = lance.dataset(self._uri)
+            dataset = lance.dataset(self._uri, storage_options=lance_options(self.store.path))
             stored = dataset.to_table(columns=["key"]).column("key").to_pylist()
             first: dict[str, int] = {}
             for row, key in enumerate(stored):
@@ -275,4 +297,4 @@ class ValidationCache:
             schema=CACHE_SCHEMA,
         )
         with translate_errors(self.store.path, "write the validation cache of"):
-            lance.write_dataset(table, self._uri, mode="append")
+            lance.write_dataset(table, self._uri, mode="append", storage_options=lance_options(self.store.path))

@@ -125,7 +125,7 @@ def choose_factory(rows: int, kind: str = "auto", sketch_dtype: str = "float32")
 
 
 def _index_dir(store: Store) -> Path:
-    return Path(store.path) / INDEX_DIR
+    return store.path / INDEX_DIR
 
 
 def describe(store: Store) -> dict | None:
@@ -146,9 +146,15 @@ def load(store: Store) -> PrefilterIndex | None:
         if meta.get("from_column"):
             return _from_column(store, meta)
         path = _index_dir(store) / meta["file"]
-        if path.stat().st_size != meta["bytes"]:
-            return None
-        index = _faiss().read_index(str(path))
+        if isinstance(path, Path):
+            if path.stat().st_size != meta["bytes"]:
+                return None
+            index = _faiss().read_index(str(path))
+        else:  # an object store: one GET
+            data = path.read_bytes()
+            if len(data) != meta["bytes"]:
+                return None
+            index = _faiss().deserialize_index(np.frombuffer(data, np.uint8))
     except (OSError, KeyError, ValueError, RuntimeError):
         return None
     if index.ntotal != meta["rows"]:
@@ -188,9 +194,13 @@ def save(store: Store, pre: PrefilterIndex) -> None:
     if pre.meta.get("factory") == "SQfp16":
         name, meta = None, dict(pre.meta, file=None, bytes=0, from_column=True)
     else:
+        from forvalue.storage.files import atomic_path
+
         name = f"index-{pre.rows}-{os.getpid()}-{time.time_ns()}.faiss"
-        faiss.write_index(pre.index, str(folder / name))
-        meta = dict(pre.meta, file=name, bytes=(folder / name).stat().st_size)
+        with atomic_path(folder / name, inside_store=True) as tmp:
+            faiss.write_index(pre.index, str(tmp))
+            size = tmp.stat().st_size
+        meta = dict(pre.meta, file=name, bytes=size)
     from forvalue.storage.files import write_text
 
     write_text(folder / META_FILE, json.dumps(meta, indent=2, sort_keys=True), inside_store=True)

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 from forvalue.schemas.errors import ForValueError
+from forvalue.storage.location import RemotePath, is_uri
 
 FOLDER = "folder"  # the format of an output that is a folder (value model, explanation pages)
 STDOUT = "-"  # in an output's formats: '-' means standard output
@@ -167,6 +168,11 @@ def check_outputs(
             if STDOUT in formats:
                 continue
             raise OutputPathError(f"{what} -: give a {'folder' if FOLDER in formats else 'file'} path")
+        if is_uri(raw):
+            raise OutputPathError(
+                f"{what} {raw}: outputs are local files (object-store URIs are for stores); "
+                "write it to a local path, then copy it"
+            )
         formats = tuple(f for f in formats if f != STDOUT)
         _check_one(what, Path(str(raw)), formats, sources)
         here = _absolute(raw)
@@ -298,7 +304,11 @@ def atomic_path(target: str | Path, *, inside_store: bool = False) -> Iterator[P
 
     On any exception (or a kill) ``target`` keeps its old content and the temporary file is removed
     (a kill leaves a hidden ``.NAME...tmp`` file at most). ``inside_store=True`` only for the store's own files.
+    For a store on an object store the file is uploaded in one PUT on success (visible whole or not at all).
     """
+    if isinstance(target, RemotePath):
+        yield from _remote_atomic_path(target, inside_store)
+        return
     target = Path(target)
     _guard_target(target, inside_store)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -313,8 +323,24 @@ def atomic_path(target: str | Path, *, inside_store: bool = False) -> Iterator[P
         tmp.unlink(missing_ok=True)
 
 
+def _remote_atomic_path(target: RemotePath, inside_store: bool) -> Iterator[Path]:
+    if not inside_store:
+        raise OutputPathError(f"{target}: outputs are local files (object-store URIs are for stores)")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="forvalue-upload-") as folder:
+        tmp = Path(folder) / target.name
+        yield tmp
+        target.write_bytes(tmp.read_bytes())
+
+
 def write_bytes(target: str | Path, data: bytes, *, inside_store: bool = False) -> Path:
     """Write ``data`` to ``target`` atomically (:func:`atomic_path`)."""
+    if isinstance(target, RemotePath):
+        if not inside_store:
+            raise OutputPathError(f"{target}: outputs are local files (object-store URIs are for stores)")
+        target.write_bytes(data)  # one PUT: visible whole or not at all
+        return target
     with atomic_path(target, inside_store=inside_store) as tmp:
         tmp.write_bytes(data)
     return Path(target)
@@ -329,8 +355,11 @@ def publish_if_absent(target: str | Path, data: bytes) -> bool:
     """Create ``target`` with ``data`` only if it does not exist, atomically (temporary file + hard link).
 
     Safe against concurrent publishers: exactly one wins. Returns whether this call created it.
-    Used for a store's own files (manifest, sketch basis), hence no store check.
+    Used for a store's own files (manifest, sketch basis), hence no store check. On an object store:
+    a conditional PUT (``If-None-Match: *``).
     """
+    if isinstance(target, RemotePath):
+        return target.publish_if_absent(data)
     target = Path(target)
     tmp = temp_name(target)
     try:

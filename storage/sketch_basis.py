@@ -17,21 +17,24 @@ import numpy as np
 
 from forvalue.schemas.errors import StoreError
 from forvalue.storage.files import publish_if_absent, write_bytes
+from forvalue.storage.location import store_location
 
 BASIS_FILE = "sketch_basis.npy"
 
 
 def basis_path(store_path: str | Path) -> Path:
-    return Path(store_path) / BASIS_FILE
+    return store_location(store_path) / BASIS_FILE
 
 
 def load_basis(store_path: str | Path) -> np.ndarray | None:
     """The published basis, float32 ``(d, c)``, or None when there is none."""
+    import io
+
     path = basis_path(store_path)
-    if not path.exists():
-        return None
     try:
-        basis = np.load(path, allow_pickle=False)
+        basis = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as exc:
         raise StoreError(f"{path}: unreadable sketch basis ({exc}); run 'forvalue index sketch --rebuild'") from None
     return np.asarray(basis, np.float32)

@@ -40,25 +40,31 @@ from forvalue.schemas.manifest import MANIFEST_FILE, STORAGE_MUST_MATCH, Manifes
 from forvalue.schemas.stored_settings import BUILD_MUST_MATCH
 from forvalue.schemas.tables import HIDDEN_SCALE_COLUMN, SAMPLES_TABLE, schema_of
 from forvalue.storage.files import publish_if_absent, write_text
+from forvalue.storage.location import RemotePath, check_reachable, describe_failure, lance_options, store_location
 
 
 class Store:
     """Handle on an existing store; open with :meth:`open` or :meth:`create`."""
 
-    def __init__(self, path: Path, manifest: Manifest):
+    def __init__(self, path: "Path | RemotePath", manifest: Manifest):
         # Reads go through pylance directly (0.4 s to import, against 2 s for lancedb), so commands
-        # that load no model answer fast; appends use the LanceDB table, opened on first write.
-        import lance
-
+        # that load no model answer fast; appends use the LanceDB table, opened on first write
+        # (on an object store, pylance's own append: the same one-commit-per-batch write).
         self.path = path
         self.manifest = manifest
         self._uri = str(path / f"{SAMPLES_TABLE}.lance")
+        self._options = lance_options(path)
         self._writer = None
-        if not Path(self._uri).is_dir():
-            raise StoreError(f"{path}: has a manifest but no '{SAMPLES_TABLE}' table; the store is damaged")
         with self.io("open"):
-            self._snapshot = lance.dataset(self._uri)
+            if not (path / f"{SAMPLES_TABLE}.lance").is_dir():
+                raise StoreError(f"{path}: has a manifest but no '{SAMPLES_TABLE}' table; the store is damaged")
+            self._snapshot = self._latest()
         self._fragments = {f.fragment_id for f in self._snapshot.get_fragments()}
+
+    def _latest(self):
+        import lance
+
+        return lance.dataset(self._uri, storage_options=self._options)
 
     def io(self, action: str):
         """Context manager: Lance/Arrow/OS errors inside become one-line :class:`StoreError` about this store."""
@@ -67,16 +73,19 @@ class Store:
     # -- opening -----------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path) -> "Store":
-        """Open an existing store for reading or appending."""
-        path = Path(path)
-        if not path.is_dir():
-            raise StoreError(f"{path}: no such store (not a folder); build one with 'forvalue index build'")
-        manifest_path = path / MANIFEST_FILE
-        if not manifest_path.exists():
-            raise StoreError(
-                f"{path}: not a forvalue store (no {MANIFEST_FILE}); build one with 'forvalue index build'"
-            )
-        return cls(path, Manifest.load(manifest_path))
+        """Open an existing store (a folder or an ``s3://`` URI) for reading or appending."""
+        path = store_location(path)
+        check_reachable(path)
+        with translate_errors(path, "open"):
+            if not path.is_dir():
+                what = "no object below that prefix" if isinstance(path, RemotePath) else "not a folder"
+                raise StoreError(f"{path}: no such store ({what}); build one with 'forvalue index build'")
+            manifest_path = path / MANIFEST_FILE
+            if not manifest_path.exists():
+                raise StoreError(
+                    f"{path}: not a forvalue store (no {MANIFEST_FILE}); build one with 'forvalue index build'"
+                )
+            return cls(path, Manifest.load(manifest_path))
 
     @classmethod
     def create(cls, path: str | Path, manifest: Manifest) -> "Store":
@@ -85,17 +94,21 @@ class Store:
         Safe when several workers call it at once: the manifest is published with an
         atomic create-if-absent and the table creation tolerates a concurrent twin.
         """
-        import lancedb
-
-        path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise StoreError(f"{path}: exists and is not a folder")
-        if path.is_dir() and not is_empty_folder(path) and not (path / MANIFEST_FILE).exists():
-            raise StoreError(f"{path}: folder is not empty and not a forvalue store; choose another path")
+        path = store_location(path)
+        check_reachable(path)
         with translate_errors(path, "create"):
+            if path.is_file() if isinstance(path, RemotePath) else (path.exists() and not path.is_dir()):
+                raise StoreError(f"{path}: exists and is not a folder")
+            if path.is_dir() and not is_empty_folder(path) and not (path / MANIFEST_FILE).exists():
+                what = "prefix holds objects" if isinstance(path, RemotePath) else "folder is not empty"
+                raise StoreError(f"{path}: {what} and not a forvalue store; choose another path")
+            if isinstance(path, RemotePath):  # (a local store target is checked by the CLI's output policy)
+                for outer in path.parents:
+                    if (outer / f"{SAMPLES_TABLE}.lance").is_dir() and (outer / MANIFEST_FILE).exists():
+                        raise StoreError(f"{path}: is inside the store {outer}; put the store elsewhere")
             path.mkdir(parents=True, exist_ok=True)
             _publish_manifest(path / MANIFEST_FILE, manifest)
-        stored = Manifest.load(path / MANIFEST_FILE)
+            stored = Manifest.load(path / MANIFEST_FILE)
         # every setting that changes stored values, and the storage layout
         problems = stored.mismatches(manifest, tuple(dict.fromkeys(BUILD_MUST_MATCH + STORAGE_MUST_MATCH)))
         if problems:
@@ -103,6 +116,11 @@ class Store:
                 f"{path}: store was built with other settings ({'; '.join(problems)}); give the store's values, or "
                 "use 'forvalue index add', which encodes with the store's settings"
             )
+        if isinstance(path, RemotePath):
+            _create_remote_table(path, schema_of(stored))
+            return cls(path, stored)
+        import lancedb
+
         with translate_errors(path, "create the table of"):
             db = lancedb.connect(str(path))
             if SAMPLES_TABLE not in db.table_names():
@@ -123,7 +141,7 @@ class Store:
         import pyarrow.compute as pc
 
         with self.io("append to"):
-            if self._writer is None:
+            if self._writer is None and not isinstance(self.path, RemotePath):
                 import lancedb
 
                 self._writer = lancedb.connect(str(self.path)).open_table(SAMPLES_TABLE)
@@ -132,16 +150,20 @@ class Store:
                 rows = rows.filter(
                     pc.invert(pc.is_in(rows.column("id"), value_set=pa.array(sorted(taken), pa.string())))
                 )
-            if rows.num_rows:
+            if rows.num_rows and self._writer is None:
+                import lance
+
+                lance.write_dataset(
+                    rows.cast(schema_of(self.manifest)), self._uri, mode="append", storage_options=self._options
+                )
+            elif rows.num_rows:
                 self._writer.add(rows.cast(schema_of(self.manifest)))
         self.refresh()
         return rows.num_rows
 
     def _ids_committed_elsewhere(self) -> set[str]:
         """Ids in fragments of the latest version that this handle's snapshot does not hold."""
-        import lance
-
-        latest = lance.dataset(self._uri)
+        latest = self._latest()
         out: set[str] = set()
         if latest.version == self._snapshot.version:
             return out
@@ -163,10 +185,8 @@ class Store:
 
     def refresh(self) -> None:
         """Move this handle's read snapshot to the latest committed version."""
-        import lance
-
         with self.io("open"):
-            self._snapshot = lance.dataset(self._uri)
+            self._snapshot = self._latest()
             self._fragments = {f.fragment_id for f in self._snapshot.get_fragments()}
 
     # -- reading (all reads see the snapshot pinned at open or at the last refresh) --
@@ -282,6 +302,22 @@ def is_empty_folder(path: Path) -> bool:
     return all(entry.name.startswith((".writer.", f".{MANIFEST_FILE}.")) for entry in path.iterdir())
 
 
+def _create_remote_table(path: RemotePath, schema: pa.Schema) -> None:
+    """Create the empty samples table at an object-store location, tolerating a concurrent twin (Lance's
+    create is a conditional put of the first version: one creator wins, the other finds the table)."""
+    import lance
+
+    uri, options = str(path / f"{SAMPLES_TABLE}.lance"), lance_options(path)
+    with translate_errors(path, "create the table of"):
+        if (path / f"{SAMPLES_TABLE}.lance" / "_versions").is_dir():
+            return
+        try:
+            lance.write_dataset(schema.empty_table(), uri, mode="create", storage_options=options)
+        except (OSError, ValueError, RuntimeError):
+            if not (path / f"{SAMPLES_TABLE}.lance" / "_versions").is_dir():
+                raise
+
+
 def _publish_manifest(target: Path, manifest: Manifest) -> None:
     """Write ``target`` only if absent, atomically (tmp file + hard link)."""
     if target.exists():
@@ -329,6 +365,14 @@ def translate_errors(path: str | Path, action: str) -> Iterator[None]:
     except ForValueError:
         raise
     except (OSError, RuntimeError, ValueError) as exc:
+        if isinstance(path, RemotePath):
+            line = describe_failure(path, exc)
+            if line is not None:
+                raise StoreError(line) from exc
+            raise StoreError(
+                f"{path}: cannot {action} the store ({short_reason(exc)}); "
+                f"the store may be damaged; run 'forvalue index check --store {path}'"
+            ) from exc
         reason, advice = short_reason(exc), _advice(exc, Path(path))
         if advice.startswith("the store may be damaged"):  # a vague Lance error: is the disk full or read-only?
             probe = _write_probe(Path(path))
@@ -386,8 +430,10 @@ class WriterLease:
         """Take the lease now or raise :class:`StoreError` naming the holder (never waits)."""
         import fcntl
 
-        path = Path(path)
+        path = store_location(path)
         index, count = shard
+        if isinstance(path, RemotePath):
+            return _remote_lease(path, shard)
         handles: list[int] = []
         try:
             main = _open_lock(path / LEASE_FILE)
@@ -430,6 +476,24 @@ class WriterLease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _remote_lease(path: RemotePath, shard: tuple[int, int]):
+    """The writer lease of a store on an object store: an expiring lease object (forvalue.storage.object_lease)."""
+    from forvalue.storage.object_lease import ObjectLease
+
+    if shard[1] != 1:
+        raise StoreError(
+            f"{path}: --shard is for stores on a file system; on an object store use --engine ray "
+            "(one writer lease, workers on every node)"
+        )
+    return ObjectLease.acquire(
+        path / REMOTE_LEASE_FILE,
+        busy=lambda holder: f"another build is writing to {path} ({holder}); wait for it to finish",
+    )
+
+
+REMOTE_LEASE_FILE = ".writer.lease"
 
 
 def _open_lock(file: Path) -> int:

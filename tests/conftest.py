@@ -69,3 +69,29 @@ def assert_one_line_error(result, *needles: str) -> str:
     for needle in needles:
         assert needle in err, f"{needle!r} not in {err!r}"
     return err
+
+
+BUCKET = "fv-test"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A local S3-compatible server (moto, tests/s3_server.py) for the session, the AWS_* environment pointing at
+    it (so Ray nodes started afterwards inherit it), and the bucket ``BUCKET``; yields the endpoint."""
+    import os
+
+    pytest.importorskip("moto.server", reason="the object-store tests need moto[server] (the test extra)")
+    from tools import moto_server as s3_server
+
+    proc, endpoint = s3_server.start()
+    saved = {k: os.environ.get(k) for k in s3_server.s3_env(endpoint)}
+    os.environ.update(s3_server.s3_env(endpoint))
+    s3_server.make_bucket(endpoint, BUCKET)
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(10)

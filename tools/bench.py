@@ -189,6 +189,13 @@ SUITES: dict[str, Suite] = {
         workdir_option="--workdir",
         json=True,
     ),
+    "cluster": Suite(
+        "bench_cluster",
+        "an s3:// store (local moto server): two Ray nodes vs one (build, audit, exact query) and the "
+        "object store's read rate vs local disk",
+        "not recorded yet",
+        "docs/scale.md: Measured: two nodes and an object store",
+    ),
     "ray": Suite(
         "bench_ray",
         "--engine ray on one machine: build throughput (plain vs 1 actor x T threads vs T "

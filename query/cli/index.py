@@ -213,7 +213,11 @@ def convert(store, out, hidden_dtype, int8_block, top_m, write_every, quiet, as_
     after an interruption resumes; the source is never modified.
     """
     import forvalue
+    from forvalue.cli.options import STORAGE_OPTIONS_KEY
+    from forvalue.storage.location import is_uri, store_location
 
+    if is_uri(out):  # a converted store on an object store: the same --storage-option settings
+        out = store_location(out, click.get_current_context().meta.get(STORAGE_OPTIONS_KEY))
     converted = forvalue.open(store).convert(out, hidden_dtype, int8_block, top_m, write_every, progress=not quiet)
     report = converted.last_build
     if as_json:

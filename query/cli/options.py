@@ -217,7 +217,45 @@ COLUMN_FIELDS = (
 )
 TEXT_COLUMN_FIELDS = tuple(f for f in COLUMN_FIELDS if f != "image_column")
 
-store_option = click.option("--store", required=True, type=click.Path(), help="Store folder.")
+STORAGE_OPTIONS_KEY = "forvalue.storage_options"
+
+
+def store_option(func=None, *, required: bool = True, help: str = "Store folder, or s3://bucket/path (object store)."):
+    """``--store`` plus the repeatable ``--storage-option KEY=VALUE``: an ``s3://`` store reaches the command
+    as a location carrying those options (:func:`forvalue.storage.location.store_location`); a folder as given.
+    The parsed options are also in ``click.get_current_context().meta[STORAGE_OPTIONS_KEY]`` (``index convert
+    --out``)."""
+
+    def decorate(f):
+        import functools
+
+        @functools.wraps(f)
+        def run(*args, **kw):
+            from forvalue.storage.location import is_uri, parse_storage_options, store_location
+
+            options = parse_storage_options(kw.pop("storage_options", ()))
+            click.get_current_context().meta[STORAGE_OPTIONS_KEY] = options
+            store = kw.get("store")
+            if store is not None and is_uri(store):
+                kw["store"] = store_location(store, options)
+            elif options and not is_uri(kw.get("out") or ""):
+                raise ConfigError("storage_options", "is for object-store URIs (--store s3://...); drop it")
+            return f(*args, **kw)
+
+        run = click.option(
+            "--storage-option",
+            "storage_options",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="Setting of an s3:// store, repeatable: endpoint, region, access_key_id, secret_access_key, "
+            "session_token, allow_http, connect_timeout, request_timeout (default: the AWS_* environment variables).",
+        )(run)
+        return click.option("--store", required=required, default=None, type=click.Path(), help=help)(run)
+
+    return decorate(func) if func is not None else decorate
+
+
+_FLAGS["storage_options"] = "--storage-option"
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bar.")
 validation_option = click.option(

@@ -48,11 +48,12 @@ class FragmentStore(Store):
         import lance
 
         from forvalue.schemas.manifest import MANIFEST_FILE, Manifest
+        from forvalue.storage.location import store_location
 
-        path = Path(path)
+        path = store_location(path)  # a folder, or an s3:// location with its storage options
         super().__init__(path, Manifest.load(path / MANIFEST_FILE))
         with self.io("open"):
-            self._snapshot = lance.dataset(self._uri, version=version)
+            self._snapshot = lance.dataset(self._uri, version=version, storage_options=self._options)
             self._mine = [self._snapshot.get_fragment(int(i)) for i in fragment_ids]
 
     def refresh(self) -> None:  # a view stays on its version
@@ -145,7 +146,10 @@ def _scorers(ray, engine: EngineConfig, device: str) -> list:
     from forvalue.indexer.ray_build import worker_plan
 
     workers, gpw, cpw = worker_plan(ray, engine)
-    cls = ray.remote(Scorer).options(num_gpus=gpw, num_cpus=cpw, max_restarts=3, max_task_retries=3)
+    # SPREAD: one actor per node before two on one (each node brings its own cores, GPUs and network)
+    cls = ray.remote(Scorer).options(
+        num_gpus=gpw, num_cpus=cpw, max_restarts=3, max_task_retries=3, scheduling_strategy="SPREAD"
+    )
     return [cls.remote(device, cpw) for _ in range(workers)]
 
 
@@ -197,7 +201,7 @@ def ray_audit_scan(
         sizes = [sum(store._snapshot.get_fragment(i).count_rows() for i in ids) for ids, _ in ranges]
         args = dict(val_labels=val_labels, groups=groups, **kwargs)
         refs = [
-            actors[k % len(actors)].audit.remote(val_ref, str(store.path), store.version(), ids, args)
+            actors[k % len(actors)].audit.remote(val_ref, store.path, store.version(), ids, args)
             for k, (ids, _) in enumerate(ranges)
         ]
         bar = tqdm(total=store.count(), desc=f"{desc} ({len(actors)} Ray workers)", unit="sample", disable=not progress)
@@ -243,7 +247,7 @@ def ray_score_topk(
         val_ref = ray.put(val)  # once, read by every task
         ranges = fragment_ranges(store, RANGES_PER_WORKER * len(actors))
         sizes = [sum(store._snapshot.get_fragment(i).count_rows() for i in ids) for ids, _ in ranges]
-        path, version = str(store.path), store.version()
+        path, version = store.path, store.version()
         refs = [
             actors[k % len(actors)].query.remote(val_ref, path, version, ids, first, config, keep)
             for k, (ids, first) in enumerate(ranges)
