@@ -21,6 +21,7 @@ import pyarrow as pa
 from forvalue.engine.ranking import TopK
 from forvalue.engine.scan import score_all
 from forvalue.engine.validation import data_for_store, encode_validation, load_validation_samples
+from forvalue.engine.variant import apply_variant
 from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
 from forvalue.present.output import ScoreWriter, check_output_path
@@ -56,6 +57,8 @@ class QueryResult:
         Whether FAISS candidates were reranked (docs/prefilter.md) rather than every row scored.
     rows_read : int or None
         Prefiltered: the distinct candidate rows read, once for all validation samples together.
+    config : QueryConfig or None
+        The settings the query ran with (explanation pages of its results use its score variant).
     """
 
     top: pa.Table
@@ -66,6 +69,7 @@ class QueryResult:
     train_ids: list[str] | None = None
     prefiltered: bool = False
     rows_read: int | None = None
+    config: QueryConfig | None = None
 
 
 def add_to_index(
@@ -160,7 +164,8 @@ def run_query(
     store = open_nonempty(store)
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))  # bad input: before the model
     runner = get_runner(runner, store, model, config.device)
-    val = encode_validation(runner, samples, store.manifest, data, config.batch_size)
+    val = encode_validation(runner, samples, store.manifest, data, config.batch_size, config.validation_tokens)
+    val = apply_variant(val, store, config.center)  # centred scores (docs/variants.md)
     n_cols = 1 if config.aggregate == "mean" else len(val)
     col_names = ["mean"] if config.aggregate == "mean" else [s.id for s in samples]
     top = TopK(config.top_k, n_cols)
@@ -214,6 +219,7 @@ def run_query(
         train_ids=kept_ids if keep_scores else None,
         prefiltered=prefiltered,
         rows_read=timings.get("rows_read") if prefiltered else None,
+        config=config,
     )
 
 

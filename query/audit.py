@@ -106,8 +106,11 @@ def run_audit(
     if model is not None and model.path is not None:
         get_runner()  # an explicit model is always checked against the manifest
     val, encoded_now = encode_validation_cached(
-        samples, store.manifest, data, get_runner, ValidationCache(store), config.batch_size
+        samples, store.manifest, data, get_runner, ValidationCache(store), config.batch_size, config.validation_tokens
     )
+    from forvalue.engine.variant import apply_variant
+
+    val = apply_variant(val, store, config.center)  # centred scores (docs/variants.md)
     device = loaded["runner"].device if loaded else resolve_device(config.device)
     val_labels = [s.label for s in samples]
     groups = sorted({l for l in val_labels if l is not None})

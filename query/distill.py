@@ -202,6 +202,7 @@ def distill_value_model(
                 "version": meta.get("version"),
                 "validation_sha256": meta["validation_sha256"],
                 "normalize": meta.get("settings", {}).get("normalize", "none"),
+                "variant": score_variant(meta.get("settings", {})),
                 "n_train": n,
                 "validation_labels": meta.get("validation_labels", []),
             },
@@ -248,15 +249,28 @@ def check_compatible(vm: ValueModel, store: Store, audit_meta: dict | None = Non
         )
     if audit_meta is not None:
         a = vm.meta.get("audit", {})
-        if a.get("validation_sha256") != audit_meta["validation_sha256"] or a.get("normalize") != audit_meta.get(
-            "settings", {}
-        ).get("normalize", "none"):
+        mine_variant = a.get("variant") or score_variant({"normalize": a.get("normalize", "none")})
+        their_variant = score_variant(audit_meta.get("settings", {}))
+        if a.get("validation_sha256") != audit_meta["validation_sha256"] or mine_variant != their_variant:
             raise ValueModelError(
                 f"value model was trained on audit '{a.get('name')}' (validation sha256 "
-                f"{str(a.get('validation_sha256'))[:12]}, normalize {a.get('normalize')}), not on audit "
-                f"'{audit_meta['name']}' (validation sha256 {audit_meta['validation_sha256'][:12]}, normalize "
-                f"{audit_meta.get('settings', {}).get('normalize', 'none')}); distil one for this audit"
+                f"{str(a.get('validation_sha256'))[:12]}, {_fmt_variant(mine_variant)}), not on audit "
+                f"'{audit_meta['name']}' (validation sha256 {audit_meta['validation_sha256'][:12]}, "
+                f"{_fmt_variant(their_variant)}); distil one for this audit"
             )
+
+
+def score_variant(settings: dict) -> dict:
+    """The score variant of an audit's settings (older audits: the paper's defaults)."""
+    return {
+        "normalize": settings.get("normalize", "none"),
+        "center": settings.get("center", "none"),
+        "validation_tokens": settings.get("validation_tokens", "store"),
+    }
+
+
+def _fmt_variant(variant: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in variant.items())
 
 
 def evaluate_value_model(

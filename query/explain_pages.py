@@ -16,15 +16,19 @@ from forvalue.storage.files import FOLDER, check_outputs, write_text
 
 
 def explain_query_results(
-    store, runner, validation, top, n: int, folder, data: DataConfig = DataConfig(), batch_size=8
+    store, runner, validation, top, n: int, folder, data: DataConfig = DataConfig(), batch_size=8, variant=None
 ):
-    """Pages of the top ``n`` results of a query (``top``) in ``folder``; ``top`` with a column naming each page."""
+    """Pages of the top ``n`` results of a query (``top``) in ``folder``; ``top`` with a column naming each page.
+
+    ``variant``: the query's :class:`~forvalue.schemas.config.VariantConfig` (its center and validation tokens).
+    """
     from forvalue.engine.explain import Explainer
     from forvalue.engine.validation import data_for_store, load_validation_samples
 
     check_outputs({"explanation pages": (folder, (FOLDER,))}, [store.path, *validation])
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))
-    explainer = Explainer(store, runner, samples, data, batch_size)
+    options = {} if variant is None else {"center": variant.center, "validation_tokens": variant.validation_tokens}
+    explainer = Explainer(store, runner, samples, data, batch_size, **options)
     return explain_top_results(top, explainer, n, folder)
 
 
@@ -98,7 +102,8 @@ def explain_audit_examples(
     """Pages explaining the top and bottom ``n_examples`` of audit ``name`` (what its report lists).
 
     Each page explains the raw score against the mean of the validation samples (the audit's
-    ``score_mean`` with ``normalize='none'``). The validation encodings come from the store's
+    ``score_mean`` with ``normalize='none'``), in the audit's score variant (its ``center`` and
+    ``validation_tokens`` settings). The validation encodings come from the store's
     validation cache (filled by the audit, so no forward pass runs for them); the model is
     loaded for its tokenizer.
 
@@ -115,14 +120,18 @@ def explain_audit_examples(
     check_outputs({"explanation pages": (folder, (FOLDER,))}, [getattr(store, "path", store), *validation])
 
     store = open_nonempty(store)
-    table, _ = read_audit(store, name)
+    table, meta = read_audit(store, name)
+    settings = meta.get("settings", {})
+    center, tokens = settings.get("center", "none"), settings.get("validation_tokens", "store")
     rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
     chosen = [("top", r) for r in rows[:n_examples]] + [("bottom", r) for r in rows[-n_examples:][::-1]]
     data = data_for_store(data, store.manifest)
     samples = load_validation_samples(validation, data)
     runner = load_store_runner(store, ModelConfig(device=device))
-    val, _ = encode_validation_cached(samples, store.manifest, data, lambda: runner, ValidationCache(store))
-    explainer = Explainer(store, runner, samples, data, val=val)
+    val, _ = encode_validation_cached(
+        samples, store.manifest, data, lambda: runner, ValidationCache(store), tokens=tokens
+    )
+    explainer = Explainer(store, runner, samples, data, val=val, center=center, validation_tokens=tokens)
     unique = list(dict.fromkeys(r["id"] for _, r in chosen))
     pages = {}
     for sid, e in zip(unique, explainer.explain_many(unique, None, top_pairs)):

@@ -319,7 +319,10 @@ class Store:
         from forvalue.explain_pages import explain_query_results
 
         runner = self._runner_for(model, device)
-        return explain_query_results(self._fresh(), runner, _paths(validation), result.top, n, folder, data)
+        variant = getattr(result, "config", None)  # explained in the query's score variant
+        return explain_query_results(
+            self._fresh(), runner, _paths(validation), result.top, n, folder, data, variant=variant
+        )
 
     def audit(
         self,

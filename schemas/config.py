@@ -34,6 +34,8 @@ FlagBy = Literal["mean", "max", "label"]
 SketchBasis = Literal["fitted", "gaussian"]
 Student = Literal["auto", "ngram", "embed"]
 Engine = Literal["local", "ray"]
+Center = Literal["none", "mean"]
+ValidationTokens = Literal["store", "response"]
 # Each field with choices takes them from its Literal type (choices=get_args(T)): declared once.
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -304,8 +306,40 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True)
-class ScanConfig(RuntimeConfig):
-    """:class:`RuntimeConfig` plus the knobs of every command that scans the store (queries, audits).
+class VariantConfig(RuntimeConfig):
+    """:class:`RuntimeConfig` plus the score variants every command that scores shares (queries, audits,
+    explanations; docs/variants.md). Both defaults give the paper's score.
+
+    Parameters
+    ----------
+    center : {"none", "mean"}
+        ``mean`` subtracts the store's mean hidden state ``mu`` from every hidden state, stored and
+        validation: ``<h_v - mu, h_i - mu>`` replaces ``<h_v, h_i>`` (the last hidden states share a large
+        common component). ``mu`` is the mean over the scored tokens of up to 4,096 evenly spaced stored
+        samples (:func:`forvalue.engine.variant.store_mean`); the store is not rewritten.
+    validation_tokens : {"store", "response"}
+        Which positions of each validation sample are scored: the store's ``score_tokens`` (``store``), or
+        only its response (``response``: the completion, or the assistant turns of a conversation; a row
+        with only text, or an empty response, keeps the store's positions). Stored samples keep theirs.
+    """
+
+    center: Center = setting(
+        "none",
+        "none: hidden states as stored (paper); mean: subtract the store's mean hidden state on both sides "
+        "(docs/variants.md).",
+        choices=get_args(Center),
+    )
+    validation_tokens: ValidationTokens = setting(
+        "store",
+        "Validation positions scored: store = the store's --score-tokens (paper); response = only each "
+        "validation sample's response / assistant tokens (text-only rows keep the store's).",
+        choices=get_args(ValidationTokens),
+    )
+
+
+@dataclass(frozen=True)
+class ScanConfig(VariantConfig):
+    """:class:`VariantConfig` plus the knobs of every command that scans the store (queries, audits).
 
     Parameters
     ----------
@@ -478,7 +512,7 @@ class PricingConfig:
 
 
 @dataclass(frozen=True)
-class ExplainConfig(RuntimeConfig):
+class ExplainConfig(VariantConfig):
     """Which validation sample a score explanation (:func:`forvalue.explain`) is of, and what it reports.
 
     Parameters

@@ -252,3 +252,26 @@ def test_generate_tasks_script_bad_size_is_one_line_error(tmp_path, capsys):
         gen.main(["--out", str(tmp_path), "--tasks", "math_no_reasoning", "--n-classes", "11"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 2 and "n_classes must be in [1, 10]" in err[-1]
+
+
+def test_hard_tasks_name_no_class_and_are_seeded():
+    from tools.generate_tasks import HARD_PROMPT, hard_task
+
+    for task in ("hard_sentence", "hard_math", "hard_mixed"):
+        train, test = hard_task(task, 4, 2, seed=3)
+        assert (train, test) == hard_task(task, 4, 2, seed=3)
+        assert hard_task(task, 4, 2, seed=4)[0] != train
+        labels = {r["label"] for r in train}
+        assert len(labels) == (20 if task == "hard_mixed" else 10) and len(train) == 4 * len(labels)
+        assert len({r["id"] for r in train + test}) == len(train) + len(test)
+        for r in train + test:
+            text = (r["prompt"] + r["response"]).lower()
+            assert not any(label in text for label in labels), (task, r)  # no class name anywhere
+            if task == "hard_mixed":
+                assert r["prompt"].startswith(HARD_PROMPT.split("{")[0])
+    math_train, _ = hard_task("hard_math", 3, 1, seed=0)
+    for r in math_train:  # no story: the prompt holds numbers only, the reasoning no nouns
+        assert r["prompt"].startswith("Solve the following problem with the numbers ")
+        assert not any(w in r["response"] for w in ("slices", "hours", "minutes", "points", "meters", "boxes"))
+    with pytest.raises(ValueError):
+        hard_task("hard_poetry")

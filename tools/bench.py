@@ -152,6 +152,15 @@ SUITES: dict[str, Suite] = {
         workdir_option="--workdir",
         json=True,
     ),
+    "variants": Suite(
+        "bench_variants",
+        "score variants (centred, validation response tokens, cosine; --probes: whitened, IDF, ...) x the paper's "
+        "and the hard tasks: AUC / recall",
+        "hard tasks at 90 + 10 per class: ~20 s per variant and task after a 900-sample build (~5 min idle); "
+        "the builds dominate",
+        "docs/variants.md: Measured; docs/benchmarks.md: Score variants",
+        workdir_option="--workdir",
+    ),
     "validation_cache": Suite(
         "bench_validation_cache",
         "loading cached validation encodings: pylance take + arrays vs the previous row-by-row read; lancedb import",

@@ -20,6 +20,7 @@ rows add ``true_label`` and ``flipped``). Equal seeds give byte-identical files.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -117,6 +118,95 @@ def shared_template_task(
                 }
             )
     return train, test
+
+
+HARD_PROMPT = "Transform the input. {input} -> "
+HARD_TASKS = ("hard_sentence", "hard_math", "hard_mixed")
+
+
+def hard_math_task(
+    n_train: int = 90, n_test: int = 10, seed: int = 0, n_classes: int = 10
+) -> tuple[list[dict], list[dict]]:
+    """The ten math word-problem types without the words: a harder retrieval task (issue 31).
+
+    The paper's math prompts tell the class in their story (pizzas, chaperones, ...). Here every class's
+    prompt is ``"Solve the following problem with the numbers N1, N2, ... -> "`` (the story's numbers in
+    order, no story), and the response is the template's bare arithmetic without its nouns
+    (``"Reason: 4 x 8 = 32, and 32 - 5 = 27. Answer: 27"``: the ``math_reasons="bare"`` reasoning, which
+    reads alike across several templates, with "slices", "hours", ... dropped): only what the computation
+    does tells the class. Problems come from the paper task's
+    generator (same seeded streams), so equal seeds give identical rows.
+    """
+    train, test = generate_task("math_with_reasoning", n_train, n_test, seed, n_classes, math_reasons="bare")
+    return _hard_math_rows(train, "train"), _hard_math_rows(test, "test")
+
+
+def _hard_math_rows(rows: list[dict], split: str) -> list[dict]:
+    out = []
+    for row in rows:
+        problem = row["prompt"].removeprefix("Solve the following math problem. ").removesuffix(" -> ")
+        numbers = re.findall(r"\d+(?:\.\d+)?", problem)
+        c, k = row["id"].split("-")[-2:]
+        out.append(
+            {
+                "id": f"hard_math-{split}-{c}-{k}",
+                "prompt": f"Solve the following problem with the numbers {', '.join(numbers)}. -> ",
+                "response": _without_nouns(row["response"]),
+                "label": row["label"],
+                "meta": {**row["meta"], "problem": problem},
+            }
+        )
+    return out
+
+
+# Words of the bare reasoning kept in hard_math: the arithmetic's own; nouns (slices, hours, square meters, ...)
+# are dropped because they name the problem type.
+_ARITHMETIC_WORDS = {"Reason:", "Answer:", "x", "and", "is", "of", "with", "left", "over", "so", "round", "up", "to"}
+
+
+def _without_nouns(text: str) -> str:
+    """``text`` with every word that is neither a number, an operator nor an arithmetic word dropped (its
+    trailing punctuation kept): ``"5 x 12 = 60 slices, and"`` -> ``"5 x 12 = 60, and"``."""
+    kept: list[str] = []
+    for token in text.split():
+        core = token.rstrip(".,")
+        if core in _ARITHMETIC_WORDS or token in _ARITHMETIC_WORDS or re.fullmatch(r"[\d.%/+\-=]+", core):
+            kept.append(token)
+        elif kept and token != core:
+            kept[-1] += token[len(core) :]
+    return " ".join(kept)
+
+
+def hard_task(
+    task: str, n_train: int = 90, n_test: int = 10, seed: int = 0, n_classes: int = 10
+) -> tuple[list[dict], list[dict]]:
+    """One of :data:`HARD_TASKS`: the paper's tasks with no text that names the class (issue 31).
+
+    ``hard_sentence`` is :func:`shared_template_task` (the ten transformations behind one prompt),
+    ``hard_math`` is :func:`hard_math_task`; ``hard_mixed`` pools both (``n_classes`` of each, so twice
+    as many classes) behind ONE template, ``"Transform the input. INPUT -> "`` (INPUT the sentence, or
+    the problem's numbers), so neither the task nor the class is named anywhere.
+    """
+    if task == "hard_sentence":
+        return shared_template_task(n_train, n_test, seed, n_classes)
+    if task == "hard_math":
+        return hard_math_task(n_train, n_test, seed, n_classes)
+    if task != "hard_mixed":
+        raise ValueError(f"unknown hard task {task!r}; choose one of {', '.join(HARD_TASKS)}")
+    sentence = shared_template_task(n_train, n_test, seed, n_classes)
+    math = hard_math_task(n_train, n_test, seed, n_classes)
+    split_rows = []
+    for s_rows, m_rows, split in zip(sentence, math, ("train", "test")):
+        rows = []
+        for row in s_rows:
+            rows.append({**row, "prompt": HARD_PROMPT.format(input=row["meta"]["sentence"])})
+        for row in m_rows:
+            numbers = row["prompt"].removeprefix("Solve the following problem with the numbers ").removesuffix(". -> ")
+            rows.append({**row, "prompt": HARD_PROMPT.format(input=numbers)})
+        for j, row in enumerate(rows):
+            row["id"] = f"hard_mixed-{split}-{j}"
+        split_rows.append(rows)
+    return split_rows[0], split_rows[1]
 
 
 def add_data_options(ap: argparse.ArgumentParser) -> None:

@@ -23,6 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from forvalue.engine.variant import as_block, for_scoring
 from forvalue.indexer.data import Sample
 from forvalue.schemas.config import DataConfig, ExplainConfig, ModelConfig
 from forvalue.schemas.errors import ConfigError, ForValueError
@@ -288,7 +289,11 @@ class Explainer:
     data : DataConfig
     batch_size : int
     val : ValidationSet, optional
-        The samples' encodings when already at hand (e.g. from the validation cache of an audit).
+        The samples' encodings when already at hand (e.g. from the validation cache of an audit), encoded with
+        ``validation_tokens``.
+    center, validation_tokens : str
+        The score variant explained (:class:`~forvalue.schemas.config.VariantConfig`): a centred score splits
+        into centred token-pair terms (``hidden_dot`` is ``<h_v - mu, h_i - mu>``).
     """
 
     def __init__(
@@ -299,20 +304,27 @@ class Explainer:
         data: DataConfig = DataConfig(),
         batch_size: int = 8,
         val=None,
+        center: str = "none",
+        validation_tokens: str = "store",
     ):
         from forvalue.engine.validation import encode_validation
+        from forvalue.engine.variant import apply_variant
 
         self.store, self.runner, self.samples = store, runner, samples
         self.manifest = store.manifest
-        self.val = val if val is not None else encode_validation(runner, samples, self.manifest, data, batch_size)
+        self.validation_tokens = validation_tokens
+        if val is None:
+            val = encode_validation(runner, samples, self.manifest, data, batch_size, validation_tokens)
+        self.val = apply_variant(val, store, center)
         self.offsets = np.concatenate([[0], np.cumsum(self.val.lengths)])
         self._val_sides: dict[int, tuple[list[str], np.ndarray]] = {}
         self._gram: np.ndarray | None = None
 
     def _val_tokens(self, j: int) -> tuple[list[str], np.ndarray]:
         if j not in self._val_sides:
-            m = self.manifest
-            tok = self.runner.tokenize(self.samples[j], m.score_tokens, m.max_length, m.chat_template)
+            from forvalue.engine.validation import tokenize_validation
+
+            tok = tokenize_validation(self.runner, self.samples[j], self.manifest, self.validation_tokens)
             self._val_sides[j] = (token_pieces(self.runner.tokenizer, tok.input_ids), tok.target_indices())
         return self._val_sides[j]
 
@@ -340,7 +352,7 @@ class Explainer:
         return self.explain_many([train_id], val_index, top_pairs)[0]
 
     def _explain(self, row, val_index: int | None, top_pairs: int) -> Explanation:
-        block = decode_block(row, self.manifest.hidden_size)
+        block = for_scoring(decode_block(row, self.manifest.hidden_size), self.val)
         meta = row.select(["id", "label", "prompt", "response", "text"]).to_pylist()[0]
         chosen = list(range(len(self.samples))) if val_index is None else [val_index]
         weight = 1.0 / len(chosen)
@@ -390,11 +402,10 @@ class Explainer:
         if self._gram is None:
             import torch
 
-            from forvalue.engine.scorer import ExactScorer, TrainBlock
+            from forvalue.engine.scorer import ExactScorer
 
-            v = self.val
-            scorer = ExactScorer(v, torch.device("cpu"))
-            self._gram = scorer.score(TrainBlock(v.hidden, v.ids, v.values, v.lengths, v.sq_norms))
+            scorer = ExactScorer(self.val, torch.device("cpu"))
+            self._gram = scorer.score(as_block(self.val))
         return float(self._gram.mean())
 
     def _train_side(self, meta: dict, block) -> TokenSide:
@@ -534,7 +545,9 @@ def explain(
     index = pick_validation(samples, config)
     runner = get_runner(runner, store, model, config.device)
     chosen = samples if index is None else [samples[index]]
-    explainer = Explainer(store, runner, chosen, data, config.batch_size)
+    explainer = Explainer(
+        store, runner, chosen, data, config.batch_size, center=config.center, validation_tokens=config.validation_tokens
+    )
     return explainer.explain(train_id, None if index is None else 0, config.top_pairs)
 
 

@@ -139,9 +139,10 @@ class GFormScorer:
         out[n_vocab] = 0.0
         return out.to(self.dtype)
 
-    def sq_frobenius(self) -> np.ndarray:
-        """``||Gbar_a||_F^2`` restricted to this scorer's vocabulary, float64 array of shape ``(A,)``."""
-        g = self.gbar.double().reshape(-1, self.n_agg, self.d)
+    def sq_frobenius(self, hidden_cols: int | None = None) -> np.ndarray:
+        """``||Gbar_a||_F^2`` restricted to this scorer's vocabulary, float64 array of shape ``(A,)``; over the
+        first ``hidden_cols`` hidden columns only when given (a centred set's last column is its offset)."""
+        g = self.gbar.double().reshape(-1, self.n_agg, self.d)[:, :, :hidden_cols]
         return (g * g).sum(dim=(0, 2)).cpu().numpy()
 
     @torch.no_grad()
@@ -198,8 +199,8 @@ class BlockedGForm:
     def score(self, block: TrainBlock) -> np.ndarray:
         return self.scorer.score(block)
 
-    def sq_frobenius(self) -> np.ndarray:
-        return self.scorer.sq_frobenius()
+    def sq_frobenius(self, hidden_cols: int | None = None) -> np.ndarray:
+        return self.scorer.sq_frobenius(hidden_cols)
 
 
 def aggregate_weights(val_labels: list, groups: list, sq_norms: np.ndarray | None = None) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 from forvalue.engine.ranking import TopK
 from forvalue.engine.scorer import BlockedScorer, TrainBlock, decode_block
 from forvalue.engine.validation import ValidationSet
+from forvalue.engine.variant import for_scoring
 from forvalue.indexer.sketch import SketchSpec, get_sketcher
 from forvalue.schemas.config import QueryConfig
 from forvalue.schemas.errors import ForValueError
@@ -69,7 +70,10 @@ def validation_sketches(
 
     ``basis``: the store's fitted basis (``forvalue.storage.sketch_basis.load_basis``) for fitted sketches.
     """
-    z = get_sketcher(spec, basis).sketch(val.hidden, val.ids, val.values, val.lengths)
+    hidden = val.hidden if val.center is None else val.hidden[:, :-1] + val.center.astype(np.float32)
+    # a centred set (forvalue.engine.variant): its candidates come from the sketch of its uncentred G_v (the
+    # stored sketches are of the uncentred G_i); the rerank scores them centred
+    z = get_sketcher(spec, basis).sketch(hidden, val.ids, val.values, val.lengths)
     return z.mean(axis=0, keepdims=True) if aggregate == "mean" else z
 
 
@@ -234,7 +238,7 @@ def _score_rows(
         part = rows[first : first + config.read_rows]
         t0 = time.perf_counter()
         table = store.take(part.tolist(), SCORING_COLUMNS)
-        block: TrainBlock = decode_block(table, store.manifest.hidden_size)
+        block: TrainBlock = for_scoring(decode_block(table, store.manifest.hidden_size), val)
         t1 = time.perf_counter()
         out[first : first + part.size] = scorer.score(block)
         timings["read"] += t1 - t0

@@ -20,16 +20,18 @@ from forvalue.engine.gform import BlockedGForm, aggregate_weights
 from forvalue.engine.plan import bounded_val_blocks, choose_form, memory_budget, plan_passes
 from forvalue.engine.scorer import BlockedScorer, ExactScorer
 from forvalue.engine.validation import ValidationSet
+from forvalue.engine.variant import as_block, for_scoring
 from forvalue.schemas.tables import SCORING_COLUMNS
-from forvalue.storage.rows import TrainBlock, decode_block
+from forvalue.storage.rows import decode_block
 
 SCAN_COLUMNS = SCORING_COLUMNS + ["id", "label"]
 
 
-def read_ahead(batches, hidden_size: int, depth: int = 2):
+def read_ahead(batches, hidden_size: int, depth: int = 2, val: ValidationSet | None = None):
     """``(batch, decode_block(batch))`` for each batch of ``batches``, read and decoded by a thread up to ``depth``
     batches ahead, so the store's read and the decode overlap the scoring (both release the GIL for most of
-    their work). An error of the read is raised here, in order; leaving the loop early stops the thread."""
+    their work). With ``val``, blocks are read as its scorers need them (:func:`~forvalue.engine.variant.for_scoring`).
+    An error of the read is raised here, in order; leaving the loop early stops the thread."""
     slots: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 
@@ -45,7 +47,8 @@ def read_ahead(batches, hidden_size: int, depth: int = 2):
     def run() -> None:
         try:
             for batch in batches:
-                if not put(("batch", (batch, decode_block(batch, hidden_size)))):
+                block = decode_block(batch, hidden_size)
+                if not put(("batch", (batch, block if val is None else for_scoring(block, val)))):
                     return
             put(("end", None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
@@ -66,11 +69,13 @@ def read_ahead(batches, hidden_size: int, depth: int = 2):
         thread.join(timeout=5)
 
 
-def scan_blocks(store, read_rows: int = 1024):
+def scan_blocks(store, read_rows: int = 1024, val: ValidationSet | None = None):
     """``(first_row, batch, block)`` for every row batch of ``store`` in storage order (ids and labels in
-    ``batch``, the decoded :class:`~forvalue.storage.rows.TrainBlock` in ``block``), read ahead by a thread."""
+    ``batch``, the decoded :class:`~forvalue.storage.rows.TrainBlock` in ``block``, read as ``val``'s scorers
+    need it), read ahead by a thread."""
     first = 0
-    for batch, block in read_ahead(store.scan(SCAN_COLUMNS, batch_size=read_rows), store.manifest.hidden_size):
+    batches = store.scan(SCAN_COLUMNS, batch_size=read_rows)
+    for batch, block in read_ahead(batches, store.manifest.hidden_size, val=val):
         yield first, batch, block
         first += batch.num_rows
 
@@ -92,14 +97,15 @@ def score_all(store, val: ValidationSet, config, device):
     gform = mean and choose_form(val, 1) == "gform"
     if gform:  # one matrix mean_v G_v scored against every stored row (forvalue.engine.gform, docs/gform.md)
         scorer = BlockedGForm(val, np.full((len(val), 1), 1.0 / len(val)), device)
-        val_norms = np.sqrt(np.maximum(scorer.sq_frobenius(), 0.0))
+        hidden_cols = None if val.center is None else val.hidden.shape[1] - 1  # a centred set: not its offsets
+        val_norms = np.sqrt(np.maximum(scorer.sq_frobenius(hidden_cols), 0.0))
     else:
         scorer = BlockedScorer(val, device, config.val_block_tokens)
         val_norms = np.sqrt(val.sq_norms)
     if mean and not gform:
-        gram = scorer.score(TrainBlock(val.hidden, val.ids, val.values, val.lengths, val.sq_norms))
+        gram = scorer.score(as_block(val))
         val_norms = np.sqrt(np.array([max(gram.mean(), 0.0)]))
-    for first, batch, block in scan_blocks(store, config.read_rows):
+    for first, batch, block in scan_blocks(store, config.read_rows, val):
         scores = scorer.score(block)
         if mean and not gform:
             scores = scores.mean(axis=1, keepdims=True)
@@ -191,7 +197,7 @@ def audit_scan(
         scorer = BlockedGForm(val, weights, device, budget=budget)
         parts = []
         bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
-        for _, batch, block in scan_blocks(store, read_rows):
+        for _, batch, block in scan_blocks(store, read_rows, val):
             scores = scorer.score(block)
             if normalized:  # the weights already hold 1 / ||G_v||
                 scores = scores / np.maximum(np.sqrt(block.sq_norms), 1e-30)[:, None]
@@ -225,7 +231,7 @@ def audit_scan(
     for p, pass_blocks in enumerate(passes):
         members = np.concatenate([blocks[b] for b in pass_blocks])
         scorers = [(blocks[b], ExactScorer(val.subset(blocks[b]), device)) for b in pass_blocks]
-        for first, batch, block in scan_blocks(store, read_rows):
+        for first, batch, block in scan_blocks(store, read_rows, val):
             scores = np.empty((batch.num_rows, members.size), np.float64)
             col = {j: c for c, j in enumerate(members)}
             for group, scorer in scorers:

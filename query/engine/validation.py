@@ -35,6 +35,9 @@ class ValidationSet:
     lengths : int array, shape (n,)
         Tokens per sample; sample j owns rows ``offsets[j]:offsets[j+1]``.
     sq_norms : float64 array, shape (n,)
+    center : float64 array of shape (d,), or None
+        The mean hidden state the set is centred on (``forvalue.engine.variant.centre_validation``: then
+        ``hidden`` has ``d + 1`` columns and ``sq_norms`` are the centred ones); stored rows are read to match.
     """
 
     samples: list[Sample]
@@ -43,6 +46,7 @@ class ValidationSet:
     values: np.ndarray
     lengths: np.ndarray
     sq_norms: np.ndarray
+    center: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -59,6 +63,7 @@ class ValidationSet:
             self.values[rows],
             self.lengths[list(index)],
             self.sq_norms[list(index)],
+            self.center,
         )
 
 
@@ -120,10 +125,32 @@ def _data_from_manifest(data: DataConfig, manifest: Manifest) -> DataConfig:
     return replace(data, max_length=manifest.max_length, chat_template=manifest.chat_template)
 
 
+def validation_mode(sample: Sample, manifest: Manifest, tokens: str = "store") -> str:
+    """The ``score_tokens`` a validation sample is tokenized with: the store's, or with ``tokens="response"``
+    its response (``assistant`` turns of a conversation) when the store scores every token and the sample
+    has a response (a row with only text keeps the store's)."""
+    if tokens == "store" or manifest.score_tokens != "all" or sample.text is not None:
+        return manifest.score_tokens
+    return "assistant" if sample.messages is not None else "response"
+
+
+def tokenize_validation(runner, sample: Sample, manifest: Manifest, tokens: str = "store"):
+    """A validation sample tokenized as :func:`encode_validation` scores it (see :func:`validation_mode`; an
+    empty response keeps the store's positions)."""
+    mode = validation_mode(sample, manifest, tokens)
+    tok = runner.tokenize(sample, mode, manifest.max_length, manifest.chat_template)
+    if tok.n_scored == 0 and mode != manifest.score_tokens:
+        tok = runner.tokenize(sample, manifest.score_tokens, manifest.max_length, manifest.chat_template)
+    return tok
+
+
 def encode_validation(
-    runner, samples: list[Sample], manifest: Manifest, data: DataConfig, batch_size: int = 8
+    runner, samples: list[Sample], manifest: Manifest, data: DataConfig, batch_size: int = 8, tokens: str = "store"
 ) -> ValidationSet:
     """Forward pass over validation samples with the store's settings.
+
+    ``tokens="response"`` scores only each sample's response (:func:`validation_mode`); the forward pass
+    is the same (the whole text), so those positions' hidden states and errors are the store-mode ones.
 
     Raises
     ------
@@ -134,7 +161,7 @@ def encode_validation(
     encode = _encode_config(manifest)
     tokenized = []
     for s in samples:
-        tok = runner.tokenize(s, manifest.score_tokens, manifest.max_length, manifest.chat_template)
+        tok = tokenize_validation(runner, s, manifest, tokens)
         if tok.truncated:
             raise InputDataError(
                 s.source,
@@ -171,12 +198,15 @@ def assemble(samples: list[Sample], parts: list[tuple[np.ndarray, np.ndarray, np
     )
 
 
-def cache_key(sample: Sample, manifest: Manifest) -> str:
-    """Content hash of a validation sample under a store's model and settings."""
+def cache_key(sample: Sample, manifest: Manifest, tokens: str = "store") -> str:
+    """Content hash of a validation sample under a store's model and settings (and the validation positions
+    scored, when they are not the store's)."""
     import hashlib
     import json
 
     ident = [getattr(manifest, name) for name in MUST_MATCH] + [manifest.hidden_dtype]
+    if validation_mode(sample, manifest, tokens) != manifest.score_tokens:
+        ident.append(f"validation_tokens={tokens}")
     content = [ident, sample.prompt, sample.response, sample.text]
     if sample.messages is not None:  # a conversation: its turns and where its prompt ends
         content += [[list(turn) for turn in sample.messages], sample.context_turns]
@@ -187,7 +217,13 @@ def cache_key(sample: Sample, manifest: Manifest) -> str:
 
 
 def encode_validation_cached(
-    samples: list[Sample], manifest: Manifest, data: DataConfig, get_runner, cache, batch_size: int = 8
+    samples: list[Sample],
+    manifest: Manifest,
+    data: DataConfig,
+    get_runner,
+    cache,
+    batch_size: int = 8,
+    tokens: str = "store",
 ) -> tuple[ValidationSet, int]:
     """Like :func:`encode_validation`, reusing cached encodings; only new samples run the model.
 
@@ -201,11 +237,11 @@ def encode_validation_cached(
     -------
     (ValidationSet, number of samples encoded now)
     """
-    keys = [cache_key(s, manifest) for s in samples]
+    keys = [cache_key(s, manifest, tokens) for s in samples]
     found = cache.get(keys)
     missing = [j for j, k in enumerate(keys) if k not in found]
     if missing:
-        fresh = encode_validation(get_runner(), [samples[j] for j in missing], manifest, data, batch_size)
+        fresh = encode_validation(get_runner(), [samples[j] for j in missing], manifest, data, batch_size, tokens)
         offsets = np.concatenate([[0], np.cumsum(fresh.lengths)])
         new = {}
         for n, j in enumerate(missing):

@@ -1,0 +1,294 @@
+"""Score variants (``center``, ``validation_tokens``) through every path, against float64 references of their own
+definitions: the exact query, the prefilter's rerank, the audit scan (G-form and token form), explanations,
+cosine, int8 stores, the validation cache, value models and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import assert_one_line_error, cli, write_jsonl
+
+import forvalue
+from forvalue.api import build_index, run_query
+from forvalue.audit import run_audit
+from forvalue.engine.explain import explain
+from forvalue.engine.prefilter import prefilter_topk
+from forvalue.engine.scan import audit_scan
+from forvalue.engine.validation import encode_validation
+from forvalue.engine.variant import centre_validation, centred_sq_norms, store_mean
+from forvalue.indexer.data import iter_samples
+from forvalue.indexer.sparse_errors import pair_score
+from forvalue.schemas.config import (
+    AuditConfig,
+    BuildConfig,
+    DataConfig,
+    EncodeConfig,
+    ExplainConfig,
+    ModelConfig,
+    QueryConfig,
+)
+from forvalue.schemas.errors import ForValueError
+from forvalue.schemas.tables import SCORING_COLUMNS
+from forvalue.storage.rows import decode_block
+from forvalue.storage.store import Store
+
+LABELS = ("reverse", "math", "caps")
+
+
+def _rows(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        label = LABELS[i % 3]
+        prompt, response = {
+            "reverse": (f"reverse the words {i}: the quick brown fox ->", " fox brown quick the"),
+            "math": (f"solve {i} plus {2 * i} ->", f" answer {3 * i}"),
+            "caps": (f"shout this {i}: hello there ->", " HELLO THERE"),
+        }[label]
+        rows.append({"id": f"{label[0]}{i}", "prompt": prompt, "response": response, "label": label})
+    return rows
+
+
+@pytest.fixture(scope="module", params=["float16", "int8"])
+def setting(request, tmp_path_factory, tiny_model_dir, tiny_runner):
+    """A tiny store with sketches, its raw (uncentred, store-mode) validation encodings and stored rows."""
+    tmp = tmp_path_factory.mktemp(f"variants-{request.param}")
+    train = write_jsonl(tmp / "train.jsonl", _rows(15))
+    val_rows = _rows(5, offset=100) + [{"id": "plain", "text": "the quick brown fox jumps", "label": "caps"}]
+    val_path = write_jsonl(tmp / "val.jsonl", val_rows)
+    enc = EncodeConfig(
+        top_m=4, hidden_dtype=request.param, int8_block=0, sketch_dim=64, sketch_vocab_buckets=8, sketch_hidden_cols=2
+    )
+    cfg = BuildConfig(
+        model=ModelConfig(path=str(tiny_model_dir), device="cpu"), encode=enc, progress=False, write_every=4
+    )
+    build_index([train], tmp / "store", cfg)
+    store = Store.open(tmp / "store")
+    samples = list(iter_samples([val_path], DataConfig()))
+    table = pa.Table.from_batches(list(store.scan(SCORING_COLUMNS + ["id"])))
+    block = decode_block(table, store.manifest.hidden_size)
+    return dict(
+        tmp=tmp, store=store, val_path=val_path, samples=samples, block=block, ids=table.column("id").to_pylist()
+    )
+
+
+def _split(hidden, ids, values, lengths):
+    off = np.concatenate([[0], np.cumsum(lengths)])
+    return [
+        (hidden[off[j] : off[j + 1]], ids[off[j] : off[j + 1]], values[off[j] : off[j + 1]])
+        for j in range(len(lengths))
+    ]
+
+
+def _reference(train_block, val, mu=None, cosine=False):
+    """``(n_train, n_val)`` in float64, one ``pair_score`` per pair of samples, hidden states minus ``mu``."""
+    mu = 0.0 if mu is None else mu
+    train = _split(train_block.hidden.astype(np.float64) - mu, train_block.ids, train_block.values, train_block.lengths)
+    vals = _split(val.hidden.astype(np.float64) - mu, val.ids, val.values, val.lengths)
+    out = np.array([[pair_score(*v, *t) for v in vals] for t in train])
+    if cosine:
+        nt = np.array([pair_score(*t, *t) for t in train])
+        nv = np.array([pair_score(*v, *v) for v in vals])
+        out = out / np.sqrt(nt[:, None] * nv[None, :])
+    return out
+
+
+def _close(got, expected, rtol=2e-4):
+    assert np.abs(expected).max() > 1e-6
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
+def test_centred_sq_norms_equal_the_pairwise_definition():
+    rng = np.random.default_rng(3)
+    lengths = np.array([3, 1, 5, 2])
+    n = int(lengths.sum())
+    hidden = rng.standard_normal((n, 6)) + 2.0
+    ids = rng.integers(0, 9, (n, 4))  # repeated ids within and across tokens
+    values = rng.standard_normal((n, 4))
+    mu = rng.standard_normal(6)
+    parts = _split(hidden, ids, values, lengths)
+    raw = np.array([pair_score(*p, *p) for p in parts])
+    centred = np.array([pair_score(h - mu, i, v, h - mu, i, v) for h, i, v in parts])
+    np.testing.assert_allclose(centred_sq_norms(hidden, ids, values, lengths, raw, mu), centred, rtol=1e-10)
+    np.testing.assert_allclose(centred_sq_norms(hidden, ids, values, lengths, raw, np.zeros(6)), raw, rtol=1e-12)
+
+
+def test_store_mean_is_the_mean_of_the_stored_tokens(setting):
+    block = setting["block"]
+    np.testing.assert_allclose(store_mean(setting["store"]), block.hidden.astype(np.float64).mean(0), rtol=1e-6)
+    sub = store_mean(setting["store"], rows=4)  # evenly spaced rows 0, 5, 9, 14
+    parts = _split(block.hidden, block.ids, block.values, block.lengths)
+    expected = np.concatenate([parts[j][0] for j in (0, 5, 9, 14)]).astype(np.float64).mean(0)
+    np.testing.assert_allclose(sub, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", ["none", "cosine"])
+def test_centred_query_equals_the_reference(setting, tiny_runner, normalize):
+    store, samples = setting["store"], setting["samples"]
+    val = encode_validation(tiny_runner, samples, store.manifest, DataConfig())
+    mu = store_mean(store)
+    cfg = QueryConfig(top_k=3, exact=True, center="mean", normalize=normalize, progress=False, read_rows=4)
+    got = run_query(store, samples, cfg, runner=tiny_runner, keep_scores=True).scores
+    expected = _reference(setting["block"], val, mu, cosine=normalize == "cosine").T
+    _close(got, expected)
+    plain = run_query(store, samples, QueryConfig(exact=True, progress=False), runner=tiny_runner, keep_scores=True)
+    assert not np.allclose(plain.scores, got)  # centring changes the scores (the test can fail)
+
+
+@pytest.mark.parametrize("normalize", ["none", "cosine"])
+def test_centred_mean_aggregate_equals_the_reference(setting, tiny_runner, normalize):
+    store, samples = setting["store"], setting["samples"]
+    val = encode_validation(tiny_runner, samples, store.manifest, DataConfig())
+    mu = store_mean(store)
+    cfg = QueryConfig(exact=True, center="mean", normalize=normalize, aggregate="mean", progress=False)
+    got = run_query(store, samples, cfg, runner=tiny_runner, keep_scores=True).scores[0]
+    per = _reference(setting["block"], val, mu)
+    expected = per.mean(axis=1)
+    if normalize == "cosine":  # <mean G_v, G_i> / (||mean G_v|| ||G_i||), all centred
+        vals = _split(val.hidden.astype(np.float64) - mu, val.ids, val.values, val.lengths)
+        gram = np.array([[pair_score(*a, *b) for b in vals] for a in vals])
+        train = _split(
+            setting["block"].hidden.astype(np.float64) - mu,
+            setting["block"].ids,
+            setting["block"].values,
+            setting["block"].lengths,
+        )
+        nt = np.array([pair_score(*t, *t) for t in train])
+        expected = expected / np.sqrt(gram.mean() * nt)
+    _close(got, expected)
+
+
+@pytest.mark.parametrize("form", ["gform", "token"])
+@pytest.mark.parametrize("normalize", ["none", "cosine"])
+def test_centred_audit_scan_equals_the_reference(setting, tiny_runner, form, normalize):
+    store, samples = setting["store"], setting["samples"]
+    raw = encode_validation(tiny_runner, samples, store.manifest, DataConfig())
+    mu = store_mean(store)
+    val = centre_validation(raw, mu)
+    labels = [s.label for s in samples]
+    scan = audit_scan(store, val, labels, ["caps", "math"], "cpu", normalize=normalize, read_rows=4, form=form)
+    per = _reference(setting["block"], raw, mu, cosine=normalize == "cosine")
+    _close(scan.mean, per.mean(axis=1))
+    caps = [j for j, l in enumerate(labels) if l == "caps"]
+    _close(scan.by_label["caps"], per[:, caps].mean(axis=1))
+    assert scan.form == form
+
+
+def test_centred_prefilter_rerank_equals_the_exact_scan(setting, tiny_runner):
+    store, samples = setting["store"], setting["samples"]
+    val = centre_validation(encode_validation(tiny_runner, samples, store.manifest, DataConfig()), store_mean(store))
+    cfg = QueryConfig(top_k=4, center="mean", progress=False, read_rows=4)
+    top = prefilter_topk(store, val, cfg, "cpu", candidates=store.count())  # every row a candidate: the exact top-k
+    exact = run_query(
+        store,
+        samples,
+        QueryConfig(top_k=4, exact=True, center="mean", progress=False),
+        runner=tiny_runner,
+        keep_scores=True,
+    )
+    expected = -np.sort(-exact.scores, axis=1)[:, :4]
+    _close(top.scores, expected)
+
+
+def test_centred_explanation_splits_the_centred_score(setting, tiny_runner):
+    store, samples = setting["store"], setting["samples"]
+    cfg = (
+        ExplainConfig(val_index=1, center="mean", progress=False)
+        if hasattr(ExplainConfig, "progress")
+        else ExplainConfig(val_index=1, center="mean")
+    )
+    e = explain(store, [setting["val_path"]], setting["ids"][4], cfg, runner=tiny_runner)
+    query = run_query(
+        store, samples, QueryConfig(exact=True, center="mean", progress=False), runner=tiny_runner, keep_scores=True
+    )
+    expected = query.scores[1, 4]
+    assert e.score == pytest.approx(expected, rel=2e-4, abs=1e-6 * abs(expected))
+    assert float(e.train.per_token().sum()) == pytest.approx(e.score, rel=1e-6, abs=1e-9)
+    cos = run_query(
+        store,
+        samples,
+        QueryConfig(exact=True, center="mean", normalize="cosine", progress=False),
+        runner=tiny_runner,
+        keep_scores=True,
+    ).scores[1, 4]
+    assert e.cosine == pytest.approx(cos, rel=2e-4)
+
+
+def test_response_validation_tokens_keep_only_the_response(setting, tiny_runner):
+    store, samples = setting["store"], setting["samples"]
+    full = encode_validation(tiny_runner, samples, store.manifest, DataConfig())
+    resp = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), tokens="response")
+    for j, s in enumerate(samples):
+        off_f = np.concatenate([[0], np.cumsum(full.lengths)])
+        off_r = np.concatenate([[0], np.cumsum(resp.lengths)])
+        hf, hr = full.hidden[off_f[j] : off_f[j + 1]], resp.hidden[off_r[j] : off_r[j + 1]]
+        if s.text is not None:  # a text-only row keeps the store's positions
+            np.testing.assert_array_equal(hf, hr)
+            continue
+        n_resp = tiny_runner.tokenize(s, "response", 512, False).n_scored
+        assert 0 < n_resp < full.lengths[j] and resp.lengths[j] == n_resp
+        np.testing.assert_allclose(hr, hf[-n_resp:], rtol=1e-5, atol=1e-6)  # the same forward pass, its tail
+        np.testing.assert_array_equal(resp.ids[off_r[j] : off_r[j + 1]], full.ids[off_f[j] : off_f[j + 1]][-n_resp:])
+    got = run_query(
+        store,
+        samples,
+        QueryConfig(exact=True, validation_tokens="response", center="mean", progress=False),
+        runner=tiny_runner,
+        keep_scores=True,
+    ).scores
+    _close(got, _reference(setting["block"], resp, store_mean(store)).T)
+
+
+def test_audit_variant_is_recorded_cached_and_checked_by_value_models(setting, tiny_runner):
+    store = setting["store"]
+    val = [setting["val_path"]]
+    cfg = AuditConfig(center="mean", validation_tokens="response", normalize="cosine", progress=False)
+    run_audit(store, val, "centred", cfg, runner=tiny_runner)
+    run_audit(store, val, "plain", AuditConfig(progress=False), runner=tiny_runner)
+    st = forvalue.open(store.path)
+    table = st.audits["centred"].to_arrow()
+    assert st.audits["centred"].info.meta["settings"]["center"] == "mean"
+    raw = encode_validation(tiny_runner, setting["samples"], store.manifest, DataConfig(), tokens="response")
+    per = _reference(setting["block"], raw, store_mean(store), cosine=True)
+    order = [setting["ids"].index(i) for i in table.column("id").to_pylist()]
+    _close(table.column("score_mean").to_numpy(), per.mean(axis=1)[order])
+    # a second run of the same audit reads every encoding from the cache (the response positions included)
+    again = run_audit(store, val, "centred", cfg, runner=lambda: pytest.fail("the model must not load"))
+    assert again.encoded_now == 0
+    np.testing.assert_allclose(
+        st.audits["centred"].to_arrow().column("score_mean").to_numpy(), table.column("score_mean").to_numpy()
+    )
+    # a value model distilled from the centred audit is refused on the plain audit of the same validation set
+    vm = setting["tmp"] / f"vm-{id(cfg)}"
+    st.audits["centred"].distill(vm)
+    assert st.audits["centred"].evaluate(vm).all["n"] == 15
+    with pytest.raises(ForValueError, match="center mean"):
+        st.audits["plain"].evaluate(vm)
+
+
+def test_cli_variant_options(setting, tiny_model_dir, tmp_path):
+    store = setting["store"].path
+    out = tmp_path / "top.jsonl"
+    r = cli(
+        "query",
+        "--store",
+        store,
+        "-v",
+        setting["val_path"],
+        "-o",
+        out,
+        "--center",
+        "mean",
+        "--validation-tokens",
+        "response",
+        "--exact",
+        "--quiet",
+        "--device",
+        "cpu",
+    )
+    assert r.exit_code == 0, r.output
+    assert out.read_text().count("\n") == 6 * 10
+    bad = cli("query", "--store", store, "-v", setting["val_path"], "-o", tmp_path / "x.jsonl", "--center", "median")
+    assert_one_line_error(bad, "--center")
+    help_text = cli("audit", "run", "--help").output
+    assert "--center" in help_text and "--validation-tokens" in help_text
