@@ -182,7 +182,7 @@ def _score_own_candidates(
 
     t_wait = time.perf_counter()
     with one_torch_thread():
-        for chunk, (_table, block) in zip(chunks, read_ahead(tables(), store.manifest.hidden_size)):
+        for chunk, (_table, block) in zip(chunks, read_ahead(tables(), store.manifest.hidden_size, val=val)):
             t0 = time.perf_counter()
             timings["read_wait"] = timings.get("read_wait", 0.0) + t0 - t_wait
             offsets = np.concatenate([[0], np.cumsum(block.lengths)])
