@@ -300,11 +300,13 @@ class Explainer:
         batch_size: int = 8,
         val=None,
     ):
-        from forvalue.engine.validation import encode_validation
+        from forvalue.engine.validation import encode_validation, store_hidden_basis
 
         self.store, self.runner, self.samples = store, runner, samples
         self.manifest = store.manifest
-        self.val = val if val is not None else encode_validation(runner, samples, self.manifest, data, batch_size)
+        if val is None:
+            val = encode_validation(runner, samples, self.manifest, data, batch_size, store_hidden_basis(store))
+        self.val = val
         self.offsets = np.concatenate([[0], np.cumsum(self.val.lengths)])
         self._val_sides: dict[int, tuple[list[str], np.ndarray]] = {}
         self._gram: np.ndarray | None = None
@@ -340,7 +342,7 @@ class Explainer:
         return self.explain_many([train_id], val_index, top_pairs)[0]
 
     def _explain(self, row, val_index: int | None, top_pairs: int) -> Explanation:
-        block = decode_block(row, self.manifest.hidden_size)
+        block = decode_block(row, self.manifest.stored_width)
         meta = row.select(["id", "label", "prompt", "response", "text"]).to_pylist()[0]
         chosen = list(range(len(self.samples))) if val_index is None else [val_index]
         weight = 1.0 / len(chosen)

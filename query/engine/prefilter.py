@@ -155,7 +155,7 @@ def _score_rows(
         part = rows[first : first + config.read_rows]
         t0 = time.perf_counter()
         table = store.take(part.tolist(), SCORING_COLUMNS)
-        block: TrainBlock = decode_block(table, store.manifest.hidden_size)
+        block: TrainBlock = decode_block(table, store.manifest.stored_width)
         t1 = time.perf_counter()
         out[first : first + part.size] = scorer.score(block)
         timings["read"] += t1 - t0

@@ -70,7 +70,7 @@ def scan_blocks(store, read_rows: int = 1024):
     """``(first_row, batch, block)`` for every row batch of ``store`` in storage order (ids and labels in
     ``batch``, the decoded :class:`~forvalue.storage.rows.TrainBlock` in ``block``), read ahead by a thread."""
     first = 0
-    for batch, block in read_ahead(store.scan(SCAN_COLUMNS, batch_size=read_rows), store.manifest.hidden_size):
+    for batch, block in read_ahead(store.scan(SCAN_COLUMNS, batch_size=read_rows), store.manifest.stored_width):
         yield first, batch, block
         first += batch.num_rows
 
