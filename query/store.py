@@ -231,8 +231,9 @@ class Store:
 
         ``hidden_dtype="int8"`` halves the hidden states' bytes (``int8_block`` channels per float16 scale);
         ``hidden_rank=R`` stores R coordinates per token in a basis fitted to this store's hidden states (the
-        low-rank tier; validation samples are projected onto the same basis); ``top_m`` keeps fewer error entries. Scores of the new store are exact on its stored values (the loss
-        against float16 is measured in docs/benchmarks.md). Resumes after an interruption; this store is never
+        low-rank tier; validation samples are projected onto the same basis); ``top_m`` keeps fewer error
+        entries. Scores of the new store are exact on its stored values (the loss against float16 is measured
+        in docs/benchmarks.md). Resumes after an interruption; this store is never
         modified. The run's counts are in ``last_build`` of the returned store.
         """
         from forvalue.indexer.convert import convert_store
