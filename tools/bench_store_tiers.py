@@ -8,9 +8,11 @@ packed errors, float16 sketches) and converted to each tier with ``forvalue inde
 writes: tests/test_store_tiers.py). For each tier: bytes per scored token of the whole store folder
 (table, sketch column, FAISS index, basis) and of each column (Arrow buffers of the table), per-validation-
 sample Spearman and top-10 overlap of the exact scores against the float16 store's, AUC / recall
-(``forvalue.metrics.class_retrieval``), convert time. The first task's int8 store is also built
-directly to compare build times. The schema-2 float16 store (int32 ids, float32 probabilities and sketch,
-the layout before this issue) is produced by rewriting the float16 store's rows, for its bytes only.
+(``forvalue.metrics.class_retrieval``), convert time; for the low-rank tiers (int8 + ``--hidden-rank R``)
+the fraction of the fitting tokens' energy the basis keeps (``STORE/hidden_basis.npz``). The first task's int8
+store is also built directly to compare build times. The schema-2 float16 store (int32 ids, float32
+probabilities and sketch, the layout before this issue) is produced by rewriting the float16 store's rows,
+for its bytes only.
 
 Part 2, ``--synthetic-store S`` (``python -m tools.make_synthetic_store --out S --sketch-dim 0``): convert S to
 a packed float16 and an int8 store (convert throughput next to the plain read of S), then the exact audit
@@ -37,6 +39,10 @@ TIERS = {
     "float16": {},
     "int8 block 64": {"hidden_dtype": "int8", "int8_block": 64},
     "int8 per token": {"hidden_dtype": "int8", "int8_block": 0},
+    # the low-rank tier (--hidden-rank R, forvalue.indexer.low_rank) combined with int8
+    "int8 + R 256": {"hidden_dtype": "int8", "int8_block": 64, "hidden_rank": 256},
+    "int8 + R 128": {"hidden_dtype": "int8", "int8_block": 64, "hidden_rank": 128},
+    "int8 + R 64": {"hidden_dtype": "int8", "int8_block": 64, "hidden_rank": 64},
 }
 
 
@@ -148,14 +154,17 @@ def real_part(args, runner, work: Path) -> str:
             build_index([train_path], folder / "int8-built", int8, runner=runner)
             build_s["int8 block 64"] = time.perf_counter() - started
             print(f"{task}: int8 build {build_s['int8 block 64']:.1f} s", flush=True)
-        stores, convert_s = {"float16": folder / "float16"}, {}
+        stores, convert_s, energy = {"float16": folder / "float16"}, {}, {}
         for name, opts in TIERS.items():
             if not opts:
                 continue
+            out = folder / name.replace(" ", "-").replace("+", "plus")
             started = time.perf_counter()
-            convert_store(folder / "float16", folder / name.replace(" ", "-"), progress=False, **opts)
+            report = convert_store(folder / "float16", out, progress=False, **opts)
             convert_s[name] = time.perf_counter() - started
-            stores[name] = folder / name.replace(" ", "-")
+            stores[name] = out
+            if report.energy_kept is not None:
+                energy[name] = report.energy_kept
         _v2_copy(folder / "float16", folder / "v2")
         tokens = tokens_of(Store.open(folder / "float16"))
         n_samples = len(train)
@@ -187,10 +196,13 @@ def real_part(args, runner, work: Path) -> str:
             )
             if t == 0:
                 column_rows.append((name,) + tuple(f"{cols.get(c, 0) / tokens:.1f}" for c in COLUMNS))
-        for name, path in (("float32 sketch (schema 2)", folder / "v2"), ("float16 sketch", folder / "float16")):
+        recall_stores = [("float32 sketch (schema 2)", folder / "v2"), ("float16 sketch", folder / "float16")]
+        recall_stores += [(f"float16 sketch, {n}", stores[n]) for n in args.recall_tiers if n in stores]
+        for name, path in recall_stores:
             rec = prefilter_recall(path, val_path, runner, args.device)
             recall_rows.append((task, name) + tuple(f"{rec[c]:.3f}" for c in sorted(rec)))
         val_labels = [r["label"] for r in test]
+        base = class_retrieval(scores["float16"], labels, val_labels)
         for name, s in scores.items():
             m = class_retrieval(s, labels, val_labels)
             ref = scores["float16"]
@@ -200,8 +212,9 @@ def real_part(args, runner, work: Path) -> str:
                 (
                     task,
                     name,
-                    f"{m['auc_mean']:.4f}",
-                    f"{m['recall_mean']:.4f}",
+                    f"{energy[name]:.4f}" if name in energy else "-",
+                    f"{m['auc_mean']:.4f} ({m['auc_mean'] - base['auc_mean']:+.4f})",
+                    f"{m['recall_mean']:.4f} ({m['recall_mean'] - base['recall_mean']:+.4f})",
                     f"{np.mean(sp):.6f}",
                     f"{np.min(sp):.6f}",
                     f"{np.mean(ov):.3f}",
@@ -217,7 +230,7 @@ def real_part(args, runner, work: Path) -> str:
                 (task, name, f"{build_s.get(name, float('nan')):.1f}" if name in build_s else "-",
                  f"{convert_s[name]:.1f}", f"{rate:.0f} samples/s, {tokens / convert_s[name]:,.0f} tokens/s")
             )  # fmt: skip
-        print(md_table(["task", "tier", "AUC", "recall", "Spearman mean", "min", "top-10", "max |diff|"],
+        print(md_table(["task", "tier", "energy", "AUC", "recall", "Spearman mean", "min", "top-10", "max |diff|"],
                        quality_rows[-len(scores):]), flush=True)  # fmt: skip
     return "\n\n".join(
         [
@@ -247,8 +260,9 @@ def real_part(args, runner, work: Path) -> str:
                 [
                     "task",
                     "tier",
-                    "AUC",
-                    "recall",
+                    "energy kept",
+                    "AUC (vs float16)",
+                    "recall (vs float16)",
                     "Spearman mean",
                     "Spearman min",
                     "top-10 overlap",
@@ -257,7 +271,7 @@ def real_part(args, runner, work: Path) -> str:
                 quality_rows,
             ),  # fmt: skip
             "Prefilter recall of the exact top-10 (FAISS candidates reranked exactly), float32 vs float16 sketches "
-            "of the same rows:",
+            "of the same rows (a low-rank tier: its own exact top-10, sketched in its stored coordinates):",
             md_table(["task", "sketch", "recall@10, 20 candidates", "recall@10, 50 candidates"], recall_rows),
             "Build (forward pass included) and convert (from the float16 store, no forward pass) seconds:",
             md_table(["task", "tier", "build s", "convert s", "convert rate"], time_rows),
@@ -329,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "math_with_reasoning"])  # fmt: skip
     p.add_argument("--train-per-class", type=int, default=90)
     p.add_argument("--test-per-class", type=int, default=10)
+    p.add_argument("--recall-tiers", nargs="*", default=["int8 + R 64"],
+                   help="tiers whose prefilter recall is measured too (their sketch: stored coordinates)")  # fmt: skip
     p.add_argument("--no-build-int8", dest="build_int8", action="store_false", help="skip the direct int8 build")
     p.add_argument("--no-real", dest="real", action="store_false", help="skip part 1 (the real model)")
     p.add_argument("--synthetic-store", type=Path, default=None)
