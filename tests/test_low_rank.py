@@ -161,21 +161,33 @@ def test_every_scoring_path_reads_the_low_rank_store(low_rank, tiny_runner):
     assert table_b.column("score_mean").to_pylist() == [got[i] for i in table_b.column("id").to_pylist()]
 
 
-def test_ray_scans_read_the_low_rank_store(low_rank, tiny_runner):
+@pytest.mark.ray
+def test_ray_build_and_scans_on_the_low_rank_tier(low_rank, tiny_runner, tiny_model_dir, tmp_path):
     pytest.importorskip("ray")
     from forvalue.engine.ray_scan import ray_audit_scan
     from forvalue.schemas.config import EngineConfig
 
     s = low_rank
+    engine = EngineConfig(engine="ray", workers=1)
     store = Store.open(s["stores"]["int8-r16"])
     per_sample, ids = _scores(store.path, s["val"], tiny_runner)
-    val = encode_validation(
-        tiny_runner, s["val_samples"], store.manifest, DataConfig(), basis=store_hidden_basis(store)
-    )
+    basis = store_hidden_basis(store)
+    val = encode_validation(tiny_runner, s["val_samples"], store.manifest, DataConfig(), basis=basis)
     labels = [v.label for v in s["val_samples"]]
-    scan = ray_audit_scan(store, val, labels, sorted(set(labels)), "cpu", EngineConfig(engine="ray", workers=1))
+    scan = ray_audit_scan(store, val, labels, sorted(set(labels)), "cpu", engine)
     by_id = dict(zip(scan.ids, scan.mean))
     np.testing.assert_allclose([by_id[i] for i in ids], per_sample.mean(axis=0), rtol=1e-5, atol=1e-6)
+    # a Ray build fits the basis from its first chunk (here every row, as the local build's first write batch)
+    cfg = BuildConfig(
+        model=ModelConfig(path=str(tiny_model_dir), device="cpu"),
+        encode=EncodeConfig(top_m=4, hidden_dtype="int8", int8_block=8, hidden_rank=16),
+        progress=False,
+    )
+    build_index([s["tmp"] / "train.jsonl"], tmp_path / "ray", cfg, engine=engine)
+    np.testing.assert_allclose(store_hidden_basis(Store.open(tmp_path / "ray")), basis, atol=1e-5)
+    got, got_ids = _scores(tmp_path / "ray", s["val"], tiny_runner)
+    _close(_in_order(got, got_ids, s["ids"]), _in_order(per_sample, ids, s["ids"]), 1e-4)
+    assert check_store(tmp_path / "ray").clean
 
 
 def test_convert_to_low_rank_equals_a_low_rank_build(low_rank, tiny_runner, tmp_path):
