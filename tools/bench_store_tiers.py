@@ -100,33 +100,47 @@ def top_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     return len(set(np.argsort(-a, kind="stable")[:k]) & set(np.argsort(-b, kind="stable")[:k])) / k
 
 
-def prefilter_recall(store: Path, val_path: Path, runner, device: str, k: int = 10, candidates=(20, 50)) -> dict:
-    """Recall of the exact top-``k`` among the prefilter's reranked top-``k``, per candidate count (mean over
-    validation samples)."""
-    from forvalue.api import run_query
+def tier_validation(val_full, store):
+    """The validation set as a query of ``store`` scores it: the full-width encoding (the same for every tier:
+    validation samples are float16 whatever the store keeps), projected onto a low-rank store's basis."""
+    from forvalue.engine.validation import project_validation, store_hidden_basis
+
+    return project_validation(val_full, store.manifest, store_hidden_basis(store))
+
+
+def exact_scores(store, val, device: str) -> tuple[np.ndarray, list[str]]:
+    """``(scores (n_val, rows), train ids)`` of the exact scan (``forvalue.engine.scan.score_all``, the query's)."""
+    from forvalue.engine.scan import score_all
     from forvalue.schemas.config import QueryConfig
 
-    def tops(res) -> dict:
-        out: dict = {}
-        for row in res.top.to_pylist():
-            out.setdefault(row["validation_id"], set()).add(row["train_id"])
-        return out
+    parts, ids = [], []
+    for _, block_ids, _, scores in score_all(store, val, QueryConfig(device=device, progress=False), device):
+        parts.append(scores)
+        ids.extend(block_ids)
+    return np.concatenate(parts).T, ids
 
-    exact = tops(run_query(store, [val_path], QueryConfig(device=device, progress=False, top_k=k, exact=True),
-                           runner=runner))  # fmt: skip
+
+def prefilter_recall(store, val, scores: np.ndarray, device: str, k: int = 10, candidates=(20, 50)) -> dict:
+    """Recall of the exact top-``k`` (rows of ``scores``) among the prefilter's reranked top-``k``, per candidate
+    count (mean over validation samples)."""
+    from forvalue.engine.prefilter import prefilter_topk
+    from forvalue.schemas.config import QueryConfig
+
+    exact = [set(np.argsort(-s, kind="stable")[:k].tolist()) for s in scores]
     out = {}
     for c in candidates:
-        got = tops(run_query(store, [val_path], QueryConfig(device=device, progress=False, top_k=k, candidates=c),
-                             runner=runner))  # fmt: skip
-        out[c] = float(np.mean([len(exact[v] & got.get(v, set())) / k for v in exact]))
+        config = QueryConfig(device=device, progress=False, top_k=k, candidates=c)
+        _, rows = prefilter_topk(store, val, config, device).result()
+        out[c] = float(np.mean([len(e & set(r.tolist())) / k for e, r in zip(exact, rows)]))
     return out
 
 
 def real_part(args, runner, work: Path) -> str:
-    from forvalue.api import build_index, run_query
+    from forvalue.api import build_index
+    from forvalue.engine.validation import encode_validation, load_validation_samples
     from forvalue.indexer.convert import convert_store
     from forvalue.metrics import class_retrieval
-    from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
+    from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig
     from forvalue.storage.store import Store
     from forvalue.tasks.text import generate_task, write_jsonl
 
@@ -171,15 +185,19 @@ def real_part(args, runner, work: Path) -> str:
         size_rows.append(
             (task, "float16, schema 2 (before)", f"{folder_bytes(folder / 'v2') / tokens:.0f}", "-", "-", "-")
         )
-        scores, labels = {}, None
+        scores, labels, vals, raw = {}, None, {}, {}
+        # the validation set encoded once (what each tier's query would encode), projected per low-rank tier
+        samples = load_validation_samples([val_path], DataConfig())
+        val_full = encode_validation(runner, samples, Store.open(folder / "float16").manifest, DataConfig())
         for name, path in stores.items():
-            res = run_query(path, [val_path], QueryConfig(device=args.device, progress=False), runner=runner,
-                            keep_scores=True)  # fmt: skip
-            order = {sid: j for j, sid in enumerate(res.train_ids)}
-            ids = [r["id"] for r in train]
-            scores[name] = res.scores[:, [order[i] for i in ids]]
-            labels = [r["label"] for r in train]
             store = Store.open(path)
+            vals[name] = tier_validation(val_full, store)
+            s, train_ids = exact_scores(store, vals[name], args.device)
+            raw[name] = s
+            order = {sid: j for j, sid in enumerate(train_ids)}
+            ids = [r["id"] for r in train]
+            scores[name] = s[:, [order[i] for i in ids]]
+            labels = [r["label"] for r in train]
             total = folder_bytes(path)
             cols = column_bytes(store)
             table = sum(cols.values())
@@ -196,10 +214,12 @@ def real_part(args, runner, work: Path) -> str:
             )
             if t == 0:
                 column_rows.append((name,) + tuple(f"{cols.get(c, 0) / tokens:.1f}" for c in COLUMNS))
-        recall_stores = [("float32 sketch (schema 2)", folder / "v2"), ("float16 sketch", folder / "float16")]
-        recall_stores += [(f"float16 sketch, {n}", stores[n]) for n in args.recall_tiers if n in stores]
-        for name, path in recall_stores:
-            rec = prefilter_recall(path, val_path, runner, args.device)
+        v2 = Store.open(folder / "v2")
+        recall_stores = [("float32 sketch (schema 2)", v2, "float16"), ("float16 sketch", None, "float16")]
+        recall_stores += [(f"float16 sketch, {n}", None, n) for n in args.recall_tiers if n in stores]
+        for name, store, tier in recall_stores:
+            store = store or Store.open(stores[tier])
+            rec = prefilter_recall(store, vals[tier], raw[tier], args.device)
             recall_rows.append((task, name) + tuple(f"{rec[c]:.3f}" for c in sorted(rec)))
         val_labels = [r["label"] for r in test]
         base = class_retrieval(scores["float16"], labels, val_labels)
