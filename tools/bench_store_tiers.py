@@ -78,6 +78,8 @@ def _v2_copy(src: Path, dst: Path) -> None:
     store = Store.open(src)
     table = store.take(list(range(store.count())), store.schema().names)
     schema = samples_schema("float16", store.manifest.sketch_dim)
+    if dst.exists():  # a re-run with the same --workdir: made again from the float16 store
+        shutil.rmtree(dst)
     dst.mkdir()
     lancedb.connect(str(dst)).create_table("samples", table.select(schema.names).cast(schema))
     manifest = json.loads((src / "manifest.json").read_text())
