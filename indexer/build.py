@@ -25,6 +25,7 @@ from forvalue.indexer.build_steps import (  # noqa: F401  (re-exported: the publ
     resolve_score_tokens,
     sketch_column,
     store_basis,
+    stored_encodings,
     tokenize_counted,
 )
 from forvalue.indexer.data import Sample, check_inputs, iter_samples
@@ -133,9 +134,10 @@ def _flush(store: Store, pending: list[EncodedSample], report: BuildReport) -> N
     if not pending:
         return
     spec = SketchSpec.from_manifest(store.manifest)
-    basis = store_basis(store.path, spec, lambda: np.concatenate([e.hidden for e in pending]))
-    sketch = sketch_column(pending, spec, basis) if spec is not None else None
-    committed = store.append(encoded_to_arrow(pending, store.manifest, sketch))
+    rows = stored_encodings(store.path, store.manifest, pending)  # projected in a low-rank store
+    basis = store_basis(store.path, spec, lambda: np.concatenate([e.hidden for e in rows]))
+    sketch = sketch_column(rows, spec, basis) if spec is not None else None
+    committed = store.append(encoded_to_arrow(rows, store.manifest, sketch))
     report.written += committed
     report.already_stored += len(pending) - committed  # committed meanwhile by another writer (dropped at commit)
     report.tokens_scored += sum(len(e.hidden) for e in pending)

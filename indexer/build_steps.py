@@ -16,6 +16,7 @@ import pyarrow as pa
 from forvalue.indexer.data import Sample, data_format
 from forvalue.indexer.encoder import EncodedSample
 from forvalue.indexer.images import ImageError
+from forvalue.indexer.low_rank import check_rank, fit_hidden_basis, project_encoded
 from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
 from forvalue.indexer.tokenize import TokenizedSample
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig
@@ -71,9 +72,10 @@ def manifest_for(runner, data: DataConfig, encode: EncodeConfig) -> Manifest:
     vlm = model_kind == "vlm"
     extra = runner.manifest_fields()
     hidden_block = 0
+    check_rank(encode.hidden_rank, runner.hidden_size, encode.sketch_hidden_cols if encode.sketch_dim else None)
     if encode.hidden_dtype == "int8":
         try:
-            hidden_block = resolve_block(encode.int8_block, runner.hidden_size)
+            hidden_block = resolve_block(encode.int8_block, encode.hidden_rank or runner.hidden_size)
         except ValueError as exc:
             raise ConfigError("int8_block", str(exc)) from None
     return Manifest(
@@ -104,6 +106,7 @@ def manifest_for(runner, data: DataConfig, encode: EncodeConfig) -> Manifest:
         ids_dtype=ids_dtype_for(runner.vocab_size),
         probs_dtype=encode.probs_dtype,
         sketch_dtype="float16",
+        hidden_rank=encode.hidden_rank,
     )
 
 
@@ -194,6 +197,22 @@ def store_basis(store_path, spec: SketchSpec | None, hidden_sample) -> np.ndarra
     if basis is None:
         basis = publish_basis(store_path, fit_basis(hidden_sample()[:BASIS_FIT_TOKENS], spec.hidden_cols))
     return basis
+
+
+def stored_encodings(store_path, manifest: Manifest, encoded: list[EncodedSample]) -> list[EncodedSample]:
+    """``encoded`` as the store keeps them: unchanged for a full-width store; for a low-rank store projected
+    onto its hidden basis (:mod:`forvalue.indexer.low_rank`), fitted from ``encoded`` and published first
+    when the store has none yet (the first write batch, at most :data:`BASIS_FIT_TOKENS` tokens)."""
+    if not manifest.hidden_rank or not encoded:
+        return encoded
+    from forvalue.storage.hidden_basis import publish_hidden_basis, published_hidden_basis
+
+    found = published_hidden_basis(store_path, manifest)
+    if found is None:
+        hidden = np.concatenate([e.hidden for e in encoded])[:BASIS_FIT_TOKENS]
+        fitted = fit_hidden_basis(hidden, manifest.hidden_rank, where="the first write batch")
+        found = publish_hidden_basis(store_path, *fitted, manifest)
+    return project_encoded(encoded, found[0], manifest)
 
 
 def sketch_column(

@@ -8,6 +8,12 @@ probabilities) and, with ``top_m``, cut to the ``top_m`` most likely tokens (the
 ``tail_mass``; the target is always kept). ``sq_norm`` and the sketch are recomputed from the new stored
 values, so every score of the new store is exact on what it holds. The sketch basis is the source's.
 
+``hidden_rank`` (the low-rank tier, :mod:`forvalue.indexer.low_rank`) fits the hidden basis to the first
+:data:`~forvalue.indexer.build_steps.BASIS_FIT_TOKENS` stored tokens of the source, publishes it in the output
+and stores every row's projection; a fitted sketch basis is then fitted again, to the projected values of the
+same tokens (a sketch lives in the stored coordinates). A low-rank source keeps its basis (its rank cannot
+change: the discarded directions are gone).
+
 Safety: the output takes the writer lease; it may not be the source, inside it, or a non-empty folder
 that is not a store; an existing output is resumed only when it is a conversion of the same source with
 the same settings (``convert.json``), so a re-run after a crash or kill appends exactly the rows still
@@ -39,10 +45,27 @@ _TEXT_COLUMNS = ["id", "label", "prompt", "response", "text", "n_tokens", "trunc
 
 
 def target_manifest(
-    source: Manifest, hidden_dtype: str | None = None, int8_block: int | None = None, top_m: int | None = None
+    source: Manifest,
+    hidden_dtype: str | None = None,
+    int8_block: int | None = None,
+    top_m: int | None = None,
+    hidden_rank: int | None = None,
 ) -> Manifest:
     """The manifest of the conversion of a store with ``source`` (None: keep the source's setting)."""
+    from forvalue.indexer.low_rank import check_rank
+
     dtype = hidden_dtype or source.hidden_dtype
+    if hidden_rank is not None and (not isinstance(hidden_rank, int) or isinstance(hidden_rank, bool)):
+        raise ConfigError("hidden_rank", f"must be a whole number, got {hidden_rank!r}")
+    rank = source.hidden_rank if hidden_rank is None else hidden_rank
+    if source.hidden_rank and rank != source.hidden_rank:
+        raise ConfigError(
+            "hidden_rank",
+            f"the source store keeps hidden states at rank {source.hidden_rank} (the other directions are gone); "
+            f"convert the full-width store it came from to get rank {rank}",
+        )
+    sketch_cols = source.sketch_hidden_cols if source.sketch_dim else None
+    check_rank(rank, source.hidden_size, sketch_cols)
     if dtype not in ("float16", "float32", "int8"):
         raise ConfigError("hidden_dtype", f"must be one of float16, float32, int8, got '{dtype}'")
     if top_m is not None and not 1 <= top_m <= source.top_m:
@@ -53,7 +76,7 @@ def target_manifest(
     if dtype == "int8":
         wanted = int8_block if int8_block is not None else (source.hidden_block or DEFAULT_BLOCK)
         try:
-            block = resolve_block(wanted, source.hidden_size)
+            block = resolve_block(wanted, rank or source.hidden_size)
         except ValueError as exc:
             raise ConfigError("int8_block", str(exc)) from None
     return dataclasses.replace(
@@ -64,6 +87,7 @@ def target_manifest(
         ids_dtype=ids_dtype_for(source.vocab_size),
         probs_dtype="float16",
         sketch_dtype="float16",
+        hidden_rank=rank,
         schema_version=SCHEMA_VERSION,
         package_version=PACKAGE_VERSION,
     )
@@ -82,6 +106,8 @@ class ConvertReport:
     seconds: float = 0.0
     source_bytes_per_token: float | None = None
     out_bytes_per_token: float | None = None
+    hidden_rank: int = 0
+    energy_kept: float | None = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -127,6 +153,7 @@ def convert_store(
     top_m: int | None = None,
     block_rows: int = 512,
     progress: bool = True,
+    hidden_rank: int | None = None,
 ) -> ConvertReport:
     """Write the store ``source`` into ``out`` in the compact encoding (see the module docstring).
 
@@ -138,6 +165,9 @@ def convert_store(
         Channels per int8 scale (0 = one per token; default: the source's, else 64).
     top_m : int, optional
         Keep only the ``top_m`` most likely tokens per position (at most the source's).
+    hidden_rank : int, optional
+        Store hidden states as ``hidden_rank`` coordinates in a basis fitted to the source's hidden states
+        (the low-rank tier; 0 = full width; default: the source's).
 
     Returns
     -------
@@ -155,13 +185,15 @@ def convert_store(
     src = Store.open(source)
     _refuse_out(source, out)
     check_reachable(out)
-    manifest = target_manifest(src.manifest, hidden_dtype, int8_block, top_m)
+    manifest = target_manifest(src.manifest, hidden_dtype, int8_block, top_m, hidden_rank)
     identity = {
         "source": str(source if isinstance(source, RemotePath) else source.resolve()),
         "hidden_dtype": manifest.hidden_dtype,
         "hidden_block": manifest.hidden_block,
         "top_m": manifest.top_m,
     }
+    if manifest.hidden_rank:  # (absent for full width: conversions written before the low-rank tier resume)
+        identity["hidden_rank"] = manifest.hidden_rank
     if out.is_file() if isinstance(out, RemotePath) else (out.exists() and not out.is_dir()):
         raise StoreError(f"{out}: exists and is not a folder; give a new folder for the converted store")
     if out.is_dir() and not is_empty_folder(out) and not (out / "manifest.json").exists():
@@ -171,7 +203,8 @@ def convert_store(
     with WriterLease.acquire(out):
         dst = Store.create(out, manifest)
         _publish_identity(out, identity)
-        basis = _copy_basis(src, out)
+        projection, energy = _hidden_basis(src, out, dst.manifest)
+        basis = _copy_basis(src, out) if projection is None else _fit_sketch_basis(src, out, dst.manifest, projection)
         sketcher = _sketcher(dst.manifest, basis)
         done = dst.ids()
         report = ConvertReport(str(source), str(out), rows=src.count(), already_converted=len(done))
@@ -182,7 +215,7 @@ def convert_store(
             keep = [j for j, sample_id in enumerate(ids) if sample_id not in done]
             if keep:
                 part = batch.take(pa.array(keep, pa.int64())) if len(keep) < batch.num_rows else batch
-                rows = convert_rows(part, src.manifest, dst.manifest, sketcher)
+                rows = convert_rows(part, src.manifest, dst.manifest, sketcher, projection)
                 report.written += dst.append(rows)
                 report.tokens += int(np.asarray(part.column("n_scored")).sum())
             bar.update(batch.num_rows)
@@ -192,6 +225,8 @@ def convert_store(
 
             ensure(dst)
     report.seconds = round(time.perf_counter() - started, 3)
+    report.hidden_rank = manifest.hidden_rank
+    report.energy_kept = None if energy is None else round(float(energy[-1]), 6)
     report.source_bytes_per_token = _bytes_per_token(src)
     report.out_bytes_per_token = _bytes_per_token(Store.open(out))
     return report
@@ -202,6 +237,64 @@ def _publish_identity(out: Path, identity: dict) -> None:
     if path.exists():
         return
     publish_if_absent(path, json.dumps(identity, indent=2, sort_keys=True).encode())
+
+
+def _fit_tokens(src: Store) -> np.ndarray:
+    """The first :data:`~forvalue.indexer.build_steps.BASIS_FIT_TOKENS` stored hidden states of ``src``, as read."""
+    from forvalue.indexer.build_steps import BASIS_FIT_TOKENS
+    from forvalue.schemas.tables import HIDDEN_SCALE_COLUMN
+    from forvalue.storage.rows import hidden_values
+
+    columns = ["hidden"] + ([HIDDEN_SCALE_COLUMN] if src.manifest.hidden_dtype == "int8" else [])
+    parts, have = [], 0
+    for batch in src.scan(columns, batch_size=1024):
+        parts.append(hidden_values(batch, src.manifest.stored_width))
+        have += len(parts[-1])
+        if have >= BASIS_FIT_TOKENS:
+            break
+    width = src.manifest.stored_width
+    return np.concatenate(parts)[:BASIS_FIT_TOKENS] if parts else np.zeros((0, width), np.float32)
+
+
+def _source_values(hidden: np.ndarray, target: Manifest) -> np.ndarray:
+    """Decoded source hidden states as a full-width store of the target's dtype would hold them."""
+    return hidden.astype(np.float16) if target.hidden_dtype in ("float16", "int8") else hidden
+
+
+def _hidden_basis(src: Store, out: Path, target: Manifest) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(basis to project rows onto, energy)``: None, None when the rows keep their width (a full-width target,
+    or a low-rank source whose basis is copied); fitted to the source's first tokens and published in ``out``
+    (or the one a previous run published) when the target is a low-rank conversion of a full-width store."""
+    from forvalue.indexer.low_rank import fit_hidden_basis
+    from forvalue.storage.hidden_basis import load_hidden_basis, publish_hidden_basis, published_hidden_basis
+
+    if not target.hidden_rank:
+        return None, None
+    if src.manifest.hidden_rank:
+        basis, energy = load_hidden_basis(src.path, src.manifest)
+        publish_hidden_basis(out, basis, energy, target)
+        return None, energy
+    found = published_hidden_basis(out, target)
+    if found is None:
+        hidden = _source_values(_fit_tokens(src), target)
+        found = publish_hidden_basis(out, *fit_hidden_basis(hidden, target.hidden_rank, str(src.path)), target)
+    return found
+
+
+def _fit_sketch_basis(src: Store, out: Path, target: Manifest, projection: np.ndarray) -> np.ndarray | None:
+    """The fitted sketch basis of a low-rank conversion: fitted to the projected values of the source's first
+    tokens (or the one a previous run published)."""
+    from forvalue.indexer.low_rank import stored_projection
+    from forvalue.indexer.sketch import fit_basis
+    from forvalue.storage.sketch_basis import load_basis, publish_basis
+
+    if not target.sketch_dim or target.sketch_basis != "fitted":
+        return None
+    basis = load_basis(out)
+    if basis is None:
+        values, _ = stored_projection(_source_values(_fit_tokens(src), target), projection, target)
+        basis = publish_basis(out, fit_basis(values, target.sketch_hidden_cols))
+    return basis
 
 
 def _copy_basis(src: Store, out: Path) -> np.ndarray | None:
@@ -232,13 +325,16 @@ def _bytes_per_token(store: Store) -> float | None:
     return round(total / tokens, 1)
 
 
-def convert_rows(batch: pa.RecordBatch, source: Manifest, target: Manifest, sketcher=None) -> pa.Table:
-    """The rows of ``batch`` (a store with ``source``'s rows) encoded as a store with ``target`` keeps them."""
+def convert_rows(
+    batch: pa.RecordBatch, source: Manifest, target: Manifest, sketcher=None, projection: np.ndarray | None = None
+) -> pa.Table:
+    """The rows of ``batch`` (a store with ``source``'s rows) encoded as a store with ``target`` keeps them
+    (``projection``: the hidden basis of a low-rank conversion of a full-width store)."""
     from forvalue.indexer.sparse_errors import SparseErrors
     from forvalue.schemas.tables import error_entries
     from forvalue.storage.rows import stored_rows
 
-    block = decode_block(batch, source.hidden_size)
+    block = decode_block(batch, source.stored_width)
     n = int(block.lengths.sum())
     topk_ids = _flat(batch, "topk_ids").reshape(n, -1).astype(np.int64)
     topk_probs = _flat(batch, "topk_probs").reshape(n, -1).astype(np.float32)
@@ -253,16 +349,19 @@ def convert_rows(batch: pa.RecordBatch, source: Manifest, target: Manifest, sket
     errors = SparseErrors(topk_ids, topk_probs, target_ids, target_probs, tail.astype(np.float32)).stored_as(
         target.probs_dtype
     )
-    hidden = block.hidden
-    if target.hidden_dtype in ("float16", "int8"):
-        hidden = hidden.astype(np.float16)
+    hidden = _source_values(block.hidden, target)
     offsets = np.concatenate([[0], np.cumsum(block.lengths)])
     parts = []
     for r in range(block.lengths.size):
         rows = slice(int(offsets[r]), int(offsets[r + 1]))
-        h, codes = _stored_hidden(hidden[rows], target)
+        if projection is not None:
+            from forvalue.indexer.low_rank import stored_projection
+
+            h, codes = stored_projection(hidden[rows], projection, target)
+        else:
+            h, codes = _stored_hidden(hidden[rows], target)
         parts.append((h, codes, errors.select(rows)))
-    h_all = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, hidden.shape[1]), np.float32)
+    h_all = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, target.stored_width), np.float32)
     ids, vals = error_entries(errors.topk_ids, errors.topk_probs, errors.target_ids, errors.target_probs)
     sq_norms = self_scores(h_all, ids, vals, block.lengths)
     sketch = None

@@ -131,14 +131,15 @@ def encode_batch(
         hid = h_np[part][keep]
         ok = bool(finite[part].all())
         codes = None
-        if training and config.hidden_dtype == "int8" and ok:
+        if training and config.hidden_dtype == "int8" and ok and not config.hidden_rank:
+            # (a low-rank store quantizes the projected values: forvalue.indexer.low_rank)
             codes = quantize(hid, resolve_block(config.int8_block, hid.shape[1]))
             hid = dequantize(*codes)
-        sq = _self_score(hid, errs) if ok else float("nan")
+        sq = self_score(hid, errs) if ok and not (training and config.hidden_rank) else float("nan")
         out.append(EncodedSample(s, hid, errs, sq, ok, codes))
     return out
 
 
-def _self_score(hidden: np.ndarray, errors: SparseErrors) -> float:
+def self_score(hidden: np.ndarray, errors: SparseErrors) -> float:
     ids, vals = error_entries(errors.topk_ids, errors.topk_probs, errors.target_ids, errors.target_probs)
     return pair_score(hidden, ids, vals, hidden, ids, vals)

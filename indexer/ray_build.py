@@ -175,7 +175,13 @@ class Encoder:
         import numpy as np
         from lance.fragment import write_fragments
 
-        from forvalue.indexer.build_steps import finite_or_skipped, sketch_column, store_basis, tokenize_counted
+        from forvalue.indexer.build_steps import (
+            finite_or_skipped,
+            sketch_column,
+            store_basis,
+            stored_encodings,
+            tokenize_counted,
+        )
         from forvalue.indexer.encoder import encode_stream
         from forvalue.indexer.sketch import SketchSpec
         from forvalue.schemas.manifest import Manifest
@@ -199,6 +205,7 @@ class Encoder:
             return [], counts
         manifest = Manifest.load(store_path / MANIFEST_FILE)
         spec = SketchSpec.from_manifest(manifest)
+        encoded = stored_encodings(store_path, manifest, encoded)  # projected in a low-rank store
         basis = store_basis(store_path, spec, lambda: np.concatenate([e.hidden for e in encoded]))
         sketch = sketch_column(encoded, spec, basis) if spec is not None else None
         schema = schema_of(manifest)
@@ -294,12 +301,14 @@ def _drive(ray, actors: list, inputs: list, store, config: BuildConfig, started:
     from forvalue.indexer.build_steps import fresh_samples
     from forvalue.indexer.data import iter_samples
     from forvalue.indexer.sketch import SketchSpec
+    from forvalue.storage.hidden_basis import published_hidden_basis
     from forvalue.storage.sketch_basis import load_basis
 
     report = BuildReport(store=str(store.path), max_length=config.data.max_length)
     stored = store.ids()
     spec = SketchSpec.from_manifest(store.manifest)
     fit_first = spec is not None and spec.basis == "fitted" and load_basis(store.path) is None
+    fit_first |= bool(store.manifest.hidden_rank) and published_hidden_basis(store.path, store.manifest) is None
     chunks = _chunks(fresh_samples(iter_samples(inputs, config.data), config, stored, report), config.write_every)
     bar = tqdm(desc=f"indexing ({len(actors)} Ray workers)", unit="sample", disable=not config.progress)
     in_flight: deque = deque()  # (object ref, number of samples), in chunk order
@@ -329,7 +338,7 @@ def _drive(ray, actors: list, inputs: list, store, config: BuildConfig, started:
     for k, chunk in enumerate(chunks):
         in_flight.append((actors[k % len(actors)].encode.remote(chunk, path), len(chunk)))
         if fit_first and k == 0:
-            commit_oldest()  # the first chunk fits and publishes the sketch basis before the others use it
+            commit_oldest()  # the first chunk fits and publishes the bases before the others use them
         while len(in_flight) >= limit:
             commit_oldest()
     while in_flight:

@@ -88,7 +88,7 @@ class SketchSpec:
             manifest.sketch_hidden_cols,
             manifest.sketch_seed,
             manifest.vocab_size,
-            manifest.hidden_size,
+            getattr(manifest, "stored_width", manifest.hidden_size),  # R in a low-rank store
             getattr(manifest, "sketch_basis", "gaussian"),
         )
 
@@ -209,15 +209,27 @@ def fit_basis(hidden: np.ndarray, cols: int) -> np.ndarray:
     """
     if hidden.ndim != 2 or hidden.shape[0] == 0:
         raise ForValueError("fitting the sketch basis needs at least one stored token")
-    n, d = hidden.shape
+    d = hidden.shape[1]
     if not 1 <= cols <= d:
         raise ForValueError(f"the sketch basis needs 1 <= cols <= {d}, got {cols}")
-    # mean and second moment in float64, a block of rows at a time (no float64 copy of all rows)
+    return basis_from_moments(*hidden_moments(hidden), cols)
+
+
+def hidden_moments(hidden: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(n, sum of rows, sum of outer products)`` of ``hidden`` ``(n, d)`` in float64, a block of rows at a time
+    (no float64 copy of all rows)."""
+    n, d = hidden.shape
     total, gram = np.zeros(d), np.zeros((d, d))
     for start in range(0, n, _FIT_ROWS):
         block = np.asarray(hidden[start : start + _FIT_ROWS], np.float64)
         total += block.sum(axis=0)
         gram += block.T @ block
+    return n, total, gram
+
+
+def basis_from_moments(n: int, total: np.ndarray, gram: np.ndarray, cols: int) -> np.ndarray:
+    """The basis of :func:`fit_basis` from the moments of :func:`hidden_moments`, float32 ``(d, cols)``."""
+    d = gram.shape[0]
     mean = total / n
     cov = gram - n * np.outer(mean, mean)  # scatter of the centred hidden states
     norm = np.linalg.norm(mean)

@@ -20,7 +20,12 @@ import pyarrow as pa
 
 from forvalue.engine.ranking import TopK
 from forvalue.engine.scan import score_all
-from forvalue.engine.validation import data_for_store, encode_validation, load_validation_samples
+from forvalue.engine.validation import (
+    data_for_store,
+    encode_validation,
+    load_validation_samples,
+    store_hidden_basis,
+)
 from forvalue.engine.variant import apply_variant
 from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
@@ -164,7 +169,9 @@ def run_query(
     store = open_nonempty(store)
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))  # bad input: before the model
     runner = get_runner(runner, store, model, config.device)
-    val = encode_validation(runner, samples, store.manifest, data, config.batch_size, config.validation_tokens)
+    val = encode_validation(
+        runner, samples, store.manifest, data, config.batch_size, config.validation_tokens, store_hidden_basis(store)
+    )
     val = apply_variant(val, store, config.center)  # centred scores (docs/variants.md)
     n_cols = 1 if config.aggregate == "mean" else len(val)
     col_names = ["mean"] if config.aggregate == "mean" else [s.id for s in samples]

@@ -85,7 +85,12 @@ def run_audit(
     :meth:`forvalue.Store.audit` calls it.
     """
     # the scoring stack (torch) is imported here, not at module level: listing and showing audits loads no model
-    from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
+    from forvalue.engine.validation import (
+        data_for_store,
+        encode_validation_cached,
+        load_validation_samples,
+        store_hidden_basis,
+    )
     from forvalue.indexer.runner import resolve_device
     from forvalue.session import get_runner as resolve_runner
     from forvalue.session import open_nonempty
@@ -106,7 +111,14 @@ def run_audit(
     if model is not None and model.path is not None:
         get_runner()  # an explicit model is always checked against the manifest
     val, encoded_now = encode_validation_cached(
-        samples, store.manifest, data, get_runner, ValidationCache(store), config.batch_size, config.validation_tokens
+        samples,
+        store.manifest,
+        data,
+        get_runner,
+        ValidationCache(store),
+        config.batch_size,
+        config.validation_tokens,
+        store_hidden_basis(store),
     )
     from forvalue.engine.variant import apply_variant
 

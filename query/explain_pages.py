@@ -113,7 +113,12 @@ def explain_audit_examples(
         Training id -> the page's file name inside ``folder``.
     """
     from forvalue.engine.explain import Explainer
-    from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
+    from forvalue.engine.validation import (
+        data_for_store,
+        encode_validation_cached,
+        load_validation_samples,
+        store_hidden_basis,
+    )
     from forvalue.session import load_store_runner, open_nonempty
     from forvalue.storage.audits import ValidationCache, read_audit
 
@@ -129,7 +134,13 @@ def explain_audit_examples(
     samples = load_validation_samples(validation, data)
     runner = load_store_runner(store, ModelConfig(device=device))
     val, _ = encode_validation_cached(
-        samples, store.manifest, data, lambda: runner, ValidationCache(store), tokens=tokens
+        samples,
+        store.manifest,
+        data,
+        lambda: runner,
+        ValidationCache(store),
+        tokens=tokens,
+        basis=store_hidden_basis(store),
     )
     explainer = Explainer(store, runner, samples, data, val=val, center=center, validation_tokens=tokens)
     unique = list(dict.fromkeys(r["id"] for _, r in chosen))

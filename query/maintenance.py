@@ -43,6 +43,43 @@ def store_info(path: str | Path) -> StoreInfo:
         sketch=_sketch_state(store),
         prefilter_index=_prefilter_state(store, rows),
         manifest=dict(store.manifest.__dict__),
+        hidden_states=_hidden_state(store),
+    )
+
+
+def _hidden_basis_problems(store: Store) -> list[str]:
+    """A low-rank store's basis: present, readable, of the manifest's shape and orthonormal."""
+    from forvalue.storage.hidden_basis import hidden_basis_path, load_hidden_basis
+
+    if not store.manifest.hidden_rank:
+        return []
+    try:
+        basis, _ = load_hidden_basis(store.path, store.manifest)
+    except StoreError as exc:
+        return [str(exc)]
+    gram = basis.astype(np.float64).T @ basis.astype(np.float64)
+    if np.abs(gram - np.eye(gram.shape[0])).max() > 1e-4:
+        return [f"{hidden_basis_path(store.path)}: the basis is not orthonormal; restore it from a copy of the store"]
+    return []
+
+
+def _hidden_state(store: Store) -> str:
+    """``index info``'s line on the hidden states: dtype, int8 block, and the low-rank tier's rank and energy."""
+    from forvalue.storage.hidden_basis import load_hidden_basis
+
+    m = store.manifest
+    dtype = f"int8 (a scale per {m.hidden_block} channels)" if m.hidden_dtype == "int8" else m.hidden_dtype
+    if not m.hidden_rank:
+        return f"{dtype}, full width ({m.hidden_size} values per token)"
+    try:
+        _, energy = load_hidden_basis(store.path, m)
+    except StoreError as exc:
+        return f"{dtype}, rank {m.hidden_rank} of {m.hidden_size}; {exc}"
+    prefixes = [r for r in (16, 32, 64, 128, 256, 512) if r < m.hidden_rank]
+    kept = ", ".join(f"{r}: {energy[r - 1]:.2%}" for r in prefixes)
+    return (
+        f"{dtype}, rank {m.hidden_rank} of {m.hidden_size} (a fitted basis, hidden_basis.npz), keeps "
+        f"{energy[-1]:.2%} of the fitting tokens' energy" + (f" (the first {kept})" if kept else "")
     )
 
 
@@ -149,7 +186,7 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
         field = pa.field(faiss_index.SKETCH_COLUMN, pa.list_(value_type, spec.dim))
 
         def fn(batch):
-            b = decode_block(batch, m.hidden_size)
+            b = decode_block(batch, m.stored_width)
             z = sketcher.sketch(b.hidden, b.ids, b.values, b.lengths)
             return pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()).cast(value_type), spec.dim)
 
@@ -174,7 +211,7 @@ def _first_hidden(store: Store, tokens: int, block_rows: int) -> np.ndarray:
     from forvalue.storage.rows import hidden_values
 
     for batch in store.scan(["hidden", "n_scored"], batch_size=block_rows):
-        h = hidden_values(batch, store.manifest.hidden_size)
+        h = hidden_values(batch, store.manifest.stored_width)
         parts.append(h)
         n += h.shape[0]
         if n >= tokens:
@@ -239,6 +276,7 @@ def _check(store: Store, block_rows: int) -> dict:
     notes: list[str] = []
     where = str(store.path)
     problems += _schema_problems(store)
+    problems += _hidden_basis_problems(store)
     first_row: dict[str, int] = {}
     duplicates: list[int] = []
     repeated: dict[str, int] = {}
@@ -260,7 +298,7 @@ def _check(store: Store, block_rows: int) -> dict:
                     else:
                         first_row[sample_id] = address
                 if readable:
-                    bad_rows += _row_problems(batch, ids, m.hidden_size, m.top_m, m.hidden_block)
+                    bad_rows += _row_problems(batch, ids, m.stored_width, m.top_m, m.hidden_block)
         except StoreError as exc:
             problems.append(
                 f"{where}: fragment {fragment.fragment_id} ({files}) is unreadable: {_cause(exc)}; "

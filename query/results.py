@@ -78,6 +78,8 @@ class StoreInfo(Result):
     sketch: str
     prefilter_index: str
     manifest: dict
+    # how hidden states are stored: dtype, int8 block, and for the low-rank tier the rank and the energy it keeps
+    hidden_states: str = ""
 
     def __repr__(self) -> str:
         m = self.manifest

@@ -43,6 +43,7 @@ def settings_for_store(manifest, config: BuildConfig) -> BuildConfig:
         lowest_likelihood_ratio=m.lowest_likelihood_ratio,
         hidden_dtype=m.hidden_dtype,
         int8_block=m.hidden_block,
+        hidden_rank=m.hidden_rank,
         probs_dtype=m.probs_dtype,
         sketch_dim=m.sketch_dim or 0,
         sketch_vocab_buckets=m.sketch_vocab_buckets,

@@ -236,18 +236,28 @@ class Store:
         top_m: int | None = None,
         write_every: int = 512,
         progress: bool = True,
+        hidden_rank: int | None = None,
     ) -> "Store":
         """Write this store into a new compact store at ``out`` without a forward pass; returns it, opened.
 
         ``hidden_dtype="int8"`` halves the hidden states' bytes (``int8_block`` channels per float16 scale);
-        ``top_m`` keeps fewer error entries. Scores of the new store are exact on its stored values (the loss
-        against float16 is measured in docs/benchmarks.md). Resumes after an interruption; this store is never
+        ``hidden_rank=R`` stores R coordinates per token in a basis fitted to this store's hidden states (the
+        low-rank tier; validation samples are projected onto the same basis); ``top_m`` keeps fewer error
+        entries. Scores of the new store are exact on its stored values (the loss against float16 is measured
+        in docs/benchmarks.md). Resumes after an interruption; this store is never
         modified. The run's counts are in ``last_build`` of the returned store.
         """
         from forvalue.indexer.convert import convert_store
 
         report = convert_store(
-            self.path, out, hidden_dtype, int8_block, top_m, block_rows=write_every, progress=progress
+            self.path,
+            out,
+            hidden_dtype,
+            int8_block,
+            top_m,
+            block_rows=write_every,
+            progress=progress,
+            hidden_rank=hidden_rank,
         )
         converted = Store(out)
         converted.last_build = report

@@ -20,6 +20,7 @@ forvalue.schemas.errors.ConfigError: top_m: must be >= 1, got 0
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -197,7 +198,13 @@ class EncodeConfig:
         Storage dtype of the hidden states; ``int8`` stores a byte per value and a float16 scale
         per ``int8_block`` channels (half of float16's bytes; its loss is measured in docs/benchmarks.md).
     int8_block : int
-        Channels per int8 scale (0 = one scale per token); must divide the model's hidden size.
+        Channels per int8 scale (0 = one scale per token); must divide the stored width (the model's
+        hidden size, or ``hidden_rank``).
+    hidden_rank : int
+        Low-rank tier: store each hidden state as its ``R`` coordinates in an orthonormal basis fitted to
+        the store's own hidden states (the mean direction, then the top principal directions), saved in the
+        store and applied to validation samples too; scores are exact on the projected values (R = the
+        hidden size keeps every direction). 0 (default) stores the full hidden state.
     probs_dtype : {"float16", "float32"}
         Storage type of the top-m probabilities (not a CLI option: new stores use float16, relative
         rounding < 4.9e-4; ``index add`` to an older store keeps its float32).
@@ -227,6 +234,13 @@ class EncodeConfig:
     )
     int8_block: int = bounded(
         64, "Channels per scale of --hidden-dtype int8 (0 = one scale per token); must divide the hidden size.", 0
+    )
+    hidden_rank: int = bounded(
+        0,
+        "Low-rank tier: store hidden states as R coordinates in a basis fitted to the store's own hidden states "
+        "(0 = full width; at most the hidden size; scores exact on the projected values, loss in docs/benchmarks.md).",
+        0,
+        1 << 20,
     )
     probs_dtype: str = setting(
         "float16",
@@ -258,6 +272,8 @@ class EncodeConfig:
             raise ConfigError(
                 "sketch_dim", f"must be 0 (no sketch) or a positive multiple of {block}, got {self.sketch_dim}"
             )
+        if not isinstance(self.hidden_rank, numbers.Integral) or isinstance(self.hidden_rank, bool):
+            raise ConfigError("hidden_rank", f"must be a whole number, got {self.hidden_rank!r}")
         r = self.lowest_likelihood_ratio
         if r is not None and not 0.0 < r <= 1.0:
             raise ConfigError("lowest_likelihood_ratio", f"must be in (0, 1], got {r}")

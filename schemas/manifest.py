@@ -40,7 +40,7 @@ MUST_MATCH = (
 
 # Settings of how hidden states are stored: a build or ``index add`` that writes rows must use the
 # store's (queries need not: a validation sample is encoded at float16 whatever the store holds).
-STORAGE_MUST_MATCH = ("hidden_dtype", "hidden_block")
+STORAGE_MUST_MATCH = ("hidden_dtype", "hidden_block", "hidden_rank")
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,17 @@ class Manifest:
     ids_dtype: str = "int32"
     probs_dtype: str = "float32"
     sketch_dtype: str = "float32"
+    # Low-rank tier: hidden states stored as their coordinates in ``hidden_rank`` orthonormal directions
+    # fitted to the store's own hidden states (STORE/hidden_basis.npz, forvalue.storage.hidden_basis);
+    # 0 = the full hidden state. Validation samples are projected onto the same basis.
+    hidden_rank: int = 0
     schema_version: int = SCHEMA_VERSION
     package_version: str = PACKAGE_VERSION
+
+    @property
+    def stored_width(self) -> int:
+        """Values stored per scored token: ``hidden_rank`` for a low-rank store, else ``hidden_size``."""
+        return self.hidden_rank or self.hidden_size
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)

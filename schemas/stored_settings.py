@@ -34,6 +34,7 @@ STORED_AS: dict[tuple[str, str], str] = {
     ("EncodeConfig", "lowest_likelihood_ratio"): "lowest_likelihood_ratio",
     ("EncodeConfig", "hidden_dtype"): "hidden_dtype",
     ("EncodeConfig", "int8_block"): "hidden_block",
+    ("EncodeConfig", "hidden_rank"): "hidden_rank",
     ("EncodeConfig", "probs_dtype"): "probs_dtype",
     ("EncodeConfig", "sketch_dim"): "sketch_dim",
     ("EncodeConfig", "sketch_vocab_buckets"): "sketch_vocab_buckets",

@@ -81,6 +81,10 @@ def _scoring_arrays(parts: list, sq_norms, manifest, schema: pa.Schema, sketch) 
         "tail_mass": _list_array([e.tail_mass for e in errors], _value_type(schema, "tail_mass")),
         "sq_norm": pa.array(np.asarray(sq_norms, np.float64), pa.float64()),
     }
+    width = getattr(manifest, "stored_width", manifest.hidden_size)
+    wrong = next((p[0].shape[1] for p in parts if p[0].ndim != 2 or p[0].shape[1] != width), None)
+    if wrong is not None:  # e.g. full-width hidden states for a low-rank store (never written)
+        raise ValueError(f"hidden states of width {wrong} for a store that keeps {width} values per token")
     if manifest.hidden_dtype == "int8":
         columns["hidden"] = _list_array([p[1][0] for p in parts], pa.int8())
         columns[HIDDEN_SCALE_COLUMN] = _list_array([p[1][1] for p in parts], pa.float16())

@@ -15,7 +15,7 @@ from forvalue.audit import run_audit
 from forvalue.engine.explain import explain
 from forvalue.engine.prefilter import prefilter_topk
 from forvalue.engine.scan import audit_scan
-from forvalue.engine.validation import encode_validation
+from forvalue.engine.validation import encode_validation, store_hidden_basis
 from forvalue.engine.variant import centre_validation, centred_sq_norms, store_mean
 from forvalue.indexer.data import iter_samples
 from forvalue.indexer.sparse_errors import pair_score
@@ -49,7 +49,7 @@ def _rows(n: int, offset: int = 0) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module", params=["float16", "int8"])
+@pytest.fixture(scope="module", params=["float16", "int8", "int8-rank16"])
 def setting(request, tmp_path_factory, tiny_model_dir, tiny_runner):
     """A tiny store with sketches, its raw (uncentred, store-mode) validation encodings and stored rows."""
     tmp = tmp_path_factory.mktemp(f"variants-{request.param}")
@@ -57,7 +57,13 @@ def setting(request, tmp_path_factory, tiny_model_dir, tiny_runner):
     val_rows = _rows(5, offset=100) + [{"id": "plain", "text": "the quick brown fox jumps", "label": "caps"}]
     val_path = write_jsonl(tmp / "val.jsonl", val_rows)
     enc = EncodeConfig(
-        top_m=4, hidden_dtype=request.param, int8_block=0, sketch_dim=64, sketch_vocab_buckets=8, sketch_hidden_cols=2
+        top_m=4,
+        hidden_dtype=request.param.split("-")[0],
+        hidden_rank=16 if request.param.endswith("rank16") else 0,  # a low-rank store: scored in its coordinates
+        int8_block=0,
+        sketch_dim=64,
+        sketch_vocab_buckets=8,
+        sketch_hidden_cols=2,
     )
     cfg = BuildConfig(
         model=ModelConfig(path=str(tiny_model_dir), device="cpu"), encode=enc, progress=False, write_every=4
@@ -66,9 +72,15 @@ def setting(request, tmp_path_factory, tiny_model_dir, tiny_runner):
     store = Store.open(tmp / "store")
     samples = list(iter_samples([val_path], DataConfig()))
     table = pa.Table.from_batches(list(store.scan(SCORING_COLUMNS + ["id"])))
-    block = decode_block(table, store.manifest.hidden_size)
+    block = decode_block(table, store.manifest.stored_width)
     return dict(
-        tmp=tmp, store=store, val_path=val_path, samples=samples, block=block, ids=table.column("id").to_pylist()
+        basis=store_hidden_basis(store),
+        tmp=tmp,
+        store=store,
+        val_path=val_path,
+        samples=samples,
+        block=block,
+        ids=table.column("id").to_pylist(),
     )
 
 
@@ -125,7 +137,7 @@ def test_store_mean_is_the_mean_of_the_stored_tokens(setting):
 @pytest.mark.parametrize("normalize", ["none", "cosine"])
 def test_centred_query_equals_the_reference(setting, tiny_runner, normalize):
     store, samples = setting["store"], setting["samples"]
-    val = encode_validation(tiny_runner, samples, store.manifest, DataConfig())
+    val = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
     mu = store_mean(store)
     cfg = QueryConfig(top_k=3, exact=True, center="mean", normalize=normalize, progress=False, read_rows=4)
     got = run_query(store, samples, cfg, runner=tiny_runner, keep_scores=True).scores
@@ -138,7 +150,7 @@ def test_centred_query_equals_the_reference(setting, tiny_runner, normalize):
 @pytest.mark.parametrize("normalize", ["none", "cosine"])
 def test_centred_mean_aggregate_equals_the_reference(setting, tiny_runner, normalize):
     store, samples = setting["store"], setting["samples"]
-    val = encode_validation(tiny_runner, samples, store.manifest, DataConfig())
+    val = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
     mu = store_mean(store)
     cfg = QueryConfig(exact=True, center="mean", normalize=normalize, aggregate="mean", progress=False)
     got = run_query(store, samples, cfg, runner=tiny_runner, keep_scores=True).scores[0]
@@ -162,7 +174,7 @@ def test_centred_mean_aggregate_equals_the_reference(setting, tiny_runner, norma
 @pytest.mark.parametrize("normalize", ["none", "cosine"])
 def test_centred_audit_scan_equals_the_reference(setting, tiny_runner, form, normalize):
     store, samples = setting["store"], setting["samples"]
-    raw = encode_validation(tiny_runner, samples, store.manifest, DataConfig())
+    raw = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
     mu = store_mean(store)
     val = centre_validation(raw, mu)
     labels = [s.label for s in samples]
@@ -176,7 +188,9 @@ def test_centred_audit_scan_equals_the_reference(setting, tiny_runner, form, nor
 
 def test_centred_prefilter_rerank_equals_the_exact_scan(setting, tiny_runner):
     store, samples = setting["store"], setting["samples"]
-    val = centre_validation(encode_validation(tiny_runner, samples, store.manifest, DataConfig()), store_mean(store))
+    val = centre_validation(
+        encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"]), store_mean(store)
+    )
     cfg = QueryConfig(top_k=4, center="mean", progress=False, read_rows=4)
     top = prefilter_topk(store, val, cfg, "cpu", candidates=store.count())  # every row a candidate: the exact top-k
     exact = run_query(
@@ -216,8 +230,10 @@ def test_centred_explanation_splits_the_centred_score(setting, tiny_runner):
 
 def test_response_validation_tokens_keep_only_the_response(setting, tiny_runner):
     store, samples = setting["store"], setting["samples"]
-    full = encode_validation(tiny_runner, samples, store.manifest, DataConfig())
-    resp = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), tokens="response")
+    full = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
+    resp = encode_validation(
+        tiny_runner, samples, store.manifest, DataConfig(), tokens="response", basis=setting["basis"]
+    )
     for j, s in enumerate(samples):
         off_f = np.concatenate([[0], np.cumsum(full.lengths)])
         off_r = np.concatenate([[0], np.cumsum(resp.lengths)])
@@ -248,7 +264,9 @@ def test_audit_variant_is_recorded_cached_and_checked_by_value_models(setting, t
     st = forvalue.open(store.path)
     table = st.audits["centred"].to_arrow()
     assert st.audits["centred"].info.meta["settings"]["center"] == "mean"
-    raw = encode_validation(tiny_runner, setting["samples"], store.manifest, DataConfig(), tokens="response")
+    raw = encode_validation(
+        tiny_runner, setting["samples"], store.manifest, DataConfig(), tokens="response", basis=setting["basis"]
+    )
     per = _reference(setting["block"], raw, store_mean(store), cosine=True)
     order = [setting["ids"].index(i) for i in table.column("id").to_pylist()]
     _close(table.column("score_mean").to_numpy(), per.mean(axis=1)[order])

@@ -149,7 +149,7 @@ class Probe:
         self.wrap(runner, "hidden_states", "forward (decoder)", bound_instance=True)
         self.wrap(runner, "logits", "LM head matmul", bound_instance=True)
         self.wrap(encoder, "sparsify", "_sparsify")
-        self.wrap(encoder, "_self_score", "self-norm ||G||^2")
+        self.wrap(encoder, "self_score", "self-norm ||G||^2")
         self.wrap(build, "encoded_to_arrow", "Arrow conversion")
         self.wrap(build, "sketch_column", "prefilter sketch")  # called inside encoded_to_arrow
         self.wrap(build, "store_basis", "sketch basis (load/fit)")
@@ -309,7 +309,7 @@ def part1(args, device, workdir: Path) -> str:
         ("forward: decoder (`runner.hidden_states`)", med["forward (decoder)"]),
         ("LM head matmul on scored positions (`runner.logits`)", med["LM head matmul"]),
         ("softmax + top-m + target gather + to numpy (`sparsify` minus head)", softmax_topk),
-        ("self-norm ||G_i||^2 (`_self_score`)", med["self-norm ||G||^2"]),
+        ("self-norm ||G_i||^2 (`self_score`)", med["self-norm ||G||^2"]),
         ("Arrow conversion (`encoded_to_arrow`), incl. the sketch below", med["Arrow conversion"]),
         ("  of which: prefilter sketch (`sketch_column`)", med["prefilter sketch"]),
         ("sketch basis: load, or fit + publish once (`store_basis`)", med["sketch basis (load/fit)"]),

@@ -8,9 +8,11 @@ packed errors, float16 sketches) and converted to each tier with ``forvalue inde
 writes: tests/test_store_tiers.py). For each tier: bytes per scored token of the whole store folder
 (table, sketch column, FAISS index, basis) and of each column (Arrow buffers of the table), per-validation-
 sample Spearman and top-10 overlap of the exact scores against the float16 store's, AUC / recall
-(``forvalue.metrics.class_retrieval``), convert time. The first task's int8 store is also built
-directly to compare build times. The schema-2 float16 store (int32 ids, float32 probabilities and sketch,
-the layout before this issue) is produced by rewriting the float16 store's rows, for its bytes only.
+(``forvalue.metrics.class_retrieval``), convert time; for the low-rank tiers (int8 + ``--hidden-rank R``)
+the fraction of the fitting tokens' energy the basis keeps (``STORE/hidden_basis.npz``). The first task's int8
+store is also built directly to compare build times. The schema-2 float16 store (int32 ids, float32
+probabilities and sketch, the layout before this issue) is produced by rewriting the float16 store's rows,
+for its bytes only.
 
 Part 2, ``--synthetic-store S`` (``python -m tools.make_synthetic_store --out S --sketch-dim 0``): convert S to
 a packed float16 and an int8 store (convert throughput next to the plain read of S), then the exact audit
@@ -37,6 +39,10 @@ TIERS = {
     "float16": {},
     "int8 block 64": {"hidden_dtype": "int8", "int8_block": 64},
     "int8 per token": {"hidden_dtype": "int8", "int8_block": 0},
+    # the low-rank tier (--hidden-rank R, forvalue.indexer.low_rank) combined with int8
+    "int8 + R 256": {"hidden_dtype": "int8", "int8_block": 64, "hidden_rank": 256},
+    "int8 + R 128": {"hidden_dtype": "int8", "int8_block": 64, "hidden_rank": 128},
+    "int8 + R 64": {"hidden_dtype": "int8", "int8_block": 64, "hidden_rank": 64},
 }
 
 
@@ -72,6 +78,8 @@ def _v2_copy(src: Path, dst: Path) -> None:
     store = Store.open(src)
     table = store.take(list(range(store.count())), store.schema().names)
     schema = samples_schema("float16", store.manifest.sketch_dim)
+    if dst.exists():  # a re-run with the same --workdir: made again from the float16 store
+        shutil.rmtree(dst)
     dst.mkdir()
     lancedb.connect(str(dst)).create_table("samples", table.select(schema.names).cast(schema))
     manifest = json.loads((src / "manifest.json").read_text())
@@ -94,33 +102,47 @@ def top_overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
     return len(set(np.argsort(-a, kind="stable")[:k]) & set(np.argsort(-b, kind="stable")[:k])) / k
 
 
-def prefilter_recall(store: Path, val_path: Path, runner, device: str, k: int = 10, candidates=(20, 50)) -> dict:
-    """Recall of the exact top-``k`` among the prefilter's reranked top-``k``, per candidate count (mean over
-    validation samples)."""
-    from forvalue.api import run_query
+def tier_validation(val_full, store):
+    """The validation set as a query of ``store`` scores it: the full-width encoding (the same for every tier:
+    validation samples are float16 whatever the store keeps), projected onto a low-rank store's basis."""
+    from forvalue.engine.validation import project_validation, store_hidden_basis
+
+    return project_validation(val_full, store.manifest, store_hidden_basis(store))
+
+
+def exact_scores(store, val, device: str) -> tuple[np.ndarray, list[str]]:
+    """``(scores (n_val, rows), train ids)`` of the exact scan (``forvalue.engine.scan.score_all``, the query's)."""
+    from forvalue.engine.scan import score_all
     from forvalue.schemas.config import QueryConfig
 
-    def tops(res) -> dict:
-        out: dict = {}
-        for row in res.top.to_pylist():
-            out.setdefault(row["validation_id"], set()).add(row["train_id"])
-        return out
+    parts, ids = [], []
+    for _, block_ids, _, scores in score_all(store, val, QueryConfig(device=device, progress=False), device):
+        parts.append(scores)
+        ids.extend(block_ids)
+    return np.concatenate(parts).T, ids
 
-    exact = tops(run_query(store, [val_path], QueryConfig(device=device, progress=False, top_k=k, exact=True),
-                           runner=runner))  # fmt: skip
+
+def prefilter_recall(store, val, scores: np.ndarray, device: str, k: int = 10, candidates=(20, 50)) -> dict:
+    """Recall of the exact top-``k`` (rows of ``scores``) among the prefilter's reranked top-``k``, per candidate
+    count (mean over validation samples)."""
+    from forvalue.engine.prefilter import prefilter_topk
+    from forvalue.schemas.config import QueryConfig
+
+    exact = [set(np.argsort(-s, kind="stable")[:k].tolist()) for s in scores]
     out = {}
     for c in candidates:
-        got = tops(run_query(store, [val_path], QueryConfig(device=device, progress=False, top_k=k, candidates=c),
-                             runner=runner))  # fmt: skip
-        out[c] = float(np.mean([len(exact[v] & got.get(v, set())) / k for v in exact]))
+        config = QueryConfig(device=device, progress=False, top_k=k, candidates=c)
+        _, rows = prefilter_topk(store, val, config, device).result()
+        out[c] = float(np.mean([len(e & set(r.tolist())) / k for e, r in zip(exact, rows)]))
     return out
 
 
 def real_part(args, runner, work: Path) -> str:
-    from forvalue.api import build_index, run_query
+    from forvalue.api import build_index
+    from forvalue.engine.validation import encode_validation, load_validation_samples
     from forvalue.indexer.convert import convert_store
     from forvalue.metrics import class_retrieval
-    from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
+    from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig
     from forvalue.storage.store import Store
     from forvalue.tasks.text import generate_task, write_jsonl
 
@@ -148,29 +170,36 @@ def real_part(args, runner, work: Path) -> str:
             build_index([train_path], folder / "int8-built", int8, runner=runner)
             build_s["int8 block 64"] = time.perf_counter() - started
             print(f"{task}: int8 build {build_s['int8 block 64']:.1f} s", flush=True)
-        stores, convert_s = {"float16": folder / "float16"}, {}
+        stores, convert_s, energy = {"float16": folder / "float16"}, {}, {}
         for name, opts in TIERS.items():
             if not opts:
                 continue
+            out = folder / name.replace(" ", "-").replace("+", "plus")
             started = time.perf_counter()
-            convert_store(folder / "float16", folder / name.replace(" ", "-"), progress=False, **opts)
+            report = convert_store(folder / "float16", out, progress=False, **opts)
             convert_s[name] = time.perf_counter() - started
-            stores[name] = folder / name.replace(" ", "-")
+            stores[name] = out
+            if report.energy_kept is not None:
+                energy[name] = report.energy_kept
         _v2_copy(folder / "float16", folder / "v2")
         tokens = tokens_of(Store.open(folder / "float16"))
         n_samples = len(train)
         size_rows.append(
             (task, "float16, schema 2 (before)", f"{folder_bytes(folder / 'v2') / tokens:.0f}", "-", "-", "-")
         )
-        scores, labels = {}, None
+        scores, labels, vals, raw = {}, None, {}, {}
+        # the validation set encoded once (what each tier's query would encode), projected per low-rank tier
+        samples = load_validation_samples([val_path], DataConfig())
+        val_full = encode_validation(runner, samples, Store.open(folder / "float16").manifest, DataConfig())
         for name, path in stores.items():
-            res = run_query(path, [val_path], QueryConfig(device=args.device, progress=False), runner=runner,
-                            keep_scores=True)  # fmt: skip
-            order = {sid: j for j, sid in enumerate(res.train_ids)}
-            ids = [r["id"] for r in train]
-            scores[name] = res.scores[:, [order[i] for i in ids]]
-            labels = [r["label"] for r in train]
             store = Store.open(path)
+            vals[name] = tier_validation(val_full, store)
+            s, train_ids = exact_scores(store, vals[name], args.device)
+            raw[name] = s
+            order = {sid: j for j, sid in enumerate(train_ids)}
+            ids = [r["id"] for r in train]
+            scores[name] = s[:, [order[i] for i in ids]]
+            labels = [r["label"] for r in train]
             total = folder_bytes(path)
             cols = column_bytes(store)
             table = sum(cols.values())
@@ -187,10 +216,15 @@ def real_part(args, runner, work: Path) -> str:
             )
             if t == 0:
                 column_rows.append((name,) + tuple(f"{cols.get(c, 0) / tokens:.1f}" for c in COLUMNS))
-        for name, path in (("float32 sketch (schema 2)", folder / "v2"), ("float16 sketch", folder / "float16")):
-            rec = prefilter_recall(path, val_path, runner, args.device)
+        v2 = Store.open(folder / "v2")
+        recall_stores = [("float32 sketch (schema 2)", v2, "float16"), ("float16 sketch", None, "float16")]
+        recall_stores += [(f"float16 sketch, {n}", None, n) for n in args.recall_tiers if n in stores]
+        for name, store, tier in recall_stores:
+            store = store or Store.open(stores[tier])
+            rec = prefilter_recall(store, vals[tier], raw[tier], args.device)
             recall_rows.append((task, name) + tuple(f"{rec[c]:.3f}" for c in sorted(rec)))
         val_labels = [r["label"] for r in test]
+        base = class_retrieval(scores["float16"], labels, val_labels)
         for name, s in scores.items():
             m = class_retrieval(s, labels, val_labels)
             ref = scores["float16"]
@@ -200,8 +234,9 @@ def real_part(args, runner, work: Path) -> str:
                 (
                     task,
                     name,
-                    f"{m['auc_mean']:.4f}",
-                    f"{m['recall_mean']:.4f}",
+                    f"{energy[name]:.4f}" if name in energy else "-",
+                    f"{m['auc_mean']:.4f} ({m['auc_mean'] - base['auc_mean']:+.4f})",
+                    f"{m['recall_mean']:.4f} ({m['recall_mean'] - base['recall_mean']:+.4f})",
                     f"{np.mean(sp):.6f}",
                     f"{np.min(sp):.6f}",
                     f"{np.mean(ov):.3f}",
@@ -217,7 +252,7 @@ def real_part(args, runner, work: Path) -> str:
                 (task, name, f"{build_s.get(name, float('nan')):.1f}" if name in build_s else "-",
                  f"{convert_s[name]:.1f}", f"{rate:.0f} samples/s, {tokens / convert_s[name]:,.0f} tokens/s")
             )  # fmt: skip
-        print(md_table(["task", "tier", "AUC", "recall", "Spearman mean", "min", "top-10", "max |diff|"],
+        print(md_table(["task", "tier", "energy", "AUC", "recall", "Spearman mean", "min", "top-10", "max |diff|"],
                        quality_rows[-len(scores):]), flush=True)  # fmt: skip
     return "\n\n".join(
         [
@@ -247,8 +282,9 @@ def real_part(args, runner, work: Path) -> str:
                 [
                     "task",
                     "tier",
-                    "AUC",
-                    "recall",
+                    "energy kept",
+                    "AUC (vs float16)",
+                    "recall (vs float16)",
                     "Spearman mean",
                     "Spearman min",
                     "top-10 overlap",
@@ -257,7 +293,7 @@ def real_part(args, runner, work: Path) -> str:
                 quality_rows,
             ),  # fmt: skip
             "Prefilter recall of the exact top-10 (FAISS candidates reranked exactly), float32 vs float16 sketches "
-            "of the same rows:",
+            "of the same rows (a low-rank tier: its own exact top-10, sketched in its stored coordinates):",
             md_table(["task", "sketch", "recall@10, 20 candidates", "recall@10, 50 candidates"], recall_rows),
             "Build (forward pass included) and convert (from the float16 store, no forward pass) seconds:",
             md_table(["task", "tier", "build s", "convert s", "convert rate"], time_rows),
@@ -329,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                                                   "math_with_reasoning"])  # fmt: skip
     p.add_argument("--train-per-class", type=int, default=90)
     p.add_argument("--test-per-class", type=int, default=10)
+    p.add_argument("--recall-tiers", nargs="*", default=["int8 + R 64"],
+                   help="tiers whose prefilter recall is measured too (their sketch: stored coordinates)")  # fmt: skip
     p.add_argument("--no-build-int8", dest="build_int8", action="store_false", help="skip the direct int8 build")
     p.add_argument("--no-real", dest="real", action="store_false", help="skip part 1 (the real model)")
     p.add_argument("--synthetic-store", type=Path, default=None)

@@ -30,6 +30,8 @@ def dense_matrices(
     tokenize=None,
     int8_block: int = 0,
     probs_dtype: str | None = None,
+    hidden_basis: np.ndarray | None = None,
+    stored: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Hidden states ``H (n, d)`` and dense errors ``E (n, |V|)`` of one sample's scored positions.
 
@@ -37,6 +39,9 @@ def dense_matrices(
     ``hidden_dtype='float16'`` rounds ``H`` as the store does, ``'int8'`` rounds it to float16 and
     replaces it by its int8 codes times their scales (``int8_block`` channels per scale, 0 = one per
     token; :mod:`forvalue.schemas.hidden_codec`, the definition of the stored values);
+    ``hidden_basis`` (a low-rank store's ``U``, d x R) replaces ``H`` by its coordinates ``float32(H) @ U``
+    (:mod:`forvalue.indexer.low_rank`), then rounded / quantized as above when ``stored`` (the training side;
+    a validation sample keeps the float32 coordinates);
     ``probs_dtype='float16'`` rounds the kept non-target probabilities as a schema-3 store keeps them. ``tokenize`` (a
     vision-language runner's ``tokenize``) replaces the text tokenizer; the image inputs
     it returns go to the full model's forward, unbatched.
@@ -65,6 +70,13 @@ def dense_matrices(
     h = hidden.numpy()
     if hidden_dtype in ("float16", "int8"):
         h = h.astype(np.float16).astype(np.float64)
+    if hidden_basis is not None:
+        h = np.asarray(h, np.float32) @ np.asarray(hidden_basis, np.float32)
+        if not stored:
+            return h.astype(np.float64), errors.numpy()
+        if hidden_dtype in ("float16", "int8"):
+            h = h.astype(np.float16)
+        h = h.astype(np.float64)
     if hidden_dtype == "int8":
         from forvalue.schemas.hidden_codec import dequantize, quantize, resolve_block
 
@@ -89,7 +101,7 @@ def dense_scores(model, tokenizer, train: Sequence[Sample], val: Sequence[Sample
     ``kwargs`` go to :func:`dense_matrices`; the validation side is encoded as a query does: int8
     (``hidden_dtype``) becomes float16 and probabilities stay unrounded (``probs_dtype``) there.
     """
-    val_kwargs = dict(kwargs, probs_dtype=None)
+    val_kwargs = dict(kwargs, probs_dtype=None, stored=False)
     if kwargs.get("hidden_dtype") == "int8":
         val_kwargs["hidden_dtype"] = "float16"
     mats_t = [dense_matrices(model, tokenizer, s, **kwargs) for s in train]

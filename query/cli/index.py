@@ -202,11 +202,18 @@ def sketch(store, rebuild, kind, as_json, **kw):
     "--top-m", type=click.IntRange(min=1), default=None, help="Keep only this many most likely tokens per position."
 )
 @click.option(
+    "--hidden-rank",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Low-rank tier: store R coordinates per token in a basis fitted to the store's hidden states "
+    "(0 = full width; default: the store's).",
+)
+@click.option(
     "--write-every", type=click.IntRange(min=1), default=512, show_default=True, help="Rows per atomic commit."
 )
 @quiet_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def convert(store, out, hidden_dtype, int8_block, top_m, write_every, quiet, as_json):
+def convert(store, out, hidden_dtype, int8_block, top_m, hidden_rank, write_every, quiet, as_json):
     """Write the --store store into a new compact store at --out without a forward pass (packed errors,
     float16 sketches, optionally int8 hidden states or fewer top-m tokens). Scores of the new store are
     exact on its stored values; the loss against float16 is measured in docs/benchmarks.md. Re-running
@@ -218,7 +225,9 @@ def convert(store, out, hidden_dtype, int8_block, top_m, write_every, quiet, as_
 
     if is_uri(out):  # a converted store on an object store: the same --storage-option settings
         out = store_location(out, click.get_current_context().meta.get(STORAGE_OPTIONS_KEY))
-    converted = forvalue.open(store).convert(out, hidden_dtype, int8_block, top_m, write_every, progress=not quiet)
+    converted = forvalue.open(store).convert(
+        out, hidden_dtype, int8_block, top_m, write_every, progress=not quiet, hidden_rank=hidden_rank
+    )
     report = converted.last_build
     if as_json:
         click.echo(json.dumps(report.as_dict()))
@@ -227,4 +236,5 @@ def convert(store, out, hidden_dtype, int8_block, top_m, write_every, quiet, as_
         f"{report.out}: converted {report.written} samples ({report.tokens} scored tokens) in {report.seconds:.1f}s, "
         f"{report.already_converted} were already there; {report.source_bytes_per_token} -> "
         f"{report.out_bytes_per_token} bytes per scored token"
+        + (f"; rank {report.hidden_rank} keeps {report.energy_kept:.2%} of the energy" if report.hidden_rank else "")
     )

@@ -307,14 +307,15 @@ class Explainer:
         center: str = "none",
         validation_tokens: str = "store",
     ):
-        from forvalue.engine.validation import encode_validation
+        from forvalue.engine.validation import encode_validation, store_hidden_basis
         from forvalue.engine.variant import apply_variant
 
         self.store, self.runner, self.samples = store, runner, samples
         self.manifest = store.manifest
         self.validation_tokens = validation_tokens
         if val is None:
-            val = encode_validation(runner, samples, self.manifest, data, batch_size, validation_tokens)
+            basis = store_hidden_basis(store)
+            val = encode_validation(runner, samples, self.manifest, data, batch_size, validation_tokens, basis)
         self.val = apply_variant(val, store, center)
         self.offsets = np.concatenate([[0], np.cumsum(self.val.lengths)])
         self._val_sides: dict[int, tuple[list[str], np.ndarray]] = {}
@@ -352,7 +353,7 @@ class Explainer:
         return self.explain_many([train_id], val_index, top_pairs)[0]
 
     def _explain(self, row, val_index: int | None, top_pairs: int) -> Explanation:
-        block = for_scoring(decode_block(row, self.manifest.hidden_size), self.val)
+        block = for_scoring(decode_block(row, self.manifest.stored_width), self.val)
         meta = row.select(["id", "label", "prompt", "response", "text"]).to_pylist()[0]
         chosen = list(range(len(self.samples))) if val_index is None else [val_index]
         weight = 1.0 / len(chosen)

@@ -182,7 +182,7 @@ def _score_own_candidates(
 
     t_wait = time.perf_counter()
     with one_torch_thread():
-        for chunk, (_table, block) in zip(chunks, read_ahead(tables(), store.manifest.hidden_size, val=val)):
+        for chunk, (_table, block) in zip(chunks, read_ahead(tables(), store.manifest.stored_width, val=val)):
             t0 = time.perf_counter()
             timings["read_wait"] = timings.get("read_wait", 0.0) + t0 - t_wait
             offsets = np.concatenate([[0], np.cumsum(block.lengths)])
@@ -238,7 +238,7 @@ def _score_rows(
         part = rows[first : first + config.read_rows]
         t0 = time.perf_counter()
         table = store.take(part.tolist(), SCORING_COLUMNS)
-        block: TrainBlock = for_scoring(decode_block(table, store.manifest.hidden_size), val)
+        block: TrainBlock = for_scoring(decode_block(table, store.manifest.stored_width), val)
         t1 = time.perf_counter()
         out[first : first + part.size] = scorer.score(block)
         timings["read"] += t1 - t0

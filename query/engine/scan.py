@@ -75,7 +75,7 @@ def scan_blocks(store, read_rows: int = 1024, val: ValidationSet | None = None):
     need it), read ahead by a thread."""
     first = 0
     batches = store.scan(SCAN_COLUMNS, batch_size=read_rows)
-    for batch, block in read_ahead(batches, store.manifest.hidden_size, val=val):
+    for batch, block in read_ahead(batches, store.manifest.stored_width, val=val):
         yield first, batch, block
         first += batch.num_rows
 

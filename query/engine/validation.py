@@ -144,10 +144,46 @@ def tokenize_validation(runner, sample: Sample, manifest: Manifest, tokens: str 
     return tok
 
 
+def store_hidden_basis(store) -> np.ndarray | None:
+    """The hidden basis validation samples of ``store`` are projected onto (a low-rank store), else None."""
+    from forvalue.storage.hidden_basis import load_hidden_basis
+
+    found = load_hidden_basis(store.path, store.manifest)
+    return None if found is None else found[0]
+
+
+def project_validation(val: ValidationSet, manifest: Manifest, basis: np.ndarray | None) -> ValidationSet:
+    """``val`` (full-width hidden states) in a low-rank store's coordinates: hidden states ``val.hidden @ basis``
+    (float32), ``sq_norms`` recomputed on them; ``val`` itself for a full-width store
+    (:mod:`forvalue.indexer.low_rank`)."""
+    if not manifest.hidden_rank:
+        return val
+    if basis is None or basis.shape != (manifest.hidden_size, manifest.hidden_rank):
+        raise ForValueError(
+            f"the store keeps hidden states in a fitted basis of rank {manifest.hidden_rank}; validation samples "
+            "need that basis (forvalue.engine.validation.store_hidden_basis)"
+        )
+    if val.hidden.shape[1] != manifest.hidden_size:
+        raise ForValueError(f"validation hidden states of width {val.hidden.shape[1]} are already projected")
+    from forvalue.indexer.convert import self_scores
+    from forvalue.indexer.low_rank import project
+
+    hidden = project(val.hidden, basis)
+    sq = self_scores(hidden, val.ids, val.values, val.lengths)
+    return replace(val, hidden=hidden, sq_norms=sq)
+
+
 def encode_validation(
-    runner, samples: list[Sample], manifest: Manifest, data: DataConfig, batch_size: int = 8, tokens: str = "store"
+    runner,
+    samples: list[Sample],
+    manifest: Manifest,
+    data: DataConfig,
+    batch_size: int = 8,
+    tokens: str = "store",
+    basis: np.ndarray | None = None,
 ) -> ValidationSet:
-    """Forward pass over validation samples with the store's settings.
+    """Forward pass over validation samples with the store's settings; a low-rank store's ``basis``
+    (:func:`store_hidden_basis`) projects them into its coordinates.
 
     ``tokens="response"`` scores only each sample's response (:func:`validation_mode`); the forward pass
     is the same (the whole text), so those positions' hidden states and errors are the store-mode ones.
@@ -183,7 +219,7 @@ def encode_validation(
     for e in encoded:
         ids, values = e.entries()
         parts.append((e.hidden.astype(np.float32), ids, values, e.sq_norm))
-    return assemble(samples, parts)
+    return project_validation(assemble(samples, parts), manifest, basis)
 
 
 def assemble(samples: list[Sample], parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]) -> ValidationSet:
@@ -224,8 +260,10 @@ def encode_validation_cached(
     cache,
     batch_size: int = 8,
     tokens: str = "store",
+    basis: np.ndarray | None = None,
 ) -> tuple[ValidationSet, int]:
-    """Like :func:`encode_validation`, reusing cached encodings; only new samples run the model.
+    """Like :func:`encode_validation`, reusing cached encodings; only new samples run the model. The cache
+    keeps full-width encodings; a low-rank store's ``basis`` projects the assembled set.
 
     Parameters
     ----------
@@ -241,7 +279,9 @@ def encode_validation_cached(
     found = cache.get(keys)
     missing = [j for j, k in enumerate(keys) if k not in found]
     if missing:
-        fresh = encode_validation(get_runner(), [samples[j] for j in missing], manifest, data, batch_size, tokens)
+        fresh = encode_validation(
+            get_runner(), [samples[j] for j in missing], replace(manifest, hidden_rank=0), data, batch_size, tokens
+        )
         offsets = np.concatenate([[0], np.cumsum(fresh.lengths)])
         new = {}
         for n, j in enumerate(missing):
@@ -249,4 +289,5 @@ def encode_validation_cached(
             new[keys[j]] = (fresh.hidden[rows], fresh.ids[rows], fresh.values[rows], float(fresh.sq_norms[n]))
         cache.put(new)
         found.update(new)
-    return assemble(samples, [found[k] for k in keys]), len(set(keys[j] for j in missing))
+    val = assemble(samples, [found[k] for k in keys])
+    return project_validation(val, manifest, basis), len(set(keys[j] for j in missing))

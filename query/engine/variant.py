@@ -43,11 +43,11 @@ def store_mean(store, rows: int = MEAN_ROWS) -> np.ndarray:
     """
     total = store.count()
     positions = np.unique(np.linspace(0, max(total - 1, 0), num=min(rows, total)).round().astype(np.int64))
-    hidden_size = store.manifest.hidden_size
-    acc, count = np.zeros(hidden_size), 0
+    width = store.manifest.stored_width  # a low-rank store's coordinates (its validation sets are projected)
+    acc, count = np.zeros(width), 0
     for start in range(0, positions.size, 1024):
         part = positions[start : start + 1024].tolist()
-        block = decode_block(store.take(part, SCORING_COLUMNS), hidden_size)
+        block = decode_block(store.take(part, SCORING_COLUMNS), width)
         acc += block.hidden.sum(axis=0, dtype=np.float64)
         count += block.hidden.shape[0]
     return acc / max(count, 1)
