@@ -91,3 +91,18 @@ def test_suite_end_to_end_on_the_tiny_model_and_a_rerun_trains_nothing(tiny_mode
     assert bl.main(args) == 0  # resumed: every fine-tune and score matrix from the work folder
     assert "Fine-tunes run now 0" in (tmp_path / "lds.md").read_text()
     assert (tmp_path / "lds.json").read_text() == first_text
+    # extending M: the first 4 subsets are a prefix of the larger draw, so only the 2 new ones train; --reverse
+    # (a second process filling the cache from the other end) trains them last to first
+    more = args[: args.index("--subsets")] + ["--subsets", "6"] + args[args.index("--subsets") + 2 :]
+    assert bl.main(more + ["--reverse", "--methods", "bm25"]) == 0
+    assert "Fine-tunes run now 2" in (tmp_path / "lds.md").read_text()
+    assert len(list((tmp_path / "w" / "cache").glob("ft-*.json"))) == 6
+    assert not list((tmp_path / "w").rglob("*.tmp*"))  # atomic writes leave no temporary behind
+
+
+@pytest.mark.parametrize("flag", ["--subsets", "--val-per-class", "--epochs", "--classes", "--per-class"])
+def test_non_positive_sizes_are_refused_with_status_2(tmp_path, flag):
+    with pytest.raises(SystemExit) as e:
+        bl.main(["--workdir", str(tmp_path / "w"), flag, "0"])
+    assert e.value.code == 2
+    assert not (tmp_path / "w").exists()

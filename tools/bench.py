@@ -180,7 +180,8 @@ SUITES: dict[str, Suite] = {
         "linear datamodeling score: For-Value raw/cosine vs gradient cosine, BM25, RDS+, Emb over M random "
         "50% subsets, each a LoRA fine-tune of the model (issue 29)",
         "-- --quick (60-sample pool, M = 20): 45 min at load 10-12 on the 2 cores (118 s per fine-tune), "
-        "< 10 min only on a quiet machine; the full run (300 samples, M = 50) not measured",
+        "< 10 min only on a quiet machine; M = 50 with 30 validation samples (-- --quick --subsets 50 --classes 10 "
+        "--per-class 2): 48 min in 4 processes (--reverse) at load 14-28; the 300-sample default not measured",
         "docs/benchmarks.md: Linear datamodeling score (LDS)",
         workdir_option="--workdir",
         json=True,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -120,6 +121,13 @@ def _samples(rows):
     ]
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a per-process temporary file: two runs filling one cache never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -164,9 +172,7 @@ class Lds(LazyModel):
             losses = sample_losses(self.runner.model, self.tok(self.val))
         self.fine_tunes_run += 1
         self.ft_seconds.append(seconds)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "losses": losses.tolist(), "seconds": seconds}))
-        tmp.replace(path)
+        _write_atomic(path, json.dumps({"key": key, "losses": losses.tolist(), "seconds": seconds}))
         return losses
 
     def base_losses(self) -> np.ndarray:
@@ -176,7 +182,7 @@ class Lds(LazyModel):
         if path.exists():
             return np.array(json.loads(path.read_text()))
         losses = sample_losses(self.runner.model, self.tok(self.val))
-        path.write_text(json.dumps(losses.tolist()))
+        _write_atomic(path, json.dumps(losses.tolist()))
         return losses
 
     # -- scores -------------------------------------------------------------------------------------
@@ -190,8 +196,10 @@ class Lds(LazyModel):
         t0 = time.perf_counter()
         out = self._compute(method)
         self.method_seconds[method] = time.perf_counter() - t0
-        np.save(path, out)
-        meta.write_text(json.dumps({"seconds": self.method_seconds[method]}))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+        np.save(tmp, out)
+        tmp.replace(path)
+        _write_atomic(meta, json.dumps({"seconds": self.method_seconds[method]}))
         return out
 
     def _store(self, score_tokens: str = "auto") -> Path:
@@ -314,14 +322,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a 60-sample pool, M = 20, 1 epoch (< 10 min)")
     ap.add_argument("--subsets", type=int, default=None, help="M, the number of random subsets")
     ap.add_argument("--per-class", type=int, default=None, help="pool samples per class and task")
-    ap.add_argument("--classes", type=int, default=None)
+    ap.add_argument("--classes", type=int, default=None, help="classes per task (at most 10)")
+    ap.add_argument("--val-per-class", type=int, default=None, help="validation samples per class and task")
+    ap.add_argument("--epochs", type=int, default=None, help="fine-tune epochs per subset")
+    ap.add_argument(
+        "--reverse",
+        action="store_true",
+        help="fine-tune the subsets last to first: a second process on the same --workdir fills the cache from "
+        "the other end (each subset's result is one file, written atomically)",
+    )
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--extra", nargs="*", default=[], metavar="NAME=FILE.npy", help="more score matrices")
     ap.add_argument("--json", type=Path, default=None, help="also write the per-sample LDS as JSON")
     args = ap.parse_args(argv)
     apply_threads(args.threads)
     s = QUICK if args.quick else LdsSettings()
-    for field in ("subsets", "per_class", "classes"):
+    for field in ("subsets", "per_class", "classes", "val_per_class", "epochs"):
+        if getattr(args, field) is not None and getattr(args, field) < 1:
+            ap.error(f"--{field.replace('_', '-')} {getattr(args, field)}: give a positive number")
         if getattr(args, field) is not None:
             s = replace(s, **{field: getattr(args, field)})
     extra = {}
@@ -332,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         extra[name] = Path(file)
     started = time.perf_counter()
     lds = Lds(s, args.workdir, args.model, args.device)
-    for j in range(s.subsets):
+    for j in reversed(range(s.subsets)) if args.reverse else range(s.subsets):
         lds.subset_losses(j)
         _log(f"lds: subset {j + 1}/{s.subsets} done")
     losses = np.array([lds.subset_losses(j) for j in range(s.subsets)])

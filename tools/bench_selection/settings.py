@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,7 +87,9 @@ def write_rows(rows: list[dict], path: Path) -> Path:
     """The columns the product reads (id, prompt, response, label) as JSONL."""
     path.parent.mkdir(parents=True, exist_ok=True)
     keep = ("id", "prompt", "response", "label")
-    path.write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # atomic: a second process may be reading it
+    tmp.write_text("".join(json.dumps({k: r[k] for k in keep}) + "\n" for r in rows))
+    tmp.replace(path)
     return path
 
 
