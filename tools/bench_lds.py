@@ -15,6 +15,7 @@ validation samples and a 95% bootstrap interval (validation samples resampled).
 
 Methods (all scored once, on the pretrained model, the way each tool would be used):
 ``forvalue`` (raw score of the product's exact query), ``forvalue-cos`` (``--normalize cosine``),
+``forvalue-ctr`` / ``forvalue-ctr-cos`` (``--center mean``, docs/variants.md),
 ``forvalue-resp`` / ``forvalue-resp-cos`` (a store with ``--score-tokens response``: the tokens whose loss LDS
 measures),
 ``grad-cos`` (TracIn-style cosine of per-sample LoRA gradients at the pretrained model; the gradient
@@ -41,7 +42,18 @@ import numpy as np
 from forvalue.metrics import spearman
 from tools.common import LazyModel
 
-METHODS = ("forvalue", "forvalue-cos", "forvalue-resp", "forvalue-resp-cos", "grad-cos", "bm25", "rds", "emb")
+METHODS = (
+    "forvalue",
+    "forvalue-cos",
+    "forvalue-ctr",
+    "forvalue-ctr-cos",
+    "forvalue-resp",
+    "forvalue-resp-cos",
+    "grad-cos",
+    "bm25",
+    "rds",
+    "emb",
+)
 
 
 @dataclass(frozen=True)
@@ -239,6 +251,7 @@ class Lds(LazyModel):
                     progress=False,
                     exact=True,
                     normalize="cosine" if method.endswith("-cos") else "none",
+                    center="mean" if "-ctr" in method else "none",
                 ),
                 runner=self.runner,
                 keep_scores=True,
