@@ -119,6 +119,7 @@ def run_probes(prep: dict, runner, log) -> list[dict]:
     from forvalue.engine.scan import scan_blocks
     from forvalue.engine.scorer import ExactScorer
     from forvalue.engine.validation import ValidationSet, encode_validation
+    from forvalue.indexer.convert import self_scores
     from forvalue.indexer.data import iter_samples
     from forvalue.metrics import class_retrieval
     from forvalue.schemas.config import DataConfig
@@ -174,19 +175,8 @@ def run_probes(prep: dict, runner, log) -> list[dict]:
         block = TrainBlock(th.astype(np.float32), tr["ids"], tv.astype(np.float32), tr["L"], np.ones(tr["L"].size))
         return ExactScorer(v, torch.device("cpu")).score(block).T
 
-    def self_norms(h, v):
-        off = np.concatenate([[0], np.cumsum(tr["L"])])
-        out = np.zeros(tr["L"].size)
-        for j in range(tr["L"].size):
-            s = slice(off[j], off[j + 1])
-            one = ValidationSet(
-                [None], h[s].astype(np.float32), tr["ids"][s], v[s].astype(np.float32), tr["L"][j : j + 1], np.ones(1)
-            )
-            blk = TrainBlock(
-                h[s].astype(np.float32), tr["ids"][s], v[s].astype(np.float32), tr["L"][j : j + 1], np.ones(1)
-            )
-            out[j] = ExactScorer(one, torch.device("cpu")).score(blk)[0, 0]
-        return out
+    def self_norms(h, v):  # ||G_r||^2 per stored row under the probe's inner product, batched, float64
+        return self_scores(h, tr["ids"], v, tr["L"])
 
     def token_normalised(h):
         return h / np.maximum(np.linalg.norm(h, axis=1, keepdims=True), 1e-12)
