@@ -43,7 +43,13 @@ TIERS = {
     "int8 + R 256": {"hidden_dtype": "int8", "int8_block": 64, "hidden_rank": 256},
     "int8 + R 128": {"hidden_dtype": "int8", "int8_block": 64, "hidden_rank": 128},
     "int8 + R 64": {"hidden_dtype": "int8", "int8_block": 64, "hidden_rank": 64},
+    # between R 128 and R 64; and the errors cut to the top 16 (at low rank they are most of the bytes)
+    "int8 + R 96": {"hidden_dtype": "int8", "int8_block": 32, "hidden_rank": 96},
+    "int8 + R 128, top-m 16": {"hidden_dtype": "int8", "int8_block": 64, "hidden_rank": 128, "top_m": 16},
+    "int8 + R 96, top-m 16": {"hidden_dtype": "int8", "int8_block": 32, "hidden_rank": 96, "top_m": 16},
 }
+# what the suite runs without --tiers (the measured table of docs/benchmarks.md)
+DEFAULT_TIERS = ("int8 block 64", "int8 per token", "int8 + R 256", "int8 + R 128", "int8 + R 64")
 
 
 # the per-token columns whose bytes the suite reports, in table order
@@ -152,7 +158,10 @@ def real_part(args, runner, work: Path) -> str:
         folder = work / task
         folder.mkdir(parents=True, exist_ok=True)  # a re-run with the same --workdir resumes (stores are kept)
         train_path, val_path = write_jsonl(train, folder / "train.jsonl"), write_jsonl(test, folder / "val.jsonl")
-        cfg = BuildConfig(model=ModelConfig(device=args.device), progress=False)
+        # the reference tier is float16 whatever the default of new stores is
+        cfg = BuildConfig(
+            model=ModelConfig(device=args.device), progress=False, encode=EncodeConfig(hidden_dtype="float16")
+        )
         started = time.perf_counter()
         report = build_index([train_path], folder / "float16", cfg, runner=runner)
         build_s = {"float16": time.perf_counter() - started}
@@ -171,9 +180,8 @@ def real_part(args, runner, work: Path) -> str:
             build_s["int8 block 64"] = time.perf_counter() - started
             print(f"{task}: int8 build {build_s['int8 block 64']:.1f} s", flush=True)
         stores, convert_s, energy = {"float16": folder / "float16"}, {}, {}
-        for name, opts in TIERS.items():
-            if not opts:
-                continue
+        for name in args.tiers:
+            opts = TIERS[name]
             out = folder / name.replace(" ", "-").replace("+", "plus")
             started = time.perf_counter()
             report = convert_store(folder / "float16", out, progress=False, **opts)
@@ -367,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-per-class", type=int, default=10)
     p.add_argument("--recall-tiers", nargs="*", default=["int8 + R 64"],
                    help="tiers whose prefilter recall is measured too (their sketch: stored coordinates)")  # fmt: skip
+    p.add_argument("--tiers", nargs="+", default=list(DEFAULT_TIERS), choices=[t for t in TIERS if t != "float16"],
+                   help="tiers converted from the float16 store and compared with it")  # fmt: skip
     p.add_argument("--no-build-int8", dest="build_int8", action="store_false", help="skip the direct int8 build")
     p.add_argument("--no-real", dest="real", action="store_false", help="skip part 1 (the real model)")
     p.add_argument("--synthetic-store", type=Path, default=None)
