@@ -162,7 +162,7 @@ def convert_store(
     hidden_dtype : {"float16", "float32", "int8"}, optional
         Storage of the hidden states (default: the source's).
     int8_block : int, optional
-        Channels per int8 scale (0 = one per token; default: the source's, else 64).
+        Channels per int8 scale (0 = one per token; default: the source's, else one per token).
     top_m : int, optional
         Keep only the ``top_m`` most likely tokens per position (at most the source's).
     hidden_rank : int, optional
@@ -210,15 +210,25 @@ def convert_store(
         report = ConvertReport(str(source), str(out), rows=src.count(), already_converted=len(done))
         columns = _TEXT_COLUMNS + SCORING_COLUMNS + ["tail_mass"]
         bar = tqdm(total=report.rows, desc="convert", unit="sample", disable=not progress)
-        for batch in src.scan(columns, batch_size=block_rows):
-            ids = batch.column("id").to_pylist()
-            keep = [j for j, sample_id in enumerate(ids) if sample_id not in done]
-            if keep:
+
+        def todo():
+            for batch in src.scan(columns, batch_size=block_rows):
+                ids = batch.column("id").to_pylist()
+                keep = [j for j, sample_id in enumerate(ids) if sample_id not in done]
                 part = batch.take(pa.array(keep, pa.int64())) if len(keep) < batch.num_rows else batch
-                rows = convert_rows(part, src.manifest, dst.manifest, sketcher, projection)
+                yield batch.num_rows, (part if keep else None)
+
+        def encode(item):
+            _, part = item
+            return None if part is None else convert_rows(part, src.manifest, dst.manifest, sketcher, projection)
+
+        # batches are encoded by a few threads (numpy and torch release the GIL) and appended here, in order:
+        # one commit per batch as before, so a kill leaves whole batches, and a re-run skips them
+        for (seen, part), rows in in_order(encode, todo(), workers=convert_workers()):
+            if rows is not None:
                 report.written += dst.append(rows)
                 report.tokens += int(np.asarray(part.column("n_scored")).sum())
-            bar.update(batch.num_rows)
+            bar.update(seen)
         bar.close()
         if dst.manifest.sketch_dim and dst.count():
             from forvalue.storage.faiss_index import ensure
@@ -230,6 +240,39 @@ def convert_store(
     report.source_bytes_per_token = _bytes_per_token(src)
     report.out_bytes_per_token = _bytes_per_token(Store.open(out))
     return report
+
+
+def convert_workers() -> int:
+    """Threads encoding batches during a conversion: the machine's cores, at most 4."""
+    import os
+
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def in_order(fn, items, workers: int):
+    """``(item, fn(item))`` for each of ``items``, in their order, ``fn`` run by ``workers`` threads at most
+    ``workers + 1`` items ahead of the consumer (an error is raised at its item; the rest are not started)."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    if workers <= 1:
+        for item in items:
+            yield item, fn(item)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="forvalue-convert") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append((item, pool.submit(fn, item)))
+                if len(pending) > workers:
+                    item, future = pending.popleft()
+                    yield item, future.result()
+            while pending:
+                item, future = pending.popleft()
+                yield item, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
 
 
 def _publish_identity(out: Path, identity: dict) -> None:

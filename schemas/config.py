@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
 from .errors import ConfigError
+from .hidden_codec import DEFAULT_BLOCK
 
 ScoreTokens = Literal["auto", "all", "response", "assistant"]
 DataFormat = Literal["auto", "text", "prompt-completion", "conversational"]
@@ -40,7 +41,7 @@ ValidationTokens = Literal["store", "response"]
 # Each field with choices takes them from its Literal type (choices=get_args(T)): declared once.
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-HIDDEN_DTYPES = ("float16", "float32", "int8")
+HIDDEN_DTYPES = ("int8", "float16", "float32")
 # Vision-language models: default image bound = 512 Qwen2-VL visual tokens of 28 x 28 pixels.
 IMAGE_MAX_PIXELS = 512 * 28 * 28
 
@@ -194,12 +195,14 @@ class EncodeConfig:
     lowest_likelihood_ratio : float or None
         Keep only the ceil(r * n) positions with the lowest target probability
         (training side only).
-    hidden_dtype : {"float16", "float32", "int8"}
-        Storage dtype of the hidden states; ``int8`` stores a byte per value and a float16 scale
-        per ``int8_block`` channels (half of float16's bytes; its loss is measured in docs/benchmarks.md).
+    hidden_dtype : {"int8", "float16", "float32"}
+        Storage dtype of the hidden states; ``int8`` (the default) stores a byte per value and a float16
+        scale per ``int8_block`` channels: half of float16's bytes, with the paper's tasks' AUC / recall equal
+        to float16's to the fourth decimal (measured in docs/benchmarks.md, "Store tiers"). Scores are
+        exact on the stored (dequantized) values; ``float16`` keeps the forward pass's values to float16.
     int8_block : int
-        Channels per int8 scale (0 = one scale per token); must divide the stored width (the model's
-        hidden size, or ``hidden_rank``).
+        Channels per int8 scale (0 = one scale per token, the default); must divide the stored width (the
+        model's hidden size, or ``hidden_rank``).
     hidden_rank : int
         Low-rank tier: store each hidden state as its ``R`` coordinates in an orthonormal basis fitted to
         the store's own hidden states (the mean direction, then the top principal directions), saved in the
@@ -227,13 +230,17 @@ class EncodeConfig:
         None, "Keep only this fraction of positions, those with the lowest target probability."
     )
     hidden_dtype: str = setting(
-        "float16",
-        "Storage dtype of hidden states: float16, float32, or int8 (half of float16's bytes, a float16 scale per "
-        "--int8-block channels; scores exact on the stored values, loss vs float16 in docs/benchmarks.md).",
+        "int8",
+        "Storage dtype of hidden states: int8 (half of float16's bytes, a float16 scale per --int8-block channels; "
+        "scores exact on the stored values, AUC / recall equal to float16's on the paper's tasks: "
+        "docs/benchmarks.md), float16 or float32.",
         choices=HIDDEN_DTYPES,
     )
     int8_block: int = bounded(
-        64, "Channels per scale of --hidden-dtype int8 (0 = one scale per token); must divide the hidden size.", 0
+        DEFAULT_BLOCK,
+        "Channels per scale of --hidden-dtype int8 (0 = one scale per token; 64 halves the score error for 16 more "
+        "bytes per token on SmolLM2); must divide the hidden size.",
+        0,
     )
     hidden_rank: int = bounded(
         0,

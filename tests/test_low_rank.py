@@ -68,8 +68,8 @@ def low_rank(tmp_path_factory, tiny_model_dir):
     stores = {
         name: _build(tmp, tiny_model_dir, enc, name)
         for name, enc in {
-            "f16": EncodeConfig(top_m=4),
-            "f16-r8": EncodeConfig(top_m=4, hidden_rank=8),
+            "f16": EncodeConfig(top_m=4, hidden_dtype="float16"),
+            "f16-r8": EncodeConfig(top_m=4, hidden_dtype="float16", hidden_rank=8),
             "int8-r16": EncodeConfig(top_m=4, hidden_dtype="int8", int8_block=8, hidden_rank=16),
             "f32": EncodeConfig(top_m=4, hidden_dtype="float32"),
             "f32-rd": EncodeConfig(top_m=4, hidden_dtype="float32", hidden_rank=32),
@@ -276,9 +276,9 @@ def test_hostile_ranks_and_outputs_are_refused(low_rank, tiny_model_dir, tmp_pat
     assert EncodeConfig(hidden_rank=0).hidden_rank == 0  # 0 = full width (the default)
     # index add / build with another rank than the store's is refused
     with pytest.raises(ManifestMismatchError, match="hidden_rank"):
-        _build(s["tmp"], tiny_model_dir, EncodeConfig(top_m=4, hidden_rank=4), "f16-r8")
+        _build(s["tmp"], tiny_model_dir, EncodeConfig(top_m=4, hidden_dtype="float16", hidden_rank=4), "f16-r8")
     with pytest.raises(ManifestMismatchError, match="hidden_rank"):
-        _build(s["tmp"], tiny_model_dir, EncodeConfig(top_m=4), "f16-r8")
+        _build(s["tmp"], tiny_model_dir, EncodeConfig(top_m=4, hidden_dtype="float16"), "f16-r8")
     # convert onto itself or into the source, with a rank
     src = s["stores"]["f16"]
     for out, needle in ((src, "is the source store"), (src / "inner", "inside the store")):

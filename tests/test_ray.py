@@ -23,7 +23,8 @@ from forvalue.schemas.config import AuditConfig, BuildConfig, EncodeConfig, Engi
 
 RAY = EngineConfig(engine="ray", workers=2)
 # Small sketch (fitted basis) so the prefilter index and the basis are exercised too.
-ENCODE = EncodeConfig(sketch_dim=256, sketch_vocab_buckets=64, sketch_hidden_cols=4)
+# float16 stores here (the int8 test converts one; tests/test_ray_cluster.py builds the default int8 stores)
+ENCODE = EncodeConfig(sketch_dim=256, sketch_vocab_buckets=64, sketch_hidden_cols=4, hidden_dtype="float16")
 
 
 def _rows(n: int) -> list[dict]:

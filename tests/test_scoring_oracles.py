@@ -10,7 +10,7 @@ from conftest import write_jsonl
 from forvalue.api import build_index, run_query
 from forvalue.indexer.data import iter_samples
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
-from tools.reference import dense_matrices, dense_scores
+from tools.reference import dense_matrices, dense_scores, dense_self_scores
 
 
 def _build_and_score(tmp_path, model_dir, rows, val_rows, encode: EncodeConfig, **query_kwargs):
@@ -85,7 +85,8 @@ def test_store_top_m_equals_restricted_reference(tiny_runner, tiny_model_dir, to
 
 
 def test_cosine_mean_and_blocking(tiny_runner, tiny_model_dir, toy_rows, tmp_path):
-    enc = EncodeConfig(top_m=8)
+    enc = EncodeConfig(top_m=8)  # the default store: int8 hidden states, one scale per token
+    assert (enc.hidden_dtype, enc.int8_block) == ("int8", 0)
     _, raw, train, val = _build_and_score(tmp_path, tiny_model_dir, toy_rows, toy_rows[:4], enc, read_rows=1000)
     store = tmp_path / "store"
     q = dict(progress=False, device="cpu")
@@ -96,11 +97,12 @@ def test_cosine_mean_and_blocking(tiny_runner, tiny_model_dir, toy_rows, tmp_pat
     one = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(**q), keep_scores=True)
     np.testing.assert_allclose(blocked.scores, one.scores, rtol=1e-5)
     # cosine: sq_norm equals the self score of the restricted reference
-    ref_train = dense_scores(tiny_runner.model, tiny_runner.tokenizer, train, train, top_m=8, hidden_dtype="float16")
+    # the stored side as stored (int8 values on both sides of its self score), the validation side as encoded
+    train_sq = dense_self_scores(tiny_runner.model, tiny_runner.tokenizer, train, top_m=8, hidden_dtype="int8")
     ref_val = dense_scores(tiny_runner.model, tiny_runner.tokenizer, val, val, top_m=8, hidden_dtype="float16")
     cos = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(normalize="cosine", **q), keep_scores=True)
     expected = one.scores / np.sqrt(
-        np.outer(np.diag(ref_val), _in_store_order(np.diag(ref_train), train, one.train_ids))
+        np.outer(np.diag(ref_val), _in_store_order(train_sq, train, one.train_ids))
     )
     np.testing.assert_allclose(cos.scores, expected, rtol=1e-4)
     assert np.abs(cos.scores).max() <= 1.0 + 1e-6
@@ -112,7 +114,7 @@ def test_cosine_mean_and_blocking(tiny_runner, tiny_model_dir, toy_rows, tmp_pat
         store, [tmp_path / "val.jsonl"], QueryConfig(aggregate="mean", normalize="cosine", **q), keep_scores=True
     )
     norm_mean = np.sqrt(ref_val.mean())
-    train_norms = np.sqrt(_in_store_order(np.diag(ref_train), train, one.train_ids))
+    train_norms = np.sqrt(_in_store_order(train_sq, train, one.train_ids))
     np.testing.assert_allclose(mcos.scores[0], one.scores.mean(axis=0) / (norm_mean * train_norms), rtol=1e-4)
 
 

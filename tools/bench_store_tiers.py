@@ -312,6 +312,7 @@ def real_part(args, runner, work: Path) -> str:
 def synthetic_part(args, work: Path) -> str:
     from forvalue.engine.scan import audit_scan
     from forvalue.indexer.convert import convert_store
+    from forvalue.schemas.manifest import SCHEMA_VERSION
     from forvalue.storage.store import Store
     from tools.bench_gform import load_validation, plain_read
 
@@ -319,14 +320,25 @@ def synthetic_part(args, work: Path) -> str:
     val, labels = load_validation(args.synthetic_store / "validation.npz", args.val)
     read_s, _, tokens = plain_read(src, 1024, decode=False)
     n = src.count()
-    rows = [("source (schema 2 float16)", f"{folder_bytes(src.path) / tokens:.0f}", "-", f"{read_s:.1f}", "-", "-")]
-    stores = {}
-    for name, opts in (("float16", {}), ("int8 block 64", {"hidden_dtype": "int8", "int8_block": 64})):
+    current = src.manifest.schema_version >= SCHEMA_VERSION and src.manifest.hidden_dtype == "float16"
+    label = "source (float16)" if current else f"source (schema {src.manifest.schema_version} float16)"
+    rows = [(label, f"{folder_bytes(src.path) / tokens:.0f}", "-", f"{read_s:.1f}", "-", "-")]
+    stores = {"float16": (src, None)} if current else {}  # a store in today's layout is the float16 tier itself
+    tiers = [("int8 per token", {"hidden_dtype": "int8", "int8_block": 0})]
+    if not current:
+        tiers.insert(0, ("float16", {}))
+    if args.synthetic_block64:
+        tiers.append(("int8 block 64", {"hidden_dtype": "int8", "int8_block": 64}))
+    for name, opts in tiers:
+        # a finished conversion in --workdir is reused (convert_store resumes: it finds every row there)
         out = work / ("synth-" + name.replace(" ", "-"))
         started = time.perf_counter()
-        convert_store(args.synthetic_store, out, progress=False, block_rows=1024, **opts)
-        conv = time.perf_counter() - started
-        print(f"synthetic: convert to {name} {conv:.1f} s", flush=True)
+        report = convert_store(args.synthetic_store, out, progress=True, block_rows=1024, **opts)
+        conv = time.perf_counter() - started if report.written else None
+        print(
+            f"synthetic: convert to {name} {time.perf_counter() - started:.1f} s ({report.written} rows written)",
+            flush=True,
+        )
         stores[name] = (Store.open(out), conv)
     results = {}
     for rep in range(args.reps):  # alternate the tiers, so load changes hit both
@@ -347,7 +359,9 @@ def synthetic_part(args, work: Path) -> str:
             (
                 name,
                 f"{folder_bytes(store.path) / tokens:.0f}",
-                f"{conv:.1f} ({n / conv:,.0f} samples/s; plain read of the source {read_s:.1f} s)",
+                "-"
+                if conv is None
+                else f"{conv:.1f} ({n / conv:,.0f} samples/s; plain read of the source {read_s:.1f} s)",
                 f"{read:.1f}",
                 f"{scan:.1f} ({base_scan / scan:.2f}x float16)",
                 f"{diff:.1e}",
@@ -357,7 +371,8 @@ def synthetic_part(args, work: Path) -> str:
     return "\n\n".join(
         [
             f"Synthetic store {args.synthetic_store} ({n:,} samples, {tokens:,} tokens, d={m.hidden_size}, top-m "
-            f"{m.top_m}, no sketch), converted; exact audit scan = G-form mean of {args.val} validation samples "
+            f"{m.top_m}, sketch D {m.sketch_dim or 'none'}), converted; exact audit scan = G-form mean of {args.val} "
+            "validation samples "
             f"(validation.npz), best of {args.reps} alternating repetitions:",
             md_table(
                 ["store", "bytes/token", "convert s", "plain read s", "audit scan s", "max |mean diff| / max"], rows
@@ -380,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-build-int8", dest="build_int8", action="store_false", help="skip the direct int8 build")
     p.add_argument("--no-real", dest="real", action="store_false", help="skip part 1 (the real model)")
     p.add_argument("--synthetic-store", type=Path, default=None)
+    p.add_argument("--synthetic-block64", action="store_true", help="also convert the synthetic store to int8 block 64")
     p.add_argument("--val", type=int, default=10, help="validation samples of the synthetic audit")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=None, help="keep the stores here (default: a temporary folder)")

@@ -111,3 +111,13 @@ def dense_scores(model, tokenizer, train: Sequence[Sample], val: Sequence[Sample
         for b, (ht, et) in enumerate(mats_t):
             out[a, b] = float(((ev @ et.T) * (hv @ ht.T)).sum())
     return out
+
+
+def dense_self_scores(model, tokenizer, samples: Sequence[Sample], **kwargs) -> np.ndarray:
+    """``||G_i||_F^2`` of each sample as a store keeps it (``sq_norm``: both sides the stored values, int8 included),
+    float64 array of shape ``(n,)``; ``kwargs`` go to :func:`dense_matrices`."""
+    out = np.zeros(len(samples))
+    for j, sample in enumerate(samples):
+        h, e = dense_matrices(model, tokenizer, sample, **kwargs)
+        out[j] = float(((e @ e.T) * (h @ h.T)).sum())
+    return out

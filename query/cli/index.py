@@ -196,7 +196,7 @@ def sketch(store, rebuild, kind, as_json, **kw):
     "--int8-block",
     type=click.IntRange(min=0),
     default=None,
-    help="Channels per int8 scale, 0 = one per token (default: the store's, else 64).",
+    help="Channels per int8 scale, 0 = one per token (default: the store's, else 0).",
 )
 @click.option(
     "--top-m", type=click.IntRange(min=1), default=None, help="Keep only this many most likely tokens per position."
