@@ -164,6 +164,8 @@ def test_ray_build_after_killed_driver_has_no_duplicates(tmp_path, tiny_model_di
         "256",
         "--sketch-vocab-buckets",
         "64",
+        "--hidden-dtype",
+        ENCODE.hidden_dtype,  # the re-run below builds with ENCODE's settings
         "--engine",
         "ray",
         "--ray-address",
