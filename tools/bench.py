@@ -72,15 +72,17 @@ SUITES: dict[str, Suite] = {
     "prefilter": Suite(
         "bench_prefilter",
         "FAISS prefilter + exact rerank vs the exact scan (synthetic store)",
-        "~10 min on the 1M-sample store (FAISS build 102 s, exact scans 160-183 s + 62 s); making "
-        "the store (python -m tools.make_synthetic_store) took about an hour",
+        "~10 min on the 1M-sample store with 20 validation samples (FAISS build 102 s, exact scans 160-183 s + "
+        "62 s); with 100: the exact scan 30 min at load ~6 (keep it with --exact-cache), 400 queries 3 min; making "
+        "the store (python -m tools.make_synthetic_store, two workers) 41 min",
         "docs/prefilter.md: Synthetic 1M-sample store; docs/benchmarks.md: Prefilter (FAISS)",
         needs="--store DIR (python -m tools.make_synthetic_store --out DIR --rows N)",
     ),
     "sketch_levers": Suite(
         "bench_sketch_levers",
         "prefilter levers (sketch shape, candidates, two stages, adaptive stop): recall against the exact top-k",
-        "71 min on a 100k-sample store, 100 validation samples, 6 shapes, at load ~20 (docs/prefilter.md)",
+        "71 min on a 100k-sample store, 100 validation samples, 6 shapes, at load ~20; 10.6 min at load 3-5 "
+        "(docs/prefilter.md)",
         "docs/prefilter.md: Levers",
         needs="--store DIR (python -m tools.make_synthetic_store --out DIR --rows N)",
     ),

@@ -38,6 +38,25 @@ def load_val(path: Path) -> tuple[ValidationSet, np.ndarray]:
     ), z["topics"]
 
 
+def sketch_exact_search(store: Store, val: ValidationSet, c: int, block_rows: int = 65536) -> np.ndarray:
+    """``(n_val, c)`` rows with the largest sketch inner product per validation sample, best first (exact)."""
+    from forvalue.engine.prefilter import validation_sketches
+    from forvalue.indexer.sketch import SketchSpec
+    from forvalue.storage.sketch_basis import load_basis
+
+    q = validation_sketches(val, SketchSpec.from_manifest(store.manifest), "none", load_basis(store.path))
+    q = q.astype(np.float32)
+    best_s, best_r, first = np.full((len(val), 0), -np.inf, np.float32), np.zeros((len(val), 0), np.int64), 0
+    for batch in store.scan([faiss_index.SKETCH_COLUMN], batch_size=block_rows):
+        z = batch.column(0).flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1).astype(np.float32)
+        s = np.concatenate([best_s, (z @ q.T).T], 1)
+        r = np.concatenate([best_r, np.broadcast_to(np.arange(first, first + z.shape[0]), (len(val), z.shape[0]))], 1)
+        keep = np.argpartition(-s, min(c, s.shape[1] - 1), axis=1)[:, :c]
+        best_s, best_r = np.take_along_axis(s, keep, 1), np.take_along_axis(r, keep, 1)
+        first += z.shape[0]
+    return np.take_along_axis(best_r, np.argsort(-best_s, axis=1, kind="stable"), 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_prefilter", description=__doc__.split("\n")[0])
     p.add_argument("--store", type=Path, required=True)
@@ -64,8 +83,25 @@ def main(argv: list[str] | None = None) -> int:
         "python -m tools.make_synthetic_store --validation-only makes more)",
     )
     p.add_argument("--skip-exact", action="store_true", help="no exact scan (only with --batches)")
+    p.add_argument(
+        "--exact-cache",
+        type=Path,
+        default=None,
+        help="an .npz keeping the exact top-k rows and scan time: reused when it matches the store's rows, the "
+        "validation samples and top-k (another sketch of the same store needs no second exact scan)",
+    )
+    p.add_argument(
+        "--exact-only", action="store_true", help="only the exact scan into --exact-cache (a store without sketches)"
+    )
+    p.add_argument(
+        "--sketch-exact-search",
+        action="store_true",
+        help="also the recall of an exact search of the sketch column (no IVF, no 8-bit codes): the index's share",
+    )
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    if a.exact_only and not a.exact_cache:
+        p.error("--exact-only needs --exact-cache")
     import torch
 
     dev = torch.device("cpu")
@@ -82,6 +118,25 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
 
+    cfg = QueryConfig(top_k=a.top_k, progress=False, read_rows=2048)
+    t_exact = t_single = None
+    key = np.array([rows, len(val), a.top_k], np.int64)  # a re-sketch makes a new table version: not in the key
+    cached = np.load(a.exact_cache) if a.exact_cache and a.exact_cache.exists() else None
+    if cached is not None and np.array_equal(cached["key"], key) and np.array_equal(cached["lengths"], val.lengths):
+        exact_rows, t_exact = cached["rows"], float(cached["seconds"])
+        print(f"exact top-{a.top_k}: from {a.exact_cache} (its scan took {t_exact:.1f}s)", flush=True)
+    elif not a.skip_exact:
+        t0 = time.perf_counter()
+        top = TopK(a.top_k, len(val))
+        for first, _ids, _labels, scores in score_all(store, val, cfg, dev):
+            top.update(scores, first)
+        t_exact = time.perf_counter() - t0
+        _, exact_rows = top.result()
+        print(f"exact scan: {t_exact:.1f}s for {len(val)} samples", flush=True)
+        if a.exact_cache:
+            np.savez(a.exact_cache, key=key, lengths=val.lengths, rows=exact_rows, seconds=t_exact)
+    if a.exact_only:
+        return 0
     t0 = time.perf_counter()
     pre = faiss_index.ensure(store, kind=a.faiss_index, rebuild=a.rebuild)
     t_faiss = time.perf_counter() - t0
@@ -95,16 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print("\n".join(lines), flush=True)
 
-    cfg = QueryConfig(top_k=a.top_k, progress=False, read_rows=2048)
-    t_exact = t_single = None
-    if not a.skip_exact:
-        t0 = time.perf_counter()
-        top = TopK(a.top_k, len(val))
-        for first, _ids, _labels, scores in score_all(store, val, cfg, dev):
-            top.update(scores, first)
-        t_exact = time.perf_counter() - t0
-        _, exact_rows = top.result()
-        print(f"exact scan: {t_exact:.1f}s for {len(val)} samples", flush=True)
     if a.single_exact:  # what one user query for one validation sample costs without the prefilter
         t0 = time.perf_counter()
         one = TopK(a.top_k, 1)
@@ -152,6 +197,20 @@ def main(argv: list[str] | None = None) -> int:
             + (f"; {t_single:.1f} s for one validation sample alone." if t_single else "."),
             "",
         ] + table
+    if a.sketch_exact_search and t_exact is not None:
+        t0 = time.perf_counter()
+        found = sketch_exact_search(store, val, max(int(x) for x in a.candidates.split(",")))
+        lines += [
+            "",
+            f"The sketch column searched exactly (every row's sketch inner product; {time.perf_counter() - t0:.0f} s):",
+            "",
+            f"| candidates | Recall@{k} mean / median / min |",
+            "|---|---|",
+        ]
+        for c in (int(x) for x in a.candidates.split(",")):
+            rec = [len(set(found[j, :c].tolist()) & set(exact_rows[j].tolist())) / k for j in range(len(val))]
+            lines.append(f"| {c} | {np.mean(rec):.3f} / {np.median(rec):.3f} / {np.min(rec):.3f} |")
+            print(lines[-1], flush=True)
     if a.batches:
         c = int(a.candidates.split(",")[0])
         batch_table = [

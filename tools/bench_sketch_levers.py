@@ -41,8 +41,9 @@ from tools.common import emit
 
 
 def parse_spec(text: str, vocab: int, d: int) -> SketchSpec:
-    r, c = (int(x) for x in text.split("x"))
-    return SketchSpec(r * c, r, c, 0, vocab, d, "fitted")
+    """``RxC`` (one count-sketch block) or ``RxCxT`` (``T`` independent blocks, D = T R C)."""
+    r, c, *t = (int(x) for x in text.split("x"))
+    return SketchSpec(r * c * (t[0] if t else 1), r, c, 0, vocab, d, "fitted")
 
 
 def fit_hidden(store: Store, tokens: int) -> np.ndarray:
@@ -80,7 +81,9 @@ def adaptive(sk: np.ndarray, ex: np.ndarray, k: int, start: int, z: float, cmax:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_sketch_levers", description=__doc__.split("\n")[0])
     p.add_argument("--store", type=Path, required=True)
-    p.add_argument("--specs", default="512x4,256x8,128x16,512x8,256x16", help="comma list of RxC")
+    p.add_argument(
+        "--specs", default="512x4,256x8,128x16,512x8,256x16", help="comma list of RxC or RxCxT (T count-sketch blocks)"
+    )
     p.add_argument("--candidates", default="500,1000,2000,5000")
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--n-val", type=int, default=100)
