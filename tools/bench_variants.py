@@ -198,6 +198,7 @@ def run_probes(prep: dict, runner, log) -> list[dict]:
             (tr["h"] - mu) @ chol,
             tr["v"],
         ),
+        **whitened_grid(va, tr, mu, cov, resp_v),
         "IDF-weighted errors": (va["h"], va["v"] * idf[va["ids"]], tr["h"], tr["v"], tr["h"], tr["v"] * root_idf),
         "centred, per-token normalised": (tn_v, va["v"], tn_t, tr["v"], tn_t, tr["v"]),
         "response both sides": (va["h"], va["v"] * resp_v, tr["h"], tr["v"] * resp_t, tr["h"], tr["v"] * resp_t),
@@ -220,6 +221,25 @@ def run_probes(prep: dict, runner, log) -> list[dict]:
             label = name if normalize == "none" else f"{name}, cosine"
             out.append({"variant": f"probe: {label}", "seconds": float("nan"), **r})
             log(f"  probe {label:40s} AUC {r['auc_mean']:.3f} recall {r['recall_mean']:.3f}")
+    return out
+
+
+# shrinkage of the whitening covariance towards the identity, as multiples of tr(Sigma) / d (1 = the first probe)
+WHITEN_LAMBDAS = (0.1, 0.3, 3.0, 10.0)
+
+
+def whitened_grid(va: dict, tr: dict, mu: np.ndarray, cov: np.ndarray, resp_v: np.ndarray) -> dict:
+    """Probes ``(h_v - mu)^T M (h_i - mu)``, ``M = (Sigma + lambda tr(Sigma) / d I)^-1`` over :data:`WHITEN_LAMBDAS`,
+    on every validation token and on its response tokens only (``--validation-tokens response``), in the
+    probes' tuple layout (the train side's own values for its norms: ``(h_i - mu) L``, ``M = L L^T``)."""
+    d = mu.size
+    out = {}
+    for lam in WHITEN_LAMBDAS:
+        m = np.linalg.inv(cov + lam * np.trace(cov) / d * np.eye(d))
+        chol = np.linalg.cholesky(m)
+        vh, th = (va["h"] - mu) @ m, tr["h"] - mu
+        out[f"whitened (lambda={lam:g})"] = (vh, va["v"], th, tr["v"], th @ chol, tr["v"])
+        out[f"val response, whitened (lambda={lam:g})"] = (vh, va["v"] * resp_v, th, tr["v"], th @ chol, tr["v"])
     return out
 
 
