@@ -310,3 +310,25 @@ def test_cli_variant_options(setting, tiny_model_dir, tmp_path):
     assert_one_line_error(bad, "--center")
     help_text = cli("audit", "run", "--help").output
     assert "--center" in help_text and "--validation-tokens" in help_text
+
+
+def test_whitened_probe_grid_is_the_whitened_inner_product():
+    """The suite's whitening probes: validation side (h_v - mu) M, stored side h_i - mu, norms from (h_i - mu) L."""
+    from tools.bench_variants import WHITEN_LAMBDAS, whitened_grid
+
+    rng = np.random.default_rng(0)
+    d = 6
+    tr = {"h": rng.normal(size=(40, d)) + 3.0, "v": rng.normal(size=(40, 3))}
+    va = {"h": rng.normal(size=(5, d)) + 3.0, "v": rng.normal(size=(5, 3))}
+    mu = tr["h"].mean(0)
+    cov = np.cov((tr["h"] - mu).T, bias=True)
+    resp = (np.arange(5) % 2 == 0)[:, None]
+    grid = whitened_grid(va, tr, mu, cov, resp)
+    assert len(grid) == 2 * len(WHITEN_LAMBDAS)
+    for lam in WHITEN_LAMBDAS:
+        m = np.linalg.inv(cov + lam * np.trace(cov) / d * np.eye(d))
+        vh, vv, th, tv, nh, nv = grid[f"whitened (lambda={lam:g})"]
+        np.testing.assert_allclose(vh @ th.T, (va["h"] - mu) @ m @ (tr["h"] - mu).T, rtol=1e-10)
+        np.testing.assert_allclose(nh @ nh.T, (tr["h"] - mu) @ m @ (tr["h"] - mu).T, rtol=1e-10, atol=1e-12)
+        _, rv, *_ = grid[f"val response, whitened (lambda={lam:g})"]
+        assert not rv[1].any() and np.array_equal(rv[0], vv[0])  # odd validation tokens dropped, even kept
