@@ -101,9 +101,7 @@ def test_cosine_mean_and_blocking(tiny_runner, tiny_model_dir, toy_rows, tmp_pat
     train_sq = dense_self_scores(tiny_runner.model, tiny_runner.tokenizer, train, top_m=8, hidden_dtype="int8")
     ref_val = dense_scores(tiny_runner.model, tiny_runner.tokenizer, val, val, top_m=8, hidden_dtype="float16")
     cos = run_query(store, [tmp_path / "val.jsonl"], QueryConfig(normalize="cosine", **q), keep_scores=True)
-    expected = one.scores / np.sqrt(
-        np.outer(np.diag(ref_val), _in_store_order(train_sq, train, one.train_ids))
-    )
+    expected = one.scores / np.sqrt(np.outer(np.diag(ref_val), _in_store_order(train_sq, train, one.train_ids)))
     np.testing.assert_allclose(cos.scores, expected, rtol=1e-4)
     assert np.abs(cos.scores).max() <= 1.0 + 1e-6
     # aggregate mean = mean over validation samples; cosine mean divides by ||mean G_v||
