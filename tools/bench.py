@@ -178,6 +178,14 @@ SUITES: dict[str, Suite] = {
         "docs/gform.md; docs/benchmarks.md: Audits at any validation-set size",
         workdir_option="--workdir",
     ),
+    "mixed_audit": Suite(
+        "bench_mixed_audit",
+        "cached audits against 10 / 100 / 1,000 validation samples mixing the paper's three tasks, on a "
+        "900-sample real-model store: load / scan / write, in-process and as a fresh command (issue 27)",
+        "not recorded yet",
+        "docs/benchmarks.md: Audits at any validation-set size (mixed validation sets)",
+        workdir_option="--workdir",
+    ),
     "lds": Suite(
         "bench_lds",
         "linear datamodeling score: For-Value raw/cosine vs gradient cosine, BM25, RDS+, Emb over M random "
