@@ -178,3 +178,16 @@ def test_quick_suite_runs_every_part_and_a_rerun_trains_nothing(tiny_model_dir, 
     assert again["counts"]["run"] == 0 and again["counts"]["selections_run"] == 0
     assert again["counts"]["reused"] >= first["counts"]["run"]
     assert json.dumps(again["rows"], default=float) == json.dumps(rows, default=float)
+
+
+def test_goals_compare_forvalue_with_rds_in_std_of_rds():
+    """Issue 29's bar (RDS+ beaten at 10% by > 2 std) is printed: margin = rds mean - forvalue mean, over rds's std."""
+    from tools.bench_selection.report import goals
+
+    def row(method, loss):
+        return {"part": "targeted", "target": "t", "k": 10.0, "method": method, "loss": loss, "acc": 0.0}
+
+    rows = [row("forvalue", x) for x in (1.0, 1.2, 1.1)] + [row("rds", x) for x in (2.0, 2.2, 2.1)]
+    lines = [line for line in goals(rows) if "vs rds" in line]
+    # rds std over seeds is 0.1, its mean 2.1; forvalue's mean 1.1: 1.0 better = 10 std
+    assert lines == ["- targeted t k=10%: forvalue vs rds (RDS+), loss +1.000 = +10.0 std."]

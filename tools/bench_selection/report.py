@@ -169,6 +169,14 @@ def goals(rows: list[dict]) -> list[str]:
                     f"{beats([r['loss'] for r in mine], [r['loss'] for r in rnd], True)}, accuracy "
                     f"{beats([r['acc'] for r in mine], [r['acc'] for r in rnd], False)}."
                 )
+        rds = g.get((target, k, "rds"), [])
+        for fv in ("forvalue", "forvalue-label"):
+            mine = g.get((target, k, fv), [])
+            if mine and rds:  # issue 29's bar: RDS+ beaten on the targeted selection at 10% by > 2 std
+                out.append(
+                    f"- targeted {target} k={k:g}%: {fv} vs rds (RDS+), loss "
+                    f"{beats([r['loss'] for r in mine], [r['loss'] for r in rds], True)}."
+                )
         grad = g.get((target, k, "grad"), [])
         for fv in ("forvalue", "forvalue-label"):
             mine = g.get((target, k, fv), [])
