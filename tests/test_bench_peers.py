@@ -154,3 +154,20 @@ def test_suite_on_the_tiny_model_with_a_stand_in_bergson(tiny_model_dir, tmp_pat
     mtimes = {f: os.stat(f).st_mtime for f in (work / "results").rglob("*.json")}
     assert bp.main(args) == 0
     assert {f: os.stat(f).st_mtime for f in (work / "results").rglob("*.json")} == mtimes
+
+
+def test_threads_reach_both_tools_children_and_key_the_cache(tmp_path):
+    """--threads N sets OMP_NUM_THREADS for every measured child (CPU seconds are work, not spinning threads),
+    and results at another thread count are cached apart."""
+    import argparse
+
+    def peers(threads):
+        a = argparse.Namespace(workdir=tmp_path, model=str(tmp_path / "m"), threads=threads, n_train=2, n_test=1,
+                               seed=0, noise=0.2)  # fmt: skip
+        return bp.Peers(a, None)
+
+    one, default = peers(1), peers(0)
+    assert one._threads({"A": "b"}) == {"A": "b", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    assert default._threads({"A": "b"}) == {"A": "b"}
+    assert one._fv_env()["OMP_NUM_THREADS"] == "1"
+    assert one.tag("math_no_reasoning") != default.tag("math_no_reasoning")

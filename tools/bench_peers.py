@@ -242,7 +242,15 @@ class Peers:
         """The cache folder name of a task: its sizes, seed, model (and noise) are part of it."""
         a = self.args
         noise = f"-noise{a.noise:g}" if task.startswith("mislabeled_") else ""
-        return f"{task}-{a.n_train}x{a.n_test}-seed{a.seed}{noise}-{Path(self.model).name}"
+        threads = f"-t{a.threads}" if a.threads > 0 else ""  # timings at another thread count are other results
+        return f"{task}-{a.n_train}x{a.n_test}-seed{a.seed}{noise}-{Path(self.model).name}{threads}"
+
+    def _threads(self, env: dict) -> dict:
+        """``--threads N``: every child of both tools runs N intra-op threads (torch reads ``OMP_NUM_THREADS``),
+        so CPU seconds on a loaded machine are work, not threads spinning while they wait for a core."""
+        if self.args.threads > 0:
+            env = {**env, "OMP_NUM_THREADS": str(self.args.threads), "MKL_NUM_THREADS": str(self.args.threads)}
+        return env
 
     def _step(self, task: str, name: str, fn) -> dict:
         path = self.work / "results" / self.tag(task) / f"{name}.json"
@@ -260,7 +268,7 @@ class Peers:
 
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        return env
+        return self._threads(env)
 
     def forvalue(self, task: str, train: list[dict], val: list[dict], tdir: Path) -> dict:
         store = tdir / "fv-store"
@@ -295,7 +303,7 @@ class Peers:
         return {"build": b, "query": raw, "cosine": cos}
 
     def bergson(self, task: str, train: list[dict], val: list[dict], tdir: Path, p: int) -> dict:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env = self._threads({**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
         env.pop("PYTHONPATH", None)
         bergson = [self.bergson_py, "-m", "bergson", "build"]
 
