@@ -28,6 +28,50 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def word_rows(n: int) -> list[dict]:
+    """``n`` labelled prompt/response rows over eight words, ids ``s000``... (the Ray tests' training set)."""
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+    return [
+        {
+            "id": f"s{i:03d}",
+            "prompt": f"{words[i % 8]} question {i} about {words[(i * 3) % 8]} ->",
+            "response": f" answer {i * 7} {words[(i * 5) % 8]}",
+            "label": "ab"[i % 2],
+        }
+        for i in range(n)
+    ]
+
+
+def word_val() -> list[dict]:
+    """Five validation rows for :func:`word_rows` stores, ids ``v0``..."""
+    return [
+        {"id": f"v{i}", "prompt": f"beta question {i} ->", "response": f" answer {i}", "label": "ab"[i % 2]}
+        for i in range(5)
+    ]
+
+
+def exact_scores(store: Path, val: Path, runner, **query):
+    """Exact query scores ``(n_val, n_train)`` and the training ids in the store's order (CPU, no progress bar)."""
+    from forvalue.api import run_query
+    from forvalue.schemas.config import QueryConfig
+
+    res = run_query(store, [val], QueryConfig(progress=False, device="cpu", **query), runner=runner, keep_scores=True)
+    return res.scores, res.train_ids
+
+
+def in_order(scores, store_ids, ids):
+    """The columns of ``scores`` (in ``store_ids`` order) rearranged to ``ids``."""
+    where = {sid: j for j, sid in enumerate(store_ids)}
+    return scores[:, [where[i] for i in ids]]
+
+
+def assert_close(got, expected, rtol):
+    """Equal to ``rtol`` relative to each value, or to ``rtol`` of the largest magnitude near zero."""
+    import numpy as np
+
+    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
 @pytest.fixture
 def toy_rows() -> list[dict]:
     """A small labelled prompt/response set (2 classes)."""

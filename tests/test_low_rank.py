@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, cli, write_jsonl
+from conftest import assert_close, assert_one_line_error, cli, exact_scores, in_order, write_jsonl
 
 from forvalue.api import build_index, run_query
 from forvalue.engine.scan import audit_scan
@@ -45,18 +45,7 @@ def _build(tmp: Path, model_dir, encode: EncodeConfig, name: str) -> Path:
     return tmp / name
 
 
-def _scores(store: Path, val: Path, runner, **query) -> tuple[np.ndarray, list[str]]:
-    res = run_query(store, [val], QueryConfig(**Q, **query), runner=runner, keep_scores=True)
-    return res.scores, res.train_ids
-
-
-def _in_order(scores, store_ids, ids):
-    where = {sid: j for j, sid in enumerate(store_ids)}
-    return scores[:, [where[i] for i in ids]]
-
-
-def _close(got, expected, rtol):
-    np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * np.abs(expected).max())
+_scores, _in_order, _close = exact_scores, in_order, assert_close
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import BUCKET, write_jsonl
+from conftest import BUCKET, word_rows, word_val, write_jsonl
 
 from forvalue.schemas.config import AuditConfig, BuildConfig, EncodeConfig, EngineConfig, ModelConfig, QueryConfig
 
@@ -25,24 +25,7 @@ ENCODE = EncodeConfig(sketch_dim=256, sketch_vocab_buckets=64, sketch_hidden_col
 TWO = EngineConfig(engine="ray", workers=2)
 
 
-def _rows(n: int) -> list[dict]:
-    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
-    return [
-        {
-            "id": f"s{i:03d}",
-            "prompt": f"{words[i % 8]} question {i} about {words[(i * 3) % 8]} ->",
-            "response": f" answer {i * 7} {words[(i * 5) % 8]}",
-            "label": "ab"[i % 2],
-        }
-        for i in range(n)
-    ]
-
-
-def _val() -> list[dict]:
-    return [
-        {"id": f"v{i}", "prompt": f"beta question {i} ->", "response": f" answer {i}", "label": "ab"[i % 2]}
-        for i in range(5)
-    ]
+_rows, _val = word_rows, word_val
 
 
 def _config(model, write_every: int = 32, batch_size: int = 4, sketch: bool = True) -> BuildConfig:
