@@ -32,6 +32,8 @@ Methods (each gives one value per pool sample; the top k% are selected):
   defaults). Its time is build + audit.
 * ``forvalue-label``  the same audit's per-label aggregate: ``AuditConfig(flag_by='label')``'s
   ``flag_score``, the mean score over the validation samples with the sample's own label.
+* ``forvalue-cos``, ``forvalue-label-cos``  the same two with ``AuditConfig(normalize='cosine')``
+  (named with ``--methods`` only).
 * ``random``          seeded uniform.
 * ``emb``             alpha = 1 ablation (hidden states only): ``<mean_v sum_t h_vt, sum_t h_it>``
   (``tools.bench_baselines.emb_vectors``, as in ``tools/bench_quality.py``).
@@ -73,7 +75,7 @@ from tools.bench_selection.bm25 import bm25
 from tools.bench_selection.data import targeted_data
 from tools.bench_selection.parts import run_brittle, run_noisy, run_targeted
 from tools.bench_selection.report import report
-from tools.bench_selection.settings import BRITTLE_METHODS, METHODS, PARTS, QUICK, Settings, log, n_of, top_n
+from tools.bench_selection.settings import BRITTLE_METHODS, FV_COSINE, METHODS, PARTS, QUICK, Settings, log, n_of, top_n
 from tools.bench_selection.suite import NotCached, Suite
 
 # what the tests and other tools use, besides main
@@ -102,7 +104,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=None)
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=None)
+    ap.add_argument("--methods", nargs="+", choices=METHODS + FV_COSINE, default=None)
     ap.add_argument("--ks", type=float, nargs="+", default=None, help="targeted selection sizes in percent")
     ap.add_argument("--targets", nargs="+", default=None, help="task or task:class,class,...")
     ap.add_argument("--noise-rates", type=float, nargs="+", default=None)

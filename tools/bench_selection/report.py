@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from tools.bench_selection.settings import Settings
+from tools.bench_selection.settings import FORVALUE_METHODS, Settings
 from tools.bench_selection.suite import Counts
 
 
@@ -161,7 +161,7 @@ def goals(rows: list[dict]) -> list[str]:
     g = group(tgt, ("target", "k", "method"))
     for target, k in sorted({(r["target"], r["k"]) for r in tgt}):
         rnd = g.get((target, k, "random"), [])
-        for fv in ("forvalue", "forvalue-label"):
+        for fv in FORVALUE_METHODS:
             mine = g.get((target, k, fv), [])
             if mine and rnd:
                 out.append(
@@ -170,7 +170,7 @@ def goals(rows: list[dict]) -> list[str]:
                     f"{beats([r['acc'] for r in mine], [r['acc'] for r in rnd], False)}."
                 )
         rds = g.get((target, k, "rds"), [])
-        for fv in ("forvalue", "forvalue-label"):
+        for fv in FORVALUE_METHODS:
             mine = g.get((target, k, fv), [])
             if mine and rds:  # issue 29's bar: RDS+ beaten on the targeted selection at 10% by > 2 std
                 out.append(
@@ -178,7 +178,7 @@ def goals(rows: list[dict]) -> list[str]:
                     f"{beats([r['loss'] for r in mine], [r['loss'] for r in rds], True)}."
                 )
         grad = g.get((target, k, "grad"), [])
-        for fv in ("forvalue", "forvalue-label"):
+        for fv in FORVALUE_METHODS:
             mine = g.get((target, k, fv), [])
             if grad and mine:
                 ratio = mean_std([r["select_seconds"] for r in grad])[0] / max(
@@ -193,7 +193,7 @@ def goals(rows: list[dict]) -> list[str]:
     g = group(noisy, ("noise", "k", "method"))
     for noise, k in sorted({(r["noise"], r["k"]) for r in noisy if r["k"] != 100}):
         rnd = g.get((noise, k, "random"), [])
-        for fv in ("forvalue", "forvalue-label"):
+        for fv in FORVALUE_METHODS:
             mine = g.get((noise, k, fv), [])
             if mine and rnd:
                 out.append(
@@ -203,7 +203,7 @@ def goals(rows: list[dict]) -> list[str]:
                 )
     for noise in sorted({r["noise"] for r in noisy}):
         loss_auc = mean_std([r["detect_auc"] for r in noisy if r["noise"] == noise and r["k"] == 100])[0]
-        for fv in ("forvalue", "forvalue-label"):
+        for fv in FORVALUE_METHODS:
             auc = mean_std([r["detect_auc"] for r in noisy if r["noise"] == noise and r["method"] == fv])[0]
             out.append(
                 f"- detection {noise}: {fv} AUC {auc:.3f} vs loss of the pool-fine-tuned model "

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+# the default run's methods; FV_COSINE (the same audits with ``--normalize cosine``) only when named
 METHODS = ("forvalue", "forvalue-label", "random", "emb", "rds", "loss", "bm25", "grad", "distill")
+FV_COSINE = ("forvalue-cos", "forvalue-label-cos")
+FORVALUE_METHODS = ("forvalue", "forvalue-label") + FV_COSINE
 BRITTLE_METHODS = ("forvalue", "random", "emb", "rds", "bm25", "grad")
 PARTS = ("targeted", "noisy", "brittle")
 
