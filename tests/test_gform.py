@@ -149,6 +149,28 @@ def test_gform_equals_token_form_and_dense_reference(setting, read_rows, dtype):
         _close(got[:, a], ref[[j for j, l in enumerate(labels) if l == g]].mean(axis=0), 2e-4)
 
 
+@pytest.mark.parametrize("pair_form,chunk_pairs", [(True, None), (True, 1), (True, 5), (False, None)])
+def test_pair_form_gather_form_and_pair_chunks_give_the_same_scores(setting, monkeypatch, pair_form, chunk_pairs):
+    """Blocks scored by (row, sample) pairs and dense products or by the gather, the pairs cut into chunks anywhere
+    (one pair per chunk, five): the same scores as Eq. 1 in float64."""
+    import forvalue.engine.gform as gform
+    import forvalue.engine.plan as plan
+
+    store, val = setting["store"], setting["val"]
+    weights = aggregate_weights([s.label for s in setting["val_samples"]], ["math", "reverse"])
+    exact = _token_form_float64(store, val) @ weights
+    monkeypatch.setattr(plan, "PAIR_FORM_MIN_FLOATS", 1 if pair_form else 10**12)
+    if chunk_pairs is not None:
+        monkeypatch.setattr(gform, "_CHUNK_FLOATS", chunk_pairs * val.hidden.shape[1])
+    calls = []
+    pairs = GFormScorer._score_pairs
+    monkeypatch.setattr(GFormScorer, "_score_pairs", lambda self, *a: calls.append(1) or pairs(self, *a))
+    for read_rows in (3, 1024):
+        _close(_gform_scores(store, GFormScorer(val, weights, "cpu", torch.float64), read_rows), exact, 1e-10)
+        _close(_gform_scores(store, GFormScorer(val, weights, "cpu", torch.float32), read_rows), exact, 1e-5)
+    assert bool(calls) == pair_form
+
+
 @pytest.mark.parametrize("budget_rows", [1, 7, 10_000])
 def test_vocabulary_blocks_sum_to_the_whole(setting, budget_rows):
     store, val = setting["store"], setting["val"]

@@ -22,15 +22,17 @@ number of validation samples.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
+from forvalue.engine import plan
 from forvalue.engine.plan import memory_budget
 from forvalue.engine.validation import ValidationSet
 from forvalue.storage.rows import TrainBlock
 
-# Floats in one (stored tokens x A d) intermediate of the G-form: small enough to stay in cache between
-# the gather-and-sum and the dot product.
+# Floats in one chunk of the G-form's intermediates: (stored tokens x A d) of the gather, (pairs x d) of ``Z``.
 _CHUNK_FLOATS = 1 << 22
 
 
@@ -83,7 +85,6 @@ class GFormScorer:
         self.lookup = torch.full((top,), vocab.size, dtype=torch.int64, device=self.device)
         self.lookup[self.vocab] = torch.arange(vocab.size, device=self.device)
         self.gbar = self._build(val, weights) if build else None  # BlockedGForm fills it block by block
-        self.chunk_tokens = max(1, _CHUNK_FLOATS // (self.n_agg * self.d))
 
     def nbytes(self) -> int:
         return self.gbar.numel() * self.gbar.element_size()
@@ -147,19 +148,71 @@ class GFormScorer:
 
     @torch.no_grad()
     def score(self, block: TrainBlock) -> np.ndarray:
-        """``<Gbar_a, G_i>`` for every stored row ``i`` of ``block``, float64 array of shape ``(rows, A)``."""
+        """``<Gbar_a, G_i>`` for every stored row ``i`` of ``block``, float64 array of shape ``(rows, A)``.
+
+        Two ways to the same sum ``sum_k sum_j values[k, j] <Gbar_a[ids[k, j]], h_k>``:
+
+        * few aggregates (``A d`` below :data:`forvalue.engine.plan.PAIR_FORM_MIN_FLOATS`): per stored token,
+          the ``Gbar`` rows of its error entries gathered and summed (``embedding_bag``), then one dot product
+          with ``h_k``; each entry reads ``A d`` floats;
+        * many: ``G_i`` on the held rows, ``Z[r, i] = sum_{k in i, j: ids[k, j] = r} values[k, j] h_k``, one
+          ``d``-vector per (row, sample) pair (a sparse-dense product; a sample meets a row ~3 times on the
+          stores measured), then per row one dense product of its pairs ``(n, d)`` with its ``(A, d)`` block:
+          the block is read once per chunk and a pair costs ``A d`` multiply-adds at BLAS speed, where the
+          gather read ``A d`` floats per entry from a table too large for the caches (docs/gform.md).
+        """
         rows = block.lengths.size
         out = torch.zeros((rows, self.n_agg), dtype=torch.float64, device=self.device)
         segment = torch.from_numpy(np.repeat(np.arange(rows), block.lengths)).to(self.device)
         hidden = torch.from_numpy(block.hidden).to(self.device, self.dtype)
         pos = self._positions(torch.from_numpy(block.ids).to(self.device))
         values = torch.from_numpy(block.values).to(self.device, self.dtype)
-        for start in range(0, hidden.shape[0], self.chunk_tokens):
-            part = slice(start, start + self.chunk_tokens)
+        if self.n_agg * self.d >= plan.PAIR_FORM_MIN_FLOATS:
+            self._score_pairs(out, segment, hidden, pos, values, rows)
+            return out.cpu().numpy()
+        chunk = max(1, _CHUNK_FLOATS // (self.n_agg * self.d))
+        for start in range(0, hidden.shape[0], chunk):
+            part = slice(start, start + chunk)
             bag = torch.nn.functional.embedding_bag(pos[part], self.gbar, per_sample_weights=values[part], mode="sum")
             per_token = torch.einsum("nad,nd->na", bag.view(-1, self.n_agg, self.d), hidden[part])
             out.index_add_(0, segment[part], per_token.double())
         return out.cpu().numpy()
+
+    def _score_pairs(self, out, segment, hidden, pos, values, rows: int) -> None:
+        """Adds the block's scores to ``out`` by (row, sample) pairs and dense products per row (:meth:`score`)."""
+        n_vocab = self.vocab.numel()
+        entries = pos.shape[1]
+        flat = pos.reshape(-1)
+        held = torch.nonzero(flat != n_vocab).squeeze(1)  # entries on a row of Gbar (the others meet zero)
+        if held.numel() == 0:
+            return
+        token = held // entries
+        keys, pair = torch.unique(flat[held] * rows + segment[token], return_inverse=True)  # by row, then sample
+        order = torch.argsort(pair, stable=True)
+        token, pair = token[order], pair[order]
+        weight = values.reshape(-1)[held[order]]
+        starts = torch.searchsorted(pair, torch.arange(keys.numel() + 1, device=self.device))  # entries per pair
+        g = self.gbar.view(-1, self.n_agg, self.d)
+        step = max(1, _CHUNK_FLOATS // self.d)  # pairs per chunk of Z
+        for p0 in range(0, keys.numel(), step):
+            p1 = min(p0 + step, keys.numel())
+            e0, e1 = int(starts[p0]), int(starts[p1])
+            with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": the product is exact
+                warnings.simplefilter("ignore", UserWarning)
+                z = torch.sparse_csr_tensor(
+                    starts[p0 : p1 + 1] - e0,
+                    token[e0:e1],
+                    weight[e0:e1],
+                    size=(p1 - p0, hidden.shape[0]),
+                    check_invariants=False,  # sorted, in-range indices by construction
+                ).matmul(hidden)  # (pairs, d)
+            ids, counts = torch.unique_consecutive(keys[p0:p1] // rows, return_counts=True)
+            part = torch.empty((p1 - p0, self.n_agg), dtype=self.dtype, device=self.device)
+            lo = 0
+            for r, n in zip(ids.tolist(), counts.tolist()):
+                torch.mm(z[lo : lo + n], g[r].T, out=part[lo : lo + n])
+                lo += n
+            out.index_add_(0, keys[p0:p1] % rows, part.double())
 
 
 class BlockedGForm:

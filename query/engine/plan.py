@@ -16,10 +16,18 @@ import torch
 from forvalue.engine.validation import ValidationSet
 
 # Cost model (docs/gform.md). Per stored token the token form costs ~ T_v (d + m + 3) operations at
-# BLAS speed; the G-form costs ~ A (m + 1) d gathered (memory-bound) multiply-adds, each worth
-# GATHER_COST token-form operations: on the 2-core development CPU (d = 576, m = 32, 41k stored tokens)
-# the two forms took the same time at T_v ~ 100 validation tokens (docs/gform.md).
+# BLAS speed; the G-form ~ A (m + 2) d, each worth GATHER_COST token-form operations when it gathers A d
+# floats per error entry (memory-bound; on the 2-core development CPU, d = 576, m = 32, 41k stored tokens,
+# one aggregate, the forms took the same time at ~100 validation tokens) and PAIR_COST when it scores
+# (row, sample) pairs by dense products (A d >= PAIR_FORM_MIN_FLOATS; measured on a 53k-token SmolLM2 store
+# of the paper's tasks, one thread, 10 / 30 / 100 mixed validation samples: slope 1.95, the forms cross
+# between 10 and 30 validation samples).
 GATHER_COST = 3.0
+PAIR_COST = 2.0
+# A d (aggregates x hidden size) from which the G-form scores by pairs (forvalue.engine.gform): the gather
+# was as fast or faster at A d = 256, 2,816 (synthetic store) and 5,760, and 2.5-3.6x slower at 16,704 and
+# 17,856 (SmolLM2 store of the paper's tasks, 29 and 31 aggregates; docs/gform.md).
+PAIR_FORM_MIN_FLOATS = 8192
 # Validation tokens per token-form block (as QueryConfig.val_block_tokens).
 VAL_BLOCK_TOKENS = 4096
 
@@ -46,7 +54,8 @@ def token_cost(val_tokens: int, hidden_size: int, entries: int) -> float:
 
 def gform_cost(n_aggregates: int, hidden_size: int, entries: int) -> float:
     """G-form operations per stored token for ``n_aggregates`` matrices, in token-form units."""
-    return GATHER_COST * n_aggregates * (entries + 1) * hidden_size
+    cost = PAIR_COST if n_aggregates * hidden_size >= PAIR_FORM_MIN_FLOATS else GATHER_COST
+    return cost * n_aggregates * (entries + 1) * hidden_size
 
 
 def choose_form(val: ValidationSet, n_aggregates: int) -> str:
