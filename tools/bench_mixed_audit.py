@@ -52,6 +52,77 @@ def make_data(workdir: Path, per_class: int, n_val: int, seed: int) -> tuple[Pat
     return path, pool[:n_val]
 
 
+def forms_table(store: Path, sets: dict[int, Path], reps: int) -> str:
+    """CPU seconds of the G-form by gather and by pairs and of the token form on the same decoded blocks, one
+    thread, alternating, best of ``reps``; max relative difference to the gather."""
+    import numpy as np
+    import torch
+
+    from forvalue.engine import plan
+    from forvalue.engine.gform import GFormScorer, aggregate_weights
+    from forvalue.engine.scorer import ExactScorer
+    from forvalue.engine.validation import data_for_store, encode_validation_cached, load_validation_samples
+    from forvalue.schemas.config import DataConfig
+    from forvalue.schemas.tables import SCORING_COLUMNS
+    from forvalue.storage.audits import ValidationCache
+    from forvalue.storage.rows import decode_block
+    from forvalue.storage.store import Store
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    st = Store.open(store)
+    blocks = [decode_block(b, st.manifest.stored_width) for b in st.scan(list(SCORING_COLUMNS), batch_size=1024)]
+    rows, threshold = [], plan.PAIR_FORM_MIN_FLOATS
+    try:
+        for n, path in sets.items():
+            samples = load_validation_samples([path], data_for_store(DataConfig(), st.manifest))
+            val, _ = encode_validation_cached(samples, st.manifest, DataConfig(), None, ValidationCache(st))
+            labels = [s.label for s in samples]
+            w = aggregate_weights(labels, sorted(set(labels)))
+            times: dict[str, list[float]] = {}
+            out = {}
+            for _ in range(reps):
+                for way, floats in (("gather", 1 << 62), ("pairs", 1)):
+                    plan.PAIR_FORM_MIN_FLOATS = floats
+                    scorer = GFormScorer(val, w, "cpu")
+                    c0 = time.process_time()
+                    out[way] = np.concatenate([scorer.score(b) for b in blocks])
+                    times.setdefault(way, []).append(time.process_time() - c0)
+                if n <= 100:  # the token form grows with the validation set: 1,000 would take minutes
+                    scorer = ExactScorer(val, torch.device("cpu"))
+                    c0 = time.process_time()
+                    np.concatenate([scorer.score(b) for b in blocks]) @ w
+                    times.setdefault("token", []).append(time.process_time() - c0)
+            diff = float(np.abs(out["pairs"] - out["gather"]).max() / np.abs(out["gather"]).max())
+            token = f"{min(times['token']):.2f}" if "token" in times else "-"
+            rows.append([n, w.shape[1], w.shape[1] * val.hidden.shape[1], f"{min(times['gather']):.2f}",
+                         f"{min(times['pairs']):.2f}", f"{min(times['gather']) / min(times['pairs']):.2f}x", token,
+                         f"{diff:.1e}"])  # fmt: skip
+    finally:
+        plan.PAIR_FORM_MIN_FLOATS = threshold
+        torch.set_num_threads(threads)
+    return "\n".join(
+        [
+            f"The G-form's two ways and the token form on the same {len(blocks)} decoded blocks, one thread, CPU "
+            f"seconds (best of {reps}, alternating; the audit uses pairs from A d >= {threshold}):",
+            "",
+            md_table(
+                [
+                    "validation samples",
+                    "aggregates A",
+                    "A d",
+                    "gather s",
+                    "pairs s",
+                    "gather / pairs",
+                    "token form s",
+                    "max rel. diff",
+                ],
+                rows,
+            ),  # fmt: skip
+        ]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m tools.bench_mixed_audit",
@@ -63,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000], help="validation set sizes")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--forms",
+        action="store_true",
+        help="also score the store's blocks in this process with the G-form's two ways (gather, pairs) and the "
+        "token form, one thread, side by side (docs/gform.md)",
+    )
     add_common_args(ap)
     a = ap.parse_args(argv)
     if min(a.sizes) < 1 or a.reps < 1 or a.per_class < 1:
@@ -168,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         f"fresh process wall {best(fresh[hi], 'wall') / best(fresh[lo], 'wall'):.2f}x, "
         f"CPU {best(fresh[hi], 'cpu') / best(fresh[lo], 'cpu'):.2f}x"
     ]
+    forms = [forms_table(store, sets, a.reps), ""] if a.forms else []
     text = "\n".join(
         [
             f"Store: SmolLM2-135M-Instruct, the paper's three text tasks, 10 classes x {a.per_class} training samples "
@@ -193,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             f"{hi} vs {lo}: " + ratio[0] + " (goal <= 1.5x).",
             "",
+            *forms,
             machine_info(a.device),
         ]
     )
