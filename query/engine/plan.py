@@ -24,10 +24,10 @@ from forvalue.engine.validation import ValidationSet
 # between 10 and 30 validation samples).
 GATHER_COST = 3.0
 PAIR_COST = 2.0
-# A d (aggregates x hidden size) from which the G-form scores by pairs (forvalue.engine.gform): the gather
-# was as fast or faster at A d = 256, 2,816 (synthetic store) and 5,760, and 2.5-3.6x slower at 16,704 and
-# 17,856 (SmolLM2 store of the paper's tasks, 29 and 31 aggregates; docs/gform.md).
-PAIR_FORM_MIN_FLOATS = 8192
+# A d (aggregates x hidden size) from which the G-form scores by pairs (forvalue.engine.gform): the gather was
+# as fast or faster at A d = 256 and 2,816 (synthetic store), and slower at 5,760 (1.15x), 16,704 (3.8x) and
+# 17,856 (3.4x) (SmolLM2 store of the paper's tasks, 10 / 29 / 31 aggregates; docs/gform.md).
+PAIR_FORM_MIN_FLOATS = 4096
 # Validation tokens per token-form block (as QueryConfig.val_block_tokens).
 VAL_BLOCK_TOKENS = 4096
 
