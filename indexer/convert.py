@@ -37,6 +37,7 @@ from forvalue.schemas.tables import SCHEMA_VERSION, SCORING_COLUMNS, ids_dtype_f
 from forvalue.storage.files import publish_if_absent
 from forvalue.storage.location import RemotePath, check_reachable, store_location
 from forvalue.storage.rows import decode_block
+from forvalue.storage.sketch_basis import publish_basis
 from forvalue.storage.store import Store, WriterLease, is_empty_folder
 
 CONVERT_FILE = "convert.json"
@@ -65,6 +66,12 @@ def target_manifest(
             f"convert the full-width store it came from to get rank {rank}",
         )
     sketch_cols = source.sketch_hidden_cols if source.sketch_dim else None
+    if rank and sketch_cols is not None and 0 < rank <= source.hidden_size and rank < sketch_cols:
+        raise ConfigError(  # (a convert keeps the source's sketch: its columns cannot be lowered here)
+            "hidden_rank",
+            f"must be at least the source store's sketch hidden columns ({sketch_cols}), got {rank}; raise "
+            "--hidden-rank, or first re-sketch the source with 'forvalue index sketch --sketch-hidden-cols'",
+        )
     check_rank(rank, source.hidden_size, sketch_cols)
     if dtype not in ("float16", "float32", "int8"):
         raise ConfigError("hidden_dtype", f"must be one of float16, float32, int8, got '{dtype}'")
@@ -128,13 +135,15 @@ def _refuse_out(source: Path, out: Path) -> None:
         raise StoreError(f"{out}: --out holds the source store {source}; give a new folder for the converted store")
 
 
-def _check_resume(out: Path, identity: dict) -> None:
+def _check_resume(out: Path, identity: dict, target: Manifest) -> None:
     """Refuse an existing output that is not a conversion of the same source with the same settings."""
     if not (out / "manifest.json").exists():
         return
     try:
         recorded = json.loads((out / CONVERT_FILE).read_text())
     except (OSError, ValueError):
+        if _killed_before_identity(out, target):
+            return
         raise StoreError(
             f"{out}: is a store that 'index convert' did not write; give a new folder for the converted store"
         ) from None
@@ -198,13 +207,28 @@ def convert_store(
         raise StoreError(f"{out}: exists and is not a folder; give a new folder for the converted store")
     if out.is_dir() and not is_empty_folder(out) and not (out / "manifest.json").exists():
         raise StoreError(f"{out}: folder is not empty and not a forvalue store; give a new folder")
-    _check_resume(out, identity)
+    if (out / CONVERT_FILE).exists():  # another conversion's output: refused before any work (checked again below)
+        _check_resume(out, identity, manifest)
+    if not src.count():
+        raise StoreError(
+            f"{source}: the store holds no samples, nothing to convert; add some with 'forvalue index add' first"
+        )
+    # what is read from the source and can fail is read before the output is touched: a refused convert
+    # leaves no half-made store that would block the corrected re-run
+    hidden = _hidden_basis(src, out, manifest)
+    source_basis = None if manifest.hidden_rank and not src.manifest.hidden_rank else _source_sketch_basis(src)
     out.mkdir(parents=True, exist_ok=True)
     with WriterLease.acquire(out):
+        # checked while holding the lease: another convert creating this output is its lease error, never
+        # its half-written folder misread as a store 'index convert' did not write
+        _check_resume(out, identity, manifest)
         dst = Store.create(out, manifest)
         _publish_identity(out, identity)
-        projection, energy = _hidden_basis(src, out, dst.manifest)
-        basis = _copy_basis(src, out) if projection is None else _fit_sketch_basis(src, out, dst.manifest, projection)
+        projection, energy = _publish_hidden_basis(src, out, dst.manifest, hidden)
+        if projection is None:
+            basis = None if source_basis is None else publish_basis(out, source_basis)
+        else:
+            basis = _fit_sketch_basis(src, out, dst.manifest, projection)
         sketcher = _sketcher(dst.manifest, basis)
         done = dst.ids()
         report = ConvertReport(str(source), str(out), rows=src.count(), already_converted=len(done))
@@ -275,6 +299,20 @@ def in_order(fn, items, workers: int):
                 future.cancel()
 
 
+def _killed_before_identity(out: Path, target: Manifest) -> bool:
+    """Whether ``out`` is what this conversion leaves when killed between its manifest and ``convert.json``:
+    exactly the target's manifest and no rows (adopting it loses nothing)."""
+    try:
+        if Manifest.load(out / "manifest.json") != target:
+            return False
+    except (StoreError, OSError, ValueError):
+        return False
+    try:
+        return Store.open(out).count() == 0
+    except StoreError:  # killed before its table was created (Store.create makes it)
+        return not (out / "samples.lance").exists()
+
+
 def _publish_identity(out: Path, identity: dict) -> None:
     path = out / CONVERT_FILE
     if path.exists():
@@ -304,24 +342,35 @@ def _source_values(hidden: np.ndarray, target: Manifest) -> np.ndarray:
     return hidden.astype(np.float16) if target.hidden_dtype in ("float16", "int8") else hidden
 
 
-def _hidden_basis(src: Store, out: Path, target: Manifest) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """``(basis to project rows onto, energy)``: None, None when the rows keep their width (a full-width target,
-    or a low-rank source whose basis is copied); fitted to the source's first tokens and published in ``out``
-    (or the one a previous run published) when the target is a low-rank conversion of a full-width store."""
+def _hidden_basis(src: Store, out: Path, target: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(basis, energy)`` of a low-rank target, read or fitted but not yet published (None for a full-width
+    target): a low-rank source's own basis, the one a previous run published in ``out``, else one fitted to the
+    source's first tokens (raises ConfigError when they are fewer than the rank)."""
     from forvalue.indexer.low_rank import fit_hidden_basis
-    from forvalue.storage.hidden_basis import load_hidden_basis, publish_hidden_basis, published_hidden_basis
+    from forvalue.storage.hidden_basis import load_hidden_basis, published_hidden_basis
 
     if not target.hidden_rank:
-        return None, None
+        return None
     if src.manifest.hidden_rank:
-        basis, energy = load_hidden_basis(src.path, src.manifest)
-        publish_hidden_basis(out, basis, energy, target)
-        return None, energy
+        return load_hidden_basis(src.path, src.manifest)
     found = published_hidden_basis(out, target)
     if found is None:
-        hidden = _source_values(_fit_tokens(src), target)
-        found = publish_hidden_basis(out, *fit_hidden_basis(hidden, target.hidden_rank, str(src.path)), target)
+        found = fit_hidden_basis(_source_values(_fit_tokens(src), target), target.hidden_rank, str(src.path))
     return found
+
+
+def _publish_hidden_basis(
+    src: Store, out: Path, target: Manifest, hidden: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Publish ``hidden`` (:func:`_hidden_basis`) in ``out`` unless one is there; ``(basis to project rows onto,
+    energy)``: None, None when the rows keep their width (a full-width target, or a low-rank source whose basis
+    is copied)."""
+    from forvalue.storage.hidden_basis import publish_hidden_basis
+
+    if hidden is None:
+        return None, None
+    basis, energy = publish_hidden_basis(out, *hidden, target)
+    return (None if src.manifest.hidden_rank else basis), energy
 
 
 def _fit_sketch_basis(src: Store, out: Path, target: Manifest, projection: np.ndarray) -> np.ndarray | None:
@@ -340,8 +389,9 @@ def _fit_sketch_basis(src: Store, out: Path, target: Manifest, projection: np.nd
     return basis
 
 
-def _copy_basis(src: Store, out: Path) -> np.ndarray | None:
-    from forvalue.storage.sketch_basis import load_basis, publish_basis
+def _source_sketch_basis(src: Store) -> np.ndarray | None:
+    """The source's fitted sketch basis (None when its sketch has none), copied into a full-width output."""
+    from forvalue.storage.sketch_basis import load_basis
 
     if not src.manifest.sketch_dim or src.manifest.sketch_basis != "fitted":
         return None
@@ -350,7 +400,7 @@ def _copy_basis(src: Store, out: Path) -> np.ndarray | None:
         raise StoreError(
             f"{src.path}: the store's sketch basis is missing; run 'forvalue index sketch --store {src.path} --rebuild'"
         )
-    return publish_basis(out, basis)
+    return basis
 
 
 def _sketcher(manifest: Manifest, basis):

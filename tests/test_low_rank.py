@@ -287,6 +287,27 @@ def test_hostile_ranks_and_outputs_are_refused(low_rank, tiny_model_dir, tmp_pat
     assert not (src / HIDDEN_BASIS_FILE).exists()
 
 
+def test_convert_refused_for_its_rank_leaves_no_output(low_rank, tmp_path):
+    """More directions than the source has tokens to fit from, or fewer than the source's sketch columns: one
+    line naming what to change in this command, and no output folder left to block the corrected re-run."""
+    import lance
+
+    one = tmp_path / "one"
+    shutil.copytree(low_rank["stores"]["f16"], one)
+    lance.dataset(str(one / "samples.lance")).delete("id != 's0'")  # a single sample: fewer than 32 tokens
+    out = tmp_path / "out"
+    res = cli("index", "convert", "--store", one, "--out", out, "--hidden-rank", "32")
+    assert_one_line_error(res, "--hidden-rank", "needs at least 32")
+    assert not out.exists()
+    res = cli("index", "convert", "--store", one, "--out", out, "--hidden-rank", "2")
+    err = assert_one_line_error(res, "raise --hidden-rank")
+    assert "lower --sketch-hidden-cols" not in err  # index convert has no such option
+    assert not out.exists()
+    res = cli("index", "convert", "--store", one, "--out", out, "--hidden-rank", "4", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert Store.open(out).count() == 1 and check_store(out).clean
+
+
 def test_index_add_projects_new_rows_and_a_lost_basis_is_one_line(low_rank, tiny_runner, tmp_path):
     s = low_rank
     copy = tmp_path / "copy"

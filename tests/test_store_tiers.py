@@ -308,6 +308,57 @@ def test_convert_refuses_bad_outputs_and_settings(int8_setting, tmp_path):
     assert again.exit_code == 0 and json.loads(again.stdout)["written"] == 0
 
 
+def test_convert_refused_for_its_source_leaves_no_output(int8_setting, tmp_path):
+    """A convert refused for what the source holds (no samples: a build killed before its first commit; a lost
+    sketch basis) stops before the output exists: no half-made store blocks the corrected re-run."""
+    empty = tmp_path / "empty"
+    Store.create(empty, Store.open(int8_setting["stores"]["f16"]).manifest)
+    out = tmp_path / "out"
+    for args in ([], ["--hidden-dtype", "int8"], ["--hidden-rank", "8"]):
+        res = cli("index", "convert", "--store", empty, "--out", out, *args)
+        assert_one_line_error(res, str(empty), "no samples")
+        assert not out.exists()
+    lost = tmp_path / "lost"
+    shutil.copytree(int8_setting["stores"]["f16"], lost)
+    (lost / "sketch_basis.npy").unlink()
+    assert_one_line_error(cli("index", "convert", "--store", lost, "--out", out), "sketch basis", "--rebuild")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("killed_after", ["the lease", "the manifest"])
+def test_convert_killed_while_creating_its_output_resumes(int8_setting, tmp_path, monkeypatch, killed_after):
+    """A kill while the output's first files are written leaves a folder the re-run resumes, never one it
+    refuses as a store 'index convert' did not write."""
+    src, out = int8_setting["stores"]["f16"], tmp_path / "out"
+    create = Store.create
+
+    def killed(cls, path, manifest):
+        if killed_after == "the manifest":
+            create(path, manifest)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Store, "create", classmethod(killed))
+    with pytest.raises(KeyboardInterrupt):
+        convert_store(src, out, hidden_dtype="int8", progress=False)
+    monkeypatch.undo()
+    report = convert_store(src, out, hidden_dtype="int8", progress=False)
+    assert (report.written, report.already_converted) == (12, 0)
+    assert check_store(out).clean
+
+
+def test_a_second_convert_into_an_output_being_created_is_told_another_writer_holds_it(int8_setting, tmp_path):
+    from forvalue.indexer.convert import target_manifest
+    from forvalue.storage.store import WriterLease
+
+    src, out = int8_setting["stores"]["f16"], tmp_path / "out"
+    out.mkdir()
+    with WriterLease.acquire(out):  # a convert that started first holds the output and has written its manifest
+        Store.create(out, target_manifest(Store.open(src).manifest, "int8"))
+        res = cli("index", "convert", "--store", src, "--out", out, "--hidden-dtype", "int8", "--quiet")
+        assert_one_line_error(res, f"writing to {out}", "wait for it")
+    assert convert_store(src, out, hidden_dtype="int8", progress=False).written == 12
+
+
 def test_convert_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):
     rows = [
         {"id": f"k{i}", "prompt": f"reverse the words {i}: the quick brown fox jumps ->", "response": " jumps fox"}
