@@ -35,7 +35,7 @@ from forvalue.schemas.hidden_codec import DEFAULT_BLOCK, resolve_block
 from forvalue.schemas.manifest import PACKAGE_VERSION, Manifest
 from forvalue.schemas.tables import SCHEMA_VERSION, SCORING_COLUMNS, ids_dtype_for
 from forvalue.storage.files import publish_if_absent
-from forvalue.storage.location import RemotePath, check_reachable, store_location
+from forvalue.storage.location import RemotePath, check_reachable, check_store_name, store_location
 from forvalue.storage.rows import decode_block
 from forvalue.storage.sketch_basis import publish_basis
 from forvalue.storage.store import Store, WriterLease, is_empty_folder
@@ -193,6 +193,7 @@ def convert_store(
     source, out = store_location(source), store_location(out)
     src = Store.open(source)
     _refuse_out(source, out)
+    check_store_name(out)
     check_reachable(out)
     manifest = target_manifest(src.manifest, hidden_dtype, int8_block, top_m, hidden_rank)
     identity = {

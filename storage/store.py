@@ -40,7 +40,14 @@ from forvalue.schemas.manifest import MANIFEST_FILE, STORAGE_MUST_MATCH, Manifes
 from forvalue.schemas.stored_settings import BUILD_MUST_MATCH
 from forvalue.schemas.tables import HIDDEN_SCALE_COLUMN, SAMPLES_TABLE, schema_of
 from forvalue.storage.files import publish_if_absent, write_text
-from forvalue.storage.location import RemotePath, check_reachable, describe_failure, lance_options, store_location
+from forvalue.storage.location import (
+    RemotePath,
+    check_reachable,
+    check_store_name,
+    describe_failure,
+    lance_options,
+    store_location,
+)
 
 
 class Store:
@@ -95,6 +102,7 @@ class Store:
         atomic create-if-absent and the table creation tolerates a concurrent twin.
         """
         path = store_location(path)
+        check_store_name(path)
         check_reachable(path)
         with translate_errors(path, "create"):
             if path.is_file() if isinstance(path, RemotePath) else (path.exists() and not path.is_dir()):

@@ -97,10 +97,11 @@ def _check_store_target(flag: str, store) -> None:
     """A store being written does not lie inside another store (folder inputs skip stores, so a store may
     sit inside an input folder)."""
     from forvalue.storage.files import OutputPathError, _absolute, store_above
-    from forvalue.storage.location import is_uri
+    from forvalue.storage.location import check_store_name, is_uri
 
     if is_uri(store):  # an object-store location: Store.create refuses a prefix that holds something else
         return
+    check_store_name(store)
     outer = store_above(_absolute(store).parent)
     if outer is not None:
         raise OutputPathError(f"{flag} {store}: is inside the store {outer}; put the store elsewhere")
