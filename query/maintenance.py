@@ -124,6 +124,11 @@ def sketch_store(
     :meth:`forvalue.Store.sketch` calls it.
     """
     opened = Store.open(path)  # a path that is not a store gets that message, not a lease error
+    if dim == 0:  # (None: keep the store's D)
+        raise StoreError(
+            f"{path}: --sketch-dim 0 means no sketch, and 'index sketch' makes one; give a positive D, or leave "
+            "--sketch-dim out to keep the store's"
+        )
     faiss_index.check_kind(kind, dim or opened.manifest.sketch_dim or 64)  # a bad --faiss-index: before any work
     with WriterLease.acquire(path):
         return SketchReport(
@@ -161,7 +166,10 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
         sketch_basis=basis or (m.sketch_basis if had else default.sketch_basis),
         schema_version=max(m.schema_version, 2),
     )
-    spec = SketchSpec.from_manifest(new)
+    try:
+        spec = SketchSpec.from_manifest(new)
+    except ForValueError as exc:  # (a shape this store cannot have: name the store)
+        raise StoreError(f"{path}: {exc}") from None
     report = {
         "store": str(path),
         "rows": store.count(),

@@ -307,6 +307,25 @@ def test_choose_factory():
     assert faiss_index.choose_factory(10, "hnsw")[0].startswith("HNSW")
 
 
+def test_index_sketch_refuses_dim_0_and_more_columns_than_the_stored_width(sketched_store):
+    """'--sketch-dim 0' (no sketch) was read as 'keep the store's' and rebuilt a sketch; more hidden columns than
+    the values the store keeps per token said 'hidden size' without naming the store. Both: one line, and the
+    store unchanged."""
+    from conftest import assert_one_line_error, cli
+
+    store = sketched_store[0] / "store"
+
+    def files():
+        return sorted((str(p), p.stat().st_size) for p in store.rglob("*") if p.is_file() and ".writer." not in p.name)
+
+    before = files()
+    res = cli("index", "sketch", "--store", store, "--rebuild", "--sketch-dim", "0")
+    assert_one_line_error(res, str(store), "--sketch-dim")
+    res = cli("index", "sketch", "--store", store, "--sketch-hidden-cols", "64", "--sketch-vocab-buckets", "8")
+    assert_one_line_error(res, str(store), "--sketch-hidden-cols", "32")
+    assert files() == before
+
+
 def test_cli_sketch_old_store_and_query_candidates(tmp_path, tiny_model_dir, tiny_runner, toy_rows):
     from click.testing import CliRunner
 
