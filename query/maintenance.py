@@ -53,6 +53,8 @@ def _hidden_basis_problems(store: Store) -> list[str]:
 
     if not store.manifest.hidden_rank:
         return []
+    if not hidden_basis_path(store.path).exists() and not store.count():
+        return []  # killed before its first rows: the build or convert that writes them publishes the basis first
     try:
         basis, _ = load_hidden_basis(store.path, store.manifest)
     except StoreError as exc:

@@ -308,6 +308,21 @@ def test_convert_refused_for_its_rank_leaves_no_output(low_rank, tmp_path):
     assert Store.open(out).count() == 1 and check_store(out).clean
 
 
+def test_a_low_rank_store_killed_before_its_first_row_checks_clean_and_resumes(low_rank, tmp_path):
+    """A build or convert killed after the manifest and before the basis (published with the first rows) leaves
+    an empty low-rank store without hidden_basis.npz: nothing is lost, so 'index check' is clean (it said the
+    rows 'cannot be scored without it: restore the file'), and the re-run fits and publishes the basis."""
+    from forvalue.indexer.convert import target_manifest
+
+    src = low_rank["stores"]["f16"]
+    out = tmp_path / "out"
+    Store.create(out, target_manifest(Store.open(src).manifest, hidden_rank=8))
+    report = check_store(out)
+    assert report.clean, report.problems
+    assert convert_store(src, out, hidden_rank=8, progress=False).written == 12
+    assert (out / HIDDEN_BASIS_FILE).exists() and check_store(out).clean
+
+
 def test_index_add_projects_new_rows_and_a_lost_basis_is_one_line(low_rank, tiny_runner, tmp_path):
     s = low_rank
     copy = tmp_path / "copy"
