@@ -6,7 +6,8 @@ What the stored rows hold is re-encoded, never recomputed from the model: hidden
 quantized (:mod:`forvalue.schemas.hidden_codec`), the sparse errors packed (uint16/uint32 ids, float16
 probabilities) and, with ``top_m``, cut to the ``top_m`` most likely tokens (the dropped mass moves to
 ``tail_mass``; the target is always kept). ``sq_norm`` and the sketch are recomputed from the new stored
-values, so every score of the new store is exact on what it holds. The sketch basis is the source's.
+values, so every score of the new store is exact on what it holds. The sketch basis is the source's (a
+resumed conversion keeps the output's sketch, which ``index sketch`` may have rebuilt since).
 
 ``hidden_rank`` (the low-rank tier, :mod:`forvalue.indexer.low_rank`) fits the hidden basis to the first
 :data:`~forvalue.indexer.build_steps.BASIS_FIT_TOKENS` stored tokens of the source, publishes it in the output
@@ -16,8 +17,10 @@ change: the discarded directions are gone).
 
 Safety: the output takes the writer lease; it may not be the source, inside it, or a non-empty folder
 that is not a store; an existing output is resumed only when it is a conversion of the same source with
-the same settings (``convert.json``), so a re-run after a crash or kill appends exactly the rows still
-missing (each batch is one atomic Lance commit, ids already there are skipped).
+the same settings (``convert.json``; checked under the lease, so a convert creating it at that moment is
+never misread), so a re-run after a crash or kill appends exactly the rows still missing (each batch is
+one atomic Lance commit, ids already there are skipped). What the source must provide (samples, its
+bases, enough tokens for the rank) is read before the output is touched: a refused convert leaves none.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from forvalue.schemas.tables import SCHEMA_VERSION, SCORING_COLUMNS, ids_dtype_f
 from forvalue.storage.files import publish_if_absent
 from forvalue.storage.location import RemotePath, check_reachable, check_store_name, store_location
 from forvalue.storage.rows import decode_block
-from forvalue.storage.sketch_basis import publish_basis
+from forvalue.storage.sketch_basis import load_basis, publish_basis
 from forvalue.storage.store import Store, WriterLease, is_empty_folder
 
 CONVERT_FILE = "convert.json"
@@ -223,11 +226,11 @@ def convert_store(
         # checked while holding the lease: another convert creating this output is its lease error, never
         # its half-written folder misread as a store 'index convert' did not write
         _check_resume(out, identity, manifest)
-        dst = Store.create(out, manifest)
+        dst = Store.create(out, _with_output_sketch(out, manifest))
         _publish_identity(out, identity)
         projection, energy = _publish_hidden_basis(src, out, dst.manifest, hidden)
         if projection is None:
-            basis = None if source_basis is None else publish_basis(out, source_basis)
+            basis = load_basis(out) if source_basis is None else publish_basis(out, source_basis)
         else:
             basis = _fit_sketch_basis(src, out, dst.manifest, projection)
         sketcher = _sketcher(dst.manifest, basis)
@@ -298,6 +301,18 @@ def in_order(fn, items, workers: int):
         finally:
             for _, future in pending:
                 future.cancel()
+
+
+_SKETCH_FIELDS = ("sketch_dim", "sketch_vocab_buckets", "sketch_hidden_cols", "sketch_seed", "sketch_basis")
+
+
+def _with_output_sketch(out: Path, target: Manifest) -> Manifest:
+    """``target`` with the sketch of an output being resumed: 'index sketch' may have rebuilt it since (the
+    sketch is computed from the stored values, so the rows still to convert take the output's)."""
+    if not (out / "manifest.json").exists():
+        return target
+    existing = Manifest.load(out / "manifest.json")
+    return dataclasses.replace(target, **{name: getattr(existing, name) for name in _SKETCH_FIELDS})
 
 
 def _killed_before_identity(out: Path, target: Manifest) -> bool:
@@ -379,7 +394,6 @@ def _fit_sketch_basis(src: Store, out: Path, target: Manifest, projection: np.nd
     tokens (or the one a previous run published)."""
     from forvalue.indexer.low_rank import stored_projection
     from forvalue.indexer.sketch import fit_basis
-    from forvalue.storage.sketch_basis import load_basis, publish_basis
 
     if not target.sketch_dim or target.sketch_basis != "fitted":
         return None
@@ -392,8 +406,6 @@ def _fit_sketch_basis(src: Store, out: Path, target: Manifest, projection: np.nd
 
 def _source_sketch_basis(src: Store) -> np.ndarray | None:
     """The source's fitted sketch basis (None when its sketch has none), copied into a full-width output."""
-    from forvalue.storage.sketch_basis import load_basis
-
     if not src.manifest.sketch_dim or src.manifest.sketch_basis != "fitted":
         return None
     basis = load_basis(src.path)

@@ -359,6 +359,40 @@ def test_a_second_convert_into_an_output_being_created_is_told_another_writer_ho
     assert convert_store(src, out, hidden_dtype="int8", progress=False).written == 12
 
 
+def test_convert_resumes_into_an_output_whose_sketch_was_rebuilt(int8_setting, tmp_path, monkeypatch):
+    """'index sketch' on a partly converted output, then the convert re-run: it was refused with 'give the store's
+    values, or use index add' (convert has no sketch options); the resumed rows now take the output's sketch."""
+    src, out = int8_setting["stores"]["f16"], tmp_path / "out"
+    append, calls = Store.append, {"n": 0}
+
+    def killed_after_first(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return append(self, rows)
+
+    monkeypatch.setattr(Store, "append", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        convert_store(src, out, hidden_dtype="int8", block_rows=5, progress=False)
+    monkeypatch.undo()
+    shape = ["--sketch-vocab-buckets", "64", "--sketch-hidden-cols", "8", "--sketch-basis", "gaussian"]
+    res = cli("index", "sketch", "--store", out, "--rebuild", *shape)
+    assert res.exit_code == 0, res.output
+    res = cli("index", "convert", "--store", src, "--out", out, "--hidden-dtype", "int8", "--json")
+    assert res.exit_code == 0, res.output
+    assert (json.loads(res.stdout)["written"], Store.open(out).count()) == (7, 12) and check_store(out).clean
+    m = Store.open(out).manifest
+    assert (m.sketch_vocab_buckets, m.sketch_hidden_cols, m.sketch_basis) == (64, 8, "gaussian")
+    # every row's sketch is what 'index sketch' computes from the stored values with the output's spec
+    sketches = {r["id"]: r["sketch"] for b in Store.open(out).scan(["id", "sketch"]) for r in b.to_pylist()}
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    assert cli("index", "sketch", "--store", again, "--rebuild").exit_code == 0
+    for b in Store.open(again).scan(["id", "sketch"]):
+        for r in b.to_pylist():
+            np.testing.assert_allclose(sketches[r["id"]], r["sketch"], rtol=1e-3, atol=1e-3)
+
+
 def test_convert_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):
     rows = [
         {"id": f"k{i}", "prompt": f"reverse the words {i}: the quick brown fox jumps ->", "response": " jumps fox"}
