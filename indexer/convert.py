@@ -78,6 +78,10 @@ def target_manifest(
     check_rank(rank, source.hidden_size, sketch_cols)
     if dtype not in ("float16", "float32", "int8"):
         raise ConfigError("hidden_dtype", f"must be one of float16, float32, int8, got '{dtype}'")
+    if int8_block and dtype != "int8":
+        raise ConfigError(
+            "int8_block", f"is for int8 hidden states and this conversion keeps {dtype}; add --hidden-dtype int8"
+        )
     if top_m is not None and not 1 <= top_m <= source.top_m:
         raise ConfigError(
             "top_m", f"must be between 1 and the source store's top-m {source.top_m} (it keeps no more), got {top_m}"

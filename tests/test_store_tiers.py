@@ -393,6 +393,18 @@ def test_convert_resumes_into_an_output_whose_sketch_was_rebuilt(int8_setting, t
             np.testing.assert_allclose(sketches[r["id"]], r["sketch"], rtol=1e-3, atol=1e-3)
 
 
+def test_int8_block_without_int8_is_refused_not_ignored(int8_setting, tmp_path):
+    """'--int8-block' with hidden states that are not int8 was silently dropped (a float16 store came out)."""
+    src = int8_setting["stores"]["f16"]
+    res = cli("index", "convert", "--store", src, "--out", tmp_path / "c", "--int8-block", "8")
+    assert_one_line_error(res, "--int8-block", "--hidden-dtype int8")
+    assert not (tmp_path / "c").exists()
+    train = int8_setting["tmp"] / "train.jsonl"
+    build = ["index", "build", train, "--store", tmp_path / "b", "--model", tmp_path / "no-model"]
+    assert_one_line_error(cli(*build, "--hidden-dtype", "float16", "--int8-block", "8"), "--int8-block", "int8")
+    assert not (tmp_path / "b").exists()
+
+
 def test_convert_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):
     rows = [
         {"id": f"k{i}", "prompt": f"reverse the words {i}: the quick brown fox jumps ->", "response": " jumps fox"}
