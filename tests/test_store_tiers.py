@@ -173,6 +173,13 @@ def test_int8_build_refuses_other_storage_settings_and_bad_blocks(int8_setting, 
         "--top-m", "4", "--hidden-dtype", "int8", "--int8-block", "0", "--quiet",
     )  # fmt: skip
     assert_one_line_error(res, "hidden_block")
+    # a resumed build without flags on a float16 store (int8 is the default now): one line naming the dtype only
+    res = cli(
+        "index", "build", s["tmp"] / "train.jsonl", "--store", s["stores"]["f16"], "--model", tiny_model_dir,
+        "--top-m", "4", "--quiet",
+    )  # fmt: skip
+    err = assert_one_line_error(res, "hidden_dtype: store has 'float16', you have 'int8'")
+    assert "hidden_block" not in err  # (follows from the dtype: no option of its own to give)
     res = cli(
         "index", "build", s["tmp"] / "train.jsonl", "--store", tmp_path / "new", "--model", tiny_model_dir,
         "--hidden-dtype", "int8", "--int8-block", "5", "--quiet",
