@@ -256,12 +256,14 @@ def convert_store(
 
         # batches are encoded by a few threads (numpy and torch release the GIL) and appended here, in order:
         # one commit per batch as before, so a kill leaves whole batches, and a re-run skips them
-        for (seen, part), rows in in_order(encode, todo(), workers=convert_workers()):
-            if rows is not None:
-                report.written += dst.append(rows)
-                report.tokens += int(np.asarray(part.column("n_scored")).sum())
-            bar.update(seen)
-        bar.close()
+        try:
+            for (seen, part), rows in in_order(encode, todo(), workers=convert_workers()):
+                if rows is not None:
+                    report.written += dst.append(rows)
+                    report.tokens += int(np.asarray(part.column("n_scored")).sum())
+                bar.update(seen)
+        finally:
+            bar.close()  # (before an interruption's error line, which stays the last line)
         if dst.manifest.sketch_dim and dst.count():
             from forvalue.storage.faiss_index import ensure
 

@@ -412,6 +412,28 @@ def test_int8_block_without_int8_is_refused_not_ignored(int8_setting, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_ctrl_c_during_convert_ends_with_its_one_error_line(int8_setting, tmp_path, monkeypatch):
+    """The progress bar was closed after the interruption's error line, so the bar, not the error, was the
+    last thing on the terminal."""
+    append = Store.append
+    calls = {"n": 0}
+
+    def ctrl_c_at_second(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return append(self, rows)
+
+    monkeypatch.setattr(Store, "append", ctrl_c_at_second)
+    src, out = int8_setting["stores"]["f16"], tmp_path / "out"
+    res = cli("index", "convert", "--store", src, "--out", out, "--hidden-dtype", "int8", "--write-every", "5")
+    assert res.exit_code == 130
+    last = res.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("error: interrupted;") and "convert resumes" in last, res.stderr[-300:]
+    monkeypatch.undo()
+    assert Store.open(out).count() == 5 and check_store(out).clean
+
+
 def test_convert_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):
     rows = [
         {"id": f"k{i}", "prompt": f"reverse the words {i}: the quick brown fox jumps ->", "response": " jumps fox"}
