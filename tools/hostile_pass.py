@@ -1017,6 +1017,10 @@ def _convert_kills(work: Path, S: Path, rounds: int) -> tuple[int, list[str]]:
             problem.append("traceback")
         if _snapshot(S) != source:
             problem.append("the source store changed")
+        try:
+            before = Store.open(out).count()
+        except Exception:  # noqa: BLE001 - killed before its table existed
+            before = "no table"
         again = subprocess.run(argv(out), env=env, capture_output=True, text=True, timeout=600)
         if again.returncode != 0:
             problem.append(f"the re-run failed: {again.stderr.strip()[-200:]!r}")
@@ -1027,7 +1031,7 @@ def _convert_kills(work: Path, S: Path, rounds: int) -> tuple[int, list[str]]:
                 problem.append(f"output not sound: {report['problems'][:1]}")
             if got != want:
                 problem.append(f"output holds {len(got)} ids, the source {len(want)}")
-        line = f"kill index convert #{k} ({sig.name}, exit {proc.returncode})"
+        line = f"kill index convert #{k} ({sig.name}, exit {proc.returncode}, {before} of {len(want)} rows kept)"
         print(f"[{'FAIL' if problem else 'ok'}] {line}" + (f" -- {'; '.join(problem)}" if problem else ""))
         if problem:
             failures.append(f"{line}: {'; '.join(problem)}")
