@@ -263,6 +263,7 @@ def test_hostile_ranks_and_outputs_are_refused(low_rank, tiny_model_dir, tmp_pat
         cli(*build, "--store", tmp_path / "blk", "--hidden-rank", "12", "--hidden-dtype", "int8", "--int8-block", "8"),
         "--int8-block",
         "12",
+        "--hidden-rank",  # (the width a block divides is the rank: the line once said 'the hidden size 12')
     )
     # fewer tokens to fit from than directions asked
     tiny = write_jsonl(tmp_path / "one.jsonl", [{"id": "a", "text": "a b c"}])
