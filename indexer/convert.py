@@ -226,7 +226,7 @@ def convert_store(
     hidden = _hidden_basis(src, out, manifest)
     source_basis = None if manifest.hidden_rank and not src.manifest.hidden_rank else _source_sketch_basis(src)
     out.mkdir(parents=True, exist_ok=True)
-    with WriterLease.acquire(out):
+    with WriterLease.acquire(out, sharded=False):
         # checked while holding the lease: another convert creating this output is its lease error, never
         # its half-written folder misread as a store 'index convert' did not write
         _check_resume(out, identity, manifest)

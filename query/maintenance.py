@@ -132,7 +132,7 @@ def sketch_store(
             "--sketch-dim out to keep the store's"
         )
     faiss_index.check_kind(kind, dim or opened.manifest.sketch_dim or 64)  # a bad --faiss-index: before any work
-    with WriterLease.acquire(path):
+    with WriterLease.acquire(path, sharded=False):
         return SketchReport(
             **_sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows)
         )

@@ -434,8 +434,9 @@ class WriterLease:
         self.path, self._handles = path, handles
 
     @classmethod
-    def acquire(cls, path: str | Path, shard: tuple[int, int] = (0, 1)) -> "WriterLease":
-        """Take the lease now or raise :class:`StoreError` naming the holder (never waits)."""
+    def acquire(cls, path: str | Path, shard: tuple[int, int] = (0, 1), sharded: bool = True) -> "WriterLease":
+        """Take the lease now or raise :class:`StoreError` naming the holder (never waits); ``sharded=False``:
+        the caller has no ``--shard`` to suggest (``index convert``, ``index sketch``)."""
         import fcntl
 
         path = store_location(path)
@@ -449,8 +450,8 @@ class WriterLease:
             if count == 1:
                 if not _try_lock(main, fcntl.LOCK_EX):
                     raise StoreError(
-                        f"another build is writing to {path} ({_holder(path)}); wait for it to finish, "
-                        "or use --shard I/N for parallel workers"
+                        f"another build is writing to {path} ({_holder(path)}); wait for it to finish"
+                        + (", or use --shard I/N for parallel workers" if sharded else "")
                     )
                 _write_holder(main)
                 return cls(path, handles)
