@@ -59,8 +59,9 @@ def target_manifest(
     from forvalue.indexer.low_rank import check_rank
 
     dtype = hidden_dtype or source.hidden_dtype
-    if hidden_rank is not None and (not isinstance(hidden_rank, int) or isinstance(hidden_rank, bool)):
-        raise ConfigError("hidden_rank", f"must be a whole number, got {hidden_rank!r}")
+    _check_whole("hidden_rank", hidden_rank)  # (a negative rank: check_rank's line, with the bounds)
+    _check_whole("top_m", top_m, 1)
+    _check_whole("int8_block", int8_block, 0)
     rank = source.hidden_rank if hidden_rank is None else hidden_rank
     if source.hidden_rank and rank != source.hidden_rank:
         raise ConfigError(
@@ -105,6 +106,17 @@ def target_manifest(
         schema_version=SCHEMA_VERSION,
         package_version=PACKAGE_VERSION,
     )
+
+
+def _check_whole(field: str, value, low: int | None = None) -> None:
+    """Refuse (ConfigError) a setting given through the API that is not a whole number (at least ``low``)."""
+    import numbers
+
+    if value is None:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (low is not None and value < low):
+        bound = "" if low is None else f" of at least {low}"
+        raise ConfigError(field, f"must be a whole number{bound}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -197,6 +209,7 @@ def convert_store(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
+    _check_whole("write_every", block_rows, 1)
     source, out = store_location(source), store_location(out)
     src = Store.open(source)
     _refuse_out(source, out)

@@ -435,6 +435,29 @@ def test_ctrl_c_during_convert_ends_with_its_one_error_line(int8_setting, tmp_pa
     assert Store.open(out).count() == 5 and check_store(out).clean
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"top_m": "4"},
+        {"top_m": 2.5},
+        {"top_m": True},
+        {"hidden_dtype": "int8", "int8_block": "x"},
+        {"hidden_dtype": "int8", "int8_block": -3},
+        {"block_rows": 0},
+        {"hidden_rank": 8.0},
+    ],
+)
+def test_convert_api_refuses_values_that_are_not_whole_numbers_before_any_write(int8_setting, tmp_path, kwargs):
+    """The Python API takes what the CLI's option types refuse: a string or fractional top-m, a negative int8
+    block, 0 rows per commit gave a TypeError (or a store error blaming the source) after making the output."""
+    from forvalue.schemas.errors import ConfigError
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError):
+        convert_store(int8_setting["stores"]["f16"], out, progress=False, **kwargs)
+    assert not out.exists()
+
+
 def test_convert_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):
     rows = [
         {"id": f"k{i}", "prompt": f"reverse the words {i}: the quick brown fox jumps ->", "response": " jumps fox"}
