@@ -126,6 +126,9 @@ def sketch_store(
     :meth:`forvalue.Store.sketch` calls it.
     """
     opened = Store.open(path)  # a path that is not a store gets that message, not a lease error
+    _check_sketch_args(
+        sketch_dim=dim, sketch_seed=seed, sketch_vocab_buckets=vocab_buckets, sketch_hidden_cols=hidden_cols
+    )
     if dim == 0:  # (None: keep the store's D)
         raise StoreError(
             f"{path}: --sketch-dim 0 means no sketch, and 'index sketch' makes one; give a positive D, or leave "
@@ -136,6 +139,25 @@ def sketch_store(
         return SketchReport(
             **_sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows)
         )
+
+
+def _check_sketch_args(**given) -> None:
+    """Whole numbers within the bounds of their EncodeConfig fields (None: keep the store's), else ConfigError:
+    what the CLI's option types refuse, for callers of the API."""
+    import numbers
+    from dataclasses import fields
+
+    from forvalue.schemas.config import EncodeConfig
+    from forvalue.schemas.errors import ConfigError
+
+    meta = {f.name: f.metadata for f in fields(EncodeConfig)}
+    for name, value in given.items():
+        if value is None:
+            continue
+        low, high = meta[name].get("min"), meta[name].get("max")
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not whole or (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(name, f"must be a whole number from {low} to {high}, got {value!r}")
 
 
 def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows) -> dict:

@@ -326,6 +326,26 @@ def test_index_sketch_refuses_dim_0_and_more_columns_than_the_stored_width(sketc
     assert files() == before
 
 
+@pytest.mark.parametrize(
+    "kwargs", [{"dim": "x"}, {"dim": 2048.0}, {"seed": -1}, {"vocab_buckets": 0}, {"hidden_cols": 0}, {"dim": True}]
+)
+def test_sketch_api_refuses_values_that_are_not_whole_numbers_in_bounds(sketched_store, kwargs):
+    """Through the API, a string D was a TypeError, a negative seed numpy's ValueError, and 0 buckets or columns
+    were silently read as 'keep the store's'; each is a ConfigError before the store is touched."""
+    import forvalue
+    from forvalue.schemas.errors import ConfigError
+
+    store = sketched_store[0] / "store"
+
+    def files():
+        return sorted((str(p), p.stat().st_size) for p in store.rglob("*") if p.is_file() and ".writer." not in p.name)
+
+    before = files()
+    with pytest.raises(ConfigError):
+        forvalue.open(store).sketch(**kwargs)
+    assert files() == before
+
+
 def test_cli_sketch_old_store_and_query_candidates(tmp_path, tiny_model_dir, tiny_runner, toy_rows):
     from click.testing import CliRunner
 
