@@ -1059,6 +1059,19 @@ def test_store_names_lance_cannot_hold_are_refused_before_any_write(
         assert not (tmp_path / name).exists()
 
 
+def test_a_store_target_that_is_a_dangling_link_names_the_link(small_store, tiny_model_dir, tmp_path, no_model_load):
+    """A build or convert into a link whose folder does not exist said only 'File exists'."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "missing" / "deeper")
+    data = write_jsonl(tmp_path / "d.jsonl", make_rows(2))
+    for args in (
+        build_args(data, link, tiny_model_dir),
+        ["index", "convert", "--store", small_store[0], "--out", link],
+    ):
+        assert_one_line_error(cli(*args), str(link), "missing", "does not exist")
+    assert not (tmp_path / "missing").exists()
+
+
 def test_a_relative_store_name_with_a_colon_is_a_folder_not_a_url_scheme(small_store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     res = cli("index", "convert", "--store", small_store[0], "--out", "run:1", "--quiet")

@@ -13,6 +13,7 @@ before a model loads. ``tests/test_faults.py`` fails for a path option declared 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import click
@@ -102,6 +103,12 @@ def _check_store_target(flag: str, store) -> None:
     if is_uri(store):  # an object-store location: Store.create refuses a prefix that holds something else
         return
     check_store_name(store)
+    path = Path(store)
+    if path.is_symlink() and not path.exists():
+        raise OutputPathError(
+            f"{flag} {store}: is a link to {os.readlink(path)}, which does not exist; create that folder or give "
+            "another path"
+        )
     outer = store_above(_absolute(store).parent)
     if outer is not None:
         raise OutputPathError(f"{flag} {store}: is inside the store {outer}; put the store elsewhere")
