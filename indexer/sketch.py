@@ -120,7 +120,8 @@ class Sketcher:
                 got = None if basis is None else basis.shape
                 raise ForValueError(
                     f"a fitted sketch needs its ({spec.hidden_size}, {c}) basis, got {got}; "
-                    "run 'forvalue index sketch --rebuild' if the store's sketch_basis.npy is missing"
+                    "run 'forvalue index sketch --rebuild' on the store (a lost sketch_basis.npy or an interrupted "
+                    "'index sketch' leaves this)"
                 )
             proj = np.tile(np.asarray(basis, np.float32), (1, T))
         else:

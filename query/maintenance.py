@@ -430,10 +430,15 @@ def _schema_problems(store: Store) -> list[str]:
             else:
                 out.append(f"{where}: the table has no '{field.name}' column; the store is damaged, rebuild it")
         elif actual.field(field.name).type != field.type:
+            fix = (  # (a sketch of another D: what an interrupted 'index sketch' leaves)
+                f"run 'forvalue index sketch --store {where} --rebuild'"
+                if field.name == faiss_index.SKETCH_COLUMN
+                else "the store is damaged"
+            )
             out.append(
                 f"{where}: column '{field.name}' is {actual.field(field.name).type}, the manifest implies "
                 f"{field.type} (hidden_dtype {m.hidden_dtype}, ids {m.ids_dtype}, probabilities {m.probs_dtype}, "
-                f"sketch_dim {m.sketch_dim} {m.sketch_dtype}); the store is damaged"
+                f"sketch_dim {m.sketch_dim} {m.sketch_dtype}); {fix}"
             )
     if faiss_index.SKETCH_COLUMN in actual.names and not m.sketch_dim:
         out.append(
@@ -453,7 +458,8 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
         return False
     if m.sketch_basis == "fitted" and rows:
         try:
-            if load_basis(store.path) is None:
+            basis = load_basis(store.path)
+            if basis is None:
                 problems.append(
                     f"{where}: the sketch basis (sketch_basis.npy) is missing; "
                     f"run 'forvalue index sketch --store {where} --rebuild'"
@@ -461,6 +467,13 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
                 return False
         except StoreError as exc:
             problems.append(str(exc))
+            return False
+        if basis.shape != (m.stored_width, m.sketch_hidden_cols):
+            problems.append(
+                f"{where}: the sketch basis has shape {basis.shape}, the manifest's sketch needs "
+                f"({m.stored_width}, {m.sketch_hidden_cols}) (an interrupted 'index sketch' leaves this); "
+                f"run 'forvalue index sketch --store {where} --rebuild'"
+            )
             return False
     meta = faiss_index.describe(store)
     if meta is None:

@@ -346,6 +346,44 @@ def test_sketch_api_refuses_values_that_are_not_whole_numbers_in_bounds(sketched
     assert files() == before
 
 
+@pytest.mark.parametrize("killed", ["after the basis", "after the column"])
+def test_index_sketch_killed_mid_rebuild_is_named_by_check_and_query_and_a_rerun_repairs(
+    sketched_store, tmp_path, monkeypatch, killed
+):
+    """'index sketch --rebuild' with a new shape publishes the basis, rewrites the column, then the manifest: a
+    kill in between left a store whose prefiltered query failed ('needs its (32, 4) basis, got (32, 8)', or a
+    bare AssertionError from FAISS) while 'index check' said 'damaged' or advised --repair, which does not help.
+    Both now say to re-run 'index sketch --rebuild', and that re-run makes the store whole again."""
+    import shutil
+
+    from conftest import assert_one_line_error, cli
+
+    import forvalue
+    import forvalue.storage.store as store_module
+    from forvalue.maintenance import check_store
+
+    store = tmp_path / "store"
+    shutil.copytree(sketched_store[0] / "store", store)
+
+    def kill(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if killed == "after the basis":
+        monkeypatch.setattr(Store, "set_column", kill)
+    else:
+        monkeypatch.setattr(store_module, "write_text", kill)  # the manifest, written after the column
+    with pytest.raises(KeyboardInterrupt):
+        forvalue.open(store).sketch(rebuild=True, dim=1024, vocab_buckets=64, hidden_cols=8)
+    monkeypatch.undo()
+    report = check_store(store)
+    assert not report.clean and any("index sketch" in p and "--rebuild" in p for p in report.problems), report
+    query = ["query", "--store", store, "-v", sketched_store[0] / "val.jsonl", "--device", "cpu", "--quiet"]
+    assert_one_line_error(cli(*query, "--candidates", "5"), "index sketch", "--rebuild")
+    assert cli("index", "sketch", "--store", store, "--rebuild").exit_code == 0
+    assert check_store(store).clean
+    assert cli(*query, "--candidates", "5").exit_code == 0
+
+
 def test_cli_sketch_old_store_and_query_candidates(tmp_path, tiny_model_dir, tiny_runner, toy_rows):
     from click.testing import CliRunner
 
