@@ -915,6 +915,21 @@ def _kills(work: Path, model: str, S: Path, V: Path, T: Path, VM: Path, rounds: 
         ),
         "distill --out (rewrite)": (["distill", "--store", S, "--audit", "b", "--out", VM, "--ngram-dim", "1024"], []),
         "index add": (lambda k: ["index", "add", _more(k), "--store", S, "--quiet", "--write-every", "4"], []),
+        # a new sketch shape each round: basis, column and manifest are rewritten one after the other
+        "index sketch --rebuild": (
+            lambda k: [
+                "index",
+                "sketch",
+                "--store",
+                S,
+                "--rebuild",
+                "--sketch-hidden-cols",
+                "8" if k % 2 else "4",
+                "--sketch-vocab-buckets",
+                "256" if k % 2 else "512",
+            ],
+            [],
+        ),
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     rng = random.Random(28)
@@ -958,8 +973,14 @@ def _kills(work: Path, model: str, S: Path, V: Path, T: Path, VM: Path, rounds: 
             if not report.clean:
                 if all("without a committed version" in x for x in report.problems):
                     report = check_store(S, repair=True)
+                elif any("index sketch" in x and "--rebuild" in x for x in report.problems):
+                    import forvalue  # a sketch rebuild killed midway: the re-run the line names repairs it
+
+                    forvalue.open(S).sketch(rebuild=True)
+                    report = check_store(S)
+                    print(f"  (kill {name} #{k} left the sketch half rebuilt; check named it, the re-run repaired it)")
                 if not report.clean:
-                    problem.append(f"store not sound: {report['problems'][:1]}")
+                    problem.append(f"store not sound: {report.problems[:1]}")
             try:
                 ValueModel.load(VM)
             except Exception as exc:  # noqa: BLE001
