@@ -6,7 +6,8 @@ What the stored rows hold is re-encoded, never recomputed from the model: hidden
 quantized (:mod:`forvalue.schemas.hidden_codec`), the sparse errors packed (uint16/uint32 ids, float16
 probabilities) and, with ``top_m``, cut to the ``top_m`` most likely tokens (the dropped mass moves to
 ``tail_mass``; the target is always kept). ``sq_norm`` and the sketch are recomputed from the new stored
-values, so every score of the new store is exact on what it holds. The sketch basis is the source's.
+values, so every score of the new store is exact on what it holds. The sketch basis is the source's (a
+resumed conversion keeps the output's sketch, which ``index sketch`` may have rebuilt since).
 
 ``hidden_rank`` (the low-rank tier, :mod:`forvalue.indexer.low_rank`) fits the hidden basis to the first
 :data:`~forvalue.indexer.build_steps.BASIS_FIT_TOKENS` stored tokens of the source, publishes it in the output
@@ -16,8 +17,10 @@ change: the discarded directions are gone).
 
 Safety: the output takes the writer lease; it may not be the source, inside it, or a non-empty folder
 that is not a store; an existing output is resumed only when it is a conversion of the same source with
-the same settings (``convert.json``), so a re-run after a crash or kill appends exactly the rows still
-missing (each batch is one atomic Lance commit, ids already there are skipped).
+the same settings (``convert.json``; checked under the lease, so a convert creating it at that moment is
+never misread), so a re-run after a crash or kill appends exactly the rows still missing (each batch is
+one atomic Lance commit, ids already there are skipped). What the source must provide (samples, its
+bases, enough tokens for the rank) is read before the output is touched: a refused convert leaves none.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from forvalue.schemas.hidden_codec import DEFAULT_BLOCK, resolve_block
 from forvalue.schemas.manifest import PACKAGE_VERSION, Manifest
 from forvalue.schemas.tables import SCHEMA_VERSION, SCORING_COLUMNS, ids_dtype_for
 from forvalue.storage.files import publish_if_absent
-from forvalue.storage.location import RemotePath, check_reachable, store_location
+from forvalue.storage.location import RemotePath, check_reachable, check_store_name, store_location
 from forvalue.storage.rows import decode_block
+from forvalue.storage.sketch_basis import load_basis, publish_basis
 from forvalue.storage.store import Store, WriterLease, is_empty_folder
 
 CONVERT_FILE = "convert.json"
@@ -55,8 +59,9 @@ def target_manifest(
     from forvalue.indexer.low_rank import check_rank
 
     dtype = hidden_dtype or source.hidden_dtype
-    if hidden_rank is not None and (not isinstance(hidden_rank, int) or isinstance(hidden_rank, bool)):
-        raise ConfigError("hidden_rank", f"must be a whole number, got {hidden_rank!r}")
+    _check_whole("hidden_rank", hidden_rank)  # (a negative rank: check_rank's line, with the bounds)
+    _check_whole("top_m", top_m, 1)
+    _check_whole("int8_block", int8_block, 0)
     rank = source.hidden_rank if hidden_rank is None else hidden_rank
     if source.hidden_rank and rank != source.hidden_rank:
         raise ConfigError(
@@ -65,9 +70,19 @@ def target_manifest(
             f"convert the full-width store it came from to get rank {rank}",
         )
     sketch_cols = source.sketch_hidden_cols if source.sketch_dim else None
+    if rank and sketch_cols is not None and 0 < rank <= source.hidden_size and rank < sketch_cols:
+        raise ConfigError(  # (a convert keeps the source's sketch: its columns cannot be lowered here)
+            "hidden_rank",
+            f"must be at least the source store's sketch hidden columns ({sketch_cols}), got {rank}; raise "
+            "--hidden-rank, or first re-sketch the source with 'forvalue index sketch --sketch-hidden-cols'",
+        )
     check_rank(rank, source.hidden_size, sketch_cols)
     if dtype not in ("float16", "float32", "int8"):
         raise ConfigError("hidden_dtype", f"must be one of float16, float32, int8, got '{dtype}'")
+    if int8_block and dtype != "int8":
+        raise ConfigError(
+            "int8_block", f"is for int8 hidden states and this conversion keeps {dtype}; add --hidden-dtype int8"
+        )
     if top_m is not None and not 1 <= top_m <= source.top_m:
         raise ConfigError(
             "top_m", f"must be between 1 and the source store's top-m {source.top_m} (it keeps no more), got {top_m}"
@@ -91,6 +106,17 @@ def target_manifest(
         schema_version=SCHEMA_VERSION,
         package_version=PACKAGE_VERSION,
     )
+
+
+def _check_whole(field: str, value, low: int | None = None) -> None:
+    """Refuse (ConfigError) a setting given through the API that is not a whole number (at least ``low``)."""
+    import numbers
+
+    if value is None:
+        return
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or (low is not None and value < low):
+        bound = "" if low is None else f" of at least {low}"
+        raise ConfigError(field, f"must be a whole number{bound}, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -128,13 +154,15 @@ def _refuse_out(source: Path, out: Path) -> None:
         raise StoreError(f"{out}: --out holds the source store {source}; give a new folder for the converted store")
 
 
-def _check_resume(out: Path, identity: dict) -> None:
+def _check_resume(out: Path, identity: dict, target: Manifest) -> None:
     """Refuse an existing output that is not a conversion of the same source with the same settings."""
     if not (out / "manifest.json").exists():
         return
     try:
         recorded = json.loads((out / CONVERT_FILE).read_text())
     except (OSError, ValueError):
+        if _killed_before_identity(out, target):
+            return
         raise StoreError(
             f"{out}: is a store that 'index convert' did not write; give a new folder for the converted store"
         ) from None
@@ -181,9 +209,11 @@ def convert_store(
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
+    _check_whole("write_every", block_rows, 1)
     source, out = store_location(source), store_location(out)
     src = Store.open(source)
     _refuse_out(source, out)
+    check_store_name(out)
     check_reachable(out)
     manifest = target_manifest(src.manifest, hidden_dtype, int8_block, top_m, hidden_rank)
     identity = {
@@ -198,13 +228,28 @@ def convert_store(
         raise StoreError(f"{out}: exists and is not a folder; give a new folder for the converted store")
     if out.is_dir() and not is_empty_folder(out) and not (out / "manifest.json").exists():
         raise StoreError(f"{out}: folder is not empty and not a forvalue store; give a new folder")
-    _check_resume(out, identity)
+    if (out / CONVERT_FILE).exists():  # another conversion's output: refused before any work (checked again below)
+        _check_resume(out, identity, manifest)
+    if not src.count():
+        raise StoreError(
+            f"{source}: the store holds no samples, nothing to convert; add some with 'forvalue index add' first"
+        )
+    # what is read from the source and can fail is read before the output is touched: a refused convert
+    # leaves no half-made store that would block the corrected re-run
+    hidden = _hidden_basis(src, out, manifest)
+    source_basis = None if manifest.hidden_rank and not src.manifest.hidden_rank else _source_sketch_basis(src)
     out.mkdir(parents=True, exist_ok=True)
-    with WriterLease.acquire(out):
-        dst = Store.create(out, manifest)
+    with WriterLease.acquire(out, sharded=False):
+        # checked while holding the lease: another convert creating this output is its lease error, never
+        # its half-written folder misread as a store 'index convert' did not write
+        _check_resume(out, identity, manifest)
+        dst = Store.create(out, _with_output_sketch(out, manifest))
         _publish_identity(out, identity)
-        projection, energy = _hidden_basis(src, out, dst.manifest)
-        basis = _copy_basis(src, out) if projection is None else _fit_sketch_basis(src, out, dst.manifest, projection)
+        projection, energy = _publish_hidden_basis(src, out, dst.manifest, hidden)
+        if projection is None:
+            basis = load_basis(out) if source_basis is None else publish_basis(out, source_basis)
+        else:
+            basis = _fit_sketch_basis(src, out, dst.manifest, projection)
         sketcher = _sketcher(dst.manifest, basis)
         done = dst.ids()
         report = ConvertReport(str(source), str(out), rows=src.count(), already_converted=len(done))
@@ -224,12 +269,14 @@ def convert_store(
 
         # batches are encoded by a few threads (numpy and torch release the GIL) and appended here, in order:
         # one commit per batch as before, so a kill leaves whole batches, and a re-run skips them
-        for (seen, part), rows in in_order(encode, todo(), workers=convert_workers()):
-            if rows is not None:
-                report.written += dst.append(rows)
-                report.tokens += int(np.asarray(part.column("n_scored")).sum())
-            bar.update(seen)
-        bar.close()
+        try:
+            for (seen, part), rows in in_order(encode, todo(), workers=convert_workers()):
+                if rows is not None:
+                    report.written += dst.append(rows)
+                    report.tokens += int(np.asarray(part.column("n_scored")).sum())
+                bar.update(seen)
+        finally:
+            bar.close()  # (before an interruption's error line, which stays the last line)
         if dst.manifest.sketch_dim and dst.count():
             from forvalue.storage.faiss_index import ensure
 
@@ -275,6 +322,32 @@ def in_order(fn, items, workers: int):
                 future.cancel()
 
 
+_SKETCH_FIELDS = ("sketch_dim", "sketch_vocab_buckets", "sketch_hidden_cols", "sketch_seed", "sketch_basis")
+
+
+def _with_output_sketch(out: Path, target: Manifest) -> Manifest:
+    """``target`` with the sketch of an output being resumed: 'index sketch' may have rebuilt it since (the
+    sketch is computed from the stored values, so the rows still to convert take the output's)."""
+    if not (out / "manifest.json").exists():
+        return target
+    existing = Manifest.load(out / "manifest.json")
+    return dataclasses.replace(target, **{name: getattr(existing, name) for name in _SKETCH_FIELDS})
+
+
+def _killed_before_identity(out: Path, target: Manifest) -> bool:
+    """Whether ``out`` is what this conversion leaves when killed between its manifest and ``convert.json``:
+    exactly the target's manifest and no rows (adopting it loses nothing)."""
+    try:
+        if Manifest.load(out / "manifest.json") != target:
+            return False
+    except (StoreError, OSError, ValueError):
+        return False
+    try:
+        return Store.open(out).count() == 0
+    except StoreError:  # killed before its table was created (Store.create makes it)
+        return not (out / "samples.lance").exists()
+
+
 def _publish_identity(out: Path, identity: dict) -> None:
     path = out / CONVERT_FILE
     if path.exists():
@@ -304,24 +377,35 @@ def _source_values(hidden: np.ndarray, target: Manifest) -> np.ndarray:
     return hidden.astype(np.float16) if target.hidden_dtype in ("float16", "int8") else hidden
 
 
-def _hidden_basis(src: Store, out: Path, target: Manifest) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """``(basis to project rows onto, energy)``: None, None when the rows keep their width (a full-width target,
-    or a low-rank source whose basis is copied); fitted to the source's first tokens and published in ``out``
-    (or the one a previous run published) when the target is a low-rank conversion of a full-width store."""
+def _hidden_basis(src: Store, out: Path, target: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(basis, energy)`` of a low-rank target, read or fitted but not yet published (None for a full-width
+    target): a low-rank source's own basis, the one a previous run published in ``out``, else one fitted to the
+    source's first tokens (raises ConfigError when they are fewer than the rank)."""
     from forvalue.indexer.low_rank import fit_hidden_basis
-    from forvalue.storage.hidden_basis import load_hidden_basis, publish_hidden_basis, published_hidden_basis
+    from forvalue.storage.hidden_basis import load_hidden_basis, published_hidden_basis
 
     if not target.hidden_rank:
-        return None, None
+        return None
     if src.manifest.hidden_rank:
-        basis, energy = load_hidden_basis(src.path, src.manifest)
-        publish_hidden_basis(out, basis, energy, target)
-        return None, energy
+        return load_hidden_basis(src.path, src.manifest)
     found = published_hidden_basis(out, target)
     if found is None:
-        hidden = _source_values(_fit_tokens(src), target)
-        found = publish_hidden_basis(out, *fit_hidden_basis(hidden, target.hidden_rank, str(src.path)), target)
+        found = fit_hidden_basis(_source_values(_fit_tokens(src), target), target.hidden_rank, str(src.path))
     return found
+
+
+def _publish_hidden_basis(
+    src: Store, out: Path, target: Manifest, hidden: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Publish ``hidden`` (:func:`_hidden_basis`) in ``out`` unless one is there; ``(basis to project rows onto,
+    energy)``: None, None when the rows keep their width (a full-width target, or a low-rank source whose basis
+    is copied)."""
+    from forvalue.storage.hidden_basis import publish_hidden_basis
+
+    if hidden is None:
+        return None, None
+    basis, energy = publish_hidden_basis(out, *hidden, target)
+    return (None if src.manifest.hidden_rank else basis), energy
 
 
 def _fit_sketch_basis(src: Store, out: Path, target: Manifest, projection: np.ndarray) -> np.ndarray | None:
@@ -329,7 +413,6 @@ def _fit_sketch_basis(src: Store, out: Path, target: Manifest, projection: np.nd
     tokens (or the one a previous run published)."""
     from forvalue.indexer.low_rank import stored_projection
     from forvalue.indexer.sketch import fit_basis
-    from forvalue.storage.sketch_basis import load_basis, publish_basis
 
     if not target.sketch_dim or target.sketch_basis != "fitted":
         return None
@@ -340,9 +423,8 @@ def _fit_sketch_basis(src: Store, out: Path, target: Manifest, projection: np.nd
     return basis
 
 
-def _copy_basis(src: Store, out: Path) -> np.ndarray | None:
-    from forvalue.storage.sketch_basis import load_basis, publish_basis
-
+def _source_sketch_basis(src: Store) -> np.ndarray | None:
+    """The source's fitted sketch basis (None when its sketch has none), copied into a full-width output."""
     if not src.manifest.sketch_dim or src.manifest.sketch_basis != "fitted":
         return None
     basis = load_basis(src.path)
@@ -350,7 +432,7 @@ def _copy_basis(src: Store, out: Path) -> np.ndarray | None:
         raise StoreError(
             f"{src.path}: the store's sketch basis is missing; run 'forvalue index sketch --store {src.path} --rebuild'"
         )
-    return publish_basis(out, basis)
+    return basis
 
 
 def _sketcher(manifest: Manifest, basis):

@@ -65,7 +65,8 @@ class SketchSpec:
             raise ForValueError(f"sketch basis must be 'gaussian' or 'fitted', got {self.basis!r}")
         if self.basis == "fitted" and self.hidden_cols > self.hidden_size:
             raise ForValueError(
-                f"--sketch-hidden-cols ({self.hidden_cols}) must be <= the hidden size ({self.hidden_size})"
+                f"--sketch-hidden-cols ({self.hidden_cols}) must be <= the {self.hidden_size} values stored per token "
+                "(the hidden size, or the store's --hidden-rank)"
             )
         per_block = self.vocab_buckets * self.hidden_cols
         if self.dim < 1 or per_block < 1 or self.dim % per_block:
@@ -119,7 +120,8 @@ class Sketcher:
                 got = None if basis is None else basis.shape
                 raise ForValueError(
                     f"a fitted sketch needs its ({spec.hidden_size}, {c}) basis, got {got}; "
-                    "run 'forvalue index sketch --rebuild' if the store's sketch_basis.npy is missing"
+                    "run 'forvalue index sketch --rebuild' on the store (a lost sketch_basis.npy or an interrupted "
+                    "'index sketch' leaves this)"
                 )
             proj = np.tile(np.asarray(basis, np.float32), (1, T))
         else:

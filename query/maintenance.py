@@ -53,6 +53,8 @@ def _hidden_basis_problems(store: Store) -> list[str]:
 
     if not store.manifest.hidden_rank:
         return []
+    if not hidden_basis_path(store.path).exists() and not store.count():
+        return []  # killed before its first rows: the build or convert that writes them publishes the basis first
     try:
         basis, _ = load_hidden_basis(store.path, store.manifest)
     except StoreError as exc:
@@ -124,11 +126,38 @@ def sketch_store(
     :meth:`forvalue.Store.sketch` calls it.
     """
     opened = Store.open(path)  # a path that is not a store gets that message, not a lease error
+    _check_sketch_args(
+        sketch_dim=dim, sketch_seed=seed, sketch_vocab_buckets=vocab_buckets, sketch_hidden_cols=hidden_cols
+    )
+    if dim == 0:  # (None: keep the store's D)
+        raise StoreError(
+            f"{path}: --sketch-dim 0 means no sketch, and 'index sketch' makes one; give a positive D, or leave "
+            "--sketch-dim out to keep the store's"
+        )
     faiss_index.check_kind(kind, dim or opened.manifest.sketch_dim or 64)  # a bad --faiss-index: before any work
-    with WriterLease.acquire(path):
+    with WriterLease.acquire(path, sharded=False):
         return SketchReport(
             **_sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows)
         )
+
+
+def _check_sketch_args(**given) -> None:
+    """Whole numbers within the bounds of their EncodeConfig fields (None: keep the store's), else ConfigError:
+    what the CLI's option types refuse, for callers of the API."""
+    import numbers
+    from dataclasses import fields
+
+    from forvalue.schemas.config import EncodeConfig
+    from forvalue.schemas.errors import ConfigError
+
+    meta = {f.name: f.metadata for f in fields(EncodeConfig)}
+    for name, value in given.items():
+        if value is None:
+            continue
+        low, high = meta[name].get("min"), meta[name].get("max")
+        whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        if not whole or (low is not None and value < low) or (high is not None and value > high):
+            raise ConfigError(name, f"must be a whole number from {low} to {high}, got {value!r}")
 
 
 def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows) -> dict:
@@ -161,7 +190,10 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
         sketch_basis=basis or (m.sketch_basis if had else default.sketch_basis),
         schema_version=max(m.schema_version, 2),
     )
-    spec = SketchSpec.from_manifest(new)
+    try:
+        spec = SketchSpec.from_manifest(new)
+    except ForValueError as exc:  # (a shape this store cannot have: name the store)
+        raise StoreError(f"{path}: {exc}") from None
     report = {
         "store": str(path),
         "rows": store.count(),
@@ -398,10 +430,15 @@ def _schema_problems(store: Store) -> list[str]:
             else:
                 out.append(f"{where}: the table has no '{field.name}' column; the store is damaged, rebuild it")
         elif actual.field(field.name).type != field.type:
+            fix = (  # (a sketch of another D: what an interrupted 'index sketch' leaves)
+                f"run 'forvalue index sketch --store {where} --rebuild'"
+                if field.name == faiss_index.SKETCH_COLUMN
+                else "the store is damaged"
+            )
             out.append(
                 f"{where}: column '{field.name}' is {actual.field(field.name).type}, the manifest implies "
                 f"{field.type} (hidden_dtype {m.hidden_dtype}, ids {m.ids_dtype}, probabilities {m.probs_dtype}, "
-                f"sketch_dim {m.sketch_dim} {m.sketch_dtype}); the store is damaged"
+                f"sketch_dim {m.sketch_dim} {m.sketch_dtype}); {fix}"
             )
     if faiss_index.SKETCH_COLUMN in actual.names and not m.sketch_dim:
         out.append(
@@ -421,7 +458,8 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
         return False
     if m.sketch_basis == "fitted" and rows:
         try:
-            if load_basis(store.path) is None:
+            basis = load_basis(store.path)
+            if basis is None:
                 problems.append(
                     f"{where}: the sketch basis (sketch_basis.npy) is missing; "
                     f"run 'forvalue index sketch --store {where} --rebuild'"
@@ -429,6 +467,13 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
                 return False
         except StoreError as exc:
             problems.append(str(exc))
+            return False
+        if basis.shape != (m.stored_width, m.sketch_hidden_cols):
+            problems.append(
+                f"{where}: the sketch basis has shape {basis.shape}, the manifest's sketch needs "
+                f"({m.stored_width}, {m.sketch_hidden_cols}) (an interrupted 'index sketch' leaves this); "
+                f"run 'forvalue index sketch --store {where} --rebuild'"
+            )
             return False
     meta = faiss_index.describe(store)
     if meta is None:

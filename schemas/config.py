@@ -281,6 +281,12 @@ class EncodeConfig:
             )
         if not isinstance(self.hidden_rank, numbers.Integral) or isinstance(self.hidden_rank, bool):
             raise ConfigError("hidden_rank", f"must be a whole number, got {self.hidden_rank!r}")
+        if self.int8_block and self.hidden_dtype != "int8":
+            raise ConfigError(
+                "int8_block",
+                f"only applies to --hidden-dtype int8 (the hidden states here are {self.hidden_dtype}); leave it out "
+                "or give --hidden-dtype int8",
+            )
         r = self.lowest_likelihood_ratio
         if r is not None and not 0.0 < r <= 1.0:
             raise ConfigError("lowest_likelihood_ratio", f"must be in (0, 1], got {r}")

@@ -32,7 +32,10 @@ def resolve_block(block: int, hidden_size: int) -> int:
     if block <= 0 or block >= hidden_size:
         return hidden_size
     if hidden_size % block:
-        raise ValueError(f"must divide the hidden size {hidden_size} (or be 0 for one scale per token), got {block}")
+        raise ValueError(
+            f"must divide the {hidden_size} values stored per token (the hidden size, or --hidden-rank) "
+            f"(or be 0 for one scale per token), got {block}"
+        )
     return block
 
 

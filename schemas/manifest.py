@@ -131,6 +131,8 @@ class Manifest:
         ``other``; a build compares :data:`forvalue.schemas.stored_settings.BUILD_MUST_MATCH`."""
         out = []
         for name in names:
+            if name == "hidden_block" and self.hidden_dtype != other.hidden_dtype:
+                continue  # follows from the dtype (no option of its own): the dtype's line says it
             a, b = getattr(self, name), getattr(other, name)
             if a != b:
                 out.append(f"{name}: store has {a!r}, you have {b!r}")

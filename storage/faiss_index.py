@@ -277,6 +277,19 @@ def extend(store: Store, pre: PrefilterIndex, block_rows: int = 16384) -> int:
     return added
 
 
+def _check_sketch_column(store: Store) -> None:
+    """A sketch column of another length than the manifest's D (an interrupted 'index sketch') is one line."""
+    schema = store.schema()
+    if SKETCH_COLUMN not in schema.names:
+        return
+    size = getattr(schema.field(SKETCH_COLUMN).type, "list_size", None)
+    if size is not None and size != store.manifest.sketch_dim:
+        raise StoreError(
+            f"{store.path}: the stored sketches have {size} values, the manifest's D is {store.manifest.sketch_dim} "
+            f"(an interrupted 'index sketch' leaves this); run 'forvalue index sketch --store {store.path} --rebuild'"
+        )
+
+
 def ensure(store: Store, kind: str | None = None, persist: bool = True, rebuild: bool = False) -> PrefilterIndex:
     """The store's index, brought up to date with the table.
 
@@ -285,6 +298,7 @@ def ensure(store: Store, kind: str | None = None, persist: bool = True, rebuild:
     now selects another FAISS type; extended when it covers fewer rows. Saved when it
     changed and ``persist`` (a read-only store is simply not updated on disk).
     """
+    _check_sketch_column(store)
     pre = None if rebuild else load(store)
     rows = store.count()
     if pre is not None:

@@ -106,7 +106,10 @@ def store_location(path, storage_options: Iterable[str] | Mapping[str, str] | No
     if match is None:
         if options:
             raise ConfigError("storage_options", f"{text}: storage options are for object-store URIs (s3://...)")
-        return Path(text)
+        local = Path(text)
+        if not local.is_absolute() and local.parts and ":" in local.parts[0]:
+            return local.absolute()  # Lance reads a relative 'run:1' as the URI scheme 'run'
+        return local
     scheme = match.group(1).lower()
     if scheme not in SCHEMES:
         raise StoreError(
@@ -114,6 +117,18 @@ def store_location(path, storage_options: Iterable[str] | Mapping[str, str] | No
             "or a local folder"
         )
     return RemotePath(text, options)
+
+
+def check_store_name(path) -> None:
+    """Refuse a local store path that Lance cannot make a table below (a control character such as a line
+    break or tab, or a byte that is not UTF-8): one-line :class:`StoreError`, before anything is written."""
+    if isinstance(path, RemotePath) or is_uri(path):
+        return
+    text = os.fspath(path) if isinstance(path, os.PathLike) else str(path)
+    bad = next((c for c in text if ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF), None)
+    if bad is not None:
+        what = "a byte that is not UTF-8" if ord(bad) >= 0xD800 else f"the control character {bad!r}"
+        raise StoreError(f"{text!r}: a store path with {what} cannot hold a store; choose another name")
 
 
 def lance_options(path) -> dict[str, str] | None:

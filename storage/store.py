@@ -40,7 +40,14 @@ from forvalue.schemas.manifest import MANIFEST_FILE, STORAGE_MUST_MATCH, Manifes
 from forvalue.schemas.stored_settings import BUILD_MUST_MATCH
 from forvalue.schemas.tables import HIDDEN_SCALE_COLUMN, SAMPLES_TABLE, schema_of
 from forvalue.storage.files import publish_if_absent, write_text
-from forvalue.storage.location import RemotePath, check_reachable, describe_failure, lance_options, store_location
+from forvalue.storage.location import (
+    RemotePath,
+    check_reachable,
+    check_store_name,
+    describe_failure,
+    lance_options,
+    store_location,
+)
 
 
 class Store:
@@ -95,6 +102,7 @@ class Store:
         atomic create-if-absent and the table creation tolerates a concurrent twin.
         """
         path = store_location(path)
+        check_store_name(path)
         check_reachable(path)
         with translate_errors(path, "create"):
             if path.is_file() if isinstance(path, RemotePath) else (path.exists() and not path.is_dir()):
@@ -426,8 +434,9 @@ class WriterLease:
         self.path, self._handles = path, handles
 
     @classmethod
-    def acquire(cls, path: str | Path, shard: tuple[int, int] = (0, 1)) -> "WriterLease":
-        """Take the lease now or raise :class:`StoreError` naming the holder (never waits)."""
+    def acquire(cls, path: str | Path, shard: tuple[int, int] = (0, 1), sharded: bool = True) -> "WriterLease":
+        """Take the lease now or raise :class:`StoreError` naming the holder (never waits); ``sharded=False``:
+        the caller has no ``--shard`` to suggest (``index convert``, ``index sketch``)."""
         import fcntl
 
         path = store_location(path)
@@ -441,8 +450,8 @@ class WriterLease:
             if count == 1:
                 if not _try_lock(main, fcntl.LOCK_EX):
                     raise StoreError(
-                        f"another build is writing to {path} ({_holder(path)}); wait for it to finish, "
-                        "or use --shard I/N for parallel workers"
+                        f"another build is writing to {path} ({_holder(path)}); wait for it to finish"
+                        + (", or use --shard I/N for parallel workers" if sharded else "")
                     )
                 _write_holder(main)
                 return cls(path, handles)

@@ -1044,6 +1044,42 @@ def test_every_path_option_is_declared_input_or_output():
     assert undeclared == []
 
 
+@pytest.mark.parametrize("name", ["line\nbreak", "tab\tname", "bell\x07", "bad\udcffbyte"])
+def test_store_names_lance_cannot_hold_are_refused_before_any_write(
+    small_store, tiny_model_dir, tmp_path, no_model_load, name
+):
+    """Lance cannot make a table below a name with a control character or an undecodable byte: a build or a
+    convert into one once left a half-made store (a manifest, no table) and an error of two lines."""
+    data = write_jsonl(tmp_path / "d.jsonl", make_rows(2))
+    for args in (
+        build_args(data, tmp_path / name, tiny_model_dir),
+        ["index", "convert", "--store", small_store[0], "--out", tmp_path / name],
+    ):
+        assert_one_line_error(cli(*args), "choose another name")
+        assert not (tmp_path / name).exists()
+
+
+def test_a_store_target_that_is_a_dangling_link_names_the_link(small_store, tiny_model_dir, tmp_path, no_model_load):
+    """A build or convert into a link whose folder does not exist said only 'File exists'."""
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "missing" / "deeper")
+    data = write_jsonl(tmp_path / "d.jsonl", make_rows(2))
+    for args in (
+        build_args(data, link, tiny_model_dir),
+        ["index", "convert", "--store", small_store[0], "--out", link],
+    ):
+        assert_one_line_error(cli(*args), str(link), "missing", "does not exist")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_relative_store_name_with_a_colon_is_a_folder_not_a_url_scheme(small_store, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = cli("index", "convert", "--store", small_store[0], "--out", "run:1", "--quiet")
+    assert res.exit_code == 0, res.output
+    for spelling in ("run:1", "./run:1"):
+        assert cli("index", "check", "--store", spelling).exit_code == 0
+
+
 # -- the atomic writer --------------------------------------------------------------------------------
 def _in_child(fn) -> int:
     """Run ``fn`` in a forked child; its exit status (-9 when it was killed)."""

@@ -252,6 +252,7 @@ def test_hostile_ranks_and_outputs_are_refused(low_rank, tiny_model_dir, tmp_pat
         cli(*build, "--store", tmp_path / "blk", "--hidden-rank", "12", "--hidden-dtype", "int8", "--int8-block", "8"),
         "--int8-block",
         "12",
+        "--hidden-rank",  # (the width a block divides is the rank: the line once said 'the hidden size 12')
     )
     # fewer tokens to fit from than directions asked
     tiny = write_jsonl(tmp_path / "one.jsonl", [{"id": "a", "text": "a b c"}])
@@ -274,6 +275,42 @@ def test_hostile_ranks_and_outputs_are_refused(low_rank, tiny_model_dir, tmp_pat
         assert_one_line_error(cli("index", "convert", "--store", src, "--out", out, "--hidden-rank", "8"), needle)
     assert_one_line_error(cli("index", "convert", "--store", src, "--out", tmp_path / "o", "--hidden-rank", "64"), "32")
     assert not (src / HIDDEN_BASIS_FILE).exists()
+
+
+def test_convert_refused_for_its_rank_leaves_no_output(low_rank, tmp_path):
+    """More directions than the source has tokens to fit from, or fewer than the source's sketch columns: one
+    line naming what to change in this command, and no output folder left to block the corrected re-run."""
+    import lance
+
+    one = tmp_path / "one"
+    shutil.copytree(low_rank["stores"]["f16"], one)
+    lance.dataset(str(one / "samples.lance")).delete("id != 's0'")  # a single sample: fewer than 32 tokens
+    out = tmp_path / "out"
+    res = cli("index", "convert", "--store", one, "--out", out, "--hidden-rank", "32")
+    assert_one_line_error(res, "--hidden-rank", "needs at least 32")
+    assert not out.exists()
+    res = cli("index", "convert", "--store", one, "--out", out, "--hidden-rank", "2")
+    err = assert_one_line_error(res, "raise --hidden-rank")
+    assert "lower --sketch-hidden-cols" not in err  # index convert has no such option
+    assert not out.exists()
+    res = cli("index", "convert", "--store", one, "--out", out, "--hidden-rank", "4", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert Store.open(out).count() == 1 and check_store(out).clean
+
+
+def test_a_low_rank_store_killed_before_its_first_row_checks_clean_and_resumes(low_rank, tmp_path):
+    """A build or convert killed after the manifest and before the basis (published with the first rows) leaves
+    an empty low-rank store without hidden_basis.npz: nothing is lost, so 'index check' is clean (it said the
+    rows 'cannot be scored without it: restore the file'), and the re-run fits and publishes the basis."""
+    from forvalue.indexer.convert import target_manifest
+
+    src = low_rank["stores"]["f16"]
+    out = tmp_path / "out"
+    Store.create(out, target_manifest(Store.open(src).manifest, hidden_rank=8))
+    report = check_store(out)
+    assert report.clean, report.problems
+    assert convert_store(src, out, hidden_rank=8, progress=False).written == 12
+    assert (out / HIDDEN_BASIS_FILE).exists() and check_store(out).clean
 
 
 def test_index_add_projects_new_rows_and_a_lost_basis_is_one_line(low_rank, tiny_runner, tmp_path):

@@ -307,6 +307,83 @@ def test_choose_factory():
     assert faiss_index.choose_factory(10, "hnsw")[0].startswith("HNSW")
 
 
+def test_index_sketch_refuses_dim_0_and_more_columns_than_the_stored_width(sketched_store):
+    """'--sketch-dim 0' (no sketch) was read as 'keep the store's' and rebuilt a sketch; more hidden columns than
+    the values the store keeps per token said 'hidden size' without naming the store. Both: one line, and the
+    store unchanged."""
+    from conftest import assert_one_line_error, cli
+
+    store = sketched_store[0] / "store"
+
+    def files():
+        return sorted((str(p), p.stat().st_size) for p in store.rglob("*") if p.is_file() and ".writer." not in p.name)
+
+    before = files()
+    res = cli("index", "sketch", "--store", store, "--rebuild", "--sketch-dim", "0")
+    assert_one_line_error(res, str(store), "--sketch-dim")
+    res = cli("index", "sketch", "--store", store, "--sketch-hidden-cols", "64", "--sketch-vocab-buckets", "8")
+    assert_one_line_error(res, str(store), "--sketch-hidden-cols", "32")
+    assert files() == before
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"dim": "x"}, {"dim": 2048.0}, {"seed": -1}, {"vocab_buckets": 0}, {"hidden_cols": 0}, {"dim": True}]
+)
+def test_sketch_api_refuses_values_that_are_not_whole_numbers_in_bounds(sketched_store, kwargs):
+    """Through the API, a string D was a TypeError, a negative seed numpy's ValueError, and 0 buckets or columns
+    were silently read as 'keep the store's'; each is a ConfigError before the store is touched."""
+    import forvalue
+    from forvalue.schemas.errors import ConfigError
+
+    store = sketched_store[0] / "store"
+
+    def files():
+        return sorted((str(p), p.stat().st_size) for p in store.rglob("*") if p.is_file() and ".writer." not in p.name)
+
+    before = files()
+    with pytest.raises(ConfigError):
+        forvalue.open(store).sketch(**kwargs)
+    assert files() == before
+
+
+@pytest.mark.parametrize("killed", ["after the basis", "after the column"])
+def test_index_sketch_killed_mid_rebuild_is_named_by_check_and_query_and_a_rerun_repairs(
+    sketched_store, tmp_path, monkeypatch, killed
+):
+    """'index sketch --rebuild' with a new shape publishes the basis, rewrites the column, then the manifest: a
+    kill in between left a store whose prefiltered query failed ('needs its (32, 4) basis, got (32, 8)', or a
+    bare AssertionError from FAISS) while 'index check' said 'damaged' or advised --repair, which does not help.
+    Both now say to re-run 'index sketch --rebuild', and that re-run makes the store whole again."""
+    import shutil
+
+    from conftest import assert_one_line_error, cli
+
+    import forvalue
+    import forvalue.storage.store as store_module
+    from forvalue.maintenance import check_store
+
+    store = tmp_path / "store"
+    shutil.copytree(sketched_store[0] / "store", store)
+
+    def kill(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if killed == "after the basis":
+        monkeypatch.setattr(Store, "set_column", kill)
+    else:
+        monkeypatch.setattr(store_module, "write_text", kill)  # the manifest, written after the column
+    with pytest.raises(KeyboardInterrupt):
+        forvalue.open(store).sketch(rebuild=True, dim=1024, vocab_buckets=64, hidden_cols=8)
+    monkeypatch.undo()
+    report = check_store(store)
+    assert not report.clean and any("index sketch" in p and "--rebuild" in p for p in report.problems), report
+    query = ["query", "--store", store, "-v", sketched_store[0] / "val.jsonl", "--device", "cpu", "--quiet"]
+    assert_one_line_error(cli(*query, "--candidates", "5"), "index sketch", "--rebuild")
+    assert cli("index", "sketch", "--store", store, "--rebuild").exit_code == 0
+    assert check_store(store).clean
+    assert cli(*query, "--candidates", "5").exit_code == 0
+
+
 def test_cli_sketch_old_store_and_query_candidates(tmp_path, tiny_model_dir, tiny_runner, toy_rows):
     from click.testing import CliRunner
 

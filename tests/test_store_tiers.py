@@ -162,6 +162,13 @@ def test_int8_build_refuses_other_storage_settings_and_bad_blocks(int8_setting, 
         "--top-m", "4", "--hidden-dtype", "int8", "--int8-block", "0", "--quiet",
     )  # fmt: skip
     assert_one_line_error(res, "hidden_block")
+    # a resumed build without flags on a float16 store (int8 is the default now): one line naming the dtype only
+    res = cli(
+        "index", "build", s["tmp"] / "train.jsonl", "--store", s["stores"]["f16"], "--model", tiny_model_dir,
+        "--top-m", "4", "--quiet",
+    )  # fmt: skip
+    err = assert_one_line_error(res, "hidden_dtype: store has 'float16', you have 'int8'")
+    assert "hidden_block" not in err  # (follows from the dtype: no option of its own to give)
     res = cli(
         "index", "build", s["tmp"] / "train.jsonl", "--store", tmp_path / "new", "--model", tiny_model_dir,
         "--hidden-dtype", "int8", "--int8-block", "5", "--quiet",
@@ -295,6 +302,149 @@ def test_convert_refuses_bad_outputs_and_settings(int8_setting, tmp_path):
     assert_one_line_error(res, "other settings")
     again = cli("index", "convert", "--store", copy, "--out", tmp_path / "c", "--quiet", "--json")
     assert again.exit_code == 0 and json.loads(again.stdout)["written"] == 0
+
+
+def test_convert_refused_for_its_source_leaves_no_output(int8_setting, tmp_path):
+    """A convert refused for what the source holds (no samples: a build killed before its first commit; a lost
+    sketch basis) stops before the output exists: no half-made store blocks the corrected re-run."""
+    empty = tmp_path / "empty"
+    Store.create(empty, Store.open(int8_setting["stores"]["f16"]).manifest)
+    out = tmp_path / "out"
+    for args in ([], ["--hidden-dtype", "int8"], ["--hidden-rank", "8"]):
+        res = cli("index", "convert", "--store", empty, "--out", out, *args)
+        assert_one_line_error(res, str(empty), "no samples")
+        assert not out.exists()
+    lost = tmp_path / "lost"
+    shutil.copytree(int8_setting["stores"]["f16"], lost)
+    (lost / "sketch_basis.npy").unlink()
+    assert_one_line_error(cli("index", "convert", "--store", lost, "--out", out), "sketch basis", "--rebuild")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("killed_after", ["the lease", "the manifest"])
+def test_convert_killed_while_creating_its_output_resumes(int8_setting, tmp_path, monkeypatch, killed_after):
+    """A kill while the output's first files are written leaves a folder the re-run resumes, never one it
+    refuses as a store 'index convert' did not write."""
+    src, out = int8_setting["stores"]["f16"], tmp_path / "out"
+    create = Store.create
+
+    def killed(cls, path, manifest):
+        if killed_after == "the manifest":
+            create(path, manifest)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Store, "create", classmethod(killed))
+    with pytest.raises(KeyboardInterrupt):
+        convert_store(src, out, hidden_dtype="int8", progress=False)
+    monkeypatch.undo()
+    report = convert_store(src, out, hidden_dtype="int8", progress=False)
+    assert (report.written, report.already_converted) == (12, 0)
+    assert check_store(out).clean
+
+
+def test_a_second_convert_into_an_output_being_created_is_told_another_writer_holds_it(int8_setting, tmp_path):
+    from forvalue.indexer.convert import target_manifest
+    from forvalue.storage.store import WriterLease
+
+    src, out = int8_setting["stores"]["f16"], tmp_path / "out"
+    out.mkdir()
+    with WriterLease.acquire(out):  # a convert that started first holds the output and has written its manifest
+        Store.create(out, target_manifest(Store.open(src).manifest, "int8"))
+        res = cli("index", "convert", "--store", src, "--out", out, "--hidden-dtype", "int8", "--quiet")
+        err = assert_one_line_error(res, f"writing to {out}", "wait for it")
+        assert "--shard" not in err  # (a build's advice: convert has no --shard)
+    assert convert_store(src, out, hidden_dtype="int8", progress=False).written == 12
+
+
+def test_convert_resumes_into_an_output_whose_sketch_was_rebuilt(int8_setting, tmp_path, monkeypatch):
+    """'index sketch' on a partly converted output, then the convert re-run: it was refused with 'give the store's
+    values, or use index add' (convert has no sketch options); the resumed rows now take the output's sketch."""
+    src, out = int8_setting["stores"]["f16"], tmp_path / "out"
+    append, calls = Store.append, {"n": 0}
+
+    def killed_after_first(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return append(self, rows)
+
+    monkeypatch.setattr(Store, "append", killed_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        convert_store(src, out, hidden_dtype="int8", block_rows=5, progress=False)
+    monkeypatch.undo()
+    shape = ["--sketch-vocab-buckets", "64", "--sketch-hidden-cols", "8", "--sketch-basis", "gaussian"]
+    res = cli("index", "sketch", "--store", out, "--rebuild", *shape)
+    assert res.exit_code == 0, res.output
+    res = cli("index", "convert", "--store", src, "--out", out, "--hidden-dtype", "int8", "--json")
+    assert res.exit_code == 0, res.output
+    assert (json.loads(res.stdout)["written"], Store.open(out).count()) == (7, 12) and check_store(out).clean
+    m = Store.open(out).manifest
+    assert (m.sketch_vocab_buckets, m.sketch_hidden_cols, m.sketch_basis) == (64, 8, "gaussian")
+    # every row's sketch is what 'index sketch' computes from the stored values with the output's spec
+    sketches = {r["id"]: r["sketch"] for b in Store.open(out).scan(["id", "sketch"]) for r in b.to_pylist()}
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    assert cli("index", "sketch", "--store", again, "--rebuild").exit_code == 0
+    for b in Store.open(again).scan(["id", "sketch"]):
+        for r in b.to_pylist():
+            np.testing.assert_allclose(sketches[r["id"]], r["sketch"], rtol=1e-3, atol=1e-3)
+
+
+def test_int8_block_without_int8_is_refused_not_ignored(int8_setting, tmp_path):
+    """'--int8-block' with hidden states that are not int8 was silently dropped (a float16 store came out)."""
+    src = int8_setting["stores"]["f16"]
+    res = cli("index", "convert", "--store", src, "--out", tmp_path / "c", "--int8-block", "8")
+    assert_one_line_error(res, "--int8-block", "--hidden-dtype int8")
+    assert not (tmp_path / "c").exists()
+    train = int8_setting["tmp"] / "train.jsonl"
+    build = ["index", "build", train, "--store", tmp_path / "b", "--model", tmp_path / "no-model"]
+    assert_one_line_error(cli(*build, "--hidden-dtype", "float16", "--int8-block", "8"), "--int8-block", "int8")
+    assert not (tmp_path / "b").exists()
+
+
+def test_ctrl_c_during_convert_ends_with_its_one_error_line(int8_setting, tmp_path, monkeypatch):
+    """The progress bar was closed after the interruption's error line, so the bar, not the error, was the
+    last thing on the terminal."""
+    append = Store.append
+    calls = {"n": 0}
+
+    def ctrl_c_at_second(self, rows):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return append(self, rows)
+
+    monkeypatch.setattr(Store, "append", ctrl_c_at_second)
+    src, out = int8_setting["stores"]["f16"], tmp_path / "out"
+    res = cli("index", "convert", "--store", src, "--out", out, "--hidden-dtype", "int8", "--write-every", "5")
+    assert res.exit_code == 130
+    last = res.stderr.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("error: interrupted;") and "convert resumes" in last, res.stderr[-300:]
+    monkeypatch.undo()
+    assert Store.open(out).count() == 5 and check_store(out).clean
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"top_m": "4"},
+        {"top_m": 2.5},
+        {"top_m": True},
+        {"hidden_dtype": "int8", "int8_block": "x"},
+        {"hidden_dtype": "int8", "int8_block": -3},
+        {"block_rows": 0},
+        {"hidden_rank": 8.0},
+    ],
+)
+def test_convert_api_refuses_values_that_are_not_whole_numbers_before_any_write(int8_setting, tmp_path, kwargs):
+    """The Python API takes what the CLI's option types refuse: a string or fractional top-m, a negative int8
+    block, 0 rows per commit gave a TypeError (or a store error blaming the source) after making the output."""
+    from forvalue.schemas.errors import ConfigError
+
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError):
+        convert_store(int8_setting["stores"]["f16"], out, progress=False, **kwargs)
+    assert not out.exists()
 
 
 def test_convert_killed_with_sigkill_resumes_without_loss_or_duplicates(tiny_model_dir, tmp_path):

@@ -167,8 +167,24 @@ def main(argv=None) -> int:
         (d / "config.json").write_text(config)
         return d
 
+    def _converted(name, *flags):  # a conversion of the store, made once (the cases then read or write it)
+        out = work / name
+        if not out.exists():
+            r = run("index", "convert", "--store", S, "--out", out, "--quiet", *flags)
+            assert r.exit_code == 0, (name, r.output)
+        return out
+
+    def _empty_store():  # what a build killed before its first commit leaves
+        from forvalue.storage.store import Store
+
+        d = work / "empty_store"
+        if not d.exists():
+            Store.create(d, Store.open(S).manifest)
+        return d
+
     (work / "ro").mkdir(exist_ok=True)
     big = "x" * 300
+    cv = ["index", "convert", "--store", S, "--quiet"]
     # (name, args, writes_store); each lambda builds its files when run
     cases = [
         # outputs
@@ -539,6 +555,154 @@ def main(argv=None) -> int:
         ),
         ("sketch faiss banana", lambda: ["index", "sketch", "--store", S, "--faiss-index", "banana"], True),
         ("sketch dim not a multiple", lambda: ["index", "sketch", "--store", S, "--sketch-dim", "3"], True),
+        ("sketch dim 0", lambda: ["index", "sketch", "--store", S, "--sketch-dim", "0"], True),
+        # index convert (the output is never an input, the store or inside it; bad settings before any write)
+        ("convert onto the store", lambda: [*cv, "--out", S], False),
+        ("convert into the store's table", lambda: [*cv, "--out", S / "samples.lance" / "new"], False),
+        ("convert into the input folder", lambda: [*cv, "--out", data], False),
+        ("convert onto an input file", lambda: [*cv, "--out", T], False),
+        ("convert into a folder holding the store", lambda: [*cv, "--out", work], False),
+        ("convert through a link to the store", lambda: [*cv, "--out", link("store-link", S)], False),
+        ("convert rank above d", lambda: [*cv, "--out", work / "c1", "--hidden-rank", "100000"], False),
+        ("convert rank negative", lambda: [*cv, "--out", work / "c2", "--hidden-rank", "-3"], False),
+        ("convert top-m above the store's", lambda: [*cv, "--out", work / "c3", "--top-m", "999"], False),
+        ("convert dtype garbage", lambda: [*cv, "--out", work / "c4", "--hidden-dtype", "bf16"], False),
+        (
+            "convert int8 block without int8",
+            lambda: [*cv, "--out", work / "c5", "--hidden-dtype", "float16", "--int8-block", "8"],
+            False,
+        ),
+        ("convert name with a line break", lambda: [*cv, "--out", work / "c\nd"], False),
+        ("convert name with a tab", lambda: [*cv, "--out", work / "c\td"], False),
+        ("convert name with spaces", lambda: [*cv, "--out", work / "conv with spaces"], False),
+        (
+            "convert an empty store",
+            lambda: ["index", "convert", "--store", _empty_store(), "--out", work / "c6"],
+            False,
+        ),
+        (
+            "convert again, other settings",
+            lambda: [*cv, "--out", _converted("cr8", "--hidden-rank", "8"), "--hidden-rank", "4"],
+            False,
+        ),
+        (
+            "convert again, same settings",
+            lambda: [*cv, "--out", _converted("cr8", "--hidden-rank", "8"), "--hidden-rank", "8"],
+            False,
+        ),
+        (
+            "convert a low-rank store to another rank",
+            lambda: [
+                "index",
+                "convert",
+                "--store",
+                _converted("cr8", "--hidden-rank", "8"),
+                "--out",
+                work / "c7",
+                "--hidden-rank",
+                "16",
+            ],
+            False,
+        ),
+        (
+            "convert a converted store",
+            lambda: [
+                "index",
+                "convert",
+                "--store",
+                _converted("ci8", "--hidden-dtype", "int8", "--top-m", "4"),
+                "--out",
+                work / "c8",
+                "--top-m",
+                "2",
+                "--quiet",
+            ],
+            False,
+        ),
+        (
+            "query a low-rank conversion",
+            lambda: [
+                "query",
+                "--store",
+                _converted("cr8", "--hidden-rank", "8"),
+                "-v",
+                V,
+                "--device",
+                "cpu",
+                "--quiet",
+                "--candidates",
+                "5",
+            ],
+            False,
+        ),
+        (
+            "audit a converted store",
+            lambda: [
+                "audit",
+                "run",
+                "--store",
+                _converted("ci8", "--hidden-dtype", "int8", "--top-m", "4"),
+                "-v",
+                V,
+                "--name",
+                "x",
+                "--device",
+                "cpu",
+                "--quiet",
+            ],
+            False,
+        ),
+        (
+            "explain on a low-rank conversion",
+            lambda: [
+                "explain",
+                "--store",
+                _converted("cr8", "--hidden-rank", "8"),
+                "-v",
+                V,
+                "--train-id",
+                "s1",
+                "--device",
+                "cpu",
+            ],
+            False,
+        ),
+        (
+            "index add to a converted store",
+            lambda: [
+                "index",
+                "add",
+                T,
+                "--store",
+                _converted("ci8", "--hidden-dtype", "int8", "--top-m", "4"),
+                "--quiet",
+                "--device",
+                "cpu",
+            ],
+            False,
+        ),
+        (
+            "sketch a low-rank conversion wider than its rank",
+            lambda: [
+                "index",
+                "sketch",
+                "--store",
+                _converted("cr8", "--hidden-rank", "8"),
+                "--sketch-hidden-cols",
+                "16",
+            ],
+            False,
+        ),
+        (
+            "check a low-rank conversion",
+            lambda: ["index", "check", "--store", _converted("cr8", "--hidden-rank", "8")],
+            False,
+        ),
+        (
+            "info on a low-rank conversion",
+            lambda: ["index", "info", "--store", _converted("cr8", "--hidden-rank", "8")],
+            False,
+        ),
         ("check on the table folder", lambda: ["index", "check", "--store", S / "samples.lance"], False),
         ("info on a file", lambda: ["index", "info", "--store", T], False),
         ("query a value model folder", lambda: [*q[:2], VM, "-v", V], False),
@@ -645,8 +809,8 @@ def main(argv=None) -> int:
             from forvalue.maintenance import check_store
 
             rep = check_store(S)
-            if not rep["clean"]:
-                problem = (problem or "") + f" store not clean: {rep['problems'][:1]}"
+            if not rep.clean:
+                problem = (problem or "") + f" store not clean: {rep.problems[:1]}"
         elif _snapshot(S) != before_store:
             problem = (problem or "") + " the store changed"
         leftovers = [str(f) for f in work.rglob("*.tmp")]
@@ -661,6 +825,9 @@ def main(argv=None) -> int:
     os.chmod(work / "ro", 0o755)
     if a.kills:
         k_tried, k_failures = _kills(work, model, S, V, T, VM, a.kills)
+        tried += k_tried
+        failures += k_failures
+        k_tried, k_failures = _convert_kills(work, S, a.kills)
         tried += k_tried
         failures += k_failures
     print(
@@ -748,6 +915,21 @@ def _kills(work: Path, model: str, S: Path, V: Path, T: Path, VM: Path, rounds: 
         ),
         "distill --out (rewrite)": (["distill", "--store", S, "--audit", "b", "--out", VM, "--ngram-dim", "1024"], []),
         "index add": (lambda k: ["index", "add", _more(k), "--store", S, "--quiet", "--write-every", "4"], []),
+        # a new sketch shape each round: basis, column and manifest are rewritten one after the other
+        "index sketch --rebuild": (
+            lambda k: [
+                "index",
+                "sketch",
+                "--store",
+                S,
+                "--rebuild",
+                "--sketch-hidden-cols",
+                "8" if k % 2 else "4",
+                "--sketch-vocab-buckets",
+                "256" if k % 2 else "512",
+            ],
+            [],
+        ),
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     rng = random.Random(28)
@@ -788,11 +970,17 @@ def _kills(work: Path, model: str, S: Path, V: Path, T: Path, VM: Path, rounds: 
                 if p.read_bytes() != data:
                     problem.append(f"input {p.name} changed")
             report = check_store(S)
-            if not report["clean"]:
-                if all("without a committed version" in x for x in report["problems"]):
+            if not report.clean:
+                if all("without a committed version" in x for x in report.problems):
                     report = check_store(S, repair=True)
-                if not report["clean"]:
-                    problem.append(f"store not sound: {report['problems'][:1]}")
+                elif any("index sketch" in x and "--rebuild" in x for x in report.problems):
+                    import forvalue  # a sketch rebuild killed midway: the re-run the line names repairs it
+
+                    forvalue.open(S).sketch(rebuild=True)
+                    report = check_store(S)
+                    print(f"  (kill {name} #{k} left the sketch half rebuilt; check named it, the re-run repaired it)")
+                if not report.clean:
+                    problem.append(f"store not sound: {report.problems[:1]}")
             try:
                 ValueModel.load(VM)
             except Exception as exc:  # noqa: BLE001
@@ -801,6 +989,73 @@ def _kills(work: Path, model: str, S: Path, V: Path, T: Path, VM: Path, rounds: 
             print(f"[{'FAIL' if problem else 'ok'}] {line}" + (f" -- {'; '.join(problem)}" if problem else ""))
             if problem:
                 failures.append(f"{line}: {'; '.join(problem)}")
+    return tried, failures
+
+
+def _convert_kills(work: Path, S: Path, rounds: int) -> tuple[int, list[str]]:
+    """``index convert`` killed (SIGKILL, the last round SIGINT) at random moments, each round into a new output:
+    the source byte for byte as before, and the same command re-run completes the output with every sample of
+    the source once (``index check`` clean)."""
+    import random
+    import subprocess
+    import time
+
+    from forvalue.maintenance import check_store
+    from forvalue.storage.store import Store
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    rng = random.Random(35)
+    source = _snapshot(S)
+    want = sorted(r["id"] for b in Store.open(S).scan(["id"]) for r in b.to_pylist())
+
+    def argv(out):
+        flags = ["--hidden-rank", "8", "--hidden-dtype", "int8", "--write-every", "2", "--quiet"]
+        return [sys.executable, "-m", "forvalue", "index", "convert", "--store", str(S), "--out", str(out), *flags]
+
+    started = time.perf_counter()
+    done = subprocess.run(argv(work / "killed-conv-full"), env=env, capture_output=True, text=True, timeout=600)
+    span = time.perf_counter() - started
+    if done.returncode != 0:
+        return 1, [f"kill index convert: the unkilled run failed: {done.stderr[-300:]}"]
+    tried, failures = 0, []
+    for k in range(rounds):
+        tried += 1
+        out = work / f"killed-conv{k}"
+        sig = signal.SIGINT if k == rounds - 1 else signal.SIGKILL
+        proc = subprocess.Popen(argv(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(0.3, 1.0) * span)
+        proc.send_signal(sig)
+        try:
+            _, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            failures.append(f"kill index convert #{k}: no exit 120 s after {sig.name}")
+            continue
+        problem = []
+        if sig == signal.SIGINT and proc.returncode not in (0, 130):
+            problem.append(f"Ctrl-C gave exit {proc.returncode}: {err.strip()[-200:]!r}")
+        if "Traceback" in err:
+            problem.append("traceback")
+        if _snapshot(S) != source:
+            problem.append("the source store changed")
+        try:
+            before = Store.open(out).count()
+        except Exception:  # noqa: BLE001 - killed before its table existed
+            before = "no table"
+        again = subprocess.run(argv(out), env=env, capture_output=True, text=True, timeout=600)
+        if again.returncode != 0:
+            problem.append(f"the re-run failed: {again.stderr.strip()[-200:]!r}")
+        else:
+            report = check_store(out)
+            got = sorted(r["id"] for b in Store.open(out).scan(["id"]) for r in b.to_pylist())
+            if not report.clean:
+                problem.append(f"output not sound: {report['problems'][:1]}")
+            if got != want:
+                problem.append(f"output holds {len(got)} ids, the source {len(want)}")
+        line = f"kill index convert #{k} ({sig.name}, exit {proc.returncode}, {before} of {len(want)} rows kept)"
+        print(f"[{'FAIL' if problem else 'ok'}] {line}" + (f" -- {'; '.join(problem)}" if problem else ""))
+        if problem:
+            failures.append(f"{line}: {'; '.join(problem)}")
     return tried, failures
 
 

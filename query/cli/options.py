@@ -164,7 +164,8 @@ class Group(click.Group):
             if _debug(ctx):
                 raise
             click.echo(
-                "error: interrupted; what was committed is kept (a build resumes when the same command is re-run)",
+                "error: interrupted; what was committed is kept (a build or convert resumes when the same command is "
+                "re-run)",
                 err=True,
             )
             sys.exit(130)

@@ -13,6 +13,7 @@ before a model loads. ``tests/test_faults.py`` fails for a path option declared 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import click
@@ -97,10 +98,17 @@ def _check_store_target(flag: str, store) -> None:
     """A store being written does not lie inside another store (folder inputs skip stores, so a store may
     sit inside an input folder)."""
     from forvalue.storage.files import OutputPathError, _absolute, store_above
-    from forvalue.storage.location import is_uri
+    from forvalue.storage.location import check_store_name, is_uri
 
     if is_uri(store):  # an object-store location: Store.create refuses a prefix that holds something else
         return
+    check_store_name(store)
+    path = Path(store)
+    if path.is_symlink() and not path.exists():
+        raise OutputPathError(
+            f"{flag} {store}: is a link to {os.readlink(path)}, which does not exist; create that folder or give "
+            "another path"
+        )
     outer = store_above(_absolute(store).parent)
     if outer is not None:
         raise OutputPathError(f"{flag} {store}: is inside the store {outer}; put the store elsewhere")
