@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--workdir", type=Path, required=True, help="store, data and logs (a re-run reuses the store)")
+    ap.add_argument("--model", default=None, help="model folder (default: the product's default SmolLM2-135M)")
     ap.add_argument("--per-class", type=int, default=30, help="training samples per class (3 tasks x 10 classes)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000], help="validation set sizes")
     ap.add_argument("--reps", type=int, default=2)
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from forvalue.api import build_index
     from forvalue.audit import AuditConfig, run_audit
-    from forvalue.schemas.config import BuildConfig
+    from forvalue.schemas.config import BuildConfig, ModelConfig
     from tools.bench_peers import run_measured
 
     a.workdir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(store, ignore_errors=True)
         t0 = time.perf_counter()
-        rep = build_index([train], store, BuildConfig(progress=False))
+        model = ModelConfig(path=a.model, device=a.device) if a.model else ModelConfig(device=a.device)
+        rep = build_index([train], store, BuildConfig(model=model, progress=False))
         done.write_text(json.dumps({"seconds": time.perf_counter() - t0, "samples": rep.written}))
     built = json.loads(done.read_text())
     cfg = AuditConfig(progress=False, device=a.device)
