@@ -171,6 +171,18 @@ def test_pair_form_gather_form_and_pair_chunks_give_the_same_scores(setting, mon
     assert bool(calls) == pair_form
 
 
+@pytest.mark.parametrize("entries", [1, 40])
+def test_build_in_chunks_of_validation_tokens_gives_the_same_table(setting, monkeypatch, entries):
+    """Gbar built one validation token at a time, or a few, is the table built in one chunk."""
+    import forvalue.engine.gform as gform
+
+    val = setting["val"]
+    weights = aggregate_weights([s.label for s in setting["val_samples"]], ["math", "reverse"])
+    whole = GFormScorer(val, weights, "cpu", torch.float64).gbar
+    monkeypatch.setattr(gform, "_BUILD_ENTRIES", entries)
+    torch.testing.assert_close(GFormScorer(val, weights, "cpu", torch.float64).gbar, whole, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("budget_rows", [1, 7, 10_000])
 def test_vocabulary_blocks_sum_to_the_whole(setting, budget_rows):
     store, val = setting["store"], setting["val"]

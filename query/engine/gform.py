@@ -32,6 +32,8 @@ from forvalue.engine.plan import memory_budget
 from forvalue.engine.validation import ValidationSet
 from forvalue.storage.rows import TrainBlock
 
+# Sparse entries per chunk of validation tokens in the build of Gbar.
+_BUILD_ENTRIES = 1 << 24
 # Floats in one chunk of the G-form's intermediates: (stored tokens x A d) of the gather, (pairs x d) of ``Z``.
 _CHUNK_FLOATS = 1 << 22
 
@@ -117,7 +119,7 @@ class GFormScorer:
         # tokens per chunk: the sparse matrix holds at most chunk * (m+1) * (aggregates a sample belongs to) entries
         # of 3 x 8 bytes (a per-label audit: 2 per sample, the mean and its label's)
         per_token = entries * max(1, int((weights != 0).sum(axis=1).max(initial=0)))
-        step = max(1, (1 << 24) // per_token)
+        step = max(1, _BUILD_ENTRIES // per_token)
 
         def chunks():  # per chunk of validation tokens: (rows of Gbar, token in chunk, coefficient), the chunk
             for start in range(0, val.ids.shape[0], step):
@@ -133,10 +135,11 @@ class GFormScorer:
 
         # the rows some entry reaches, then only those accumulated in float64: a row of a per-label table is
         # non-zero in the few aggregates whose samples use that id (5 of 31 on average, docs/gform.md)
-        used = [torch.unique(rows) for rows, _, _, _ in chunks()]
+        one = list(chunks()) if val.ids.shape[0] <= step else None  # one chunk: computed once, kept for both passes
+        used = [torch.unique(rows) for rows, _, _, _ in (one if one is not None else chunks())]
         used = torch.unique(torch.cat(used)) if used else torch.zeros(0, dtype=torch.int64, device=self.device)
         acc = torch.zeros((used.numel(), self.d), dtype=torch.float64, device=self.device)
-        for rows, token, coef, part in chunks():
+        for rows, token, coef, part in one if one is not None else chunks():
             hidden = torch.from_numpy(val.hidden[part]).to(self.device, torch.float64)
             index = torch.stack([torch.searchsorted(used, rows), token])
             sparse = torch.sparse_coo_tensor(index, coef, (used.numel(), hidden.shape[0]), check_invariants=False)
