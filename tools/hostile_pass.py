@@ -862,6 +862,31 @@ def _complete(path: Path) -> bool:
         return False
 
 
+def _killed_run(argv: list[str], env: dict, after: float, ctrl_c: bool, label: str, failures: list[str]):
+    """Run ``argv``, send SIGKILL (SIGINT when ``ctrl_c``) after ``after`` seconds; the problems every kill must not
+    leave (a Ctrl-C exit other than 0 / 130, a traceback) and "SIGNAL, exit N"; None (a failure recorded) when it
+    did not exit."""
+    import subprocess
+    import time
+
+    sig = signal.SIGINT if ctrl_c else signal.SIGKILL
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(after)
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        failures.append(f"kill {label}: no exit 120 s after {sig.name}")
+        return None
+    problem = []
+    if sig == signal.SIGINT and proc.returncode not in (0, 130):
+        problem.append(f"Ctrl-C gave exit {proc.returncode}: {err.strip()[-200:]!r}")
+    if "Traceback" in err:
+        problem.append("traceback")
+    return problem, f"{sig.name}, exit {proc.returncode}"
+
+
 def _kills(work: Path, model: str, S: Path, V: Path, T: Path, VM: Path, rounds: int) -> tuple[int, list[str]]:
     """Real ``forvalue`` processes killed (SIGKILL, or SIGINT as Ctrl-C) at random moments while they write:
     every output must be its old bytes or a whole new file, the store sound (an uncommitted audit table
@@ -947,22 +972,11 @@ def _kills(work: Path, model: str, S: Path, V: Path, T: Path, VM: Path, rounds: 
         for k in range(rounds):
             tried += 1
             old = {p: p.read_bytes() for p in outputs if p.exists()}
-            sig = signal.SIGINT if k == rounds - 1 else signal.SIGKILL
             argv = [sys.executable, "-m", "forvalue", *map(str, make(k))]
-            proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            time.sleep(rng.uniform(0.4, 1.0) * span)
-            proc.send_signal(sig)
-            try:
-                _, err = proc.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                failures.append(f"kill {name} #{k}: no exit 120 s after {sig.name}")
+            killed = _killed_run(argv, env, rng.uniform(0.4, 1.0) * span, k == rounds - 1, f"{name} #{k}", failures)
+            if killed is None:
                 continue
-            problem = []
-            if sig == signal.SIGINT and proc.returncode not in (0, 130):
-                problem.append(f"Ctrl-C gave exit {proc.returncode}: {err.strip()[-200:]!r}")
-            if "Traceback" in err:
-                problem.append("traceback")
+            problem, how = killed
             for p in outputs:
                 if p.exists() and p.read_bytes() != old.get(p) and not _complete(p):
                     problem.append(f"{p.name} half written")
@@ -985,7 +999,7 @@ def _kills(work: Path, model: str, S: Path, V: Path, T: Path, VM: Path, rounds: 
                 ValueModel.load(VM)
             except Exception as exc:  # noqa: BLE001
                 problem.append(f"value model unreadable: {exc}")
-            line = f"kill {name} #{k} ({sig.name}, exit {proc.returncode})"
+            line = f"kill {name} #{k} ({how})"
             print(f"[{'FAIL' if problem else 'ok'}] {line}" + (f" -- {'; '.join(problem)}" if problem else ""))
             if problem:
                 failures.append(f"{line}: {'; '.join(problem)}")
@@ -1021,21 +1035,11 @@ def _convert_kills(work: Path, S: Path, rounds: int) -> tuple[int, list[str]]:
     for k in range(rounds):
         tried += 1
         out = work / f"killed-conv{k}"
-        sig = signal.SIGINT if k == rounds - 1 else signal.SIGKILL
-        proc = subprocess.Popen(argv(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(0.3, 1.0) * span)
-        proc.send_signal(sig)
-        try:
-            _, err = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            failures.append(f"kill index convert #{k}: no exit 120 s after {sig.name}")
+        label = f"index convert #{k}"
+        killed = _killed_run(argv(out), env, rng.uniform(0.3, 1.0) * span, k == rounds - 1, label, failures)
+        if killed is None:
             continue
-        problem = []
-        if sig == signal.SIGINT and proc.returncode not in (0, 130):
-            problem.append(f"Ctrl-C gave exit {proc.returncode}: {err.strip()[-200:]!r}")
-        if "Traceback" in err:
-            problem.append("traceback")
+        problem, how = killed
         if _snapshot(S) != source:
             problem.append("the source store changed")
         try:
@@ -1052,7 +1056,7 @@ def _convert_kills(work: Path, S: Path, rounds: int) -> tuple[int, list[str]]:
                 problem.append(f"output not sound: {report['problems'][:1]}")
             if got != want:
                 problem.append(f"output holds {len(got)} ids, the source {len(want)}")
-        line = f"kill index convert #{k} ({sig.name}, exit {proc.returncode}, {before} of {len(want)} rows kept)"
+        line = f"kill index convert #{k} ({how}, {before} of {len(want)} rows kept)"
         print(f"[{'FAIL' if problem else 'ok'}] {line}" + (f" -- {'; '.join(problem)}" if problem else ""))
         if problem:
             failures.append(f"{line}: {'; '.join(problem)}")
