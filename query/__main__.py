@@ -1,6 +1,18 @@
-"""``python -m forvalue``: the same as the ``forvalue`` command."""
+"""``python -m forvalue``: the same as the ``forvalue`` command (whose entry point is :func:`run`)."""
 
-from forvalue.cli import main
+import sys
+
+
+def run() -> None:
+    """The ``forvalue`` program. A Ctrl-C while the CLI is still being imported is one line and status 130, as it
+    is once the command runs (:mod:`forvalue.cli.options`), not a traceback."""
+    try:
+        from forvalue.cli import main
+    except KeyboardInterrupt:
+        sys.stderr.write("error: interrupted before the command started; nothing was written\n")
+        sys.exit(130)
+    main()
+
 
 if __name__ == "__main__":
-    main()
+    run()

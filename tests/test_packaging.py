@@ -73,7 +73,25 @@ def test_wheel_holds_only_the_forvalue_package(tmp_path):
     shipped = {n[:-3].replace("/", ".").removesuffix(".__init__") for n in names if n.endswith(".py")}
     assert shipped == set(_source_modules())
     entry_points = zipfile.ZipFile(wheel).read(f"forvalue-{version}.dist-info/entry_points.txt").decode()
-    assert "forvalue = forvalue.cli:main" in entry_points
+    assert "forvalue = forvalue.__main__:run" in entry_points
+
+
+def test_ctrl_c_while_the_cli_is_imported_is_one_line_and_status_130():
+    """The ``forvalue`` program (``forvalue.__main__:run``): a KeyboardInterrupt raised while ``forvalue.cli`` is
+    being imported (Ctrl-C on a loaded machine) ends with one line and status 130, not a traceback."""
+    code = (
+        "import sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'forvalue.cli':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from forvalue.__main__ import run\n"
+        "run()\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 130
+    assert res.stderr.splitlines() == ["error: interrupted before the command started; nothing was written"]
 
 
 def test_version_comes_from_the_package_metadata():
