@@ -887,6 +887,13 @@ def _killed_run(argv: list[str], env: dict, after: float, ctrl_c: bool, label: s
     return problem, f"{sig.name}, exit {proc.returncode}"
 
 
+def _report_round(line: str, problem: list[str], failures: list[str]) -> None:
+    """Print one killed round's line (ok or FAIL with its problems); a failed round joins ``failures``."""
+    print(f"[{'FAIL' if problem else 'ok'}] {line}" + (f" -- {'; '.join(problem)}" if problem else ""))
+    if problem:
+        failures.append(f"{line}: {'; '.join(problem)}")
+
+
 def _kills(work: Path, model: str, S: Path, V: Path, T: Path, VM: Path, rounds: int) -> tuple[int, list[str]]:
     """Real ``forvalue`` processes killed (SIGKILL, or SIGINT as Ctrl-C) at random moments while they write:
     every output must be its old bytes or a whole new file, the store sound (an uncommitted audit table
@@ -999,10 +1006,7 @@ def _kills(work: Path, model: str, S: Path, V: Path, T: Path, VM: Path, rounds: 
                 ValueModel.load(VM)
             except Exception as exc:  # noqa: BLE001
                 problem.append(f"value model unreadable: {exc}")
-            line = f"kill {name} #{k} ({how})"
-            print(f"[{'FAIL' if problem else 'ok'}] {line}" + (f" -- {'; '.join(problem)}" if problem else ""))
-            if problem:
-                failures.append(f"{line}: {'; '.join(problem)}")
+            _report_round(f"kill {name} #{k} ({how})", problem, failures)
     return tried, failures
 
 
@@ -1053,13 +1057,10 @@ def _convert_kills(work: Path, S: Path, rounds: int) -> tuple[int, list[str]]:
             report = check_store(out)
             got = sorted(r["id"] for b in Store.open(out).scan(["id"]) for r in b.to_pylist())
             if not report.clean:
-                problem.append(f"output not sound: {report['problems'][:1]}")
+                problem.append(f"output not sound: {report.problems[:1]}")
             if got != want:
                 problem.append(f"output holds {len(got)} ids, the source {len(want)}")
-        line = f"kill index convert #{k} ({how}, {before} of {len(want)} rows kept)"
-        print(f"[{'FAIL' if problem else 'ok'}] {line}" + (f" -- {'; '.join(problem)}" if problem else ""))
-        if problem:
-            failures.append(f"{line}: {'; '.join(problem)}")
+        _report_round(f"kill index convert #{k} ({how}, {before} of {len(want)} rows kept)", problem, failures)
     return tried, failures
 
 

@@ -27,8 +27,7 @@ import warnings
 import numpy as np
 import torch
 
-from forvalue.engine import plan
-from forvalue.engine.plan import memory_budget
+from forvalue.engine.plan import memory_budget, pair_form
 from forvalue.engine.validation import ValidationSet
 from forvalue.storage.rows import TrainBlock
 
@@ -160,9 +159,9 @@ class GFormScorer:
 
         Two ways to the same sum ``sum_k sum_j values[k, j] <Gbar_a[ids[k, j]], h_k>``:
 
-        * few aggregates (``A d`` below :data:`forvalue.engine.plan.PAIR_FORM_MIN_FLOATS`): per stored token,
-          the ``Gbar`` rows of its error entries gathered and summed (``embedding_bag``), then one dot product
-          with ``h_k``; each entry reads ``A d`` floats;
+        * few aggregates (``A d`` below ``PAIR_FORM_MIN_FLOATS``, :func:`forvalue.engine.plan.pair_form`): per
+          stored token, the ``Gbar`` rows of its error entries gathered and summed (``embedding_bag``), then one
+          dot product with ``h_k``; each entry reads ``A d`` floats;
         * many: ``G_i`` on the held rows, ``Z[r, i] = sum_{k in i, j: ids[k, j] = r} values[k, j] h_k``, one
           ``d``-vector per (row, sample) pair (a sparse-dense product; a sample meets a row ~3 times on the
           stores measured), then per row one dense product of its pairs ``(n, d)`` with its ``(A, d)`` block:
@@ -175,7 +174,7 @@ class GFormScorer:
         hidden = torch.from_numpy(block.hidden).to(self.device, self.dtype)
         pos = self._positions(torch.from_numpy(block.ids).to(self.device))
         values = torch.from_numpy(block.values).to(self.device, self.dtype)
-        if self.n_agg * self.d >= plan.PAIR_FORM_MIN_FLOATS:
+        if pair_form(self.n_agg, self.d):
             self._score_pairs(out, segment, hidden, pos, values, rows)
             return out.cpu().numpy()
         chunk = max(1, _CHUNK_FLOATS // (self.n_agg * self.d))

@@ -52,9 +52,15 @@ def token_cost(val_tokens: int, hidden_size: int, entries: int) -> float:
     return float(val_tokens) * (hidden_size + entries + 2)
 
 
+def pair_form(n_aggregates: int, hidden_size: int) -> bool:
+    """Whether the G-form scores (row, sample) pairs by dense products rather than gathering ``A d`` floats per
+    error entry (:meth:`forvalue.engine.gform.GFormScorer.score`)."""
+    return n_aggregates * hidden_size >= PAIR_FORM_MIN_FLOATS
+
+
 def gform_cost(n_aggregates: int, hidden_size: int, entries: int) -> float:
     """G-form operations per stored token for ``n_aggregates`` matrices, in token-form units."""
-    cost = PAIR_COST if n_aggregates * hidden_size >= PAIR_FORM_MIN_FLOATS else GATHER_COST
+    cost = PAIR_COST if pair_form(n_aggregates, hidden_size) else GATHER_COST
     return cost * n_aggregates * (entries + 1) * hidden_size
 
 
