@@ -172,7 +172,7 @@ def run_query(
     val = encode_validation(
         runner, samples, store.manifest, data, config.batch_size, config.validation_tokens, store_hidden_basis(store)
     )
-    val = apply_variant(val, store, config.center)  # centred scores (docs/variants.md)
+    val = apply_variant(val, store, config.center, config.whiten)  # centred / whitened scores (docs/variants.md)
     n_cols = 1 if config.aggregate == "mean" else len(val)
     col_names = ["mean"] if config.aggregate == "mean" else [s.id for s in samples]
     top = TopK(config.top_k, n_cols)

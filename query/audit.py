@@ -122,7 +122,7 @@ def run_audit(
     )
     from forvalue.engine.variant import apply_variant
 
-    val = apply_variant(val, store, config.center)  # centred scores (docs/variants.md)
+    val = apply_variant(val, store, config.center, config.whiten)  # centred / whitened scores (docs/variants.md)
     device = loaded["runner"].device if loaded else resolve_device(config.device)
     val_labels = [s.label for s in samples]
     groups = sorted({l for l in val_labels if l is not None})

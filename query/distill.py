@@ -262,15 +262,13 @@ def check_compatible(vm: ValueModel, store: Store, audit_meta: dict | None = Non
 
 def score_variant(settings: dict) -> dict:
     """The score variant of an audit's settings (older audits: the paper's defaults)."""
-    return {
-        "normalize": settings.get("normalize", "none"),
-        "center": settings.get("center", "none"),
-        "validation_tokens": settings.get("validation_tokens", "store"),
-    }
+    from forvalue.engine.variant import variant_options
+
+    return {"normalize": settings.get("normalize", "none"), **variant_options(settings)}
 
 
 def _fmt_variant(variant: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in variant.items())
+    return ", ".join(f"{k} {'off' if v is None else v}" for k, v in variant.items())
 
 
 def evaluate_value_model(

@@ -20,14 +20,16 @@ def explain_query_results(
 ):
     """Pages of the top ``n`` results of a query (``top``) in ``folder``; ``top`` with a column naming each page.
 
-    ``variant``: the query's :class:`~forvalue.schemas.config.VariantConfig` (its center and validation tokens).
+    ``variant``: the query's :class:`~forvalue.schemas.config.VariantConfig` (its center, validation tokens,
+    whitening).
     """
     from forvalue.engine.explain import Explainer
     from forvalue.engine.validation import data_for_store, load_validation_samples
+    from forvalue.engine.variant import variant_options
 
     check_outputs({"explanation pages": (folder, (FOLDER,))}, [store.path, *validation])
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))
-    options = {} if variant is None else {"center": variant.center, "validation_tokens": variant.validation_tokens}
+    options = {} if variant is None else variant_options(variant)
     explainer = Explainer(store, runner, samples, data, batch_size, **options)
     return explain_top_results(top, explainer, n, folder)
 
@@ -102,7 +104,7 @@ def explain_audit_examples(
     """Pages explaining the top and bottom ``n_examples`` of audit ``name`` (what its report lists).
 
     Each page explains the raw score against the mean of the validation samples (the audit's
-    ``score_mean`` with ``normalize='none'``), in the audit's score variant (its ``center`` and
+    ``score_mean`` with ``normalize='none'``), in the audit's score variant (its ``center``, ``whiten`` and
     ``validation_tokens`` settings). The validation encodings come from the store's
     validation cache (filled by the audit, so no forward pass runs for them); the model is
     loaded for its tokenizer.
@@ -119,6 +121,7 @@ def explain_audit_examples(
         load_validation_samples,
         store_hidden_basis,
     )
+    from forvalue.engine.variant import variant_options
     from forvalue.session import load_store_runner, open_nonempty
     from forvalue.storage.audits import ValidationCache, read_audit
 
@@ -127,7 +130,8 @@ def explain_audit_examples(
     store = open_nonempty(store)
     table, meta = read_audit(store, name)
     settings = meta.get("settings", {})
-    center, tokens = settings.get("center", "none"), settings.get("validation_tokens", "store")
+    options = variant_options(settings)
+    tokens = options["validation_tokens"]
     rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
     chosen = [("top", r) for r in rows[:n_examples]] + [("bottom", r) for r in rows[-n_examples:][::-1]]
     data = data_for_store(data, store.manifest)
@@ -142,7 +146,7 @@ def explain_audit_examples(
         tokens=tokens,
         basis=store_hidden_basis(store),
     )
-    explainer = Explainer(store, runner, samples, data, val=val, center=center, validation_tokens=tokens)
+    explainer = Explainer(store, runner, samples, data, val=val, **options)
     unique = list(dict.fromkeys(r["id"] for _, r in chosen))
     pages = {}
     for sid, e in zip(unique, explainer.explain_many(unique, None, top_pairs)):

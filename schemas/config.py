@@ -350,6 +350,11 @@ class VariantConfig(RuntimeConfig):
         Which positions of each validation sample are scored: the store's ``score_tokens`` (``store``), or
         only its response (``response``: the completion, or the assistant turns of a conversation; a row
         with only text, or an empty response, keeps the store's positions). Stored samples keep theirs.
+    whiten : float, optional
+        Whitened hidden states (implies ``center="mean"``): ``(h_v - mu)^T C^-1 (h_i - mu)`` with ``C = Sigma +
+        whiten * tr(Sigma) / d * I``, ``Sigma`` the covariance of the same stored tokens as ``mu``. Small values
+        whiten fully (hard math-like tasks: 0.1 measured best), large ones approach the centred score (10 on
+        hard sentences); docs/variants.md. Not with ``normalize="cosine"``. None (default): not whitened.
     """
 
     center: Center = setting(
@@ -364,6 +369,21 @@ class VariantConfig(RuntimeConfig):
         "validation sample's response / assistant tokens (text-only rows keep the store's).",
         choices=get_args(ValidationTokens),
     )
+    whiten: float | None = bounded(
+        None,
+        "Whiten hidden states by the store's covariance shrunk by this multiple of its mean variance (implies "
+        "--center mean; e.g. 0.1 strong, 10 mild; docs/variants.md). Not with --normalize cosine.",
+        0.001,
+        1e6,
+    )
+
+    def _check_variant(self) -> None:
+        """The variant's cross-field rule (with ``normalize``, where the config has one)."""
+        if self.whiten is not None and getattr(self, "normalize", "none") == "cosine":
+            raise ConfigError(
+                "whiten",
+                "not with --normalize cosine (the stored ||G_i|| are not whitened); drop one of them",
+            )
 
 
 @dataclass(frozen=True)
@@ -430,6 +450,7 @@ class QueryConfig(ScanConfig):
 
     def __post_init__(self) -> None:
         _check(self)
+        self._check_variant()
         if self.candidates is not None and self.exact:
             raise ConfigError("candidates", "--candidates and --exact exclude each other; give one")
 
@@ -468,6 +489,7 @@ class AuditConfig(ScanConfig):
 
     def __post_init__(self) -> None:
         _check(self)
+        self._check_variant()
         if self.flag_fraction is not None and self.flag_fraction > 1.0:
             raise ConfigError("flag_fraction", f"must be in [0, 1], got {self.flag_fraction}")
 

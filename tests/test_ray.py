@@ -262,12 +262,19 @@ def test_ray_build_survives_a_killed_worker(tmp_path, tiny_model_dir, ray_instan
 @pytest.mark.ray
 @pytest.mark.parametrize(
     "flag_by, normalize, center",
-    [("mean", "none", "none"), ("max", "cosine", "none"), ("label", "none", "none"), ("max", "cosine", "mean")],
+    [
+        ("mean", "none", "none"),
+        ("max", "cosine", "none"),
+        ("label", "none", "none"),
+        ("max", "cosine", "mean"),
+        ("label", "none", "whiten"),
+    ],
 )
 def test_ray_audit_equals_single_process(stores, flag_by, normalize, center):
     from forvalue.audit import load_audit, run_audit
 
-    cfg = AuditConfig(progress=False, device="cpu", flag_by=flag_by, normalize=normalize, center=center, read_rows=7)
+    variant = {"whiten": 0.3} if center == "whiten" else {"center": center}
+    cfg = AuditConfig(progress=False, device="cpu", flag_by=flag_by, normalize=normalize, read_rows=7, **variant)
     a = run_audit(stores["local"], _val(), f"local-{flag_by}-{center}", cfg)
     b = run_audit(stores["local"], _val(), f"ray-{flag_by}-{center}", cfg, engine=RAY)
     assert (a.form, a.n_train, a.flagged) == (b.form, b.n_train, b.flagged)
@@ -283,15 +290,16 @@ def test_ray_audit_equals_single_process(stores, flag_by, normalize, center):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("aggregate, center", [("none", "none"), ("mean", "none"), ("none", "mean")])
+@pytest.mark.parametrize(
+    "aggregate, center", [("none", "none"), ("mean", "none"), ("none", "mean"), ("mean", "whiten")]
+)
 def test_ray_query_equals_single_process(stores, aggregate, center, tmp_path):
     import pyarrow.parquet as pq
 
     from forvalue.api import run_query
 
-    cfg = QueryConfig(
-        top_k=7, progress=False, device="cpu", exact=True, aggregate=aggregate, center=center, read_rows=5
-    )
+    variant = {"whiten": 0.3} if center == "whiten" else {"center": center}
+    cfg = QueryConfig(top_k=7, progress=False, device="cpu", exact=True, aggregate=aggregate, read_rows=5, **variant)
     a = run_query(stores["local"], _val(), cfg, keep_scores=True, all_scores_path=tmp_path / "a.parquet")
     b = run_query(stores["local"], _val(), cfg, keep_scores=True, all_scores_path=tmp_path / "b.parquet", engine=RAY)
     assert a.top.column("train_id").to_pylist() == b.top.column("train_id").to_pylist()

@@ -16,7 +16,15 @@ from forvalue.engine.explain import explain
 from forvalue.engine.prefilter import prefilter_topk
 from forvalue.engine.scan import audit_scan
 from forvalue.engine.validation import encode_validation, store_hidden_basis
-from forvalue.engine.variant import centre_validation, centred_sq_norms, store_mean
+from forvalue.engine.variant import (
+    centre_validation,
+    centred_sq_norms,
+    shrunk_covariance,
+    store_mean,
+    store_moments,
+    whiten_validation,
+    whitened_sq_norms,
+)
 from forvalue.indexer.data import iter_samples
 from forvalue.indexer.sparse_errors import pair_score
 from forvalue.schemas.config import (
@@ -92,17 +100,28 @@ def _split(hidden, ids, values, lengths):
     ]
 
 
-def _reference(train_block, val, mu=None, cosine=False):
-    """``(n_train, n_val)`` in float64, one ``pair_score`` per pair of samples, hidden states minus ``mu``."""
+def _reference(train_block, val, mu=None, cosine=False, metric=None):
+    """``(n_train, n_val)`` in float64, one ``pair_score`` per pair of samples, hidden states minus ``mu``; with
+    ``metric`` (a matrix ``M``) the validation side's are ``M (h_v - mu)``: ``(h_v - mu)^T M (h_i - mu)``."""
     mu = 0.0 if mu is None else mu
     train = _split(train_block.hidden.astype(np.float64) - mu, train_block.ids, train_block.values, train_block.lengths)
-    vals = _split(val.hidden.astype(np.float64) - mu, val.ids, val.values, val.lengths)
+    centred = val.hidden.astype(np.float64) - mu
+    vals = _split(centred if metric is None else centred @ metric, val.ids, val.values, val.lengths)
     out = np.array([[pair_score(*v, *t) for v in vals] for t in train])
     if cosine:
-        nt = np.array([pair_score(*t, *t) for t in train])
-        nv = np.array([pair_score(*v, *v) for v in vals])
+        m = np.eye(centred.shape[1]) if metric is None else metric
+        nt = np.array([pair_score(h @ m, i, v, h, i, v) for h, i, v in train])
+        nv = np.array(
+            [pair_score(h @ m, i, v, h, i, v) for h, i, v in _split(centred, val.ids, val.values, val.lengths)]
+        )
         out = out / np.sqrt(nt[:, None] * nv[None, :])
     return out
+
+
+def _metric(store, lam):
+    """``(mu, C^-1)`` of the whitening with shrinkage ``lam``, fitted to every stored token in float64 here."""
+    mu, cov = store_moments(store)
+    return mu, np.linalg.inv(shrunk_covariance(cov, lam))
 
 
 def _close(got, expected, rtol=2e-4):
@@ -312,23 +331,147 @@ def test_cli_variant_options(setting, tiny_model_dir, tmp_path):
     assert "--center" in help_text and "--validation-tokens" in help_text
 
 
-def test_whitened_probe_grid_is_the_whitened_inner_product():
-    """The suite's whitening probes: validation side (h_v - mu) M, stored side h_i - mu, norms from (h_i - mu) L."""
-    from tools.bench_variants import WHITEN_LAMBDAS, whitened_grid
+# ---- whitening (whiten=lambda): (h_v - mu)^T C^-1 (h_i - mu), C = Sigma + lambda tr(Sigma) / d I ----
 
-    rng = np.random.default_rng(0)
-    d = 6
-    tr = {"h": rng.normal(size=(40, d)) + 3.0, "v": rng.normal(size=(40, 3))}
-    va = {"h": rng.normal(size=(5, d)) + 3.0, "v": rng.normal(size=(5, 3))}
-    mu = tr["h"].mean(0)
-    cov = np.cov((tr["h"] - mu).T, bias=True)
-    resp = (np.arange(5) % 2 == 0)[:, None]
-    grid = whitened_grid(va, tr, mu, cov, resp)
-    assert len(grid) == 2 * len(WHITEN_LAMBDAS)
-    for lam in WHITEN_LAMBDAS:
-        m = np.linalg.inv(cov + lam * np.trace(cov) / d * np.eye(d))
-        vh, vv, th, tv, nh, nv = grid[f"whitened (lambda={lam:g})"]
-        np.testing.assert_allclose(vh @ th.T, (va["h"] - mu) @ m @ (tr["h"] - mu).T, rtol=1e-10)
-        np.testing.assert_allclose(nh @ nh.T, (tr["h"] - mu) @ m @ (tr["h"] - mu).T, rtol=1e-10, atol=1e-12)
-        _, rv, *_ = grid[f"val response, whitened (lambda={lam:g})"]
-        assert not rv[1].any() and np.array_equal(rv[0], vv[0])  # odd validation tokens dropped, even kept
+
+def test_store_moments_are_the_stored_tokens_mean_and_covariance(setting):
+    tokens = setting["block"].hidden.astype(np.float64)
+    mu, cov = store_moments(setting["store"])
+    np.testing.assert_allclose(mu, tokens.mean(0), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(cov, np.cov(tokens.T, bias=True), rtol=1e-5, atol=1e-7 * np.abs(cov).max())
+    c = shrunk_covariance(cov, 2.0)
+    np.testing.assert_allclose(c - cov, 2.0 * np.trace(cov) / cov.shape[0] * np.eye(cov.shape[0]), atol=1e-12)
+
+
+def test_whitened_sq_norms_equal_the_pairwise_definition():
+    rng = np.random.default_rng(5)
+    lengths = np.array([3, 1, 5, 0, 2])
+    n = int(lengths.sum())
+    u = rng.standard_normal((n, 6))
+    a = rng.standard_normal((6, 6))
+    m = a @ a.T + np.eye(6)
+    ids = rng.integers(0, 9, (n, 4))  # repeated ids within and across tokens
+    values = rng.standard_normal((n, 4))
+    expected = [pair_score(h @ m, i, v, h, i, v) for h, i, v in _split(u, ids, values, lengths)]
+    np.testing.assert_allclose(whitened_sq_norms(u, u @ m, ids, values, lengths), expected, rtol=1e-10, atol=1e-12)
+    # the identity metric gives the plain norms
+    plain = [pair_score(*p, *p) for p in _split(u, ids, values, lengths)]
+    np.testing.assert_allclose(whitened_sq_norms(u, u, ids, values, lengths), plain, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("lam", [0.1, 10.0])
+def test_whitened_query_equals_the_reference(setting, tiny_runner, lam):
+    store, samples = setting["store"], setting["samples"]
+    val = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
+    mu, metric = _metric(store, lam)
+    cfg = QueryConfig(top_k=3, exact=True, whiten=lam, progress=False, read_rows=4)
+    got = run_query(store, samples, cfg, runner=tiny_runner, keep_scores=True).scores
+    _close(got, _reference(setting["block"], val, mu, metric=metric).T)
+    centred = run_query(
+        store, samples, QueryConfig(exact=True, center="mean", progress=False), runner=tiny_runner, keep_scores=True
+    )
+    assert not np.allclose(centred.scores, got, rtol=1e-2)  # whitening changes the scores (the test can fail)
+    mean = run_query(
+        store,
+        samples,
+        QueryConfig(exact=True, whiten=lam, aggregate="mean", progress=False),
+        runner=tiny_runner,
+        keep_scores=True,
+    ).scores[0]
+    _close(mean, got.mean(axis=0))
+
+
+@pytest.mark.parametrize("form", ["gform", "token"])
+def test_whitened_audit_scan_equals_the_reference(setting, tiny_runner, form):
+    store, samples = setting["store"], setting["samples"]
+    raw = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
+    mu, cov = store_moments(store)
+    val = whiten_validation(raw, mu, cov, 0.3)
+    labels = [s.label for s in samples]
+    scan = audit_scan(store, val, labels, ["caps", "math"], "cpu", read_rows=4, form=form)
+    per = _reference(setting["block"], raw, mu, metric=np.linalg.inv(shrunk_covariance(cov, 0.3)))
+    _close(scan.mean, per.mean(axis=1))
+    caps = [j for j, l in enumerate(labels) if l == "caps"]
+    _close(scan.by_label["caps"], per[:, caps].mean(axis=1))
+    assert scan.form == form
+
+
+def test_whitened_validation_norms_are_the_metric_norms(setting, tiny_runner):
+    store, samples = setting["store"], setting["samples"]
+    raw = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
+    mu, metric = _metric(store, 0.3)
+    val = whiten_validation(raw, mu, store_moments(store)[1], 0.3)
+    parts = _split(raw.hidden.astype(np.float64) - mu, raw.ids, raw.values, raw.lengths)
+    _close(val.sq_norms, np.array([pair_score(h @ metric, i, v, h, i, v) for h, i, v in parts]), rtol=1e-5)
+
+
+def test_whitened_prefilter_rerank_equals_the_exact_scan(setting, tiny_runner):
+    store, samples = setting["store"], setting["samples"]
+    raw = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
+    mu, cov = store_moments(store)
+    cfg = QueryConfig(top_k=4, whiten=1.0, progress=False, read_rows=4)
+    top = prefilter_topk(store, whiten_validation(raw, mu, cov, 1.0), cfg, "cpu", candidates=store.count())
+    exact = run_query(
+        store,
+        samples,
+        QueryConfig(top_k=4, exact=True, whiten=1.0, progress=False),
+        runner=tiny_runner,
+        keep_scores=True,
+    )
+    _close(top.scores, -np.sort(-exact.scores, axis=1)[:, :4])
+
+
+def test_whitened_explanation_splits_the_whitened_score(setting, tiny_runner):
+    store, samples = setting["store"], setting["samples"]
+    e = explain(
+        store, [setting["val_path"]], setting["ids"][4], ExplainConfig(val_index=1, whiten=0.3), runner=tiny_runner
+    )
+    raw = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
+    mu, metric = _metric(store, 0.3)
+    expected = _reference(setting["block"], raw, mu, metric=metric)[4, 1]
+    assert e.score == pytest.approx(expected, rel=2e-4, abs=1e-6 * abs(expected))
+    assert float(e.train.per_token().sum()) == pytest.approx(e.score, rel=1e-6, abs=1e-9)
+    cos = _reference(setting["block"], raw, mu, cosine=True, metric=metric)[4, 1]
+    assert e.cosine == pytest.approx(cos, rel=2e-4)
+
+
+def test_whitening_is_refused_with_cosine_and_recorded_by_audits(setting, tiny_runner, tmp_path):
+    from forvalue.schemas.errors import ConfigError
+
+    for cls in (QueryConfig, AuditConfig):
+        with pytest.raises(ConfigError, match="whiten: not with --normalize cosine"):
+            cls(whiten=1.0, normalize="cosine")
+    with pytest.raises(ConfigError, match="whiten: must be >= 0.001"):
+        QueryConfig(whiten=0.0)
+    store = setting["store"]
+    run_audit(store, [setting["val_path"]], "whitened", AuditConfig(whiten=0.3, progress=False), runner=tiny_runner)
+    st = forvalue.open(store.path)
+    assert st.audits["whitened"].info.meta["settings"]["whiten"] == 0.3
+    raw = encode_validation(tiny_runner, setting["samples"], store.manifest, DataConfig(), basis=setting["basis"])
+    mu, metric = _metric(store, 0.3)
+    per = _reference(setting["block"], raw, mu, metric=metric)
+    table = st.audits["whitened"].to_arrow()
+    order = [setting["ids"].index(i) for i in table.column("id").to_pylist()]
+    _close(table.column("score_mean").to_numpy(), per.mean(axis=1)[order])
+    vm = tmp_path / "vm"
+    st.audits["whitened"].distill(vm)
+    run_audit(
+        store, [setting["val_path"]], "centred-only", AuditConfig(center="mean", progress=False), runner=tiny_runner
+    )
+    with pytest.raises(ForValueError, match="whiten 0.3"):
+        st.audits["centred-only"].evaluate(vm)
+    bad = cli(
+        "audit",
+        "run",
+        "--store",
+        store.path,
+        "-v",
+        setting["val_path"],
+        "--name",
+        "x",
+        "--whiten",
+        "1",
+        "--normalize",
+        "cosine",
+    )
+    assert_one_line_error(bad, "--whiten")

@@ -2,14 +2,17 @@
 
 For each task one store is built (whole text, the product's defaults) under ``--workdir`` (re-runs reuse it),
 the validation samples are scored exactly with each variant of the product (``QueryConfig``: ``center``,
-``validation_tokens``, ``normalize``), and the paper's retrieval metrics are reported per validation sample
-(AUC and recall at the class size, mean over validation samples). ``--probes`` adds variants that are not
-product options, computed from the stored rows in float64 by this script (whitened hidden states,
-IDF-weighted error entries, per-token normalised hidden states, the response on both sides), so that what
-was tried and not kept is measured too.
+``validation_tokens``, ``normalize``, ``whiten``), and the paper's retrieval metrics are reported per validation
+sample (AUC and recall at the class size, mean over validation samples). ``--probes`` adds variants that are not
+product options, computed from the stored rows in float64 by this script (IDF-weighted error entries, per-token
+normalised hidden states, the response on both sides), so that what was tried and not kept is measured too.
 
     python -m tools.bench_variants --workdir runs/variants --n-train 30 --n-test 10 --out variants.md
     python -m tools.bench_variants --workdir runs/variants --tasks hard_sentence --probes
+    python -m tools.bench_variants --workdir runs/variants --from-peers runs/peers/work --tasks shared_template
+
+``--from-peers`` scores the paper-size stores a ``tools.bench peers`` run left in its work folder (each task's
+``fv-store`` with its ``fv-train.jsonl`` / ``fv-val.jsonl``) instead of building new ones.
 
 Tasks: the paper's ``sentence_transformations`` / ``math_with_reasoning`` / ``math_no_reasoning`` and the hard
 versions of :data:`tools.generate_tasks.HARD_TASKS` (no text names the class; ``hard_mixed`` pools 20 classes
@@ -32,16 +35,18 @@ from tools.generate_tasks import HARD_TASKS, hard_task
 
 PAPER_TASKS = ("sentence_transformations", "math_no_reasoning", "math_with_reasoning")
 DEFAULT_TASKS = ("sentence_transformations", "math_with_reasoning", "hard_sentence", "hard_math", "hard_mixed")
-# (name, center, validation_tokens, normalize): product options only
+# (name, center, validation_tokens, normalize, whiten): product options only
 VARIANTS = (
-    ("paper", "none", "store", "none"),
-    ("cosine", "none", "store", "cosine"),
-    ("centred", "mean", "store", "none"),
-    ("centred cosine", "mean", "store", "cosine"),
-    ("val response", "none", "response", "none"),
-    ("val response cosine", "none", "response", "cosine"),
-    ("val response centred", "mean", "response", "none"),
-    ("val response centred cosine", "mean", "response", "cosine"),
+    ("paper", "none", "store", "none", None),
+    ("cosine", "none", "store", "cosine", None),
+    ("centred", "mean", "store", "none", None),
+    ("centred cosine", "mean", "store", "cosine", None),
+    ("val response", "none", "response", "none", None),
+    ("val response cosine", "none", "response", "cosine", None),
+    ("val response centred", "mean", "response", "none", None),
+    ("val response centred cosine", "mean", "response", "cosine", None),
+    *((f"whitened {lam:g}", "mean", "store", "none", lam) for lam in (0.1, 1.0, 10.0)),
+    *((f"val response whitened {lam:g}", "mean", "response", "none", lam) for lam in (0.1, 0.3, 1.0, 3.0, 10.0)),
 )
 
 
@@ -49,9 +54,35 @@ def task_rows(task: str, n_train: int, n_test: int, seed: int) -> tuple[list[dic
     """Rows of a paper task or a hard one (``n_train`` / ``n_test`` per class)."""
     if task in HARD_TASKS:
         return hard_task(task, n_train, n_test, seed)
+    if task == "shared_template":  # the peers suite's: the ten transformations behind one prompt
+        from tools.generate_tasks import shared_template_task
+
+        return shared_template_task(n_train, n_test, seed)
     from forvalue.tasks.text import generate_task
 
     return generate_task(task, n_train=n_train, n_test=n_test, seed=seed)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def from_peers(task: str, peers: Path, log) -> dict:
+    """The paper-size store of ``task`` in a ``tools.bench peers`` work folder (its newest run of the task)."""
+    runs = sorted((peers / "tasks").glob(f"{task}-*"), key=lambda p: (p / "fv-store").stat().st_mtime)
+    runs = [r for r in runs if (r / "fv-store").is_dir()]
+    if not runs:
+        raise SystemExit(f"{peers}/tasks: no {task}-* folder with an fv-store; run tools.bench peers for it first")
+    folder = runs[-1]
+    train, test = _read_jsonl(folder / "fv-train.jsonl"), _read_jsonl(folder / "fv-val.jsonl")
+    log(f"{task}: {folder / 'fv-store'} ({len(train)} train, {len(test)} validation; from the peers run)")
+    return {
+        "store": folder / "fv-store",
+        "train_path": folder / "fv-train.jsonl",
+        "test_path": folder / "fv-val.jsonl",
+        "train": train,
+        "test": test,
+    }
 
 
 def prepare(task: str, workdir: Path, n_train: int, n_test: int, seed: int, model: str | None, log) -> dict:
@@ -72,7 +103,13 @@ def prepare(task: str, workdir: Path, n_train: int, n_test: int, seed: int, mode
     log(
         f"{task}: {store} ({len(train)} train, {len(test)} validation; {report.written} written now in {seconds:.0f} s)"
     )
-    return {"folder": folder, "store": store, "train": train, "test": test}
+    return {
+        "store": store,
+        "train_path": folder / "train.jsonl",
+        "test_path": folder / "test.jsonl",
+        "train": train,
+        "test": test,
+    }
 
 
 def run_variants(prep: dict, runner, variants, log) -> list[dict]:
@@ -90,17 +127,23 @@ def run_variants(prep: dict, runner, variants, log) -> list[dict]:
     store = Store.open(prep["store"])
     labels_by_id = {r["id"]: r["label"] for r in prep["train"]}
     val_labels = [r["label"] for r in prep["test"]]
-    samples = list(iter_samples([prep["folder"] / "test.jsonl"], DataConfig()))
+    samples = list(iter_samples([prep["test_path"]], DataConfig()))
     encoded = {}
     out = []
-    for name, center, tokens, normalize in variants:
+    for name, center, tokens, normalize, whiten in variants:
         if tokens not in encoded:
             encoded[tokens] = encode_validation(runner, samples, store.manifest, DataConfig(), tokens=tokens)
         cfg = QueryConfig(
-            exact=True, center=center, validation_tokens=tokens, normalize=normalize, progress=False, device="cpu"
+            exact=True,
+            center=center,
+            validation_tokens=tokens,
+            normalize=normalize,
+            whiten=whiten,
+            progress=False,
+            device="cpu",
         )
         t0 = time.perf_counter()
-        val = apply_variant(encoded[tokens], store, center)
+        val = apply_variant(encoded[tokens], store, center, whiten)
         ids, parts = [], []
         for _, block_ids, _, scores in score_all(store, val, cfg, runner.device):
             ids += block_ids
@@ -138,11 +181,11 @@ def run_probes(prep: dict, runner, log) -> list[dict]:
         "v": np.concatenate([b.values for b in parts]).astype(np.float64),
         "L": np.concatenate([b.lengths for b in parts]),
     }
-    samples = list(iter_samples([prep["folder"] / "test.jsonl"], DataConfig()))
+    samples = list(iter_samples([prep["test_path"]], DataConfig()))
     val = encode_validation(runner, samples, m, DataConfig())
     va = {"h": val.hidden.astype(np.float64), "ids": val.ids, "v": val.values.astype(np.float64), "L": val.lengths}
     by_id = {r["id"]: r for r in prep["train"]}
-    train_samples = {s.id: s for s in iter_samples([prep["folder"] / "train.jsonl"], DataConfig())}
+    train_samples = {s.id: s for s in iter_samples([prep["train_path"]], DataConfig())}
 
     def response_mask(side: dict, sample_list: list) -> np.ndarray:
         mask = []
@@ -154,10 +197,6 @@ def run_probes(prep: dict, runner, log) -> list[dict]:
     tr["resp"] = response_mask(tr, [train_samples[i] for i in train_ids])
     va["resp"] = response_mask(va, samples)
     mu = tr["h"].mean(0)
-    centred = tr["h"] - mu
-    cov = centred.T @ centred / centred.shape[0]
-    d = mu.size
-    whiten = np.linalg.inv(cov + np.trace(cov) / d * np.eye(d))  # shrunk towards the identity (lambda = 1)
     seg = np.repeat(np.arange(tr["L"].size), tr["L"])
     pairs = np.unique(np.stack([np.repeat(seg, tr["ids"].shape[1]), tr["ids"].ravel()]), axis=1)
     df = np.bincount(pairs[1], minlength=int(max(tr["ids"].max(), va["ids"].max())) + 1)
@@ -184,21 +223,11 @@ def run_probes(prep: dict, runner, log) -> list[dict]:
     train_labels = [by_id[i]["label"] for i in train_ids]
     val_labels = [r["label"] for r in prep["test"]]
     root_idf = np.sqrt(idf[tr["ids"]])
-    chol = np.linalg.cholesky(whiten)
     resp_v, resp_t = va["resp"][:, None], tr["resp"][:, None]
     tn_v, tn_t = token_normalised(va["h"] - mu), token_normalised(tr["h"] - mu)
     probes = {
         # name: (validation hidden, validation errors, train hidden, train errors), and the train side's own
         # (hidden, errors) whose self-score is its squared norm under the probe's inner product (cosine)
-        "whitened (lambda=1)": (
-            (va["h"] - mu) @ whiten,
-            va["v"],
-            tr["h"] - mu,
-            tr["v"],
-            (tr["h"] - mu) @ chol,
-            tr["v"],
-        ),
-        **whitened_grid(va, tr, mu, cov, resp_v),
         "IDF-weighted errors": (va["h"], va["v"] * idf[va["ids"]], tr["h"], tr["v"], tr["h"], tr["v"] * root_idf),
         "centred, per-token normalised": (tn_v, va["v"], tn_t, tr["v"], tn_t, tr["v"]),
         "response both sides": (va["h"], va["v"] * resp_v, tr["h"], tr["v"] * resp_t, tr["h"], tr["v"] * resp_t),
@@ -224,33 +253,19 @@ def run_probes(prep: dict, runner, log) -> list[dict]:
     return out
 
 
-# shrinkage of the whitening covariance towards the identity, as multiples of tr(Sigma) / d (1 = the first probe)
-WHITEN_LAMBDAS = (0.1, 0.3, 3.0, 10.0)
-
-
-def whitened_grid(va: dict, tr: dict, mu: np.ndarray, cov: np.ndarray, resp_v: np.ndarray) -> dict:
-    """Probes ``(h_v - mu)^T M (h_i - mu)``, ``M = (Sigma + lambda tr(Sigma) / d I)^-1`` over :data:`WHITEN_LAMBDAS`,
-    on every validation token and on its response tokens only (``--validation-tokens response``), in the
-    probes' tuple layout (the train side's own values for its norms: ``(h_i - mu) L``, ``M = L L^T``)."""
-    d = mu.size
-    out = {}
-    for lam in WHITEN_LAMBDAS:
-        m = np.linalg.inv(cov + lam * np.trace(cov) / d * np.eye(d))
-        chol = np.linalg.cholesky(m)
-        vh, th = (va["h"] - mu) @ m, tr["h"] - mu
-        out[f"whitened (lambda={lam:g})"] = (vh, va["v"], th, tr["v"], th @ chol, tr["v"])
-        out[f"val response, whitened (lambda={lam:g})"] = (vh, va["v"] * resp_v, th, tr["v"], th @ chol, tr["v"])
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.bench_variants", description=__doc__.split("\n")[0])
-    ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=PAPER_TASKS + HARD_TASKS)
+    ap.add_argument(
+        "--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=PAPER_TASKS + HARD_TASKS + ("shared_template",)
+    )
     ap.add_argument("--n-train", type=int, default=30, help="training samples per class")
     ap.add_argument("--n-test", type=int, default=10, help="validation samples per class")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default=None, help="model folder (default: the product's default model)")
     ap.add_argument("--workdir", required=True, type=Path, help="data and stores (re-runs reuse the stores)")
+    ap.add_argument(
+        "--from-peers", type=Path, default=None, help="score the stores of this tools.bench peers work folder"
+    )
     ap.add_argument("--probes", action="store_true", help="also the non-product variants (float64, from the rows)")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--json", default=None, help="write all numbers as JSON here")
@@ -269,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     runner = load_runner(ModelConfig(path=args.model, device="cpu"))
     results = {}
     for task in args.tasks:
-        prep = prepare(task, args.workdir, args.n_train, args.n_test, args.seed, args.model, log)
+        if args.from_peers is not None:
+            prep = from_peers(task, args.from_peers, log)
+        else:
+            prep = prepare(task, args.workdir, args.n_train, args.n_test, args.seed, args.model, log)
         rows = run_variants(prep, runner, VARIANTS, log)
         if args.probes:
             rows += run_probes(prep, runner, log)
@@ -277,8 +295,13 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, no GPU, shared with other "
         f"jobs (load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end). Model: "
-        f"{args.model or 'default SmolLM2-135M-Instruct'}. Seed {args.seed}, {args.n_train} train + "
-        f"{args.n_test} validation per class; total {time.perf_counter() - started:.0f} s.",
+        f"{args.model or 'default SmolLM2-135M-Instruct'}. "
+        + (
+            f"Stores of the peers run in {args.from_peers} (its training / validation sizes)"
+            if args.from_peers is not None
+            else f"Seed {args.seed}, {args.n_train} train + {args.n_test} validation per class"
+        )
+        + f"; total {time.perf_counter() - started:.0f} s.",
         f"Command: `python -m tools.bench_variants {' '.join(sys.argv[1:] if argv is None else argv)}`",
         "",
         "| variant | " + " | ".join(f"{t} AUC / recall" for t in results) + " |",

@@ -23,7 +23,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from forvalue.engine.variant import as_block, for_scoring
+from forvalue.engine.variant import as_block, block_sq_norms, for_scoring, variant_options
 from forvalue.indexer.data import Sample
 from forvalue.schemas.config import DataConfig, ExplainConfig, ModelConfig
 from forvalue.schemas.errors import ConfigError, ForValueError
@@ -294,6 +294,8 @@ class Explainer:
     center, validation_tokens : str
         The score variant explained (:class:`~forvalue.schemas.config.VariantConfig`): a centred score splits
         into centred token-pair terms (``hidden_dot`` is ``<h_v - mu, h_i - mu>``).
+    whiten : float, optional
+        The whitening shrinkage of the variant (``hidden_dot`` is then ``(h_v - mu)^T C^-1 (h_i - mu)``).
     """
 
     def __init__(
@@ -306,6 +308,7 @@ class Explainer:
         val=None,
         center: str = "none",
         validation_tokens: str = "store",
+        whiten: float | None = None,
     ):
         from forvalue.engine.validation import encode_validation, store_hidden_basis
         from forvalue.engine.variant import apply_variant
@@ -316,7 +319,7 @@ class Explainer:
         if val is None:
             basis = store_hidden_basis(store)
             val = encode_validation(runner, samples, self.manifest, data, batch_size, validation_tokens, basis)
-        self.val = apply_variant(val, store, center)
+        self.val = apply_variant(val, store, center, whiten)
         self.offsets = np.concatenate([[0], np.cumsum(self.val.lengths)])
         self._val_sides: dict[int, tuple[list[str], np.ndarray]] = {}
         self._gram: np.ndarray | None = None
@@ -395,7 +398,8 @@ class Explainer:
             )
         score = float(train_contrib.sum())
         val_sq = float(self.val.sq_norms[val_index]) if val_index is not None else self._mean_sq_norm()
-        cosine = score / max(np.sqrt(max(val_sq, 0.0) * float(block.sq_norms[0])), 1e-30)
+        train_sq = float(block_sq_norms(block, self.val)[0])  # whitened: this sample's norm in the metric
+        cosine = score / max(np.sqrt(max(val_sq, 0.0) * train_sq), 1e-30)
         return Explanation(score, cosine, train_side, sides, pairs, "none" if val_index is not None else "mean")
 
     def _mean_sq_norm(self) -> float:
@@ -546,9 +550,7 @@ def explain(
     index = pick_validation(samples, config)
     runner = get_runner(runner, store, model, config.device)
     chosen = samples if index is None else [samples[index]]
-    explainer = Explainer(
-        store, runner, chosen, data, config.batch_size, center=config.center, validation_tokens=config.validation_tokens
-    )
+    explainer = Explainer(store, runner, chosen, data, config.batch_size, **variant_options(config))
     return explainer.explain(train_id, None if index is None else 0, config.top_pairs)
 
 

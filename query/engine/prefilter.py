@@ -21,7 +21,7 @@ import numpy as np
 from forvalue.engine.ranking import TopK
 from forvalue.engine.scorer import BlockedScorer, TrainBlock, decode_block
 from forvalue.engine.validation import ValidationSet
-from forvalue.engine.variant import for_scoring
+from forvalue.engine.variant import for_scoring, raw_hidden
 from forvalue.indexer.sketch import SketchSpec, get_sketcher
 from forvalue.schemas.config import QueryConfig
 from forvalue.schemas.errors import ForValueError
@@ -70,9 +70,9 @@ def validation_sketches(
 
     ``basis``: the store's fitted basis (``forvalue.storage.sketch_basis.load_basis``) for fitted sketches.
     """
-    hidden = val.hidden if val.center is None else val.hidden[:, :-1] + val.center.astype(np.float32)
-    # a centred set (forvalue.engine.variant): its candidates come from the sketch of its uncentred G_v (the
-    # stored sketches are of the uncentred G_i); the rerank scores them centred
+    hidden = raw_hidden(val)
+    # a centred or whitened set (forvalue.engine.variant): its candidates come from the sketch of its raw G_v (the
+    # stored sketches are of the raw G_i); the rerank scores them in the variant
     z = get_sketcher(spec, basis).sketch(hidden, val.ids, val.values, val.lengths)
     return z.mean(axis=0, keepdims=True) if aggregate == "mean" else z
 

@@ -38,6 +38,9 @@ class ValidationSet:
     center : float64 array of shape (d,), or None
         The mean hidden state the set is centred on (``forvalue.engine.variant.centre_validation``: then
         ``hidden`` has ``d + 1`` columns and ``sq_norms`` are the centred ones); stored rows are read to match.
+    whiten : float64 array of shape (d, d), or None
+        The shrunk covariance ``C`` of a whitened set (``forvalue.engine.variant.whiten_validation``: its
+        ``hidden`` columns are ``[C^-1 (h - mu), ...]`` and ``sq_norms`` the whitened ones).
     """
 
     samples: list[Sample]
@@ -47,6 +50,7 @@ class ValidationSet:
     lengths: np.ndarray
     sq_norms: np.ndarray
     center: np.ndarray | None = None
+    whiten: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -64,6 +68,7 @@ class ValidationSet:
             self.lengths[list(index)],
             self.sq_norms[list(index)],
             self.center,
+            self.whiten,
         )
 
 

@@ -1,4 +1,5 @@
-"""Score variants that leave the store as it is: centred hidden states (``center="mean"``).
+"""Score variants that leave the store as it is: centred hidden states (``center="mean"``) and whitened ones
+(``whiten=lambda``).
 
 Centring replaces ``<h_v, h_i>`` by ``<h_v - mu, h_i - mu>`` in Eq. 1, for a mean hidden state ``mu``
 (:func:`store_mean`). The store is not rewritten: the validation side holds ``d + 1`` columns
@@ -16,6 +17,14 @@ become the centred ones without a pass over token pairs:
 
 from the stored ``||G||^2`` (:func:`centred_sq_norms`). The float64 reference is
 ``tools.reference.centred_score``; docs/variants.md has the measurements.
+
+Whitening (``whiten=lambda``, implies centring) replaces ``<h_v - mu, h_i - mu>`` by ``(h_v - mu)^T C^-1 (h_i - mu)``
+with ``C = Sigma + lambda tr(Sigma) / d I`` the covariance of the same stored tokens shrunk towards the identity
+(:func:`store_moments`). Only the validation side changes: it holds ``[w_v, -<w_v, mu>]`` with
+``w_v = C^-1 (h_v - mu)`` against the stored ``[h_i, 1]``, so every scorer computes it as it computes the centred
+score, at no cost per stored token. The stored ``||G_i||`` in that metric would need ``d^2`` work per stored token,
+so cosine is not offered with whitening (the configs refuse it); the validation side's norms
+(:func:`whitened_sq_norms`) are exact, and an explanation computes its one stored sample's.
 """
 
 from __future__ import annotations
@@ -33,6 +42,19 @@ if TYPE_CHECKING:  # the validation module pulls the encoder in; this one stays 
 
 # Stored samples whose scored tokens give the mean hidden state (evenly spaced over the store).
 MEAN_ROWS = 4096
+# Stored samples whose scored tokens give the whitening's mean and covariance (d^2 work per token: ~1.5 s of CPU
+# per 50k tokens on the 2-core benchmark machine, so fewer than the mean's).
+MOMENT_ROWS = 1024
+# The score-variant settings (VariantConfig's fields) with the paper's values: what an older audit's settings mean.
+PAPER_VARIANT = {"center": "none", "validation_tokens": "store", "whiten": None}
+
+
+def variant_options(source) -> dict:
+    """The score-variant settings of a :class:`~forvalue.schemas.config.VariantConfig` or of an audit's recorded
+    settings (a dict; a missing key: the paper's value), as keyword arguments of :class:`Explainer`."""
+    if isinstance(source, dict):
+        return {k: source.get(k, v) for k, v in PAPER_VARIANT.items()}
+    return {k: getattr(source, k) for k in PAPER_VARIANT}
 
 
 def store_mean(store, rows: int = MEAN_ROWS) -> np.ndarray:
@@ -41,16 +63,80 @@ def store_mean(store, rows: int = MEAN_ROWS) -> np.ndarray:
 
     Deterministic for a store version; hidden states as the scorers read them (int8 dequantized).
     """
+    return _moments(store, rows, second=False)[0]
+
+
+def store_moments(store, rows: int = MOMENT_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, Sigma)``: the mean and the covariance ``(d, d)`` (float64, normalised by the token count) of the
+    scored tokens of ``min(rows, n)`` evenly spaced stored samples, as :func:`store_mean` reads them."""
+    return _moments(store, rows, second=True)
+
+
+def _moments(store, rows: int, second: bool) -> tuple[np.ndarray, np.ndarray | None]:
     total = store.count()
     positions = np.unique(np.linspace(0, max(total - 1, 0), num=min(rows, total)).round().astype(np.int64))
     width = store.manifest.stored_width  # a low-rank store's coordinates (its validation sets are projected)
     acc, count = np.zeros(width), 0
+    outer = np.zeros((width, width)) if second else None
+    shift = None  # the second moment is taken about the first block's mean (float32 products, little cancellation)
     for start in range(0, positions.size, 1024):
         part = positions[start : start + 1024].tolist()
         block = decode_block(store.take(part, SCORING_COLUMNS), width)
         acc += block.hidden.sum(axis=0, dtype=np.float64)
         count += block.hidden.shape[0]
-    return acc / max(count, 1)
+        if second and block.hidden.shape[0]:
+            if shift is None:
+                shift = block.hidden.mean(axis=0, dtype=np.float64)
+            h = (block.hidden.astype(np.float64) - shift).astype(np.float32)
+            outer += (h.T @ h).astype(np.float64)
+    mu = acc / max(count, 1)
+    if not second:
+        return mu, None
+    if shift is None:
+        return mu, np.zeros((width, width))
+    off = mu - shift
+    return mu, outer / max(count, 1) - np.outer(off, off)
+
+
+def shrunk_covariance(cov: np.ndarray, lam: float) -> np.ndarray:
+    """``C = Sigma + lambda tr(Sigma) / d I``: the whitening metric's inverse (positive definite for ``lambda > 0``
+    and a non-zero ``Sigma``)."""
+    d = cov.shape[0]
+    scale = max(float(np.trace(cov)) / d, 1e-12)
+    return cov + lam * scale * np.eye(d)
+
+
+def whitened_sq_norms(
+    centred: np.ndarray, whitened: np.ndarray, ids: np.ndarray, values: np.ndarray, lengths: np.ndarray
+) -> np.ndarray:
+    """``||G_r||_M^2 = sum_{k,k'} <e_k, e_k'> <w_k, u_k'>`` per row, float64: ``centred`` the rows' ``u = h - mu``,
+    ``whitened`` their ``w = M u``. One sparse product per chunk of rows, no pass over token pairs."""
+    import torch
+
+    lengths = np.asarray(lengths, np.int64)
+    out = np.zeros(lengths.size)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    chunk = 256
+    for first in range(0, lengths.size, chunk):
+        last = min(first + chunk, lengths.size)
+        lo, hi = int(offsets[first]), int(offsets[last])
+        if hi == lo:
+            continue
+        row_of = np.repeat(np.arange(last - first), lengths[first:last])
+        part_ids = np.asarray(ids[lo:hi], np.int64)
+        width = int(part_ids.max(initial=0)) + 1
+        keys = (row_of[:, None] * width + part_ids).ravel()
+        unique, inverse = np.unique(keys, return_inverse=True)
+        tokens = np.repeat(np.arange(hi - lo), part_ids.shape[1])
+        index = torch.from_numpy(np.vstack([inverse.ravel(), tokens]))
+        s = torch.sparse_coo_tensor(
+            index, torch.from_numpy(np.asarray(values[lo:hi], np.float64).ravel()), (unique.size, hi - lo)
+        )
+        gu = torch.sparse.mm(s, torch.from_numpy(np.ascontiguousarray(centred[lo:hi], np.float64)))
+        gw = torch.sparse.mm(s, torch.from_numpy(np.ascontiguousarray(whitened[lo:hi], np.float64)))
+        per_key = (gu * gw).sum(dim=1).numpy()
+        out[first:last] = np.bincount(unique // width, weights=per_key, minlength=last - first)
+    return out
 
 
 def centred_sq_norms(
@@ -94,6 +180,43 @@ def centre_block(block: TrainBlock, mu: np.ndarray) -> TrainBlock:
     return TrainBlock(hidden, block.ids, block.values, block.lengths, sq)
 
 
+def whiten_validation(val: "ValidationSet", mu: np.ndarray, cov: np.ndarray, lam: float) -> "ValidationSet":
+    """``val`` with hidden states ``[w, -<w, mu>]``, ``w = C^-1 (h - mu)`` (:func:`shrunk_covariance`), the whitened
+    ``sq_norms``, ``center=mu`` and ``whiten=C``: every scorer then computes ``(h_v - mu)^T C^-1 (h_i - mu)``."""
+    mu = np.asarray(mu, np.float64)
+    c = shrunk_covariance(np.asarray(cov, np.float64), lam)
+    centred = val.hidden.astype(np.float64) - mu
+    w = np.linalg.solve(c, centred.T).T
+    hidden = np.hstack([w, -(w @ mu)[:, None]]).astype(np.float32)
+    sq = whitened_sq_norms(centred, w, val.ids, val.values, val.lengths)
+    return replace(val, hidden=hidden, sq_norms=sq, center=mu, whiten=c)
+
+
+def centred_hidden(val: "ValidationSet") -> np.ndarray:
+    """A centred or whitened set's ``h - mu`` ``(M, d)`` (float32), recovered from its scoring columns."""
+    if val.whiten is not None:
+        return (val.hidden[:, :-1].astype(np.float64) @ val.whiten).astype(np.float32)
+    return val.hidden[:, :-1]
+
+
+def raw_hidden(val: "ValidationSet") -> np.ndarray:
+    """The set's hidden states as encoded (``(M, d)``), whatever variant it was prepared for."""
+    if val.center is None:
+        return val.hidden
+    return centred_hidden(val) + val.center.astype(np.float32)
+
+
+def block_sq_norms(block: TrainBlock, val: "ValidationSet") -> np.ndarray:
+    """The ``||G_r||^2`` of a stored block read for ``val`` (:func:`for_scoring`) in ``val``'s metric: the block's
+    own when not whitened; else :func:`whitened_sq_norms` (``d^2`` work per token: for a few rows, e.g. an
+    explanation's)."""
+    if val.whiten is None:
+        return block.sq_norms
+    centred = block.hidden[:, :-1].astype(np.float64) - val.center
+    w = np.linalg.solve(val.whiten, centred.T).T
+    return whitened_sq_norms(centred, w, block.ids, block.values, block.lengths)
+
+
 def for_scoring(block: TrainBlock, val: "ValidationSet") -> TrainBlock:
     """``block`` as the scorers of ``val`` read it (centred when ``val`` is)."""
     return block if val.center is None else centre_block(block, val.center)
@@ -103,14 +226,20 @@ def as_block(val: "ValidationSet") -> TrainBlock:
     """The validation samples as a stored block read for ``val``'s scorers (its Gram matrix, ``||mean G_v||``):
     a centred set's own tokens are ``[h - mu, 0]`` against its ``[h - mu, -<h - mu, mu>]``."""
     hidden = val.hidden
-    if val.center is not None:
-        hidden = np.hstack([hidden[:, :-1], np.zeros((hidden.shape[0], 1), hidden.dtype)])
+    if val.center is not None:  # a whitened set's own tokens: [h - mu, 0] against its [C^-1 (h - mu), ...]
+        hidden = np.hstack([centred_hidden(val), np.zeros((hidden.shape[0], 1), hidden.dtype)])
     return TrainBlock(hidden, val.ids, val.values, val.lengths, val.sq_norms)
 
 
-def apply_variant(val: "ValidationSet", store, center: str) -> "ValidationSet":
-    """``val`` prepared for ``center`` (``"none"``: unchanged; ``"mean"``: :func:`centre_validation` with
-    :func:`store_mean`)."""
-    if center == "none" or val.center is not None:
+def apply_variant(val: "ValidationSet", store, center: str, whiten: float | None = None) -> "ValidationSet":
+    """``val`` prepared for ``center`` and ``whiten`` (``"none"`` and None: unchanged; ``"mean"``:
+    :func:`centre_validation` with :func:`store_mean`; ``whiten``: :func:`whiten_validation` with
+    :func:`store_moments`, centred whatever ``center`` says)."""
+    if val.center is not None:
+        return val
+    if whiten is not None:
+        mu, cov = store_moments(store)
+        return whiten_validation(val, mu, cov, whiten)
+    if center == "none":
         return val
     return centre_validation(val, store_mean(store))
