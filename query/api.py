@@ -26,7 +26,7 @@ from forvalue.engine.validation import (
     load_validation_samples,
     store_hidden_basis,
 )
-from forvalue.engine.variant import apply_variant
+from forvalue.engine.variant import apply_variant, resolve_whiten
 from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
 from forvalue.present.output import ScoreWriter, check_output_path
@@ -63,7 +63,10 @@ class QueryResult:
     rows_read : int or None
         Prefiltered: the distinct candidate rows read, once for all validation samples together.
     config : QueryConfig or None
-        The settings the query ran with (explanation pages of its results use its score variant).
+        The settings the query ran with (explanation pages of its results use its score variant); with
+        ``whiten="auto"``, the value chosen.
+    whiten_auto : dict or None
+        ``whiten="auto"``: the value chosen (``chosen``) and each candidate's own-label AUC (``label_auc``).
     """
 
     top: pa.Table
@@ -75,6 +78,7 @@ class QueryResult:
     prefiltered: bool = False
     rows_read: int | None = None
     config: QueryConfig | None = None
+    whiten_auto: dict | None = None
 
 
 def add_to_index(
@@ -172,6 +176,15 @@ def run_query(
     val = encode_validation(
         runner, samples, store.manifest, data, config.batch_size, config.validation_tokens, store_hidden_basis(store)
     )
+    config, whiten_auto = resolve_whiten(  # --whiten auto: chosen by the validation samples' own labels
+        config,
+        store,
+        val,
+        [s.label for s in samples],
+        lambda: encode_validation(
+            runner, samples, store.manifest, data, config.batch_size, "store", store_hidden_basis(store)
+        ),
+    )
     val = apply_variant(val, store, config.center, config.whiten)  # centred / whitened scores (docs/variants.md)
     n_cols = 1 if config.aggregate == "mean" else len(val)
     col_names = ["mean"] if config.aggregate == "mean" else [s.id for s in samples]
@@ -227,6 +240,7 @@ def run_query(
         prefiltered=prefiltered,
         rows_read=timings.get("rows_read") if prefiltered else None,
         config=config,
+        whiten_auto=whiten_auto,
     )
 
 

@@ -120,8 +120,24 @@ def run_audit(
         config.validation_tokens,
         store_hidden_basis(store),
     )
-    from forvalue.engine.variant import apply_variant
+    from forvalue.engine.variant import apply_variant, resolve_whiten
 
+    config, whiten_auto = resolve_whiten(  # --whiten auto: chosen by the validation samples' own labels
+        config,
+        store,
+        val,
+        [s.label for s in samples],
+        lambda: encode_validation_cached(
+            samples,
+            store.manifest,
+            data,
+            get_runner,
+            ValidationCache(store),
+            config.batch_size,
+            "store",
+            store_hidden_basis(store),
+        )[0],
+    )
     val = apply_variant(val, store, config.center, config.whiten)  # centred / whitened scores (docs/variants.md)
     device = loaded["runner"].device if loaded else resolve_device(config.device)
     val_labels = [s.label for s in samples]
@@ -182,9 +198,10 @@ def run_audit(
         "n_validation": len(samples),
         "n_train": len(ids),
         "store_version": store.version(),
-        "settings": asdict(config),
+        "settings": asdict(config),  # with --whiten auto: the value chosen (whiten_auto has the choice)
         "validation_labels": groups,
         "flagged": int(flagged.sum()),
+        **({"whiten_auto": whiten_auto} if whiten_auto is not None else {}),
         "scan_form": scan.form,
         "scan_passes": scan.passes,
         "score_max_computed": maximum is not None,
@@ -210,6 +227,7 @@ def run_audit(
         scan_seconds=scanned_at - encoded_at,
         write_seconds=done - scanned_at,
         form=scan.form,
+        whiten_auto=whiten_auto,
     )
 
 

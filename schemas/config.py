@@ -42,6 +42,8 @@ ValidationTokens = Literal["store", "response"]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HIDDEN_DTYPES = ("int8", "float16", "float32")
+# --whiten's range (units of the mean variance tr(Sigma) / d)
+WHITEN_MIN, WHITEN_MAX = 0.001, 1e6
 # Vision-language models: default image bound = 512 Qwen2-VL visual tokens of 28 x 28 pixels.
 IMAGE_MAX_PIXELS = 512 * 28 * 28
 
@@ -350,11 +352,14 @@ class VariantConfig(RuntimeConfig):
         Which positions of each validation sample are scored: the store's ``score_tokens`` (``store``), or
         only its response (``response``: the completion, or the assistant turns of a conversation; a row
         with only text, or an empty response, keeps the store's positions). Stored samples keep theirs.
-    whiten : float, optional
+    whiten : float or "auto", optional
         Whitened hidden states (implies ``center="mean"``): ``(h_v - mu)^T C^-1 (h_i - mu)`` with ``C = Sigma +
         whiten * tr(Sigma) / d * I``, ``Sigma`` the covariance of the same stored tokens as ``mu``. Small values
         whiten fully (hard math-like tasks: 0.1 measured best), large ones approach the centred score (10 on
-        hard sentences); docs/variants.md. Not with ``normalize="cosine"``. None (default): not whitened.
+        hard sentences). ``"auto"`` (queries and audits with labelled validation samples) picks the value, or
+        none, with which the validation samples best retrieve their own label among themselves
+        (:func:`forvalue.engine.variant.choose_whiten`); docs/variants.md. Not with ``normalize="cosine"``.
+        None (default): not whitened.
     """
 
     center: Center = setting(
@@ -369,17 +374,29 @@ class VariantConfig(RuntimeConfig):
         "validation sample's response / assistant tokens (text-only rows keep the store's).",
         choices=get_args(ValidationTokens),
     )
-    whiten: float | None = bounded(
+    whiten: float | str | None = setting(
         None,
         "Whiten hidden states by the store's covariance shrunk by this multiple of its mean variance (implies "
-        "--center mean; e.g. 0.1 strong, 10 mild; docs/variants.md). Not with --normalize cosine.",
-        0.001,
-        1e6,
+        "--center mean; e.g. 0.1 strong, 10 mild), or auto: chosen by the labelled validation samples' own "
+        "retrieval (docs/variants.md). Not with --normalize cosine.",
     )
 
     def _check_variant(self) -> None:
-        """The variant's cross-field rule (with ``normalize``, where the config has one)."""
-        if self.whiten is not None and getattr(self, "normalize", "none") == "cosine":
+        """``whiten``'s value, and the variant's cross-field rule (with ``normalize``, where the config has one)."""
+        w = self.whiten
+        if w is None:
+            return
+        if isinstance(w, str) and w != "auto":
+            try:
+                w = float(w)
+            except ValueError:
+                raise ConfigError("whiten", f"must be a number or auto, got '{w}'") from None
+            object.__setattr__(self, "whiten", w)  # "0.3" from a settings file: the number
+        if isinstance(w, bool) or not isinstance(w, (str, numbers.Real)):
+            raise ConfigError("whiten", f"must be a number or auto, got {w!r}")
+        if not isinstance(w, str) and not (math.isfinite(w) and WHITEN_MIN <= w <= WHITEN_MAX):
+            raise ConfigError("whiten", f"must be in [{WHITEN_MIN:g}, {WHITEN_MAX:g}] or auto, got {w}")
+        if getattr(self, "normalize", "none") == "cosine":
             raise ConfigError(
                 "whiten",
                 "not with --normalize cosine (the stored ||G_i|| are not whitened); drop one of them",
@@ -590,6 +607,13 @@ class ExplainConfig(VariantConfig):
 
     def __post_init__(self) -> None:
         _check(self)
+        self._check_variant()
+        if self.whiten == "auto":
+            raise ConfigError(
+                "whiten",
+                "auto is chosen by a query or an audit over the whole validation set (they print the value); "
+                "give that number here",
+            )
         if self.val_id is not None and self.aggregate == "mean":
             raise ConfigError(
                 "val_id", "--val-id picks one validation sample, --aggregate mean uses them all; give one"

@@ -475,3 +475,116 @@ def test_whitening_is_refused_with_cosine_and_recorded_by_audits(setting, tiny_r
         "cosine",
     )
     assert_one_line_error(bad, "--whiten")
+
+
+# ---- --whiten auto: chosen by the validation samples' own-label retrieval ----
+
+
+def test_label_auc_leaves_each_sample_out():
+    from forvalue.engine.variant import label_auc
+
+    # rows: the samples as stored, columns: as queries; each column leaves its own row out
+    scores = np.array(
+        [
+            [9.0, 5.0, 1.0, 0.0],
+            [4.0, 9.0, 2.0, 3.0],
+            [3.0, 1.0, 9.0, 3.0],
+            [1.0, 6.0, 3.0, 9.0],
+        ]
+    )
+    # column 0: row 1 (4, same) above rows 2, 3 (3, 1): 1; column 1: row 0 (5) vs 1, 6: 0.5;
+    # column 2: row 3 (3) vs 1, 2: 1; column 3: row 2 (3) vs 0 and a tie with 3: 0.75
+    assert label_auc(scores, ["a", "a", "b", "b"]) == pytest.approx((1 + 0.5 + 1 + 0.75) / 4)
+    # an unlabelled row counts for nobody; column 3 has no other "b" and is left out: columns 0 (1) and 1 (0)
+    assert label_auc(scores, ["a", "a", None, "b"]) == pytest.approx(0.5)
+    assert np.isnan(label_auc(scores, ["a", None, None, None]))
+
+
+def test_whiten_auto_chooses_by_the_reference_label_auc(setting, tiny_runner):
+    from forvalue.engine.variant import WHITEN_GRID, choose_whiten, label_auc
+
+    store, samples = setting["store"], setting["samples"]
+    labels = [s.label for s in samples]
+    raw = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
+    resp = encode_validation(
+        tiny_runner, samples, store.manifest, DataConfig(), tokens="response", basis=setting["basis"]
+    )
+    mu, cov = store_moments(store)
+    lam, aucs = choose_whiten(resp, raw, labels, mu, cov)
+    expected = {}
+    for grid_lam in WHITEN_GRID:  # float64 pairwise: each validation sample (response) against the others (whole)
+        metric = np.eye(mu.size) if grid_lam is None else np.linalg.inv(shrunk_covariance(cov, grid_lam))
+        gram = _reference(raw, resp, mu, metric=metric)  # rows: the samples as stored, columns: as queries
+        expected[grid_lam] = label_auc(gram, labels)
+    assert set(aucs) == set(expected)
+    for k in expected:
+        assert aucs[k] == pytest.approx(expected[k], abs=1e-9)
+    best = max(expected.values())
+    ties = [k for k, v in expected.items() if v >= best - 1e-12]
+    assert lam == (None if None in ties else max(ties))
+    with pytest.raises(ForValueError, match="two labels with two samples"):
+        choose_whiten(resp, raw, ["x"] * len(labels), mu, cov)
+
+
+def test_whiten_auto_query_and_audit_use_and_record_the_choice(setting, tiny_runner, tmp_path):
+    from forvalue.engine.variant import choose_whiten
+
+    store, samples = setting["store"], setting["samples"]
+    labels = [s.label for s in samples]
+    raw = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
+    mu, cov = store_moments(store)
+    lam, _ = choose_whiten(raw, raw, labels, mu, cov)
+    auto = run_query(
+        store, samples, QueryConfig(exact=True, whiten="auto", progress=False), runner=tiny_runner, keep_scores=True
+    )
+    fixed = QueryConfig(exact=True, center="mean", whiten=lam, progress=False)
+    assert auto.config.whiten == lam and auto.config.center == "mean" and auto.whiten_auto["chosen"] == lam
+    np.testing.assert_array_equal(
+        auto.scores, run_query(store, samples, fixed, runner=tiny_runner, keep_scores=True).scores
+    )
+    run_audit(store, [setting["val_path"]], "auto", AuditConfig(whiten="auto", progress=False), runner=tiny_runner)
+    meta = forvalue.open(store.path).audits["auto"].info.meta
+    assert meta["settings"]["whiten"] == lam and meta["whiten_auto"]["chosen"] == lam
+    assert set(meta["whiten_auto"]["label_auc"]) == {"0.1", "0.3", "1", "3", "10", "30", "100", "none"}
+    # CLI: the choice is printed; unlabelled validation samples are one line, status 2; explain refuses auto
+    out = tmp_path / "top.jsonl"
+    r = cli(
+        "query",
+        "--store",
+        store.path,
+        "-v",
+        setting["val_path"],
+        "-o",
+        out,
+        "--whiten",
+        "auto",
+        "--exact",
+        "--quiet",
+        "--device",
+        "cpu",
+    )
+    assert r.exit_code == 0, r.output
+    assert "--whiten auto chose" in r.output
+    unlabelled = write_jsonl(tmp_path / "unlabelled.jsonl", [{"id": f"u{i}", "text": f"hello {i}"} for i in range(4)])
+    bad = cli(
+        "query",
+        "--store",
+        store.path,
+        "-v",
+        unlabelled,
+        "-o",
+        tmp_path / "u.jsonl",
+        "--whiten",
+        "auto",
+        "--exact",
+        "--device",
+        "cpu",
+    )
+    assert_one_line_error(bad, "--whiten auto")
+    assert not (tmp_path / "u.jsonl").exists()
+    bad = cli(
+        "explain", "--store", store.path, "-v", setting["val_path"], "--train-id", setting["ids"][0], "--whiten", "auto"
+    )
+    assert_one_line_error(bad, "--whiten")
+    bad = cli("query", "--store", store.path, "-v", setting["val_path"], "-o", tmp_path / "x.jsonl", "--whiten", "abc")
+    assert_one_line_error(bad, "--whiten")

@@ -47,6 +47,8 @@ VARIANTS = (
     ("val response centred cosine", "mean", "response", "cosine", None),
     *((f"whitened {lam:g}", "mean", "store", "none", lam) for lam in (0.1, 1.0, 10.0)),
     *((f"val response whitened {lam:g}", "mean", "response", "none", lam) for lam in (0.1, 0.3, 1.0, 3.0, 10.0)),
+    ("whitened auto", "mean", "store", "none", "auto"),
+    ("val response whitened auto", "mean", "response", "none", "auto"),
 )
 
 
@@ -118,7 +120,7 @@ def run_variants(prep: dict, runner, variants, log) -> list[dict]:
     (:func:`forvalue.engine.scan.score_all` after :func:`forvalue.engine.variant.apply_variant`)."""
     from forvalue.engine.scan import score_all
     from forvalue.engine.validation import encode_validation
-    from forvalue.engine.variant import apply_variant
+    from forvalue.engine.variant import apply_variant, resolve_whiten
     from forvalue.indexer.data import iter_samples
     from forvalue.metrics import class_retrieval
     from forvalue.schemas.config import DataConfig, QueryConfig
@@ -143,15 +145,28 @@ def run_variants(prep: dict, runner, variants, log) -> list[dict]:
             device="cpu",
         )
         t0 = time.perf_counter()
-        val = apply_variant(encoded[tokens], store, center, whiten)
+        cfg, chosen = resolve_whiten(  # "auto": the value the validation samples' own labels choose
+            cfg,
+            store,
+            encoded[tokens],
+            val_labels,
+            lambda: (
+                encoded.get("store")
+                or encoded.setdefault(
+                    "store", encode_validation(runner, samples, store.manifest, DataConfig(), tokens="store")
+                )
+            ),
+        )
+        val = apply_variant(encoded[tokens], store, cfg.center, cfg.whiten)
         ids, parts = [], []
         for _, block_ids, _, scores in score_all(store, val, cfg, runner.device):
             ids += block_ids
             parts.append(scores)
         seconds = time.perf_counter() - t0
         r = class_retrieval(np.concatenate(parts).T, [labels_by_id[i] for i in ids], val_labels)
-        out.append({"variant": name, "seconds": seconds, **r})
-        log(f"  {name:30s} AUC {r['auc_mean']:.3f} recall {r['recall_mean']:.3f} ({seconds:.1f} s)")
+        note = {} if chosen is None else {"note": "none" if chosen["chosen"] is None else f"{chosen['chosen']:g}"}
+        out.append({"variant": name, "seconds": seconds, **r, **note})
+        log(f"  {name:30s} AUC {r['auc_mean']:.3f} recall {r['recall_mean']:.3f} ({seconds:.1f} s) {note}")
     return out
 
 
@@ -309,7 +324,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     names = [r["variant"] for r in next(iter(results.values()))["rows"]] if results else []
     for j, name in enumerate(names):
-        cells = [f"{res['rows'][j]['auc_mean']:.3f} / {res['rows'][j]['recall_mean']:.3f}" for res in results.values()]
+        cells = [
+            f"{res['rows'][j]['auc_mean']:.3f} / {res['rows'][j]['recall_mean']:.3f}"
+            + (f" (chose {res['rows'][j]['note']})" if "note" in res["rows"][j] else "")
+            for res in results.values()
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)

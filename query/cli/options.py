@@ -25,11 +25,27 @@ def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+class NumberOrAuto(click.ParamType):
+    """A number, or the word ``auto`` (a setting the command chooses)."""
+
+    name = "NUMBER|auto"
+
+    def convert(self, value, param, ctx):
+        if value is None or value == "auto" or isinstance(value, float):
+            return value
+        try:
+            return float(value)
+        except ValueError:
+            self.fail(f"'{value}' is not a number or auto", param, ctx)
+
+
 def _click_type(f: dataclasses.Field):
     choices = f.metadata.get("choices")
     if choices:
         return click.Choice([str(c) for c in choices])
     kind = str(f.type)
+    if kind.startswith("float | str"):
+        return NumberOrAuto()
     if kind.startswith("int"):
         return int
     if kind.startswith("float"):

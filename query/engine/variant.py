@@ -130,7 +130,10 @@ def whitened_sq_norms(
         tokens = np.repeat(np.arange(hi - lo), part_ids.shape[1])
         index = torch.from_numpy(np.vstack([inverse.ravel(), tokens]))
         s = torch.sparse_coo_tensor(
-            index, torch.from_numpy(np.asarray(values[lo:hi], np.float64).ravel()), (unique.size, hi - lo)
+            index,
+            torch.from_numpy(np.asarray(values[lo:hi], np.float64).ravel()),
+            (unique.size, hi - lo),
+            check_invariants=False,  # in-range indices by construction
         )
         gu = torch.sparse.mm(s, torch.from_numpy(np.ascontiguousarray(centred[lo:hi], np.float64)))
         gw = torch.sparse.mm(s, torch.from_numpy(np.ascontiguousarray(whitened[lo:hi], np.float64)))
@@ -229,6 +232,97 @@ def as_block(val: "ValidationSet") -> TrainBlock:
     if val.center is not None:  # a whitened set's own tokens: [h - mu, 0] against its [C^-1 (h - mu), ...]
         hidden = np.hstack([centred_hidden(val), np.zeros((hidden.shape[0], 1), hidden.dtype)])
     return TrainBlock(hidden, val.ids, val.values, val.lengths, val.sq_norms)
+
+
+# --whiten auto's candidates (None: centred only, no whitening), in units of the mean variance
+WHITEN_GRID = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, None)
+# validation samples (evenly spaced) whose own retrieval chooses among them: bounds the Gram matrices' cost
+CHOOSE_SAMPLES = 256
+
+
+def label_auc(scores: np.ndarray, labels: list) -> float:
+    """Mean over the labelled samples ``j`` of the AUC with which column ``j`` of the square ``scores`` (stored-side
+    rows, validation-side columns, the same samples) ranks the other samples of ``j``'s label above the rest (each
+    sample's own row left out; ties count half). NaN when no sample has both kinds of others."""
+    labels = np.array([None if l is None else str(l) for l in labels], dtype=object)
+    aucs = []
+    for j, label in enumerate(labels):
+        if label is None:
+            continue
+        keep = np.array([l is not None for l in labels])
+        keep[j] = False
+        same = (labels == label) & keep
+        other = ~same & keep
+        if not same.any() or not other.any():
+            continue
+        pos, neg = scores[same, j], scores[other, j]
+        aucs.append(float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()))
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def choose_whiten(
+    val: "ValidationSet", stored_like: "ValidationSet", labels: list, mu: np.ndarray, cov: np.ndarray
+) -> tuple[float | None, dict]:
+    """``--whiten auto``: the :data:`WHITEN_GRID` value (None: centred, not whitened) with which the validation
+    samples best retrieve their own label among themselves, each scored as a query (``val``, raw, as encoded for
+    the query) against the others read as stored samples (``stored_like``: the same samples encoded with the
+    store's positions), leaving itself out; ties go to the milder value. Returns the choice and each value's AUC.
+
+    Raises ForValueError when fewer than two labels have two samples each (nothing to choose by).
+    """
+    from collections import Counter
+
+    from forvalue.engine.scorer import ExactScorer
+    from forvalue.schemas.errors import ForValueError
+
+    counts = Counter(l for l in labels if l is not None)
+    if sum(1 for c in counts.values() if c >= 2) < 2:
+        raise ForValueError(
+            "--whiten auto chooses by how well the validation samples retrieve their own label, and needs at "
+            f"least two labels with two samples each (got {dict(counts) or 'no labels'}); give a number instead "
+            "(e.g. --whiten 1)"
+        )
+    n = len(labels)
+    pick = np.unique(np.linspace(0, n - 1, num=min(n, CHOOSE_SAMPLES)).round().astype(np.int64)).tolist()
+    val, stored_like, labels = val.subset(pick), stored_like.subset(pick), [labels[j] for j in pick]
+    block = TrainBlock(
+        stored_like.hidden, stored_like.ids, stored_like.values, stored_like.lengths, stored_like.sq_norms
+    )
+    import torch
+
+    aucs: dict = {}
+    for lam in WHITEN_GRID:
+        prepared = centre_validation(val, mu) if lam is None else whiten_validation(val, mu, cov, lam)
+        scores = ExactScorer(prepared, torch.device("cpu")).score(for_scoring(block, prepared))
+        aucs[lam] = label_auc(scores, labels)
+    best = max(aucs.values())
+    if not np.isfinite(best):
+        raise ForValueError(
+            "--whiten auto: no validation sample has both others of its label and others of other labels; give a "
+            "number instead (e.g. --whiten 1)"
+        )
+    chosen = [lam for lam, a in aucs.items() if a >= best - 1e-12]
+    return (None if None in chosen else max(chosen)), aucs
+
+
+def resolve_whiten(config, store, val: "ValidationSet", labels: list, store_mode) -> tuple:
+    """``config`` (a query's or audit's) with ``whiten="auto"`` replaced by :func:`choose_whiten`'s choice
+    (``center="mean"`` with it), and a record of the choice (None when ``config`` is not ``auto``).
+    ``store_mode()``: the validation samples encoded with the store's positions (``val`` itself when those are the
+    query's)."""
+    if config.whiten != "auto":
+        return config, None
+    mu, cov = store_moments(store)
+    lam, aucs = choose_whiten(val, val if config.validation_tokens == "store" else store_mode(), labels, mu, cov)
+    record = {"chosen": lam, "label_auc": {("none" if k is None else f"{k:g}"): round(v, 6) for k, v in aucs.items()}}
+    return replace(config, center="mean", whiten=lam), record
+
+
+def describe_whiten(record: dict) -> str:
+    """One line for the user: what ``--whiten auto`` chose and by how much."""
+    chosen = "none (centred only)" if record["chosen"] is None else f"{record['chosen']:g}"
+    grid = ", ".join(f"{k} {v:.3f}" for k, v in record["label_auc"].items())
+    return f"--whiten auto chose {chosen} (validation samples' own-label AUC: {grid})"
 
 
 def apply_variant(val: "ValidationSet", store, center: str, whiten: float | None = None) -> "ValidationSet":
