@@ -26,7 +26,7 @@ from forvalue.engine.validation import (
     load_validation_samples,
     store_hidden_basis,
 )
-from forvalue.engine.variant import apply_variant, resolve_whiten
+from forvalue.engine.variant import apply_variant, resolve_auto
 from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
 from forvalue.present.output import ScoreWriter, check_output_path
@@ -63,10 +63,11 @@ class QueryResult:
     rows_read : int or None
         Prefiltered: the distinct candidate rows read, once for all validation samples together.
     config : QueryConfig or None
-        The settings the query ran with (explanation pages of its results use its score variant); with
-        ``whiten="auto"``, the value chosen.
-    whiten_auto : dict or None
-        ``whiten="auto"``: the value chosen (``chosen``) and each candidate's own-label AUC (``label_auc``).
+        The settings the query ran with (explanation pages of its results use its score variant); ``auto``
+        settings replaced by what was chosen.
+    auto_settings : dict or None
+        ``whiten`` / ``validation_tokens`` ``"auto"``: what was chosen (``chosen``) and each candidate's own-label
+        AUC (``label_auc``; :func:`forvalue.engine.variant.resolve_auto`).
     """
 
     top: pa.Table
@@ -78,7 +79,7 @@ class QueryResult:
     prefiltered: bool = False
     rows_read: int | None = None
     config: QueryConfig | None = None
-    whiten_auto: dict | None = None
+    auto_settings: dict | None = None
 
 
 def add_to_index(
@@ -173,17 +174,13 @@ def run_query(
     store = open_nonempty(store)
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))  # bad input: before the model
     runner = get_runner(runner, store, model, config.device)
-    val = encode_validation(
-        runner, samples, store.manifest, data, config.batch_size, config.validation_tokens, store_hidden_basis(store)
-    )
-    config, whiten_auto = resolve_whiten(  # --whiten auto: chosen by the validation samples' own labels
+    config, val, auto_settings = resolve_auto(  # auto settings: chosen by the validation samples' own labels
         config,
         store,
-        val,
-        [s.label for s in samples],
-        lambda: encode_validation(
-            runner, samples, store.manifest, data, config.batch_size, "store", store_hidden_basis(store)
+        lambda tokens: encode_validation(
+            runner, samples, store.manifest, data, config.batch_size, tokens, store_hidden_basis(store)
         ),
+        [s.label for s in samples],
     )
     val = apply_variant(val, store, config.center, config.whiten)  # centred / whitened scores (docs/variants.md)
     n_cols = 1 if config.aggregate == "mean" else len(val)
@@ -240,7 +237,7 @@ def run_query(
         prefiltered=prefiltered,
         rows_read=timings.get("rows_read") if prefiltered else None,
         config=config,
-        whiten_auto=whiten_auto,
+        auto_settings=auto_settings,
     )
 
 

@@ -110,34 +110,26 @@ def run_audit(
 
     if model is not None and model.path is not None:
         get_runner()  # an explicit model is always checked against the manifest
-    val, encoded_now = encode_validation_cached(
-        samples,
-        store.manifest,
-        data,
-        get_runner,
-        ValidationCache(store),
-        config.batch_size,
-        config.validation_tokens,
-        store_hidden_basis(store),
-    )
-    from forvalue.engine.variant import apply_variant, resolve_whiten
+    from forvalue.engine.variant import apply_variant, resolve_auto
 
-    config, whiten_auto = resolve_whiten(  # --whiten auto: chosen by the validation samples' own labels
-        config,
-        store,
-        val,
-        [s.label for s in samples],
-        lambda: encode_validation_cached(
+    encoded_counts: dict = {}
+
+    def encode(tokens: str):
+        val, encoded_counts[tokens] = encode_validation_cached(
             samples,
             store.manifest,
             data,
             get_runner,
             ValidationCache(store),
             config.batch_size,
-            "store",
+            tokens,
             store_hidden_basis(store),
-        )[0],
-    )
+        )
+        return val
+
+    # auto settings: chosen by the validation samples' own labels
+    config, val, auto_settings = resolve_auto(config, store, encode, [s.label for s in samples])
+    encoded_now = sum(encoded_counts.values())
     val = apply_variant(val, store, config.center, config.whiten)  # centred / whitened scores (docs/variants.md)
     device = loaded["runner"].device if loaded else resolve_device(config.device)
     val_labels = [s.label for s in samples]
@@ -198,10 +190,10 @@ def run_audit(
         "n_validation": len(samples),
         "n_train": len(ids),
         "store_version": store.version(),
-        "settings": asdict(config),  # with --whiten auto: the value chosen (whiten_auto has the choice)
+        "settings": asdict(config),  # auto settings: what was chosen (auto_settings has the choice)
         "validation_labels": groups,
         "flagged": int(flagged.sum()),
-        **({"whiten_auto": whiten_auto} if whiten_auto is not None else {}),
+        **({"auto_settings": auto_settings} if auto_settings is not None else {}),
         "scan_form": scan.form,
         "scan_passes": scan.passes,
         "score_max_computed": maximum is not None,
@@ -227,7 +219,7 @@ def run_audit(
         scan_seconds=scanned_at - encoded_at,
         write_seconds=done - scanned_at,
         form=scan.form,
-        whiten_auto=whiten_auto,
+        auto_settings=auto_settings,
     )
 
 

@@ -181,7 +181,7 @@ class AuditRun(Result):
     scan_seconds: float = 0.0  # scoring the store
     write_seconds: float = 0.0  # flags, ranks and the audit table
     form: str = "token"  # "gform" (aggregates as one matrix each) or "token" (per-validation-sample scores)
-    whiten_auto: dict | None = None  # --whiten auto: the value chosen and each candidate's own-label AUC
+    auto_settings: dict | None = None  # auto whiten / validation tokens: what was chosen, each candidate's AUC
 
     def __repr__(self) -> str:
         return (

@@ -37,7 +37,7 @@ SketchBasis = Literal["fitted", "gaussian"]
 Student = Literal["auto", "ngram", "embed"]
 Engine = Literal["local", "ray"]
 Center = Literal["none", "mean"]
-ValidationTokens = Literal["store", "response"]
+ValidationTokens = Literal["store", "response", "auto"]
 # Each field with choices takes them from its Literal type (choices=get_args(T)): declared once.
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -348,17 +348,19 @@ class VariantConfig(RuntimeConfig):
         validation: ``<h_v - mu, h_i - mu>`` replaces ``<h_v, h_i>`` (the last hidden states share a large
         common component). ``mu`` is the mean over the scored tokens of up to 4,096 evenly spaced stored
         samples (:func:`forvalue.engine.variant.store_mean`); the store is not rewritten.
-    validation_tokens : {"store", "response"}
+    validation_tokens : {"store", "response", "auto"}
         Which positions of each validation sample are scored: the store's ``score_tokens`` (``store``), or
         only its response (``response``: the completion, or the assistant turns of a conversation; a row
         with only text, or an empty response, keeps the store's positions). Stored samples keep theirs.
+        ``auto`` (queries and audits with labelled validation samples) picks the one with which the validation
+        samples best retrieve their own label among themselves, like ``whiten="auto"`` (both at once: jointly).
     whiten : float or "auto", optional
         Whitened hidden states (implies ``center="mean"``): ``(h_v - mu)^T C^-1 (h_i - mu)`` with ``C = Sigma +
         whiten * tr(Sigma) / d * I``, ``Sigma`` the covariance of the same stored tokens as ``mu``. Small values
         whiten fully (hard math-like tasks: 0.1 measured best), large ones approach the centred score (10 on
         hard sentences). ``"auto"`` (queries and audits with labelled validation samples) picks the value, or
         none, with which the validation samples best retrieve their own label among themselves
-        (:func:`forvalue.engine.variant.choose_whiten`); docs/variants.md. Not with ``normalize="cosine"``.
+        (:func:`forvalue.engine.variant.choose_variant`); docs/variants.md. Not with ``normalize="cosine"``.
         None (default): not whitened.
     """
 
@@ -371,7 +373,8 @@ class VariantConfig(RuntimeConfig):
     validation_tokens: ValidationTokens = setting(
         "store",
         "Validation positions scored: store = the store's --score-tokens (paper); response = only each "
-        "validation sample's response / assistant tokens (text-only rows keep the store's).",
+        "validation sample's response / assistant tokens (text-only rows keep the store's); auto = the one the "
+        "labelled validation samples' own retrieval prefers (docs/variants.md).",
         choices=get_args(ValidationTokens),
     )
     whiten: float | str | None = setting(
@@ -608,12 +611,13 @@ class ExplainConfig(VariantConfig):
     def __post_init__(self) -> None:
         _check(self)
         self._check_variant()
-        if self.whiten == "auto":
-            raise ConfigError(
-                "whiten",
-                "auto is chosen by a query or an audit over the whole validation set (they print the value); "
-                "give that number here",
-            )
+        for name in ("whiten", "validation_tokens"):
+            if getattr(self, name) == "auto":
+                raise ConfigError(
+                    name,
+                    "auto is chosen by a query or an audit over the whole validation set (they print the choice); "
+                    "give that setting here",
+                )
         if self.val_id is not None and self.aggregate == "mean":
             raise ConfigError(
                 "val_id", "--val-id picks one validation sample, --aggregate mean uses them all; give one"

@@ -500,8 +500,8 @@ def test_label_auc_leaves_each_sample_out():
     assert np.isnan(label_auc(scores, ["a", None, None, None]))
 
 
-def test_whiten_auto_chooses_by_the_reference_label_auc(setting, tiny_runner):
-    from forvalue.engine.variant import WHITEN_GRID, choose_whiten, label_auc
+def test_auto_settings_choose_by_the_reference_label_auc(setting, tiny_runner):
+    from forvalue.engine.variant import WHITEN_GRID, choose_variant, label_auc
 
     store, samples = setting["store"], setting["samples"]
     labels = [s.label for s in samples]
@@ -510,81 +510,76 @@ def test_whiten_auto_chooses_by_the_reference_label_auc(setting, tiny_runner):
         tiny_runner, samples, store.manifest, DataConfig(), tokens="response", basis=setting["basis"]
     )
     mu, cov = store_moments(store)
-    lam, aucs = choose_whiten(resp, raw, labels, mu, cov)
+    lams = (*WHITEN_GRID, "raw")
+    tokens, lam, aucs = choose_variant({"store": raw, "response": resp}, raw, labels, mu, cov, lams)
     expected = {}
-    for grid_lam in WHITEN_GRID:  # float64 pairwise: each validation sample (response) against the others (whole)
-        metric = np.eye(mu.size) if grid_lam is None else np.linalg.inv(shrunk_covariance(cov, grid_lam))
-        gram = _reference(raw, resp, mu, metric=metric)  # rows: the samples as stored, columns: as queries
-        expected[grid_lam] = label_auc(gram, labels)
+    for name, query in (("store", raw), ("response", resp)):
+        for grid_lam in lams:  # float64 pairwise: each validation sample (as a query) against the others (as stored)
+            if grid_lam == "raw":
+                gram = _reference(raw, query)
+            else:
+                metric = np.eye(mu.size) if grid_lam is None else np.linalg.inv(shrunk_covariance(cov, grid_lam))
+                gram = _reference(raw, query, mu, metric=metric)  # rows: the samples as stored, columns: as queries
+            expected[(name, grid_lam)] = label_auc(gram, labels)
     assert set(aucs) == set(expected)
     for k in expected:
         assert aucs[k] == pytest.approx(expected[k], abs=1e-9)
     best = max(expected.values())
-    ties = [k for k, v in expected.items() if v >= best - 1e-12]
-    assert lam == (None if None in ties else max(ties))
+    tied = [k for k, v in expected.items() if v >= best - 1e-12]
+    assert (tokens, lam) in tied
+    if any(k[0] == "store" for k in tied):  # ties: the store's positions, then the paper's, centred, mildest
+        assert tokens == "store"
     with pytest.raises(ForValueError, match="two labels with two samples"):
-        choose_whiten(resp, raw, ["x"] * len(labels), mu, cov)
+        choose_variant({"store": raw}, raw, ["x"] * len(labels), mu, cov, lams)
 
 
-def test_whiten_auto_query_and_audit_use_and_record_the_choice(setting, tiny_runner, tmp_path):
-    from forvalue.engine.variant import choose_whiten
+@pytest.mark.parametrize("tokens, whiten", [("store", "auto"), ("auto", "auto"), ("auto", None)])
+def test_auto_query_and_audit_use_and_record_the_choice(setting, tiny_runner, tmp_path, tokens, whiten):
+    from forvalue.engine.variant import WHITEN_GRID, choose_variant
 
     store, samples = setting["store"], setting["samples"]
     labels = [s.label for s in samples]
-    raw = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
-    mu, cov = store_moments(store)
-    lam, _ = choose_whiten(raw, raw, labels, mu, cov)
-    auto = run_query(
-        store, samples, QueryConfig(exact=True, whiten="auto", progress=False), runner=tiny_runner, keep_scores=True
+    enc = {
+        t: encode_validation(tiny_runner, samples, store.manifest, DataConfig(), tokens=t, basis=setting["basis"])
+        for t in ("store", "response")
+    }
+    mu, cov = store_moments(store) if whiten else (store_mean(store), None)
+    queries = enc if tokens == "auto" else {"store": enc["store"]}
+    chosen_tokens, lam, _ = choose_variant(queries, enc["store"], labels, mu, cov, WHITEN_GRID if whiten else ("raw",))
+    cfg = QueryConfig(exact=True, whiten=whiten, validation_tokens=tokens, progress=False)
+    auto = run_query(store, samples, cfg, runner=tiny_runner, keep_scores=True)
+    lam = None if lam == "raw" else lam
+    assert auto.config.whiten == lam and auto.config.validation_tokens == chosen_tokens
+    assert auto.auto_settings["chosen"] == {"validation_tokens": chosen_tokens, "whiten": lam}
+    fixed = QueryConfig(
+        exact=True, center="mean" if whiten else "none", whiten=lam, validation_tokens=chosen_tokens, progress=False
     )
-    fixed = QueryConfig(exact=True, center="mean", whiten=lam, progress=False)
-    assert auto.config.whiten == lam and auto.config.center == "mean" and auto.whiten_auto["chosen"] == lam
-    np.testing.assert_array_equal(
-        auto.scores, run_query(store, samples, fixed, runner=tiny_runner, keep_scores=True).scores
-    )
-    run_audit(store, [setting["val_path"]], "auto", AuditConfig(whiten="auto", progress=False), runner=tiny_runner)
-    meta = forvalue.open(store.path).audits["auto"].info.meta
-    assert meta["settings"]["whiten"] == lam and meta["whiten_auto"]["chosen"] == lam
-    assert set(meta["whiten_auto"]["label_auc"]) == {"0.1", "0.3", "1", "3", "10", "30", "100", "none"}
-    # CLI: the choice is printed; unlabelled validation samples are one line, status 2; explain refuses auto
+    expected = run_query(store, samples, fixed, runner=tiny_runner, keep_scores=True).scores
+    np.testing.assert_array_equal(auto.scores, expected)
+    name = f"auto-{tokens}-{whiten}"
+    audit_cfg = AuditConfig(whiten=whiten, validation_tokens=tokens, progress=False)
+    run_audit(store, [setting["val_path"]], name, audit_cfg, runner=tiny_runner)
+    meta = forvalue.open(store.path).audits[name].info.meta
+    assert meta["settings"]["whiten"] == lam and meta["settings"]["validation_tokens"] == chosen_tokens
+    assert meta["auto_settings"]["chosen"] == {"validation_tokens": chosen_tokens, "whiten": lam}
+    n_candidates = (2 if tokens == "auto" else 1) * (len(WHITEN_GRID) if whiten else 1)
+    assert len(meta["auto_settings"]["label_auc"]) == n_candidates
+
+
+def test_auto_settings_cli(setting, tmp_path):
+    store = setting["store"]
     out = tmp_path / "top.jsonl"
-    r = cli(
-        "query",
-        "--store",
-        store.path,
-        "-v",
-        setting["val_path"],
-        "-o",
-        out,
-        "--whiten",
-        "auto",
-        "--exact",
-        "--quiet",
-        "--device",
-        "cpu",
-    )
+    args = ["--whiten", "auto", "--validation-tokens", "auto", "--exact", "--device", "cpu"]
+    r = cli("query", "--store", store.path, "-v", setting["val_path"], "-o", out, "--quiet", *args)
     assert r.exit_code == 0, r.output
-    assert "--whiten auto chose" in r.output
+    assert "auto settings chose --validation-tokens" in r.output
     unlabelled = write_jsonl(tmp_path / "unlabelled.jsonl", [{"id": f"u{i}", "text": f"hello {i}"} for i in range(4)])
-    bad = cli(
-        "query",
-        "--store",
-        store.path,
-        "-v",
-        unlabelled,
-        "-o",
-        tmp_path / "u.jsonl",
-        "--whiten",
-        "auto",
-        "--exact",
-        "--device",
-        "cpu",
-    )
-    assert_one_line_error(bad, "--whiten auto")
+    bad = cli("query", "--store", store.path, "-v", unlabelled, "-o", tmp_path / "u.jsonl", *args)
+    assert_one_line_error(bad, "two labels with two samples")
     assert not (tmp_path / "u.jsonl").exists()
-    bad = cli(
-        "explain", "--store", store.path, "-v", setting["val_path"], "--train-id", setting["ids"][0], "--whiten", "auto"
-    )
-    assert_one_line_error(bad, "--whiten")
+    for flag in ("--whiten", "--validation-tokens"):
+        explain_args = ["--store", store.path, "-v", setting["val_path"], "--train-id", setting["ids"][0]]
+        bad = cli("explain", *explain_args, flag, "auto")
+        assert_one_line_error(bad, flag)
     bad = cli("query", "--store", store.path, "-v", setting["val_path"], "-o", tmp_path / "x.jsonl", "--whiten", "abc")
     assert_one_line_error(bad, "--whiten")

@@ -49,7 +49,14 @@ VARIANTS = (
     *((f"val response whitened {lam:g}", "mean", "response", "none", lam) for lam in (0.1, 0.3, 1.0, 3.0, 10.0)),
     ("whitened auto", "mean", "store", "none", "auto"),
     ("val response whitened auto", "mean", "response", "none", "auto"),
+    ("auto tokens, whitened auto", "mean", "auto", "none", "auto"),
 )
+
+
+def _chosen(chosen: dict) -> str:
+    """What ``auto`` chose, short: ``response, 0.1`` / ``store, none``."""
+    lam = chosen["whiten"]
+    return f"{chosen['validation_tokens']}, {'none' if lam is None else f'{lam:g}'}"
 
 
 def task_rows(task: str, n_train: int, n_test: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -120,7 +127,7 @@ def run_variants(prep: dict, runner, variants, log) -> list[dict]:
     (:func:`forvalue.engine.scan.score_all` after :func:`forvalue.engine.variant.apply_variant`)."""
     from forvalue.engine.scan import score_all
     from forvalue.engine.validation import encode_validation
-    from forvalue.engine.variant import apply_variant, resolve_whiten
+    from forvalue.engine.variant import apply_variant, resolve_auto
     from forvalue.indexer.data import iter_samples
     from forvalue.metrics import class_retrieval
     from forvalue.schemas.config import DataConfig, QueryConfig
@@ -132,9 +139,13 @@ def run_variants(prep: dict, runner, variants, log) -> list[dict]:
     samples = list(iter_samples([prep["test_path"]], DataConfig()))
     encoded = {}
     out = []
+
+    def encode(which: str):  # once per validation positions, as each `forvalue query` call would
+        if which not in encoded:
+            encoded[which] = encode_validation(runner, samples, store.manifest, DataConfig(), tokens=which)
+        return encoded[which]
+
     for name, center, tokens, normalize, whiten in variants:
-        if tokens not in encoded:
-            encoded[tokens] = encode_validation(runner, samples, store.manifest, DataConfig(), tokens=tokens)
         cfg = QueryConfig(
             exact=True,
             center=center,
@@ -145,26 +156,16 @@ def run_variants(prep: dict, runner, variants, log) -> list[dict]:
             device="cpu",
         )
         t0 = time.perf_counter()
-        cfg, chosen = resolve_whiten(  # "auto": the value the validation samples' own labels choose
-            cfg,
-            store,
-            encoded[tokens],
-            val_labels,
-            lambda: (
-                encoded.get("store")
-                or encoded.setdefault(
-                    "store", encode_validation(runner, samples, store.manifest, DataConfig(), tokens="store")
-                )
-            ),
-        )
-        val = apply_variant(encoded[tokens], store, cfg.center, cfg.whiten)
+        # "auto": what the validation samples' own labels choose
+        cfg, raw, chosen = resolve_auto(cfg, store, encode, val_labels)
+        val = apply_variant(raw, store, cfg.center, cfg.whiten)
         ids, parts = [], []
         for _, block_ids, _, scores in score_all(store, val, cfg, runner.device):
             ids += block_ids
             parts.append(scores)
         seconds = time.perf_counter() - t0
         r = class_retrieval(np.concatenate(parts).T, [labels_by_id[i] for i in ids], val_labels)
-        note = {} if chosen is None else {"note": "none" if chosen["chosen"] is None else f"{chosen['chosen']:g}"}
+        note = {} if chosen is None else {"note": _chosen(chosen["chosen"])}
         out.append({"variant": name, "seconds": seconds, **r, **note})
         log(f"  {name:30s} AUC {r['auc_mean']:.3f} recall {r['recall_mean']:.3f} ({seconds:.1f} s) {note}")
     return out
@@ -281,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--from-peers", type=Path, default=None, help="score the stores of this tools.bench peers work folder"
     )
+    ap.add_argument(
+        "--variants", nargs="+", default=None, choices=[v[0] for v in VARIANTS], help="only these product variants"
+    )
     ap.add_argument("--probes", action="store_true", help="also the non-product variants (float64, from the rows)")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--json", default=None, help="write all numbers as JSON here")
@@ -303,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
             prep = from_peers(task, args.from_peers, log)
         else:
             prep = prepare(task, args.workdir, args.n_train, args.n_test, args.seed, args.model, log)
-        rows = run_variants(prep, runner, VARIANTS, log)
+        chosen = VARIANTS if args.variants is None else [v for v in VARIANTS if v[0] in args.variants]
+        rows = run_variants(prep, runner, chosen, log)
         if args.probes:
             rows += run_probes(prep, runner, log)
         results[task] = {"n_train": len(prep["train"]), "n_test": len(prep["test"]), "rows": rows}

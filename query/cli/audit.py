@@ -52,10 +52,10 @@ def audit_run(store, validation, name, report, explain_examples, quiet, **kw):
         validation, name, make(AuditConfig, kw, progress=not quiet), data=data, engine=make(EngineConfig, kw)
     )
     s = a.run
-    if s.whiten_auto is not None:
-        from forvalue.engine.variant import describe_whiten
+    if s.auto_settings is not None:
+        from forvalue.engine.variant import describe_auto
 
-        click.echo(describe_whiten(s.whiten_auto), err=True)
+        click.echo(describe_auto(s.auto_settings), err=True)
     click.echo(
         f"audit '{s.name}' v{s.version}: {s.n_train} training samples against {s.n_validation} validation "
         f"samples ({s.encoded_now} encoded now, the rest cached) in {s.seconds:.1f}s (encode "

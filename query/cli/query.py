@@ -57,10 +57,10 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
         validation, cfg, data=data, model=model, all_scores_path=all_scores, engine=make(EngineConfig, kw)
     )
     top = result.top
-    if result.whiten_auto is not None:
-        from forvalue.engine.variant import describe_whiten
+    if result.auto_settings is not None:
+        from forvalue.engine.variant import describe_auto
 
-        click.echo(describe_whiten(result.whiten_auto), err=True)
+        click.echo(describe_auto(result.auto_settings), err=True)
     if explain_n is not None:
         top = st.explain_results(result, validation, explain_n, explain_dir, data=data, model=model, device=cfg.device)
         click.echo(f"explained the top {explain_n} results: {explain_dir}/index.html", err=True)

@@ -260,17 +260,21 @@ def label_auc(scores: np.ndarray, labels: list) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def choose_whiten(
-    val: "ValidationSet", stored_like: "ValidationSet", labels: list, mu: np.ndarray, cov: np.ndarray
-) -> tuple[float | None, dict]:
-    """``--whiten auto``: the :data:`WHITEN_GRID` value (None: centred, not whitened) with which the validation
-    samples best retrieve their own label among themselves, each scored as a query (``val``, raw, as encoded for
-    the query) against the others read as stored samples (``stored_like``: the same samples encoded with the
-    store's positions), leaving itself out; ties go to the milder value. Returns the choice and each value's AUC.
+def choose_variant(
+    queries: dict, stored_like: "ValidationSet", labels: list, mu: np.ndarray, cov: np.ndarray, lams
+) -> tuple[str, object, dict]:
+    """The ``auto`` settings: the validation positions (a key of ``queries``: ``"store"`` / ``"response"``, each the
+    raw validation set encoded so) and the whitening (one of ``lams``: a number, None for centred only, or
+    ``"raw"`` for the paper's hidden states) with which the validation samples best retrieve their own label
+    among themselves. Each sample, encoded as the query would be, ranks the others encoded as stored samples are
+    (``stored_like``), itself left out (:func:`label_auc`); ties go to the store's positions and the milder value.
+    Returns ``(tokens, lam, {(tokens, lam): AUC})``.
 
     Raises ForValueError when fewer than two labels have two samples each (nothing to choose by).
     """
     from collections import Counter
+
+    import torch
 
     from forvalue.engine.scorer import ExactScorer
     from forvalue.schemas.errors import ForValueError
@@ -278,51 +282,91 @@ def choose_whiten(
     counts = Counter(l for l in labels if l is not None)
     if sum(1 for c in counts.values() if c >= 2) < 2:
         raise ForValueError(
-            "--whiten auto chooses by how well the validation samples retrieve their own label, and needs at "
-            f"least two labels with two samples each (got {dict(counts) or 'no labels'}); give a number instead "
-            "(e.g. --whiten 1)"
+            "auto settings are chosen by how well the validation samples retrieve their own label, which needs at "
+            f"least two labels with two samples each (got {dict(counts) or 'no labels'}); give the settings "
+            "instead (e.g. --whiten 1, --validation-tokens store)"
         )
     n = len(labels)
     pick = np.unique(np.linspace(0, n - 1, num=min(n, CHOOSE_SAMPLES)).round().astype(np.int64)).tolist()
-    val, stored_like, labels = val.subset(pick), stored_like.subset(pick), [labels[j] for j in pick]
-    block = TrainBlock(
-        stored_like.hidden, stored_like.ids, stored_like.values, stored_like.lengths, stored_like.sq_norms
-    )
-    import torch
-
+    side = stored_like.subset(pick)
+    block = TrainBlock(side.hidden, side.ids, side.values, side.lengths, side.sq_norms)
+    labels = [labels[j] for j in pick]
     aucs: dict = {}
-    for lam in WHITEN_GRID:
-        prepared = centre_validation(val, mu) if lam is None else whiten_validation(val, mu, cov, lam)
-        scores = ExactScorer(prepared, torch.device("cpu")).score(for_scoring(block, prepared))
-        aucs[lam] = label_auc(scores, labels)
+    for tokens, val in queries.items():
+        val = val.subset(pick)
+        for lam in lams:
+            if lam == "raw":
+                prepared = val
+            elif lam is None:
+                prepared = centre_validation(val, mu)
+            else:
+                prepared = whiten_validation(val, mu, cov, lam)
+            scores = ExactScorer(prepared, torch.device("cpu")).score(for_scoring(block, prepared))
+            aucs[(tokens, lam)] = label_auc(scores, labels)
     best = max(aucs.values())
     if not np.isfinite(best):
         raise ForValueError(
-            "--whiten auto: no validation sample has both others of its label and others of other labels; give a "
-            "number instead (e.g. --whiten 1)"
+            "auto settings: no validation sample has both others of its label and others of other labels; give "
+            "the settings instead (e.g. --whiten 1, --validation-tokens store)"
         )
-    chosen = [lam for lam, a in aucs.items() if a >= best - 1e-12]
-    return (None if None in chosen else max(chosen)), aucs
+    mildness = {lam: j for j, lam in enumerate(sorted((l for l in lams if l not in (None, "raw")), reverse=True))}
+    order = {"raw": -2, None: -1, **mildness}  # the paper's, then centred only, then the mildest whitening
+    tied = [key for key, a in aucs.items() if a >= best - 1e-12]
+    tokens, lam = min(tied, key=lambda k: (k[0] != "store", order[k[1]]))
+    return tokens, lam, aucs
 
 
-def resolve_whiten(config, store, val: "ValidationSet", labels: list, store_mode) -> tuple:
-    """``config`` (a query's or audit's) with ``whiten="auto"`` replaced by :func:`choose_whiten`'s choice
-    (``center="mean"`` with it), and a record of the choice (None when ``config`` is not ``auto``).
-    ``store_mode()``: the validation samples encoded with the store's positions (``val`` itself when those are the
-    query's)."""
-    if config.whiten != "auto":
-        return config, None
-    mu, cov = store_moments(store)
-    lam, aucs = choose_whiten(val, val if config.validation_tokens == "store" else store_mode(), labels, mu, cov)
-    record = {"chosen": lam, "label_auc": {("none" if k is None else f"{k:g}"): round(v, 6) for k, v in aucs.items()}}
-    return replace(config, center="mean", whiten=lam), record
+def resolve_auto(config, store, encode, labels: list) -> tuple:
+    """``config`` (a query's or audit's) with ``whiten="auto"`` and ``validation_tokens="auto"`` replaced by
+    :func:`choose_variant`'s choice, the raw validation set to score (encoded with the chosen positions), and a
+    record of the choice (None when nothing is ``auto``). ``encode(tokens)``: the validation samples encoded with
+    those positions (``"store"`` or ``"response"``); each is asked for once.
+
+    ``whiten="auto"`` chooses among :data:`WHITEN_GRID` (centred whatever ``center`` says); with a fixed
+    ``whiten`` or none, ``validation_tokens="auto"`` chooses the positions under the configured variant.
+    """
+    tokens_auto, whiten_auto = config.validation_tokens == "auto", config.whiten == "auto"
+    if not (tokens_auto or whiten_auto):
+        return config, encode(config.validation_tokens), None
+    stored_like = encode("store")
+    queries = {"store": stored_like}
+    if tokens_auto or config.validation_tokens == "response":
+        queries["response"] = encode("response")
+    if not tokens_auto:
+        queries = {config.validation_tokens: queries[config.validation_tokens]}
+    if whiten_auto:
+        lams = WHITEN_GRID
+    elif config.whiten is not None:
+        lams = (config.whiten,)
+    else:
+        lams = (None,) if config.center == "mean" else ("raw",)
+    mu, cov = store_moments(store) if (whiten_auto or config.whiten is not None) else (store_mean(store), None)
+    tokens, lam, aucs = choose_variant(queries, stored_like, labels, mu, cov, lams)
+    record = {
+        "chosen": {"validation_tokens": tokens, "whiten": None if lam == "raw" else lam},
+        "label_auc": {_variant_key(t, l, tokens_auto, whiten_auto): round(v, 6) for (t, l), v in aucs.items()},
+    }
+    changes = {"validation_tokens": tokens}
+    if whiten_auto:
+        changes.update(center="mean", whiten=lam)
+    return replace(config, **changes), queries[tokens], record
 
 
-def describe_whiten(record: dict) -> str:
-    """One line for the user: what ``--whiten auto`` chose and by how much."""
-    chosen = "none (centred only)" if record["chosen"] is None else f"{record['chosen']:g}"
+def _variant_key(tokens: str, lam, tokens_auto: bool, whiten_auto: bool) -> str:
+    parts = [tokens] if tokens_auto else []
+    if whiten_auto:
+        parts.append("none" if lam is None else f"{lam:g}")
+    return " ".join(parts)
+
+
+def describe_auto(record: dict) -> str:
+    """One line for the user: what the ``auto`` settings chose, and each candidate's own-label AUC."""
+    chosen = record["chosen"]
+    what = [f"--validation-tokens {chosen['validation_tokens']}"]
+    if chosen["whiten"] is not None:
+        what.append(f"--whiten {chosen['whiten']:g}")
     grid = ", ".join(f"{k} {v:.3f}" for k, v in record["label_auc"].items())
-    return f"--whiten auto chose {chosen} (validation samples' own-label AUC: {grid})"
+    return f"auto settings chose {' '.join(what)} (validation samples' own-label AUC: {grid})"
 
 
 def apply_variant(val: "ValidationSet", store, center: str, whiten: float | None = None) -> "ValidationSet":
