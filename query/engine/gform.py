@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from forvalue.engine.plan import memory_budget, pair_form
+from forvalue.engine.plan import memory_budget, one_torch_thread, pair_form
 from forvalue.engine.validation import ValidationSet
 from forvalue.storage.rows import TrainBlock
 
@@ -146,29 +146,43 @@ class GFormScorer:
         """
         member, n_pieces = self.member, self.n_pieces
         n_vocab = self.vocab.numel()
-        token_sample = np.repeat(np.arange(len(val)), val.lengths)
+        token_sample = torch.from_numpy(np.repeat(np.arange(len(val)), val.lengths)).to(self.device)
+        # memberships (sample, piece, weight), by sample: one per sample when the weights factor
+        m_sample, m_piece = np.nonzero(member)
+        m_weight = torch.from_numpy(member[m_sample, m_piece]).to(self.device)
+        m_piece = torch.from_numpy(m_piece).to(self.device)
+        m_count = torch.from_numpy(np.bincount(m_sample, minlength=len(val))).to(self.device)
+        m_first = torch.cumsum(m_count, 0) - m_count
         entries = val.ids.shape[1]
         # tokens per chunk: at most chunk * (m+1) * (pieces a sample is in) entries
-        per_token = entries * max(1, int((member != 0).sum(axis=1).max(initial=0)))
-        step = max(1, _BUILD_ENTRIES // per_token)
+        step = max(1, _BUILD_ENTRIES // (entries * max(1, int(m_count.max()) if len(val) else 1)))
         bag = _BAG_ENTRIES if self.dtype == torch.float32 else None
 
-        def chunks():  # per chunk of validation tokens: (sorted keys of reached rows, token, coefficient), the chunk
+        def chunks():  # per chunk of validation tokens: (key of each entry, its token, its coefficient), the chunk
             for start in range(0, val.ids.shape[0], step):
                 part = slice(start, start + step)
-                pos = self._positions(torch.from_numpy(val.ids[part]).to(self.device))  # (t, m+1)
-                w = torch.from_numpy(member[token_sample[part]]).to(self.device)  # (t, pieces)
-                token, entry, piece = torch.nonzero(
-                    (pos != n_vocab)[:, :, None] & (w != 0)[:, None, :], as_tuple=True
-                )  # entries that reach a non-zero row of a non-zero piece
-                if token.numel():
-                    key, order = torch.sort(pos[token, entry] * n_pieces + piece, stable=True)
-                    token, entry, piece = token[order], entry[order], piece[order]
-                    values = torch.from_numpy(val.values[part]).to(self.device, torch.float64)
-                    yield key, token, values[token, entry] * w[token, piece], part
+                pos = self._positions(torch.from_numpy(val.ids[part]).to(self.device)).view(-1)  # (t (m+1),)
+                held = torch.nonzero(pos != n_vocab).squeeze(1)  # entries on a row of this scorer
+                sample = token_sample[part][torch.div(held, entries, rounding_mode="floor")]
+                count = m_count[sample]  # each entry once per piece its sample is in
+                rep = torch.repeat_interleave(torch.arange(held.numel(), device=self.device), count)
+                m = (
+                    m_first[sample][rep]
+                    + torch.arange(rep.numel(), device=self.device)
+                    - (torch.cumsum(count, 0) - count)[rep]
+                )
+                if rep.numel():
+                    held, piece = held[rep], m_piece[m]
+                    # by piece, then row: a piece's rows gather its own samples' tokens (measured 0.48 -> 0.28 s
+                    # for the 1,000-sample mixed set's entries, against row-major order)
+                    order = torch.argsort(piece * (n_vocab + 1) + pos[held], stable=True)
+                    held, piece, m = held[order], piece[order], m[order]
+                    values = torch.from_numpy(val.values[part]).to(self.device).view(-1)[held].double()
+                    key = pos[held] * n_pieces + piece
+                    yield key, torch.div(held, entries, rounding_mode="floor"), values * m_weight[m], part
 
         one = list(chunks()) if val.ids.shape[0] <= step else None  # one chunk: computed once, kept for both passes
-        used = [torch.unique_consecutive(key) for key, _, _, _ in (one if one is not None else chunks())]
+        used = [torch.unique(key) for key, _, _, _ in (one if one is not None else chunks())]
         used = torch.unique(torch.cat(used)) if used else torch.zeros(0, dtype=torch.int64, device=self.device)
         acc = torch.zeros((used.numel(), self.d), dtype=torch.float64, device=self.device)
         for key, token, coef, part in one if one is not None else chunks():
@@ -222,7 +236,8 @@ class GFormScorer:
         pos = self._positions(torch.from_numpy(block.ids).to(self.device))
         values = torch.from_numpy(block.values).to(self.device, self.dtype)
         if pair_form(self.n_pieces, self.d):
-            self._score_pairs(out, segment, hidden, pos, values, rows)
+            with one_torch_thread():
+                self._score_pairs(out, segment, hidden, pos, values, rows)
         else:
             table = self._pieces_dense()
             chunk = max(1, _CHUNK_FLOATS // (self.n_pieces * self.d))
@@ -268,11 +283,13 @@ class GFormScorer:
             part = torch.empty(pair.numel(), dtype=self.dtype, device=self.device)
             ids, counts = torch.unique_consecutive(row, return_counts=True)
             lo, at = 0, 0
-            for r, n, f0, f1 in zip(ids.tolist(), counts.tolist(), first[ids].tolist(), first[ids + 1].tolist()):
-                if f1 > f0:
-                    torch.mm(z[lo : lo + n], self.table[f0:f1].T, out=part[at : at + n * (f1 - f0)].view(n, f1 - f0))
-                at += n * (f1 - f0)
-                lo += n
+            with one_torch_thread():  # thousands of small products (docs/gform.md)
+                for r, n, f0, f1 in zip(ids.tolist(), counts.tolist(), first[ids].tolist(), first[ids + 1].tolist()):
+                    if f1 > f0:
+                        t = part[at : at + n * (f1 - f0)].view(n, f1 - f0)
+                        torch.mm(z[lo : lo + n], self.table[f0:f1].T, out=t)
+                    at += n * (f1 - f0)
+                    lo += n
             out.view(-1).index_add_(0, target, part.double())
 
 
