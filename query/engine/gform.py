@@ -96,7 +96,10 @@ class GFormScorer:
         top = int(vocab.max()) + 2 if vocab.size else 1
         self.lookup = torch.full((top,), vocab.size, dtype=torch.int64, device=self.device)
         self.lookup[self.vocab] = torch.arange(vocab.size, device=self.device)
-        self.keys, self.table = self._build(val) if build else (None, None)  # BlockedGForm sets them block by block
+        self.keys, self.table = None, None  # BlockedGForm sets them block by block
+        if build:
+            with one_torch_thread():  # index_add_ and sorts of millions of entries: 3x the time on two threads
+                self.keys, self.table = self._build(val)  # under load 4 (docs/gform.md)
         self._dense = None
 
     def _pieces_dense(self) -> torch.Tensor:
