@@ -394,3 +394,28 @@ def test_audit_records_size_and_time_split(setting, tiny_runner):
     assert (table.column("score_max").null_count == 0) == meta["score_max_computed"]
     page = audit_report(tmp / "store", "split", tmp / "r.html").read_text()
     assert f"Validation set: {len(setting['val'])} samples" in page and f"scan {meta['seconds']['scan']:.2f} s" in page
+
+
+def test_gform_runs_on_one_torch_thread_and_restores_the_setting(setting, monkeypatch):
+    """The build and the pair way run on one torch thread (thousands of small operations) and leave the
+    process's thread count as they found it."""
+    import forvalue.engine.plan as plan
+
+    store, val = setting["store"], setting["val"]
+    weights = aggregate_weights([s.label for s in setting["val_samples"]], ["math", "reverse"])
+    monkeypatch.setattr(plan, "PAIR_FORM_MIN_FLOATS", 1)
+    seen = []
+    build, pairs = GFormScorer._build, GFormScorer._score_pairs
+    monkeypatch.setattr(GFormScorer, "_build", lambda self, *a: seen.append(torch.get_num_threads()) or build(self, *a))
+    monkeypatch.setattr(
+        GFormScorer, "_score_pairs", lambda self, *a: seen.append(torch.get_num_threads()) or pairs(self, *a)
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        scorer = GFormScorer(val, weights, "cpu")
+        _gform_scores(store, scorer, 1024)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) >= 2 and set(seen) == {1}
