@@ -11,7 +11,7 @@ from conftest import write_jsonl
 from forvalue.api import build_index, run_query
 from forvalue.audit import load_audit, run_audit
 from forvalue.audit import write_audit_report as audit_report
-from forvalue.engine.gform import BlockedGForm, GFormScorer, aggregate_weights, vocab_union
+from forvalue.engine.gform import BlockedGForm, GFormScorer, aggregate_weights, factor_weights, vocab_union
 from forvalue.engine.plan import bounded_val_blocks, choose_form, plan_passes, token_block_bytes
 from forvalue.engine.scan import audit_scan, read_ahead
 from forvalue.engine.scorer import BlockedScorer, ExactScorer
@@ -183,6 +183,53 @@ def test_build_in_chunks_of_validation_tokens_gives_the_same_table(setting, monk
     torch.testing.assert_close(GFormScorer(val, weights, "cpu", torch.float64).gbar, whole, rtol=1e-12, atol=1e-12)
 
 
+def test_audit_weights_factor_into_one_piece_per_label():
+    """An audit's mean and per-label weights (raw or cosine) are one piece per label, combined exactly; weights that
+    are not proportional within a pattern, or put no sample in two aggregates, are left as they are."""
+    rng = np.random.default_rng(1)
+    labels = [str(g) for g in rng.integers(0, 5, 40)]
+    groups = sorted(set(labels))
+    for sq_norms in (None, rng.uniform(0.5, 3.0, 40)):
+        w = aggregate_weights(labels, groups, sq_norms)
+        member, combine = factor_weights(w)
+        assert combine is not None and member.shape == (40, len(groups)) and combine.shape == (len(groups), 1 + 5)
+        assert ((member != 0).sum(axis=1) == 1).all()
+        np.testing.assert_allclose(member @ combine, w, rtol=1e-14, atol=0)
+    w = np.concatenate([aggregate_weights(labels, groups), rng.standard_normal((40, 1))], axis=1)
+    member, combine = factor_weights(w)
+    assert combine is None and np.array_equal(member, w)
+    assert factor_weights(np.full((40, 1), 1 / 40))[1] is None  # the mean alone: nothing to share
+    w = aggregate_weights(labels, groups)
+    w[labels.index(groups[0]), 0] = 0.0  # a sample in its label's aggregate but not in the mean: its own piece
+    member, combine = factor_weights(w)
+    assert member.shape[1] == len(groups) + 1
+    np.testing.assert_allclose(member @ combine, w, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pieces_and_float32_bags_give_the_table_built_per_aggregate_in_float64(setting, monkeypatch, dtype):
+    """The table built from one piece per label (float64, or float32 partial sums of one or all entries) is the
+    table built per aggregate in float64, and scores the same."""
+    import forvalue.engine.gform as gform
+
+    store, val = setting["store"], setting["val"]
+    weights = aggregate_weights([s.label for s in setting["val_samples"]], ["math", "reverse"])
+    monkeypatch.setattr(gform, "factor_weights", lambda w: (w, None))
+    plain = GFormScorer(val, weights, "cpu", torch.float64)
+    assert plain.combine is None and plain.n_pieces == weights.shape[1]
+    monkeypatch.undo()
+    exact = _token_form_float64(store, val) @ weights
+    for bag in (1, 10**9):
+        monkeypatch.setattr(gform, "_BAG_ENTRIES", bag)
+        pieces = GFormScorer(val, weights, "cpu", dtype)
+        assert pieces.combine is not None and ((pieces.member != 0).sum(axis=1) == 1).all()  # each entry once
+        rtol = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(
+            pieces.gbar.double(), plain.gbar, rtol=rtol, atol=rtol * float(plain.gbar.abs().max())
+        )
+        _close(_gform_scores(store, pieces, 4), exact, 1e-10 if dtype == torch.float64 else 1e-5)
+
+
 @pytest.mark.parametrize("budget_rows", [1, 7, 10_000])
 def test_vocabulary_blocks_sum_to_the_whole(setting, budget_rows):
     store, val = setting["store"], setting["val"]
@@ -347,3 +394,28 @@ def test_audit_records_size_and_time_split(setting, tiny_runner):
     assert (table.column("score_max").null_count == 0) == meta["score_max_computed"]
     page = audit_report(tmp / "store", "split", tmp / "r.html").read_text()
     assert f"Validation set: {len(setting['val'])} samples" in page and f"scan {meta['seconds']['scan']:.2f} s" in page
+
+
+def test_gform_runs_on_one_torch_thread_and_restores_the_setting(setting, monkeypatch):
+    """The build and the pair way run on one torch thread (thousands of small operations) and leave the
+    process's thread count as they found it."""
+    import forvalue.engine.plan as plan
+
+    store, val = setting["store"], setting["val"]
+    weights = aggregate_weights([s.label for s in setting["val_samples"]], ["math", "reverse"])
+    monkeypatch.setattr(plan, "PAIR_FORM_MIN_FLOATS", 1)
+    seen = []
+    build, pairs = GFormScorer._build, GFormScorer._score_pairs
+    monkeypatch.setattr(GFormScorer, "_build", lambda self, *a: seen.append(torch.get_num_threads()) or build(self, *a))
+    monkeypatch.setattr(
+        GFormScorer, "_score_pairs", lambda self, *a: seen.append(torch.get_num_threads()) or pairs(self, *a)
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        scorer = GFormScorer(val, weights, "cpu")
+        _gform_scores(store, scorer, 1024)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) >= 2 and set(seen) == {1}

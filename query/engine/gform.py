@@ -22,12 +22,10 @@ number of validation samples.
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import torch
 
-from forvalue.engine.plan import memory_budget, pair_form
+from forvalue.engine.plan import memory_budget, one_torch_thread, pair_form
 from forvalue.engine.validation import ValidationSet
 from forvalue.storage.rows import TrainBlock
 
@@ -35,6 +33,8 @@ from forvalue.storage.rows import TrainBlock
 _BUILD_ENTRIES = 1 << 24
 # Floats in one chunk of the G-form's intermediates: (stored tokens x A d) of the gather, (pairs x d) of ``Z``.
 _CHUNK_FLOATS = 1 << 22
+# Products per float32 partial sum in the build of the table (the partial sums add up in float64).
+_BAG_ENTRIES = 32
 
 
 def vocab_union(val: ValidationSet) -> np.ndarray:
@@ -45,6 +45,11 @@ def vocab_union(val: ValidationSet) -> np.ndarray:
 class GFormScorer:
     """Scores stored blocks against ``A`` aggregates ``Gbar_a = sum_v weights[v, a] G_v``.
 
+    The weights factor as ``weights = member @ combine`` (:func:`factor_weights`): each validation sample in one
+    *piece* ``P_c = sum_v member[v, c] G_v`` (an audit's pieces are its labels), ``Gbar_a = sum_c combine[c, a] P_c``.
+    The scorer holds the pieces and scores them; ``<Gbar_a, G_i> = sum_c combine[c, a] <P_c, G_i>`` (weights that
+    do not factor are their own pieces, ``combine`` the identity).
+
     Parameters
     ----------
     val : ValidationSet
@@ -53,15 +58,18 @@ class GFormScorer:
         Weight of each validation sample in each aggregate (e.g. ``1 / n`` for the mean).
     device : torch.device
     dtype : torch.float32 or torch.float64
-        Precision of ``Gbar`` and of the per-token dot products (``Gbar`` is accumulated in float64).
+        Precision of the table and of the per-token dot products (the table is accumulated in float64; in float32
+        from partial sums of at most ``_BAG_ENTRIES`` products each).
     vocab : int array, optional
         The ``V_u`` rows to hold (a slice of :func:`vocab_union` when ``Gbar`` is blocked over ``V_u``);
         default the whole union. Scores of several vocabulary blocks add up to the full score.
 
     Attributes
     ----------
+    keys, table : Tensors, shapes (n,) and (n, d)
+        The pieces' non-zero rows: ``table[k] = P_c[vocab[r]]`` for ``keys[k] = r * pieces + c``, keys sorted.
     gbar : Tensor, shape (|vocab| + 1, A * d)
-        Row ``r`` holds ``Gbar_a[vocab[r]]`` for every ``a`` side by side; the last row is zero.
+        Row ``r`` holds ``Gbar_a[vocab[r]]`` for every ``a`` side by side; the last row is zero (made on demand).
     """
 
     def __init__(
@@ -77,6 +85,9 @@ class GFormScorer:
         self.dtype = dtype
         weights = np.asarray(weights, np.float64).reshape(len(val), -1)
         self.n_agg = weights.shape[1]
+        self.member, combine = factor_weights(weights)
+        self.n_pieces = self.member.shape[1]
+        self.combine = None if combine is None else torch.from_numpy(combine).to(self.device)
         self.d = val.hidden.shape[1]
         vocab = vocab_union(val) if vocab is None else np.asarray(vocab, np.int64)
         self.vocab = torch.from_numpy(vocab).to(self.device)
@@ -85,10 +96,34 @@ class GFormScorer:
         top = int(vocab.max()) + 2 if vocab.size else 1
         self.lookup = torch.full((top,), vocab.size, dtype=torch.int64, device=self.device)
         self.lookup[self.vocab] = torch.arange(vocab.size, device=self.device)
-        self.gbar = self._build(val, weights) if build else None  # BlockedGForm fills it block by block
+        self.keys, self.table = None, None  # BlockedGForm sets them block by block
+        if build:
+            with one_torch_thread():  # index_add_ and sorts of millions of entries: 3x the time on two threads
+                self.keys, self.table = self._build(val)  # under load 4 (docs/gform.md)
+        self._dense = None
+
+    def _pieces_dense(self) -> torch.Tensor:
+        """The pieces side by side, ``(|vocab| + 1, pieces * d)`` (made once, for the gather)."""
+        if self._dense is None:
+            n_vocab = self.vocab.numel()
+            dense = torch.zeros(((n_vocab + 1) * self.n_pieces, self.d), dtype=self.dtype, device=self.device)
+            dense[self.keys] = self.table  # the zero row (n_vocab) is never reached
+            self._dense = dense.view(n_vocab + 1, self.n_pieces * self.d)
+        return self._dense
+
+    @property
+    def gbar(self) -> torch.Tensor:
+        """``Gbar`` as one dense table ``(|vocab| + 1, A * d)``: each row's aggregates side by side."""
+        pieces = self._pieces_dense()
+        if self.combine is None:
+            return pieces
+        g = torch.einsum("rcd,ca->rad", pieces.view(-1, self.n_pieces, self.d).double(), self.combine)
+        return g.to(self.dtype).reshape(pieces.shape[0], self.n_agg * self.d)
 
     def nbytes(self) -> int:
-        return self.gbar.numel() * self.gbar.element_size()
+        return self.table.numel() * self.table.element_size() + (
+            0 if self._dense is None else self._dense.numel() * self._dense.element_size()
+        )
 
     @staticmethod
     def estimate_bytes(n_vocab: int, n_aggregates: int, hidden_size: int, dtype: torch.dtype = torch.float32) -> int:
@@ -101,55 +136,82 @@ class GFormScorer:
         return self.lookup[ids.clamp(0, self.lookup.numel() - 1)]
 
     @torch.no_grad()
-    def _build(self, val: ValidationSet, weights: np.ndarray) -> torch.Tensor:
-        """``Gbar`` as one sparse-dense product per chunk of validation tokens, accumulated in float64.
+    def _build(self, val: ValidationSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pieces' non-zero rows: sorted keys ``row * pieces + c`` and their ``(n, d)`` values.
 
-        Row ``pos * A + a`` of the sparse matrix holds ``weights[v, a] * values[k, j]`` in column ``k`` for each
-        validation token ``k`` (of sample ``v``) and support entry ``j`` with ``pos = row of ids[k, j]``; times the
-        hidden states ``(t, d)`` it gives ``Gbar`` as ``((|vocab| + 1) * A, d)``. Zero weights (samples outside an
-        aggregate) and ids outside this scorer's vocabulary (its zero row) are left out of the product, so a
-        per-label build costs what its samples cost, not ``A`` times the whole set (an ``index_add_`` per aggregate
-        did; docs/gform.md).
+        Per chunk of validation tokens, the entries ``(k, j)`` that reach a row ``pos`` of this scorer's vocabulary,
+        each once per piece its sample is in (one, when the weights factor; before, once per aggregate: the mean
+        and the label, twice the work), sorted by key ``pos * pieces + c``; a key's row is ``sum member[v, c]
+        values[k, j] h_k`` over its entries: one ``embedding_bag`` over the hidden states (float64, or in float32
+        bags of at most ``_BAG_ENTRIES`` entries, cut at the key's boundaries, whose sums add up in float64). Only
+        the rows some entry reaches are accumulated: a per-label table is mostly zeros (a row is in 5 of 31
+        aggregates on the mixed sets of docs/gform.md).
         """
+        member, n_pieces = self.member, self.n_pieces
         n_vocab = self.vocab.numel()
-        n_rows = (n_vocab + 1) * self.n_agg
-        token_sample = np.repeat(np.arange(len(val)), val.lengths)
+        token_sample = torch.from_numpy(np.repeat(np.arange(len(val)), val.lengths)).to(self.device)
+        # memberships (sample, piece, weight), by sample: one per sample when the weights factor
+        m_sample, m_piece = np.nonzero(member)
+        m_weight = torch.from_numpy(member[m_sample, m_piece]).to(self.device)
+        m_piece = torch.from_numpy(m_piece).to(self.device)
+        m_count = torch.from_numpy(np.bincount(m_sample, minlength=len(val))).to(self.device)
+        m_first = torch.cumsum(m_count, 0) - m_count
         entries = val.ids.shape[1]
-        # tokens per chunk: the sparse matrix holds at most chunk * (m+1) * (aggregates a sample belongs to) entries
-        # of 3 x 8 bytes (a per-label audit: 2 per sample, the mean and its label's)
-        per_token = entries * max(1, int((weights != 0).sum(axis=1).max(initial=0)))
-        step = max(1, _BUILD_ENTRIES // per_token)
+        # tokens per chunk: at most chunk * (m+1) * (pieces a sample is in) entries
+        step = max(1, _BUILD_ENTRIES // (entries * max(1, int(m_count.max()) if len(val) else 1)))
+        bag = _BAG_ENTRIES if self.dtype == torch.float32 else None
 
-        def chunks():  # per chunk of validation tokens: (rows of Gbar, token in chunk, coefficient), the chunk
+        def chunks():  # per chunk of validation tokens: (key of each entry, its token, its coefficient), the chunk
             for start in range(0, val.ids.shape[0], step):
                 part = slice(start, start + step)
-                pos = self._positions(torch.from_numpy(val.ids[part]).to(self.device))  # (t, m+1)
-                w = torch.from_numpy(weights[token_sample[part]]).to(self.device)  # (t, A)
-                token, entry, agg = torch.nonzero(
-                    (pos != n_vocab)[:, :, None] & (w != 0)[:, None, :], as_tuple=True
-                )  # entries that reach a non-zero row of a non-zero aggregate
-                if token.numel():
-                    values = torch.from_numpy(val.values[part]).to(self.device, torch.float64)
-                    yield pos[token, entry] * self.n_agg + agg, token, values[token, entry] * w[token, agg], part
+                pos = self._positions(torch.from_numpy(val.ids[part]).to(self.device)).view(-1)  # (t (m+1),)
+                held = torch.nonzero(pos != n_vocab).squeeze(1)  # entries on a row of this scorer
+                sample = token_sample[part][torch.div(held, entries, rounding_mode="floor")]
+                count = m_count[sample]  # each entry once per piece its sample is in
+                rep = torch.repeat_interleave(torch.arange(held.numel(), device=self.device), count)
+                m = (
+                    m_first[sample][rep]
+                    + torch.arange(rep.numel(), device=self.device)
+                    - (torch.cumsum(count, 0) - count)[rep]
+                )
+                if rep.numel():
+                    held, piece = held[rep], m_piece[m]
+                    # by piece, then row: a piece's rows gather its own samples' tokens (measured 0.48 -> 0.28 s
+                    # for the 1,000-sample mixed set's entries, against row-major order)
+                    order = torch.argsort(piece * (n_vocab + 1) + pos[held], stable=True)
+                    held, piece, m = held[order], piece[order], m[order]
+                    values = torch.from_numpy(val.values[part]).to(self.device).view(-1)[held].double()
+                    key = pos[held] * n_pieces + piece
+                    yield key, torch.div(held, entries, rounding_mode="floor"), values * m_weight[m], part
 
-        # the rows some entry reaches, then only those accumulated in float64: a row of a per-label table is
-        # non-zero in the few aggregates whose samples use that id (5 of 31 on average, docs/gform.md)
         one = list(chunks()) if val.ids.shape[0] <= step else None  # one chunk: computed once, kept for both passes
-        used = [torch.unique(rows) for rows, _, _, _ in (one if one is not None else chunks())]
+        used = [torch.unique(key) for key, _, _, _ in (one if one is not None else chunks())]
         used = torch.unique(torch.cat(used)) if used else torch.zeros(0, dtype=torch.int64, device=self.device)
         acc = torch.zeros((used.numel(), self.d), dtype=torch.float64, device=self.device)
-        for rows, token, coef, part in one if one is not None else chunks():
-            hidden = torch.from_numpy(val.hidden[part]).to(self.device, torch.float64)
-            index = torch.stack([torch.searchsorted(used, rows), token])
-            sparse = torch.sparse_coo_tensor(index, coef, (used.numel(), hidden.shape[0]), check_invariants=False)
-            acc.addmm_(sparse, hidden)
-        out = torch.zeros((n_rows, self.d), dtype=self.dtype, device=self.device)
-        out[used] = acc.to(self.dtype)  # the zero row (n_vocab) is never reached
-        return out.view(n_vocab + 1, self.n_agg * self.d)
+        for key, token, coef, part in one if one is not None else chunks():
+            new = torch.ones_like(key, dtype=torch.bool)
+            new[1:] = key[1:] != key[:-1]  # a key's first entry
+            if bag is not None:  # ... or every bag-th entry of a key's run
+                first = torch.cummax(torch.where(new, torch.arange(key.numel(), device=self.device), 0), 0).values
+                new |= (torch.arange(key.numel(), device=self.device) - first) % bag == 0
+            offsets = torch.nonzero(new).squeeze(1)
+            hidden = torch.from_numpy(val.hidden[part]).to(self.device, bag and torch.float32 or torch.float64)
+            sums = torch.nn.functional.embedding_bag(
+                token, hidden, offsets, mode="sum", per_sample_weights=coef.to(hidden.dtype)
+            )
+            target = torch.searchsorted(used, key[offsets])
+            for b0 in range(0, offsets.numel(), _CHUNK_FLOATS // self.d):
+                b1 = b0 + _CHUNK_FLOATS // self.d
+                acc.index_add_(0, target[b0:b1], sums[b0:b1].double())
+        return used, acc.to(self.dtype)
 
     def sq_frobenius(self, hidden_cols: int | None = None) -> np.ndarray:
         """``||Gbar_a||_F^2`` restricted to this scorer's vocabulary, float64 array of shape ``(A,)``; over the
         first ``hidden_cols`` hidden columns only when given (a centred set's last column is its offset)."""
+        if self.combine is None:  # the pieces are the aggregates
+            g = self.table.double()[:, :hidden_cols]
+            out = torch.zeros(self.n_agg, dtype=torch.float64, device=self.device)
+            return out.index_add_(0, self.keys % self.n_agg, (g * g).sum(dim=1)).cpu().numpy()
         g = self.gbar.double().reshape(-1, self.n_agg, self.d)[:, :, :hidden_cols]
         return (g * g).sum(dim=(0, 2)).cpu().numpy()
 
@@ -157,40 +219,44 @@ class GFormScorer:
     def score(self, block: TrainBlock) -> np.ndarray:
         """``<Gbar_a, G_i>`` for every stored row ``i`` of ``block``, float64 array of shape ``(rows, A)``.
 
-        Two ways to the same sum ``sum_k sum_j values[k, j] <Gbar_a[ids[k, j]], h_k>``:
+        The pieces' scores ``<P_c, G_i>`` combined (``@ combine``). Two ways to the same sum
+        ``sum_k sum_j values[k, j] <P_c[ids[k, j]], h_k>``:
 
-        * few aggregates (``A d`` below ``PAIR_FORM_MIN_FLOATS``, :func:`forvalue.engine.plan.pair_form`): per
-          stored token, the ``Gbar`` rows of its error entries gathered and summed (``embedding_bag``), then one
-          dot product with ``h_k``; each entry reads ``A d`` floats;
+        * few pieces (``pieces * d`` below ``PAIR_FORM_MIN_FLOATS``, :func:`forvalue.engine.plan.pair_form`): per
+          stored token, the table rows of its error entries gathered and summed (``embedding_bag``), then one
+          dot product with ``h_k``; each entry reads ``pieces * d`` floats;
         * many: ``G_i`` on the held rows, ``Z[r, i] = sum_{k in i, j: ids[k, j] = r} values[k, j] h_k``, one
-          ``d``-vector per (row, sample) pair (a sparse-dense product; a sample meets a row ~3 times on the
-          stores measured), then per row one dense product of its pairs ``(n, d)`` with its ``(A, d)`` block:
-          the block is read once per chunk and a pair costs ``A d`` multiply-adds at BLAS speed, where the
-          gather read ``A d`` floats per entry from a table too large for the caches (docs/gform.md).
+          ``d``-vector per (row, sample) pair (an ``embedding_bag`` of the hidden states; a sample meets a row ~3
+          times on the stores measured), then per row one dense product of its pairs ``(n, d)`` with the row's
+          non-zero pieces ``(c_r, d)``: each row is read once per chunk and a pair costs ``c_r d`` multiply-adds at
+          BLAS speed, where the gather read ``pieces * d`` floats per entry from a table too large for the caches
+          (docs/gform.md).
         """
         rows = block.lengths.size
-        out = torch.zeros((rows, self.n_agg), dtype=torch.float64, device=self.device)
+        out = torch.zeros((rows, self.n_pieces), dtype=torch.float64, device=self.device)
         segment = torch.from_numpy(np.repeat(np.arange(rows), block.lengths)).to(self.device)
         hidden = torch.from_numpy(block.hidden).to(self.device, self.dtype)
         pos = self._positions(torch.from_numpy(block.ids).to(self.device))
         values = torch.from_numpy(block.values).to(self.device, self.dtype)
-        if pair_form(self.n_agg, self.d):
-            self._score_pairs(out, segment, hidden, pos, values, rows)
-            return out.cpu().numpy()
-        chunk = max(1, _CHUNK_FLOATS // (self.n_agg * self.d))
-        for start in range(0, hidden.shape[0], chunk):
-            part = slice(start, start + chunk)
-            bag = torch.nn.functional.embedding_bag(pos[part], self.gbar, per_sample_weights=values[part], mode="sum")
-            per_token = torch.einsum("nad,nd->na", bag.view(-1, self.n_agg, self.d), hidden[part])
-            out.index_add_(0, segment[part], per_token.double())
-        return out.cpu().numpy()
+        if pair_form(self.n_pieces, self.d):
+            with one_torch_thread():
+                self._score_pairs(out, segment, hidden, pos, values, rows)
+        else:
+            table = self._pieces_dense()
+            chunk = max(1, _CHUNK_FLOATS // (self.n_pieces * self.d))
+            for start in range(0, hidden.shape[0], chunk):
+                part = slice(start, start + chunk)
+                bag = torch.nn.functional.embedding_bag(pos[part], table, per_sample_weights=values[part], mode="sum")
+                per_token = torch.einsum("nad,nd->na", bag.view(-1, self.n_pieces, self.d), hidden[part])
+                out.index_add_(0, segment[part], per_token.double())
+        return (out if self.combine is None else out @ self.combine).cpu().numpy()
 
     def _score_pairs(self, out, segment, hidden, pos, values, rows: int) -> None:
-        """Adds the block's scores to ``out`` by (row, sample) pairs and dense products per row (:meth:`score`)."""
-        n_vocab = self.vocab.numel()
+        """Adds the block's piece scores to ``out`` by (row, sample) pairs, dense products per row (:meth:`score`)."""
+        n_vocab, n_pieces = self.vocab.numel(), self.n_pieces
         entries = pos.shape[1]
         flat = pos.reshape(-1)
-        held = torch.nonzero(flat != n_vocab).squeeze(1)  # entries on a row of Gbar (the others meet zero)
+        held = torch.nonzero(flat != n_vocab).squeeze(1)  # entries on a row of the table (the others meet zero)
         if held.numel() == 0:
             return
         token = held // entries
@@ -199,27 +265,35 @@ class GFormScorer:
         token, pair = token[order], pair[order]
         weight = values.reshape(-1)[held[order]]
         starts = torch.searchsorted(pair, torch.arange(keys.numel() + 1, device=self.device))  # entries per pair
-        g = self.gbar.view(-1, self.n_agg, self.d)
+        # each row's non-zero pieces: table[first[r] : first[r + 1]] (4 of 30 per row on the mixed sets of
+        # docs/gform.md: the dense products skip the zero ones)
+        first = torch.searchsorted(self.keys, torch.arange(n_vocab + 2, device=self.device) * n_pieces)
+        piece_of = self.keys % n_pieces
         step = max(1, _CHUNK_FLOATS // self.d)  # pairs per chunk of Z
         for p0 in range(0, keys.numel(), step):
             p1 = min(p0 + step, keys.numel())
             e0, e1 = int(starts[p0]), int(starts[p1])
-            with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state": the product is exact
-                warnings.simplefilter("ignore", UserWarning)
-                z = torch.sparse_csr_tensor(
-                    starts[p0 : p1 + 1] - e0,
-                    token[e0:e1],
-                    weight[e0:e1],
-                    size=(p1 - p0, hidden.shape[0]),
-                    check_invariants=False,  # sorted, in-range indices by construction
-                ).matmul(hidden)  # (pairs, d)
-            ids, counts = torch.unique_consecutive(keys[p0:p1] // rows, return_counts=True)
-            part = torch.empty((p1 - p0, self.n_agg), dtype=self.dtype, device=self.device)
-            lo = 0
-            for r, n in zip(ids.tolist(), counts.tolist()):
-                torch.mm(z[lo : lo + n], g[r].T, out=part[lo : lo + n])
-                lo += n
-            out.index_add_(0, keys[p0:p1] % rows, part.double())
+            z = torch.nn.functional.embedding_bag(
+                token[e0:e1], hidden, starts[p0:p1] - e0, mode="sum", per_sample_weights=weight[e0:e1]
+            )  # (pairs, d)
+            row = keys[p0:p1] // rows
+            width = first[row + 1] - first[row]  # non-zero pieces of each pair's row
+            # the (pair, piece) products row by row, pair-major: where each lands in out
+            pair = torch.repeat_interleave(torch.arange(p1 - p0, device=self.device), width)
+            offset = torch.cumsum(width, 0) - width
+            slot = first[row][pair] + torch.arange(pair.numel(), device=self.device) - offset[pair]
+            target = (keys[p0:p1] % rows)[pair] * n_pieces + piece_of[slot]
+            part = torch.empty(pair.numel(), dtype=self.dtype, device=self.device)
+            ids, counts = torch.unique_consecutive(row, return_counts=True)
+            lo, at = 0, 0
+            with one_torch_thread():  # thousands of small products (docs/gform.md)
+                for r, n, f0, f1 in zip(ids.tolist(), counts.tolist(), first[ids].tolist(), first[ids + 1].tolist()):
+                    if f1 > f0:
+                        t = part[at : at + n * (f1 - f0)].view(n, f1 - f0)
+                        torch.mm(z[lo : lo + n], self.table[f0:f1].T, out=t)
+                    at += n * (f1 - f0)
+                    lo += n
+            out.view(-1).index_add_(0, target, part.double())
 
 
 class BlockedGForm:
@@ -248,12 +322,13 @@ class BlockedGForm:
             self.scorer = GFormScorer(val, weights, device, dtype, vocab)
         else:
             self.scorer = GFormScorer(val, weights, device, dtype, vocab, build=False)
-            gbar = torch.zeros((vocab.size + 1, n_agg * val.hidden.shape[1]), dtype=dtype, device=self.scorer.device)
-            for lo in starts:
+            keys, tables = [], []
+            for lo in starts:  # a block's row r is the whole table's row lo + r
                 part = GFormScorer(val, weights, device, dtype, vocab[lo : lo + rows])
-                gbar[lo : lo + part.vocab.numel()] = part.gbar[:-1]
+                keys.append(part.keys + lo * part.n_pieces)
+                tables.append(part.table)
                 del part
-            self.scorer.gbar = gbar
+            self.scorer.keys, self.scorer.table = torch.cat(keys), torch.cat(tables)
         self.n_agg = n_agg
 
     def score(self, block: TrainBlock) -> np.ndarray:
@@ -261,6 +336,34 @@ class BlockedGForm:
 
     def sq_frobenius(self, hidden_cols: int | None = None) -> np.ndarray:
         return self.scorer.sq_frobenius(hidden_cols)
+
+
+def factor_weights(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``weights (n, A)`` as ``member (n, P) @ combine (P, A)`` with one non-zero per row of ``member``, or
+    ``(weights, None)`` when that does not hold (or gains nothing: no sample is in two aggregates).
+
+    Samples with the same non-zero pattern form one piece when their rows are proportional (to 1e-12 relative):
+    an audit's mean and per-label weights (``1/n`` and ``1/n_g``, both divided by ``||G_v||`` for cosine) give one
+    piece per label with ``combine[g] = (n_g / n) at the mean, 1 at the label``.
+    """
+    weights = np.asarray(weights, np.float64)
+    nonzero = weights != 0
+    if nonzero.sum(axis=1).max(initial=0) <= 1:
+        return weights, None
+    patterns, piece = np.unique(nonzero, axis=0, return_inverse=True)
+    piece = piece.reshape(-1)
+    first = np.full(len(patterns), -1)
+    first[piece[::-1]] = np.arange(len(piece))[::-1]  # first sample of each pattern
+    ref = np.where(patterns.any(axis=1), patterns.shape[1] - 1 - np.argmax(patterns[:, ::-1], axis=1), -1)
+    live = ref >= 0  # the all-zero pattern (a sample in no aggregate) is no piece
+    combine = np.zeros((len(patterns), weights.shape[1]))
+    combine[live] = weights[first[live]] / weights[first[live], ref[live]][:, None]
+    scale = np.where(ref[piece] >= 0, weights[np.arange(len(piece)), np.maximum(ref[piece], 0)], 0.0)
+    if np.abs(weights - scale[:, None] * combine[piece]).max(initial=0.0) > 1e-12 * np.abs(weights).max(initial=0.0):
+        return weights, None
+    member = np.zeros((len(piece), len(patterns)))
+    member[np.arange(len(piece)), piece] = scale
+    return member[:, live], combine[live]
 
 
 def aggregate_weights(val_labels: list, groups: list, sq_norms: np.ndarray | None = None) -> np.ndarray:

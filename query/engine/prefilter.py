@@ -14,10 +14,9 @@ query of that sample alone returns.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import numpy as np
 
+from forvalue.engine.plan import one_torch_thread
 from forvalue.engine.ranking import TopK
 from forvalue.engine.scorer import BlockedScorer, TrainBlock, decode_block
 from forvalue.engine.validation import ValidationSet
@@ -198,24 +197,6 @@ def _score_own_candidates(
             t_wait = time.perf_counter()
             timings["score"] += t_wait - t0
     return own, scores
-
-
-@contextmanager
-def one_torch_thread():
-    """Torch on one thread inside: a rerank scores many small blocks (one validation sample's candidates among the
-    rows of one read), where a second thread brings little, and on a busy machine every parallel region of every
-    small operation can wait for a descheduled worker thread (measured under load 14 on 2 cores: 80 ms against
-    4 ms per group of three small operations)."""
-    import torch
-
-    before = torch.get_num_threads()
-    if before > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if before > 1:
-            torch.set_num_threads(before)
 
 
 def _rows_of(block: TrainBlock, pos: np.ndarray, offsets: np.ndarray) -> TrainBlock:

@@ -231,7 +231,7 @@ def assemble(samples: list[Sample], parts: list[tuple[np.ndarray, np.ndarray, np
     """A ValidationSet from per-sample ``(hidden, ids, values, sq_norm)`` in sample order."""
     return ValidationSet(
         samples=list(samples),
-        hidden=np.concatenate([p[0] for p in parts]).astype(np.float32),
+        hidden=np.concatenate([p[0] for p in parts]).astype(np.float32, copy=False),  # float32 parts: no second copy
         ids=np.concatenate([p[1] for p in parts]),
         values=np.concatenate([p[2] for p in parts]),
         lengths=np.array([len(p[0]) for p in parts]),
