@@ -257,8 +257,9 @@ def test_response_validation_tokens_keep_only_the_response(setting, tiny_runner)
         off_f = np.concatenate([[0], np.cumsum(full.lengths)])
         off_r = np.concatenate([[0], np.cumsum(resp.lengths)])
         hf, hr = full.hidden[off_f[j] : off_f[j + 1]], resp.hidden[off_r[j] : off_r[j + 1]]
-        if s.text is not None:  # a text-only row keeps the store's positions
-            np.testing.assert_array_equal(hf, hr)
+        if s.text is not None:  # a text-only row keeps the store's positions (batched apart: equal to rounding)
+            assert resp.lengths[j] == full.lengths[j]
+            np.testing.assert_allclose(hr, hf, rtol=1e-5, atol=1e-6)
             continue
         n_resp = tiny_runner.tokenize(s, "response", 512, False).n_scored
         assert 0 < n_resp < full.lengths[j] and resp.lengths[j] == n_resp
@@ -441,7 +442,7 @@ def test_whitening_is_refused_with_cosine_and_recorded_by_audits(setting, tiny_r
     for cls in (QueryConfig, AuditConfig):
         with pytest.raises(ConfigError, match="whiten: not with --normalize cosine"):
             cls(whiten=1.0, normalize="cosine")
-    with pytest.raises(ConfigError, match="whiten: must be >= 0.001"):
+    with pytest.raises(ConfigError, match=r"whiten: must be in \[0.001, 1e\+06\] or auto"):
         QueryConfig(whiten=0.0)
     store = setting["store"]
     run_audit(store, [setting["val_path"]], "whitened", AuditConfig(whiten=0.3, progress=False), runner=tiny_runner)
