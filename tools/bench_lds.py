@@ -16,6 +16,8 @@ validation samples and a 95% bootstrap interval (validation samples resampled).
 Methods (all scored once, on the pretrained model, the way each tool would be used):
 ``forvalue`` (raw score of the product's exact query), ``forvalue-cos`` (``--normalize cosine``),
 ``forvalue-ctr`` / ``forvalue-ctr-cos`` (``--center mean``, docs/variants.md),
+``forvalue-wauto`` (``--whiten auto``) / ``forvalue-auto`` (``--validation-tokens auto --whiten auto``: chosen from
+the validation samples' own labels, docs/variants.md),
 ``forvalue-resp`` / ``forvalue-resp-cos`` (a store with ``--score-tokens response``: the tokens whose loss LDS
 measures),
 ``grad-cos`` (TracIn-style cosine of per-sample LoRA gradients at the pretrained model; the gradient
@@ -47,6 +49,8 @@ METHODS = (
     "forvalue-cos",
     "forvalue-ctr",
     "forvalue-ctr-cos",
+    "forvalue-wauto",
+    "forvalue-auto",
     "forvalue-resp",
     "forvalue-resp-cos",
     "grad-cos",
@@ -252,10 +256,16 @@ class Lds(LazyModel):
                     exact=True,
                     normalize="cosine" if method.endswith("-cos") else "none",
                     center="mean" if "-ctr" in method else "none",
+                    whiten="auto" if method in ("forvalue-wauto", "forvalue-auto") else None,
+                    validation_tokens="auto" if method == "forvalue-auto" else "store",
                 ),
                 runner=self.runner,
                 keep_scores=True,
             )
+            if res.auto_settings:
+                from forvalue.engine.variant import describe_auto
+
+                print(f"{method}: {describe_auto(res.auto_settings)}", file=sys.stderr, flush=True)
             order = {i: k for k, i in enumerate(res.train_ids)}
             return np.asarray(res.scores, np.float64)[:, [order[r["id"]] for r in self.pool]]
         if method == "bm25":
