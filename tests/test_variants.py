@@ -530,8 +530,12 @@ def test_auto_settings_choose_by_the_reference_label_auc(setting, tiny_runner):
     assert (tokens, lam) in tied
     if any(k[0] == "store" for k in tied):  # ties: the store's positions, then the paper's, centred, mildest
         assert tokens == "store"
-    with pytest.raises(ForValueError, match="two labels with two samples"):
+    with pytest.raises(ForValueError, match="two labels with two samples each .got one label, 'x', with"):
         choose_variant({"store": raw}, raw, ["x"] * len(labels), mu, cov, lams)
+    many = [f"class {j}" for j in range(len(labels))]  # every label once: counted, not listed
+    with pytest.raises(ForValueError, match=rf"got {len(labels)} labels, 0 with two or more samples\)") as err:
+        choose_variant({"store": raw}, raw, many, mu, cov, lams)
+    assert "class 1" not in str(err.value)
 
 
 @pytest.mark.parametrize("tokens, whiten", [("store", "auto"), ("auto", "auto"), ("auto", None)])
@@ -551,10 +555,9 @@ def test_auto_query_and_audit_use_and_record_the_choice(setting, tiny_runner, tm
     auto = run_query(store, samples, cfg, runner=tiny_runner, keep_scores=True)
     lam = None if lam == "raw" else lam
     assert auto.config.whiten == lam and auto.config.validation_tokens == chosen_tokens
-    assert auto.auto_settings["chosen"] == {"validation_tokens": chosen_tokens, "whiten": lam}
-    fixed = QueryConfig(
-        exact=True, center="mean" if whiten else "none", whiten=lam, validation_tokens=chosen_tokens, progress=False
-    )
+    center = "mean" if whiten else "none"
+    assert auto.auto_settings["chosen"] == {"validation_tokens": chosen_tokens, "center": center, "whiten": lam}
+    fixed = QueryConfig(exact=True, center=center, whiten=lam, validation_tokens=chosen_tokens, progress=False)
     expected = run_query(store, samples, fixed, runner=tiny_runner, keep_scores=True).scores
     np.testing.assert_array_equal(auto.scores, expected)
     name = f"auto-{tokens}-{whiten}"
@@ -562,7 +565,7 @@ def test_auto_query_and_audit_use_and_record_the_choice(setting, tiny_runner, tm
     run_audit(store, [setting["val_path"]], name, audit_cfg, runner=tiny_runner)
     meta = forvalue.open(store.path).audits[name].info.meta
     assert meta["settings"]["whiten"] == lam and meta["settings"]["validation_tokens"] == chosen_tokens
-    assert meta["auto_settings"]["chosen"] == {"validation_tokens": chosen_tokens, "whiten": lam}
+    assert meta["auto_settings"]["chosen"] == {"validation_tokens": chosen_tokens, "center": center, "whiten": lam}
     n_candidates = (2 if tokens == "auto" else 1) * (len(WHITEN_GRID) if whiten else 1)
     assert len(meta["auto_settings"]["label_auc"]) == n_candidates
 
@@ -584,3 +587,15 @@ def test_auto_settings_cli(setting, tmp_path):
         assert_one_line_error(bad, flag)
     bad = cli("query", "--store", store.path, "-v", setting["val_path"], "-o", tmp_path / "x.jsonl", "--whiten", "abc")
     assert_one_line_error(bad, "--whiten")
+
+
+def test_the_auto_line_names_settings_that_reproduce_the_choice():
+    from forvalue.engine.variant import describe_auto
+
+    aucs = {"label_auc": {"store none": 0.9, "store 0.1": 0.8}}
+    line = describe_auto({"chosen": {"validation_tokens": "store", "center": "mean", "whiten": None}, **aucs})
+    assert "--validation-tokens store --center mean (" in line and "store none 0.900" in line
+    line = describe_auto({"chosen": {"validation_tokens": "response", "center": "mean", "whiten": 0.1}, **aucs})
+    assert "--validation-tokens response --whiten 0.1 (" in line and "--center" not in line
+    line = describe_auto({"chosen": {"validation_tokens": "store", "center": "none", "whiten": None}, **aucs})
+    assert "--validation-tokens store (" in line

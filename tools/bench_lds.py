@@ -17,7 +17,7 @@ Methods (all scored once, on the pretrained model, the way each tool would be us
 ``forvalue`` (raw score of the product's exact query), ``forvalue-cos`` (``--normalize cosine``),
 ``forvalue-ctr`` / ``forvalue-ctr-cos`` (``--center mean``, docs/variants.md),
 ``forvalue-wauto`` (``--whiten auto``) / ``forvalue-auto`` (``--validation-tokens auto --whiten auto``: chosen from
-the validation samples' own labels, docs/variants.md),
+the validation samples' labels, here their task, since each class has one validation sample; docs/variants.md),
 ``forvalue-resp`` / ``forvalue-resp-cos`` (a store with ``--score-tokens response``: the tokens whose loss LDS
 measures),
 ``grad-cos`` (TracIn-style cosine of per-sample LoRA gradients at the pretrained model; the gradient
@@ -247,16 +247,18 @@ class Lds(LazyModel):
             from forvalue import QueryConfig
             from forvalue.api import run_query
 
+            auto = method in ("forvalue-wauto", "forvalue-auto")
             res = run_query(
                 self._store("response" if "-resp" in method else "auto"),
-                [self.val_file],
+                # the auto settings choose by the validation samples' labels: the task (each class has one sample)
+                _samples([r | {"label": r["label"].split("/")[0]} for r in self.val]) if auto else [self.val_file],
                 QueryConfig(
                     device=self.device,
                     progress=False,
                     exact=True,
                     normalize="cosine" if method.endswith("-cos") else "none",
                     center="mean" if "-ctr" in method else "none",
-                    whiten="auto" if method in ("forvalue-wauto", "forvalue-auto") else None,
+                    whiten="auto" if auto else None,
                     validation_tokens="auto" if method == "forvalue-auto" else "store",
                 ),
                 runner=self.runner,

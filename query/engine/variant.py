@@ -283,8 +283,8 @@ def choose_variant(
     if sum(1 for c in counts.values() if c >= 2) < 2:
         raise ForValueError(
             "auto settings are chosen by how well the validation samples retrieve their own label, which needs at "
-            f"least two labels with two samples each (got {dict(counts) or 'no labels'}); give the settings "
-            "instead (e.g. --whiten 1, --validation-tokens store)"
+            f"least two labels with two samples each (got {_label_counts(counts)}); give the settings instead (e.g. "
+            "--whiten 1, --validation-tokens store)"
         )
     n = len(labels)
     pick = np.unique(np.linspace(0, n - 1, num=min(n, CHOOSE_SAMPLES)).round().astype(np.int64)).tolist()
@@ -316,6 +316,17 @@ def choose_variant(
     return tokens, lam, aucs
 
 
+def _label_counts(counts) -> str:
+    """``counts`` (label -> samples) in a few words: no labels / one label with 5 samples / 30 labels, 1 with two
+    or more samples."""
+    if not counts:
+        return "no labels"
+    if len(counts) == 1:
+        ((label, n),) = counts.items()
+        return f"one label, {label!r}, with {n} sample{'s' * (n != 1)}"
+    return f"{len(counts)} labels, {sum(1 for c in counts.values() if c >= 2)} with two or more samples"
+
+
 def resolve_auto(config, store, encode, labels: list) -> tuple:
     """``config`` (a query's or audit's) with ``whiten="auto"`` and ``validation_tokens="auto"`` replaced by
     :func:`choose_variant`'s choice, the raw validation set to score (encoded with the chosen positions), and a
@@ -342,14 +353,15 @@ def resolve_auto(config, store, encode, labels: list) -> tuple:
         lams = (None,) if config.center == "mean" else ("raw",)
     mu, cov = store_moments(store) if (whiten_auto or config.whiten is not None) else (store_mean(store), None)
     tokens, lam, aucs = choose_variant(queries, stored_like, labels, mu, cov, lams)
-    record = {
-        "chosen": {"validation_tokens": tokens, "whiten": None if lam == "raw" else lam},
-        "label_auc": {_variant_key(t, l, tokens_auto, whiten_auto): round(v, 6) for (t, l), v in aucs.items()},
-    }
     changes = {"validation_tokens": tokens}
     if whiten_auto:
         changes.update(center="mean", whiten=lam)
-    return replace(config, **changes), queries[tokens], record
+    config = replace(config, **changes)
+    record = {  # the settings that give the same scores when given instead of auto
+        "chosen": {"validation_tokens": tokens, "center": config.center, "whiten": config.whiten},
+        "label_auc": {_variant_key(t, l, tokens_auto, whiten_auto): round(v, 6) for (t, l), v in aucs.items()},
+    }
+    return config, queries[tokens], record
 
 
 def _variant_key(tokens: str, lam, tokens_auto: bool, whiten_auto: bool) -> str:
@@ -365,6 +377,8 @@ def describe_auto(record: dict) -> str:
     what = [f"--validation-tokens {chosen['validation_tokens']}"]
     if chosen["whiten"] is not None:
         what.append(f"--whiten {chosen['whiten']:g}")
+    elif chosen.get("center", "none") != "none":
+        what.append(f"--center {chosen['center']}")
     grid = ", ".join(f"{k} {v:.3f}" for k, v in record["label_auc"].items())
     return f"auto settings chose {' '.join(what)} (validation samples' own-label AUC: {grid})"
 
