@@ -198,7 +198,11 @@ def test_centred_audit_scan_equals_the_reference(setting, tiny_runner, form, nor
     val = centre_validation(raw, mu)
     labels = [s.label for s in samples]
     scan = audit_scan(store, val, labels, ["caps", "math"], "cpu", normalize=normalize, read_rows=4, form=form)
-    per = _reference(setting["block"], raw, mu, cosine=normalize == "cosine")
+    _assert_scan_is(scan, _reference(setting["block"], raw, mu, cosine=normalize == "cosine"), labels, form)
+
+
+def _assert_scan_is(scan, per, labels, form):
+    """An audit scan's mean and ``caps`` aggregates are those of the per-pair reference ``per`` (stored x val)."""
     _close(scan.mean, per.mean(axis=1))
     caps = [j for j, l in enumerate(labels) if l == "caps"]
     _close(scan.by_label["caps"], per[:, caps].mean(axis=1))
@@ -391,10 +395,7 @@ def test_whitened_audit_scan_equals_the_reference(setting, tiny_runner, form):
     labels = [s.label for s in samples]
     scan = audit_scan(store, val, labels, ["caps", "math"], "cpu", read_rows=4, form=form)
     per = _reference(setting["block"], raw, mu, metric=np.linalg.inv(shrunk_covariance(cov, 0.3)))
-    _close(scan.mean, per.mean(axis=1))
-    caps = [j for j, l in enumerate(labels) if l == "caps"]
-    _close(scan.by_label["caps"], per[:, caps].mean(axis=1))
-    assert scan.form == form
+    _assert_scan_is(scan, per, labels, form)
 
 
 def test_whitened_validation_norms_are_the_metric_norms(setting, tiny_runner):
