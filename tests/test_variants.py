@@ -551,7 +551,8 @@ def test_auto_query_and_audit_use_and_record_the_choice(setting, tiny_runner, tm
     auto = run_query(store, samples, cfg, runner=tiny_runner, keep_scores=True)
     lam = None if lam == "raw" else lam
     assert auto.config.whiten == lam and auto.config.validation_tokens == chosen_tokens
-    assert auto.auto_settings["chosen"] == {"validation_tokens": chosen_tokens, "whiten": lam}
+    center = "mean" if whiten else "none"
+    assert auto.auto_settings["chosen"] == {"validation_tokens": chosen_tokens, "center": center, "whiten": lam}
     fixed = QueryConfig(
         exact=True, center="mean" if whiten else "none", whiten=lam, validation_tokens=chosen_tokens, progress=False
     )
@@ -562,7 +563,8 @@ def test_auto_query_and_audit_use_and_record_the_choice(setting, tiny_runner, tm
     run_audit(store, [setting["val_path"]], name, audit_cfg, runner=tiny_runner)
     meta = forvalue.open(store.path).audits[name].info.meta
     assert meta["settings"]["whiten"] == lam and meta["settings"]["validation_tokens"] == chosen_tokens
-    assert meta["auto_settings"]["chosen"] == {"validation_tokens": chosen_tokens, "whiten": lam}
+    assert meta["auto_settings"]["chosen"] == {"validation_tokens": chosen_tokens, "center": center, "whiten": lam}
+    assert meta["settings"]["center"] == center
     n_candidates = (2 if tokens == "auto" else 1) * (len(WHITEN_GRID) if whiten else 1)
     assert len(meta["auto_settings"]["label_auc"]) == n_candidates
 
@@ -584,3 +586,48 @@ def test_auto_settings_cli(setting, tmp_path):
         assert_one_line_error(bad, flag)
     bad = cli("query", "--store", store.path, "-v", setting["val_path"], "-o", tmp_path / "x.jsonl", "--whiten", "abc")
     assert_one_line_error(bad, "--whiten")
+
+
+def test_whitening_implies_centring_for_value_models(setting, tiny_runner, tmp_path):
+    # --whiten 1 and --whiten 1 --center mean (what --whiten auto records) score alike: a value model distilled from
+    # one is accepted on the other
+    store = setting["store"]
+    val = [setting["val_path"]]
+    run_audit(store, val, "w-plain", AuditConfig(whiten=1.0, progress=False), runner=tiny_runner)
+    run_audit(store, val, "w-centred", AuditConfig(whiten=1.0, center="mean", progress=False), runner=tiny_runner)
+    st = forvalue.open(store.path)
+    np.testing.assert_array_equal(
+        st.audits["w-plain"].to_arrow().column("score_mean").to_numpy(),
+        st.audits["w-centred"].to_arrow().column("score_mean").to_numpy(),
+    )
+    vm = tmp_path / "vm"
+    st.audits["w-plain"].distill(vm)
+    assert st.audits["w-centred"].evaluate(vm).all["n"] == 15
+
+
+def test_auto_settings_refuse_unusable_labels_before_the_model_loads(setting, tmp_path):
+    store = setting["store"]
+    many = [{"id": f"u{i}", "text": f"hello {i}", "label": f"l{i}"} for i in range(500)]  # 500 labels, one sample each
+    no_model = lambda: pytest.fail("the model must not load")  # noqa: E731
+    for whiten, tokens in (("auto", "store"), (None, "auto")):
+        cfg = QueryConfig(whiten=whiten, validation_tokens=tokens, progress=False)
+        with pytest.raises(ForValueError, match="two labels with two samples") as err:
+            run_query(store, many, cfg, runner=no_model)
+        assert len(str(err.value)) < 400, str(err.value)  # one readable line, not every label
+        with pytest.raises(ForValueError, match="two labels with two samples"):
+            run_audit(store, many, "u", AuditConfig(whiten=whiten, validation_tokens=tokens), runner=no_model)
+    assert "u" not in list(forvalue.open(store.path).audits)
+
+
+def test_auto_settings_print_the_centring_they_chose():
+    from forvalue.engine.variant import describe_auto
+
+    record = {
+        "chosen": {"validation_tokens": "store", "center": "mean", "whiten": None},
+        "label_auc": {"1": 0.5, "none": 0.9},
+    }
+    assert "chose --validation-tokens store --center mean (" in describe_auto(record)
+    record["chosen"].update(center="none")
+    assert "chose --validation-tokens store (" in describe_auto(record)
+    record["chosen"].update(center="mean", whiten=1.0)  # whitening implies centring: the flag alone reproduces it
+    assert "chose --validation-tokens store --whiten 1 (" in describe_auto(record)

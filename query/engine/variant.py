@@ -260,6 +260,26 @@ def label_auc(scores: np.ndarray, labels: list) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
+def check_auto_labels(labels: list, config=None) -> None:
+    """Refuse (ForValueError) ``auto`` settings that ``labels`` cannot choose: fewer than two labels with two samples
+    each. With ``config``, only when one of its settings is ``auto``. Cheap: before any model loads."""
+    from collections import Counter
+
+    from forvalue.schemas.errors import ForValueError
+
+    if config is not None and "auto" not in (config.validation_tokens, config.whiten):
+        return
+    counts = Counter(l for l in labels if l is not None)
+    if sum(1 for c in counts.values() if c >= 2) < 2:
+        shown = ", ".join(f"{k!r}: {c}" for k, c in counts.most_common(5))
+        more = f", ... {len(counts) - 5} more labels" if len(counts) > 5 else ""
+        raise ForValueError(
+            "auto settings are chosen by how well the validation samples retrieve their own label, which needs at "
+            f"least two labels with two samples each (got {'{' + shown + more + '}' if counts else 'no labels'}); "
+            "give the settings instead (e.g. --whiten 1, --validation-tokens store)"
+        )
+
+
 def choose_variant(
     queries: dict, stored_like: "ValidationSet", labels: list, mu: np.ndarray, cov: np.ndarray, lams
 ) -> tuple[str, object, dict]:
@@ -272,20 +292,12 @@ def choose_variant(
 
     Raises ForValueError when fewer than two labels have two samples each (nothing to choose by).
     """
-    from collections import Counter
-
     import torch
 
     from forvalue.engine.scorer import ExactScorer
     from forvalue.schemas.errors import ForValueError
 
-    counts = Counter(l for l in labels if l is not None)
-    if sum(1 for c in counts.values() if c >= 2) < 2:
-        raise ForValueError(
-            "auto settings are chosen by how well the validation samples retrieve their own label, which needs at "
-            f"least two labels with two samples each (got {dict(counts) or 'no labels'}); give the settings "
-            "instead (e.g. --whiten 1, --validation-tokens store)"
-        )
+    check_auto_labels(labels)
     n = len(labels)
     pick = np.unique(np.linspace(0, n - 1, num=min(n, CHOOSE_SAMPLES)).round().astype(np.int64)).tolist()
     side = stored_like.subset(pick)
@@ -328,6 +340,7 @@ def resolve_auto(config, store, encode, labels: list) -> tuple:
     tokens_auto, whiten_auto = config.validation_tokens == "auto", config.whiten == "auto"
     if not (tokens_auto or whiten_auto):
         return config, encode(config.validation_tokens), None
+    check_auto_labels(labels)  # before anything is encoded
     stored_like = encode("store")
     queries = {"store": stored_like}
     if tokens_auto or config.validation_tokens == "response":
@@ -342,8 +355,9 @@ def resolve_auto(config, store, encode, labels: list) -> tuple:
         lams = (None,) if config.center == "mean" else ("raw",)
     mu, cov = store_moments(store) if (whiten_auto or config.whiten is not None) else (store_mean(store), None)
     tokens, lam, aucs = choose_variant(queries, stored_like, labels, mu, cov, lams)
+    center = "mean" if whiten_auto else config.center  # whiten="auto" centres whatever it chooses
     record = {
-        "chosen": {"validation_tokens": tokens, "whiten": None if lam == "raw" else lam},
+        "chosen": {"validation_tokens": tokens, "center": center, "whiten": None if lam == "raw" else lam},
         "label_auc": {_variant_key(t, l, tokens_auto, whiten_auto): round(v, 6) for (t, l), v in aucs.items()},
     }
     changes = {"validation_tokens": tokens}
@@ -363,8 +377,10 @@ def describe_auto(record: dict) -> str:
     """One line for the user: what the ``auto`` settings chose, and each candidate's own-label AUC."""
     chosen = record["chosen"]
     what = [f"--validation-tokens {chosen['validation_tokens']}"]
-    if chosen["whiten"] is not None:
+    if chosen["whiten"] is not None:  # implies centring
         what.append(f"--whiten {chosen['whiten']:g}")
+    elif chosen.get("center") == "mean":  # whiten="auto" chose none: centred only
+        what.append("--center mean")
     grid = ", ".join(f"{k} {v:.3f}" for k, v in record["label_auc"].items())
     return f"auto settings chose {' '.join(what)} (validation samples' own-label AUC: {grid})"
 
