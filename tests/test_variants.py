@@ -631,3 +631,18 @@ def test_auto_settings_print_the_centring_they_chose():
     assert "chose --validation-tokens store (" in describe_auto(record)
     record["chosen"].update(center="mean", whiten=1.0)  # whitening implies centring: the flag alone reproduces it
     assert "chose --validation-tokens store --whiten 1 (" in describe_auto(record)
+
+
+def test_numpy_numbers_in_configs_are_recorded(setting, tiny_runner):
+    # settings are recorded as JSON (audit metadata): numpy scalars become Python numbers (np.float32 crashed the
+    # audit's write after the whole scan)
+    import json
+    from dataclasses import asdict
+
+    cfg = AuditConfig(whiten=np.float32(0.5), read_rows=np.int64(64), flag_fraction=np.float32(0.25), progress=False)
+    assert type(cfg.whiten) is float and type(cfg.read_rows) is int and type(cfg.flag_fraction) is float
+    json.dumps(asdict(cfg))
+    run_audit(setting["store"], [setting["val_path"]], "numpy", cfg, runner=tiny_runner)
+    assert forvalue.open(setting["store"].path).audits["numpy"].info.meta["settings"]["whiten"] == 0.5
+    with pytest.raises(ForValueError, match="finite"):
+        QueryConfig(whiten=np.float32("nan"))
