@@ -646,3 +646,12 @@ def test_numpy_numbers_in_configs_are_recorded(setting, tiny_runner):
     assert forvalue.open(setting["store"].path).audits["numpy"].info.meta["settings"]["whiten"] == 0.5
     with pytest.raises(ForValueError, match="finite"):
         QueryConfig(whiten=np.float32("nan"))
+
+
+def test_auto_positions_count_each_sample_encoded_once(setting, tiny_runner):
+    # --validation-tokens auto encodes each sample with both positions: the run reports samples, not encodings
+    rows = [dict(r, prompt=f"once more, {r['prompt']}") for r in _rows(6, offset=300)]
+    cfg = AuditConfig(validation_tokens="auto", progress=False)
+    run = run_audit(setting["store"], rows, "auto-count", cfg, runner=tiny_runner)
+    assert run.encoded_now == 6
+    assert run_audit(setting["store"], rows, "auto-count", cfg, runner=tiny_runner).encoded_now == 0
