@@ -655,3 +655,24 @@ def test_auto_positions_count_each_sample_encoded_once(setting, tiny_runner):
     run = run_audit(setting["store"], rows, "auto-count", cfg, runner=tiny_runner)
     assert run.encoded_now == 6
     assert run_audit(setting["store"], rows, "auto-count", cfg, runner=tiny_runner).encoded_now == 0
+
+
+def test_auto_choice_samples_keep_labels_of_a_set_sorted_by_label():
+    from collections import Counter
+
+    from forvalue.engine.variant import CHOOSE_SAMPLES, choice_samples, label_auc
+
+    # 900 validation samples, 300 labels of 3, sorted by label: an evenly spaced 256 kept one of each label and the
+    # auto settings were refused after every sample was encoded
+    labels = [f"t{j // 3}" for j in range(900)]
+    pick = choice_samples(labels)
+    counts = Counter(labels[j] for j in pick)
+    assert len(pick) <= CHOOSE_SAMPLES and len(counts) >= 2 and min(counts.values()) >= 2
+    scores = np.random.default_rng(0).normal(size=(len(pick), len(pick)))
+    assert np.isfinite(label_auc(scores, [labels[j] for j in pick]))
+    # 20 labels of 50, one unlabelled sample and one singleton: evenly spaced within each label with two or more
+    labels = [f"c{j % 20}" for j in range(1000)] + [None, "single"]
+    pick = choice_samples(labels)
+    counts = Counter(labels[j] for j in pick)
+    assert len(pick) <= CHOOSE_SAMPLES and set(counts) == {f"c{k}" for k in range(20)} and set(counts.values()) == {12}
+    assert choice_samples(labels[:CHOOSE_SAMPLES]) == list(range(CHOOSE_SAMPLES))  # small sets: every sample

@@ -280,6 +280,29 @@ def check_auto_labels(labels: list, config=None) -> None:
         )
 
 
+def choice_samples(labels: list, limit: int | None = None) -> list[int]:
+    """The validation samples (positions, ascending) whose own retrieval chooses the ``auto`` settings: all of them
+    when there are at most ``limit`` (:data:`CHOOSE_SAMPLES`); else evenly spaced samples of each label with two or
+    more, at least two of each (of evenly spaced labels when there are more than ``limit / 2``). An evenly spaced
+    pick over the whole set could keep one sample of each label when it is sorted by label: nothing to choose by."""
+    limit = CHOOSE_SAMPLES if limit is None else limit
+    if len(labels) <= limit:
+        return list(range(len(labels)))
+    groups: dict = {}
+    for j, label in enumerate(labels):
+        if label is not None:
+            groups.setdefault(label, []).append(j)
+    kept = [g for g in groups.values() if len(g) >= 2]
+    per = max(2, limit // max(len(kept), 1))
+    if per * len(kept) > limit:
+        spaced = np.linspace(0, len(kept) - 1, num=max(2, limit // per)).round().astype(np.int64)
+        kept = [kept[i] for i in np.unique(spaced)]
+    pick = []
+    for g in kept:
+        pick += [g[i] for i in np.unique(np.linspace(0, len(g) - 1, num=min(len(g), per)).round().astype(np.int64))]
+    return sorted(pick)
+
+
 def choose_variant(
     queries: dict, stored_like: "ValidationSet", labels: list, mu: np.ndarray, cov: np.ndarray, lams
 ) -> tuple[str, object, dict]:
@@ -298,8 +321,7 @@ def choose_variant(
     from forvalue.schemas.errors import ForValueError
 
     check_auto_labels(labels)
-    n = len(labels)
-    pick = np.unique(np.linspace(0, n - 1, num=min(n, CHOOSE_SAMPLES)).round().astype(np.int64)).tolist()
+    pick = choice_samples(labels)
     side = stored_like.subset(pick)
     block = TrainBlock(side.hidden, side.ids, side.values, side.lengths, side.sq_norms)
     labels = [labels[j] for j in pick]
