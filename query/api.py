@@ -26,7 +26,7 @@ from forvalue.engine.validation import (
     load_validation_samples,
     store_hidden_basis,
 )
-from forvalue.engine.variant import apply_variant, resolve_auto
+from forvalue.engine.variant import apply_variant, check_auto_labels, resolve_auto
 from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
 from forvalue.present.output import ScoreWriter, check_output_path
@@ -173,6 +173,7 @@ def run_query(
         check_output_path(all_scores_path, (".parquet",), inputs=_paths_of(validation), what="all_scores_path")
     store = open_nonempty(store)
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))  # bad input: before the model
+    check_auto_labels([s.label for s in samples], config)
     runner = get_runner(runner, store, model, config.device)
     config, val, auto_settings = resolve_auto(  # auto settings: chosen by the validation samples' own labels
         config,

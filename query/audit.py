@@ -129,7 +129,7 @@ def run_audit(
 
     # auto settings: chosen by the validation samples' own labels
     config, val, auto_settings = resolve_auto(config, store, encode, [s.label for s in samples])
-    encoded_now = sum(encoded_counts.values())
+    encoded_now = max(encoded_counts.values(), default=0)  # samples (auto positions encode each one twice)
     val = apply_variant(val, store, config.center, config.whiten)  # centred / whitened scores (docs/variants.md)
     device = loaded["runner"].device if loaded else resolve_device(config.device)
     val_labels = [s.label for s in samples]

@@ -249,7 +249,7 @@ def check_compatible(vm: ValueModel, store: Store, audit_meta: dict | None = Non
         )
     if audit_meta is not None:
         a = vm.meta.get("audit", {})
-        mine_variant = a.get("variant") or score_variant({"normalize": a.get("normalize", "none")})
+        mine_variant = score_variant(a.get("variant") or {"normalize": a.get("normalize", "none")})
         their_variant = score_variant(audit_meta.get("settings", {}))
         if a.get("validation_sha256") != audit_meta["validation_sha256"] or mine_variant != their_variant:
             raise ValueModelError(
@@ -261,10 +261,14 @@ def check_compatible(vm: ValueModel, store: Store, audit_meta: dict | None = Non
 
 
 def score_variant(settings: dict) -> dict:
-    """The score variant of an audit's settings (older audits: the paper's defaults)."""
+    """The score variant of an audit's settings (older audits: the paper's defaults), as scored: whitening implies
+    centring, so ``--whiten 1`` and ``--whiten 1 --center mean`` (what ``--whiten auto`` records) are one variant."""
     from forvalue.engine.variant import variant_options
 
-    return {"normalize": settings.get("normalize", "none"), **variant_options(settings)}
+    variant = {"normalize": settings.get("normalize", "none"), **variant_options(settings)}
+    if variant["whiten"] is not None:
+        variant["center"] = "mean"
+    return variant
 
 
 def _fmt_variant(variant: dict) -> str:

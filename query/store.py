@@ -384,6 +384,13 @@ class Audits(Mapping):
 
         return iter(audit_names(self._store._fresh()))
 
+    def __contains__(self, name: object) -> bool:
+        return name in list(self)  # an unknown name is no error here (``in`` and ``get``: the Mapping contract)
+
+    def get(self, name: str, default=None):
+        """The audit ``name``, or ``default`` when the store has none of that name."""
+        return self[name] if name in self else default
+
     def __len__(self) -> int:
         from forvalue.storage.audits import audit_names
 

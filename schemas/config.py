@@ -73,11 +73,15 @@ SEED_MAX = (1 << 32) - 1
 def _check(cfg: Any) -> None:
     """Bounds and choices of every field of ``cfg`` (declared in ``metadata``); raises ConfigError.
 
-    Every number must be finite (no NaN or infinity) and within its declared bounds; whole numbers
-    without an upper bound of their own stay below :data:`INT_MAX`.
+    Every number must be finite (no NaN or infinity) and within its declared bounds; whole numbers without an
+    upper bound of their own stay below :data:`INT_MAX`. Numpy scalars become Python numbers (settings are
+    recorded as JSON).
     """
     for f in fields(cfg):
         value = getattr(cfg, f.name)
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):  # numpy scalars:
+            value = int(value) if isinstance(value, numbers.Integral) else float(value)  # recorded as JSON
+            object.__setattr__(cfg, f.name, value)
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(f.name, f"must be one of {', '.join(map(str, choices))}, got '{value}'")

@@ -94,6 +94,7 @@ def store_copy(built, tmp_path) -> Path:
         ),
         (["index", "add"], ["--store", "Append", "store's model"]),
         (["query"], ["--store", "--validation", "--top-k", "--output", "--all-scores", "--aggregate", "--normalize"]),
+        (["audit", "run"], ["--whiten NUMBER|auto"]),  # as typed: 'AUTO' is no value of --whiten
     ],
 )
 def test_help(args, needles):

@@ -82,6 +82,8 @@ def test_audits_mapping_summary_compare_select(st, toy_rows, tmp_path):
     write_jsonl(tmp_path / "math.jsonl", [r for r in toy_rows if r["label"] == "math"][:2])
     st.audit(tmp_path / "math.jsonl", "m", forvalue.AuditConfig(progress=False, device="cpu"))
     assert sorted(st.audits) == ["a", "m"] and "a" in st.audits
+    assert "zz" not in st.audits and "a/b" not in st.audits and st.audits.get("zz") is None  # Mapping's contract
+    assert st.audits.get("a").info.name == "a"
     assert all(isinstance(i, AuditInfo) for i in st.audits.list())
     with pytest.raises(ForValueError, match="no audit named 'zz' .known: a, m"):
         st.audits["zz"]

@@ -30,6 +30,9 @@ class NumberOrAuto(click.ParamType):
 
     name = "NUMBER|auto"
 
+    def get_metavar(self, param, ctx=None):  # as typed (click upper-cases a type's name: 'AUTO' is refused)
+        return self.name
+
     def convert(self, value, param, ctx):
         if value is None or value == "auto" or isinstance(value, float):
             return value

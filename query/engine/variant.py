@@ -260,6 +260,49 @@ def label_auc(scores: np.ndarray, labels: list) -> float:
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
+def check_auto_labels(labels: list, config=None) -> None:
+    """Refuse (ForValueError) ``auto`` settings that ``labels`` cannot choose: fewer than two labels with two samples
+    each. With ``config``, only when one of its settings is ``auto``. Cheap: before any model loads."""
+    from collections import Counter
+
+    from forvalue.schemas.errors import ForValueError
+
+    if config is not None and "auto" not in (config.validation_tokens, config.whiten):
+        return
+    counts = Counter(l for l in labels if l is not None)
+    if sum(1 for c in counts.values() if c >= 2) < 2:
+        shown = ", ".join(f"{k!r}: {c}" for k, c in counts.most_common(5))
+        more = f", ... {len(counts) - 5} more labels" if len(counts) > 5 else ""
+        raise ForValueError(
+            "auto settings are chosen by how well the validation samples retrieve their own label, which needs at "
+            f"least two labels with two samples each (got {'{' + shown + more + '}' if counts else 'no labels'}); "
+            "give the settings instead (e.g. --whiten 1, --validation-tokens store)"
+        )
+
+
+def choice_samples(labels: list, limit: int | None = None) -> list[int]:
+    """The validation samples (positions, ascending) whose own retrieval chooses the ``auto`` settings: all of them
+    when there are at most ``limit`` (:data:`CHOOSE_SAMPLES`); else evenly spaced samples of each label with two or
+    more, at least two of each (of evenly spaced labels when there are more than ``limit / 2``). An evenly spaced
+    pick over the whole set could keep one sample of each label when it is sorted by label: nothing to choose by."""
+    limit = CHOOSE_SAMPLES if limit is None else limit
+    if len(labels) <= limit:
+        return list(range(len(labels)))
+    groups: dict = {}
+    for j, label in enumerate(labels):
+        if label is not None:
+            groups.setdefault(label, []).append(j)
+    kept = [g for g in groups.values() if len(g) >= 2]
+    per = max(2, limit // max(len(kept), 1))
+    if per * len(kept) > limit:
+        spaced = np.linspace(0, len(kept) - 1, num=max(2, limit // per)).round().astype(np.int64)
+        kept = [kept[i] for i in np.unique(spaced)]
+    pick = []
+    for g in kept:
+        pick += [g[i] for i in np.unique(np.linspace(0, len(g) - 1, num=min(len(g), per)).round().astype(np.int64))]
+    return sorted(pick)
+
+
 def choose_variant(
     queries: dict, stored_like: "ValidationSet", labels: list, mu: np.ndarray, cov: np.ndarray, lams
 ) -> tuple[str, object, dict]:
@@ -272,22 +315,13 @@ def choose_variant(
 
     Raises ForValueError when fewer than two labels have two samples each (nothing to choose by).
     """
-    from collections import Counter
-
     import torch
 
     from forvalue.engine.scorer import ExactScorer
     from forvalue.schemas.errors import ForValueError
 
-    counts = Counter(l for l in labels if l is not None)
-    if sum(1 for c in counts.values() if c >= 2) < 2:
-        raise ForValueError(
-            "auto settings are chosen by how well the validation samples retrieve their own label, which needs at "
-            f"least two labels with two samples each (got {_label_counts(counts)}); give the settings instead (e.g. "
-            "--whiten 1, --validation-tokens store)"
-        )
-    n = len(labels)
-    pick = np.unique(np.linspace(0, n - 1, num=min(n, CHOOSE_SAMPLES)).round().astype(np.int64)).tolist()
+    check_auto_labels(labels)
+    pick = choice_samples(labels)
     side = stored_like.subset(pick)
     block = TrainBlock(side.hidden, side.ids, side.values, side.lengths, side.sq_norms)
     labels = [labels[j] for j in pick]
@@ -316,17 +350,6 @@ def choose_variant(
     return tokens, lam, aucs
 
 
-def _label_counts(counts) -> str:
-    """``counts`` (label -> samples) in a few words: no labels / one label with 5 samples / 30 labels, 1 with two
-    or more samples."""
-    if not counts:
-        return "no labels"
-    if len(counts) == 1:
-        ((label, n),) = counts.items()
-        return f"one label, {label!r}, with {n} sample{'s' * (n != 1)}"
-    return f"{len(counts)} labels, {sum(1 for c in counts.values() if c >= 2)} with two or more samples"
-
-
 def resolve_auto(config, store, encode, labels: list) -> tuple:
     """``config`` (a query's or audit's) with ``whiten="auto"`` and ``validation_tokens="auto"`` replaced by
     :func:`choose_variant`'s choice, the raw validation set to score (encoded with the chosen positions), and a
@@ -339,6 +362,7 @@ def resolve_auto(config, store, encode, labels: list) -> tuple:
     tokens_auto, whiten_auto = config.validation_tokens == "auto", config.whiten == "auto"
     if not (tokens_auto or whiten_auto):
         return config, encode(config.validation_tokens), None
+    check_auto_labels(labels)  # before anything is encoded
     stored_like = encode("store")
     queries = {"store": stored_like}
     if tokens_auto or config.validation_tokens == "response":
@@ -375,10 +399,10 @@ def describe_auto(record: dict) -> str:
     """One line for the user: what the ``auto`` settings chose, and each candidate's own-label AUC."""
     chosen = record["chosen"]
     what = [f"--validation-tokens {chosen['validation_tokens']}"]
-    if chosen["whiten"] is not None:
+    if chosen["whiten"] is not None:  # implies centring
         what.append(f"--whiten {chosen['whiten']:g}")
-    elif chosen.get("center", "none") != "none":
-        what.append(f"--center {chosen['center']}")
+    elif chosen.get("center") == "mean":  # whiten="auto" chose none: centred only
+        what.append("--center mean")
     grid = ", ".join(f"{k} {v:.3f}" for k, v in record["label_auc"].items())
     return f"auto settings chose {' '.join(what)} (validation samples' own-label AUC: {grid})"
 
