@@ -687,3 +687,21 @@ def test_auto_choice_samples_keep_labels_of_a_set_sorted_by_label():
     counts = Counter(labels[j] for j in pick)
     assert len(pick) <= CHOOSE_SAMPLES and set(counts) == {f"c{k}" for k in range(20)} and set(counts.values()) == {12}
     assert choice_samples(labels[:CHOOSE_SAMPLES]) == list(range(CHOOSE_SAMPLES))  # small sets: every sample
+
+
+def test_audit_show_prints_the_score_settings_as_flags(setting, tmp_path):
+    from forvalue.engine.variant import variant_flags
+
+    assert variant_flags({}) == "--normalize none --center none --validation-tokens store"
+    assert variant_flags({"center": "mean", "whiten": 0.1, "validation_tokens": "response"}).endswith(
+        "--center mean --validation-tokens response --whiten 0.1"
+    )
+    store = setting["store"]
+    ran = cli("audit", "run", "--store", store.path, "-v", setting["val_path"], "--name", "shown", "--whiten", "auto")
+    assert ran.exit_code == 0, ran.output
+    meta = forvalue.open(store.path).audits["shown"].info.meta
+    shown = cli("audit", "show", "--store", store.path, "shown")
+    assert shown.exit_code == 0, shown.output
+    line = next(l for l in shown.output.splitlines() if l.startswith("score: "))
+    assert line == f"score: {variant_flags(meta['settings'])} (chosen by auto)"
+    assert "--center mean" in line

@@ -110,6 +110,10 @@ def audit_show(store, name, n_examples, report, data, **kw):
         f"audit '{name}' v{i.version} ({i.created}): {i.n_train} training vs {i.n_validation} "
         f"validation samples, {i.flagged} flagged"
     )
+    from forvalue.engine.variant import variant_flags
+
+    chosen = " (chosen by auto)" if i.meta.get("auto_settings") else ""
+    click.echo(f"score: {variant_flags(i.meta.get('settings') or {})}{chosen}")
     click.echo(
         "mean score  min {min:.4g}  p10 {p10:.4g}  median {median:.4g}  p90 {p90:.4g}  max {max:.4g}".format(
             **s.percentiles

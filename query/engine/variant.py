@@ -57,6 +57,19 @@ def variant_options(source) -> dict:
     return {k: getattr(source, k) for k in PAPER_VARIANT}
 
 
+def variant_flags(settings: dict) -> str:
+    """The score settings of a recorded audit or query (``normalize`` and the :data:`PAPER_VARIANT` keys; a missing
+    key: the paper's value) as the flags that give them, e.g. ``--normalize none --center mean --validation-tokens
+    response --whiten 0.1``."""
+    opts = {"normalize": settings.get("normalize", "none"), **variant_options(settings)}
+    flags = [
+        f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
+        for k, v in opts.items()
+        if v is not None
+    ]
+    return " ".join(flags)
+
+
 def store_mean(store, rows: int = MEAN_ROWS) -> np.ndarray:
     """The mean hidden state ``mu``, float64 of shape ``(d,)``: over the scored tokens of ``min(rows, n)``
     stored samples at evenly spaced positions (all of them in a store of at most ``rows`` samples).
