@@ -705,3 +705,26 @@ def test_audit_show_prints_the_score_settings_as_flags(setting, tmp_path):
     line = next(l for l in shown.output.splitlines() if l.startswith("score: "))
     assert line == f"score: {variant_flags(meta['settings'])} (chosen by auto)"
     assert "--center mean" in line
+
+
+def test_auto_whitening_reads_the_store_moments_once(setting, tiny_runner, monkeypatch):
+    import forvalue.engine.variant as variant
+
+    calls = []
+    moments = variant.store_moments
+    monkeypatch.setattr(variant, "store_moments", lambda store, *a: calls.append(1) or moments(store, *a))
+    store, samples = setting["store"], setting["samples"]
+    for whiten, tokens in (("auto", "store"), (0.3, "auto")):
+        calls.clear()
+        cfg = QueryConfig(exact=True, whiten=whiten, validation_tokens=tokens, progress=False)
+        got = run_query(store, samples, cfg, runner=tiny_runner, keep_scores=True)
+        assert got.config.whiten is not None and len(calls) == 1
+        calls.clear()
+        run_audit(
+            store,
+            [setting["val_path"]],
+            f"once-{whiten}",
+            AuditConfig(whiten=whiten, validation_tokens=tokens, progress=False),
+            runner=tiny_runner,
+        )
+        assert len(calls) == 1

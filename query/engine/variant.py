@@ -62,12 +62,9 @@ def variant_flags(settings: dict) -> str:
     key: the paper's value) as the flags that give them, e.g. ``--normalize none --center mean --validation-tokens
     response --whiten 0.1``."""
     opts = {"normalize": settings.get("normalize", "none"), **variant_options(settings)}
-    flags = [
-        f"--{k.replace('_', '-')} {v:g}" if isinstance(v, float) else f"--{k.replace('_', '-')} {v}"
-        for k, v in opts.items()
-        if v is not None
-    ]
-    return " ".join(flags)
+    return " ".join(
+        f"--{k.replace('_', '-')} {f'{v:g}' if isinstance(v, float) else v}" for k, v in opts.items() if v is not None
+    )
 
 
 def store_mean(store, rows: int = MEAN_ROWS) -> np.ndarray:
@@ -258,11 +255,12 @@ def label_auc(scores: np.ndarray, labels: list) -> float:
     rows, validation-side columns, the same samples) ranks the other samples of ``j``'s label above the rest (each
     sample's own row left out; ties count half). NaN when no sample has both kinds of others."""
     labels = np.array([None if l is None else str(l) for l in labels], dtype=object)
+    labelled = np.array([l is not None for l in labels])
     aucs = []
     for j, label in enumerate(labels):
         if label is None:
             continue
-        keep = np.array([l is not None for l in labels])
+        keep = labelled.copy()
         keep[j] = False
         same = (labels == label) & keep
         other = ~same & keep
@@ -365,7 +363,8 @@ def choose_variant(
 
 def resolve_auto(config, store, encode, labels: list) -> tuple:
     """``config`` (a query's or audit's) with ``whiten="auto"`` and ``validation_tokens="auto"`` replaced by
-    :func:`choose_variant`'s choice, the raw validation set to score (encoded with the chosen positions), and a
+    :func:`choose_variant`'s choice, the validation set to score (encoded with the chosen positions; already whitened
+    when whitening was chosen or given, with the moments the choice read, so they are not read twice), and a
     record of the choice (None when nothing is ``auto``). ``encode(tokens)``: the validation samples encoded with
     those positions (``"store"`` or ``"response"``); each is asked for once.
 
@@ -394,11 +393,14 @@ def resolve_auto(config, store, encode, labels: list) -> tuple:
     if whiten_auto:
         changes.update(center="mean", whiten=lam)
     config = replace(config, **changes)
+    val = queries[tokens]
+    if lam is not None and lam != "raw":  # whitened with the moments read above (apply_variant keeps it)
+        val = whiten_validation(val, mu, cov, lam)
     record = {  # the settings that give the same scores when given instead of auto
         "chosen": {"validation_tokens": tokens, "center": config.center, "whiten": config.whiten},
         "label_auc": {_variant_key(t, l, tokens_auto, whiten_auto): round(v, 6) for (t, l), v in aucs.items()},
     }
-    return config, queries[tokens], record
+    return config, val, record
 
 
 def _variant_key(tokens: str, lam, tokens_auto: bool, whiten_auto: bool) -> str:
