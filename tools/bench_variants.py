@@ -157,8 +157,8 @@ def run_variants(prep: dict, runner, variants, log) -> list[dict]:
         )
         t0 = time.perf_counter()
         # "auto": what the validation samples' own labels choose
-        cfg, raw, chosen = resolve_auto(cfg, store, encode, val_labels)
-        val = apply_variant(raw, store, cfg.center, cfg.whiten)
+        cfg, val, chosen = resolve_auto(cfg, store, encode, val_labels)
+        val = apply_variant(val, store, cfg.center, cfg.whiten)  # whitened already when auto whitened
         ids, parts = [], []
         for _, block_ids, _, scores in score_all(store, val, cfg, runner.device):
             ids += block_ids
