@@ -32,7 +32,7 @@ from forvalue.indexer.data import Sample
 from forvalue.present.output import ScoreWriter, check_output_path
 from forvalue.schemas.config import BuildConfig, DataConfig, EngineConfig, ModelConfig, QueryConfig
 from forvalue.schemas.errors import ConfigError
-from forvalue.session import get_runner, open_nonempty, settings_for_store
+from forvalue.session import get_runner, open_nonempty, settings_for_store, storage_of
 from forvalue.storage.store import Store
 
 __all__ = [
@@ -113,7 +113,7 @@ def add_to_index(
     >>> report.written, report.already_stored
     (0, 12)
     """
-    manifest = Store.open(store).manifest
+    manifest = storage_of(store).manifest
     return build_index(data_paths, store, settings_for_store(manifest, config), engine=engine)
 
 

@@ -28,6 +28,7 @@ from forvalue.present.output import write_jsonl_atomic
 from forvalue.results import AuditComparison, AuditInfo, AuditRun, AuditSummary, Pricing, Selection
 from forvalue.schemas.config import AuditConfig, DataConfig, EngineConfig, ModelConfig
 from forvalue.schemas.errors import ForValueError
+from forvalue.session import storage_of
 from forvalue.storage.audits import ValidationCache, label_column, list_audits, read_audit, write_audit
 from forvalue.storage.store import Store
 
@@ -225,14 +226,14 @@ def run_audit(
 
 def audits(store: str | Path | Store) -> list[AuditInfo]:
     """Metadata of every audit of a store, by name (:attr:`forvalue.Store.audits` lists them)."""
-    store = store if isinstance(store, Store) else Store.open(store)
+    store = storage_of(store)
     return [AuditInfo.from_meta(m) for m in list_audits(store)]
 
 
 def load_audit(store: str | Path | Store, name: str) -> tuple[pa.Table, dict]:
     """The audit table (one row per training sample: ``id``, ``label``, ``score_mean``, ``rank``, ``flagged``
     and per-label columns) and its metadata."""
-    store = store if isinstance(store, Store) else Store.open(store)
+    store = storage_of(store)
     return read_audit(store, name)
 
 
@@ -255,7 +256,7 @@ def compare_audits(store: str | Path | Store, a: str, b: str, n_moved: int = 10)
 
     :meth:`forvalue.Audit.compare` calls it.
     """
-    st = store if isinstance(store, Store) else Store.open(store)
+    st = storage_of(store)
     ta, _ = read_audit(st, a)
     tb, _ = read_audit(st, b)
     da = {r["id"]: r for r in ta.select(["id", "score_mean", "rank", "flagged"]).to_pylist()}
@@ -315,7 +316,7 @@ def select_subset(
 
     if (top is None) == (drop_bottom is None):
         raise ForValueError("give exactly one of --top or --drop-bottom")
-    st = store if isinstance(store, Store) else Store.open(store)
+    st = storage_of(store)
     check_outputs({"output": (output, (".jsonl",))}, [st.path])
     table, _ = read_audit(st, audit)
     rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
@@ -348,7 +349,7 @@ def write_audit_report(
     from forvalue.present.report import audit_page
     from forvalue.storage.files import check_outputs, write_text
 
-    store = store if isinstance(store, Store) else Store.open(store)
+    store = storage_of(store)
     check_outputs({"report": (out, (".html",))}, [store.path])
     table, meta = read_audit(store, name)
     rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])

@@ -26,6 +26,7 @@ from forvalue.ridge import Design, fit_ridge
 from forvalue.schemas.config import DistillConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.schemas.manifest import PACKAGE_VERSION
+from forvalue.session import storage_of
 from forvalue.storage.store import Store
 from forvalue.value_features import (
     audit_targets,
@@ -142,7 +143,7 @@ def distill_value_model(
     leftovers = out.is_dir() and all(owned_by_a_value_model(p.name) for p in out.iterdir())  # a killed save
     if out.exists() and (not out.is_dir() or (not leftovers and not (out / MANIFEST).exists())):
         raise ValueModelError(f"{out}: exists and is not a value model folder; choose another --out")
-    st = store if isinstance(store, Store) else Store.open(store)
+    st = storage_of(store)
     table, meta = load_audit(st, audit)
     targets = audit_targets(table)
     ids = table.column("id").to_pylist()
@@ -292,7 +293,7 @@ def evaluate_value_model(
     from forvalue.audit import load_audit
 
     vm = value_model if isinstance(value_model, ValueModel) else ValueModel.load(value_model)
-    st = store if isinstance(store, Store) else Store.open(store)
+    st = storage_of(store)
     table, meta = load_audit(st, audit)
     check_compatible(vm, st, meta)
     ids = table.column("id").to_pylist()

@@ -8,7 +8,6 @@ is scored only with the model it was built with lives in one place.
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 from forvalue.schemas.config import BuildConfig, ModelConfig
 from forvalue.schemas.errors import StoreError
@@ -81,9 +80,23 @@ def get_runner(runner, store: Store, model: ModelConfig | None, device: str):
     return runner
 
 
-def open_nonempty(store: str | Path | Store) -> Store:
-    """The store at ``store`` (or ``store`` itself), refused with one line when it holds no sample."""
-    store = store if isinstance(store, Store) else Store.open(store)
+def storage_of(store) -> Store:
+    """The low-level store behind ``store``: a path (or ``s3://`` location), a :class:`forvalue.storage.store.Store`
+    (itself), or a :class:`forvalue.Store` handle from :func:`forvalue.open` (at its latest version, with its storage
+    options), so the module-level functions take whatever the user holds."""
+    if isinstance(store, Store):
+        return store
+    from forvalue.store import Store as Handle  # the facade imports this module: not at the top
+
+    if isinstance(store, Handle):
+        return store._fresh()
+    return Store.open(store)
+
+
+def open_nonempty(store) -> Store:
+    """The store at ``store`` (or ``store`` itself; see :func:`storage_of`), refused with one line when it holds no
+    sample."""
+    store = storage_of(store)
     if store.count() == 0:
         raise StoreError(f"{store.path}: the store holds no samples; add some with 'forvalue index add'")
     return store

@@ -37,6 +37,23 @@ def audited_store(tmp_path, tiny_model_dir, toy_rows):
     return tmp_path
 
 
+def test_module_functions_take_a_forvalue_open_handle(audited_store, tiny_runner):
+    """The module-level functions take a path, a storage Store or the handle users hold from forvalue.open: a
+    handle used to be opened as a path ('no such store')."""
+    import forvalue
+
+    store = audited_store / "store"
+    run_audit(store, [audited_store / "val.jsonl"], "a", AuditConfig(progress=False, device="cpu"), runner=tiny_runner)
+    handle = forvalue.open(store)
+    by_path, by_handle = load_audit(store, "a")[0], load_audit(handle, "a")[0]
+    assert by_handle.equals(by_path)
+    run_audit(handle, [audited_store / "val.jsonl"], "b", AuditConfig(progress=False, device="cpu"), runner=tiny_runner)
+    assert compare_audits(handle, "a", "b").spearman == pytest.approx(1.0)
+    assert [r["id"] for r in select_subset(handle, "a", top="2").rows()] == [
+        r["id"] for r in select_subset(store, "a", top="2").rows()
+    ]
+
+
 def test_audit_scores_match_query(audited_store, tiny_runner):
     store = audited_store / "store"
     version = Store.open(store).version()
