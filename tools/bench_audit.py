@@ -22,11 +22,20 @@ import numpy as np
 
 from forvalue.api import build_index
 from forvalue.audit import AuditConfig, load_audit, run_audit
+from forvalue.engine.variant import variant_flags
 from forvalue.indexer.model_runner import load_runner
 from forvalue.metrics import roc_auc
 from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig
 from forvalue.tasks.text import generate_task, write_jsonl
 from tools.common import emit, machine_short
+
+# name -> AuditConfig fields of each score variant (the first two are the suite's historical rows)
+VARIANTS = {
+    "none": {},
+    "cosine": {"normalize": "cosine"},
+    "centred": {"center": "mean"},
+    "auto": {"validation_tokens": "auto", "whiten": "auto"},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-train", type=int, default=30, help="training samples per class")
     ap.add_argument("--n-test", type=int, default=3, help="validation samples per class")
     ap.add_argument("--n-classes", type=int, default=10)
-    ap.add_argument("--normalize", choices=["none", "cosine"], nargs="+", default=["none", "cosine"])
+    ap.add_argument(
+        "--variants",
+        choices=list(VARIANTS),
+        nargs="+",
+        default=["none", "cosine"],
+        help="score variants audited on each store (docs/variants.md): none = the paper's score, cosine = "
+        "--normalize cosine, centred = --center mean, auto = --validation-tokens auto --whiten auto",
+    )
     ap.add_argument(
         "--score-tokens",
         choices=["all", "response"],
@@ -56,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "The first audit of each store includes loading the model and encoding the validation set; "
         "the repeated audit finds every validation encoding in the cache (no model load, no forward pass).",
         "",
-        "| noise | normalize | flipped / train | detection AUC (mean score) | AUC (max score) | AUC (mean vs own "
+        "| noise | variant | flipped / train | detection AUC (mean score) | AUC (max score) | AUC (mean vs own "
         "label) | first audit (s) | repeated audit (s) | repeated / first |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -71,13 +87,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = BuildConfig(progress=False, encode=EncodeConfig(score_tokens=args.score_tokens))
             build_index([tmp / "train.jsonl"], tmp / "store", cfg, runner=runner)
             flipped = {r["id"]: bool(r["flipped"]) for r in train}
-            for n, norm in enumerate(args.normalize):
+            for n, norm in enumerate(args.variants):
                 # flag_by max: score_max is computed (per-sample token form, as these rows were recorded); the
                 # other flag scores leave it out when the G-form is the cheaper scan (docs/gform.md)
-                cfg = AuditConfig(normalize=norm, progress=False, device=args.device, flag_by="max")
+                cfg = AuditConfig(**VARIANTS[norm], progress=False, device=args.device, flag_by="max")
                 name = f"a_{norm}"
                 t0 = time.perf_counter()
-                run_audit(tmp / "store", [tmp / "val.jsonl"], name, cfg)  # loads the model: a user's first run
+                first = run_audit(tmp / "store", [tmp / "val.jsonl"], name, cfg)  # loads the model: a user's first run
                 t1 = time.perf_counter()
                 second = run_audit(tmp / "store", [tmp / "val.jsonl"], name, cfg)
                 t2 = time.perf_counter()
@@ -94,8 +110,11 @@ def main(argv: list[str] | None = None) -> int:
                     if n == 0
                     else "cached | cached | (validation encodings shared with the row above)"
                 )
+                shown = norm
+                if first.auto_settings is not None:  # what auto chose, as the flags that give it
+                    shown += f" ({variant_flags(first.auto_settings['chosen'])})"
                 lines.append(
-                    f"| {rate:.0%} | {norm} | {is_flipped.sum()} / {len(train)} | {auc:.3f} | {auc_max:.3f} | "
+                    f"| {rate:.0%} | {shown} | {is_flipped.sum()} / {len(train)} | {auc:.3f} | {auc_max:.3f} | "
                     f"{auc_own:.3f} | {timing} |"
                 )
                 print(lines[-1], flush=True)

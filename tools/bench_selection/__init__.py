@@ -34,6 +34,8 @@ Methods (each gives one value per pool sample; the top k% are selected):
   ``flag_score``, the mean score over the validation samples with the sample's own label.
 * ``forvalue-cos``, ``forvalue-label-cos``  the same two with ``AuditConfig(normalize='cosine')``
   (named with ``--methods`` only).
+* ``forvalue-auto``, ``forvalue-label-auto``  the same two with ``--validation-tokens auto --whiten auto``
+  (``AuditConfig(validation_tokens='auto', whiten='auto')``, docs/variants.md; named with ``--methods`` only).
 * ``random``          seeded uniform.
 * ``emb``             alpha = 1 ablation (hidden states only): ``<mean_v sum_t h_vt, sum_t h_it>``
   (``tools.bench_baselines.emb_vectors``, as in ``tools/bench_quality.py``).
@@ -75,7 +77,18 @@ from tools.bench_selection.bm25 import bm25
 from tools.bench_selection.data import targeted_data
 from tools.bench_selection.parts import run_brittle, run_noisy, run_targeted
 from tools.bench_selection.report import report
-from tools.bench_selection.settings import BRITTLE_METHODS, FV_COSINE, METHODS, PARTS, QUICK, Settings, log, n_of, top_n
+from tools.bench_selection.settings import (
+    BRITTLE_METHODS,
+    FV_AUTO,
+    FV_COSINE,
+    METHODS,
+    PARTS,
+    QUICK,
+    Settings,
+    log,
+    n_of,
+    top_n,
+)
 from tools.bench_selection.suite import NotCached, Suite
 
 # what the tests and other tools use, besides main
@@ -104,7 +117,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--parts", nargs="+", choices=PARTS, default=None)
-    ap.add_argument("--methods", nargs="+", choices=METHODS + FV_COSINE, default=None)
+    ap.add_argument("--methods", nargs="+", choices=METHODS + FV_COSINE + FV_AUTO, default=None)
     ap.add_argument("--ks", type=float, nargs="+", default=None, help="targeted selection sizes in percent")
     ap.add_argument("--targets", nargs="+", default=None, help="task or task:class,class,...")
     ap.add_argument("--noise-rates", type=float, nargs="+", default=None)

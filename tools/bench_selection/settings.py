@@ -14,7 +14,16 @@ import numpy as np
 # the default run's methods; FV_COSINE (the same audits with ``--normalize cosine``) only when named
 METHODS = ("forvalue", "forvalue-label", "random", "emb", "rds", "loss", "bm25", "grad", "distill")
 FV_COSINE = ("forvalue-cos", "forvalue-label-cos")
-FORVALUE_METHODS = ("forvalue", "forvalue-label") + FV_COSINE
+# the same audits with --validation-tokens auto --whiten auto (docs/variants.md), only when named
+FV_AUTO = ("forvalue-auto", "forvalue-label-auto")
+FORVALUE_METHODS = ("forvalue", "forvalue-label") + FV_COSINE + FV_AUTO
+# the audit each For-Value method reads (its name's suffix: the audit's AuditConfig score fields)
+AUDIT_VARIANTS = {
+    "none": {},
+    "cosine": {"normalize": "cosine"},
+    "auto": {"validation_tokens": "auto", "whiten": "auto"},
+}
+METHOD_VARIANT = {m: "cosine" if m in FV_COSINE else "auto" if m in FV_AUTO else "none" for m in FORVALUE_METHODS}
 BRITTLE_METHODS = ("forvalue", "random", "emb", "rds", "bm25", "grad")
 PARTS = ("targeted", "noisy", "brittle")
 

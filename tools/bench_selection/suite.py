@@ -11,7 +11,15 @@ from pathlib import Path
 import numpy as np
 
 from tools.bench_selection.bm25 import bm25
-from tools.bench_selection.settings import FORVALUE_METHODS, Settings, n_of, sha, write_rows
+from tools.bench_selection.settings import (
+    AUDIT_VARIANTS,
+    FORVALUE_METHODS,
+    METHOD_VARIANT,
+    Settings,
+    n_of,
+    sha,
+    write_rows,
+)
 from tools.common import LazyModel
 
 
@@ -185,7 +193,7 @@ class PoolContext:
             done.write_text(json.dumps({"ids": sha([r["id"] for r in rows]), "seconds": out[1]}))
         return out
 
-    def audit(self, store: Path, val: list[dict], normalize: str = "none") -> tuple[str, float]:
+    def audit(self, store: Path, val: list[dict], variant: str = "none") -> tuple[str, float]:
         """(audit name, audit seconds) of ``val`` against ``store``: run once, then reused (also by a resumed run).
 
         The caller charges the returned seconds to its method, whether the audit ran now or before.
@@ -193,7 +201,7 @@ class PoolContext:
         from forvalue import AuditConfig
         from forvalue.audit import run_audit
 
-        name = f"a{sha([r['id'] for r in val])[:10]}" + ("" if normalize == "none" else f"_{normalize}")
+        name = f"a{sha([r['id'] for r in val])[:10]}" + ("" if variant == "none" else f"_{variant}")
         done = store.parent / f"{store.name}.{name}.done.json"
         if done.exists():
             return name, float(json.loads(done.read_text())["seconds"])
@@ -205,7 +213,7 @@ class PoolContext:
             [vfile],
             name,
             AuditConfig(
-                flag_by="label", normalize=normalize, progress=False, device=self.suite.device, flag_fraction=None
+                flag_by="label", progress=False, device=self.suite.device, flag_fraction=None, **AUDIT_VARIANTS[variant]
             ),
             runner=self.suite.runner,
         )
@@ -306,12 +314,12 @@ class PoolContext:
 
             store, shared = self.store()
             t_audit = time.perf_counter()
-            name, audit_seconds = self.audit(store, val, "cosine" if method.endswith("-cos") else "none")
+            name, audit_seconds = self.audit(store, val, METHOD_VARIANT[method])
             t0 += time.perf_counter() - t_audit  # the audit is charged by its recorded time, run now or before
             shared += audit_seconds
             table, _ = load_audit(store, name)
             order = {i: k for k, i in enumerate(table.column("id").to_pylist())}
-            col = "score_mean" if method in ("forvalue", "forvalue-cos") else "flag_score"
+            col = "flag_score" if method.startswith("forvalue-label") else "score_mean"
             raw = table.column(col).to_numpy(zero_copy_only=False)
             values = np.array([raw[order[i]] for i in ids])
             if method == "forvalue":  # the product's own selection path, for every k of the suite
