@@ -193,25 +193,34 @@ def test_goals_compare_forvalue_with_rds_in_std_of_rds():
     assert lines == ["- targeted t k=10%: forvalue vs rds (RDS+), loss +1.000 = +10.0 std."]
 
 
-def test_cosine_methods_select_by_the_products_cosine_audit(tiny_model_dir, tmp_path):
-    """forvalue-cos values are the mean over the validation set of the product's cosine scores (a query of the
-    same store), and they differ from the raw audit's."""
+@pytest.mark.parametrize(
+    "method,variant,settings",
+    [
+        ("forvalue-cos", "cosine", {"normalize": "cosine"}),
+        ("forvalue-auto", "auto", {"validation_tokens": "auto", "whiten": "auto"}),
+    ],
+)
+def test_variant_methods_select_by_the_products_audit_of_that_variant(
+    tiny_model_dir, tmp_path, method, variant, settings
+):
+    """forvalue-cos / forvalue-auto values are the mean over the validation set of the product's scores with those
+    settings (a query of the same store), and they differ from the raw audit's."""
     from forvalue.api import run_query
     from forvalue.schemas.config import QueryConfig
 
     work = tmp_path / "work"
     args = ["--workdir", str(work), "--quick", "--model", str(tiny_model_dir), "--parts", "targeted"]
-    args += ["--targets", "math_no_reasoning:0,1", "--ks", "25", "--methods", "forvalue", "forvalue-cos"]
+    args += ["--targets", "math_no_reasoning:0,1", "--ks", "25", "--methods", "forvalue", method]
     bs.main(args)
     sels = [json.loads(p.read_text()) for p in (work / "cache").glob("sel-*.json")]
     values = {d["key"]["method"]: np.array(d["result"]["values"]) for d in sels}
-    assert set(values) == {"forvalue", "forvalue-cos"}
-    assert not np.allclose(values["forvalue"], values["forvalue-cos"])
+    assert set(values) == {"forvalue", method}
+    assert not np.allclose(values["forvalue"], values[method])
     s = bs.settings_from(bs.parse_args(args))
     pool, _ = bs.targeted_data(s, 0)
     ctx = work / "work" / "targeted-s0"
-    (vfile,) = ctx.glob("val-*_cosine.jsonl")
-    res = run_query(ctx / "store", [vfile], QueryConfig(normalize="cosine", progress=False), keep_scores=True)
+    (vfile,) = ctx.glob(f"val-*_{variant}.jsonl")
+    res = run_query(ctx / "store", [vfile], QueryConfig(**settings, progress=False), keep_scores=True)
     where = {i: j for j, i in enumerate(res.train_ids)}
     expected = res.scores.mean(axis=0)[[where[r["id"]] for r in pool]]
-    np.testing.assert_allclose(values["forvalue-cos"], expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(values[method], expected, rtol=1e-5, atol=1e-7)
