@@ -17,7 +17,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -41,6 +41,7 @@ CACHE_SCHEMA = pa.schema(
         pa.field("sq_norm", pa.float64(), nullable=False),
     ]
 )
+_CACHED = ("n_scored", "hidden", "ids", "values", "sq_norm")  # the columns an encoding is read from
 
 
 def label_column(label: str) -> str:
@@ -240,37 +241,68 @@ class ValidationCache:
                 _drop_if_uncommitted(store.path / f"{CACHE_TABLE}.lance")  # e.g. a full disk: leave no husk
                 raise exc
 
-    def get(self, keys: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
-        """Cached ``(hidden (n, d), ids (n, m+1), values (n, m+1), sq_norm)`` by key, for the keys present."""
+    def _dataset(self):
         import lance
 
+        return lance.dataset(self._uri, storage_options=lance_options(self.store.path))
+
+    def _rows(self, dataset, keys: Iterable[str]) -> dict[str, int]:
+        """Row of each key present (its first, should a key have been written twice)."""
         wanted = set(keys)
+        first: dict[str, int] = {}
+        for row, key in enumerate(dataset.to_table(columns=["key"]).column("key").to_pylist()):
+            if key in wanted and key not in first:
+                first[key] = row
+        return first
+
+    @staticmethod
+    def _columns(table: pa.Table) -> dict[str, np.ndarray]:
+        """The taken rows' encodings one after another: ``hidden (N, d)``, ``ids`` / ``values (N, m+1)`` (list columns
+        turned into arrays without Python objects per value), ``n_scored`` and ``sq_norm`` per row."""
+        n = table.column("n_scored").to_numpy().astype(np.int64)
+        tokens = int(n.sum())
+        out = {"n_scored": n, "sq_norm": np.asarray(table.column("sq_norm").to_numpy(), np.float64)}
+        for name, dtype in (("hidden", np.float32), ("ids", np.int64), ("values", np.float32)):
+            flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            # one copy: writable (torch refuses to share read-only Arrow memory) and of the wanted dtype
+            out[name] = np.array(flat, dtype=dtype).reshape(tokens, flat.size // max(tokens, 1))
+        return out
+
+    def get(self, keys: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
+        """Cached ``(hidden (n, d), ids (n, m+1), values (n, m+1), sq_norm)`` by key, for the keys present."""
         with translate_errors(self.store.path, "read the validation cache of"):
-            dataset = lance.dataset(self._uri, storage_options=lance_options(self.store.path))
-            stored = dataset.to_table(columns=["key"]).column("key").to_pylist()
-            first: dict[str, int] = {}
-            for row, key in enumerate(stored):
-                if key in wanted and key not in first:
-                    first[key] = row
+            dataset = self._dataset()
+            first = self._rows(dataset, keys)
             if not first:
                 return {}
-            rows = sorted(first.values())
-            table = dataset.take(rows, columns=["key", "n_scored", "hidden", "ids", "values", "sq_norm"])
+            table = dataset.take(sorted(first.values()), columns=["key", *_CACHED])
+        cols = self._columns(table)
+        ends = np.cumsum(cols["n_scored"])
         out = {}
-        n = table.column("n_scored").to_numpy().astype(np.int64)
-        columns = {}
-        for name, dtype in (("hidden", np.float32), ("ids", np.int64), ("values", np.float32)):
-            lists = table.column(name).combine_chunks()
-            flat = lists.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-            offsets = lists.offsets.to_numpy() - lists.offsets[0].as_py()
-            columns[name] = (flat, offsets)
-        sq = table.column("sq_norm").to_numpy()
         for j, key in enumerate(table.column("key").to_pylist()):
-            parts = {}
-            for name, (flat, offsets) in columns.items():
-                parts[name] = flat[offsets[j] : offsets[j + 1]].reshape(int(n[j]), -1)
-            out[key] = (parts["hidden"], parts["ids"], parts["values"].reshape(parts["ids"].shape), float(sq[j]))
+            rows = slice(int(ends[j] - cols["n_scored"][j]), int(ends[j]))
+            hidden, ids, values = (cols[name][rows] for name in ("hidden", "ids", "values"))
+            out[key] = (hidden, ids, values, float(cols["sq_norm"][j]))
         return out
+
+    def get_all(self, keys: Sequence[str]) -> dict[str, np.ndarray] | None:
+        """Every key's encoding, one after another in the order of ``keys`` (a key may repeat): flat arrays
+        ``hidden (N, d)``, ``ids`` and ``values (N, m+1)``, ``lengths`` and ``sq_norms`` per key; None when some key
+        is not cached. One ``take`` in that order, no per-key copies: what a cached audit's set is made of."""
+        with translate_errors(self.store.path, "read the validation cache of"):
+            dataset = self._dataset()
+            first = self._rows(dataset, keys)
+            if len(first) < len(set(keys)):
+                return None
+            table = dataset.take([first[k] for k in keys], columns=list(_CACHED))
+        cols = self._columns(table)
+        return {
+            "hidden": cols["hidden"],
+            "ids": cols["ids"],
+            "values": cols["values"],
+            "lengths": cols["n_scored"],
+            "sq_norms": cols["sq_norm"],
+        }
 
     def put(self, items: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]) -> None:
         """Append new entries in one commit."""

@@ -95,6 +95,34 @@ def test_audit_scores_match_query(audited_store, tiny_runner):
     assert Store.open(store).version() == version and Store.open(store).count() == len(means)
 
 
+def test_cached_set_in_one_read_equals_the_encoded_set(audited_store, tiny_runner, toy_rows):
+    """A fully cached validation set is read in one take in sample order (ValidationCache.get_all): equal to the set
+    encoded afresh, whatever the order of the samples and with a sample repeated; one uncached sample gives None
+    (then the per-key path encodes only it)."""
+    from forvalue.engine.validation import cache_key, encode_validation, encode_validation_cached
+    from forvalue.indexer.data import iter_samples
+    from forvalue.schemas.config import DataConfig
+    from forvalue.storage.audits import ValidationCache
+
+    st = Store.open(audited_store / "store")
+    write_jsonl(audited_store / "more.jsonl", toy_rows[:5])
+    samples = list(iter_samples([audited_store / "more.jsonl"], DataConfig()))
+    cache = ValidationCache(st)
+    encode_validation_cached(samples[:3], st.manifest, DataConfig(), lambda: tiny_runner, cache)
+    assert cache.get_all([cache_key(s, st.manifest) for s in samples]) is None  # two not cached
+    val, encoded = encode_validation_cached(samples, st.manifest, DataConfig(), lambda: tiny_runner, cache)
+    assert encoded == 2
+    order = [samples[j] for j in (4, 0, 2, 0, 1, 3)]  # shuffled, one repeated
+    cached, encoded = encode_validation_cached(order, st.manifest, DataConfig(), lambda: None, cache)
+    fresh = encode_validation(tiny_runner, order, st.manifest, DataConfig())
+    assert encoded == 0
+    for name in ("hidden", "ids", "values", "lengths", "sq_norms"):
+        np.testing.assert_allclose(getattr(cached, name), getattr(fresh, name), rtol=1e-6, atol=1e-6, err_msg=name)
+    assert [s.id for s in cached.samples] == [s.id for s in order]
+    # writable arrays: torch warns on (and must not write into) read-only Arrow memory
+    assert all(getattr(cached, name).flags.writeable for name in ("hidden", "ids", "values"))
+
+
 def test_unchanged_validation_runs_no_forward_pass(audited_store, toy_rows, monkeypatch):
     store = audited_store / "store"
     first = run_audit(store, [audited_store / "val.jsonl"], "a", AuditConfig(progress=False, device="cpu"))
