@@ -707,6 +707,32 @@ def test_audit_show_prints_the_score_settings_as_flags(setting, tmp_path):
     assert "--center mean" in line
 
 
+def test_auto_none_candidate_is_judged_with_the_mean_its_scores_use(setting, tiny_runner, monkeypatch):
+    """--whiten auto's centred-only candidate is judged (and its AUC recorded) with --center mean's mean, the one its
+    scores then use, even where the whitening's moments come from fewer samples (here 4 rows, as on a store larger
+    than MOMENT_ROWS)."""
+    import forvalue.engine.variant as variant
+    from forvalue.engine.variant import choose_variant, resolve_auto
+
+    moments = variant.store_moments
+    monkeypatch.setattr(variant, "store_moments", lambda store, *a: moments(store, 4))
+    store, samples = setting["store"], setting["samples"]
+    labels = [s.label for s in samples]
+    raw = encode_validation(tiny_runner, samples, store.manifest, DataConfig(), basis=setting["basis"])
+    mu4, cov4 = variant.store_moments(store)
+    assert np.abs(mu4 - store_mean(store)).max() > 1e-3  # the two means differ: the test can tell them apart
+    centred_on = []
+    centre = variant.centre_validation
+    monkeypatch.setattr(variant, "centre_validation", lambda v, mu: centred_on.append(mu) or centre(v, mu))
+    cfg = QueryConfig(exact=True, whiten="auto", progress=False)
+    cfg, val, record = resolve_auto(cfg, store, lambda tokens: raw, labels)
+    assert centred_on and all(np.allclose(mu, store_mean(store)) for mu in centred_on)
+    _, _, by_mean = choose_variant({"store": raw}, raw, labels, mu4, cov4, (None,), store_mean(store))
+    assert record["label_auc"]["none"] == round(by_mean[("store", None)], 6)
+    if cfg.whiten is None:  # centred only chosen: the set is centred on store_mean, as --center mean's
+        np.testing.assert_allclose(val.center, store_mean(store))
+
+
 def test_auto_whitening_reads_the_store_moments_once(setting, tiny_runner, monkeypatch):
     import forvalue.engine.variant as variant
 

@@ -315,12 +315,19 @@ def choice_samples(labels: list, limit: int | None = None) -> list[int]:
 
 
 def choose_variant(
-    queries: dict, stored_like: "ValidationSet", labels: list, mu: np.ndarray, cov: np.ndarray, lams
+    queries: dict,
+    stored_like: "ValidationSet",
+    labels: list,
+    mu: np.ndarray,
+    cov: np.ndarray,
+    lams,
+    centre_mu: np.ndarray | None = None,
 ) -> tuple[str, object, dict]:
     """The ``auto`` settings: the validation positions (a key of ``queries``: ``"store"`` / ``"response"``, each the
     raw validation set encoded so) and the whitening (one of ``lams``: a number, None for centred only, or
     ``"raw"`` for the paper's hidden states) with which the validation samples best retrieve their own label
-    among themselves. Each sample, encoded as the query would be, ranks the others encoded as stored samples are
+    among themselves (``mu`` / ``cov`` the whitening's moments; ``centre_mu``, default ``mu``, the mean of the
+    centred-only candidate). Each sample, encoded as the query would be, ranks the others encoded as stored samples are
     (``stored_like``), itself left out (:func:`label_auc`); ties go to the store's positions and the milder value.
     Returns ``(tokens, lam, {(tokens, lam): AUC})``.
 
@@ -343,7 +350,7 @@ def choose_variant(
             if lam == "raw":
                 prepared = val
             elif lam is None:
-                prepared = centre_validation(val, mu)
+                prepared = centre_validation(val, mu if centre_mu is None else centre_mu)
             else:
                 prepared = whiten_validation(val, mu, cov, lam)
             scores = ExactScorer(prepared, torch.device("cpu")).score(for_scoring(block, prepared))
@@ -388,7 +395,10 @@ def resolve_auto(config, store, encode, labels: list) -> tuple:
     else:
         lams = (None,) if config.center == "mean" else ("raw",)
     mu, cov = store_moments(store) if (whiten_auto or config.whiten is not None) else (store_mean(store), None)
-    tokens, lam, aucs = choose_variant(queries, stored_like, labels, mu, cov, lams)
+    # centred only (None) is scored with --center mean's mean (store_mean), not the moments' (fewer samples), so
+    # the AUC printed for it is the one of the scores given
+    centre_mu = store_mean(store) if None in lams and cov is not None else mu
+    tokens, lam, aucs = choose_variant(queries, stored_like, labels, mu, cov, lams, centre_mu)
     changes = {"validation_tokens": tokens}
     if whiten_auto:
         changes.update(center="mean", whiten=lam)
@@ -396,6 +406,8 @@ def resolve_auto(config, store, encode, labels: list) -> tuple:
     val = queries[tokens]
     if lam is not None and lam != "raw":  # whitened with the moments read above (apply_variant keeps it)
         val = whiten_validation(val, mu, cov, lam)
+    elif lam is None:  # centred with the mean the choice used (apply_variant keeps it)
+        val = centre_validation(val, centre_mu)
     record = {  # the settings that give the same scores when given instead of auto
         "chosen": {"validation_tokens": tokens, "center": config.center, "whiten": config.whiten},
         "label_auc": {_variant_key(t, l, tokens_auto, whiten_auto): round(v, 6) for (t, l), v in aucs.items()},
