@@ -287,6 +287,22 @@ def test_query_explain_writes_a_page_per_top_result(built, tmp_path):
     )
 
 
+def test_explanation_pages_take_a_path_or_a_forvalue_open_handle(built, tiny_runner, tmp_path):
+    # the module-level page writers take what the other module-level functions take: explain_query_results read
+    # store.path and store.count() of its argument (AttributeError on a path or a forvalue.open handle)
+    import forvalue
+    from forvalue.explain_pages import explain_query_results
+
+    store, val, _, _ = built
+    top = run_query(store, [val], QueryConfig(top_k=2, **Q), runner=tiny_runner).top
+    pages = {}
+    for kind, given in (("storage", Store.open(store)), ("path", store), ("handle", forvalue.open(store))):
+        folder = tmp_path / kind
+        named = explain_query_results(given, tiny_runner, [val], top, 1, folder).column("explanation").to_pylist()
+        pages[kind] = {name: (folder / name).read_text() for name in named if name is not None}
+    assert pages["storage"] and pages["path"] == pages["storage"] == pages["handle"]
+
+
 def test_audit_report_links_explanations_of_its_examples(built, tmp_path):
     import re
 
