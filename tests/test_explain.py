@@ -18,6 +18,7 @@ from forvalue.engine.explain import Explainer, explain
 from forvalue.indexer.data import iter_samples
 from forvalue.present.explain_html import explanation_html, write_explanation
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ExplainConfig, ModelConfig, QueryConfig
+from forvalue.schemas.errors import ForValueError
 from forvalue.storage.store import Store
 from tools.reference import dense_matrices
 
@@ -189,6 +190,24 @@ def test_cli_outputs_and_one_line_errors(built, tmp_path):
     assert_one_line_error(cli(*args, "--train-id", "cats", "--val-index", "3"), "--val-index", "3 samples")
     assert_one_line_error(cli(*args, "--train-id", "cats", "-o", tmp_path / "e.csv"), "e.csv", ".html")
     assert not (tmp_path / "e.csv").exists()
+
+
+def test_saving_an_explanation_never_replaces_its_inputs(built, tiny_runner, tmp_path):
+    # the CLI refuses 'explain -v val.jsonl -o val.jsonl'; the API's save wrote over the validation file it was
+    # computed from (the same policy, one line: the input is named)
+    import forvalue
+
+    store, val, _, _ = built
+    copy = tmp_path / "val.jsonl"
+    copy.write_bytes(val.read_bytes())
+    for e in (
+        explain(store, [copy], "rev-1", ExplainConfig(device="cpu"), runner=tiny_runner),
+        forvalue.open(store).explain(copy, "rev-1", ExplainConfig(device="cpu")),
+    ):
+        with pytest.raises(ForValueError, match="one of the command's inputs"):
+            e.save(copy)
+        assert copy.read_bytes() == val.read_bytes()
+        assert e.save(tmp_path / "why.jsonl").is_file()
 
 
 class _Tags(HTMLParser):
