@@ -20,13 +20,17 @@ def explain_query_results(
 ):
     """Pages of the top ``n`` results of a query (``top``) in ``folder``; ``top`` with a column naming each page.
 
+    ``store``: a path, a storage Store or a :func:`forvalue.open` handle.
+
     ``variant``: the query's :class:`~forvalue.schemas.config.VariantConfig` (its center, validation tokens,
     whitening).
     """
     from forvalue.engine.explain import Explainer
     from forvalue.engine.validation import data_for_store, load_validation_samples
     from forvalue.engine.variant import variant_options
+    from forvalue.session import open_nonempty
 
+    store = open_nonempty(store)  # a path, a storage Store or a forvalue.open handle
     check_outputs({"explanation pages": (folder, (FOLDER,))}, [store.path, *validation])
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))
     options = {} if variant is None else variant_options(variant)

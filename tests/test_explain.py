@@ -18,6 +18,7 @@ from forvalue.engine.explain import Explainer, explain
 from forvalue.indexer.data import iter_samples
 from forvalue.present.explain_html import explanation_html, write_explanation
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ExplainConfig, ModelConfig, QueryConfig
+from forvalue.schemas.errors import ForValueError
 from forvalue.storage.store import Store
 from tools.reference import dense_matrices
 
@@ -191,6 +192,24 @@ def test_cli_outputs_and_one_line_errors(built, tmp_path):
     assert not (tmp_path / "e.csv").exists()
 
 
+def test_saving_an_explanation_never_replaces_its_inputs(built, tiny_runner, tmp_path):
+    # the CLI refuses 'explain -v val.jsonl -o val.jsonl'; the API's save wrote over the validation file it was
+    # computed from (the same policy, one line: the input is named)
+    import forvalue
+
+    store, val, _, _ = built
+    copy = tmp_path / "val.jsonl"
+    copy.write_bytes(val.read_bytes())
+    for e in (
+        explain(store, [copy], "rev-1", ExplainConfig(device="cpu"), runner=tiny_runner),
+        forvalue.open(store).explain(copy, "rev-1", ExplainConfig(device="cpu")),
+    ):
+        with pytest.raises(ForValueError, match="one of the command's inputs"):
+            e.save(copy)
+        assert copy.read_bytes() == val.read_bytes()
+        assert e.save(tmp_path / "why.jsonl").is_file()
+
+
 class _Tags(HTMLParser):
     def __init__(self):
         super().__init__()
@@ -285,6 +304,22 @@ def test_query_explain_writes_a_page_per_top_result(built, tmp_path):
     assert_one_line_error(
         cli("query", "--store", store, "-v", val, "--device", "cpu", "--explain", "1"), "--explain", "-o"
     )
+
+
+def test_explanation_pages_take_a_path_or_a_forvalue_open_handle(built, tiny_runner, tmp_path):
+    # the module-level page writers take what the other module-level functions take: explain_query_results read
+    # store.path and store.count() of its argument (AttributeError on a path or a forvalue.open handle)
+    import forvalue
+    from forvalue.explain_pages import explain_query_results
+
+    store, val, _, _ = built
+    top = run_query(store, [val], QueryConfig(top_k=2, **Q), runner=tiny_runner).top
+    pages = {}
+    for kind, given in (("storage", Store.open(store)), ("path", store), ("handle", forvalue.open(store))):
+        folder = tmp_path / kind
+        named = explain_query_results(given, tiny_runner, [val], top, 1, folder).column("explanation").to_pylist()
+        pages[kind] = {name: (folder / name).read_text() for name in named if name is not None}
+    assert pages["storage"] and pages["path"] == pages["storage"] == pages["handle"]
 
 
 def test_audit_report_links_explanations_of_its_examples(built, tmp_path):

@@ -134,6 +134,20 @@ def test_api_outputs_never_go_into_the_store(st, tmp_path):
     assert (tmp_path / "pages" / "index.html").exists() and pages.column("explanation").null_count == 2
 
 
+def test_audit_report_refuses_its_path_before_explaining(st, tmp_path):
+    # Audit.report(out, explain_validation=...) loaded the model, wrote the explanation pages into OUT.explain/ and
+    # only then refused a bad report path: the policy refuses outputs before any work
+    val = st.path.parent / "val.jsonl"
+    a = st.audit(val, "a", forvalue.AuditConfig(progress=False, device="cpu"))
+    (tmp_path / "folder.html").mkdir()
+    for bad, why in ((tmp_path / "report.txt", "unknown output format"), (tmp_path / "folder.html", "is a folder")):
+        with pytest.raises(ForValueError, match=why):
+            a.report(bad, explain_validation=val, device="cpu")
+        assert not bad.with_suffix(".explain").exists()
+    page = a.report(tmp_path / "report.html", explain_validation=val, device="cpu")
+    assert page.is_file() and any((tmp_path / "report.explain").iterdir())
+
+
 def test_bad_input_is_refused_before_the_model_loads(st, monkeypatch):
     """The handle gives the workflows a loader, so their checks still come first."""
 

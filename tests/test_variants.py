@@ -733,6 +733,21 @@ def test_auto_none_candidate_is_judged_with_the_mean_its_scores_use(setting, tin
         np.testing.assert_allclose(val.center, store_mean(store))
 
 
+def test_printed_flags_keep_every_digit_of_the_whitening():
+    # audit show printed --whiten 0.123456789 as --whiten 0.123457 (format g): those flags score differently, and a
+    # value model distilled from the audit is refused on an audit run with them
+    from forvalue.engine.variant import describe_auto, variant_flags
+
+    for lam in (0.123456789, 1 / 3, 2.5e-3, 123456.7):
+        flags = variant_flags({"whiten": lam})
+        assert float(flags.rsplit(" ", 1)[1]) == lam, flags
+        line = describe_auto(
+            {"chosen": {"validation_tokens": "store", "center": "mean", "whiten": lam}, "label_auc": {}}
+        )
+        assert float(line.split("--whiten ")[1].split(" ")[0]) == lam, line
+    assert variant_flags({"whiten": 0.1}).endswith("--whiten 0.1") and variant_flags({"whiten": 3.0}).endswith(" 3")
+
+
 def test_auto_whitening_reads_the_store_moments_once(setting, tiny_runner, monkeypatch):
     import forvalue.engine.variant as variant
 

@@ -17,7 +17,7 @@ With ``aggregate='mean'`` the validation side is every validation sample, each t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -88,6 +88,8 @@ class Explanation:
         ``train_token``, ``contribution``, ``hidden_dot`` (``<h_vk, h_ik'>``), ``error_dot``
         (``<e_vk, e_ik'>``, weighted by ``1 / n`` for the mean).
     aggregate : {"none", "mean"}
+    inputs : tuple of paths
+        The store and validation files it was computed from (:meth:`save` never writes over them).
     """
 
     score: float
@@ -96,6 +98,7 @@ class Explanation:
     validation: list[TokenSide]
     pairs: list[dict]
     aggregate: str = "none"
+    inputs: tuple = field(default=(), repr=False, compare=False)
 
     @property
     def validation_id(self) -> str:
@@ -551,7 +554,10 @@ def explain(
     runner = get_runner(runner, store, model, config.device)
     chosen = samples if index is None else [samples[index]]
     explainer = Explainer(store, runner, chosen, data, config.batch_size, **variant_options(config))
-    return explainer.explain(train_id, None if index is None else 0, config.top_pairs)
+    explanation = explainer.explain(train_id, None if index is None else 0, config.top_pairs)
+    paths = validation if isinstance(validation, (list, tuple)) else []
+    explanation.inputs = (store.path, *(v for v in paths if isinstance(v, (str, Path))))
+    return explanation
 
 
 def pick_validation(samples: list[Sample], config: ExplainConfig) -> int | None:

@@ -63,8 +63,17 @@ def variant_flags(settings: dict) -> str:
     response --whiten 0.1``."""
     opts = {"normalize": settings.get("normalize", "none"), **variant_options(settings)}
     return " ".join(
-        f"--{k.replace('_', '-')} {f'{v:g}' if isinstance(v, float) else v}" for k, v in opts.items() if v is not None
+        f"--{k.replace('_', '-')} {number_flag(v) if isinstance(v, float) else v}"
+        for k, v in opts.items()
+        if v is not None
     )
+
+
+def number_flag(value: float) -> str:
+    """``value`` as a flag's argument that gives back exactly ``value``: short (``0.1``, ``3``) where that loses
+    nothing, else every digit it needs (``0.123456789``, not ``0.123457``)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(float(value))
 
 
 def store_mean(store, rows: int = MEAN_ROWS) -> np.ndarray:
@@ -427,7 +436,7 @@ def describe_auto(record: dict) -> str:
     chosen = record["chosen"]
     what = [f"--validation-tokens {chosen['validation_tokens']}"]
     if chosen["whiten"] is not None:  # implies centring
-        what.append(f"--whiten {chosen['whiten']:g}")
+        what.append(f"--whiten {number_flag(chosen['whiten'])}")
     elif chosen.get("center") == "mean":  # whiten="auto" chose none: centred only
         what.append("--center mean")
     grid = ", ".join(f"{k} {v:.3f}" for k, v in record["label_auc"].items())

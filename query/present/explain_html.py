@@ -157,7 +157,7 @@ def write_explanation(e, path: str | Path) -> Path:
     from forvalue.present.output import write_table
     from forvalue.storage.files import write_text
 
-    check_output_path(path, FORMATS)
+    check_output_path(path, FORMATS, inputs=e.inputs)  # never over the files it was computed from
     path = Path(path)
     if path.suffix.lower() != ".html":
         write_table(pa.Table.from_pylist(e.rows(), schema=row_schema()), path)
