@@ -291,8 +291,8 @@ class GFormScorer:
             )
             target = torch.repeat_interleave((keys[p0:p1] % rows) * n_pieces, width, output_size=nnz) + piece_of[slot]
             # every (pair, piece) product <Z[pair], table[slot]> in one sampled dense product (SDDMM), in CSR order
-            # (pair-major, as target): a Python loop of one small product per table row cost ~20 us a row, 24x
-            # this on a 100k-row store, whose rows meet a table row ~5 times per chunk (docs/gform.md)
+            # (pair-major, as target); a loop of one dense product per table row took about twice as long on the
+            # 100k synthetic store with 30 labels (docs/gform.md)
             crow = torch.zeros(p1 - p0 + 1, dtype=torch.int64, device=self.device)
             torch.cumsum(width, 0, out=crow[1:])
             zeros = torch.zeros(slot.numel(), dtype=self.dtype, device=self.device)
