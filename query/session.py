@@ -82,14 +82,13 @@ def get_runner(runner, store: Store, model: ModelConfig | None, device: str):
 
 def storage_of(store) -> Store:
     """The low-level store behind ``store``: a path (or ``s3://`` location), a :class:`forvalue.storage.store.Store`
-    (itself), or a :class:`forvalue.Store` handle from :func:`forvalue.open` (at its latest version, with its storage
-    options), so the module-level functions take whatever the user holds."""
+    (itself), or an object with ``__forvalue_store__()`` (a :class:`forvalue.Store` handle from :func:`forvalue.open`:
+    its store at the latest version, with its storage options), so the module-level functions take whatever the user
+    holds. A protocol, not an import: the handle's module is a layer above this one."""
     if isinstance(store, Store):
         return store
-    from forvalue.store import Store as Handle  # the facade imports this module: not at the top
-
-    if isinstance(store, Handle):
-        return store._fresh()
+    if hasattr(type(store), "__forvalue_store__"):
+        return store.__forvalue_store__()
     return Store.open(store)
 
 

@@ -148,6 +148,11 @@ class Store:
         self._table = _Table.open(self.path)
         return self._table
 
+    def __forvalue_store__(self) -> _Table:
+        """The low-level store at its latest version: what the module-level functions (``forvalue.audit``,
+        ``forvalue.distill``, ...) use when given this handle (``forvalue.session.storage_of``)."""
+        return self._fresh()
+
     def _lazy_runner(self, model: ModelConfig | None, device: str):
         """A function returning :meth:`_runner_for`: the workflows call it only once the inputs passed their
         checks, so bad input is refused before the model loads, and the handle still loads it once."""
