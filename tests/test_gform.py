@@ -396,6 +396,35 @@ def test_audit_records_size_and_time_split(setting, tiny_runner):
     assert f"Validation set: {len(setting['val'])} samples" in page and f"scan {meta['seconds']['scan']:.2f} s" in page
 
 
+@pytest.mark.parametrize("normalize", ["none", "cosine"])
+def test_pair_way_blocks_in_parallel_equal_one_at_a_time(setting, monkeypatch, normalize):
+    """The pair way scores GFORM_BLOCK_WORKERS stored blocks at once on a CPU: the same numbers, in storage order, as
+    one block at a time (and as the dense reference), the torch thread count restored."""
+    import forvalue.engine.plan as plan
+    import forvalue.engine.scan as scan_mod
+
+    store, val = setting["store"], setting["val"]
+    labels = [s.label for s in setting["val_samples"]]
+    groups = sorted({l for l in labels if l is not None})
+    monkeypatch.setattr(plan, "PAIR_FORM_MIN_FLOATS", 1)
+    got = {}
+    for workers in (1, 3):
+        monkeypatch.setattr(scan_mod, "GFORM_BLOCK_WORKERS", workers)
+        before = torch.get_num_threads()
+        got[workers] = audit_scan(store, val, labels, groups, "cpu", form="gform", normalize=normalize, read_rows=2)
+        assert torch.get_num_threads() == before
+    one, many = got[1], got[3]
+    assert one.ids == many.ids == setting["store_ids"] and one.labels == many.labels
+    np.testing.assert_array_equal(one.mean, many.mean)
+    for g_ in groups:
+        np.testing.assert_array_equal(one.by_label[g_], many.by_label[g_])
+    ref = setting["ref"]
+    if normalize == "cosine":
+        train_sq = np.array([r["sq_norm"] for b in store.scan(["sq_norm"]) for r in b.to_pylist()])
+        ref = ref / np.sqrt(np.outer(val.sq_norms, train_sq))
+    _close(many.mean, ref.mean(axis=0), 2e-4)
+
+
 def test_gform_runs_on_one_torch_thread_and_restores_the_setting(setting, monkeypatch):
     """The build and the pair way run on one torch thread (thousands of small operations) and leave the
     process's thread count as they found it."""

@@ -339,6 +339,11 @@ class BlockedGForm:
             self.scorer.keys, self.scorer.table = torch.cat(keys), torch.cat(tables)
         self.n_agg = n_agg
 
+    @property
+    def pairs(self) -> bool:
+        """Whether blocks are scored the pair way (:func:`forvalue.engine.plan.pair_form`)."""
+        return pair_form(self.scorer.n_pieces, self.scorer.d)
+
     def score(self, block: TrainBlock) -> np.ndarray:
         return self.scorer.score(block)
 

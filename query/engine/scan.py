@@ -8,16 +8,19 @@ passes) both score what it yields, and :func:`cosine` normalises per-sample scor
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from forvalue.engine.gform import BlockedGForm, aggregate_weights
-from forvalue.engine.plan import bounded_val_blocks, choose_form, memory_budget, plan_passes
+from forvalue.engine.plan import bounded_val_blocks, choose_form, memory_budget, one_torch_thread, plan_passes
 from forvalue.engine.scorer import BlockedScorer, ExactScorer
 from forvalue.engine.validation import ValidationSet
 from forvalue.engine.variant import as_block, for_scoring
@@ -25,6 +28,10 @@ from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage.rows import decode_block
 
 SCAN_COLUMNS = SCORING_COLUMNS + ["id", "label"]
+
+
+# Stored blocks scored at once by the G-form's pair way on a CPU (threads, each with torch on one thread)
+GFORM_BLOCK_WORKERS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def read_ahead(batches, hidden_size: int, depth: int = 2, val: ValidationSet | None = None):
@@ -197,14 +204,32 @@ def audit_scan(
         scorer = BlockedGForm(val, weights, device, budget=budget)
         parts = []
         bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
-        for _, batch, block in scan_blocks(store, read_rows, val):
-            scores = scorer.score(block)
+
+        def finish(batch, block, scores) -> None:
             if normalized:  # the weights already hold 1 / ||G_v||
                 scores = scores / np.maximum(np.sqrt(block.sq_norms), 1e-30)[:, None]
             parts.append(scores)
             ids.extend(batch.column("id").to_pylist())
             labels.extend(batch.column("label").to_pylist())
             bar.update(batch.num_rows)
+
+        # the pair way is torch operations on one thread each (many small ones): on a CPU, GFORM_BLOCK_WORKERS stored
+        # blocks at once, results kept in storage order (the gather way runs its large operations on torch's threads)
+        workers = GFORM_BLOCK_WORKERS if device.type == "cpu" and scorer.pairs else 1
+        if workers > 1:
+            with one_torch_thread(), ThreadPoolExecutor(workers) as pool:
+                pending: deque = deque()
+                for _, batch, block in scan_blocks(store, read_rows, val):
+                    pending.append((batch, block, pool.submit(scorer.score, block)))
+                    if len(pending) > workers:  # at most `workers` blocks in flight beyond the read-ahead
+                        batch, block, job = pending.popleft()
+                        finish(batch, block, job.result())
+                while pending:
+                    batch, block, job = pending.popleft()
+                    finish(batch, block, job.result())
+        else:
+            for _, batch, block in scan_blocks(store, read_rows, val):
+                finish(batch, block, scorer.score(block))
         bar.close()
         agg = np.concatenate(parts) if parts else np.zeros((0, weights.shape[1]))
         return AuditScan(
