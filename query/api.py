@@ -25,6 +25,7 @@ from forvalue.engine.validation import (
     encode_validation,
     load_validation_samples,
     store_hidden_basis,
+    validation_paths,
 )
 from forvalue.engine.variant import apply_variant, check_auto_labels, resolve_auto
 from forvalue.indexer.build import BuildReport, build_index
@@ -170,7 +171,7 @@ def run_query(
     if on_ray and config.candidates is not None:
         raise ConfigError("candidates", "--engine ray scores every stored sample (exact scan); drop --candidates")
     if all_scores_path is not None:
-        check_output_path(all_scores_path, (".parquet",), inputs=_paths_of(validation), what="all_scores_path")
+        check_output_path(all_scores_path, (".parquet",), inputs=validation_paths(validation), what="all_scores_path")
     store = open_nonempty(store)
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))  # bad input: before the model
     check_auto_labels([s.label for s in samples], config)
@@ -240,11 +241,6 @@ def run_query(
         config=config,
         auto_settings=auto_settings,
     )
-
-
-def _paths_of(validation) -> list:
-    """The paths among ``validation`` (it may also hold rows)."""
-    return [v for v in validation if isinstance(v, (str, Path))] if isinstance(validation, (list, tuple)) else []
 
 
 def _top_table(store: Store, top: TopK, samples: list[Sample], config: QueryConfig) -> pa.Table:

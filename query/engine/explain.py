@@ -544,7 +544,7 @@ def explain(
     >>> e.save("why.html").name
     'why.html'
     """
-    from forvalue.engine.validation import data_for_store, load_validation_samples
+    from forvalue.engine.validation import data_for_store, load_validation_samples, validation_paths
     from forvalue.session import get_runner, open_nonempty
 
     store = open_nonempty(store)
@@ -555,8 +555,7 @@ def explain(
     chosen = samples if index is None else [samples[index]]
     explainer = Explainer(store, runner, chosen, data, config.batch_size, **variant_options(config))
     explanation = explainer.explain(train_id, None if index is None else 0, config.top_pairs)
-    paths = validation if isinstance(validation, (list, tuple)) else []
-    explanation.inputs = (store.path, *(v for v in paths if isinstance(v, (str, Path))))
+    explanation.inputs = (store.path, *validation_paths(validation))
     return explanation
 
 

@@ -72,6 +72,12 @@ class ValidationSet:
         )
 
 
+def validation_paths(source) -> list:
+    """The file paths among a validation input (:func:`load_validation_samples` also takes dict rows and Samples):
+    what no output may replace."""
+    return [v for v in source if isinstance(v, (str, Path))] if isinstance(source, (list, tuple)) else []
+
+
 def load_validation_samples(
     source: Iterable[str | Path] | Sequence[dict] | Sequence[Sample], data: DataConfig
 ) -> list[Sample]:
