@@ -240,7 +240,7 @@ class GFormScorer:
         hidden = torch.from_numpy(block.hidden).to(self.device, self.dtype)
         pos = self._positions(torch.from_numpy(block.ids).to(self.device))
         values = torch.from_numpy(block.values).to(self.device, self.dtype)
-        if pair_form(self.n_pieces, self.d):
+        if self.pairs:
             with one_torch_thread():
                 self._score_pairs(out, segment, hidden, pos, values, rows)
         else:
@@ -252,6 +252,11 @@ class GFormScorer:
                 per_token = torch.einsum("nad,nd->na", bag.view(-1, self.n_pieces, self.d), hidden[part])
                 out.index_add_(0, segment[part], per_token.double())
         return (out if self.combine is None else out @ self.combine).cpu().numpy()
+
+    @property
+    def pairs(self) -> bool:
+        """Whether blocks are scored the pair way (:func:`forvalue.engine.plan.pair_form`), not by the gather."""
+        return pair_form(self.n_pieces, self.d)
 
     def _score_pairs(self, out, segment, hidden, pos, values, rows: int) -> None:
         """Adds the block's piece scores to ``out`` by (row, sample) pairs and their rows' non-zero pieces."""
@@ -341,8 +346,7 @@ class BlockedGForm:
 
     @property
     def pairs(self) -> bool:
-        """Whether blocks are scored the pair way (:func:`forvalue.engine.plan.pair_form`)."""
-        return pair_form(self.scorer.n_pieces, self.scorer.d)
+        return self.scorer.pairs
 
     def score(self, block: TrainBlock) -> np.ndarray:
         return self.scorer.score(block)

@@ -213,8 +213,8 @@ def audit_scan(
             labels.extend(batch.column("label").to_pylist())
             bar.update(batch.num_rows)
 
-        # the pair way is torch operations on one thread each (many small ones): on a CPU, GFORM_BLOCK_WORKERS stored
-        # blocks at once, results kept in storage order (the gather way runs its large operations on torch's threads)
+        # the pair way runs on one torch thread (plan.one_torch_thread): on a CPU, GFORM_BLOCK_WORKERS stored blocks at
+        # once, results kept in storage order (the gather way runs its large operations on torch's threads)
         workers = GFORM_BLOCK_WORKERS if device.type == "cpu" and scorer.pairs else 1
         if workers > 1:
             with one_torch_thread(), ThreadPoolExecutor(workers) as pool:

@@ -288,7 +288,7 @@ def encode_validation_cached(
     """
     keys = [cache_key(s, manifest, tokens) for s in samples]
     whole = cache.get_all(keys)
-    if whole is not None:  # every sample cached (a repeated audit): the set as read, in sample order, no copies
+    if whole is not None:  # every sample cached (a repeated audit): one read in sample order, no per-sample parts
         return project_validation(ValidationSet(samples=list(samples), **whole), manifest, basis), 0
     found = cache.get(keys)
     missing = [j for j, k in enumerate(keys) if k not in found]
