@@ -4,6 +4,9 @@ cosine, int8 stores, the validation cache, value models and the CLI."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections import Counter
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -597,6 +600,16 @@ def test_the_auto_line_names_settings_that_reproduce_the_choice():
     assert "--validation-tokens response --whiten 0.1 (" in line and "--center" not in line
     line = describe_auto({"chosen": {"validation_tokens": "store", "center": "none", "whiten": None}, **aucs})
     assert "--validation-tokens store (" in line
+    cosine = {"validation_tokens": "response", "center": "none", "whiten": None, "normalize": "cosine"}
+    assert "--validation-tokens response --normalize cosine (" in describe_auto({"chosen": cosine, **aucs})
+
+
+def test_auto_tokens_with_cosine_name_the_cosine_flag(setting, tiny_runner):
+    # the line named --validation-tokens X only: without --normalize cosine those flags give other scores
+    samples = [dataclasses.replace(s, label=f"k{j % 2}") for j, s in enumerate(setting["samples"][:6])]
+    cfg = QueryConfig(exact=True, validation_tokens="auto", normalize="cosine", progress=False)
+    got = run_query(setting["store"], samples, cfg, runner=tiny_runner)
+    assert got.auto_settings["chosen"]["normalize"] == "cosine"
 
 
 def test_whitening_implies_centring_for_value_models(setting, tiny_runner, tmp_path):
@@ -669,8 +682,6 @@ def test_auto_positions_count_each_sample_encoded_once(setting, tiny_runner):
 
 
 def test_auto_choice_samples_keep_labels_of_a_set_sorted_by_label():
-    from collections import Counter
-
     from forvalue.engine.variant import CHOOSE_SAMPLES, choice_samples, label_auc
 
     # 900 validation samples, 300 labels of 3, sorted by label: an evenly spaced 256 kept one of each label and the
@@ -687,6 +698,18 @@ def test_auto_choice_samples_keep_labels_of_a_set_sorted_by_label():
     counts = Counter(labels[j] for j in pick)
     assert len(pick) <= CHOOSE_SAMPLES and set(counts) == {f"c{k}" for k in range(20)} and set(counts.values()) == {12}
     assert choice_samples(labels[:CHOOSE_SAMPLES]) == list(range(CHOOSE_SAMPLES))  # small sets: every sample
+
+
+def test_auto_labels_are_counted_as_label_auc_compares_them():
+    # labels 1 and "1" are one label to label_auc (strings); counted apart, a set the AUC cannot use was accepted
+    from forvalue.engine.variant import CHOOSE_SAMPLES, check_auto_labels, choice_samples
+
+    with pytest.raises(ForValueError, match="two labels with two samples"):
+        check_auto_labels([1, "1", 2, "3"])
+    check_auto_labels([1, "1", 2, "2"])
+    labels = [j % 3 if j % 2 else str(j % 3) for j in range(3 * CHOOSE_SAMPLES)]
+    counts = Counter(str(labels[j]) for j in choice_samples(labels))
+    assert set(counts) == {"0", "1", "2"} and min(counts.values()) >= 2
 
 
 def test_audit_show_prints_the_score_settings_as_flags(setting, tmp_path):

@@ -289,7 +289,7 @@ def check_auto_labels(labels: list, config=None) -> None:
 
     if config is not None and "auto" not in (config.validation_tokens, config.whiten):
         return
-    counts = Counter(l for l in labels if l is not None)
+    counts = Counter(str(l) for l in labels if l is not None)  # as label_auc compares them
     if sum(1 for c in counts.values() if c >= 2) < 2:
         shown = ", ".join(f"{k!r}: {c}" for k, c in counts.most_common(5))
         more = f", ... {len(counts) - 5} more labels" if len(counts) > 5 else ""
@@ -311,7 +311,7 @@ def choice_samples(labels: list, limit: int | None = None) -> list[int]:
     groups: dict = {}
     for j, label in enumerate(labels):
         if label is not None:
-            groups.setdefault(label, []).append(j)
+            groups.setdefault(str(label), []).append(j)
     kept = [g for g in groups.values() if len(g) >= 2]
     per = max(2, limit // max(len(kept), 1))
     if per * len(kept) > limit:
@@ -417,8 +417,11 @@ def resolve_auto(config, store, encode, labels: list) -> tuple:
         val = whiten_validation(val, mu, cov, lam)
     elif lam is None:  # centred with the mean the choice used (apply_variant keeps it)
         val = centre_validation(val, centre_mu)
+    chosen = {"validation_tokens": tokens, "center": config.center, "whiten": config.whiten}
+    if getattr(config, "normalize", "none") == "cosine":  # not chosen, but part of the flags that give these scores
+        chosen["normalize"] = "cosine"
     record = {  # the settings that give the same scores when given instead of auto
-        "chosen": {"validation_tokens": tokens, "center": config.center, "whiten": config.whiten},
+        "chosen": chosen,
         "label_auc": {_variant_key(t, l, tokens_auto, whiten_auto): round(v, 6) for (t, l), v in aucs.items()},
     }
     return config, val, record
@@ -439,6 +442,8 @@ def describe_auto(record: dict) -> str:
         what.append(f"--whiten {number_flag(chosen['whiten'])}")
     elif chosen.get("center") == "mean":  # whiten="auto" chose none: centred only
         what.append("--center mean")
+    if chosen.get("normalize") == "cosine":
+        what.append("--normalize cosine")
     grid = ", ".join(f"{k} {v:.3f}" for k, v in record["label_auc"].items())
     return f"auto settings chose {' '.join(what)} (validation samples' own-label AUC: {grid})"
 
