@@ -149,10 +149,17 @@ def test_gform_equals_token_form_and_dense_reference(setting, read_rows, dtype):
         _close(got[:, a], ref[[j for j, l in enumerate(labels) if l == g]].mean(axis=0), 2e-4)
 
 
-@pytest.mark.parametrize("pair_form,chunk_pairs", [(True, None), (True, 1), (True, 5), (False, None)])
-def test_pair_form_gather_form_and_pair_chunks_give_the_same_scores(setting, monkeypatch, pair_form, chunk_pairs):
+@pytest.mark.parametrize(
+    "pair_form,chunk_pairs,dense_products",
+    [(True, None, None), (True, 1, None), (True, 5, None), (True, None, 1), (True, 5, 1), (True, None, 6)]
+    + [(True, None, 10**12), (False, None, None)],
+)
+def test_pair_form_gather_form_and_pair_chunks_give_the_same_scores(
+    setting, monkeypatch, pair_form, chunk_pairs, dense_products
+):
     """Blocks scored by (row, sample) pairs and dense products or by the gather, the pairs cut into chunks anywhere
-    (one pair per chunk, five): the same scores as Eq. 1 in float64."""
+    (one pair per chunk, five), a table row's products in one dense product per row (every row: 1; the rows met by
+    a few pairs: 6) or none of them (10**12): the same scores as Eq. 1 in float64."""
     import forvalue.engine.gform as gform
     import forvalue.engine.plan as plan
 
@@ -162,6 +169,10 @@ def test_pair_form_gather_form_and_pair_chunks_give_the_same_scores(setting, mon
     monkeypatch.setattr(plan, "PAIR_FORM_MIN_FLOATS", 1 if pair_form else 10**12)
     if chunk_pairs is not None:
         monkeypatch.setattr(gform, "_CHUNK_FLOATS", chunk_pairs * val.hidden.shape[1])
+    if dense_products is not None:
+        monkeypatch.setattr(gform, "_DENSE_ROW_PRODUCTS", dense_products)
+    dense, dense_rows = [], GFormScorer._dense_rows
+    monkeypatch.setattr(GFormScorer, "_dense_rows", lambda self, *a: dense.append(1) or dense_rows(self, *a))
     calls = []
     pairs = GFormScorer._score_pairs
     monkeypatch.setattr(GFormScorer, "_score_pairs", lambda self, *a: calls.append(1) or pairs(self, *a))
@@ -169,6 +180,8 @@ def test_pair_form_gather_form_and_pair_chunks_give_the_same_scores(setting, mon
         _close(_gform_scores(store, GFormScorer(val, weights, "cpu", torch.float64), read_rows), exact, 1e-10)
         _close(_gform_scores(store, GFormScorer(val, weights, "cpu", torch.float32), read_rows), exact, 1e-5)
     assert bool(calls) == pair_form
+    if dense_products in (1, 10**12):
+        assert bool(dense) == (dense_products == 1)
 
 
 @pytest.mark.parametrize("entries", [1, 40])

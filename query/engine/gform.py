@@ -37,6 +37,9 @@ _BUILD_ENTRIES = 1 << 24
 _CHUNK_FLOATS = 1 << 22
 # Products per float32 partial sum in the build of the table (the partial sums add up in float64).
 _BAG_ENTRIES = 32
+# The pair way scores a table row's pairs in one dense product (``Z_r @ P_r^T``) when the row has at least this many
+# (pair, piece) products in a chunk; the other rows' products go through one sampled dense product per chunk.
+_DENSE_ROW_PRODUCTS = 1024
 
 
 def vocab_union(val: ValidationSet) -> np.ndarray:
@@ -103,6 +106,7 @@ class GFormScorer:
             with one_torch_thread():  # index_add_ and sorts of millions of entries: 3x the time on two threads
                 self.keys, self.table = self._build(val)  # under load 4 (docs/gform.md)
         self._dense = None
+        self._first = None
 
     def _pieces_dense(self) -> torch.Tensor:
         """The pieces side by side, ``(|vocab| + 1, pieces * d)`` (made once, for the gather)."""
@@ -267,15 +271,13 @@ class GFormScorer:
         if held.numel() == 0:
             return
         token = held // entries
-        keys, pair = torch.unique(flat[held] * rows + segment[token], return_inverse=True)  # by row, then sample
-        order = torch.argsort(pair, stable=True)
-        token, pair = token[order], pair[order]
-        weight = values.reshape(-1)[held[order]]
-        starts = torch.searchsorted(pair, torch.arange(keys.numel() + 1, device=self.device))  # entries per pair
-        # each row's non-zero pieces: table[first[r] : first[r + 1]] (4 of 30 per row on the mixed sets of
-        # docs/gform.md: the dense products skip the zero ones)
-        first = torch.searchsorted(self.keys, torch.arange(n_vocab + 2, device=self.device) * n_pieces)
-        piece_of = self.keys % n_pieces
+        # the entries by pair (row, then sample; one sort, a pair's entries in their order) and each pair's first
+        key, order = torch.sort(flat[held] * rows + segment[token], stable=True)
+        keys, count = torch.unique_consecutive(key, return_counts=True)
+        starts = torch.zeros(keys.numel() + 1, dtype=torch.int64, device=self.device)
+        torch.cumsum(count, 0, out=starts[1:])
+        token, weight = token[order], values.reshape(-1)[held[order]]
+        first, piece_of = self._row_pieces()
         step = max(1, _CHUNK_FLOATS // self.d)  # pairs per chunk of Z
         for p0 in range(0, keys.numel(), step):
             p1 = min(p0 + step, keys.numel())
@@ -285,28 +287,62 @@ class GFormScorer:
             )  # (pairs, d)
             row = keys[p0:p1] // rows
             width = first[row + 1] - first[row]  # non-zero pieces of each pair's row
-            # the (pair, piece) products pair-major: the j-th of pair p is table row first[row_p] + j, landing on
-            # out[sample_p, piece]; one expansion per pair quantity, no per-product gathers of pair data
-            offset = torch.cumsum(width, 0) - width
-            nnz = int(offset[-1] + width[-1]) if width.numel() else 0
+            if int(width.max()) * (p1 - p0) >= _DENSE_ROW_PRODUCTS:  # rows met by many pairs: a dense product each
+                width = self._dense_rows(out, z, row, width, first, piece_of, keys[p0:p1] % rows)
+            # the other rows' (pair, piece) products <Z[pair], table[slot]> in one sampled dense product (SDDMM), in
+            # CSR order (pair-major, as target); a loop of one dense product per table row took about twice as long
+            # on the 100k synthetic store with 30 labels (docs/gform.md)
+            crow = torch.zeros(p1 - p0 + 1, dtype=torch.int64, device=self.device)
+            torch.cumsum(width, 0, out=crow[1:])
+            nnz = int(crow[-1])
             if nnz == 0:
                 continue
+            # the (pair, piece) products pair-major: the j-th of pair p is table row first[row_p] + j, landing on
+            # out[sample_p, piece]; one expansion per pair quantity, no per-product gathers of pair data
+            offset = crow[:-1]
             slot = torch.arange(nnz, device=self.device) + torch.repeat_interleave(
                 first[row] - offset, width, output_size=nnz
             )
             target = torch.repeat_interleave((keys[p0:p1] % rows) * n_pieces, width, output_size=nnz) + piece_of[slot]
-            # every (pair, piece) product <Z[pair], table[slot]> in one sampled dense product (SDDMM), in CSR order
-            # (pair-major, as target); a loop of one dense product per table row took about twice as long on the
-            # 100k synthetic store with 30 labels (docs/gform.md)
-            crow = torch.zeros(p1 - p0 + 1, dtype=torch.int64, device=self.device)
-            torch.cumsum(width, 0, out=crow[1:])
-            zeros = torch.zeros(slot.numel(), dtype=self.dtype, device=self.device)
+            zeros = torch.zeros(nnz, dtype=self.dtype, device=self.device)
             shape = (p1 - p0, self.table.shape[0])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "sparse CSR tensor support is in beta state"
                 pattern = torch.sparse_csr_tensor(crow, slot, zeros, shape, check_invariants=False)
                 part = torch.sparse.sampled_addmm(pattern, z, self.table.T, beta=0.0).values()
             out.view(-1).index_add_(0, target, part.double())
+
+    def _row_pieces(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's non-zero pieces: ``table[first[r] : first[r + 1]]``, of pieces ``piece_of[...]`` (4 of 30 per
+        row on the mixed sets of docs/gform.md: the dense products skip the zero ones). Made once per scorer."""
+        if self._first is None:
+            n_vocab, n_pieces = self.vocab.numel(), self.n_pieces
+            first = torch.searchsorted(self.keys, torch.arange(n_vocab + 2, device=self.device) * n_pieces)
+            self._first = (first, self.keys % n_pieces)
+        return self._first
+
+    def _dense_rows(self, out, z, row, width, first, piece_of, sample) -> torch.Tensor:
+        """Adds the products of the chunk's rows met by many pairs (``_DENSE_ROW_PRODUCTS``) to ``out``, one dense
+        product ``Z_r @ P_r^T`` per row (the pairs are sorted by row: a row's pairs are one slice of ``z``); returns
+        ``width`` with those pairs' set to 0 (nothing left for the sampled product). Common tokens are in almost
+        every stored sample's error support and in every label's pieces: 98% of the products on the 100k synthetic
+        store with 30 labels sit on 256 such rows, where a dense product runs several times faster (docs/gform.md)."""
+        rows_here, counts = torch.unique_consecutive(row, return_counts=True)
+        ends = torch.cumsum(counts, 0)
+        row_width = first[rows_here + 1] - first[rows_here]
+        dense = torch.nonzero(counts * row_width >= _DENSE_ROW_PRODUCTS).squeeze(1)
+        if dense.numel() == 0:
+            return width
+        width = width.clone()
+        lows, highs = first[rows_here[dense]].tolist(), first[rows_here[dense] + 1].tolist()
+        for lo, hi, end, count in zip(lows, highs, ends[dense].tolist(), counts[dense].tolist()):
+            res = (self.table[lo:hi] @ z[end - count : end].T).T.double()  # (pairs of row r, its non-zero pieces)
+            if hi - lo == self.n_pieces:  # every piece (the common rows): whole rows of out
+                out.index_add_(0, sample[end - count : end], res)
+            else:
+                out.index_put_((sample[end - count : end, None], piece_of[lo:hi][None, :]), res, accumulate=True)
+            width[end - count : end] = 0
+        return width
 
 
 class BlockedGForm:
