@@ -300,9 +300,50 @@ def test_faiss_index_follows_appends_and_recovers(sketched_store, tiny_model_dir
     assert faiss_index.ensure(store).rows == total
 
 
+def test_pq_index_finds_the_flat_candidates_and_keeps_its_refine_factor(sketched_store):
+    """The ``pq`` kind (4-bit product codes scanned, re-ranked by 8-bit codes) against the exact inner products of
+    the same sketches: most of the flat index's candidates, saved and loaded with its re-rank factor."""
+    import faiss
+
+    tmp, train, _ = sketched_store
+    store = Store.open(tmp / "store")
+    flat = faiss_index.build(store, kind="flat")
+    pq = faiss_index.build(store, kind="pq")
+    assert pq.meta["factory"] == faiss_index.pq_factory(store.manifest.sketch_dim) and pq.rows == store.count()
+    q = np.random.default_rng(0).standard_normal((8, store.manifest.sketch_dim)).astype(np.float32)
+    c = max(4, store.count() // 5)
+    want, got = flat.search(q, c)[1], pq.search(q, c)[1]
+    overlap = np.mean([len(set(w) & set(g)) / c for w, g in zip(want.tolist(), got.tolist())])
+    assert overlap >= 0.8, overlap
+    faiss_index.save(store, pq)
+    again = faiss_index.ensure(store)
+    assert again.meta["factory"] == pq.meta["factory"]
+    assert faiss.downcast_index(again.index).k_factor == faiss_index.REFINE_FACTOR
+    np.testing.assert_array_equal(again.search(q, c)[1], got)
+    faiss_index.ensure(store, kind="auto", rebuild=True)  # leave the fixture's index as it was
+
+
+def test_an_index_auto_chose_before_is_replaced_when_auto_is_asked_again(sketched_store):
+    """An index saved as ``auto`` when auto chose another type (IVF lists, before the pq index) stays in use, and
+    is replaced by what auto chooses now when ``--faiss-index auto`` is given again."""
+    tmp, _, _ = sketched_store
+    store = Store.open(tmp / "store")
+    old = faiss_index.build(store, kind="IVF16,SQ8")
+    old.meta["kind"] = "auto"  # as a build of an older version left it
+    faiss_index.save(store, old)
+    assert faiss_index.ensure(store).meta["factory"] == "IVF16,SQ8"  # kept: no rebuild at query time
+    again = faiss_index.ensure(store, kind="auto")
+    assert again.meta["factory"] == faiss_index.choose_factory(store.count(), "auto", store.manifest.sketch_dtype)[0]
+    assert faiss_index.load(store).meta["factory"] == again.meta["factory"]
+    assert faiss_index.ensure(store, kind="auto") is not None  # the same type again: not rebuilt
+    assert faiss_index.load(store).meta["factory"] == again.meta["factory"]
+
+
 def test_choose_factory():
     assert faiss_index.choose_factory(5000)[0] == "Flat"
-    factory, nprobe = faiss_index.choose_factory(1_000_000)
+    assert faiss_index.choose_factory(5000, "pq", dim=2048)[0] == "PQ512x4fs,Refine(SQ8)"
+    assert faiss_index.choose_factory(1_000_000, dim=2048) == ("PQ512x4fs,Refine(SQ8)", None)
+    factory, nprobe = faiss_index.choose_factory(1_000_000, "ivf")
     assert factory.startswith("IVF") and factory.endswith(",SQ8") and nprobe >= 1
     assert faiss_index.choose_factory(10, "hnsw")[0].startswith("HNSW")
 
