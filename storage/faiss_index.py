@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,11 +144,6 @@ def choose_factory(
 
 def _index_dir(store: Store) -> Path:
     return store.path / INDEX_DIR
-
-
-def _family(factory: str) -> str:
-    """A factory string without its sizes (``IVF1024,SQ8`` and ``IVF2048,SQ8`` are one type)."""
-    return re.sub(r"\d+", "", factory)
 
 
 def describe(store: Store) -> dict | None:
@@ -337,12 +331,7 @@ def ensure(store: Store, kind: str | None = None, persist: bool = True, rebuild:
             and pre.meta.get("factory") in FLAT_FACTORIES
             and choose_factory(rows, "auto")[0] not in FLAT_FACTORIES
         )
-        # an index kept from when auto chose another type (IVF before pq) is replaced when auto is asked for again
-        m = store.manifest
-        redo_auto = kind == "auto" and _family(pre.meta.get("factory", "")) != _family(
-            choose_factory(rows, "auto", m.sketch_dtype, int(m.sketch_dim or 0))[0]
-        )
-        stale = pre.meta.get("sketch") != _spec_of(store) or pre.rows > rows or outgrown or redo_auto
+        stale = pre.meta.get("sketch") != _spec_of(store) or pre.rows > rows or outgrown
         if stale or (kind is not None and kind != pre.meta.get("kind")):
             pre = None
     changed = False

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import write_jsonl
 
+import forvalue
 from forvalue.api import build_index, run_query
 from forvalue.indexer.sketch import Sketcher, SketchSpec, fit_basis
 from forvalue.indexer.sparse_errors import error_entries, pair_score
@@ -324,19 +325,17 @@ def test_pq_index_finds_the_flat_candidates_and_keeps_its_refine_factor(sketched
 
 
 def test_an_index_auto_chose_before_is_replaced_when_auto_is_asked_again(sketched_store):
-    """An index saved as ``auto`` when auto chose another type (IVF lists, before the pq index) stays in use, and
-    is replaced by what auto chooses now when ``--faiss-index auto`` is given again."""
+    """An index saved as ``auto`` when auto chose another type (IVF lists, before the pq index) keeps serving
+    queries (no rebuild at query time), and ``index sketch --faiss-index auto`` replaces it with today's choice."""
     tmp, _, _ = sketched_store
     store = Store.open(tmp / "store")
     old = faiss_index.build(store, kind="IVF16,SQ8")
     old.meta["kind"] = "auto"  # as a build of an older version left it
     faiss_index.save(store, old)
-    assert faiss_index.ensure(store).meta["factory"] == "IVF16,SQ8"  # kept: no rebuild at query time
-    again = faiss_index.ensure(store, kind="auto")
-    assert again.meta["factory"] == faiss_index.choose_factory(store.count(), "auto", store.manifest.sketch_dtype)[0]
-    assert faiss_index.load(store).meta["factory"] == again.meta["factory"]
-    assert faiss_index.ensure(store, kind="auto") is not None  # the same type again: not rebuilt
-    assert faiss_index.load(store).meta["factory"] == again.meta["factory"]
+    assert faiss_index.ensure(store).meta["factory"] == "IVF16,SQ8"
+    forvalue.open(tmp / "store").sketch(faiss_index="auto")
+    now = faiss_index.choose_factory(store.count(), "auto", store.manifest.sketch_dtype, store.manifest.sketch_dim)
+    assert faiss_index.load(Store.open(tmp / "store")).meta["factory"] == now[0]
 
 
 def test_choose_factory():

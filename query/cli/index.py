@@ -154,7 +154,9 @@ def check(store, repair, as_json):
     "--faiss-index",
     "kind",
     default=None,
-    help="auto (Flat below 100k rows, IVF-SQ8 above), flat, ivf, hnsw or a FAISS factory string.",
+    help="auto (exact Flat below 100k rows, pq above), flat, pq (4-bit product codes of every row, re-ranked by "
+    "8-bit codes), ivf (inverted lists, IVF-SQ8), hnsw or a FAISS factory string. Giving auto again replaces an "
+    "index auto chose in an older version.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def sketch(store, rebuild, kind, as_json, **kw):
