@@ -476,11 +476,14 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
             )
             return False
     meta = faiss_index.describe(store)
+    fix = f"run 'forvalue index check --store {where} --repair' to rebuild it"
     if meta is None:
+        if (store.path / faiss_index.INDEX_DIR / faiss_index.META_FILE).exists():
+            problems.append(f"{where}: the prefilter record prefilter.json is damaged; {fix}")
+            return True
         if rows:
             notes.append("no prefilter index yet (built on the next build or prefiltered query)")
         return False
-    fix = f"run 'forvalue index check --store {where} --repair' to rebuild it"
     try:
         if meta.get("from_column"):  # an exact float16 index, made from the sketch column when loaded
             size = meta["bytes"]
@@ -499,6 +502,9 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
         return True
     if meta.get("rows", 0) > rows:
         problems.append(f"{where}: the prefilter index covers {meta['rows']} rows, the table holds {rows}; {fix}")
+        return True
+    if not meta.get("from_column") and faiss_index.load(store) is None:  # bytes changed in place: FAISS refuses it
+        problems.append(f"{where}: the prefilter index file {meta['file']} does not load; {fix}")
         return True
     if meta.get("rows", 0) < rows:
         notes.append(f"the prefilter index covers {meta['rows']} of {rows} rows (extended on next use)")

@@ -147,20 +147,34 @@ def _index_dir(store: Store) -> Path:
 
 
 def describe(store: Store) -> dict | None:
-    """What the saved index covers (``prefilter.json``), without loading it; None when absent."""
+    """What the saved index covers (``prefilter.json``), without loading it; None when absent or not the record
+    :func:`save` writes (a damaged file is an index to rebuild, not a traceback in every reader)."""
     try:
-        return json.loads((_index_dir(store) / META_FILE).read_text())
+        meta = json.loads((_index_dir(store) / META_FILE).read_text())
     except (OSError, ValueError, RecursionError):
         return None
+    return meta if _sound_meta(meta) else None
+
+
+def _sound_meta(meta) -> bool:
+    """Whether ``meta`` has the keys and types :func:`save` writes."""
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(meta, dict) or not count(meta.get("rows")) or not isinstance(meta.get("factory"), str):
+        return False
+    if meta.get("from_column"):
+        return count(meta.get("dim"))
+    return isinstance(meta.get("file"), str) and count(meta.get("bytes"))
 
 
 def load(store: Store) -> PrefilterIndex | None:
     """The saved index of ``store``, or None when there is none (or it is unreadable)."""
-    meta_path = _index_dir(store) / META_FILE
-    if not meta_path.exists():
+    meta = describe(store)
+    if meta is None:
         return None
     try:
-        meta = json.loads(meta_path.read_text())
         if meta.get("from_column"):
             return _from_column(store, meta)
         path = _index_dir(store) / meta["file"]
@@ -336,6 +350,13 @@ def ensure(store: Store, kind: str | None = None, persist: bool = True, rebuild:
             pre = None
     changed = False
     if pre is None:
+        if kind is None:  # a rebuild (unreadable file, --rebuild, check --repair) keeps the kind the user chose
+            saved = (describe(store) or {}).get("kind")
+            try:
+                check_kind(saved, int(store.manifest.sketch_dim or 64))  # (a factory string for another D: auto)
+                kind = saved if isinstance(saved, str) and saved else None
+            except ForValueError:
+                kind = None
         pre = build(store, kind or "auto")
         changed = True
     elif pre.rows < rows:

@@ -299,6 +299,59 @@ def test_faiss_index_follows_appends_and_recovers(sketched_store, tiny_model_dir
     (tmp / "store" / faiss_index.INDEX_DIR / json.loads(meta_path.read_text())["file"]).write_bytes(b"junk")
     assert faiss_index.load(store) is None
     assert faiss_index.ensure(store).rows == total
+    faiss_index.ensure(store, kind="auto", rebuild=True)  # (the damaged hnsw index is rebuilt as hnsw)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda meta: [],
+        lambda meta: "x",
+        lambda meta: dict(meta, file=None),
+        lambda meta: dict(meta, rows="abc"),
+        lambda meta: dict(meta, from_column=True, dim=None),
+    ],
+)
+def test_a_damaged_prefilter_record_is_one_line_in_check_and_rebuilt_by_a_query(sketched_store, tiny_runner, damage):
+    """prefilter.json that is JSON but not the record save() writes: 'index info' and 'index check' name it (no
+    traceback), a prefiltered query rebuilds the index."""
+    from conftest import assert_one_line_error, cli
+
+    tmp, _, _ = sketched_store
+    store = Store.open(tmp / "store")
+    faiss_index.ensure(store, kind="pq", rebuild=True)
+    meta_path = tmp / "store" / faiss_index.INDEX_DIR / faiss_index.META_FILE
+    meta_path.write_text(json.dumps(damage(json.loads(meta_path.read_text()))))
+    assert faiss_index.describe(store) is None and faiss_index.load(store) is None
+    assert cli("index", "info", "--store", tmp / "store").exit_code == 0
+    assert_one_line_error(cli("index", "check", "--store", tmp / "store"), "prefilter.json is damaged")
+    res = run_query(
+        tmp / "store", [tmp / "val.jsonl"], QueryConfig(progress=False, device="cpu", candidates=4), runner=tiny_runner
+    )
+    assert res.prefiltered and faiss_index.load(store).rows == store.count()
+    faiss_index.ensure(store, kind="auto", rebuild=True)
+
+
+def test_a_rebuild_keeps_the_kind_the_user_chose(sketched_store):
+    """An unreadable index file (bytes changed in place) is named by 'index check'; the rebuild ('--repair', or a
+    query's) is of the kind saved, not auto's."""
+    from conftest import cli
+
+    tmp, _, _ = sketched_store
+    store = Store.open(tmp / "store")
+    faiss_index.ensure(store, kind="pq", rebuild=True)
+    meta = faiss_index.describe(store)
+    path = tmp / "store" / faiss_index.INDEX_DIR / meta["file"]
+    data = bytearray(path.read_bytes())
+    data[:16] = bytes(b ^ 0xA5 for b in data[:16])
+    path.write_bytes(bytes(data))
+    assert faiss_index.load(store) is None
+    check = cli("index", "check", "--store", tmp / "store")
+    assert check.exit_code == 2 and "does not load" in check.stderr, check.output
+    assert cli("index", "check", "--store", tmp / "store", "--repair").exit_code == 0
+    assert faiss_index.describe(store)["factory"] == faiss_index.pq_factory(store.manifest.sketch_dim)
+    assert faiss_index.ensure(store, rebuild=True).meta["kind"] == "pq"
+    faiss_index.ensure(store, kind="auto", rebuild=True)
 
 
 def test_pq_index_finds_the_flat_candidates_and_keeps_its_refine_factor(sketched_store):

@@ -155,8 +155,8 @@ def check(store, repair, as_json):
     "kind",
     default=None,
     help="auto (exact Flat below 100k rows, pq above), flat, pq (4-bit product codes of every row, re-ranked by "
-    "8-bit codes), ivf (inverted lists, IVF-SQ8), hnsw or a FAISS factory string. Giving auto again replaces an "
-    "index auto chose in an older version.",
+    "8-bit codes), ivf (inverted lists, IVF-SQ8), hnsw or a FAISS factory string; without it the saved index keeps "
+    "its kind, and giving auto again replaces an index auto chose in an older version.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def sketch(store, rebuild, kind, as_json, **kw):
