@@ -536,6 +536,12 @@ def test_auto_settings_choose_by_the_reference_label_auc(setting, tiny_runner):
         assert tokens == "store"
     with pytest.raises(ForValueError, match="two labels with two samples"):
         choose_variant({"store": raw}, raw, ["x"] * len(labels), mu, cov, lams)
+    # with --normalize cosine the choice ranks cosine scores (each stored-side score over its ||G_i||), as the
+    # scan returns them; it ranked the raw scores before
+    _, _, cos_aucs = choose_variant({"store": raw, "response": resp}, raw, labels, mu, cov, ("raw",), None, "cosine")
+    for name, query in (("store", raw), ("response", resp)):
+        gram = _reference(raw, query) / np.sqrt(raw.sq_norms)[:, None]
+        assert cos_aucs[(name, "raw")] == pytest.approx(label_auc(gram, labels), abs=1e-9)
 
 
 @pytest.mark.parametrize("tokens, whiten", [("store", "auto"), ("auto", "auto"), ("auto", None)])

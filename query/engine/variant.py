@@ -331,6 +331,7 @@ def choose_variant(
     cov: np.ndarray,
     lams,
     centre_mu: np.ndarray | None = None,
+    normalize: str = "none",
 ) -> tuple[str, object, dict]:
     """The ``auto`` settings: the validation positions (a key of ``queries``: ``"store"`` / ``"response"``, each the
     raw validation set encoded so) and the whitening (one of ``lams``: a number, None for centred only, or
@@ -338,6 +339,8 @@ def choose_variant(
     among themselves (``mu`` / ``cov`` the whitening's moments; ``centre_mu``, default ``mu``, the mean of the
     centred-only candidate). Each sample, encoded as the query would be, ranks the others encoded as stored samples are
     (``stored_like``), itself left out (:func:`label_auc`); ties go to the store's positions and the milder value.
+    With ``normalize="cosine"`` each score is divided by the stored side's ``||G_i||``, as the scan's cosine does
+    (its other factor, ``||G_v||``, is one per column and ranks nothing).
     Returns ``(tokens, lam, {(tokens, lam): AUC})``.
 
     Raises ForValueError when fewer than two labels have two samples each (nothing to choose by).
@@ -363,6 +366,8 @@ def choose_variant(
             else:
                 prepared = whiten_validation(val, mu, cov, lam)
             scores = ExactScorer(prepared, torch.device("cpu")).score(for_scoring(block, prepared))
+            if normalize == "cosine":
+                scores = scores / np.maximum(np.sqrt(side.sq_norms), 1e-30)[:, None]
             aucs[(tokens, lam)] = label_auc(scores, labels)
     best = max(aucs.values())
     if not np.isfinite(best):
@@ -407,7 +412,8 @@ def resolve_auto(config, store, encode, labels: list) -> tuple:
     # centred only (None) is scored with --center mean's mean (store_mean), not the moments' (fewer samples), so
     # the AUC printed for it is the one of the scores given
     centre_mu = store_mean(store) if None in lams and cov is not None else mu
-    tokens, lam, aucs = choose_variant(queries, stored_like, labels, mu, cov, lams, centre_mu)
+    normalize = getattr(config, "normalize", "none")
+    tokens, lam, aucs = choose_variant(queries, stored_like, labels, mu, cov, lams, centre_mu, normalize)
     changes = {"validation_tokens": tokens}
     if whiten_auto:
         changes.update(center="mean", whiten=lam)
