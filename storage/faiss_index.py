@@ -282,6 +282,8 @@ def build(
         base = faiss.downcast_index(faiss.downcast_index(index).base_index)
         if hasattr(base, "pq"):  # 16 centroids per sub-vector: no warning per sub-vector on a small store
             base.pq.cp.min_points_per_centroid = 1
+    if "IVF" in factory:  # nor one for the lists of a small store (the build refuses fewer rows than lists)
+        faiss.extract_index_ivf(index).cp.min_points_per_centroid = 1
     if not index.is_trained:
         nlist = faiss.extract_index_ivf(index).nlist if "IVF" in factory else 16 if factory.startswith("PQ") else 256
         n_train = min(rows, train_rows or max(64 * nlist, 50_000))

@@ -391,6 +391,15 @@ def test_an_index_auto_chose_before_is_replaced_when_auto_is_asked_again(sketche
     assert faiss_index.load(Store.open(tmp / "store")).meta["factory"] == now[0]
 
 
+def test_small_store_indexes_train_without_faiss_warnings(sketched_store, capfd):
+    """FAISS prints a line per clustering of few points (one per sub-vector of a pq index: 512 at D = 2048)."""
+    tmp, _, _ = sketched_store
+    store = Store.open(tmp / "store")
+    for kind in ("pq", "IVF16,SQ8"):
+        faiss_index.build(store, kind=kind)
+    assert "WARNING" not in capfd.readouterr().err
+
+
 def test_choose_factory():
     assert faiss_index.choose_factory(5000)[0] == "Flat"
     assert faiss_index.choose_factory(5000, "pq", dim=2048)[0] == "PQ512x4fs,Refine(SQ8)"
