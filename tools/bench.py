@@ -86,6 +86,15 @@ SUITES: dict[str, Suite] = {
         "docs/prefilter.md: Levers",
         needs="--store DIR (python -m tools.make_synthetic_store --out DIR --rows N)",
     ),
+    "index_kinds": Suite(
+        "bench_index_kinds",
+        "FAISS index types over one sketch column (exact ceiling, sq8, IVF, product codes with re-rank): candidate "
+        "recall against the exact top-k, search latency, build time, bytes",
+        "~9 min on the 10^6-sample store with 100 validation samples and 3 index types (column read 66-100 s, "
+        "searches at 1,000 / 2,000 / 5,000 candidates); the exact top-k once before, 532 s",
+        "docs/prefilter.md: Index types at 10^6",
+        needs="--store DIR --exact-cache X.npz (python -m tools.bench_prefilter --store DIR --exact-only ...)",
+    ),
     "store_tiers": Suite(
         "bench_store_tiers",
         "compact store tiers (float16 / int8 / low-rank / top-m): bytes per token, Spearman / top-10 vs float16, "
