@@ -120,6 +120,11 @@ def pq_factory(dim: int) -> str:
     return f"PQ{m}x4fs,Refine(SQ8)"
 
 
+def ivf_lists(rows: int) -> int:
+    """Inverted lists of an ``ivf`` index of ``rows`` rows: the power of two nearest ``sqrt(rows)``, at least 16."""
+    return int(2 ** round(math.log2(max(16.0, math.sqrt(max(rows, 1))))))
+
+
 def choose_factory(
     rows: int, kind: str = "auto", sketch_dtype: str = "float32", dim: int = 2048
 ) -> tuple[str, int | None]:
@@ -128,7 +133,7 @@ def choose_factory(
     The exact (flat) index of float16 sketches is ``SQfp16``: the same inner products as ``Flat`` on the
     stored values (float16 codes hold them exactly), without a second float32 copy of the sketches.
     """
-    nlist = int(2 ** round(math.log2(max(16.0, math.sqrt(max(rows, 1))))))
+    nlist = ivf_lists(rows)
     if kind == "auto":
         kind = "flat" if rows < EXACT_MAX_ROWS else "pq"
     if kind == "flat":
@@ -289,13 +294,7 @@ def build(
         n_train = min(rows, train_rows or max(64 * nlist, 50_000))
         if n_train < nlist:
             raise StoreError(f"{store.path}: {rows} rows are too few to train '{factory}'; use --faiss-index flat")
-        pick = np.sort(np.random.default_rng(seed).choice(rows, n_train, replace=False))
-        train = []
-        for first in range(0, n_train, block_rows):
-            col = store.take(pick[first : first + block_rows].tolist(), [SKETCH_COLUMN]).column(0).combine_chunks()
-            train.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim).astype(np.float32))
-        index.train(np.concatenate(train))
-        del train
+        index.train(training_sketches(store, n_train, block_rows, seed))
     trained = time.perf_counter()
     pre = PrefilterIndex(
         index, {"rows": 0, "factory": factory, "kind": kind, "nprobe": nprobe, "dim": dim, "sketch": _spec_of(store)}
@@ -303,6 +302,18 @@ def build(
     extend(store, pre, block_rows)
     pre.meta.update(train_seconds=round(trained - started, 3), add_seconds=round(time.perf_counter() - trained, 3))
     return pre
+
+
+def training_sketches(store: Store, n: int, block_rows: int = 16384, seed: int = 0) -> np.ndarray:
+    """The float32 sketches of ``n`` rows of ``store`` drawn at random (``seed``), in row order, read in takes of
+    ``block_rows``: what an index is trained on."""
+    dim = int(store.manifest.sketch_dim)
+    pick = np.sort(np.random.default_rng(seed).choice(store.count(), n, replace=False))
+    train = []
+    for first in range(0, n, block_rows):
+        col = store.take(pick[first : first + block_rows].tolist(), [SKETCH_COLUMN]).column(0).combine_chunks()
+        train.append(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), dim).astype(np.float32))
+    return np.concatenate(train)
 
 
 def extend(store: Store, pre: PrefilterIndex, block_rows: int = 16384) -> int:

@@ -22,7 +22,6 @@ sketch inner product, streamed from the column (``tools.bench_prefilter.sketch_e
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -127,23 +126,11 @@ def main(argv: list[str] | None = None) -> int:
 
     store = Store.open(a.store)
     rows, dim = store.count(), int(store.manifest.sketch_dim)
-    nlist = a.nlist or int(2 ** round(math.log2(max(16.0, math.sqrt(rows)))))
+    nlist = a.nlist or faiss_index.ivf_lists(rows)
     nprobes = [int(x) for x in a.nprobe.split(",") if x] or [max(1, nlist // 16)]
     kinds = [Kind(n, dim, nlist, nprobes[0], a.refine) for n in a.kinds.split(",")]
 
-    pick = np.sort(np.random.default_rng(0).choice(rows, min(rows, a.train_rows), replace=False))
-    sample = np.concatenate(
-        [
-            store.take(pick[i : i + a.block_rows].tolist(), [faiss_index.SKETCH_COLUMN])
-            .column(0)
-            .combine_chunks()
-            .flatten()
-            .to_numpy(zero_copy_only=False)
-            .reshape(-1, dim)
-            .astype(np.float32)
-            for i in range(0, len(pick), a.block_rows)
-        ]
-    )
+    sample = faiss_index.training_sketches(store, min(rows, a.train_rows), a.block_rows)
     for kind in kinds:
         kind.train(sample)
         print(f"{kind.name}: trained in {kind.train_s:.1f}s", flush=True)

@@ -329,8 +329,8 @@ class GFormScorer:
         store with 30 labels sit on 256 such rows, where a dense product runs several times faster (docs/gform.md)."""
         rows_here, counts = torch.unique_consecutive(row, return_counts=True)
         ends = torch.cumsum(counts, 0)
-        row_width = first[rows_here + 1] - first[rows_here]
-        dense = torch.nonzero(counts * row_width >= _DENSE_ROW_PRODUCTS).squeeze(1)
+        # a row's pairs share its width: the last pair's is the row's
+        dense = torch.nonzero(counts * width[ends - 1] >= _DENSE_ROW_PRODUCTS).squeeze(1)
         if dense.numel() == 0:
             return width
         width = width.clone()
