@@ -63,6 +63,11 @@ class QueryResult:
         Whether FAISS candidates were reranked (docs/prefilter.md) rather than every row scored.
     rows_read : int or None
         Prefiltered: the distinct candidate rows read, once for all validation samples together.
+    candidates : list of int or None
+        Prefiltered: the candidates each validation sample (or the mean) ended with (adaptive, docs/prefilter.md).
+    unsettled : list of str or None
+        Prefiltered: the validation ids (or ``"mean"``) whose top-k still reached into their last candidates at
+        ``max_candidates``: their top-k may miss rows (raise ``max_candidates`` or use ``exact``).
     config : QueryConfig or None
         The settings the query ran with (explanation pages of its results use its score variant); ``auto``
         settings replaced by what was chosen.
@@ -79,6 +84,8 @@ class QueryResult:
     train_ids: list[str] | None = None
     prefiltered: bool = False
     rows_read: int | None = None
+    candidates: list[int] | None = None
+    unsettled: list[str] | None = None
     config: QueryConfig | None = None
     auto_settings: dict | None = None
 
@@ -168,8 +175,10 @@ def run_query(
 
     started = time.perf_counter()
     on_ray = engine is not None and engine.engine == "ray"
-    if on_ray and config.candidates is not None:
-        raise ConfigError("candidates", "--engine ray scores every stored sample (exact scan); drop --candidates")
+    for name in ("candidates", "max_candidates"):
+        if on_ray and getattr(config, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(name, f"--engine ray scores every stored sample (exact scan); drop {flag}")
     if all_scores_path is not None:
         check_output_path(all_scores_path, (".parquet",), inputs=validation_paths(validation), what="all_scores_path")
     store = open_nonempty(store)
@@ -238,6 +247,8 @@ def run_query(
         train_ids=kept_ids if keep_scores else None,
         prefiltered=prefiltered,
         rows_read=timings.get("rows_read") if prefiltered else None,
+        candidates=[int(c) for c in timings["candidates"]] if prefiltered else None,
+        unsettled=[col_names[j] for j in timings["unsettled"]] if prefiltered else None,
         config=config,
         auto_settings=auto_settings,
     )

@@ -450,6 +450,10 @@ class QueryConfig(ScanConfig):
     candidates : int or None
         Prefilter: FAISS candidates per validation sample, reranked exactly; None lets
         :func:`forvalue.run_query` choose (docs/prefilter.md).
+    max_candidates : int or None
+        Prefilter: a validation sample whose last candidates still hold part of its exact top-k gets
+        twice as many, up to this count (default 8 x ``candidates``; equal to ``candidates``: a fixed
+        count). See docs/prefilter.md "Adaptive candidates".
     exact : bool
         Force the full scan.
     """
@@ -470,13 +474,29 @@ class QueryConfig(ScanConfig):
         1,
         1 << 20,
     )
+    max_candidates: int | None = bounded(
+        None,
+        "Prefilter: while the last quarter of a validation sample's candidates still holds more than 4% of its "
+        "exact top-k, read twice as many, up to this count (default: 8 x --candidates; the --candidates value: a "
+        "fixed count). Samples that reach it unsettled are named on stderr.",
+        1,
+        1 << 23,
+    )
     exact: bool = setting(False, "Score every stored sample (full scan), never the prefilter.")
 
     def __post_init__(self) -> None:
         _check(self)
         self._check_variant()
-        if self.candidates is not None and self.exact:
-            raise ConfigError("candidates", "--candidates and --exact exclude each other; give one")
+        for name in ("candidates", "max_candidates"):
+            if getattr(self, name) is not None and self.exact:
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(name, f"{flag} and --exact exclude each other; give one")
+        if self.candidates is not None and self.max_candidates is not None and self.max_candidates < self.candidates:
+            raise ConfigError(
+                "max_candidates",
+                f"--max-candidates ({self.max_candidates}) is below --candidates ({self.candidates}); give at least "
+                "as many (the same number: a fixed count)",
+            )
 
 
 @dataclass(frozen=True)

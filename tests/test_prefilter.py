@@ -215,10 +215,15 @@ def test_prefilter_recall_matches_exact_and_wrong_sketch_breaks_it(sketched_stor
         "get_sketcher",
         lambda spec, basis=None: Sketcher(dataclasses.replace(spec, seed=spec.seed + 1), basis=basis),
     )
-    broken = run_query(
+    fixed = QueryConfig(top_k=k, progress=False, candidates=cand, max_candidates=cand)
+    broken = run_query(tmp / "store", [tmp / "val.jsonl"], fixed, runner=tiny_runner)
+    assert _recall(e, _top_ids(broken, k)) < 0.6 and broken.candidates == [cand] * len(test)
+    # adaptive candidates (the default): the broken sketch's top-k keeps reaching into its last candidates, so
+    # they double until the top-k is clear of them (here: up to every row)
+    rescued = run_query(
         tmp / "store", [tmp / "val.jsonl"], QueryConfig(top_k=k, progress=False, candidates=cand), runner=tiny_runner
     )
-    assert _recall(e, _top_ids(broken, k)) < 0.6
+    assert _recall(e, _top_ids(rescued, k)) >= 0.9 and max(rescued.candidates) > cand
 
 
 def test_batched_query_equals_one_query_per_sample(sketched_store, tiny_runner):
@@ -232,7 +237,7 @@ def test_batched_query_equals_one_query_per_sample(sketched_store, tiny_runner):
 
     tmp, train, test = sketched_store
     k, cand = 4, len(train) // 6
-    cfg = QueryConfig(top_k=k, progress=False, candidates=cand, read_rows=7)
+    cfg = QueryConfig(top_k=k, progress=False, candidates=cand, max_candidates=cand, read_rows=7)  # a fixed count
     store = Store.open(tmp / "store")
     val = encode_validation(
         tiny_runner, load_validation_samples([tmp / "val.jsonl"], DataConfig()), store.manifest, DataConfig(), 8
@@ -580,3 +585,101 @@ def test_cli_sketch_old_store_and_query_candidates(tmp_path, tiny_model_dir, tin
     res = cli.invoke(main, args + ["--candidates", "3", "-o", str(out)])
     assert res.exit_code == 0 and out.exists(), res.output
     assert "FAISS candidate rows" in res.stderr and "read once for all" in res.stderr
+
+
+def test_needs_more_asks_for_candidates_while_the_top_k_reaches_their_last_quarter():
+    from forvalue.engine.prefilter import needs_more
+
+    k = 100
+    scored = np.arange(1000, dtype=np.float64)  # the top-100: scores 900..999
+    clear = scored[::-1].copy()  # FAISS order = exact order: the top-k sits in the first tenth
+    assert not needs_more(clear, scored, k)
+    late = clear.copy()
+    late[-5:], late[:5] = clear[:5], clear[-5:]  # 5 of the top-k last (more than 4% of k)
+    assert needs_more(late, scored, k)
+    late[-5] = clear[-5]  # 4 of them: no more
+    assert not needs_more(late, scored, k)
+    assert not needs_more(clear[:50], scored[:50], k)  # fewer scored rows than k: nothing to compare with
+    assert not needs_more(np.zeros(0), scored, k)
+
+
+def test_adaptive_candidates_batch_equals_alone_exact_scores_and_names_the_unsettled(
+    sketched_store, tiny_runner, monkeypatch
+):
+    """Adaptive candidates: the rounds of a batch query give every sample the rows, candidate count and exact
+    scores a query of it alone gets; a sample whose test still asks for more at the most is named unsettled."""
+    import forvalue.engine.prefilter as qp
+    from forvalue.engine.validation import encode_validation, load_validation_samples
+    from forvalue.schemas.config import DataConfig
+
+    tmp, train, _ = sketched_store
+    store = Store.open(tmp / "store")
+    val = encode_validation(
+        tiny_runner, load_validation_samples([tmp / "val.jsonl"], DataConfig()), store.manifest, DataConfig(), 8
+    )
+    k = 10
+    cfg = QueryConfig(top_k=k, progress=False, candidates=k, read_rows=7)  # the default most: 8 x 10 rows
+    t: dict = {}
+    scores, rows = qp.prefilter_topk(store, val, cfg, "cpu", timings=t).result()
+    assert len(set(t["candidates"].tolist())) > 1 and max(t["candidates"]) > k  # some samples took more rounds
+    assert t["rows_read"] <= int(sum(t["candidates"]))  # each round's union read once
+    for j in range(len(val)):
+        tj: dict = {}
+        s1, r1 = qp.prefilter_topk(store, val.subset([j]), cfg, "cpu", timings=tj).result()
+        assert r1[0].tolist() == rows[j].tolist() and s1[0].tolist() == scores[j].tolist()
+        assert tj["candidates"].tolist() == [t["candidates"][j]] and tj["unsettled"] == (
+            [0] if j in t["unsettled"] else []
+        )
+    exact = qp.prefilter_topk(store, val, cfg, "cpu", candidates=store.count()).result()
+    full = dict(zip(exact[1][0].tolist(), exact[0][0].tolist()))
+    assert all(full[r] == pytest.approx(s, rel=1e-12) for r, s in zip(rows[0].tolist(), scores[0].tolist()))
+
+    # a test that always asks for more: every sample reaches the most and is named, in the API and on stderr
+    monkeypatch.setattr(qp, "needs_more", lambda *a: True)
+    cfg = QueryConfig(top_k=k, progress=False, candidates=k, max_candidates=2 * k + 1)
+    res = run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner)
+    assert res.candidates == [2 * k + 1] * len(val) and len(res.unsettled) == len(val)
+    from click.testing import CliRunner
+
+    from forvalue.cli import main
+
+    args = ["query", "--store", str(tmp / "store"), "-v", str(tmp / "val.jsonl"), "--top-k", str(k), "--quiet"]
+    out = CliRunner().invoke(main, args + ["--candidates", str(k), "--max-candidates", str(2 * k + 1)])
+    assert out.exit_code == 0, out.output
+    assert f"warning: {len(val)} validation sample(s)" in out.stderr and "--max-candidates" in out.stderr
+    assert f"at {2 * k + 1} candidates" in out.stderr
+    # every row a candidate: nothing left unread, so never unsettled
+    res = run_query(
+        tmp / "store",
+        [tmp / "val.jsonl"],
+        QueryConfig(top_k=k, progress=False, candidates=store.count()),
+        runner=tiny_runner,
+    )
+    assert res.unsettled == [] and res.candidates == [store.count()] * len(val)
+
+
+@pytest.mark.parametrize(
+    "kwargs,flag",
+    [
+        ({"candidates": 10, "max_candidates": 9}, "--max-candidates (9) is below --candidates (10)"),
+        ({"max_candidates": 9, "exact": True}, "--max-candidates and --exact"),
+        ({"max_candidates": 0}, "max_candidates: must be >= 1"),
+    ],
+)
+def test_max_candidates_refuses_what_cannot_hold(kwargs, flag):
+    from forvalue.schemas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=flag.replace("(", r"\(").replace(")", r"\)")):
+        QueryConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name", ["candidates", "max_candidates"])
+def test_ray_engine_refuses_prefilter_settings_before_any_work(tmp_path, name):
+    from forvalue.schemas.config import EngineConfig
+    from forvalue.schemas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--engine ray scores every stored sample"):
+        run_query(
+            tmp_path / "no-store", [tmp_path / "no.jsonl"], QueryConfig(**{name: 5}), engine=EngineConfig(engine="ray")
+        )
+    assert not (tmp_path / "no-store").exists()

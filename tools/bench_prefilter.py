@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-val", type=int, default=20)
     p.add_argument("--faiss-index", default="auto")
     p.add_argument("--nprobe", default="", help="comma list of nprobe values to try (IVF only)")
+    p.add_argument(
+        "--growth",
+        default="1",
+        help="comma list of G: adaptive candidates up to G x the candidate count (1: a fixed count; the product's "
+        "default is 8)",
+    )
     p.add_argument("--rebuild", action="store_true")
     p.add_argument(
         "--single-exact", action="store_true", help="also time the exact scan for one validation sample alone"
@@ -160,36 +166,43 @@ def main(argv: list[str] | None = None) -> int:
 
     k = a.top_k
     table = [
-        f"| candidates | % of store | nprobe | Recall@{k} mean / median / min | latency p50 ms | p95 ms | "
-        "sketch+search ms | take ms | score ms | waiting for reads ms | speedup vs exact (per sample) | "
-        "vs 1-sample exact |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| candidates | most | % of store | nprobe | Recall@{k} mean / median / min | candidates used mean / median / "
+        "max | unsettled | latency p50 ms | p95 ms | sketch+search ms | take ms | score ms | waiting for reads ms | "
+        "speedup vs exact (per sample) | vs 1-sample exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     nprobes = [int(x) for x in a.nprobe.split(",") if x] or [None]
     single_p50 = {}
-    for c in [int(x) for x in a.candidates.split(",")] if t_exact is not None else []:
-        for nprobe in nprobes:
-            lat, rec = [], []
-            parts = {"sketch": 0.0, "search": 0.0, "read": 0.0, "score": 0.0, "read_wait": 0.0}
-            for j in range(len(val)):
-                one = val.subset([j])
-                t0 = time.perf_counter()
-                res = prefilter_topk(store, one, cfg, dev, candidates=c, index=pre, nprobe=nprobe, timings=parts)
-                lat.append(time.perf_counter() - t0)
-                rec.append(len(set(res.result()[1][0].tolist()) & set(exact_rows[j].tolist())) / k)
-            n = len(val)
-            p50 = float(np.median(lat))
-            single_p50.setdefault(c, p50)
-            table.append(
-                f"| {c} | {100 * c / rows:.2f} | {nprobe or pre.meta.get('nprobe') or '-'} | {np.mean(rec):.3f} / "
-                f"{np.median(rec):.3f} / {np.min(rec):.3f} | "
-                f"{1000 * p50:.0f} | {1000 * np.percentile(lat, 95):.0f} | "
-                f"{1000 * (parts['sketch'] + parts['search']) / n:.0f} | "
-                f"{1000 * parts['read'] / n:.0f} | {1000 * parts['score'] / n:.0f} | "
-                f"{1000 * parts['read_wait'] / n:.0f} | {t_exact / n / p50:.0f}x | "
-                f"{f'{t_single / p50:.0f}x' if t_single else '-'} |"
+    settings = [
+        (int(c), int(g), nprobe) for c in a.candidates.split(",") for g in a.growth.split(",") for nprobe in nprobes
+    ]
+    for c, g, nprobe in settings if t_exact is not None else []:
+        lat, rec, used, unsettled = [], [], [], 0
+        parts = {"sketch": 0.0, "search": 0.0, "read": 0.0, "score": 0.0, "read_wait": 0.0}
+        for j in range(len(val)):
+            one = val.subset([j])
+            t0 = time.perf_counter()
+            res = prefilter_topk(
+                store, one, cfg, dev, candidates=c, index=pre, nprobe=nprobe, timings=parts, max_candidates=g * c
             )
-            print(table[-1], flush=True)
+            lat.append(time.perf_counter() - t0)
+            rec.append(len(set(res.result()[1][0].tolist()) & set(exact_rows[j].tolist())) / k)
+            used.append(int(parts["candidates"][0]))
+            unsettled += len(parts["unsettled"])
+        n = len(val)
+        p50 = float(np.median(lat))
+        single_p50.setdefault(c, p50)
+        table.append(
+            f"| {c} | {g * c} | {100 * c / rows:.2f} | {nprobe or pre.meta.get('nprobe') or '-'} | "
+            f"{np.mean(rec):.3f} / {np.median(rec):.3f} / {np.min(rec):.3f} | "
+            f"{np.mean(used):.0f} / {np.median(used):.0f} / {max(used)} | {unsettled} | "
+            f"{1000 * p50:.0f} | {1000 * np.percentile(lat, 95):.0f} | "
+            f"{1000 * (parts['sketch'] + parts['search']) / n:.0f} | "
+            f"{1000 * parts['read'] / n:.0f} | {1000 * parts['score'] / n:.0f} | "
+            f"{1000 * parts['read_wait'] / n:.0f} | {t_exact / n / p50:.0f}x | "
+            f"{f'{t_single / p50:.0f}x' if t_single else '-'} |"
+        )
+        print(table[-1], flush=True)
     if t_exact is not None:
         lines += [
             f"Exact full scan: {t_exact:.1f} s for {len(val)} validation samples scored together "
@@ -212,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {c} | {np.mean(rec):.3f} / {np.median(rec):.3f} / {np.min(rec):.3f} |")
             print(lines[-1], flush=True)
     if a.batches:
-        c = int(a.candidates.split(",")[0])
+        c, growth = int(a.candidates.split(",")[0]), int(a.growth.split(",")[0])
         batch_table = [
             "",
             f"Batch queries ({c} candidates per validation sample; one query of B samples: one FAISS search, the "
@@ -233,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(reps):
                 sub = all_val.subset(list(range(r * b, (r + 1) * b)) if (r + 1) * b <= len(all_val) else range(b))
                 t0 = time.perf_counter()
-                prefilter_topk(store, sub, cfg, dev, candidates=c, index=pre, timings=parts)
+                prefilter_topk(store, sub, cfg, dev, candidates=c, index=pre, timings=parts, max_candidates=growth * c)
                 times.append(time.perf_counter() - t0)
             total = float(np.median(times))
             per_one = per_one or total / b

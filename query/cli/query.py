@@ -65,9 +65,12 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
         top = st.explain_results(result, validation, explain_n, explain_dir, data=data, model=model, device=cfg.device)
         click.echo(f"explained the top {explain_n} results: {explain_dir}/index.html", err=True)
     write_table(top, output)
+    if result.unsettled:
+        click.echo(_unsettled_warning(result), err=True)
     if output:
         scored = (
-            f"reranked {result.rows_read} FAISS candidate rows of {result.n_train} (read once for all)"
+            f"reranked {result.rows_read} FAISS candidate rows of {result.n_train} (read once for all; "
+            f"{_candidate_counts(result.candidates)})"
             if result.prefiltered
             else f"scored {result.n_train} training samples"
         )
@@ -76,6 +79,25 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
             f"in {result.seconds:.1f}s; wrote {result.top.num_rows} rows to {output}",
             err=True,
         )
+
+
+def _candidate_counts(counts: list[int]) -> str:
+    import numpy as np
+
+    if min(counts) == max(counts):
+        return f"{counts[0]} candidates each"
+    return f"candidates per validation sample {min(counts)}-{max(counts)}, median {int(np.median(counts))}"
+
+
+def _unsettled_warning(result) -> str:
+    names = ", ".join(result.unsettled[:5]) + (
+        f" and {len(result.unsettled) - 5} more" if len(result.unsettled) > 5 else ""
+    )
+    most = result.config.max_candidates if result.config and result.config.max_candidates else max(result.candidates)
+    return (
+        f"warning: {len(result.unsettled)} validation sample(s) ({names}) still had top-{result.config.top_k} rows in "
+        f"their last candidates at {most} candidates: their top-k may miss rows; raise --max-candidates or use --exact"
+    )
 
 
 def _explain_folder(output, explain_dir):

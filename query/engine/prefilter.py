@@ -6,6 +6,10 @@
 2. Only the candidate rows are read from Lance (random access by row position) and scored
    exactly by the same scorer as the full scan; the top-k of those exact scores is returned.
 
+Candidates are adaptive: a validation sample whose exact top-k still reaches into the last quarter of its
+candidates gets twice as many, up to ``max_candidates`` (:func:`needs_more`, docs/prefilter.md "Adaptive
+candidates").
+
 Scores in the result are exact; only the candidate set is approximate. Many validation samples
 (a batch query) are searched in one FAISS call and the union of their candidates is read once, in
 row order; each sample is then scored exactly on its own candidates, so its result is the one a
@@ -42,10 +46,12 @@ def use_prefilter(store: Store, config: QueryConfig, full_scores: bool) -> bool:
     """Whether :func:`forvalue.api.run_query` takes the prefilter path (see docs/prefilter.md)."""
     if config.exact:
         return False
-    explicit = config.candidates is not None
+    explicit = config.candidates is not None or config.max_candidates is not None
     if full_scores:
         if explicit:
-            raise ForValueError("--candidates scores only candidate rows; --all-scores (or keep_scores) needs --exact")
+            raise ForValueError(
+                "--candidates / --max-candidates score only candidate rows; --all-scores (or keep_scores) needs --exact"
+            )
         return False
     if config.normalize != "none":
         if explicit:
@@ -85,22 +91,34 @@ def prefilter_topk(
     index: "faiss_index.PrefilterIndex | None" = None,
     nprobe: int | None = None,
     timings: dict | None = None,
+    max_candidates: int | None = None,
 ) -> TopK:
-    """Top-k rows per validation sample (or of the mean) by prefilter + exact rerank.
+    """Top-k rows per validation sample (or of the mean) by prefilter + exact rerank, candidates adaptive.
+
+    Each validation sample (or the mean) starts with ``candidates`` rows from FAISS; while
+    :func:`needs_more` finds its exact top-k reaching into the last of its candidates, it gets twice as
+    many (a deeper search; only rows not yet scored are read), up to ``max_candidates``.
 
     Parameters
     ----------
     store : Store
     val : ValidationSet
     config : QueryConfig
-        ``top_k``, ``aggregate`` and ``read_rows`` are used; ``normalize`` must be ``none``.
+        ``top_k``, ``aggregate``, ``read_rows``, ``candidates`` and ``max_candidates`` are used;
+        ``normalize`` must be ``none``.
     candidates : int, optional
-        Rows per validation sample from FAISS (default :func:`default_candidates`).
+        Rows per validation sample from FAISS at first (default ``config.candidates``, else
+        :func:`default_candidates`).
     index : PrefilterIndex, optional
         An already loaded, up-to-date index (else :func:`forvalue.storage.faiss_index.ensure`).
     timings : dict, optional
         Filled with seconds spent in ``sketch``, ``search``, ``read`` (``take`` calls, in a reading thread),
-        ``read_wait`` (the scoring waiting for a read) and ``score``; and ``rows_read``, the distinct rows read.
+        ``read_wait`` (the scoring waiting for a read) and ``score``; ``rows_read``, the distinct rows read (each
+        round's union once); ``candidates``, the count each column ended with; ``unsettled``, the columns whose
+        test still asked for more at ``max_candidates``.
+    max_candidates : int, optional
+        The most candidates a column may reach (default ``config.max_candidates``, else
+        :data:`GROWTH` x the first count); the first count: a fixed count.
     """
     import time
 
@@ -110,7 +128,7 @@ def prefilter_topk(
             f"{store.path}: the store has no sketches; run 'forvalue index sketch --store {store.path}'"
         )
     rows_total = store.count()
-    candidates = min(rows_total, candidates or config.candidates or default_candidates(rows_total, config.top_k))
+    start, cap = candidate_range(rows_total, config, candidates, max_candidates)
     t = timings if timings is not None else {}
     for key in ("sketch", "search", "read", "score"):
         t.setdefault(key, 0.0)
@@ -119,20 +137,82 @@ def prefilter_topk(
         index = faiss_index.ensure(store)
         index.to_gpu()
     queries = validation_sketches(val, spec, config.aggregate, load_basis(store.path))
-    t1 = time.perf_counter()
-    _, found = index.search(queries, candidates, nprobe=nprobe)
-    t2 = time.perf_counter()
-    t["sketch"] += t1 - t0
-    t["search"] += t2 - t1
+    t["sketch"] += time.perf_counter() - t0
 
-    if config.aggregate == "mean":  # one candidate list, every validation sample scored on it, then averaged
-        rows = np.unique(found[0])
-        rows = rows[rows >= 0]
-        t["rows_read"] = t.get("rows_read", 0) + int(rows.size)
-        scores = _score_rows(store, val, rows, config, device, t).mean(axis=1, keepdims=True)
-        return _best(config.top_k, [rows], [scores[:, 0]])
-    own, per_scores = _score_own_candidates(store, val, found, config, device, t)
-    return _best(config.top_k, own, per_scores)
+    n_cols = queries.shape[0]
+    rows = [np.zeros(0, np.int64) for _ in range(n_cols)]  # per column: scored rows, increasing
+    scores = [np.zeros(0, np.float64) for _ in range(n_cols)]
+    used = np.zeros(n_cols, np.int64)
+    unsettled: list[int] = []
+    scorers: dict = {}
+    pending, c = np.arange(n_cols), start
+    while pending.size:
+        t1 = time.perf_counter()
+        _, found = index.search(queries[pending], c, nprobe=nprobe)
+        t["search"] += time.perf_counter() - t1
+        ordered = [f[f >= 0] for f in found]  # FAISS order, best first
+        new = [np.setdiff1d(f, rows[j]) for j, f in zip(pending, ordered)]
+        if config.aggregate == "mean":  # one column: every validation sample scored on its rows, averaged
+            t["rows_read"] = t.get("rows_read", 0) + int(new[0].size)
+            got = [_score_rows(store, val, new[0], config, device, t).mean(axis=1)]
+        else:
+            got = _score_own_candidates(store, val, pending, new, config, device, t, scorers)
+        later = []
+        for j, f, r, s in zip(pending, ordered, new, got):
+            rows[j], scores[j] = _merge(rows[j], scores[j], r, s)
+            used[j] = f.size
+            if (
+                f.size < c
+                or rows[j].size >= rows_total
+                or not needs_more(scores[j][np.searchsorted(rows[j], f)], scores[j], config.top_k)
+            ):
+                continue  # every row found (FAISS had no more), or the top-k clear of the last candidates
+            if c >= cap:
+                unsettled.append(int(j))
+            else:
+                later.append(j)
+        pending, c = np.asarray(later, np.int64), min(cap, 2 * c)
+    t["candidates"] = used
+    t["unsettled"] = sorted(unsettled)
+    return _best(config.top_k, rows, scores)
+
+
+# The adaptive stop (docs/prefilter.md "Adaptive candidates"): a column's candidates are doubled while more than
+# TAIL_SHARE of its exact top-k sits in the last TAIL_FRACTION of its candidates (FAISS order); GROWTH x the first
+# count is the default most.
+TAIL_FRACTION = 0.25
+TAIL_SHARE = 0.04
+GROWTH = 8
+
+
+def candidate_range(
+    rows: int, config: QueryConfig, candidates: int | None = None, max_candidates: int | None = None
+) -> tuple[int, int]:
+    """``(first, most)`` candidates per validation sample for a store of ``rows`` rows."""
+    first = candidates or config.candidates or default_candidates(rows, config.top_k)
+    most = max_candidates or config.max_candidates or GROWTH * first
+    return min(rows, first, most), min(rows, max(most, 1))
+
+
+def needs_more(in_order: np.ndarray, scored: np.ndarray, k: int) -> bool:
+    """Whether a column's candidates should double: the exact scores ``in_order`` of its current candidates in
+    FAISS order (best first) put more than ``TAIL_SHARE * k`` of the top-k of all its scored rows (``scored``)
+    into the last ``TAIL_FRACTION`` of them. The top-k reaching that deep says the rows FAISS ranks next are
+    likely to hold more of it (a heuristic, not a bound: docs/prefilter.md measures what it misses)."""
+    if scored.size < k or in_order.size == 0:
+        return False
+    kth = np.partition(scored, scored.size - k)[scored.size - k]
+    tail = in_order[int(in_order.size * (1 - TAIL_FRACTION)) :]
+    return int((tail >= kth).sum()) > TAIL_SHARE * k
+
+
+def _merge(rows: np.ndarray, scores: np.ndarray, new_rows: np.ndarray, new_scores: np.ndarray):
+    """Scored rows (increasing) and their scores, with ``new_rows`` (increasing, disjoint) added."""
+    if not rows.size:
+        return new_rows, np.asarray(new_scores, np.float64)
+    merged = np.concatenate([rows, new_rows])
+    order = np.argsort(merged, kind="stable")
+    return merged[order], np.concatenate([scores, new_scores])[order]
 
 
 def _best(k: int, rows: list[np.ndarray], scores: list[np.ndarray]) -> TopK:
@@ -149,11 +229,19 @@ def _best(k: int, rows: list[np.ndarray], scores: list[np.ndarray]) -> TopK:
 
 
 def _score_own_candidates(
-    store: Store, val: ValidationSet, found: np.ndarray, config: QueryConfig, device, timings: dict
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Exact scores of each validation sample on its own candidate rows (``found[j]``), reading the union of all
-    samples' candidates once: in sorted row order (storage order, fragment after fragment), ``read_rows`` rows per
-    ``take`` of the scoring columns only, read and decoded a block ahead of the scoring.
+    store: Store,
+    val: ValidationSet,
+    columns: np.ndarray,
+    own: list[np.ndarray],
+    config: QueryConfig,
+    device,
+    timings: dict,
+    scorers: dict,
+) -> list[np.ndarray]:
+    """Exact scores of validation samples ``columns[i]`` on their own rows ``own[i]`` (increasing), reading the
+    union of all their rows once: in sorted row order (storage order, fragment after fragment), ``read_rows``
+    rows per ``take`` of the scoring columns only, read and decoded a block ahead of the scoring. ``scorers``
+    keeps each sample's scorer across calls (the rounds of adaptive candidates).
 
     A sample's scores are those a query of that sample alone returns: the same rows, scored by the same scorer.
     """
@@ -162,14 +250,9 @@ def _score_own_candidates(
     from forvalue.engine.scan import read_ahead
     from forvalue.engine.scorer import ExactScorer
 
-    own = []
-    for j in range(found.shape[0]):
-        r = np.unique(found[j])
-        own.append(r[r >= 0])
     union = np.unique(np.concatenate(own)) if own else np.zeros(0, np.int64)
     timings["rows_read"] = timings.get("rows_read", 0) + int(union.size)
     scores = [np.empty(r.size, np.float64) for r in own]
-    scorers: dict[int, ExactScorer] = {}
     chunks = [union[i : i + config.read_rows] for i in range(0, union.size, config.read_rows)]
 
     def tables():
@@ -185,7 +268,7 @@ def _score_own_candidates(
             t0 = time.perf_counter()
             timings["read_wait"] = timings.get("read_wait", 0.0) + t0 - t_wait
             offsets = np.concatenate([[0], np.cumsum(block.lengths)])
-            for j, r in enumerate(own):
+            for i, (j, r) in enumerate(zip(columns.tolist(), own)):
                 a, b = np.searchsorted(r, chunk[0]), np.searchsorted(r, chunk[-1], side="right")
                 if a == b:
                     continue
@@ -193,10 +276,10 @@ def _score_own_candidates(
                     scorers[j] = ExactScorer(val.subset([j]), device)
                 pos = np.searchsorted(chunk, r[a:b])
                 sub = block if pos.size == chunk.size else _rows_of(block, pos, offsets)
-                scores[j][a:b] = scorers[j].score(sub)[:, 0]
+                scores[i][a:b] = scorers[j].score(sub)[:, 0]
             t_wait = time.perf_counter()
             timings["score"] += t_wait - t0
-    return own, scores
+    return scores
 
 
 def _rows_of(block: TrainBlock, pos: np.ndarray, offsets: np.ndarray) -> TrainBlock:
