@@ -57,6 +57,33 @@ def sketch_exact_search(store: Store, val: ValidationSet, c: int, block_rows: in
     return np.take_along_axis(best_r, np.argsort(-best_s, axis=1, kind="stable"), 1)
 
 
+def take_floor(path: Path, n: int, out: Path | None) -> int:
+    """What reading ``n`` candidate rows costs at best: one sorted ``take`` of the scoring columns, cold and again
+    warm (the same rows, now in the page cache), and warm with the two scalar columns left out."""
+    from forvalue.schemas.tables import SCORING_COLUMNS
+
+    store = Store.open(path)
+    rng = np.random.default_rng(0)
+    lists = [c for c in SCORING_COLUMNS if c not in ("n_scored", "sq_norm")]
+    lines = [
+        f"Store `{path}`: {store.count()} rows; {n} random rows per read, sorted, one `take`.",
+        "",
+        "| read | cold ms | warm ms | warm, list columns only ms | MB |",
+        "|---|---|---|---|---|",
+    ]
+    for rep in range(4):
+        rows = np.sort(rng.choice(store.count(), n, replace=False)).tolist()
+        times, sizes = [], []
+        for columns in (SCORING_COLUMNS, SCORING_COLUMNS, lists):
+            t0 = time.perf_counter()
+            sizes.append(store.take(rows, columns).nbytes / 1e6)
+            times.append(1000 * (time.perf_counter() - t0))
+        lines.append(f"| {rep + 1} | {times[0]:.0f} | {times[1]:.0f} | {times[2]:.0f} | {sizes[0]:.1f} |")
+        print(lines[-1], flush=True)
+    emit("\n".join(lines) + "\n", out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_prefilter", description=__doc__.split("\n")[0])
     p.add_argument("--store", type=Path, required=True)
@@ -104,8 +131,16 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also the recall of an exact search of the sketch column (no IVF, no 8-bit codes): the index's share",
     )
+    p.add_argument(
+        "--take-floor",
+        type=int,
+        default=0,
+        help="only time the read of this many random rows' scoring columns, cold then warm (page cache), 4 times",
+    )
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
+    if a.take_floor:
+        return take_floor(a.store, a.take_floor, a.out)
     if a.exact_only and not a.exact_cache:
         p.error("--exact-only needs --exact-cache")
     import torch

@@ -4,7 +4,8 @@
 
 One pass over a synthetic store (``tools/make_synthetic_store.py``, its ``validation.npz``) scores
 every row exactly against every validation sample (the ground truth) and, for every sketch shape
-``RxC`` (vocabulary buckets x hidden columns, fitted basis, one block), the sketch inner product
+``RxC`` (vocabulary buckets x hidden columns, fitted basis, one block; ``RxChH``: H buckets for the H
+heaviest vocabulary ids; ``vocabxC``: no count-sketch, see :func:`parse_spec`), the sketch inner product
 ``<z(G_v), z(G_i)>`` of every row: what a ``Flat`` FAISS index returns, so the figures are the
 sketch's own recall, free of IVF loss. Nothing is written to the store. Per shape and candidate
 count ``C``: Recall@k of the top-``C`` by sketch against the exact top-k (mean, median, min over
@@ -29,7 +30,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from forvalue.engine.prefilter import needs_more
 from forvalue.engine.ranking import TopK
 from forvalue.engine.scan import scan_blocks
 from forvalue.engine.scorer import BlockedScorer
@@ -41,19 +44,74 @@ from tools.common import emit
 
 
 def parse_spec(text: str, vocab: int, d: int) -> SketchSpec:
-    """``RxC`` (one count-sketch block) or ``RxCxT`` (``T`` independent blocks, D = T R C)."""
-    r, c, *t = (int(x) for x in text.split("x"))
-    return SketchSpec(r * c * (t[0] if t else 1), r, c, 0, vocab, d, "fitted")
+    """``RxC`` (one count-sketch block) or ``RxCxT`` (``T`` independent blocks, D = T R C); ``RxChH``: ``H`` of
+    the ``R`` buckets kept for the ``H`` vocabulary ids of most error mass (see :func:`heavy_sketcher`);
+    ``vocabxC``: no count-sketch at all (every vocabulary id its own bucket: the collision-free limit, scored
+    sparse, D = |V| C)."""
+    shape, _, heavy = text.partition("h")
+    r, c, *t = shape.split("x")
+    r = vocab if r == "vocab" else int(r)
+    c = int(c)
+    return SketchSpec(r * c * (int(t[0]) if t else 1), r, c, 0, vocab, d, "fitted")
 
 
-def fit_hidden(store: Store, tokens: int) -> np.ndarray:
+def fit_tokens(store: Store, tokens: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hidden states, error ids and values of the first ``tokens`` stored tokens (what a build fits on)."""
     parts, n = [], 0
     for _first, _batch, block in scan_blocks(store, 2048):
-        parts.append(block.hidden)
+        parts.append((block.hidden, block.ids, block.values))
         n += block.hidden.shape[0]
         if n >= tokens:
             break
-    return np.concatenate(parts)[:tokens]
+    return tuple(np.concatenate(x)[:tokens] for x in zip(*parts))
+
+
+def fit_hidden(store: Store, tokens: int) -> np.ndarray:
+    return fit_tokens(store, tokens)[0]
+
+
+def heavy_sketcher(spec: SketchSpec, basis: np.ndarray, fit: tuple, heavy: int) -> Sketcher:
+    """A one-block sketch whose first ``heavy`` buckets each hold one of the ``heavy`` vocabulary ids with the most
+    error mass along the basis' first direction on the fitted tokens (``sum |value * <h, U_0>|``), sign +1; every
+    other id is count-sketched into the other ``R - heavy`` buckets. (A bench lever, not a product sketch.)"""
+    if spec.blocks != 1 or not 0 < heavy < spec.vocab_buckets:
+        raise SystemExit(f"h{heavy}: needs one block and fewer heavy ids than the {spec.vocab_buckets} buckets")
+    hidden, ids, values = fit
+    mass = np.bincount(ids.ravel(), weights=np.abs(values * (hidden @ basis[:, :1])).ravel(), minlength=spec.vocab_size)
+    top = np.argsort(-mass, kind="stable")[:heavy]
+    rng = np.random.default_rng([spec.seed, 3])
+    bucket = rng.integers(heavy, spec.vocab_buckets, size=spec.vocab_size)
+    sign = rng.integers(0, 2, size=spec.vocab_size).astype(np.float32) * 2 - 1
+    bucket[top], sign[top] = np.arange(heavy), 1.0
+    sk = Sketcher(spec, basis=basis)
+    table = np.zeros((spec.vocab_size, spec.vocab_buckets), np.float32)
+    table[np.arange(spec.vocab_size), bucket] = sign
+    sk.table = torch.from_numpy(table)
+    return sk
+
+
+class VocabExact:
+    """``<G_v U, G_i U>`` with every vocabulary id its own bucket (no count-sketch): scored sparse, per stored row."""
+
+    def __init__(self, spec: SketchSpec, basis: np.ndarray, val) -> None:
+        self.basis, self.vocab = basis, spec.vocab_size
+        self.val = self._rows(val.hidden, val.ids, val.values, val.lengths).to_dense().T.contiguous()
+
+    def _rows(self, hidden, ids, values, lengths):
+        proj = hidden @ self.basis  # (tokens, C)
+        row = np.repeat(np.repeat(np.arange(lengths.size), lengths), ids.shape[1])
+        cols, vals = [], []
+        for j in range(proj.shape[1]):
+            cols.append(ids.ravel().astype(np.int64) + j * self.vocab)
+            vals.append((values * proj[:, j : j + 1]).ravel())
+        index = torch.from_numpy(np.stack([np.tile(row, proj.shape[1]), np.concatenate(cols)]))
+        shape = (lengths.size, self.vocab * proj.shape[1])
+        return torch.sparse_coo_tensor(
+            index, torch.from_numpy(np.concatenate(vals).astype(np.float32)), shape, check_invariants=False
+        )
+
+    def scores(self, block) -> np.ndarray:
+        return torch.sparse.mm(self._rows(block.hidden, block.ids, block.values, block.lengths), self.val).numpy()
 
 
 def recall_at(order_rank: np.ndarray, k: int, c: int) -> float:
@@ -61,17 +119,22 @@ def recall_at(order_rank: np.ndarray, k: int, c: int) -> float:
     return float((order_rank < c).sum()) / k
 
 
-def adaptive(sk: np.ndarray, ex: np.ndarray, k: int, start: int, z: float, cmax: int) -> tuple[set, int]:
-    """Heuristic adaptive candidate count for one validation sample (sketch scores ``sk``, exact ``ex``)."""
+def adaptive(sk: np.ndarray, ex: np.ndarray, k: int, start: int, z: str, cmax: int) -> tuple[set, int]:
+    """Adaptive candidate count for one validation sample (sketch scores ``sk``, exact ``ex``): ``z = "tail"`` is
+    the product's rule (:func:`forvalue.engine.prefilter.needs_more`), a number the linear-fit rule."""
     order = np.argsort(-sk, kind="stable")[:cmax]
     c = start
     while True:
         scored = order[:c]
         x, y = sk[scored], ex[scored]
-        b, a = np.polyfit(x, y, 1)
-        sigma = float(np.std(y - (a + b * x)))
-        kth = float(np.partition(y, -k)[-k])
-        if c >= cmax or a + b * sk[order[c]] + z * sigma < kth:
+        if z == "tail":
+            stop = not needs_more(y, y, k)
+        else:
+            b, a = np.polyfit(x, y, 1)
+            sigma = float(np.std(y - (a + b * x)))
+            kth = float(np.partition(y, -k)[-k])
+            stop = a + b * sk[order[c]] + float(z) * sigma < kth
+        if c >= cmax or stop:
             break
         c = min(cmax, 2 * c)
     top = scored[np.argsort(-ex[scored], kind="stable")[:k]]
@@ -88,12 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--n-val", type=int, default=100)
     p.add_argument("--two-stage", default="", help="comma list of SPEC1:SPEC2:C1:C2 (stage-2 rerank)")
-    p.add_argument("--adaptive", default="", help="comma list of SPEC:Z (heuristic adaptive stop)")
+    p.add_argument(
+        "--adaptive",
+        default="",
+        help="comma list of SPEC:Z (linear-fit stop, Z residual deviations) or SPEC:tail (the product's rule)",
+    )
     p.add_argument("--adaptive-start", type=int, default=500)
     p.add_argument("--adaptive-max", type=int, default=20000)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
-    import torch
 
     store = Store.open(a.store)
     man = store.manifest
@@ -107,10 +173,15 @@ def main(argv: list[str] | None = None) -> int:
             specs.setdefault(s, parse_spec(s, man.vocab_size, man.hidden_size))
 
     t0 = time.perf_counter()
-    fit = fit_hidden(store, BASIS_FIT_TOKENS)
-    sketchers, zval = {}, {}
+    fit = fit_tokens(store, BASIS_FIT_TOKENS)
+    sketchers, zval, sparse = {}, {}, {}
     for name, spec in specs.items():
-        sketchers[name] = Sketcher(spec, basis=fit_basis(fit, spec.hidden_cols))
+        basis = fit_basis(fit[0], spec.hidden_cols)
+        if name.startswith("vocab"):
+            sparse[name] = VocabExact(spec, basis, val)
+            continue
+        heavy = int(name.partition("h")[2] or 0)
+        sketchers[name] = heavy_sketcher(spec, basis, fit, heavy) if heavy else Sketcher(spec, basis=basis)
         zval[name] = torch.from_numpy(sketchers[name].sketch(val.hidden, val.ids, val.values, val.lengths))
     del fit
     exact = np.empty((n_rows, n_val), np.float32)
@@ -125,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, sk in sketchers.items():
             z = torch.from_numpy(sk.sketch(block.hidden, block.ids, block.values, block.lengths))
             approx[name][first : first + n] = (z @ zval[name].T).numpy()
+        for name, exact_vocab in sparse.items():
+            approx[name][first : first + n] = exact_vocab.scores(block)
         t_exact += t2 - t1
         t_sketch += time.perf_counter() - t2
     top = TopK(k, n_val)
@@ -194,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             name, z = item.split(":")
             rec, used = [], []
             for j in range(n_val):
-                got, c = adaptive(approx[name][:, j], exact[:, j], k, a.adaptive_start, float(z), a.adaptive_max)
+                got, c = adaptive(approx[name][:, j], exact[:, j], k, a.adaptive_start, z, a.adaptive_max)
                 rec.append(len(got & set(true_rows[j].tolist())) / k)
                 used.append(c)
             rec, used = np.array(rec), np.array(used)
