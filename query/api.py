@@ -255,9 +255,9 @@ def run_query(
 
 
 def _top_table(store: Store, top: TopK, samples: list[Sample], config: QueryConfig) -> pa.Table:
-    scores, rows = top.result()
+    scores, rows = top.result()  # rows -1: padding of a prefiltered column with fewer rows than the others
     columns = ["id", "label"] + (["prompt", "response", "text"] if config.include_text else [])
-    unique_rows = np.unique(rows)
+    unique_rows = np.unique(rows[rows >= 0])
     fetched = store.take(unique_rows.tolist(), columns).to_pylist()
     by_row = dict(zip(unique_rows.tolist(), fetched))
     val_ids = ["mean"] if config.aggregate == "mean" else [s.id for s in samples]
@@ -268,7 +268,7 @@ def _top_table(store: Store, top: TopK, samples: list[Sample], config: QueryConf
     if config.include_text:
         out["train_text"] = []
     for col, (vid, vlabel) in enumerate(zip(val_ids, val_labels)):
-        for rank, (row, score) in enumerate(zip(rows[col], scores[col]), start=1):
+        for rank, (row, score) in enumerate(zip(rows[col][rows[col] >= 0], scores[col][rows[col] >= 0]), start=1):
             rec = by_row[int(row)]
             out["validation_id"].append(vid)
             out["validation_label"].append(vlabel)

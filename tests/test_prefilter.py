@@ -683,3 +683,79 @@ def test_ray_engine_refuses_prefilter_settings_before_any_work(tmp_path, name):
             tmp_path / "no-store", [tmp_path / "no.jsonl"], QueryConfig(**{name: 5}), engine=EngineConfig(engine="ray")
         )
     assert not (tmp_path / "no-store").exists()
+
+
+def _encoded_val(tmp, store, tiny_runner):
+    from forvalue.engine.validation import encode_validation, load_validation_samples
+    from forvalue.schemas.config import DataConfig
+
+    return encode_validation(
+        tiny_runner, load_validation_samples([tmp / "val.jsonl"], DataConfig()), store.manifest, DataConfig(), 8
+    )
+
+
+def test_adaptive_candidates_grow_to_the_top_k_when_fewer_were_asked(sketched_store, tiny_runner):
+    """--candidates below --top-k: the candidates may double (default most 8 x), so every sample gets its k rows,
+    the exact top-k of the rows it scored; a fixed count below k cannot, and names the samples whose top-k it
+    could not fill (it silently returned fewer than k rows and no warning)."""
+    import forvalue.engine.prefilter as qp
+
+    tmp, train, _ = sketched_store
+    store = Store.open(tmp / "store")
+    val = _encoded_val(tmp, store, tiny_runner)
+    k = 5
+    t: dict = {}
+    scores, rows = qp.prefilter_topk(
+        store, val, QueryConfig(top_k=k, progress=False, candidates=2), "cpu", timings=t
+    ).result()
+    assert rows.shape == (len(val), k) and (rows >= 0).all() and min(t["candidates"]) >= k
+    fixed: dict = {}
+    cfg = QueryConfig(top_k=k, progress=False, candidates=2, max_candidates=2)
+    _, rows = qp.prefilter_topk(store, val, cfg, "cpu", timings=fixed).result()
+    assert rows.shape == (len(val), 2) and fixed["unsettled"] == list(range(len(val)))
+
+
+class _ShortLists:
+    """A FAISS index that, like an IVF index whose probed lists hold few rows, returns only 2 rows (then -1
+    padding) for one query."""
+
+    def __init__(self, index, short):
+        self.index, self.short = index, short
+
+    def search(self, queries, k, nprobe=None):
+        d, r = self.index.search(queries, k, nprobe)
+        for i, q in enumerate(queries):
+            if np.array_equal(q, self.short):
+                d[i, 2:], r[i, 2:] = -np.inf, -1
+        return d, r
+
+    def to_gpu(self):
+        pass
+
+
+def test_a_sample_faiss_returns_few_rows_for_neither_truncates_the_others_nor_passes_as_settled(
+    sketched_store, tiny_runner, monkeypatch
+):
+    """FAISS padding (-1) for one validation sample (an IVF index's probed lists run out) cut every sample of the
+    batch to that sample's row count (a batch result then differs from the sample alone), and that sample was taken
+    as 'every row found': no more candidates and not named unsettled, though the store holds more rows."""
+    import forvalue.engine.prefilter as qp
+
+    tmp, train, test = sketched_store
+    store = Store.open(tmp / "store")
+    val = _encoded_val(tmp, store, tiny_runner)
+    spec = SketchSpec.from_manifest(store.manifest)
+    short = qp.validation_sketches(val, spec, basis=load_basis(store.path))[0]
+    index = _ShortLists(faiss_index.ensure(store), short)
+    k = 4
+    cfg = QueryConfig(top_k=k, progress=False, candidates=8)
+    t: dict = {}
+    scores, rows = qp.prefilter_topk(store, val, cfg, "cpu", index=index, timings=t).result()
+    assert t["unsettled"] == [0] and (rows[0, :2] >= 0).all() and (rows[0, 2:] < 0).all()
+    for j in range(1, len(val)):
+        s1, r1 = qp.prefilter_topk(store, val.subset([j]), cfg, "cpu", index=index).result()
+        assert r1[0].tolist() == rows[j].tolist() and len(r1[0]) == k
+    monkeypatch.setattr(qp.faiss_index, "ensure", lambda store, **kw: index)
+    res = run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner)
+    counts = [sum(r["validation_id"] == s["id"] for r in res.top.to_pylist()) for s in test]
+    assert counts == [2] + [k] * (len(test) - 1) and res.unsettled == [test[0]["id"]]

@@ -161,13 +161,14 @@ def prefilter_topk(
         for j, f, r, s in zip(pending, ordered, new, got):
             rows[j], scores[j] = _merge(rows[j], scores[j], r, s)
             used[j] = f.size
-            if (
-                f.size < c
-                or rows[j].size >= rows_total
-                or not needs_more(scores[j][np.searchsorted(rows[j], f)], scores[j], config.top_k)
-            ):
-                continue  # every row found (FAISS had no more), or the top-k clear of the last candidates
-            if c >= cap:
+            if rows[j].size >= rows_total:
+                continue  # every row scored
+            short = rows[j].size < config.top_k  # fewer rows scored than the top-k holds: more are needed
+            if not short and not needs_more(scores[j][np.searchsorted(rows[j], f)], scores[j], config.top_k):
+                continue  # the top-k clear of the last candidates
+            if f.size < c or c >= cap:
+                # at the most, or FAISS gave fewer rows than asked though the store holds more (an IVF index's
+                # probed lists ran out: a deeper search finds no more): the top-k may miss rows
                 unsettled.append(int(j))
             else:
                 later.append(j)
@@ -216,14 +217,17 @@ def _merge(rows: np.ndarray, scores: np.ndarray, new_rows: np.ndarray, new_score
 
 
 def _best(k: int, rows: list[np.ndarray], scores: list[np.ndarray]) -> TopK:
-    """A :class:`TopK` holding, per column, the ``k`` best of its ``rows`` by ``scores`` (ties: lower row first)."""
+    """A :class:`TopK` holding, per column, the ``k`` best of its ``rows`` by ``scores`` (ties: lower row first).
+
+    A column with fewer rows than the others is padded with row -1 (score -inf), never the others cut to it:
+    each column's result is the one it gets alone."""
     top = TopK(k, len(rows))
-    width = min([k] + [r.size for r in rows]) if rows else 0
+    width = min(k, max(r.size for r in rows)) if rows else 0
     best_s = np.full((len(rows), width), -np.inf)
-    best_r = np.zeros((len(rows), width), np.int64)
+    best_r = np.full((len(rows), width), -1, np.int64)
     for j, (r, s) in enumerate(zip(rows, scores)):
         order = np.lexsort((r, -s))[:width]
-        best_s[j], best_r[j] = s[order], r[order]
+        best_s[j, : order.size], best_r[j, : order.size] = s[order], r[order]
     top.scores, top.rows = best_s, best_r
     return top
 
