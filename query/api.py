@@ -197,12 +197,13 @@ def run_query(
     n_cols = 1 if config.aggregate == "mean" else len(val)
     col_names = ["mean"] if config.aggregate == "mean" else [s.id for s in samples]
     top = TopK(config.top_k, n_cols)
-    writer = ScoreWriter(all_scores_path, col_names) if all_scores_path else None
     kept_scores, kept_ids = [], []
     total = store.count()
     from forvalue.engine.prefilter import prefilter_topk, use_prefilter
 
     prefiltered = not on_ray and use_prefilter(store, config, full_scores=keep_scores or all_scores_path is not None)
+    # opened once the query is known to run (a refusal above leaves no temporary file or folder behind)
+    writer = ScoreWriter(all_scores_path, col_names) if all_scores_path else None
     timings: dict = {}
     if prefiltered:  # FAISS candidates + exact rerank (forvalue.engine.prefilter, docs/prefilter.md)
         top = prefilter_topk(store, val, config, runner.device, timings=timings)

@@ -759,3 +759,22 @@ def test_a_sample_faiss_returns_few_rows_for_neither_truncates_the_others_nor_pa
     res = run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner)
     counts = [sum(r["validation_id"] == s["id"] for r in res.top.to_pylist()) for s in test]
     assert counts == [2] + [k] * (len(test) - 1) and res.unsettled == [test[0]["id"]]
+
+
+@pytest.mark.parametrize("name", ["candidates", "max_candidates"])
+def test_a_prefilter_setting_refused_with_all_scores_leaves_nothing_behind(sketched_store, tiny_runner, tmp_path, name):
+    """--max-candidates (or --candidates) with --all-scores is refused, but the score file's writer was opened
+    first: its folder and a '.s.parquet.<pid>.<hex>.tmp' file stayed behind."""
+    from forvalue.schemas.errors import ForValueError
+
+    tmp, _, _ = sketched_store
+    out = tmp_path / "out"
+    with pytest.raises(ForValueError, match="--all-scores"):
+        run_query(
+            tmp / "store",
+            [tmp / "val.jsonl"],
+            QueryConfig(progress=False, **{name: 5}),
+            runner=tiny_runner,
+            all_scores_path=out / "s.parquet",
+        )
+    assert not out.exists() or not any(out.iterdir())
