@@ -62,7 +62,10 @@ class QueryResult:
     prefiltered : bool
         Whether FAISS candidates were reranked (docs/prefilter.md) rather than every row scored.
     rows_read : int or None
-        Prefiltered: the distinct candidate rows read, once for all validation samples together.
+        Prefiltered: the candidate rows read, each adaptive round's union once for all validation samples
+        together (a row a later round asks for again, for another sample, is read again).
+    rows_reranked : int or None
+        Prefiltered: the distinct candidate rows scored exactly, for any validation sample (at most ``n_train``).
     candidates : list of int or None
         Prefiltered: the candidates each validation sample (or the mean) ended with (adaptive, docs/prefilter.md).
     unsettled : list of str or None
@@ -84,6 +87,7 @@ class QueryResult:
     train_ids: list[str] | None = None
     prefiltered: bool = False
     rows_read: int | None = None
+    rows_reranked: int | None = None
     candidates: list[int] | None = None
     unsettled: list[str] | None = None
     config: QueryConfig | None = None
@@ -248,6 +252,7 @@ def run_query(
         train_ids=kept_ids if keep_scores else None,
         prefiltered=prefiltered,
         rows_read=timings.get("rows_read") if prefiltered else None,
+        rows_reranked=timings.get("rows_reranked") if prefiltered else None,
         candidates=[int(c) for c in timings["candidates"]] if prefiltered else None,
         unsettled=[col_names[j] for j in timings["unsettled"]] if prefiltered else None,
         config=config,

@@ -778,3 +778,21 @@ def test_a_prefilter_setting_refused_with_all_scores_leaves_nothing_behind(sketc
             all_scores_path=out / "s.parquet",
         )
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_cli_summary_never_reranks_more_rows_than_the_store_holds(sketched_store, tiny_model_dir):
+    """The adaptive rounds read each round's union once, so a row read for one sample in round 1 and for another in
+    round 2 counted twice: 'reranked 105 FAISS candidate rows of 60 (read once for all ...)' on a 60-row store."""
+    import re
+
+    from click.testing import CliRunner
+
+    from forvalue.cli import main
+
+    tmp, train, _ = sketched_store
+    args = ["query", "--store", str(tmp / "store"), "-v", str(tmp / "val.jsonl"), "--top-k", "5", "--quiet"]
+    args += ["--model", str(tiny_model_dir), "--device", "cpu", "--candidates", "8", "-o", str(tmp / "top8.jsonl")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    reranked, total = map(int, re.search(r"reranked (\d+) FAISS candidate rows of (\d+)", res.stderr).groups())
+    assert total == len(train) and reranked <= total

@@ -69,8 +69,8 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
         click.echo(_unsettled_warning(result), err=True)
     if output:
         scored = (
-            f"reranked {result.rows_read} FAISS candidate rows of {result.n_train} (read once for all; "
-            f"{_candidate_counts(result.candidates)})"
+            f"reranked {result.rows_reranked} FAISS candidate rows of {result.n_train} ({result.rows_read} rows "
+            f"read, each round's union read once for all; {_candidate_counts(result.candidates)})"
             if result.prefiltered
             else f"scored {result.n_train} training samples"
         )
@@ -94,9 +94,13 @@ def _unsettled_warning(result) -> str:
         f" and {len(result.unsettled) - 5} more" if len(result.unsettled) > 5 else ""
     )
     most = result.config.max_candidates if result.config and result.config.max_candidates else max(result.candidates)
+    who = f"{len(result.unsettled)} validation sample(s) ({names})"
+    if result.config.aggregate == "mean":
+        who = "the mean of the validation samples"
     return (
-        f"warning: {len(result.unsettled)} validation sample(s) ({names}) still had top-{result.config.top_k} rows in "
-        f"their last candidates at {most} candidates: their top-k may miss rows; raise --max-candidates or use --exact"
+        f"warning: {who} still had top-{result.config.top_k} rows in their last candidates at {most} candidates, "
+        "or fewer candidates than that (FAISS found no more, or fewer than the top-k): their top-k may miss rows; "
+        "raise --max-candidates or use --exact"
     )
 
 

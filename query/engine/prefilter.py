@@ -113,9 +113,11 @@ def prefilter_topk(
         An already loaded, up-to-date index (else :func:`forvalue.storage.faiss_index.ensure`).
     timings : dict, optional
         Filled with seconds spent in ``sketch``, ``search``, ``read`` (``take`` calls, in a reading thread),
-        ``read_wait`` (the scoring waiting for a read) and ``score``; ``rows_read``, the distinct rows read (each
-        round's union once); ``candidates``, the count each column ended with; ``unsettled``, the columns whose
-        test still asked for more at ``max_candidates``.
+        ``read_wait`` (the scoring waiting for a read) and ``score``; ``rows_read``, the rows read (each round's
+        union once: a row read in one round can be read again in a later one for another column);
+        ``rows_reranked``, the distinct rows scored for any column; ``candidates``, the count each column ended
+        with; ``unsettled``, the columns whose test still asked for more at ``max_candidates`` (or for which FAISS
+        found fewer rows than asked).
     max_candidates : int, optional
         The most candidates a column may reach (default ``config.max_candidates``, else
         :data:`GROWTH` x the first count); the first count: a fixed count.
@@ -175,6 +177,7 @@ def prefilter_topk(
         pending, c = np.asarray(later, np.int64), min(cap, 2 * c)
     t["candidates"] = used
     t["unsettled"] = sorted(unsettled)
+    t["rows_reranked"] = int(np.unique(np.concatenate(rows)).size) if rows else 0
     return _best(config.top_k, rows, scores)
 
 
