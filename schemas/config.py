@@ -485,6 +485,10 @@ class QueryConfig(ScanConfig):
     exact: bool = setting(False, "Score every stored sample (full scan), never the prefilter.")
 
     def __post_init__(self) -> None:
+        for name in ("candidates", "max_candidates"):  # FAISS takes a whole count (2.5 failed there, after the model)
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise ConfigError(name, f"must be a whole number, got {value!r}")
         _check(self)
         self._check_variant()
         for name in ("candidates", "max_candidates"):

@@ -664,6 +664,12 @@ def test_adaptive_candidates_batch_equals_alone_exact_scores_and_names_the_unset
         ({"candidates": 10, "max_candidates": 9}, "--max-candidates (9) is below --candidates (10)"),
         ({"max_candidates": 9, "exact": True}, "--max-candidates and --exact"),
         ({"max_candidates": 0}, "max_candidates: must be >= 1"),
+        # through the API, not whole numbers: 2.5 was kept and failed in FAISS (a TypeError after the model ran),
+        # True passed as 1, "5" raised a TypeError
+        ({"candidates": 2, "max_candidates": 2.5}, "max_candidates: must be a whole number, got 2.5"),
+        ({"max_candidates": True}, "max_candidates: must be a whole number, got True"),
+        ({"max_candidates": "5"}, "max_candidates: must be a whole number, got '5'"),
+        ({"candidates": 1.5}, "candidates: must be a whole number, got 1.5"),
     ],
 )
 def test_max_candidates_refuses_what_cannot_hold(kwargs, flag):
