@@ -57,6 +57,19 @@ def sketch_exact_search(store: Store, val: ValidationSet, c: int, block_rows: in
     return np.take_along_axis(best_r, np.argsort(-best_s, axis=1, kind="stable"), 1)
 
 
+def true_topk_scores(store: Store, one: ValidationSet, rows: np.ndarray) -> np.ndarray:
+    """Exact scores of one validation sample on the given rows (its exact top-k), decreasing."""
+    import torch
+
+    from forvalue.engine.scorer import ExactScorer, decode_block
+    from forvalue.engine.variant import for_scoring
+    from forvalue.schemas.tables import SCORING_COLUMNS
+
+    ordered = np.sort(np.asarray(rows, np.int64))
+    block = for_scoring(decode_block(store.take(ordered.tolist(), SCORING_COLUMNS), store.manifest.stored_width), one)
+    return np.sort(ExactScorer(one, torch.device("cpu")).score(block)[:, 0])[::-1]
+
+
 def take_floor(path: Path, n: int, out: Path | None) -> int:
     """What reading ``n`` candidate rows costs at best: one sorted ``take`` of the scoring columns, cold and again
     warm (the same rows, now in the page cache), and warm with the two scalar columns left out."""
@@ -202,17 +215,18 @@ def main(argv: list[str] | None = None) -> int:
     k = a.top_k
     table = [
         f"| candidates | most | % of store | nprobe | Recall@{k} mean / median / min | candidates used mean / median / "
-        "max | unsettled | latency p50 ms | p95 ms | sketch+search ms | take ms | score ms | waiting for reads ms | "
-        "speedup vs exact (per sample) | vs 1-sample exact |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"max | unsettled | worst returned / true: top-1, {k}-th score | latency p50 ms | p95 ms | sketch+search ms | "
+        "take ms | score ms | waiting for reads ms | speedup vs exact (per sample) | vs 1-sample exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    truth: dict[int, np.ndarray] = {}  # exact scores of each sample's true top-k (read once, outside the timings)
     nprobes = [int(x) for x in a.nprobe.split(",") if x] or [None]
     single_p50 = {}
     settings = [
         (int(c), int(g), nprobe) for c in a.candidates.split(",") for g in a.growth.split(",") for nprobe in nprobes
     ]
     for c, g, nprobe in settings if t_exact is not None else []:
-        lat, rec, used, unsettled = [], [], [], 0
+        lat, rec, used, unsettled, first_ratio, kth_ratio = [], [], [], 0, [], []
         parts = {"sketch": 0.0, "search": 0.0, "read": 0.0, "score": 0.0, "read_wait": 0.0}
         for j in range(len(val)):
             one = val.subset([j])
@@ -221,7 +235,13 @@ def main(argv: list[str] | None = None) -> int:
                 store, one, cfg, dev, candidates=c, index=pre, nprobe=nprobe, timings=parts, max_candidates=g * c
             )
             lat.append(time.perf_counter() - t0)
-            rec.append(len(set(res.result()[1][0].tolist()) & set(exact_rows[j].tolist())) / k)
+            got_s, got_r = res.result()
+            rec.append(len(set(got_r[0].tolist()) & set(exact_rows[j].tolist())) / k)
+            if j not in truth:
+                truth[j] = true_topk_scores(store, one, exact_rows[j])
+            found = got_s[0][got_r[0] >= 0]
+            first_ratio.append(found[0] / truth[j][0])
+            kth_ratio.append(found[min(k, found.size) - 1] / truth[j][min(k, truth[j].size) - 1])
             used.append(int(parts["candidates"][0]))
             unsettled += len(parts["unsettled"])
         n = len(val)
@@ -231,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             f"| {c} | {g * c} | {100 * c / rows:.2f} | {nprobe or pre.meta.get('nprobe') or '-'} | "
             f"{np.mean(rec):.3f} / {np.median(rec):.3f} / {np.min(rec):.3f} | "
             f"{np.mean(used):.0f} / {np.median(used):.0f} / {max(used)} | {unsettled} | "
+            f"{min(first_ratio):.3f}, {min(kth_ratio):.3f} | "
             f"{1000 * p50:.0f} | {1000 * np.percentile(lat, 95):.0f} | "
             f"{1000 * (parts['sketch'] + parts['search']) / n:.0f} | "
             f"{1000 * parts['read'] / n:.0f} | {1000 * parts['score'] / n:.0f} | "

@@ -127,6 +127,8 @@ def adaptive(sk: np.ndarray, ex: np.ndarray, k: int, start: int, z: str, cmax: i
     while True:
         scored = order[:c]
         x, y = sk[scored], ex[scored]
+        if c >= cmax:
+            break
         if z == "tail":
             stop = not needs_more(y, y, k)
         else:
@@ -134,7 +136,7 @@ def adaptive(sk: np.ndarray, ex: np.ndarray, k: int, start: int, z: str, cmax: i
             sigma = float(np.std(y - (a + b * x)))
             kth = float(np.partition(y, -k)[-k])
             stop = a + b * sk[order[c]] + float(z) * sigma < kth
-        if c >= cmax or stop:
+        if stop:
             break
         c = min(cmax, 2 * c)
     top = scored[np.argsort(-ex[scored], kind="stable")[:k]]
