@@ -12,8 +12,6 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
-import numpy as np
-
 from forvalue.indexer.build_steps import (  # noqa: F401  (re-exported: the public names of a build live here)
     BASIS_FIT_TOKENS,
     BuildReport,
@@ -135,8 +133,8 @@ def _flush(store: Store, pending: list[EncodedSample], report: BuildReport) -> N
         return
     spec = SketchSpec.from_manifest(store.manifest)
     rows = stored_encodings(store.path, store.manifest, pending)  # projected in a low-rank store
-    basis = store_basis(store.path, spec, lambda: np.concatenate([e.hidden for e in rows]))
-    sketch = sketch_column(rows, spec, basis) if spec is not None else None
+    basis, heavy = store_basis(store.path, spec, rows)
+    sketch = sketch_column(rows, spec, basis, heavy) if spec is not None else None
     committed = store.append(encoded_to_arrow(rows, store.manifest, sketch))
     report.written += committed
     report.already_stored += len(pending) - committed  # committed meanwhile by another writer (dropped at commit)

@@ -17,14 +17,14 @@ from forvalue.indexer.data import Sample, data_format
 from forvalue.indexer.encoder import EncodedSample
 from forvalue.indexer.images import ImageError
 from forvalue.indexer.low_rank import check_rank, fit_hidden_basis, project_encoded
-from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
+from forvalue.indexer.sketch import SketchSpec, fit_basis, fit_heavy_ids, get_sketcher
 from forvalue.indexer.tokenize import TokenizedSample
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig
 from forvalue.schemas.errors import BadValuesError, ConfigError
 from forvalue.schemas.hidden_codec import resolve_block
 from forvalue.schemas.manifest import Manifest
 from forvalue.schemas.tables import ids_dtype_for
-from forvalue.storage.sketch_basis import load_basis, publish_basis
+from forvalue.storage.sketch_basis import load_basis, load_heavy_ids, publish_basis, publish_heavy_ids
 
 # Hidden states (tokens) used to fit a store's sketch basis: the first ones written.
 BASIS_FIT_TOKENS = 200_000
@@ -102,6 +102,7 @@ def manifest_for(runner, data: DataConfig, encode: EncodeConfig) -> Manifest:
         sketch_hidden_cols=encode.sketch_hidden_cols,
         sketch_seed=encode.sketch_seed,
         sketch_basis=encode.sketch_basis,
+        sketch_heavy_ids=encode.sketch_heavy_ids if encode.sketch_dim else 0,
         hidden_block=hidden_block,
         ids_dtype=ids_dtype_for(runner.vocab_size),
         probs_dtype=encode.probs_dtype,
@@ -184,19 +185,33 @@ def tokenize_counted(sample: Sample, runner, config: BuildConfig, report: BuildR
     return tok
 
 
-def store_basis(store_path, spec: SketchSpec | None, hidden_sample) -> np.ndarray | None:
-    """The fitted sketch basis of a store, fitted and published first if it has none.
+def store_basis(
+    store_path, spec: SketchSpec | None, encoded: list[EncodedSample]
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The fitted sketch basis and heavy ids of a store, each fitted and published first if it has none.
 
-    ``hidden_sample()`` returns hidden states ``(N, d)`` to fit from (the rows about to be
-    written); only called when the store has no basis yet. None for stores without a
-    fitted sketch.
+    ``encoded``: the rows about to be written (as stored), fitted from only when the store has no basis
+    (or no heavy ids) yet; the basis is published before the heavy ids, and both before the first row
+    that uses them. ``(None, None)`` for stores without a fitted sketch; heavy ids None without them.
     """
     if spec is None or spec.basis != "fitted":
-        return None
+        return None, None
     basis = load_basis(store_path)
     if basis is None:
-        basis = publish_basis(store_path, fit_basis(hidden_sample()[:BASIS_FIT_TOKENS], spec.hidden_cols))
-    return basis
+        hidden = np.concatenate([e.hidden for e in encoded])[:BASIS_FIT_TOKENS]
+        basis = publish_basis(store_path, fit_basis(hidden, spec.hidden_cols))
+    if not spec.heavy:
+        return basis, None
+    heavy = load_heavy_ids(store_path)
+    if heavy is None:
+        entries = [e.entries() for e in encoded]
+        tokens = (
+            np.concatenate([e.hidden for e in encoded])[:BASIS_FIT_TOKENS],
+            np.concatenate([i for i, _ in entries])[:BASIS_FIT_TOKENS],
+            np.concatenate([v for _, v in entries])[:BASIS_FIT_TOKENS],
+        )
+        heavy = publish_heavy_ids(store_path, fit_heavy_ids(*tokens, basis, spec.heavy, spec.vocab_size))
+    return basis, heavy
 
 
 def stored_encodings(store_path, manifest: Manifest, encoded: list[EncodedSample]) -> list[EncodedSample]:
@@ -216,11 +231,14 @@ def stored_encodings(store_path, manifest: Manifest, encoded: list[EncodedSample
 
 
 def sketch_column(
-    encoded: list[EncodedSample], spec: SketchSpec, basis: np.ndarray | None = None
+    encoded: list[EncodedSample],
+    spec: SketchSpec,
+    basis: np.ndarray | None = None,
+    heavy_ids: np.ndarray | None = None,
 ) -> pa.FixedSizeListArray:
     """The ``sketch`` column (``forvalue.indexer.sketch``) of a list of encodings."""
     entries = [e.entries() for e in encoded]
-    z = get_sketcher(spec, basis).sketch(
+    z = get_sketcher(spec, basis, heavy_ids=heavy_ids).sketch(
         np.concatenate([e.hidden for e in encoded]),
         np.concatenate([i for i, _ in entries]),
         np.concatenate([v for _, v in entries]),

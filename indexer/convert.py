@@ -40,7 +40,7 @@ from forvalue.schemas.tables import SCHEMA_VERSION, SCORING_COLUMNS, ids_dtype_f
 from forvalue.storage.files import publish_if_absent
 from forvalue.storage.location import RemotePath, check_reachable, check_store_name, store_location
 from forvalue.storage.rows import decode_block
-from forvalue.storage.sketch_basis import load_basis, publish_basis
+from forvalue.storage.sketch_basis import load_basis, load_heavy_ids, publish_basis, publish_heavy_ids
 from forvalue.storage.store import Store, WriterLease, is_empty_folder
 
 CONVERT_FILE = "convert.json"
@@ -238,6 +238,7 @@ def convert_store(
     # leaves no half-made store that would block the corrected re-run
     hidden = _hidden_basis(src, out, manifest)
     source_basis = None if manifest.hidden_rank and not src.manifest.hidden_rank else _source_sketch_basis(src)
+    source_heavy = _source_heavy_ids(src)  # vocabulary ids: the same in a low-rank output
     out.mkdir(parents=True, exist_ok=True)
     with WriterLease.acquire(out, sharded=False):
         # checked while holding the lease: another convert creating this output is its lease error, never
@@ -250,7 +251,8 @@ def convert_store(
             basis = load_basis(out) if source_basis is None else publish_basis(out, source_basis)
         else:
             basis = _fit_sketch_basis(src, out, dst.manifest, projection)
-        sketcher = _sketcher(dst.manifest, basis)
+        heavy = load_heavy_ids(out) if source_heavy is None else publish_heavy_ids(out, source_heavy)
+        sketcher = _sketcher(dst.manifest, basis, heavy)
         done = dst.ids()
         report = ConvertReport(str(source), str(out), rows=src.count(), already_converted=len(done))
         columns = _TEXT_COLUMNS + SCORING_COLUMNS + ["tail_mass"]
@@ -322,7 +324,14 @@ def in_order(fn, items, workers: int):
                 future.cancel()
 
 
-_SKETCH_FIELDS = ("sketch_dim", "sketch_vocab_buckets", "sketch_hidden_cols", "sketch_seed", "sketch_basis")
+_SKETCH_FIELDS = (
+    "sketch_dim",
+    "sketch_vocab_buckets",
+    "sketch_hidden_cols",
+    "sketch_seed",
+    "sketch_basis",
+    "sketch_heavy_ids",
+)
 
 
 def _with_output_sketch(out: Path, target: Manifest) -> Manifest:
@@ -435,11 +444,24 @@ def _source_sketch_basis(src: Store) -> np.ndarray | None:
     return basis
 
 
-def _sketcher(manifest: Manifest, basis):
+def _source_heavy_ids(src: Store) -> np.ndarray | None:
+    """The source sketch's heavy vocabulary ids (None when it has none), copied into the output."""
+    if not src.manifest.sketch_dim or not getattr(src.manifest, "sketch_heavy_ids", 0):
+        return None
+    heavy = load_heavy_ids(src.path)
+    if heavy is None:
+        raise StoreError(
+            f"{src.path}: the store's sketch vocabulary (sketch_vocab.npy) is missing; run 'forvalue index sketch "
+            f"--store {src.path} --rebuild'"
+        )
+    return heavy
+
+
+def _sketcher(manifest: Manifest, basis, heavy_ids=None):
     from forvalue.indexer.sketch import SketchSpec, get_sketcher
 
     spec = SketchSpec.from_manifest(manifest)
-    return None if spec is None else get_sketcher(spec, basis)
+    return None if spec is None else get_sketcher(spec, basis, heavy_ids=heavy_ids)
 
 
 def _bytes_per_token(store: Store) -> float | None:

@@ -172,7 +172,6 @@ class Encoder:
             ``fragments``: list of ``lance.fragment.FragmentMetadata`` (empty when no sample was
             kept), not yet committed; ``counts``: ``rows`` written plus :data:`_ACTOR_COUNTS`.
         """
-        import numpy as np
         from lance.fragment import write_fragments
 
         from forvalue.indexer.build_steps import (
@@ -206,8 +205,8 @@ class Encoder:
         manifest = Manifest.load(store_path / MANIFEST_FILE)
         spec = SketchSpec.from_manifest(manifest)
         encoded = stored_encodings(store_path, manifest, encoded)  # projected in a low-rank store
-        basis = store_basis(store_path, spec, lambda: np.concatenate([e.hidden for e in encoded]))
-        sketch = sketch_column(encoded, spec, basis) if spec is not None else None
+        basis, heavy = store_basis(store_path, spec, encoded)
+        sketch = sketch_column(encoded, spec, basis, heavy) if spec is not None else None
         schema = schema_of(manifest)
         rows = encoded_to_arrow(encoded, manifest, sketch).cast(schema)
         with translate_errors(store_path, "write a fragment of"):
@@ -302,12 +301,13 @@ def _drive(ray, actors: list, inputs: list, store, config: BuildConfig, started:
     from forvalue.indexer.data import iter_samples
     from forvalue.indexer.sketch import SketchSpec
     from forvalue.storage.hidden_basis import published_hidden_basis
-    from forvalue.storage.sketch_basis import load_basis
+    from forvalue.storage.sketch_basis import load_basis, load_heavy_ids
 
     report = BuildReport(store=str(store.path), max_length=config.data.max_length)
     stored = store.ids()
     spec = SketchSpec.from_manifest(store.manifest)
     fit_first = spec is not None and spec.basis == "fitted" and load_basis(store.path) is None
+    fit_first |= spec is not None and bool(spec.heavy) and load_heavy_ids(store.path) is None
     fit_first |= bool(store.manifest.hidden_rank) and published_hidden_basis(store.path, store.manifest) is None
     chunks = _chunks(fresh_samples(iter_samples(inputs, config.data), config, stored, report), config.write_every)
     bar = tqdm(desc=f"indexing ({len(actors)} Ray workers)", unit="sample", disable=not config.progress)

@@ -59,10 +59,19 @@ class SketchSpec:
     vocab_size: int
     hidden_size: int
     basis: str = "gaussian"  # "gaussian" (random P) or "fitted" (a stored basis U, see fit_basis)
+    heavy: int = 0  # vocabulary ids with buckets of their own (a stored list, see fit_heavy_ids)
 
     def __post_init__(self) -> None:
         if self.basis not in ("gaussian", "fitted"):
             raise ForValueError(f"sketch basis must be 'gaussian' or 'fitted', got {self.basis!r}")
+        if self.heavy:
+            if self.basis != "fitted":
+                raise ForValueError("--sketch-heavy-ids needs --sketch-basis fitted (they are fitted with it)")
+            if not 0 < self.heavy < min(self.vocab_buckets, self.vocab_size):
+                raise ForValueError(
+                    f"--sketch-heavy-ids ({self.heavy}) must be below the {self.vocab_buckets} vocabulary buckets "
+                    f"and the {self.vocab_size} vocabulary ids (the other ids share the remaining buckets)"
+                )
         if self.basis == "fitted" and self.hidden_cols > self.hidden_size:
             raise ForValueError(
                 f"--sketch-hidden-cols ({self.hidden_cols}) must be <= the {self.hidden_size} values stored per token "
@@ -91,6 +100,7 @@ class SketchSpec:
             manifest.vocab_size,
             getattr(manifest, "stored_width", manifest.hidden_size),  # R in a low-rank store
             getattr(manifest, "sketch_basis", "gaussian"),
+            getattr(manifest, "sketch_heavy_ids", 0) or 0,
         )
 
 
@@ -103,13 +113,18 @@ class Sketcher:
         device: torch.device | str = "cpu",
         flip_signs: bool = False,
         basis: np.ndarray | None = None,
+        heavy_ids: np.ndarray | None = None,
     ):
         self.spec = spec
         self.device = torch.device(device)
-        T, r, c = spec.blocks, spec.vocab_buckets, spec.hidden_cols
+        T, r, c, H = spec.blocks, spec.vocab_buckets, spec.hidden_cols, spec.heavy
         rng_vocab = np.random.default_rng([spec.seed, 1])
-        buckets = rng_vocab.integers(0, r, size=(spec.vocab_size, T), dtype=np.int64)
+        buckets = rng_vocab.integers(H, r, size=(spec.vocab_size, T), dtype=np.int64)
         signs = rng_vocab.integers(0, 2, size=(spec.vocab_size, T), dtype=np.int8).astype(np.float32) * 2 - 1
+        if H:  # the heavy ids: bucket j of every block is id heavy_ids[j]'s alone, sign +1
+            heavy_ids = _checked_heavy_ids(heavy_ids, spec)
+            buckets[heavy_ids] = np.arange(H)[:, None]
+            signs[heavy_ids] = 1.0
         if flip_signs:  # a deliberately wrong sketch (tests): query-side signs that disagree with the store's
             signs = -signs * (rng_vocab.integers(0, 2, size=signs.shape) * 2 - 1)
         # Dense (|V|, T * r) count-sketch table, used through embedding_bag.
@@ -169,27 +184,67 @@ class Sketcher:
         return out.cpu().numpy()
 
 
+def _checked_heavy_ids(heavy_ids: np.ndarray | None, spec: SketchSpec) -> np.ndarray:
+    ids = None if heavy_ids is None else np.asarray(heavy_ids)
+    if (
+        ids is None
+        or ids.shape != (spec.heavy,)
+        or ids.dtype.kind not in "iu"
+        or np.unique(ids).size != ids.size
+        or ids.min() < 0
+        or ids.max() >= spec.vocab_size
+    ):
+        got = None if ids is None else f"{ids.dtype} {ids.shape}"
+        raise ForValueError(
+            f"a sketch with {spec.heavy} heavy ids needs its list of {spec.heavy} distinct vocabulary ids, got {got}; "
+            "run 'forvalue index sketch --rebuild' on the store (a lost sketch_vocab.npy or an interrupted "
+            "'index sketch' leaves this)"
+        )
+    return ids.astype(np.int64)
+
+
 _CACHE: dict = {}
 
 
-def get_sketcher(spec: SketchSpec, basis: np.ndarray | None = None, device: str = "cpu") -> Sketcher:
+def _digest(array: np.ndarray | None, dtype) -> str | None:
+    return None if array is None else hashlib.sha256(np.ascontiguousarray(array, dtype).tobytes()).hexdigest()
+
+
+def get_sketcher(
+    spec: SketchSpec, basis: np.ndarray | None = None, device: str = "cpu", heavy_ids: np.ndarray | None = None
+) -> Sketcher:
     """Cached :class:`Sketcher` (its random tables take a moment to build for large vocabularies).
 
     ``basis`` is the store's fitted basis (``forvalue.storage.sketch_basis.load_basis``) when
-    ``spec.basis == "fitted"``; it is ignored for the Gaussian sketch.
+    ``spec.basis == "fitted"``; it is ignored for the Gaussian sketch. ``heavy_ids``: the store's
+    (``load_heavy_ids``) when ``spec.heavy``; else ignored.
     """
     if spec.basis != "fitted":
         basis = None
-    key = (
-        spec,
-        device,
-        None if basis is None else hashlib.sha256(np.ascontiguousarray(basis, np.float32).tobytes()).hexdigest(),
-    )
+    if not spec.heavy:
+        heavy_ids = None
+    key = (spec, device, _digest(basis, np.float32), _digest(heavy_ids, np.int64))
     if key not in _CACHE:
         if len(_CACHE) >= 4:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = Sketcher(spec, device, basis=basis)
+        _CACHE[key] = Sketcher(spec, device, basis=basis, heavy_ids=heavy_ids)
     return _CACHE[key]
+
+
+def fit_heavy_ids(
+    hidden: np.ndarray, ids: np.ndarray, values: np.ndarray, basis: np.ndarray, count: int, vocab_size: int
+) -> np.ndarray:
+    """The ``count`` vocabulary ids of most error mass along the basis' first direction (the mean hidden
+    direction): ``sum_k |values[k, j] * <h_k, U_0>|`` over the tokens given (the store's first), ties to the
+    lower id; int64, heaviest first.
+
+    Count-sketch collisions are the sketch's main loss (docs/prefilter.md "Adaptive candidates at 10^6"):
+    a few ids hold much of the error mass, and giving each a bucket of its own keeps them from colliding.
+    """
+    along = np.abs(values * (np.asarray(hidden, np.float32) @ np.asarray(basis, np.float32)[:, :1]))
+    ids = np.asarray(ids, np.int64)
+    mass = np.bincount(ids.ravel(), weights=along.ravel(), minlength=vocab_size)[:vocab_size]
+    return np.argsort(-mass, kind="stable")[:count].astype(np.int64)
 
 
 def fit_basis(hidden: np.ndarray, cols: int) -> np.ndarray:

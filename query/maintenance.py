@@ -91,7 +91,9 @@ def _sketch_state(store: Store) -> str:
         return "none (add with 'forvalue index sketch')"
     return (
         f"D={m.sketch_dim} (vocab buckets {m.sketch_vocab_buckets}, hidden cols {m.sketch_hidden_cols}, "
-        f"{m.sketch_basis} basis)"
+        f"{m.sketch_basis} basis"
+        + (f", {m.sketch_heavy_ids} heavy ids" if getattr(m, "sketch_heavy_ids", 0) else "")
+        + ")"
     )
 
 
@@ -115,6 +117,7 @@ def sketch_store(
     hidden_cols: int | None = None,
     basis: str | None = None,
     block_rows: int = 1024,
+    heavy_ids: int | None = None,
 ) -> SketchReport:
     """Add the ``sketch`` column to a store that lacks it (or recompute it), then build its FAISS index.
 
@@ -127,7 +130,11 @@ def sketch_store(
     """
     opened = Store.open(path)  # a path that is not a store gets that message, not a lease error
     _check_sketch_args(
-        sketch_dim=dim, sketch_seed=seed, sketch_vocab_buckets=vocab_buckets, sketch_hidden_cols=hidden_cols
+        sketch_dim=dim,
+        sketch_seed=seed,
+        sketch_vocab_buckets=vocab_buckets,
+        sketch_hidden_cols=hidden_cols,
+        sketch_heavy_ids=heavy_ids,
     )
     if dim == 0:  # (None: keep the store's D)
         raise StoreError(
@@ -137,7 +144,7 @@ def sketch_store(
     faiss_index.check_kind(kind, dim or opened.manifest.sketch_dim or 64)  # a bad --faiss-index: before any work
     with WriterLease.acquire(path, sharded=False):
         return SketchReport(
-            **_sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows)
+            **_sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows, heavy_ids)
         )
 
 
@@ -160,7 +167,7 @@ def _check_sketch_args(**given) -> None:
             raise ConfigError(name, f"must be a whole number from {low} to {high}, got {value!r}")
 
 
-def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows) -> dict:
+def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, basis, block_rows, heavy_ids) -> dict:
     """:func:`sketch_store` while holding the writer lease."""
     import dataclasses
     import time
@@ -169,10 +176,10 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
 
     from forvalue.engine.scorer import decode_block
     from forvalue.indexer.build import BASIS_FIT_TOKENS
-    from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
+    from forvalue.indexer.sketch import SketchSpec, fit_basis, fit_heavy_ids, get_sketcher
     from forvalue.schemas.config import EncodeConfig
     from forvalue.schemas.tables import SCORING_COLUMNS
-    from forvalue.storage.sketch_basis import load_basis, publish_basis
+    from forvalue.storage.sketch_basis import load_basis, load_heavy_ids, publish_basis, publish_heavy_ids
 
     store = Store.open(path)
     m = store.manifest
@@ -188,6 +195,9 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
         sketch_hidden_cols=hidden_cols
         or (m.sketch_hidden_cols if had and not shape_given else default.sketch_hidden_cols),
         sketch_basis=basis or (m.sketch_basis if had else default.sketch_basis),
+        sketch_heavy_ids=heavy_ids
+        if heavy_ids is not None
+        else (m.sketch_heavy_ids if had and not shape_given else default.sketch_heavy_ids),
         schema_version=max(m.schema_version, 2),
     )
     try:
@@ -201,19 +211,28 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
         "sketch_basis": spec.basis,
         "vocab_buckets": spec.vocab_buckets,
         "hidden_cols": spec.hidden_cols,
+        "heavy_ids": spec.heavy,
         "sketched": False,
     }
     started = time.perf_counter()
-    missing_basis = spec.basis == "fitted" and load_basis(store.path) is None
+
+    def lost(load) -> bool:  # missing or unreadable: fitted again below
+        try:
+            return load(store.path) is None
+        except StoreError:
+            return True
+
+    missing_basis = spec.basis == "fitted" and lost(load_basis)
+    missing_basis |= bool(spec.heavy) and lost(load_heavy_ids)
     if rebuild or new != m or missing_basis or not store.has_column(faiss_index.SKETCH_COLUMN):
-        fitted = None
-        if spec.basis == "fitted":
-            fitted = publish_basis(
-                store.path,
-                fit_basis(_first_hidden(store, BASIS_FIT_TOKENS, block_rows), spec.hidden_cols),
-                replace=True,
-            )
-        sketcher = get_sketcher(spec, fitted)
+        fitted = heavy = None
+        if spec.basis == "fitted":  # the basis, then the heavy ids, then the column, then the manifest
+            hidden, ids, values = _first_tokens(store, BASIS_FIT_TOKENS, block_rows)
+            fitted = publish_basis(store.path, fit_basis(hidden, spec.hidden_cols), replace=True)
+            if spec.heavy:
+                chosen = fit_heavy_ids(hidden, ids, values, fitted, spec.heavy, spec.vocab_size)
+                heavy = publish_heavy_ids(store.path, chosen, replace=True)
+        sketcher = get_sketcher(spec, fitted, heavy_ids=heavy)
         value_type = pa.float16() if new.sketch_dtype == "float16" else pa.float32()
         field = pa.field(faiss_index.SKETCH_COLUMN, pa.list_(value_type, spec.dim))
 
@@ -237,20 +256,23 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
     return report
 
 
-def _first_hidden(store: Store, tokens: int, block_rows: int) -> np.ndarray:
-    """Hidden states of the first stored tokens (up to ``tokens``), float32 ``(N, d)``."""
-    parts, n = [], 0
-    from forvalue.storage.rows import hidden_values
+def _first_tokens(store: Store, tokens: int, block_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Hidden states ``(N, d)`` float32 and error ids / values ``(N, m + 1)`` of the first stored tokens (up to
+    ``tokens``): what a fitted sketch's basis and heavy ids are fitted from."""
+    from forvalue.engine.scorer import decode_block
+    from forvalue.schemas.tables import SCORING_COLUMNS
 
-    for batch in store.scan(["hidden", "n_scored"], batch_size=block_rows):
-        h = hidden_values(batch, store.manifest.stored_width)
-        parts.append(h)
-        n += h.shape[0]
+    parts, n = [], 0
+    for batch in store.scan(store.columns_for(SCORING_COLUMNS), batch_size=block_rows):
+        b = decode_block(batch, store.manifest.stored_width)
+        parts.append((b.hidden, b.ids, b.values))
+        n += b.hidden.shape[0]
         if n >= tokens:
             break
     if not parts:
         raise ForValueError(f"{store.path}: the store is empty; nothing to fit a sketch basis from")
-    return np.concatenate(parts)[:tokens]
+    hidden, ids, values = (np.concatenate(x)[:tokens] for x in zip(*parts))
+    return hidden, ids, values
 
 
 def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) -> CheckReport:
@@ -448,6 +470,33 @@ def _schema_problems(store: Store) -> list[str]:
     return out
 
 
+def _heavy_ids_problem(store: Store) -> str | None:
+    """What is wrong with the sketch's heavy ids (STORE/sketch_vocab.npy), or None."""
+    from forvalue.storage.sketch_basis import load_heavy_ids
+
+    m, where = store.manifest, str(store.path)
+    if not getattr(m, "sketch_heavy_ids", 0):
+        return None
+    fix = f"run 'forvalue index sketch --store {where} --rebuild'"
+    try:
+        heavy = load_heavy_ids(store.path)
+    except StoreError as exc:
+        return str(exc)
+    if heavy is None:
+        return f"{where}: the sketch vocabulary (sketch_vocab.npy) is missing; {fix}"
+    if (
+        heavy.shape != (m.sketch_heavy_ids,)
+        or np.unique(heavy).size != heavy.size
+        or heavy.min() < 0
+        or heavy.max() >= m.vocab_size
+    ):
+        return (
+            f"{where}: the sketch vocabulary holds {heavy.size} ids, the manifest's sketch needs {m.sketch_heavy_ids} "
+            f"distinct ids below {m.vocab_size} (an interrupted 'index sketch' leaves this); {fix}"
+        )
+    return None
+
+
 def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[str]) -> bool:
     """Adds what is wrong with the prefilter index (and its sketch basis); True when it needs a rebuild."""
     from forvalue.storage.sketch_basis import load_basis
@@ -467,6 +516,10 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
                 return False
         except StoreError as exc:
             problems.append(str(exc))
+            return False
+        heavy_problem = _heavy_ids_problem(store)
+        if heavy_problem:
+            problems.append(heavy_problem)
             return False
         if basis.shape != (m.stored_width, m.sketch_hidden_cols):
             problems.append(

@@ -120,6 +120,7 @@ class SketchReport(Result):
     vocab_buckets: int
     hidden_cols: int
     sketched: bool
+    heavy_ids: int = 0
     sketch_seconds: float = 0.0
     faiss: str | None = None
     faiss_rows: int = 0

@@ -216,6 +216,7 @@ class Store:
         vocab_buckets: int | None = None,
         hidden_cols: int | None = None,
         basis: str | None = None,
+        heavy_ids: int | None = None,
     ) -> SketchReport:
         """Add (or recompute) the prefilter sketches and their FAISS index; unset options keep the store's."""
         from forvalue.maintenance import sketch_store
@@ -229,6 +230,7 @@ class Store:
             vocab_buckets=vocab_buckets,
             hidden_cols=hidden_cols,
             basis=basis,
+            heavy_ids=heavy_ids,
         )
         self._fresh()
         return report

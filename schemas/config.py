@@ -219,7 +219,7 @@ class EncodeConfig:
         rounding < 4.9e-4; ``index add`` to an older store keeps its float32).
     on_bad : {"error", "skip"}
         What to do with a sample whose model outputs contain NaN or inf.
-    sketch_dim, sketch_vocab_buckets, sketch_hidden_cols, sketch_seed, sketch_basis
+    sketch_dim, sketch_vocab_buckets, sketch_hidden_cols, sketch_seed, sketch_basis, sketch_heavy_ids
         The prefilter sketch of ``G`` stored per sample (:mod:`forvalue.indexer.sketch`);
         ``sketch_dim=0`` stores none.
     """
@@ -277,6 +277,14 @@ class EncodeConfig:
         "Hidden-side basis: fitted (mean + principal directions of the stored hidden states) or gaussian (random).",
         choices=get_args(SketchBasis),
     )
+    sketch_heavy_ids: int = bounded(
+        0,
+        "Vocabulary ids (those of most error mass in the first tokens written) given count-sketch buckets of their "
+        "own, so they never collide; fewer than --sketch-vocab-buckets, needs the fitted basis (0 = none; 256 with "
+        "2048 buckets x 1 column: docs/prefilter.md).",
+        0,
+        1 << 16,
+    )
 
     def __post_init__(self) -> None:
         _check(self)
@@ -287,6 +295,14 @@ class EncodeConfig:
             )
         if not isinstance(self.hidden_rank, numbers.Integral) or isinstance(self.hidden_rank, bool):
             raise ConfigError("hidden_rank", f"must be a whole number, got {self.hidden_rank!r}")
+        if self.sketch_heavy_ids and self.sketch_dim:
+            if self.sketch_heavy_ids >= self.sketch_vocab_buckets:
+                raise ConfigError(
+                    "sketch_heavy_ids",
+                    f"must be below --sketch-vocab-buckets ({self.sketch_vocab_buckets}), got {self.sketch_heavy_ids}",
+                )
+            if self.sketch_basis != "fitted":
+                raise ConfigError("sketch_heavy_ids", "needs --sketch-basis fitted (the ids are fitted with it)")
         if self.int8_block and self.hidden_dtype != "int8":
             raise ConfigError(
                 "int8_block",

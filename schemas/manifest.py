@@ -75,6 +75,8 @@ class Manifest:
     # "gaussian" (random hidden projection) or "fitted" (STORE/sketch_basis.npy); stores
     # written before the fitted basis existed have no such field and are "gaussian".
     sketch_basis: str = "gaussian"
+    # Vocabulary ids with count-sketch buckets of their own (STORE/sketch_vocab.npy); 0: none (older stores).
+    sketch_heavy_ids: int = 0
     # Compact encodings (schema version 3; the defaults are what older stores hold): channels per int8
     # scale (0: hidden states are not int8), the type of the error ids, of the top-m probabilities and
     # tail mass, and of the sketch values (forvalue.schemas.tables.samples_schema).

@@ -41,6 +41,7 @@ STORED_AS: dict[tuple[str, str], str] = {
     ("EncodeConfig", "sketch_hidden_cols"): "sketch_hidden_cols",
     ("EncodeConfig", "sketch_seed"): "sketch_seed",
     ("EncodeConfig", "sketch_basis"): "sketch_basis",
+    ("EncodeConfig", "sketch_heavy_ids"): "sketch_heavy_ids",
 }
 
 # (config class, field) -> why the field cannot change a stored value.

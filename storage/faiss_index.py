@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from forvalue.schemas.errors import ForValueError, StoreError
-from forvalue.storage.sketch_basis import basis_sha256, load_basis
+from forvalue.storage.sketch_basis import basis_sha256, load_basis, load_heavy_ids
 from forvalue.storage.store import Store
 
 INDEX_DIR = "prefilter"
@@ -267,6 +267,9 @@ def _spec_of(store: Store) -> dict:
     }
     if m.sketch_basis != "gaussian":  # (older indexes have no such keys and stay valid for gaussian stores)
         spec.update(basis=m.sketch_basis, basis_sha256=basis_sha256(load_basis(store.path)))
+    if getattr(m, "sketch_heavy_ids", 0):  # (older indexes have no such key: stores without heavy ids)
+        heavy = load_heavy_ids(store.path)
+        spec.update(heavy_ids=m.sketch_heavy_ids, heavy_sha256=None if heavy is None else basis_sha256(heavy))
     return spec
 
 

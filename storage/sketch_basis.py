@@ -6,6 +6,11 @@ written. It is published *before* the first row that uses it is committed, with 
 create-if-absent (like the manifest): when several build workers start at once each may fit
 one, the first to publish wins and every worker then sketches with the published one.
 ``forvalue index sketch --rebuild`` replaces it (and recomputes every sketch).
+
+A sketch with heavy vocabulary ids (``sketch_heavy_ids = H > 0`` in the manifest) also has
+``STORE/sketch_vocab.npy``: the ``H`` ids given buckets of their own, fitted from the same first tokens
+(:func:`forvalue.indexer.sketch.fit_heavy_ids`) and published the same way, after the basis and before
+the first sketched row.
 """
 
 from __future__ import annotations
@@ -54,7 +59,51 @@ def publish_basis(store_path: str | Path, basis: np.ndarray, replace: bool = Fal
     return load_basis(store_path)
 
 
+VOCAB_FILE = "sketch_vocab.npy"
+
+
+def heavy_ids_path(store_path: str | Path) -> Path:
+    return store_location(store_path) / VOCAB_FILE
+
+
+def load_heavy_ids(store_path: str | Path) -> np.ndarray | None:
+    """The published heavy vocabulary ids of the sketch (``--sketch-heavy-ids``), int64 ``(H,)``, or None."""
+    import io
+
+    path = heavy_ids_path(store_path)
+    try:
+        ids = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StoreError(
+            f"{path}: unreadable sketch vocabulary ({exc}); run 'forvalue index sketch --rebuild'"
+        ) from None
+    if ids.ndim != 1 or ids.dtype.kind not in "iu":
+        raise StoreError(
+            f"{path}: not a list of vocabulary ids ({ids.dtype}, shape {ids.shape}); "
+            "run 'forvalue index sketch --rebuild'"
+        )
+    return ids.astype(np.int64)
+
+
+def publish_heavy_ids(store_path: str | Path, ids: np.ndarray, replace: bool = False) -> np.ndarray:
+    """Publish the heavy ids unless some exist (or ``replace``), like :func:`publish_basis`; returns those on disk."""
+    import io
+
+    path = heavy_ids_path(store_path)
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(ids, np.int64), allow_pickle=False)
+    if replace:
+        write_bytes(path, buffer.getvalue(), inside_store=True)
+    else:
+        publish_if_absent(path, buffer.getvalue())
+    return load_heavy_ids(store_path)
+
+
 def basis_sha256(basis: np.ndarray | None) -> str | None:
+    """SHA-256 of a basis' float32 bytes (of heavy ids' int64 bytes); None for None."""
     if basis is None:
         return None
-    return hashlib.sha256(np.ascontiguousarray(basis, np.float32).tobytes()).hexdigest()
+    dtype = np.int64 if np.asarray(basis).dtype.kind in "iu" else np.float32
+    return hashlib.sha256(np.ascontiguousarray(basis, dtype).tobytes()).hexdigest()

@@ -213,7 +213,7 @@ def test_prefilter_recall_matches_exact_and_wrong_sketch_breaks_it(sketched_stor
     monkeypatch.setattr(
         qp,
         "get_sketcher",
-        lambda spec, basis=None: Sketcher(dataclasses.replace(spec, seed=spec.seed + 1), basis=basis),
+        lambda spec, basis=None, heavy_ids=None: Sketcher(dataclasses.replace(spec, seed=spec.seed + 1), basis=basis),
     )
     fixed = QueryConfig(top_k=k, progress=False, candidates=cand, max_candidates=cand)
     broken = run_query(tmp / "store", [tmp / "val.jsonl"], fixed, runner=tiny_runner)
@@ -802,3 +802,133 @@ def test_cli_summary_never_reranks_more_rows_than_the_store_holds(sketched_store
     assert res.exit_code == 0, res.output
     reranked, total = map(int, re.search(r"reranked (\d+) FAISS candidate rows of (\d+)", res.stderr).groups())
     assert total == Store.open(tmp / "store").count() and reranked <= total  # (other tests append rows)
+
+
+def test_heavy_ids_get_buckets_of_their_own_and_the_rest_is_unchanged_without_them():
+    """--sketch-heavy-ids H: bucket j of every block holds id heavy[j] alone (sign +1), so the heavy ids' part of
+    <z(G_v), z(G_i)> is their exact part; every other id is count-sketched into the other buckets. Without heavy
+    ids the tables are those of before (stored sketches stay valid)."""
+    from forvalue.indexer.sketch import fit_heavy_ids
+
+    rng = np.random.default_rng(4)
+    hidden, ids, values, lengths = _random_samples(rng, n_samples=8)
+    basis = fit_basis(hidden, 2)
+    plain = SketchSpec(2 * 64 * 2, 64, 2, 5, 500, 32, "fitted")
+    base = Sketcher(plain, basis=basis).table.numpy()
+    old_rng = np.random.default_rng([5, 1])  # the tables of before heavy ids existed
+    buckets = old_rng.integers(0, 64, size=(500, 2))
+    signs = old_rng.integers(0, 2, size=(500, 2), dtype=np.int8).astype(np.float32) * 2 - 1
+    want = np.zeros((500, 128), np.float32)
+    np.put_along_axis(want, buckets + np.arange(2) * 64, signs, axis=1)
+    np.testing.assert_array_equal(base, want)
+
+    heavy = fit_heavy_ids(hidden, ids, values, basis, 16, 500)
+    along = np.abs(values * (hidden @ basis[:, :1]))
+    mass = np.bincount(ids.ravel(), weights=along.ravel(), minlength=500)
+    assert (
+        heavy.tolist() == np.argsort(-mass, kind="stable")[:16].tolist()
+        and mass[heavy].min() >= np.delete(mass, heavy).max()
+    )
+    spec = SketchSpec(2 * 64 * 2, 64, 2, 5, 500, 32, "fitted", heavy=16)
+    sk = Sketcher(spec, basis=basis, heavy_ids=heavy)
+    table = sk.table.numpy()
+    for t in range(2):
+        block = table[:, t * 64 : (t + 1) * 64]
+        np.testing.assert_array_equal(block[:, :16], np.eye(500, dtype=np.float32)[:, heavy])  # one id each, +1
+        rest = np.setdiff1d(np.arange(500), heavy)
+        assert (np.abs(block[rest, 16:]).sum(1) == 1).all()  # every other id: one bucket of the others
+    # the heavy buckets' share of the inner product is exact
+    z = sk.sketch(hidden, ids, values, lengths).astype(np.float64)
+    off = np.concatenate([[0], np.cumsum(lengths)])
+    gs = []
+    for j in range(2):
+        g = np.zeros((500, 32))
+        for k in range(off[j], off[j + 1]):
+            np.add.at(g, ids[k], values[k][:, None] * hidden[k][None, :].astype(np.float64))
+        gs.append(g @ basis)
+    zz = z[:2].reshape(2, 2, 64, 2)[:, :, :16]  # (sample, block, heavy bucket, column)
+    exact_heavy = float((gs[0][heavy] * gs[1][heavy]).sum())
+    assert float((zz[0] * zz[1]).sum()) == pytest.approx(exact_heavy, rel=1e-4)  # blocks scaled 1/sqrt(T) each
+    for bad in (None, heavy[:8], np.concatenate([heavy[:15], heavy[:1]]), heavy + 1000):
+        with pytest.raises(Exception, match="heavy ids"):
+            Sketcher(spec, basis=basis, heavy_ids=bad)
+    with pytest.raises(Exception, match="fitted"):
+        SketchSpec(128, 64, 2, 5, 500, 32, "gaussian", heavy=16)
+    with pytest.raises(Exception, match="below the 64"):
+        SketchSpec(128, 64, 2, 5, 500, 32, "fitted", heavy=64)
+
+
+def test_a_store_with_heavy_ids_builds_sketches_queries_checks_and_converts(tmp_path, tiny_model_dir, tiny_runner):
+    """A build with --sketch-heavy-ids publishes STORE/sketch_vocab.npy before its first sketched row; the column
+    equals what 'index sketch' computes on a store built without it; queries find the exact top-k; a lost or
+    garbled vocabulary is one line in check and query, repaired by 'index sketch --rebuild'; convert copies it."""
+    from conftest import assert_one_line_error, cli
+
+    import forvalue
+    from forvalue.maintenance import check_store
+    from forvalue.storage.sketch_basis import heavy_ids_path, load_heavy_ids
+
+    train, test = _task_rows(6, 2)
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "val.jsonl", test)
+    model = ModelConfig(path=str(tiny_model_dir), device="cpu")
+    shape = dict(sketch_dim=256, sketch_vocab_buckets=128, sketch_hidden_cols=2)
+    cfg = BuildConfig(model=model, progress=False, encode=EncodeConfig(**shape, sketch_heavy_ids=16))
+    build_index([tmp_path / "train.jsonl"], tmp_path / "heavy", cfg, runner=tiny_runner)
+    heavy_store = Store.open(tmp_path / "heavy")
+    heavy = load_heavy_ids(heavy_store.path)
+    assert heavy_store.manifest.sketch_heavy_ids == 16 and heavy.shape == (16,) and np.unique(heavy).size == 16
+    assert check_store(heavy_store.path).clean
+    # the same rows built without heavy ids, then sketched with them: the same ids and the same column
+    plain = BuildConfig(model=model, progress=False, encode=EncodeConfig(**shape))
+    build_index([tmp_path / "train.jsonl"], tmp_path / "plain", plain, runner=tiny_runner)
+    assert load_heavy_ids(tmp_path / "plain") is None
+    res = cli("index", "sketch", "--store", tmp_path / "plain", "--sketch-heavy-ids", "16", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output.strip().splitlines()[-1])["heavy_ids"] == 16
+    np.testing.assert_array_equal(load_heavy_ids(tmp_path / "plain"), heavy)
+    a = heavy_store.take(list(range(heavy_store.count())), ["id", "sketch"]).to_pylist()
+    plain_store = Store.open(tmp_path / "plain")
+    b = {r["id"]: r["sketch"] for r in plain_store.take(list(range(plain_store.count())), ["id", "sketch"]).to_pylist()}
+    for r in a:
+        np.testing.assert_allclose(r["sketch"], b[r["id"]], rtol=2e-3, atol=2e-3)
+    # every row a candidate: the exact top-k
+    k, n = 5, heavy_store.count()
+    exact = run_query(
+        tmp_path / "heavy",
+        [tmp_path / "val.jsonl"],
+        QueryConfig(top_k=k, progress=False, exact=True),
+        runner=tiny_runner,
+    )
+    approx = run_query(
+        tmp_path / "heavy",
+        [tmp_path / "val.jsonl"],
+        QueryConfig(top_k=k, progress=False, candidates=n),
+        runner=tiny_runner,
+    )
+    assert _top_ids(exact, k) == _top_ids(approx, k)
+    # the vocabulary lost, then garbled: check and a query name it; a rebuild repairs
+    query = ["query", "--store", tmp_path / "heavy", "-v", tmp_path / "val.jsonl", "--device", "cpu", "--quiet"]
+    for damage in (b"", b"not an npy file"):
+        if damage:
+            heavy_ids_path(tmp_path / "heavy").write_bytes(damage)
+        else:
+            heavy_ids_path(tmp_path / "heavy").unlink()
+        report = check_store(tmp_path / "heavy")
+        assert not report.clean and any("sketch_vocab" in p and "--rebuild" in p for p in report.problems), report
+        assert_one_line_error(cli(*query, "--candidates", "5"), "sketch", "--rebuild")
+        assert cli("index", "sketch", "--store", tmp_path / "heavy", "--rebuild").exit_code == 0
+        assert check_store(tmp_path / "heavy").clean
+        np.testing.assert_array_equal(load_heavy_ids(tmp_path / "heavy"), heavy)
+    # convert (int8 hidden states) copies the vocabulary with the basis
+    out = forvalue.open(tmp_path / "heavy").convert(tmp_path / "int8", hidden_dtype="int8", progress=False)
+    assert out.manifest.sketch_heavy_ids == 16
+    np.testing.assert_array_equal(load_heavy_ids(out.path), heavy)
+    assert check_store(out.path).clean
+    # refused before any work: more heavy ids than buckets, or with a random basis
+    bad = cli("index", "sketch", "--store", tmp_path / "plain", "--sketch-heavy-ids", "200")
+    assert_one_line_error(bad, "heavy")
+    with pytest.raises(Exception, match="sketch_heavy_ids"):
+        EncodeConfig(**shape, sketch_heavy_ids=128)
+    with pytest.raises(Exception, match="fitted"):
+        EncodeConfig(**shape, sketch_heavy_ids=8, sketch_basis="gaussian")

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from forvalue.engine.prefilter import validation_sketches
     from forvalue.indexer.sketch import SketchSpec
-    from forvalue.storage.sketch_basis import load_basis
+    from forvalue.storage.sketch_basis import load_basis, load_heavy_ids
 
     store = Store.open(a.store)
     rows, dim = store.count(), int(store.manifest.sketch_dim)
@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{a.exact_cache}: made for {int(ex['key'][0])} rows, the store has {rows}")
     val, _ = load_val(a.validation or a.store / "validation.npz")
     val = val.subset(list(range(len(exact_rows))))
-    q = validation_sketches(val, SketchSpec.from_manifest(store.manifest), "none", load_basis(store.path))
+    q = validation_sketches(
+        val, SketchSpec.from_manifest(store.manifest), "none", load_basis(store.path), load_heavy_ids(store.path)
+    )
     q = np.ascontiguousarray(q, np.float32)
 
     cands = [int(x) for x in a.candidates.split(",")]

@@ -42,9 +42,11 @@ def sketch_exact_search(store: Store, val: ValidationSet, c: int, block_rows: in
     """``(n_val, c)`` rows with the largest sketch inner product per validation sample, best first (exact)."""
     from forvalue.engine.prefilter import validation_sketches
     from forvalue.indexer.sketch import SketchSpec
-    from forvalue.storage.sketch_basis import load_basis
+    from forvalue.storage.sketch_basis import load_basis, load_heavy_ids
 
-    q = validation_sketches(val, SketchSpec.from_manifest(store.manifest), "none", load_basis(store.path))
+    q = validation_sketches(
+        val, SketchSpec.from_manifest(store.manifest), "none", load_basis(store.path), load_heavy_ids(store.path)
+    )
     q = q.astype(np.float32)
     best_s, best_r, first = np.full((len(val), 0), -np.inf, np.float32), np.zeros((len(val), 0), np.int64), 0
     for batch in store.scan([faiss_index.SKETCH_COLUMN], batch_size=block_rows):

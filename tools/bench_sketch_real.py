@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from forvalue.engine.validation import encode_validation, load_validation_samples
     from forvalue.indexer.build import BASIS_FIT_TOKENS
     from forvalue.indexer.sketch import Sketcher, SketchSpec, fit_basis
-    from forvalue.maintenance import _first_hidden, sketch_store
+    from forvalue.maintenance import _first_tokens, sketch_store
     from forvalue.metrics import class_retrieval
     from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
     from forvalue.schemas.tables import SCORING_COLUMNS
@@ -107,7 +107,9 @@ def main(argv=None) -> int:
     values = np.concatenate([p.values for p in parts])
     lengths = np.concatenate([p.lengths for p in parts])
     ref = class_retrieval(exact, labels, vlab)
-    basis_all = fit_basis(_first_hidden(store, BASIS_FIT_TOKENS, 1024), max(int(v.split(":")[2]) for v in a.variants))
+    basis_all = fit_basis(
+        _first_tokens(store, BASIS_FIT_TOKENS, 1024)[0], max(int(v.split(":")[2]) for v in a.variants)
+    )
     fractions = [float(x) for x in a.fractions.split(",")]
     ks = [int(x) for x in a.top_k.split(",")]
     exact_top = {k: np.argsort(-exact, axis=1, kind="stable")[:, :k] for k in ks}

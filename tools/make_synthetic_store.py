@@ -39,12 +39,13 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from forvalue.indexer.build import BASIS_FIT_TOKENS, store_basis
-from forvalue.indexer.sketch import SketchSpec, get_sketcher
+from forvalue.indexer.build import BASIS_FIT_TOKENS
+from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
 from forvalue.indexer.sparse_errors import error_entries
 from forvalue.schemas.config import EncodeConfig
 from forvalue.schemas.manifest import Manifest
 from forvalue.schemas.tables import samples_schema
+from forvalue.storage.sketch_basis import load_basis, publish_basis
 from forvalue.storage.store import Store
 
 POOL = 64
@@ -252,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         if spec:
             t0 = time.perf_counter()
-            basis = store_basis(a.out, spec, lambda: s["hidden"][:BASIS_FIT_TOKENS].astype(np.float32))
+            basis = load_basis(a.out) if spec.basis == "fitted" else None
+            if basis is None and spec.basis == "fitted":  # fitted from the first block, published before any row
+                basis = publish_basis(
+                    a.out, fit_basis(s["hidden"][:BASIS_FIT_TOKENS].astype(np.float32), spec.hidden_cols)
+                )
             z = get_sketcher(spec, basis).sketch(s["hidden"], s["ids"], s["values"], L)
             sketch_s += time.perf_counter() - t0
             cols["sketch"] = pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), spec.dim)

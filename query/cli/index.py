@@ -9,7 +9,7 @@ import click
 from forvalue.cli.options import COLUMN_FIELDS, config_options, json_option, make, quiet_option, store_option
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, EngineConfig, ModelConfig
 
-_SKETCH_FIELDS = ("sketch_dim", "sketch_vocab_buckets", "sketch_hidden_cols", "sketch_basis")
+_SKETCH_FIELDS = ("sketch_dim", "sketch_vocab_buckets", "sketch_hidden_cols", "sketch_basis", "sketch_heavy_ids")
 
 
 @click.group()
@@ -177,6 +177,7 @@ def sketch(store, rebuild, kind, as_json, **kw):
             vocab_buckets=kw["sketch_vocab_buckets"],
             hidden_cols=kw["sketch_hidden_cols"],
             basis=kw["sketch_basis"],
+            heavy_ids=kw["sketch_heavy_ids"],
         )
         .as_dict()
     )

@@ -30,7 +30,7 @@ from forvalue.schemas.config import QueryConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage import faiss_index
-from forvalue.storage.sketch_basis import load_basis
+from forvalue.storage.sketch_basis import load_basis, load_heavy_ids
 from forvalue.storage.store import Store
 
 # Stores at least this large are queried with the prefilter by default (when they have an index).
@@ -69,16 +69,21 @@ def use_prefilter(store: Store, config: QueryConfig, full_scores: bool) -> bool:
 
 
 def validation_sketches(
-    val: ValidationSet, spec: SketchSpec, aggregate: str = "none", basis: np.ndarray | None = None
+    val: ValidationSet,
+    spec: SketchSpec,
+    aggregate: str = "none",
+    basis: np.ndarray | None = None,
+    heavy_ids: np.ndarray | None = None,
 ) -> np.ndarray:
     """``(n_val, D)`` sketches of the validation samples, or ``(1, D)`` (their mean) for ``mean``.
 
-    ``basis``: the store's fitted basis (``forvalue.storage.sketch_basis.load_basis``) for fitted sketches.
+    ``basis`` and ``heavy_ids``: the store's (``forvalue.storage.sketch_basis.load_basis`` /
+    ``load_heavy_ids``) for fitted sketches.
     """
     hidden = raw_hidden(val)
     # a centred or whitened set (forvalue.engine.variant): its candidates come from the sketch of its raw G_v (the
     # stored sketches are of the raw G_i); the rerank scores them in the variant
-    z = get_sketcher(spec, basis).sketch(hidden, val.ids, val.values, val.lengths)
+    z = get_sketcher(spec, basis, heavy_ids=heavy_ids).sketch(hidden, val.ids, val.values, val.lengths)
     return z.mean(axis=0, keepdims=True) if aggregate == "mean" else z
 
 
@@ -138,7 +143,7 @@ def prefilter_topk(
     if index is None:
         index = faiss_index.ensure(store)
         index.to_gpu()
-    queries = validation_sketches(val, spec, config.aggregate, load_basis(store.path))
+    queries = validation_sketches(val, spec, config.aggregate, load_basis(store.path), load_heavy_ids(store.path))
     t["sketch"] += time.perf_counter() - t0
 
     n_cols = queries.shape[0]
