@@ -49,6 +49,7 @@ def settings_for_store(manifest, config: BuildConfig) -> BuildConfig:
         sketch_hidden_cols=m.sketch_hidden_cols,
         sketch_seed=m.sketch_seed,
         sketch_basis=m.sketch_basis,
+        sketch_heavy_ids=getattr(m, "sketch_heavy_ids", 0) or 0,
     )
     return replace(config, data=data, model=model, encode=encode)
 

@@ -932,3 +932,61 @@ def test_a_store_with_heavy_ids_builds_sketches_queries_checks_and_converts(tmp_
         EncodeConfig(**shape, sketch_heavy_ids=128)
     with pytest.raises(Exception, match="fitted"):
         EncodeConfig(**shape, sketch_heavy_ids=8, sketch_basis="gaussian")
+
+
+@pytest.fixture(scope="module")
+def heavy_store(tmp_path_factory, tiny_model_dir, tiny_runner):
+    """A tiny store with --sketch-heavy-ids 16 (6 rows), a second data file and a validation file; tests copy it."""
+    tmp = tmp_path_factory.mktemp("heavy")
+    train, test = _task_rows(10, 2)
+    write_jsonl(tmp / "train.jsonl", train[:6])
+    write_jsonl(tmp / "more.jsonl", train[6:9])
+    write_jsonl(tmp / "val.jsonl", test)
+    encode = EncodeConfig(sketch_dim=256, sketch_vocab_buckets=128, sketch_hidden_cols=2, sketch_heavy_ids=16)
+    cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False, encode=encode)
+    build_index([tmp / "train.jsonl"], tmp / "store", cfg, runner=tiny_runner)
+    return tmp
+
+
+def _copy_heavy(heavy_store, tmp_path):
+    import shutil
+
+    shutil.copytree(heavy_store / "store", tmp_path / "store")
+    return tmp_path / "store"
+
+
+def _column_matches_manifest(path) -> bool:
+    """The stored sketches are those the manifest's sketch (with the store's basis and heavy ids) computes."""
+    from forvalue.engine.scorer import decode_block
+    from forvalue.indexer.sketch import get_sketcher
+    from forvalue.schemas.tables import SCORING_COLUMNS
+    from forvalue.storage.sketch_basis import load_heavy_ids
+
+    store = Store.open(path)
+    spec = SketchSpec.from_manifest(store.manifest)
+    sk = get_sketcher(spec, load_basis(path), heavy_ids=load_heavy_ids(path) if spec.heavy else None)
+    for batch in store.scan(store.columns_for(SCORING_COLUMNS) + ["sketch"]):
+        b = decode_block(batch, store.manifest.stored_width)
+        z = sk.sketch(b.hidden, b.ids, b.values, b.lengths)
+        col = np.array(batch.column("sketch").to_pylist(), np.float32)
+        if not np.allclose(col, z, rtol=2e-3, atol=2e-3 * np.abs(z).max()):
+            return False
+    return True
+
+
+def test_index_add_to_a_heavy_store_encodes_with_its_heavy_ids(heavy_store, tmp_path):
+    """'index add' takes every encoding setting from the store, but left out sketch_heavy_ids: appending to any store
+    built with --sketch-heavy-ids was refused ('sketch_heavy_ids: store has 16, you have 0; ... use forvalue index
+    add', the very command run)."""
+    from conftest import cli
+
+    from forvalue.maintenance import check_store
+    from forvalue.storage.sketch_basis import load_heavy_ids
+
+    store = _copy_heavy(heavy_store, tmp_path)
+    before = load_heavy_ids(store)
+    res = cli("index", "add", heavy_store / "more.jsonl", "--store", store, "--device", "cpu", "--quiet")
+    assert res.exit_code == 0, res.output
+    assert Store.open(store).count() == 9 and check_store(store).clean
+    np.testing.assert_array_equal(load_heavy_ids(store), before)
+    assert _column_matches_manifest(store)
