@@ -198,12 +198,14 @@ def store_basis(
         return None, None
     basis = load_basis(store_path)
     if basis is None:
+        _refuse_refit_over_rows(store_path, "basis (sketch_basis.npy)")
         hidden = np.concatenate([e.hidden for e in encoded])[:BASIS_FIT_TOKENS]
         basis = publish_basis(store_path, fit_basis(hidden, spec.hidden_cols))
     if not spec.heavy:
         return basis, None
     heavy = load_heavy_ids(store_path)
     if heavy is None:
+        _refuse_refit_over_rows(store_path, "vocabulary (sketch_vocab.npy)")
         entries = [e.entries() for e in encoded]
         tokens = (
             np.concatenate([e.hidden for e in encoded])[:BASIS_FIT_TOKENS],
@@ -212,6 +214,20 @@ def store_basis(
         )
         heavy = publish_heavy_ids(store_path, fit_heavy_ids(*tokens, basis, spec.heavy, spec.vocab_size))
     return basis, heavy
+
+
+def _refuse_refit_over_rows(store_path, what: str) -> None:
+    """A store's sketch file is published before its first sketched row: missing while the table holds rows, it was
+    lost, and one fitted now from the rows being appended would differ from the one the stored sketches were
+    computed with (silently wrong prefilter candidates). Refused; 'index sketch --rebuild' refits it over all rows."""
+    from forvalue.schemas.errors import StoreError
+    from forvalue.storage.store import Store
+
+    if Store.open(store_path).count():
+        raise StoreError(
+            f"{store_path}: the sketch {what} is missing but the store holds sketched rows; "
+            f"run 'forvalue index sketch --store {store_path} --rebuild' before adding rows"
+        )
 
 
 def stored_encodings(store_path, manifest: Manifest, encoded: list[EncodedSample]) -> list[EncodedSample]:

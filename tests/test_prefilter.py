@@ -990,3 +990,23 @@ def test_index_add_to_a_heavy_store_encodes_with_its_heavy_ids(heavy_store, tmp_
     assert Store.open(store).count() == 9 and check_store(store).clean
     np.testing.assert_array_equal(load_heavy_ids(store), before)
     assert _column_matches_manifest(store)
+
+
+def test_a_lost_sketch_vocab_is_not_refitted_from_the_rows_being_appended(heavy_store, tmp_path):
+    """A store's sketch_vocab.npy (or sketch_basis.npy) lost, 'index add' fitted a new one from the appended rows
+    and published it: the stored rows' sketches were computed with the old ids, 'index check' said clean and the
+    prefilter's candidates were silently wrong. Refused now (one line, nothing written); --rebuild, then add."""
+    from conftest import assert_one_line_error, cli
+
+    from forvalue.maintenance import check_store
+    from forvalue.storage.sketch_basis import basis_path, heavy_ids_path
+
+    store = _copy_heavy(heavy_store, tmp_path)
+    add = ["index", "add", heavy_store / "more.jsonl", "--store", store, "--device", "cpu", "--quiet"]
+    for lost, name in ((heavy_ids_path(store), "sketch_vocab.npy"), (basis_path(store), "sketch_basis.npy")):
+        lost.unlink()
+        assert_one_line_error(cli(*add), name, "--rebuild")
+        assert not lost.exists() and Store.open(store).count() == 6
+        assert cli("index", "sketch", "--store", store, "--rebuild").exit_code == 0
+    assert cli(*add).exit_code == 0 and Store.open(store).count() == 9
+    assert check_store(store).clean and _column_matches_manifest(store)
