@@ -40,7 +40,7 @@ def load_basis(store_path: str | Path) -> np.ndarray | None:
         basis = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # (EOFError: an empty file)
         raise StoreError(f"{path}: unreadable sketch basis ({exc}); run 'forvalue index sketch --rebuild'") from None
     return np.asarray(basis, np.float32)
 
@@ -75,7 +75,7 @@ def load_heavy_ids(store_path: str | Path) -> np.ndarray | None:
         ids = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # (EOFError: an empty file)
         raise StoreError(
             f"{path}: unreadable sketch vocabulary ({exc}); run 'forvalue index sketch --rebuild'"
         ) from None

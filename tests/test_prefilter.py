@@ -1010,3 +1010,23 @@ def test_a_lost_sketch_vocab_is_not_refitted_from_the_rows_being_appended(heavy_
         assert cli("index", "sketch", "--store", store, "--rebuild").exit_code == 0
     assert cli(*add).exit_code == 0 and Store.open(store).count() == 9
     assert check_store(store).clean and _column_matches_manifest(store)
+
+
+def test_an_empty_sketch_file_is_one_line_and_index_sketch_rebuild_repairs_it(heavy_store, tmp_path):
+    """An empty sketch_vocab.npy / sketch_basis.npy (a crash while it was written, a full disk) raised EOFError,
+    which click turns into 'Aborted!' with exit 1, in check, in queries, and in 'index sketch --rebuild' itself
+    (so the advertised repair could not run)."""
+    from conftest import assert_one_line_error, cli
+
+    from forvalue.maintenance import check_store
+    from forvalue.storage.sketch_basis import basis_path, heavy_ids_path
+
+    store = _copy_heavy(heavy_store, tmp_path)
+    query = ["query", "--store", store, "-v", heavy_store / "val.jsonl", "--device", "cpu", "--quiet"]
+    for empty in (heavy_ids_path(store), basis_path(store)):
+        empty.write_bytes(b"")
+        assert_one_line_error(cli("index", "check", "--store", store), empty.name, "--rebuild")
+        assert_one_line_error(cli(*query, "--candidates", "3"), empty.name, "--rebuild")
+        res = cli("index", "sketch", "--store", store, "--rebuild")
+        assert res.exit_code == 0, res.output
+        assert check_store(store).clean and _column_matches_manifest(store)
