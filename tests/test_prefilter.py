@@ -1030,3 +1030,21 @@ def test_an_empty_sketch_file_is_one_line_and_index_sketch_rebuild_repairs_it(he
         res = cli("index", "sketch", "--store", store, "--rebuild")
         assert res.exit_code == 0, res.output
         assert check_store(store).clean and _column_matches_manifest(store)
+
+
+def test_a_stale_sketch_vocab_left_by_dropping_heavy_ids_is_not_read(heavy_store, tmp_path):
+    """'index sketch --sketch-heavy-ids 0' leaves the old sketch_vocab.npy; queries read it even though the sketch
+    has no heavy ids, so a damaged one failed every prefiltered query ('run index sketch --rebuild', which, keeping
+    no heavy ids, never rewrites the file) while 'index check' said clean."""
+    from conftest import cli
+
+    from forvalue.maintenance import check_store
+    from forvalue.storage.sketch_basis import heavy_ids_path
+
+    store = _copy_heavy(heavy_store, tmp_path)
+    heavy_ids_path(store).write_bytes(b"not an npy file")
+    assert cli("index", "sketch", "--store", store, "--sketch-heavy-ids", "0").exit_code == 0
+    assert Store.open(store).manifest.sketch_heavy_ids == 0 and check_store(store).clean
+    query = ["query", "--store", store, "-v", heavy_store / "val.jsonl", "--device", "cpu", "--quiet"]
+    res = cli(*query, "--candidates", "3")
+    assert res.exit_code == 0, res.output

@@ -143,7 +143,9 @@ def prefilter_topk(
     if index is None:
         index = faiss_index.ensure(store)
         index.to_gpu()
-    queries = validation_sketches(val, spec, config.aggregate, load_basis(store.path), load_heavy_ids(store.path))
+    heavy = load_heavy_ids(store.path) if spec.heavy else None  # (a stale file of an earlier sketch: not this one's)
+    basis = load_basis(store.path) if spec.basis == "fitted" else None
+    queries = validation_sketches(val, spec, config.aggregate, basis, heavy)
     t["sketch"] += time.perf_counter() - t0
 
     n_cols = queries.shape[0]
