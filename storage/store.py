@@ -271,7 +271,7 @@ class Store:
         self, name: str, field: pa.Field, fn, read_columns: Sequence[str], manifest: Manifest, batch_size: int = 1024
     ) -> None:
         """Add (or replace) column ``name`` computed by ``fn(batch) -> pa.Array`` from ``read_columns``,
-        streaming the table ``batch_size`` rows at a time, then replace the manifest with ``manifest``.
+        streaming the table ``batch_size`` rows at a time, after replacing the manifest with ``manifest``.
 
         Not safe against a concurrent :meth:`append` (run it while no build writes).
         """
@@ -284,11 +284,14 @@ class Store:
         def udf(batch: pa.RecordBatch) -> pa.RecordBatch:
             return pa.RecordBatch.from_arrays([fn(batch)], schema=pa.schema([field]))
 
+        # the manifest while the table has no such column, then the column: a kill in between leaves a missing
+        # column (named by 'index check', recomputed by the re-run), never a column the manifest does not describe
+        # (a sketch of another basis or heavy ids but the same width is indistinguishable from the right one)
+        write_text(self.path / MANIFEST_FILE, manifest.to_json(), inside_store=True)
+        self.manifest = manifest
         dataset.add_columns(
             udf, read_columns=list(read_columns), reader_schema=pa.schema([field]), batch_size=batch_size
         )
-        write_text(self.path / MANIFEST_FILE, manifest.to_json(), inside_store=True)
-        self.manifest = manifest
         self.refresh()
 
     def take(self, offsets: Sequence[int], columns: Sequence[str]) -> pa.Table:

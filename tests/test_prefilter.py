@@ -1048,3 +1048,43 @@ def test_a_stale_sketch_vocab_left_by_dropping_heavy_ids_is_not_read(heavy_store
     query = ["query", "--store", store, "-v", heavy_store / "val.jsonl", "--device", "cpu", "--quiet"]
     res = cli(*query, "--candidates", "3")
     assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("switch", [(16, 0), (0, 16)])
+def test_index_sketch_killed_before_the_manifest_while_switching_heavy_ids(heavy_store, tmp_path, monkeypatch, switch):
+    """'index sketch' wrote the new column, then the manifest: a kill in between when only the heavy ids change (the
+    same width) left sketches of one vocabulary hashing under a manifest of the other, and 'index check' said clean
+    (silently wrong candidates). The manifest is now written first, so a kill leaves a missing column that check
+    and a query name and a re-run recomputes."""
+    from conftest import assert_one_line_error, cli
+
+    import forvalue
+    import forvalue.storage.store as store_module
+    from forvalue.maintenance import check_store
+
+    store = _copy_heavy(heavy_store, tmp_path)
+    first, second = switch
+    if first != 16:
+        assert cli("index", "sketch", "--store", store, "--sketch-heavy-ids", str(first)).exit_code == 0
+
+    def kill(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for killed in ("write_text", "add_columns"):
+        with monkeypatch.context() as m:
+            if killed == "write_text":
+                m.setattr(store_module, "write_text", kill)
+            else:
+                import lance
+
+                m.setattr(lance.LanceDataset, "add_columns", kill)
+            with pytest.raises(KeyboardInterrupt):
+                forvalue.open(store).sketch(heavy_ids=second)
+        report = check_store(store)
+        assert report.clean is False or _column_matches_manifest(store), report
+        assert not report.clean and any("index sketch" in p and "--rebuild" in p for p in report.problems), report
+        query = ["query", "--store", store, "-v", heavy_store / "val.jsonl", "--device", "cpu", "--quiet"]
+        assert_one_line_error(cli(*query, "--candidates", "3"), "index sketch", "--rebuild")
+    assert cli("index", "sketch", "--store", store, "--sketch-heavy-ids", str(second)).exit_code == 0
+    assert check_store(store).clean and _column_matches_manifest(store)
+    assert Store.open(store).manifest.sketch_heavy_ids == second
