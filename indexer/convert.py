@@ -454,6 +454,13 @@ def _source_heavy_ids(src: Store) -> np.ndarray | None:
             f"{src.path}: the store's sketch vocabulary (sketch_vocab.npy) is missing; run 'forvalue index sketch "
             f"--store {src.path} --rebuild'"
         )
+    count, vocab = src.manifest.sketch_heavy_ids, src.manifest.vocab_size
+    if heavy.shape != (count,) or np.unique(heavy).size != count or heavy.min() < 0 or heavy.max() >= vocab:
+        # checked before the output exists: a bad list copied there would be kept by every re-run (publish if absent)
+        raise StoreError(
+            f"{src.path}: the store's sketch vocabulary (sketch_vocab.npy) holds {heavy.size} ids, its sketch needs "
+            f"{count} distinct ids below {vocab}; run 'forvalue index sketch --store {src.path} --rebuild'"
+        )
     return heavy
 
 

@@ -1088,3 +1088,25 @@ def test_index_sketch_killed_before_the_manifest_while_switching_heavy_ids(heavy
     assert cli("index", "sketch", "--store", store, "--sketch-heavy-ids", str(second)).exit_code == 0
     assert check_store(store).clean and _column_matches_manifest(store)
     assert Store.open(store).manifest.sketch_heavy_ids == second
+
+
+def test_convert_of_a_store_with_a_bad_sketch_vocab_leaves_no_output(heavy_store, tmp_path):
+    """A source whose sketch_vocab.npy holds the wrong number of ids (an interrupted 'index sketch') was copied into
+    the output before the sketcher refused it: a half-made output, an error not naming the store, and after the
+    source was repaired every re-run failed the same way (the output's bad copy is kept: publish if absent)."""
+    from conftest import assert_one_line_error, cli
+
+    from forvalue.maintenance import check_store
+    from forvalue.storage.sketch_basis import heavy_ids_path, load_heavy_ids
+
+    store = _copy_heavy(heavy_store, tmp_path)
+    good = load_heavy_ids(store)
+    np.save(heavy_ids_path(store), good[:8])
+    out = tmp_path / "out"
+    convert = ["index", "convert", "--store", store, "--out", out, "--hidden-dtype", "int8", "--quiet"]
+    assert_one_line_error(cli(*convert), str(store), "sketch_vocab.npy", "--rebuild")
+    assert not out.exists()
+    assert cli("index", "sketch", "--store", store, "--rebuild").exit_code == 0
+    assert cli(*convert).exit_code == 0
+    np.testing.assert_array_equal(load_heavy_ids(out), good)
+    assert check_store(out).clean
