@@ -31,31 +31,40 @@ def basis_path(store_path: str | Path) -> Path:
     return store_location(store_path) / BASIS_FILE
 
 
-def load_basis(store_path: str | Path) -> np.ndarray | None:
-    """The published basis, float32 ``(d, c)``, or None when there is none."""
+def _load(path: Path, what: str) -> np.ndarray | None:
+    """The array saved at ``path``, None when there is none; unreadable: a StoreError naming ``what``."""
     import io
 
-    path = basis_path(store_path)
     try:
-        basis = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+        return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     except FileNotFoundError:
         return None
     except (OSError, ValueError, EOFError) as exc:  # (EOFError: an empty file)
-        raise StoreError(f"{path}: unreadable sketch basis ({exc}); run 'forvalue index sketch --rebuild'") from None
-    return np.asarray(basis, np.float32)
+        raise StoreError(f"{path}: unreadable {what} ({exc}); run 'forvalue index sketch --rebuild'") from None
+
+
+def _publish(path: Path, array: np.ndarray, replace: bool) -> None:
+    """Save ``array`` at ``path``: replacing it, or only when absent (atomic create-if-absent: the first publisher
+    of concurrent build workers wins, and every worker then uses what is on disk)."""
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    if replace:
+        write_bytes(path, buffer.getvalue(), inside_store=True)
+    else:
+        publish_if_absent(path, buffer.getvalue())
+
+
+def load_basis(store_path: str | Path) -> np.ndarray | None:
+    """The published basis, float32 ``(d, c)``, or None when there is none."""
+    basis = _load(basis_path(store_path), "sketch basis")
+    return None if basis is None else np.asarray(basis, np.float32)
 
 
 def publish_basis(store_path: str | Path, basis: np.ndarray, replace: bool = False) -> np.ndarray:
     """Publish ``basis`` unless one exists (or ``replace``); returns the basis now on disk."""
-    import io
-
-    path = basis_path(store_path)
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(basis, np.float32), allow_pickle=False)
-    if replace:
-        write_bytes(path, buffer.getvalue(), inside_store=True)
-    else:
-        publish_if_absent(path, buffer.getvalue())  # atomic create-if-absent: the first publisher wins
+    _publish(basis_path(store_path), np.asarray(basis, np.float32), replace)
     return load_basis(store_path)
 
 
@@ -68,17 +77,10 @@ def heavy_ids_path(store_path: str | Path) -> Path:
 
 def load_heavy_ids(store_path: str | Path) -> np.ndarray | None:
     """The published heavy vocabulary ids of the sketch (``--sketch-heavy-ids``), int64 ``(H,)``, or None."""
-    import io
-
     path = heavy_ids_path(store_path)
-    try:
-        ids = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
-    except FileNotFoundError:
+    ids = _load(path, "sketch vocabulary")
+    if ids is None:
         return None
-    except (OSError, ValueError, EOFError) as exc:  # (EOFError: an empty file)
-        raise StoreError(
-            f"{path}: unreadable sketch vocabulary ({exc}); run 'forvalue index sketch --rebuild'"
-        ) from None
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise StoreError(
             f"{path}: not a list of vocabulary ids ({ids.dtype}, shape {ids.shape}); "
@@ -89,15 +91,7 @@ def load_heavy_ids(store_path: str | Path) -> np.ndarray | None:
 
 def publish_heavy_ids(store_path: str | Path, ids: np.ndarray, replace: bool = False) -> np.ndarray:
     """Publish the heavy ids unless some exist (or ``replace``), like :func:`publish_basis`; returns those on disk."""
-    import io
-
-    path = heavy_ids_path(store_path)
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(ids, np.int64), allow_pickle=False)
-    if replace:
-        write_bytes(path, buffer.getvalue(), inside_store=True)
-    else:
-        publish_if_absent(path, buffer.getvalue())
+    _publish(heavy_ids_path(store_path), np.asarray(ids, np.int64), replace)
     return load_heavy_ids(store_path)
 
 

@@ -223,7 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         for j in range(n_val):
             s = approx[name][:, j]
             sv = s[true_rows[j]]
-            rk[j] = (s[None, :] > sv[:, None]).sum(1) if n_rows <= 200_000 else np.searchsorted(-np.sort(s), -sv)
+            # rows scoring above each true top-k row (the sorted search's array must be increasing)
+            rk[j] = (
+                (s[None, :] > sv[:, None]).sum(1)
+                if n_rows <= 200_000
+                else n_rows - np.searchsorted(np.sort(s), sv, "right")
+            )
         ranks[name] = rk
         cells = []
         for c in (int(x) for x in a.candidates.split(",")):
