@@ -222,8 +222,13 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
         except StoreError:
             return True
 
+    def unfit(ids) -> bool:  # not a list of spec.heavy distinct vocabulary ids (a damaged or stale file)
+        return (
+            ids.shape != (spec.heavy,) or np.unique(ids).size != ids.size or ids.min() < 0 or ids.max() >= m.vocab_size
+        )
+
     missing_basis = spec.basis == "fitted" and lost(load_basis)
-    missing_basis |= bool(spec.heavy) and lost(load_heavy_ids)
+    missing_basis |= bool(spec.heavy) and (lost(load_heavy_ids) or unfit(load_heavy_ids(store.path)))
     if rebuild or new != m or missing_basis or not store.has_column(faiss_index.SKETCH_COLUMN):
         fitted = heavy = None
         if spec.basis == "fitted":  # the basis, then the heavy ids, then the column, then the manifest

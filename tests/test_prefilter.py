@@ -1110,3 +1110,23 @@ def test_convert_of_a_store_with_a_bad_sketch_vocab_leaves_no_output(heavy_store
     assert cli(*convert).exit_code == 0
     np.testing.assert_array_equal(load_heavy_ids(out), good)
     assert check_store(out).clean
+
+
+def test_plain_index_sketch_repairs_a_heavy_id_list_of_the_wrong_length(tmp_path, tiny_model_dir, tiny_runner):
+    """'index sketch' (no --rebuild) recomputes a sketch whose sketch_vocab.npy is absent or unreadable; a readable
+    list of the wrong length (or with repeats, or ids beyond the vocabulary) is as unusable and is refitted too."""
+    from forvalue.maintenance import check_store
+    from forvalue.storage.sketch_basis import load_heavy_ids, publish_heavy_ids
+
+    train, _ = _task_rows(4, 1)
+    write_jsonl(tmp_path / "train.jsonl", train)
+    encode = EncodeConfig(sketch_dim=256, sketch_vocab_buckets=128, sketch_hidden_cols=2, sketch_heavy_ids=8)
+    cfg = BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False, encode=encode)
+    build_index([tmp_path / "train.jsonl"], tmp_path / "s", cfg, runner=tiny_runner)
+    good = load_heavy_ids(tmp_path / "s")
+    for bad in (good[:5], np.concatenate([good[:7], good[:1]]), np.append(good[:7], 10**6)):
+        publish_heavy_ids(tmp_path / "s", bad, replace=True)
+        assert not check_store(tmp_path / "s").clean
+        report = forvalue.open(tmp_path / "s").sketch()
+        assert report.sketched and check_store(tmp_path / "s").clean
+        np.testing.assert_array_equal(load_heavy_ids(tmp_path / "s"), good)
