@@ -40,7 +40,13 @@ from forvalue.schemas.tables import SCHEMA_VERSION, SCORING_COLUMNS, ids_dtype_f
 from forvalue.storage.files import publish_if_absent
 from forvalue.storage.location import RemotePath, check_reachable, check_store_name, store_location
 from forvalue.storage.rows import decode_block
-from forvalue.storage.sketch_basis import load_basis, load_heavy_ids, publish_basis, publish_heavy_ids
+from forvalue.storage.sketch_basis import (
+    heavy_ids_fit,
+    load_basis,
+    load_heavy_ids,
+    publish_basis,
+    publish_heavy_ids,
+)
 from forvalue.storage.store import Store, WriterLease, is_empty_folder
 
 CONVERT_FILE = "convert.json"
@@ -455,7 +461,7 @@ def _source_heavy_ids(src: Store) -> np.ndarray | None:
             f"--store {src.path} --rebuild'"
         )
     count, vocab = src.manifest.sketch_heavy_ids, src.manifest.vocab_size
-    if heavy.shape != (count,) or np.unique(heavy).size != count or heavy.min() < 0 or heavy.max() >= vocab:
+    if not heavy_ids_fit(heavy, count, vocab):
         # checked before the output exists: a bad list copied there would be kept by every re-run (publish if absent)
         raise StoreError(
             f"{src.path}: the store's sketch vocabulary (sketch_vocab.npy) holds {heavy.size} ids, its sketch needs "

@@ -185,15 +185,10 @@ class Sketcher:
 
 
 def _checked_heavy_ids(heavy_ids: np.ndarray | None, spec: SketchSpec) -> np.ndarray:
+    from forvalue.storage.sketch_basis import heavy_ids_fit
+
     ids = None if heavy_ids is None else np.asarray(heavy_ids)
-    if (
-        ids is None
-        or ids.shape != (spec.heavy,)
-        or ids.dtype.kind not in "iu"
-        or np.unique(ids).size != ids.size
-        or ids.min() < 0
-        or ids.max() >= spec.vocab_size
-    ):
+    if not heavy_ids_fit(ids, spec.heavy, spec.vocab_size):
         got = None if ids is None else f"{ids.dtype} {ids.shape}"
         raise ForValueError(
             f"a sketch with {spec.heavy} heavy ids needs its list of {spec.heavy} distinct vocabulary ids, got {got}; "

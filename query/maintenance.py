@@ -179,7 +179,13 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
     from forvalue.indexer.sketch import SketchSpec, fit_basis, fit_heavy_ids, get_sketcher
     from forvalue.schemas.config import EncodeConfig
     from forvalue.schemas.tables import SCORING_COLUMNS
-    from forvalue.storage.sketch_basis import load_basis, load_heavy_ids, publish_basis, publish_heavy_ids
+    from forvalue.storage.sketch_basis import (
+        heavy_ids_fit,
+        load_basis,
+        load_heavy_ids,
+        publish_basis,
+        publish_heavy_ids,
+    )
 
     store = Store.open(path)
     m = store.manifest
@@ -222,13 +228,14 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
         except StoreError:
             return True
 
-    def unfit(ids) -> bool:  # not a list of spec.heavy distinct vocabulary ids (a damaged or stale file)
-        return (
-            ids.shape != (spec.heavy,) or np.unique(ids).size != ids.size or ids.min() < 0 or ids.max() >= m.vocab_size
-        )
+    def unusable_heavy_ids() -> bool:  # missing, unreadable, or not spec.heavy distinct vocabulary ids
+        try:
+            return not heavy_ids_fit(load_heavy_ids(store.path), spec.heavy, m.vocab_size)
+        except StoreError:
+            return True
 
     missing_basis = spec.basis == "fitted" and lost(load_basis)
-    missing_basis |= bool(spec.heavy) and (lost(load_heavy_ids) or unfit(load_heavy_ids(store.path)))
+    missing_basis |= bool(spec.heavy) and unusable_heavy_ids()
     if rebuild or new != m or missing_basis or not store.has_column(faiss_index.SKETCH_COLUMN):
         fitted = heavy = None
         if spec.basis == "fitted":  # the basis, then the heavy ids, then the column, then the manifest
@@ -477,7 +484,7 @@ def _schema_problems(store: Store) -> list[str]:
 
 def _heavy_ids_problem(store: Store) -> str | None:
     """What is wrong with the sketch's heavy ids (STORE/sketch_vocab.npy), or None."""
-    from forvalue.storage.sketch_basis import load_heavy_ids
+    from forvalue.storage.sketch_basis import heavy_ids_fit, load_heavy_ids
 
     m, where = store.manifest, str(store.path)
     if not getattr(m, "sketch_heavy_ids", 0):
@@ -489,12 +496,7 @@ def _heavy_ids_problem(store: Store) -> str | None:
         return str(exc)
     if heavy is None:
         return f"{where}: the sketch vocabulary (sketch_vocab.npy) is missing; {fix}"
-    if (
-        heavy.shape != (m.sketch_heavy_ids,)
-        or np.unique(heavy).size != heavy.size
-        or heavy.min() < 0
-        or heavy.max() >= m.vocab_size
-    ):
+    if not heavy_ids_fit(heavy, m.sketch_heavy_ids, m.vocab_size):
         return (
             f"{where}: the sketch vocabulary holds {heavy.size} ids, the manifest's sketch needs {m.sketch_heavy_ids} "
             f"distinct ids below {m.vocab_size} (an interrupted 'index sketch' leaves this); {fix}"

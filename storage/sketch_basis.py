@@ -89,6 +89,20 @@ def load_heavy_ids(store_path: str | Path) -> np.ndarray | None:
     return ids.astype(np.int64)
 
 
+def heavy_ids_fit(ids: np.ndarray | None, count: int, vocab_size: int) -> bool:
+    """Whether ``ids`` can be a sketch's heavy ids: ``count`` distinct whole vocabulary ids in ``[0, vocab_size)``
+    (what the sketcher, ``index check``, ``index sketch`` and ``index convert`` all require)."""
+    if ids is None:
+        return False
+    ids = np.asarray(ids)
+    return (
+        ids.shape == (count,)
+        and ids.dtype.kind in "iu"
+        and np.unique(ids).size == ids.size
+        and (ids.size == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab_size))
+    )
+
+
 def publish_heavy_ids(store_path: str | Path, ids: np.ndarray, replace: bool = False) -> np.ndarray:
     """Publish the heavy ids unless some exist (or ``replace``), like :func:`publish_basis`; returns those on disk."""
     _publish(heavy_ids_path(store_path), np.asarray(ids, np.int64), replace)
