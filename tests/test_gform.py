@@ -259,6 +259,74 @@ def test_vocabulary_blocks_sum_to_the_whole(setting, budget_rows):
     np.testing.assert_allclose(blocked.sq_frobenius(), whole.sq_frobenius(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("workers", [2, 3, 50])
+@pytest.mark.parametrize("budget_rows", [7, 10_000])
+def test_parts_built_at_once_give_the_table_built_whole_bit_for_bit(setting, monkeypatch, workers, budget_rows):
+    """On a CPU each vocabulary block is built in parts of about as many validation entries on threads: the same
+    keys and the same float32 table, bit for bit, as one build of the whole vocabulary, and the torch thread
+    count left as found."""
+    import forvalue.engine.gform as gform
+
+    val = setting["val"]
+    weights = aggregate_weights([s.label for s in setting["val_samples"]], ["math", "reverse"])
+    whole = GFormScorer(val, weights, "cpu")
+    per_row = GFormScorer.estimate_bytes(1, weights.shape[1], val.hidden.shape[1]) // 2
+    monkeypatch.setattr(gform, "GFORM_BUILD_WORKERS", workers)
+    built = []
+    monkeypatch.setattr(
+        GFormScorer, "_build", lambda self, v, _b=GFormScorer._build: built.append(self.vocab.numel()) or _b(self, v)
+    )
+    before = torch.get_num_threads()
+    parts = BlockedGForm(val, weights, "cpu", budget=per_row * (budget_rows + 1))
+    assert torch.get_num_threads() == before
+    n_vocab = vocab_union(val).size
+    assert parts.blocks == -(-n_vocab // budget_rows) and len(built) > parts.blocks and sum(built) == n_vocab
+    assert torch.equal(parts.scorer.keys, whole.keys) and torch.equal(parts.scorer.table, whole.table)
+
+
+def test_split_by_entries_covers_the_rows_in_balanced_parts():
+    from forvalue.engine.gform import _split_by_entries
+
+    rng = np.random.default_rng(0)
+    entries = rng.integers(1, 50, 1000)
+    entries[500] = 20_000  # one common token: a part of its own
+    for lo, hi, parts in [(0, 1000, 2), (100, 900, 3), (0, 1000, 1), (5, 6, 2), (0, 2, 8), (400, 600, 4)]:
+        got = _split_by_entries(entries, lo, hi, parts)
+        assert got[0][0] == lo and got[-1][1] == hi and 1 <= len(got) <= parts
+        assert all(a < b for a, b in got) and all(got[i][1] == got[i + 1][0] for i in range(len(got) - 1))
+    halves = _split_by_entries(np.ones(1000, np.int64), 0, 1000, 2)
+    assert halves == [(0, 500), (500, 1000)]
+
+
+def test_a_failed_build_stops_the_store_read_and_raises_its_error(setting, monkeypatch):
+    """The G-form is built while the store's first block is read: a build that fails raises its own error from the
+    audit scan and leaves no reading thread behind; a read that fails raises the read's error."""
+    import threading
+
+    import forvalue.engine.scan as scan_mod
+
+    store, val = setting["store"], setting["val"]
+    labels = [s.label for s in setting["val_samples"]]
+    groups = sorted({l for l in labels if l is not None})
+
+    def broken(*a, **k):
+        raise MemoryError("no room for the table")
+
+    monkeypatch.setattr(scan_mod, "BlockedGForm", broken)
+    with pytest.raises(MemoryError, match="no room"):
+        audit_scan(store, val, labels, groups, "cpu", form="gform", read_rows=1)
+    monkeypatch.undo()
+    assert not any(t.name == "forvalue-read-ahead" and t.is_alive() for t in threading.enumerate())
+
+    def failing_scan(self, columns, batch_size=1024):
+        raise OSError("disk gone")
+        yield
+
+    monkeypatch.setattr(Store, "scan", failing_scan)
+    with pytest.raises(OSError, match="disk gone"):
+        audit_scan(store, val, labels, groups, "cpu", form="gform")
+
+
 def test_sq_frobenius_is_the_mean_gram(setting):
     """||mean_v G_v||^2 = mean over pairs of validation samples of S(v, v') (cosine of the mean)."""
     val = setting["val"]

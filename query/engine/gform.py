@@ -23,14 +23,18 @@ number of validation samples.
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from forvalue.engine.plan import memory_budget, one_torch_thread, pair_form
+from forvalue.engine.plan import cpu_workers, memory_budget, one_torch_thread, pair_form
 from forvalue.engine.validation import ValidationSet
 from forvalue.storage.rows import TrainBlock
 
+# Parts of a vocabulary block built at once on a CPU (BlockedGForm; threads, torch on one thread each): the
+# 1,000-sample mixed set of docs/gform.md builds in ~1.1 s on one.
+GFORM_BUILD_WORKERS = cpu_workers()
 # Sparse entries per chunk of validation tokens in the build of Gbar.
 _BUILD_ENTRIES = 1 << 24
 # Floats in one chunk of the G-form's intermediates: (stored tokens x A d) of the gather, (pairs x d) of ``Z``.
@@ -162,6 +166,7 @@ class GFormScorer:
         m_piece = torch.from_numpy(m_piece).to(self.device)
         m_count = torch.from_numpy(np.bincount(m_sample, minlength=len(val))).to(self.device)
         m_first = torch.cumsum(m_count, 0) - m_count
+        one_each = len(val) > 0 and int(m_count.max()) <= 1
         entries = val.ids.shape[1]
         # tokens per chunk: at most chunk * (m+1) * (pieces a sample is in) entries
         step = max(1, _BUILD_ENTRIES // (entries * max(1, int(m_count.max()) if len(val) else 1)))
@@ -174,12 +179,16 @@ class GFormScorer:
                 held = torch.nonzero(pos != n_vocab).squeeze(1)  # entries on a row of this scorer
                 sample = token_sample[part][torch.div(held, entries, rounding_mode="floor")]
                 count = m_count[sample]  # each entry once per piece its sample is in
-                rep = torch.repeat_interleave(torch.arange(held.numel(), device=self.device), count)
-                m = (
-                    m_first[sample][rep]
-                    + torch.arange(rep.numel(), device=self.device)
-                    - (torch.cumsum(count, 0) - count)[rep]
-                )
+                if one_each:  # (an audit: one piece per sample) no repeats; entries of samples in no piece dropped
+                    rep = torch.nonzero(count).squeeze(1)
+                    m = m_first[sample[rep]]
+                else:
+                    rep = torch.repeat_interleave(torch.arange(held.numel(), device=self.device), count)
+                    m = (
+                        m_first[sample][rep]
+                        + torch.arange(rep.numel(), device=self.device)
+                        - (torch.cumsum(count, 0) - count)[rep]
+                    )
                 if rep.numel():
                     held, piece = held[rep], m_piece[m]
                     # by piece, then row: a piece's rows gather its own samples' tokens (measured 0.48 -> 0.28 s
@@ -352,33 +361,40 @@ class BlockedGForm:
     ``budget``) into one float32 table, so scoring is a single :class:`GFormScorer` pass: one
     gather per stored token whatever the number of blocks (a validation set that mixes tasks has a
     large ``V_u``; scoring every block separately re-gathered every stored token once per block).
+    On a CPU each block is built in ``GFORM_BUILD_WORKERS`` parts of about as many validation entries
+    at once (threads, torch on one thread each): a key's row depends only on its own entries, so the
+    table is the one built whole, bit for bit.
 
     Attributes
     ----------
     blocks : int
-        Vocabulary blocks the build took.
+        Vocabulary blocks the build took (the memory budget's; not counting the parts built at once).
     """
 
     def __init__(self, val: ValidationSet, weights: np.ndarray, device, dtype=torch.float32, budget: int | None = None):
-        vocab = vocab_union(val)
+        vocab, entries = np.unique(val.ids, return_counts=True)  # vocab_union, and each row's validation entries
         n_agg = np.asarray(weights).reshape(len(val), -1).shape[1]
         budget = memory_budget(device) if budget is None else budget
         per_row = GFormScorer.estimate_bytes(1, n_agg, val.hidden.shape[1], dtype) // 2
         rows = max(1, int(budget // max(1, per_row)) - 1)
         starts = range(0, max(1, vocab.size), rows)
         self.blocks = len(starts)
-        if self.blocks == 1:
-            self.scorer = GFormScorer(val, weights, device, dtype, vocab)
-        else:
-            self.scorer = GFormScorer(val, weights, device, dtype, vocab, build=False)
-            keys, tables = [], []
-            for lo in starts:  # a block's row r is the whole table's row lo + r
-                part = GFormScorer(val, weights, device, dtype, vocab[lo : lo + rows])
-                keys.append(part.keys + lo * part.n_pieces)
-                tables.append(part.table)
-                del part
-            self.scorer.keys, self.scorer.table = torch.cat(keys), torch.cat(tables)
+        workers = GFORM_BUILD_WORKERS if torch.device(device).type == "cpu" else 1
+        parts = [part for lo in starts for part in _split_by_entries(entries, lo, min(lo + rows, vocab.size), workers)]
         self.n_agg = n_agg
+        if len(parts) <= 1:
+            self.scorer = GFormScorer(val, weights, device, dtype, vocab)
+            return
+        self.scorer = GFormScorer(val, weights, device, dtype, vocab, build=False)
+
+        def build(bounds):  # a part's row r is the whole table's row lo + r
+            part = GFormScorer(val, weights, device, dtype, vocab[bounds[0] : bounds[1]])
+            return part.keys + bounds[0] * part.n_pieces, part.table
+
+        # parts of about half a block each at once: within the budget of one block at a time
+        with one_torch_thread(), ThreadPoolExecutor(workers) as pool:
+            built = list(pool.map(build, parts))
+        self.scorer.keys, self.scorer.table = torch.cat([k for k, _ in built]), torch.cat([t for _, t in built])
 
     @property
     def pairs(self) -> bool:
@@ -389,6 +405,17 @@ class BlockedGForm:
 
     def sq_frobenius(self, hidden_cols: int | None = None) -> np.ndarray:
         return self.scorer.sq_frobenius(hidden_cols)
+
+
+def _split_by_entries(entries: np.ndarray, lo: int, hi: int, parts: int) -> list[tuple[int, int]]:
+    """Vocabulary rows ``[lo, hi)`` cut into at most ``parts`` ranges of about as many validation entries each
+    (``entries`` per row): the work of a part's build is its entries (a common token's row holds thousands)."""
+    if parts <= 1 or hi - lo < 2:
+        return [(lo, hi)]
+    total = np.cumsum(entries[lo:hi])
+    cuts = np.searchsorted(total, total[-1] * np.arange(1, parts) / parts, side="right") + lo
+    bounds = np.unique(np.clip(np.concatenate([[lo], cuts, [hi]]), lo, hi))
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def factor_weights(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

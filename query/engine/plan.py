@@ -33,6 +33,13 @@ PAIR_FORM_MIN_FLOATS = 4096
 VAL_BLOCK_TOKENS = 4096
 
 
+def cpu_workers(limit: int = 2) -> int:
+    """Threads for work split across a CPU's cores (each thread's torch on one thread): the cores this process may
+    use, at most ``limit`` (measured on 2 cores; docs/gform.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(limit, cores))
+
+
 def memory_budget(device: torch.device | str, fraction: float = 0.25) -> int:
     """Bytes the scorer may hold: ``fraction`` of the free accelerator memory or of the available RAM."""
     device = torch.device(device)

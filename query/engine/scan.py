@@ -8,7 +8,7 @@ passes) both score what it yields, and :func:`cosine` normalises per-sample scor
 
 from __future__ import annotations
 
-import os
+import itertools
 import queue
 import threading
 import time
@@ -20,7 +20,14 @@ import numpy as np
 import torch
 
 from forvalue.engine.gform import BlockedGForm, aggregate_weights
-from forvalue.engine.plan import bounded_val_blocks, choose_form, memory_budget, one_torch_thread, plan_passes
+from forvalue.engine.plan import (
+    bounded_val_blocks,
+    choose_form,
+    cpu_workers,
+    memory_budget,
+    one_torch_thread,
+    plan_passes,
+)
 from forvalue.engine.scorer import BlockedScorer, ExactScorer
 from forvalue.engine.validation import ValidationSet
 from forvalue.engine.variant import as_block, for_scoring
@@ -31,7 +38,7 @@ SCAN_COLUMNS = SCORING_COLUMNS + ["id", "label"]
 
 
 # Stored blocks scored at once by the G-form's pair way on a CPU (threads, each with torch on one thread)
-GFORM_BLOCK_WORKERS = min(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+GFORM_BLOCK_WORKERS = cpu_workers()
 
 
 def read_ahead(batches, hidden_size: int, depth: int = 2, val: ValidationSet | None = None):
@@ -85,6 +92,22 @@ def scan_blocks(store, read_rows: int = 1024, val: ValidationSet | None = None):
     for batch, block in read_ahead(batches, store.manifest.stored_width, val=val):
         yield first, batch, block
         first += batch.num_rows
+
+
+def _build_while_reading(blocks, val: ValidationSet, weights: np.ndarray, device, budget: int):
+    """``(scorer, head)``: the G-form of ``weights`` built on a thread while ``blocks`` (a :func:`scan_blocks`
+    generator) yields its first block, ``head`` (a list of it, empty for an empty store): the store's read and
+    decode overlap the build (one torch thread, ~1 s for 1,000 validation samples) instead of following it.
+    ``blocks`` is closed (its reader stopped) when either fails."""
+    with ThreadPoolExecutor(1) as builder:
+        job = builder.submit(BlockedGForm, val, weights, device, budget=budget)
+        try:
+            head = list(itertools.islice(blocks, 1))
+            return job.result(), head
+        except BaseException:
+            blocks.close()
+            job.cancel()
+            raise
 
 
 def cosine(scores: np.ndarray, train_sq_norms: np.ndarray, val_norms: np.ndarray) -> np.ndarray:
@@ -201,7 +224,10 @@ def audit_scan(
     ids, labels = [], []
 
     if form == "gform":
-        scorer = BlockedGForm(val, weights, device, budget=budget)
+        if device.type == "cpu":  # a store smaller than GFORM_BLOCK_WORKERS blocks: as many blocks as workers
+            read_rows = max(1, min(read_rows, -(-total // GFORM_BLOCK_WORKERS)))
+        blocks = scan_blocks(store, read_rows, val)
+        scorer, head = _build_while_reading(blocks, val, weights, device, budget)
         parts = []
         bar = tqdm(total=total, desc=desc, unit="sample", disable=not progress)
 
@@ -219,7 +245,7 @@ def audit_scan(
         if workers > 1:
             with one_torch_thread(), ThreadPoolExecutor(workers) as pool:
                 pending: deque = deque()
-                for _, batch, block in scan_blocks(store, read_rows, val):
+                for _, batch, block in itertools.chain(head, blocks):
                     pending.append((batch, block, pool.submit(scorer.score, block)))
                     if len(pending) > workers:  # at most `workers` blocks in flight beyond the read-ahead
                         batch, block, job = pending.popleft()
@@ -228,7 +254,7 @@ def audit_scan(
                     batch, block, job = pending.popleft()
                     finish(batch, block, job.result())
         else:
-            for _, batch, block in scan_blocks(store, read_rows, val):
+            for _, batch, block in itertools.chain(head, blocks):
                 finish(batch, block, scorer.score(block))
         bar.close()
         agg = np.concatenate(parts) if parts else np.zeros((0, weights.shape[1]))
