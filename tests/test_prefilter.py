@@ -648,6 +648,14 @@ def test_adaptive_candidates_batch_equals_alone_exact_scores_and_names_the_unset
     assert out.exit_code == 0, out.output
     assert f"warning: {len(val)} validation sample(s)" in out.stderr and "--max-candidates" in out.stderr
     assert f"at {2 * k + 1} candidates" in out.stderr
+    # a validation file that gives one sample twice: two columns, one name in the warning
+    twice = tmp / "val_twice.jsonl"
+    lines = (tmp / "val.jsonl").read_text().splitlines()
+    twice.write_text("\n".join(lines + lines[:1]) + "\n")
+    args[4] = str(twice)
+    out = CliRunner().invoke(main, args + ["--candidates", str(k), "--max-candidates", str(2 * k + 1)])
+    assert out.exit_code == 0, out.output
+    assert f"warning: {len(val)} validation sample(s)" in out.stderr, out.stderr
     # every row a candidate: nothing left unread, so never unsettled
     res = run_query(
         tmp / "store",

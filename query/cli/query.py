@@ -90,11 +90,10 @@ def _candidate_counts(counts: list[int]) -> str:
 
 
 def _unsettled_warning(result) -> str:
-    names = ", ".join(result.unsettled[:5]) + (
-        f" and {len(result.unsettled) - 5} more" if len(result.unsettled) > 5 else ""
-    )
+    distinct = list(dict.fromkeys(result.unsettled))  # a validation id given twice is named once
+    names = ", ".join(distinct[:5]) + (f" and {len(distinct) - 5} more" if len(distinct) > 5 else "")
     most = result.config.max_candidates if result.config and result.config.max_candidates else max(result.candidates)
-    who = f"{len(result.unsettled)} validation sample(s) ({names})"
+    who = f"{len(distinct)} validation sample(s) ({names})"
     if result.config.aggregate == "mean":
         who = "the mean of the validation samples"
     return (
