@@ -298,6 +298,50 @@ def test_split_by_entries_covers_the_rows_in_balanced_parts():
     assert halves == [(0, 500), (500, 1000)]
 
 
+def test_map_on_threads_keeps_order_raises_and_lets_ctrl_c_through():
+    """Items on threads, results in order; an item's error is raised; on Ctrl-C the running items are told to stop
+    and stop at their next step (an executor would wait for whole items: seconds for a large build), and no thread
+    is left running."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from forvalue.engine.plan import Stopped, map_on_threads
+
+    assert map_on_threads(lambda x, stop: x * x, list(range(20)), 3) == [x * x for x in range(20)]
+    assert map_on_threads(lambda x, stop: x, [], 2) == []
+
+    def bad(x, stop):
+        if x == 5:
+            raise ValueError("item 5")
+        return x
+
+    with pytest.raises(ValueError, match="item 5"):
+        map_on_threads(bad, list(range(10)), 2)
+    started, steps, stopped = threading.Event(), [], []
+
+    def slow(x, stop):  # many short steps, checking stop between them (as the G-form build does)
+        started.set()
+        for step in range(6000):
+            if stop.is_set():
+                stopped.append(x)
+                raise Stopped
+            steps.append(step)
+            time.sleep(0.01)
+        return x
+
+    threading.Thread(target=lambda: started.wait(60) and os.kill(os.getpid(), signal.SIGINT), daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        map_on_threads(slow, [1, 2, 3], 2)
+    # the running items stopped at their next step (none ran to its end, item 3 never started), none still running
+    assert stopped and set(stopped) <= {1, 2} and len(steps) < 6000
+    parts = [t for t in threading.enumerate() if t.name == "forvalue-part"]
+    for t in parts:  # at most past their last line: a running item would take a minute
+        t.join(10)
+    assert not any(t.is_alive() for t in parts)
+
+
 def test_a_failed_build_stops_the_store_read_and_raises_its_error(setting, monkeypatch):
     """The G-form is built while the store's first block is read: a build that fails raises its own error from the
     audit scan and leaves no reading thread behind; a read that fails raises the read's error."""

@@ -9,6 +9,8 @@ whose scorers fit a memory budget (:func:`memory_budget`).
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -38,6 +40,74 @@ def cpu_workers(limit: int = 2) -> int:
     use, at most ``limit`` (measured on 2 cores; docs/gform.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(limit, cores))
+
+
+class Stopped(Exception):
+    """Raised inside work that :func:`map_on_threads` was told to stop (its caller is leaving on an error)."""
+
+
+def map_on_threads(fn, items: list, workers: int) -> list:
+    """``[fn(item, stop) for item in items]`` on ``workers`` threads, in order; the first error is raised.
+
+    ``stop`` is a :class:`threading.Event` set when the caller leaves early (Ctrl-C while it waits): ``fn`` checks
+    it between its steps (raising :class:`Stopped`), so the caller waits for at most one step of each running item
+    before its own error goes on, where an executor would wait for whole items (seconds, for a large G-form
+    build). Every item has returned or stopped before this returns or raises.
+    """
+    results: list = [None] * len(items)
+    errors: list = []
+    todo = iter(range(len(items)))
+    stop, done = threading.Event(), threading.Condition()
+    running = [0]
+
+    def run() -> None:
+        try:
+            while not errors and not stop.is_set():
+                with done:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                try:
+                    results[i] = fn(items[i], stop)
+                except BaseException as exc:  # noqa: BLE001 - raised by the caller
+                    errors.append(exc)
+        finally:
+            with done:
+                running[0] -= 1
+                done.notify_all()
+
+    def wait_all() -> None:  # short waits: a wait without a timeout is not woken by Ctrl-C here
+        with done:
+            while running[0]:
+                done.wait(0.1)
+
+    # Ctrl-C is held while the threads start (the threads inherit the mask: the signal goes to this one), so that
+    # it lands in the wait below, which tells the running items to stop and waits for them; a thread left in torch
+    # at the interpreter's exit aborts the process ("terminate called without an active exception")
+    masked = hasattr(signal, "pthread_sigmask")
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masked else None
+    try:
+        try:
+            for _ in range(min(workers, len(items))):
+                with done:
+                    running[0] += 1
+                try:
+                    threading.Thread(target=run, name="forvalue-part", daemon=True).start()
+                except BaseException:
+                    with done:
+                        running[0] -= 1
+                    raise
+        finally:
+            if masked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        wait_all()
+    except BaseException:
+        stop.set()
+        wait_all()
+        raise
+    if errors:
+        raise errors[0]
+    return results
 
 
 def memory_budget(device: torch.device | str, fraction: float = 0.25) -> int:
