@@ -1138,3 +1138,23 @@ def test_plain_index_sketch_repairs_a_heavy_id_list_of_the_wrong_length(tmp_path
         report = forvalue.open(tmp_path / "s").sketch()
         assert report.sketched and check_store(tmp_path / "s").clean
         np.testing.assert_array_equal(load_heavy_ids(tmp_path / "s"), good)
+
+
+def test_take_layouts_tool_times_each_layout_of_the_same_rows_and_leaves_nothing(sketched_store, tmp_path):
+    """``python -m tools.bench_prefilter --take-layouts N``: the store's rows written again in four layouts of the
+    same bytes, each timed; its scratch folder removed, the store untouched, a scratch inside the store refused."""
+    from tools.bench_prefilter import main as bench
+
+    tmp, _, _ = sketched_store
+    store = tmp / "store"
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    out = tmp_path / "layouts.md"
+    assert (
+        bench(["--store", str(store), "--take-layouts", "3", "--scratch", str(tmp_path / "s"), "--out", str(out)]) == 0
+    )
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "ms" not in line]
+    assert len(rows) == 4 and len({line.split("|")[-2].strip() for line in rows[:3]}) == 1  # same MB for the three
+    assert list((tmp_path / "s").iterdir()) == []
+    with pytest.raises(SystemExit, match="inside the store"):
+        bench(["--store", str(store), "--take-layouts", "3", "--scratch", str(store / "x")])
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before

@@ -14,6 +14,7 @@ paths read hidden states block by block (exact) or only for candidates (prefilte
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,6 +100,79 @@ def take_floor(path: Path, n: int, out: Path | None) -> int:
     return 0
 
 
+def _binary(column):
+    """A list column as a binary column of the same bytes per row (each row's values back to back)."""
+    import pyarrow as pa
+
+    lists = column.combine_chunks()
+    values = lists.values.to_numpy(zero_copy_only=False)
+    offsets = np.asarray(lists.offsets).astype(np.int64) * values.itemsize
+    return pa.LargeBinaryArray.from_buffers(
+        pa.large_binary(), len(lists), [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(values.tobytes())]
+    )
+
+
+def take_layouts(path: Path, n: int, scratch: Path, out: Path | None, rows: int = 100_000) -> int:
+    """Why reading candidate rows costs what it does: the first ``rows`` rows of the store's scoring lists, written
+    again in other layouts under ``scratch`` (a folder of its own, removed after), and one warm ``take`` of ``n``
+    random rows from each (after a first take of the same rows): the cost is per column more than per byte."""
+    import shutil
+
+    import lance
+    import pyarrow as pa
+
+    from forvalue.schemas.tables import SCORING_COLUMNS
+
+    store = Store.open(path)
+    lists = [c for c in SCORING_COLUMNS if c not in ("n_scored", "sq_norm")]
+    if scratch.resolve().is_relative_to(Path(path).resolve()):
+        raise SystemExit(f"--scratch {scratch}: inside the store; give a folder outside it")
+    work = scratch / f"take-layouts-{os.getpid()}"
+    work.mkdir(parents=True)
+    try:
+        batches, count = [], 0
+        for batch in store.scan(lists, batch_size=8192):
+            batches.append(batch)
+            count += batch.num_rows
+            if count >= rows:
+                break
+        table = pa.Table.from_batches(batches).slice(0, rows)
+        binary = {c: _binary(table.column(c)) for c in lists}
+        row_bytes = [b"".join(binary[c][i].as_py() for c in lists) for i in range(table.num_rows)]
+        packed = pa.array(row_bytes, pa.large_binary())
+        layouts = {
+            "the store's five list columns": table,
+            "the five as binary columns": pa.table(binary),
+            "one binary column (the five back to back)": pa.table({"row": packed}),
+            "hidden states alone (one list column)": table.select(["hidden"]),
+        }
+        for i, (name, t) in enumerate(layouts.items()):
+            lance.write_dataset(t, str(work / f"l{i}.lance"), max_rows_per_file=8192)
+        rng = np.random.default_rng(0)
+        times: dict = {name: [] for name in layouts}
+        mb = {}
+        for _ in range(3):
+            take = np.sort(rng.choice(table.num_rows, n, replace=False)).tolist()
+            for i, name in enumerate(layouts):
+                ds = lance.dataset(str(work / f"l{i}.lance"))
+                ds.take(take)
+                t0 = time.perf_counter()
+                mb[name] = ds.take(take).nbytes / 1e6
+                times[name].append(1000 * (time.perf_counter() - t0))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lines = [
+        f"Store `{path}`: its first {table.num_rows} rows' scoring lists ({', '.join(lists)}) written again in "
+        f"other layouts (8,192 rows a file); {n} random rows per read, sorted, one warm `take` (3 reads).",
+        "",
+        "| layout | warm ms, 3 reads | MB |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {' / '.join(f'{t:.0f}' for t in times[name])} | {mb[name]:.1f} |" for name in layouts]
+    emit("\n".join(lines) + "\n", out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_prefilter", description=__doc__.split("\n")[0])
     p.add_argument("--store", type=Path, required=True)
@@ -152,10 +226,20 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="only time the read of this many random rows' scoring columns, cold then warm (page cache), 4 times",
     )
+    p.add_argument(
+        "--take-layouts",
+        type=int,
+        default=0,
+        help="only time a warm read of this many random rows of the store's first 100,000 rows written again in "
+        "other column layouts (under --scratch)",
+    )
+    p.add_argument("--scratch", type=Path, default=Path("/tmp"), help="where --take-layouts writes (removed after)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     if a.take_floor:
         return take_floor(a.store, a.take_floor, a.out)
+    if a.take_layouts:
+        return take_layouts(a.store, a.take_layouts, a.scratch, a.out)
     if a.exact_only and not a.exact_cache:
         p.error("--exact-only needs --exact-cache")
     import torch
