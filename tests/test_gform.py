@@ -342,6 +342,92 @@ def test_map_on_threads_keeps_order_raises_and_lets_ctrl_c_through():
     assert not any(t.is_alive() for t in parts)
 
 
+def test_map_on_threads_waits_for_a_started_item_when_ctrl_c_lands_in_thread_start(monkeypatch):
+    """A Ctrl-C can land while the threads start: SIGINT masked on the calling thread goes to another thread (the
+    store's reader), whose handler raises KeyboardInterrupt on the caller anyway, e.g. inside ``Thread.start`` once
+    the thread runs. The item that thread took is still told to stop and waited for: no thread is left in the
+    work (in torch at the interpreter's exit: the process aborts), and no hang (a counter taken down twice)."""
+    import threading
+    import time
+
+    from forvalue.engine.plan import Stopped, map_on_threads
+
+    start = threading.Thread.start
+
+    def start_then_ctrl_c(self):
+        start(self)
+        if self.name == "forvalue-part":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_ctrl_c)
+    began, stopped = threading.Event(), []
+
+    def item(x, stop, steps):
+        began.set()
+        for _ in range(steps):
+            if stop.is_set():
+                stopped.append(x)
+                raise Stopped
+            time.sleep(0.01)
+        return x
+
+    for steps in (2000, 0):  # an item still running when the caller leaves; one done before it waits
+        began.clear()
+        result = []
+        caller = threading.Thread(target=lambda: result.append(_raised(map_on_threads, item, steps)), daemon=True)
+        start(caller)
+        caller.join(15)
+        assert not caller.is_alive(), "map_on_threads still waiting"
+        assert result == [KeyboardInterrupt]
+        assert not any(t.name == "forvalue-part" and t.is_alive() for t in threading.enumerate())
+        assert not began.is_set() or steps == 0 or stopped
+
+
+def _raised(map_on_threads, item, steps):
+    try:
+        map_on_threads(lambda x, stop: item(x, stop, steps), [1, 2, 3], 2)
+    except BaseException as exc:  # noqa: BLE001
+        return type(exc)
+    return None
+
+
+def test_a_second_ctrl_c_while_the_items_stop_still_waits_for_them():
+    """Ctrl-C twice: the second lands while the running items stop (each at its next step); the caller still
+    waits for them, so no thread is left in torch when the interpreter exits ("terminate called without an active
+    exception", status -6, from ``forvalue audit run`` given two quick Ctrl-Cs while the G-form builds)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from forvalue.engine.plan import Stopped, map_on_threads
+
+    started, began, stopped = threading.Event(), [], []
+
+    def slow_to_stop(x, stop):
+        began.append(x)
+        started.set()
+        while not stop.is_set():
+            time.sleep(0.01)
+        time.sleep(0.5)  # a long last step: the second Ctrl-C comes in the middle of it
+        stopped.append(x)
+        raise Stopped
+
+    def ctrl_c_twice():
+        started.wait(60)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_twice, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        map_on_threads(slow_to_stop, [1, 2], 2)
+        time.sleep(5)  # (not reached)
+    assert began and sorted(stopped) == sorted(began)  # (an item not begun by the first Ctrl-C never begins)
+    assert not any(t.name == "forvalue-part" and t.is_alive() for t in threading.enumerate())
+    time.sleep(0.3)  # the second signal's handler has run by now (it was raised, or absorbed, above)
+
+
 def test_a_failed_build_stops_the_store_read_and_raises_its_error(setting, monkeypatch):
     """The G-form is built while the store's first block is read: a build that fails raises its own error from the
     audit scan and leaves no reading thread behind; a read that fails raises the read's error."""

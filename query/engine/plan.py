@@ -52,58 +52,66 @@ def map_on_threads(fn, items: list, workers: int) -> list:
     ``stop`` is a :class:`threading.Event` set when the caller leaves early (Ctrl-C while it waits): ``fn`` checks
     it between its steps (raising :class:`Stopped`), so the caller waits for at most one step of each running item
     before its own error goes on, where an executor would wait for whole items (seconds, for a large G-form
-    build). Every item has returned or stopped before this returns or raises.
+    build). Every item has returned or stopped before this returns or raises, whatever the moment of the Ctrl-C
+    (while the threads start, too) and however many come: a thread left in torch at the interpreter's exit aborts
+    the process ("terminate called without an active exception").
     """
     results: list = [None] * len(items)
     errors: list = []
-    todo = iter(range(len(items)))
     stop, done = threading.Event(), threading.Condition()
-    running = [0]
+    # items taken by a thread, items running: under ``done``; an item is taken only while ``stop`` is clear, and
+    # ``stop`` is set under ``done``, so once it is set no item starts and the running ones can only finish
+    state = {"taken": 0, "running": 0, "finished": 0}
+
+    def take() -> int | None:
+        with done:
+            if stop.is_set() or errors or state["taken"] == len(items):
+                return None
+            state["taken"] += 1
+            state["running"] += 1
+            return state["taken"] - 1
 
     def run() -> None:
-        try:
-            while not errors and not stop.is_set():
+        while (i := take()) is not None:
+            try:
+                results[i] = fn(items[i], stop)
+            except BaseException as exc:  # noqa: BLE001 - raised by the caller
                 with done:
-                    i = next(todo, None)
-                if i is None:
-                    return
-                try:
-                    results[i] = fn(items[i], stop)
-                except BaseException as exc:  # noqa: BLE001 - raised by the caller
                     errors.append(exc)
-        finally:
-            with done:
-                running[0] -= 1
-                done.notify_all()
+            finally:
+                with done:
+                    state["running"] -= 1
+                    state["finished"] += 1
+                    done.notify_all()
 
-    def wait_all() -> None:  # short waits: a wait without a timeout is not woken by Ctrl-C here
+    def wait_for(ended) -> None:  # short waits: a wait without a timeout is not woken by Ctrl-C here
         with done:
-            while running[0]:
+            while not ended():
                 done.wait(0.1)
 
-    # Ctrl-C is held while the threads start (the threads inherit the mask: the signal goes to this one), so that
-    # it lands in the wait below, which tells the running items to stop and waits for them; a thread left in torch
-    # at the interpreter's exit aborts the process ("terminate called without an active exception")
-    masked = hasattr(signal, "pthread_sigmask")
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if masked else None
     try:
+        # Ctrl-C is held while the threads start (they inherit the mask: the signal goes elsewhere); one taken by
+        # another thread meanwhile still raises here, anywhere in this block, which the bookkeeping above allows
+        masked = hasattr(signal, "pthread_sigmask")
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, set()) if masked else None  # the mask, unchanged
         try:
+            if masked:
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             for _ in range(min(workers, len(items))):
-                with done:
-                    running[0] += 1
-                try:
-                    threading.Thread(target=run, name="forvalue-part", daemon=True).start()
-                except BaseException:
-                    with done:
-                        running[0] -= 1
-                    raise
+                threading.Thread(target=run, name="forvalue-part", daemon=True).start()
         finally:
             if masked:
                 signal.pthread_sigmask(signal.SIG_SETMASK, before)
-        wait_all()
+        wait_for(lambda: state["finished"] == len(items) or (errors and not state["running"]))
     except BaseException:
-        stop.set()
-        wait_all()
+        with done:
+            stop.set()
+        while True:  # each running item stops at its next step; a second Ctrl-C meanwhile does not cut the wait
+            try:
+                wait_for(lambda: not state["running"])
+                break
+            except KeyboardInterrupt:
+                continue
         raise
     if errors:
         raise errors[0]
