@@ -298,7 +298,18 @@ def test_split_by_entries_covers_the_rows_in_balanced_parts():
     assert halves == [(0, 500), (500, 1000)]
 
 
-def test_map_on_threads_keeps_order_raises_and_lets_ctrl_c_through():
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt in this test, as in a terminal, even where the test run itself was started
+    with SIGINT ignored (a job started in the background: ``cmd &``, as CI may)."""
+    import signal
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_map_on_threads_keeps_order_raises_and_lets_ctrl_c_through(ctrl_c_raises):
     """Items on threads, results in order; an item's error is raised; on Ctrl-C the running items are told to stop
     and stop at their next step (an executor would wait for whole items: seconds for a large build), and no thread
     is left running."""
@@ -391,7 +402,7 @@ def _raised(map_on_threads, item, steps):
     return None
 
 
-def test_a_second_ctrl_c_while_the_items_stop_still_waits_for_them():
+def test_a_second_ctrl_c_while_the_items_stop_still_waits_for_them(ctrl_c_raises):
     """Ctrl-C twice: the second lands while the running items stop (each at its next step); the caller still
     waits for them, so no thread is left in torch when the interpreter exits ("terminate called without an active
     exception", status -6, from ``forvalue audit run`` given two quick Ctrl-Cs while the G-form builds)."""
