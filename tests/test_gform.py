@@ -439,6 +439,33 @@ def test_a_second_ctrl_c_while_the_items_stop_still_waits_for_them(ctrl_c_raises
     time.sleep(0.3)  # the second signal's handler has run by now (it was raised, or absorbed, above)
 
 
+def test_map_on_threads_stops_the_other_items_on_an_error():
+    """An item's error tells the running items to stop at their next step (a failed G-form part raised its error
+    only once the other part had been built whole: 1.2 s instead of 0.3 s for the 1,000-sample mixed set)."""
+    import threading
+    import time
+
+    from forvalue.engine.plan import Stopped, map_on_threads
+
+    began, stopped = threading.Event(), []
+
+    def item(x, stop):
+        if x == 1:
+            began.wait(30)
+            raise ValueError("item 1")
+        began.set()
+        for _ in range(3000):
+            if stop.is_set():
+                stopped.append(x)
+                raise Stopped
+            time.sleep(0.01)
+        return x
+
+    with pytest.raises(ValueError, match="item 1"):
+        map_on_threads(item, [1, 2, 3], 2)
+    assert stopped == [2]
+
+
 def test_a_failed_build_stops_the_store_read_and_raises_its_error(setting, monkeypatch):
     """The G-form is built while the store's first block is read: a build that fails raises its own error from the
     audit scan and leaves no reading thread behind; a read that fails raises the read's error."""

@@ -49,12 +49,12 @@ class Stopped(Exception):
 def map_on_threads(fn, items: list, workers: int) -> list:
     """``[fn(item, stop) for item in items]`` on ``workers`` threads, in order; the first error is raised.
 
-    ``stop`` is a :class:`threading.Event` set when the caller leaves early (Ctrl-C while it waits): ``fn`` checks
-    it between its steps (raising :class:`Stopped`), so the caller waits for at most one step of each running item
-    before its own error goes on, where an executor would wait for whole items (seconds, for a large G-form
-    build). Every item has returned or stopped before this returns or raises, whatever the moment of the Ctrl-C
-    (while the threads start, too) and however many come: a thread left in torch at the interpreter's exit aborts
-    the process ("terminate called without an active exception").
+    ``stop`` is a :class:`threading.Event` set when the caller leaves early (Ctrl-C while it waits) or an item
+    fails: ``fn`` checks it between its steps (raising :class:`Stopped`), so the caller waits for at most one step
+    of each running item before the error goes on, where an executor would wait for whole items (seconds, for a
+    large G-form build). Every item has returned or stopped before this returns or raises, whatever the moment of
+    the Ctrl-C (while the threads start, too) and however many come: a thread left in torch at the interpreter's
+    exit aborts the process ("terminate called without an active exception").
     """
     results: list = [None] * len(items)
     errors: list = []
@@ -78,6 +78,7 @@ def map_on_threads(fn, items: list, workers: int) -> list:
             except BaseException as exc:  # noqa: BLE001 - raised by the caller
                 with done:
                     errors.append(exc)
+                    stop.set()  # the other running items stop at their next step: the error is raised sooner
             finally:
                 with done:
                     state["running"] -= 1
