@@ -674,6 +674,49 @@ def test_pair_way_blocks_in_parallel_equal_one_at_a_time(setting, monkeypatch, n
     _close(many.mean, ref.mean(axis=0), 2e-4)
 
 
+def test_a_second_ctrl_c_while_stored_blocks_are_scored_waits_for_them(setting, monkeypatch):
+    """Ctrl-C twice while the pair way scores stored blocks on threads: the audit scan raises KeyboardInterrupt
+    once the blocks being scored are done, none left in torch ("terminate called without an active exception",
+    status -6, from ``forvalue audit run`` given two quick Ctrl-Cs while it scored the store)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import forvalue.engine.plan as plan
+    import forvalue.engine.scan as scan_mod
+
+    store, val = setting["store"], setting["val"]
+    labels = [s.label for s in setting["val_samples"]]
+    groups = sorted({l for l in labels if l is not None})
+    monkeypatch.setattr(plan, "PAIR_FORM_MIN_FLOATS", 1)
+    monkeypatch.setattr(scan_mod, "GFORM_BLOCK_WORKERS", 2)
+    scoring, calls = threading.Event(), {"begun": 0, "ended": 0}
+    score = GFormScorer.score
+
+    def slow_score(self, block):
+        calls["begun"] += 1
+        scoring.set()
+        time.sleep(0.5)
+        out = score(self, block)
+        calls["ended"] += 1
+        return out
+
+    monkeypatch.setattr(GFormScorer, "score", slow_score)
+
+    def ctrl_c_twice():
+        scoring.wait(60)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.15)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_twice, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        audit_scan(store, val, labels, groups, "cpu", form="gform", read_rows=1)
+    assert calls["begun"] and calls["ended"] == calls["begun"]
+    time.sleep(0.3)  # (the second signal has been raised, or absorbed, above)
+
+
 def test_gform_runs_on_one_torch_thread_and_restores_the_setting(setting, monkeypatch):
     """The build and the pair way run on one torch thread (thousands of small operations) and leave the
     process's thread count as they found it."""

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,17 +98,58 @@ def _build_while_reading(blocks, val: ValidationSet, weights: np.ndarray, device
     """``(scorer, head)``: the G-form of ``weights`` built while a thread takes the first block of ``blocks`` (a
     :func:`scan_blocks` generator; ``head`` a list of it, empty for an empty store), so the store's read and decode
     overlap the build (~1 s for 1,000 validation samples) instead of following it. The build stays on the calling
-    thread (Ctrl-C stops it); when it fails, ``blocks`` is closed once its first block is in (its reader
-    stopped)."""
+    thread (Ctrl-C stops it); when it fails, ``blocks`` is closed (its reader stopped) once the thread's read is
+    done, or without it when that read had not begun."""
+    jobs = _Jobs()
     with ThreadPoolExecutor(1) as first:
-        head = first.submit(lambda: list(itertools.islice(blocks, 1)))
         try:
+            head = first.submit(jobs.wrap(lambda: list(itertools.islice(blocks, 1))))
             scorer = BlockedGForm(val, weights, device, budget=budget)
         except BaseException:
-            wait([head])  # a generator cannot be closed while another thread runs it
+            jobs.stop()  # a generator cannot be closed while another thread runs it
             blocks.close()
             raise
         return scorer, head.result()
+
+
+class _Jobs:
+    """The jobs of a pool's threads, counted: :meth:`stop` waits for the running ones to end, and a job not begun by
+    then does nothing. A Ctrl-C anywhere meanwhile (a second one: the caller is leaving on the first, maybe from
+    inside ``pool.submit``, whose future it never got) does not cut the wait: a thread left in torch or in the
+    store's read at the interpreter's exit aborts the process ("terminate called without an active exception"). The
+    pool's own shutdown cannot do it: a ``Thread.join`` cut by Ctrl-C marks the thread as ended (Python 3.11)."""
+
+    def __init__(self):
+        self._done = threading.Condition()
+        self._running = 0
+        self._stopped = False
+
+    def wrap(self, fn):
+        def job(*args):
+            with self._done:
+                if self._stopped:
+                    return None
+                self._running += 1
+            try:
+                return fn(*args)
+            finally:
+                with self._done:
+                    self._running -= 1
+                    self._done.notify_all()
+
+        return job
+
+    def stop(self) -> None:
+        with self._done:
+            self._stopped = True
+        while True:
+            try:
+                with self._done:
+                    while self._running:
+                        self._done.wait(0.1)
+                return
+            except KeyboardInterrupt:
+                continue
 
 
 def cosine(scores: np.ndarray, train_sq_norms: np.ndarray, val_norms: np.ndarray) -> np.ndarray:
@@ -246,14 +287,20 @@ def audit_scan(
         if workers > 1:
             with one_torch_thread(), ThreadPoolExecutor(workers) as pool:
                 pending: deque = deque()
-                for _, batch, block in itertools.chain(head, blocks):
-                    pending.append((batch, block, pool.submit(scorer.score, block)))
-                    if len(pending) > workers:  # at most `workers` blocks in flight beyond the read-ahead
+                jobs = _Jobs()
+                try:
+                    for _, batch, block in itertools.chain(head, blocks):
+                        pending.append((batch, block, pool.submit(jobs.wrap(scorer.score), block)))
+                        if len(pending) > workers:  # at most `workers` blocks in flight beyond the read-ahead
+                            batch, block, job = pending.popleft()
+                            finish(batch, block, job.result())
+                    while pending:
                         batch, block, job = pending.popleft()
                         finish(batch, block, job.result())
-                while pending:
-                    batch, block, job = pending.popleft()
-                    finish(batch, block, job.result())
+                except BaseException:
+                    jobs.stop()  # the blocks being scored are done before the error goes on
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
         else:
             for _, batch, block in itertools.chain(head, blocks):
                 finish(batch, block, scorer.score(block))
