@@ -674,7 +674,7 @@ def test_pair_way_blocks_in_parallel_equal_one_at_a_time(setting, monkeypatch, n
     _close(many.mean, ref.mean(axis=0), 2e-4)
 
 
-def test_a_second_ctrl_c_while_stored_blocks_are_scored_waits_for_them(setting, monkeypatch):
+def test_a_second_ctrl_c_while_stored_blocks_are_scored_waits_for_them(setting, monkeypatch, ctrl_c_raises):
     """Ctrl-C twice while the pair way scores stored blocks on threads: the audit scan raises KeyboardInterrupt
     once the blocks being scored are done, none left in torch ("terminate called without an active exception",
     status -6, from ``forvalue audit run`` given two quick Ctrl-Cs while it scored the store)."""
