@@ -309,6 +309,22 @@ def ctrl_c_raises():
     signal.signal(signal.SIGINT, before)
 
 
+def _ctrl_c_twice_after(event, gap: float) -> None:
+    """On a thread: once ``event`` is set, SIGINT to this process, then again ``gap`` seconds later."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def ctrl_c_twice():
+        event.wait(60)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(gap)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_twice, daemon=True).start()
+
+
 def test_map_on_threads_keeps_order_raises_and_lets_ctrl_c_through(ctrl_c_raises):
     """Items on threads, results in order; an item's error is raised; on Ctrl-C the running items are told to stop
     and stop at their next step (an executor would wait for whole items: seconds for a large build), and no thread
@@ -406,8 +422,6 @@ def test_a_second_ctrl_c_while_the_items_stop_still_waits_for_them(ctrl_c_raises
     """Ctrl-C twice: the second lands while the running items stop (each at its next step); the caller still
     waits for them, so no thread is left in torch when the interpreter exits ("terminate called without an active
     exception", status -6, from ``forvalue audit run`` given two quick Ctrl-Cs while the G-form builds)."""
-    import os
-    import signal
     import threading
     import time
 
@@ -424,13 +438,7 @@ def test_a_second_ctrl_c_while_the_items_stop_still_waits_for_them(ctrl_c_raises
         stopped.append(x)
         raise Stopped
 
-    def ctrl_c_twice():
-        started.wait(60)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=ctrl_c_twice, daemon=True).start()
+    _ctrl_c_twice_after(started, 0.2)
     with pytest.raises(KeyboardInterrupt):
         map_on_threads(slow_to_stop, [1, 2], 2)
         time.sleep(5)  # (not reached)
@@ -678,8 +686,6 @@ def test_a_second_ctrl_c_while_stored_blocks_are_scored_waits_for_them(setting, 
     """Ctrl-C twice while the pair way scores stored blocks on threads: the audit scan raises KeyboardInterrupt
     once the blocks being scored are done, none left in torch ("terminate called without an active exception",
     status -6, from ``forvalue audit run`` given two quick Ctrl-Cs while it scored the store)."""
-    import os
-    import signal
     import threading
     import time
 
@@ -704,13 +710,7 @@ def test_a_second_ctrl_c_while_stored_blocks_are_scored_waits_for_them(setting, 
 
     monkeypatch.setattr(GFormScorer, "score", slow_score)
 
-    def ctrl_c_twice():
-        scoring.wait(60)
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.15)
-        os.kill(os.getpid(), signal.SIGINT)
-
-    threading.Thread(target=ctrl_c_twice, daemon=True).start()
+    _ctrl_c_twice_after(scoring, 0.15)
     with pytest.raises(KeyboardInterrupt):
         audit_scan(store, val, labels, groups, "cpu", form="gform", read_rows=1)
     assert calls["begun"] and calls["ended"] == calls["begun"]

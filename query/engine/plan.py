@@ -46,6 +46,20 @@ class Stopped(Exception):
     """Raised inside work that :func:`map_on_threads` was told to stop (its caller is leaving on an error)."""
 
 
+def wait_through_ctrl_c(done: threading.Condition, ended) -> None:
+    """Wait on ``done`` until ``ended()`` (called under it), in short waits (a wait without a timeout is not woken by
+    Ctrl-C here); a Ctrl-C meanwhile does not cut the wait: the caller is already leaving on an error and must not
+    leave threads behind in torch or in a store's read ("terminate called without an active exception")."""
+    while True:
+        try:
+            with done:
+                while not ended():
+                    done.wait(0.1)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 def map_on_threads(fn, items: list, workers: int) -> list:
     """``[fn(item, stop) for item in items]`` on ``workers`` threads, in order; the first error is raised.
 
@@ -107,12 +121,7 @@ def map_on_threads(fn, items: list, workers: int) -> list:
     except BaseException:
         with done:
             stop.set()
-        while True:  # each running item stops at its next step; a second Ctrl-C meanwhile does not cut the wait
-            try:
-                wait_for(lambda: not state["running"])
-                break
-            except KeyboardInterrupt:
-                continue
+        wait_through_ctrl_c(done, lambda: not state["running"])  # each running item stops at its next step
         raise
     if errors:
         raise errors[0]

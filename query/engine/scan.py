@@ -27,6 +27,7 @@ from forvalue.engine.plan import (
     memory_budget,
     one_torch_thread,
     plan_passes,
+    wait_through_ctrl_c,
 )
 from forvalue.engine.scorer import BlockedScorer, ExactScorer
 from forvalue.engine.validation import ValidationSet
@@ -142,14 +143,7 @@ class _Jobs:
     def stop(self) -> None:
         with self._done:
             self._stopped = True
-        while True:
-            try:
-                with self._done:
-                    while self._running:
-                        self._done.wait(0.1)
-                return
-            except KeyboardInterrupt:
-                continue
+        wait_through_ctrl_c(self._done, lambda: not self._running)
 
 
 def cosine(scores: np.ndarray, train_sq_norms: np.ndarray, val_norms: np.ndarray) -> np.ndarray:
