@@ -116,7 +116,7 @@ def _build(inputs: list, store: Store, config: BuildConfig, runner, started: flo
             _flush(store, pending, report)
     _flush(store, pending, report)
     bar.close()
-    return finish_build(store, report, started)
+    return finish_build(store, report, started, config.progress)
 
 
 def _new_samples(

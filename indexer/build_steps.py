@@ -17,14 +17,14 @@ from forvalue.indexer.data import Sample, data_format
 from forvalue.indexer.encoder import EncodedSample
 from forvalue.indexer.images import ImageError
 from forvalue.indexer.low_rank import check_rank, fit_hidden_basis, project_encoded
-from forvalue.indexer.sketch import SketchSpec, fit_basis, fit_heavy_ids, get_sketcher
+from forvalue.indexer.sketch import SketchSpec, fit_heavy_ids, get_sketcher
 from forvalue.indexer.tokenize import TokenizedSample
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig
 from forvalue.schemas.errors import BadValuesError, ConfigError
 from forvalue.schemas.hidden_codec import resolve_block
 from forvalue.schemas.manifest import Manifest
 from forvalue.schemas.tables import ids_dtype_for
-from forvalue.storage.sketch_basis import load_basis, load_heavy_ids, publish_basis, publish_heavy_ids
+from forvalue.storage.sketch_basis import fit_basis, load_basis, load_heavy_ids, publish_basis, publish_heavy_ids
 
 # Hidden states (tokens) used to fit a store's sketch basis: the first ones written.
 BASIS_FIT_TOKENS = 200_000
@@ -263,12 +263,12 @@ def sketch_column(
     return pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), spec.dim)  # cast on append
 
 
-def finish_build(store, report: BuildReport, started: float) -> BuildReport:
+def finish_build(store, report: BuildReport, started: float, progress: bool = False) -> BuildReport:
     """Extend the prefilter index to every committed row; complete ``report`` (totals, seconds since ``started``)."""
     if store.manifest.sketch_dim and report.written:
         from forvalue.storage.faiss_index import ensure
 
-        ensure(store)  # extends (or builds) the prefilter index to cover every committed row
+        ensure(store, progress=progress)  # extends (or builds) the prefilter index to cover every committed row
     report.total_rows = store.count()
     report.seconds = time.perf_counter() - started
     return report

@@ -427,7 +427,7 @@ def _fit_sketch_basis(src: Store, out: Path, target: Manifest, projection: np.nd
     """The fitted sketch basis of a low-rank conversion: fitted to the projected values of the source's first
     tokens (or the one a previous run published)."""
     from forvalue.indexer.low_rank import stored_projection
-    from forvalue.indexer.sketch import fit_basis
+    from forvalue.storage.sketch_basis import fit_basis
 
     if not target.sketch_dim or target.sketch_basis != "fitted":
         return None

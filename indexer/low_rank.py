@@ -4,7 +4,7 @@ The score ``S(v, i) = sum <e_vk, e_ik'> <h_vk, h_ik'>`` needs the hidden states 
 With ``U`` (``d x R``, orthonormal) a low-rank store keeps ``y = U^T h`` (``R`` values per token) and scores
 ``<U^T h_v, U^T h_i> = h_v^T U U^T h_i``: the score of the hidden states projected onto the span of ``U``,
 computed in ``R`` dimensions by every scoring path unchanged (validation samples are projected with the same
-``U``). ``U`` is fitted like the fitted sketch basis (:func:`forvalue.indexer.sketch.fit_basis`: the mean
+``U``). ``U`` is fitted like the fitted sketch basis (:func:`forvalue.storage.sketch_basis.fit_basis`: the mean
 hidden direction, then the top principal directions orthogonal to it), from the first hidden states the
 store gets, and kept in the store (:mod:`forvalue.storage.hidden_basis`). ``R = d`` keeps every direction: a
 rotation, exact up to float rounding.
@@ -46,7 +46,7 @@ def fit_hidden_basis(hidden: np.ndarray, rank: int, where: str = "the store") ->
     (``sum ||U_r^T h||^2 / sum ||h||^2``). Raises ConfigError when there are fewer tokens than ``rank``
     (the remaining directions would be arbitrary, not fitted).
     """
-    from forvalue.indexer.sketch import basis_from_moments, hidden_moments
+    from forvalue.storage.sketch_basis import basis_from_moments, hidden_moments
 
     hidden = np.asarray(hidden)
     n, d = hidden.shape

@@ -344,4 +344,4 @@ def _drive(ray, actors: list, inputs: list, store, config: BuildConfig, started:
     while in_flight:
         commit_oldest()
     bar.close()
-    return finish_build(store, report, started)
+    return finish_build(store, report, started, config.progress)

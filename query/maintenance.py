@@ -102,9 +102,16 @@ def _prefilter_state(store: Store, rows: int) -> str:
     if meta is None:
         return "none"
     behind = f", {rows - meta['rows']} rows behind (extended on next use)" if meta["rows"] < rows else ""
+    from forvalue.storage import rerank_table
+
+    record = meta.get("rerank")
+    staged = ""
+    if record is not None and rerank_table.sound(record):
+        size = sum(seg["entries_bytes"] + seg["offsets_bytes"] for seg in record["segments"])
+        staged = f"; second stage {size / 1e6:.1f} MB"
     if meta.get("from_column"):
-        return f"{meta.get('factory')} over {meta['rows']} rows, made from the sketch column (no copy){behind}"
-    return f"{meta.get('factory')} over {meta['rows']} rows, {meta.get('bytes', 0) / 1e6:.1f} MB{behind}"
+        return f"{meta.get('factory')} over {meta['rows']} rows, made from the sketch column (no copy){staged}{behind}"
+    return f"{meta.get('factory')} over {meta['rows']} rows, {meta.get('bytes', 0) / 1e6:.1f} MB{staged}{behind}"
 
 
 def sketch_store(
@@ -176,10 +183,11 @@ def _sketch_store(path, rebuild, dim, seed, kind, vocab_buckets, hidden_cols, ba
 
     from forvalue.engine.scorer import decode_block
     from forvalue.indexer.build import BASIS_FIT_TOKENS
-    from forvalue.indexer.sketch import SketchSpec, fit_basis, fit_heavy_ids, get_sketcher
+    from forvalue.indexer.sketch import SketchSpec, fit_heavy_ids, get_sketcher
     from forvalue.schemas.config import EncodeConfig
     from forvalue.schemas.tables import SCORING_COLUMNS
     from forvalue.storage.sketch_basis import (
+        fit_basis,
         heavy_ids_fit,
         load_basis,
         load_heavy_ids,
@@ -566,9 +574,32 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
     if not meta.get("from_column") and faiss_index.load(store) is None:  # bytes changed in place: FAISS refuses it
         problems.append(f"{where}: the prefilter index file {meta['file']} does not load; {fix}")
         return True
+    if _second_stage_problem(store, meta, problems, fix):
+        return True
     if meta.get("rows", 0) < rows:
         notes.append(f"the prefilter index covers {meta['rows']} of {rows} rows (extended on next use)")
     return False
+
+
+def _second_stage_problem(store: Store, meta: dict, problems: list[str], fix: str) -> bool:
+    """Adds what is wrong with the prefilter's second stage (``forvalue.storage.rerank_table``); True when it is."""
+    from forvalue.storage import rerank_table
+
+    record = meta.get("rerank")
+    if record is None:  # none yet (an index of before, or no rows to fit it on): written on the index's next use
+        return False
+    folder = store.path / faiss_index.INDEX_DIR
+    if not rerank_table.sound(record):
+        why = "its record in prefilter.json is damaged"
+    elif record["rows"] != meta.get("rows"):
+        why = f"it covers {record['rows']} rows, the index {meta.get('rows')}"
+    else:
+        why = rerank_table.problem(folder, record)
+        if why is None and rerank_table.load(folder, record) is None:
+            why = "its files do not load"
+    if why:
+        problems.append(f"{store.path}: the prefilter's second stage: {why}; {fix}")
+    return bool(why)
 
 
 def _audit_problems(store: Store, ids: dict) -> list[str]:

@@ -464,8 +464,11 @@ class QueryConfig(ScanConfig):
     val_block_tokens : int
         Validation tokens scored together (bounds the block's score matrix).
     candidates : int or None
-        Prefilter: FAISS candidates per validation sample, reranked exactly; None lets
-        :func:`forvalue.run_query` choose (docs/prefilter.md).
+        Prefilter: rows per validation sample scored exactly (the best by the index's second stage, or
+        by FAISS for an index without one); None lets :func:`forvalue.run_query` choose (docs/prefilter.md).
+    pool : int or None
+        Prefilter: FAISS candidates per validation sample ranked by the index's second stage (default
+        :data:`forvalue.engine.prefilter.POOL`, at least 4 x ``candidates``); adaptive like ``candidates``.
     max_candidates : int or None
         Prefilter: a validation sample whose last candidates still hold part of its exact top-k gets
         twice as many, up to this count (default 8 x ``candidates``; equal to ``candidates``: a fixed
@@ -485,10 +488,18 @@ class QueryConfig(ScanConfig):
     val_block_tokens: int = bounded(4096, "Validation tokens scored together (bounds memory).", 1, 1 << 24, cli=False)
     candidates: int | None = bounded(
         None,
-        "Prefilter: FAISS returns this many candidates per validation sample, reranked exactly (default: "
-        "automatic, see docs/prefilter.md).",
+        "Prefilter: rows per validation sample scored exactly, the best of the index's second stage (or of FAISS "
+        "for an index without one) (default: automatic, see docs/prefilter.md).",
         1,
         1 << 20,
+    )
+    pool: int | None = bounded(
+        None,
+        "Prefilter: FAISS candidates per validation sample that the index's second stage ranks before --candidates "
+        "of them are scored exactly; doubled (up to 4x) while its best rows still come from the last quarter of "
+        "them (default: 4000, at least 4 x --candidates).",
+        1,
+        1 << 23,
     )
     max_candidates: int | None = bounded(
         None,
@@ -501,13 +512,13 @@ class QueryConfig(ScanConfig):
     exact: bool = setting(False, "Score every stored sample (full scan), never the prefilter.")
 
     def __post_init__(self) -> None:
-        for name in ("candidates", "max_candidates"):  # FAISS takes a whole count (2.5 failed there, after the model)
+        for name in ("candidates", "max_candidates", "pool"):  # FAISS takes a whole count (2.5 failed there, late)
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
                 raise ConfigError(name, f"must be a whole number, got {value!r}")
         _check(self)
         self._check_variant()
-        for name in ("candidates", "max_candidates"):
+        for name in ("candidates", "max_candidates", "pool"):
             if getattr(self, name) is not None and self.exact:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(name, f"{flag} and --exact exclude each other; give one")

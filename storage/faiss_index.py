@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from forvalue.schemas.errors import ForValueError, StoreError
+from forvalue.storage import rerank_table
 from forvalue.storage.sketch_basis import basis_sha256, load_basis, load_heavy_ids
 from forvalue.storage.store import Store
 
@@ -58,6 +59,7 @@ class PrefilterIndex:
     index: object
     meta: dict = field(default_factory=dict)
     _gpu: object = None
+    rerank: "rerank_table.RerankTable | None" = None  # the second stage, when built (docs/prefilter.md)
 
     @property
     def rows(self) -> int:
@@ -196,7 +198,14 @@ def load(store: Store) -> PrefilterIndex | None:
         return None
     if index.ntotal != meta["rows"]:
         return None
-    return PrefilterIndex(index, meta)
+    return _with_rerank(store, PrefilterIndex(index, meta))
+
+
+def _with_rerank(store: Store, pre: PrefilterIndex | None) -> PrefilterIndex | None:
+    """``pre`` with its second stage loaded (None when it has none or its files do not load: built again)."""
+    if pre is not None and pre.meta.get("rerank"):
+        pre.rerank = rerank_table.load(_index_dir(store), pre.meta["rerank"])
+    return pre
 
 
 def _from_column(store: Store, meta: dict) -> PrefilterIndex | None:
@@ -216,11 +225,14 @@ def _from_column(store: Store, meta: dict) -> PrefilterIndex | None:
         added += block.shape[0]
         if added >= rows:
             break
-    return PrefilterIndex(index, meta) if added == rows else None
+    return _with_rerank(store, PrefilterIndex(index, meta)) if added == rows else None
 
 
-def save(store: Store, pre: PrefilterIndex) -> None:
+def save(store: Store, pre: PrefilterIndex, index_changed: bool = True) -> None:
     """Write the index file, then commit by replacing ``prefilter.json``; old files are removed.
+
+    ``index_changed=False``: the FAISS index is the one loaded from its file (only the second stage changed), which
+    is kept rather than written again.
 
     An exact index of float16 sketches (``SQfp16``) holds nothing the sketch column does not: only
     ``prefilter.json`` is written (``from_column``) and :func:`load` makes the index from the column.
@@ -230,6 +242,8 @@ def save(store: Store, pre: PrefilterIndex) -> None:
     folder.mkdir(exist_ok=True)
     if pre.meta.get("factory") == "SQfp16":
         name, meta = None, dict(pre.meta, file=None, bytes=0, from_column=True)
+    elif not index_changed and pre.meta.get("file") and (folder / pre.meta["file"]).exists():
+        name, meta = pre.meta["file"], dict(pre.meta)  # only the second stage changed: the FAISS file stays
     else:
         from forvalue.storage.files import atomic_path
 
@@ -244,6 +258,10 @@ def save(store: Store, pre: PrefilterIndex) -> None:
     pre.meta = meta
     for old in folder.glob("index-*.faiss"):
         if old.name != name:
+            old.unlink(missing_ok=True)
+    keep = rerank_table.files(meta.get("rerank"))
+    for old in folder.glob(f"{rerank_table.FILE_PREFIX}*"):
+        if old.name not in keep:
             old.unlink(missing_ok=True)
 
 
@@ -320,7 +338,8 @@ def training_sketches(store: Store, n: int, block_rows: int = 16384, seed: int =
 
 
 def extend(store: Store, pre: PrefilterIndex, block_rows: int = 16384) -> int:
-    """Add the table's rows ``pre.rows ..`` to the index; returns how many were added."""
+    """Add the table's rows ``pre.rows ..`` to the index (not its second stage: :func:`extend_rerank`); returns how
+    many were added."""
     start = pre.rows
     added = 0
     for block in _sketch_blocks(store, start, block_rows):
@@ -328,6 +347,29 @@ def extend(store: Store, pre: PrefilterIndex, block_rows: int = 16384) -> int:
         added += block.shape[0]
     pre.meta.update(rows=start + added, table_version=store.version())
     return added
+
+
+def extend_rerank(store: Store, pre: PrefilterIndex, progress: bool | None = None) -> bool:
+    """Bring the second stage (:mod:`forvalue.storage.rerank_table`) to the index's rows: extended from its own
+    rows, or written whole when it has none or its files did not load. Its files are written now; the record in
+    ``pre.meta`` is committed by :func:`save`. Returns whether it changed."""
+    current = pre.rerank if pre.rerank is not None and pre.rerank.rows <= pre.rows else None
+    if current is not None and current.rows == pre.rows:
+        return False
+    if store.manifest.stored_width < rerank_table.COLS:  # one value per token (--hidden-rank 1): no second stage
+        return pre.meta.pop("rerank", None) is not None
+    folder = _index_dir(store)
+    folder.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    record = rerank_table.extend(store, folder, None if current is None else current.record, pre.rows, progress)
+    if record is None:  # no tokens to fit its basis on yet
+        return pre.meta.pop("rerank", None) is not None
+    pre.meta["rerank"] = record
+    pre.rerank = rerank_table.load(folder, record)
+    if pre.rerank is None:
+        raise StoreError(f"{folder}: the second stage just written does not load; run 'forvalue index build --rebuild'")
+    pre.meta["rerank_seconds"] = round(time.perf_counter() - started, 3)
+    return True
 
 
 def _check_sketch_column(store: Store) -> None:
@@ -343,13 +385,16 @@ def _check_sketch_column(store: Store) -> None:
         )
 
 
-def ensure(store: Store, kind: str | None = None, persist: bool = True, rebuild: bool = False) -> PrefilterIndex:
+def ensure(
+    store: Store, kind: str | None = None, persist: bool = True, rebuild: bool = False, progress: bool | None = None
+) -> PrefilterIndex:
     """The store's index, brought up to date with the table.
 
     Rebuilt when missing, unreadable, of another sketch spec, covering more rows than the
     table, when ``rebuild``, or when ``kind`` (None: keep the saved kind, else ``auto``)
     now selects another FAISS type; extended when it covers fewer rows. Saved when it
-    changed and ``persist`` (a read-only store is simply not updated on disk).
+    changed and ``persist`` (a read-only store is simply not updated on disk). ``progress``: a bar while the
+    second stage is written (None: on a terminal only, after 2 s).
     """
     _check_sketch_column(store)
     pre = None if rebuild else load(store)
@@ -364,7 +409,7 @@ def ensure(store: Store, kind: str | None = None, persist: bool = True, rebuild:
         stale = pre.meta.get("sketch") != _spec_of(store) or pre.rows > rows or outgrown
         if stale or (kind is not None and kind != pre.meta.get("kind")):
             pre = None
-    changed = False
+    changed, index_changed = False, True
     if pre is None:
         if kind is None:  # a rebuild (unreadable file, --rebuild, check --repair) keeps the kind the user chose
             saved = (describe(store) or {}).get("kind")
@@ -378,9 +423,16 @@ def ensure(store: Store, kind: str | None = None, persist: bool = True, rebuild:
     elif pre.rows < rows:
         extend(store, pre)
         changed = True
+    else:
+        index_changed = False
+    if persist:  # (its files are written now; a store that cannot be written is queried without it)
+        try:
+            changed = extend_rerank(store, pre, progress) or changed
+        except OSError:
+            pre.rerank = None
     if changed and persist:
         try:
-            save(store, pre)
+            save(store, pre, index_changed)
         except OSError:
             pass
     return pre

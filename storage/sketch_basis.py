@@ -1,7 +1,7 @@
 """The fitted hidden-side basis of a store's prefilter sketch (``STORE/sketch_basis.npy``).
 
 A store whose manifest says ``sketch_basis = "fitted"`` computes every sketch with one
-``(d, c)`` basis ``U`` (``forvalue.indexer.sketch.fit_basis``), fitted from the first hidden states
+``(d, c)`` basis ``U`` (``forvalue.storage.sketch_basis.fit_basis``), fitted from the first hidden states
 written. It is published *before* the first row that uses it is committed, with an atomic
 create-if-absent (like the manifest): when several build workers start at once each may fit
 one, the first to publish wins and every worker then sketches with the published one.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forvalue.schemas.errors import StoreError
+from forvalue.schemas.errors import ForValueError, StoreError
 from forvalue.storage.files import publish_if_absent, write_bytes
 from forvalue.storage.location import store_location
 
@@ -115,3 +115,59 @@ def basis_sha256(basis: np.ndarray | None) -> str | None:
         return None
     dtype = np.int64 if np.asarray(basis).dtype.kind in "iu" else np.float32
     return hashlib.sha256(np.ascontiguousarray(basis, dtype).tobytes()).hexdigest()
+
+
+# Rows of hidden states per float64 block when fitting a basis.
+_FIT_ROWS = 16384
+
+
+def fit_basis(hidden: np.ndarray, cols: int) -> np.ndarray:
+    """An orthonormal hidden-side basis for the fitted sketch.
+
+    Column 0 is the mean hidden direction; columns ``1..cols-1`` are the top principal
+    directions of the hidden states after removing that direction.
+
+    Parameters
+    ----------
+    hidden : array, shape (N, d)
+        Hidden states of stored tokens (any float dtype; a few thousand tokens suffice).
+    cols : int
+        Number of columns ``c`` (``1 <= c <= d``).
+
+    Returns
+    -------
+    float32 array, shape (d, cols)
+    """
+    if hidden.ndim != 2 or hidden.shape[0] == 0:
+        raise ForValueError("fitting the sketch basis needs at least one stored token")
+    d = hidden.shape[1]
+    if not 1 <= cols <= d:
+        raise ForValueError(f"the sketch basis needs 1 <= cols <= {d}, got {cols}")
+    return basis_from_moments(*hidden_moments(hidden), cols)
+
+
+def hidden_moments(hidden: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """``(n, sum of rows, sum of outer products)`` of ``hidden`` ``(n, d)`` in float64, a block of rows at a time
+    (no float64 copy of all rows)."""
+    n, d = hidden.shape
+    total, gram = np.zeros(d), np.zeros((d, d))
+    for start in range(0, n, _FIT_ROWS):
+        block = np.asarray(hidden[start : start + _FIT_ROWS], np.float64)
+        total += block.sum(axis=0)
+        gram += block.T @ block
+    return n, total, gram
+
+
+def basis_from_moments(n: int, total: np.ndarray, gram: np.ndarray, cols: int) -> np.ndarray:
+    """The basis of :func:`fit_basis` from the moments of :func:`hidden_moments`, float32 ``(d, cols)``."""
+    d = gram.shape[0]
+    mean = total / n
+    cov = gram - n * np.outer(mean, mean)  # scatter of the centred hidden states
+    norm = np.linalg.norm(mean)
+    first = mean / norm if norm > 0 else np.eye(d)[0]
+    proj = np.eye(d) - np.outer(first, first)  # removes the mean direction
+    _, vecs = np.linalg.eigh(proj @ cov @ proj)  # ascending eigenvalues; eigenvectors span R^d
+    basis = np.concatenate([first[:, None], vecs[:, ::-1][:, : cols - 1]], axis=1)
+    q, r = np.linalg.qr(basis)  # exactly orthonormal; signs fixed so column 0 is the mean direction
+    q = q * np.where(np.diag(r) < 0, -1.0, 1.0)[None, :]
+    return q.astype(np.float32)

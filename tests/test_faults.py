@@ -649,7 +649,7 @@ def test_missing_prefilter_index_is_reported_and_rebuilt(small_store, tmp_path, 
 
     # the default exact index of float16 sketches has no file (made from the sketch column): an HNSW one has
     faiss_index.ensure(Store.open(store), kind="hnsw")
-    [index_file] = [f for f in (store / "prefilter").iterdir() if f.suffix != ".json"]
+    [index_file] = list((store / "prefilter").glob("index-*.faiss"))
     index_file.unlink()
     result = cli("index", "check", "--store", store)
     assert result.exit_code == 2, result.output

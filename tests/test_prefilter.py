@@ -10,11 +10,11 @@ from conftest import write_jsonl
 
 import forvalue
 from forvalue.api import build_index, run_query
-from forvalue.indexer.sketch import Sketcher, SketchSpec, fit_basis
+from forvalue.indexer.sketch import Sketcher, SketchSpec
 from forvalue.indexer.sparse_errors import error_entries, pair_score
 from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
 from forvalue.storage import faiss_index
-from forvalue.storage.sketch_basis import load_basis, publish_basis
+from forvalue.storage.sketch_basis import fit_basis, load_basis, publish_basis
 from forvalue.storage.store import Store
 
 
@@ -216,6 +216,11 @@ def test_prefilter_recall_matches_exact_and_wrong_sketch_breaks_it(sketched_stor
         lambda spec, basis=None, heavy_ids=None: Sketcher(dataclasses.replace(spec, seed=spec.seed + 1), basis=basis),
     )
     fixed = QueryConfig(top_k=k, progress=False, candidates=cand, max_candidates=cand)
+    # the second stage ranks every row here (its pool is the whole small store): the broken sketch does not matter
+    # (recall far above the chance of cand / rows = 0.2; its own loss on this tiny random model: ~0.8)
+    staged = run_query(tmp / "store", [tmp / "val.jsonl"], fixed, runner=tiny_runner)
+    assert _recall(e, _top_ids(staged, k)) >= 0.7 and staged.candidates == [cand] * len(test)
+    monkeypatch.setattr(qp, "second_stage_of", lambda index: None)  # the sketch's order alone
     broken = run_query(tmp / "store", [tmp / "val.jsonl"], fixed, runner=tiny_runner)
     assert _recall(e, _top_ids(broken, k)) < 0.6 and broken.candidates == [cand] * len(test)
     # adaptive candidates (the default): the broken sketch's top-k keeps reaching into its last candidates, so
@@ -231,6 +236,7 @@ def test_batched_query_equals_one_query_per_sample(sketched_store, tiny_runner):
     sample on its own candidates: its result is exactly the one of that sample queried alone, and every returned
     score is the exact scan's score of that row. Few candidates and a small read block, so the samples' candidates
     differ and fall across several reads."""
+    import forvalue.engine.prefilter as qp
     from forvalue.engine.prefilter import prefilter_topk, validation_sketches
     from forvalue.engine.validation import encode_validation, load_validation_samples
     from forvalue.schemas.config import DataConfig
@@ -250,7 +256,16 @@ def test_batched_query_equals_one_query_per_sample(sketched_store, tiny_runner):
         s1, r1 = prefilter_topk(store, val.subset([j]), cfg, "cpu").result()
         assert r1[0].tolist() == rows[j].tolist() and s1[0].tolist() == scores[j].tolist()
     spec = SketchSpec.from_manifest(store.manifest)
-    _, found = faiss_index.ensure(store).search(validation_sketches(val, spec, basis=load_basis(store.path)), cand)
+    index = faiss_index.ensure(store)
+    _, pools = index.search(
+        validation_sketches(val, spec, basis=load_basis(store.path)), qp.pool_size(len(train), cand)
+    )
+    found = np.stack(
+        [
+            f[np.argsort(-qp._second_stage(index.rerank, val, j, f, "none"), kind="stable")][:cand]
+            for j, f in enumerate(pools)
+        ]
+    )
     assert timings["rows_read"] == np.unique(found).size < len(val) * cand  # the union, read once
     for j in range(len(val)):
         assert set(rows[j]) <= set(found[j])  # never a row of another sample's candidates
@@ -735,6 +750,7 @@ class _ShortLists:
 
     def __init__(self, index, short):
         self.index, self.short = index, short
+        self.rerank, self.rows = index.rerank, index.rows
 
     def search(self, queries, k, nprobe=None):
         d, r = self.index.search(queries, k, nprobe)
@@ -1158,3 +1174,45 @@ def test_take_layouts_tool_times_each_layout_of_the_same_rows_and_leaves_nothing
     with pytest.raises(SystemExit, match="inside the store"):
         bench(["--store", str(store), "--take-layouts", "3", "--scratch", str(store / "x")])
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+
+
+class _BestLast:
+    """A FAISS index whose search puts a validation sample's true best rows (``ranking[:n]``, by exact score) at
+    positions ``at .. at + n - 1`` of its order, the other rows in their exact order before and after them."""
+
+    def __init__(self, index, ranking, n, at):
+        self.index, self.rerank, self.rows = index, index.rerank, index.rows
+        best, rest = list(ranking[:n]), list(ranking[n:])
+        self.order = np.array(rest[:at] + list(best) + rest[at:], np.int64)
+
+    def search(self, queries, k, nprobe=None):
+        return np.zeros((len(queries), k), np.float32), np.tile(self.order[:k], (len(queries), 1))
+
+    def to_gpu(self):
+        pass
+
+
+def test_the_pool_deepens_while_the_second_stage_finds_its_best_rows_at_its_end(sketched_store, tiny_runner):
+    """The sketch's candidates (the pool) hold a sample's best rows only in their last quarter: the second stage
+    ranks them first, so its best rows come from the pool's end and the pool doubles (once: in the larger pool
+    they sit in the first half). With a pool of fixed size, the same rows are found, the pool stays."""
+    import forvalue.engine.prefilter as qp
+    from forvalue.engine.scan import score_all
+
+    tmp, train, _ = sketched_store
+    store = Store.open(tmp / "store")
+    val = _encoded_val(tmp, store, tiny_runner).subset([0])
+    exact = np.concatenate([s[:, 0] for *_, s in score_all(store, val, QueryConfig(progress=False), "cpu")])
+    ranking = np.argsort(-exact, kind="stable").tolist()
+    best = ranking[:6]
+    index = _BestLast(faiss_index.ensure(store), ranking, 6, at=18)  # positions 18-23 of a pool of 24: its end
+    k = 4
+    t: dict = {}
+    cfg = QueryConfig(top_k=k, progress=False, candidates=6, max_candidates=6, pool=24)  # a fixed count
+    scores, rows = qp.prefilter_topk(store, val, cfg, "cpu", index=index, timings=t).result()
+    assert t["pool"].tolist() == [48]
+    assert rows[0].tolist() == best[:k]  # (the stage-2 order on this tiny model finds them among 24 rows)
+    np.testing.assert_allclose(scores[0], exact[best[:k]], rtol=1e-9)
+    late: dict = {}
+    qp.prefilter_topk(store, val, cfg, "cpu", index=_BestLast(index.index, ranking, 6, at=0), timings=late)
+    assert late["pool"].tolist() == [24]  # the best rows first in the pool: no deeper pool

@@ -14,6 +14,7 @@ paths read hidden states block by block (exact) or only for candidates (prefilte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+import forvalue.engine.prefilter as qp
 from forvalue.engine.prefilter import prefilter_topk
 from forvalue.engine.ranking import TopK
 from forvalue.engine.scan import score_all
@@ -187,6 +189,18 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of G: adaptive candidates up to G x the candidate count (1: a fixed count; the product's "
         "default is 8)",
     )
+    p.add_argument(
+        "--stages",
+        default="2",
+        help="comma list: 2 = the index's second stage ranks the sketch's candidates (when it has one), 1 = the "
+        "sketch's order alone; --candidates then counts the rows scored exactly",
+    )
+    p.add_argument(
+        "--pool",
+        default="",
+        help="comma list of first pool sizes for --stages 2 (the sketch's candidates the second stage ranks; "
+        "default: the product's)",
+    )
     p.add_argument("--rebuild", action="store_true")
     p.add_argument(
         "--single-exact", action="store_true", help="also time the exact scan for one validation sample alone"
@@ -300,26 +314,48 @@ def main(argv: list[str] | None = None) -> int:
 
     k = a.top_k
     table = [
-        f"| candidates | most | % of store | nprobe | Recall@{k} mean / median / min | candidates used mean / median / "
-        f"max | unsettled | worst returned / true: top-1, {k}-th score | latency p50 ms | p95 ms | sketch+search ms | "
-        "take ms | score ms | waiting for reads ms | speedup vs exact (per sample) | vs 1-sample exact |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| stages | pool first / mean / max | candidates | most | % of store | nprobe | Recall@{k} mean / median / "
+        f"min | candidates used mean / median / max | unsettled | worst returned / true: top-1, {k}-th score | "
+        "latency p50 ms | p95 ms | sketch+search ms | second stage ms | take ms | score ms | waiting for reads ms | "
+        "speedup vs exact (per sample) | vs 1-sample exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     truth: dict[int, np.ndarray] = {}  # exact scores of each sample's true top-k (read once, outside the timings)
     nprobes = [int(x) for x in a.nprobe.split(",") if x] or [None]
     single_p50 = {}
+    pools = [int(x) for x in a.pool.split(",") if x] or [None]
     settings = [
-        (int(c), int(g), nprobe) for c in a.candidates.split(",") for g in a.growth.split(",") for nprobe in nprobes
+        (int(st), int(c), int(g), nprobe, pool)
+        for st in a.stages.split(",")
+        for pool in (pools if st == "2" else [None])
+        for c in a.candidates.split(",")
+        for g in a.growth.split(",")
+        for nprobe in nprobes
     ]
-    for c, g, nprobe in settings if t_exact is not None else []:
-        lat, rec, used, unsettled, first_ratio, kth_ratio = [], [], [], 0, [], []
-        parts = {"sketch": 0.0, "search": 0.0, "read": 0.0, "score": 0.0, "read_wait": 0.0}
+    sketch_only = dataclasses.replace(pre, rerank=None)
+    for stages, c, g, nprobe, pool in settings if t_exact is not None else []:
+        index = pre if stages == 2 else sketch_only
+        if stages == 2 and pre.rerank is None:
+            print("the index has no second stage: --stages 2 skipped", flush=True)
+            continue
+        lat, rec, used, unsettled, first_ratio, kth_ratio, pooled = [], [], [], 0, [], [], []
+        parts = {"sketch": 0.0, "search": 0.0, "read": 0.0, "score": 0.0, "read_wait": 0.0, "rerank": 0.0}
         for j in range(len(val)):
             one = val.subset([j])
             t0 = time.perf_counter()
             res = prefilter_topk(
-                store, one, cfg, dev, candidates=c, index=pre, nprobe=nprobe, timings=parts, max_candidates=g * c
+                store,
+                one,
+                cfg,
+                dev,
+                candidates=c,
+                index=index,
+                nprobe=nprobe,
+                timings=parts,
+                max_candidates=g * c,
+                pool=pool,
             )
+            pooled.append(0 if parts["pool"] is None else int(parts["pool"][0]))
             lat.append(time.perf_counter() - t0)
             got_s, got_r = res.result()
             rec.append(len(set(got_r[0].tolist()) & set(exact_rows[j].tolist())) / k)
@@ -332,14 +368,15 @@ def main(argv: list[str] | None = None) -> int:
             unsettled += len(parts["unsettled"])
         n = len(val)
         p50 = float(np.median(lat))
-        single_p50.setdefault(c, p50)
+        single_p50.setdefault((stages, c), p50)
         table.append(
-            f"| {c} | {g * c} | {100 * c / rows:.2f} | {nprobe or pre.meta.get('nprobe') or '-'} | "
+            f"| {stages} | {f'{pool or qp.POOL} / {np.mean(pooled):.0f} / {max(pooled)}' if stages == 2 else '-'} | "
+            f"{c} | {g * c} | {100 * c / rows:.2f} | {nprobe or pre.meta.get('nprobe') or '-'} | "
             f"{np.mean(rec):.3f} / {np.median(rec):.3f} / {np.min(rec):.3f} | "
             f"{np.mean(used):.0f} / {np.median(used):.0f} / {max(used)} | {unsettled} | "
             f"{min(first_ratio):.3f}, {min(kth_ratio):.3f} | "
             f"{1000 * p50:.0f} | {1000 * np.percentile(lat, 95):.0f} | "
-            f"{1000 * (parts['sketch'] + parts['search']) / n:.0f} | "
+            f"{1000 * (parts['sketch'] + parts['search']) / n:.0f} | {1000 * parts['rerank'] / n:.0f} | "
             f"{1000 * parts['read'] / n:.0f} | {1000 * parts['score'] / n:.0f} | "
             f"{1000 * parts['read_wait'] / n:.0f} | {t_exact / n / p50:.0f}x | "
             f"{f'{t_single / p50:.0f}x' if t_single else '-'} |"

@@ -37,7 +37,8 @@ from forvalue.engine.ranking import TopK
 from forvalue.engine.scan import scan_blocks
 from forvalue.engine.scorer import BlockedScorer
 from forvalue.indexer.build import BASIS_FIT_TOKENS
-from forvalue.indexer.sketch import Sketcher, SketchSpec, fit_basis
+from forvalue.indexer.sketch import Sketcher, SketchSpec
+from forvalue.storage.sketch_basis import fit_basis
 from forvalue.storage.store import Store
 from tools.bench_prefilter import load_val
 from tools.common import emit

@@ -8,7 +8,7 @@ tasks (``forvalue.tasks.text``; default 10 classes x 30 train + 2 validation per
 900 training samples, 30 classes) with the default SmolLM2, encodes the validation samples
 and scores them exactly (``forvalue.engine.scan.score_all``). Then, for each sketch variant
 (``basis:R:c``; the hidden basis fitted from the store's first hidden states with
-``forvalue.indexer.sketch.fit_basis``, as a build does), with the product's ``Sketcher``:
+``forvalue.storage.sketch_basis.fit_basis``, as a build does), with the product's ``Sketcher``:
 
 * ``corr``: Pearson correlation of sketch and exact scores (mean over validation samples);
 * ``R@k``: share of the exact top-k among the top-C rows by sketch score (C = a fraction of
@@ -75,12 +75,13 @@ def main(argv=None) -> int:
     from forvalue.engine.scorer import decode_block
     from forvalue.engine.validation import encode_validation, load_validation_samples
     from forvalue.indexer.build import BASIS_FIT_TOKENS
-    from forvalue.indexer.sketch import Sketcher, SketchSpec, fit_basis
+    from forvalue.indexer.sketch import Sketcher, SketchSpec
     from forvalue.maintenance import _first_tokens, sketch_store
     from forvalue.metrics import class_retrieval
     from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig, ModelConfig, QueryConfig
     from forvalue.schemas.tables import SCORING_COLUMNS
     from forvalue.session import load_store_runner
+    from forvalue.storage.sketch_basis import fit_basis
     from forvalue.storage.store import Store
 
     a.workdir.mkdir(parents=True, exist_ok=True)

@@ -40,12 +40,12 @@ import pyarrow as pa
 import torch
 
 from forvalue.indexer.build import BASIS_FIT_TOKENS
-from forvalue.indexer.sketch import SketchSpec, fit_basis, get_sketcher
+from forvalue.indexer.sketch import SketchSpec, get_sketcher
 from forvalue.indexer.sparse_errors import error_entries
 from forvalue.schemas.config import EncodeConfig
 from forvalue.schemas.manifest import Manifest
 from forvalue.schemas.tables import samples_schema
-from forvalue.storage.sketch_basis import load_basis, publish_basis
+from forvalue.storage.sketch_basis import fit_basis, load_basis, publish_basis
 from forvalue.storage.store import Store
 
 POOL = 64

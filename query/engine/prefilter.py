@@ -30,6 +30,7 @@ from forvalue.schemas.config import QueryConfig
 from forvalue.schemas.errors import ForValueError
 from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage import faiss_index
+from forvalue.storage.rerank_table import RerankTable
 from forvalue.storage.sketch_basis import load_basis, load_heavy_ids
 from forvalue.storage.store import Store
 
@@ -37,20 +38,37 @@ from forvalue.storage.store import Store
 AUTO_MIN_ROWS = 200_000
 
 
-def default_candidates(rows: int, top_k: int) -> int:
-    """Candidates per validation sample when ``--candidates`` is not given."""
+def default_candidates(rows: int, top_k: int, reranked: bool = False) -> int:
+    """Candidates per validation sample (rows scored exactly) when ``--candidates`` is not given: behind the second
+    stage 2 x top-k, at least 200; else (an index without one) 50 x top-k, at least 2,000."""
+    if reranked:
+        return int(min(rows, max(200, 2 * top_k)))
     return int(min(rows, max(2000, 50 * top_k)))
+
+
+# The second stage ranks this many of the sketch's candidates at first (at least POOL_FACTOR x the rows to score
+# exactly); a column whose second-stage best rows still come from the last of them gets twice as many, up to
+# POOL_GROWTH x the first count (docs/prefilter.md "The second stage").
+POOL = 4000
+POOL_FACTOR = 4
+POOL_GROWTH = 4
+
+
+def pool_size(rows: int, candidates: int) -> int:
+    """The sketch's candidates the second stage ranks when ``candidates`` rows are to be scored exactly."""
+    return int(min(rows, max(POOL, POOL_FACTOR * candidates)))
 
 
 def use_prefilter(store: Store, config: QueryConfig, full_scores: bool) -> bool:
     """Whether :func:`forvalue.api.run_query` takes the prefilter path (see docs/prefilter.md)."""
     if config.exact:
         return False
-    explicit = config.candidates is not None or config.max_candidates is not None
+    explicit = config.candidates is not None or config.max_candidates is not None or config.pool is not None
     if full_scores:
         if explicit:
             raise ForValueError(
-                "--candidates / --max-candidates score only candidate rows; --all-scores (or keep_scores) needs --exact"
+                "--candidates / --max-candidates / --pool score only candidate rows; --all-scores (or keep_scores) "
+                "needs --exact"
             )
         return False
     if config.normalize != "none":
@@ -103,6 +121,7 @@ def prefilter_topk(
     nprobe: int | None = None,
     timings: dict | None = None,
     max_candidates: int | None = None,
+    pool: int | None = None,
 ) -> TopK:
     """Top-k rows per validation sample (or of the mean) by prefilter + exact rerank, candidates adaptive.
 
@@ -118,17 +137,18 @@ def prefilter_topk(
         ``top_k``, ``aggregate``, ``read_rows``, ``candidates`` and ``max_candidates`` are used;
         ``normalize`` must be ``none``.
     candidates : int, optional
-        Rows per validation sample from FAISS at first (default ``config.candidates``, else
-        :func:`default_candidates`).
+        Rows per validation sample scored exactly at first (default ``config.candidates``, else
+        :func:`default_candidates`): FAISS's best, or with the index's second stage the best by it of
+        :func:`pool_size` FAISS candidates.
     index : PrefilterIndex, optional
         An already loaded, up-to-date index (else :func:`forvalue.storage.faiss_index.ensure`).
     timings : dict, optional
         Filled with seconds spent in ``sketch``, ``search``, ``read`` (``take`` calls, in a reading thread),
-        ``read_wait`` (the scoring waiting for a read) and ``score``; ``rows_read``, the rows read (each round's
-        union once: a row read in one round can be read again in a later one for another column);
-        ``rows_reranked``, the distinct rows scored for any column; ``candidates``, the count each column ended
-        with; ``unsettled``, the columns whose test still asked for more at ``max_candidates`` (or for which FAISS
-        found fewer rows than asked).
+        ``read_wait`` (the scoring waiting for a read), ``score`` and ``rerank`` (the second stage); ``rows_read``,
+        the rows read (each round's union once: a row read in one round can be read again in a later one for
+        another column); ``rows_reranked``, the distinct rows scored exactly for any column; ``candidates``, the
+        count each column ended with; ``unsettled``, the columns whose test still asked for more at
+        ``max_candidates`` (or for which FAISS found fewer rows than asked).
     max_candidates : int, optional
         The most candidates a column may reach (default ``config.max_candidates``, else
         :data:`GROWTH` x the first count); the first count: a fixed count.
@@ -141,7 +161,6 @@ def prefilter_topk(
             f"{store.path}: the store has no sketches; run 'forvalue index sketch --store {store.path}'"
         )
     rows_total = store.count()
-    start, cap = candidate_range(rows_total, config, candidates, max_candidates)
     t = timings if timings is not None else {}
     for key in ("sketch", "search", "read", "score"):
         t.setdefault(key, 0.0)
@@ -149,6 +168,8 @@ def prefilter_topk(
     if index is None:
         index = faiss_index.ensure(store)
         index.to_gpu()
+    rerank = second_stage_of(index)
+    start, cap = candidate_range(rows_total, config, candidates, max_candidates, rerank is not None)
     heavy = load_heavy_ids(store.path) if spec.heavy else None  # (a stale file of an earlier sketch: not this one's)
     basis = load_basis(store.path) if spec.basis == "fitted" else None
     queries = validation_sketches(val, spec, config.aggregate, basis, heavy)
@@ -158,14 +179,26 @@ def prefilter_topk(
     rows = [np.zeros(0, np.int64) for _ in range(n_cols)]  # per column: scored rows, increasing
     scores = [np.zeros(0, np.float64) for _ in range(n_cols)]
     used = np.zeros(n_cols, np.int64)
+    want = np.full(n_cols, start, np.int64)  # per column: rows to score exactly this round
+    first_pool = min(rows_total, max(pool or config.pool or pool_size(rows_total, start), start))
+    pool_cap = min(rows_total, max(POOL_GROWTH * first_pool, POOL_FACTOR * cap))
+    pools = np.full(n_cols, first_pool, np.int64)  # per column: the sketch's candidates the second stage ranks
     unsettled: list[int] = []
     scorers: dict = {}
-    pending, c = np.arange(n_cols), start
+    pending = np.arange(n_cols)
     while pending.size:
+        asked = pools[pending] if rerank is not None else want[pending]
         t1 = time.perf_counter()
-        _, found = index.search(queries[pending], c, nprobe=nprobe)
+        found = _search(index, queries, pending, asked, nprobe)  # FAISS order, best first
         t["search"] += time.perf_counter() - t1
-        ordered = [f[f >= 0] for f in found]  # FAISS order, best first
+        staged = [None] * pending.size
+        if rerank is not None:  # the second stage's order of the sketch's candidates, its best ``want``
+            t1 = time.perf_counter()
+            staged = [_second_stage(rerank, val, j, f, config.aggregate) for j, f in zip(pending, found)]
+            ordered = [f[np.argsort(-s2, kind="stable")][: want[j]] for j, f, s2 in zip(pending, found, staged)]
+            t["rerank"] = t.get("rerank", 0.0) + time.perf_counter() - t1
+        else:
+            ordered = found
         new = [np.setdiff1d(f, rows[j]) for j, f in zip(pending, ordered)]
         if config.aggregate == "mean":  # one column: every validation sample scored on its rows, averaged
             t["rows_read"] = t.get("rows_read", 0) + int(new[0].size)
@@ -173,21 +206,33 @@ def prefilter_topk(
         else:
             got = _score_own_candidates(store, val, pending, new, config, device, t, scorers)
         later = []
-        for j, f, r, s in zip(pending, ordered, new, got):
+        for i, (j, f, r, s) in enumerate(zip(pending, ordered, new, got)):
             rows[j], scores[j] = _merge(rows[j], scores[j], r, s)
             used[j] = f.size
             if rows[j].size >= rows_total:
                 continue  # every row scored
             short = rows[j].size < config.top_k  # fewer rows scored than the top-k holds: more are needed
-            if not short and not needs_more(scores[j][np.searchsorted(rows[j], f)], scores[j], config.top_k):
-                continue  # the top-k clear of the last candidates
-            if f.size < c or c >= cap:
-                # at the most, or FAISS gave fewer rows than asked though the store holds more (an IVF index's
-                # probed lists ran out: a deeper search finds no more): the top-k may miss rows
-                unsettled.append(int(j))
-            else:
+            more = short or needs_more(scores[j][np.searchsorted(rows[j], f)], scores[j], config.top_k)
+            # the second stage's best rows still reaching into the sketch's last candidates: a deeper pool
+            deeper = staged[i] is not None and needs_more(staged[i], staged[i], int(want[j]))
+            if not more and not deeper:
+                continue  # the top-k clear of the last candidates (and the second stage's of the sketch's last)
+            ran_out = found[i].size < asked[i]  # FAISS gave fewer rows than asked though the store holds more (an
+            # IVF index's probed lists ran out: a deeper search finds no more)
+            grew, full = False, f.size >= want[j]  # (behind the second stage, fewer rows than wanted: a small pool)
+            if more and not ran_out and full and want[j] < cap:
+                want[j] = min(cap, 2 * want[j])
+                pools[j] = max(pools[j], min(pool_cap, POOL_FACTOR * want[j]))
+                grew = True
+            if rerank is not None and (deeper or (more and not full)) and not ran_out and pools[j] < pool_cap:
+                pools[j] = min(pool_cap, 2 * pools[j])
+                grew = True
+            if grew:
                 later.append(j)
-        pending, c = np.asarray(later, np.int64), min(cap, 2 * c)
+            else:  # at the most: the top-k may miss rows
+                unsettled.append(int(j))
+        pending = np.asarray(later, np.int64)
+    t["pool"] = pools if rerank is not None else None
     t["candidates"] = used
     t["unsettled"] = sorted(unsettled)
     t["rows_reranked"] = int(np.unique(np.concatenate(rows)).size) if rows else 0
@@ -203,10 +248,15 @@ GROWTH = 8
 
 
 def candidate_range(
-    rows: int, config: QueryConfig, candidates: int | None = None, max_candidates: int | None = None
+    rows: int,
+    config: QueryConfig,
+    candidates: int | None = None,
+    max_candidates: int | None = None,
+    reranked: bool = False,
 ) -> tuple[int, int]:
-    """``(first, most)`` candidates per validation sample for a store of ``rows`` rows."""
-    first = candidates or config.candidates or default_candidates(rows, config.top_k)
+    """``(first, most)`` candidates per validation sample for a store of ``rows`` rows (``reranked``: behind the
+    second stage)."""
+    first = candidates or config.candidates or default_candidates(rows, config.top_k, reranked)
     most = max_candidates or config.max_candidates or GROWTH * first
     return min(rows, first, most), min(rows, max(most, 1))
 
@@ -221,6 +271,43 @@ def needs_more(in_order: np.ndarray, scored: np.ndarray, k: int) -> bool:
     kth = np.partition(scored, scored.size - k)[scored.size - k]
     tail = in_order[int(in_order.size * (1 - TAIL_FRACTION)) :]
     return int((tail >= kth).sum()) > TAIL_SHARE * k
+
+
+def second_stage_of(index) -> "RerankTable | None":
+    """The index's second stage when it covers the index's rows (:mod:`forvalue.storage.rerank_table`), else None
+    (then the sketch's order decides which rows are scored exactly)."""
+    rerank = getattr(index, "rerank", None)
+    return rerank if rerank is not None and rerank.rows == index.rows else None
+
+
+def _search(index, queries: np.ndarray, columns: np.ndarray, asked: np.ndarray, nprobe) -> list[np.ndarray]:
+    """FAISS's rows for each of ``columns``, ``asked[i]`` of them (fewer where it finds fewer), best first. Columns
+    asking the same count are searched together (a column's rows do not depend on the others searched with it)."""
+    found: list = [None] * columns.size
+    for count in np.unique(asked):
+        sel = np.flatnonzero(asked == count)
+        _, got = index.search(queries[columns[sel]], int(count), nprobe=nprobe)
+        for i, g in zip(sel, got):
+            found[i] = g[g >= 0]
+    return found
+
+
+def _second_stage(rerank, val: ValidationSet, column: int, found: np.ndarray, aggregate: str) -> np.ndarray:
+    """The second-stage scores ``s2`` of ``found`` (the sketch's candidates of a column), in its order. The column
+    is validation sample ``column``, or for ``aggregate='mean'`` the mean of all (``s2`` is linear in ``G_v``)."""
+    from forvalue.storage.rerank_rows import validation_table
+
+    hidden, vocab = raw_hidden(val), rerank.vocab_size
+    ends = np.cumsum(val.lengths)
+    samples = range(len(val)) if aggregate == "mean" else [int(column)]
+    table = None
+    for j in samples:
+        part = slice(int(ends[j] - val.lengths[j]), int(ends[j]))
+        one = validation_table(hidden[part], val.ids[part], val.values[part], rerank.basis, vocab)
+        table = one if table is None else table + one
+    if aggregate == "mean":
+        table = table / len(val)
+    return rerank.score(found, table)
 
 
 def _merge(rows: np.ndarray, scores: np.ndarray, new_rows: np.ndarray, new_scores: np.ndarray):

@@ -1,0 +1,320 @@
+"""The files of the prefilter's second stage (:mod:`forvalue.storage.rerank_rows`) beside the FAISS index.
+
+Layout (in ``STORE/prefilter/``, named by the ``rerank`` record of ``prefilter.json``)::
+
+    rerank-basis-<tag>.npy                 U, float32 (d, 2)
+    rerank-<first>-<rows>-<tag>.offsets.npy   int64 (rows + 1): row r's entries are [offsets[r], offsets[r + 1])
+    rerank-<first>-<rows>-<tag>.entries       raw records (int32 id, 2 x float16 values; float32 where needed)
+
+A segment covers rows ``first .. first + rows - 1`` (row positions in storage order, as in the FAISS index).
+The table is append-only, so the second stage grows like the index: ``index add`` (or any query that finds
+the index behind) writes one more segment for the new rows; past :data:`MAX_SEGMENTS` they are merged into one.
+Every file is written whole under a temporary name and renamed (:func:`forvalue.storage.files.atomic_path`)
+*before* ``prefilter.json`` names it; ``prefilter.json`` is the commit point (``forvalue.storage.faiss_index``),
+and files it does not name are removed after each commit. A kill at any moment leaves the previous record and
+its files, or the new ones.
+
+Entries are read by memory map (a store on an object store: read whole once), so a query touches only the
+pages of its candidates' rows; at 10^6 rows of 263 entries the entries file is ~2.1 GB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from forvalue.schemas.errors import ForValueError
+from forvalue.schemas.tables import SCORING_COLUMNS
+from forvalue.storage.files import atomic_path
+from forvalue.storage.rerank_rows import COLS, ENTRY16, ENTRY32, bag_scores, packed, row_entries
+from forvalue.storage.rows import decode_block
+from forvalue.storage.sketch_basis import fit_basis
+
+# Segments kept before an extension merges them all into one.
+MAX_SEGMENTS = 8
+# Rows decoded per block while building.
+BLOCK_ROWS = 2048
+FILE_PREFIX = "rerank-"
+_DTYPES = {"float16": ENTRY16, "float32": ENTRY32}
+
+
+@dataclass
+class Segment:
+    """One segment's rows: ``offsets`` (``rows + 1``, int64) into ``entries`` (structured records)."""
+
+    first: int
+    offsets: np.ndarray
+    entries: np.ndarray
+
+    @property
+    def rows(self) -> int:
+        return int(self.offsets.size - 1)
+
+    def gather(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids int64, values float32 (n, COLS), counts)`` of rows ``local`` (positions in the segment), in order."""
+        lo = self.offsets[local]
+        counts = self.offsets[local + 1] - lo
+        pos = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
+        if self.entries.dtype.itemsize == 8:  # one 8-byte gather, then the fields (faster than a structured gather)
+            got = np.asarray(self.entries).view(np.int64)[pos].view(self.entries.dtype)
+        else:
+            got = np.asarray(self.entries)[pos]
+        return got["id"].astype(np.int64), got["v"].astype(np.float32), counts
+
+
+@dataclass
+class RerankTable:
+    """A loaded second stage: its basis and segments (rows ``0 .. rows - 1``)."""
+
+    basis: np.ndarray
+    segments: list[Segment]
+    record: dict
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.segments)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.record["vocab_size"])
+
+    def score(self, rows: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """``s2`` of ``rows`` (row positions, any order) against one validation table ``G_v U`` (``(vocab, COLS)``,
+        :func:`forvalue.storage.rerank_rows.validation_table`): float64, in the order given."""
+        rows = np.asarray(rows, np.int64)
+        out = np.zeros(rows.size, np.float64)
+        if not rows.size:
+            return out
+        if rows.min() < 0 or rows.max() >= self.rows:
+            raise ForValueError(f"second stage: rows {rows.min()}..{rows.max()} outside its {self.rows} rows")
+        seg_of = np.searchsorted(np.array([s.first for s in self.segments], np.int64), rows, side="right") - 1
+        for s, seg in enumerate(self.segments):
+            sel = np.flatnonzero(seg_of == s) if len(self.segments) > 1 else np.arange(rows.size)
+            if sel.size:
+                out[sel] = bag_scores(*seg.gather(rows[sel] - seg.first), table)
+        return out
+
+
+def _sha(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _tag() -> str:
+    return f"{os.getpid()}-{time.time_ns()}"
+
+
+def _save_npy(path, array: np.ndarray) -> int:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    with atomic_path(path, inside_store=True) as tmp:
+        Path(tmp).write_bytes(buffer.getvalue())
+    return len(buffer.getvalue())
+
+
+def _read_npy(path) -> np.ndarray:
+    return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
+
+
+def _fit_basis(hidden: np.ndarray) -> np.ndarray | None:
+
+    if hidden.ndim != 2 or hidden.shape[0] == 0 or hidden.shape[1] < COLS:
+        return None
+    return fit_basis(hidden, COLS)
+
+
+def _widen(records: np.ndarray) -> np.ndarray:
+    if records.dtype == ENTRY32:
+        return records
+    out = np.empty(records.size, ENTRY32)
+    out["id"], out["v"] = records["id"], records["v"]
+    return out
+
+
+def _blocks(store, start: int, rows: int, block_rows: int):
+    """Decoded blocks of the table's rows ``start .. rows - 1`` (no row past ``rows``, whatever was appended)."""
+    done = start
+    for batch in store.scan_from(start, SCORING_COLUMNS, batch_size=block_rows):
+        take = min(batch.num_rows, rows - done)
+        if take <= 0:
+            break
+        yield decode_block(batch.slice(0, take), store.manifest.stored_width)
+        done += take
+
+
+def _write_segment(folder, first: int, rows: int, parts) -> dict:
+    """Write the segment of rows ``first .. first + rows - 1`` from ``parts`` (``(counts, records)`` per block, in
+    row order); returns its entry of the record."""
+    name = f"{FILE_PREFIX}{first}-{rows}-{_tag()}"
+    offsets, big = [np.zeros(1, np.int64)], False
+    with atomic_path(folder / f"{name}.entries", inside_store=True) as tmp:
+        with open(tmp, "wb") as out:
+            for counts, records in parts:
+                if records.dtype == ENTRY32 and not big:  # a value too large for float16: the segment is float32
+                    big = True
+                    out.flush()
+                    earlier = _widen(np.fromfile(tmp, ENTRY16))
+                    out.seek(0)
+                    out.truncate()
+                    earlier.tofile(out)
+                np.ascontiguousarray(_widen(records) if big else records).tofile(out)
+                offsets.append(offsets[-1][-1] + np.cumsum(counts))
+    offsets = np.concatenate(offsets)
+    if offsets.size - 1 != rows:
+        raise ForValueError(f"{folder}: the second stage read {offsets.size - 1} rows, not {rows} (the table changed?)")
+    dtype = "float32" if big else "float16"
+    return {
+        "first": first,
+        "rows": rows,
+        "offsets": f"{name}.offsets.npy",
+        "offsets_bytes": _save_npy(folder / f"{name}.offsets.npy", offsets),
+        "entries": f"{name}.entries",
+        "entries_bytes": int(offsets[-1]) * _DTYPES[dtype].itemsize,
+        "dtype": dtype,
+    }
+
+
+def extend(
+    store, folder, record: dict | None, rows: int, progress: bool | None = False, block_rows: int = BLOCK_ROWS
+) -> dict | None:
+    """Write the second stage's files for the table's rows ``record['rows'] .. rows - 1`` (all ``rows`` without a
+    ``record``) into ``folder``; returns the record naming them (not committed: the caller writes it into
+    ``prefilter.json``). None when its basis cannot be fitted (no rows yet, a stored width below 2). ``progress``:
+    a bar (None: on a terminal only), shown after 2 s.
+    """
+    from tqdm.auto import tqdm
+
+    start = 0 if record is None else int(record["rows"])
+    if record is not None and start >= rows:
+        return record
+    vocab = int(store.manifest.vocab_size)
+    blocks = _blocks(store, start, rows, block_rows)
+    if record is None:
+        first = next(blocks, None)
+        basis = None if first is None else _fit_basis(first.hidden)
+        if basis is None:
+            return None
+        blocks = itertools.chain([first], blocks)
+    else:
+        basis = _read_npy(folder / record["basis"]).astype(np.float32)
+
+    def parts():
+        with tqdm(
+            total=rows - start,
+            desc="prefilter second stage",
+            unit="sample",
+            delay=2.0,
+            disable=None if progress is None else not progress,
+        ) as bar:
+            for block in blocks:
+                counts, ids, values = row_entries(block.hidden, block.ids, block.values, block.lengths, basis, vocab)
+                bar.update(counts.size)
+                yield counts, packed(ids, values)
+
+    segment = _write_segment(folder, start, rows - start, parts())
+    if record is None:
+        record = {"cols": COLS, "rows": 0, "segments": [], "vocab_size": vocab}
+        record["basis"] = f"{FILE_PREFIX}basis-{_tag()}.npy"
+        record["basis_sha256"] = _sha(basis)
+        _save_npy(folder / record["basis"], basis)
+    record = dict(record, rows=rows, segments=[*record["segments"], segment])
+    return _merged(folder, record) if len(record["segments"]) > MAX_SEGMENTS else record
+
+
+def _merged(folder, record: dict) -> dict:
+    """The record with all its segments written again as one."""
+    table = load(folder, record)
+    if table is None:
+        raise ForValueError(f"{folder}: the second stage's segments do not load; run 'forvalue index build --rebuild'")
+
+    def parts():
+        for seg in table.segments:
+            yield np.diff(seg.offsets), np.asarray(seg.entries)
+
+    return dict(record, segments=[_write_segment(folder, 0, table.rows, parts())])
+
+
+def files(record: dict | None) -> set[str]:
+    """The file names a record uses."""
+    if not record:
+        return set()
+    names = {record["basis"]}
+    for seg in record["segments"]:
+        names |= {seg["offsets"], seg["entries"]}
+    return names
+
+
+def sound(record) -> bool:
+    """Whether ``record`` has the keys and types :func:`extend` writes (a damaged ``prefilter.json``: no)."""
+
+    def count(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    try:
+        if not (record["cols"] == COLS and count(record["rows"]) and isinstance(record["basis"], str)):
+            return False
+        if not count(record["vocab_size"]):
+            return False
+        first = 0
+        for seg in record["segments"]:
+            names = (seg["offsets"], seg["entries"])
+            if seg["first"] != first or not count(seg["rows"]) or not all(isinstance(n, str) for n in names):
+                return False
+            if seg["dtype"] not in _DTYPES or not count(seg["entries_bytes"]) or not count(seg["offsets_bytes"]):
+                return False
+            first += seg["rows"]
+        return first == record["rows"]
+    except (KeyError, TypeError):
+        return False
+
+
+def problem(folder, record: dict) -> str | None:
+    """What is wrong with the files of a sound record (missing, another size), or None."""
+    for seg in record["segments"]:
+        for key in ("offsets", "entries"):
+            path = folder / seg[key]
+            try:
+                size = path.stat().st_size
+            except (OSError, FileNotFoundError):
+                return f"the second-stage file {seg[key]} is missing"
+            if size != seg[f"{key}_bytes"]:
+                return f"the second-stage file {seg[key]} has {size} bytes, not {seg[f'{key}_bytes']}"
+    if not (folder / record["basis"]).exists():
+        return f"the second-stage basis {record['basis']} is missing"
+    return None
+
+
+def load(folder, record) -> RerankTable | None:
+    """The second stage a record names, or None when it is not sound or its files are missing, of another size or
+    unreadable (then it is built again)."""
+    if not sound(record) or problem(folder, record) is not None:
+        return None
+    try:
+        basis = _read_npy(folder / record["basis"]).astype(np.float32)
+        if _sha(basis) != record["basis_sha256"] or basis.shape[1:] != (COLS,):
+            return None
+        segments = []
+        for seg in record["segments"]:
+            offsets = _read_npy(folder / seg["offsets"])
+            dtype = _DTYPES[seg["dtype"]]
+            path = folder / seg["entries"]
+            if offsets.shape != (seg["rows"] + 1,) or int(offsets[-1]) * dtype.itemsize != seg["entries_bytes"]:
+                return None
+            if seg["entries_bytes"] == 0:
+                entries = np.zeros(0, dtype)
+            elif isinstance(path, Path):
+                entries = np.memmap(path, dtype, mode="r")
+            else:  # an object store: one GET
+                entries = np.frombuffer(path.read_bytes(), dtype)
+            if entries.size != int(offsets[-1]):
+                return None
+            segments.append(Segment(int(seg["first"]), offsets.astype(np.int64), entries))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return RerankTable(basis, segments, record)

@@ -1,0 +1,202 @@
+"""The prefilter's second stage (forvalue.storage.rerank_rows, forvalue.storage.rerank_table): its entries and scores
+against a dense ``G U`` computed directly, its growth by segments against one build, and its files' crash and
+damage rules (prefilter.json is the commit point)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
+from forvalue.schemas.tables import SCORING_COLUMNS
+from forvalue.storage import faiss_index, rerank_table
+from forvalue.storage.rerank_rows import COLS, ENTRY16, ENTRY32, bag_scores, row_entries, validation_table
+from forvalue.storage.rows import decode_block
+from forvalue.storage.store import Store
+from tests.conftest import word_rows, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory, tiny_model_dir, tiny_runner):
+    from forvalue.indexer.build import build_index
+
+    tmp = tmp_path_factory.mktemp("rerank")
+    write_jsonl(tmp / "train.jsonl", word_rows(90))
+    cfg = BuildConfig(
+        model=ModelConfig(path=str(tiny_model_dir), device="cpu"),
+        progress=False,
+        write_every=30,
+        encode=EncodeConfig(sketch_dim=2048),
+    )
+    build_index([tmp / "train.jsonl"], tmp / "store", cfg, runner=tiny_runner)
+    return tmp / "store"
+
+
+def _dense_gu(hidden, ids, values, lengths, basis, vocab) -> np.ndarray:
+    """``G_r U`` of each row, dense ``(rows, vocab, COLS)``, from ``G_r = sum_k e_k h_k^T`` written out."""
+    out = np.zeros((lengths.size, vocab, COLS))
+    ends = np.cumsum(lengths)
+    for r, (a, b) in enumerate(zip(ends - lengths, ends)):
+        errors = np.zeros((b - a, vocab))
+        np.add.at(errors, (np.repeat(np.arange(b - a), ids.shape[1]), ids[a:b].ravel()), values[a:b].ravel())
+        g = errors.T @ hidden[a:b].astype(np.float64)  # (vocab, d)
+        out[r] = g @ basis.astype(np.float64)
+    return out
+
+
+def _block(store: Store, rows) -> object:
+    return decode_block(store.take(list(rows), SCORING_COLUMNS), store.manifest.stored_width)
+
+
+def test_entries_and_scores_equal_dense_g_u(store_path):
+    store = Store.open(store_path)
+    vocab = store.manifest.vocab_size
+    block = _block(store, range(12))
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((block.hidden.shape[1], COLS)))[0].astype(np.float32)
+    counts, ids, values = row_entries(block.hidden, block.ids, block.values, block.lengths, basis, vocab)
+    dense = _dense_gu(block.hidden, block.ids, block.values, block.lengths, basis, vocab)
+    got = np.zeros_like(dense)
+    got[np.repeat(np.arange(counts.size), counts), ids] = values
+    np.testing.assert_allclose(got, dense, rtol=1e-4, atol=1e-4 * np.abs(dense).max())
+    for r, (a, b) in enumerate(zip(np.cumsum(counts) - counts, np.cumsum(counts))):  # each row's support, sorted
+        support = np.unique(block.ids[np.sum(block.lengths[:r]) : np.sum(block.lengths[: r + 1])])
+        assert ids[a:b].tolist() == support.tolist()
+    # the validation side and the bag scores: s2 = <G_v U, G_i U>
+    val = _block(store, [40])
+    table = validation_table(val.hidden, val.ids, val.values, basis, vocab)
+    np.testing.assert_allclose(table, _dense_gu(val.hidden, val.ids, val.values, val.lengths, basis, vocab)[0], 1e-4)
+    expect = np.einsum("rvc,vc->r", dense, table.astype(np.float64))
+    np.testing.assert_allclose(bag_scores(ids.astype(np.int64), values, counts, table), expect, rtol=1e-4)
+
+
+def test_built_by_segments_equals_one_build_and_merges(store_path, tmp_path, monkeypatch):
+    store = Store.open(store_path)
+    n = store.count()
+    (tmp_path / "whole").mkdir()
+    whole = rerank_table.extend(store, tmp_path / "whole", None, n, block_rows=16)
+    monkeypatch.setattr(rerank_table, "MAX_SEGMENTS", 3)
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    record, bounds = None, [20, 33, 34, 60, n]  # the first part holds the first block: the same basis
+    for rows in bounds:
+        record = rerank_table.extend(store, folder, record, rows, block_rows=16)
+        assert record["rows"] == rows and rerank_table.sound(record)
+    assert len(record["segments"]) <= 3  # merged past MAX_SEGMENTS
+    a, b = rerank_table.load(tmp_path / "whole", whole), rerank_table.load(folder, record)
+    assert a.rows == b.rows == n and np.array_equal(a.basis, b.basis)
+    rows = np.random.default_rng(1).permutation(n)
+    for r in rows[:30]:
+        for got, want in zip(_entries(b, r), _entries(a, r)):
+            np.testing.assert_array_equal(got, want)  # bit for bit
+    table = np.random.default_rng(2).standard_normal((store.manifest.vocab_size, COLS)).astype(np.float32)
+    np.testing.assert_array_equal(b.score(rows, table), a.score(rows, table))
+
+
+def _entries(table, row: int):
+    """``(ids, values)`` of one row, from whichever segment holds it."""
+    seg = next(s for s in table.segments if s.first <= row < s.first + s.rows)
+    ids, values, _ = seg.gather(np.array([row - seg.first]))
+    return ids, values
+
+
+def test_values_past_float16_make_a_float32_segment(store_path, tmp_path, monkeypatch):
+    """A value float16 cannot hold (hidden states far larger than usual) makes its segment float32, rows written
+    before it included: nothing rounds to infinity."""
+    store = Store.open(store_path)
+    n = store.count()
+    import forvalue.storage.rerank_table as rt
+
+    real = rt.row_entries
+    calls = []
+
+    def scaled(*args):
+        counts, ids, values = real(*args)
+        calls.append(1)
+        return counts, ids, values * (1e6 if len(calls) == 2 else 1.0)  # the second block only
+
+    monkeypatch.setattr(rt, "row_entries", scaled)
+    (tmp_path / "f").mkdir()
+    record = rt.extend(store, tmp_path / "f", None, n, block_rows=16)
+    assert [s["dtype"] for s in record["segments"]] == ["float32"]
+    table = rt.load(tmp_path / "f", record)
+    assert table.segments[0].entries.dtype == ENTRY32 and np.isfinite(table.segments[0].entries["v"]).all()
+    monkeypatch.setattr(rt, "row_entries", real)
+    (tmp_path / "g").mkdir()
+    plain = rt.load(tmp_path / "g", rt.extend(store, tmp_path / "g", None, n, block_rows=16))
+    assert plain.segments[0].entries.dtype == ENTRY16
+    # rows of the first block: the same values, widened
+    ids_f, vals_f, _ = table.segments[0].gather(np.arange(16))
+    ids_p, vals_p, _ = plain.segments[0].gather(np.arange(16))
+    assert np.array_equal(ids_f, ids_p) and np.array_equal(vals_f, vals_p)
+
+
+def test_index_carries_its_second_stage_and_a_kill_before_the_commit_keeps_the_old_one(store_path, tmp_path):
+    import shutil
+
+    path = tmp_path / "store"
+    shutil.copytree(store_path, path)
+    store = Store.open(path)
+    pre = faiss_index.ensure(store)
+    assert pre.rerank is not None and pre.rerank.rows == pre.rows == store.count()
+    folder = path / faiss_index.INDEX_DIR
+    meta = json.loads((folder / faiss_index.META_FILE).read_text())
+    assert rerank_table.files(meta["rerank"]) == {p.name for p in folder.glob("rerank-*")}
+    # files written, the commit (prefilter.json) not: the old record still loads, the new files are orphans
+    pre.rerank, pre.meta = None, dict(pre.meta, rerank=None)
+    faiss_index.extend_rerank(store, pre)
+    assert len(list(folder.glob("rerank-*"))) > len(rerank_table.files(meta["rerank"]))
+    again = faiss_index.load(store)
+    assert again.rerank is not None and again.meta["rerank"] == meta["rerank"]
+    faiss_index.save(store, pre, index_changed=False)  # the next commit removes what its record does not name
+    meta2 = json.loads((folder / faiss_index.META_FILE).read_text())
+    assert rerank_table.files(meta2["rerank"]) == {p.name for p in folder.glob("rerank-*")}
+    assert meta2["file"] == meta["file"]  # the FAISS file was kept, not written again
+
+
+@pytest.mark.parametrize("damage", ["truncate", "remove", "record"])
+def test_damaged_second_stage_is_reported_and_rebuilt(store_path, tmp_path, damage):
+    import shutil
+
+    from forvalue.maintenance import check_store
+
+    path = tmp_path / "store"
+    shutil.copytree(store_path, path)
+    store = Store.open(path)
+    pre = faiss_index.ensure(store)
+    folder = path / faiss_index.INDEX_DIR
+    seg = pre.meta["rerank"]["segments"][0]
+    if damage == "truncate":
+        with open(folder / seg["entries"], "r+b") as f:
+            f.truncate(seg["entries_bytes"] - 8)
+    elif damage == "remove":
+        (folder / seg["offsets"]).unlink()
+    else:
+        meta = json.loads((folder / faiss_index.META_FILE).read_text())
+        meta["rerank"]["segments"][0]["rows"] = -1
+        (folder / faiss_index.META_FILE).write_text(json.dumps(meta))
+    assert faiss_index.load(store).rerank is None  # never scored from damaged files
+    report = check_store(path)
+    assert any("second stage" in p for p in report.problems), report.problems
+    repaired = check_store(path, repair=True)
+    assert repaired.repaired["prefilter_rebuilt"] and not check_store(path).problems
+    fresh = faiss_index.load(Store.open(path))
+    assert fresh.rerank is not None and fresh.rerank.rows == store.count()
+
+
+def test_query_through_the_second_stage_returns_exact_scores(store_path, tiny_runner, tmp_path):
+    """Scores returned through the second stage are the exact scan's; its candidates are those it ranks best."""
+    from forvalue.api import run_query
+    from tests.conftest import exact_scores, word_val
+
+    write_jsonl(tmp_path / "val.jsonl", word_val())
+    scores, train_ids = exact_scores(store_path, tmp_path / "val.jsonl", tiny_runner)
+    column = {t: j for j, t in enumerate(train_ids)}
+    cfg = QueryConfig(top_k=5, progress=False, candidates=10, max_candidates=10)
+    staged = run_query(store_path, [tmp_path / "val.jsonl"], cfg, runner=tiny_runner)
+    assert staged.prefiltered and staged.candidates == [10] * len(word_val())
+    for r in staged.top.to_pylist():
+        i = int(r["validation_id"][1:])
+        assert r["score"] == pytest.approx(scores[i, column[r["train_id"]]], rel=1e-6)
