@@ -68,6 +68,9 @@ class QueryResult:
         Prefiltered: the distinct candidate rows scored exactly, for any validation sample (at most ``n_train``).
     candidates : list of int or None
         Prefiltered: the candidates each validation sample (or the mean) ended with (adaptive, docs/prefilter.md).
+    pools : list of int or None
+        Prefiltered through the index's second stage: the FAISS candidates it ranked for each validation sample at
+        the end (adaptive); None for an index without one (then ``candidates`` came from FAISS directly).
     unsettled : list of str or None
         Prefiltered: the validation ids (or ``"mean"``) whose top-k still reached into their last candidates at
         ``max_candidates``: their top-k may miss rows (raise ``max_candidates`` or use ``exact``).
@@ -89,6 +92,7 @@ class QueryResult:
     rows_read: int | None = None
     rows_reranked: int | None = None
     candidates: list[int] | None = None
+    pools: list[int] | None = None
     unsettled: list[str] | None = None
     config: QueryConfig | None = None
     auto_settings: dict | None = None
@@ -179,7 +183,7 @@ def run_query(
 
     started = time.perf_counter()
     on_ray = engine is not None and engine.engine == "ray"
-    for name in ("candidates", "max_candidates"):
+    for name in ("candidates", "max_candidates", "pool"):
         if on_ray and getattr(config, name) is not None:
             flag = "--" + name.replace("_", "-")
             raise ConfigError(name, f"--engine ray scores every stored sample (exact scan); drop {flag}")
@@ -254,6 +258,7 @@ def run_query(
         rows_read=timings.get("rows_read") if prefiltered else None,
         rows_reranked=timings.get("rows_reranked") if prefiltered else None,
         candidates=[int(c) for c in timings["candidates"]] if prefiltered else None,
+        pools=[int(c) for c in timings["pool"]] if prefiltered and timings.get("pool") is not None else None,
         unsettled=[col_names[j] for j in timings["unsettled"]] if prefiltered else None,
         config=config,
         auto_settings=auto_settings,

@@ -260,8 +260,8 @@ def save(store: Store, pre: PrefilterIndex, index_changed: bool = True) -> None:
         if old.name != name:
             old.unlink(missing_ok=True)
     keep = rerank_table.files(meta.get("rerank"))
-    for old in folder.glob(f"{rerank_table.FILE_PREFIX}*"):
-        if old.name not in keep:
+    for old in [*folder.glob(f"{rerank_table.FILE_PREFIX}*"), *folder.glob(f".{rerank_table.FILE_PREFIX}*.tmp")]:
+        if old.name not in keep and rerank_table.abandoned(old):
             old.unlink(missing_ok=True)
 
 
@@ -366,8 +366,9 @@ def extend_rerank(store: Store, pre: PrefilterIndex, progress: bool | None = Non
         return pre.meta.pop("rerank", None) is not None
     pre.meta["rerank"] = record
     pre.rerank = rerank_table.load(folder, record)
-    if pre.rerank is None:
-        raise StoreError(f"{folder}: the second stage just written does not load; run 'forvalue index build --rebuild'")
+    if pre.rerank is None:  # (not expected: its files were just written) queried without it, not committed
+        pre.meta.pop("rerank")
+        return False
     pre.meta["rerank_seconds"] = round(time.perf_counter() - started, 3)
     return True
 

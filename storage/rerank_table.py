@@ -181,7 +181,7 @@ def _write_segment(folder, first: int, rows: int, parts) -> dict:
 
 
 def extend(
-    store, folder, record: dict | None, rows: int, progress: bool | None = False, block_rows: int = BLOCK_ROWS
+    store, folder, record: dict | None, rows: int, progress: bool | None = False, block_rows: int | None = None
 ) -> dict | None:
     """Write the second stage's files for the table's rows ``record['rows'] .. rows - 1`` (all ``rows`` without a
     ``record``) into ``folder``; returns the record naming them (not committed: the caller writes it into
@@ -194,7 +194,7 @@ def extend(
     if record is not None and start >= rows:
         return record
     vocab = int(store.manifest.vocab_size)
-    blocks = _blocks(store, start, rows, block_rows)
+    blocks = _blocks(store, start, rows, block_rows or BLOCK_ROWS)
     if record is None:
         first = next(blocks, None)
         basis = None if first is None else _fit_basis(first.hidden)
@@ -238,6 +238,39 @@ def _merged(folder, record: dict) -> dict:
             yield np.diff(seg.offsets), np.asarray(seg.entries)
 
     return dict(record, segments=[_write_segment(folder, 0, table.rows, parts())])
+
+
+# An unnamed second-stage file on an object store whose writer's process cannot be asked is left this long.
+ORPHAN_SECONDS = 6 * 3600
+
+
+def abandoned(path) -> bool:
+    """Whether a second-stage file that ``prefilter.json`` does not name (or a temporary one) may be removed:
+    written by this process (a record it replaced), or by one that no longer runs (killed before its commit).
+    Another running writer's files (sharded build workers extend the index at once, each committing its own
+    record) are left to it; on an object store, files older than :data:`ORPHAN_SECONDS` by their name's clock."""
+    import re
+
+    match = re.search(r"-(\d+)-(\d+)\.(?:offsets\.npy|entries|npy)$", path.name)
+    temporary = re.search(r"\.(\d+)\.[0-9a-f]+\.tmp$", path.name)  # a writer's file before its rename
+    if match is None and temporary is None:
+        return False
+    if temporary is not None:  # ``.NAME.PID.HEX.tmp`` (forvalue.storage.files.temp_name), NAME holding its own clock
+        pid, inner = int(temporary.group(1)), re.search(r"-(\d+)-(\d+)\.", path.name)
+        written_ns = int(inner.group(2)) if inner else 0
+    else:
+        pid, written_ns = int(match.group(1)), int(match.group(2))
+    if pid == os.getpid():
+        return True
+    if not isinstance(path, Path):
+        return time.time_ns() - written_ns > ORPHAN_SECONDS * 1e9
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def files(record: dict | None) -> set[str]:

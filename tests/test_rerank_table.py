@@ -200,3 +200,33 @@ def test_query_through_the_second_stage_returns_exact_scores(store_path, tiny_ru
     for r in staged.top.to_pylist():
         i = int(r["validation_id"][1:])
         assert r["score"] == pytest.approx(scores[i, column[r["train_id"]]], rel=1e-6)
+
+
+def test_a_writer_killed_while_writing_the_second_stage_leaves_the_index_usable_and_its_files_go(store_path, tmp_path):
+    """A process killed (os._exit, no cleanup) while writing the second stage's entries: the committed record is
+    untouched (here: none yet), the next ensure writes it whole and removes the dead writer's temporary file."""
+    import shutil
+    import subprocess
+    import sys
+
+    path = tmp_path / "store"
+    shutil.copytree(store_path, path)
+    folder = path / faiss_index.INDEX_DIR
+    before = json.loads((folder / faiss_index.META_FILE).read_text())
+    before.pop("rerank", None)
+    (folder / faiss_index.META_FILE).write_text(json.dumps(before))  # an index of before: no second stage
+    code = (
+        "import os, forvalue.storage.rerank_table as rt\n"
+        "from forvalue.storage import faiss_index\nfrom forvalue.storage.store import Store\n"
+        "real, calls = rt.row_entries, []\n"
+        "def dying(*a):\n    calls.append(1)\n    if len(calls) == 2: os._exit(9)\n    return real(*a)\n"
+        "rt.row_entries = dying\nrt.BLOCK_ROWS = 16\n"
+        f"faiss_index.ensure(Store.open({str(path)!r}))\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    assert list(folder.glob(".rerank-*.tmp")) and json.loads((folder / faiss_index.META_FILE).read_text()) == before
+    assert faiss_index.load(Store.open(path)).rerank is None
+    pre = faiss_index.ensure(Store.open(path))
+    assert pre.rerank is not None and pre.rerank.rows == Store.open(path).count()
+    assert not list(folder.glob(".rerank-*")), list(folder.iterdir())
+    assert rerank_table.files(pre.meta["rerank"]) == {p.name for p in folder.glob("rerank-*")}

@@ -68,9 +68,14 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
     if result.unsettled:
         click.echo(_unsettled_warning(result), err=True)
     if output:
+        staged = (
+            f"the best by the second stage of {_candidate_counts(result.pools, 'FAISS candidates')}; "
+            if result.pools
+            else ""
+        )
         scored = (
-            f"reranked {result.rows_reranked} FAISS candidate rows of {result.n_train} ({result.rows_read} rows "
-            f"read, each round's union read once for all; {_candidate_counts(result.candidates)})"
+            f"reranked {result.rows_reranked} candidate rows of {result.n_train} exactly ({staged}{result.rows_read} "
+            f"rows read, each round's union read once for all; {_candidate_counts(result.candidates)})"
             if result.prefiltered
             else f"scored {result.n_train} training samples"
         )
@@ -81,12 +86,12 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
         )
 
 
-def _candidate_counts(counts: list[int]) -> str:
+def _candidate_counts(counts: list[int], what: str = "candidates") -> str:
     import numpy as np
 
     if min(counts) == max(counts):
-        return f"{counts[0]} candidates each"
-    return f"candidates per validation sample {min(counts)}-{max(counts)}, median {int(np.median(counts))}"
+        return f"{counts[0]} {what} each"
+    return f"{what} per validation sample {min(counts)}-{max(counts)}, median {int(np.median(counts))}"
 
 
 def _unsettled_warning(result) -> str:
@@ -97,9 +102,10 @@ def _unsettled_warning(result) -> str:
     if result.config.aggregate == "mean":
         who = "the mean of the validation samples"
     return (
-        f"warning: {who} still had top-{result.config.top_k} rows in their last candidates at {most} candidates, "
-        "or fewer candidates than that (FAISS found no more, or fewer than the top-k): their top-k may miss rows; "
-        "raise --max-candidates or use --exact"
+        f"warning: {who} still had top-{result.config.top_k} rows in their last candidates at {most} candidates "
+        "(or the second stage its best in the last of its FAISS candidates, at the most), or fewer candidates than "
+        "that (FAISS found no more, or fewer than the top-k): their top-k may miss rows; "
+        "raise --max-candidates (or --pool) or use --exact"
     )
 
 
