@@ -1214,6 +1214,12 @@ def test_the_pool_deepens_while_the_second_stage_finds_its_best_rows_at_its_end(
     assert t["pool"].tolist() == [48]
     assert rows[0].tolist() == best[:k]  # (the stage-2 order on this tiny model finds them among 24 rows)
     np.testing.assert_allclose(scores[0], exact[best[:k]], rtol=1e-9)
+    ranked: dict = {}  # a deeper pool scores only its new rows in the second stage, with the same scores
+    for pool in (24, 48, 30):
+        found = index.order[:pool]
+        cached = qp._staged_scores(index.rerank, val, 0, found, "none", ranked)
+        np.testing.assert_array_equal(cached, qp._second_stage(index.rerank, val, 0, found, "none"))
+    assert ranked[0][0].tolist() == sorted(index.order[:48].tolist())
     late: dict = {}
     qp.prefilter_topk(store, val, cfg, "cpu", index=_BestLast(index.index, ranking, 6, at=0), timings=late)
     assert late["pool"].tolist() == [24]  # the best rows first in the pool: no deeper pool

@@ -185,6 +185,7 @@ def prefilter_topk(
     pools = np.full(n_cols, first_pool, np.int64)  # per column: the sketch's candidates the second stage ranks
     unsettled: list[int] = []
     scorers: dict = {}
+    ranked: dict = {}  # per column: the rows the second stage has scored (increasing) and their scores
     pending = np.arange(n_cols)
     while pending.size:
         asked = pools[pending] if rerank is not None else want[pending]
@@ -194,7 +195,7 @@ def prefilter_topk(
         staged = [None] * pending.size
         if rerank is not None:  # the second stage's order of the sketch's candidates, its best ``want``
             t1 = time.perf_counter()
-            staged = [_second_stage(rerank, val, j, f, config.aggregate) for j, f in zip(pending, found)]
+            staged = [_staged_scores(rerank, val, j, f, config.aggregate, ranked) for j, f in zip(pending, found)]
             ordered = [f[np.argsort(-s2, kind="stable")][: want[j]] for j, f, s2 in zip(pending, found, staged)]
             t["rerank"] = t.get("rerank", 0.0) + time.perf_counter() - t1
         else:
@@ -290,6 +291,22 @@ def _search(index, queries: np.ndarray, columns: np.ndarray, asked: np.ndarray, 
         for i, g in zip(sel, got):
             found[i] = g[g >= 0]
     return found
+
+
+def _staged_scores(rerank, val: ValidationSet, column: int, found: np.ndarray, aggregate: str, ranked: dict):
+    """:func:`_second_stage` of ``found``, scoring only the rows an earlier round of the column did not (a deeper
+    pool starts with the rows of the one before); ``ranked`` keeps them across rounds."""
+    rows, s2 = ranked.get(int(column), (np.zeros(0, np.int64), np.zeros(0)))
+    pos = np.minimum(np.searchsorted(rows, found), max(rows.size - 1, 0))
+    known = (rows[pos] == found) if rows.size else np.zeros(found.size, bool)
+    out = np.empty(found.size, np.float64)
+    out[known] = s2[pos[known]]
+    fresh = found[~known]
+    fresh_s2 = _second_stage(rerank, val, column, fresh, aggregate)
+    out[~known] = fresh_s2
+    order = np.argsort(fresh)
+    ranked[int(column)] = _merge(rows, s2, fresh[order], fresh_s2[order])
+    return out
 
 
 def _second_stage(rerank, val: ValidationSet, column: int, found: np.ndarray, aggregate: str) -> np.ndarray:
