@@ -330,6 +330,10 @@ def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) 
         from forvalue.storage.audits import remove_uncommitted
 
         done["uncommitted_tables_removed"] = remove_uncommitted(store)
+        unused = faiss_index.unused_files(store) if faiss_index.describe(store) is not None else []
+        for file in unused:
+            file.unlink(missing_ok=True)
+        done["unused_prefilter_files_removed"] = len(unused)
         after = _check(Store.open(path), block_rows)
     after["repaired"] = done
     return _check_report(after)
@@ -576,6 +580,14 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
         return True
     if _second_stage_problem(store, meta, problems, fix):
         return True
+    unused = faiss_index.unused_files(store, meta)
+    if unused:
+        size = sum(f.stat().st_size for f in unused if f.exists())
+        notes.append(
+            f"{len(unused)} second-stage files ({size / 1e6:.1f} MB) that prefilter.json does not name, of writers no "
+            "longer running (a query beside another that wrote the stage too, or one killed); removed on the next "
+            "index update or by 'index check --repair'"
+        )
     if meta.get("rows", 0) < rows:
         notes.append(f"the prefilter index covers {meta['rows']} of {rows} rows (extended on next use)")
     return False

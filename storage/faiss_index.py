@@ -259,10 +259,19 @@ def save(store: Store, pre: PrefilterIndex, index_changed: bool = True) -> None:
     for old in folder.glob("index-*.faiss"):
         if old.name != name:
             old.unlink(missing_ok=True)
-    keep = rerank_table.files(meta.get("rerank"))
-    for old in [*folder.glob(f"{rerank_table.FILE_PREFIX}*"), *folder.glob(f".{rerank_table.FILE_PREFIX}*.tmp")]:
-        if old.name not in keep and rerank_table.abandoned(old):
-            old.unlink(missing_ok=True)
+    for old in unused_files(store, meta):
+        old.unlink(missing_ok=True)
+
+
+def unused_files(store: Store, meta: dict | None = None) -> list:
+    """Second-stage files (and temporary ones) that ``prefilter.json`` (or ``meta``) does not name and whose writer
+    is this process or no longer runs (:func:`forvalue.storage.rerank_table.abandoned`): removed on each commit and
+    by ``index check --repair``."""
+    folder = _index_dir(store)
+    meta = describe(store) if meta is None else meta
+    keep = rerank_table.files((meta or {}).get("rerank") or None)
+    found = [*folder.glob(f"{rerank_table.FILE_PREFIX}*"), *folder.glob(f".{rerank_table.FILE_PREFIX}*.tmp")]
+    return [p for p in found if p.name not in keep and rerank_table.abandoned(p)]
 
 
 def _sketch_blocks(store: Store, start: int, block_rows: int):

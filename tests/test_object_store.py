@@ -80,6 +80,8 @@ def pair(s3, tmp_path_factory, tiny_model_dir):
 def test_store_lives_at_the_uri(pair):
     names = _objects(f"s3://{BUCKET}/stores/s1")
     assert "manifest.json" in names and "sketch_basis.npy" in names and "prefilter/prefilter.json" in names
+    staged = [n for n in names if n.startswith("prefilter/rerank-")]  # the prefilter's second stage, uploaded whole
+    assert len(staged) == 3 and not [n for n in names if n.endswith(".tmp")], names
     for table in ("samples", "audit_v1", "validation_cache"):
         assert any(n.startswith(f"{table}.lance/_versions/") for n in names), (table, names)
     assert ".writer.lease" not in names  # released at the end of the build
@@ -93,8 +95,10 @@ def test_remote_store_equals_local(pair):
     assert len(remote) == len(local) == 24
     a, b = local.to_arrow(), remote.to_arrow()
     assert a.equals(b)
-    for cfg in (QueryConfig(top_k=5, progress=False), QueryConfig(top_k=5, exact=True, progress=False)):
+    configs = (QueryConfig(top_k=5, progress=False), QueryConfig(top_k=5, exact=True, progress=False))
+    for cfg in (*configs, QueryConfig(top_k=5, candidates=6, max_candidates=6, progress=False)):
         ql, qr = local.query(str(pair["val"]), cfg), remote.query(str(pair["val"]), cfg)
+        assert ql.pools == qr.pools and (ql.pools is not None) == bool(cfg.candidates)  # read from s3 whole
         assert ql.top.column("train_id").to_pylist() == qr.top.column("train_id").to_pylist()
         np.testing.assert_allclose(qr.top.column("score").to_numpy(), ql.top.column("score").to_numpy(), rtol=1e-6)
     al, ar = local.audits["v1"].to_arrow(), remote.audits["v1"].to_arrow()

@@ -230,3 +230,41 @@ def test_a_writer_killed_while_writing_the_second_stage_leaves_the_index_usable_
     assert pre.rerank is not None and pre.rerank.rows == Store.open(path).count()
     assert not list(folder.glob(".rerank-*")), list(folder.iterdir())
     assert rerank_table.files(pre.meta["rerank"]) == {p.name for p in folder.glob("rerank-*")}
+
+
+def test_two_writers_of_the_stage_leave_one_named_and_check_repair_removes_the_other(store_path, tmp_path):
+    """Two processes that both write the second stage (two queries on an index without one): the last commit
+    names its files; the other's stay while it runs, are a note of 'index check' after it ended, and go with
+    '--repair' (or the next commit)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from forvalue.maintenance import check_store
+
+    path = tmp_path / "store"
+    shutil.copytree(store_path, path)
+    folder = path / faiss_index.INDEX_DIR
+    meta = json.loads((folder / faiss_index.META_FILE).read_text())
+    meta.pop("rerank", None)
+    (folder / faiss_index.META_FILE).write_text(json.dumps(meta))
+    for f in folder.glob("rerank-*"):
+        f.unlink()
+    code = f"from forvalue.storage import faiss_index, store\nfaiss_index.ensure(store.Store.open({str(path)!r}))\n"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    assert [p.wait() for p in procs] == [0, 0]
+    # and one that wrote the stage's files but ended before its commit: unnamed files of a writer gone, for sure
+    orphan = (
+        "from forvalue.storage import faiss_index, store\n"
+        f"pre = faiss_index.load(store.Store.open({str(path)!r}))\npre.rerank = None\n"
+        f"assert faiss_index.extend_rerank(store.Store.open({str(path)!r}), pre)\n"
+    )
+    subprocess.run([sys.executable, "-c", orphan], check=True)
+    named = rerank_table.files(json.loads((folder / faiss_index.META_FILE).read_text())["rerank"])
+    on_disk = {p.name for p in folder.glob("rerank-*")}
+    assert named <= on_disk and faiss_index.load(Store.open(path)).rerank is not None
+    report = check_store(path)
+    assert len(on_disk - named) >= 3 and report.clean and any("second-stage files" in n for n in report.notes)
+    repaired = check_store(path, repair=True)
+    assert repaired.repaired["unused_prefilter_files_removed"] == len(on_disk - named)
+    assert {p.name for p in folder.glob("rerank-*")} == named and repaired.clean

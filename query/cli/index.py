@@ -135,6 +135,11 @@ def check(store, repair, as_json):
                 f"{store}: repaired: removed {done['duplicate_rows_removed']} duplicate rows"
                 + ("; rebuilt the prefilter index" if done["prefilter_rebuilt"] else "")
                 + "".join(f"; removed {t} (never committed)" for t in done.get("uncommitted_tables_removed", []))
+                + (
+                    f"; removed {done['unused_prefilter_files_removed']} unused second-stage files"
+                    if done.get("unused_prefilter_files_removed")
+                    else ""
+                )
             )
         for note in report.notes:
             click.echo(f"{store}: note: {note}")
