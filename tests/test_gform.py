@@ -740,3 +740,31 @@ def test_gform_runs_on_one_torch_thread_and_restores_the_setting(setting, monkey
     finally:
         torch.set_num_threads(before)
     assert len(seen) >= 2 and set(seen) == {1}
+
+
+def test_a_ctrl_c_while_the_reader_thread_is_awaited_does_not_cut_the_wait(ctrl_c_raises):
+    """read_ahead's ``finally`` joins its reader thread; a second Ctrl-C there (the user pressing again while the
+    first one unwinds) raised out of the generator's cleanup: 'Exception ignored in: <generator object read_ahead>'
+    and a traceback. The wait now waits them out (at most its timeout) and returns once the thread ended."""
+    import threading
+    import time
+
+    from forvalue.engine.plan import wait_through_ctrl_c
+
+    started, done, ended = threading.Event(), threading.Condition(), []
+
+    def slow():
+        time.sleep(0.2)  # the caller is waiting by now
+        started.set()
+        time.sleep(0.6)
+        with done:
+            ended.append(True)
+            done.notify_all()
+
+    thread = threading.Thread(target=slow, daemon=True)
+    thread.start()
+    _ctrl_c_twice_after(started, 0.2)
+    t0 = time.monotonic()
+    assert wait_through_ctrl_c(done, lambda: bool(ended), timeout=5.0)  # two Ctrl-Cs land meanwhile
+    assert time.monotonic() - t0 >= 0.7  # (it did not return at the first Ctrl-C)
+    thread.join()

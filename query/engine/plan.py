@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -46,16 +47,20 @@ class Stopped(Exception):
     """Raised inside work that :func:`map_on_threads` was told to stop (its caller is leaving on an error)."""
 
 
-def wait_through_ctrl_c(done: threading.Condition, ended) -> None:
+def wait_through_ctrl_c(done: threading.Condition, ended, timeout: float | None = None) -> bool:
     """Wait on ``done`` until ``ended()`` (called under it), in short waits (a wait without a timeout is not woken by
-    Ctrl-C here); a Ctrl-C meanwhile does not cut the wait: the caller is already leaving on an error and must not
-    leave threads behind in torch or in a store's read ("terminate called without an active exception")."""
+    Ctrl-C here), at most ``timeout`` seconds when given; a Ctrl-C meanwhile does not cut the wait: the caller is
+    already leaving on an error and must not leave threads behind in torch or in a store's read ("terminate called
+    without an active exception"). Returns whether ``ended()`` became true."""
+    deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
             with done:
                 while not ended():
+                    if deadline is not None and time.monotonic() >= deadline:
+                        return False
                     done.wait(0.1)
-            return
+            return True
         except KeyboardInterrupt:
             continue
 

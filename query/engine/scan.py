@@ -59,6 +59,8 @@ def read_ahead(batches, hidden_size: int, depth: int = 2, val: ValidationSet | N
                 continue
         return False
 
+    done, finished = threading.Condition(), []
+
     def run() -> None:
         try:
             for batch in batches:
@@ -68,6 +70,10 @@ def read_ahead(batches, hidden_size: int, depth: int = 2, val: ValidationSet | N
             put(("end", None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             put(("error", exc))
+        finally:
+            with done:
+                finished.append(True)
+                done.notify_all()
 
     thread = threading.Thread(target=run, name="forvalue-read-ahead", daemon=True)
     thread.start()
@@ -81,7 +87,9 @@ def read_ahead(batches, hidden_size: int, depth: int = 2, val: ValidationSet | N
             yield item
     finally:
         stop.set()
-        thread.join(timeout=5)
+        # not thread.join: a second Ctrl-C in it escaped this generator's cleanup ("Exception ignored in: <generator
+        # object read_ahead ...>" and a traceback), and a join cut by Ctrl-C can mark a running thread stopped
+        wait_through_ctrl_c(done, lambda: bool(finished), timeout=5.0)
 
 
 def scan_blocks(store, read_rows: int = 1024, val: ValidationSet | None = None):
