@@ -50,6 +50,22 @@ def word_val() -> list[dict]:
     ]
 
 
+def build_sketched(train: Path, store: Path, model_dir, runner, write_every: int = 40) -> Path:
+    """A store of ``train`` built with the tiny model and a 2048-value prefilter sketch (commits of ``write_every``
+    rows, so the table has several fragments)."""
+    from forvalue.indexer.build import build_index
+    from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig
+
+    cfg = BuildConfig(
+        model=ModelConfig(path=str(model_dir), device="cpu"),
+        progress=False,
+        write_every=write_every,
+        encode=EncodeConfig(sketch_dim=2048),
+    )
+    build_index([train], store, cfg, runner=runner)
+    return store
+
+
 def exact_scores(store: Path, val: Path, runner, **query):
     """Exact query scores ``(n_val, n_train)`` and the training ids in the store's order (CPU, no progress bar)."""
     from forvalue.api import run_query

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_jsonl
+from conftest import build_sketched, write_jsonl
 
 import forvalue
 from forvalue.api import build_index, run_query
@@ -144,13 +144,7 @@ def sketched_store(tmp_path_factory, tiny_model_dir, tiny_runner):
     train, test = _task_rows(12, 2)
     write_jsonl(tmp / "train.jsonl", train)
     write_jsonl(tmp / "val.jsonl", test)
-    cfg = BuildConfig(
-        model=ModelConfig(path=str(tiny_model_dir), device="cpu"),
-        progress=False,
-        write_every=40,
-        encode=EncodeConfig(sketch_dim=2048),
-    )
-    build_index([tmp / "train.jsonl"], tmp / "store", cfg, runner=tiny_runner)
+    build_sketched(tmp / "train.jsonl", tmp / "store", tiny_model_dir, tiny_runner)
     return tmp, train, test
 
 

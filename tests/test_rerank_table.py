@@ -8,30 +8,21 @@ import json
 
 import numpy as np
 import pytest
+from conftest import build_sketched, word_rows, write_jsonl
 
-from forvalue.schemas.config import BuildConfig, EncodeConfig, ModelConfig, QueryConfig
+from forvalue.schemas.config import QueryConfig
 from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage import faiss_index, rerank_table
 from forvalue.storage.rerank_rows import COLS, ENTRY16, ENTRY32, bag_scores, row_entries, validation_table
 from forvalue.storage.rows import decode_block
 from forvalue.storage.store import Store
-from tests.conftest import word_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory, tiny_model_dir, tiny_runner):
-    from forvalue.indexer.build import build_index
-
     tmp = tmp_path_factory.mktemp("rerank")
     write_jsonl(tmp / "train.jsonl", word_rows(90))
-    cfg = BuildConfig(
-        model=ModelConfig(path=str(tiny_model_dir), device="cpu"),
-        progress=False,
-        write_every=30,
-        encode=EncodeConfig(sketch_dim=2048),
-    )
-    build_index([tmp / "train.jsonl"], tmp / "store", cfg, runner=tiny_runner)
-    return tmp / "store"
+    return build_sketched(tmp / "train.jsonl", tmp / "store", tiny_model_dir, tiny_runner, write_every=30)
 
 
 def _dense_gu(hidden, ids, values, lengths, basis, vocab) -> np.ndarray:
@@ -188,8 +179,9 @@ def test_damaged_second_stage_is_reported_and_rebuilt(store_path, tmp_path, dama
 
 def test_query_through_the_second_stage_returns_exact_scores(store_path, tiny_runner, tmp_path):
     """Scores returned through the second stage are the exact scan's; its candidates are those it ranks best."""
+    from conftest import exact_scores, word_val
+
     from forvalue.api import run_query
-    from tests.conftest import exact_scores, word_val
 
     write_jsonl(tmp_path / "val.jsonl", word_val())
     scores, train_ids = exact_scores(store_path, tmp_path / "val.jsonl", tiny_runner)
