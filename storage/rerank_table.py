@@ -33,16 +33,15 @@ import numpy as np
 from forvalue.schemas.errors import ForValueError
 from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage.files import atomic_path
-from forvalue.storage.rerank_rows import COLS, ENTRY16, ENTRY32, bag_scores, packed, row_entries
+from forvalue.storage.rerank_rows import COLS, bag_scores, entry_dtype, packed, row_entries
 from forvalue.storage.rows import decode_block
-from forvalue.storage.sketch_basis import fit_basis
+from forvalue.storage.sketch_basis import fit_basis, load_basis
 
 # Segments kept before an extension merges them all into one.
 MAX_SEGMENTS = 8
 # Rows decoded per block while building.
 BLOCK_ROWS = 2048
 FILE_PREFIX = "rerank-"
-_DTYPES = {"float16": ENTRY16, "float32": ENTRY32}
 
 
 @dataclass
@@ -58,7 +57,7 @@ class Segment:
         return int(self.offsets.size - 1)
 
     def gather(self, local: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(ids int64, values float32 (n, COLS), counts)`` of rows ``local`` (positions in the segment), in order."""
+        """``(ids int64, values float32 (n, c), counts)`` of rows ``local`` (positions in the segment), in order."""
         lo = self.offsets[local]
         counts = self.offsets[local + 1] - lo
         pos = np.repeat(lo - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
@@ -86,7 +85,7 @@ class RerankTable:
         return int(self.record["vocab_size"])
 
     def score(self, rows: np.ndarray, table: np.ndarray) -> np.ndarray:
-        """``s2`` of ``rows`` (row positions, any order) against one validation table ``G_v U`` (``(vocab, COLS)``,
+        """``s2`` of ``rows`` (row positions, any order) against one validation table ``G_v U`` (``(vocab, c)``,
         :func:`forvalue.storage.rerank_rows.validation_table`): float64, in the order given."""
         rows = np.asarray(rows, np.int64)
         out = np.zeros(rows.size, np.float64)
@@ -122,17 +121,28 @@ def _read_npy(path) -> np.ndarray:
     return np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
 
 
-def _fit_basis(hidden: np.ndarray) -> np.ndarray | None:
-
-    if hidden.ndim != 2 or hidden.shape[0] == 0 or hidden.shape[1] < COLS:
+def _basis(store, hidden: np.ndarray) -> np.ndarray | None:
+    """The second stage's basis: the store's fitted sketch basis when it has at least :data:`COLS` columns (the
+    second stage then holds the sketch's hidden subspace without its collisions), else :data:`COLS` directions fitted
+    from ``hidden`` (the first block's tokens); None without tokens or with fewer stored values than :data:`COLS`."""
+    m = store.manifest
+    width = m.stored_width
+    if width < COLS:
+        return None
+    if getattr(m, "sketch_basis", None) == "fitted" and (m.sketch_hidden_cols or 0) >= COLS:
+        sketch = load_basis(store.path)
+        if sketch is not None and sketch.shape == (width, m.sketch_hidden_cols):
+            return sketch
+    if hidden.ndim != 2 or hidden.shape[0] == 0:
         return None
     return fit_basis(hidden, COLS)
 
 
 def _widen(records: np.ndarray) -> np.ndarray:
-    if records.dtype == ENTRY32:
+    wide = entry_dtype(records.dtype["v"].shape[0], wide=True)
+    if records.dtype == wide:
         return records
-    out = np.empty(records.size, ENTRY32)
+    out = np.empty(records.size, wide)
     out["id"], out["v"] = records["id"], records["v"]
     return out
 
@@ -148,7 +158,7 @@ def _blocks(store, start: int, rows: int, block_rows: int):
         done += take
 
 
-def _write_segment(folder, first: int, rows: int, parts) -> dict:
+def _write_segment(folder, first: int, rows: int, cols: int, parts) -> dict:
     """Write the segment of rows ``first .. first + rows - 1`` from ``parts`` (``(counts, records)`` per block, in
     row order); returns its entry of the record."""
     name = f"{FILE_PREFIX}{first}-{rows}-{_tag()}"
@@ -156,10 +166,10 @@ def _write_segment(folder, first: int, rows: int, parts) -> dict:
     with atomic_path(folder / f"{name}.entries", inside_store=True) as tmp:
         with open(tmp, "wb") as out:
             for counts, records in parts:
-                if records.dtype == ENTRY32 and not big:  # a value too large for float16: the segment is float32
+                if records.dtype == entry_dtype(cols, wide=True) and not big:  # a value past float16: float32 whole
                     big = True
                     out.flush()
-                    earlier = _widen(np.fromfile(tmp, ENTRY16))
+                    earlier = _widen(np.fromfile(tmp, entry_dtype(cols)))
                     out.seek(0)
                     out.truncate()
                     earlier.tofile(out)
@@ -175,7 +185,7 @@ def _write_segment(folder, first: int, rows: int, parts) -> dict:
         "offsets": f"{name}.offsets.npy",
         "offsets_bytes": _save_npy(folder / f"{name}.offsets.npy", offsets),
         "entries": f"{name}.entries",
-        "entries_bytes": int(offsets[-1]) * _DTYPES[dtype].itemsize,
+        "entries_bytes": int(offsets[-1]) * entry_dtype(cols, wide=big).itemsize,
         "dtype": dtype,
     }
 
@@ -197,7 +207,7 @@ def extend(
     blocks = _blocks(store, start, rows, block_rows or BLOCK_ROWS)
     if record is None:
         first = next(blocks, None)
-        basis = None if first is None else _fit_basis(first.hidden)
+        basis = None if first is None else _basis(store, first.hidden)
         if basis is None:
             return None
         blocks = itertools.chain([first], blocks)
@@ -217,9 +227,9 @@ def extend(
                 bar.update(counts.size)
                 yield counts, packed(ids, values)
 
-    segment = _write_segment(folder, start, rows - start, parts())
+    segment = _write_segment(folder, start, rows - start, basis.shape[1], parts())
     if record is None:
-        record = {"cols": COLS, "rows": 0, "segments": [], "vocab_size": vocab}
+        record = {"cols": int(basis.shape[1]), "rows": 0, "segments": [], "vocab_size": vocab}
         record["basis"] = f"{FILE_PREFIX}basis-{_tag()}.npy"
         record["basis_sha256"] = _sha(basis)
         _save_npy(folder / record["basis"], basis)
@@ -237,7 +247,7 @@ def _merged(folder, record: dict) -> dict:
         for seg in table.segments:
             yield np.diff(seg.offsets), np.asarray(seg.entries)
 
-    return dict(record, segments=[_write_segment(folder, 0, table.rows, parts())])
+    return dict(record, segments=[_write_segment(folder, 0, table.rows, table.basis.shape[1], parts())])
 
 
 # An unnamed second-stage file on an object store whose writer's process cannot be asked is left this long.
@@ -290,7 +300,9 @@ def sound(record) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
     try:
-        if not (record["cols"] == COLS and count(record["rows"]) and isinstance(record["basis"], str)):
+        if not (count(record["cols"]) and record["cols"] >= COLS and count(record["rows"])):
+            return False
+        if not isinstance(record["basis"], str):
             return False
         if not count(record["vocab_size"]):
             return False
@@ -299,7 +311,9 @@ def sound(record) -> bool:
             names = (seg["offsets"], seg["entries"])
             if seg["first"] != first or not count(seg["rows"]) or not all(isinstance(n, str) for n in names):
                 return False
-            if seg["dtype"] not in _DTYPES or not count(seg["entries_bytes"]) or not count(seg["offsets_bytes"]):
+            if seg["dtype"] not in ("float16", "float32"):
+                return False
+            if not count(seg["entries_bytes"]) or not count(seg["offsets_bytes"]):
                 return False
             first += seg["rows"]
         return first == record["rows"]
@@ -330,12 +344,12 @@ def load(folder, record) -> RerankTable | None:
         return None
     try:
         basis = _read_npy(folder / record["basis"]).astype(np.float32)
-        if _sha(basis) != record["basis_sha256"] or basis.shape[1:] != (COLS,):
+        if _sha(basis) != record["basis_sha256"] or basis.shape[1:] != (record["cols"],):
             return None
         segments = []
         for seg in record["segments"]:
             offsets = _read_npy(folder / seg["offsets"])
-            dtype = _DTYPES[seg["dtype"]]
+            dtype = entry_dtype(record["cols"], wide=seg["dtype"] == "float32")
             path = folder / seg["entries"]
             if offsets.shape != (seg["rows"] + 1,) or int(offsets[-1]) * dtype.itemsize != seg["entries_bytes"]:
                 return None

@@ -13,7 +13,7 @@ from conftest import build_sketched, word_rows, write_jsonl
 from forvalue.schemas.config import QueryConfig
 from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage import faiss_index, rerank_table
-from forvalue.storage.rerank_rows import COLS, ENTRY16, ENTRY32, bag_scores, row_entries, validation_table
+from forvalue.storage.rerank_rows import COLS, bag_scores, entry_dtype, row_entries, validation_table
 from forvalue.storage.rows import decode_block
 from forvalue.storage.store import Store
 
@@ -63,6 +63,23 @@ def test_entries_and_scores_equal_dense_g_u(store_path):
     np.testing.assert_allclose(bag_scores(ids.astype(np.int64), values, counts, table), expect, rtol=1e-4)
 
 
+def test_the_basis_is_the_sketch_s_when_it_has_two_columns_else_fitted(store_path):
+    """A fitted sketch basis of c >= 2 columns is the second stage's (the stage is that sketch without its
+    collisions); a sketch of one hidden direction (2048 x 1) gets 2 directions fitted from the first block."""
+    import dataclasses
+    import types
+
+    from forvalue.storage.sketch_basis import fit_basis, load_basis
+
+    store = Store.open(store_path)
+    hidden = _block(store, range(16)).hidden
+    assert np.array_equal(rerank_table._basis(store, hidden), load_basis(store_path))
+    one = types.SimpleNamespace(manifest=dataclasses.replace(store.manifest, sketch_hidden_cols=1), path=store.path)
+    np.testing.assert_array_equal(rerank_table._basis(one, hidden), fit_basis(hidden, COLS))
+    narrow = types.SimpleNamespace(manifest=dataclasses.replace(store.manifest, hidden_rank=1), path=store.path)
+    assert narrow.manifest.stored_width == 1 and rerank_table._basis(narrow, hidden[:, :1]) is None
+
+
 def test_built_by_segments_equals_one_build_and_merges(store_path, tmp_path, monkeypatch):
     store = Store.open(store_path)
     n = store.count()
@@ -82,7 +99,7 @@ def test_built_by_segments_equals_one_build_and_merges(store_path, tmp_path, mon
     for r in rows[:30]:
         for got, want in zip(_entries(b, r), _entries(a, r)):
             np.testing.assert_array_equal(got, want)  # bit for bit
-    table = np.random.default_rng(2).standard_normal((store.manifest.vocab_size, COLS)).astype(np.float32)
+    table = np.random.default_rng(2).standard_normal((store.manifest.vocab_size, a.basis.shape[1])).astype(np.float32)
     np.testing.assert_array_equal(b.score(rows, table), a.score(rows, table))
 
 
@@ -113,11 +130,13 @@ def test_values_past_float16_make_a_float32_segment(store_path, tmp_path, monkey
     record = rt.extend(store, tmp_path / "f", None, n, block_rows=16)
     assert [s["dtype"] for s in record["segments"]] == ["float32"]
     table = rt.load(tmp_path / "f", record)
-    assert table.segments[0].entries.dtype == ENTRY32 and np.isfinite(table.segments[0].entries["v"]).all()
+    cols = record["cols"]
+    assert table.segments[0].entries.dtype == entry_dtype(cols, wide=True)
+    assert np.isfinite(table.segments[0].entries["v"]).all()
     monkeypatch.setattr(rt, "row_entries", real)
     (tmp_path / "g").mkdir()
     plain = rt.load(tmp_path / "g", rt.extend(store, tmp_path / "g", None, n, block_rows=16))
-    assert plain.segments[0].entries.dtype == ENTRY16
+    assert plain.segments[0].entries.dtype == entry_dtype(cols)
     # rows of the first block: the same values, widened
     ids_f, vals_f, _ = table.segments[0].gather(np.arange(16))
     ids_p, vals_p, _ = plain.segments[0].gather(np.arange(16))
@@ -132,6 +151,10 @@ def test_index_carries_its_second_stage_and_a_kill_before_the_commit_keeps_the_o
     store = Store.open(path)
     pre = faiss_index.ensure(store)
     assert pre.rerank is not None and pre.rerank.rows == pre.rows == store.count()
+    # the store's fitted sketch basis (4 columns here): the second stage is that sketch without its collisions
+    from forvalue.storage.sketch_basis import load_basis
+
+    assert store.manifest.sketch_hidden_cols == 4 and np.array_equal(pre.rerank.basis, load_basis(path))
     folder = path / faiss_index.INDEX_DIR
     meta = json.loads((folder / faiss_index.META_FILE).read_text())
     assert rerank_table.files(meta["rerank"]) == {p.name for p in folder.glob("rerank-*")}
