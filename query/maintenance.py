@@ -107,8 +107,12 @@ def _prefilter_state(store: Store, rows: int) -> str:
     record = meta.get("rerank")
     staged = ""
     if record is not None and rerank_table.sound(record):
+        folder = store.path / faiss_index.INDEX_DIR
         size = sum(seg["entries_bytes"] + seg["offsets_bytes"] for seg in record["segments"])
-        staged = f"; second stage {size / 1e6:.1f} MB"
+        wrong = rerank_table.problem(folder, record)
+        staged = f"; second stage {size / 1e6:.1f} MB" if wrong is None else f"; second stage damaged ({wrong})"
+    elif record is not None:
+        staged = "; second stage record damaged ('index check')"
     if meta.get("from_column"):
         return f"{meta.get('factory')} over {meta['rows']} rows, made from the sketch column (no copy){staged}{behind}"
     return f"{meta.get('factory')} over {meta['rows']} rows, {meta.get('bytes', 0) / 1e6:.1f} MB{staged}{behind}"
@@ -331,9 +335,14 @@ def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) 
 
         done["uncommitted_tables_removed"] = remove_uncommitted(store)
         unused = faiss_index.unused_files(store) if faiss_index.describe(store) is not None else []
+        removed = 0
         for file in unused:
-            file.unlink(missing_ok=True)
-        done["unused_prefilter_files_removed"] = len(unused)
+            try:
+                file.unlink(missing_ok=True)
+                removed += 1
+            except OSError:  # (a folder by that name: left, and noted again)
+                pass
+        done["unused_prefilter_files_removed"] = removed
         after = _check(Store.open(path), block_rows)
     after["repaired"] = done
     return _check_report(after)
@@ -547,6 +556,11 @@ def _prefilter_check(store: Store, rows: int, problems: list[str], notes: list[s
                 f"run 'forvalue index sketch --store {where} --rebuild'"
             )
             return False
+    try:
+        faiss_index.check_folder(store)
+    except StoreError as exc:
+        problems.append(str(exc))
+        return False  # (a repair cannot write there: the user removes the file)
     meta = faiss_index.describe(store)
     fix = f"run 'forvalue index check --store {where} --repair' to rebuild it"
     if meta is None:
@@ -607,8 +621,11 @@ def _second_stage_problem(store: Store, meta: dict, problems: list[str], fix: st
         why = f"it covers {record['rows']} rows, the index {meta.get('rows')}"
     else:
         why = rerank_table.problem(folder, record)
-        if why is None and rerank_table.load(folder, record) is None:
-            why = "its files do not load"
+        loaded = None if why else rerank_table.load(folder, record, store.manifest.vocab_size)
+        if why is None and loaded is None:
+            why = "its files do not load (or its record names another vocabulary than the store's)"
+        elif why is None:
+            why = loaded.damage()  # every entry read: ids in the vocabulary, values finite
     if why:
         problems.append(f"{store.path}: the prefilter's second stage: {why}; {fix}")
     return bool(why)

@@ -204,7 +204,7 @@ def load(store: Store) -> PrefilterIndex | None:
 def _with_rerank(store: Store, pre: PrefilterIndex | None) -> PrefilterIndex | None:
     """``pre`` with its second stage loaded (None when it has none or its files do not load: built again)."""
     if pre is not None and pre.meta.get("rerank"):
-        pre.rerank = rerank_table.load(_index_dir(store), pre.meta["rerank"])
+        pre.rerank = rerank_table.load(_index_dir(store), pre.meta["rerank"], store.manifest.vocab_size)
     return pre
 
 
@@ -260,7 +260,10 @@ def save(store: Store, pre: PrefilterIndex, index_changed: bool = True) -> None:
         if old.name != name:
             old.unlink(missing_ok=True)
     for old in unused_files(store, meta):
-        old.unlink(missing_ok=True)
+        try:
+            old.unlink(missing_ok=True)
+        except OSError:  # (a folder by that name, a file that cannot be removed: not this commit's business)
+            pass
 
 
 def unused_files(store: Store, meta: dict | None = None) -> list:
@@ -374,12 +377,19 @@ def extend_rerank(store: Store, pre: PrefilterIndex, progress: bool | None = Non
     if record is None:  # no tokens to fit its basis on yet
         return pre.meta.pop("rerank", None) is not None
     pre.meta["rerank"] = record
-    pre.rerank = rerank_table.load(folder, record)
+    pre.rerank = rerank_table.load(folder, record, store.manifest.vocab_size)
     if pre.rerank is None:  # (not expected: its files were just written) queried without it, not committed
         pre.meta.pop("rerank")
         return False
     pre.meta["rerank_seconds"] = round(time.perf_counter() - started, 3)
     return True
+
+
+def check_folder(store: Store) -> None:
+    """``STORE/prefilter`` that exists but is not a folder is one line (no index could ever be written there)."""
+    folder = _index_dir(store)
+    if folder.exists() and not folder.is_dir():
+        raise StoreError(f"{folder}: is a file, not the prefilter's folder; remove it (the index is built again)")
 
 
 def _check_sketch_column(store: Store) -> None:
@@ -407,6 +417,7 @@ def ensure(
     second stage is written (None: on a terminal only, after 2 s).
     """
     _check_sketch_column(store)
+    check_folder(store)
     pre = None if rebuild else load(store)
     rows = store.count()
     if pre is not None:

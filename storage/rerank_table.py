@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forvalue.schemas.errors import ForValueError
+from forvalue.schemas.errors import ForValueError, StoreError
 from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage.files import atomic_path
 from forvalue.storage.rerank_rows import COLS, bag_scores, entry_dtype, packed, row_entries
@@ -75,6 +75,7 @@ class RerankTable:
     basis: np.ndarray
     segments: list[Segment]
     record: dict
+    folder: object = None  # the store's prefilter folder (for messages)
 
     @property
     def rows(self) -> int:
@@ -97,8 +98,27 @@ class RerankTable:
         for s, seg in enumerate(self.segments):
             sel = np.flatnonzero(seg_of == s) if len(self.segments) > 1 else np.arange(rows.size)
             if sel.size:
-                out[sel] = bag_scores(*seg.gather(rows[sel] - seg.first), table)
+                ids, values, counts = seg.gather(rows[sel] - seg.first)
+                if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                    store = self.folder.parent if self.folder is not None else "STORE"
+                    raise StoreError(
+                        f"{self.folder}/{self.record['segments'][s]['entries']}: the prefilter's second stage holds "
+                        f"ids outside the vocabulary (a damaged file); run 'forvalue index check --store {store} "
+                        "--repair'"
+                    )
+                out[sel] = bag_scores(ids, values, counts, table)
         return out
+
+    def damage(self) -> str | None:
+        """What is wrong with the entries (every one read): ids outside the vocabulary or values not finite."""
+        for seg, rec in zip(self.segments, self.record["segments"]):
+            for first in range(0, seg.entries.size, 1 << 22):
+                part = np.asarray(seg.entries[first : first + (1 << 22)])
+                if part.size and (part["id"].min() < 0 or part["id"].max() >= self.vocab_size):
+                    return f"the second-stage file {rec['entries']} holds ids outside the vocabulary"
+                if not np.isfinite(part["v"]).all():
+                    return f"the second-stage file {rec['entries']} holds values that are not finite"
+        return None
 
 
 def _sha(array: np.ndarray) -> str:
@@ -212,7 +232,10 @@ def extend(
             return None
         blocks = itertools.chain([first], blocks)
     else:
-        basis = _read_npy(folder / record["basis"]).astype(np.float32)
+        try:
+            basis = _read_npy(folder / record["basis"]).astype(np.float32)
+        except (OSError, ValueError):  # removed or replaced meanwhile (another writer's commit): written whole
+            return extend(store, folder, None, rows, progress, block_rows)
 
     def parts():
         with tqdm(
@@ -234,14 +257,18 @@ def extend(
         record["basis_sha256"] = _sha(basis)
         _save_npy(folder / record["basis"], basis)
     record = dict(record, rows=rows, segments=[*record["segments"], segment])
-    return _merged(folder, record) if len(record["segments"]) > MAX_SEGMENTS else record
+    if len(record["segments"]) <= MAX_SEGMENTS:
+        return record
+    merged = _merged(folder, record, vocab)
+    # segments removed meanwhile (another writer merged them and committed): written whole
+    return merged if merged is not None else extend(store, folder, None, rows, progress, block_rows)
 
 
-def _merged(folder, record: dict) -> dict:
-    """The record with all its segments written again as one."""
-    table = load(folder, record)
+def _merged(folder, record: dict, vocab_size: int) -> dict | None:
+    """The record with all its segments written again as one; None when they do not load."""
+    table = load(folder, record, vocab_size)
     if table is None:
-        raise ForValueError(f"{folder}: the second stage's segments do not load; run 'forvalue index build --rebuild'")
+        return None
 
     def parts():
         for seg in table.segments:
@@ -330,6 +357,8 @@ def problem(folder, record: dict) -> str | None:
                 size = path.stat().st_size
             except (OSError, FileNotFoundError):
                 return f"the second-stage file {seg[key]} is missing"
+            if isinstance(path, Path) and not path.is_file():
+                return f"the second-stage file {seg[key]} is not a file"
             if size != seg[f"{key}_bytes"]:
                 return f"the second-stage file {seg[key]} has {size} bytes, not {seg[f'{key}_bytes']}"
     if not (folder / record["basis"]).exists():
@@ -337,10 +366,12 @@ def problem(folder, record: dict) -> str | None:
     return None
 
 
-def load(folder, record) -> RerankTable | None:
-    """The second stage a record names, or None when it is not sound or its files are missing, of another size or
-    unreadable (then it is built again)."""
-    if not sound(record) or problem(folder, record) is not None:
+def load(folder, record, vocab_size: int) -> RerankTable | None:
+    """The second stage a record names, or None when it is not sound (or of another vocabulary than the store's
+    ``vocab_size``), or its files are missing, of another size, unreadable or inconsistent (offsets that do not
+    rise from 0 to the entries' count): then it is built again. Ids out of the vocabulary are found where rows are
+    scored (:meth:`RerankTable.score`) and by ``index check``, which reads every entry."""
+    if not sound(record) or record["vocab_size"] != vocab_size or problem(folder, record) is not None:
         return None
     try:
         basis = _read_npy(folder / record["basis"]).astype(np.float32)
@@ -351,7 +382,9 @@ def load(folder, record) -> RerankTable | None:
             offsets = _read_npy(folder / seg["offsets"])
             dtype = entry_dtype(record["cols"], wide=seg["dtype"] == "float32")
             path = folder / seg["entries"]
-            if offsets.shape != (seg["rows"] + 1,) or int(offsets[-1]) * dtype.itemsize != seg["entries_bytes"]:
+            if offsets.shape != (seg["rows"] + 1,) or offsets.dtype.kind not in "iu" or offsets[0] != 0:
+                return None
+            if int(offsets[-1]) * dtype.itemsize != seg["entries_bytes"] or (np.diff(offsets) < 0).any():
                 return None
             if seg["entries_bytes"] == 0:
                 entries = np.zeros(0, dtype)
@@ -364,4 +397,4 @@ def load(folder, record) -> RerankTable | None:
             segments.append(Segment(int(seg["first"]), offsets.astype(np.int64), entries))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return RerankTable(basis, segments, record)
+    return RerankTable(basis, segments, record, folder)

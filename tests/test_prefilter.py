@@ -1217,3 +1217,24 @@ def test_the_pool_deepens_while_the_second_stage_finds_its_best_rows_at_its_end(
     late: dict = {}
     qp.prefilter_topk(store, val, cfg, "cpu", index=_BestLast(index.index, ranking, 6, at=0), timings=late)
     assert late["pool"].tolist() == [24]  # the best rows first in the pool: no deeper pool
+
+
+def test_a_pool_of_every_row_is_never_deepened_nor_called_unsettled_for_it(sketched_store, tiny_runner):
+    """The pool holds every stored row: the second stage's best rows coming from its end says nothing (there is no
+    deeper pool), and the sample was named unsettled 'at --max-candidates' though it settled at fewer (hostile
+    pass: a gaussian-basis store, --pool = the rows)."""
+    import forvalue.engine.prefilter as qp
+    from forvalue.engine.scan import score_all
+
+    tmp, _, _ = sketched_store
+    store = Store.open(tmp / "store")
+    n = store.count()
+    val = _encoded_val(tmp, store, tiny_runner).subset([0])
+    exact = np.concatenate([s[:, 0] for *_, s in score_all(store, val, QueryConfig(progress=False), "cpu")])
+    ranking = np.argsort(-exact, kind="stable").tolist()
+    index = _BestLast(faiss_index.ensure(store), ranking, 6, at=n - 6)  # the best rows last in FAISS order
+    t: dict = {}
+    cfg = QueryConfig(top_k=4, progress=False, candidates=10, max_candidates=80, pool=n)
+    scores, rows = qp.prefilter_topk(store, val, cfg, "cpu", index=index, timings=t).result()
+    assert t["pool"].tolist() == [n] and t["unsettled"] == []
+    assert rows[0].tolist() == ranking[:4]

@@ -11,6 +11,7 @@ import pytest
 from conftest import build_sketched, word_rows, write_jsonl
 
 from forvalue.schemas.config import QueryConfig
+from forvalue.schemas.errors import StoreError
 from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage import faiss_index, rerank_table
 from forvalue.storage.rerank_rows import COLS, bag_scores, entry_dtype, row_entries, validation_table
@@ -93,7 +94,8 @@ def test_built_by_segments_equals_one_build_and_merges(store_path, tmp_path, mon
         record = rerank_table.extend(store, folder, record, rows, block_rows=16)
         assert record["rows"] == rows and rerank_table.sound(record)
     assert len(record["segments"]) <= 3  # merged past MAX_SEGMENTS
-    a, b = rerank_table.load(tmp_path / "whole", whole), rerank_table.load(folder, record)
+    vocab = store.manifest.vocab_size
+    a, b = rerank_table.load(tmp_path / "whole", whole, vocab), rerank_table.load(folder, record, vocab)
     assert a.rows == b.rows == n and np.array_equal(a.basis, b.basis)
     rows = np.random.default_rng(1).permutation(n)
     for r in rows[:30]:
@@ -129,13 +131,13 @@ def test_values_past_float16_make_a_float32_segment(store_path, tmp_path, monkey
     (tmp_path / "f").mkdir()
     record = rt.extend(store, tmp_path / "f", None, n, block_rows=16)
     assert [s["dtype"] for s in record["segments"]] == ["float32"]
-    table = rt.load(tmp_path / "f", record)
+    table = rt.load(tmp_path / "f", record, store.manifest.vocab_size)
     cols = record["cols"]
     assert table.segments[0].entries.dtype == entry_dtype(cols, wide=True)
     assert np.isfinite(table.segments[0].entries["v"]).all()
     monkeypatch.setattr(rt, "row_entries", real)
     (tmp_path / "g").mkdir()
-    plain = rt.load(tmp_path / "g", rt.extend(store, tmp_path / "g", None, n, block_rows=16))
+    plain = rt.load(tmp_path / "g", rt.extend(store, tmp_path / "g", None, n, block_rows=16), store.manifest.vocab_size)
     assert plain.segments[0].entries.dtype == entry_dtype(cols)
     # rows of the first block: the same values, widened
     ids_f, vals_f, _ = table.segments[0].gather(np.arange(16))
@@ -283,3 +285,83 @@ def test_two_writers_of_the_stage_leave_one_named_and_check_repair_removes_the_o
     repaired = check_store(path, repair=True)
     assert repaired.repaired["unused_prefilter_files_removed"] == len(on_disk - named)
     assert {p.name for p in folder.glob("rerank-*")} == named and repaired.clean
+
+
+def _copy(store_path, tmp_path):
+    import shutil
+
+    path = tmp_path / "store"
+    shutil.copytree(store_path, path)
+    pre = faiss_index.ensure(Store.open(path))
+    return path, path / faiss_index.INDEX_DIR, pre
+
+
+@pytest.mark.parametrize("damage", ["random_entries", "reversed_offsets", "vocab_in_record"])
+def test_a_stage_damaged_at_its_size_is_never_scored_from_and_check_repairs_it(store_path, tmp_path, damage):
+    """Damage that keeps every file's size (hostile pass): random bytes in the entries (ids out of the vocabulary),
+    offsets that do not rise, a record naming another vocabulary. A query never scores from them (offsets and
+    record: the stage is written again; entries: one line naming the file and the repair), `index check` names it
+    (it reads every entry) and `--repair` rebuilds it."""
+    from forvalue.maintenance import check_store
+
+    path, folder, pre = _copy(store_path, tmp_path)
+    seg = pre.meta["rerank"]["segments"][0]
+    if damage == "random_entries":
+        data = np.random.default_rng(0).integers(0, 256, seg["entries_bytes"], np.uint8)
+        (folder / seg["entries"]).write_bytes(data.tobytes())
+    elif damage == "reversed_offsets":
+        offsets = np.load(folder / seg["offsets"])
+        np.save(folder / seg["offsets"], offsets[::-1].copy())
+        assert (folder / seg["offsets"]).stat().st_size == seg["offsets_bytes"]
+    else:
+        meta = json.loads((folder / faiss_index.META_FILE).read_text())
+        meta["rerank"]["vocab_size"] = 5
+        (folder / faiss_index.META_FILE).write_text(json.dumps(meta))
+    loaded = faiss_index.load(Store.open(path))
+    rows = np.arange(Store.open(path).count())
+    if damage == "random_entries":
+        table = np.zeros((Store.open(path).manifest.vocab_size, loaded.rerank.basis.shape[1]), np.float32)
+        with pytest.raises(StoreError, match="outside the vocabulary.*index check --store .* --repair"):
+            loaded.rerank.score(rows, table)
+    else:
+        assert loaded.rerank is None  # not loaded: written again on the index's next use
+    report = check_store(path)
+    assert not report.clean and any("second stage" in p for p in report.problems), report.problems
+    assert check_store(path, repair=True).clean and faiss_index.load(Store.open(path)).rerank is not None
+
+
+def test_segments_removed_by_another_writer_s_merge_are_written_whole_not_an_error(store_path, tmp_path, monkeypatch):
+    """Another writer merged the segments and committed (its commit removed them) while this one extended its
+    older record: the merge of this one finds them gone and writes the stage whole (it raised an error naming a
+    command that does not exist)."""
+    monkeypatch.setattr(rerank_table, "MAX_SEGMENTS", 2)
+    store = Store.open(store_path)
+    n = store.count()
+    folder = tmp_path / "f"
+    folder.mkdir()
+    record = None
+    for rows in (30, 40):
+        record = rerank_table.extend(store, folder, record, rows, block_rows=16)
+    for seg in record["segments"]:
+        (folder / seg["entries"]).unlink()  # the other writer's commit removed them
+    again = rerank_table.extend(store, folder, record, n, block_rows=16)
+    assert again["rows"] == n and len(again["segments"]) == 1 and again["basis"] != record["basis"]
+    assert rerank_table.load(folder, again, store.manifest.vocab_size) is not None
+
+
+def test_a_prefilter_path_that_is_a_file_is_one_line(store_path, tmp_path):
+    """STORE/prefilter as a plain file: the index can never be written there. `index check` said 'no prefilter index
+    yet', `--repair` reported a repair, `index add` passed silently."""
+    import shutil
+
+    from forvalue.maintenance import check_store
+    from forvalue.schemas.errors import StoreError as Refused
+
+    path = tmp_path / "store"
+    shutil.copytree(store_path, path)
+    shutil.rmtree(path / faiss_index.INDEX_DIR)
+    (path / faiss_index.INDEX_DIR).write_text("")
+    with pytest.raises(Refused, match="prefilter: is a file, not the prefilter's folder; remove it"):
+        faiss_index.ensure(Store.open(path))
+    report = check_store(path)
+    assert not report.clean and any("is a file" in p for p in report.problems)

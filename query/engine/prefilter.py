@@ -215,7 +215,10 @@ def prefilter_topk(
             short = rows[j].size < config.top_k  # fewer rows scored than the top-k holds: more are needed
             more = short or needs_more(scores[j][np.searchsorted(rows[j], f)], scores[j], config.top_k)
             # the second stage's best rows still reaching into the sketch's last candidates: a deeper pool
-            deeper = staged[i] is not None and needs_more(staged[i], staged[i], int(want[j]))
+            # (a pool of every row has nothing deeper: its order's end says nothing)
+            deeper = (
+                staged[i] is not None and found[i].size < rows_total and needs_more(staged[i], staged[i], int(want[j]))
+            )
             if not more and not deeper:
                 continue  # the top-k clear of the last candidates (and the second stage's of the sketch's last)
             ran_out = found[i].size < asked[i]  # FAISS gave fewer rows than asked though the store holds more (an
