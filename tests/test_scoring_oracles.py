@@ -147,3 +147,21 @@ def test_lowest_likelihood_ratio_keeps_hardest_positions(tiny_runner, toy_rows, 
     expected = np.sort(np.argsort(full.errors.target_probs, kind="stable")[: len(cut.hidden)])
     np.testing.assert_array_equal(cut.errors.target_ids, full.errors.target_ids[expected])
     np.testing.assert_array_equal(cut.hidden, full.hidden[expected])
+
+
+def test_read_only_blocks_are_scored_without_torch_s_not_writable_warning():
+    """A float32 store's hidden states are Arrow's memory (read-only, zero-copy): torch warned "The given NumPy
+    array is not writable" on every such query (hostile pass). The tensor is made without the warning and the
+    array stays untouched."""
+    import warnings
+
+    import numpy as np
+
+    from forvalue.engine.scorer import read_only_tensor
+
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    array.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        tensor = read_only_tensor(array)
+    assert tensor.tolist() == array.tolist() and not array.flags.writeable

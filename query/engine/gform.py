@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from forvalue.engine.plan import Stopped, cpu_workers, map_on_threads, memory_budget, one_torch_thread, pair_form
+from forvalue.engine.scorer import read_only_tensor
 from forvalue.engine.validation import ValidationSet
 from forvalue.storage.rows import TrainBlock
 
@@ -260,7 +261,7 @@ class GFormScorer:
         rows = block.lengths.size
         out = torch.zeros((rows, self.n_pieces), dtype=torch.float64, device=self.device)
         segment = torch.from_numpy(np.repeat(np.arange(rows), block.lengths)).to(self.device)
-        hidden = torch.from_numpy(block.hidden).to(self.device, self.dtype)
+        hidden = read_only_tensor(block.hidden).to(self.device, self.dtype)
         pos = self._positions(torch.from_numpy(block.ids).to(self.device))
         values = torch.from_numpy(block.values).to(self.device, self.dtype)
         if self.pairs:

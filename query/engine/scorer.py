@@ -51,7 +51,7 @@ class ExactScorer:
         rows = block.lengths.size
         out = torch.zeros((rows, self.n_val), dtype=torch.float64, device=self.device)
         segment = torch.from_numpy(np.repeat(np.arange(rows), block.lengths)).to(self.device)
-        hidden = torch.from_numpy(block.hidden).to(self.device)
+        hidden = read_only_tensor(block.hidden).to(self.device)
         ids = torch.from_numpy(block.ids).to(self.device)
         pos = torch.searchsorted(self.vocab, ids).clamp_max(self.vocab.numel() - 1)
         pos = torch.where(self.vocab[pos] == ids, pos, self.vocab.numel())
@@ -95,3 +95,16 @@ class BlockedScorer:
         for group, scorer in zip(self.groups, self.scorers):
             out[:, group] = scorer.score(block)
         return out
+
+
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` of a block's array that may be read-only (a float32 store's hidden states are Arrow's
+    memory, zero-copy), without torch's "The given NumPy array is not writable" warning: scorers never write to
+    these tensors (every operation on them makes a new one)."""
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
