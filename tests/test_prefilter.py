@@ -1238,3 +1238,21 @@ def test_a_pool_of_every_row_is_never_deepened_nor_called_unsettled_for_it(sketc
     scores, rows = qp.prefilter_topk(store, val, cfg, "cpu", index=index, timings=t).result()
     assert t["pool"].tolist() == [n] and t["unsettled"] == []
     assert rows[0].tolist() == ranking[:4]
+
+
+def test_pool_recall_tool_reports_the_pool_s_share_of_the_exact_top_k(tmp_path):
+    """``python -m tools.bench_prefilter --pool-recall P1,P2``: per pool size, the share of each sample's exact
+    top-k inside FAISS's first P rows (the pool the second stage ranks); an exact (flat) index of a small synthetic
+    store: a larger pool holds at least as much, and a pool of every row holds all of it."""
+    from tools.bench_prefilter import main as bench
+    from tools.make_synthetic_store import main as make
+
+    store = tmp_path / "syn"
+    assert make(["--out", str(store), "--rows", "300", "--n-val", "4", "--topics", "10"]) == 0
+    out = tmp_path / "pool.md"
+    args = ["--store", str(store), "--n-val", "4", "--top-k", "10", "--pool-recall", "20,300", "--refine", "1,16"]
+    assert bench([*args, "--out", str(out)]) == 0
+    rows = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| - |")]
+    assert [r[2].strip() for r in rows] == ["20", "300"]  # a flat index: no re-rank factor, one row per pool
+    means = [float(r[3].split("/")[0]) for r in rows]
+    assert means[0] <= means[1] == 1.0

@@ -175,6 +175,47 @@ def take_layouts(path: Path, n: int, scratch: Path, out: Path | None, rows: int 
     return 0
 
 
+def pool_recall(store: Store, pre, val: ValidationSet, exact_rows: np.ndarray, a, lines: list[str]) -> int:
+    """The pool's share of each sample's exact top-k (what the second stage can find at best) and the search time,
+    per pool size and re-rank factor: what a pool costs and buys (docs/prefilter.md "The second stage at 10^6")."""
+    import faiss
+
+    from forvalue.engine.prefilter import validation_sketches
+    from forvalue.indexer.sketch import SketchSpec
+    from forvalue.storage.sketch_basis import load_basis, load_heavy_ids
+
+    spec = SketchSpec.from_manifest(store.manifest)
+    queries = validation_sketches(val, spec, "none", load_basis(store.path), load_heavy_ids(store.path))
+    refine = faiss.downcast_index(pre.index) if "Refine" in pre.meta.get("factory", "") else None
+    lines += [
+        f"| re-rank factor | pool | pool's share of the exact top-{a.top_k}: mean / median / min | "
+        "search p50 / p95 ms |",
+        "|---|---|---|---|",
+    ]
+    for factor in [float(x) for x in a.refine.split(",")]:
+        if refine is None and factor != float(a.refine.split(",")[0]):
+            continue  # (no re-rank in this index: one row per pool)
+        if refine is not None:
+            refine.k_factor = factor
+        for size in [int(x) for x in a.pool_recall.split(",")]:
+            share, times = [], []
+            for j in range(len(val)):
+                t0 = time.perf_counter()
+                _, found = pre.search(queries[j : j + 1], size)
+                times.append(time.perf_counter() - t0)
+                share.append(len(set(found[0].tolist()) & set(exact_rows[j].tolist())) / a.top_k)
+            lines.append(
+                f"| {f'{factor:g}' if refine is not None else '-'} | {size} | {np.mean(share):.3f} / "
+                f"{np.median(share):.3f} / {np.min(share):.2f} | {1000 * np.median(times):.0f} / "
+                f"{1000 * np.percentile(times, 95):.0f} |"
+            )
+            print(lines[-1], flush=True)
+    if refine is not None:
+        refine.k_factor = float(faiss_index.REFINE_FACTOR)
+    emit("\n".join(lines) + "\n", a.out)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.bench_prefilter", description=__doc__.split("\n")[0])
     p.add_argument("--store", type=Path, required=True)
@@ -200,6 +241,17 @@ def main(argv: list[str] | None = None) -> int:
         default="",
         help="comma list of first pool sizes for --stages 2 (the sketch's candidates the second stage ranks; "
         "default: the product's)",
+    )
+    p.add_argument(
+        "--pool-recall",
+        default="",
+        help="comma list of pool sizes: only the share of each validation sample's exact top-k inside FAISS's first P "
+        "rows (one search per sample, the pool the second stage ranks) and the search time, for each --refine",
+    )
+    p.add_argument(
+        "--refine",
+        default="16",
+        help="comma list of re-rank factors for --pool-recall (a `pq` index's 8-bit re-rank of F x P rows)",
     )
     p.add_argument("--rebuild", action="store_true")
     p.add_argument(
@@ -295,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     pre = faiss_index.ensure(store, kind=a.faiss_index, rebuild=a.rebuild)
     t_faiss = time.perf_counter() - t0
     pre.to_gpu()
+    if a.pool_recall:
+        return pool_recall(store, pre, val, exact_rows, a, lines)
     lines += [
         "| FAISS index | rows | build+save s (this run) | train s | add s | size MB |",
         "|---|---|---|---|---|---|",
