@@ -334,14 +334,7 @@ def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) 
         from forvalue.storage.audits import remove_uncommitted
 
         done["uncommitted_tables_removed"] = remove_uncommitted(store)
-        unused = faiss_index.unused_files(store) if faiss_index.describe(store) is not None else []
-        removed = 0
-        for file in unused:
-            try:
-                file.unlink(missing_ok=True)
-                removed += 1
-            except OSError:  # (a folder by that name: left, and noted again)
-                pass
+        removed = faiss_index.remove_unused(store) if faiss_index.describe(store) is not None else 0
         done["unused_prefilter_files_removed"] = removed
         after = _check(Store.open(path), block_rows)
     after["repaired"] = done

@@ -259,11 +259,20 @@ def save(store: Store, pre: PrefilterIndex, index_changed: bool = True) -> None:
     for old in folder.glob("index-*.faiss"):
         if old.name != name:
             old.unlink(missing_ok=True)
+    remove_unused(store, meta)
+
+
+def remove_unused(store: Store, meta: dict | None = None) -> int:
+    """Remove :func:`unused_files`; how many went (a folder by such a name, or a file that cannot be removed, is
+    left: ``index check`` notes it)."""
+    removed = 0
     for old in unused_files(store, meta):
         try:
             old.unlink(missing_ok=True)
-        except OSError:  # (a folder by that name, a file that cannot be removed: not this commit's business)
+            removed += 1
+        except OSError:
             pass
+    return removed
 
 
 def unused_files(store: Store, meta: dict | None = None) -> list:

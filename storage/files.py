@@ -268,13 +268,21 @@ def _sweep(target: Path) -> None:
         pid = name[len(prefix) :].split(".", 1)[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if process_ended(int(pid)):
             with contextlib.suppress(OSError):
                 os.unlink(target.parent / name)
-        except OSError:
-            pass
+
+
+def process_ended(pid: int) -> bool:
+    """Whether the process ``pid`` (a writer named in a file's name) no longer runs on this machine (a process
+    that cannot be asked counts as running: its files are left)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -20,7 +20,6 @@ pages of its candidates' rows; at 10^6 rows of 263 entries the entries file is ~
 
 from __future__ import annotations
 
-import hashlib
 import io
 import itertools
 import os
@@ -32,10 +31,10 @@ import numpy as np
 
 from forvalue.schemas.errors import ForValueError, StoreError
 from forvalue.schemas.tables import SCORING_COLUMNS
-from forvalue.storage.files import atomic_path
+from forvalue.storage.files import atomic_path, process_ended, write_bytes
 from forvalue.storage.rerank_rows import COLS, bag_scores, entry_dtype, packed, row_entries
 from forvalue.storage.rows import decode_block
-from forvalue.storage.sketch_basis import fit_basis, load_basis
+from forvalue.storage.sketch_basis import basis_sha256, fit_basis, load_basis
 
 # Segments kept before an extension merges them all into one.
 MAX_SEGMENTS = 8
@@ -121,19 +120,15 @@ class RerankTable:
         return None
 
 
-def _sha(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
 def _tag() -> str:
     return f"{os.getpid()}-{time.time_ns()}"
 
 
 def _save_npy(path, array: np.ndarray) -> int:
+    """Write ``array`` as ``.npy`` at ``path`` atomically; its size in bytes."""
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
-    with atomic_path(path, inside_store=True) as tmp:
-        Path(tmp).write_bytes(buffer.getvalue())
+    write_bytes(path, buffer.getvalue(), inside_store=True)
     return len(buffer.getvalue())
 
 
@@ -254,7 +249,7 @@ def extend(
     if record is None:
         record = {"cols": int(basis.shape[1]), "rows": 0, "segments": [], "vocab_size": vocab}
         record["basis"] = f"{FILE_PREFIX}basis-{_tag()}.npy"
-        record["basis_sha256"] = _sha(basis)
+        record["basis_sha256"] = basis_sha256(basis)
         _save_npy(folder / record["basis"], basis)
     record = dict(record, rows=rows, segments=[*record["segments"], segment])
     if len(record["segments"]) <= MAX_SEGMENTS:
@@ -301,13 +296,7 @@ def abandoned(path) -> bool:
         return True
     if not isinstance(path, Path):
         return time.time_ns() - written_ns > ORPHAN_SECONDS * 1e9
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
+    return process_ended(pid)
 
 
 def files(record: dict | None) -> set[str]:
@@ -375,7 +364,7 @@ def load(folder, record, vocab_size: int) -> RerankTable | None:
         return None
     try:
         basis = _read_npy(folder / record["basis"]).astype(np.float32)
-        if _sha(basis) != record["basis_sha256"] or basis.shape[1:] != (record["cols"],):
+        if basis_sha256(basis) != record["basis_sha256"] or basis.shape[1:] != (record["cols"],):
             return None
         segments = []
         for seg in record["segments"]:
