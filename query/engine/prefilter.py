@@ -317,17 +317,13 @@ def _second_stage(rerank, val: ValidationSet, column: int, found: np.ndarray, ag
     is validation sample ``column``, or for ``aggregate='mean'`` the mean of all (``s2`` is linear in ``G_v``)."""
     from forvalue.storage.rerank_rows import validation_table
 
-    hidden, vocab = raw_hidden(val), rerank.vocab_size
-    ends = np.cumsum(val.lengths)
-    samples = range(len(val)) if aggregate == "mean" else [int(column)]
-    table = None
-    for j in samples:
-        part = slice(int(ends[j] - val.lengths[j]), int(ends[j]))
-        one = validation_table(hidden[part], val.ids[part], val.values[part], rerank.basis, vocab)
-        table = one if table is None else table + one
-    if aggregate == "mean":
-        table = table / len(val)
-    return rerank.score(found, table)
+    if aggregate == "mean":  # the table of every token at once is the sum of the samples' tables
+        part = slice(None)
+    else:
+        end = int(np.sum(val.lengths[: int(column) + 1]))
+        part = slice(end - int(val.lengths[column]), end)
+    table = validation_table(raw_hidden(val)[part], val.ids[part], val.values[part], rerank.basis, rerank.vocab_size)
+    return rerank.score(found, table / len(val) if aggregate == "mean" else table)
 
 
 def _merge(rows: np.ndarray, scores: np.ndarray, new_rows: np.ndarray, new_scores: np.ndarray):

@@ -59,8 +59,6 @@ def read_ahead(batches, hidden_size: int, depth: int = 2, val: ValidationSet | N
                 continue
         return False
 
-    done, finished = threading.Condition(), []
-
     def run() -> None:
         try:
             for batch in batches:
@@ -70,12 +68,9 @@ def read_ahead(batches, hidden_size: int, depth: int = 2, val: ValidationSet | N
             put(("end", None))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
             put(("error", exc))
-        finally:
-            with done:
-                finished.append(True)
-                done.notify_all()
 
-    thread = threading.Thread(target=run, name="forvalue-read-ahead", daemon=True)
+    jobs = _Jobs()
+    thread = threading.Thread(target=jobs.wrap(run), name="forvalue-read-ahead", daemon=True)
     thread.start()
     try:
         while True:
@@ -89,7 +84,7 @@ def read_ahead(batches, hidden_size: int, depth: int = 2, val: ValidationSet | N
         stop.set()
         # not thread.join: a second Ctrl-C in it escaped this generator's cleanup ("Exception ignored in: <generator
         # object read_ahead ...>" and a traceback), and a join cut by Ctrl-C can mark a running thread stopped
-        wait_through_ctrl_c(done, lambda: bool(finished), timeout=5.0)
+        jobs.stop(timeout=5.0)
 
 
 def scan_blocks(store, read_rows: int = 1024, val: ValidationSet | None = None):
@@ -148,10 +143,11 @@ class _Jobs:
 
         return job
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Wait for the running jobs (at most ``timeout`` seconds when given); a job not begun will do nothing."""
         with self._done:
             self._stopped = True
-        wait_through_ctrl_c(self._done, lambda: not self._running)
+        wait_through_ctrl_c(self._done, lambda: not self._running, timeout)
 
 
 def cosine(scores: np.ndarray, train_sq_norms: np.ndarray, val_norms: np.ndarray) -> np.ndarray:
