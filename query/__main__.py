@@ -5,7 +5,11 @@ import sys
 
 def run() -> None:
     """The ``forvalue`` program. A Ctrl-C while the CLI is still being imported is one line and status 130, as it
-    is once the command runs (:mod:`forvalue.cli.options`), not a traceback."""
+    is once the command runs (:mod:`forvalue.cli.options`), not a traceback. The C allocator keeps freed memory
+    for the next large array (:mod:`forvalue.engine.allocator`), set before any thread starts."""
+    from forvalue.engine.allocator import keep_freed_memory
+
+    keep_freed_memory()
     try:
         from forvalue.cli import main
     except KeyboardInterrupt:

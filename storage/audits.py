@@ -263,9 +263,16 @@ class ValidationCache:
         tokens = int(n.sum())
         out = {"n_scored": n, "sq_norm": np.asarray(table.column("sq_norm").to_numpy(), np.float64)}
         for name, dtype in (("hidden", np.float32), ("ids", np.int64), ("values", np.float32)):
-            flat = table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            # one copy: writable (torch refuses to share read-only Arrow memory) and of the wanted dtype
-            out[name] = np.array(flat, dtype=dtype).reshape(tokens, flat.size // max(tokens, 1))
+            column = table.column(name)
+            total = sum(len(chunk.flatten()) for chunk in column.chunks)
+            # one copy, chunk by chunk into the array: writable (torch refuses to share read-only Arrow memory) and
+            # of the wanted dtype (combining the chunks first was a second copy, ~0.3 s of page faults at 1,000)
+            flat, at = np.empty(total, dtype), 0
+            for chunk in column.chunks:
+                part = chunk.flatten().to_numpy(zero_copy_only=False)
+                flat[at : at + part.size] = part
+                at += part.size
+            out[name] = flat.reshape(tokens, total // max(tokens, 1))
         return out
 
     def get(self, keys: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
