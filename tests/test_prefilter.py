@@ -1256,3 +1256,37 @@ def test_pool_recall_tool_reports_the_pool_s_share_of_the_exact_top_k(tmp_path):
     assert [r[2].strip() for r in rows] == ["20", "300"]  # a flat index: no re-rank factor, one row per pool
     means = [float(r[3].split("/")[0]) for r in rows]
     assert means[0] <= means[1] == 1.0
+
+
+def test_the_automatic_prefilter_loads_the_index_once_and_needs_one_that_is_there(
+    sketched_store, tiny_runner, monkeypatch
+):
+    """A store of at least AUTO_MIN_ROWS rows with an index is queried through it without being asked: the index is
+    read once (deciding read it a first time: 2.3 GB twice at 10^6). Below the size, or without an index file at
+    its size, the query is exact."""
+    import forvalue.engine.prefilter as qp
+
+    tmp, _, _ = sketched_store
+    store = Store.open(tmp / "store")
+    faiss_index.ensure(store)
+    loads = []
+    real_load = faiss_index.load
+    monkeypatch.setattr(faiss_index, "load", lambda s: loads.append(1) or real_load(s))
+    cfg = QueryConfig(top_k=3, progress=False)
+    assert not run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner).prefiltered
+    assert loads == []
+    monkeypatch.setattr(qp, "AUTO_MIN_ROWS", 1)
+    res = run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner)
+    assert res.prefiltered and len(loads) == 1
+    record = tmp / "store" / faiss_index.INDEX_DIR / faiss_index.META_FILE
+    kept = record.read_bytes()
+    try:
+        record.write_text("{}")  # no index record to take
+        assert not faiss_index.present(store)
+        assert not run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner).prefiltered
+        meta = json.loads(kept)
+        record.write_text(json.dumps({**meta, "from_column": False, "file": "gone.faiss", "bytes": 10}))
+        assert not faiss_index.present(store)  # a record naming a file that is not there
+    finally:
+        record.write_bytes(kept)
+    assert faiss_index.present(store)

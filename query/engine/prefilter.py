@@ -89,7 +89,7 @@ def use_prefilter(store: Store, config: QueryConfig, full_scores: bool) -> bool:
         return False
     if explicit:
         return True
-    return store.count() >= AUTO_MIN_ROWS and faiss_index.load(store) is not None
+    return store.count() >= AUTO_MIN_ROWS and faiss_index.present(store)
 
 
 def validation_sketches(
