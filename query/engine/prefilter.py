@@ -71,9 +71,8 @@ def use_prefilter(store: Store, config: QueryConfig, full_scores: bool) -> bool:
                 "needs --exact"
             )
         return False
-    if config.normalize != "none":
-        if explicit:
-            raise ForValueError("the prefilter ranks by the raw score; use --exact with --normalize cosine")
+    if config.normalize != "none" or config.center != "none" or config.whiten is not None:
+        # (settings asking for the prefilter are refused with these by QueryConfig; the automatic path scans exactly)
         return False
     if not store.manifest.sketch_dim or not store.has_column(faiss_index.SKETCH_COLUMN):
         if explicit:
