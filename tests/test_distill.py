@@ -294,6 +294,9 @@ def _garbage(path: Path, text: str) -> Path:
         "select_missing_ids",
         "distill_into_other_folder",
         "data_and_store",
+        "report_without_group",
+        "compare_with_report",
+        "compare_with_group",
     ],
 )
 def test_bad_inputs_are_one_line_errors(setup, tmp_path, case):
@@ -367,6 +370,20 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, case):
             ["not a value model folder"],
         ),
         "data_and_store": (["estimate", train, "--value-model", vm, "--store", store, "--audit", "v1"], ["not both"]),
+        # --report is written only per group: without --group-column (or when comparing with an audit) it was
+        # silently ignored, exit 0 and no page (hostile pass)
+        "report_without_group": (
+            ["estimate", train, "--value-model", vm, "-o", out, "--report", tmp_path / "r.html"],
+            ["--report", "--group-column"],
+        ),
+        "compare_with_report": (
+            ["estimate", "--value-model", vm, "--store", store, "--audit", "v1", "--report", tmp_path / "r.html"],
+            ["--report"],
+        ),
+        "compare_with_group": (
+            ["estimate", "--value-model", vm, "--store", store, "--audit", "v1", "--group-column", "source"],
+            ["--group-column"],
+        ),
     }[case]
     assert_one_line_error(cli(*args), *needles)
     assert not out.exists()

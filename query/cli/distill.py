@@ -74,6 +74,11 @@ def estimate_command(data, value_model, output, store, audit_name, report, quiet
     if store is not None or audit_name is not None:
         if data or store is None or audit_name is None:
             raise ForValueError("give DATA files, or --store with --audit (not both)")
+        if report or pricing.group_column:
+            raise ForValueError(
+                "--report and --group-column price the groups of DATA files; with --store/--audit (a comparison) "
+                "give neither, or price the audit with 'forvalue audit show --group-column C --data DATA'"
+            )
         import forvalue
         from forvalue.present.output import write_table
 
@@ -88,6 +93,8 @@ def estimate_command(data, value_model, output, store, audit_name, report, quiet
         raise ForValueError("give the data files to value (or --store with --audit)")
     if output is None:
         raise ForValueError("give --output FILE (.parquet, .csv or .jsonl) for the values")
+    if report and not pricing.group_column:
+        raise ForValueError("--report is a page of value per group: give --group-column C with it (or drop --report)")
     from forvalue.estimates import estimate
 
     r = estimate(data, value_model, output, make(DataConfig, kw), group_column=pricing.group_column, progress=not quiet)
