@@ -64,7 +64,11 @@ class Store:
         self._writer = None
         with self.io("open"):
             if not (path / f"{SAMPLES_TABLE}.lance").is_dir():
-                raise StoreError(f"{path}: has a manifest but no '{SAMPLES_TABLE}' table; the store is damaged")
+                raise StoreError(
+                    f"{path}: has a manifest but no '{SAMPLES_TABLE}' table (a build or convert stopped before its "
+                    "first rows); re-run that 'forvalue index build' or 'index convert' to resume it, or remove the "
+                    "folder"
+                )
             self._snapshot = self._latest()
         self._fragments = {f.fragment_id for f in self._snapshot.get_fragments()}
 

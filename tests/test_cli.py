@@ -305,6 +305,20 @@ def test_path_that_is_not_a_store(built, tmp_path, kind):
         assert path.read_text() == "hello"
 
 
+def test_store_killed_before_its_first_rows_says_how_to_resume(built, tmp_path):
+    """A build or convert killed between publishing its manifest and creating the samples table leaves a folder
+    with only manifest.json. Re-running the command resumes it, so the error says so (it said 'the store is
+    damaged', which --repair cannot fix; hostile pass)."""
+    store, val = built[0], built[1]
+    half = tmp_path / "half"
+    half.mkdir()
+    shutil.copy(Path(store) / "manifest.json", half / "manifest.json")
+    for args in (["index", "check", "--store", half], ["index", "info", "--store", half]):
+        err = assert_one_line_error(cli(*args), "half", "re-run")
+        assert "damaged" not in err
+    assert_one_line_error(cli("query", "--store", half, "-v", val, "--quiet"), "half", "re-run")
+
+
 def test_query_against_empty_store(tmp_path, tiny_runner, built):
     Store.create(tmp_path / "empty", manifest_for(tiny_runner, DataConfig(), EncodeConfig()))
     result = cli("query", "--store", tmp_path / "empty", "-v", built[1], "--quiet")
