@@ -89,6 +89,8 @@ def build_index(
     existing = (store_path / MANIFEST_FILE).exists()
     lease = WriterLease.acquire(store_path, config.shard) if existing else None
     try:
+        if existing:
+            _check_sketch_column(store_path)
         runner = runner if runner is not None else load_runner(config.model)
         store = Store.create(store_path, manifest_for(runner, config.data, config.encode))
         lease = lease or WriterLease.acquire(store_path, config.shard)
@@ -96,6 +98,25 @@ def build_index(
     finally:
         if lease is not None:
             lease.release()
+
+
+def _check_sketch_column(store_path) -> None:
+    """An existing table without the sketch column its manifest describes (an 'index sketch --rebuild' killed
+    between dropping and writing it) cannot take new rows: say so before the model loads (the append failed
+    after the first batch's forward pass with Lance's schema message; hostile pass)."""
+    from forvalue.schemas.errors import StoreError
+    from forvalue.storage.faiss_index import SKETCH_COLUMN
+    from forvalue.storage.store import SAMPLES_TABLE
+
+    if not (store_path / f"{SAMPLES_TABLE}.lance").is_dir():  # a build killed before its first rows: it resumes
+        return
+    store = Store.open(store_path)
+    if store.manifest.sketch_dim and not store.has_column(SKETCH_COLUMN):
+        raise StoreError(
+            f"{store_path}: the manifest describes a sketch (D={store.manifest.sketch_dim}) but the table has no "
+            f"'sketch' column (an interrupted 'index sketch' leaves this); run 'forvalue index sketch --store "
+            f"{store_path} --rebuild' before adding rows"
+        )
 
 
 def _build(inputs: list, store: Store, config: BuildConfig, runner, started: float) -> BuildReport:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 from click.testing import CliRunner
 from conftest import write_jsonl
 
@@ -58,6 +59,32 @@ def test_second_build_writes_nothing(tmp_path, tiny_model_dir):
     second = cli(*args)
     assert (second["written"], second["already_stored"], second["total_rows"]) == (0, 6, 6)
     assert Store.open(tmp_path / "store").version() == version  # not even an empty commit
+
+
+def test_add_to_a_store_without_its_sketch_column_says_rebuild_before_the_model(tmp_path, tiny_model_dir, monkeypatch):
+    """An 'index sketch --rebuild' killed between dropping and rewriting the sketch column leaves the table without
+    it; 'index add' failed after a batch's forward pass with Lance's schema message. Now one line naming the remedy,
+    before the model loads (hostile pass)."""
+    import lance
+    from conftest import assert_one_line_error
+
+    from forvalue.indexer import model_runner
+
+    cli(
+        "index",
+        "build",
+        write_jsonl(tmp_path / "a.jsonl", rows(5)),
+        "--store",
+        tmp_path / "store",
+        "--model",
+        tiny_model_dir,
+    )
+    lance.dataset(str(tmp_path / "store" / "samples.lance")).drop_columns(["sketch"])
+    monkeypatch.setattr(model_runner, "load_runner", lambda *a, **k: pytest.fail("the model loaded"))
+    more = write_jsonl(tmp_path / "b.jsonl", rows(3, start=5))
+    result = CliRunner().invoke(main, ["index", "add", str(more), "--store", str(tmp_path / "store"), "--quiet"])
+    assert_one_line_error(result, "no 'sketch' column", "index sketch", "--rebuild")
+    assert Store.open(tmp_path / "store").count() == 5
 
 
 def test_add_appends_only_new_rows(tmp_path, tiny_model_dir):
