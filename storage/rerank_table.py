@@ -98,12 +98,18 @@ class RerankTable:
             sel = np.flatnonzero(seg_of == s) if len(self.segments) > 1 else np.arange(rows.size)
             if sel.size:
                 ids, values, counts = seg.gather(rows[sel] - seg.first)
-                if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+                bad = (
+                    "ids outside the vocabulary"
+                    if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size)
+                    else None
+                )
+                if bad is None and not np.isfinite(values).all():  # (NaN scores sort anywhere: rows silently lost)
+                    bad = "values that are not finite"
+                if bad is not None:
                     store = self.folder.parent if self.folder is not None else "STORE"
                     raise StoreError(
                         f"{self.folder}/{self.record['segments'][s]['entries']}: the prefilter's second stage holds "
-                        f"ids outside the vocabulary (a damaged file); run 'forvalue index check --store {store} "
-                        "--repair'"
+                        f"{bad} (a damaged file); run 'forvalue index check --store {store} --repair'"
                     )
                 out[sel] = bag_scores(ids, values, counts, table)
         return out

@@ -296,7 +296,7 @@ def _copy(store_path, tmp_path):
     return path, path / faiss_index.INDEX_DIR, pre
 
 
-@pytest.mark.parametrize("damage", ["random_entries", "reversed_offsets", "vocab_in_record"])
+@pytest.mark.parametrize("damage", ["random_entries", "nan_values", "reversed_offsets", "vocab_in_record"])
 def test_a_stage_damaged_at_its_size_is_never_scored_from_and_check_repairs_it(store_path, tmp_path, damage):
     """Damage that keeps every file's size (hostile pass): random bytes in the entries (ids out of the vocabulary),
     offsets that do not rise, a record naming another vocabulary. A query never scores from them (offsets and
@@ -309,6 +309,12 @@ def test_a_stage_damaged_at_its_size_is_never_scored_from_and_check_repairs_it(s
     if damage == "random_entries":
         data = np.random.default_rng(0).integers(0, 256, seg["entries_bytes"], np.uint8)
         (folder / seg["entries"]).write_bytes(data.tobytes())
+    elif damage == "nan_values":  # ids intact, every value NaN (a query used them, exit 0; hostile pass)
+        entries = np.fromfile(
+            folder / seg["entries"], entry_dtype(pre.rerank.basis.shape[1], seg["dtype"] == "float32")
+        )
+        entries["v"] = np.nan
+        entries.tofile(folder / seg["entries"])
     elif damage == "reversed_offsets":
         offsets = np.load(folder / seg["offsets"])
         np.save(folder / seg["offsets"], offsets[::-1].copy())
@@ -319,9 +325,10 @@ def test_a_stage_damaged_at_its_size_is_never_scored_from_and_check_repairs_it(s
         (folder / faiss_index.META_FILE).write_text(json.dumps(meta))
     loaded = faiss_index.load(Store.open(path))
     rows = np.arange(Store.open(path).count())
-    if damage == "random_entries":
+    if damage in ("random_entries", "nan_values"):
         table = np.zeros((Store.open(path).manifest.vocab_size, loaded.rerank.basis.shape[1]), np.float32)
-        with pytest.raises(StoreError, match="outside the vocabulary.*index check --store .* --repair"):
+        found = "outside the vocabulary" if damage == "random_entries" else "not finite"
+        with pytest.raises(StoreError, match=f"{found}.*index check --store .* --repair"):
             loaded.rerank.score(rows, table)
     else:
         assert loaded.rerank is None  # not loaded: written again on the index's next use
