@@ -10,6 +10,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
 from forvalue.present.output import ScoreWriter, check_output_path
 from forvalue.schemas.config import BuildConfig, DataConfig, EngineConfig, ModelConfig, QueryConfig
-from forvalue.schemas.errors import ConfigError
+from forvalue.schemas.errors import ConfigError, ForValueError, StoreError
 from forvalue.session import get_runner, open_nonempty, settings_for_store, storage_of
 from forvalue.storage.store import Store
 
@@ -209,12 +210,14 @@ def run_query(
     total = store.count()
     from forvalue.engine.prefilter import prefilter_topk, use_prefilter
 
-    prefiltered = not on_ray and use_prefilter(store, config, full_scores=keep_scores or all_scores_path is not None)
+    timings: dict = {}
+    full_scores = keep_scores or all_scores_path is not None
+    with _writer_named(store):
+        prefiltered = not on_ray and use_prefilter(store, config, full_scores=full_scores)
+        if prefiltered:  # FAISS candidates + exact rerank (forvalue.engine.prefilter, docs/prefilter.md)
+            top = prefilter_topk(store, val, config, runner.device, timings=timings)
     # opened once the query is known to run (a refusal above leaves no temporary file or folder behind)
     writer = ScoreWriter(all_scores_path, col_names) if all_scores_path else None
-    timings: dict = {}
-    if prefiltered:  # FAISS candidates + exact rerank (forvalue.engine.prefilter, docs/prefilter.md)
-        top = prefilter_topk(store, val, config, runner.device, timings=timings)
     blocks = () if prefiltered else score_all(store, val, config, runner.device)
     bar = tqdm(total=total, desc="scoring", unit="sample", disable=not config.progress or prefiltered or on_ray)
     try:
@@ -263,6 +266,25 @@ def run_query(
         config=config,
         auto_settings=auto_settings,
     )
+
+
+@contextlib.contextmanager
+def _writer_named(store: Store):
+    """A prefilter error while another process writes the store (``index sketch --rebuild`` changing the sketch, a
+    build extending it) says so, instead of naming a repair the store does not need (hostile pass: 4 of 5 queries
+    beside a sketch rebuild failed with "run 'forvalue index sketch --rebuild'")."""
+    from forvalue.storage.store import writer_of
+
+    try:
+        yield
+    except ForValueError as exc:
+        holder = writer_of(store.path)
+        if holder is None:
+            raise
+        raise StoreError(
+            f"{store.path}: another process is writing the store ({holder}) and its sketches changed under this "
+            "query; query again when it has finished (or add --exact)"
+        ) from exc
 
 
 def _top_table(store: Store, top: TopK, samples: list[Sample], config: QueryConfig) -> pa.Table:

@@ -512,6 +512,30 @@ def _remote_lease(path: RemotePath, shard: tuple[int, int]):
 REMOTE_LEASE_FILE = ".writer.lease"
 
 
+def writer_of(path: str | Path) -> str | None:
+    """Who is writing ``path`` now (a build, ``index sketch``, ``check --repair``: the holder's note), or None; for
+    a reader's message when the store changed under it. Tests the lease with a shared lock taken and dropped at
+    once, so call it only on an error path (a writer starting in that instant would be refused). An object store:
+    None (its lease is not a lock to test)."""
+    import fcntl
+
+    path = store_location(path)
+    if isinstance(path, RemotePath):
+        return None
+    try:
+        fd = os.open(path / LEASE_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        if not _try_lock(fd, fcntl.LOCK_SH):
+            return _holder(path)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    held = _holder(path)
+    return held if held.startswith("sharded worker") else None
+
+
 def _open_lock(file: Path) -> int:
     try:
         return os.open(file, os.O_RDWR | os.O_CREAT, 0o644)

@@ -1328,3 +1328,31 @@ def test_prefilter_settings_are_refused_with_a_score_variant_and_the_automatic_p
             runner=tiny_runner,
         )
         assert not auto.prefiltered and auto.top.to_pylist() == exact.top.to_pylist()
+
+
+def test_a_prefilter_error_while_another_process_writes_the_store_names_the_writer(
+    sketched_store, tiny_runner, monkeypatch
+):
+    """A query beside 'index sketch --rebuild' met the sketch half rewritten and said to run 'index sketch --rebuild'
+    (hostile pass, 4 of 5 queries). While a writer holds the store's lease, a prefilter error names the writer and
+    says to query again; without one, the error is the store's own."""
+    import forvalue.engine.prefilter as qp
+    from forvalue.schemas.errors import StoreError
+    from forvalue.storage.store import WriterLease, writer_of
+
+    tmp, _, _ = sketched_store
+
+    def torn(*args, **kwargs):
+        raise StoreError("a fitted sketch needs its (32, 4) basis, got (32, 2); run 'forvalue index sketch --rebuild'")
+
+    monkeypatch.setattr(qp, "prefilter_topk", torn)
+    cfg = QueryConfig(top_k=3, progress=False, candidates=10)
+    with pytest.raises(StoreError, match="needs its"):
+        run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner)
+    assert writer_of(tmp / "store") is None
+    with WriterLease.acquire(tmp / "store", sharded=False):
+        assert "pid" in writer_of(tmp / "store")
+        with pytest.raises(StoreError, match=r"another process is writing the store \(pid .*query again.*--exact"):
+            run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner)
+    assert writer_of(tmp / "store") is None
+    WriterLease.acquire(tmp / "store").release()  # the probe left no lock behind
