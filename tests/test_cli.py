@@ -146,6 +146,20 @@ def test_query_output_formats(built, tmp_path, suffix):
         assert got["score"] == pytest.approx(exp["score"], rel=1e-9)
 
 
+def test_query_warns_when_validation_ids_repeat(built, tmp_path):
+    """Two validation samples with one id: their rankings share it in the output, which a reader cannot tell apart
+    (hostile pass: no warning). A warning names the id; distinct ids get none."""
+    store, val, _ = built
+    twice = write_jsonl(tmp_path / "twice.jsonl", [VAL[0], {**VAL[1], "id": VAL[0]["id"]}])
+    out = tmp_path / "top.jsonl"
+    result = cli("query", "--store", store, "-v", twice, "--top-k", "3", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert f"validation ids given to more than one sample ({VAL[0]['id']})" in result.stderr
+    assert [r["validation_id"] for r in _read(out)] == [VAL[0]["id"]] * 6
+    result = cli("query", "--store", store, "-v", val, "--top-k", "3", "-o", tmp_path / "other.jsonl")
+    assert result.exit_code == 0 and "more than one sample" not in result.stderr
+
+
 def test_query_jsonl_on_stdout(built):
     store, val, expected = built
     result = cli("query", "--store", store, "-v", val, "--top-k", "3", "--quiet")

@@ -67,6 +67,14 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
     write_table(top, output)
     if result.unsettled:
         click.echo(_unsettled_warning(result), err=True)
+    repeated = _repeated_validation_ids(result)
+    if repeated:
+        click.echo(
+            f"warning: validation ids given to more than one sample ({', '.join(repeated[:5])}"
+            f"{f' and {len(repeated) - 5} more' if len(repeated) > 5 else ''}): their rankings share the id in the "
+            "output; give each validation sample its own id",
+            err=True,
+        )
     if output:
         staged = (
             f"the best by the second stage of {_candidate_counts(result.pools, 'FAISS candidates')}; "
@@ -84,6 +92,19 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
             f"in {result.seconds:.1f}s; wrote {result.top.num_rows} rows to {output}",
             err=True,
         )
+
+
+def _repeated_validation_ids(result) -> list[str]:
+    """Validation ids that name more than one sample's ranking in ``result.top`` (its rows come per validation
+    sample, one ranking after another: an id whose rows restart at rank 1 is repeated)."""
+    if result.config is not None and result.config.aggregate == "mean":
+        return []
+    ids, ranks = result.top.column("validation_id").to_pylist(), result.top.column("rank").to_pylist()
+    starts: dict = {}
+    for vid, rank in zip(ids, ranks):
+        if rank == 1:
+            starts[vid] = starts.get(vid, 0) + 1
+    return [str(vid) for vid, n in starts.items() if n > 1]
 
 
 def _candidate_counts(counts: list[int], what: str = "candidates") -> str:
