@@ -279,12 +279,24 @@ def _writer_named(store: Store):
         yield
     except ForValueError as exc:
         holder = writer_of(store.path)
-        if holder is None:
+        if holder is not None:
+            who = f"another process is writing the store ({holder})"
+        elif _rewritten(store):
+            who = "the store was rewritten while this query ran (an 'index sketch' or a build ended meanwhile)"
+        else:
             raise
         raise StoreError(
-            f"{store.path}: another process is writing the store ({holder}) and its sketches changed under this "
-            "query; query again when it has finished (or add --exact)"
+            f"{store.path}: {who} and its sketches changed under this query; query again (when the writer has "
+            "finished), or add --exact"
         ) from exc
+
+
+def _rewritten(store: Store) -> bool:
+    """Whether the store's manifest on disk is no longer the one ``store`` opened with."""
+    try:
+        return Store.open(store.path).manifest != store.manifest
+    except ForValueError:
+        return False
 
 
 def _top_table(store: Store, top: TopK, samples: list[Sample], config: QueryConfig) -> pa.Table:

@@ -1356,3 +1356,16 @@ def test_a_prefilter_error_while_another_process_writes_the_store_names_the_writ
             run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner)
     assert writer_of(tmp / "store") is None
     WriterLease.acquire(tmp / "store").release()  # the probe left no lock behind
+    manifest = tmp / "store" / "manifest.json"
+    kept = manifest.read_bytes()
+
+    def rewritten(*args, **kwargs):  # an 'index sketch' ended while the query ran: no writer now, another manifest
+        manifest.write_text(json.dumps({**json.loads(kept), "sketch_seed": 12345}))
+        torn()
+
+    monkeypatch.setattr(qp, "prefilter_topk", rewritten)
+    try:
+        with pytest.raises(StoreError, match=r"rewritten while this query ran.*query again.*--exact"):
+            run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner)
+    finally:
+        manifest.write_bytes(kept)
