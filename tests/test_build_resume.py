@@ -61,6 +61,12 @@ def test_second_build_writes_nothing(tmp_path, tiny_model_dir):
     assert Store.open(tmp_path / "store").version() == version  # not even an empty commit
 
 
+def _store_of_five(tmp_path, model_dir) -> None:
+    """``tmp_path/store``: 'index build' of five rows (``tmp_path/a.jsonl``)."""
+    data = write_jsonl(tmp_path / "a.jsonl", rows(5))
+    cli("index", "build", data, "--store", tmp_path / "store", "--model", model_dir)
+
+
 def test_add_to_a_store_without_its_sketch_column_says_rebuild_before_the_model(tmp_path, tiny_model_dir, monkeypatch):
     """An 'index sketch --rebuild' killed between dropping and rewriting the sketch column leaves the table without
     it; 'index add' failed after a batch's forward pass with Lance's schema message. Now one line naming the remedy,
@@ -70,15 +76,7 @@ def test_add_to_a_store_without_its_sketch_column_says_rebuild_before_the_model(
 
     from forvalue.indexer import model_runner
 
-    cli(
-        "index",
-        "build",
-        write_jsonl(tmp_path / "a.jsonl", rows(5)),
-        "--store",
-        tmp_path / "store",
-        "--model",
-        tiny_model_dir,
-    )
+    _store_of_five(tmp_path, tiny_model_dir)
     lance.dataset(str(tmp_path / "store" / "samples.lance")).drop_columns(["sketch"])
     monkeypatch.setattr(model_runner, "load_runner", lambda *a, **k: pytest.fail("the model loaded"))
     more = write_jsonl(tmp_path / "b.jsonl", rows(3, start=5))
@@ -88,15 +86,7 @@ def test_add_to_a_store_without_its_sketch_column_says_rebuild_before_the_model(
 
 
 def test_add_appends_only_new_rows(tmp_path, tiny_model_dir):
-    cli(
-        "index",
-        "build",
-        write_jsonl(tmp_path / "a.jsonl", rows(5)),
-        "--store",
-        tmp_path / "store",
-        "--model",
-        tiny_model_dir,
-    )
+    _store_of_five(tmp_path, tiny_model_dir)
     before = stored(tmp_path / "store").to_pylist()
     both = write_jsonl(tmp_path / "b.jsonl", rows(5) + rows(3, start=5))
     report = cli("index", "add", both, "--store", tmp_path / "store")
