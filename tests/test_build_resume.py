@@ -336,3 +336,26 @@ def test_sharded_workers_build_the_union_once(tmp_path, tiny_model_dir):
     # an unsharded build over the same store finds everything stored
     again = cli("index", "build", data, "--store", store, "--model", tiny_model_dir)
     assert (again["written"], again["already_stored"]) == (0, 40)
+
+
+def test_the_sketch_column_check_lets_a_table_being_created_by_a_twin_worker_through(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Sharded workers start together: one finds the manifest and the table's folder of the other before its first
+    version, and opening it failed the worker ('samples.lance was not found'; the suite's sharded-workers test). The
+    check before the model loads leaves such a table to the build's own create, which waits for its twin."""
+    from forvalue.schemas.errors import StoreError
+
+    _store_of_five(tmp_path, tiny_model_dir)
+    real_open, calls = Store.open, []
+
+    def first_open_fails(*args, **kwargs):  # the check's open meets the twin's table before its first version
+        if sys._getframe(1).f_code.co_name == "_check_sketch_column":
+            calls.append(1)
+            raise StoreError("cannot open the store (Dataset at path samples.lance was not found)")
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(Store, "open", staticmethod(first_open_fails))
+    more = write_jsonl(tmp_path / "b.jsonl", rows(3, start=5))
+    report = cli("index", "add", more, "--store", tmp_path / "store")
+    assert (report["written"], report["total_rows"]) == (3, 8) and calls == [1]
