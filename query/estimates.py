@@ -71,8 +71,7 @@ def estimate(
     >>> forvalue.estimate([train_path], "vm", output="values.parquet").n
     12
     """
-    from forvalue.indexer.data import iter_samples_with
-    from forvalue.indexer.readers import check_paths
+    from forvalue.indexer.data import check_inputs, iter_samples_with
     from forvalue.storage.files import check_outputs
 
     data = list(data)
@@ -84,7 +83,7 @@ def estimate(
             f"--group-column {group_column}: the values file has its own '{group_column}' column; "
             "name the provider column differently"
         )
-    check_paths(data)
+    check_inputs(data, data_config)  # as the build: an empty file is one line, not "0 values" and exit 0
     started = time.perf_counter()
     sink = TableSink(Path(output)) if output is not None else None
     extra = [group_column] if group_column else []

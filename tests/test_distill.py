@@ -297,6 +297,7 @@ def _garbage(path: Path, text: str) -> Path:
         "report_without_group",
         "compare_with_report",
         "compare_with_group",
+        "empty_data",
     ],
 )
 def test_bad_inputs_are_one_line_errors(setup, tmp_path, case):
@@ -370,6 +371,8 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, case):
             ["not a value model folder"],
         ),
         "data_and_store": (["estimate", train, "--value-model", vm, "--store", store, "--audit", "v1"], ["not both"]),
+        # an empty file printed "0 values ... 0x faster" and exit 0, where build and query refuse it (hostile pass)
+        "empty_data": (["estimate", _garbage(tmp_path / "e.jsonl", ""), "--value-model", vm, "-o", out], ["no rows"]),
         # --report is written only per group: without --group-column (or when comparing with an audit) it was
         # silently ignored, exit 0 and no page (hostile pass)
         "report_without_group": (
