@@ -172,3 +172,27 @@ def test_validation_rows_in_memory_work_where_paths_do(st, toy_rows, tmp_path):
     result = st.query(rows, cfg)
     pages = st.explain_results(result, rows, 1, tmp_path / "pages")
     assert pages.column("explanation").null_count == 1 and (tmp_path / "pages" / "index.html").exists()
+
+
+def test_create_beside_a_twin_waits_for_its_first_version_then_gives_up(st, monkeypatch):
+    """Two builds into a new store started together: the one that finds the table's folder the other is creating can
+    be there before its first version, and opening it failed the build ("samples.lance was not found"; the two-builds
+    fault test in CI). Store.create waits for the version (here: the first two opens fail), up to TWIN_WAIT seconds."""
+    import forvalue.storage.store as store_module
+    from forvalue.storage.store import Store
+
+    manifest = Store.open(st.path).manifest
+    real_init, tries = Store.__init__, []
+
+    def not_yet(self, path, m, fail=2):
+        tries.append(1)
+        if len(tries) <= fail:
+            raise StoreError(f"{path}: cannot open the store (Dataset at path samples.lance was not found)")
+        real_init(self, path, m)
+
+    monkeypatch.setattr(Store, "__init__", not_yet)
+    assert Store.create(st.path, manifest).count() == len(st) and len(tries) > 2
+    monkeypatch.setattr(store_module, "TWIN_WAIT", 0.2)
+    monkeypatch.setattr(Store, "__init__", lambda self, path, m: not_yet(self, path, m, fail=10**6))
+    with pytest.raises(StoreError, match="was not found"):  # a table that never gets a version: the error
+        Store.create(st.path, manifest)
