@@ -277,6 +277,8 @@ def _writer_named(store: Store):
 
     try:
         yield
+    except ConfigError:
+        raise  # the user's settings (--candidates with --all-scores...): theirs to change, writer or not
     except ForValueError as exc:
         holder = writer_of(store.path)
         if holder is not None:

@@ -1337,7 +1337,7 @@ def test_a_prefilter_error_while_another_process_writes_the_store_names_the_writ
     (hostile pass, 4 of 5 queries). While a writer holds the store's lease, a prefilter error names the writer and
     says to query again; without one, the error is the store's own."""
     import forvalue.engine.prefilter as qp
-    from forvalue.schemas.errors import StoreError
+    from forvalue.schemas.errors import ConfigError, StoreError
     from forvalue.storage.store import WriterLease, writer_of
 
     tmp, _, _ = sketched_store
@@ -1354,6 +1354,8 @@ def test_a_prefilter_error_while_another_process_writes_the_store_names_the_writ
         assert "pid" in writer_of(tmp / "store")
         with pytest.raises(StoreError, match=r"another process is writing the store \(pid .*query again.*--exact"):
             run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner)
+        with pytest.raises(ConfigError, match="--all-scores"):  # the user's own settings: their error, writer or not
+            run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner, keep_scores=True)
     assert writer_of(tmp / "store") is None
     WriterLease.acquire(tmp / "store").release()  # the probe left no lock behind
     manifest = tmp / "store" / "manifest.json"

@@ -27,7 +27,7 @@ from forvalue.engine.validation import ValidationSet
 from forvalue.engine.variant import for_scoring, raw_hidden
 from forvalue.indexer.sketch import SketchSpec, get_sketcher
 from forvalue.schemas.config import QueryConfig
-from forvalue.schemas.errors import ForValueError
+from forvalue.schemas.errors import ConfigError, ForValueError
 from forvalue.schemas.tables import SCORING_COLUMNS
 from forvalue.storage import faiss_index
 from forvalue.storage.rerank_table import RerankTable
@@ -66,9 +66,9 @@ def use_prefilter(store: Store, config: QueryConfig, full_scores: bool) -> bool:
     explicit = config.candidates is not None or config.max_candidates is not None or config.pool is not None
     if full_scores:
         if explicit:
-            raise ForValueError(
-                "--candidates / --max-candidates / --pool score only candidate rows; --all-scores (or keep_scores) "
-                "needs --exact"
+            asked = next(n for n in ("candidates", "max_candidates", "pool") if getattr(config, n) is not None)
+            raise ConfigError(
+                asked, "the prefilter scores only candidate rows; --all-scores (or keep_scores) needs --exact"
             )
         return False
     if config.normalize != "none" or config.center != "none" or config.whiten is not None:
