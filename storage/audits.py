@@ -60,7 +60,10 @@ _LABEL_SAFE = " _-+,;:!?@#&()[]{}<>=/~^|*$'"
 
 def check_audit_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ForValueError(f"audit name {name!r} is not valid; use letters, digits, '_', '-', '.' (max 64)")
+        raise ForValueError(
+            f"audit name {name!r} is not valid; use letters, digits, '_', '-', '.', starting with a letter or digit "
+            "(max 64)"
+        )
     return name
 
 

@@ -282,6 +282,9 @@ def test_audit_name_is_checked_before_the_model_loads(audited_store, monkeypatch
         "audit", "run", "--store", audited_store / "store", "-v", audited_store / "val.jsonl", "--name", "../evil"
     )
     assert_one_line_error(res, "audit name '../evil' is not valid")
+    # the rule, all of it: '-x' uses only allowed characters and was told to use them (hostile pass)
+    res = cli("audit", "run", "--store", audited_store / "store", "-v", audited_store / "val.jsonl", "--name=-x")
+    assert_one_line_error(res, "audit name '-x' is not valid", "starting with a letter or digit")
 
 
 def test_an_audit_imports_no_lancedb(audited_store):
