@@ -31,7 +31,9 @@ from forvalue.indexer.encoder import EncodedSample, encode_stream
 from forvalue.indexer.sketch import SketchSpec
 from forvalue.indexer.tokenize import TokenizedSample
 from forvalue.schemas.config import BuildConfig, EngineConfig
+from forvalue.schemas.errors import InputDataError
 from forvalue.schemas.manifest import MANIFEST_FILE
+from forvalue.schemas.tables import SAMPLES_TABLE
 from forvalue.storage.location import check_reachable, store_location
 from forvalue.storage.rows import encoded_to_arrow
 from forvalue.storage.store import Store, WriterLease
@@ -94,10 +96,40 @@ def build_index(
         runner = runner if runner is not None else load_runner(config.model)
         store = Store.create(store_path, manifest_for(runner, config.data, config.encode))
         lease = lease or WriterLease.acquire(store_path, config.shard)
-        return _build(inputs, store, config, runner, started)
+        report = _build(inputs, store, config, runner, started)
+        if not existing and config.shard == (0, 1) and report.read and not report.total_rows:
+            _discard_new_store(store_path)  # (under the lease: no other writer can be in it)
+            raise InputDataError(
+                inputs[0] if len(inputs) == 1 else ", ".join(map(str, inputs)),
+                f"nothing was stored: of {report.read} rows, {report.no_scored_tokens} have no scored token (tokens "
+                f"scored: '{config.encode.score_tokens}'; e.g. conversations without an assistant turn) and "
+                f"{report.bad_skipped} are bad (NaN/inf or an unreadable image)",
+            )
+        return report
     finally:
         if lease is not None:
             lease.release()
+
+
+def _discard_new_store(store_path) -> None:
+    """Remove what a build that stored no row created (a local folder; the lease files stay, which a later build
+    into the folder ignores): the table first, the manifest last, so that a kill on the way leaves a folder a
+    re-run resumes (a manifest without a table), never files without their manifest. Without it the empty
+    store stayed, its manifest holding the token rule resolved from data that had none to score (hostile pass)."""
+    import shutil
+
+    from forvalue.storage.location import RemotePath
+
+    if isinstance(store_path, RemotePath):
+        return
+    shutil.rmtree(store_path / f"{SAMPLES_TABLE}.lance", ignore_errors=True)
+    for entry in sorted(store_path.iterdir(), key=lambda e: e.name == MANIFEST_FILE):  # the manifest last
+        if entry.name.startswith(".writer."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _check_sketch_column(store_path) -> None:
@@ -106,7 +138,6 @@ def _check_sketch_column(store_path) -> None:
     after the first batch's forward pass with Lance's schema message; hostile pass)."""
     from forvalue.schemas.errors import ForValueError, StoreError
     from forvalue.storage.faiss_index import SKETCH_COLUMN
-    from forvalue.storage.store import SAMPLES_TABLE
 
     if not (store_path / f"{SAMPLES_TABLE}.lance").is_dir():  # a build killed before its first rows: it resumes
         return

@@ -359,3 +359,20 @@ def test_the_sketch_column_check_lets_a_table_being_created_by_a_twin_worker_thr
     more = write_jsonl(tmp_path / "b.jsonl", rows(3, start=5))
     report = cli("index", "add", more, "--store", tmp_path / "store")
     assert (report["written"], report["total_rows"]) == (3, 8) and calls == [1]
+
+
+def test_a_new_build_that_stores_no_row_is_one_line_and_leaves_no_store(tmp_path, tiny_model_dir):
+    """Rows none of which has a scored token (a conversation without an assistant turn): the build said "wrote 0
+    samples", exit 0, and left an empty store whose manifest fixed the token rule resolved from that data (hostile
+    pass). Now one line, exit 2, and the folder holds no store: the next build into it starts fresh."""
+    from conftest import assert_one_line_error
+
+    data = write_jsonl(tmp_path / "noasst.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    store = tmp_path / "store"
+    args = ["index", "build", str(data), "--store", str(store), "--model", str(tiny_model_dir), "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert_one_line_error(result, "noasst.jsonl", "nothing was stored", "1 have no scored token", "assistant")
+    assert not (store / "manifest.json").exists() and not (store / "samples.lance").exists()
+    assert all(p.name.startswith(".writer.") for p in store.iterdir())
+    good = write_jsonl(tmp_path / "a.jsonl", rows(3))
+    assert cli("index", "build", good, "--store", store, "--model", tiny_model_dir)["total_rows"] == 3
