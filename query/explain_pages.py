@@ -12,7 +12,27 @@ from pathlib import Path
 
 from forvalue.present.explain_html import _STYLE, safe_name, write_explanation
 from forvalue.schemas.config import DataConfig, ModelConfig
-from forvalue.storage.files import FOLDER, check_outputs, write_text
+from forvalue.storage.files import FOLDER, OutputPathError, check_outputs, write_text
+
+# Written into every folder of explanation pages: a folder that holds other files without it is not written into.
+PAGES_MARK = ".forvalue-pages"
+
+
+def pages_folder(folder: str | Path) -> Path:
+    """``folder`` for explanation pages, refused (:class:`OutputPathError`) when it holds files and is not a folder
+    of pages forvalue wrote (its :data:`PAGES_MARK`): the pages and ``index.html`` replace files of the same names
+    (hostile pass: ``--explain-dir`` wrote into any folder, where ``distill --out`` refuses one that is not empty)."""
+    folder = Path(folder)
+    if folder.is_dir() and not (folder / PAGES_MARK).is_file() and any(folder.iterdir()):
+        raise OutputPathError(
+            f"explanation pages {folder}: a folder holding other files (the pages and index.html would replace files "
+            "of the same names); choose a new or empty folder"
+        )
+    return folder
+
+
+def _mark(folder: Path) -> None:
+    write_text(folder / PAGES_MARK, "explanation pages written by forvalue; the folder may be written again\n")
 
 
 def explain_query_results(
@@ -32,6 +52,7 @@ def explain_query_results(
 
     store = open_nonempty(store)  # a path, a storage Store or a forvalue.open handle
     check_outputs({"explanation pages": (folder, (FOLDER,))}, [store.path, *validation])
+    pages_folder(folder)
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))
     options = {} if variant is None else variant_options(variant)
     explainer = Explainer(store, runner, samples, data, batch_size, **options)
@@ -60,7 +81,8 @@ def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: i
     """
     import pyarrow as pa
 
-    folder = Path(folder)
+    folder = pages_folder(folder)
+    _mark(folder)
     rows = top.to_pylist()
     column, wanted = -1, []
     for r in rows:
@@ -130,6 +152,7 @@ def explain_audit_examples(
     from forvalue.storage.audits import ValidationCache, read_audit
 
     check_outputs({"explanation pages": (folder, (FOLDER,))}, [getattr(store, "path", store), *validation])
+    pages_folder(folder)
 
     store = open_nonempty(store)
     table, meta = read_audit(store, name)
@@ -152,6 +175,7 @@ def explain_audit_examples(
     )
     explainer = Explainer(store, runner, samples, data, val=val, **options)
     unique = list(dict.fromkeys(r["id"] for _, r in chosen))
+    _mark(pages_folder(folder))
     pages = {}
     for sid, e in zip(unique, explainer.explain_many(unique, None, top_pairs)):
         where, row = next((w, r) for w, r in chosen if r["id"] == sid)

@@ -468,3 +468,28 @@ def test_real_model_same_rule_gap_sits_in_the_rule_tokens(tmp_path):
     rule = (": ", "For example:")
     assert _part(e_same.train, *rule) > _part(e_other.train, *rule)
     assert _part(e_same.validation[0], *rule) > _part(e_other.validation[0], *rule)
+
+
+def test_explanation_pages_never_replace_files_of_a_folder_they_did_not_write(built, tmp_path):
+    """--explain-dir wrote its pages and index.html into any folder (hostile pass; distill --out refuses one that
+    is not empty): a folder holding other files is refused before any work, its files untouched; an empty folder,
+    and a folder of pages written before (their mark), are written."""
+    store, val, _, _ = built
+    mine = tmp_path / "site"
+    mine.mkdir()
+    (mine / "index.html").write_text("my own page")
+
+    def explain_into(folder, out):
+        q = ["query", "--store", store, "-v", val, "--device", "cpu", "--top-k", "2", "--exact"]
+        return cli(*q, "--explain", "1", "--explain-dir", folder, "-o", tmp_path / out)
+
+    res = explain_into(mine, "a.jsonl")
+    assert_one_line_error(res, f"explanation pages {mine}", "other files", "new or empty folder")
+    assert (mine / "index.html").read_text() == "my own page" and [p.name for p in mine.iterdir()] == ["index.html"]
+    assert not (tmp_path / "a.jsonl").exists()
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for out in ("b.jsonl", "c.jsonl"):  # empty, then holding the pages of the first run
+        res = explain_into(pages, out)
+        assert res.exit_code == 0, res.output
+    assert (pages / "index.html").is_file() and (pages / ".forvalue-pages").is_file()

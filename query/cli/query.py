@@ -51,7 +51,9 @@ def query_command(store, validation, output, all_scores, explain_n, explain_dir,
     model = make(ModelConfig, kw, device=cfg.device)
     data = make(DataConfig, kw)
     if explain_n is not None:
-        explain_dir = _explain_folder(output, explain_dir)
+        from forvalue.explain_pages import pages_folder
+
+        explain_dir = pages_folder(_explain_folder(output, explain_dir))  # (a folder of other files: before the query)
     st = forvalue.open(store)
     result = st.query(
         validation, cfg, data=data, model=model, all_scores_path=all_scores, engine=make(EngineConfig, kw)
