@@ -136,8 +136,8 @@ def _check_sketch_column(store_path) -> None:
     """An existing table without the sketch column its manifest describes (an 'index sketch --rebuild' killed
     between dropping and writing it) cannot take new rows: say so before the model loads (the append failed
     after the first batch's forward pass with Lance's schema message; hostile pass)."""
-    from forvalue.schemas.errors import ForValueError, StoreError
-    from forvalue.storage.faiss_index import SKETCH_COLUMN
+    from forvalue.schemas.errors import ForValueError
+    from forvalue.storage.faiss_index import check_sketch_column_kept
 
     if not (store_path / f"{SAMPLES_TABLE}.lance").is_dir():  # a build killed before its first rows: it resumes
         return
@@ -145,12 +145,7 @@ def _check_sketch_column(store_path) -> None:
         store = Store.open(store_path)
     except ForValueError:  # a table a concurrent sharded worker is creating (its folder before its first version),
         return  # or a problem the build itself meets and names (the suite's sharded-workers test hit the former)
-    if store.manifest.sketch_dim and not store.has_column(SKETCH_COLUMN):
-        raise StoreError(
-            f"{store_path}: the manifest describes a sketch (D={store.manifest.sketch_dim}) but the table has no "
-            f"'sketch' column (an interrupted 'index sketch' leaves this); run 'forvalue index sketch --store "
-            f"{store_path} --rebuild' before adding rows"
-        )
+    check_sketch_column_kept(store, then=" before adding rows")
 
 
 def _build(inputs: list, store: Store, config: BuildConfig, runner, started: float) -> BuildReport:

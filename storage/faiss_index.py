@@ -416,6 +416,17 @@ def check_folder(store: Store) -> None:
         raise StoreError(f"{folder}: is a file, not the prefilter's folder; remove it (the index is built again)")
 
 
+def check_sketch_column_kept(store: Store, then: str = "") -> None:
+    """The manifest's sketch without its column in the table (an 'index sketch --rebuild' killed between dropping
+    and writing it) is one line naming the repair; ``then`` ends it (what the caller would do after)."""
+    if store.manifest.sketch_dim and not store.has_column(SKETCH_COLUMN):
+        raise StoreError(
+            f"{store.path}: the manifest describes a sketch (D={store.manifest.sketch_dim}) but the table has no "
+            f"'sketch' column (an interrupted 'index sketch' leaves this); run 'forvalue index sketch --store "
+            f"{store.path} --rebuild'{then}"
+        )
+
+
 def _check_sketch_column(store: Store) -> None:
     """A sketch column of another length than the manifest's D (an interrupted 'index sketch') is one line."""
     schema = store.schema()

@@ -76,12 +76,7 @@ def use_prefilter(store: Store, config: QueryConfig, full_scores: bool) -> bool:
         return False
     if not store.manifest.sketch_dim or not store.has_column(faiss_index.SKETCH_COLUMN):
         if explicit:
-            if store.manifest.sketch_dim:  # the manifest's sketch, no column: an interrupted 'index sketch'
-                raise ForValueError(
-                    f"{store.path}: the manifest describes a sketch but the table has no 'sketch' column (an "
-                    f"interrupted 'index sketch' leaves this); run 'forvalue index sketch --store {store.path} "
-                    "--rebuild'"
-                )
+            faiss_index.check_sketch_column_kept(store)
             raise ForValueError(
                 f"{store.path}: the store has no sketches; run 'forvalue index sketch --store {store.path}' first"
             )
