@@ -152,14 +152,15 @@ def test_gform_equals_token_form_and_dense_reference(setting, read_rows, dtype):
 @pytest.mark.parametrize(
     "pair_form,chunk_pairs,dense_products",
     [(True, None, None), (True, 1, None), (True, 5, None), (True, None, 1), (True, 5, 1), (True, None, 6)]
-    + [(True, None, 10**12), (False, None, None)],
+    + [(True, None, 10**12), (False, None, None), ("unpacked", 5, 6)],
 )
 def test_pair_form_gather_form_and_pair_chunks_give_the_same_scores(
     setting, monkeypatch, pair_form, chunk_pairs, dense_products
 ):
     """Blocks scored by (row, sample) pairs and dense products or by the gather, the pairs cut into chunks anywhere
     (one pair per chunk, five), a table row's products in one dense product per row (every row: 1; the rows met by
-    a few pairs: 6) or none of them (10**12): the same scores as Eq. 1 in float64."""
+    a few pairs: 6) or none of them (10**12), the entries sorted by packed keys or (keys too wide to pack) by a
+    permutation: the same scores as Eq. 1 in float64."""
     import forvalue.engine.gform as gform
     import forvalue.engine.plan as plan
 
@@ -167,6 +168,8 @@ def test_pair_form_gather_form_and_pair_chunks_give_the_same_scores(
     weights = aggregate_weights([s.label for s in setting["val_samples"]], ["math", "reverse"])
     exact = _token_form_float64(store, val) @ weights
     monkeypatch.setattr(plan, "PAIR_FORM_MIN_FLOATS", 1 if pair_form else 10**12)
+    if pair_form == "unpacked":
+        monkeypatch.setattr(gform, "_PACKED_KEY_BITS", 0)
     if chunk_pairs is not None:
         monkeypatch.setattr(gform, "_CHUNK_FLOATS", chunk_pairs * val.hidden.shape[1])
     if dense_products is not None:
@@ -179,7 +182,7 @@ def test_pair_form_gather_form_and_pair_chunks_give_the_same_scores(
     for read_rows in (3, 1024):
         _close(_gform_scores(store, GFormScorer(val, weights, "cpu", torch.float64), read_rows), exact, 1e-10)
         _close(_gform_scores(store, GFormScorer(val, weights, "cpu", torch.float32), read_rows), exact, 1e-5)
-    assert bool(calls) == pair_form
+    assert bool(calls) == bool(pair_form)
     if dense_products in (1, 10**12):
         assert bool(dense) == (dense_products == 1)
 
