@@ -165,3 +165,49 @@ def test_read_only_blocks_are_scored_without_torch_s_not_writable_warning():
         warnings.simplefilter("error")  # any warning fails the test
         tensor = read_only_tensor(array)
     assert tensor.tolist() == array.tolist() and not array.flags.writeable
+
+
+def test_exact_scorer_maps_every_kind_of_stored_id_like_the_definition():
+    """The exact scorer's id -> validation-row look-up (a table over 0 .. max + 1, made per call) gives Eq. 1 in
+    float64 for stored ids in the validation vocabulary, between its ids, above its largest, negative (an int32
+    store), and for a validation set whose largest id is 0; every row's score is sum over token pairs of
+    <h_k, h_l> <e_k, e_l>."""
+    from forvalue.engine.scorer import ExactScorer
+    from forvalue.engine.validation import ValidationSet
+    from forvalue.indexer.data import Sample
+    from forvalue.storage.rows import TrainBlock
+
+    rng = np.random.default_rng(3)
+    d, m1 = 8, 4
+
+    def reference(v_ids, v_vals, v_hidden, v_len, block):
+        out = np.zeros((block.lengths.size, v_len.size))
+        tok = np.repeat(np.arange(block.lengths.size), block.lengths)
+        vtok = np.repeat(np.arange(v_len.size), v_len)
+        for k in range(block.ids.shape[0]):
+            for v in range(v_ids.shape[0]):
+                e = sum(
+                    float(a) * float(b)
+                    for i, a in zip(block.ids[k], block.values[k])
+                    for j, b in zip(v_ids[v], v_vals[v])
+                    if i == j
+                )
+                out[tok[k], vtok[v]] += e * float(block.hidden[k].astype(np.float64) @ v_hidden[v])
+        return out
+
+    for v_ids in (rng.choice([3, 7, 20, 21], size=(5, m1)), np.zeros((5, m1), np.int64)):
+        v_vals = rng.normal(size=v_ids.shape).astype(np.float32)
+        v_hidden = rng.normal(size=(5, d)).astype(np.float32)
+        v_len = np.array([2, 3])
+        samples = [Sample(id=f"v{j}", prompt=None, response=None, text="x", label=None, source="t") for j in range(2)]
+        val = ValidationSet(samples, v_hidden, v_ids.astype(np.int64), v_vals, v_len, np.ones(2))
+        ids = rng.choice([-1, 0, 3, 5, 7, 20, 21, 22, 1000], size=(9, m1)).astype(np.int64)
+        block = TrainBlock(
+            rng.normal(size=(9, d)).astype(np.float32),
+            ids,
+            rng.normal(size=ids.shape).astype(np.float32),
+            np.array([4, 0, 5]),
+            np.ones(3),
+        )
+        got = ExactScorer(val, "cpu").score(block)
+        np.testing.assert_allclose(got, reference(v_ids, v_vals, v_hidden, v_len, block), rtol=1e-5, atol=1e-5)
