@@ -33,7 +33,7 @@ from forvalue.indexer.build import BuildReport, build_index
 from forvalue.indexer.data import Sample
 from forvalue.present.output import ScoreWriter, check_output_path
 from forvalue.schemas.config import BuildConfig, DataConfig, EngineConfig, ModelConfig, QueryConfig
-from forvalue.schemas.errors import ConfigError, ForValueError, StoreError
+from forvalue.schemas.errors import ConfigError, ForValueError, ManifestMismatchError, StoreError
 from forvalue.session import get_runner, open_nonempty, settings_for_store, storage_of
 from forvalue.storage.store import Store
 
@@ -131,7 +131,17 @@ def add_to_index(
     (0, 12)
     """
     manifest = storage_of(store).manifest
-    return build_index(data_paths, store, settings_for_store(manifest, config), engine=engine)
+    try:
+        return build_index(data_paths, store, settings_for_store(manifest, config), engine=engine)
+    except ManifestMismatchError as error:
+        if not error.problems:
+            raise
+        # the encoding settings come from the store: only a model, adapter or dtype given here can differ
+        raise ManifestMismatchError(
+            f"{store}: the store was built with other settings ({'; '.join(error.problems)}); rows are added with the "
+            "store's own model: leave out --model, --adapter and --dtype",
+            error.problems,
+        ) from None
 
 
 def run_query(

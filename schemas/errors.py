@@ -42,7 +42,12 @@ class StoreError(ForValueError):
 
 
 class ManifestMismatchError(ForValueError):
-    """A query or append uses a model, tokenizer or setting that differs from the store's."""
+    """A query or append uses a model, tokenizer or setting that differs from the store's; ``problems`` lists each
+    difference (``"field: store ..., given ..."``) where the raiser knows them."""
+
+    def __init__(self, message: str, problems: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.problems = tuple(problems)
 
 
 class BadValuesError(ForValueError):

@@ -129,7 +129,8 @@ class Store:
         if problems:
             raise ManifestMismatchError(
                 f"{path}: store was built with other settings ({'; '.join(problems)}); give the store's values, or "
-                "use 'forvalue index add', which encodes with the store's settings"
+                "use 'forvalue index add', which encodes with the store's settings",
+                problems,
             )
         if isinstance(path, RemotePath):
             _create_remote_table(path, schema_of(stored))

@@ -292,8 +292,12 @@ def test_model_that_differs_from_the_store(built, store_copy, tmp_path_factory, 
     before = store_state(store_copy)
     new = write_jsonl(store_copy.parent / "new.jsonl", [{"id": "n1", "prompt": "new ->", "response": " row"}])
     assert_one_line_error(
-        cli("index", "add", new, "--store", store_copy, "--model", other, "--quiet"), "model_weights_sha256"
+        cli("index", "add", new, "--store", store_copy, "--model", other, "--quiet"),
+        "model_weights_sha256",
+        "leave out --model",
     )
+    # (the advice is not the build's "use 'forvalue index add'": that is the command refused)
+    assert "use 'forvalue index add'" not in cli("index", "add", new, "--store", store_copy, "--model", other).stderr
     assert store_state(store_copy) == before
 
 
