@@ -20,6 +20,7 @@ from forvalue.indexer.build_steps import (  # noqa: F401  (re-exported: the publ
     fresh_samples,
     in_shard,
     manifest_for,
+    refuse_empty_new_store,
     resolve_score_tokens,
     sketch_column,
     store_basis,
@@ -31,7 +32,6 @@ from forvalue.indexer.encoder import EncodedSample, encode_stream
 from forvalue.indexer.sketch import SketchSpec
 from forvalue.indexer.tokenize import TokenizedSample
 from forvalue.schemas.config import BuildConfig, EngineConfig
-from forvalue.schemas.errors import InputDataError
 from forvalue.schemas.manifest import MANIFEST_FILE
 from forvalue.schemas.tables import SAMPLES_TABLE
 from forvalue.storage.location import check_reachable, store_location
@@ -97,39 +97,12 @@ def build_index(
         store = Store.create(store_path, manifest_for(runner, config.data, config.encode))
         lease = lease or WriterLease.acquire(store_path, config.shard)
         report = _build(inputs, store, config, runner, started)
-        if not existing and config.shard == (0, 1) and report.read and not report.total_rows:
-            _discard_new_store(store_path)  # (under the lease: no other writer can be in it)
-            raise InputDataError(
-                inputs[0] if len(inputs) == 1 else ", ".join(map(str, inputs)),
-                f"nothing was stored: of {report.read} rows, {report.no_scored_tokens} have no scored token (tokens "
-                f"scored: '{config.encode.score_tokens}'; e.g. conversations without an assistant turn) and "
-                f"{report.bad_skipped} are bad (NaN/inf or an unreadable image)",
-            )
+        if not existing:
+            refuse_empty_new_store(store_path, report, inputs, config)  # (under the lease: no other writer in it)
         return report
     finally:
         if lease is not None:
             lease.release()
-
-
-def _discard_new_store(store_path) -> None:
-    """Remove what a build that stored no row created (a local folder; the lease files stay, which a later build
-    into the folder ignores): the table first, the manifest last, so that a kill on the way leaves a folder a
-    re-run resumes (a manifest without a table), never files without their manifest. Without it the empty
-    store stayed, its manifest holding the token rule resolved from data that had none to score (hostile pass)."""
-    import shutil
-
-    from forvalue.storage.location import RemotePath
-
-    if isinstance(store_path, RemotePath):
-        return
-    shutil.rmtree(store_path / f"{SAMPLES_TABLE}.lance", ignore_errors=True)
-    for entry in sorted(store_path.iterdir(), key=lambda e: e.name == MANIFEST_FILE):  # the manifest last
-        if entry.name.startswith(".writer."):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
 
 
 def _check_sketch_column(store_path) -> None:

@@ -20,10 +20,10 @@ from forvalue.indexer.low_rank import check_rank, fit_hidden_basis, project_enco
 from forvalue.indexer.sketch import SketchSpec, fit_heavy_ids, get_sketcher
 from forvalue.indexer.tokenize import TokenizedSample
 from forvalue.schemas.config import BuildConfig, DataConfig, EncodeConfig
-from forvalue.schemas.errors import BadValuesError, ConfigError
+from forvalue.schemas.errors import BadValuesError, ConfigError, InputDataError
 from forvalue.schemas.hidden_codec import resolve_block
-from forvalue.schemas.manifest import Manifest
-from forvalue.schemas.tables import ids_dtype_for
+from forvalue.schemas.manifest import MANIFEST_FILE, Manifest
+from forvalue.schemas.tables import SAMPLES_TABLE, ids_dtype_for
 from forvalue.storage.sketch_basis import fit_basis, load_basis, load_heavy_ids, publish_basis, publish_heavy_ids
 
 # Hidden states (tokens) used to fit a store's sketch basis: the first ones written.
@@ -261,6 +261,43 @@ def sketch_column(
         np.array([len(e.hidden) for e in encoded]),
     )
     return pa.FixedSizeListArray.from_arrays(pa.array(z.ravel(), pa.float32()), spec.dim)  # cast on append
+
+
+def refuse_empty_new_store(store_path, report: BuildReport, inputs: list, config: BuildConfig) -> None:
+    """A new store that a whole (unsharded) build left without a row, though rows were read (none has a scored
+    token, or all are bad): removed (:func:`_discard_new_store`) and refused in one line, instead of exit 0 and an
+    empty store whose manifest fixed the token rule resolved from data that had none to score (hostile pass).
+    Called by the single-process and the Ray build, under the writer lease."""
+    if config.shard != (0, 1) or not report.read or report.total_rows:
+        return
+    _discard_new_store(store_path)
+    raise InputDataError(
+        inputs[0] if len(inputs) == 1 else ", ".join(map(str, inputs)),
+        f"nothing was stored: of {report.read} rows, {report.no_scored_tokens} have no scored token (tokens "
+        f"scored: '{config.encode.score_tokens}'; e.g. conversations without an assistant turn) and "
+        f"{report.bad_skipped} are bad (NaN/inf or an unreadable image)",
+    )
+
+
+def _discard_new_store(store_path) -> None:
+    """Remove what a build that stored no row created (a local folder; the lease files stay, which a later build
+    into the folder ignores): the table first, the manifest last, so that a kill on the way leaves a folder a
+    re-run resumes (a manifest without a table), never files without their manifest. Without it the empty
+    store stayed."""
+    import shutil
+
+    from forvalue.storage.location import RemotePath
+
+    if isinstance(store_path, RemotePath):
+        return
+    shutil.rmtree(store_path / f"{SAMPLES_TABLE}.lance", ignore_errors=True)
+    for entry in sorted(store_path.iterdir(), key=lambda e: e.name == MANIFEST_FILE):  # the manifest last
+        if entry.name.startswith(".writer."):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def finish_build(store, report: BuildReport, started: float, progress: bool = False) -> BuildReport:

@@ -39,7 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from forvalue.indexer.build_steps import BuildReport, finish_build
+from forvalue.indexer.build_steps import BuildReport, finish_build, refuse_empty_new_store
 from forvalue.schemas.config import BuildConfig, EngineConfig
 from forvalue.schemas.errors import ConfigError, ForValueError
 from forvalue.schemas.manifest import MANIFEST_FILE
@@ -284,7 +284,10 @@ def ray_build_index(
                     raise unwrap(exc) from None
                 store = Store.create(store_path, manifest)
                 lease = lease or WriterLease.acquire(store_path)
-                return _drive(ray, actors, inputs, store, config, started)
+                report = _drive(ray, actors, inputs, store, config, started)
+                if not existing:
+                    refuse_empty_new_store(store_path, report, inputs, config)  # (as the single-process build)
+                return report
             finally:
                 release(ray, actors)
     finally:

@@ -318,7 +318,7 @@ def check_store(path: str | Path, repair: bool = False, block_rows: int = 4096) 
     report = _check(Store.open(path), block_rows)
     if not repair:
         return _check_report(report)
-    with WriterLease.acquire(path):
+    with WriterLease.acquire(path, sharded=False):  # (no --shard to suggest to a repair)
         store = Store.open(path)
         done = {"duplicate_rows_removed": 0, "prefilter_rebuilt": False}
         if report["duplicate_addresses"]:

@@ -393,7 +393,8 @@ def test_held_lease_refuses_build_add_repair_and_sketch(small_store, tmp_path):
             ["index", "check", "--store", store, "--repair"],
             ["index", "sketch", "--store", store, "--rebuild"],
         ):
-            assert_one_line_error(cli(*args), f"another build is writing to {store} (pid {os.getpid()} on ")
+            err = assert_one_line_error(cli(*args), f"another build is writing to {store} (pid {os.getpid()} on ")
+            assert ("--shard" in err) == (args[1] == "add"), err  # only a build can be given a shard
             count("lease_refusals")
     with WriterLease.acquire(store, (0, 2)):  # a sharded worker: other shards may write, an unsharded build may not
         assert_one_line_error(cli("index", "add", data, "--store", store), "another build is writing", "sharded worker")

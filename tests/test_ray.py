@@ -117,6 +117,20 @@ def test_ray_rerun_skips_stored(stores, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.ray
+def test_ray_build_that_stores_no_row_is_one_line_and_leaves_no_store(tmp_path, tiny_model_dir, stores):
+    """As the single-process build (tests/test_build_resume.py): rows none of which has a scored token made an
+    empty store and exit 0 on Ray; now the same one line, and no store is left."""
+    from forvalue.indexer.build import build_index
+    from forvalue.schemas.errors import InputDataError
+
+    data = write_jsonl(tmp_path / "noasst.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    store = tmp_path / "store"
+    with pytest.raises(InputDataError, match="nothing was stored: of 1 rows, 1 have no scored token"):
+        build_index([data], store, _config(tiny_model_dir), engine=RAY)
+    assert not (store / "manifest.json").exists() and not (store / "samples.lance").exists()
+
+
+@pytest.mark.ray
 def test_ray_build_after_killed_driver_has_no_duplicates(tmp_path, tiny_model_dir, ray_instance):
     """A driver killed (-9) after some commits: the re-run completes the store, no id twice, same ids."""
     import lance
