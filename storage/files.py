@@ -40,6 +40,7 @@ import json
 import os
 import secrets
 import stat
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -245,6 +246,14 @@ def _check_one(what: str, path: Path, formats: tuple[str, ...], sources: list[Pa
         raise OutputPathError(f"{label}: {parent} is a file, not a folder; choose another output path")
     if not os.access(parent, os.W_OK):
         raise OutputPathError(f"{label}: cannot write into {parent}; choose a writable folder")
+    try:  # a folder that only says it is writable (/proc, /sys, some mounts): a file made there and removed
+        handle, probe = tempfile.mkstemp(prefix=f".{here.name}.", suffix=".probe", dir=parent)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputPathError(
+            f"{label}: cannot write into {parent} ({exc.strerror}); choose a writable folder"
+        ) from None
 
 
 # -- the writer --------------------------------------------------------------------------------------
@@ -327,6 +336,11 @@ def atomic_path(target: str | Path, *, inside_store: bool = False) -> Iterator[P
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         _fsync_folder(target.parent)
+    except OSError as exc:
+        if str(tmp) not in str(exc):
+            raise
+        # the message names the target, not the hidden temporary file the user never gave
+        raise OutputPathError(f"{target}: cannot be written ({exc.strerror or exc}); choose another path") from None
     finally:
         tmp.unlink(missing_ok=True)
 

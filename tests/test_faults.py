@@ -1008,8 +1008,9 @@ def test_two_outputs_of_one_command_never_collide(valued, tmp_path, no_model_loa
 
 @pytest.mark.parametrize(
     "target,needle",
-    [("/dev/null", "unknown output format"), ("{tmp}/fifo.jsonl", "not a regular file"), ("-", "give a file path")],
-)
+    [("/dev/null", "unknown output format"), ("{tmp}/fifo.jsonl", "not a regular file"), ("-", "give a file path")]
+    + [("/proc/out.jsonl", "cannot write into /proc")],  # (a folder that says it is writable: the message named
+)  # the hidden temporary file the write failed on)
 def test_devices_and_pipes_are_never_outputs(valued, tmp_path, no_model_load, target, needle):
     if "fifo" in target:
         os.mkfifo(tmp_path / "fifo.jsonl")
@@ -1018,6 +1019,26 @@ def test_devices_and_pipes_are_never_outputs(valued, tmp_path, no_model_load, ta
     assert_one_line_error(cli(*args), needle)
     if "fifo" in target:
         assert Path(target).is_fifo()
+
+
+def test_an_output_that_fails_while_written_names_the_target_not_the_temporary_file(tmp_path, monkeypatch):
+    """A write that fails after the checks (a folder gone read-only, a full disk) is one line naming the output
+    the user gave, not the hidden temporary file beside it; the old file stays."""
+    from forvalue.storage import files
+
+    target = tmp_path / "out.jsonl"
+    target.write_text("old\n")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", str(a[0]))
+
+    with pytest.raises(files.OutputPathError) as info:
+        with files.atomic_path(target) as tmp:
+            monkeypatch.setattr(files.os, "replace", full)
+            tmp.write_text("new\n")
+    assert str(info.value).startswith(f"{target}: cannot be written (No space left on device)")
+    assert ".tmp" not in str(info.value) and target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
 
 
 def test_every_path_option_is_declared_input_or_output():
