@@ -199,6 +199,26 @@ def test_build_in_chunks_of_validation_tokens_gives_the_same_table(setting, monk
     torch.testing.assert_close(GFormScorer(val, weights, "cpu", torch.float64).gbar, whole, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_build_with_packed_sort_keys_is_bit_for_bit_the_permutation_s(setting, monkeypatch, dtype):
+    """An audit's table (one piece per sample) built from entries sorted as packed int64 keys is the table built
+    from the stable sort and its permutation, bit for bit, in one chunk and in chunks of a few tokens."""
+    import forvalue.engine.gform as gform
+
+    val = setting["val"]
+    weights = aggregate_weights([s.label for s in setting["val_samples"]], ["math", "reverse"])
+    for entries in (None, 40):
+        tables = []
+        for bits in (62, 0):
+            monkeypatch.setattr(gform, "_PACKED_KEY_BITS", bits)
+            if entries is not None:
+                monkeypatch.setattr(gform, "_BUILD_ENTRIES", entries)
+            scorer = GFormScorer(val, weights, "cpu", dtype)
+            tables.append((scorer.keys, scorer.table))
+        (keys, table), (keys_0, table_0) = tables
+        assert torch.equal(keys, keys_0) and torch.equal(table, table_0)
+
+
 def test_audit_weights_factor_into_one_piece_per_label():
     """An audit's mean and per-label weights (raw or cosine) are one piece per label, combined exactly; weights that
     are not proportional within a pattern, or put no sample in two aggregates, are left as they are."""
