@@ -170,7 +170,8 @@ def test_read_only_blocks_are_scored_without_torch_s_not_writable_warning():
 def test_exact_scorer_maps_every_kind_of_stored_id_like_the_definition():
     """The exact scorer's id -> validation-row look-up (a table over 0 .. max + 1, made per call) gives Eq. 1 in
     float64 for stored ids in the validation vocabulary, between its ids, above its largest, negative (an int32
-    store), and for a validation set whose largest id is 0; every row's score is sum over token pairs of
+    store), for a validation set whose largest id is 0, and for one holding an id far beyond any vocabulary (then
+    a binary search, no table of that size); every row's score is sum over token pairs of
     <h_k, h_l> <e_k, e_l>."""
     from forvalue.engine.scorer import ExactScorer
     from forvalue.engine.validation import ValidationSet
@@ -195,13 +196,14 @@ def test_exact_scorer_maps_every_kind_of_stored_id_like_the_definition():
                 out[tok[k], vtok[v]] += e * float(block.hidden[k].astype(np.float64) @ v_hidden[v])
         return out
 
-    for v_ids in (rng.choice([3, 7, 20, 21], size=(5, m1)), np.zeros((5, m1), np.int64)):
+    far = rng.choice([3, 7, 20, 10**12], size=(5, m1))  # an id far beyond any vocabulary: a search, not a table
+    for v_ids in (rng.choice([3, 7, 20, 21], size=(5, m1)), np.zeros((5, m1), np.int64), far):
         v_vals = rng.normal(size=v_ids.shape).astype(np.float32)
         v_hidden = rng.normal(size=(5, d)).astype(np.float32)
         v_len = np.array([2, 3])
         samples = [Sample(id=f"v{j}", prompt=None, response=None, text="x", label=None, source="t") for j in range(2)]
         val = ValidationSet(samples, v_hidden, v_ids.astype(np.int64), v_vals, v_len, np.ones(2))
-        ids = rng.choice([-1, 0, 3, 5, 7, 20, 21, 22, 1000], size=(9, m1)).astype(np.int64)
+        ids = rng.choice([-1, 0, 3, 5, 7, 20, 21, 22, 1000, 10**12], size=(9, m1)).astype(np.int64)
         block = TrainBlock(
             rng.normal(size=(9, d)).astype(np.float32),
             ids,

@@ -23,6 +23,11 @@ from forvalue.storage.rows import TrainBlock, decode_block  # noqa: F401  (the s
 _BLOCK_FLOATS = 1 << 23
 
 
+# Ids are mapped by a look-up table up to this many entries (8 MB), or 64 per validation id beyond it; a binary
+# search per id above that.
+_LOOKUP_MIN = 1 << 20
+
+
 class ExactScorer:
     """Scores blocks of stored tokens against one block of validation samples.
 
@@ -53,6 +58,9 @@ class ExactScorer:
         if n == 0:
             return torch.zeros_like(ids)
         top = int(self.vocab[-1]) + 2  # the last entry: ids above max(vocab), and (index -1) negative ones
+        if top > max(_LOOKUP_MIN, 64 * n):  # ids far beyond any vocabulary (a damaged cache): no table that large
+            pos = torch.searchsorted(self.vocab, ids).clamp_max(n - 1)
+            return torch.where(self.vocab[pos] == ids, pos, n)
         table = torch.full((top,), n, dtype=torch.int64, device=self.device)
         table[self.vocab] = torch.arange(n, device=self.device)
         return table[ids.clamp(-1, top - 1)]
