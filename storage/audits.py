@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pyarrow as pa
 
-from forvalue.schemas.errors import ForValueError
+from forvalue.schemas.errors import ForValueError, StoreError
 from forvalue.storage.location import RemotePath, lance_options, remove_tree
 from forvalue.storage.store import Store, translate_errors
 
@@ -42,6 +42,7 @@ CACHE_SCHEMA = pa.schema(
     ]
 )
 _CACHED = ("n_scored", "hidden", "ids", "values", "sq_norm")  # the columns an encoding is read from
+_FLOATS = ("hidden", "values", "sq_norm")
 
 
 def label_column(label: str) -> str:
@@ -258,10 +259,10 @@ class ValidationCache:
                 first[key] = row
         return first
 
-    @staticmethod
-    def _columns(table: pa.Table) -> dict[str, np.ndarray]:
+    def _columns(self, table: pa.Table) -> dict[str, np.ndarray]:
         """The taken rows' encodings one after another: ``hidden (N, d)``, ``ids`` / ``values (N, m+1)`` (list columns
-        turned into arrays without Python objects per value), ``n_scored`` and ``sq_norm`` per row."""
+        turned into arrays without Python objects per value), ``n_scored`` and ``sq_norm`` per row; a damaged cache
+        (shapes that do not add up, ids outside the vocabulary, values that are not finite) is a :class:`StoreError`."""
         n = table.column("n_scored").to_numpy().astype(np.int64)
         tokens = int(n.sum())
         out = {"n_scored": n, "sq_norm": np.asarray(table.column("sq_norm").to_numpy(), np.float64)}
@@ -275,8 +276,24 @@ class ValidationCache:
                 part = chunk.flatten().to_numpy(zero_copy_only=False)
                 flat[at : at + part.size] = part
                 at += part.size
+            if (tokens == 0 and total) or (tokens and total % tokens) or (n < 0).any():
+                self._damaged(f"a {name} column whose length does not match its token counts")
             out[name] = flat.reshape(tokens, total // max(tokens, 1))
+        manifest = self.store.manifest
+        if tokens and out["hidden"].shape[1] != manifest.hidden_size:
+            self._damaged(f"hidden states {out['hidden'].shape[1]} wide where the model's are {manifest.hidden_size}")
+        if out["ids"].size and (out["ids"].min() < 0 or out["ids"].max() >= manifest.vocab_size):
+            self._damaged("ids outside the vocabulary")
+        # (a sum: one pass, no mask of every value; NaN or inf anywhere makes it so)
+        if not all(np.isfinite(out[k].sum(dtype=np.float64 if k != "hidden" else None)) for k in _FLOATS):
+            self._damaged("values that are not finite")
         return out
+
+    def _damaged(self, what: str):
+        raise StoreError(
+            f"{self._uri}: the validation cache holds {what} (a damaged file); remove that folder (a cache: the next "
+            "audit or query encodes its validation samples again)"
+        )
 
     def get(self, keys: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
         """Cached ``(hidden (n, d), ids (n, m+1), values (n, m+1), sq_norm)`` by key, for the keys present."""

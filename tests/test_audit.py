@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import make_model_dir, write_jsonl
+from conftest import assert_one_line_error, cli, make_model_dir, write_jsonl
 
 import forvalue.session as session_mod
 from forvalue.api import build_index, run_query
@@ -305,3 +305,49 @@ def test_an_audit_imports_no_lancedb(audited_store):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize(
+    "damage,needle",
+    [
+        ("ids", "ids outside the vocabulary"),
+        ("nan", "values that are not finite"),
+        ("width", "hidden states 3 wide"),
+    ],
+)
+def test_a_damaged_validation_cache_is_one_line_naming_it(audited_store, damage, needle):
+    """A cached audit read its encodings as they were: an id beyond the vocabulary crashed the scorer (or, with the
+    look-up tables, asked for a table of that size), a NaN made every score NaN (NaN ranks sort anywhere). Now the
+    read refuses a damaged cache in one line that names it and says what to do; removing it re-encodes."""
+    import lance
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from forvalue.storage.audits import CACHE_TABLE
+
+    store = audited_store / "store"
+    run = ("audit", "run", "--store", store, "-v", audited_store / "val.jsonl", "--quiet", "--name")
+    assert cli(*run, "a").exit_code == 0
+    uri = store / f"{CACHE_TABLE}.lance"
+    table = lance.dataset(str(uri)).to_table()
+    if damage == "ids":
+        ids = table.column("ids").combine_chunks()
+        bad = pa.ListArray.from_arrays(ids.offsets, pc.add(ids.flatten(), 10**9).cast(ids.type.value_type))
+        table = table.set_column(table.schema.get_field_index("ids"), table.schema.field("ids"), bad)
+    elif damage == "nan":
+        sq = pa.array([float("nan")] * table.num_rows, table.schema.field("sq_norm").type)
+        table = table.set_column(table.schema.get_field_index("sq_norm"), table.schema.field("sq_norm"), sq)
+    else:  # hidden states of another width: the token counts say 3 values a token
+        n = table.column("n_scored").combine_chunks()
+        rows = [[0.5] * (3 * int(k)) for k in n.to_pylist()]
+        hidden = pa.array(rows, table.schema.field("hidden").type)
+        table = table.set_column(table.schema.get_field_index("hidden"), table.schema.field("hidden"), hidden)
+    lance.write_dataset(table, str(uri), mode="overwrite")
+    assert_one_line_error(cli(*run, "b"), str(uri), needle, "remove that folder")
+    with pytest.raises(ForValueError):
+        load_audit(store, "b")  # nothing written
+    import shutil
+
+    shutil.rmtree(uri)  # what the message says: the next audit encodes again
+    assert cli(*run, "b").exit_code == 0
+    assert load_audit(store, "b")[0].num_rows == load_audit(store, "a")[0].num_rows
