@@ -67,9 +67,15 @@ def test_audit_scores_match_query(audited_store, tiny_runner):
         keep_scores=True,
     )
     by_id = dict(zip(res.train_ids, res.scores.T))
+    # the token form's mean is the per-sample scores' mean (same arithmetic); the G-form's (the cost model's choice
+    # for these 3 samples of a tiny model) is Eq. 1 through a float32 table
+    rtol = 1e-9 if meta["scan_form"] == "token" else 1e-6
     for row in table.to_pylist():
-        np.testing.assert_allclose(row["score_mean"], by_id[row["id"]].mean(), rtol=1e-9)
-        np.testing.assert_allclose(row["score_max"], by_id[row["id"]].max(), rtol=1e-9)
+        np.testing.assert_allclose(row["score_mean"], by_id[row["id"]].mean(), rtol=rtol)
+        if meta["scan_form"] == "token":  # (the G-form has no per-sample scores: no max unless flagged by it)
+            np.testing.assert_allclose(row["score_max"], by_id[row["id"]].max(), rtol=1e-9)
+        else:
+            assert row["score_max"] is None
     means = table.column("score_mean").to_numpy()
     assert sorted(table.column("rank").to_pylist()) == list(range(1, len(means) + 1))
     assert table.column("rank").to_numpy()[np.argmax(means)] == 1

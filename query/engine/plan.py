@@ -19,14 +19,17 @@ import torch
 
 from forvalue.engine.validation import ValidationSet
 
-# Cost model (docs/gform.md). Per stored token the token form costs ~ T_v (d + m + 3) operations at
-# BLAS speed; the G-form ~ A (m + 2) d, each worth GATHER_COST token-form operations when it gathers A d
-# floats per error entry (memory-bound; on the 2-core development CPU, d = 576, m = 32, 41k stored tokens,
-# one aggregate, the forms took the same time at ~100 validation tokens) and PAIR_COST when it scores
-# (row, sample) pairs by dense products (A d >= PAIR_FORM_MIN_FLOATS; measured on a 53k-token SmolLM2 store
-# of the paper's tasks, one thread, 10 / 30 / 100 mixed validation samples: slope 1.95, the forms cross
-# between 10 and 30 validation samples).
-GATHER_COST = 3.0
+# Cost model (docs/gform.md "Which form"). Per stored token the token form costs ~ T_v (d + TOKEN_ENTRY_COST
+# (m + 1)) operations: a product of d per validation token at BLAS speed, and per stored error entry a gather of
+# one float per validation token, worth TOKEN_ENTRY_COST operations (measured: its time per (stored, validation)
+# token pair barely moves with d, 0.031 us at d = 576 and 0.034 us at d = 256). The G-form costs ~ A (m + 2) d,
+# each worth GATHER_COST operations when it gathers A d floats per error entry (memory-bound) and PAIR_COST when
+# it scores (row, sample) pairs by dense products (A d >= PAIR_FORM_MIN_FLOATS). Fitted on both stores of
+# docs/gform.md (the 900-row SmolLM2 store, d = 576, and the 100k synthetic one, d = 256, 20k-row head): the
+# earlier model (T_v (d + m + 3), GATHER_COST 3) was fitted on the small store alone and picked the token form
+# on the large one where the G-form was 1.3-3x cheaper (20-60 labelled validation samples).
+TOKEN_ENTRY_COST = 16.0
+GATHER_COST = 5.0
 PAIR_COST = 2.0
 # A d (aggregates x hidden size) from which the G-form scores by pairs (forvalue.engine.gform): the gather was
 # as fast or faster at A d = 256 and 2,816 (synthetic store), and slower at 5,760 (1.15x), 16,704 (3.8x) and
@@ -166,7 +169,7 @@ def one_torch_thread():
 
 def token_cost(val_tokens: int, hidden_size: int, entries: int) -> float:
     """Token-form operations per stored token against ``val_tokens`` validation tokens (``entries`` = m + 1)."""
-    return float(val_tokens) * (hidden_size + entries + 2)
+    return float(val_tokens) * (hidden_size + TOKEN_ENTRY_COST * entries)
 
 
 def pair_form(n_aggregates: int, hidden_size: int) -> bool:
