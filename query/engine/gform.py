@@ -46,7 +46,8 @@ _BAG_ENTRIES = 32
 # (pair, piece) products in a chunk; the other rows' products go through one sampled dense product per chunk.
 _DENSE_ROW_PRODUCTS = 1024
 # The pair way sorts a block's entries by one int64 each, ``(row * rows + sample) << b | entry`` (b bits hold an
-# entry's index), when that fits in this many bits; else by the pair key and a permutation (two gathers more).
+# entry's index), and the build an audit's validation entries by ``(piece, row) << b | entry``, when that fits in
+# this many bits; else by the key and a permutation (gathers of every entry by it).
 _PACKED_KEY_BITS = 62
 
 
@@ -206,7 +207,7 @@ class GFormScorer:
                     # one sort, the rest looked up in tables of samples and pieces: no gathers by a permutation of
                     # millions of entries (0.30 of 1.19 s on the 1,000-sample mixed set)
                     held = held[rep]
-                    by = torch.sort(((m_piece[m] * (n_vocab + 1) + pos[held]) << shift) | held).values
+                    by = torch.sort(((m_piece[m] * (n_vocab + 1) + pos[held]) << shift) | held, stable=True).values
                     held = by & ((1 << shift) - 1)
                     m = m_first[token_sample[part][torch.div(held, entries, rounding_mode="floor")]]
                     piece = m_piece[m]
@@ -313,7 +314,7 @@ class GFormScorer:
         if (n_vocab + 1) * rows < 1 << max(0, _PACKED_KEY_BITS - shift):
             # the entry's index packed under its key: one sort of one array, no gathers by a permutation (~20% of
             # the time outside the products on the 100k synthetic store with 30 labels)
-            key = torch.sort((key << shift) | held).values
+            key = torch.sort((key << shift) | held, stable=True).values  # (unique keys: stable is torch's radix sort)
             held = key & ((1 << shift) - 1)
             key >>= shift
         else:
