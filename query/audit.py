@@ -27,7 +27,7 @@ from forvalue.metrics import spearman
 from forvalue.present.output import write_jsonl_atomic
 from forvalue.results import AuditComparison, AuditInfo, AuditRun, AuditSummary, Pricing, Selection
 from forvalue.schemas.config import AuditConfig, DataConfig, EngineConfig, ModelConfig
-from forvalue.schemas.errors import ForValueError
+from forvalue.schemas.errors import ConfigError, ForValueError
 from forvalue.session import storage_of
 from forvalue.storage.audits import ValidationCache, label_column, list_audits, read_audit, write_audit
 from forvalue.storage.store import Store
@@ -102,6 +102,12 @@ def run_audit(
     store = open_nonempty(store)
     data = data_for_store(data, store.manifest)
     samples = load_validation_samples(validation, data)
+    if config.flag_by == "label" and not any(s.label is not None for s in samples):
+        raise ConfigError(
+            "flag_by",
+            f"'label' compares each training sample with the validation samples of its own label, and none of the "
+            f"{len(samples)} validation samples has a label (give --label-column, or flag by 'mean')",
+        )
     loaded = {}
 
     def get_runner():
@@ -164,21 +170,28 @@ def run_audit(
     rank = np.empty(len(mean), np.int64)
     rank[order] = np.arange(1, len(mean) + 1)
     flag_score = {"mean": mean, "max": maximum}.get(config.flag_by)
+    unjudged: dict = {}  # --flag-by label: labels no validation sample has, and their rows
     if flag_score is None:  # "label": mean against the validation samples of the sample's own label
-        flag_score = np.array([by_label[l][j] if l in by_label else mean[j] for j, l in enumerate(labels)])
+        # a row whose label no validation sample has cannot be judged by it: no flag score (null), never flagged;
+        # before, it took its overall mean, a lower scale than own-label means, and whole such labels were flagged
+        flag_score = np.array([by_label[l][j] if l in by_label else np.nan for j, l in enumerate(labels)])
+        for l in labels:
+            if l not in by_label:
+                unjudged[l] = unjudged.get(l, 0) + 1
+    judged = np.flatnonzero(~np.isnan(flag_score))
     flagged = np.zeros(len(mean), bool)
-    if config.flag_fraction:
-        n_flag = int(round(config.flag_fraction * len(mean)))
-        flagged[np.argsort(flag_score, kind="stable")[:n_flag]] = True
+    if config.flag_fraction:  # of the rows that can be judged
+        n_flag = int(round(config.flag_fraction * judged.size))
+        flagged[judged[np.argsort(flag_score[judged], kind="stable")[:n_flag]]] = True
     if config.flag_threshold is not None:
-        flagged |= flag_score < config.flag_threshold
+        flagged |= flag_score < config.flag_threshold  # (NaN compares False)
     columns = {
         "id": pa.array(ids, pa.string()),
         "label": pa.array(labels, pa.string()),
         "score_mean": pa.array(mean),
         "score_max": pa.array(maximum, pa.float64()) if maximum is not None else pa.nulls(len(mean), pa.float64()),
         "rank": pa.array(rank),
-        "flag_score": pa.array(flag_score),
+        "flag_score": pa.array(flag_score, from_pandas=True),  # (NaN: null, a row its label cannot judge)
         "flagged": pa.array(flagged),
     }
     for g in groups:
@@ -194,6 +207,8 @@ def run_audit(
         "settings": asdict(config),  # auto settings: what was chosen (auto_settings has the choice)
         "validation_labels": groups,
         "flagged": int(flagged.sum()),
+        # --flag-by label: rows left unflagged because no validation sample has their label, by label
+        "unjudged_labels": {str(k): v for k, v in sorted(unjudged.items(), key=lambda kv: str(kv[0]))},
         **({"auto_settings": auto_settings} if auto_settings is not None else {}),
         "scan_form": scan.form,
         "scan_passes": scan.passes,
@@ -221,6 +236,8 @@ def run_audit(
         write_seconds=done - scanned_at,
         form=scan.form,
         auto_settings=auto_settings,
+        unjudged=sum(unjudged.values()),
+        unjudged_labels=sorted(map(str, unjudged)),
     )
 
 

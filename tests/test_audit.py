@@ -357,3 +357,44 @@ def test_a_damaged_validation_cache_is_one_line_naming_it(audited_store, damage,
     shutil.rmtree(uri)  # what the message says: the next audit encodes again
     assert cli(*run, "b").exit_code == 0
     assert load_audit(store, "b")[0].num_rows == load_audit(store, "a")[0].num_rows
+
+
+def test_flag_by_label_never_flags_a_label_the_validation_set_lacks(audited_store, toy_rows):
+    """--flag-by label compares a training sample with the validation samples of its own label. A sample whose label
+    no validation sample has took its overall mean instead, a lower scale than own-label means, so whole such labels
+    were flagged first (hostile pass: 60 of 90 flags on the real store were the two labels val_100 lacks). Now such
+    a row has no flag score (null), is never flagged, the fraction applies to the rows that can be judged, and the
+    command says which labels; a validation set without labels is refused before the model loads."""
+    import json as json_mod
+
+    store = audited_store / "store"
+    only_math = [r for r in toy_rows if r["label"] == "math"][:3]
+    write_jsonl(audited_store / "val_math.jsonl", only_math)
+    args = ["audit", "run", "--store", store, "-v", audited_store / "val_math.jsonl", "--flag-by", "label"]
+    result = cli(*args, "--name", "lab", "--flag-fraction", "0.5", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert "note: 6 training samples are not flagged: no validation sample has their label (1 labels: reverse)" in (
+        result.stderr
+    )
+    table, meta = load_audit(store, "lab")
+    rows = table.to_pylist()
+    rev = [r for r in rows if r["label"] == "reverse"]
+    math = [r for r in rows if r["label"] == "math"]
+    assert all(r["flag_score"] is None and not r["flagged"] for r in rev)
+    assert all(r["flag_score"] == r["mean_vs_label:math"] for r in math)
+    assert sum(r["flagged"] for r in math) == 3 == meta["flagged"]  # half of the 6 math rows
+    cut = sorted(r["flag_score"] for r in math)[2]
+    assert {r["id"] for r in math if r["flagged"]} == {r["id"] for r in math if r["flag_score"] <= cut}
+    assert meta["unjudged_labels"] == {"reverse": 6}
+    json_mod.dumps(meta)  # (the record stays JSON)
+    # a threshold never flags an unjudged row either
+    result = cli(*args, "--name", "thr", "--flag-fraction", "0", "--flag-threshold", "1e30", "--quiet")
+    assert result.exit_code == 0, result.output
+    flagged = {r["id"] for r in load_audit(store, "thr")[0].to_pylist() if r["flagged"]}
+    assert flagged == {r["id"] for r in math}
+    # validation samples without labels: refused in one line, nothing written
+    write_jsonl(audited_store / "val_nolabel.jsonl", [{k: v for k, v in r.items() if k != "label"} for r in only_math])
+    nolabel = ["audit", "run", "--store", store, "-v", audited_store / "val_nolabel.jsonl", "--flag-by", "label"]
+    assert_one_line_error(cli(*nolabel, "--name", "none"), "--flag-by", "none of the 3 validation samples has a label")
+    with pytest.raises(ForValueError):
+        load_audit(store, "none")

@@ -108,7 +108,7 @@ def detection_auc(scores: np.ndarray, train_labels: list, val_labels: list, flip
     """AUC of ``-flag`` for the flipped samples; flag = mean score over validation samples of the own label.
 
     Training samples whose label no validation sample carries get the mean over all validation samples
-    (forvalue's ``--flag-by label`` fallback).
+    (``--flag-by label`` leaves them unflagged; the AUC needs a value for each).
     """
     from forvalue.metrics import roc_auc
 

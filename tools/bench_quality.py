@@ -319,7 +319,8 @@ def own_label_score(scores: np.ndarray, train_labels: list, val_labels: list) ->
     """Mean score of each training sample over the validation samples of its own (given) label.
 
     ``scores`` is (n_val, n_train); a training sample whose label no validation sample has gets
-    its mean over all validation samples. This is ``audit run --flag-by label``'s rule.
+    its mean over all validation samples (``audit run --flag-by label`` leaves such a sample unflagged, its flag
+    score empty; the benchmark's AUC needs a value for every sample).
     """
     same = np.asarray(val_labels)[:, None] == np.asarray(train_labels)[None, :]
     count = same.sum(axis=0)

@@ -62,6 +62,14 @@ def audit_run(store, validation, name, report, explain_examples, quiet, **kw):
         f"{s.encode_seconds:.1f}s, scan {s.scan_seconds:.1f}s [{s.form} form], write {s.write_seconds:.1f}s); "
         f"{s.flagged} flagged"
     )
+    if s.unjudged:
+        shown = ", ".join(s.unjudged_labels[:5]) + (", ..." if len(s.unjudged_labels) > 5 else "")
+        click.echo(
+            f"note: {s.unjudged} training samples are not flagged: no validation sample has their label "
+            f"({len(s.unjudged_labels)} labels: {shown}); their flag_score is empty. Add validation samples of "
+            "those labels, or flag by 'mean'",
+            err=True,
+        )
     if report:
         explain = validation if explain_examples else None
         page = a.report(report, explain_validation=explain, data=data, device=kw.get("device") or "auto")

@@ -31,7 +31,8 @@ Methods (each gives one value per pool sample; the top k% are selected):
   (ranks by the mean score over the validation set; normalize ``none``, all tokens scored: the
   defaults). Its time is build + audit.
 * ``forvalue-label``  the same audit's per-label aggregate: ``AuditConfig(flag_by='label')``'s
-  ``flag_score``, the mean score over the validation samples with the sample's own label.
+  ``flag_score``, the mean score over the validation samples with the sample's own label (a sample whose label
+  no validation sample has: its mean over all of them; the audit leaves its flag score empty).
 * ``forvalue-cos``, ``forvalue-label-cos``  the same two with ``AuditConfig(normalize='cosine')``
   (named with ``--methods`` only).
 * ``forvalue-auto``, ``forvalue-label-auto``  the same two with ``--validation-tokens auto --whiten auto``

@@ -320,7 +320,9 @@ class PoolContext:
             table, _ = load_audit(store, name)
             order = {i: k for k, i in enumerate(table.column("id").to_pylist())}
             col = "flag_score" if method.startswith("forvalue-label") else "score_mean"
-            raw = table.column(col).to_numpy(zero_copy_only=False)
+            raw = table.column(col).to_numpy(zero_copy_only=False).astype(np.float64)
+            if col == "flag_score":  # a row whose label no validation sample has: its mean (the audit leaves it null)
+                raw = np.where(np.isnan(raw), table.column("score_mean").to_numpy(), raw)
             values = np.array([raw[order[i]] for i in ids])
             if method == "forvalue":  # the product's own selection path, for every k of the suite
                 extra["select_subset"] = {
