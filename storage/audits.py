@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from forvalue.schemas.errors import ForValueError, StoreError
 from forvalue.storage.location import RemotePath, lance_options, remove_tree
-from forvalue.storage.store import Store, translate_errors
+from forvalue.storage.store import Store, short_reason, translate_errors
 
 AUDIT_PREFIX = "audit_"
 CACHE_TABLE = "validation_cache"
@@ -280,6 +280,10 @@ class ValidationCache:
                 self._damaged(f"a {name} column whose length does not match its token counts")
             out[name] = flat.reshape(tokens, total // max(tokens, 1))
         manifest = self.store.manifest
+        if out["ids"].shape != out["values"].shape:
+            self._damaged(f"{out['ids'].shape[1]} ids but {out['values'].shape[1]} values a token")
+        if (out["sq_norm"] < 0).any():
+            self._damaged("negative squared norms")
         if tokens and out["hidden"].shape[1] != manifest.hidden_size:
             self._damaged(f"hidden states {out['hidden'].shape[1]} wide where the model's are {manifest.hidden_size}")
         if out["ids"].size and (out["ids"].min() < 0 or out["ids"].max() >= manifest.vocab_size):
@@ -289,6 +293,23 @@ class ValidationCache:
             self._damaged("values that are not finite")
         return out
 
+    @contextlib.contextmanager
+    def _reading(self):
+        """Errors reading the cache: a file of it missing, truncated or garbled is one line saying to remove the
+        cache (before: "the store may be damaged; run 'forvalue index check'", which finds the store clean and so
+        sent the user in a loop); a permission or object-store failure keeps the store's message."""
+        try:
+            with translate_errors(self.store.path, "read the validation cache of"):
+                yield
+        except StoreError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, PermissionError) or isinstance(self.store.path, RemotePath) or cause is None:
+                raise
+            raise StoreError(
+                f"{self._uri}: cannot read the validation cache ({short_reason(cause)}); remove that folder (a cache: "
+                "the next audit or query encodes its validation samples again)"
+            ) from cause
+
     def _damaged(self, what: str):
         raise StoreError(
             f"{self._uri}: the validation cache holds {what} (a damaged file); remove that folder (a cache: the next "
@@ -297,7 +318,7 @@ class ValidationCache:
 
     def get(self, keys: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
         """Cached ``(hidden (n, d), ids (n, m+1), values (n, m+1), sq_norm)`` by key, for the keys present."""
-        with translate_errors(self.store.path, "read the validation cache of"):
+        with self._reading():
             dataset = self._dataset()
             first = self._rows(dataset, keys)
             if not first:
@@ -316,7 +337,7 @@ class ValidationCache:
         """Every key's encoding, one after another in the order of ``keys`` (a key may repeat): flat arrays
         ``hidden (N, d)``, ``ids`` and ``values (N, m+1)``, ``lengths`` and ``sq_norms`` per key; None when some key
         is not cached. One ``take`` in that order, no per-key copies: what a cached audit's set is made of."""
-        with translate_errors(self.store.path, "read the validation cache of"):
+        with self._reading():
             dataset = self._dataset()
             first = self._rows(dataset, keys)
             if len(first) < len(set(keys)):

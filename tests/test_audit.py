@@ -319,7 +319,13 @@ def test_an_audit_imports_no_lancedb(audited_store):
         ("ids", "ids outside the vocabulary"),
         ("nan", "values that are not finite"),
         ("width", "hidden states 3 wide"),
-    ],
+        ("deleted", "cannot read the validation cache"),
+        ("entries", "ids but"),  # (a traceback in the scorer)
+        (
+            "negative",
+            "negative squared norms",
+        ),  # (NaN cosine scores, exit 0)  # (was: "the store may be damaged; run index check",
+    ],  # which found the store clean)
 )
 def test_a_damaged_validation_cache_is_one_line_naming_it(audited_store, damage, needle):
     """A cached audit read its encodings as they were: an id beyond the vocabulary crashed the scorer (or, with the
@@ -340,6 +346,23 @@ def test_a_damaged_validation_cache_is_one_line_naming_it(audited_store, damage,
         ids = table.column("ids").combine_chunks()
         bad = pa.ListArray.from_arrays(ids.offsets, pc.add(ids.flatten(), 10**9).cast(ids.type.value_type))
         table = table.set_column(table.schema.get_field_index("ids"), table.schema.field("ids"), bad)
+    elif damage == "deleted":
+        table = None
+        for data_file in (uri / "data").glob("*.lance"):
+            data_file.unlink()
+    elif damage == "entries":  # one value fewer than ids a token
+        n = table.column("n_scored").combine_chunks().to_pylist()
+        values = table.column("values").combine_chunks()
+        rows, at, flat = [], 0, values.flatten().to_pylist()
+        for k, length in zip(n, [len(v) for v in values.to_pylist()]):
+            width = length // max(k, 1)
+            rows.append([x for t in range(k) for x in flat[at + t * width : at + (t + 1) * width - 1]])
+            at += length
+        fewer = pa.array(rows, table.schema.field("values").type)
+        table = table.set_column(table.schema.get_field_index("values"), table.schema.field("values"), fewer)
+    elif damage == "negative":
+        sq = pa.array([-1.0] * table.num_rows, table.schema.field("sq_norm").type)
+        table = table.set_column(table.schema.get_field_index("sq_norm"), table.schema.field("sq_norm"), sq)
     elif damage == "nan":
         sq = pa.array([float("nan")] * table.num_rows, table.schema.field("sq_norm").type)
         table = table.set_column(table.schema.get_field_index("sq_norm"), table.schema.field("sq_norm"), sq)
@@ -348,7 +371,8 @@ def test_a_damaged_validation_cache_is_one_line_naming_it(audited_store, damage,
         rows = [[0.5] * (3 * int(k)) for k in n.to_pylist()]
         hidden = pa.array(rows, table.schema.field("hidden").type)
         table = table.set_column(table.schema.get_field_index("hidden"), table.schema.field("hidden"), hidden)
-    lance.write_dataset(table, str(uri), mode="overwrite")
+    if table is not None:
+        lance.write_dataset(table, str(uri), mode="overwrite")
     assert_one_line_error(cli(*run, "b"), str(uri), needle, "remove that folder")
     with pytest.raises(ForValueError):
         load_audit(store, "b")  # nothing written
