@@ -197,7 +197,8 @@ def test_exact_scorer_maps_every_kind_of_stored_id_like_the_definition():
         return out
 
     far = rng.choice([3, 7, 20, 10**12], size=(5, m1))  # an id far beyond any vocabulary: a search, not a table
-    for v_ids in (rng.choice([3, 7, 20, 21], size=(5, m1)), np.zeros((5, m1), np.int64), far):
+    negative = rng.choice([-1, 3, 7], size=(5, m1))  # (the table's slot -1 is where ids above the largest land)
+    for v_ids in (rng.choice([3, 7, 20, 21], size=(5, m1)), np.zeros((5, m1), np.int64), far, negative):
         v_vals = rng.normal(size=v_ids.shape).astype(np.float32)
         v_hidden = rng.normal(size=(5, d)).astype(np.float32)
         v_len = np.array([2, 3])

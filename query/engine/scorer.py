@@ -58,7 +58,9 @@ class ExactScorer:
         if n == 0:
             return torch.zeros_like(ids)
         top = int(self.vocab[-1]) + 2  # the last entry: ids above max(vocab), and (index -1) negative ones
-        if top > max(_LOOKUP_MIN, 64 * n):  # ids far beyond any vocabulary (a damaged cache): no table that large
+        # ids far beyond any vocabulary (no table that large), or a negative one (index -1 is the table's last
+        # entry, where ids above max(vocab) land): the binary search
+        if top > max(_LOOKUP_MIN, 64 * n) or int(self.vocab[0]) < 0:
             pos = torch.searchsorted(self.vocab, ids).clamp_max(n - 1)
             return torch.where(self.vocab[pos] == ids, pos, n)
         table = torch.full((top,), n, dtype=torch.int64, device=self.device)
