@@ -337,12 +337,18 @@ def atomic_path(target: str | Path, *, inside_store: bool = False) -> Iterator[P
         os.replace(tmp, target)
         _fsync_folder(target.parent)
     except OSError as exc:
-        if str(tmp) not in str(exc):
-            raise
-        # the message names the target, not the hidden temporary file the user never gave
-        raise OutputPathError(f"{target}: cannot be written ({exc.strerror or exc}); choose another path") from None
+        raise _write_error(exc, target, tmp) from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_error(exc: OSError, target: Path, tmp: Path) -> OSError | OutputPathError:
+    """The error to raise for ``exc`` met while writing ``target`` through ``tmp``: one naming ``target`` (not the
+    hidden temporary file the user never gave) when it is about that file or names no file at all (a full disk, a
+    quota, an I/O error); ``exc`` itself when it names another file."""
+    if getattr(exc, "filename", None) not in (None, str(tmp)) and str(tmp) not in str(exc):
+        return exc
+    return OutputPathError(f"{target}: cannot be written ({exc.strerror or exc}); choose another path or free space")
 
 
 def _remote_atomic_path(target: RemotePath, inside_store: bool) -> Iterator[Path]:
@@ -461,13 +467,16 @@ class TableSink:
 
     def write(self, table) -> None:
         """Append ``table`` (a pyarrow Table or RecordBatch with the sink's schema)."""
-        if self.schema is None:
-            self._open(table.schema)
-        if self.handle is not None:
-            for row in table.to_pylist():
-                self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        else:
-            self.writer.write(table)
+        try:
+            if self.schema is None:
+                self._open(table.schema)
+            if self.handle is not None:
+                for row in table.to_pylist():
+                    self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            else:
+                self.writer.write(table)
+        except OSError as exc:
+            raise _write_error(exc, self.path, self.tmp) from None
 
     def close(self, schema=None) -> Path:
         """Finish the file (an empty one with ``schema`` when nothing was written) and rename it into place."""
@@ -488,6 +497,9 @@ class TableSink:
                 os.fsync(fh.fileno())
             os.replace(self.tmp, self.path)
             _fsync_folder(self.path.parent)
+        except OSError as exc:
+            self.abort()
+            raise _write_error(exc, self.path, self.tmp) from None
         except BaseException:
             self.abort()
             raise

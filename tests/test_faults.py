@@ -1039,6 +1039,36 @@ def test_an_output_that_fails_while_written_names_the_target_not_the_temporary_f
     assert str(info.value).startswith(f"{target}: cannot be written (No space left on device)")
     assert ".tmp" not in str(info.value) and target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+    monkeypatch.undo()
+
+    # a full disk names no file at all (the CLI said "writing the output: ..." whichever of two outputs it was)
+    with pytest.raises(files.OutputPathError, match=f"^{target}: cannot be written"):
+        with files.atomic_path(target):
+            raise OSError(28, "No space left on device")
+    import pyarrow as pa
+
+    class Full:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    for table_path in (tmp_path / "t.jsonl", tmp_path / "t.parquet"):
+        sink = files.TableSink(table_path, pa.schema([("a", pa.int64())]))
+        if sink.handle is not None:
+            sink.handle.close()
+            sink.handle = Full()
+        else:
+            monkeypatch.setattr(sink.writer, "write", Full().write)
+        with pytest.raises(files.OutputPathError, match=f"^{table_path}: cannot be written"):
+            sink.write(pa.table({"a": [1, 2]}))
+        sink.abort()
+    # an error naming another file (an input read inside the block) is that file's, not the output's
+    with pytest.raises(FileNotFoundError):
+        with files.atomic_path(target):
+            open(tmp_path / "missing-input.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
 
 
 def test_every_path_option_is_declared_input_or_output():
