@@ -247,7 +247,7 @@ def _check_one(what: str, path: Path, formats: tuple[str, ...], sources: list[Pa
     if not os.access(parent, os.W_OK):
         raise OutputPathError(f"{label}: cannot write into {parent}; choose a writable folder")
     try:  # a folder that only says it is writable (/proc, /sys, some mounts): a file made there and removed
-        handle, probe = tempfile.mkstemp(prefix=f".{here.name}.", suffix=".probe", dir=parent)
+        handle, probe = tempfile.mkstemp(prefix=".forvalue-probe.", dir=parent)  # (short: any legal name fits)
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
@@ -263,12 +263,18 @@ def temp_name(target: Path) -> Path:
     Temporary files of ``target`` left by writers that died (their pid is gone) are removed first.
     """
     _sweep(target)
-    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    return target.with_name(f"{_temp_prefix(target)}{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _temp_prefix(target: Path) -> str:
+    """``.NAME.`` with NAME cut to 200 bytes: the temporary name fits wherever the target's does (255 bytes)."""
+    name = target.name.encode("utf-8", "surrogateescape")[:200].decode("utf-8", "ignore")
+    return f".{name}."
 
 
 def _sweep(target: Path) -> None:
     """Remove ``.NAME.PID.RANDOM.tmp`` files beside ``target`` whose writer process no longer exists."""
-    prefix = f".{target.name}."
+    prefix = _temp_prefix(target)
     try:
         names = [n for n in os.listdir(target.parent) if n.startswith(prefix) and n.endswith(".tmp")]
     except OSError:

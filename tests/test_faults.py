@@ -1071,6 +1071,20 @@ def test_an_output_that_fails_while_written_names_the_target_not_the_temporary_f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
 
 
+def test_an_output_with_a_long_legal_name_is_written(tmp_path):
+    """A 249-byte file name is legal (255 at most); the up-front probe and the temporary name were built from it
+    and overflowed, refusing it as "cannot write into FOLDER (File name too long)" (hostile pass). Names at the
+    limit are written, through the checks and the atomic writer, and leave no temporary file."""
+    from forvalue.storage import files
+
+    for target in (tmp_path / ("z" * 243 + ".jsonl"), tmp_path / ("é" * 121 + "z.jsonl")):
+        assert len(target.name.encode()) <= 255
+        files.check_outputs({"-o": (target, (".jsonl",))})
+        files.write_text(target, "row\n")
+        assert target.read_text() == "row\n"
+    assert sorted(len(p.name.encode()) for p in tmp_path.iterdir()) == [249, 249]
+
+
 def test_every_path_option_is_declared_input_or_output():
     """A new path option of any command must be declared in forvalue.cli.paths, or this test fails."""
     import click
