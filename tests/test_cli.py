@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -102,6 +103,10 @@ def test_help(args, needles):
     assert result.exit_code == 0, result.output
     for needle in needles:
         assert needle in result.output, needle
+    # one default per option, never Python's None (index add's --model said "(default: SmolLM2 ...; queries and
+    # audits: the store's). (default: the store's, else None)")
+    text = " ".join(result.output.split())
+    assert "else None" not in text and not re.search(r"\(default: [^()]*\)\.? \(default:", text), text
 
 
 # -- index info -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from typing import Any, Callable, Iterable
 
@@ -97,7 +98,10 @@ def config_options(
                 continue
             if f.name in unset:
                 default = None
-                help_text += f" (default: {unset_help}, else {_show(f.default)})"
+                # the command's own default replaces the field's (one default in the help, never "else None")
+                help_text = re.sub(r"\s*\(default: [^()]*\)", "", help_text)
+                fallback = "" if f.default is None else f", else {_show(f.default)}"
+                help_text += f" (default: {unset_help}{fallback})"
                 show = False
             else:
                 default = f.default
