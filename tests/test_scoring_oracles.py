@@ -171,8 +171,8 @@ def test_exact_scorer_maps_every_kind_of_stored_id_like_the_definition():
     """The exact scorer's id -> validation-row look-up (a table over 0 .. max + 1, made per call) gives Eq. 1 in
     float64 for stored ids in the validation vocabulary, between its ids, above its largest, negative (an int32
     store), for a validation set whose largest id is 0, and for one holding an id far beyond any vocabulary (then
-    a binary search, no table of that size); every row's score is sum over token pairs of
-    <h_k, h_l> <e_k, e_l>."""
+    a binary search, no table of that size); the G-form's mean, through its own look-up, agrees; negative
+    validation ids are refused. Every row's score is the sum over token pairs of <h_k, h_l> <e_k, e_l>."""
     from forvalue.engine.scorer import ExactScorer
     from forvalue.engine.validation import ValidationSet
     from forvalue.indexer.data import Sample
@@ -197,8 +197,7 @@ def test_exact_scorer_maps_every_kind_of_stored_id_like_the_definition():
         return out
 
     far = rng.choice([3, 7, 20, 10**12], size=(5, m1))  # an id far beyond any vocabulary: a search, not a table
-    negative = rng.choice([-1, 3, 7], size=(5, m1))  # (the table's slot -1 is where ids above the largest land)
-    for v_ids in (rng.choice([3, 7, 20, 21], size=(5, m1)), np.zeros((5, m1), np.int64), far, negative):
+    for v_ids in (rng.choice([3, 7, 20, 21], size=(5, m1)), np.zeros((5, m1), np.int64), far):
         v_vals = rng.normal(size=v_ids.shape).astype(np.float32)
         v_hidden = rng.normal(size=(5, d)).astype(np.float32)
         v_len = np.array([2, 3])
@@ -214,3 +213,14 @@ def test_exact_scorer_maps_every_kind_of_stored_id_like_the_definition():
         )
         got = ExactScorer(val, "cpu").score(block)
         np.testing.assert_allclose(got, reference(v_ids, v_vals, v_hidden, v_len, block), rtol=1e-5, atol=1e-5)
+        # the G-form's mean, through its own id look-up, is the mean of those scores (a stored id of -1 meets
+        # nothing there either)
+        from forvalue.engine.gform import GFormScorer
+
+        mean = GFormScorer(val, np.full((2, 1), 0.5), "cpu", torch.float64).score(block)[:, 0]
+        np.testing.assert_allclose(mean, got.mean(axis=1), rtol=1e-5, atol=1e-5)  # (the exact scorer: float32)
+    # negative validation ids (index -1 of a look-up table is where ids above its largest land) are refused
+    from forvalue.schemas.errors import ForValueError
+
+    with pytest.raises(ForValueError, match="must be vocabulary ids"):
+        ValidationSet(samples, v_hidden, -np.ones((5, m1), np.int64), v_vals, v_len, np.ones(2))

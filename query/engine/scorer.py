@@ -25,7 +25,7 @@ _BLOCK_FLOATS = 1 << 23
 
 # Ids are mapped by a look-up table up to this many entries (8 MB), or 64 per validation id beyond it; a binary
 # search per id above that.
-_LOOKUP_MIN = 1 << 20
+LOOKUP_MIN = 1 << 20
 
 
 class ExactScorer:
@@ -58,9 +58,9 @@ class ExactScorer:
         if n == 0:
             return torch.zeros_like(ids)
         top = int(self.vocab[-1]) + 2  # the last entry: ids above max(vocab), and (index -1) negative ones
-        # ids far beyond any vocabulary (no table that large), or a negative one (index -1 is the table's last
-        # entry, where ids above max(vocab) land): the binary search
-        if top > max(_LOOKUP_MIN, 64 * n) or int(self.vocab[0]) < 0:
+        # ids far beyond any vocabulary: no table that large, the binary search (validation ids are never negative:
+        # ValidationSet refuses them, for index -1 is the table's last entry, where ids above max(vocab) land)
+        if top > max(LOOKUP_MIN, 64 * n):
             pos = torch.searchsorted(self.vocab, ids).clamp_max(n - 1)
             return torch.where(self.vocab[pos] == ids, pos, n)
         table = torch.full((top,), n, dtype=torch.int64, device=self.device)

@@ -52,6 +52,10 @@ class ValidationSet:
     center: np.ndarray | None = None
     whiten: np.ndarray | None = None
 
+    def __post_init__(self):
+        if self.ids.size and int(self.ids.min()) < 0:  # the scorers' id look-ups reserve negative indices
+            raise ForValueError(f"validation error ids must be vocabulary ids (>= 0); found {int(self.ids.min())}")
+
     def __len__(self) -> int:
         return len(self.samples)
 
