@@ -554,8 +554,10 @@ class AuditConfig(ScanConfig):
         Flag samples whose flag score is below this value (combined with OR).
     flag_by : {"mean", "max", "label"}
         The score flags are drawn from: the mean over validation samples, the max over
-        them, or the mean over validation samples with the training sample's own label
-        (falls back to the mean for unlabelled samples). With ``normalize="cosine"``,
+        them, or the mean over validation samples with the training sample's own label (a
+        training sample whose label no validation sample has is never flagged, its flag score
+        null; ``flag_fraction`` counts the samples that can be judged; validation samples
+        without labels are refused). With ``normalize="cosine"``,
         ``max`` and ``label`` detect flipped labels far better than ``mean``
         (docs/benchmarks.md).
     """
@@ -568,8 +570,8 @@ class AuditConfig(ScanConfig):
     flag_by: FlagBy = setting(
         "mean",
         "Score that flags: mean or max over validation samples, or mean over those with the sample's own "
-        "label (mislabeled data: label when validation rows carry labels, else a --score-tokens response "
-        "store with --normalize cosine --flag-by max).",
+        "label (mislabeled data: label when validation rows carry labels; a sample whose label none has is not "
+        "flagged; else a --score-tokens response store with --normalize cosine --flag-by max).",
         choices=get_args(FlagBy),
     )
 
