@@ -410,6 +410,10 @@ def test_flag_by_label_never_flags_a_label_the_validation_set_lacks(audited_stor
     cut = sorted(r["flag_score"] for r in math)[2]
     assert {r["id"] for r in math if r["flagged"]} == {r["id"] for r in math if r["flag_score"] <= cut}
     assert meta["unjudged_labels"] == {"reverse": 6}
+    shown = cli("audit", "show", "--store", store, "lab")
+    assert shown.exit_code == 0 and "not flagged: 6 training samples whose label no validation sample has" in (
+        shown.output
+    )
     json_mod.dumps(meta)  # (the record stays JSON)
     # a threshold never flags an unjudged row either
     result = cli(*args, "--name", "thr", "--flag-fraction", "0", "--flag-threshold", "1e30", "--quiet")

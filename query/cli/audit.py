@@ -118,6 +118,13 @@ def audit_show(store, name, n_examples, report, data, **kw):
         f"audit '{name}' v{i.version} ({i.created}): {i.n_train} training vs {i.n_validation} "
         f"validation samples, {i.flagged} flagged"
     )
+    unjudged = i.meta.get("unjudged_labels") or {}
+    if unjudged:  # --flag-by label: what the run's note said, kept with the audit
+        shown = ", ".join(list(unjudged)[:5]) + (", ..." if len(unjudged) > 5 else "")
+        click.echo(
+            f"not flagged: {sum(unjudged.values())} training samples whose label no validation sample has "
+            f"({len(unjudged)} labels: {shown})"
+        )
     from forvalue.engine.variant import variant_flags
 
     chosen = " (chosen by auto)" if i.meta.get("auto_settings") else ""
