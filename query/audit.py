@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -175,9 +176,7 @@ def run_audit(
         # a row whose label no validation sample has cannot be judged by it: no flag score (null), never flagged;
         # before, it took its overall mean, a lower scale than own-label means, and whole such labels were flagged
         flag_score = np.array([by_label[l][j] if l in by_label else np.nan for j, l in enumerate(labels)])
-        for l in labels:
-            if l not in by_label:
-                unjudged[l] = unjudged.get(l, 0) + 1
+        unjudged = dict(sorted(Counter(str(l) for l in labels if l not in by_label).items()))
     judged = np.flatnonzero(~np.isnan(flag_score))
     flagged = np.zeros(len(mean), bool)
     if config.flag_fraction:  # of the rows that can be judged
@@ -208,7 +207,7 @@ def run_audit(
         "validation_labels": groups,
         "flagged": int(flagged.sum()),
         # --flag-by label: rows left unflagged because no validation sample has their label, by label
-        "unjudged_labels": {str(k): v for k, v in sorted(unjudged.items(), key=lambda kv: str(kv[0]))},
+        "unjudged_labels": unjudged,
         **({"auto_settings": auto_settings} if auto_settings is not None else {}),
         "scan_form": scan.form,
         "scan_passes": scan.passes,
@@ -236,8 +235,7 @@ def run_audit(
         write_seconds=done - scanned_at,
         form=scan.form,
         auto_settings=auto_settings,
-        unjudged=sum(unjudged.values()),
-        unjudged_labels=sorted(map(str, unjudged)),
+        unjudged_labels=unjudged,
     )
 
 

@@ -183,8 +183,8 @@ class AuditRun(Result):
     write_seconds: float = 0.0  # flags, ranks and the audit table
     form: str = "token"  # "gform" (aggregates as one matrix each) or "token" (per-validation-sample scores)
     auto_settings: dict | None = None  # auto whiten / validation tokens: what was chosen, each candidate's AUC
-    unjudged: int = 0  # --flag-by label: training rows never flagged, no validation sample having their label
-    unjudged_labels: list = field(default_factory=list)  # ... and those labels
+    # --flag-by label: training rows never flagged, no validation sample having their label, by label
+    unjudged_labels: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
         return (

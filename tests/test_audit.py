@@ -411,7 +411,7 @@ def test_flag_by_label_never_flags_a_label_the_validation_set_lacks(audited_stor
     assert {r["id"] for r in math if r["flagged"]} == {r["id"] for r in math if r["flag_score"] <= cut}
     assert meta["unjudged_labels"] == {"reverse": 6}
     shown = cli("audit", "show", "--store", store, "lab")
-    assert shown.exit_code == 0 and "not flagged: 6 training samples whose label no validation sample has" in (
+    assert shown.exit_code == 0 and "6 training samples are not flagged: no validation sample has their label" in (
         shown.output
     )
     json_mod.dumps(meta)  # (the record stays JSON)

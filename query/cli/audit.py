@@ -62,12 +62,10 @@ def audit_run(store, validation, name, report, explain_examples, quiet, **kw):
         f"{s.encode_seconds:.1f}s, scan {s.scan_seconds:.1f}s [{s.form} form], write {s.write_seconds:.1f}s); "
         f"{s.flagged} flagged"
     )
-    if s.unjudged:
-        shown = ", ".join(s.unjudged_labels[:5]) + (", ..." if len(s.unjudged_labels) > 5 else "")
+    if s.unjudged_labels:
         click.echo(
-            f"note: {s.unjudged} training samples are not flagged: no validation sample has their label "
-            f"({len(s.unjudged_labels)} labels: {shown}); their flag_score is empty. Add validation samples of "
-            "those labels, or flag by 'mean'",
+            f"note: {_unjudged(s.unjudged_labels)}; their flag_score is empty. Add validation samples of those "
+            "labels, or flag by 'mean'",
             err=True,
         )
     if report:
@@ -87,6 +85,16 @@ def audit_list(store):
             f"{m.name:<24} v{m.version:<3} {m.created}  train {m.n_train}  validation "
             f"{m.n_validation}  flagged {m.flagged}  validation sha256 {m.validation_sha256[:12]}"
         )
+
+
+def _unjudged(rows_by_label: dict) -> str:
+    """The line naming the training samples ``--flag-by label`` could not judge (``{label: rows}``)."""
+    labels = list(rows_by_label)
+    shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+    return (
+        f"{sum(rows_by_label.values())} training samples are not flagged: no validation sample has their label "
+        f"({len(labels)} labels: {shown})"
+    )
 
 
 @audit.command("show")
@@ -118,13 +126,8 @@ def audit_show(store, name, n_examples, report, data, **kw):
         f"audit '{name}' v{i.version} ({i.created}): {i.n_train} training vs {i.n_validation} "
         f"validation samples, {i.flagged} flagged"
     )
-    unjudged = i.meta.get("unjudged_labels") or {}
-    if unjudged:  # --flag-by label: what the run's note said, kept with the audit
-        shown = ", ".join(list(unjudged)[:5]) + (", ..." if len(unjudged) > 5 else "")
-        click.echo(
-            f"not flagged: {sum(unjudged.values())} training samples whose label no validation sample has "
-            f"({len(unjudged)} labels: {shown})"
-        )
+    if i.meta.get("unjudged_labels"):  # --flag-by label: what the run's note said, kept with the audit
+        click.echo(_unjudged(i.meta["unjudged_labels"]))
     from forvalue.engine.variant import variant_flags
 
     chosen = " (chosen by auto)" if i.meta.get("auto_settings") else ""
