@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from forvalue.engine.plan import Stopped, cpu_workers, map_on_threads, memory_budget, one_torch_thread, pair_form
-from forvalue.engine.scorer import LOOKUP_MIN, read_only_tensor
+from forvalue.engine.scorer import id_positions, id_table, read_only_tensor
 from forvalue.engine.validation import ValidationSet
 from forvalue.storage.rows import TrainBlock
 
@@ -107,13 +107,7 @@ class GFormScorer:
         self.d = val.hidden.shape[1]
         vocab = vocab_union(val) if vocab is None else np.asarray(vocab, np.int64)
         self.vocab = torch.from_numpy(vocab).to(self.device)
-        # id -> row of gbar (ids are non-negative vocabulary ids); ids above the largest held one land on the last
-        # entry, which points at the zero row
-        top = int(vocab.max()) + 2 if vocab.size else 1
-        self.lookup = None  # ids far beyond any vocabulary (only through the API): a binary search, no such table
-        if top <= max(LOOKUP_MIN, 64 * vocab.size):
-            self.lookup = torch.full((top,), vocab.size, dtype=torch.int64, device=self.device)
-            self.lookup[self.vocab] = torch.arange(vocab.size, device=self.device)
+        self.lookup = id_table(self.vocab)  # id -> row of gbar; ids it does not hold: the last (zero) row
         self.keys, self.table = None, None  # BlockedGForm sets them block by block
         if build:
             with one_torch_thread():  # index_add_ and sorts of millions of entries: 3x the time on two threads
@@ -155,13 +149,9 @@ class GFormScorer:
             raise Stopped
 
     def _positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """Row of each id in ``gbar``; ids outside ``vocab`` map to the last (zero) row (one table look-up): those
-        above it by the clamp, negative ones (a damaged int32 store) through index -1 (vocab holds none)."""
-        if self.lookup is None:
-            n = self.vocab.numel()
-            pos = torch.searchsorted(self.vocab, ids).clamp_max(n - 1)
-            return torch.where(self.vocab[pos] == ids, pos, n)
-        return self.lookup[ids.clamp(-1, self.lookup.numel() - 1)]
+        """Row of each id in ``gbar``; ids outside ``vocab`` (negative ones of a damaged int32 store too) map to the
+        last (zero) row."""
+        return id_positions(self.vocab, self.lookup, ids)
 
     @torch.no_grad()
     def _build(self, val: ValidationSet) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,30 @@ _BLOCK_FLOATS = 1 << 23
 LOOKUP_MIN = 1 << 20
 
 
+def id_table(vocab: torch.Tensor) -> torch.Tensor | None:
+    """The look-up table of :func:`id_positions` for ``vocab`` (sorted, non-negative ids): entry ``id`` holds its
+    place in ``vocab``, every other entry ``len(vocab)``, over ``0 .. max(vocab) + 1`` (the last entry: ids above
+    the largest, and through index -1 negative ones); None for ids far beyond any vocabulary (no table that large).
+    A binary search per id was two thirds of a one-sample query's scoring."""
+    n = vocab.numel()
+    top = int(vocab[-1]) + 2 if n else 1
+    if top > max(LOOKUP_MIN, 64 * n):
+        return None
+    table = torch.full((top,), n, dtype=torch.int64, device=vocab.device)
+    table[vocab] = torch.arange(n, device=vocab.device)
+    return table
+
+
+def id_positions(vocab: torch.Tensor, table: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    """Place of each id in ``vocab``, ``len(vocab)`` for ids not in it (the scorers' zero row); ``table`` from
+    :func:`id_table` (None: a binary search)."""
+    if table is not None:
+        return table[ids.clamp(-1, table.numel() - 1)]
+    n = vocab.numel()
+    pos = torch.searchsorted(vocab, ids).clamp_max(n - 1)
+    return torch.where(vocab[pos] == ids, pos, n)
+
+
 class ExactScorer:
     """Scores blocks of stored tokens against one block of validation samples.
 
@@ -50,23 +74,6 @@ class ExactScorer:
         self.val_segment = torch.from_numpy(np.repeat(np.arange(self.n_val), val.lengths)).to(device)
         self.chunk_tokens = max(1, _BLOCK_FLOATS // max(1, m_tokens))
 
-    def _positions(self, ids: torch.Tensor) -> torch.Tensor:
-        """Row of ``val_errors_t`` for each id: its place in ``vocab``, ``len(vocab)`` (the zero row) for ids not in
-        it. One look-up in a table over ``0 .. max(vocab) + 1`` made per call (a few hundred KB, no memory held
-        between calls): a binary search per id was two thirds of a one-sample query's scoring."""
-        n = self.vocab.numel()
-        if n == 0:
-            return torch.zeros_like(ids)
-        top = int(self.vocab[-1]) + 2  # the last entry: ids above max(vocab), and (index -1) negative ones
-        # ids far beyond any vocabulary: no table that large, the binary search (validation ids are never negative:
-        # ValidationSet refuses them, for index -1 is the table's last entry, where ids above max(vocab) land)
-        if top > max(LOOKUP_MIN, 64 * n):
-            pos = torch.searchsorted(self.vocab, ids).clamp_max(n - 1)
-            return torch.where(self.vocab[pos] == ids, pos, n)
-        table = torch.full((top,), n, dtype=torch.int64, device=self.device)
-        table[self.vocab] = torch.arange(n, device=self.device)
-        return table[ids.clamp(-1, top - 1)]
-
     @torch.no_grad()
     def score(self, block: TrainBlock) -> np.ndarray:
         """Raw scores ``<G_v, G_i>``, float64 array of shape ``(rows, n_val)``."""
@@ -75,7 +82,7 @@ class ExactScorer:
         segment = torch.from_numpy(np.repeat(np.arange(rows), block.lengths)).to(self.device)
         hidden = read_only_tensor(block.hidden).to(self.device)
         ids = torch.from_numpy(block.ids).to(self.device)
-        pos = self._positions(ids)
+        pos = id_positions(self.vocab, id_table(self.vocab), ids)  # (the table made per call: none held between)
         values = torch.from_numpy(block.values).to(self.device)
         for start in range(0, hidden.shape[0], self.chunk_tokens):
             part = slice(start, start + self.chunk_tokens)
