@@ -306,15 +306,15 @@ class ValidationCache:
             cause = exc.__cause__
             if isinstance(cause, PermissionError) or isinstance(self.store.path, RemotePath) or cause is None:
                 raise
-            raise StoreError(
-                f"{self._uri}: cannot read the validation cache ({short_reason(cause)}); remove that folder (a cache: "
-                "the next audit or query encodes its validation samples again)"
-            ) from cause
+            raise self._unusable(f"cannot read the validation cache ({short_reason(cause)})") from cause
 
     def _damaged(self, what: str):
-        raise StoreError(
-            f"{self._uri}: the validation cache holds {what} (a damaged file); remove that folder (a cache: the next "
-            "audit or query encodes its validation samples again)"
+        raise self._unusable(f"the validation cache holds {what} (a damaged file)")
+
+    def _unusable(self, what: str) -> StoreError:
+        return StoreError(
+            f"{self._uri}: {what}; remove that folder (a cache: the next audit or query encodes its validation "
+            "samples again)"
         )
 
     def get(self, keys: Iterable[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]]:
