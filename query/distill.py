@@ -38,11 +38,10 @@ from forvalue.value_features import (
 )
 from forvalue.value_model import (
     EMBED_POOLINGS,
-    MANIFEST,
     NgramFeatures,
     ValueModel,
     ValueModelError,
-    owned_by_a_value_model,
+    check_save_folder,
     pool_divisor,
     pool_length_feature,
     token_ids,
@@ -140,9 +139,7 @@ def distill_value_model(
     check_outputs({"--out": (out, (FOLDER,))}, [store.path if isinstance(store, Store) else store])
     started = time.perf_counter()
     out = Path(out)
-    leftovers = out.is_dir() and all(owned_by_a_value_model(p.name) for p in out.iterdir())  # a killed save
-    if out.exists() and (not out.is_dir() or (not leftovers and not (out / MANIFEST).exists())):
-        raise ValueModelError(f"{out}: exists and is not a value model folder; choose another --out")
+    check_save_folder(out)  # before any work: a folder of other files would lose them to the save
     st = storage_of(store)
     table, meta = load_audit(st, audit)
     targets = audit_targets(table)

@@ -53,12 +53,40 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 _OWN_FILE = re.compile(
     r"^\.?(weights(-[0-9a-f]{16})?\.safetensors|tokenizer(-[0-9a-f]{16})?\.json)(\.[0-9]+\.[0-9a-f]+\.tmp)?$"
 )
+# what a save writes before its manifest: content-named data files and temporary twins, the lock, the manifest's
+# temporary twin. The legacy fixed names (tokenizer.json, weights.safetensors) are not among them: a folder of
+# another tool holds those, and only a folder whose value_model.json is a value model's owns them
+_SAVE_FILE = re.compile(
+    r"^\.?(weights-[0-9a-f]{16}\.safetensors|tokenizer-[0-9a-f]{16}\.json)(\.[0-9]+\.[0-9a-f]+\.tmp)?$"
+)
 
 
 def owned_by_a_value_model(name: str) -> bool:
-    """Whether a file name is one a value model save writes (data files, their temporary twins, the
-    manifest's temporary twin, the lock): a folder holding only these is a killed first save."""
-    return bool(_OWN_FILE.match(name)) or name == ".value_model.lock" or name.startswith(f".{MANIFEST}.")
+    """Whether a file name is one a value model save writes before its manifest (content-named data files,
+    their temporary twins, the manifest's temporary twin, the lock): a folder holding only these is a killed
+    first save."""
+    return bool(_SAVE_FILE.match(name)) or name == ".value_model.lock" or name.startswith(f".{MANIFEST}.")
+
+
+def check_save_folder(path: Path, option: str = "--out") -> None:
+    """Refuse a ``path`` a value model cannot be saved in without harm: a file, or a folder that holds anything
+    but a value model (its ``value_model.json`` made by forvalue) or a killed first save's files. A save
+    removes the files of the model it replaces, so any other folder would lose files."""
+    from forvalue.storage.files import is_value_model
+
+    if not path.exists():
+        return
+    if path.is_dir():
+        try:
+            names = [p.name for p in path.iterdir()]
+        except OSError as e:
+            raise ValueModelError(f"{path}: cannot be listed ({e.strerror or e}); choose another {option}") from None
+        if is_value_model(path) or all(owned_by_a_value_model(n) for n in names):
+            return
+    raise ValueModelError(
+        f"{path}: exists and is not a value model folder (saving would replace or remove its files); choose "
+        f"another {option} (a new folder, or a value model's to replace it)"
+    )
 
 
 SUM_SCALE = 64.0  # tokens: sum-pooled features are divided by this to keep them near unit scale
@@ -237,8 +265,7 @@ class ValueModel:
         import os
 
         path = Path(path)
-        if path.exists() and not path.is_dir():
-            raise ValueModelError(f"{path}: exists and is not a folder; choose another --out")
+        check_save_folder(path)
         path.mkdir(parents=True, exist_ok=True)
         arrays = {
             k: np.ascontiguousarray(v, np.float32 if np.issubdtype(v.dtype, np.floating) else v.dtype)

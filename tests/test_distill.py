@@ -392,6 +392,39 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, case):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"tokenizer.json": '{"my": "tokenizer"}', "weights.safetensors": "x"},  # another tool's model folder
+        {"value_model.json": '{"other tool": 1}', "tokenizer.json": "tk", "notes.txt": "keep"},
+    ],
+    ids=["legacy-names", "foreign-manifest"],
+)
+def test_a_save_never_touches_a_folder_that_is_not_a_value_model(setup, tmp_path, files):
+    """``distill --out`` and ``ValueModel.save`` into a folder of other files refuse it, before any work and
+    before any file is written there; the files stay (they were replaced or deleted, exit 0: hostile pass)."""
+    folder = tmp_path / "theirs"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    r = cli("distill", "--store", setup["store"], "--audit", "v1", "--out", folder, "--student", "ngram")
+    assert_one_line_error(r, str(folder), "not a value model folder")
+    with pytest.raises(ValueModelError, match="not a value model folder"):
+        ValueModel.load(setup["vm"]).save(folder)
+    with pytest.raises(ValueModelError, match="not a value model folder"):
+        ValueModel.load(setup["vm"]).save(setup["store"])
+    assert {p.name: p.read_text() for p in folder.iterdir()} == files
+    assert not (setup["store"] / ".value_model.lock").exists()
+    # a killed first save's files (content-named data, the lock) and an empty folder are taken
+    ValueModel.load(setup["vm"]).save(tmp_path / "empty")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "weights-0123456789abcdef.safetensors").write_text("half")
+    (killed / ".value_model.lock").write_text("")
+    ValueModel.load(ValueModel.load(setup["vm"]).save(killed))
+    assert not (killed / "weights-0123456789abcdef.safetensors").exists()
+
+
 def _damaged(tmp_path: Path, vm: Path) -> Path:
     import shutil
 
