@@ -76,7 +76,10 @@ def _fit_student(student: str, texts: list[str], Y: np.ndarray, config: DistillC
         vm = ValueModel("ngram", [], arrays, {"features": {"kind": "hashed word + byte n-grams", **feats.spec()}})
         return vm, fit
     tokenizer, table = load_embedding_table(store)
-    ids = token_ids(tokenizer, texts)
+    # the store's audit valued each sample on its first max_length tokens: the student sees those (a long text
+    # summed whole was valued far outside the targets' range)
+    max_tokens = int(store.manifest.max_length)
+    ids = token_ids(tokenizer, texts, max_tokens)
     sums = np.stack([table[i].sum(axis=0, dtype=np.float64) if i else np.zeros(table.shape[1]) for i in ids])
     lengths = np.array([len(i) for i in ids], np.float64)
     best = None
@@ -101,6 +104,7 @@ def _fit_student(student: str, texts: list[str], Y: np.ndarray, config: DistillC
             "pooling": pooling,
             "vocab_size": int(table.shape[0]),
             "hidden_size": int(d),
+            "max_tokens": max_tokens,
         }
     }
     return ValueModel("embed", [], arrays, meta, tokenizer), fit

@@ -192,9 +192,10 @@ def csr_dot(indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, weight:
 
 
 # -- token-embedding lookup ----------------------------------------------------------------------
-def token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each text (no special tokens added)."""
-    return [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+def token_ids(tokenizer, texts: Sequence[str], max_tokens: int | None = None) -> list[list[int]]:
+    """Token ids of each text (no special tokens added), the first ``max_tokens`` of each when given: the store's
+    ``max_length``, as the build truncates (a text beyond it was valued on its first tokens only)."""
+    return [e.ids[:max_tokens] for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ class ValueModel:
             return csr_dot(*self.features().rows(texts), self.arrays["weight"]) + bias
         table, lw = self.arrays["token_table"], self.arrays["length_weight"].astype(np.float64)
         pooling = self.meta["features"].get("pooling", "mean")
-        ids = token_ids(self.tokenizer, texts)
+        ids = token_ids(self.tokenizer, texts, self.meta["features"].get("max_tokens"))  # (None: a model before it)
         lengths = np.array([len(i) for i in ids], np.float64)
         flat = np.concatenate([np.asarray(i, np.int64) for i in ids]) if ids else np.zeros(0, np.int64)
         rows = np.repeat(np.arange(len(ids)), lengths.astype(np.int64))

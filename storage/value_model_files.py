@@ -96,6 +96,8 @@ def _check_features(manifest: Path, meta: dict) -> None:
     else:
         if f.get("pooling", "mean") not in EMBED_POOLINGS:
             raise _damaged(manifest, f"features.pooling must be one of {', '.join(EMBED_POOLINGS)}")
+        if "max_tokens" in f and not _int(f["max_tokens"], 1, 1 << 31):
+            raise _damaged(manifest, "features.max_tokens must be a whole number >= 1")
 
 
 def _data_files(path: Path, meta: dict) -> dict[str, Path]:

@@ -131,6 +131,22 @@ def test_embed_student_recovers_a_per_token_target(setup):
     assert r.heldout["spearman"] > 0.99 and r.heldout["r2"] > 0.98
 
 
+def test_embed_student_values_a_text_on_the_tokens_the_store_keeps(setup):
+    """The store valued each sample on its first max_length tokens; the embed student sees the same: a text twice
+    as long past that point gets the same value (it was summed whole: a 10 MB text came out at 4e8 where the
+    audit's values span 3e4, hostile pass)."""
+    st = Store.open(setup["store"])
+    path = setup["tmp"] / "vm_embed_len"
+    distill_value_model(st, "v1", path, DistillConfig(student="embed", fraction=0.7))
+    vm = ValueModel.load(path)
+    assert vm.meta["features"]["max_tokens"] == st.manifest.max_length
+    base = "the quick brown fox jumps over the lazy dog. "
+    long, longer = base * (st.manifest.max_length // 4), base * (st.manifest.max_length // 2)
+    assert len(token_ids(vm.tokenizer, [long])[0]) > st.manifest.max_length
+    np.testing.assert_array_equal(vm.predict([long]), vm.predict([longer]))
+    assert not np.array_equal(vm.predict([long]), vm.predict([base]))
+
+
 # -- the value model on disk ----------------------------------------------------------------------------------
 def test_distill_records_identity_and_metrics(setup):
     r = setup["report"]
