@@ -34,6 +34,7 @@ class EstimateReport:
     speedup: float | None
     output: str | None
     table: pa.Table | None = None
+    duplicate_ids: int = 0  # rows whose id repeats an earlier row's (the first is valued, as the build keeps it)
 
 
 def estimate(
@@ -109,9 +110,15 @@ def estimate(
             kept.append(t)
         bar.update(len(samples))
 
+    seen: set[str] = set()  # the build's id rule: a repeated id keeps its first row (a values file of unique ids)
+    duplicates = 0
     try:
         samples, groups = [], []
         for sample, extras in iter_samples_with(data, data_config, extra):
+            if sample.id in seen:
+                duplicates += 1
+                continue
+            seen.add(sample.id)
             samples.append(sample)
             groups.append(extras)
             if len(samples) >= block:
@@ -140,6 +147,7 @@ def estimate(
         rate / build if build else None,
         str(output) if output is not None else None,
         None if sink is not None else (pa.concat_tables(kept) if kept else schema.empty_table()),
+        duplicates,
     )
 
 
@@ -157,7 +165,10 @@ def _read_values_jsonl(path: Path) -> pa.Table:
                 rows.append(row)
     if not rows:
         raise ForValueError(f"{path}: holds no values")
-    return pa.Table.from_pylist(rows)
+    try:
+        return pa.Table.from_pylist(rows)
+    except (OverflowError, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        raise ForValueError(f"{path}: not a readable jsonl values file ({str(exc).splitlines()[0]})") from None
 
 
 def read_values(path: str | Path, column: str = "value") -> pa.Table:
@@ -191,6 +202,9 @@ def read_values(path: str | Path, column: str = "value") -> pa.Table:
         raise ForValueError(f"{path}: field '{column}': expected numbers, got {values.type}")
     if values.null_count or not np.isfinite(values.to_numpy(zero_copy_only=False).astype(np.float64)).all():
         raise ForValueError(f"{path}: field '{column}': missing or non-finite values")
+    id_type = table.column("id").type
+    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type) or pa.types.is_integer(id_type)):
+        raise ForValueError(f"{path}: field 'id': expected text ids, got {id_type}")
     ids = table.column("id").cast(pa.string()).to_pylist()
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

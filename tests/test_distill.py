@@ -314,6 +314,8 @@ def _garbage(path: Path, text: str) -> Path:
         "compare_with_report",
         "compare_with_group",
         "empty_data",
+        "values_big_int",
+        "values_list_id",
     ],
 )
 def test_bad_inputs_are_one_line_errors(setup, tmp_path, case):
@@ -386,6 +388,35 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, case):
             ["distill", "--store", store, "--audit", "v1", "--out", _other_folder(tmp_path)],
             ["not a value model folder"],
         ),
+        # a value beyond int64 and a list id: tracebacks before (hostile pass)
+        "values_big_int": (
+            [
+                "select",
+                "--values",
+                _garbage(tmp_path / "big.jsonl", '{"id": "s0-1", "value": 9223372036854775808}\n'),
+                "--data",
+                train,
+                "--top",
+                "1",
+                "-o",
+                tmp_path / "s.jsonl",
+            ],
+            ["big.jsonl", "not a readable jsonl values file"],
+        ),
+        "values_list_id": (
+            [
+                "select",
+                "--values",
+                _garbage(tmp_path / "lid.jsonl", '{"id": ["a"], "value": 3}\n'),
+                "--data",
+                train,
+                "--top",
+                "1",
+                "-o",
+                tmp_path / "s.jsonl",
+            ],
+            ["lid.jsonl", "field 'id'", "expected text ids"],
+        ),
         "data_and_store": (["estimate", train, "--value-model", vm, "--store", store, "--audit", "v1"], ["not both"]),
         # an empty file printed "0 values ... 0x faster" and exit 0, where build and query refuse it (hostile pass)
         "empty_data": (["estimate", _garbage(tmp_path / "e.jsonl", ""), "--value-model", vm, "-o", out], ["no rows"]),
@@ -439,6 +470,24 @@ def test_a_save_never_touches_a_folder_that_is_not_a_value_model(setup, tmp_path
     (killed / ".value_model.lock").write_text("")
     ValueModel.load(ValueModel.load(setup["vm"]).save(killed))
     assert not (killed / "weights-0123456789abcdef.safetensors").exists()
+
+
+def test_estimate_values_a_repeated_id_once_as_the_build_keeps_it(setup, tmp_path):
+    """Rows repeating an earlier row's id are skipped (the first valued) and counted: the values file had both
+    rows and ``select --values`` then refused it as holding a duplicate id (hostile pass)."""
+    rows = [{"id": "a", "text": "one two"}, {"id": "a", "text": "three four five"}, {"id": "b", "text": "six"}]
+    data = write_jsonl(tmp_path / "dup.jsonl", rows)
+    r = estimate([data], setup["vm"], output=tmp_path / "v.parquet")
+    assert r.n == 2 and r.duplicate_ids == 1
+    assert pq.read_table(tmp_path / "v.parquet").column("id").to_pylist() == ["a", "b"]
+    vm = ValueModel.load(setup["vm"])
+    np.testing.assert_array_equal(
+        pq.read_table(tmp_path / "v.parquet").column("value").to_numpy()[0], vm.predict(["one two"])[0, 0]
+    )
+    res = cli("estimate", data, "--value-model", setup["vm"], "-o", tmp_path / "v2.parquet")
+    assert res.exit_code == 0 and "1 rows repeat an earlier row's id" in res.output
+    sel = cli("select", "--values", tmp_path / "v2.parquet", "--data", data, "--top", "1", "-o", tmp_path / "s.jsonl")
+    assert sel.exit_code == 0, sel.output
 
 
 def _damaged(tmp_path: Path, vm: Path) -> Path:

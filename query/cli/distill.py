@@ -102,6 +102,8 @@ def estimate_command(data, value_model, output, store, audit_name, report, quiet
     if r.build_samples_per_s:
         speed += f"; the store's build ran at {r.build_samples_per_s:.2f} samples/s: {r.speedup:.0f}x faster"
     click.echo(f"wrote {r.n} values to {output} in {r.seconds:.2f}s ({speed})")
+    if r.duplicate_ids:
+        click.echo(f"note: {r.duplicate_ids} rows repeat an earlier row's id and were skipped (the first is valued)")
     if pricing.group_column:
         from forvalue.pricing import format_pricing, values_pricing, write_pricing_report
 
