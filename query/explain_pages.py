@@ -31,6 +31,15 @@ def pages_folder(folder: str | Path) -> Path:
     return folder
 
 
+def report_pages_folder(report: str | Path, inputs) -> Path:
+    """The folder of an audit report's explanation pages (``REPORT`` with ``.explain`` for ``.html``), checked with
+    the report against ``inputs`` (the store, the validation files) and :func:`pages_folder`: the command checks it
+    before the audit runs, the report before the pages are explained."""
+    folder = Path(report).with_suffix(".explain")
+    check_outputs({"report": (report, (".html",)), "explanation pages": (folder, (FOLDER,))}, list(inputs))
+    return pages_folder(folder)
+
+
 def _mark(folder: Path) -> None:
     write_text(folder / PAGES_MARK, "explanation pages written by forvalue; the folder may be written again\n")
 

@@ -497,14 +497,10 @@ class Audit:
 
         links = None
         if explain_validation is not None:
-            from forvalue.explain_pages import explain_audit_examples
-            from forvalue.storage.files import FOLDER, check_outputs
+            from forvalue.explain_pages import explain_audit_examples, report_pages_folder
 
-            folder = Path(out).with_suffix(".explain")
-            check_outputs(  # before the pages are explained (a model load), not after
-                {"report": (out, (".html",)), "explanation pages": (folder, (FOLDER,))},
-                [self.store.path, *_paths(explain_validation)],
-            )
+            # checked before the pages are explained (a model load), not after
+            folder = report_pages_folder(out, [self.store.path, *_paths(explain_validation)])
             pages = explain_audit_examples(
                 self.store._fresh(), _paths(explain_validation), self.name, folder, n_examples, data=data, device=device
             )

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import assert_one_line_error, cli, write_jsonl
 
+import forvalue
 from forvalue.api import build_index, run_query
 from forvalue.engine.explain import Explainer, explain
 from forvalue.indexer.data import iter_samples
@@ -361,6 +362,16 @@ def test_audit_report_links_explanations_of_its_examples(built, tmp_path):
         "--explain-examples",
         "--report",
     )
+    # a pages folder of other files is refused before the audit runs: no audit version is saved (it was, and then
+    # the report refused the folder; hostile pass)
+    busy = tmp_path / "busy.explain"
+    busy.mkdir()
+    (busy / "mine.txt").write_text("keep")
+    version = forvalue.open(store).audits["why"].info.version
+    args = ["audit", "run", "--store", store, "-v", val, "--name", "why", "--device", "cpu", "--explain-examples"]
+    assert_one_line_error(cli(*args, "--report", tmp_path / "busy.html"), str(busy), "holding other files")
+    assert forvalue.open(store).audits["why"].info.version == version and (busy / "mine.txt").read_text() == "keep"
+    assert not (tmp_path / "busy.html").exists()
 
 
 def test_query_explain_of_the_mean_explains_the_mean_score(built, tmp_path):

@@ -47,6 +47,10 @@ def audit_run(store, validation, name, report, explain_examples, quiet, **kw):
         from forvalue.present.output import check_output_path
 
         check_output_path(report, (".html",))
+        if explain_examples:  # its pages' folder too, before the audit runs and is saved (it was checked after)
+            from forvalue.explain_pages import report_pages_folder
+
+            report_pages_folder(report, [store, *validation])
     data = make(DataConfig, kw)
     a = forvalue.open(store).audit(
         validation, name, make(AuditConfig, kw, progress=not quiet), data=data, engine=make(EngineConfig, kw)
