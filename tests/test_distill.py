@@ -547,6 +547,32 @@ def test_pricing_totals_shares_and_intervals():
     assert again == rows  # seeded
 
 
+def test_pricing_draws_resamples_in_bounded_chunks_with_the_same_intervals(monkeypatch):
+    """The bootstrap draws at most _BOOT_CHUNK indices at once (it drew bootstrap x group size: ~17 GB for a
+    1M-sample group at the default 1,000, and the option's maximum was killed; hostile pass); the chunks give
+    the intervals of one draw (the same random stream)."""
+    import forvalue.pricing as pricing
+
+    rng = np.random.default_rng(3)
+    values, groups = rng.normal(1.0, 2.0, 700), [f"g{i % 3}" for i in range(700)]
+    cfg = PricingConfig(bootstrap=301, bootstrap_seed=2)
+    whole = price(values, groups, cfg).rows()
+    sizes, default_rng = [], np.random.default_rng
+
+    class Recording:  # the seeded generator, recording how many indices each draw asks for
+        def __init__(self, seed):
+            self.rng = default_rng(seed)
+
+        def integers(self, *a, size, **k):
+            sizes.append(int(np.prod(size)))
+            return self.rng.integers(*a, size=size, **k)
+
+    monkeypatch.setattr(pricing, "_BOOT_CHUNK", 1000)
+    monkeypatch.setattr(pricing.np.random, "default_rng", Recording)
+    assert price(values, groups, cfg).rows() == whole
+    assert len(sizes) > 3 and max(sizes) <= 1000
+
+
 def test_pricing_refuses_bad_values():
     with pytest.raises(ForValueError):
         price(np.array([1.0, np.nan]), ["a", "b"])
