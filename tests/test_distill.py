@@ -522,6 +522,29 @@ def test_config_checks():
 
 
 # -- pricing -----------------------------------------------------------------------------------------------------
+def test_build_throughput_leaves_out_the_gap_before_a_later_index_add():
+    """A build (one commit of 40 rows, 10 s) and an ``index add`` of 5 rows 20 minutes later: 4 samples/s, not the
+    0.04 that the median rule gave with two commit pairs (hostile pass: "16921x faster" printed and stored)."""
+    from datetime import datetime, timedelta
+
+    from forvalue.value_features import build_throughput
+
+    t0 = datetime(2026, 1, 1)
+
+    class Versions:  # what a Store's Lance dataset reports: version, timestamp, rows after the commit
+        @staticmethod
+        def versions():
+            return [
+                {"version": v, "timestamp": t0 + timedelta(seconds=t), "metadata": {"total_rows": str(rows)}}
+                for v, t, rows in ((1, 0, 0), (2, 10, 40), (3, 1210, 45))
+            ]
+
+    class FakeStore:
+        _dataset = staticmethod(Versions)
+
+    assert build_throughput(FakeStore()) == pytest.approx(4.0)
+
+
 def test_pricing_totals_shares_and_intervals():
     rng = np.random.default_rng(0)
     groups = ["a"] * 200 + ["b"] * 100 + ["c"] * 50 + ["d"] * 30
