@@ -45,6 +45,12 @@ def _is_datasets_folder(path: Path) -> bool:
     return path.is_dir() and (path / "state.json").exists()
 
 
+def as_paths(data) -> list:
+    """One input or many: ``"train.jsonl"`` and ``["train.jsonl"]`` mean the same (a list of rows passes through;
+    a single path was iterated character by character: "t: no such file or folder")."""
+    return [data] if isinstance(data, (str, Path)) else list(data)
+
+
 def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
     """Every data file or ``datasets`` folder the inputs name, in order.
 

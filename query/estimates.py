@@ -73,9 +73,10 @@ def estimate(
     12
     """
     from forvalue.indexer.data import check_inputs, iter_samples_with
+    from forvalue.indexer.readers import as_paths
     from forvalue.storage.files import check_outputs
 
-    data = list(data)
+    data = as_paths(data)
     model_path = [] if isinstance(value_model, ValueModel) else [value_model]
     check_outputs({"output": (output, (".parquet", ".csv", ".jsonl"))}, [*data, *model_path])
     vm = value_model if isinstance(value_model, ValueModel) else ValueModel.load(value_model)
@@ -233,10 +234,11 @@ def select_by_values(
     """
     from forvalue.audit import parse_amount
     from forvalue.indexer.data import iter_samples
-    from forvalue.indexer.readers import check_paths
+    from forvalue.indexer.readers import as_paths, check_paths
     from forvalue.present.output import write_jsonl_atomic
     from forvalue.storage.files import check_outputs
 
+    data = as_paths(data)
     if (top is None) == (drop_bottom is None):
         raise ForValueError("give exactly one of --top or --drop-bottom")
     check_outputs({"output": (output, (".jsonl",))}, [values, *data])

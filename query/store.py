@@ -109,8 +109,10 @@ def build(
 
 
 def _paths(data) -> list:
-    """One path or many: ``"val.jsonl"`` and ``["val.jsonl"]`` mean the same (rows of dicts pass through)."""
-    return [data] if isinstance(data, (str, Path)) else list(data)
+    """:func:`forvalue.indexer.readers.as_paths`, imported on first use (it loads pyarrow)."""
+    from forvalue.indexer.readers import as_paths
+
+    return as_paths(data)
 
 
 class Store:

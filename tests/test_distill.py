@@ -484,6 +484,9 @@ def test_estimate_values_a_repeated_id_once_as_the_build_keeps_it(setup, tmp_pat
     np.testing.assert_array_equal(
         pq.read_table(tmp_path / "v.parquet").column("value").to_numpy()[0], vm.predict(["one two"])[0, 0]
     )
+    # one path as a string is one input, as build / query / audit take it (it was iterated by character)
+    assert estimate(str(data), str(setup["vm"]), output=tmp_path / "v1.parquet").n == 2
+    assert len(select_by_values(tmp_path / "v1.parquet", str(data), top="1")) == 1
     res = cli("estimate", data, "--value-model", setup["vm"], "-o", tmp_path / "v2.parquet")
     assert res.exit_code == 0 and "1 rows repeat an earlier row's id" in res.output
     sel = cli("select", "--values", tmp_path / "v2.parquet", "--data", data, "--top", "1", "-o", tmp_path / "s.jsonl")
