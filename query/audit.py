@@ -305,6 +305,8 @@ def parse_amount(text: str, total: int, flag: str = "--top") -> int:
     share, n = parse_share(text, total, flag)
     if flag == "--top" and n == 0:
         raise ForValueError(f"{flag} '{text}' selects no sample (of {total}); give a larger count or percentage")
+    if flag == "--drop-bottom" and n >= total:  # an empty training file, exit 0, where --top 0 is refused
+        raise ForValueError(f"{flag} '{text}' drops every sample (of {total}); give a smaller count or percentage")
     return min(n, total)
 
 
@@ -314,13 +316,18 @@ def select_subset(
     top: str | None = None,
     drop_bottom: str | None = None,
     output: str | Path | None = None,
+    drop_flagged: bool = False,
 ) -> Selection:
-    """Training rows (id, prompt, response or text, label) chosen by an audit, best first.
+    """Training rows (id, prompt, response or text, label) chosen by an audit, best first (by ``rank``: the
+    mean score).
 
     Parameters
     ----------
     top, drop_bottom : str
-        Exactly one: keep the best ``N`` or ``N%``, or drop the worst ``N`` or ``N%``.
+        Keep the best ``N`` or ``N%``, or drop the worst ``N`` or ``N%`` (by the mean score).
+    drop_flagged : bool
+        Instead: keep every row the audit did not flag (flagged by its ``--flag-by`` score: with ``label``, the
+        rows lowest against their own label's validation samples). Exactly one of the three.
     output : path, optional
         Also write the rows as JSONL (ready for fine-tuning), atomically: the file appears
         whole or not at all.
@@ -329,16 +336,21 @@ def select_subset(
     """
     from forvalue.storage.files import check_outputs
 
-    if (top is None) == (drop_bottom is None):
-        raise ForValueError("give exactly one of --top or --drop-bottom")
+    if (top is not None) + (drop_bottom is not None) + bool(drop_flagged) != 1:
+        raise ForValueError("give exactly one of --top, --drop-bottom or --drop-flagged")
     st = storage_of(store)
     check_outputs({"output": (output, (".jsonl",))}, [st.path])
     table, _ = read_audit(st, audit)
-    rows = sorted(table.select(["id", "rank"]).to_pylist(), key=lambda r: r["rank"])
+    rows = sorted(table.select(["id", "rank", "flagged"]).to_pylist(), key=lambda r: r["rank"])
     n = len(rows)
-    keep = (
-        rows[: parse_amount(top, n)] if top is not None else rows[: n - parse_amount(drop_bottom, n, "--drop-bottom")]
-    )
+    if drop_flagged:
+        keep = [r for r in rows if not r["flagged"]]
+        if not keep:
+            raise ForValueError(f"audit '{audit}' flagged every sample (of {n}); --drop-flagged would keep none")
+    elif top is not None:
+        keep = rows[: parse_amount(top, n)]
+    else:
+        keep = rows[: n - parse_amount(drop_bottom, n, "--drop-bottom")]
     wanted = {r["id"]: k for k, r in enumerate(keep)}
     out: list[dict | None] = [None] * len(keep)
     for batch in st.scan(["id", "prompt", "response", "text", "label"], batch_size=8192):

@@ -468,14 +468,21 @@ class Audit:
         return compare_audits(self.store._fresh(), self.name, other_name, n_moved)
 
     def select(
-        self, top: str | int | None = None, drop_bottom: str | int | None = None, output: str | Path | None = None
+        self,
+        top: str | int | None = None,
+        drop_bottom: str | int | None = None,
+        output: str | Path | None = None,
+        drop_flagged: bool = False,
     ) -> Selection:
-        """Keep the best ``top`` (``N`` or ``'N%'``) or drop the worst ``drop_bottom``; optionally write JSONL."""
+        """Keep the best ``top`` (``N`` or ``'N%'``, by the mean score), drop the worst ``drop_bottom``, or drop the
+        rows the audit flagged (``drop_flagged``); optionally write JSONL."""
         from forvalue.audit import select_subset
 
         top = None if top is None else str(top)
         drop_bottom = None if drop_bottom is None else str(drop_bottom)
-        return select_subset(self.store._fresh(), self.name, top=top, drop_bottom=drop_bottom, output=output)
+        return select_subset(
+            self.store._fresh(), self.name, top=top, drop_bottom=drop_bottom, output=output, drop_flagged=drop_flagged
+        )
 
     def pricing(
         self, data: Sequence[str | Path], config: PricingConfig, data_config: DataConfig = DataConfig()

@@ -166,6 +166,25 @@ def test_compare_select_and_report(audited_store, toy_rows, tiny_runner, tmp_pat
     assert set(top[0]) == {"id", "prompt", "response", "label"}
     kept = select_subset(store, "a", drop_bottom="2").rows()
     assert [r["id"] for r in kept] == [r["id"] for r in ranked[:-2]]
+    # --drop-flagged keeps the rows the audit did not flag, best first (by label: --drop-bottom dropped the lowest
+    # means and kept flagged rows; hostile pass); dropping every row is refused (an empty file, exit 0, before)
+    run_audit(
+        store,
+        [audited_store / "val.jsonl"],
+        "lab",
+        AuditConfig(progress=False, device="cpu", flag_by="label"),
+        runner=tiny_runner,
+    )
+    lab = sorted(load_audit(store, "lab")[0].to_pylist(), key=lambda r: r["rank"])
+    clean = select_subset(store, "lab", drop_flagged=True).rows()
+    assert any(r["flagged"] for r in lab) and [r["id"] for r in clean] == [r["id"] for r in lab if not r["flagged"]]
+    for kw in (dict(drop_bottom="100%"), dict(drop_bottom=str(len(ranked))), dict(top="1", drop_flagged=True)):
+        with pytest.raises(ForValueError, match="drops every sample|exactly one of"):
+            select_subset(store, "a", **kw)
+    out = tmp_path / "clean.jsonl"
+    r = cli("select", "--store", store, "--audit", "lab", "--drop-flagged", "-o", out)
+    assert r.exit_code == 0, r.output
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [c["id"] for c in clean]
     page = write_audit_report(store, "a", tmp_path / "r.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and ranked[0]["id"] in page
     assert "data:image/png;base64," in write_compare_report(c, tmp_path / "c.html").read_text()

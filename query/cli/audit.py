@@ -183,7 +183,7 @@ def audit_compare(store, a, b, report):
 
 @click.command("select")
 @store_option(required=False, help="Store folder or s3:// URI (with --audit).")
-@click.option("--audit", "audit_name", default=None, help="Audit whose ranking selects.")
+@click.option("--audit", "audit_name", default=None, help="Audit whose ranking (the mean score) or flags select.")
 @click.option(
     "--values",
     "values",
@@ -194,12 +194,18 @@ def audit_compare(store, a, b, report):
 @click.option("--data", multiple=True, type=click.Path(), help="With --values: the data file(s) the values came from.")
 @click.option("--top", default=None, help="Keep the best N or N%.")
 @click.option("--drop-bottom", default=None, help="Drop the worst N or N%.")
+@click.option(
+    "--drop-flagged",
+    is_flag=True,
+    help="With --audit: keep every sample the audit did not flag (by its --flag-by score; with 'label', the "
+    "samples lowest against their own label). Instead of --top / --drop-bottom.",
+)
 @click.option("--output", "-o", required=True, type=click.Path(), help="JSONL file for fine-tuning.")
 @config_options(
     DataConfig,
     only=("id_column", "format", "prompt_column", "response_column", "text_column", "messages_column", "label_column"),
 )
-def select(store, audit_name, values, data, top, drop_bottom, output, **kw):
+def select(store, audit_name, values, data, top, drop_bottom, drop_flagged, output, **kw):
     """Write the training subset chosen by an audit (or by estimated values) as JSONL.
 
     Each line holds id, prompt, response or text, and label.
@@ -209,6 +215,8 @@ def select(store, audit_name, values, data, top, drop_bottom, output, **kw):
     if values is not None:
         if store is not None or audit_name is not None or not data:
             raise ForValueError("--values goes with --data DATA... (not with --store/--audit)")
+        if drop_flagged:
+            raise ForValueError("--drop-flagged goes with --audit (a values file has no flags); use --drop-bottom")
         from forvalue.estimates import select_by_values
 
         chosen = select_by_values(
@@ -220,5 +228,9 @@ def select(store, audit_name, values, data, top, drop_bottom, output, **kw):
         raise ForValueError("give --store and --audit (or --values with --data)")
     import forvalue
 
-    chosen = forvalue.open(store).audits[audit_name].select(top=top, drop_bottom=drop_bottom, output=output)
+    chosen = (
+        forvalue.open(store)
+        .audits[audit_name]
+        .select(top=top, drop_bottom=drop_bottom, output=output, drop_flagged=drop_flagged)
+    )
     click.echo(f"wrote {len(chosen)} training samples to {output}")
