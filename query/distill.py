@@ -13,6 +13,7 @@ read from the store by :mod:`forvalue.value_features`; :mod:`forvalue.estimates`
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -151,7 +152,7 @@ def distill_value_model(
     Y_all = np.stack([table.column(t).to_numpy(zero_copy_only=False).astype(np.float64) for t in targets], axis=1)
     n = len(ids)
     if config.fraction is not None:
-        k = int(round(config.fraction * n))
+        k = int(math.floor(config.fraction * n + 0.5))  # halves up, as --top N% (round() went to even)
     elif config.max_samples is not None:
         k = min(config.max_samples, n)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 from forvalue.schemas.errors import ForValueError
 
@@ -28,7 +29,9 @@ def parse_share(text: str, total: int, flag: str) -> tuple[float | None, int]:
             raise ForValueError(f"{flag} '{text}' is not a count or a percentage like 10%")
         if share > 100:
             raise ForValueError(f"{flag} '{text}' is more than 100%")
-        return share, round(share / 100.0 * total)
+        # exact, halves rounded up: round() sent halves to the even neighbour (3.75% and 6.25% of 40 both 2, 5% of
+        # 10 none) and float error could tip a half either way
+        return share, math.floor(Fraction(raw[:-1]) * total / 100 + Fraction(1, 2))
     if raw.endswith("%") and re.fullmatch(r"[0-9.eE+]+%", raw):
         try:
             if float(raw[:-1]) > 100:

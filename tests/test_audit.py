@@ -294,6 +294,17 @@ def test_select_refuses_outputs_it_would_destroy_and_amounts_that_select_nothing
     assert not (tmp_path / "s.jsonl").exists()
 
 
+def test_percentages_count_exactly_with_halves_rounded_up():
+    """N% of a total: exact decimal arithmetic, a half rounded up (round() sent halves to the even neighbour:
+    3.75% and 6.25% of 40 were both 2, 5% of 10 selected nothing; hostile pass)."""
+    from forvalue.schemas.amounts import parse_share
+
+    cases = {("3.75%", 40): 2, ("6.25%", 40): 3, ("18.75%", 40): 8, ("5%", 10): 1, ("25%", 12): 3, ("0.1%", 7): 0}
+    for (text, total), n in cases.items():
+        assert parse_share(text, total, "--top")[1] == n, (text, total)
+    assert parse_share("14.285714285714%", 7, "--top")[1] == 1 and parse_share("100%", 7, "--top")[1] == 7
+
+
 def test_audit_name_is_checked_before_the_model_loads(audited_store, monkeypatch):
     from conftest import assert_one_line_error, cli
 
