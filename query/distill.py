@@ -240,15 +240,28 @@ def distill_value_model(
 
 
 # -- identity checks ---------------------------------------------------------------------------------------
+def _short(value) -> str:
+    """A setting as the refusal prints it: hashes cut to 12 characters."""
+    text = str(value)
+    return text[:12] if len(text) == 64 and all(c in "0123456789abcdef" for c in text) else text
+
+
 def check_compatible(vm: ValueModel, store: Store, audit_meta: dict | None = None) -> None:
     """Refuse a store (other model or encoding settings) or an audit (other validation set) ``vm`` was not fit for."""
     mine = vm.meta.get("store", {})
     theirs = store_identity(store)
     if mine.get("manifest_fingerprint") != theirs["manifest_fingerprint"]:
+        was, now = mine.get("settings") or {}, theirs["settings"]
+        differ = [k for k in now if k in was and was[k] != now[k]]
+        what = (  # a model saved before the settings were recorded names the weights only
+            ", ".join(f"{k} {_short(was[k])} there, {_short(now[k])} here" for k in differ)
+            if differ
+            else f"model weights sha256 {str(mine.get('model_weights_sha256'))[:12]} there, "
+            f"{store.manifest.model_weights_sha256[:12]} here, or other encoding settings"
+        )
         raise ValueModelError(
-            f"value model was trained on store {mine.get('path')} (model weights sha256 "
-            f"{str(mine.get('model_weights_sha256'))[:12]}), not on {store.path} (model weights sha256 "
-            f"{store.manifest.model_weights_sha256[:12]}, or other encoding settings); distil one for this store"
+            f"value model was trained on store {mine.get('path')}, not on {store.path} ({what}); distil one for "
+            "this store"
         )
     if audit_meta is not None:
         a = vm.meta.get("audit", {})

@@ -27,6 +27,7 @@ def store_identity(store: Store) -> dict:
         "model_weights_sha256": m.model_weights_sha256,
         "tokenizer_sha256": m.tokenizer_sha256,
         "manifest_fingerprint": fingerprint,
+        "settings": json.loads(json.dumps(must, default=str)),  # the fingerprinted settings, to name a difference
         "build_samples_per_s": build_throughput(store),
     }
 

@@ -68,6 +68,17 @@ def owned_by_a_value_model(name: str) -> bool:
     return bool(_SAVE_FILE.match(name)) or name == ".value_model.lock" or name.startswith(f".{MANIFEST}.")
 
 
+def _json_safe(value):
+    """``value`` with every float that is not finite (NaN, inf) as None, in nested dicts, lists and tuples."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def check_save_folder(path: Path, option: str = "--out") -> None:
     """Refuse a ``path`` a value model cannot be saved in without harm: a file, or a folder that holds anything
     but a value model (its ``value_model.json`` made by forvalue) or a killed first save's files. A save
@@ -304,7 +315,8 @@ class ValueModel:
             "output_columns": self.output_columns,
             "files": files,
         }
-        write_text(path / MANIFEST, json.dumps(meta, indent=2, sort_keys=True))
+        # strict JSON: a metric that is not a number (a held-out set of one row has no Spearman) is null, not NaN
+        write_text(path / MANIFEST, json.dumps(_json_safe(meta), indent=2, sort_keys=True, allow_nan=False))
         named = {f["name"] for f in files.values()}
         for stale in path.iterdir():  # the previous model's files (and a killed save's leftovers)
             if stale.name not in named and _OWN_FILE.match(stale.name):

@@ -20,7 +20,7 @@ from forvalue.metrics import agreement, spearman
 from forvalue.metrics import top_overlap as top_precision
 from forvalue.pricing import audit_pricing, price
 from forvalue.ridge import Design, fit_ridge
-from forvalue.schemas.config import AuditConfig, BuildConfig, DistillConfig, PricingConfig
+from forvalue.schemas.config import AuditConfig, BuildConfig, DistillConfig, EncodeConfig, PricingConfig
 from forvalue.schemas.errors import ConfigError, ForValueError
 from forvalue.storage.audits import write_audit
 from forvalue.storage.store import Store
@@ -199,7 +199,17 @@ def test_evaluate_compares_with_the_exact_audit_on_held_out_rows(setup):
 
 
 # -- refusals ----------------------------------------------------------------------------------------------------
-def test_value_model_refuses_another_store(setup, tmp_path):
+def test_value_model_manifest_is_strict_json_when_a_metric_is_not_a_number(setup):
+    """One held-out row has no Spearman: the manifest says null (it wrote a bare NaN, which strict JSON readers
+    refuse; hostile pass) and the model loads."""
+    path = setup["tmp"] / "vm_one_heldout"
+    distill_value_model(setup["store"], "v1", path, DistillConfig(student="ngram", max_samples=89))
+    text = (path / "value_model.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert "null" in text and ValueModel.load(path).predict(["the quick fox"]).shape == (1, 4)
+
+
+def test_value_model_refuses_another_store(setup, tmp_path, tiny_runner):
     from forvalue.indexer.model_runner import load_runner
     from forvalue.schemas.config import ModelConfig
 
@@ -209,7 +219,15 @@ def test_value_model_refuses_another_store(setup, tmp_path):
     with pytest.raises(ValueModelError, match="trained on store"):
         evaluate_value_model(setup["vm"], tmp_path / "store2", "v1")
     res = cli("estimate", "--value-model", setup["vm"], "--store", tmp_path / "store2", "--audit", "v1")
-    assert_one_line_error(res, "trained on store", "distil one for this store")
+    assert_one_line_error(res, "trained on store", "model_weights_sha256", "distil one for this store")
+    # the same model, other encoding settings: the refusal names the setting (it printed the same weights hash
+    # twice; hostile pass)
+    build_index(
+        [setup["train"]], tmp_path / "m8", BuildConfig(progress=False, encode=EncodeConfig(top_m=8)), runner=tiny_runner
+    )
+    run_audit(tmp_path / "m8", [setup["val"]], "v1", AuditConfig(progress=False, device="cpu"), runner=tiny_runner)
+    res = cli("estimate", "--value-model", setup["vm"], "--store", tmp_path / "m8", "--audit", "v1")
+    assert_one_line_error(res, "top_m 32 there, 8 here", "distil one for this store")
 
 
 def test_value_model_refuses_another_audit(setup, tiny_runner):
