@@ -172,7 +172,26 @@ def _arrays(file: Path, meta: dict) -> dict[str, np.ndarray]:
 
 
 def load_checked(path: Path) -> tuple[str, list[str], dict, dict, object]:
-    """``(student, targets, arrays, meta, tokenizer)`` read from folder ``path``, every file validated."""
+    """``(student, targets, arrays, meta, tokenizer)`` read from folder ``path``, every file validated.
+
+    Read under a shared ``flock`` on the folder's ``.value_model.lock`` (where it has one): a save (the exclusive
+    lock) removes the files of the model it replaces, which a load between its manifest and its data files
+    found missing and called the model damaged."""
+    import fcntl
+    import os
+
+    try:
+        fd = os.open(path / ".value_model.lock", os.O_RDONLY)
+    except OSError:  # no lock file (a folder saved before it, or none at all): read as is
+        return _load_checked(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        return _load_checked(path)
+    finally:
+        os.close(fd)
+
+
+def _load_checked(path: Path) -> tuple[str, list[str], dict, dict, object]:
     meta = _read_manifest(path)
     _check_features(path / MANIFEST, meta)
     files = _data_files(path, meta)

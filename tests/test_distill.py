@@ -209,6 +209,29 @@ def test_value_model_manifest_is_strict_json_when_a_metric_is_not_a_number(setup
     assert "null" in text and ValueModel.load(path).predict(["the quick fox"]).shape == (1, 4)
 
 
+def test_a_load_waits_for_a_save_in_progress(setup, tmp_path):
+    """A load takes the folder's lock shared, so a save (exclusive) never removes files under it: a re-distil
+    beside an estimate made the healthy model read as damaged (2 loads of ~3,500; hostile pass)."""
+    import fcntl
+    import os
+    import shutil
+    import threading
+
+    folder = shutil.copytree(setup["vm"], tmp_path / "vm")
+    fd = os.open(folder / ".value_model.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a save holding the folder
+    loaded = threading.Event()
+    reader = threading.Thread(target=lambda: ValueModel.load(folder) and loaded.set())
+    reader.start()
+    try:
+        assert not loaded.wait(0.5)  # the load waits for the save
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    reader.join(30)
+    assert loaded.is_set()
+
+
 def test_value_model_refuses_another_store(setup, tmp_path, tiny_runner):
     from forvalue.indexer.model_runner import load_runner
     from forvalue.schemas.config import ModelConfig
