@@ -176,7 +176,9 @@ def run_audit(
         # a row whose label no validation sample has cannot be judged by it: no flag score (null), never flagged;
         # before, it took its overall mean, a lower scale than own-label means, and whole such labels were flagged
         flag_score = np.array([by_label[l][j] if l in by_label else np.nan for j, l in enumerate(labels)])
-        unjudged = dict(sorted(Counter(str(l) for l in labels if l not in by_label).items()))
+        unjudged = dict(
+            sorted(Counter("(no label)" if l is None else str(l) for l in labels if l not in by_label).items())
+        )
     judged = np.flatnonzero(~np.isnan(flag_score))
     flagged = np.zeros(len(mean), bool)
     if config.flag_fraction:  # of the rows that can be judged
@@ -282,7 +284,8 @@ def compare_audits(store: str | Path | Store, a: str, b: str, n_moved: int = 10)
     sa = np.array([da[i]["score_mean"] for i in common])
     sb = np.array([db_[i]["score_mean"] for i in common])
     rho = spearman(sa, sb)
-    moves = sorted(common, key=lambda i: -abs(da[i]["rank"] - db_[i]["rank"]))[:n_moved]
+    moved = [i for i in common if da[i]["rank"] != db_[i]["rank"]]  # (an audit against itself moved none)
+    moves = sorted(moved, key=lambda i: -abs(da[i]["rank"] - db_[i]["rank"]))[:n_moved]
     return AuditComparison(
         a=a,
         b=b,

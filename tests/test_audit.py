@@ -294,6 +294,32 @@ def test_select_refuses_outputs_it_would_destroy_and_amounts_that_select_nothing
     assert not (tmp_path / "s.jsonl").exists()
 
 
+def test_audit_list_show_and_compare_say_what_a_user_needs(audited_store, toy_rows, tiny_runner, tmp_path):
+    """Hostile-pass nits: an empty list said nothing; compare of an audit with itself listed ten 'moved' rows of
+    no move; show --data without --group-column was ignored; show said nothing of rows added after the audit;
+    the flag-by label note called unlabelled rows the label 'None'."""
+    store = audited_store / "store"
+    r = cli("audit", "list", "--store", store)
+    assert r.exit_code == 0 and "no audits in" in r.output
+    rows = [dict(r, label=None) if i == 0 else r for i, r in enumerate(toy_rows[:3])]
+    val = write_jsonl(tmp_path / "val_math.jsonl", [r for r in toy_rows if r["label"] == "math"][:2])
+    cfg = AuditConfig(progress=False, device="cpu", flag_by="label")
+    run_audit(store, [val], "a", cfg, runner=tiny_runner)
+    r = cli("audit", "compare", "--store", store, "a", "a")
+    assert r.exit_code == 0 and r.output.rstrip().endswith("moved most (rank a -> rank b):")
+    assert_one_line_error(cli("audit", "show", "--store", store, "a", "--data", tmp_path / "x.jsonl"), "--group-column")
+    extra = write_jsonl(tmp_path / "more.jsonl", [dict(r, id=f"new{i}") for i, r in enumerate(rows)])
+    build_index([extra], store, BuildConfig(progress=False), runner=tiny_runner)
+    r = cli("audit", "show", "--store", store, "a")
+    assert (
+        r.exit_code == 0
+        and f"holds {len(toy_rows) + 3} training samples, this audit scored {len(toy_rows)}" in r.output
+    )
+    run_audit(store, [val], "b", cfg, runner=tiny_runner)
+    unjudged = load_audit(store, "b")[1]["unjudged_labels"]
+    assert unjudged == {"(no label)": 1, "reverse": sum(r["label"] == "reverse" for r in toy_rows + rows)}
+
+
 def test_percentages_count_exactly_with_halves_rounded_up():
     """N% of a total: exact decimal arithmetic, a half rounded up (round() sent halves to the even neighbour:
     3.75% and 6.25% of 40 were both 2, 5% of 10 selected nothing; hostile pass)."""

@@ -84,7 +84,10 @@ def audit_list(store):
     """List the audits of a store."""
     import forvalue
 
-    for m in forvalue.open(store).audits.list():
+    infos = forvalue.open(store).audits.list()
+    if not infos:
+        click.echo(f"no audits in {store} yet: run 'forvalue audit run --store {store} -v VAL --name NAME'")
+    for m in infos:
         click.echo(
             f"{m.name:<24} v{m.version:<3} {m.created}  train {m.n_train}  validation "
             f"{m.n_validation}  flagged {m.flagged}  validation sha256 {m.validation_sha256[:12]}"
@@ -118,11 +121,16 @@ def audit_show(store, name, n_examples, report, data, **kw):
     import forvalue
 
     pricing = make(PricingConfig, kw)
+    if data and not pricing.group_column:
+        from forvalue.schemas.errors import ForValueError
+
+        raise ForValueError("--data is read for --group-column C (value per provider); give both, or neither")
     if report:
         from forvalue.present.output import check_output_path
 
         check_output_path(report, (".html",))
-    audit = forvalue.open(store).audits[name]
+    st = forvalue.open(store)
+    audit = st.audits[name]
     prices = audit.pricing(data, pricing, make(DataConfig, kw)) if pricing.group_column else None
     s = audit.summary(n_examples)
     i = s.info
@@ -132,6 +140,12 @@ def audit_show(store, name, n_examples, report, data, **kw):
     )
     if i.meta.get("unjudged_labels"):  # --flag-by label: what the run's note said, kept with the audit
         click.echo(_unjudged(i.meta["unjudged_labels"]))
+    stored = st.info().samples
+    if stored != i.n_train:  # rows added (or removed) since: select and reports see only the audited ones
+        click.echo(
+            f"note: the store holds {stored} training samples, this audit scored {i.n_train} (the store changed "
+            f"since); run 'forvalue audit run --name {name} ...' again to value them all"
+        )
     from forvalue.engine.variant import variant_flags
 
     chosen = " (chosen by auto)" if i.meta.get("auto_settings") else ""

@@ -40,6 +40,11 @@ def distill_command(store, audit_name, out, **kw):
             click.echo(f"  {name}: leave-one-out {_fmt(c['loo'])}; held-out {_fmt(c.get('heldout'))}")
 
 
+def _rate(x: float) -> str:
+    """A rate or ratio for a person: whole numbers from 10 up, two significant digits below (never a bare 0)."""
+    return f"{x:,.0f}" if x >= 10 else f"{x:.2g}"
+
+
 @click.command("estimate")
 @click.argument("data", nargs=-1, type=click.Path())
 @click.option(
@@ -98,9 +103,9 @@ def estimate_command(data, value_model, output, store, audit_name, report, quiet
     from forvalue.estimates import estimate
 
     r = estimate(data, value_model, output, make(DataConfig, kw), group_column=pricing.group_column, progress=not quiet)
-    speed = f"{r.samples_per_s:.0f} samples/s"
+    speed = f"{_rate(r.samples_per_s)} samples/s"
     if r.build_samples_per_s:
-        speed += f"; the store's build ran at {r.build_samples_per_s:.2f} samples/s: {r.speedup:.0f}x faster"
+        speed += f"; the store's build ran at {_rate(r.build_samples_per_s)} samples/s: {_rate(r.speedup)}x faster"
     click.echo(f"wrote {r.n} values to {output} in {r.seconds:.2f}s ({speed})")
     if r.duplicate_ids:
         click.echo(f"note: {r.duplicate_ids} rows repeat an earlier row's id and were skipped (the first is valued)")
