@@ -313,6 +313,37 @@ def parse_amount(text: str, total: int, flag: str = "--top") -> int:
     return min(n, total)
 
 
+def rows_from_data(ids: list[str], data, data_config: DataConfig, source: str) -> list[dict]:
+    """The training rows of ``ids`` (in that order) read from the data files ``data``, in the files' own shape: a
+    conversation keeps its turns (TRL ``messages``, or ``prompt`` / ``completion`` turns), a prompt / response row
+    its two fields, a text row its text; a repeated id its first row. ``source`` ends the refusal of ids the files
+    lack ("give the files {source}")."""
+    from forvalue.indexer.data import iter_samples
+    from forvalue.indexer.readers import check_paths
+
+    wanted = {i: k for k, i in enumerate(ids)}
+    check_paths(data)
+    out: list[dict | None] = [None] * len(ids)
+    for s in iter_samples(data, data_config):
+        k = wanted.get(s.id)
+        if k is not None and out[k] is None:
+            row = {"id": s.id, "prompt": s.prompt, "response": s.response, "text": s.text, "label": s.label}
+            if s.messages is not None:  # a conversation: its turns as TRL messages, the prompt's turns apart
+                turns = [{"role": r, "content": c} for r, c in s.messages]
+                if s.context_turns:
+                    row.update(prompt=turns[: s.context_turns], completion=turns[s.context_turns :])
+                else:
+                    row["messages"] = turns
+            out[k] = {key: val for key, val in row.items() if val is not None}
+    missing = [ids[k] for k in range(len(ids)) if out[k] is None]
+    if missing:
+        raise ForValueError(
+            f"{len(missing)} selected ids are not in the data files (e.g. '{missing[0]}'); give the files {source} "
+            "(same --id-column)"
+        )
+    return out
+
+
 def select_subset(
     store: str | Path | Store,
     audit: str,
@@ -320,6 +351,8 @@ def select_subset(
     drop_bottom: str | None = None,
     output: str | Path | None = None,
     drop_flagged: bool = False,
+    data=None,
+    data_config: DataConfig = DataConfig(),
 ) -> Selection:
     """Training rows (id, prompt, response or text, label) chosen by an audit, best first (by ``rank``: the
     mean score).
@@ -334,6 +367,10 @@ def select_subset(
     output : path, optional
         Also write the rows as JSONL (ready for fine-tuning), atomically: the file appears
         whole or not at all.
+    data : paths, optional
+        The data files the store was built from: the rows are read from them in their own shape (a conversation
+        keeps its turns; without them each row is the store's ``prompt`` / ``response`` or ``text``, and a
+        conversation comes out as its rendered text).
 
     :meth:`forvalue.Audit.select` calls it.
     """
@@ -341,8 +378,11 @@ def select_subset(
 
     if (top is not None) + (drop_bottom is not None) + bool(drop_flagged) != 1:
         raise ForValueError("give exactly one of --top, --drop-bottom or --drop-flagged")
+    from forvalue.indexer.readers import as_paths
+
     st = storage_of(store)
-    check_outputs({"output": (output, (".jsonl",))}, [st.path])
+    data = as_paths(data) if data is not None else []
+    check_outputs({"output": (output, (".jsonl",))}, [st.path, *data])
     table, _ = read_audit(st, audit)
     rows = sorted(table.select(["id", "rank", "flagged"]).to_pylist(), key=lambda r: r["rank"])
     n = len(rows)
@@ -354,14 +394,17 @@ def select_subset(
         keep = rows[: parse_amount(top, n)]
     else:
         keep = rows[: n - parse_amount(drop_bottom, n, "--drop-bottom")]
-    wanted = {r["id"]: k for k, r in enumerate(keep)}
-    out: list[dict | None] = [None] * len(keep)
-    for batch in st.scan(["id", "prompt", "response", "text", "label"], batch_size=8192):
-        for row in batch.to_pylist():
-            k = wanted.get(row["id"])
-            if k is not None:
-                out[k] = {key: v for key, v in row.items() if v is not None}
-    rows = [r for r in out if r is not None]
+    if data:
+        rows = rows_from_data([r["id"] for r in keep], data, data_config, "the store was built from")
+    else:
+        wanted = {r["id"]: k for k, r in enumerate(keep)}
+        out: list[dict | None] = [None] * len(keep)
+        for batch in st.scan(["id", "prompt", "response", "text", "label"], batch_size=8192):
+            for row in batch.to_pylist():
+                k = wanted.get(row["id"])
+                if k is not None:
+                    out[k] = {key: v for key, v in row.items() if v is not None}
+        rows = [r for r in out if r is not None]
     if output is not None:
         write_jsonl_atomic(rows, output)
     return Selection(rows, total=n, output=Path(output) if output is not None else None)

@@ -232,9 +232,8 @@ def select_by_values(
     >>> forvalue.select_by_values("values.parquet", [train_path], top="25%", output="subset.jsonl")
     Selection(3 of 12 samples -> subset.jsonl)
     """
-    from forvalue.audit import parse_amount
-    from forvalue.indexer.data import iter_samples
-    from forvalue.indexer.readers import as_paths, check_paths
+    from forvalue.audit import parse_amount, rows_from_data
+    from forvalue.indexer.readers import as_paths
     from forvalue.present.output import write_jsonl_atomic
     from forvalue.storage.files import check_outputs
 
@@ -250,26 +249,7 @@ def select_by_values(
     keep = (
         order[: parse_amount(top, n)] if top is not None else order[: n - parse_amount(drop_bottom, n, "--drop-bottom")]
     )
-    wanted = {ids[j]: k for k, j in enumerate(keep)}
-    check_paths(data)
-    out: list[dict | None] = [None] * len(keep)
-    for s in iter_samples(data, data_config):
-        k = wanted.get(s.id)
-        if k is not None and out[k] is None:
-            row = {"id": s.id, "prompt": s.prompt, "response": s.response, "text": s.text, "label": s.label}
-            if s.messages is not None:  # a conversation: its turns as TRL messages, the prompt's turns apart
-                turns = [{"role": r, "content": c} for r, c in s.messages]
-                if s.context_turns:
-                    row.update(prompt=turns[: s.context_turns], completion=turns[s.context_turns :])
-                else:
-                    row["messages"] = turns
-            out[k] = {key: val for key, val in row.items() if val is not None}
-    missing = [ids[j] for k, j in enumerate(keep) if out[k] is None]
-    if missing:
-        raise ForValueError(
-            f"{len(missing)} selected ids are not in the data files (e.g. '{missing[0]}'); give the "
-            "files the values were estimated from (same --id-column)"
-        )
+    out = rows_from_data([ids[j] for j in keep], data, data_config, "the values were estimated from")
     if output is not None:
         write_jsonl_atomic(out, output)
     return Selection(out, total=n, output=Path(output) if output is not None else None)

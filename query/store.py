@@ -473,15 +473,25 @@ class Audit:
         drop_bottom: str | int | None = None,
         output: str | Path | None = None,
         drop_flagged: bool = False,
+        data: Validation | None = None,
+        data_config: DataConfig = DataConfig(),
     ) -> Selection:
         """Keep the best ``top`` (``N`` or ``'N%'``, by the mean score), drop the worst ``drop_bottom``, or drop the
-        rows the audit flagged (``drop_flagged``); optionally write JSONL."""
+        rows the audit flagged (``drop_flagged``); optionally write JSONL. With ``data`` (the files the store was
+        built from) the rows keep the files' shape (a conversation its turns)."""
         from forvalue.audit import select_subset
 
         top = None if top is None else str(top)
         drop_bottom = None if drop_bottom is None else str(drop_bottom)
         return select_subset(
-            self.store._fresh(), self.name, top=top, drop_bottom=drop_bottom, output=output, drop_flagged=drop_flagged
+            self.store._fresh(),
+            self.name,
+            top=top,
+            drop_bottom=drop_bottom,
+            output=output,
+            drop_flagged=drop_flagged,
+            data=None if data is None else _paths(data),
+            data_config=data_config,
         )
 
     def pricing(

@@ -320,6 +320,64 @@ def test_audit_list_show_and_compare_say_what_a_user_needs(audited_store, toy_ro
     assert unjudged == {"(no label)": 1, "reverse": sum(r["label"] == "reverse" for r in toy_rows + rows)}
 
 
+def test_select_with_data_keeps_the_rows_shape(tmp_path, tiny_model_dir, tiny_runner):
+    """select --audit --data: a conversation keeps its turns (the store holds only its rendered text, which
+    select wrote before, so fine-tuning trained on every token; hostile pass); ids the files lack are refused."""
+    chat = [
+        {
+            "id": f"c{i}",
+            "messages": [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": f"What is {i} plus {i}?"},
+                {"role": "assistant", "content": f"It is {2 * i}."},
+            ],
+            "label": "ab"[i % 2],
+        }
+        for i in range(6)
+    ]
+    train = write_jsonl(tmp_path / "chat.jsonl", chat)
+    build_index(
+        [train],
+        tmp_path / "store",
+        BuildConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), progress=False),
+    )
+    run_audit(
+        tmp_path / "store",
+        [write_jsonl(tmp_path / "v.jsonl", chat[:2])],
+        "a",
+        AuditConfig(progress=False, device="cpu"),
+        runner=tiny_runner,
+    )
+    ranked = [r["id"] for r in sorted(load_audit(tmp_path / "store", "a")[0].to_pylist(), key=lambda r: r["rank"])]
+    out = tmp_path / "sel.jsonl"
+    r = cli("select", "--store", tmp_path / "store", "--audit", "a", "--top", "3", "--data", train, "-o", out)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by_id = {c["id"]: c for c in chat}
+    assert [r["id"] for r in rows] == ranked[:3]
+    assert all(r["messages"] == by_id[r["id"]]["messages"] and "text" not in r for r in rows)
+    flat = select_subset(tmp_path / "store", "a", top="3").rows()  # without the files: the store's text
+    assert [r["id"] for r in flat] == ranked[:3] and all("text" in r and "messages" not in r for r in flat)
+    write_jsonl(tmp_path / "part.jsonl", chat[:1])
+    assert_one_line_error(
+        cli(
+            "select",
+            "--store",
+            tmp_path / "store",
+            "--audit",
+            "a",
+            "--top",
+            "3",
+            "--data",
+            tmp_path / "part.jsonl",
+            "-o",
+            out,
+        ),
+        "not in the data files",
+        "the store was built from",
+    )
+
+
 def test_percentages_count_exactly_with_halves_rounded_up():
     """N% of a total: exact decimal arithmetic, a half rounded up (round() sent halves to the even neighbour:
     3.75% and 6.25% of 40 were both 2, 5% of 10 selected nothing; hostile pass)."""

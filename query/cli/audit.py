@@ -205,7 +205,13 @@ def audit_compare(store, a, b, report):
     default=None,
     help="Instead of --store/--audit: a values file from 'forvalue estimate' (with --data).",
 )
-@click.option("--data", multiple=True, type=click.Path(), help="With --values: the data file(s) the values came from.")
+@click.option(
+    "--data",
+    multiple=True,
+    type=click.Path(),
+    help="With --values: the data file(s) the values came from. With --audit: the file(s) the store was built "
+    "from, read for rows in their own shape (a conversation keeps its turns; else the store's text is written).",
+)
 @click.option("--top", default=None, help="Keep the best N or N%.")
 @click.option("--drop-bottom", default=None, help="Drop the worst N or N%.")
 @click.option(
@@ -222,7 +228,8 @@ def audit_compare(store, a, b, report):
 def select(store, audit_name, values, data, top, drop_bottom, drop_flagged, output, **kw):
     """Write the training subset chosen by an audit (or by estimated values) as JSONL.
 
-    Each line holds id, prompt, response or text, and label.
+    Each line holds id, prompt, response or text, and label; with --data, a conversation's turns (messages, or
+    prompt / completion turns) as the data files hold them.
     """
     from forvalue.schemas.errors import ForValueError
 
@@ -245,6 +252,13 @@ def select(store, audit_name, values, data, top, drop_bottom, drop_flagged, outp
     chosen = (
         forvalue.open(store)
         .audits[audit_name]
-        .select(top=top, drop_bottom=drop_bottom, output=output, drop_flagged=drop_flagged)
+        .select(
+            top=top,
+            drop_bottom=drop_bottom,
+            output=output,
+            drop_flagged=drop_flagged,
+            data=list(data) or None,
+            data_config=make(DataConfig, kw),
+        )
     )
     click.echo(f"wrote {len(chosen)} training samples to {output}")
