@@ -230,6 +230,21 @@ def _refuse_refit_over_rows(store_path, what: str) -> None:
         )
 
 
+def _refuse_new_hidden_basis_over_rows(store_path) -> None:
+    """A low-rank store's hidden basis is published before its first row: missing while the table holds rows, it
+    was lost, and a basis fitted now from the rows being appended would score the stored rows in a basis they
+    were never projected on (silently wrong scores, and 'index check' clean after). Unlike a sketch basis it
+    cannot be refitted: the stored rows are its coordinates."""
+    from forvalue.schemas.errors import StoreError
+    from forvalue.storage.store import Store
+
+    if Store.open(store_path).count():
+        raise StoreError(
+            f"{store_path}: the hidden basis (hidden_basis.npz) is missing but the store holds rows stored in it; "
+            "restore the file from a copy of the store (the rows cannot be scored or extended without it)"
+        )
+
+
 def stored_encodings(store_path, manifest: Manifest, encoded: list[EncodedSample]) -> list[EncodedSample]:
     """``encoded`` as the store keeps them: unchanged for a full-width store; for a low-rank store projected
     onto its hidden basis (:mod:`forvalue.indexer.low_rank`), fitted from ``encoded`` and published first
@@ -240,6 +255,7 @@ def stored_encodings(store_path, manifest: Manifest, encoded: list[EncodedSample
 
     found = published_hidden_basis(store_path, manifest)
     if found is None:
+        _refuse_new_hidden_basis_over_rows(store_path)
         hidden = np.concatenate([e.hidden for e in encoded])[:BASIS_FIT_TOKENS]
         fitted = fit_hidden_basis(hidden, manifest.hidden_rank, where="the first write batch")
         found = publish_hidden_basis(store_path, *fitted, manifest)

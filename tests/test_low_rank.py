@@ -334,3 +334,8 @@ def test_index_add_projects_new_rows_and_a_lost_basis_is_one_line(low_rank, tiny
     assert not report.clean and HIDDEN_BASIS_FILE in " ".join(report.problems)
     res = cli("query", "--store", copy, "--validation", s["val"], "--device", "cpu", "--quiet")
     assert_one_line_error(res, HIDDEN_BASIS_FILE, "missing")
+    # adding rows would fit a new basis from them and score the stored rows in it (exit 0, 'index check' clean
+    # after; hostile pass): refused, nothing written
+    more2 = write_jsonl(tmp_path / "more2.jsonl", [dict(r, id=f"y{r['id']}") for r in _rows(3)])
+    assert_one_line_error(cli("index", "add", more2, "--store", copy, "--quiet"), HIDDEN_BASIS_FILE, "restore")
+    assert Store.open(copy).count() == 15 and not (copy / HIDDEN_BASIS_FILE).exists()
