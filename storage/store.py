@@ -486,6 +486,24 @@ class WriterLease:
                     f"another build is writing to {path} ({_holder(path)}, unsharded); wait for it to "
                     "finish before starting sharded workers"
                 )
+            # workers of one sharded build agree on N: each holds its N's lock shared and finds no other N's held
+            # (workers 0/2 and 0/3 at once split the ids two ways and wrote the shared ones twice; hostile pass)
+            handles.append(_open_lock(path / f".writer.shards-of-{count}.lock"))
+            fcntl.flock(handles[-1], fcntl.LOCK_SH)  # (held shared; another N's probe holds it a moment, waited for)
+            for other in path.glob(".writer.shards-of-*.lock"):
+                if other.name == f".writer.shards-of-{count}.lock":
+                    continue
+                probe = _open_lock(other)
+                try:
+                    free = _try_lock(probe, fcntl.LOCK_EX)
+                finally:
+                    os.close(probe)
+                if not free:
+                    n_other = other.name[len(".writer.shards-of-") : -len(".lock")]
+                    raise StoreError(
+                        f"sharded workers of {n_other} shards are writing to {path}; every worker of one build "
+                        f"takes the same N in --shard I/N (give --shard {index}/{n_other}, or wait for them)"
+                    )
             mine = path / f".writer.shard-{index}-of-{count}.lock"
             handles.append(_open_lock(mine))
             if not _try_lock(handles[-1], fcntl.LOCK_EX):

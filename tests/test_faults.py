@@ -399,7 +399,13 @@ def test_held_lease_refuses_build_add_repair_and_sketch(small_store, tmp_path):
     with WriterLease.acquire(store, (0, 2)):  # a sharded worker: other shards may write, an unsharded build may not
         assert_one_line_error(cli("index", "add", data, "--store", store), "another build is writing", "sharded worker")
         assert_one_line_error(cli("index", "add", data, "--store", store, "--shard", "0/2"), "shard 0/2")
-        count("lease_refusals", 2)
+        # a worker of another N would split the ids another way and write shared ones twice (hostile pass)
+        assert_one_line_error(
+            cli("index", "add", data, "--store", store, "--shard", "1/3"), "workers of 2 shards", "--shard 1/2"
+        )
+        count("lease_refusals", 3)
+    with WriterLease.acquire(store, (1, 3)):  # once they are done, another N may start
+        pass
     assert tree(store) == before
 
 
