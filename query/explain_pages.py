@@ -12,6 +12,7 @@ from pathlib import Path
 
 from forvalue.present.explain_html import _STYLE, safe_name, write_explanation
 from forvalue.schemas.config import DataConfig, ModelConfig
+from forvalue.schemas.errors import ForValueError
 from forvalue.storage.files import FOLDER, OutputPathError, check_outputs, write_text
 
 # Written into every folder of explanation pages: a folder that holds other files without it is not written into.
@@ -65,10 +66,11 @@ def explain_query_results(
     samples = load_validation_samples(validation, data_for_store(data, store.manifest))
     options = {} if variant is None else variant_options(variant)
     explainer = Explainer(store, runner, samples, data, batch_size, **options)
-    return explain_top_results(top, explainer, n, folder)
+    mean = None if variant is None else getattr(variant, "aggregate", "none") == "mean"
+    return explain_top_results(top, explainer, n, folder, mean=mean)
 
 
-def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: int = 20):
+def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: int = 20, mean: bool | None = None):
     """Write one page per result of rank <= ``n`` of a query's ``top`` table into ``folder``, and an index page.
 
     Parameters
@@ -76,11 +78,15 @@ def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: i
     top : pyarrow.Table
         :attr:`forvalue.QueryResult.top` (rows grouped by validation sample, ranks from 1).
     explainer : forvalue.engine.explain.Explainer
-        Over the query's validation samples, in the same order (``validation_id == 'mean'``:
-        the pages explain the score against the mean).
+        Over the query's validation samples, in the same order (checked by id: other validation files are
+        refused, their pages would explain other samples).
     n : int
     folder : path
         Created if needed; pages are named ``<validation #>-<rank>-<train id>.html``.
+    mean : bool, optional
+        Whether the query ranked by the mean over its validation samples (``--aggregate mean``: the pages explain
+        the score against the mean). None: a result whose one column is named ``mean`` while no validation sample
+        has that id.
 
     Returns
     -------
@@ -90,8 +96,6 @@ def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: i
     """
     import pyarrow as pa
 
-    folder = pages_folder(folder)
-    _mark(folder)
     rows = top.to_pylist()
     column, wanted = -1, []
     for r in rows:
@@ -102,8 +106,22 @@ def explain_top_results(top, explainer, n: int, folder: str | Path, top_pairs: i
     for column, r in wanted:
         by_column.setdefault(column, []).append(r)
     names, links = {}, []
+    ids = [smp.id for smp in explainer.samples]
+    if mean is None:  # (a validation sample may be named 'mean': the query's setting decides where it is known)
+        mean = "mean" not in ids and set(by_column) <= {0} and all(r["validation_id"] == "mean" for r in rows)
+    if not mean:
+        for column, group in by_column.items():
+            vid = group[0]["validation_id"]
+            if column >= len(ids) or ids[column] != vid:
+                got = f"'{ids[column]}'" if column < len(ids) else "nothing"
+                raise ForValueError(
+                    f"the result's validation sample #{column + 1} is '{vid}', the validation files give {got} there; "
+                    "give the validation files the query ran on"
+                )
+    folder = pages_folder(folder)
+    _mark(folder)
     for column, group in by_column.items():
-        val_index = None if group[0]["validation_id"] == "mean" else column
+        val_index = None if mean else column
         explanations = explainer.explain_many([r["train_id"] for r in group], val_index, top_pairs)
         for r, e in zip(group, explanations):
             name = f"{column:03d}-{r['rank']:02d}-{safe_name(r['train_id'])}.html"

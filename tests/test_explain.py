@@ -408,6 +408,27 @@ def test_query_explain_of_the_mean_explains_the_mean_score(built, tmp_path):
     assert page.count("Validation sample") == len(VAL)
 
 
+def test_pages_explain_the_sample_the_result_names(built, tmp_path, tiny_runner):
+    """A validation sample named 'mean' is explained as itself, not as the mean of the set (the page said
+    'mean of 3 validation samples' beside its own score); validation files other than the query's are refused
+    before any page is written (their pages explained other samples; hostile pass)."""
+    store, _, _, _ = built
+    val = write_jsonl(tmp_path / "named_mean.jsonl", [dict(VAL[0], id="mean"), VAL[1]])
+    out = cli("query", "--store", store, "-v", val, "--device", "cpu", "--top-k", "1", "--exact", "--explain", "1",
+              "--explain-dir", tmp_path / "pages", "-o", tmp_path / "top.parquet")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    for row in pq.read_table(tmp_path / "top.parquet").to_pylist():
+        page = (tmp_path / "pages" / row["explanation"]).read_text()
+        np.testing.assert_allclose(_page_score(page), row["score"], rtol=1e-5)
+        assert page.count("Validation sample") == 1
+    st = forvalue.open(store)
+    result = st.query(val, QueryConfig(**Q, top_k=1))
+    other = write_jsonl(tmp_path / "other.jsonl", [VAL[1], VAL[0]])
+    with pytest.raises(ForValueError, match="validation files the query ran on"):
+        st.explain_results(result, other, 1, tmp_path / "api_pages", device="cpu")
+    assert not (tmp_path / "api_pages").exists()
+
+
 def _page_score(page: str) -> float:
     import re
 
