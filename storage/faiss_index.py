@@ -211,8 +211,8 @@ def load(store: Store) -> PrefilterIndex | None:
             index = _faiss().deserialize_index(np.frombuffer(data, np.uint8))
     except (OSError, KeyError, ValueError, RuntimeError):
         return None
-    if index.ntotal != meta["rows"]:
-        return None
+    if index.ntotal != meta["rows"] or index.d != store.manifest.sketch_dim:
+        return None  # (another sketch width: an index of the sketches before an 'index sketch --rebuild')
     return _with_rerank(store, PrefilterIndex(index, meta))
 
 
@@ -227,8 +227,8 @@ def _from_column(store: Store, meta: dict) -> PrefilterIndex | None:
     """The exact float16 index of the first ``meta["rows"]`` rows, made from the sketch column (no file of its own)."""
     faiss = _faiss()
     rows, dim = int(meta["rows"]), int(meta["dim"])
-    if rows > store.count():
-        return None
+    if rows > store.count() or dim != store.manifest.sketch_dim:
+        return None  # (a description of the sketches before an 'index sketch --rebuild' at another width)
     index = faiss.index_factory(dim, meta["factory"], faiss.METRIC_INNER_PRODUCT)
     added = 0
     for batch in store.scan([SKETCH_COLUMN], batch_size=16384):
@@ -236,6 +236,8 @@ def _from_column(store: Store, meta: dict) -> PrefilterIndex | None:
         if col.null_count:
             return None
         block = col.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, -1)[: rows - added]
+        if block.shape[1] != dim:  # the column rewritten at another width since the manifest was read
+            return None
         index.add(block.astype(np.float32))
         added += block.shape[0]
         if added >= rows:

@@ -1371,3 +1371,28 @@ def test_a_prefilter_error_while_another_process_writes_the_store_names_the_writ
             run_query(tmp / "store", [tmp / "val.jsonl"], cfg, runner=tiny_runner)
     finally:
         manifest.write_bytes(kept)
+
+
+def test_an_index_of_another_sketch_width_is_rebuilt_not_a_traceback(sketched_store, tiny_runner, tmp_path):
+    """prefilter.json describing the sketches before a rebuild at another width (a kill of the rebuild, or a
+    query beside it) was a bare faiss AssertionError from queries and 'index sketch' (hostile pass): the index
+    is stale, so it is made again from the column, and the query's scores are the exact ones."""
+    import shutil
+
+    from conftest import cli
+
+    tmp, _, _ = sketched_store
+    store = shutil.copytree(tmp / "store", tmp_path / "store")
+    faiss_index.ensure(Store.open(store))
+    old = (store / "prefilter" / "prefilter.json").read_text()
+    res = cli("index", "sketch", "--store", store, "--rebuild", "--sketch-dim", "4096")
+    assert res.exit_code == 0, res.output
+    (store / "prefilter" / "prefilter.json").write_text(old)  # the width of before
+    q = dict(top_k=3, progress=False, device="cpu")
+    every = Store.open(store).count()  # every row a candidate: the top-k is the exact one
+    pre = run_query(store, [tmp / "val.jsonl"], QueryConfig(candidates=every, **q), runner=tiny_runner)
+    exact = run_query(store, [tmp / "val.jsonl"], QueryConfig(exact=True, **q), runner=tiny_runner)
+    assert pre.top.column("train_id").to_pylist() == exact.top.column("train_id").to_pylist()
+    (store / "prefilter" / "prefilter.json").write_text(old)
+    assert cli("index", "sketch", "--store", store).exit_code == 0
+    assert faiss_index.load(Store.open(store)).index.d == 4096
