@@ -17,7 +17,7 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
-from forvalue.schemas.errors import InputDataError
+from forvalue.schemas.errors import ForValueError, InputDataError
 from forvalue.storage.location import RemotePath, is_uri
 
 SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
@@ -48,6 +48,8 @@ def _is_datasets_folder(path: Path) -> bool:
 def as_paths(data) -> list:
     """One input or many: ``"train.jsonl"`` and ``["train.jsonl"]`` mean the same (a list of rows passes through;
     a single path was iterated character by character: "t: no such file or folder")."""
+    if data is None or isinstance(data, (bytes, int, float)):  # (a TypeError from deep inside before)
+        raise ForValueError(f"expected a path, or a list of paths or rows, for the data; got {data!r}")
     return [data] if isinstance(data, (str, Path)) else list(data)
 
 

@@ -70,6 +70,33 @@ INT_MAX = (1 << 63) - 1
 SEED_MAX = (1 << 32) - 1
 
 
+_PLAIN_TYPES = {"int", "float", "bool", "str", "None"}
+
+
+def _check_type(f, value) -> None:
+    """``value`` of the kind field ``f`` declares, for fields typed with plain ``int`` / ``float`` / ``bool`` /
+    ``str`` (and None): an API caller's ``top_k=2.5`` or ``True`` or ``"5"`` was a numpy TypeError after the scan,
+    or taken as 1 (hostile pass). A whole number is a float too; a bool is no number."""
+    kinds = {t.strip() for t in str(f.type).split("|")}
+    if value is None or not kinds <= _PLAIN_TYPES:
+        return
+    if isinstance(value, bool):
+        ok = "bool" in kinds
+    elif isinstance(value, int):
+        ok = bool(kinds & {"int", "float"})
+    elif isinstance(value, float):
+        ok = "float" in kinds
+    else:
+        ok = isinstance(value, str) and "str" in kinds
+    if not ok:
+        want = " or ".join(
+            {"int": "a whole number", "float": "a number", "bool": "True or False", "str": "a string"}[k]
+            for k in ("int", "float", "bool", "str")
+            if k in kinds
+        )
+        raise ConfigError(f.name, f"must be {want}, got {value!r}")
+
+
 def _check(cfg: Any) -> None:
     """Bounds and choices of every field of ``cfg`` (declared in ``metadata``); raises ConfigError.
 
@@ -82,6 +109,7 @@ def _check(cfg: Any) -> None:
         if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):  # numpy scalars:
             value = int(value) if isinstance(value, numbers.Integral) else float(value)  # recorded as JSON
             object.__setattr__(cfg, f.name, value)
+        _check_type(f, value)
         choices = f.metadata.get("choices")
         if choices and value not in choices:
             raise ConfigError(f.name, f"must be one of {', '.join(map(str, choices))}, got '{value}'")

@@ -196,3 +196,33 @@ def test_create_beside_a_twin_waits_for_its_first_version_then_gives_up(st, monk
     monkeypatch.setattr(Store, "__init__", lambda self, path, m: not_yet(self, path, m, fail=10**6))
     with pytest.raises(StoreError, match="was not found"):  # a table that never gets a version: the error
         Store.create(st.path, manifest)
+
+
+@pytest.mark.parametrize(
+    "config,kw,needle",
+    [
+        ("QueryConfig", dict(top_k=2.5), "top_k: must be a whole number, got 2.5"),
+        ("QueryConfig", dict(top_k=True), "top_k: must be a whole number, got True"),
+        ("QueryConfig", dict(top_k="5"), "top_k: must be a whole number, got '5'"),
+        ("QueryConfig", dict(candidates=5.0), "candidates: must be a whole number"),
+        ("ExplainConfig", dict(top_pairs=2.5), "top_pairs: must be a whole number"),
+        ("ExplainConfig", dict(val_index=1.0), "val_index: must be a whole number"),
+        ("AuditConfig", dict(flag_fraction="0.1"), "flag_fraction: must be a number"),
+        ("AuditConfig", dict(progress=1), "progress: must be True or False"),
+    ],
+)
+def test_settings_of_the_wrong_kind_are_refused_when_made(config, kw, needle):
+    """An API caller's setting of the wrong kind is one ConfigError naming the field when the config is made; it
+    was a TypeError after the model load and the scan, or (True) taken as 1 (hostile pass). Whole numbers stay
+    numbers and None stays 'not set'."""
+    from forvalue.schemas.errors import ConfigError
+
+    cls = getattr(forvalue, config)
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        cls(**kw)
+    assert forvalue.QueryConfig(top_k=5, candidates=None, whiten=1).whiten == 1
+    assert forvalue.AuditConfig(flag_fraction=0, flag_threshold=-3).flag_threshold == -3
+    from forvalue.indexer.readers import as_paths
+
+    with pytest.raises(ForValueError, match="expected a path, or a list of paths or rows"):
+        as_paths(None)  # st.query(None) / st.add(None): a TypeError from the reader before
