@@ -239,8 +239,13 @@ def _check_one(what: str, path: Path, formats: tuple[str, ...], sources: list[Pa
             )
         if folder and (here in src.parents or here == src):
             raise OutputPathError(f"{label}: holds the input {source}; choose another folder")
-    parent = here.parent
+    parent = here if folder else here.parent  # (a folder output is made itself: a dangling link there too)
     while not parent.exists() and parent != parent.parent:
+        if parent.is_symlink():  # a dangling link: its folder cannot be made ("File exists" after the whole run)
+            raise OutputPathError(
+                f"{label}: {parent} is a symbolic link to {os.readlink(parent)}, which does not exist; create that "
+                "folder or choose another output path"
+            )
         parent = parent.parent
     if not parent.is_dir():
         raise OutputPathError(f"{label}: {parent} is a file, not a folder; choose another output path")

@@ -525,3 +525,19 @@ def test_explanation_pages_never_replace_files_of_a_folder_they_did_not_write(bu
         res = explain_into(pages, out)
         assert res.exit_code == 0, res.output
     assert (pages / "index.html").is_file() and (pages / ".forvalue-pages").is_file()
+
+
+def test_outputs_through_a_dangling_link_are_refused_before_the_query(built, tmp_path, monkeypatch):
+    """-o into a folder that is a dangling symbolic link, or --explain-dir that is one: refused up front (it ran the
+    whole query, then said 'File exists'; hostile pass)."""
+    import forvalue.session
+
+    store, val, _, _ = built
+    dangling = tmp_path / "dangl"
+    dangling.symlink_to(tmp_path / "nowhere" / "dir")
+    monkeypatch.setattr(forvalue.session, "load_store_runner", lambda *a, **k: pytest.fail("the model loaded"))
+    base = ["query", "--store", store, "-v", val, "--device", "cpu", "--top-k", "1"]
+    assert_one_line_error(cli(*base, "-o", dangling / "x.jsonl"), str(dangling), "does not exist")
+    out = tmp_path / "top.jsonl"
+    assert_one_line_error(cli(*base, "-o", out, "--explain", "1", "--explain-dir", dangling), str(dangling))
+    assert not out.exists()
