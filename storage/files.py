@@ -36,6 +36,7 @@ forvalue.storage.files.OutputPathError: --report ...: ... store ...
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import os
 import secrets
@@ -139,6 +140,15 @@ def _input_paths(inputs: Iterable[str | Path]) -> list[Path]:
     return out
 
 
+def _input_globs(inputs: Iterable[str | Path | None]) -> list[str]:
+    """The glob patterns among ``inputs``, as absolute patterns (a pattern naming an existing path is that path)."""
+    out = []
+    for item in inputs:
+        if isinstance(item, (str, os.PathLike)) and any(c in str(item) for c in "*?[") and not Path(item).exists():
+            out.append(str(_absolute(item)))
+    return out
+
+
 def same_file(a: str | Path, b: str | Path) -> bool:
     """True when ``a`` and ``b`` are the same existing file or folder (device + inode, not spelling)."""
     ka, kb = _file_key(Path(a)), _file_key(Path(b))
@@ -177,6 +187,12 @@ def check_outputs(
         formats = tuple(f for f in formats if f != STDOUT)
         _check_one(what, Path(str(raw)), formats, sources)
         here = _absolute(raw)
+        for pattern in _input_globs(inputs):  # 'gdir/*.jsonl' in, 'gdir/out.jsonl' out: the next run reads it
+            if fnmatch.fnmatchcase(str(here), pattern):
+                raise OutputPathError(
+                    f"{what} {raw}: matches the input pattern {pattern}; a later run would read it as input; "
+                    "write it elsewhere or under another name"
+                )
         for other_what, other in seen:
             if here == other or same_file(here, other) or other in here.parents or here in other.parents:
                 raise OutputPathError(

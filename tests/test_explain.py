@@ -541,3 +541,20 @@ def test_outputs_through_a_dangling_link_are_refused_before_the_query(built, tmp
     out = tmp_path / "top.jsonl"
     assert_one_line_error(cli(*base, "-o", out, "--explain", "1", "--explain-dir", dangling), str(dangling))
     assert not out.exists()
+
+
+def test_an_output_matching_the_input_glob_is_refused(built, tmp_path, monkeypatch):
+    """-v 'gdir/*.jsonl' with -o gdir/out.jsonl ran, and the next run read its own output as validation rows
+    (hostile pass): refused before the query; an output beside the inputs that the pattern does not match runs."""
+    import forvalue.session
+
+    store, val, _, _ = built
+    gdir = tmp_path / "gdir"
+    gdir.mkdir()
+    write_jsonl(gdir / "val.jsonl", VAL[:2])
+    base = ["query", "--store", store, "-v", str(gdir / "*.jsonl"), "--device", "cpu", "--top-k", "1"]
+    with monkeypatch.context() as m:
+        m.setattr(forvalue.session, "load_store_runner", lambda *a, **k: pytest.fail("the model loaded"))
+        assert_one_line_error(cli(*base, "-o", gdir / "out.jsonl"), "matches the input pattern")
+    assert not (gdir / "out.jsonl").exists()
+    assert cli(*base, "-o", gdir / "out.csv").exit_code == 0
