@@ -418,14 +418,19 @@ def check_folder(store: Store) -> None:
         raise StoreError(f"{folder}: is a file, not the prefilter's folder; remove it (the index is built again)")
 
 
+# what leaves a manifest and a sketch column that disagree: a rebuild killed between them, or one that finished while
+# this command read the store (then it is gone on the next run; 'index check' is clean)
+_SKETCH_CHANGING = "an 'index sketch' interrupted, or one that ended while this command ran, leaves this"
+
+
 def check_sketch_column_kept(store: Store, then: str = "") -> None:
     """The manifest's sketch without its column in the table (an 'index sketch --rebuild' killed between dropping
     and writing it) is one line naming the repair; ``then`` ends it (what the caller would do after)."""
     if store.manifest.sketch_dim and not store.has_column(SKETCH_COLUMN):
         raise StoreError(
             f"{store.path}: the manifest describes a sketch (D={store.manifest.sketch_dim}) but the table has no "
-            f"'sketch' column (an interrupted 'index sketch' leaves this); run 'forvalue index sketch --store "
-            f"{store.path} --rebuild'{then}"
+            f"'sketch' column ({_SKETCH_CHANGING}); run the command again, and if it says this again, run "
+            f"'forvalue index sketch --store {store.path} --rebuild'{then}"
         )
 
 
@@ -438,7 +443,8 @@ def _check_sketch_column(store: Store) -> None:
     if size is not None and size != store.manifest.sketch_dim:
         raise StoreError(
             f"{store.path}: the stored sketches have {size} values, the manifest's D is {store.manifest.sketch_dim} "
-            f"(an interrupted 'index sketch' leaves this); run 'forvalue index sketch --store {store.path} --rebuild'"
+            f"({_SKETCH_CHANGING}); run the command again, and if it says this again, run 'forvalue index sketch "
+            f"--store {store.path} --rebuild'"
         )
 
 
