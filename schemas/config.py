@@ -718,6 +718,8 @@ class ExplainConfig(VariantConfig):
             raise ConfigError(
                 "val_id", "--val-id picks one validation sample, --aggregate mean uses them all; give one"
             )
+        if self.val_id is not None and self.val_index != 0:  # (--val-index was ignored)
+            raise ConfigError("val_id", "--val-id and --val-index each pick a validation sample; give one")
 
 
 @dataclass(frozen=True)

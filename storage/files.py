@@ -221,6 +221,8 @@ def _check_one(what: str, path: Path, formats: tuple[str, ...], sources: list[Pa
         )
     if not folder:
         suffix = path.suffix.lower()
+        if path.is_dir():  # ("unknown output format ''" before)
+            raise OutputPathError(f"{label}: is a folder; give a file path (ending in {' or '.join(formats)})")
         if suffix not in formats:
             raise OutputPathError(
                 f"{label}: unknown output format '{path.suffix}'; use a name ending in {' or '.join(formats)}"

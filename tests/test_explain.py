@@ -558,3 +558,16 @@ def test_an_output_matching_the_input_glob_is_refused(built, tmp_path, monkeypat
         assert_one_line_error(cli(*base, "-o", gdir / "out.jsonl"), "matches the input pattern")
     assert not (gdir / "out.jsonl").exists()
     assert cli(*base, "-o", gdir / "out.csv").exit_code == 0
+
+
+def test_explain_names_its_sample_unambiguously(built, tmp_path):
+    """--val-id shared by two validation samples took the first silently, and --val-id with --val-index ignored
+    --val-index (hostile pass): both refused in one line. -o at a folder says so (it said "unknown output format
+    ''")."""
+    store, _, _, _ = built
+    val = write_jsonl(tmp_path / "twice.jsonl", [VAL[0], dict(VAL[1], id=VAL[0]["id"])])
+    base = ["explain", "--store", store, "-v", val, "--train-id", TRAIN[0]["id"], "--device", "cpu"]
+    assert_one_line_error(cli(*base, "--val-id", VAL[0]["id"]), "2 validation samples have the id", "--val-index")
+    assert_one_line_error(cli(*base, "--val-id", VAL[0]["id"], "--val-index", "1"), "give one")
+    assert cli(*base, "--val-index", "1", "-o", tmp_path / "why.html").exit_code == 0
+    assert_one_line_error(cli(*base, "--val-index", "1", "-o", tmp_path), "is a folder")

@@ -564,9 +564,15 @@ def pick_validation(samples: list[Sample], config: ExplainConfig) -> int | None:
     if config.aggregate == "mean":
         return None
     if config.val_id is not None:
-        for j, s in enumerate(samples):
-            if s.id == config.val_id:
-                return j
+        found = [j for j, s in enumerate(samples) if s.id == config.val_id]
+        if len(found) > 1:  # (the first was taken silently)
+            raise ConfigError(
+                "val_id",
+                f"{len(found)} validation samples have the id '{config.val_id}' (at {', '.join(map(str, found[:5]))}); "
+                "give --val-index instead",
+            )
+        if found:
+            return found[0]
         raise ConfigError(
             "val_id",
             f"no validation sample with id '{config.val_id}' (the first ids: {', '.join(s.id for s in samples[:5])})",
