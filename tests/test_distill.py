@@ -362,6 +362,10 @@ def _garbage(path: Path, text: str) -> Path:
 def test_bad_inputs_are_one_line_errors(setup, tmp_path, case):
     vm, train, store = setup["vm"], setup["train"], setup["store"]
     out = tmp_path / "v.parquet"
+
+    def select_values(values):
+        return ["select", "--values", values, "--data", train, "--top", "1", "-o", tmp_path / "s.jsonl"]
+
     args, needles = {
         "missing_model": (["estimate", train, "--value-model", tmp_path / "nope", "-o", out], ["not a value model"]),
         "damaged_manifest": (
@@ -431,31 +435,11 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, case):
         ),
         # a value beyond int64 and a list id: tracebacks before (hostile pass)
         "values_big_int": (
-            [
-                "select",
-                "--values",
-                _garbage(tmp_path / "big.jsonl", '{"id": "s0-1", "value": 9223372036854775808}\n'),
-                "--data",
-                train,
-                "--top",
-                "1",
-                "-o",
-                tmp_path / "s.jsonl",
-            ],
+            select_values(_garbage(tmp_path / "big.jsonl", '{"id": "s0-1", "value": 9223372036854775808}\n')),
             ["big.jsonl", "not a readable jsonl values file"],
         ),
         "values_list_id": (
-            [
-                "select",
-                "--values",
-                _garbage(tmp_path / "lid.jsonl", '{"id": ["a"], "value": 3}\n'),
-                "--data",
-                train,
-                "--top",
-                "1",
-                "-o",
-                tmp_path / "s.jsonl",
-            ],
+            select_values(_garbage(tmp_path / "lid.jsonl", '{"id": ["a"], "value": 3}\n')),
             ["lid.jsonl", "field 'id'", "expected text ids"],
         ),
         "data_and_store": (["estimate", train, "--value-model", vm, "--store", store, "--audit", "v1"], ["not both"]),
