@@ -198,14 +198,14 @@ def store_basis(
         return None, None
     basis = load_basis(store_path)
     if basis is None:
-        _refuse_refit_over_rows(store_path, "basis (sketch_basis.npy)")
+        _refuse_over_rows(store_path, _sketch_lost("basis (sketch_basis.npy)", store_path))
         hidden = np.concatenate([e.hidden for e in encoded])[:BASIS_FIT_TOKENS]
         basis = publish_basis(store_path, fit_basis(hidden, spec.hidden_cols))
     if not spec.heavy:
         return basis, None
     heavy = load_heavy_ids(store_path)
     if heavy is None:
-        _refuse_refit_over_rows(store_path, "vocabulary (sketch_vocab.npy)")
+        _refuse_over_rows(store_path, _sketch_lost("vocabulary (sketch_vocab.npy)", store_path))
         entries = [e.entries() for e in encoded]
         tokens = (
             np.concatenate([e.hidden for e in encoded])[:BASIS_FIT_TOKENS],
@@ -216,33 +216,24 @@ def store_basis(
     return basis, heavy
 
 
-def _refuse_refit_over_rows(store_path, what: str) -> None:
-    """A store's sketch file is published before its first sketched row: missing while the table holds rows, it was
-    lost, and one fitted now from the rows being appended would differ from the one the stored sketches were
-    computed with (silently wrong prefilter candidates). Refused; 'index sketch --rebuild' refits it over all rows."""
+def _refuse_over_rows(store_path, message: str) -> None:
+    """A file a store publishes before its first row (sketch basis and vocabulary, a low-rank store's hidden basis),
+    missing while the table holds rows, was lost: one fitted now from the rows being appended would differ from the
+    one the stored rows were made with (silently wrong candidates or scores, and 'index check' clean after).
+    Refused with ``message``."""
     from forvalue.schemas.errors import StoreError
     from forvalue.storage.store import Store
 
     if Store.open(store_path).count():
-        raise StoreError(
-            f"{store_path}: the sketch {what} is missing but the store holds sketched rows; "
-            f"run 'forvalue index sketch --store {store_path} --rebuild' before adding rows"
-        )
+        raise StoreError(f"{store_path}: {message}")
 
 
-def _refuse_new_hidden_basis_over_rows(store_path) -> None:
-    """A low-rank store's hidden basis is published before its first row: missing while the table holds rows, it
-    was lost, and a basis fitted now from the rows being appended would score the stored rows in a basis they
-    were never projected on (silently wrong scores, and 'index check' clean after). Unlike a sketch basis it
-    cannot be refitted: the stored rows are its coordinates."""
-    from forvalue.schemas.errors import StoreError
-    from forvalue.storage.store import Store
-
-    if Store.open(store_path).count():
-        raise StoreError(
-            f"{store_path}: the hidden basis (hidden_basis.npz) is missing but the store holds rows stored in it; "
-            "restore the file from a copy of the store (the rows cannot be scored or extended without it)"
-        )
+def _sketch_lost(what: str, store_path) -> str:
+    """A lost sketch file's refusal: 'index sketch --rebuild' refits it over all rows."""
+    return (
+        f"the sketch {what} is missing but the store holds sketched rows; "
+        f"run 'forvalue index sketch --store {store_path} --rebuild' before adding rows"
+    )
 
 
 def stored_encodings(store_path, manifest: Manifest, encoded: list[EncodedSample]) -> list[EncodedSample]:
@@ -255,7 +246,12 @@ def stored_encodings(store_path, manifest: Manifest, encoded: list[EncodedSample
 
     found = published_hidden_basis(store_path, manifest)
     if found is None:
-        _refuse_new_hidden_basis_over_rows(store_path)
+        # (unlike a sketch basis it cannot be refitted: the stored rows are its coordinates)
+        _refuse_over_rows(
+            store_path,
+            "the hidden basis (hidden_basis.npz) is missing but the store holds rows stored in it; restore the file "
+            "from a copy of the store (the rows cannot be scored or extended without it)",
+        )
         hidden = np.concatenate([e.hidden for e in encoded])[:BASIS_FIT_TOKENS]
         fitted = fit_hidden_basis(hidden, manifest.hidden_rank, where="the first write batch")
         found = publish_hidden_basis(store_path, *fitted, manifest)

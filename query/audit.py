@@ -374,12 +374,11 @@ def select_subset(
 
     :meth:`forvalue.Audit.select` calls it.
     """
+    from forvalue.indexer.readers import as_paths
     from forvalue.storage.files import check_outputs
 
     if (top is not None) + (drop_bottom is not None) + bool(drop_flagged) != 1:
         raise ForValueError("give exactly one of --top, --drop-bottom or --drop-flagged")
-    from forvalue.indexer.readers import as_paths
-
     st = storage_of(store)
     data = as_paths(data) if data is not None else []
     check_outputs({"output": (output, (".jsonl",))}, [st.path, *data])

@@ -490,7 +490,7 @@ class Audit:
             drop_bottom=drop_bottom,
             output=output,
             drop_flagged=drop_flagged,
-            data=None if data is None else _paths(data),
+            data=data,
             data_config=data_config,
         )
 

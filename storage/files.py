@@ -133,20 +133,21 @@ def _input_paths(inputs: Iterable[str | Path]) -> list[Path]:
         text = str(item)
         if text == "-":
             continue
-        if any(c in text for c in "*?[") and not Path(text).exists():
+        if _is_glob(text):
             out.extend(Path(m) for m in glob.glob(text, recursive=True))
         elif Path(text).exists():
             out.append(Path(text))
     return out
 
 
+def _is_glob(text: str) -> bool:
+    """An input is a glob pattern when it has one of ``*?[`` and names no existing path."""
+    return any(c in text for c in "*?[") and not Path(text).exists()
+
+
 def _input_globs(inputs: Iterable[str | Path | None]) -> list[str]:
-    """The glob patterns among ``inputs``, as absolute patterns (a pattern naming an existing path is that path)."""
-    out = []
-    for item in inputs:
-        if isinstance(item, (str, os.PathLike)) and any(c in str(item) for c in "*?[") and not Path(item).exists():
-            out.append(str(_absolute(item)))
-    return out
+    """The glob patterns among ``inputs``, as absolute patterns."""
+    return [str(_absolute(i)) for i in inputs if isinstance(i, (str, os.PathLike)) and _is_glob(str(i))]
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:
@@ -172,7 +173,8 @@ def check_outputs(
         Everything the command reads: data files, folders, globs, stores, value models.
     """
     given = [(what, path, tuple(formats)) for what, (path, formats) in outputs.items() if path is not None]
-    sources = _input_paths(inputs)
+    inputs = list(inputs)
+    sources, patterns = _input_paths(inputs), _input_globs(inputs)
     seen: list[tuple[str, Path]] = []
     for what, raw, formats in given:
         if str(raw) == STDOUT:
@@ -187,7 +189,7 @@ def check_outputs(
         formats = tuple(f for f in formats if f != STDOUT)
         _check_one(what, Path(str(raw)), formats, sources)
         here = _absolute(raw)
-        for pattern in _input_globs(inputs):  # 'gdir/*.jsonl' in, 'gdir/out.jsonl' out: the next run reads it
+        for pattern in patterns:  # 'gdir/*.jsonl' in, 'gdir/out.jsonl' out: the next run reads it
             if fnmatch.fnmatchcase(str(here), pattern):
                 raise OutputPathError(
                     f"{what} {raw}: matches the input pattern {pattern}; a later run would read it as input; "

@@ -140,7 +140,7 @@ def audit_show(store, name, n_examples, report, data, **kw):
     )
     if i.meta.get("unjudged_labels"):  # --flag-by label: what the run's note said, kept with the audit
         click.echo(_unjudged(i.meta["unjudged_labels"]))
-    stored = st.info().samples
+    stored = len(st)  # (a row count: info() scans every row's labels)
     if stored != i.n_train:  # rows added (or removed) since: select and reports see only the audited ones
         click.echo(
             f"note: the store holds {stored} training samples, this audit scored {i.n_train} (the store changed "
